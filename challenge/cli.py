@@ -1,0 +1,102 @@
+"""``ncbench challenge ...``: build, verify and inspect challenge releases."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from challenge.encoders import PRECISIONS, PRESETS, STORAGE_DTYPES, resolve_config
+from challenge.errors import NcbenchError
+from challenge.files import TASKS, open_key, open_release
+from challenge.release import BuildPlan, build_release
+from challenge.verify import verify
+
+
+@click.group("challenge")
+def group() -> None:
+    """Organizer tools: build challenge releases and keys, verify and inspect them."""
+
+
+@group.command()
+@click.option("--preset", type=click.Choice(list(PRESETS)), required=True, help="Encoder preset (SPEC section 2).")
+@click.option("--task", type=click.Choice(TASKS), default="reid", show_default=True, help="Threat model.")
+@click.option("--source", default="sample", show_default=True,
+              help="Images: sample, phantom, folder:PATH or manifest:FILE.")
+@click.option("--n", "n", type=int, required=True, help="Number of encoded images.")
+@click.option("--n-aux", type=int, help="transfer: auxiliary plaintexts [default: N].")
+@click.option("--n-targets", type=int, help="transfer: target plaintexts [default: N/4].")
+@click.option("--n-known", type=int, help="invert: known (plaintext, encoding) pairs [default: max(4, N/10)].")
+@click.option("--seed", type=int, help="Key seed; drawn from `secrets` when omitted. Use only for tests and audits.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Release directory to create.")
+@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+@click.option("--width", type=int, help="Override the encoder width D (default 2048).")
+@click.option("--image-size", type=int, help="Override the image size (default 256).")
+@click.option("--patch-size", type=int, help="Override the patch size (default 16).")
+@click.option("--bn-batch", type=int, help="Override the BatchNorm batch size (default 256).")
+@click.option("--dtype", type=click.Choice(STORAGE_DTYPES), help="Storage dtype of encodings (default float16).")
+@click.option("--precision", type=click.Choice(PRECISIONS), help="Compute precision (default fp32).")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
+def build(preset, task, source, n, n_aux, n_targets, n_known, seed, out, force, device, **overrides) -> None:
+    """Encode images with a fresh secret key and write OUT/public (give away) and OUT/private (keep)."""
+    config = resolve_config(preset, **overrides)
+    plan = BuildPlan.for_task(task, n, n_aux=n_aux, n_targets=n_targets, n_known=n_known)
+    build_release(out, config=config, plan=plan, source=source, seed=seed, device=device, force=force)
+    click.echo(f"wrote {out}/public/release.h5 (publish) and {out}/private/key.h5 (keep secret)")
+
+
+@group.command("verify")
+@click.argument("release_dir", type=click.Path(path_type=Path))
+@click.option("--key", "key_path", type=click.Path(path_type=Path),
+              help="Private key (file or release directory): also recompute every encoding.")
+def verify_command(release_dir: Path, key_path: Path | None) -> None:
+    """Check a release's checksums, and with --key its commitment and every encoding."""
+    problems = verify(release_dir, key_path)
+    if problems:
+        for line in problems:
+            click.echo(f"FAIL {line}", err=True)
+        raise SystemExit(1)
+    what = "checksums, commitment and encodings" if key_path else "checksums (pass --key to check encodings)"
+    click.echo(f"OK {release_dir}: {what} verified")
+
+
+@group.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--show-secrets", is_flag=True, help="For a key file: also print the seed.")
+def info(path: Path, show_secrets: bool) -> None:
+    """Print what a release or key file holds (attributes and dataset shapes)."""
+    try:
+        handle = open_release(path)
+        description = handle.describe()
+    except NcbenchError as release_error:
+        try:
+            handle = open_key(path)
+        except NcbenchError:
+            raise release_error from None
+        description = handle.describe(secrets=show_secrets)
+    handle.close()
+    click.echo(json.dumps(description, indent=2, sort_keys=True, default=str))
+
+
+@group.command()
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Manifest CSV to write (a .json sidecar is written beside it).")
+@click.option("--name", required=True, help="Name of the image set.")
+@click.option("--licence", default="unknown", show_default=True, help="Licence of the images.")
+@click.option("--labels", type=click.Path(path_type=Path), help="CheXpert-style labels CSV.")
+@click.option("--splits", help="Split fractions train,val,test, e.g. 0.7,0.1,0.2 (default: all test).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split assignment.")
+def manifest(folder, out, name, licence, labels, splits, seed) -> None:
+    """Write a data manifest (paths, sha256, splits, labels) for an image folder."""
+    from data_manifest.manifest import write_manifest
+
+    fractions = None
+    if splits:
+        try:
+            fractions = tuple(float(v) for v in splits.split(","))
+        except ValueError:
+            raise NcbenchError(f"--splits must be three numbers like 0.7,0.1,0.2, got {splits!r}") from None
+    path = write_manifest(folder, out, name=name, licence=licence, split_fractions=fractions,
+                          labels_csv=labels, seed=seed)
+    click.echo(f"wrote {path}")

@@ -1,0 +1,262 @@
+"""The NeuraCrypt encoder (Yala et al. 2021) and its named presets (SPEC section 2).
+
+Forward pass of the reference architecture, per batch of ``bn_batch`` images:
+
+1. stem: Conv2d(1 -> D, kernel = stride = patch) with bias, then ReLU (no ReLU for ``linear``);
+2. ``depth`` blocks of 1x1 Conv2d(D -> D) with bias, BatchNorm2d(D) on the current batch's
+   statistics (affine 1 / 0), ReLU;
+3. flatten to (B, P, D) in row-major patch order;
+4. add the shared positional embedding ``pos`` (P, D) ~ N(0, 1);
+5. ReLU, then Linear(D -> D) with bias (signed outputs);
+6. a fresh random permutation of each image's P patch rows.
+
+Everything here is written as matrix products on (B * P, D) rows: a 1x1 convolution is a matmul,
+and the stem is a matmul on unfolded patches, so one batch is a handful of large GEMMs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from challenge.errors import NcbenchError
+
+PIXEL_MEAN = 43.9  # input normalisation of the published code, on the 0-255 scale
+PIXEL_STD = 63.2
+BN_EPS = 1e-5  # torch.nn.BatchNorm2d default
+PRECISIONS = ("fp32", "bf16")
+STORAGE_DTYPES = ("float16", "float32")
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """The public, resolved configuration of an encoder (everything but the key)."""
+
+    preset: str
+    stem_relu: bool  # False only for ``linear``: the stem conv is the whole encoder
+    depth: int  # number of 1x1 conv + BatchNorm + ReLU blocks
+    mix: bool  # positional embedding + ReLU + final Linear
+    shuffle: bool  # per-image random patch permutation
+    width: int = 2048
+    image_size: int = 256
+    patch_size: int = 16
+    bn_batch: int = 256  # the original challenge was exported in batches of 256
+    dtype: str = "float16"  # storage dtype of released encodings
+    precision: str = "fp32"  # compute precision: fp32, or bf16 autocast on matmuls
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.patch_size:
+            raise NcbenchError(
+                f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
+            )
+        for name in ("width", "image_size", "patch_size", "bn_batch"):
+            if getattr(self, name) < 1:
+                raise NcbenchError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.depth < 0:
+            raise NcbenchError(f"depth must be >= 0, got {self.depth}")
+        if self.dtype not in STORAGE_DTYPES:
+            raise NcbenchError(f"dtype must be one of {STORAGE_DTYPES}, got {self.dtype!r}")
+        if self.precision not in PRECISIONS:
+            raise NcbenchError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+
+    @property
+    def n_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def patch_dim(self) -> int:
+        return self.patch_size**2
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "EncoderConfig":
+        try:
+            return cls(**json.loads(text))
+        except (TypeError, ValueError) as error:
+            raise NcbenchError(f"unreadable encoder configuration: {error}") from None
+
+
+PRESETS: dict[str, EncoderConfig] = {
+    "linear": EncoderConfig("linear", stem_relu=False, depth=0, mix=False, shuffle=False),
+    "nc3-noshuffle": EncoderConfig("nc3-noshuffle", stem_relu=True, depth=0, mix=True, shuffle=False),
+    "nc3": EncoderConfig("nc3", stem_relu=True, depth=0, mix=True, shuffle=True),
+    "nc7": EncoderConfig("nc7", stem_relu=True, depth=4, mix=True, shuffle=True),
+    "nc47": EncoderConfig("nc47", stem_relu=True, depth=44, mix=True, shuffle=True),
+}
+OVERRIDABLE = ("width", "image_size", "patch_size", "bn_batch", "dtype", "precision", "depth")
+
+
+def resolve_config(preset: str, **overrides) -> EncoderConfig:
+    """The preset's configuration with ``overrides`` (None values are ignored) applied."""
+    if preset not in PRESETS:
+        raise NcbenchError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    unknown = set(overrides) - set(OVERRIDABLE)
+    if unknown:
+        raise NcbenchError(f"unknown encoder override(s): {', '.join(sorted(unknown))}")
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    return dataclasses.replace(PRESETS[preset], **changes)
+
+
+def key_tensor_names(config: EncoderConfig) -> list[str]:
+    """Names of the key's tensors, in the order they are drawn from the key generator."""
+    names = ["stem.weight", "stem.bias"]
+    for k in range(config.depth):
+        names += [f"blocks.{k}.weight", f"blocks.{k}.bias"]
+    if config.mix:
+        names += ["pos", "mix.weight", "mix.bias"]
+    return names
+
+
+def sample_key(config: EncoderConfig, seed: int) -> dict[str, torch.Tensor]:
+    """Draw every weight of the encoder from ``seed`` (float32, CPU).
+
+    PyTorch's default Conv2d / Linear init is uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)) for
+    weights and biases; ``pos`` is N(0, 1). Stem weights are stored as (D, patch*patch), the
+    flattened Conv2d kernel.
+    """
+    generator = torch.Generator().manual_seed(derive_seed(seed, "weights"))
+    width, patch_dim = config.width, config.patch_dim
+
+    def uniform(shape, fan_in):
+        bound = 1.0 / np.sqrt(fan_in)
+        return (torch.rand(shape, generator=generator) * 2 - 1) * bound
+
+    key = {"stem.weight": uniform((width, patch_dim), patch_dim), "stem.bias": uniform((width,), patch_dim)}
+    for k in range(config.depth):
+        key[f"blocks.{k}.weight"] = uniform((width, width), width)
+        key[f"blocks.{k}.bias"] = uniform((width,), width)
+    if config.mix:
+        key["pos"] = torch.randn((config.n_patches, width), generator=generator)
+        key["mix.weight"] = uniform((width, width), width)
+        key["mix.bias"] = uniform((width,), width)
+    return key
+
+
+def sample_permutations(config: EncoderConfig, seed: int, n: int, purpose: str = "permutations") -> np.ndarray:
+    """Per-image patch permutations (n, P) int16: row r of an encoding holds patch ``perm[r]``.
+
+    Identity rows when the preset does not shuffle. Drawn in one batched call.
+    """
+    n_patches = config.n_patches
+    if not config.shuffle:
+        return np.broadcast_to(np.arange(n_patches, dtype=np.int16), (n, n_patches)).copy()
+    generator = torch.Generator().manual_seed(derive_seed(seed, purpose))
+    return torch.argsort(torch.rand((n, n_patches), generator=generator), dim=1).numpy().astype(np.int16)
+
+
+def derive_seed(seed: int, purpose: str) -> int:
+    """An independent 63-bit seed for one purpose, so adding a purpose never shifts another."""
+    digest = hashlib.sha256(f"{seed}:{purpose}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def images_to_patches(images: torch.Tensor, config: EncoderConfig) -> torch.Tensor:
+    """(B, S, S) uint8 images -> (B, P, patch*patch) normalised float32 patches, row-major."""
+    batch, size = images.shape[0], config.image_size
+    if images.shape[1:] != (size, size):
+        raise NcbenchError(f"images are {tuple(images.shape[1:])}, the encoder expects {size}x{size}")
+    grid, patch = size // config.patch_size, config.patch_size
+    pixels = (images.float() - PIXEL_MEAN) / PIXEL_STD
+    patches = pixels.reshape(batch, grid, patch, grid, patch).permute(0, 1, 3, 2, 4)
+    return patches.reshape(batch, grid * grid, patch * patch)
+
+
+class Encoder:
+    """A keyed NeuraCrypt encoder on one device.
+
+    ``encode_batch`` encodes exactly one BatchNorm batch; callers choose batch composition
+    (``encode_stream`` uses consecutive chunks of ``config.bn_batch``).
+    """
+
+    def __init__(self, config: EncoderConfig, key: dict[str, torch.Tensor], device: str = "cpu"):
+        self.config = config
+        self.device = torch.device(device)
+        self.key = {name: tensor.to(self.device, torch.float32) for name, tensor in key.items()}
+        # Weights transposed (and cast for bf16) once, so every layer is ``rows @ weight_t + bias``.
+        self._matmul_dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
+        self._weight_t = {
+            name: t.t().contiguous().to(self._matmul_dtype)
+            for name, t in self.key.items()
+            if name.endswith(".weight")
+        }
+
+    @classmethod
+    def from_seed(cls, config: EncoderConfig, seed: int, device: str = "cpu") -> "Encoder":
+        return cls(config, sample_key(config, seed), device)
+
+    def _linear(self, rows: torch.Tensor, name: str) -> torch.Tensor:
+        weight = self._weight_t[f"{name}.weight"]
+        bias = self.key[f"{name}.bias"]
+        if self._matmul_dtype == torch.float32:
+            return torch.addmm(bias, rows, weight)
+        return (rows.to(self._matmul_dtype) @ weight).float().add_(bias)
+
+    @torch.no_grad()
+    def encode_batch(self, images: torch.Tensor, perms: torch.Tensor | None = None) -> torch.Tensor:
+        """Encode one batch.
+
+        images: (B, S, S) uint8; perms: (B, P) int64 patch permutation per image or None for no
+        shuffle. Returns (B, P, D) float32 where ``out[b, r] = unshuffled[b, perms[b, r]]``.
+        """
+        config = self.config
+        patches = images_to_patches(images.to(self.device), config)
+        batch, n_patches, _ = patches.shape
+        rows = self._linear(patches.reshape(batch * n_patches, -1), "stem")
+        if config.stem_relu:
+            rows = torch.relu_(rows)
+        for k in range(config.depth):
+            rows = self._linear(rows, f"blocks.{k}")
+            # BatchNorm2d in training mode: per-channel mean and biased variance over the whole
+            # batch (all images, all positions); affine weight 1 and bias 0.
+            # (Two-pass mean / variance in place: torch.var_mean over dim 0 is 6x slower here.)
+            rows = rows.sub_(rows.mean(dim=0))
+            var = rows.square().mean(dim=0)
+            rows = rows.mul_(torch.rsqrt(var + BN_EPS)).relu_()
+        if config.mix:
+            rows = rows.reshape(batch, n_patches, -1) + self.key["pos"]
+            rows = self._linear(torch.relu_(rows).reshape(batch * n_patches, -1), "mix")
+        encoded = rows.reshape(batch, n_patches, -1)
+        if perms is not None:
+            index = perms.to(self.device, torch.int64).unsqueeze(-1).expand_as(encoded)
+            encoded = torch.gather(encoded, 1, index)
+        return encoded
+
+    def encode_stream(self, images: np.ndarray, perms: np.ndarray | None, on_batch=None):
+        """Yield (start, encoded (b, P, D) float32 on CPU) for consecutive BatchNorm batches.
+
+        images: (N, S, S) uint8; perms: (N, P) or None. ``on_batch(b)`` is called after each batch.
+        """
+        size = self.config.bn_batch
+        for start in range(0, len(images), size):
+            chunk = torch.from_numpy(np.ascontiguousarray(images[start : start + size]))
+            chunk_perms = None if perms is None else torch.from_numpy(perms[start : start + size].astype(np.int64))
+            encoded = self.encode_batch(chunk, chunk_perms).cpu()
+            if on_batch is not None:
+                on_batch(len(chunk))
+            yield start, encoded
+
+
+def encode_all(encoder: Encoder, images: np.ndarray, perms: np.ndarray | None) -> np.ndarray:
+    """Encode everything in memory (small sets, tests): (N, P, D) float32."""
+    parts = [encoded.numpy() for _, encoded in encoder.encode_stream(images, perms)]
+    if not parts:
+        return np.zeros((0, encoder.config.n_patches, encoder.config.width), np.float32)
+    return np.concatenate(parts)
+
+
+def pick_device(device: str | None) -> str:
+    """``auto`` / None -> cuda when present; refuse an unavailable device with one line."""
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise NcbenchError("--device cuda requested but no CUDA device is available")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise NcbenchError(f"unknown device {device!r}; use cpu, cuda or auto")
+    return device

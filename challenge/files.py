@@ -1,0 +1,225 @@
+"""Typed readers for the two organizer files of SPEC section 4: ``release.h5`` and ``key.h5``.
+
+Everything else (attacks, scoring, verification) reads releases and keys through these classes,
+so a format check lives in one place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from challenge.encoders import EncoderConfig, key_tensor_names
+from challenge.errors import NcbenchError
+from challenge.h5io import open_checked, read_strings
+
+RELEASE_FORMAT = "ncbench-release"
+KEY_FORMAT = "ncbench-key"
+SCHEMA_VERSION = 1
+TASKS = ("reid", "transfer", "invert")
+
+
+class _H5File:
+    """Shared plumbing: an open, format-checked HDF5 file used as a context manager."""
+
+    FORMAT = ""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.h5 = open_checked(self.path, self.FORMAT, SCHEMA_VERSION)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.h5.close()
+
+    def _require(self, name: str) -> h5py.Dataset:
+        if name not in self.h5:
+            raise NcbenchError(f"{self.path}: missing dataset {name!r}")
+        return self.h5[name]
+
+    def read(self, name: str) -> np.ndarray:
+        """A whole dataset, with corrupt chunks reported as one line."""
+        try:
+            return self._require(name)[()]
+        except OSError as error:
+            raise NcbenchError(f"{self.path}: {name} is corrupt ({error})") from None
+
+    def strings(self, name: str) -> list[str]:
+        return read_strings(self._require(name))
+
+    @property
+    def config(self) -> EncoderConfig:
+        return EncoderConfig.from_json(self.h5.attrs["encoder_config"])
+
+
+class Release(_H5File):
+    """A public release (``public/release.h5``), opened read-only.
+
+    Large encodings are never loaded whole by accident: use :meth:`iter_encoded` or slice
+    ``self.encoded`` (an h5py dataset of shape (N, P, D)).
+    """
+
+    FORMAT = RELEASE_FORMAT
+
+    def __init__(self, path: str | os.PathLike):
+        super().__init__(path)
+        attrs = self.h5.attrs
+        for name in ("challenge_id", "task", "encoder_config", "n_encoded", "key_commitment"):
+            if name not in attrs:
+                self.close()
+                raise NcbenchError(f"{self.path}: missing attribute {name!r}")
+        self.challenge_id: str = str(attrs["challenge_id"])
+        self.task: str = str(attrs["task"])
+        if self.task not in TASKS:
+            self.close()
+            raise NcbenchError(f"{self.path}: unknown task {self.task!r}")
+        self.encoded: h5py.Dataset = self._require("encoded/data")
+
+    @property
+    def n_encoded(self) -> int:
+        return int(self.encoded.shape[0])
+
+    @property
+    def encoded_ids(self) -> list[str]:
+        return self.strings("encoded/ids")
+
+    @property
+    def plain_ids(self) -> list[str]:
+        return self.strings("plain/ids")
+
+    @property
+    def plain_images(self) -> np.ndarray:
+        """(M, H, W) uint8: the plaintext pool / auxiliary set / known pairs' plaintexts."""
+        return self.read("plain/images")
+
+    @property
+    def label_names(self) -> list[str]:
+        return json.loads(self._require("encoded/labels").attrs.get("label_names", "[]"))
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.read("encoded/labels")
+
+    @property
+    def target_ids(self) -> list[str]:
+        return self.strings("target/ids")
+
+    @property
+    def target_images(self) -> np.ndarray:
+        return self.read("target/images")
+
+    @property
+    def pair_encoded_ids(self) -> list[str]:
+        """``invert`` only: the encoded ids whose plaintexts are ``plain/images`` (same order)."""
+        return self.strings("pairs/encoded_ids")
+
+    def iter_encoded(self, chunk: int = 64, *, dtype=np.float32) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield (start, encodings (b, P, D)) in row order, ``chunk`` items at a time."""
+        for start in range(0, self.n_encoded, chunk):
+            try:
+                block = self.encoded[start : start + chunk]
+            except OSError as error:
+                raise NcbenchError(f"{self.path}: encoded/data is corrupt ({error})") from None
+            yield start, block.astype(dtype, copy=False)
+
+    def describe(self) -> dict:
+        """What ``ncbench challenge info`` prints: attributes and dataset shapes."""
+        return _describe(self.h5)
+
+
+class Key(_H5File):
+    """An organizer's private key (``private/key.h5``). Only organizer tools open it."""
+
+    FORMAT = KEY_FORMAT
+
+    @property
+    def challenge_id(self) -> str:
+        return str(self.h5.attrs["challenge_id"])
+
+    @property
+    def config(self) -> EncoderConfig:
+        return EncoderConfig.from_json(self._require("encoder").attrs["encoder_config"])
+
+    @property
+    def seed(self) -> int:
+        return int(self.h5["encoder"].attrs["seed"])
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        config = self.config
+        return {name: self.read(f"encoder/{name}") for name in key_tensor_names(config)}
+
+    def commitment(self) -> str:
+        """sha256 of the salt plus the key's canonical content (see :func:`canonical_digest`)."""
+        salt = self.read("commitment/salt").tobytes()
+        return hashlib.sha256(salt + canonical_digest(self.h5)).hexdigest()
+
+    def describe(self, *, secrets: bool = False) -> dict:
+        info = _describe(self.h5)
+        if not secrets:
+            info["attrs"] = {k: v for k, v in info["attrs"].items() if k != "seed"}
+            info.get("encoder", {}).get("attrs", {}).pop("seed", None)
+        return info
+
+
+def canonical_digest(handle: h5py.File) -> bytes:
+    """sha256 over every dataset (name, dtype, shape, bytes) and every attribute, sorted by name.
+
+    Excludes ``commitment/salt`` (it is mixed in separately) and the root attribute
+    ``release_sha256`` (written after the release, which itself records this commitment).
+    """
+    digest = hashlib.sha256()
+    items: list[tuple[str, h5py.HLObject]] = []
+    handle.visititems(lambda name, obj: items.append((name, obj)))
+    for name, obj in sorted([("", handle), *items], key=lambda item: item[0]):
+        for attr in sorted(obj.attrs):
+            if name == "" and attr == "release_sha256":
+                continue
+            digest.update(f"attr {name}/{attr}={obj.attrs[attr]!r}\n".encode())
+        if isinstance(obj, h5py.Dataset) and name != "commitment/salt":
+            values = obj[()]
+            if values.dtype.kind == "O":
+                values = np.asarray([str(v) for v in values]).astype("U")
+            digest.update(f"data {name} {values.dtype.str} {values.shape}\n".encode())
+            digest.update(np.ascontiguousarray(values).tobytes())
+    return digest.digest()
+
+
+def _describe(handle: h5py.File) -> dict:
+    def attrs_of(obj) -> dict:
+        return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in obj.attrs.items()}
+
+    info: dict = {"attrs": attrs_of(handle)}
+    def visit(name, obj):
+        entry = {"attrs": attrs_of(obj)} if obj.attrs else {}
+        if isinstance(obj, h5py.Dataset):
+            entry.update(shape=list(obj.shape), dtype=str(obj.dtype))
+        info[name] = entry
+    handle.visititems(visit)
+    return info
+
+
+def open_release(path: str | os.PathLike) -> Release:
+    """Open a release file, or the ``public/release.h5`` inside a release directory."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "public" / "release.h5" if (path / "public").is_dir() else path / "release.h5"
+    return Release(path)
+
+
+def open_key(path: str | os.PathLike) -> Key:
+    """Open a key file, or the ``private/key.h5`` inside a release directory."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "private" / "key.h5"
+    return Key(path)

@@ -1,0 +1,208 @@
+"""Build a challenge release: public encodings + plaintexts, and the private key (SPEC section 4).
+
+Layout written atomically (a temporary sibling directory renamed into place)::
+
+    <out>/public/release.h5   <out>/public/SHA256SUMS
+    <out>/private/key.h5      <out>/private/SHA256SUMS
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from challenge.encoders import Encoder, EncoderConfig, derive_seed, key_tensor_names, pick_device, sample_key, sample_permutations
+from challenge.errors import NcbenchError
+from challenge.files import KEY_FORMAT, RELEASE_FORMAT, SCHEMA_VERSION, TASKS, canonical_digest
+from challenge.h5io import atomic_path, create_streamed, set_root_attrs, sha256_file, write_dataset
+from challenge.progress import progress
+from challenge.sources import ImageSet, load_images
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    """How many images play each role; roles never share an image (held-out discipline)."""
+
+    task: str
+    n: int  # encoded images
+    n_aux: int = 0  # transfer: auxiliary plaintexts
+    n_targets: int = 0  # transfer: targets whose encodings stay hidden
+    n_known: int = 0  # invert: known (plaintext, encoding) pairs, a subset of the encoded set
+
+    @classmethod
+    def for_task(cls, task: str, n: int, *, n_aux=None, n_targets=None, n_known=None) -> "BuildPlan":
+        if task not in TASKS:
+            raise NcbenchError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+        if n < 2:
+            raise NcbenchError(f"--n must be at least 2, got {n}")
+        if task == "transfer":
+            plan = cls(task, n, n_aux=n if n_aux is None else n_aux,
+                       n_targets=max(2, n // 4) if n_targets is None else n_targets)
+            if plan.n_aux < 1 or plan.n_targets < 2:
+                raise NcbenchError("transfer needs --n-aux >= 1 and --n-targets >= 2")
+            return plan
+        if task == "invert":
+            plan = cls(task, n, n_known=max(4, n // 10) if n_known is None else n_known)
+            if not 1 <= plan.n_known < n:
+                raise NcbenchError(f"--n-known must be between 1 and {n - 1}, got {plan.n_known}")
+            return plan
+        return cls(task, n)
+
+    @property
+    def n_images(self) -> int:
+        return self.n + self.n_aux + self.n_targets
+
+
+def build_release(
+    out: str | os.PathLike,
+    *,
+    config: EncoderConfig,
+    plan: BuildPlan,
+    source: str,
+    seed: int | None = None,
+    device: str | None = "auto",
+    force: bool = False,
+) -> Path:
+    """Load images, encode them with a fresh key, and write the release directory ``out``."""
+    seed = secrets.randbits(63) if seed is None else int(seed)
+    device = pick_device(device)
+    images = load_images(source, n=plan.n_images, seed=derive_seed(seed, "images"), image_size=config.image_size)
+    if len(images) != plan.n_images:
+        raise NcbenchError(f"source {source!r} gave {len(images)} images, {plan.n_images} needed")
+    roles = _assign_roles(images, plan, np.random.default_rng(derive_seed(seed, "roles")))
+    out = Path(out)
+    with atomic_path(out, force=force) as tmp:
+        (tmp / "public").mkdir(parents=True)
+        (tmp / "private").mkdir()
+        _write(tmp, config=config, plan=plan, roles=roles, seed=seed, device=device,
+               source_description=images.description)
+    return out
+
+
+def _assign_roles(images: ImageSet, plan: BuildPlan, rng: np.random.Generator) -> dict[str, ImageSet]:
+    order = rng.permutation(len(images))
+    encoded = images.take(order[: plan.n])
+    roles = {"encoded": encoded}
+    if plan.task == "reid":
+        roles["plain_index"] = rng.permutation(plan.n)  # plain row of each encoding
+    elif plan.task == "transfer":
+        roles["aux"] = images.take(order[plan.n : plan.n + plan.n_aux])
+        roles["targets"] = images.take(order[plan.n + plan.n_aux :])
+    else:
+        roles["known"] = np.sort(rng.choice(plan.n, size=plan.n_known, replace=False))
+    return roles
+
+
+def _write(tmp: Path, *, config, plan, roles, seed, device, source_description) -> None:
+    key = sample_key(config, seed)
+    encoder = Encoder(config, key, device)
+    encoded_set: ImageSet = roles["encoded"]
+    n = plan.n
+    perms = sample_permutations(config, seed, n)
+    rng = np.random.default_rng(derive_seed(seed, "split"))
+    split = np.zeros(n, np.uint8)
+    split[rng.permutation(n)[n // 2 :]] = 1
+    salt = np.frombuffer(hashlib.sha256(f"{seed}:salt".encode()).digest(), np.uint8).copy()
+    challenge_id = f"{config.preset}-{plan.task}-{derive_seed(seed, 'challenge-id') % 16**8:08x}"
+    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(os.environ.get("SOURCE_DATE_EPOCH", time.time()))))
+    encoded_ids = [f"enc-{i:05d}" for i in range(n)]
+    release_path, key_path = tmp / "public" / "release.h5", tmp / "private" / "key.h5"
+
+    with h5py.File(key_path, "w", track_order=False) as key_h5:
+        set_root_attrs(key_h5, KEY_FORMAT, SCHEMA_VERSION, challenge_id=challenge_id, task=plan.task)
+        group = key_h5.create_group("encoder")
+        group.attrs["seed"] = np.int64(seed)
+        group.attrs["encoder_config"] = config.to_json()
+        for name in key_tensor_names(config):
+            write_dataset(group, name, key[name].numpy())
+        truth = key_h5.create_group("truth")
+        write_dataset(truth, "patch_perm", perms)
+        write_dataset(truth, "batch", (np.arange(n) // config.bn_batch).astype(np.int32))
+        write_dataset(truth, "split", split)
+        if plan.task == "reid":
+            write_dataset(truth, "plain_index", roles["plain_index"].astype(np.int32))
+        else:
+            write_dataset(truth, "images", encoded_set.images)
+        if plan.task == "transfer":
+            target_perms = sample_permutations(config, seed, plan.n_targets, "target-permutations")
+            write_dataset(truth, "target_patch_perm", target_perms)
+        write_dataset(key_h5.create_group("commitment"), "salt", salt)
+        commitment = hashlib.sha256(salt.tobytes() + canonical_digest(key_h5)).hexdigest()
+
+    with h5py.File(release_path, "w") as rel:
+        set_root_attrs(
+            rel, RELEASE_FORMAT, SCHEMA_VERSION, challenge_id=challenge_id, task=plan.task,
+            preset=config.preset, encoder_config=config.to_json(), n_encoded=np.int64(n),
+            key_commitment=commitment, created_utc=created, source=source_description,
+        )
+        group = rel.create_group("encoded")
+        write_dataset(group, "ids", encoded_ids)
+        labels = write_dataset(group, "labels", encoded_set.labels.astype(np.int8))
+        labels.attrs["label_names"] = json.dumps(list(encoded_set.label_names))
+        dataset = create_streamed(group, "data", (n, config.n_patches, config.width), config.dtype)
+        _encode_into(dataset, encoder, encoded_set.images, perms, "encoding")
+        plain = rel.create_group("plain")
+        if plan.task == "reid":
+            pool_rows = np.argsort(roles["plain_index"])  # encoded row held by each plain row
+            write_dataset(plain, "images", encoded_set.images[pool_rows])
+            write_dataset(plain, "ids", [f"img-{j:05d}" for j in range(n)])
+        elif plan.task == "transfer":
+            write_dataset(plain, "images", roles["aux"].images)
+            write_dataset(plain, "ids", [f"aux-{j:05d}" for j in range(plan.n_aux)])
+            target = rel.create_group("target")
+            write_dataset(target, "images", roles["targets"].images)
+            write_dataset(target, "ids", [f"tgt-{j:05d}" for j in range(plan.n_targets)])
+        else:
+            known = roles["known"]
+            write_dataset(plain, "images", encoded_set.images[known])
+            write_dataset(plain, "ids", [f"img-{j:05d}" for j in range(len(known))])
+            write_dataset(rel.create_group("pairs"), "encoded_ids", [encoded_ids[i] for i in known])
+
+    if plan.task == "transfer":
+        with h5py.File(key_path, "a") as key_h5:
+            dataset = create_streamed(key_h5["truth"], "target_encodings",
+                                      (plan.n_targets, config.n_patches, config.width), config.dtype)
+            _encode_into(dataset, encoder, roles["targets"].images, key_h5["truth/target_patch_perm"][()], "targets")
+            # The commitment covers the target encodings too: recompute and patch the release.
+            commitment = hashlib.sha256(salt.tobytes() + canonical_digest(key_h5)).hexdigest()
+        with h5py.File(release_path, "a") as rel:
+            rel.attrs["key_commitment"] = commitment
+
+    with h5py.File(key_path, "a") as key_h5:
+        key_h5.attrs["release_sha256"] = sha256_file(release_path)
+    write_sha256sums(tmp / "public")
+    write_sha256sums(tmp / "private")
+
+
+def _encode_into(dataset: h5py.Dataset, encoder: Encoder, images: np.ndarray, perms: np.ndarray, label: str) -> None:
+    """Stream encodings batch by batch into ``dataset``: memory never holds more than one batch."""
+    with progress(f"{label} {encoder.config.preset}", len(images)) as advance:
+        for start, encoded in encoder.encode_stream(images, perms, on_batch=advance):
+            dataset[start : start + len(encoded)] = encoded.numpy().astype(dataset.dtype)
+
+
+def write_sha256sums(folder: Path) -> None:
+    """``sha256sum``-compatible list of every other file in ``folder``."""
+    lines = [f"{sha256_file(p)}  {p.name}\n" for p in sorted(folder.iterdir()) if p.name != "SHA256SUMS"]
+    (folder / "SHA256SUMS").write_text("".join(lines))
+
+
+def read_sha256sums(folder: Path) -> dict[str, str]:
+    path = folder / "SHA256SUMS"
+    if not path.is_file():
+        raise NcbenchError(f"{path}: missing")
+    sums = {}
+    for line in path.read_text().splitlines():
+        digest, _, name = line.partition("  ")
+        if len(digest) != 64 or not name:
+            raise NcbenchError(f"{path}: malformed line {line!r}")
+        sums[name] = digest
+    return sums

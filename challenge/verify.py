@@ -1,0 +1,105 @@
+"""``ncbench challenge verify``: check a release directory against its checksums and its key.
+
+With the key, the encodings are recomputed from the key tensors, the stored permutations, the
+batch composition and the plaintexts, so any change to the release or key is found.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from challenge.encoders import Encoder
+from challenge.errors import NcbenchError
+from challenge.files import Key, Release, open_key, open_release
+from challenge.h5io import sha256_file
+from challenge.progress import progress
+from challenge.release import read_sha256sums
+
+# float16 storage keeps 11 significant bits; recomputation may round the other way.
+RTOL = 2e-3
+
+
+def verify(release_dir: str | os.PathLike, key_path: str | os.PathLike | None = None) -> list[str]:
+    """Return a list of problems (empty when the release checks out)."""
+    release_dir = Path(release_dir)
+    if not release_dir.is_dir():
+        raise NcbenchError(f"{release_dir}: not a release directory")
+    problems = _check_sums(release_dir / "public")
+    with open_release(release_dir) as release:
+        if key_path is None:
+            return problems
+        key_path = Path(key_path)
+        key_file = key_path / "private" / "key.h5" if key_path.is_dir() else key_path
+        if (key_file.parent / "SHA256SUMS").is_file():
+            problems += _check_sums(key_file.parent)
+        with open_key(key_file) as key:
+            problems += _check_against_key(release, key)
+    return problems
+
+
+def _check_sums(folder: Path) -> list[str]:
+    problems = []
+    for name, digest in read_sha256sums(folder).items():
+        path = folder / name
+        if not path.is_file():
+            problems.append(f"{path}: listed in SHA256SUMS but missing")
+        elif sha256_file(path) != digest:
+            problems.append(f"{path}: sha256 does not match SHA256SUMS")
+    return problems
+
+
+def _check_against_key(release: Release, key: Key) -> list[str]:
+    if key.challenge_id != release.challenge_id:
+        return [f"key is for challenge {key.challenge_id}, release is {release.challenge_id}"]
+    problems = []
+    if key.commitment() != release.h5.attrs["key_commitment"]:
+        problems.append("key commitment does not match the release (key or release altered)")
+    if key.h5.attrs.get("release_sha256") != sha256_file(release.path):
+        problems.append("release.h5 is not the file this key was issued with")
+    if key.config != release.config:
+        problems.append("encoder configuration differs between key and release")
+        return problems
+    encoder = Encoder(key.config, {k: _tensor(v) for k, v in key.tensors().items()})
+    if release.task == "reid":
+        plain = release.plain_images[key.read("truth/plain_index")]
+    else:
+        plain = key.read("truth/images")
+    problems += _compare(encoder, plain, key.read("truth/patch_perm"), key.read("truth/batch"),
+                         release.encoded, "encoded/data")
+    if release.task == "transfer":
+        target_batch = np.arange(len(release.target_ids)) // key.config.bn_batch
+        problems += _compare(encoder, release.target_images, key.read("truth/target_patch_perm"),
+                             target_batch, key.h5["truth/target_encodings"], "truth/target_encodings")
+    if release.task == "invert":
+        rows = [release.encoded_ids.index(i) for i in release.pair_encoded_ids]
+        if not np.array_equal(key.read("truth/images")[rows], release.plain_images):
+            problems.append("known-pair plaintexts differ from the key's truth images")
+    return problems
+
+
+def _tensor(values: np.ndarray):
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(values))
+
+
+def _compare(encoder: Encoder, images, perms, batch, stored, name: str) -> list[str]:
+    """Recompute encodings batch by batch (same batch composition) and compare with ``stored``."""
+    worst = 0.0
+    with progress(f"verifying {name}", len(images)) as advance:
+        for b in np.unique(batch):
+            rows = np.flatnonzero(batch == b)
+            recomputed = encoder.encode_batch(_tensor(images[rows]), _tensor(perms[rows].astype(np.int64))).numpy()
+            try:
+                found = stored[rows[0] : rows[-1] + 1][rows - rows[0]].astype(np.float32)
+            except OSError:
+                return [f"{name}: stored data is corrupt (HDF5 checksum failed)"]
+            scale = np.maximum(np.abs(recomputed), 1.0)
+            worst = max(worst, float((np.abs(found - recomputed) / scale).max()))
+            advance(len(rows))
+    if worst > RTOL:
+        return [f"{name}: encodings differ from the key's recomputation (max relative error {worst:.2g})"]
+    return []
