@@ -124,6 +124,15 @@ class Release(_H5File):
         """``invert`` only: the encoded ids whose plaintexts are ``plain/images`` (same order)."""
         return self.strings("pairs/encoded_ids")
 
+    def encoded_rows(self, rows, *, dtype=np.float32) -> np.ndarray:
+        """Encodings (len(rows), P, D) at ``rows``, in the order given (any order, repeats allowed)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        unique, inverse = np.unique(rows, return_inverse=True)
+        try:
+            return self.encoded[unique].astype(dtype, copy=False)[inverse]
+        except OSError as error:
+            raise NcbenchError(f"{self.path}: encoded/data is corrupt ({error})") from None
+
     def iter_encoded(self, chunk: int = 64, *, dtype=np.float32) -> Iterator[tuple[int, np.ndarray]]:
         """Yield (start, encodings (b, P, D)) in row order, ``chunk`` items at a time."""
         for start in range(0, self.n_encoded, chunk):

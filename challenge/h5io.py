@@ -21,7 +21,6 @@ import numpy as np
 from challenge.errors import NcbenchError
 
 NCBENCH_VERSION = "0.1.0"
-STRING = h5py.string_dtype("utf-8")
 # gzip level 1: float encodings barely compress, and level 4 costs 3x the time for 2% smaller files.
 FILTERS = dict(compression="gzip", compression_opts=1, shuffle=True, fletcher32=True)
 
@@ -37,8 +36,10 @@ def write_dataset(group: h5py.Group, name: str, values) -> h5py.Dataset:
     if isinstance(values, (list, tuple)) or (
         isinstance(values, np.ndarray) and values.dtype.kind in "UO"
     ):
-        values = np.asarray([str(v) for v in values], dtype=object)
-        dtype = STRING
+        # Fixed-length UTF-8: variable-length strings cannot carry the gzip / fletcher32 filters.
+        encoded = [str(v).encode("utf-8") for v in values]
+        dtype = h5py.string_dtype("utf-8", length=max([len(v) for v in encoded] + [1]))
+        values = np.array(encoded, dtype=dtype)
     else:
         values = np.ascontiguousarray(values)
         dtype = values.dtype

@@ -108,8 +108,7 @@ def _write(tmp: Path, *, config, plan, roles, seed, device, source_description) 
     n = plan.n
     perms = sample_permutations(config, seed, n)
     rng = np.random.default_rng(derive_seed(seed, "split"))
-    split = np.zeros(n, np.uint8)
-    split[rng.permutation(n)[n // 2 :]] = 1
+    split = _halves(n, rng)
     salt = np.frombuffer(hashlib.sha256(f"{seed}:salt".encode()).digest(), np.uint8).copy()
     challenge_id = f"{config.preset}-{plan.task}-{derive_seed(seed, 'challenge-id') % 16**8:08x}"
     created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(os.environ.get("SOURCE_DATE_EPOCH", time.time()))))
@@ -134,6 +133,7 @@ def _write(tmp: Path, *, config, plan, roles, seed, device, source_description) 
         if plan.task == "transfer":
             target_perms = sample_permutations(config, seed, plan.n_targets, "target-permutations")
             write_dataset(truth, "target_patch_perm", target_perms)
+            write_dataset(truth, "target_split", _halves(plan.n_targets, rng))
         write_dataset(key_h5.create_group("commitment"), "salt", salt)
         commitment = hashlib.sha256(salt.tobytes() + canonical_digest(key_h5)).hexdigest()
 
@@ -180,6 +180,13 @@ def _write(tmp: Path, *, config, plan, roles, seed, device, source_description) 
         key_h5.attrs["release_sha256"] = sha256_file(release_path)
     write_sha256sums(tmp / "public")
     write_sha256sums(tmp / "private")
+
+
+def _halves(n: int, rng: np.random.Generator) -> np.ndarray:
+    """(n,) uint8: 0 for the public scoring half, 1 for the private half, chosen at random."""
+    split = np.zeros(n, np.uint8)
+    split[rng.permutation(n)[n // 2 :]] = 1
+    return split
 
 
 def _encode_into(dataset: h5py.Dataset, encoder: Encoder, images: np.ndarray, perms: np.ndarray, label: str) -> None:

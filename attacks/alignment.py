@@ -1,0 +1,133 @@
+"""Undo NeuraCrypt's per-image patch shuffle, and the assignment steps every attack shares.
+
+Every image gets the same positional embedding, so each patch slot is recognisable across images
+(Carlini et al. 2021, step 1): assigning an image's rows to a reference encoding by similarity
+recovers a common slot order. What remains unknown is one global slot -> position permutation,
+recovered later from matched pairs (:func:`recover_slot_positions`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from challenge.files import Release
+
+
+def match(scores: np.ndarray) -> np.ndarray:
+    """One-to-one matching maximising total score.
+
+    scores: (N, M) with N <= M. Returns (N,) column chosen for each row.
+    """
+    rows, cols = linear_sum_assignment(np.asarray(scores, dtype=np.float64), maximize=True)
+    matched = np.empty(scores.shape[0], dtype=np.int64)
+    matched[rows] = cols
+    return matched
+
+
+def assign_rows(similarity: torch.Tensor) -> np.ndarray:
+    """Per-image assignment of encoded rows to reference slots.
+
+    similarity: (B, P, P), ``[b, r, s]`` = how well row r of image b fits slot s.
+    Returns (B, P) int64: the slot of each row. One 256 x 256 assignment costs about 2 ms.
+    """
+    values = similarity.float().cpu().numpy()
+    slots = np.empty(values.shape[:2], dtype=np.int64)
+    for b, block in enumerate(values):
+        rows, cols = linear_sum_assignment(block, maximize=True)
+        slots[b, rows] = cols
+    return slots
+
+
+def to_slot_order(encoded: torch.Tensor, slots: np.ndarray) -> torch.Tensor:
+    """(B, P, D) rows in release order -> (B, P, D) rows in slot order (one batched scatter)."""
+    index = torch.as_tensor(slots, device=encoded.device).unsqueeze(-1).expand_as(encoded)
+    return torch.empty_like(encoded).scatter_(1, index, encoded)
+
+
+def _slot_scores(encoded: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    # Maximising <e_r, ref_s> - |ref_s|^2 / 2 is minimising |e_r - ref_s|^2 (|e_r| is fixed per row).
+    return torch.einsum("bpd,sd->bps", encoded, reference) - 0.5 * (reference * reference).sum(1)
+
+
+def iter_release(release: Release, chunk: int, device: str) -> Iterator[tuple[int, torch.Tensor]]:
+    for start, block in release.iter_encoded(chunk):
+        yield start, torch.from_numpy(block).to(device)
+
+
+def slot_reference(
+    release: Release, *, chunk: int = 64, device: str = "cpu", advance: Callable[[int], None] = lambda k: None
+) -> torch.Tensor:
+    """The mean encoding in slot order (P, D) float32: one streamed pass.
+
+    Rows are assigned to the first encoding's slots; the mean of that alignment is a far less noisy
+    reference for the final alignment (:func:`iter_aligned`). Releases without shuffle keep row order.
+    """
+    n, n_patches, width = release.encoded.shape
+    first = torch.from_numpy(release.encoded[0].astype(np.float32)).to(device)
+    total = torch.zeros(n_patches, width, device=device)
+    for _, block in iter_release(release, chunk, device):
+        if release.config.shuffle:
+            block = to_slot_order(block, assign_rows(_slot_scores(block, first)))
+        total += block.sum(0)
+        advance(len(block))
+    return total / n
+
+
+def iter_aligned(
+    release: Release, reference: torch.Tensor, *, chunk: int = 64, device: str = "cpu"
+) -> Iterator[tuple[int, np.ndarray, torch.Tensor]]:
+    """Yield (start, slots (b, P) int64, encodings in slot order (b, P, D)) for the whole release."""
+    n_patches = release.encoded.shape[1]
+    for start, block in iter_release(release, chunk, device):
+        if release.config.shuffle:
+            slots = assign_rows(_slot_scores(block, reference))
+            yield start, slots, to_slot_order(block, slots)
+        else:
+            yield start, np.tile(np.arange(n_patches), (len(block), 1)), block
+
+
+def recover_slot_positions(slot_stats: np.ndarray, position_stats: np.ndarray) -> np.ndarray:
+    """The global slot -> position permutation from matched pairs (boosting step).
+
+    slot_stats: (N, P) a per-slot statistic of each encoding; position_stats: (N, P) the same
+    statistic of the plaintext each encoding is currently matched to, by position. Correlating
+    slot s with position p across images and solving the P x P assignment tolerates many wrong
+    matches: correct pairs add up, wrong ones average out. Returns (P,): position of each slot.
+    """
+    return match(_column_correlation(slot_stats, position_stats))
+
+
+def _column_correlation(left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """(P, Q) Pearson correlation between the columns of left (N, P) and right (N, Q)."""
+    left = left - left.mean(0)
+    right = right - right.mean(0)
+    left = left / np.maximum(np.linalg.norm(left, axis=0), 1e-12)
+    right = right / np.maximum(np.linalg.norm(right, axis=0), 1e-12)
+    return left.T @ right
+
+
+def refine_slot_positions(
+    slot_grams: torch.Tensor, position_grams: torch.Tensor, slot_positions: np.ndarray, *, rounds: int = 3
+) -> np.ndarray:
+    """Improve a slot -> position permutation with whole Gram matrices of matched pairs.
+
+    slot_grams: (K, P, P) encoded Gram matrices in slot order; position_grams: (K, P, P)
+    the matched plaintexts' Gram matrices in position order. Slot s should sit at the position p
+    whose Gram row agrees with slot s's row under the current permutation: score
+    C[s, p] = sum_k sum_t G_k[s, t] H_k[p, pos[t]], solve the P x P assignment, repeat
+    (a projected power iteration for this graph-matching problem).
+    """
+    slot_grams = slot_grams.float()
+    position_grams = position_grams.float()
+    for _ in range(rounds):
+        index = torch.as_tensor(slot_positions, device=position_grams.device)
+        agreement = torch.einsum("kst,kpt->sp", slot_grams, position_grams[:, :, index])
+        updated = match(agreement.cpu().numpy())
+        if np.array_equal(updated, slot_positions):
+            break
+        slot_positions = updated
+    return slot_positions

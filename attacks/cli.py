@@ -1,0 +1,61 @@
+"""``ncbench attack ...``: list attacks and run one on a public release."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from attacks.registry import all_attacks, resolve
+from attacks.submission import write_submission
+from challenge.encoders import pick_device
+from challenge.errors import NcbenchError
+from challenge.files import open_release
+
+
+@click.group("attack")
+def group() -> None:
+    """Attacker tools: list attacks, run one on a public release to get a submission."""
+
+
+@group.command("list")
+@click.option("--verbose", "-v", is_flag=True, help="Also list each attack's parameters.")
+def list_command(verbose: bool) -> None:
+    """Name, version, tasks, knowledge and a one-line description of every known attack."""
+    for name, cls in sorted(all_attacks().items()):
+        click.echo(f"{name} {cls.version}  tasks: {','.join(cls.tasks)}  assumes: {','.join(cls.knowledge)}")
+        click.echo(f"    {cls.description}")
+        if verbose:
+            for line in cls.param_help():
+                click.echo(f"      --param {line}")
+
+
+@group.command("run")
+@click.argument("attack")
+@click.option("--release", "release_path", type=click.Path(path_type=Path), required=True,
+              help="Public release file (or release directory).")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Submission to write (.h5, or .csv for a reid mapping).")
+@click.option("--param", "params", multiple=True, metavar="K=V", help="Attack parameter (repeatable); see `attack list -v`.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of every random choice the attack makes.")
+@click.option("--team", help="Team name recorded in the submission.")
+@click.option("--force", is_flag=True, help="Replace an existing submission file.")
+def run_command(attack, release_path, out, params, device, seed, team, force) -> None:
+    """Run ATTACK (a name from `attack list`, or FILE.py:Class) on a release and write a submission."""
+    cls = resolve(attack)
+    raw = {}
+    for item in params:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise NcbenchError(f"--param must look like name=value, got {item!r}")
+        raw[name.strip()] = value.strip()
+    instance = cls(cls.parse_params(raw), device=pick_device(device), seed=seed)
+    if out.exists() and not force:
+        raise NcbenchError(f"{out} already exists (use --force to replace it)")
+    with open_release(release_path) as release:
+        instance.check_release(release)
+        submission = instance(release)
+    submission.team = team
+    write_submission(out, submission, force=True)
+    click.echo(f"wrote {out} ({submission.attack} {submission.attack_version}, {submission.runtime_s:.1f} s; "
+               f"parts: {', '.join(submission.parts())})")

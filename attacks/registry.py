@@ -1,0 +1,79 @@
+"""Where attacks are found: built-ins, installed plugins (entry points), and plugin files."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import sys
+from pathlib import Path
+
+from attacks.base import Attack
+from challenge.errors import NcbenchError
+
+ENTRY_POINT_GROUP = "ncbench.attacks"
+_REGISTRY: dict[str, type[Attack]] = {}
+
+
+def register(cls: type[Attack]) -> type[Attack]:
+    """Add an attack class under its ``name``; refuses a name that is already taken."""
+    if not (isinstance(cls, type) and issubclass(cls, Attack)):
+        raise TypeError(f"{cls!r} is not an Attack subclass")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise NcbenchError(f"an attack named {cls.name!r} is already registered ({_REGISTRY[cls.name].__module__})")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _load_builtins() -> None:
+    from attacks.distribution_alignment import DistributionAlignment
+    from attacks.gram_hungarian import GramHungarian
+    from attacks.linear_inversion import LinearInversion
+    from baselines.reference import Chance, Oracle
+
+    for cls in (GramHungarian, LinearInversion, DistributionAlignment, Chance, Oracle):
+        register(cls)
+
+
+def _load_entry_points() -> None:
+    for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            register(entry.load())
+        except Exception as error:  # a broken third-party plugin must not break the CLI
+            print(f"warning: skipping plugin {entry.name!r}: {error}", file=sys.stderr)
+
+
+def all_attacks() -> dict[str, type[Attack]]:
+    """Every known attack by name (built-ins first, then installed plugins)."""
+    if not _REGISTRY:
+        _load_builtins()
+        _load_entry_points()
+    return dict(_REGISTRY)
+
+
+def resolve(spec: str) -> type[Attack]:
+    """An attack by registered name, or ``path/to/file.py:ClassName``."""
+    if ":" in spec and spec.split(":", 1)[0].endswith(".py"):
+        return load_from_file(spec)
+    attacks = all_attacks()
+    if spec not in attacks:
+        raise NcbenchError(f"unknown attack {spec!r}; known: {', '.join(sorted(attacks))} (or FILE.py:Class)")
+    return attacks[spec]
+
+
+def load_from_file(spec: str) -> type[Attack]:
+    path_text, _, class_name = spec.rpartition(":")
+    path = Path(path_text)
+    if not path.is_file():
+        raise NcbenchError(f"plugin file {path} does not exist")
+    module_name = f"ncbench_plugin_{path.stem}"
+    try:
+        module_spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[module_name] = module
+        module_spec.loader.exec_module(module)
+    except Exception as error:
+        raise NcbenchError(f"plugin file {path} failed to import: {type(error).__name__}: {error}") from None
+    cls = getattr(module, class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, Attack)):
+        raise NcbenchError(f"{path} has no Attack subclass named {class_name!r}")
+    return cls
