@@ -1,0 +1,35 @@
+# Two entry points for a fresh machine with Python 3.11 and pip (see README):
+#   make demo   - install everything, then build, attack, score and show the leaderboard
+#   make test   - install everything, then run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN = $(VENV)/bin
+
+.PHONY: install demo test test-slow bench serve clean
+
+$(BIN)/ncbench: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# CPU build of PyTorch, pinned: an unpinned torch pulls a multi-GB CUDA build.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(BIN)/ncbench
+
+install: $(BIN)/ncbench
+
+demo: install
+	$(BIN)/ncbench demo --out demo-out
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-slow: install
+	$(BIN)/python -m pytest -q -m slow
+
+bench: install
+	$(BIN)/python benchmarks/run.py
+
+serve: install
+	$(BIN)/ncbench leaderboard serve --db demo-out/leaderboard.db
+
+clean:
+	rm -rf $(VENV) demo-out runs *.egg-info

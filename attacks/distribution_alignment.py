@@ -1,0 +1,182 @@
+"""``distribution-alignment``: predict encodings without any (plaintext, encoding) pair.
+
+The attacker sees the released encodings and plaintexts from the same distribution (auxiliary
+images, or the unordered pool of a ``reid`` release) but never which goes with which. It aligns
+population moments, as NeuraCrypt's own MMD attack aligns distributions:
+
+1. undo the shuffle up to one global slot permutation (:mod:`attacks.alignment`), and place slots
+   on positions by matching the population's mean Gram matrix with that of self-keyed plaintexts;
+2. model each encoded patch as an affine map of its pixel patch, ``e = W x + b`` (exact for the
+   ``linear`` preset). Whitening both sides with their pooled within-position covariances leaves
+   ``W`` unknown up to one orthogonal matrix R; R is found by a joint orthogonal Procrustes fit of
+   every position's mean and covariance (a fixed-point iteration on the polar factor);
+3. predict each target's mean patch vector (``transfer``, scored on exactly that) or match the
+   pool's predictions to the encodings (``reid``). The MMD between predicted and released mean
+   vectors is reported as a diagnostic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from attacks.alignment import iter_aligned, match, refine_slot_positions, slot_reference
+from attacks.base import Attack
+from attacks.gram_hungarian import patch_statistics
+from attacks.self_keyed import self_encode
+from attacks.submission import Submission
+from challenge.encoders import images_to_patches
+from challenge.files import Release
+
+
+@dataclass(frozen=True)
+class Moments:
+    """Per-position moments of patches, in some coordinates of dimension Q.
+
+    means: (P, Q); covariances: (P, Q, Q) within-position covariances across images.
+    """
+
+    means: torch.Tensor
+    covariances: torch.Tensor
+
+
+def whitening(covariance: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``rank`` eigenvectors (D, rank) and eigenvalues (rank,) of a symmetric (D, D) matrix."""
+    values, vectors = torch.linalg.eigh(covariance)
+    return vectors[:, -rank:], values[-rank:].clamp_min(1e-12)
+
+
+def polar(matrix: torch.Tensor) -> torch.Tensor:
+    """The orthogonal factor of ``matrix`` (closest orthogonal matrix in Frobenius norm)."""
+    left, _, right = torch.linalg.svd(matrix)
+    return left @ right
+
+
+def joint_procrustes(encoded: Moments, pixels: Moments, *, mean_weight: float, iterations: int) -> torch.Tensor:
+    """Orthogonal R (Q, Q) with encoded ~ R pixels for every position's mean and covariance.
+
+    Both moment sets are whitened. Maximises sum_p tr(B_p R A_p R^T) + w * sum_p e_p^T R m_p by
+    iterating R <- polar(sum_p B_p R A_p + w * sum_p e_p m_p^T), started from the means-only fit.
+    """
+    cross = encoded.means.T @ pixels.means
+    rotation = polar(cross)
+    for _ in range(iterations):
+        rotation = polar(torch.einsum("pqr,rs,pst->qt", encoded.covariances, rotation, pixels.covariances)
+                         + mean_weight * cross)
+    return rotation
+
+
+def pixel_moments(patches: torch.Tensor) -> tuple[Moments, torch.Tensor, torch.Tensor]:
+    """Whitened per-position moments of pixel patches (A, P, Q).
+
+    Returns the moments, the whitening matrix (Q, Q) = C^{-1/2} of the pooled within-position
+    covariance C, and the grand mean patch (Q,).
+    """
+    means = patches.mean(0)
+    centred = patches - means
+    rows = centred.reshape(-1, centred.shape[-1])
+    vectors, values = whitening(rows.T @ rows / len(rows), centred.shape[-1])
+    inverse_sqrt = vectors @ torch.diag(values.rsqrt()) @ vectors.T
+    grand = means.mean(0)
+    white = centred @ inverse_sqrt
+    covariances = torch.einsum("apq,apr->pqr", white, white) / len(patches)
+    return Moments((means - grand) @ inverse_sqrt, covariances), inverse_sqrt, grand
+
+
+def mmd(left: torch.Tensor, right: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
+    """Squared MMD between samples (A, D) and (B, D), summed over Gaussian kernel widths."""
+    def kernel(a, b):
+        distances = torch.cdist(a, b).square()
+        return torch.exp(-distances[None] / (2 * widths[:, None, None] ** 2)).sum(0)
+    return kernel(left, left).mean() + kernel(right, right).mean() - 2 * kernel(left, right).mean()
+
+
+def _median_width(samples: torch.Tensor) -> torch.Tensor:
+    """Median pairwise distance (on up to 512 samples), times a few factors: the usual MMD widths."""
+    subset = samples[:512]
+    return torch.cdist(subset, subset).median().clamp_min(1e-6) * torch.tensor([0.5, 1.0, 2.0], dtype=samples.dtype)
+
+
+class DistributionAlignment(Attack):
+    name = "distribution-alignment"
+    version = "1.0"
+    tasks = ("transfer", "reid")
+    knowledge = ("architecture", "self-sampled-keys", "auxiliary-data")
+    description = "No pairs: whiten and Procrustes-align per-position moments of plaintexts and encodings; predict."
+
+    @dataclass
+    class Params:
+        mean_weight: float = field(default=30.0, metadata={"min": 0.0, "max": 1e6,
+                                   "help": "weight of the per-position means against the covariances"})
+        iterations: int = field(default=60, metadata={"min": 0, "max": 10000, "help": "Procrustes fixed-point iterations"})
+        covariance_images: int = field(default=128, metadata={"min": 2, "max": 100000,
+                                        "help": "encodings used for the pooled covariance (D x D)"})
+        self_width: int = field(default=512, metadata={"min": 16, "max": 8192,
+                                "help": "self-keyed width for placing slots (shuffled presets)"})
+        chunk: int = field(default=32, metadata={"min": 1, "max": 4096, "help": "images per streamed block"})
+
+    def run(self, release: Release) -> Submission:
+        p, config = self.params, release.config
+        n, rank = release.n_encoded, config.patch_dim
+        aux = release.plain_images
+        with self.stage("slot reference", n) as advance:
+            reference = slot_reference(release, chunk=p.chunk, device=self.device, advance=advance).double()
+        grand = reference.mean(0)
+        with self.stage("pooled covariance", min(n, p.covariance_images)):
+            rows = torch.from_numpy(release.encoded_rows(np.arange(min(n, p.covariance_images)))).double()
+            # Shuffled rows are centred by the grand mean here; slot means are not known per row yet.
+            centred = (rows - (reference if not config.shuffle else grand)).reshape(-1, config.width)
+            basis, scales = whitening(centred.T @ centred / len(centred), rank)
+        project = basis / scales.sqrt()  # (D, Q): whitened coordinates of an encoded patch
+        sums = torch.zeros(config.n_patches, rank, rank, dtype=torch.float64)
+        encoded_means = torch.empty(n, config.width, dtype=torch.float64)
+
+        def aligned():
+            for start, _, block in iter_aligned(release, reference.float(), chunk=p.chunk, device=self.device):
+                white = (block.double() - reference) @ project
+                sums.add_(torch.einsum("bpq,bpr->pqr", white, white))
+                encoded_means[start : start + len(block)] = block.double().mean(1)
+                yield start, block
+
+        with self.stage("encoded moments", n):
+            encoded_stats = patch_statistics(aligned(), reference.float(), n)
+        slot_positions = np.arange(config.n_patches)
+        if config.shuffle:
+            with self.stage("place slots", len(aux)) as advance:
+                features, mean = self_encode(aux, config, width=p.self_width, seed=self.seed,
+                                             device=self.device, advance=advance)
+                slot_positions = self._place_slots(encoded_stats, patch_statistics(features, mean, len(aux)))
+        by_position = np.argsort(slot_positions)  # slot held at each position
+        encoded = Moments(((reference - grand) @ project)[by_position], (sums / n)[by_position])
+        with self.stage("joint Procrustes", p.iterations):
+            pixels, pixel_whitening, pixel_grand = pixel_moments(images_to_patches(torch.from_numpy(aux), config).double())
+            rotation = joint_procrustes(encoded, pixels, mean_weight=p.mean_weight, iterations=p.iterations)
+            weight = pixel_whitening @ rotation.T @ (basis * scales.sqrt()).T  # (Q, D): e = x W + b
+            bias = grand - pixel_grand @ weight
+
+        def predict(images: np.ndarray) -> torch.Tensor:
+            return images_to_patches(torch.from_numpy(images), config).double().mean(1) @ weight + bias
+
+        submission = Submission(release.challenge_id, self.name, self.version, release.encoded_ids)
+        predicted_aux = predict(aux)
+        submission.diagnostics = {"mmd_aux_vs_release": float(mmd(predicted_aux, encoded_means, _median_width(encoded_means)))}
+        if release.task == "transfer":
+            submission.encodings = predict(release.target_images).float().numpy()
+            submission.target_ids = release.target_ids
+        else:
+            scores = -torch.cdist(encoded_means, predicted_aux).square().float().numpy()
+            submission.scores, submission.plain_ids = scores, release.plain_ids
+            submission.mapping = [release.plain_ids[j] for j in match(scores)]
+        return submission
+
+    def _place_slots(self, encoded, plain) -> np.ndarray:
+        """Slot -> position from population statistics alone: mean centred patch norms give a
+        first guess, the mean Gram matrices (a graph-matching problem) refine it."""
+        def standardise(values):
+            return (values - values.mean()) / values.std()
+        slot_profile = standardise(encoded.norms.mean(0))
+        position_profile = standardise(plain.norms.mean(0))
+        guess = match(-np.square(slot_profile[:, None] - position_profile[None, :]))
+        return refine_slot_positions(encoded.mean_gram(), plain.mean_gram(), guess, rounds=20)
