@@ -11,7 +11,7 @@ $(BIN)/ncbench: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# CPU build of PyTorch, pinned: an unpinned torch pulls a multi-GB CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,postgres]'
 	touch $(BIN)/ncbench
 
 install: $(BIN)/ncbench

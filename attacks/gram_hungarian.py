@@ -40,9 +40,15 @@ class PatchStatistics:
 
     def full_grams(self, rows=slice(None)) -> torch.Tensor:
         """(K, P, P) symmetric Gram matrices of the selected images, rebuilt from the upper triangle."""
+        return self._symmetric(torch.from_numpy(self.gram[rows]).float())
+
+    def mean_gram(self) -> torch.Tensor:
+        """(1, P, P) the population's mean Gram matrix."""
+        return self._symmetric(torch.from_numpy(self.gram.mean(0, dtype=np.float32))[None])
+
+    def _symmetric(self, values: torch.Tensor) -> torch.Tensor:
         n_patches = self.norms.shape[1]
         upper = torch.triu_indices(n_patches, n_patches, 1)
-        values = torch.from_numpy(self.gram[rows]).float()
         full = torch.zeros(len(values), n_patches, n_patches)
         full[:, upper[0], upper[1]] = values
         full[:, upper[1], upper[0]] = values

@@ -1,0 +1,215 @@
+"""The public leaderboard (Streamlit). Reads only the results database; never a key.
+
+Run it with ``ncbench leaderboard serve --db PATH|URL``, or directly with
+``streamlit run leaderboard/app.py -- --db PATH|URL``. The database also comes from the
+``NCBENCH_DB`` environment variable (which is how ``serve`` passes it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import altair as alt
+import pandas as pd
+import streamlit as st
+
+from challenge.errors import NcbenchError
+from leaderboard import tables
+from leaderboard.metrics import BAND_BAD_ABOVE, BAND_GOOD_BELOW, privacy_band
+from leaderboard.store import DB_ENV, DEFAULT_DAILY_LIMIT, Store, database_url
+
+PAGES = ("Attack x preset", "Challenges", "Submission", "Privacy vs utility", "Take part")
+BAND_COLOURS = {"good": "#c8e6c9", "moderate": "#ffe0b2", "bad": "#ffcdd2"}
+CHANCE_COLOUR = "#eeeeee"
+
+
+def database_argument() -> str | None:
+    """``--db`` after ``--`` on the streamlit command line, else the environment variable."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--db")
+    known, _ = parser.parse_known_args(sys.argv[1:])
+    return known.db or os.environ.get(DB_ENV)
+
+
+@st.cache_resource
+def open_store(url: str) -> Store:
+    return Store(url, create=False)
+
+
+def percent(value) -> str:
+    return "" if pd.isna(value) else f"{100 * value:.1f}%"
+
+
+def style_matrix(matrix: pd.DataFrame):
+    """Percentages, each cell coloured by its privacy band; the chance row in grey."""
+    def colour(value) -> str:
+        return "" if pd.isna(value) else f"background-color: {BAND_COLOURS[privacy_band(value)]}"
+
+    attacks = [name for name in matrix.index if name != tables.CHANCE_ROW]
+    styler = matrix.style.format(percent).map(colour, subset=pd.IndexSlice[attacks, :])
+    return styler.map(lambda _: f"background-color: {CHANCE_COLOUR}", subset=pd.IndexSlice[[tables.CHANCE_ROW], :])
+
+
+def band_legend() -> str:
+    return (f"Privacy bands of the original NeuraCrypt challenge: below {BAND_GOOD_BELOW:.0%} re-identification "
+            f"is **good** (green), {BAND_GOOD_BELOW:.0%}-{BAND_BAD_ABOVE:.0%} **moderate** (amber), above "
+            f"{BAND_BAD_ABOVE:.0%} **bad** (red): the encoding does not protect the images.")
+
+
+def page_matrix(store: Store) -> None:
+    st.header("Best re-identification: attack x preset")
+    board = tables.board(store.results())
+    if board.empty:
+        st.info("No scored submissions yet. See **Take part** to submit one.")
+        return
+    tasks = sorted(board["task"].unique())
+    task = st.selectbox("Task", tasks, index=tasks.index("reid") if "reid" in tasks else 0,
+                        help="reid: match encodings to plaintexts; invert: re-identify by nearest reconstruction; "
+                             "transfer: nearest-neighbour accuracy of predicted target encodings")
+    half = st.radio("Scoring half", ["public", "private"], horizontal=True,
+                    help="The private half is shown only for challenges the organizers have closed.")
+    matrix = tables.attack_preset_matrix(board, task=task, split=half, presets=tables.preset_order(store.challenges()))
+    if matrix.empty:
+        st.info(f"No {half}-half results for the {task} task yet.")
+        return
+    st.dataframe(style_matrix(matrix))
+    st.caption(band_legend() + " The last row is the chance level 1/N (the largest, when a preset has "
+               "challenges of several sizes).")
+
+
+def page_challenges(store: Store) -> None:
+    st.header("Challenges")
+    challenges = store.challenges()
+    if challenges.empty:
+        st.info("No challenges have been scored yet.")
+        return
+    labels = {row.challenge_id: f"{row.challenge_id} ({row.task}, {row.preset}, n={row.n_encoded}, "
+                                f"{'closed' if row.closed_utc else 'open'}, {row.submissions} submissions)"
+              for row in challenges.itertuples()}
+    st.dataframe(challenges.drop(columns=["encoder_config"]), hide_index=True)
+    choice = st.selectbox("Challenge", list(labels), format_func=labels.get)
+    board = tables.board(store.results(challenge_id=choice))
+    if board.empty:
+        st.info("No scored submissions for this challenge yet.")
+        return
+    left, middle, right = st.columns(3)
+    team = left.text_input("Team contains")
+    attacks = middle.multiselect("Attacks", sorted(board["attack"].unique()))
+    halves = ["all"] + [h for h in ("public", "private") if h in set(board["split"])]
+    half = right.selectbox("Half", halves)
+    shown = tables.filter_board(board, team=team, attacks=attacks, split=None if half == "all" else half)
+    st.dataframe(shown, hide_index=True, column_config={
+        "reidentification": st.column_config.NumberColumn("re-identification", format="percent"),
+        "chance": st.column_config.NumberColumn(format="percent"),
+    })
+    st.caption(f"{len(shown)} of {len(board)} rows. Click a column header to sort.")
+    st.download_button("Download CSV", shown.to_csv(index=False), file_name=f"{choice}.csv", mime="text/csv")
+
+
+def page_submission(store: Store) -> None:
+    st.header("Submission details")
+    board = tables.board(store.results())
+    if board.empty:
+        st.info("No scored submissions yet.")
+        return
+    first = board.drop_duplicates("submission_id").set_index("submission_id")
+    labels = {int(i): f"#{i} {row.team} - {row.attack} {row.attack_version} on {row.challenge_id}"
+              for i, row in first.iterrows()}
+    chosen = st.selectbox("Submission", sorted(labels, reverse=True), format_func=labels.get)
+    details = store.submission(chosen)
+    public = details["metrics"].get("public", {})
+    headline = public.get("nn_accuracy" if details["task"] == "transfer" else "reid_accuracy", float("nan"))
+    cols = st.columns(4)
+    cols[0].metric("Re-identification (public)", percent(headline), help=privacy_band(headline))
+    cols[1].metric("Chance", percent(public.get("chance", float("nan"))))
+    cols[2].metric("Patch-position accuracy", percent(public.get("patch_position_accuracy", float("nan"))) or "n/a")
+    cols[3].metric("Runtime", f"{details['runtime_s']:.1f} s" if details["runtime_s"] is not None else "n/a")
+    metrics = pd.DataFrame(details["metrics"])
+    metrics.index.name = "metric"
+    st.subheader("Metrics per scoring half")
+    st.dataframe(metrics)
+    if "private" not in details["metrics"]:
+        st.caption("The private half stays hidden until the organizers close the challenge.")
+    st.subheader("Attack")
+    st.write(f"**{details['attack']}** {details['attack_version']}, team **{details['team']}**, "
+             f"{details['challenge_id']} ({details['task']}, preset {details['preset']}), "
+             f"submitted {details['created_utc']}, file sha256 `{details['sha256'][:16]}...`")
+    st.write("Assumes: " + (", ".join(details["knowledge"]) or "nothing declared"))
+    st.json(details["params"])
+    for note in details["notes"]:
+        st.warning(note)
+
+
+def page_privacy_utility(store: Store) -> None:
+    st.header("Privacy vs utility")
+    utility = store.utility()
+    if utility.empty:
+        st.info("No utility results yet. The utility baseline records them (see `ncbench baseline --help`).")
+        return
+    summary = tables.privacy_utility(tables.board(store.results()), utility)
+    points = summary.dropna(subset=["best_reidentification"])
+    if not points.empty:
+        base = alt.Chart(points).encode(
+            x=alt.X("best_reidentification:Q", title="best re-identification of any attack (public half)",
+                    scale=alt.Scale(domain=[0, 1]), axis=alt.Axis(format="%")),
+            y=alt.Y("encoded_auc:Q", title="mean AUC of models trained on encodings", scale=alt.Scale(domain=[0.4, 1])),
+        )
+        dots = base.mark_circle(size=120).encode(
+            color=alt.Color("band:N", scale=alt.Scale(domain=list(BAND_COLOURS), range=["#2e7d32", "#ef6c00", "#c62828"])),
+            tooltip=["preset", "best_reidentification", "encoded_auc", "raw_auc"])
+        st.altair_chart(dots + base.mark_text(dy=-12).encode(text="preset:N"), width="stretch")
+    st.dataframe(summary, hide_index=True)
+    st.caption("raw_auc: the same models trained on the plaintext images (the utility an encoding can at best keep).")
+
+
+def page_take_part(store: Store) -> None:
+    st.header("Take part")
+    challenges = store.challenges()
+    open_ids = challenges.loc[challenges["closed_utc"].isna(), "challenge_id"].tolist()
+    challenge_id = st.selectbox("Challenge", open_ids) if open_ids else "CHALLENGE_ID"
+    st.markdown("**Attackers**: get the challenge's public `release.h5` from the organizers, run an attack, "
+                "send back the submission file.")
+    st.code(f"""pip install -e .                      # from a checkout of ncbench
+ncbench challenge info release.h5     # what the release holds ({challenge_id})
+ncbench attack list -v                # built-in attacks and their parameters
+ncbench attack run gram-hungarian --release release.h5 --out submission.h5 --team YOUR-TEAM
+ncbench attack run my_attack.py:MyAttack --release release.h5 --out submission.h5 --team YOUR-TEAM""",
+            language="bash")
+    st.markdown("**Organizers**: build a challenge, keep `private/` secret, score what comes back, "
+                "close the challenge to reveal the private half.")
+    st.code(f"""ncbench challenge build --preset nc7 --task reid --n 1000 --out my-challenge
+ncbench score submission.h5 --key my-challenge/private/key.h5 --db leaderboard.db --team YOUR-TEAM
+ncbench leaderboard serve --db leaderboard.db
+ncbench leaderboard export --db leaderboard.db --format markdown
+ncbench leaderboard close {challenge_id} --db leaderboard.db""", language="bash")
+    st.markdown(f"""Rules:
+- A submission is an HDF5 file (`format = "ncbench-submission"`) holding a `mapping` or a `scores` matrix
+  (`reid`), `reconstructions` (`invert`) or target `encodings` (`transfer`), optionally `patch_positions`;
+  a two-column CSV `encoded_id,plain_id` also works for `reid`.
+- Each submission is scored on two halves of the encoded set. Only the public half is shown until the
+  organizers close the challenge, so the hidden key cannot be fitted through the board.
+- At most {DEFAULT_DAILY_LIMIT} scored submissions per team, challenge and UTC day by default (refused
+  or failed ones do not count; re-sending an identical file is recognised and not counted again).
+- Submissions from attacks that read the secret key (the `oracle` baseline) are refused.""")
+
+
+def main() -> None:
+    st.set_page_config(page_title="ncbench leaderboard", layout="wide")
+    st.title("ncbench: is this NeuraCrypt encoding private?")
+    db = database_argument()
+    if not db:
+        st.error(f"No database given: start with `ncbench leaderboard serve --db PATH|URL` (or set {DB_ENV}).")
+        st.stop()
+    try:
+        store = open_store(database_url(db).render_as_string(hide_password=False))
+    except NcbenchError as error:
+        st.error(str(error))
+        st.stop()
+    page = st.sidebar.radio("Page", PAGES)
+    {PAGES[0]: page_matrix, PAGES[1]: page_challenges, PAGES[2]: page_submission,
+     PAGES[3]: page_privacy_utility, PAGES[4]: page_take_part}[page](store)
+
+
+main()

@@ -1,0 +1,188 @@
+"""``ncbench score`` and ``ncbench leaderboard serve|export|close``.
+
+Thin shell over :mod:`leaderboard.scoring`, :mod:`leaderboard.store` and :mod:`leaderboard.tables`.
+A submission is scored completely before the database is opened, so invalid input never touches it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+
+from challenge.errors import NcbenchError
+from challenge.h5io import atomic_path
+from leaderboard.metrics import privacy_band
+from leaderboard.store import DB_ENV, DEFAULT_DAILY_LIMIT, Store, check_team_name, database_url, describe_db
+
+APP_PATH = Path(__file__).with_name("app.py")
+DB_HELP = "Results database: an SQLite file path, or an SQLAlchemy URL (postgresql+psycopg://...)."
+SHOWN_METRICS = ("top1_accuracy", "top5_accuracy", "mrr", "patch_position_accuracy", "psnr", "ssim", "one_to_one")
+
+
+class _OneLineCommand(click.Command):
+    """Usage mistakes (missing option, bad choice) become one NcbenchError line like every other."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as error:
+            raise NcbenchError(f"{ctx.command_path}: {error.format_message()}") from None
+
+
+class _OneLineGroup(click.Group):
+    command_class = _OneLineCommand
+
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        try:
+            return super().resolve_command(ctx, args)
+        except click.UsageError as error:
+            raise NcbenchError(f"{ctx.command_path}: {error.format_message()}") from None
+
+
+@click.command("score", cls=_OneLineCommand)
+@click.argument("submission", type=click.Path(path_type=Path))
+@click.option("--key", "key_path", required=True, type=click.Path(path_type=Path),
+              help="The challenge's private key.h5 (or its release directory).")
+@click.option("--db", required=True, help=DB_HELP)
+@click.option("--team", required=True, help="Team the submission is recorded for.")
+@click.option("--release", "release_path", type=click.Path(path_type=Path),
+              help="Public release.h5 [default: <dir>/public/release.h5 beside <dir>/private/key.h5].")
+@click.option("--daily-limit", type=int, default=DEFAULT_DAILY_LIMIT, show_default=True,
+              help="Scored submissions allowed per team, challenge and UTC day (failed ones do not count).")
+def score(submission: Path, key_path: Path, db: str, team: str, release_path: Path | None, daily_limit: int) -> None:
+    """Validate SUBMISSION against the hidden key, score it and record it; print the public half.
+
+    The private half's scores are stored but stay hidden until `ncbench leaderboard close`.
+    """
+    from leaderboard.scoring import score_submission  # heavy imports (torch) only when scoring
+
+    url = database_url(db)
+    team = check_team_name(team)
+    if daily_limit < 1:
+        raise NcbenchError(f"--daily-limit must be at least 1, got {daily_limit}")
+    try:
+        result = score_submission(submission, key_path, release_path)
+    except NcbenchError:
+        raise
+    except Exception as error:
+        _record_crash(url, submission, key_path, release_path, team, error)
+        raise
+    with Store(url) as store:
+        recorded = store.record_score(result, team=team, daily_limit=daily_limit)
+    info = result.challenge
+    click.echo(f"{info.challenge_id} ({info.task}, preset {info.preset}, n={info.n_encoded}): "
+               f"{result.attack} {result.attack_version} for team {team}")
+    if recorded.duplicate:
+        click.echo(f"identical to submission {recorded.submission_id}, already recorded: not counted again")
+    else:
+        click.echo(f"recorded as submission {recorded.submission_id} in {describe_db(url)}")
+    public = result.metrics[0]
+    headline = public[result.headline_metric]
+    click.echo(f"public half (n={int(public['n'])}):")
+    click.echo(f"  {result.headline_metric:<24} {_number(headline)}  privacy band: {privacy_band(headline)}, "
+               f"chance {_number(public['chance'])}, effective k-anonymity {_number(public['k_anonymity'])}")
+    for name in SHOWN_METRICS:
+        if name in public:
+            click.echo(f"  {name:<24} {_number(public[name])}")
+    for note in result.notes:
+        click.echo(f"note: {note}")
+    click.echo("private half: hidden until the organizer closes the challenge")
+
+
+def _record_crash(url, submission: Path, key_path: Path, release_path, team: str, error: Exception) -> None:
+    """Best effort: log a scorer crash (a bug, not the submitter's fault) as a failed submission."""
+    try:
+        from challenge.files import open_release
+        from challenge.h5io import sha256_file
+        from leaderboard.scoring import ChallengeInfo, locate_release
+
+        _, release_file = locate_release(key_path, release_path)
+        with open_release(release_file) as release:
+            info = ChallengeInfo.from_release(release)
+        with Store(url) as store:
+            store.record_failure(info, team=team, sha256=sha256_file(submission),
+                                 error=f"{type(error).__name__}: {error}")
+    except Exception:  # the original error is what matters; it is re-raised by the caller
+        pass
+
+
+@click.group("leaderboard", cls=_OneLineGroup)
+def group() -> None:
+    """The public leaderboard: serve the Streamlit app, export tables, close a challenge."""
+
+
+@group.command("serve")
+@click.option("--db", required=True, help=DB_HELP)
+@click.option("--port", type=int, default=8501, show_default=True, help="Port to listen on.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0 for a public board).")
+def serve(db: str, port: int, host: str) -> None:
+    """Run the Streamlit leaderboard app on the results database (Ctrl-C stops it)."""
+    if not 1 <= port <= 65535:
+        raise NcbenchError(f"--port must be between 1 and 65535, got {port}")
+    url = database_url(db)
+    Store(url, create=False).close()  # refuse a missing or foreign database before starting
+    command = [sys.executable, "-m", "streamlit", "run", str(APP_PATH), "--server.port", str(port),
+               "--server.address", host, "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+    env = {**os.environ, DB_ENV: url.render_as_string(hide_password=False)}
+    click.echo(f"serving the leaderboard of {describe_db(url)} on http://{host}:{port}", err=True)
+    process = subprocess.Popen(command, env=env)
+    try:
+        code = process.wait()
+    except KeyboardInterrupt:
+        process.terminate()
+        process.wait()
+        raise
+    if code:
+        raise NcbenchError(f"streamlit exited with status {code}")
+
+
+@group.command("export")
+@click.option("--db", required=True, help=DB_HELP)
+@click.option("--format", "fmt", type=click.Choice(["csv", "json", "markdown"]), default="csv", show_default=True,
+              help="Output format (JSON: NaN as null, infinite k-anonymity as \"inf\").")
+@click.option("--out", type=click.Path(path_type=Path), help="File to write [default: standard output].")
+def export(db: str, fmt: str, out: Path | None) -> None:
+    """Write the public board (one row per submission and visible half) as CSV, JSON or Markdown."""
+    from leaderboard.tables import board, to_markdown, to_records
+
+    with Store(database_url(db), create=False) as store:
+        table = board(store.results())
+    if fmt == "csv":
+        text = table.to_csv(index=False)
+    elif fmt == "json":
+        text = json.dumps(to_records(table), indent=2) + "\n"
+    else:
+        text = to_markdown(table)
+    if out is None:
+        click.echo(text, nl=False)
+        return
+    if out.is_dir():
+        raise NcbenchError(f"--out {out} is a directory")
+    with atomic_path(out, force=True) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    click.echo(f"wrote {out} ({len(table)} rows)", err=True)
+
+
+@group.command("close")
+@click.argument("challenge_id")
+@click.option("--db", required=True, help=DB_HELP)
+def close(challenge_id: str, db: str) -> None:
+    """Close CHALLENGE_ID: its private-half scores become public (no way back)."""
+    with Store(database_url(db), create=False) as store:
+        stamp, newly = store.close_challenge(challenge_id)
+    if newly:
+        click.echo(f"closed {challenge_id} at {stamp}: private-half scores are now public")
+    else:
+        click.echo(f"{challenge_id} was already closed at {stamp}")
+
+
+def _number(value: float) -> str:
+    if math.isnan(value):
+        return "n/a"
+    return "inf" if math.isinf(value) else f"{value:.4f}"

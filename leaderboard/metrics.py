@@ -1,0 +1,224 @@
+"""Scoring metrics as plain functions on arrays (SPEC section 3): no files, no database.
+
+Shapes: N encodings being scored, M candidates (plaintexts or targets), P patches, D width,
+H x W image pixels. Accuracies are fractions in [0, 1].
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import ndimage
+from scipy.optimize import linear_sum_assignment
+
+# Bands of the original NeuraCrypt challenge: < 5% good, 5-20% moderate, > 20% bad.
+BAND_GOOD_BELOW = 0.05
+BAND_BAD_ABOVE = 0.20
+BANDS = ("good", "moderate", "bad")
+
+# The re-identification number each task is ranked by (SPEC section 3); chance and effective
+# k-anonymity are reported beside it.
+HEADLINE_METRIC = {"reid": "reid_accuracy", "invert": "reid_accuracy", "transfer": "nn_accuracy"}
+
+# A perfect reconstruction has infinite PSNR; capping each image keeps the mean finite. 100 dB is
+# above any finite PSNR of an 8-bit image up to 4096 x 4096 pixels (one grey level off somewhere).
+PSNR_CAP_DB = 100.0
+
+# Wang et al. (2004) SSIM: Gaussian window sigma 1.5, constants K1 = 0.01, K2 = 0.03.
+SSIM_SIGMA = 1.5
+SSIM_TRUNCATE = 3.5  # window radius 3.5 sigma (11 x 11 at sigma 1.5), as scikit-image does
+SSIM_K1, SSIM_K2 = 0.01, 0.03
+
+NEAREST_BLOCK = 256  # query rows per block in nearest-neighbour searches
+
+
+def assignment_from_scores(scores: np.ndarray) -> np.ndarray:
+    """One-to-one matching that maximises the total score.
+
+    scores: (N, M) with N <= M, higher means more likely. Returns (N,) int64: the column matched
+    to each row (all distinct), found by ``scipy.optimize.linear_sum_assignment``.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.ndim != 2 or scores.shape[0] > scores.shape[1]:
+        raise ValueError(f"scores must be (N, M) with N <= M, got {scores.shape}")
+    rows, cols = linear_sum_assignment(scores, maximize=True)
+    matched = np.empty(scores.shape[0], dtype=np.int64)
+    matched[rows] = cols
+    return matched
+
+
+def true_ranks(scores: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """(N,) 1-based rank of the true column in each row of ``scores`` (N, M).
+
+    Ties count against the submitter: a true column tied with k others ranks k + 1 places below
+    the strictly better ones, so a constant score matrix earns no credit.
+    """
+    scores = np.asarray(scores)
+    truth = np.asarray(truth, dtype=np.int64)
+    true_scores = scores[np.arange(len(truth)), truth]
+    return (scores >= true_scores[:, None]).sum(axis=1).astype(np.int64)
+
+
+def top_k_accuracy(scores: np.ndarray, truth: np.ndarray, k: int) -> float:
+    """Fraction of rows whose true column (``truth`` (N,)) ranks within the top ``k`` of (N, M)."""
+    return float(np.mean(true_ranks(scores, truth) <= k)) if len(truth) else math.nan
+
+
+def mean_reciprocal_rank(scores: np.ndarray, truth: np.ndarray) -> float:
+    """Mean over rows of 1 / rank of the true column; scores (N, M), truth (N,)."""
+    return float(np.mean(1.0 / true_ranks(scores, truth))) if len(truth) else math.nan
+
+
+def reid_accuracy(predicted: np.ndarray, truth: np.ndarray) -> float:
+    """Fraction of encodings matched to their own plaintext; predicted, truth (N,) indices."""
+    predicted, truth = np.asarray(predicted), np.asarray(truth)
+    if predicted.shape != truth.shape:
+        raise ValueError(f"predicted {predicted.shape} and truth {truth.shape} differ")
+    return float(np.mean(predicted == truth)) if len(truth) else math.nan
+
+
+def chance_level(n_candidates: int) -> float:
+    """Accuracy of a uniformly random guess among ``n_candidates``: 1 / n."""
+    return 1.0 / n_candidates if n_candidates > 0 else math.nan
+
+
+def effective_k_anonymity(accuracy: float) -> float:
+    """1 / accuracy: the size of the crowd an encoding effectively hides in (inf when never found)."""
+    if math.isnan(accuracy):
+        return math.nan
+    return math.inf if accuracy <= 0 else 1.0 / accuracy
+
+
+def privacy_band(accuracy: float) -> str:
+    """'good' below 5% re-identification, 'moderate' from 5% to 20%, 'bad' above 20%."""
+    if math.isnan(accuracy):
+        return "n/a"
+    if accuracy < BAND_GOOD_BELOW:
+        return "good"
+    return "bad" if accuracy > BAND_BAD_ABOVE else "moderate"
+
+
+def duplicate_count(predicted: np.ndarray) -> int:
+    """How many entries of a mapping (N,) repeat an earlier one (0 for a one-to-one mapping)."""
+    predicted = np.asarray(predicted)
+    return int(len(predicted) - len(np.unique(predicted)))
+
+
+def patch_position_accuracy(predicted: np.ndarray, truth: np.ndarray) -> float:
+    """Fraction of encoded patch rows whose original position is predicted right.
+
+    predicted, truth: (N, P) integer, the original patch position held by each encoded row.
+    """
+    predicted, truth = np.asarray(predicted), np.asarray(truth)
+    if predicted.shape != truth.shape:
+        raise ValueError(f"predicted {predicted.shape} and truth {truth.shape} differ")
+    return float(np.mean(predicted == truth)) if truth.size else math.nan
+
+
+def psnr(reconstructed: np.ndarray, truth: np.ndarray, *, data_range: float = 255.0) -> np.ndarray:
+    """(N,) peak signal-to-noise ratio in dB of each image, capped at :data:`PSNR_CAP_DB`.
+
+    reconstructed, truth: (N, H, W) on the 0-``data_range`` scale. PSNR = 10 log10(range^2 / MSE).
+    """
+    reconstructed, truth = _as_float_pair(reconstructed, truth)
+    mse = ((reconstructed - truth) ** 2).reshape(len(truth), -1).mean(axis=1)
+    with np.errstate(divide="ignore"):
+        value = 10.0 * np.log10(data_range**2 / mse)
+    return np.minimum(value, PSNR_CAP_DB)
+
+
+def ssim(reconstructed: np.ndarray, truth: np.ndarray, *, data_range: float = 255.0,
+         sigma: float = SSIM_SIGMA) -> np.ndarray:
+    """(N,) mean structural similarity of each image (Wang et al. 2004).
+
+    reconstructed, truth: (N, H, W) on the 0-``data_range`` scale. Local means, variances and
+    covariance come from a Gaussian window (``scipy.ndimage.gaussian_filter``, reflected borders,
+    population statistics); C1 = (0.01 range)^2, C2 = (0.03 range)^2; the SSIM map is averaged
+    away from a border of the window's radius, as scikit-image does.
+    """
+    x, y = _as_float_pair(reconstructed, truth)
+    c1, c2 = (SSIM_K1 * data_range) ** 2, (SSIM_K2 * data_range) ** 2
+
+    def blur(image: np.ndarray) -> np.ndarray:
+        # sigma 0 on the batch axis: each image is filtered on its own.
+        return ndimage.gaussian_filter(image, sigma=(0, sigma, sigma), truncate=SSIM_TRUNCATE, mode="reflect")
+
+    mu_x, mu_y = blur(x), blur(y)
+    var_x = blur(x * x) - mu_x**2
+    var_y = blur(y * y) - mu_y**2
+    cov = blur(x * y) - mu_x * mu_y
+    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    pad = int(SSIM_TRUNCATE * sigma + 0.5)
+    if x.shape[1] > 2 * pad and x.shape[2] > 2 * pad:
+        ssim_map = ssim_map[:, pad:-pad, pad:-pad]
+    return ssim_map.reshape(len(x), -1).mean(axis=1)
+
+
+def nearest_candidates(queries: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """(N,) index of the candidate nearest (squared Euclidean distance) to each query.
+
+    queries: (N, ...) and candidates: (M, ...) of the same trailing shape, flattened per item.
+    """
+    queries = np.asarray(queries, dtype=np.float64).reshape(len(queries), -1)
+    candidates = np.asarray(candidates, dtype=np.float64).reshape(len(candidates), -1)
+    if queries.shape[1] != candidates.shape[1]:
+        raise ValueError(f"queries {queries.shape} and candidates {candidates.shape} differ in size")
+    # |q - c|^2 = |q|^2 - 2 q.c + |c|^2; |q|^2 is the same for every candidate of a row.
+    # Rows go in blocks so that N x M distances of large images never sit in memory at once.
+    norms = (candidates**2).sum(axis=1)[None, :]
+    nearest = np.empty(len(queries), dtype=np.int64)
+    for start in range(0, len(queries), NEAREST_BLOCK):
+        block = queries[start : start + NEAREST_BLOCK]
+        nearest[start : start + len(block)] = np.argmin(norms - 2.0 * block @ candidates.T, axis=1)
+    return nearest
+
+
+def reid_by_reconstruction(reconstructed: np.ndarray, candidates: np.ndarray, truth: np.ndarray) -> float:
+    """Accuracy of re-identifying each reconstruction as its nearest candidate plaintext.
+
+    reconstructed: (N, H, W); candidates: (M, H, W) plaintexts; truth: (N,) index of each
+    reconstruction's own plaintext among the candidates.
+    """
+    return reid_accuracy(nearest_candidates(reconstructed, candidates), truth)
+
+
+def mean_patch_vectors(encodings: np.ndarray) -> np.ndarray:
+    """(M, D) mean over patches of (M, P, D) encodings (already (M, D): returned as float64).
+
+    The mean patch vector ignores patch order, so shuffled encodings compare fairly (the metric of
+    the original challenge 2).
+    """
+    encodings = np.asarray(encodings, dtype=np.float64)
+    if encodings.ndim == 3:
+        return encodings.mean(axis=1)
+    if encodings.ndim == 2:
+        return encodings
+    raise ValueError(f"encodings must be (M, P, D) or (M, D), got {encodings.shape}")
+
+
+def transfer_nearest_predictions(predicted: np.ndarray, true_encodings: np.ndarray) -> np.ndarray:
+    """(M',) index of the true target encoding nearest to each predicted one.
+
+    predicted: (M', P, D) or (M', D) predicted encodings; true_encodings: (M, P, D) of all targets.
+    Distance: squared Euclidean between mean patch vectors.
+    """
+    return nearest_candidates(mean_patch_vectors(predicted), mean_patch_vectors(true_encodings))
+
+
+def transfer_nn_accuracy(predicted: np.ndarray, true_encodings: np.ndarray, truth: np.ndarray | None = None) -> float:
+    """Fraction of predicted target encodings whose nearest true target encoding is their own.
+
+    predicted: (M', P, D) or (M', D); true_encodings: (M, P, D); truth: (M',) index of each
+    prediction's target among the true encodings (default: the identity, M' = M).
+    """
+    nearest = transfer_nearest_predictions(predicted, true_encodings)
+    truth = np.arange(len(nearest)) if truth is None else np.asarray(truth)
+    return reid_accuracy(nearest, truth)
+
+
+def _as_float_pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 3:
+        raise ValueError(f"images must be two (N, H, W) arrays of one shape, got {a.shape} and {b.shape}")
+    return a, b

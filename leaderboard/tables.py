@@ -1,0 +1,157 @@
+"""The public tables built from stored results: the board, the attack x preset matrix and the
+privacy-utility summary. Pure functions on pandas frames, shared by the app and ``export``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+
+from leaderboard.metrics import HEADLINE_METRIC, privacy_band
+
+INFO_COLUMNS = ["challenge_id", "task", "preset", "split", "submission_id", "team", "attack", "attack_version",
+                "created_utc", "runtime_s"]
+HEADLINE_COLUMNS = ["n", "chance", "reidentification", "band", "k_anonymity"]
+# Task-specific metrics, in the order a reader wants them; anything else stored follows.
+DETAIL_COLUMNS = ["top1_accuracy", "top5_accuracy", "mrr", "one_to_one", "patch_position_accuracy", "psnr", "ssim"]
+CHANCE_ROW = "(chance level)"
+
+
+def board(results: pd.DataFrame) -> pd.DataFrame:
+    """One row per scored submission and visible split, headline first.
+
+    results: :meth:`leaderboard.store.Store.results`. ``reidentification`` is the task's headline
+    metric (reid accuracy, re-identification by nearest reconstruction, or transfer
+    nearest-neighbour accuracy) and ``band`` its privacy band.
+    """
+    columns = INFO_COLUMNS + HEADLINE_COLUMNS + DETAIL_COLUMNS
+    if results.empty:
+        return pd.DataFrame(columns=columns)
+    frame = results.copy()
+    headline = pd.Series(np.nan, index=frame.index)
+    for task, metric in HEADLINE_METRIC.items():
+        if metric in frame:
+            rows = frame["task"] == task
+            headline[rows] = frame.loc[rows, metric]
+    frame["reidentification"] = headline.astype(float)
+    frame["band"] = frame["reidentification"].map(privacy_band)
+    for column in columns:
+        if column not in frame:
+            frame[column] = np.nan
+    skip = set(columns) | set(HEADLINE_METRIC.values())
+    extra = sorted(c for c in frame.columns if c not in skip)
+    ordered = frame[columns + extra]
+    return ordered[[c for c in ordered.columns if c in INFO_COLUMNS + HEADLINE_COLUMNS or ordered[c].notna().any()]]
+
+
+def filter_board(table: pd.DataFrame, *, team: str = "", attacks: list[str] | None = None,
+                 split: str | None = None) -> pd.DataFrame:
+    """Rows of :func:`board` whose team contains ``team`` (any case), whose attack is one of
+    ``attacks`` (all when empty) and, when given, of one ``split``."""
+    keep = pd.Series(True, index=table.index)
+    if team.strip():
+        keep &= table["team"].str.contains(team.strip(), case=False, regex=False)
+    if attacks:
+        keep &= table["attack"].isin(attacks)
+    if split:
+        keep &= table["split"] == split
+    return table[keep]
+
+
+def preset_order(challenges: pd.DataFrame) -> list[str]:
+    """Presets from least to most mixing (linear, nc3-noshuffle, nc3, nc7, nc47), read from each
+    challenge's recorded encoder configuration; unknown configurations go last by name."""
+    def strength(config_json: str) -> tuple:
+        try:
+            config = json.loads(config_json)
+            return (0, bool(config["mix"]), bool(config["shuffle"]), int(config["depth"]))
+        except (TypeError, ValueError, KeyError):
+            return (1,)
+
+    keys: dict[str, tuple] = {}
+    for preset, config_json in zip(challenges["preset"], challenges["encoder_config"]):
+        keys.setdefault(preset, strength(config_json))
+    return sorted(keys, key=lambda p: (keys[p], p))
+
+
+def attack_preset_matrix(table: pd.DataFrame, *, task: str | None = None, split: str = "public",
+                         presets: list[str] | None = None) -> pd.DataFrame:
+    """Best re-identification (fraction) of each attack (rows) on each preset (columns).
+
+    table: :func:`board`. A last row, :data:`CHANCE_ROW`, gives each preset's chance level (the
+    largest one when a preset has challenges of several sizes). Columns follow ``presets`` when
+    given. Empty when nothing matches.
+    """
+    rows = table[table["split"] == split]
+    if task is not None:
+        rows = rows[rows["task"] == task]
+    rows = rows.dropna(subset=["reidentification"])
+    if rows.empty:
+        return pd.DataFrame()
+    best = rows.pivot_table(index="attack", columns="preset", values="reidentification", aggfunc="max")
+    chance = rows.groupby("preset")["chance"].max().rename(CHANCE_ROW)
+    matrix = pd.concat([best, chance.to_frame().T])
+    if presets is not None:
+        matrix = matrix[[p for p in presets if p in matrix.columns] + [p for p in matrix.columns if p not in presets]]
+    matrix.index.name, matrix.columns.name = "attack", None
+    return matrix
+
+
+def privacy_utility(table: pd.DataFrame, utility: pd.DataFrame) -> pd.DataFrame:
+    """Per preset: the best re-identification of any attack (public half) beside the utility.
+
+    Columns: preset, best_reidentification, band, encoded_auc (mean AUC of models trained on the
+    encodings, over labels and runs), raw_auc (the same on plaintexts, the reference; shared by
+    every preset). Presets with utility results but no attack yet have a NaN re-identification.
+    """
+    columns = ["preset", "best_reidentification", "band", "encoded_auc", "raw_auc"]
+    if utility.empty:
+        return pd.DataFrame(columns=columns)
+    encoded = utility[utility["model_kind"] == "encoded"].groupby("preset")["auc"].mean()
+    raw = utility[utility["model_kind"] == "raw"]["auc"]
+    public = table[table["split"] == "public"] if not table.empty else table
+    best = public.groupby("preset")["reidentification"].max() if not public.empty else pd.Series(dtype=float)
+    presets = sorted(set(encoded.index))
+    frame = pd.DataFrame({
+        "preset": presets,
+        "best_reidentification": [float(best.get(p, math.nan)) for p in presets],
+        "encoded_auc": [float(encoded[p]) for p in presets],
+    })
+    frame["band"] = frame["best_reidentification"].map(privacy_band)
+    frame["raw_auc"] = float(raw.mean()) if len(raw) else math.nan
+    return frame[columns]
+
+
+def to_markdown(frame: pd.DataFrame) -> str:
+    """A GitHub-flavoured Markdown table (floats to 4 significant digits, NaN as empty)."""
+    def cell(value) -> str:
+        if isinstance(value, float):
+            if math.isnan(value):
+                return ""
+            return "inf" if math.isinf(value) else f"{value:.4g}"
+        return str(value).replace("|", "\\|").replace("\n", " ")
+
+    header = "| " + " | ".join(str(c) for c in frame.columns) + " |"
+    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
+    body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join([header, rule, *body]) + "\n"
+
+
+def to_records(frame: pd.DataFrame) -> list[dict]:
+    """JSON-ready rows: NaN becomes null, infinities the strings "inf" / "-inf"."""
+    def clean(value):
+        if isinstance(value, (float, np.floating)):
+            value = float(value)
+            if math.isnan(value):
+                return None
+            if math.isinf(value):
+                return "inf" if value > 0 else "-inf"
+            return value
+        if isinstance(value, np.integer):
+            return int(value)
+        return value
+
+    return [{k: clean(v) for k, v in row.items()} for row in frame.to_dict(orient="records")]

@@ -1,0 +1,169 @@
+"""`ncbench score` and `ncbench leaderboard export|close|serve` through the root command."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from attacks.submission import Submission, write_submission
+from challenge.encoders import resolve_config
+from challenge.files import open_key, open_release
+from challenge.release import BuildPlan, build_release
+from leaderboard.store import Store
+from ncbench.cli import main
+
+torch.set_num_threads(1)
+TINY = resolve_config("nc7", width=32, image_size=32, patch_size=8, bn_batch=8)
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def challenge(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "reid"
+    build_release(out, config=TINY, plan=BuildPlan.for_task("reid", 16), source="phantom", seed=3, device="cpu")
+    return out
+
+
+@pytest.fixture
+def perfect(challenge, tmp_path):
+    with open_release(challenge) as release, open_key(challenge) as key:
+        mapping = [release.plain_ids[j] for j in key.read("truth/plain_index")]
+        submission = Submission(release.challenge_id, "gram-hungarian", "1.0", release.encoded_ids,
+                                mapping=mapping, runtime_s=3.0)
+    return write_submission(tmp_path / "perfect.h5", submission)
+
+
+def score(submission, challenge, db, team="alice", *extra):
+    return run("score", submission, "--key", challenge / "private" / "key.h5", "--db", db, "--team", team, *extra)
+
+
+def assert_one_line_error(result, fragment):
+    assert result.exit_code == 2, result.output
+    # The error is one line, last; a progress line from scoring may come before it.
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and fragment in lines[-1], result.stderr
+    assert len(lines) == 1 or (len(lines) == 2 and lines[0].startswith("scoring ")), result.stderr
+
+
+def test_score_prints_the_public_half_and_records_it(challenge, perfect, tmp_path):
+    db = tmp_path / "board.db"
+    result = score(perfect, challenge, db)
+    assert result.exit_code == 0, result.output
+    assert "recorded as submission 1" in result.stdout
+    assert "reid_accuracy" in result.stdout and "1.0000" in result.stdout and "privacy band: bad" in result.stdout
+    assert "private half: hidden" in result.stdout
+    with Store(db) as store:
+        assert store.counts()["submissions"] == 1
+
+
+def test_rescoring_the_same_file_is_not_counted_again(challenge, perfect, tmp_path):
+    db = tmp_path / "board.db"
+    score(perfect, challenge, db, "alice", "--daily-limit", 1)
+    result = score(perfect, challenge, db, "alice", "--daily-limit", 1)
+    assert result.exit_code == 0 and "already recorded" in result.stdout
+    with Store(db) as store:
+        assert store.counts()["submissions"] == 1
+
+
+def test_daily_limit_refuses_with_one_line_and_writes_nothing(challenge, perfect, tmp_path):
+    db = tmp_path / "board.db"
+    assert score(perfect, challenge, db, "alice", "--daily-limit", 1).exit_code == 0
+    with Store(db) as store:
+        before = store.counts()
+    other = run("attack", "run", "chance", "--release", challenge, "--out", tmp_path / "chance.h5")
+    assert other.exit_code == 0, other.output
+    assert_one_line_error(score(tmp_path / "chance.h5", challenge, db, "alice", "--daily-limit", 1), "used its 1")
+    with Store(db) as store:
+        assert store.counts() == before
+
+
+def test_chance_baseline_scores_near_chance(challenge, tmp_path):
+    assert run("attack", "run", "chance", "--release", challenge, "--out", tmp_path / "chance.h5").exit_code == 0
+    result = score(tmp_path / "chance.h5", challenge, tmp_path / "board.db")
+    assert result.exit_code == 0, result.output
+    assert "chance 0.0625" in result.stdout
+
+
+def test_oracle_baseline_is_refused_and_nothing_is_created(challenge, tmp_path):
+    key = challenge / "private" / "key.h5"
+    made = run("attack", "run", "oracle", "--release", challenge, "--out", tmp_path / "oracle.h5", "--param", f"key={key}")
+    assert made.exit_code == 0, made.output
+    db = tmp_path / "board.db"
+    assert_one_line_error(score(tmp_path / "oracle.h5", challenge, db), "reads the secret key")
+    assert not db.exists()
+
+
+def test_scorer_crash_is_recorded_as_failed_and_not_counted(challenge, perfect, tmp_path, monkeypatch):
+    import leaderboard.scoring
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("bug in a metric")
+    db = tmp_path / "board.db"
+    with monkeypatch.context() as patch:
+        patch.setattr(leaderboard.scoring, "compute_metrics", broken)
+        crashed = score(perfect, challenge, db, "alice", "--daily-limit", 1)
+    assert isinstance(crashed.exception, RuntimeError)  # a bug shows its traceback, unlike user mistakes
+    with Store(db) as store:
+        assert store.counts()["submissions"] == 1 and store.results().empty
+    assert score(perfect, challenge, db, "alice", "--daily-limit", 1).exit_code == 0
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--team", "alice"], "Missing option '--key'"),
+    (["--key", "KEY", "--team", "alice", "--daily-limit", "0"], "--daily-limit must be at least 1"),
+    (["--key", "KEY", "--team", "alice", "--daily-limit", "many"], "'many' is not a valid integer"),
+    (["--key", "KEY", "--team", ""], "team name"),
+    (["--key", "NOKEY", "--team", "alice"], "no such key file"),
+])
+def test_bad_score_arguments_are_one_line_and_create_no_database(challenge, perfect, tmp_path, args, fragment):
+    db = tmp_path / "board.db"
+    args = [str(challenge / "private" / "key.h5") if a == "KEY" else str(tmp_path / "key.h5") if a == "NOKEY" else a
+            for a in args]
+    assert_one_line_error(run("score", perfect, "--db", db, *args), fragment)
+    assert not db.exists()
+
+
+def test_export_formats_hide_the_private_half_until_close(challenge, perfect, tmp_path):
+    db = tmp_path / "board.db"
+    score(perfect, challenge, db)
+    with open_release(challenge) as release:
+        challenge_id = release.challenge_id
+    rows = json.loads(run("leaderboard", "export", "--db", db, "--format", "json").stdout)
+    assert [(r["split"], r["reidentification"], r["band"]) for r in rows] == [("public", 1.0, "bad")]
+    markdown = run("leaderboard", "export", "--db", db, "--format", "markdown").stdout
+    assert markdown.startswith("| challenge_id |") and "| public |" in markdown and "private" not in markdown
+    closed = run("leaderboard", "close", challenge_id, "--db", db)
+    assert closed.exit_code == 0 and "now public" in closed.stdout
+    assert "already closed" in run("leaderboard", "close", challenge_id, "--db", db).stdout
+    out = tmp_path / "exports" / "board.csv"
+    assert run("leaderboard", "export", "--db", db, "--format", "csv", "--out", out).exit_code == 0
+    lines = out.read_text().splitlines()
+    assert lines[0].startswith("challenge_id,task,preset,split") and len(lines) == 3
+    assert {line.split(",")[3] for line in lines[1:]} == {"public", "private"}
+
+
+def test_leaderboard_commands_refuse_a_missing_database(tmp_path):
+    db = tmp_path / "absent.db"
+    assert_one_line_error(run("leaderboard", "export", "--db", db), "no leaderboard database")
+    assert_one_line_error(run("leaderboard", "close", "x", "--db", db), "no leaderboard database")
+    assert_one_line_error(run("leaderboard", "serve", "--db", db), "no leaderboard database")
+    assert not db.exists()
+
+
+def test_bad_leaderboard_arguments_are_one_line(tmp_path):
+    Store(tmp_path / "board.db").close()
+    assert_one_line_error(run("leaderboard", "export", "--db", tmp_path / "board.db", "--format", "xml"), "'xml'")
+    assert_one_line_error(run("leaderboard", "close", "nope", "--db", tmp_path / "board.db"), "no challenge 'nope'")
+    assert_one_line_error(run("leaderboard", "serve", "--db", tmp_path / "board.db", "--port", "0"), "--port")
+    assert_one_line_error(run("leaderboard", "frobnicate"), "No such command")
+
+
+@pytest.mark.parametrize("command", [["score"], ["leaderboard"], ["leaderboard", "serve"],
+                                     ["leaderboard", "export"], ["leaderboard", "close"]])
+def test_every_command_has_help(command):
+    result = run(*command, "--help")
+    assert result.exit_code == 0 and "Usage:" in result.stdout

@@ -1,0 +1,137 @@
+"""Scoring metrics against cases worked out by hand."""
+
+import math
+
+import numpy as np
+import pytest
+
+from leaderboard import metrics
+
+
+def test_assignment_maximises_total_score_not_greedy_choice():
+    # Greedy takes row 0 -> column 0 (5) then row 1 -> column 1 (1): total 6.
+    # The best one-to-one matching crosses over: 4 + 4 = 8.
+    scores = np.array([[5.0, 4.0], [4.0, 1.0]])
+    assert metrics.assignment_from_scores(scores).tolist() == [1, 0]
+
+
+def test_assignment_of_fewer_rows_than_columns():
+    scores = np.array([[0.0, 1.0, 5.0], [0.0, 9.0, 8.0]])
+    assert metrics.assignment_from_scores(scores).tolist() == [2, 1]
+
+
+def test_assignment_refuses_more_rows_than_columns():
+    with pytest.raises(ValueError):
+        metrics.assignment_from_scores(np.zeros((3, 2)))
+
+
+def test_ranks_count_ties_against_the_submitter():
+    scores = np.array([[0.9, 0.1, 0.5], [0.2, 0.2, 0.3]])
+    truth = np.array([0, 0])
+    # Row 0: the truth scores highest -> rank 1. Row 1: 0.3 beats it and 0.2 ties it -> rank 3.
+    assert metrics.true_ranks(scores, truth).tolist() == [1, 3]
+
+
+def test_top_k_and_mean_reciprocal_rank():
+    scores = np.array([[0.9, 0.1, 0.5], [0.2, 0.2, 0.3]])
+    truth = np.array([0, 0])
+    assert metrics.top_k_accuracy(scores, truth, 1) == 0.5
+    assert metrics.top_k_accuracy(scores, truth, 2) == 0.5
+    assert metrics.top_k_accuracy(scores, truth, 5) == 1.0
+    assert metrics.mean_reciprocal_rank(scores, truth) == pytest.approx((1 + 1 / 3) / 2)
+
+
+def test_constant_scores_earn_nothing_at_top_1():
+    assert metrics.top_k_accuracy(np.ones((4, 4)), np.arange(4), 1) == 0.0
+
+
+def test_reid_accuracy_is_the_fraction_matched():
+    assert metrics.reid_accuracy(np.array([0, 1, 2, 0]), np.array([0, 1, 1, 0])) == 0.75
+
+
+def test_chance_level_is_one_over_n():
+    assert metrics.chance_level(20) == 0.05
+
+
+def test_effective_k_anonymity_is_inverse_accuracy_and_infinite_at_zero():
+    assert metrics.effective_k_anonymity(0.25) == 4.0
+    assert metrics.effective_k_anonymity(1.0) == 1.0
+    assert metrics.effective_k_anonymity(0.0) == math.inf
+
+
+@pytest.mark.parametrize("accuracy, band", [
+    (0.0, "good"), (0.049, "good"), (0.05, "moderate"), (0.2, "moderate"), (0.2001, "bad"), (1.0, "bad"),
+])
+def test_privacy_bands_of_the_original_challenge(accuracy, band):
+    assert metrics.privacy_band(accuracy) == band
+
+
+def test_duplicate_count_of_a_mapping():
+    assert metrics.duplicate_count(np.array([1, 1, 2, 1])) == 2
+    assert metrics.duplicate_count(np.array([2, 0, 1])) == 0
+
+
+def test_patch_position_accuracy():
+    predicted = np.array([[0, 1], [1, 0]])
+    truth = np.array([[0, 1], [0, 1]])
+    assert metrics.patch_position_accuracy(predicted, truth) == 0.5
+
+
+def test_psnr_of_known_errors():
+    truth = np.zeros((2, 2, 2))
+    reconstructed = np.stack([np.full((2, 2), 255.0), np.array([[255.0, 0], [0, 0]])])
+    # MSE 255^2 -> 0 dB; MSE 255^2 / 4 -> 10 log10(4) dB.
+    assert metrics.psnr(reconstructed, truth) == pytest.approx([0.0, 10 * math.log10(4)])
+
+
+def test_psnr_of_a_perfect_reconstruction_is_capped():
+    image = np.arange(16, dtype=float).reshape(1, 4, 4)
+    assert metrics.psnr(image, image)[0] == metrics.PSNR_CAP_DB
+
+
+def test_ssim_of_identical_images_is_one():
+    images = np.random.default_rng(0).integers(0, 256, (2, 24, 24)).astype(float)
+    assert metrics.ssim(images, images) == pytest.approx([1.0, 1.0])
+
+
+def test_ssim_of_constant_images_is_the_luminance_term():
+    # No variance anywhere: SSIM = (2 a b + C1) / (a^2 + b^2 + C1) with C1 = (0.01 * 255)^2.
+    a, b = np.full((1, 16, 16), 100.0), np.full((1, 16, 16), 50.0)
+    c1 = (0.01 * 255) ** 2
+    assert metrics.ssim(a, b)[0] == pytest.approx((2 * 100 * 50 + c1) / (100**2 + 50**2 + c1))
+
+
+def test_ssim_falls_as_noise_grows():
+    rng = np.random.default_rng(1)
+    truth = rng.integers(0, 256, (1, 32, 32)).astype(float)
+    noise = rng.normal(size=truth.shape)
+    values = [metrics.ssim(np.clip(truth + s * noise, 0, 255), truth)[0] for s in (5, 20, 80)]
+    assert values[0] > values[1] > values[2]
+
+
+def test_nearest_reconstruction_reidentification():
+    candidates = np.array([[[0.0, 0.0]], [[10.0, 10.0]]])  # (2, 1, 2)
+    reconstructed = np.array([[[1.0, 1.0]], [[9.0, 8.0]]])
+    assert metrics.nearest_candidates(reconstructed, candidates).tolist() == [0, 1]
+    assert metrics.reid_by_reconstruction(reconstructed, candidates, np.array([0, 0])) == 0.5
+
+
+def _true_targets():
+    # Mean patch vectors: t0 -> (1, 1), t1 -> (5, 5), t2 -> (10, 0).
+    return np.array([[[0.0, 0.0], [2.0, 2.0]], [[4.0, 6.0], [6.0, 4.0]], [[10.0, 0.0], [10.0, 0.0]]])
+
+
+def test_transfer_accuracy_on_mean_patch_vectors():
+    predicted = np.array([[1.2, 1.0], [9.0, 1.0], [5.0, 4.0]])  # nearest: t0, t2, t1
+    assert metrics.transfer_nearest_predictions(predicted, _true_targets()).tolist() == [0, 2, 1]
+    assert metrics.transfer_nn_accuracy(predicted, _true_targets()) == pytest.approx(1 / 3)
+
+
+def test_transfer_accuracy_ignores_patch_order():
+    shuffled = _true_targets()[:, ::-1, :]
+    assert metrics.transfer_nn_accuracy(shuffled, _true_targets()) == 1.0
+
+
+def test_transfer_accuracy_on_a_subset_of_targets():
+    predicted = np.array([[5.0, 5.0]])
+    assert metrics.transfer_nn_accuracy(predicted, _true_targets(), np.array([1])) == 1.0

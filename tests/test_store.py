@@ -1,0 +1,368 @@
+"""The results store: transactions, resubmissions, daily limits, hidden private half, migrations,
+concurrent writers; SQLite always, PostgreSQL when a server can be started here."""
+
+import datetime as dt
+import glob
+import math
+import multiprocessing
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from challenge.errors import NcbenchError
+from leaderboard import store as store_module
+from leaderboard.scoring import ChallengeInfo, ScoreResult
+from leaderboard.store import Store, record_utility
+
+NOON = dt.datetime(2026, 11, 27, 12, 0, tzinfo=dt.timezone.utc)
+
+
+def challenge(challenge_id="nc7-reid-00000001", task="reid", preset="nc7", commitment="c" * 64):
+    return ChallengeInfo(challenge_id, task, preset, 20, commitment, '{"preset": "nc7"}')
+
+
+def result(sha="a", *, accuracy=0.5, private=0.25, info=None, attack="gram-hungarian"):
+    metrics = {
+        0: {"reid_accuracy": accuracy, "chance": 0.05, "n": 10.0, "k_anonymity": 1 / accuracy if accuracy else math.inf},
+        1: {"reid_accuracy": private, "chance": 0.05, "n": 10.0, "k_anonymity": 1 / private if private else math.inf},
+    }
+    return ScoreResult(info or challenge(), attack, "1.0", {"iterations": 3}, ("architecture",), 2.5,
+                       sha.ljust(64, "0"), metrics, ["a note"])
+
+
+@pytest.fixture
+def db(tmp_path):
+    with Store(tmp_path / "board.db") as opened:
+        yield opened
+
+
+def test_new_database_is_at_the_latest_schema_with_wal(tmp_path):
+    path = tmp_path / "board.db"
+    with Store(path) as opened:
+        assert opened.schema_version() == store_module.LATEST_VERSION
+        with opened.engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+
+
+def test_scored_submission_round_trips(db):
+    recorded = db.record_score(result("a"), team="alice", now=NOON)
+    assert not recorded.duplicate
+    details = db.submission(recorded.submission_id)
+    assert details["team"] == "alice" and details["attack"] == "gram-hungarian"
+    assert details["params"] == {"iterations": 3} and details["runtime_s"] == 2.5
+    assert details["metrics"] == {"public": {"reid_accuracy": 0.5, "chance": 0.05, "n": 10.0, "k_anonymity": 2.0}}
+    assert details["notes"] == ["a note"]
+
+
+def test_infinite_k_anonymity_is_stored(db):
+    recorded = db.record_score(result("a", accuracy=0.0), team="alice")
+    assert db.submission(recorded.submission_id)["metrics"]["public"]["k_anonymity"] == math.inf
+
+
+def test_identical_resubmission_is_recognised_and_not_counted(db):
+    first = db.record_score(result("a"), team="alice", daily_limit=1, now=NOON)
+    again = db.record_score(result("a"), team="alice", daily_limit=1, now=NOON)
+    assert again.duplicate and again.submission_id == first.submission_id
+    assert db.counts()["submissions"] == 1
+
+
+def test_same_file_from_another_team_is_a_new_submission(db):
+    db.record_score(result("a"), team="alice")
+    assert not db.record_score(result("a"), team="bob").duplicate
+
+
+def test_daily_limit_per_team_and_challenge(db):
+    for sha in "abc":
+        db.record_score(result(sha), team="alice", daily_limit=3, now=NOON)
+    before = db.counts()
+    with pytest.raises(NcbenchError, match="used its 3 submissions"):
+        db.record_score(result("d"), team="alice", daily_limit=3, now=NOON)
+    assert db.counts() == before
+    db.record_score(result("d"), team="bob", daily_limit=3, now=NOON)  # another team
+    other = challenge("nc7-reid-00000002")
+    db.record_score(result("d", info=other), team="alice", daily_limit=3, now=NOON)  # another challenge
+    db.record_score(result("d"), team="alice", daily_limit=3, now=NOON + dt.timedelta(days=1))  # next day
+
+
+def test_failed_submissions_do_not_count_towards_the_limit(db):
+    db.record_failure(challenge(), team="alice", sha256="f" * 64, error="scorer crashed", now=NOON)
+    db.record_score(result("a"), team="alice", daily_limit=1, now=NOON)
+    with pytest.raises(NcbenchError, match="used its 1 submissions"):
+        db.record_score(result("b"), team="alice", daily_limit=1, now=NOON)
+
+
+def test_private_half_hidden_until_the_challenge_is_closed(db):
+    recorded = db.record_score(result("a"), team="alice")
+    assert set(db.results()["split"]) == {"public"}
+    assert db.submission(recorded.submission_id)["metrics"].keys() == {"public"}
+    assert set(db.results(include_private=True)["split"]) == {"public", "private"}
+    stamp, newly = db.close_challenge("nc7-reid-00000001")
+    assert newly
+    assert db.close_challenge("nc7-reid-00000001") == (stamp, False)
+    private = db.results().query("split == 'private'")
+    assert private["reid_accuracy"].tolist() == [0.25]
+    assert db.submission(recorded.submission_id)["metrics"]["private"]["reid_accuracy"] == 0.25
+
+
+def test_closing_an_unknown_challenge_fails(db):
+    with pytest.raises(NcbenchError, match="no challenge"):
+        db.close_challenge("nope")
+
+
+def test_challenge_id_with_another_commitment_is_refused(db):
+    db.record_score(result("a"), team="alice")
+    impostor = challenge(commitment="d" * 64)
+    with pytest.raises(NcbenchError, match="another key commitment"):
+        db.record_score(result("b", info=impostor), team="alice")
+
+
+@pytest.mark.parametrize("team", ["", "   ", "x" * 65, "tab\there"])
+def test_bad_team_names_are_refused(db, team):
+    with pytest.raises(NcbenchError, match="team name"):
+        db.record_score(result("a"), team=team)
+    assert db.counts()["submissions"] == 0
+
+
+def test_results_table_has_one_row_per_submission_and_split(db):
+    db.record_score(result("a", accuracy=0.5), team="alice")
+    db.record_score(result("b", accuracy=1.0), team="bob")
+    table = db.results()
+    assert table[["team", "reid_accuracy"]].values.tolist() == [["alice", 0.5], ["bob", 1.0]]
+    assert list(db.challenges()["submissions"]) == [2]
+
+
+def test_record_utility_rows(tmp_path):
+    path = tmp_path / "board.db"
+    rows = [
+        {"preset": "nc7", "label": "effusion", "auc": 0.71, "model_kind": "encoded", "settings": {"epochs": 3}},
+        {"preset": "nc7", "label": "effusion", "auc": 0.83, "model_kind": "raw", "settings": {"epochs": 3}},
+    ]
+    assert record_utility(str(path), rows) == 2
+    with Store(path) as opened:
+        table = opened.utility()
+    assert table["auc"].tolist() == [0.71, 0.83] and table["settings"][0] == {"epochs": 3}
+
+
+@pytest.mark.parametrize("bad", [
+    {"preset": "nc7", "label": "x", "auc": 1.5, "model_kind": "encoded"},
+    {"preset": "nc7", "label": "x", "auc": 0.5, "model_kind": "paper"},
+    {"preset": "", "label": "x", "auc": 0.5, "model_kind": "raw"},
+    {"label": "x", "auc": 0.5, "model_kind": "raw"},
+    {"preset": "nc7", "label": "x", "auc": "high", "model_kind": "raw"},
+])
+def test_malformed_utility_rows_write_nothing(db, bad):
+    good = {"preset": "nc7", "label": "x", "auc": 0.5, "model_kind": "raw"}
+    with pytest.raises(NcbenchError):
+        record_utility(db, [good, bad])
+    assert db.counts()["utility_results"] == 0
+
+
+def test_version_1_database_is_migrated(tmp_path):
+    path = tmp_path / "old.db"
+    engine = sa.create_engine(f"sqlite:///{path}")
+    with engine.begin() as conn:
+        store_module.schema_version.create(conn)
+        version, description, apply = store_module.MIGRATIONS[0]
+        apply(conn)
+        conn.execute(store_module.schema_version.insert().values(version=1, description=description, applied_utc="x"))
+    engine.dispose()
+    with Store(path) as opened:
+        assert opened.schema_version() == store_module.LATEST_VERSION
+        assert opened.counts()["utility_results"] == 0
+
+
+def test_newer_schema_is_refused(tmp_path):
+    path = tmp_path / "new.db"
+    with Store(path) as opened:
+        with opened.engine.begin() as conn:
+            conn.execute(store_module.schema_version.insert().values(version=99, description="future", applied_utc="x"))
+    with pytest.raises(NcbenchError, match="schema version 99"):
+        Store(path)
+
+
+def test_foreign_database_is_refused(tmp_path):
+    path = tmp_path / "other.db"
+    engine = sa.create_engine(f"sqlite:///{path}")
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE customers (id INTEGER)")
+    engine.dispose()
+    with pytest.raises(NcbenchError, match="not an ncbench leaderboard database"):
+        Store(path)
+
+
+def test_file_that_is_not_a_database_is_refused(tmp_path):
+    path = tmp_path / "junk.db"
+    path.write_bytes(os.urandom(4096))
+    with pytest.raises(NcbenchError, match="not a usable database"):
+        Store(path)
+
+
+def test_missing_database_is_not_created_for_readers(tmp_path):
+    with pytest.raises(NcbenchError, match="no leaderboard database"):
+        Store(tmp_path / "absent.db", create=False)
+    assert not (tmp_path / "absent.db").exists()
+
+
+@pytest.mark.parametrize("db_arg, message", [
+    ("postgresql+nosuchdriver://x@localhost/db", "no database driver"),
+    ("not a url://", "neither a file path nor a valid database URL"),
+    ("", "--db is empty"),
+])
+def test_bad_database_arguments(db_arg, message):
+    with pytest.raises(NcbenchError, match=message):
+        Store(db_arg)
+
+
+# -- concurrency -------------------------------------------------------------------------------
+
+WORKERS = 4
+OWN_FILES = 5  # distinct submissions per worker under its own team
+LIMITED_TRIES = 2  # distinct submissions per worker under one shared team with a daily limit
+SHARED_LIMIT = 3
+
+
+def _worker(db_url, worker, barrier, errors):
+    try:
+        with Store(db_url) as opened:
+            barrier.wait(timeout=60)
+            for k in range(OWN_FILES):
+                opened.record_score(result(f"w{worker}-{k}"), team=f"team-{worker}", daily_limit=None)
+            # Every worker submits the same file for one team: exactly one row may result.
+            opened.record_score(result("same-file"), team="shared", daily_limit=None)
+            for k in range(LIMITED_TRIES):
+                try:
+                    opened.record_score(result(f"limited-{worker}-{k}"), team="limited", daily_limit=SHARED_LIMIT)
+                except NcbenchError as error:
+                    if "used its" not in str(error):
+                        raise
+    except BaseException as error:  # reported to the parent, which fails the test
+        errors.put(f"worker {worker}: {type(error).__name__}: {error}")
+
+
+def run_concurrently(db_url):
+    context = multiprocessing.get_context("fork")
+    barrier, errors = context.Barrier(WORKERS), context.Queue()
+    processes = [context.Process(target=_worker, args=(db_url, w, barrier, errors)) for w in range(WORKERS)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=120)
+    alive = [p for p in processes if p.is_alive()]
+    for process in alive:
+        process.kill()
+    assert not alive, "a worker hung"
+    problems = []
+    while not errors.empty():
+        problems.append(errors.get())
+    assert not problems, problems
+
+
+def check_concurrent_rows(opened):
+    with opened.engine.connect() as conn:
+        per_team = dict(conn.execute(sa.text(
+            "SELECT t.name, count(*) FROM submissions s JOIN teams t ON t.id = s.team_id GROUP BY t.name")).all())
+        duplicates = conn.execute(sa.text(
+            "SELECT count(*) FROM (SELECT challenge_id, team_id, sha256 FROM submissions "
+            "GROUP BY challenge_id, team_id, sha256 HAVING count(*) > 1) AS d")).scalar()
+    assert per_team == {**{f"team-{w}": OWN_FILES for w in range(WORKERS)}, "shared": 1, "limited": SHARED_LIMIT}
+    assert duplicates == 0
+    n_submissions = WORKERS * OWN_FILES + 1 + SHARED_LIMIT
+    assert opened.counts() == {"challenges": 1, "teams": WORKERS + 2, "submissions": n_submissions,
+                               "scores": n_submissions * 8, "utility_results": 0}
+
+
+def test_concurrent_writers_neither_lose_nor_duplicate_rows(tmp_path):
+    path = tmp_path / "board.db"
+    run_concurrently(str(path))  # the workers also race to create the schema
+    with Store(path) as opened:
+        check_concurrent_rows(opened)
+
+
+# -- PostgreSQL ----------------------------------------------------------------------------------
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    """A throwaway PostgreSQL server on a Unix socket, or a skip saying why there is none."""
+    pytest.importorskip("psycopg", reason="the psycopg driver is not installed (pip install '.[postgres]')")
+    initdb = shutil.which("initdb") or next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))), None)
+    if initdb is None:
+        pytest.skip("no PostgreSQL server binaries (initdb) on this machine")
+    bin_dir = Path(initdb).resolve().parent
+    prefix = []
+    folder = Path(tempfile.mkdtemp(prefix="ncbench-pg-"))
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+        if shutil.which("runuser") is None:
+            pytest.skip("running as root and runuser is missing: cannot start PostgreSQL as another user")
+        try:
+            shutil.chown(folder, user="postgres")
+        except (LookupError, PermissionError):
+            shutil.rmtree(folder)
+            pytest.skip("running as root with no 'postgres' user to start PostgreSQL as")
+        prefix = ["runuser", "-u", "postgres", "--"]
+    data, port = folder / "data", _free_port()
+    try:
+        subprocess.run([*prefix, str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", "ncbench",
+                        "--no-sync"], check=True, capture_output=True, timeout=120)
+        subprocess.run([*prefix, str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(folder / "log"), "-w", "-t", "60",
+                        "-o", f"-k {folder} -p {port} -c listen_addresses='' -c fsync=off", "start"],
+                       check=True, capture_output=True, timeout=90)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as error:
+        shutil.rmtree(folder, ignore_errors=True)
+        pytest.skip(f"could not start a PostgreSQL server: {error}")
+    try:
+        yield f"postgresql+psycopg://ncbench@/postgres?host={folder}&port={port}"
+    finally:
+        subprocess.run([*prefix, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+                       capture_output=True, timeout=60)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def pg_db(postgres_url):
+    with Store(postgres_url) as opened:
+        yield opened
+        with opened.engine.begin() as conn:  # each test starts from an empty schema
+            for table in reversed(store_module.metadata.sorted_tables):
+                conn.execute(sa.text(f"DROP TABLE IF EXISTS {table.name} CASCADE"))
+
+
+@pytest.mark.postgres
+def test_postgres_store_rules(pg_db):
+    first = pg_db.record_score(result("a"), team="alice", daily_limit=2, now=NOON)
+    assert pg_db.record_score(result("a"), team="alice", daily_limit=2, now=NOON).duplicate
+    pg_db.record_score(result("b"), team="alice", daily_limit=2, now=NOON)
+    with pytest.raises(NcbenchError, match="used its 2 submissions"):
+        pg_db.record_score(result("c"), team="alice", daily_limit=2, now=NOON)
+    assert set(pg_db.results()["split"]) == {"public"}
+    pg_db.close_challenge("nc7-reid-00000001")
+    assert pg_db.submission(first.submission_id)["metrics"]["private"]["reid_accuracy"] == 0.25
+    never = pg_db.record_score(result("z", accuracy=0.0), team="bob")
+    assert pg_db.submission(never.submission_id)["metrics"]["public"]["k_anonymity"] == math.inf
+    record_utility(pg_db, [{"preset": "nc7", "label": "x", "auc": 0.6, "model_kind": "raw"}])
+    assert pg_db.counts()["utility_results"] == 1
+    assert pg_db.schema_version() == store_module.LATEST_VERSION
+
+
+@pytest.mark.postgres
+def test_postgres_concurrent_writers(pg_db, postgres_url):
+    run_concurrently(postgres_url)
+    check_concurrent_rows(pg_db)
+
+
+def test_unreachable_server_is_one_line():
+    pytest.importorskip("psycopg", reason="the psycopg driver is not installed")
+    with pytest.raises(NcbenchError, match="unavailable"):
+        Store("postgresql+psycopg://nobody@127.0.0.1:1/board?connect_timeout=3")
