@@ -1,0 +1,56 @@
+"""A template attack plugin: copy this file, rename the class, fill in ``run``.
+
+Run it without installing anything::
+
+    ncbench attack run attacks/template.py:MeanPatchNearest --release public/release.h5 --out sub.h5
+
+or publish it in your own package under the ``ncbench.attacks`` entry-point group::
+
+    [project.entry-points."ncbench.attacks"]
+    my-attack = "my_package.my_module:MyAttack"
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from attacks.alignment import match
+from attacks.base import Attack
+from attacks.submission import Submission
+from challenge.encoders import images_to_patches
+from challenge.files import Release
+
+
+class MeanPatchNearest(Attack):
+    # What the attack is: shown by `ncbench attack list` and recorded in every submission.
+    name = "template-mean-patch"
+    version = "0.1"
+    tasks = ("reid",)  # the base class refuses other tasks before any work is done
+    knowledge = ("architecture", "plaintext-pool")  # words from attacks.base.KNOWLEDGE
+    description = "Template: match by the norm of each image's mean patch (weak on purpose)."
+
+    # Typed parameters; `--param chunk=64` is converted and range-checked by the base class.
+    @dataclass
+    class Params:
+        chunk: int = field(default=64, metadata={"min": 1, "max": 4096, "help": "images per streamed block"})
+
+    def run(self, release: Release) -> Submission:
+        # Stream the encodings: releases can be larger than memory.
+        encoded_norm = np.empty(release.n_encoded)
+        with self.stage("read encodings", release.n_encoded) as advance:
+            for start, block in release.iter_encoded(self.params.chunk):
+                encoded_norm[start : start + len(block)] = np.linalg.norm(block.mean(axis=1), axis=1)
+                advance(len(block))
+        plain = images_to_patches(torch.from_numpy(release.plain_images), release.config).mean(1).norm(dim=1).numpy()
+        # Higher score = more likely; one-to-one matching by assignment.
+        rank = lambda v: np.argsort(np.argsort(v)) / max(len(v) - 1, 1)
+        scores = -np.abs(rank(encoded_norm)[:, None] - rank(plain)[None, :])
+        matched = match(scores)
+        return Submission(
+            release.challenge_id, self.name, self.version, release.encoded_ids,
+            mapping=[release.plain_ids[j] for j in matched], scores=scores.astype(np.float32),
+            plain_ids=release.plain_ids,
+        )

@@ -1,0 +1,171 @@
+"""Attacks on tiny presets (the same code paths as full size) and the plugin interface."""
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from attacks.base import Attack
+from attacks.registry import all_attacks, load_from_file, register, resolve
+from attacks.submission import read_submission
+from challenge.encoders import resolve_config
+from challenge.errors import NcbenchError
+from challenge.files import open_key, open_release
+from challenge.release import BuildPlan, build_release
+from ncbench.cli import main
+
+TINY = dict(width=256, image_size=64, patch_size=8, bn_batch=32)
+
+
+@pytest.fixture(scope="module")
+def releases(tmp_path_factory):
+    root = tmp_path_factory.mktemp("releases")
+    built = {}
+    for preset, task, n in [("nc3", "reid", 48), ("nc7", "reid", 48), ("linear", "invert", 48),
+                            ("linear", "transfer", 64)]:
+        out = root / f"{preset}-{task}"
+        build_release(out, config=resolve_config(preset, **TINY), plan=BuildPlan.for_task(task, n),
+                      source="sample", seed=3)
+        built[preset, task] = out
+    return built
+
+
+def _reid_accuracy(path, submission):
+    with open_release(path) as release, open_key(path) as key:
+        truth = [release.plain_ids[j] for j in key.read("truth/plain_index")]
+    return np.mean([a == b for a, b in zip(truth, submission.mapping)])
+
+
+def _run(name, path, **params):
+    cls = resolve(name)
+    with open_release(path) as release:
+        return cls(dataclasses.replace(cls.Params(), **params))(release)
+
+
+def test_gram_hungarian_reidentifies_nc3(releases):
+    assert _reid_accuracy(releases["nc3", "reid"], _run("gram-hungarian", releases["nc3", "reid"], self_width=256)) >= 0.9
+
+
+def test_gram_hungarian_beats_chance_far_on_nc7(releases):
+    # 48 near-duplicate views at width 256: measured 0.875; chance is 1/48.
+    assert _reid_accuracy(releases["nc7", "reid"], _run("gram-hungarian", releases["nc7", "reid"], self_width=256)) >= 0.6
+
+
+def test_gram_hungarian_is_deterministic_for_a_seed(releases):
+    first = _run("gram-hungarian", releases["nc3", "reid"], self_width=64)
+    again = _run("gram-hungarian", releases["nc3", "reid"], self_width=64)
+    assert first.mapping == again.mapping
+    assert np.array_equal(first.patch_positions, again.patch_positions)
+
+
+def test_gram_hungarian_predicts_patch_positions(releases):
+    submission = _run("gram-hungarian", releases["nc3", "reid"], self_width=256)
+    with open_key(releases["nc3", "reid"]) as key:
+        assert (submission.patch_positions == key.read("truth/patch_perm")).mean() > 0.9
+
+
+def test_linear_inversion_reconstructs_linear_preset_above_40_db(releases):
+    path = releases["linear", "invert"]
+    submission = _run("linear-inversion", path)
+    with open_key(path) as key:
+        truth = key.read("truth/images").astype(np.float64)
+    mse = ((submission.reconstructions - truth) ** 2).mean()
+    assert 10 * np.log10(255**2 / mse) > 40
+
+
+def test_distribution_alignment_predicts_linear_targets(releases):
+    path = releases["linear", "transfer"]
+    submission = _run("distribution-alignment", path)
+    with open_key(path) as key:
+        true = key.read("truth/target_encodings").astype(np.float64).mean(1)
+    distances = ((submission.encodings[:, None, :] - true[None]) ** 2).sum(-1)
+    accuracy = (distances.argmin(1) == np.arange(len(true))).mean()
+    assert accuracy > 5 / len(true)  # far above chance (1/M) even at this tiny size
+
+
+def test_attack_refuses_a_task_it_does_not_solve(releases):
+    with open_release(releases["linear", "invert"]) as release:
+        with pytest.raises(NcbenchError, match="solves reid"):
+            resolve("gram-hungarian")()(release)
+
+
+def test_unknown_or_out_of_range_parameters_are_refused():
+    cls = resolve("gram-hungarian")
+    with pytest.raises(NcbenchError, match="no parameter 'widht'"):
+        cls.parse_params({"widht": "3"})
+    with pytest.raises(NcbenchError, match="out of range"):
+        cls.parse_params({"self_width": "1"})
+    with pytest.raises(NcbenchError, match="not a valid int"):
+        cls.parse_params({"self_width": "wide"})
+    assert cls.parse_params({"self_width": "128"}).self_width == 128
+
+
+def test_registry_refuses_a_duplicate_name():
+    class Impostor(Attack):
+        name = "gram-hungarian"
+        version = "0"
+        tasks = ("reid",)
+        knowledge = ("architecture",)
+        description = "duplicate"
+
+    all_attacks()
+    with pytest.raises(NcbenchError, match="already registered"):
+        register(Impostor)
+
+
+def test_bad_plugin_declaration_is_refused_at_class_creation():
+    with pytest.raises(TypeError, match="unknown task"):
+        class Broken(Attack):  # noqa: F841
+            name, version, tasks, knowledge, description = "b", "1", ("steal",), (), "x"
+
+
+def test_template_plugin_loads_from_file_and_runs(releases, tmp_path):
+    cls = load_from_file(str(Path("attacks/template.py").resolve()) + ":MeanPatchNearest")
+    out = tmp_path / "sub.h5"
+    result = CliRunner().invoke(main, ["attack", "run", "attacks/template.py:MeanPatchNearest",
+                                       "--release", str(releases["nc3", "reid"]), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert read_submission(out).attack == cls.name
+
+
+def test_plugin_file_that_fails_to_import_is_one_line(tmp_path):
+    plugin = tmp_path / "bad.py"
+    plugin.write_text("import does_not_exist\n")
+    result = CliRunner().invoke(main, ["attack", "run", f"{plugin}:X", "--release", "x", "--out", str(tmp_path / "s.h5")])
+    assert result.exit_code == 2
+    assert "failed to import" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "s.h5").exists()
+
+
+def test_cli_run_on_a_file_that_is_not_a_release_writes_nothing(tmp_path):
+    junk = tmp_path / "junk.h5"
+    junk.write_bytes(b"not hdf5")
+    out = tmp_path / "sub.h5"
+    result = CliRunner().invoke(main, ["attack", "run", "gram-hungarian", "--release", str(junk), "--out", str(out)])
+    assert result.exit_code == 2 and "not an HDF5 file" in result.output
+    assert not out.exists()
+
+
+def test_cli_run_records_parameters_runtime_and_stages(releases, tmp_path):
+    out = tmp_path / "sub.h5"
+    result = CliRunner().invoke(main, ["attack", "run", "gram-hungarian", "--release", str(releases["nc3", "reid"]),
+                                       "--out", str(out), "--param", "self_width=64", "--seed", "5"])
+    assert result.exit_code == 0, result.output
+    submission = read_submission(out)
+    assert submission.params["self_width"] == 64 and submission.params["seed"] == 5
+    assert submission.runtime_s > 0 and "boost" in submission.diagnostics["stage_seconds"]
+
+
+def test_attack_list_names_every_builtin():
+    result = CliRunner().invoke(main, ["attack", "list"])
+    for name in ("gram-hungarian", "linear-inversion", "distribution-alignment", "chance", "oracle"):
+        assert name in result.output
+
+
+@pytest.mark.slow
+def test_gram_hungarian_full_size_nc7(tmp_path):
+    out = tmp_path / "nc7"
+    build_release(out, config=resolve_config("nc7"), plan=BuildPlan.for_task("reid", 1000), source="sample", seed=7)
+    assert _reid_accuracy(out, _run("gram-hungarian", out)) >= 0.99
