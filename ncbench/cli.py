@@ -28,19 +28,15 @@ def main() -> None:
 
 
 def _mount() -> None:
+    from attacks.cli import group as attack_group
+    from baselines.cli import group as baseline_group
     from challenge.cli import group as challenge_group
+    from leaderboard.cli import group as leaderboard_group
+    from leaderboard.cli import score
+    from ncbench.demo import demo
 
-    main.add_command(challenge_group)
-    for module, names in (("attacks.cli", ("group",)), ("leaderboard.cli", ("score", "group")),
-                          ("baselines.cli", ("group",)), ("ncbench.demo", ("demo",))):
-        try:
-            imported = __import__(module, fromlist=list(names))
-        except ModuleNotFoundError as error:
-            if error.name != module:
-                raise
-            continue
-        for name in names:
-            main.add_command(getattr(imported, name))
+    for command in (challenge_group, attack_group, score, leaderboard_group, baseline_group, demo):
+        main.add_command(command)
 
 
 _mount()

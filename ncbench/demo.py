@@ -1,0 +1,90 @@
+"""``ncbench demo``: the main job on the embedded real radiographs, end to end.
+
+Builds full-size releases (width 2048, 256x256) from the ``sample`` source, runs every built-in
+attack that supports each task, scores everything into a SQLite leaderboard and prints the
+attack x preset matrix. Re-running reuses every release and submission that is already there and
+valid.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from challenge.encoders import resolve_config
+from challenge.errors import NcbenchError
+from challenge.release import BuildPlan, build_release
+from challenge.verify import verify
+
+# (preset, task): reid on the four presets of the original challenge, plus invert and transfer.
+DEMO_CHALLENGES = [("linear", "reid"), ("nc3-noshuffle", "reid"), ("nc3", "reid"), ("nc7", "reid"),
+                   ("linear", "invert"), ("linear", "transfer")]
+TEAM = "ncbench-builtin"
+
+
+@click.command()
+@click.option("--out", type=click.Path(path_type=Path), default=Path("demo-out"), show_default=True,
+              help="Folder for releases, submissions and the leaderboard database.")
+@click.option("--n", "n", type=int, default=200, show_default=True, help="Encoded images per release.")
+@click.option("--seed", type=int, default=2026, show_default=True, help="Seed of the demo releases (a demo is meant to be reproducible).")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
+def demo(out: Path, n: int, seed: int, device: str) -> None:
+    """Build releases from the embedded radiographs, attack them, score them, print the board."""
+    from attacks.registry import all_attacks
+    from attacks.submission import write_submission
+    from challenge.files import open_release
+    from leaderboard.scoring import score_submission
+    from leaderboard.store import Store
+    from leaderboard.tables import attack_preset_matrix, board, to_markdown
+
+    out.mkdir(parents=True, exist_ok=True)
+    db = out / "leaderboard.db"
+    written = []
+    attacks = {name: cls for name, cls in all_attacks().items() if "key" not in cls.knowledge}
+    with Store(db) as store:
+        for k, (preset, task) in enumerate(DEMO_CHALLENGES):
+            folder = out / f"{preset}-{task}"
+            click.echo(f"[{k + 1}/{len(DEMO_CHALLENGES)}] {preset} {task}: release {folder}")
+            if not _valid(folder):
+                build_release(folder, config=resolve_config(preset), plan=BuildPlan.for_task(task, n),
+                              source="sample", seed=seed + k, device=device, force=True)
+            written.append(folder)
+            for name, cls in sorted(attacks.items()):
+                if task not in cls.tasks or name.startswith("template"):
+                    continue
+                submission_path = folder / "submissions" / f"{name}.h5"
+                if not submission_path.is_file():
+                    with open_release(folder) as release:
+                        submission = cls(device=device if device != "auto" else "cpu", seed=0)(release)
+                    submission.team = TEAM
+                    write_submission(submission_path, submission)
+                result = score_submission(submission_path, folder / "private" / "key.h5")
+                store.record_score(result, team=TEAM, daily_limit=None)
+                click.echo(f"    {name}: {result.headline_metric} = {result.headline(0):.3f} "
+                           f"(attack {submission_runtime(submission_path):.1f} s)")
+                written.append(submission_path)
+        table = board(store.results())
+    click.echo("\nBest re-identification, public half (reid challenges):")
+    click.echo(to_markdown(attack_preset_matrix(table, task="reid")))
+    click.echo("\nWritten:")
+    for path in written:
+        click.echo(f"  {path}")
+    click.echo(f"  {db}")
+    click.echo(f"\nOpen the leaderboard: ncbench leaderboard serve --db {db}")
+
+
+def submission_runtime(path: Path) -> float:
+    from attacks.submission import read_submission
+
+    return read_submission(path).runtime_s
+
+
+def _valid(folder: Path) -> bool:
+    """A release that exists and verifies against its checksums (cheap: no re-encoding)."""
+    if not (folder / "public" / "release.h5").is_file():
+        return False
+    try:
+        return not verify(folder)
+    except NcbenchError:
+        return False
