@@ -1,0 +1,94 @@
+"""Benchmarks with recorded results (see benchmarks/RESULTS.md). Never timing assertions in tests.
+
+    python benchmarks/run.py encode [--n 256] [--device cpu|cuda] [--precision fp32|bf16]
+    python benchmarks/run.py attack RELEASE_DIR [ATTACK]
+
+``encode`` times the nc7 encoder against a reference-style implementation (torch.nn Conv2d /
+BatchNorm2d modules, fp32, one randperm and one gather per image in a Python loop) with the same
+weights, in the same run, and checks both give the same encodings.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import sys
+import time
+
+import numpy as np
+import torch
+
+
+def encode(n: int = 256, device: str = "cpu", precision: str = "fp32") -> dict:
+    from challenge.encoders import Encoder, resolve_config, sample_key, sample_permutations
+    sys.path.insert(0, "tests")
+    from test_encoders import ReferenceNeuraCrypt
+
+    config = resolve_config("nc7", precision=precision, bn_batch=min(256, n))
+    key = sample_key(config, 0)
+    images = np.random.default_rng(0).integers(0, 256, (n, 256, 256), dtype=np.uint8)
+    perms = sample_permutations(config, 0, n)
+    fast = Encoder(config, key, device)
+
+    def timed(fn):
+        fn(images[: config.bn_batch])  # warm-up
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        out = fn(images)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return out, time.perf_counter() - started
+
+    def run_fast(batch):
+        return [fast.encode_batch(torch.from_numpy(batch[s : s + config.bn_batch]),
+                                  torch.from_numpy(perms[s : s + config.bn_batch].astype(np.int64))).cpu()
+                for s in range(0, len(batch), config.bn_batch)]
+
+    reference = ReferenceNeuraCrypt(config).to(device)
+    reference.load_key({k: v.to(device) for k, v in key.items()})
+
+    @torch.no_grad()
+    def run_reference(batch):
+        outputs = []
+        for s in range(0, len(batch), config.bn_batch):
+            chunk = torch.from_numpy(batch[s : s + config.bn_batch]).to(device)
+            chunk_perms = [torch.randperm(config.n_patches) for _ in range(len(chunk))]
+            outputs.append(reference(chunk, chunk_perms).cpu())
+        return outputs
+
+    fast_out, fast_s = timed(run_fast)
+    _, ref_s = timed(run_reference)
+    return {"benchmark": "encode nc7", "n": n, "device": device, "precision": precision,
+            "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+                       + (f", {torch.cuda.get_device_name()}" if device.startswith("cuda") else ""),
+            "ncbench_images_per_s": round(n / fast_s, 1), "reference_images_per_s": round(n / ref_s, 1),
+            "speedup": round(ref_s / fast_s, 2)}
+
+
+def attack(release_dir: str, name: str = "gram-hungarian") -> dict:
+    from attacks.registry import resolve
+    from challenge.files import open_release
+
+    cls = resolve(name)
+    with open_release(release_dir) as release:
+        started = time.perf_counter()
+        submission = cls()(release)
+        elapsed = time.perf_counter() - started
+        n = release.n_encoded
+    return {"benchmark": f"attack {name}", "release": release_dir, "n": n, "seconds": round(elapsed, 1),
+            "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2),
+            "stage_seconds": submission.diagnostics.get("stage_seconds")}
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(torch.get_num_threads())
+    command, *args = sys.argv[1:] or ["encode"]
+    options = {a.split("=")[0].lstrip("-"): a.split("=")[1] for a in args if a.startswith("--")}
+    positional = [a for a in args if not a.startswith("--")]
+    if command == "encode":
+        result = encode(int(options.get("n", 256)), options.get("device", "cpu"), options.get("precision", "fp32"))
+    else:
+        result = attack(*positional)
+    print(json.dumps(result))
