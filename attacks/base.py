@@ -63,8 +63,6 @@ class Attack:
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
-        if cls.__dict__.get("abstract", False):
-            return
         for attr, kind in (("name", str), ("version", str), ("tasks", tuple), ("knowledge", tuple), ("description", str)):
             if not isinstance(getattr(cls, attr, None), kind):
                 raise TypeError(f"attack {cls.__name__} must set class attribute {attr!r} ({kind.__name__})")

@@ -134,7 +134,7 @@ def _read_h5(path: Path, h5: h5py.File) -> Submission:
     submission = Submission(
         challenge_id=str(attrs["challenge_id"]), attack=str(attrs["attack"]),
         attack_version=str(attrs["attack_version"]), encoded_ids=strings("encoded_ids"),
-        params=json_attr("params", {}), knowledge=tuple(json_attr("knowledge", [])),
+        params=json_attr("params", {}), knowledge=_string_list(path, json_attr("knowledge", [])),
         runtime_s=float(attrs.get("runtime_s", 0.0)), team=attrs.get("team"),
         mapping=strings("mapping"), plain_ids=strings("plain_ids"), target_ids=strings("target_ids"),
         diagnostics=json_attr("diagnostics", {}),
@@ -148,6 +148,12 @@ def _read_h5(path: Path, h5: h5py.File) -> Submission:
     if not submission.parts():
         raise NcbenchError(f"{path}: holds no answer (mapping, scores, reconstructions or encodings)")
     return submission
+
+
+def _string_list(path: Path, value) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise NcbenchError(f"{path}: attribute 'knowledge' must be a JSON list of strings")
+    return tuple(value)
 
 
 def _read_csv(path: Path, challenge_id: str | None) -> Submission:
