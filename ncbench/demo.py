@@ -66,7 +66,7 @@ def demo(out: Path, n: int, seed: int, device: str) -> None:
                 written.append(submission_path)
         table = board(store.results())
     click.echo("\nBest re-identification, public half (reid challenges):")
-    click.echo(to_markdown(attack_preset_matrix(table, task="reid")))
+    click.echo(to_markdown(attack_preset_matrix(table, task="reid").reset_index()))
     click.echo("\nWritten:")
     for path in written:
         click.echo(f"  {path}")

@@ -1,0 +1,197 @@
+"""The utility baseline: how well a downstream model learns the findings from encoded images.
+
+The downstream model is the one of the NeuraCrypt paper: a one-layer transformer encoder over
+the P patch tokens with a learned CLS token and a multi-label linear head. On encodings it has
+no positional embedding, so its prediction does not depend on the (secret, per-image) patch
+shuffle. The non-private reference trains the same-size model on the raw normalised pixel
+patches, with a learned positional embedding. Both are scored by AUC per label on held-out
+images.
+
+Pure functions (:func:`auc`, :func:`build_model`, :func:`train_model`, :func:`predict`,
+:func:`evaluate`) do the work; :func:`run_utility` is the one entry point.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from scipy.stats import rankdata
+from torch import nn
+
+from challenge.encoders import (
+    Encoder,
+    derive_seed,
+    images_to_patches,
+    resolve_config,
+    sample_permutations,
+)
+from challenge.errors import NcbenchError
+from challenge.progress import progress
+
+D_MODEL = 128
+N_HEADS = 4
+FEEDFORWARD = 256
+BATCH_SIZE = 32
+LEARNING_RATE = 1e-3
+MODEL_KINDS = ("encoded", "raw")
+MODEL_NAME = f"transformer-1layer-d{D_MODEL}-h{N_HEADS}-cls"
+
+
+def auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """ROC AUC by the rank (Mann-Whitney) formula; ties count one half. NaN with one class.
+
+    scores: (N,) floats; labels: (N,) in {0, 1} (entries < 0, unknown, are ignored).
+    """
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    labels = np.asarray(labels).ravel()
+    known = labels >= 0
+    scores, positive = scores[known], labels[known] == 1
+    n_pos = int(positive.sum())
+    n_neg = int(positive.size - n_pos)
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = rankdata(scores)  # average ranks for ties
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+class TokenTransformer(nn.Module):
+    """Linear token projection -> [CLS] + tokens (+ optional learned positions) -> 1 layer -> head."""
+
+    def __init__(self, token_dim: int, n_tokens: int, n_labels: int, positional: bool):
+        super().__init__()
+        self.project = nn.Linear(token_dim, D_MODEL)
+        self.cls = nn.Parameter(torch.zeros(1, 1, D_MODEL))
+        nn.init.normal_(self.cls, std=0.02)
+        self.pos = None
+        if positional:
+            self.pos = nn.Parameter(torch.zeros(1, n_tokens, D_MODEL))
+            nn.init.normal_(self.pos, std=0.02)
+        self.layer = nn.TransformerEncoderLayer(
+            D_MODEL, N_HEADS, dim_feedforward=FEEDFORWARD, dropout=0.1, batch_first=True
+        )
+        self.norm = nn.LayerNorm(D_MODEL)
+        self.head = nn.Linear(D_MODEL, n_labels)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, P, token_dim) float32 -> logits (B, K)."""
+        x = self.project(tokens)
+        if self.pos is not None:
+            x = x + self.pos
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1)
+        x = self.layer(x)
+        return self.head(self.norm(x[:, 0]))
+
+
+def build_model(token_dim: int, n_tokens: int, n_labels: int, *, positional: bool, seed: int) -> TokenTransformer:
+    """A freshly initialised model (deterministic in ``seed``)."""
+    torch.manual_seed(derive_seed(seed, "utility-model") % (2**63))
+    return TokenTransformer(token_dim, n_tokens, n_labels, positional)
+
+
+def train_model(
+    tokens: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    positional: bool,
+    epochs: int,
+    seed: int,
+    device: str = "cpu",
+    label: str = "training",
+) -> TokenTransformer:
+    """Train on (N, P, T) tokens and (N, K) labels in {1, 0, -1 unknown}; returns the model (eval mode)."""
+    n, n_tokens, token_dim = tokens.shape
+    model = build_model(token_dim, n_tokens, labels.shape[1], positional=positional, seed=seed).to(device)
+    optimiser = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
+    loss_fn = nn.BCEWithLogitsLoss(reduction="none")
+    targets = labels.clamp(min=0).float()
+    known = (labels >= 0).float()
+    generator = torch.Generator().manual_seed(derive_seed(seed, "utility-batches"))
+    model.train()
+    with progress(label, epochs) as advance:
+        for _ in range(epochs):
+            order = torch.randperm(n, generator=generator)
+            for start in range(0, n, BATCH_SIZE):
+                index = order[start : start + BATCH_SIZE]
+                batch = tokens[index].to(device)
+                mask = known[index].to(device)
+                loss = loss_fn(model(batch), targets[index].to(device))
+                loss = (loss * mask).sum() / mask.sum().clamp(min=1.0)
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+            advance(1)
+    return model.eval()
+
+
+@torch.no_grad()
+def predict(model: TokenTransformer, tokens: torch.Tensor, *, device: str = "cpu", batch_size: int = 128) -> np.ndarray:
+    """Probabilities (N, K) for (N, P, T) tokens, model in eval mode."""
+    model.eval()
+    parts = [torch.sigmoid(model(tokens[s : s + batch_size].to(device))).cpu()
+             for s in range(0, len(tokens), batch_size)]
+    return torch.cat(parts).numpy() if parts else np.zeros((0, model.head.out_features), np.float32)
+
+
+def evaluate(probabilities: np.ndarray, labels: np.ndarray, label_names) -> dict[str, float]:
+    """AUC per label name."""
+    return {name: auc(probabilities[:, k], labels[:, k]) for k, name in enumerate(label_names)}
+
+
+def encode_images(images: np.ndarray, config, *, seed: int, device: str) -> torch.Tensor:
+    """Encode with a fresh key of ``config`` (drawn from ``seed``), shuffled per image: (N, P, D)."""
+    encoder = Encoder.from_seed(config, derive_seed(seed, "utility-key"), device)
+    perms = sample_permutations(config, seed, len(images), purpose="utility-permutations")
+    parts = [encoded for _, encoded in encoder.encode_stream(images, perms)]
+    return torch.cat(parts).float()
+
+
+def run_utility(
+    *,
+    preset: str,
+    n_train: int,
+    n_test: int,
+    width: int,
+    image_size: int,
+    patch_size: int,
+    epochs: int,
+    seed: int,
+    device: str,
+) -> list[dict]:
+    """Train and score the downstream model on encoded and on raw phantom images.
+
+    Returns one row per (model kind, label): {preset, label, auc, model_kind, settings}.
+    """
+    from challenge.sources import load_images
+
+    for name, value in (("n_train", n_train), ("n_test", n_test), ("epochs", epochs)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise NcbenchError(f"{name} must be a positive integer, got {value!r}")
+    settings = {"preset": preset, "n_train": n_train, "n_test": n_test, "width": width,
+                "image_size": image_size, "patch_size": patch_size, "epochs": epochs, "seed": seed,
+                "device": device, "source": "phantom", "model": MODEL_NAME}
+    config = resolve_config(preset, width=width, image_size=image_size, patch_size=patch_size,
+                            bn_batch=min(256, n_train + n_test))
+    # A prefix of a phantom render equals the smaller render: images are disjoint by index.
+    data = load_images("phantom", n=n_train + n_test, seed=seed, image_size=image_size)
+    labels = torch.from_numpy(data.labels.astype(np.int64))
+    train, test = slice(0, n_train), slice(n_train, n_train + n_test)
+    for k, name in enumerate(data.label_names):
+        column = data.labels[test, k]
+        if not ((column == 1).any() and (column == 0).any()):
+            raise NcbenchError(f"the test set has one class only for label {name!r}; raise --n-test")
+
+    encoded = encode_images(data.images, config, seed=seed, device=device)
+    raw = images_to_patches(torch.from_numpy(data.images), config)
+    rows: list[dict] = []
+    for kind, tokens, positional in (("encoded", encoded, False), ("raw", raw, True)):
+        model = train_model(tokens[train], labels[train], positional=positional, epochs=epochs,
+                            seed=seed, device=device, label=f"utility {preset} {kind}")
+        scores = evaluate(predict(model, tokens[test], device=device), data.labels[test], data.label_names)
+        for name, value in scores.items():
+            if math.isnan(value):  # unreachable after the check above; kept as a guard
+                raise NcbenchError(f"AUC undefined for label {name!r}")
+            rows.append({"preset": preset, "label": name, "auc": value, "model_kind": kind,
+                         "settings": dict(settings)})
+    return rows

@@ -1,0 +1,91 @@
+"""The utility baseline: downstream AUC on encoded vs raw phantom images."""
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from baselines.utility import (
+    auc,
+    build_model,
+    encode_images,
+    predict,
+    run_utility,
+    train_model,
+)
+from challenge.encoders import resolve_config
+from challenge.phantom import LABEL_NAMES
+from leaderboard.store import Store, record_utility
+from ncbench.cli import main
+
+torch.set_num_threads(2)
+
+TINY = {"n_train": 96, "n_test": 48, "width": 64, "image_size": 64, "patch_size": 16, "epochs": 3, "seed": 0,
+        "device": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def tiny_rows():
+    return run_utility(preset="nc7", **TINY)
+
+
+def test_auc_matches_hand_computed_example():
+    # positives 0.8, 0.4; negatives 0.6, 0.4, 0.1 -> pairs won: 0.8 beats 3, 0.4 beats 0.1 and ties 0.4
+    # (1 + 0.5) -> (3 + 1.5) / 6 = 0.75
+    assert auc([0.8, 0.6, 0.4, 0.4, 0.1], [1, 0, 1, 0, 0]) == pytest.approx(0.75)
+    assert auc([0.1, 0.2, 0.3], [0, 0, 1]) == 1.0
+    assert auc([0.3, 0.2, 0.1], [0, 0, 1]) == 0.0
+    assert auc([0.1, 0.9, 0.5], [-1, 1, 0]) == 1.0  # unknown labels ignored
+    assert np.isnan(auc([0.1, 0.2], [1, 1]))
+
+
+def test_tiny_run_has_every_label_and_kind(tiny_rows):
+    keys = {(row["model_kind"], row["label"]) for row in tiny_rows}
+    assert keys == {(kind, name) for kind in ("encoded", "raw") for name in LABEL_NAMES}
+    assert len(tiny_rows) == 2 * len(LABEL_NAMES)
+    for row in tiny_rows:
+        assert 0.0 <= row["auc"] <= 1.0
+        assert row["preset"] == "nc7"
+        assert {k: row["settings"][k] for k in TINY} == TINY
+
+
+def test_encoded_model_is_invariant_to_token_permutation():
+    config = resolve_config("nc7", width=32, image_size=32, patch_size=8, bn_batch=16)
+    images = np.random.default_rng(1).integers(0, 256, (16, 32, 32), dtype=np.uint8)
+    tokens = encode_images(images, config, seed=3, device="cpu")
+    labels = torch.from_numpy(np.random.default_rng(2).integers(0, 2, (16, 3)))
+    model = train_model(tokens, labels, positional=False, epochs=1, seed=0)
+    shuffled = tokens[:, torch.randperm(tokens.shape[1], generator=torch.Generator().manual_seed(5))]
+    assert not torch.equal(shuffled, tokens)
+    np.testing.assert_allclose(predict(model, shuffled), predict(model, tokens), rtol=1e-5, atol=1e-6)
+    # the raw reference has positions, so it is not invariant
+    raw = build_model(tokens.shape[2], tokens.shape[1], 3, positional=True, seed=0).eval()
+    assert not np.allclose(predict(raw, shuffled), predict(raw, tokens), atol=1e-6)
+
+
+def test_rows_record_into_store(tiny_rows, tmp_path):
+    assert record_utility(tmp_path / "lb.db", tiny_rows) == len(tiny_rows)
+    with Store(tmp_path / "lb.db") as store:
+        frame = store.utility()
+    assert len(frame) == len(tiny_rows)
+    assert set(frame["model_kind"]) == {"encoded", "raw"}
+    assert list(frame["auc"]) == pytest.approx([row["auc"] for row in tiny_rows])
+    assert frame["settings"][0]["n_train"] == 96
+
+
+def test_cli_utility_records(tmp_path):
+    db = tmp_path / "lb.db"
+    args = ["baseline", "utility", "--preset", "nc3", "--n-train", "48", "--n-test", "32", "--width", "32",
+            "--image-size", "32", "--patch-size", "8", "--epochs", "1", "--device", "cpu", "--db", str(db)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "encoded" in result.output and "effusion" in result.output
+    with Store(db) as store:
+        assert len(store.utility()) == 2 * len(LABEL_NAMES)
+
+
+def test_cli_utility_error_is_one_line(tmp_path):
+    result = CliRunner().invoke(main, ["baseline", "utility", "--preset", "nc3", "--image-size", "40",
+                                       "--device", "cpu"])
+    assert result.exit_code != 0
+    assert "multiple of 16" in result.output
