@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from challenge.encoders import resolve_config
+from challenge.encoders import pick_device, resolve_config
 from challenge.errors import NcbenchError
 from challenge.release import BuildPlan, build_release
 from challenge.verify import verify
@@ -56,7 +56,7 @@ def demo(out: Path, n: int, seed: int, device: str) -> None:
                 submission_path = folder / "submissions" / f"{name}.h5"
                 if not submission_path.is_file():
                     with open_release(folder) as release:
-                        submission = cls(device=device if device != "auto" else "cpu", seed=0)(release)
+                        submission = cls(device=pick_device(device), seed=0)(release)
                     submission.team = TEAM
                     write_submission(submission_path, submission)
                 result = score_submission(submission_path, folder / "private" / "key.h5")
