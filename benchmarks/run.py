@@ -2,6 +2,7 @@
 
     python benchmarks/run.py encode [--n 256] [--device cpu|cuda] [--precision fp32|bf16]
     python benchmarks/run.py attack RELEASE_DIR [ATTACK]
+    python benchmarks/run.py build-memory [--preset nc3] [--sizes 256,1024,2048]
 
 ``encode`` times the nc7 encoder against a reference-style implementation (torch.nn Conv2d /
 BatchNorm2d modules, fp32, one randperm and one gather per image in a Python loop) with the same
@@ -82,6 +83,29 @@ def attack(release_dir: str, name: str = "gram-hungarian") -> dict:
             "stage_seconds": submission.diagnostics.get("stage_seconds")}
 
 
+def build_memory(preset: str = "nc3", sizes: str = "256,1024,2048") -> dict:
+    """Peak RSS of ``ncbench challenge build`` at several N, each in a fresh process (streaming check)."""
+    import subprocess
+    import tempfile
+
+    rows = []
+    for n in (int(s) for s in sizes.split(",")):
+        with tempfile.TemporaryDirectory() as tmp:
+            code = ("import resource, sys; from ncbench.cli import main; sys.argv = sys.argv[:1] + sys.argv[2:]\n"
+                    "try: main()\n"
+                    "except SystemExit: pass\n"
+                    "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+            started = time.perf_counter()
+            done = subprocess.run(
+                [sys.executable, "-c", code, "ncbench", "challenge", "build", "--preset", preset, "--task", "reid",
+                 "--source", "sample", "--n", str(n), "--seed", "1", "--device", "cpu", "--out", f"{tmp}/r"],
+                capture_output=True, text=True, check=True)
+            rows.append({"n": n, "seconds": round(time.perf_counter() - started, 1),
+                         "peak_rss_gb": round(int(done.stdout.split()[-1]) / 1e6, 2)})
+    return {"benchmark": f"build memory {preset}", "machine": platform.processor() or platform.machine(),
+            "cpus": torch.get_num_threads(), "builds": rows}
+
+
 if __name__ == "__main__":
     torch.set_num_threads(torch.get_num_threads())
     command, *args = sys.argv[1:] or ["encode"]
@@ -89,6 +113,8 @@ if __name__ == "__main__":
     positional = [a for a in args if not a.startswith("--")]
     if command == "encode":
         result = encode(int(options.get("n", 256)), options.get("device", "cpu"), options.get("precision", "fp32"))
+    elif command == "build-memory":
+        result = build_memory(options.get("preset", "nc3"), options.get("sizes", "256,1024,2048"))
     else:
         result = attack(*positional)
     print(json.dumps(result))

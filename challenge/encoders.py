@@ -220,7 +220,8 @@ class Encoder:
             var = rows.square().mean(dim=0)
             rows = rows.mul_(torch.rsqrt(var + BN_EPS)).relu_()
         if config.mix:
-            rows = rows.reshape(batch, n_patches, -1) + self.key["pos"]
+            # In place: a batch of 256 full-width rows is 512 MB, and peak memory is a few of them.
+            rows = rows.reshape(batch, n_patches, -1).add_(self.key["pos"])
             rows = self._linear(torch.relu_(rows).reshape(batch * n_patches, -1), "mix")
         encoded = rows.reshape(batch, n_patches, -1)
         if perms is not None:
@@ -232,6 +233,8 @@ class Encoder:
         """Yield (start, encoded (b, P, D) float32 on CPU) for consecutive BatchNorm batches.
 
         images: (N, S, S) uint8; perms: (N, P) or None. ``on_batch(b)`` is called after each batch.
+        Holds no reference to a batch once it is yielded, so a consumer that drops its own
+        (``del``) keeps peak memory at one batch whatever N is.
         """
         size = self.config.bn_batch
         for start in range(0, len(images), size):
@@ -241,6 +244,7 @@ class Encoder:
             if on_batch is not None:
                 on_batch(len(chunk))
             yield start, encoded
+            del encoded
 
 
 def encode_all(encoder: Encoder, images: np.ndarray, perms: np.ndarray | None) -> np.ndarray:

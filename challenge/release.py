@@ -78,12 +78,14 @@ def build_release(
     if len(images) != plan.n_images:
         raise NcbenchError(f"source {source!r} gave {len(images)} images, {plan.n_images} needed")
     roles = _assign_roles(images, plan, np.random.default_rng(derive_seed(seed, "roles")))
+    description = images.description
+    del images  # the roles hold their own copies; keep one copy of the plaintexts alive, not two
     out = Path(out)
     with atomic_path(out, force=force) as tmp:
         (tmp / "public").mkdir(parents=True)
         (tmp / "private").mkdir()
         _write(tmp, config=config, plan=plan, roles=roles, seed=seed, device=device,
-               source_description=images.description)
+               source_description=description)
     return out
 
 
@@ -194,6 +196,7 @@ def _encode_into(dataset: h5py.Dataset, encoder: Encoder, images: np.ndarray, pe
     with progress(f"{label} {encoder.config.preset}", len(images)) as advance:
         for start, encoded in encoder.encode_stream(images, perms, on_batch=advance):
             dataset[start : start + len(encoded)] = encoded.numpy().astype(dataset.dtype)
+            del encoded  # before the next batch is computed, or two batches are alive at once
 
 
 def write_sha256sums(folder: Path) -> None:

@@ -1,6 +1,7 @@
 """The encoder against SPEC section 2, written out layer by layer with torch.nn modules."""
 
 import dataclasses
+import weakref
 
 import numpy as np
 import pytest
@@ -93,6 +94,24 @@ def test_batchnorm_batches_are_consecutive_chunks_of_bn_batch(tiny_images):
     streamed = encode_all(encoder, tiny_images, None)
     second_batch = encoder.encode_batch(torch.from_numpy(tiny_images[6:12])).numpy()
     assert np.array_equal(streamed[6:12], second_batch)
+
+
+def test_encode_stream_holds_no_batch_once_the_consumer_drops_it(tiny_images):
+    # Peak memory of a build must not grow with N: the generator may not keep batch k alive
+    # while it computes batch k + 1 (each full-size batch is 512 MB).
+    encoder = Encoder.from_seed(resolve_config("nc7", **TINY), 2)
+    encode_batch, alive_while_encoding = encoder.encode_batch, []
+
+    def watched(*args):
+        if refs:
+            alive_while_encoding.append(refs[-1]() is not None)
+        return encode_batch(*args)
+
+    encoder.encode_batch, refs = watched, []
+    for _, encoded in encoder.encode_stream(tiny_images, None):
+        refs.append(weakref.ref(encoded))
+        del encoded
+    assert alive_while_encoding == [False]  # two batches of 6 in tiny_images
 
 
 @pytest.mark.parametrize(
