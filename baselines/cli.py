@@ -13,10 +13,12 @@ def group() -> None:
 
 
 @group.command("utility")
-@click.option("--preset", required=True, type=click.Choice(list(PRESETS)),
-              help="Encoder preset whose encodings the downstream model learns from.")
-@click.option("--n-train", default=600, show_default=True, type=int, help="Training images.")
-@click.option("--n-test", default=200, show_default=True, type=int, help="Held-out test images.")
+@click.option("--preset", "presets", required=True, multiple=True, type=click.Choice(list(PRESETS)),
+              help="Encoder preset whose encodings the downstream model learns from (repeatable).")
+@click.option("--raw/--no-raw", default=True, show_default=True,
+              help="Also train the non-private reference on plaintext patches.")
+@click.option("--n-train", default=1200, show_default=True, type=int, help="Training images.")
+@click.option("--n-test", default=400, show_default=True, type=int, help="Held-out test images.")
 @click.option("--width", default=256, show_default=True, type=int, help="Encoder width D.")
 @click.option("--image-size", default=128, show_default=True, type=int, help="Image side in pixels.")
 @click.option("--patch-size", default=None, type=int,
@@ -25,7 +27,7 @@ def group() -> None:
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for images, key, shuffles, models.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
 @click.option("--db", default=None, help="Record the rows in this leaderboard database (path or URL).")
-def utility(preset, n_train, n_test, width, image_size, patch_size, epochs, seed, device, db) -> None:
+def utility(presets, raw, n_train, n_test, width, image_size, patch_size, epochs, seed, device, db) -> None:
     """Downstream AUC per label of a model trained on encodings vs on raw patches (phantom images)."""
     from baselines.utility import run_utility
     from challenge.encoders import pick_device
@@ -35,18 +37,25 @@ def utility(preset, n_train, n_test, width, image_size, patch_size, epochs, seed
         if image_size < 16 or image_size % 16:
             raise NcbenchError(f"--image-size {image_size} is not a multiple of 16; give --patch-size")
         patch_size = image_size // 16
-    rows = run_utility(preset=preset, n_train=n_train, n_test=n_test, width=width, image_size=image_size,
-                       patch_size=patch_size, epochs=epochs, seed=seed, device=pick_device(device))
-    table: dict[str, dict[str, float]] = {}
-    for row in rows:
-        table.setdefault(row["label"], {})[row["model_kind"]] = row["auc"]
-    click.echo(f"utility AUC, preset {preset} ({n_train} train / {n_test} test phantom images, "
+    rows = run_utility(presets=list(dict.fromkeys(presets)), n_train=n_train, n_test=n_test, width=width,
+                       image_size=image_size, patch_size=patch_size, epochs=epochs, seed=seed,
+                       device=pick_device(device), raw=raw)
+    click.echo(utility_table(rows))
+    click.echo(f"({n_train} train / {n_test} test phantom images, {image_size} px, encoder width {width}, "
                f"{epochs} epochs)")
-    click.echo(f"{'label':<16} {'encoded':>8} {'raw':>8}")
-    for label, aucs in table.items():
-        click.echo(f"{label:<16} {aucs.get('encoded', float('nan')):>8.3f} {aucs.get('raw', float('nan')):>8.3f}")
     if db:
         from leaderboard.store import record_utility
 
         written = record_utility(db, rows)
         click.echo(f"recorded {written} rows in {db}")
+
+
+def utility_table(rows: list[dict]) -> str:
+    """AUC per label (rows) and model (columns), as printed by the CLI and the demo."""
+    models = list(dict.fromkeys(row["preset"] for row in rows))
+    labels = list(dict.fromkeys(row["label"] for row in rows))
+    auc = {(row["label"], row["preset"]): row["auc"] for row in rows}
+    width = max(len(m) for m in models + ["0.000"]) + 2
+    lines = [f"{'AUC':<14}" + "".join(f"{m:>{width}}" for m in models)]
+    lines += [f"{label:<14}" + "".join(f"{auc[label, m]:>{width}.3f}" for m in models) for label in labels]
+    return "\n".join(lines)

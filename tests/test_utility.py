@@ -10,7 +10,9 @@ from baselines.utility import (
     build_model,
     encode_images,
     predict,
+    RAW_PRESET,
     run_utility,
+    standardise,
     train_model,
 )
 from challenge.encoders import resolve_config
@@ -26,7 +28,7 @@ TINY = {"n_train": 96, "n_test": 48, "width": 64, "image_size": 64, "patch_size"
 
 @pytest.fixture(scope="module")
 def tiny_rows():
-    return run_utility(preset="nc7", **TINY)
+    return run_utility(presets=["nc7"], **TINY)
 
 
 def test_auc_matches_hand_computed_example():
@@ -40,19 +42,36 @@ def test_auc_matches_hand_computed_example():
 
 
 def test_tiny_run_has_every_label_and_kind(tiny_rows):
-    keys = {(row["model_kind"], row["label"]) for row in tiny_rows}
-    assert keys == {(kind, name) for kind in ("encoded", "raw") for name in LABEL_NAMES}
+    keys = {(row["preset"], row["model_kind"], row["label"]) for row in tiny_rows}
+    assert keys == {(preset, kind, name) for preset, kind in (("nc7", "encoded"), (RAW_PRESET, "raw"))
+                    for name in LABEL_NAMES}
     assert len(tiny_rows) == 2 * len(LABEL_NAMES)
     for row in tiny_rows:
         assert 0.0 <= row["auc"] <= 1.0
-        assert row["preset"] == "nc7"
+        assert row["settings"]["preset"] == row["preset"]
         assert {k: row["settings"][k] for k in TINY} == TINY
+
+
+def test_models_learn_the_findings_at_a_small_size():
+    # Cardiomegaly (heart width) is visible at 64 px: both models must beat chance clearly.
+    rows = run_utility(presets=["nc7"], n_train=300, n_test=150, width=64, image_size=64, patch_size=8,
+                       epochs=8, seed=0, device="cpu")
+    auc_of = {(row["preset"], row["label"]): row["auc"] for row in rows}
+    assert auc_of["nc7", "cardiomegaly"] > 0.75
+    assert auc_of[RAW_PRESET, "cardiomegaly"] > 0.6
+
+
+def test_several_presets_share_one_raw_reference():
+    rows = run_utility(presets=["linear", "nc3"], **{**TINY, "epochs": 1})
+    assert [row["preset"] for row in rows[:: len(LABEL_NAMES)]] == ["linear", "nc3", RAW_PRESET]
+    no_raw = run_utility(presets=["nc3"], raw=False, **{**TINY, "epochs": 1})
+    assert {row["model_kind"] for row in no_raw} == {"encoded"}
 
 
 def test_encoded_model_is_invariant_to_token_permutation():
     config = resolve_config("nc7", width=32, image_size=32, patch_size=8, bn_batch=16)
     images = np.random.default_rng(1).integers(0, 256, (16, 32, 32), dtype=np.uint8)
-    tokens = encode_images(images, config, seed=3, device="cpu")
+    (tokens,) = standardise(encode_images(images, config, seed=3, device="cpu"))
     labels = torch.from_numpy(np.random.default_rng(2).integers(0, 2, (16, 3)))
     model = train_model(tokens, labels, positional=False, epochs=1, seed=0)
     shuffled = tokens[:, torch.randperm(tokens.shape[1], generator=torch.Generator().manual_seed(5))]
@@ -75,13 +94,14 @@ def test_rows_record_into_store(tiny_rows, tmp_path):
 
 def test_cli_utility_records(tmp_path):
     db = tmp_path / "lb.db"
-    args = ["baseline", "utility", "--preset", "nc3", "--n-train", "48", "--n-test", "32", "--width", "32",
+    args = ["baseline", "utility", "--preset", "nc3", "--preset", "nc7", "--n-train", "48", "--n-test", "32", "--width", "32",
             "--image-size", "32", "--patch-size", "8", "--epochs", "1", "--device", "cpu", "--db", str(db)]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
-    assert "encoded" in result.output and "effusion" in result.output
+    header = next(line for line in result.output.splitlines() if line.startswith("AUC")).split()
+    assert header == ["AUC", "nc3", "nc7", RAW_PRESET] and "effusion" in result.output
     with Store(db) as store:
-        assert len(store.utility()) == 2 * len(LABEL_NAMES)
+        assert len(store.utility()) == 3 * len(LABEL_NAMES)
 
 
 def test_cli_utility_error_is_one_line(tmp_path):
