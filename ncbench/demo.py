@@ -1,9 +1,10 @@
 """``ncbench demo``: the main job on the embedded real radiographs, end to end.
 
 Builds full-size releases (width 2048, 256x256) from the ``sample`` source, runs every built-in
-attack that supports each task, scores everything into a SQLite leaderboard and prints the
-attack x preset matrix. Re-running reuses every release and submission that is already there and
-valid.
+attack that supports each task, scores everything into a SQLite leaderboard, measures the utility
+of each preset's encodings on phantom images (a small CPU-sized run), and prints the attack x
+preset matrix and the privacy-utility summary. Re-running reuses every release, submission and
+utility result that is already there and valid.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from challenge.verify import verify
 DEMO_CHALLENGES = [("linear", "reid"), ("nc3-noshuffle", "reid"), ("nc3", "reid"), ("nc7", "reid"),
                    ("linear", "invert"), ("linear", "transfer")]
 TEAM = "ncbench-builtin"
+# The utility baseline at CPU size: phantom images (they carry finding labels; the sample films
+# do not), 128 px with 8 px patches so P = 256 tokens as at full size, encoder width 256.
+DEMO_UTILITY = dict(n_train=1200, n_test=400, width=256, image_size=128, patch_size=8, epochs=8)
 
 
 @click.command()
@@ -36,7 +40,7 @@ def demo(out: Path, n: int, seed: int, device: str) -> None:
     from challenge.files import open_release
     from leaderboard.scoring import score_submission
     from leaderboard.store import Store
-    from leaderboard.tables import attack_preset_matrix, board, to_markdown
+    from leaderboard.tables import attack_preset_matrix, board, privacy_utility, to_markdown
 
     out.mkdir(parents=True, exist_ok=True)
     db = out / "leaderboard.db"
@@ -64,14 +68,34 @@ def demo(out: Path, n: int, seed: int, device: str) -> None:
                 click.echo(f"    {name}: {result.headline_metric} = {result.headline(0):.3f} "
                            f"(attack {submission_runtime(submission_path):.1f} s)")
                 written.append(submission_path)
-        table = board(store.results())
+        reid_presets = [preset for preset, task in DEMO_CHALLENGES if task == "reid"]
+        click.echo(f"[utility] downstream AUC on phantom images, presets {', '.join(reid_presets)} and raw")
+        _record_utility(store, reid_presets, seed=seed, device=pick_device(device))
+        table, utility = board(store.results()), store.utility()
     click.echo("\nBest re-identification, public half (reid challenges):")
     click.echo(to_markdown(attack_preset_matrix(table, task="reid").reset_index()))
+    click.echo("Privacy vs utility (mean AUC over findings of a model trained on the encodings; raw: on plaintexts):")
+    click.echo(to_markdown(privacy_utility(table, utility)))
     click.echo("\nWritten:")
     for path in written:
         click.echo(f"  {path}")
     click.echo(f"  {db}")
     click.echo(f"\nOpen the leaderboard: ncbench leaderboard serve --db {db}")
+
+
+def _record_utility(store, presets: list[str], *, seed: int, device: str) -> None:
+    """Run the utility baseline for the presets (and raw reference) not yet recorded at demo settings."""
+    from baselines.utility import RAW_PRESET, run_utility
+
+    settings = {**DEMO_UTILITY, "seed": seed}
+    recorded = {row.preset for row in store.utility().itertuples()
+                if all(row.settings.get(k) == v for k, v in settings.items())}
+    missing = [preset for preset in presets if preset not in recorded]
+    if missing or RAW_PRESET not in recorded:
+        rows = run_utility(presets=missing, raw=RAW_PRESET not in recorded, device=device, **settings)
+        store.record_utility(rows)
+    else:
+        click.echo("    (reusing recorded results)")
 
 
 def submission_runtime(path: Path) -> float:

@@ -1,0 +1,54 @@
+"""`ncbench demo` end to end at a small N: builds, attacks, scores, utility, and reuse on a re-run."""
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import ncbench.demo as demo_module
+from baselines.utility import RAW_PRESET
+from leaderboard.store import Store
+from ncbench.cli import main
+
+torch.set_num_threads(2)
+SMALL_UTILITY = dict(n_train=48, n_test=32, width=32, image_size=32, patch_size=2, epochs=1)
+
+
+@pytest.fixture(scope="module")
+def demo_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "out"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(demo_module, "DEMO_UTILITY", SMALL_UTILITY)
+        first = CliRunner().invoke(main, ["demo", "--out", str(out), "--n", "8", "--device", "cpu"])
+        with Store(out / "leaderboard.db") as store:
+            counts = store.counts()
+        again = CliRunner().invoke(main, ["demo", "--out", str(out), "--n", "8", "--device", "cpu"])
+    return out, first, counts, again
+
+
+def test_demo_scores_every_builtin_attack_on_every_release(demo_runs):
+    out, first, counts, _ = demo_runs
+    assert first.exit_code == 0, first.output
+    assert counts["challenges"] == len(demo_module.DEMO_CHALLENGES)
+    # reid: 3 built-in attacks x 4 presets (plus chance); invert and transfer: the attacks that solve them
+    assert counts["submissions"] >= 4 * 3
+    for preset, task in demo_module.DEMO_CHALLENGES:
+        assert (out / f"{preset}-{task}" / "public" / "release.h5").is_file()
+    assert "gram-hungarian" in first.output and "Open the leaderboard" in first.output
+
+
+def test_demo_records_utility_for_each_reid_preset_and_raw(demo_runs):
+    out, first, _, _ = demo_runs
+    with Store(out / "leaderboard.db") as store:
+        utility = store.utility()
+    reid_presets = {preset for preset, task in demo_module.DEMO_CHALLENGES if task == "reid"}
+    assert set(utility["preset"]) == reid_presets | {RAW_PRESET}
+    assert "Privacy vs utility" in first.output and "encoded_auc" in first.output
+
+
+def test_demo_rerun_reuses_releases_submissions_and_utility(demo_runs):
+    out, _, counts, again = demo_runs
+    assert again.exit_code == 0, again.output
+    assert "reusing recorded results" in again.output
+    assert "encoding linear" not in again.output  # no release was rebuilt
+    with Store(out / "leaderboard.db") as store:
+        assert store.counts() == counts
