@@ -106,7 +106,7 @@ def _assign_roles(images: ImageSet, plan: BuildPlan, rng: np.random.Generator) -
 def _write(tmp: Path, *, config, plan, roles, seed, device, source_description) -> None:
     key = sample_key(config, seed)
     encoder = Encoder(config, key, device)
-    encoded_set: ImageSet = roles["encoded"]
+    encoded_set: ImageSet = roles.pop("encoded")
     n = plan.n
     perms = sample_permutations(config, seed, n)
     rng = np.random.default_rng(derive_seed(seed, "split"))
@@ -139,7 +139,7 @@ def _write(tmp: Path, *, config, plan, roles, seed, device, source_description) 
         write_dataset(key_h5.create_group("commitment"), "salt", salt)
         commitment = hashlib.sha256(salt.tobytes() + canonical_digest(key_h5)).hexdigest()
 
-    with h5py.File(release_path, "w") as rel:
+    with h5py.File(release_path, "w") as rel, h5py.File(key_path, "r") as key_h5:
         set_root_attrs(
             rel, RELEASE_FORMAT, SCHEMA_VERSION, challenge_id=challenge_id, task=plan.task,
             preset=config.preset, encoder_config=config.to_json(), n_encoded=np.int64(n),
@@ -149,30 +149,37 @@ def _write(tmp: Path, *, config, plan, roles, seed, device, source_description) 
         write_dataset(group, "ids", encoded_ids)
         labels = write_dataset(group, "labels", encoded_set.labels.astype(np.int8))
         labels.attrs["label_names"] = json.dumps(list(encoded_set.label_names))
-        dataset = create_streamed(group, "data", (n, config.n_patches, config.width), config.dtype)
-        _encode_into(dataset, encoder, encoded_set.images, perms, "encoding")
+        # Plaintexts go to disk first; encoding then reads them back batch by batch, so no image
+        # array stays in memory while the (much larger) encodings are computed.
         plain = rel.create_group("plain")
         if plan.task == "reid":
             pool_rows = np.argsort(roles["plain_index"])  # encoded row held by each plain row
-            write_dataset(plain, "images", encoded_set.images[pool_rows])
+            _write_rows(plain, "images", encoded_set.images, pool_rows)
             write_dataset(plain, "ids", [f"img-{j:05d}" for j in range(n)])
-        elif plan.task == "transfer":
-            write_dataset(plain, "images", roles["aux"].images)
-            write_dataset(plain, "ids", [f"aux-{j:05d}" for j in range(plan.n_aux)])
-            target = rel.create_group("target")
-            write_dataset(target, "images", roles["targets"].images)
-            write_dataset(target, "ids", [f"tgt-{j:05d}" for j in range(plan.n_targets)])
+            encoded_images = RowView(plain["images"], roles["plain_index"])
         else:
-            known = roles["known"]
-            write_dataset(plain, "images", encoded_set.images[known])
-            write_dataset(plain, "ids", [f"img-{j:05d}" for j in range(len(known))])
-            write_dataset(rel.create_group("pairs"), "encoded_ids", [encoded_ids[i] for i in known])
+            if plan.task == "transfer":
+                write_dataset(plain, "images", roles.pop("aux").images)
+                write_dataset(plain, "ids", [f"aux-{j:05d}" for j in range(plan.n_aux)])
+                target = rel.create_group("target")
+                write_dataset(target, "images", roles.pop("targets").images)
+                write_dataset(target, "ids", [f"tgt-{j:05d}" for j in range(plan.n_targets)])
+            else:
+                known = roles["known"]
+                write_dataset(plain, "images", encoded_set.images[known])
+                write_dataset(plain, "ids", [f"img-{j:05d}" for j in range(len(known))])
+                write_dataset(rel.create_group("pairs"), "encoded_ids", [encoded_ids[i] for i in known])
+            encoded_images = RowView(key_h5["truth/images"], np.arange(n))
+        del encoded_set
+        dataset = create_streamed(group, "data", (n, config.n_patches, config.width), config.dtype)
+        _encode_into(dataset, encoder, encoded_images, perms, "encoding")
 
     if plan.task == "transfer":
-        with h5py.File(key_path, "a") as key_h5:
+        with h5py.File(key_path, "a") as key_h5, h5py.File(release_path, "r") as rel:
             dataset = create_streamed(key_h5["truth"], "target_encodings",
                                       (plan.n_targets, config.n_patches, config.width), config.dtype)
-            _encode_into(dataset, encoder, roles["targets"].images, key_h5["truth/target_patch_perm"][()], "targets")
+            target_images = RowView(rel["target/images"], np.arange(plan.n_targets))
+            _encode_into(dataset, encoder, target_images, key_h5["truth/target_patch_perm"][()], "targets")
             # The commitment covers the target encodings too: recompute and patch the release.
             commitment = hashlib.sha256(salt.tobytes() + canonical_digest(key_h5)).hexdigest()
         with h5py.File(release_path, "a") as rel:
@@ -184,6 +191,30 @@ def _write(tmp: Path, *, config, plan, roles, seed, device, source_description) 
     write_sha256sums(tmp / "private")
 
 
+class RowView:
+    """Rows ``index`` (N,) of an (M, ...) HDF5 dataset, read on demand by slice: ``view[a:b]``."""
+
+    def __init__(self, dataset: h5py.Dataset, index: np.ndarray):
+        self.dataset, self.index = dataset, np.asarray(index)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, window: slice) -> np.ndarray:
+        rows = self.index[window]
+        order = np.argsort(rows)
+        out = np.empty((len(rows), *self.dataset.shape[1:]), self.dataset.dtype)
+        out[order] = self.dataset[rows[order]]  # h5py reads increasing indices only
+        return out
+
+
+def _write_rows(group: h5py.Group, name: str, images: np.ndarray, rows: np.ndarray, block: int = 256) -> None:
+    """``images[rows]`` written block by block, without a second full copy in memory."""
+    dataset = create_streamed(group, name, (len(rows), *images.shape[1:]), images.dtype)
+    for start in range(0, len(rows), block):
+        dataset[start : start + block] = images[rows[start : start + block]]
+
+
 def _halves(n: int, rng: np.random.Generator) -> np.ndarray:
     """(n,) uint8: 0 for the public scoring half, 1 for the private half, chosen at random."""
     split = np.zeros(n, np.uint8)
@@ -191,7 +222,7 @@ def _halves(n: int, rng: np.random.Generator) -> np.ndarray:
     return split
 
 
-def _encode_into(dataset: h5py.Dataset, encoder: Encoder, images: np.ndarray, perms: np.ndarray, label: str) -> None:
+def _encode_into(dataset: h5py.Dataset, encoder: Encoder, images: RowView, perms: np.ndarray, label: str) -> None:
     """Stream encodings batch by batch into ``dataset``: memory never holds more than one batch."""
     with progress(f"{label} {encoder.config.preset}", len(images)) as advance:
         for start, encoded in encoder.encode_stream(images, perms, on_batch=advance):

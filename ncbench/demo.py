@@ -85,11 +85,12 @@ def demo(out: Path, n: int, seed: int, device: str) -> None:
 
 def _record_utility(store, presets: list[str], *, seed: int, device: str) -> None:
     """Run the utility baseline for the presets (and raw reference) not yet recorded at demo settings."""
-    from baselines.utility import RAW_PRESET, run_utility
+    from baselines.utility import MODEL_VERSION, RAW_PRESET, run_utility
 
     settings = {**DEMO_UTILITY, "seed": seed}
+    wanted = {**settings, "model_version": MODEL_VERSION}
     recorded = {row.preset for row in store.utility().itertuples()
-                if all(row.settings.get(k) == v for k, v in settings.items())}
+                if all(row.settings.get(k) == v for k, v in wanted.items())}
     missing = [preset for preset in presets if preset not in recorded]
     if missing or RAW_PRESET not in recorded:
         rows = run_utility(presets=missing, raw=RAW_PRESET not in recorded, device=device, **settings)
