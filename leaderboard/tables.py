@@ -103,15 +103,20 @@ def attack_preset_matrix(table: pd.DataFrame, *, task: str | None = None, split:
 def privacy_utility(table: pd.DataFrame, utility: pd.DataFrame) -> pd.DataFrame:
     """Per preset: the best re-identification of any attack (public half) beside the utility.
 
-    Columns: preset, best_reidentification, band, encoded_auc (mean AUC of models trained on the
-    encodings, over labels and runs), raw_auc (the same on plaintexts, the reference; shared by
-    every preset). Presets with utility results but no attack yet have a NaN re-identification.
+    Columns: preset, best_reidentification, band, encoded_auc (mean AUC over labels of the latest
+    run on the preset's encodings), raw_auc (the same for the latest run on plaintexts, the
+    reference; shared by every preset). Only the latest run counts, so results recorded before a
+    change of settings or model do not blur the new ones. Presets with utility results but no
+    attack yet have a NaN re-identification.
     """
     columns = ["preset", "best_reidentification", "band", "encoded_auc", "raw_auc"]
     if utility.empty:
         return pd.DataFrame(columns=columns)
+    latest = utility.groupby(["model_kind", "preset"])["created_utc"].transform("max")
+    utility = utility[utility["created_utc"] == latest]
     encoded = utility[utility["model_kind"] == "encoded"].groupby("preset")["auc"].mean()
-    raw = utility[utility["model_kind"] == "raw"]["auc"]
+    raw_runs = utility[utility["model_kind"] == "raw"]
+    raw = raw_runs[raw_runs["created_utc"] == raw_runs["created_utc"].max()]["auc"]
     public = table[table["split"] == "public"] if not table.empty else table
     best = public.groupby("preset")["reidentification"].max() if not public.empty else pd.Series(dtype=float)
     presets = sorted(set(encoded.index))

@@ -24,7 +24,7 @@ DEMO_CHALLENGES = [("linear", "reid"), ("nc3-noshuffle", "reid"), ("nc3", "reid"
 TEAM = "ncbench-builtin"
 # The utility baseline at CPU size: phantom images (they carry finding labels; the sample films
 # do not), 128 px with 8 px patches so P = 256 tokens as at full size, encoder width 256.
-DEMO_UTILITY = dict(n_train=1200, n_test=400, width=256, image_size=128, patch_size=8, epochs=8)
+DEMO_UTILITY = {"n_train": 1200, "n_test": 400, "width": 256, "image_size": 128, "patch_size": 8, "epochs": 8}
 
 
 @click.command()

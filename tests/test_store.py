@@ -150,6 +150,21 @@ def test_record_utility_rows(tmp_path):
     assert table["auc"].tolist() == [0.71, 0.83] and table["settings"][0] == {"epochs": 3}
 
 
+def test_privacy_utility_uses_the_latest_run_per_preset(tmp_path):
+    from leaderboard.tables import privacy_utility
+
+    def run(auc):
+        return [{"preset": "nc7", "label": "effusion", "auc": auc, "model_kind": "encoded"},
+                {"preset": "raw", "label": "effusion", "auc": auc + 0.1, "model_kind": "raw"}]
+
+    with Store(tmp_path / "board.db") as opened:
+        opened.record_utility(run(0.5), now=dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc))
+        opened.record_utility(run(0.8), now=dt.datetime(2026, 2, 1, tzinfo=dt.timezone.utc))
+        summary = privacy_utility(opened.results(), opened.utility())
+    assert summary.loc[0, "encoded_auc"] == pytest.approx(0.8)
+    assert summary.loc[0, "raw_auc"] == pytest.approx(0.9)
+
+
 @pytest.mark.parametrize("bad", [
     {"preset": "nc7", "label": "x", "auc": 1.5, "model_kind": "encoded"},
     {"preset": "nc7", "label": "x", "auc": 0.5, "model_kind": "paper"},
