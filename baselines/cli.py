@@ -17,6 +17,8 @@ def group() -> None:
               help="Encoder preset whose encodings the downstream model learns from (repeatable).")
 @click.option("--raw/--no-raw", default=True, show_default=True,
               help="Also train the non-private reference on plaintext patches.")
+@click.option("--source", default="phantom", show_default=True,
+              help="Labelled images: phantom, folder:PATH[?labels=CSV] (CheXpert layout) or manifest:FILE.")
 @click.option("--n-train", default=1200, show_default=True, type=int, help="Training images.")
 @click.option("--n-test", default=400, show_default=True, type=int, help="Held-out test images.")
 @click.option("--width", default=256, show_default=True, type=int, help="Encoder width D.")
@@ -27,8 +29,8 @@ def group() -> None:
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for images, key, shuffles, models.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
 @click.option("--db", default=None, help="Record the rows in this leaderboard database (path or URL).")
-def utility(presets, raw, n_train, n_test, width, image_size, patch_size, epochs, seed, device, db) -> None:
-    """Downstream AUC per label of a model trained on encodings vs on raw patches (phantom images)."""
+def utility(presets, raw, source, n_train, n_test, width, image_size, patch_size, epochs, seed, device, db) -> None:
+    """Downstream AUC per label of a model trained on encodings vs on raw patches (labelled images)."""
     from baselines.utility import run_utility
     from challenge.encoders import pick_device
     from challenge.errors import NcbenchError
@@ -39,9 +41,9 @@ def utility(presets, raw, n_train, n_test, width, image_size, patch_size, epochs
         patch_size = image_size // 16
     rows = run_utility(presets=list(dict.fromkeys(presets)), n_train=n_train, n_test=n_test, width=width,
                        image_size=image_size, patch_size=patch_size, epochs=epochs, seed=seed,
-                       device=pick_device(device), raw=raw)
+                       device=pick_device(device), raw=raw, source=source)
     click.echo(utility_table(rows))
-    click.echo(f"({n_train} train / {n_test} test phantom images, {image_size} px, encoder width {width}, "
+    click.echo(f"({n_train} train / {n_test} test images from {source}, {image_size} px, encoder width {width}, "
                f"{epochs} epochs)")
     if db:
         from leaderboard.store import record_utility

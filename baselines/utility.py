@@ -178,9 +178,14 @@ def run_utility(
     seed: int,
     device: str,
     raw: bool = True,
+    source: str = "phantom",
 ) -> list[dict]:
-    """Train and score the downstream model on each preset's encodings of phantom images, and
+    """Train and score the downstream model on each preset's encodings of labelled images, and
     (``raw``) once on the plaintext patches as the non-private reference.
+
+    ``source`` is any image source with labels: ``phantom`` (default) or a user's labelled
+    ``folder:PATH?labels=CSV`` / ``manifest:FILE``; the first ``n_train`` images train, the
+    next ``n_test`` are held out.
 
     Returns one row per (model, label): {preset, label, auc, model_kind, settings}; the
     reference's rows have preset ``RAW_PRESET`` and model_kind ``raw``.
@@ -192,8 +197,9 @@ def run_utility(
             raise NcbenchError(f"{name} must be a positive integer, got {value!r}")
     configs = {preset: resolve_config(preset, width=width, image_size=image_size, patch_size=patch_size,
                                       bn_batch=min(256, n_train + n_test)) for preset in presets}
-    # A prefix of a phantom render equals the smaller render: images are disjoint by index.
-    data = load_images("phantom", n=n_train + n_test, seed=seed, image_size=image_size)
+    data = load_images(source, n=n_train + n_test, seed=seed, image_size=image_size)
+    if not data.label_names:
+        raise NcbenchError(f"source {source!r} has no labels; use phantom or a folder with a labels CSV")
     labels = torch.from_numpy(data.labels.astype(np.int64))
     train, test = slice(0, n_train), slice(n_train, n_train + n_test)
     for k, name in enumerate(data.label_names):
@@ -216,7 +222,7 @@ def run_utility(
         scores = evaluate(predict(model, test_tokens, device=device), data.labels[test], data.label_names)
         settings = {"preset": preset, "n_train": n_train, "n_test": n_test, "width": width,
                     "image_size": image_size, "patch_size": patch_size, "epochs": epochs, "seed": seed,
-                    "device": device, "source": "phantom", "model": MODEL_NAME, "model_version": MODEL_VERSION}
+                    "device": device, "source": source, "model": MODEL_NAME, "model_version": MODEL_VERSION}
         rows += [{"preset": preset, "label": name, "auc": value, "model_kind": kind, "settings": settings}
                  for name, value in scores.items()]
     return rows

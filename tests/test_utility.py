@@ -109,3 +109,30 @@ def test_cli_utility_error_is_one_line(tmp_path):
                                        "--device", "cpu"])
     assert result.exit_code != 0
     assert "multiple of 16" in result.output
+
+
+def test_utility_trains_on_a_users_labelled_folder(tmp_path):
+    # Phantom films saved as PNGs with a CheXpert-style labels CSV: the folder source path.
+    from PIL import Image
+
+    from challenge.phantom import render_phantoms
+
+    images, labels = render_phantoms(40, seed=1, image_size=32)
+    lines = ["Path,Cardiomegaly,Pleural Effusion"]
+    for k, (image, label) in enumerate(zip(images, labels)):
+        (tmp_path / "films").mkdir(exist_ok=True)
+        Image.fromarray(image).save(tmp_path / "films" / f"img{k:03d}.png")
+        lines.append(f"films/img{k:03d}.png,{float(label[0])},{float(label[1])}")
+    (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
+    source = f"folder:{tmp_path / 'films'}?labels={tmp_path / 'labels.csv'}"
+    rows = run_utility(presets=["nc3"], source=source, **{**TINY, "n_train": 24, "n_test": 16,
+                                                            "image_size": 32, "patch_size": 8, "epochs": 1})
+    assert {row["label"] for row in rows} == {"Cardiomegaly", "Pleural Effusion"}
+    assert rows[0]["settings"]["source"] == source
+
+
+def test_source_without_labels_is_refused_in_one_line():
+    result = CliRunner().invoke(main, ["baseline", "utility", "--preset", "nc3", "--source", "sample",
+                                       "--n-train", "8", "--n-test", "8", "--device", "cpu"])
+    assert result.exit_code != 0
+    assert "has no labels" in result.output and "Traceback" not in result.output
