@@ -74,7 +74,7 @@ def demo(out: Path, n: int, seed: int, device: str) -> None:
         table, utility = board(store.results()), store.utility()
     click.echo("\nBest re-identification, public half (reid challenges):")
     click.echo(to_markdown(attack_preset_matrix(table, task="reid").reset_index()))
-    click.echo("Privacy vs utility (mean AUC over findings of a model trained on the encodings; raw: on plaintexts):")
+    click.echo("\nPrivacy vs utility (mean AUC over findings of a model trained on the encodings; raw: on plaintexts):")
     click.echo(to_markdown(privacy_utility(table, utility)))
     click.echo("\nWritten:")
     for path in written:
