@@ -162,6 +162,11 @@ def page_privacy_utility(store: Store) -> None:
         st.altair_chart(dots + base.mark_text(dy=-12).encode(text="preset:N"), width="stretch")
     st.dataframe(summary, hide_index=True)
     st.caption("raw_auc: the same models trained on the plaintext images (the utility an encoding can at best keep).")
+    st.subheader("AUC per finding (latest run of each preset)")
+    st.dataframe(tables.utility_by_label(utility))
+    with st.expander("Settings of these runs"):
+        latest = tables.latest_utility(utility).drop_duplicates("preset")
+        st.json({row.preset: row.settings for row in latest.itertuples()})
 
 
 def page_take_part(store: Store) -> None:

@@ -112,8 +112,7 @@ def privacy_utility(table: pd.DataFrame, utility: pd.DataFrame) -> pd.DataFrame:
     columns = ["preset", "best_reidentification", "band", "encoded_auc", "raw_auc"]
     if utility.empty:
         return pd.DataFrame(columns=columns)
-    latest = utility.groupby(["model_kind", "preset"])["created_utc"].transform("max")
-    utility = utility[utility["created_utc"] == latest]
+    utility = latest_utility(utility)
     encoded = utility[utility["model_kind"] == "encoded"].groupby("preset")["auc"].mean()
     raw_runs = utility[utility["model_kind"] == "raw"]
     raw = raw_runs[raw_runs["created_utc"] == raw_runs["created_utc"].max()]["auc"]
@@ -128,6 +127,22 @@ def privacy_utility(table: pd.DataFrame, utility: pd.DataFrame) -> pd.DataFrame:
     frame["band"] = frame["best_reidentification"].map(privacy_band)
     frame["raw_auc"] = float(raw.mean()) if len(raw) else math.nan
     return frame[columns]
+
+
+def latest_utility(utility: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the latest utility run for each (model kind, preset)."""
+    latest = utility.groupby(["model_kind", "preset"])["created_utc"].transform("max")
+    return utility[utility["created_utc"] == latest]
+
+
+def utility_by_label(utility: pd.DataFrame) -> pd.DataFrame:
+    """AUC per finding (rows) and preset (columns) of the latest run each; the raw reference last."""
+    if utility.empty:
+        return pd.DataFrame()
+    latest = latest_utility(utility)
+    model = latest["preset"].where(latest["model_kind"] == "encoded", "raw")
+    table = latest.assign(model=model).pivot_table(index="label", columns="model", values="auc", aggfunc="mean")
+    return table[[m for m in table.columns if m != "raw"] + [m for m in table.columns if m == "raw"]]
 
 
 def to_markdown(frame: pd.DataFrame) -> str:

@@ -151,6 +151,10 @@ def test_privacy_utility_summary(populated_db):
     row = summary.set_index("preset").loc["nc7"]
     assert row["best_reidentification"] == 1.0 and row["encoded_auc"] == pytest.approx(0.75)
     assert row["raw_auc"] == pytest.approx(0.9) and row["band"] == "bad"
+    by_label = at.dataframe[1].value
+    assert by_label.loc["nodule", "nc7"] == pytest.approx(0.80)
+    assert by_label.loc["effusion", "nc7"] == pytest.approx(0.70)
+    assert by_label.loc["effusion", "raw"] == pytest.approx(0.90)
 
 
 def test_take_part_page_gives_the_commands(populated_db):
