@@ -53,7 +53,7 @@ def utility(presets, raw, source, n_train, n_test, width, image_size, patch_size
 
 
 def utility_table(rows: list[dict]) -> str:
-    """AUC per label (rows) and model (columns), as printed by the CLI and the demo."""
+    """AUC per label (rows) and model (columns), as the CLI prints it."""
     models = list(dict.fromkeys(row["preset"] for row in rows))
     labels = list(dict.fromkeys(row["label"] for row in rows))
     auc = {(row["label"], row["preset"]): row["auc"] for row in rows}

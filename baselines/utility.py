@@ -20,7 +20,6 @@ Pure functions (:func:`auc`, :func:`build_model`, :func:`train_model`, :func:`pr
 
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 from scipy.stats import rankdata
@@ -96,11 +95,12 @@ class TokenTransformer(nn.Module):
         return self.head(self.norm(x[:, 0]))
 
 
-def standardise(train: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
-    """Per-feature z-scores with the statistics of ``train`` (N, P, T) over images and tokens."""
-    mean = train.mean(dim=(0, 1))
-    std = train.std(dim=(0, 1)).clamp(min=1e-6)
-    return [(tokens - mean) / std for tokens in (train, *others)]
+def standardise(tokens: torch.Tensor, train: slice) -> torch.Tensor:
+    """Per-feature z-scores of (N, P, T) ``tokens``, in place (full width is gigabytes), with the
+    mean and standard deviation of ``tokens[train]`` over images and tokens."""
+    mean = tokens[train].mean(dim=(0, 1))
+    std = tokens[train].std(dim=(0, 1)).clamp(min=1e-6)
+    return tokens.sub_(mean).div_(std)
 
 
 def build_model(token_dim: int, n_tokens: int, n_labels: int, *, positional: bool, seed: int) -> TokenTransformer:
@@ -216,10 +216,10 @@ def run_utility(
             tokens = images_to_patches(torch.from_numpy(data.images), config)
         else:
             tokens = encode_images(data.images, config, seed=seed, device=device)
-        train_tokens, test_tokens = standardise(tokens[train], tokens[test])
-        model = train_model(train_tokens, labels[train], positional=kind == "raw", epochs=epochs,
+        tokens = standardise(tokens, train)
+        model = train_model(tokens[train], labels[train], positional=kind == "raw", epochs=epochs,
                             seed=seed, device=device, label=f"utility {preset}")
-        scores = evaluate(predict(model, test_tokens, device=device), data.labels[test], data.label_names)
+        scores = evaluate(predict(model, tokens[test], device=device), data.labels[test], data.label_names)
         settings = {"preset": preset, "n_train": n_train, "n_test": n_test, "width": width,
                     "image_size": image_size, "patch_size": patch_size, "epochs": epochs, "seed": seed,
                     "device": device, "source": source, "model": MODEL_NAME, "model_version": MODEL_VERSION}

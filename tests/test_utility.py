@@ -68,10 +68,19 @@ def test_several_presets_share_one_raw_reference():
     assert {row["model_kind"] for row in no_raw} == {"encoded"}
 
 
+def test_standardise_uses_training_statistics_only():
+    tokens = torch.randn(10, 4, 3) * 5 + 2
+    tokens[6:] += 100.0  # a shifted test part must stay shifted
+    standardised = standardise(tokens.clone(), slice(0, 6))
+    torch.testing.assert_close(standardised[:6].mean(dim=(0, 1)), torch.zeros(3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(standardised[:6].std(dim=(0, 1)), torch.ones(3), atol=1e-5, rtol=0)
+    assert (standardised[6:].mean(dim=(0, 1)) > 5).all()
+
+
 def test_encoded_model_is_invariant_to_token_permutation():
     config = resolve_config("nc7", width=32, image_size=32, patch_size=8, bn_batch=16)
     images = np.random.default_rng(1).integers(0, 256, (16, 32, 32), dtype=np.uint8)
-    (tokens,) = standardise(encode_images(images, config, seed=3, device="cpu"))
+    tokens = standardise(encode_images(images, config, seed=3, device="cpu"), slice(None))
     labels = torch.from_numpy(np.random.default_rng(2).integers(0, 2, (16, 3)))
     model = train_model(tokens, labels, positional=False, epochs=1, seed=0)
     shuffled = tokens[:, torch.randperm(tokens.shape[1], generator=torch.Generator().manual_seed(5))]
