@@ -77,9 +77,10 @@ def build_release(
     images = load_images(source, n=plan.n_images, seed=derive_seed(seed, "images"), image_size=config.image_size)
     if len(images) != plan.n_images:
         raise NcbenchError(f"source {source!r} gave {len(images)} images, {plan.n_images} needed")
-    roles = _assign_roles(images, plan, np.random.default_rng(derive_seed(seed, "roles")))
+    roles: dict = _assign_roles(len(images), plan, np.random.default_rng(derive_seed(seed, "roles")))
+    roles["images"] = images
     description = images.description
-    del images  # the roles hold their own copies; keep one copy of the plaintexts alive, not two
+    del images  # _write drops the only copy once the plaintexts are on disk, before encoding
     out = Path(out)
     with atomic_path(out, force=force) as tmp:
         (tmp / "public").mkdir(parents=True)
@@ -89,15 +90,15 @@ def build_release(
     return out
 
 
-def _assign_roles(images: ImageSet, plan: BuildPlan, rng: np.random.Generator) -> dict[str, ImageSet]:
-    order = rng.permutation(len(images))
-    encoded = images.take(order[: plan.n])
-    roles = {"encoded": encoded}
+def _assign_roles(n_images: int, plan: BuildPlan, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Rows of the loaded images for each role (indices, not copies: images are 64 KB each)."""
+    order = rng.permutation(n_images)
+    roles = {"encoded": order[: plan.n]}
     if plan.task == "reid":
         roles["plain_index"] = rng.permutation(plan.n)  # plain row of each encoding
     elif plan.task == "transfer":
-        roles["aux"] = images.take(order[plan.n : plan.n + plan.n_aux])
-        roles["targets"] = images.take(order[plan.n + plan.n_aux :])
+        roles["aux"] = order[plan.n : plan.n + plan.n_aux]
+        roles["targets"] = order[plan.n + plan.n_aux :]
     else:
         roles["known"] = np.sort(rng.choice(plan.n, size=plan.n_known, replace=False))
     return roles
@@ -106,7 +107,8 @@ def _assign_roles(images: ImageSet, plan: BuildPlan, rng: np.random.Generator) -
 def _write(tmp: Path, *, config, plan, roles, seed, device, source_description) -> None:
     key = sample_key(config, seed)
     encoder = Encoder(config, key, device)
-    encoded_set: ImageSet = roles.pop("encoded")
+    image_set: ImageSet = roles.pop("images")
+    encoded_rows = roles["encoded"]  # rows of image_set, in encoded order
     n = plan.n
     perms = sample_permutations(config, seed, n)
     rng = np.random.default_rng(derive_seed(seed, "split"))
@@ -131,7 +133,7 @@ def _write(tmp: Path, *, config, plan, roles, seed, device, source_description) 
         if plan.task == "reid":
             write_dataset(truth, "plain_index", roles["plain_index"].astype(np.int32))
         else:
-            write_dataset(truth, "images", encoded_set.images)
+            _write_rows(truth, "images", image_set.images, encoded_rows)
         if plan.task == "transfer":
             target_perms = sample_permutations(config, seed, plan.n_targets, "target-permutations")
             write_dataset(truth, "target_patch_perm", target_perms)
@@ -147,30 +149,30 @@ def _write(tmp: Path, *, config, plan, roles, seed, device, source_description) 
         )
         group = rel.create_group("encoded")
         write_dataset(group, "ids", encoded_ids)
-        labels = write_dataset(group, "labels", encoded_set.labels.astype(np.int8))
-        labels.attrs["label_names"] = json.dumps(list(encoded_set.label_names))
+        labels = write_dataset(group, "labels", image_set.labels[encoded_rows].astype(np.int8))
+        labels.attrs["label_names"] = json.dumps(list(image_set.label_names))
         # Plaintexts go to disk first; encoding then reads them back batch by batch, so no image
         # array stays in memory while the (much larger) encodings are computed.
         plain = rel.create_group("plain")
         if plan.task == "reid":
             pool_rows = np.argsort(roles["plain_index"])  # encoded row held by each plain row
-            _write_rows(plain, "images", encoded_set.images, pool_rows)
+            _write_rows(plain, "images", image_set.images, encoded_rows[pool_rows])
             write_dataset(plain, "ids", [f"img-{j:05d}" for j in range(n)])
             encoded_images = RowView(plain["images"], roles["plain_index"])
         else:
             if plan.task == "transfer":
-                write_dataset(plain, "images", roles.pop("aux").images)
+                _write_rows(plain, "images", image_set.images, roles["aux"])
                 write_dataset(plain, "ids", [f"aux-{j:05d}" for j in range(plan.n_aux)])
                 target = rel.create_group("target")
-                write_dataset(target, "images", roles.pop("targets").images)
+                _write_rows(target, "images", image_set.images, roles["targets"])
                 write_dataset(target, "ids", [f"tgt-{j:05d}" for j in range(plan.n_targets)])
             else:
                 known = roles["known"]
-                write_dataset(plain, "images", encoded_set.images[known])
+                _write_rows(plain, "images", image_set.images, encoded_rows[known])
                 write_dataset(plain, "ids", [f"img-{j:05d}" for j in range(len(known))])
                 write_dataset(rel.create_group("pairs"), "encoded_ids", [encoded_ids[i] for i in known])
             encoded_images = RowView(key_h5["truth/images"], np.arange(n))
-        del encoded_set
+        del image_set
         dataset = create_streamed(group, "data", (n, config.n_patches, config.width), config.dtype)
         _encode_into(dataset, encoder, encoded_images, perms, "encoding")
 

@@ -47,14 +47,6 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def take(self, index: np.ndarray) -> "ImageSet":
-        """The images at ``index`` (in that order)."""
-        index = np.asarray(index)
-        return ImageSet(
-            self.images[index], tuple(self.ids[i] for i in index), self.labels[index],
-            self.label_names, self.description,
-        )
-
 
 VALID_FORMS = (
     "sample, phantom, folder:PATH[?labels=FILE.csv], manifest:FILE[?root=DIR&split=NAME]"
