@@ -91,23 +91,23 @@ def attack(release_dir: str, name: str = "gram-hungarian") -> dict:
 
 def build_memory(preset: str = "nc3", sizes: str = "256,1024,2048") -> dict:
     """Peak RSS of ``ncbench challenge build`` at several N, each in a fresh process (streaming check)."""
+    import os
     import subprocess
     import tempfile
 
     rows = []
     for n in (int(s) for s in sizes.split(",")):
         with tempfile.TemporaryDirectory() as tmp:
-            code = ("import resource, sys; from ncbench.cli import main; sys.argv = sys.argv[:1] + sys.argv[2:]\n"
-                    "try: main()\n"
-                    "except SystemExit: pass\n"
-                    "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
             started = time.perf_counter()
-            done = subprocess.run(
-                [sys.executable, "-c", code, "ncbench", "challenge", "build", "--preset", preset, "--task", "reid",
-                 "--source", "sample", "--n", str(n), "--seed", "1", "--device", "cpu", "--out", f"{tmp}/r"],
-                capture_output=True, text=True, check=True)
+            build = subprocess.Popen(
+                [sys.executable, "-c", "from ncbench.cli import main; main()", "challenge", "build",
+                 "--preset", preset, "--task", "reid", "--source", "sample", "--n", str(n), "--seed", "1",
+                 "--device", "cpu", "--out", f"{tmp}/r"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            _, status, usage = os.wait4(build.pid, 0)  # this child's own rusage (ru_maxrss in KB)
+            if os.waitstatus_to_exitcode(status) != 0:
+                raise SystemExit(f"build at N={n} failed")
             rows.append({"n": n, "seconds": round(time.perf_counter() - started, 1),
-                         "peak_rss_gb": round(int(done.stdout.split()[-1]) / 1e6, 2)})
+                         "peak_rss_gb": round(usage.ru_maxrss / 1e6, 2)})
     return {"benchmark": f"build memory {preset}", "machine": platform.processor() or platform.machine(),
             "cpus": torch.get_num_threads(), "builds": rows}
 

@@ -30,7 +30,8 @@ DEMO_UTILITY = {"n_train": 1200, "n_test": 400, "width": 256, "image_size": 128,
 @click.command()
 @click.option("--out", type=click.Path(path_type=Path), default=Path("demo-out"), show_default=True,
               help="Folder for releases, submissions and the leaderboard database.")
-@click.option("--n", "n", type=int, default=200, show_default=True, help="Encoded images per release.")
+@click.option("--n", "n", type=click.IntRange(min=5), default=200, show_default=True,
+              help="Encoded images per release (at least 5: the invert release keeps 4 known pairs).")
 @click.option("--seed", type=int, default=2026, show_default=True, help="Seed of the demo releases (a demo is meant to be reproducible).")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
 def demo(out: Path, n: int, seed: int, device: str) -> None:

@@ -56,3 +56,9 @@ def test_demo_rerun_reuses_releases_submissions_and_utility(demo_runs):
     assert "encoding linear" not in again.output  # no release was rebuilt
     with Store(out / "leaderboard.db") as store:
         assert store.counts() == counts
+
+
+def test_demo_refuses_too_small_n_before_writing_anything(tmp_path):
+    result = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "out"), "--n", "4"])
+    assert result.exit_code != 0 and "--n" in result.output
+    assert not (tmp_path / "out").exists()
