@@ -14,18 +14,8 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from challenge.files import Release
-
-
-def match(scores: np.ndarray) -> np.ndarray:
-    """One-to-one matching maximising total score.
-
-    scores: (N, M) with N <= M. Returns (N,) column chosen for each row.
-    """
-    rows, cols = linear_sum_assignment(np.asarray(scores, dtype=np.float64), maximize=True)
-    matched = np.empty(scores.shape[0], dtype=np.int64)
-    matched[rows] = cols
-    return matched
+from ncbench.assignment import match
+from ncbench.challenge.files import Release
 
 
 def assign_rows(similarity: torch.Tensor) -> np.ndarray:

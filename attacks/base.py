@@ -30,10 +30,10 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from attacks.submission import Submission
-from challenge.errors import NcbenchError
-from challenge.files import TASKS, Release
-from challenge.progress import progress
+from ncbench.attacks.submission import Submission
+from ncbench.challenge.files import TASKS, Release
+from ncbench.errors import NcbenchError
+from ncbench.progress import progress
 
 KNOWLEDGE = {
     "architecture": "the public encoder architecture and preset configuration",
@@ -146,7 +146,7 @@ class Attack:
         submission.diagnostics = {**submission.diagnostics, "stage_seconds": self.stage_times}
         return submission
 
-    def stage(self, label: str, total: int = 1) -> "_Stage":
+    def stage(self, label: str, total: int = 1) -> _Stage:
         """Context manager for one named stage: a progress bar and its wall time in the submission."""
         return _Stage(self, label, total)
 

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import click
 
-from attacks.registry import all_attacks, resolve
-from attacks.submission import write_submission
-from challenge.encoders import pick_device
-from challenge.errors import NcbenchError
-from challenge.files import open_release
+from ncbench.attacks.registry import all_attacks, resolve
+from ncbench.attacks.submission import write_submission
+from ncbench.challenge.encoders import pick_device
+from ncbench.challenge.files import open_release
+from ncbench.errors import NcbenchError
 
 
 @click.group("attack")

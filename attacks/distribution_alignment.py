@@ -24,13 +24,18 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from attacks.alignment import iter_aligned, match, refine_slot_positions, slot_reference
-from attacks.base import Attack
-from attacks.gram_hungarian import patch_statistics
-from attacks.self_keyed import self_encode
-from attacks.submission import Submission
-from challenge.encoders import images_to_patches
-from challenge.files import Release
+from ncbench.assignment import match
+from ncbench.attacks.alignment import (
+    iter_aligned,
+    refine_slot_positions,
+    slot_reference,
+)
+from ncbench.attacks.base import Attack
+from ncbench.attacks.self_keyed import self_encode
+from ncbench.attacks.statistics import patch_statistics
+from ncbench.attacks.submission import Submission
+from ncbench.challenge.encoders import images_to_patches
+from ncbench.challenge.files import Release
 
 
 @dataclass(frozen=True)

@@ -14,14 +14,27 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from attacks.alignment import (iter_aligned, iter_release, match, recover_slot_positions, refine_slot_positions,
-                               slot_reference, to_slot_order)
-from attacks.base import Attack
-from attacks.gram_hungarian import GramHungarian, patch_statistics
-from attacks.self_keyed import self_encode
-from attacks.submission import Submission
-from challenge.encoders import PIXEL_MEAN, PIXEL_STD, EncoderConfig, images_to_patches
-from challenge.files import Release
+from ncbench.assignment import match
+from ncbench.attacks.alignment import (
+    iter_aligned,
+    iter_release,
+    recover_slot_positions,
+    refine_slot_positions,
+    slot_reference,
+    to_slot_order,
+)
+from ncbench.attacks.base import Attack
+from ncbench.attacks.pairing import gram_pairing
+from ncbench.attacks.self_keyed import self_encode
+from ncbench.attacks.statistics import patch_statistics
+from ncbench.attacks.submission import Submission
+from ncbench.challenge.encoders import (
+    PIXEL_MEAN,
+    PIXEL_STD,
+    EncoderConfig,
+    images_to_patches,
+)
+from ncbench.challenge.files import Release
 
 
 def fit_ridge(encoded: torch.Tensor, pixels: torch.Tensor, *, ridge: float, per_position: bool) -> dict:
@@ -93,15 +106,10 @@ class LinearInversion(Attack):
     def run(self, release: Release) -> Submission:
         p, config = self.params, release.config
         if release.task == "reid":
-            # Pairs from a re-identification attack: every encoding with its matched plaintext.
-            matching = GramHungarian(GramHungarian.Params(self_width=p.self_width, chunk=p.chunk),
-                                     device=self.device, seed=self.seed)
-            matching.stage_times = self.stage_times
-            found = matching.run(release)
-            plain_row = {pid: j for j, pid in enumerate(release.plain_ids)}
-            pair_rows = np.arange(release.n_encoded)
-            pair_plain_rows = np.array([plain_row[pid] for pid in found.mapping])
-            positions = found.patch_positions.astype(np.int64)
+            # Pairs from the Gram pairing: every encoding with its matched plaintext.
+            pairing = gram_pairing(release, self, self_width=p.self_width, chunk=p.chunk)
+            pair_rows, pair_plain_rows = np.arange(release.n_encoded), pairing.matched
+            positions = pairing.patch_positions
         else:
             encoded_row = {eid: i for i, eid in enumerate(release.encoded_ids)}
             pair_rows = np.array([encoded_row[eid] for eid in release.pair_encoded_ids])

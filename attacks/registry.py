@@ -7,8 +7,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from attacks.base import Attack
-from challenge.errors import NcbenchError
+from ncbench.attacks.base import Attack
+from ncbench.errors import NcbenchError
 
 ENTRY_POINT_GROUP = "ncbench.attacks"
 _REGISTRY: dict[str, type[Attack]] = {}
@@ -24,28 +24,28 @@ def register(cls: type[Attack]) -> type[Attack]:
     return cls
 
 
-def _load_builtins() -> None:
-    from attacks.distribution_alignment import DistributionAlignment
-    from attacks.gram_hungarian import GramHungarian
-    from attacks.linear_inversion import LinearInversion
-    from baselines.reference import Chance, Oracle
-
-    for cls in (GramHungarian, LinearInversion, DistributionAlignment, Chance, Oracle):
-        register(cls)
-
-
 def _load_entry_points() -> None:
-    for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+    """Built-ins and installed plugins alike are ``ncbench.attacks`` entry points (ours are
+    declared in pyproject.toml), so the registry imports no plugin. Ours load first and must
+    load; a broken third-party plugin is skipped with a warning."""
+    entries = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+    for entry in sorted(entries, key=lambda e: not _is_builtin(e)):
+        if _is_builtin(entry):
+            register(entry.load())
+            continue
         try:
             register(entry.load())
-        except Exception as error:  # a broken third-party plugin must not break the CLI
+        except Exception as error:  # noqa: BLE001 - any failure of someone else's code
             print(f"warning: skipping plugin {entry.name!r}: {error}", file=sys.stderr)
+
+
+def _is_builtin(entry: importlib.metadata.EntryPoint) -> bool:
+    return entry.value.startswith("ncbench.")
 
 
 def all_attacks() -> dict[str, type[Attack]]:
     """Every known attack by name (built-ins first, then installed plugins)."""
     if not _REGISTRY:
-        _load_builtins()
         _load_entry_points()
     return dict(_REGISTRY)
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from challenge.encoders import Encoder, EncoderConfig
+from ncbench.challenge.encoders import Encoder, EncoderConfig
 
 
 def self_keyed_encoder(config: EncoderConfig, *, width: int, seed: int, device: str) -> Encoder:

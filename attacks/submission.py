@@ -24,8 +24,14 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from challenge.errors import NcbenchError
-from challenge.h5io import atomic_path, open_checked, read_strings, set_root_attrs, write_dataset
+from ncbench.errors import NcbenchError
+from ncbench.h5io import (
+    atomic_path,
+    open_checked,
+    read_strings,
+    set_root_attrs,
+    write_dataset,
+)
 
 SUBMISSION_FORMAT = "ncbench-submission"
 SCHEMA_VERSION = 1

@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from attacks.alignment import match
-from attacks.base import Attack
-from attacks.submission import Submission
-from challenge.encoders import images_to_patches
-from challenge.files import Release
+from ncbench.assignment import match
+from ncbench.attacks.base import Attack
+from ncbench.attacks.submission import Submission
+from ncbench.challenge.encoders import images_to_patches
+from ncbench.challenge.files import Release
 
 
 class MeanPatchNearest(Attack):
@@ -46,11 +46,15 @@ class MeanPatchNearest(Attack):
                 advance(len(block))
         plain = images_to_patches(torch.from_numpy(release.plain_images), release.config).mean(1).norm(dim=1).numpy()
         # Higher score = more likely; one-to-one matching by assignment.
-        rank = lambda v: np.argsort(np.argsort(v)) / max(len(v) - 1, 1)
-        scores = -np.abs(rank(encoded_norm)[:, None] - rank(plain)[None, :])
+        scores = -np.abs(_rank(encoded_norm)[:, None] - _rank(plain)[None, :])
         matched = match(scores)
         return Submission(
             release.challenge_id, self.name, self.version, release.encoded_ids,
             mapping=[release.plain_ids[j] for j in matched], scores=scores.astype(np.float32),
             plain_ids=release.plain_ids,
         )
+
+
+def _rank(values: np.ndarray) -> np.ndarray:
+    """(N,) ranks scaled to [0, 1]."""
+    return np.argsort(np.argsort(values)) / max(len(values) - 1, 1)

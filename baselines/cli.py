@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from challenge.encoders import PRESETS
+from ncbench.challenge.encoders import PRESETS
 
 
 @click.group("baseline")
@@ -31,9 +31,9 @@ def group() -> None:
 @click.option("--db", default=None, help="Record the rows in this leaderboard database (path or URL).")
 def utility(presets, raw, source, n_train, n_test, width, image_size, patch_size, epochs, seed, device, db) -> None:
     """Downstream AUC per label of a model trained on encodings vs on raw patches (labelled images)."""
-    from baselines.utility import run_utility
-    from challenge.encoders import pick_device
-    from challenge.errors import NcbenchError
+    from ncbench.baselines.utility import run_utility
+    from ncbench.challenge.encoders import pick_device
+    from ncbench.errors import NcbenchError
 
     if patch_size is None:
         if image_size < 16 or image_size % 16:
@@ -46,7 +46,7 @@ def utility(presets, raw, source, n_train, n_test, width, image_size, patch_size
     click.echo(f"({n_train} train / {n_test} test images from {source}, {image_size} px, encoder width {width}, "
                f"{epochs} epochs)")
     if db:
-        from leaderboard.store import record_utility
+        from ncbench.leaderboard.store import record_utility
 
         written = record_utility(db, rows)
         click.echo(f"recorded {written} rows in {db}")

@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from attacks.base import Attack
-from attacks.submission import Submission
-from challenge.errors import NcbenchError
-from challenge.files import Release, open_key
+from ncbench.attacks.base import Attack
+from ncbench.attacks.submission import Submission
+from ncbench.challenge.files import Release, open_key
+from ncbench.errors import NcbenchError
 
 
 class Chance(Attack):

@@ -25,15 +25,15 @@ import torch
 from scipy.stats import rankdata
 from torch import nn
 
-from challenge.encoders import (
+from ncbench.challenge.encoders import (
     Encoder,
     derive_seed,
     images_to_patches,
     resolve_config,
     sample_permutations,
 )
-from challenge.errors import NcbenchError
-from challenge.progress import progress
+from ncbench.errors import NcbenchError
+from ncbench.progress import progress
 
 D_MODEL = 64
 N_HEADS = 4
@@ -194,7 +194,7 @@ def run_utility(
     Returns one row per (model, label): {preset, label, auc, model_kind, settings}; the
     reference's rows have preset ``RAW_PRESET`` and model_kind ``raw``.
     """
-    from challenge.sources import load_images
+    from ncbench.challenge.sources import load_images
 
     for name, value in (("n_train", n_train), ("n_test", n_test), ("epochs", epochs)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -23,7 +23,12 @@ import torch
 
 
 def encode(n: int = 256, device: str = "cpu", precision: str = "fp32", preset: str = "nc7") -> dict:
-    from challenge.encoders import Encoder, resolve_config, sample_key, sample_permutations
+    from ncbench.challenge.encoders import (
+        Encoder,
+        resolve_config,
+        sample_key,
+        sample_permutations,
+    )
     sys.path.insert(0, "tests")
     from test_encoders import ReferenceNeuraCrypt
 
@@ -75,8 +80,8 @@ def encode(n: int = 256, device: str = "cpu", precision: str = "fp32", preset: s
 
 
 def attack(release_dir: str, name: str = "gram-hungarian") -> dict:
-    from attacks.registry import resolve
-    from challenge.files import open_release
+    from ncbench.attacks.registry import resolve
+    from ncbench.challenge.files import open_release
 
     cls = resolve(name)
     with open_release(release_dir) as release:

@@ -7,11 +7,16 @@ from pathlib import Path
 
 import click
 
-from challenge.encoders import PRECISIONS, PRESETS, STORAGE_DTYPES, resolve_config
-from challenge.errors import NcbenchError
-from challenge.files import TASKS, open_key, open_release
-from challenge.release import BuildPlan, build_release
-from challenge.verify import verify
+from ncbench.challenge.encoders import (
+    PRECISIONS,
+    PRESETS,
+    STORAGE_DTYPES,
+    resolve_config,
+)
+from ncbench.challenge.files import TASKS, open_key, open_release
+from ncbench.challenge.release import BuildPlan, build_release
+from ncbench.challenge.verify import verify
+from ncbench.errors import NcbenchError
 
 
 @click.group("challenge")
@@ -89,7 +94,7 @@ def info(path: Path, show_secrets: bool) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split assignment.")
 def manifest(folder, out, name, licence, labels, splits, seed) -> None:
     """Write a data manifest (paths, sha256, splits, labels) for an image folder."""
-    from data_manifest.manifest import write_manifest
+    from ncbench.data_manifest.manifest import write_manifest
 
     fractions = None
     if splits:

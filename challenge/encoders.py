@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from challenge.errors import NcbenchError
+from ncbench.errors import NcbenchError
 
 PIXEL_MEAN = 43.9  # input normalisation of the published code, on the 0-255 scale
 PIXEL_STD = 63.2
@@ -76,7 +76,7 @@ class EncoderConfig:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "EncoderConfig":
+    def from_json(cls, text: str) -> EncoderConfig:
         try:
             return cls(**json.loads(text))
         except (TypeError, ValueError) as error:
@@ -188,7 +188,7 @@ class Encoder:
         }
 
     @classmethod
-    def from_seed(cls, config: EncoderConfig, seed: int, device: str = "cpu") -> "Encoder":
+    def from_seed(cls, config: EncoderConfig, seed: int, device: str = "cpu") -> Encoder:
         return cls(config, sample_key(config, seed), device)
 
     def _linear(self, rows: torch.Tensor, name: str) -> torch.Tensor:

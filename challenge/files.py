@@ -15,9 +15,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from challenge.encoders import EncoderConfig, key_tensor_names
-from challenge.errors import NcbenchError
-from challenge.h5io import open_checked, read_strings
+from ncbench.challenge.encoders import EncoderConfig, key_tensor_names
+from ncbench.errors import NcbenchError
+from ncbench.h5io import open_checked, read_strings
 
 RELEASE_FORMAT = "ncbench-release"
 KEY_FORMAT = "ncbench-key"

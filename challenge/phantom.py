@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from challenge.errors import NcbenchError
+from ncbench.errors import NcbenchError
 
 LABEL_NAMES: tuple[str, ...] = ("cardiomegaly", "effusion", "nodule")
 

@@ -19,12 +19,32 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from challenge.encoders import Encoder, EncoderConfig, derive_seed, key_tensor_names, pick_device, sample_key, sample_permutations
-from challenge.errors import NcbenchError
-from challenge.files import KEY_FORMAT, RELEASE_FORMAT, SCHEMA_VERSION, TASKS, canonical_digest
-from challenge.h5io import atomic_path, create_streamed, set_root_attrs, sha256_file, write_dataset
-from challenge.progress import progress
-from challenge.sources import ImageSet, load_images
+from ncbench.challenge.encoders import (
+    Encoder,
+    EncoderConfig,
+    derive_seed,
+    key_tensor_names,
+    pick_device,
+    sample_key,
+    sample_permutations,
+)
+from ncbench.challenge.files import (
+    KEY_FORMAT,
+    RELEASE_FORMAT,
+    SCHEMA_VERSION,
+    TASKS,
+    canonical_digest,
+)
+from ncbench.challenge.sources import ImageSet, load_images
+from ncbench.errors import NcbenchError
+from ncbench.h5io import (
+    atomic_path,
+    create_streamed,
+    set_root_attrs,
+    sha256_file,
+    write_dataset,
+)
+from ncbench.progress import progress
 
 
 @dataclass(frozen=True)
@@ -38,7 +58,7 @@ class BuildPlan:
     n_known: int = 0  # invert: known (plaintext, encoding) pairs, a subset of the encoded set
 
     @classmethod
-    def for_task(cls, task: str, n: int, *, n_aux=None, n_targets=None, n_known=None) -> "BuildPlan":
+    def for_task(cls, task: str, n: int, *, n_aux=None, n_targets=None, n_known=None) -> BuildPlan:
         if task not in TASKS:
             raise NcbenchError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
         if n < 2:

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
-from challenge.encoders import Encoder
-from challenge.errors import NcbenchError
-from challenge.files import Key, Release, open_key, open_release
-from challenge.h5io import sha256_file
-from challenge.progress import progress
-from challenge.release import read_sha256sums
+from ncbench.challenge.encoders import Encoder
+from ncbench.challenge.files import Key, Release, open_key, open_release
+from ncbench.challenge.release import read_sha256sums
+from ncbench.errors import NcbenchError
+from ncbench.h5io import sha256_file
+from ncbench.progress import progress
 
 # float16 storage keeps 11 significant bits; recomputation may round the other way.
 RTOL = 2e-3

@@ -18,10 +18,10 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 import numpy as np
 import pandas as pd
 
-from challenge.errors import NcbenchError
-from challenge.h5io import atomic_path, sha256_file
-from challenge.progress import progress
-from challenge.sources import find_image_files, read_labels_csv
+from ncbench.data_manifest.folders import find_image_files, read_labels_csv
+from ncbench.errors import NcbenchError
+from ncbench.h5io import atomic_path, sha256_file
+from ncbench.progress import progress
 
 MANIFEST_COLUMNS = ("id", "path", "sha256", "split")
 SCHEMA_VERSION = 1
@@ -275,7 +275,7 @@ def write_manifest(folder: str | os.PathLike, out_csv: str | os.PathLike, *, nam
         "transforms": [],
         "counts_per_split": counts,
         "label_names": list(label_names),
-        "created_utc": datetime.datetime.now(datetime.timezone.utc)
+        "created_utc": datetime.datetime.now(datetime.UTC)
                        .strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
     if description:

@@ -15,10 +15,10 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from challenge.errors import NcbenchError
-from leaderboard import tables
-from leaderboard.metrics import BAND_BAD_ABOVE, BAND_GOOD_BELOW, privacy_band
-from leaderboard.store import DB_ENV, DEFAULT_DAILY_LIMIT, Store, database_url
+from ncbench.errors import NcbenchError
+from ncbench.leaderboard import tables
+from ncbench.leaderboard.metrics import BAND_BAD_ABOVE, BAND_GOOD_BELOW, privacy_band
+from ncbench.leaderboard.store import DB_ENV, DEFAULT_DAILY_LIMIT, Store, database_url
 
 PAGES = ("Attack x preset", "Challenges", "Submission", "Privacy vs utility", "Take part")
 BAND_COLOURS = {"good": "#c8e6c9", "moderate": "#ffe0b2", "bad": "#ffcdd2"}

@@ -15,10 +15,17 @@ from pathlib import Path
 
 import click
 
-from challenge.errors import NcbenchError
-from challenge.h5io import atomic_path
-from leaderboard.metrics import privacy_band
-from leaderboard.store import DB_ENV, DEFAULT_DAILY_LIMIT, Store, check_team_name, database_url, describe_db
+from ncbench.errors import NcbenchError
+from ncbench.h5io import atomic_path
+from ncbench.leaderboard.metrics import privacy_band
+from ncbench.leaderboard.store import (
+    DB_ENV,
+    DEFAULT_DAILY_LIMIT,
+    Store,
+    check_team_name,
+    database_url,
+    describe_db,
+)
 
 APP_PATH = Path(__file__).with_name("app.py")
 DB_HELP = "Results database: an SQLite file path, or an SQLAlchemy URL (postgresql+psycopg://...)."
@@ -60,7 +67,9 @@ def score(submission: Path, key_path: Path, db: str, team: str, release_path: Pa
 
     The private half's scores are stored but stay hidden until `ncbench leaderboard close`.
     """
-    from leaderboard.scoring import score_submission  # heavy imports (torch) only when scoring
+    from ncbench.leaderboard.scoring import (
+        score_submission,  # heavy imports (torch) only when scoring
+    )
 
     url = database_url(db)
     team = check_team_name(team)
@@ -98,9 +107,9 @@ def score(submission: Path, key_path: Path, db: str, team: str, release_path: Pa
 def _record_crash(url, submission: Path, key_path: Path, release_path, team: str, error: Exception) -> None:
     """Best effort: log a scorer crash (a bug, not the submitter's fault) as a failed submission."""
     try:
-        from challenge.files import open_release
-        from challenge.h5io import sha256_file
-        from leaderboard.scoring import ChallengeInfo, locate_release
+        from ncbench.challenge.files import open_release
+        from ncbench.h5io import sha256_file
+        from ncbench.leaderboard.scoring import ChallengeInfo, locate_release
 
         _, release_file = locate_release(key_path, release_path)
         with open_release(release_file) as release:
@@ -149,7 +158,7 @@ def serve(db: str, port: int, host: str) -> None:
 @click.option("--out", type=click.Path(path_type=Path), help="File to write [default: standard output].")
 def export(db: str, fmt: str, out: Path | None) -> None:
     """Write the public board (one row per submission and visible half) as CSV, JSON or Markdown."""
-    from leaderboard.tables import board, to_markdown, to_records
+    from ncbench.leaderboard.tables import board, to_markdown, to_records
 
     with Store(database_url(db), create=False) as store:
         table = board(store.results())

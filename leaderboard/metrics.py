@@ -10,7 +10,6 @@ import math
 
 import numpy as np
 from scipy import ndimage
-from scipy.optimize import linear_sum_assignment
 
 # Bands of the original NeuraCrypt challenge: < 5% good, 5-20% moderate, > 20% bad.
 BAND_GOOD_BELOW = 0.05
@@ -31,21 +30,6 @@ SSIM_TRUNCATE = 3.5  # window radius 3.5 sigma (11 x 11 at sigma 1.5), as scikit
 SSIM_K1, SSIM_K2 = 0.01, 0.03
 
 NEAREST_BLOCK = 256  # query rows per block in nearest-neighbour searches
-
-
-def assignment_from_scores(scores: np.ndarray) -> np.ndarray:
-    """One-to-one matching that maximises the total score.
-
-    scores: (N, M) with N <= M, higher means more likely. Returns (N,) int64: the column matched
-    to each row (all distinct), found by ``scipy.optimize.linear_sum_assignment``.
-    """
-    scores = np.asarray(scores, dtype=np.float64)
-    if scores.ndim != 2 or scores.shape[0] > scores.shape[1]:
-        raise ValueError(f"scores must be (N, M) with N <= M, got {scores.shape}")
-    rows, cols = linear_sum_assignment(scores, maximize=True)
-    matched = np.empty(scores.shape[0], dtype=np.int64)
-    matched[rows] = cols
-    return matched
 
 
 def true_ranks(scores: np.ndarray, truth: np.ndarray) -> np.ndarray:

@@ -15,14 +15,15 @@ from pathlib import Path
 
 import numpy as np
 
-from attacks.base import KNOWLEDGE
-from attacks.submission import Submission, read_submission
-from challenge.errors import NcbenchError
-from challenge.files import Key, Release, open_key, open_release
-from challenge.h5io import sha256_file
-from challenge.progress import progress
-from leaderboard import metrics
-from leaderboard.metrics import HEADLINE_METRIC
+from ncbench.assignment import match
+from ncbench.attacks.base import KNOWLEDGE
+from ncbench.attacks.submission import Submission, read_submission
+from ncbench.challenge.files import Key, Release, open_key, open_release
+from ncbench.errors import NcbenchError
+from ncbench.h5io import sha256_file
+from ncbench.leaderboard import metrics
+from ncbench.leaderboard.metrics import HEADLINE_METRIC
+from ncbench.progress import progress
 
 SPLITS = {0: "public", 1: "private"}
 REQUIRED_PARTS = {"reid": ("mapping", "scores"), "transfer": ("encodings",), "invert": ("reconstructions",)}
@@ -48,7 +49,7 @@ class ChallengeInfo:
     encoder_config: str  # JSON of the resolved encoder configuration
 
     @classmethod
-    def from_release(cls, release: Release) -> "ChallengeInfo":
+    def from_release(cls, release: Release) -> ChallengeInfo:
         attrs = release.h5.attrs
         return cls(challenge_id=release.challenge_id, task=release.task,
                    preset=str(attrs.get("preset", release.config.preset)), n_encoded=release.n_encoded,
@@ -305,7 +306,7 @@ def compute_metrics(answer: Answer, release: Release, key: Key) -> tuple[dict[in
                 if answer.scores is not None:
                     notes.append("reid_accuracy comes from the mapping; the scores give top-k and MRR")
             else:
-                predicted = metrics.assignment_from_scores(answer.scores)
+                predicted = match(answer.scores)
             for s, out in values.items():
                 mask = row_split == s
                 out["n"] = float(mask.sum())

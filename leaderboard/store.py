@@ -32,7 +32,7 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 
-from challenge.errors import NcbenchError
+from ncbench.errors import NcbenchError
 
 DEFAULT_DAILY_LIMIT = 5
 BUSY_TIMEOUT_S = 30
@@ -134,12 +134,12 @@ class Recorded:
 
 
 def utc_now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def _stamp(moment: dt.datetime) -> str:
     """Fixed-width ISO 8601 in UTC, so that text order is time order in every database."""
-    return moment.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def database_url(db: str | os.PathLike) -> sa.URL:
@@ -182,7 +182,7 @@ class Store:
             self.engine.dispose()
             raise
 
-    def __enter__(self) -> "Store":
+    def __enter__(self) -> Store:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -277,7 +277,7 @@ class Store:
             if existing is not None:
                 return Recorded(int(existing), duplicate=True)
             if daily_limit is not None:
-                start = now.astimezone(dt.timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
+                start = now.astimezone(dt.UTC).replace(hour=0, minute=0, second=0, microsecond=0)
                 used = conn.execute(
                     sa.select(sa.func.count()).select_from(submissions).where(
                         submissions.c.challenge_id == challenge.challenge_id, submissions.c.team_id == team_id,

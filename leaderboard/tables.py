@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from leaderboard.metrics import HEADLINE_METRIC, privacy_band
+from ncbench.leaderboard.metrics import HEADLINE_METRIC, privacy_band
 
 INFO_COLUMNS = ["challenge_id", "task", "preset", "split", "submission_id", "team", "attack", "attack_version",
                 "created_utc", "runtime_s"]

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from challenge.errors import NcbenchError
+from ncbench.errors import NcbenchError
 
 
 class _Root(click.Group):
@@ -28,12 +28,12 @@ def main() -> None:
 
 
 def _mount() -> None:
-    from attacks.cli import group as attack_group
-    from baselines.cli import group as baseline_group
-    from challenge.cli import group as challenge_group
-    from leaderboard.cli import group as leaderboard_group
-    from leaderboard.cli import score
+    from ncbench.attacks.cli import group as attack_group
+    from ncbench.baselines.cli import group as baseline_group
+    from ncbench.challenge.cli import group as challenge_group
     from ncbench.demo import demo
+    from ncbench.leaderboard.cli import group as leaderboard_group
+    from ncbench.leaderboard.cli import score
 
     for command in (challenge_group, attack_group, score, leaderboard_group, baseline_group, demo):
         main.add_command(command)

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import click
 
-from challenge.encoders import pick_device, resolve_config
-from challenge.errors import NcbenchError
-from challenge.release import BuildPlan, build_release
-from challenge.verify import verify
+from ncbench.challenge.encoders import pick_device, resolve_config
+from ncbench.challenge.release import BuildPlan, build_release
+from ncbench.challenge.verify import verify
+from ncbench.errors import NcbenchError
 
 # (preset, task): reid on the four presets of the original challenge, plus invert and transfer.
 DEMO_CHALLENGES = [("linear", "reid"), ("nc3-noshuffle", "reid"), ("nc3", "reid"), ("nc7", "reid"),
@@ -36,12 +36,17 @@ DEMO_UTILITY = {"n_train": 1200, "n_test": 400, "width": 256, "image_size": 128,
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
 def demo(out: Path, n: int, seed: int, device: str) -> None:
     """Build releases from the embedded radiographs, attack them, score them, print the board."""
-    from attacks.registry import all_attacks
-    from attacks.submission import write_submission
-    from challenge.files import open_release
-    from leaderboard.scoring import score_submission
-    from leaderboard.store import Store
-    from leaderboard.tables import attack_preset_matrix, board, privacy_utility, to_markdown
+    from ncbench.attacks.registry import all_attacks
+    from ncbench.attacks.submission import write_submission
+    from ncbench.challenge.files import open_release
+    from ncbench.leaderboard.scoring import score_submission
+    from ncbench.leaderboard.store import Store
+    from ncbench.leaderboard.tables import (
+        attack_preset_matrix,
+        board,
+        privacy_utility,
+        to_markdown,
+    )
 
     out.mkdir(parents=True, exist_ok=True)
     db = out / "leaderboard.db"
@@ -86,7 +91,7 @@ def demo(out: Path, n: int, seed: int, device: str) -> None:
 
 def _record_utility(store, presets: list[str], *, seed: int, device: str) -> None:
     """Run the utility baseline for the presets (and raw reference) not yet recorded at demo settings."""
-    from baselines.utility import MODEL_VERSION, RAW_PRESET, run_utility
+    from ncbench.baselines.utility import MODEL_VERSION, RAW_PRESET, run_utility
 
     settings = {**DEMO_UTILITY, "seed": seed}
     wanted = {**settings, "model_version": MODEL_VERSION}
@@ -101,7 +106,7 @@ def _record_utility(store, presets: list[str], *, seed: int, device: str) -> Non
 
 
 def submission_runtime(path: Path) -> float:
-    from attacks.submission import read_submission
+    from ncbench.attacks.submission import read_submission
 
     return read_submission(path).runtime_s
 

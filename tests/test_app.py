@@ -16,10 +16,10 @@ import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
-import leaderboard
-from leaderboard.scoring import ChallengeInfo, ScoreResult
-from leaderboard.store import DB_ENV, Store, record_utility
-from leaderboard.tables import CHANCE_ROW
+import ncbench.leaderboard as leaderboard
+from ncbench.leaderboard.scoring import ChallengeInfo, ScoreResult
+from ncbench.leaderboard.store import DB_ENV, Store, record_utility
+from ncbench.leaderboard.tables import CHANCE_ROW
 
 APP = str(Path(leaderboard.__file__).with_name("app.py"))
 PAGES = ("Attack x preset", "Challenges", "Submission", "Privacy vs utility", "Take part")

@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from attacks.base import Attack
-from attacks.registry import all_attacks, load_from_file, register, resolve
-from attacks.submission import read_submission
-from challenge.encoders import resolve_config
-from challenge.errors import NcbenchError
-from challenge.files import open_key, open_release
-from challenge.release import BuildPlan, build_release
+from ncbench.attacks.base import Attack
+from ncbench.attacks.registry import all_attacks, load_from_file, register, resolve
+from ncbench.attacks.submission import read_submission
+from ncbench.challenge.encoders import resolve_config
+from ncbench.challenge.files import open_key, open_release
+from ncbench.challenge.release import BuildPlan, build_release
 from ncbench.cli import main
+from ncbench.errors import NcbenchError
 
 TINY = dict(width=256, image_size=64, patch_size=8, bn_batch=32)
 

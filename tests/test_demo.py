@@ -5,10 +5,10 @@ import torch
 from click.testing import CliRunner
 
 import ncbench.demo as demo_module
-from attacks.registry import all_attacks
-from baselines.utility import RAW_PRESET
-from leaderboard.store import Store
+from ncbench.attacks.registry import all_attacks
+from ncbench.baselines.utility import RAW_PRESET
 from ncbench.cli import main
+from ncbench.leaderboard.store import Store
 
 torch.set_num_threads(2)
 SMALL_UTILITY = {"n_train": 48, "n_test": 32, "width": 32, "image_size": 32, "patch_size": 2, "epochs": 1}

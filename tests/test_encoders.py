@@ -8,8 +8,16 @@ import pytest
 import torch
 from torch import nn
 
-from challenge.encoders import PRESETS, Encoder, encode_all, key_tensor_names, resolve_config, sample_key, sample_permutations
-from challenge.errors import NcbenchError
+from ncbench.challenge.encoders import (
+    PRESETS,
+    Encoder,
+    encode_all,
+    key_tensor_names,
+    resolve_config,
+    sample_key,
+    sample_permutations,
+)
+from ncbench.errors import NcbenchError
 
 TINY = dict(width=64, image_size=32, patch_size=8, bn_batch=6)
 

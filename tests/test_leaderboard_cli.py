@@ -6,12 +6,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from attacks.submission import Submission, write_submission
-from challenge.encoders import resolve_config
-from challenge.files import open_key, open_release
-from challenge.release import BuildPlan, build_release
-from leaderboard.store import Store
+from ncbench.attacks.submission import Submission, write_submission
+from ncbench.challenge.encoders import resolve_config
+from ncbench.challenge.files import open_key, open_release
+from ncbench.challenge.release import BuildPlan, build_release
 from ncbench.cli import main
+from ncbench.leaderboard.store import Store
 
 torch.set_num_threads(1)
 TINY = resolve_config("nc7", width=32, image_size=32, patch_size=8, bn_batch=8)
@@ -98,13 +98,13 @@ def test_oracle_baseline_is_refused_and_nothing_is_created(challenge, tmp_path):
 
 
 def test_scorer_crash_is_recorded_as_failed_and_not_counted(challenge, perfect, tmp_path, monkeypatch):
-    import leaderboard.scoring
+    import ncbench.leaderboard.scoring as scoring
 
     def broken(*args, **kwargs):
         raise RuntimeError("bug in a metric")
     db = tmp_path / "board.db"
     with monkeypatch.context() as patch:
-        patch.setattr(leaderboard.scoring, "compute_metrics", broken)
+        patch.setattr(scoring, "compute_metrics", broken)
         crashed = score(perfect, challenge, db, "alice", "--daily-limit", 1)
     assert isinstance(crashed.exception, RuntimeError)  # a bug shows its traceback, unlike user mistakes
     with Store(db) as store:

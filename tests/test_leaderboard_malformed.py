@@ -16,12 +16,12 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from attacks.submission import Submission, write_submission
-from challenge.encoders import resolve_config
-from challenge.files import open_key, open_release
-from challenge.release import BuildPlan, build_release
-from leaderboard.store import Store
+from ncbench.attacks.submission import Submission, write_submission
+from ncbench.challenge.encoders import resolve_config
+from ncbench.challenge.files import open_key, open_release
+from ncbench.challenge.release import BuildPlan, build_release
 from ncbench.cli import main
+from ncbench.leaderboard.store import Store
 
 torch.set_num_threads(1)
 TINY = resolve_config("nc7", width=32, image_size=32, patch_size=8, bn_batch=8)

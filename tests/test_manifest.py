@@ -13,17 +13,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-import challenge.sources as sources
-from challenge.errors import NcbenchError
-from challenge.h5io import sha256_file
-from challenge.sources import load_images
-from data_manifest.manifest import (
+from ncbench.challenge.sample import SAMPLE_MANIFEST
+from ncbench.challenge.sources import load_images
+from ncbench.data_manifest.manifest import (
     assign_splits,
     read_manifest,
     read_sidecar,
     validate_sidecar,
     write_manifest,
 )
+from ncbench.errors import NcbenchError
+from ncbench.h5io import sha256_file
 
 SCHEMA = Path(__file__).resolve().parents[1] / "data_manifest" / "schema.json"
 
@@ -155,7 +155,7 @@ def test_sidecar_counts_must_match_the_csv(folder, tmp_path):
 
 
 def test_sample_manifest_lists_the_two_films():
-    frame = read_manifest(sources.SAMPLE_MANIFEST)
+    frame = read_manifest(SAMPLE_MANIFEST)
     assert list(frame["id"]) == ["RG1", "RG3"]
     assert list(frame["path"]) == ["RG1_UNCR.dcm", "RG3_UNCR.dcm"]
     assert frame.attrs["sidecar"]["licence"] == "MIT"
@@ -165,11 +165,11 @@ def test_schema_is_valid_and_accepts_the_sample_sidecar():
     jsonschema = pytest.importorskip("jsonschema")
     schema = json.loads(SCHEMA.read_text())
     jsonschema.Draft202012Validator.check_schema(schema)
-    jsonschema.validate(read_sidecar(sources.SAMPLE_MANIFEST), schema,
+    jsonschema.validate(read_sidecar(SAMPLE_MANIFEST), schema,
                         cls=jsonschema.Draft202012Validator)
 
 
-VALID = read_sidecar(sources.SAMPLE_MANIFEST)
+VALID = read_sidecar(SAMPLE_MANIFEST)
 ODD_VALUES = [None, True, 0, 1, 2, -1, 1.5, "", "x", "2026-11-27T18:45:00Z", "2026-11-27",
               [], ["a"], ["a", "a"], [""], [{"name": "t", "description": "d"}],
               [{"name": "t"}], [{"name": "t", "description": "d", "kind": "gauss"}],

@@ -5,24 +5,25 @@ import math
 import numpy as np
 import pytest
 
-from leaderboard import metrics
+from ncbench.assignment import match
+from ncbench.leaderboard import metrics
 
 
 def test_assignment_maximises_total_score_not_greedy_choice():
     # Greedy takes row 0 -> column 0 (5) then row 1 -> column 1 (1): total 6.
     # The best one-to-one matching crosses over: 4 + 4 = 8.
     scores = np.array([[5.0, 4.0], [4.0, 1.0]])
-    assert metrics.assignment_from_scores(scores).tolist() == [1, 0]
+    assert match(scores).tolist() == [1, 0]
 
 
 def test_assignment_of_fewer_rows_than_columns():
     scores = np.array([[0.0, 1.0, 5.0], [0.0, 9.0, 8.0]])
-    assert metrics.assignment_from_scores(scores).tolist() == [2, 1]
+    assert match(scores).tolist() == [2, 1]
 
 
 def test_assignment_refuses_more_rows_than_columns():
     with pytest.raises(ValueError):
-        metrics.assignment_from_scores(np.zeros((3, 2)))
+        match(np.zeros((3, 2)))
 
 
 def test_ranks_count_ties_against_the_submitter():

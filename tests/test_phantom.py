@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from challenge.errors import NcbenchError
-from challenge.phantom import LABEL_NAMES, render_phantoms
+from ncbench.challenge.phantom import LABEL_NAMES, render_phantoms
+from ncbench.errors import NcbenchError
 
 SIZE = 128
 

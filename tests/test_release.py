@@ -10,13 +10,19 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import challenge.release as release_module
-from challenge.encoders import Encoder, key_tensor_names, resolve_config
-from challenge.errors import NcbenchError
-from challenge.files import KEY_FORMAT, RELEASE_FORMAT, SCHEMA_VERSION, open_key, open_release
-from challenge.release import BuildPlan, build_release, write_sha256sums
-from challenge.verify import _compare, _tensor, verify
+import ncbench.challenge.release as release_module
+from ncbench.challenge.encoders import Encoder, key_tensor_names, resolve_config
+from ncbench.challenge.files import (
+    KEY_FORMAT,
+    RELEASE_FORMAT,
+    SCHEMA_VERSION,
+    open_key,
+    open_release,
+)
+from ncbench.challenge.release import BuildPlan, build_release, write_sha256sums
+from ncbench.challenge.verify import _compare, _tensor, verify
 from ncbench.cli import main
+from ncbench.errors import NcbenchError
 
 torch.set_num_threads(1)
 TINY = resolve_config("nc7", width=32, image_size=32, patch_size=8, bn_batch=8)

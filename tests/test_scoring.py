@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from attacks.submission import Submission, write_submission
-from challenge.encoders import resolve_config
-from challenge.errors import NcbenchError
-from challenge.files import open_key, open_release
-from challenge.release import BuildPlan, build_release
-from leaderboard.scoring import score_submission
+from ncbench.attacks.submission import Submission, write_submission
+from ncbench.challenge.encoders import resolve_config
+from ncbench.challenge.files import open_key, open_release
+from ncbench.challenge.release import BuildPlan, build_release
+from ncbench.errors import NcbenchError
+from ncbench.leaderboard.scoring import score_submission
 
 torch.set_num_threads(1)
 TINY = resolve_config("nc7", width=32, image_size=32, patch_size=8, bn_batch=8)

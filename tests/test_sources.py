@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import challenge.sources as sources
-from challenge.errors import NcbenchError
-from challenge.sources import SAMPLE_VIEW_TRANSFORMS, load_images
+import ncbench.challenge.sample as sample_source
+from ncbench.challenge.sample import SAMPLE_MANIFEST, SAMPLE_VIEW_TRANSFORMS
+from ncbench.challenge.sources import load_images
+from ncbench.errors import NcbenchError
 
 
 def write_image(path, pixels):
@@ -243,7 +244,7 @@ def test_sample_is_deterministic_per_seed():
 
 def test_sample_view_k_does_not_depend_on_n_or_batching(monkeypatch):
     short = load_images("sample", n=4, seed=1, image_size=32)
-    monkeypatch.setattr(sources, "SAMPLE_BATCH_PIXELS", 3 * 32 * 32)  # batches of 3 views
+    monkeypatch.setattr(sample_source, "SAMPLE_BATCH_PIXELS", 3 * 32 * 32)  # batches of 3 views
     long = load_images("sample", n=10, seed=1, image_size=32)
     assert long.ids[:4] == short.ids
     assert np.array_equal(long.images[:4], short.images)
@@ -257,17 +258,17 @@ def test_sample_is_mostly_chest_views():
 
 def test_sample_checks_film_sha256_against_its_manifest(tmp_path, monkeypatch):
     manifest = tmp_path / "sample.csv"
-    shutil.copy(sources.SAMPLE_MANIFEST.with_suffix(".json"), tmp_path / "sample.json")
-    text = sources.SAMPLE_MANIFEST.read_text()
+    shutil.copy(SAMPLE_MANIFEST.with_suffix(".json"), tmp_path / "sample.json")
+    text = SAMPLE_MANIFEST.read_text()
     good = re.search(r"RG1_UNCR\.dcm,([0-9a-f]{64})", text).group(1)
     manifest.write_text(text.replace(good, "0" * 64))
-    monkeypatch.setattr(sources, "SAMPLE_MANIFEST", manifest)
+    monkeypatch.setattr(sample_source, "SAMPLE_MANIFEST", manifest)
     with pytest.raises(NcbenchError, match=r"RG1_UNCR\.dcm: sha256 .* does not match"):
         load_images("sample", n=2, seed=0, image_size=8)
 
 
 def test_sample_sidecar_records_the_transform_table():
-    sidecar = json.loads(sources.SAMPLE_MANIFEST.with_suffix(".json").read_text())
+    sidecar = json.loads(SAMPLE_MANIFEST.with_suffix(".json").read_text())
     assert sidecar["transforms"] == [t.as_dict() for t in SAMPLE_VIEW_TRANSFORMS]
     assert sidecar["licence"] == "MIT" and "not a cohort" in sidecar["description"]
 
@@ -276,7 +277,7 @@ def test_sample_sidecar_records_the_transform_table():
 # phantom
 
 def test_phantom_delegates_to_the_generator():
-    phantom = pytest.importorskip("challenge.phantom")
+    phantom = pytest.importorskip("ncbench.challenge.phantom")
     images = load_images("phantom", n=3, seed=0, image_size=32)
     assert images.ids == ("phantom-000000", "phantom-000001", "phantom-000002")
     assert images.images.shape == (3, 32, 32) and images.images.dtype == np.uint8

@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from challenge.errors import NcbenchError
-from leaderboard import store as store_module
-from leaderboard.scoring import ChallengeInfo, ScoreResult
-from leaderboard.store import Store, record_utility
+from ncbench.errors import NcbenchError
+from ncbench.leaderboard import store as store_module
+from ncbench.leaderboard.scoring import ChallengeInfo, ScoreResult
+from ncbench.leaderboard.store import Store, record_utility
 
-NOON = dt.datetime(2026, 11, 27, 12, 0, tzinfo=dt.timezone.utc)
+NOON = dt.datetime(2026, 11, 27, 12, 0, tzinfo=dt.UTC)
 
 
 def challenge(challenge_id="nc7-reid-00000001", task="reid", preset="nc7", commitment="c" * 64):
@@ -151,15 +151,15 @@ def test_record_utility_rows(tmp_path):
 
 
 def test_privacy_utility_uses_the_latest_run_per_preset(tmp_path):
-    from leaderboard.tables import privacy_utility
+    from ncbench.leaderboard.tables import privacy_utility
 
     def run(auc):
         return [{"preset": "nc7", "label": "effusion", "auc": auc, "model_kind": "encoded"},
                 {"preset": "raw", "label": "effusion", "auc": auc + 0.1, "model_kind": "raw"}]
 
     with Store(tmp_path / "board.db") as opened:
-        opened.record_utility(run(0.5), now=dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc))
-        opened.record_utility(run(0.8), now=dt.datetime(2026, 2, 1, tzinfo=dt.timezone.utc))
+        opened.record_utility(run(0.5), now=dt.datetime(2026, 1, 1, tzinfo=dt.UTC))
+        opened.record_utility(run(0.8), now=dt.datetime(2026, 2, 1, tzinfo=dt.UTC))
         summary = privacy_utility(opened.results(), opened.utility())
     assert summary.loc[0, "encoded_auc"] == pytest.approx(0.8)
     assert summary.loc[0, "raw_auc"] == pytest.approx(0.9)

@@ -5,20 +5,20 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from baselines.utility import (
+from ncbench.baselines.utility import (
+    RAW_PRESET,
     auc,
     build_model,
     encode_images,
     predict,
-    RAW_PRESET,
     run_utility,
     standardise,
     train_model,
 )
-from challenge.encoders import resolve_config
-from challenge.phantom import LABEL_NAMES
-from leaderboard.store import Store, record_utility
+from ncbench.challenge.encoders import resolve_config
+from ncbench.challenge.phantom import LABEL_NAMES
 from ncbench.cli import main
+from ncbench.leaderboard.store import Store, record_utility
 
 torch.set_num_threads(2)
 
@@ -124,7 +124,7 @@ def test_utility_trains_on_a_users_labelled_folder(tmp_path):
     # Phantom films saved as PNGs with a CheXpert-style labels CSV: the folder source path.
     from PIL import Image
 
-    from challenge.phantom import render_phantoms
+    from ncbench.challenge.phantom import render_phantoms
 
     images, labels = render_phantoms(40, seed=1, image_size=32)
     lines = ["Path,Cardiomegaly,Pleural Effusion"]

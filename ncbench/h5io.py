@@ -18,7 +18,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from challenge.errors import NcbenchError
+from ncbench.errors import NcbenchError
 
 NCBENCH_VERSION = "0.1.0"
 # gzip level 1: float encodings barely compress, and level 4 costs 3x the time for 2% smaller files.
