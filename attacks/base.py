@@ -1,4 +1,4 @@
-"""The attack plugin interface (SPEC section 5).
+"""The attack plugin interface (docs/tasks.md#attack-plugins).
 
 A plugin declares what it is in class attributes and its parameters as a dataclass; the base
 class validates both once, so every plugin gets the same precise errors::
@@ -21,6 +21,7 @@ Plugins receive the public release only: never a key.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import time
 import typing
@@ -51,7 +52,7 @@ class NoParams:
     """An attack without parameters."""
 
 
-class Attack:
+class Attack(abc.ABC):
     """Base class of every attack. Subclasses set the class attributes and implement ``run``."""
 
     name: ClassVar[str]
@@ -125,8 +126,9 @@ class Attack:
                 f"attack {self.name} solves {', '.join(self.tasks)}; this release is a {release.task} challenge"
             )
 
+    @abc.abstractmethod
     def run(self, release: Release) -> Submission:
-        raise NotImplementedError
+        """Attack the public ``release`` and return the answer; the key is never reachable."""
 
     def __call__(self, release: Release) -> Submission:
         """Check, run, and stamp the submission with name, version, parameters and runtime."""

@@ -66,14 +66,26 @@ def load_from_file(spec: str) -> type[Attack]:
     if not path.is_file():
         raise NcbenchError(f"plugin file {path} does not exist")
     module_name = f"ncbench_plugin_{path.stem}"
+    _put_project_on_path(path)
     try:
         module_spec = importlib.util.spec_from_file_location(module_name, path)
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[module_name] = module
         module_spec.loader.exec_module(module)
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 - any failure of a user's file is a user mistake
         raise NcbenchError(f"plugin file {path} failed to import: {type(error).__name__}: {error}") from None
     cls = getattr(module, class_name, None)
     if not (isinstance(cls, type) and issubclass(cls, Attack)):
         raise NcbenchError(f"{path} has no Attack subclass named {class_name!r}")
     return cls
+
+
+def _put_project_on_path(path: Path) -> None:
+    """Let a plugin import its own project's modules, as pytest's rootdir logic does: the first
+    folder above the file that is not a package (has no ``__init__.py``) goes on ``sys.path``.
+    Our packages live under ``ncbench.``, so a user's ``attacks`` package shadows nothing."""
+    root = path.resolve().parent
+    while (root / "__init__.py").is_file() and root.parent != root:
+        root = root.parent
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))

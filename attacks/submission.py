@@ -1,4 +1,4 @@
-"""Submission files (SPEC section 4): what an attack produces and the scorer reads.
+"""Submission files (docs/format.md): what an attack produces and the scorer reads.
 
 HDF5 (``format = "ncbench-submission"``) with attrs ``challenge_id``, ``attack``,
 ``attack_version``, ``params`` (JSON), ``runtime_s``, ``knowledge`` (JSON list), optional

@@ -18,10 +18,8 @@ import numpy as np
 import torch
 
 from ncbench.assignment import match
-from ncbench.attacks.base import Attack
-from ncbench.attacks.submission import Submission
+from ncbench.attacks import Attack, Release, Submission
 from ncbench.challenge.encoders import images_to_patches
-from ncbench.challenge.files import Release
 
 
 class MeanPatchNearest(Attack):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from ncbench.baselines.utility import DEFAULTS
 from ncbench.challenge.encoders import PRESETS
 
 
@@ -19,13 +20,13 @@ def group() -> None:
               help="Also train the non-private reference on plaintext patches.")
 @click.option("--source", default="phantom", show_default=True,
               help="Labelled images: phantom, folder:PATH[?labels=CSV] (CheXpert layout) or manifest:FILE.")
-@click.option("--n-train", default=1200, show_default=True, type=int, help="Training images.")
-@click.option("--n-test", default=400, show_default=True, type=int, help="Held-out test images.")
-@click.option("--width", default=256, show_default=True, type=int, help="Encoder width D.")
-@click.option("--image-size", default=128, show_default=True, type=int, help="Image side in pixels.")
+@click.option("--n-train", default=DEFAULTS["n_train"], show_default=True, type=int, help="Training images.")
+@click.option("--n-test", default=DEFAULTS["n_test"], show_default=True, type=int, help="Held-out test images.")
+@click.option("--width", default=DEFAULTS["width"], show_default=True, type=int, help="Encoder width D.")
+@click.option("--image-size", default=DEFAULTS["image_size"], show_default=True, type=int, help="Image side in pixels.")
 @click.option("--patch-size", default=None, type=int,
               help="Patch side; default image_size/16, so P = 256 patches as at 256 px with 16 px patches.")
-@click.option("--epochs", default=8, show_default=True, type=int, help="Training epochs per model.")
+@click.option("--epochs", default=DEFAULTS["epochs"], show_default=True, type=int, help="Training epochs per model.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for images, key, shuffles, models.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
 @click.option("--db", default=None, help="Record the rows in this leaderboard database (path or URL).")

@@ -25,7 +25,7 @@ def group() -> None:
 
 
 @group.command()
-@click.option("--preset", type=click.Choice(list(PRESETS)), required=True, help="Encoder preset (SPEC section 2).")
+@click.option("--preset", type=click.Choice(list(PRESETS)), required=True, help="Encoder preset (docs/tasks.md#encoder).")
 @click.option("--task", type=click.Choice(TASKS), default="reid", show_default=True, help="Threat model.")
 @click.option("--source", default="sample", show_default=True,
               help="Images: sample, phantom, folder:PATH or manifest:FILE.")
@@ -90,18 +90,32 @@ def info(path: Path, show_secrets: bool) -> None:
 @click.option("--name", required=True, help="Name of the image set.")
 @click.option("--licence", default="unknown", show_default=True, help="Licence of the images.")
 @click.option("--labels", type=click.Path(path_type=Path), help="CheXpert-style labels CSV.")
-@click.option("--splits", help="Split fractions train,val,test, e.g. 0.7,0.1,0.2 (default: all test).")
+@click.option("--splits", help="Split fractions: train,val,test as 0.7,0.1,0.2, or named as train=0.8,test=0.2 (default: all test).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split assignment.")
 def manifest(folder, out, name, licence, labels, splits, seed) -> None:
     """Write a data manifest (paths, sha256, splits, labels) for an image folder."""
     from ncbench.data_manifest.manifest import write_manifest
 
-    fractions = None
-    if splits:
-        try:
-            fractions = tuple(float(v) for v in splits.split(","))
-        except ValueError:
-            raise NcbenchError(f"--splits must be three numbers like 0.7,0.1,0.2, got {splits!r}") from None
+    fractions = parse_split_fractions(splits) if splits else None
     path = write_manifest(folder, out, name=name, licence=licence, split_fractions=fractions,
                           labels_csv=labels, seed=seed)
     click.echo(f"wrote {path}")
+
+
+def parse_split_fractions(text: str) -> dict[str, float]:
+    """``0.7,0.1,0.2`` (train, val, test) or ``name=fraction,...`` -> {split: fraction}."""
+    items = [item.strip() for item in text.split(",")]
+    named = all("=" in item for item in items)
+    if not named and (len(items) != 3 or any("=" in item for item in items)):
+        raise NcbenchError(f"--splits must be train,val,test fractions like 0.7,0.1,0.2 or name=fraction pairs, got {text!r}")
+    pairs = [item.split("=", 1) for item in items] if named else list(zip(("train", "val", "test"), items))
+    fractions: dict[str, float] = {}
+    for name, value in pairs:
+        name = name.strip()
+        if name in fractions:
+            raise NcbenchError(f"--splits names split {name!r} twice")
+        try:
+            fractions[name] = float(value)
+        except ValueError:
+            raise NcbenchError(f"--splits: fraction {value!r} of {name!r} is not a number") from None
+    return fractions

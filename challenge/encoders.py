@@ -1,4 +1,4 @@
-"""The NeuraCrypt encoder (Yala et al. 2021) and its named presets (SPEC section 2).
+"""The NeuraCrypt encoder (Yala et al. 2021) and its named presets (docs/tasks.md#encoder).
 
 Forward pass of the reference architecture, per batch of ``bn_batch`` images:
 

@@ -1,4 +1,4 @@
-"""Typed readers for the two organizer files of SPEC section 4: ``release.h5`` and ``key.h5``.
+"""Typed readers for the two organizer files of docs/format.md: ``release.h5`` and ``key.h5``.
 
 Everything else (attacks, scoring, verification) reads releases and keys through these classes,
 so a format check lives in one place.
@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -218,17 +219,55 @@ def _describe(handle: h5py.File) -> dict:
     return info
 
 
-def open_release(path: str | os.PathLike) -> Release:
-    """Open a release file, or the ``public/release.h5`` inside a release directory."""
+@dataclass(frozen=True)
+class ReleaseLayout:
+    """Where the files of a release directory live (docs/format.md#release-directory)."""
+
+    root: Path
+
+    @property
+    def public(self) -> Path:
+        return self.root / "public"
+
+    @property
+    def private(self) -> Path:
+        return self.root / "private"
+
+    @property
+    def release(self) -> Path:
+        return self.public / "release.h5"
+
+    @property
+    def key(self) -> Path:
+        return self.private / "key.h5"
+
+    @classmethod
+    def of_key(cls, key_file: Path) -> ReleaseLayout:
+        """The directory a ``private/key.h5`` sits in."""
+        return cls(Path(key_file).parent.parent)
+
+
+def release_file(path: str | os.PathLike) -> Path:
+    """A release file as given, or the ``public/release.h5`` of a release directory (or a bare
+    ``release.h5`` in a folder, as attackers receive it)."""
     path = Path(path)
     if path.is_dir():
-        path = path / "public" / "release.h5" if (path / "public").is_dir() else path / "release.h5"
-    return Release(path)
+        layout = ReleaseLayout(path)
+        return layout.release if layout.public.is_dir() else path / "release.h5"
+    return path
+
+
+def key_file(path: str | os.PathLike) -> Path:
+    """A key file as given, or the ``private/key.h5`` of a release directory."""
+    path = Path(path)
+    return ReleaseLayout(path).key if path.is_dir() else path
+
+
+def open_release(path: str | os.PathLike) -> Release:
+    """Open a release file, or the ``public/release.h5`` inside a release directory."""
+    return Release(release_file(path))
 
 
 def open_key(path: str | os.PathLike) -> Key:
     """Open a key file, or the ``private/key.h5`` inside a release directory."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "private" / "key.h5"
-    return Key(path)
+    return Key(key_file(path))

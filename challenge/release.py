@@ -1,4 +1,4 @@
-"""Build a challenge release: public encodings + plaintexts, and the private key (SPEC section 4).
+"""Build a challenge release: public encodings + plaintexts, and the private key (docs/format.md).
 
 Layout written atomically (a temporary sibling directory renamed into place)::
 
@@ -33,6 +33,7 @@ from ncbench.challenge.files import (
     RELEASE_FORMAT,
     SCHEMA_VERSION,
     TASKS,
+    ReleaseLayout,
     canonical_digest,
 )
 from ncbench.challenge.sources import ImageSet, load_images
@@ -103,8 +104,9 @@ def build_release(
     del images  # _write drops the only copy once the plaintexts are on disk, before encoding
     out = Path(out)
     with atomic_path(out, force=force) as tmp:
-        (tmp / "public").mkdir(parents=True)
-        (tmp / "private").mkdir()
+        layout = ReleaseLayout(tmp)
+        layout.public.mkdir(parents=True)
+        layout.private.mkdir()
         _write(tmp, config=config, plan=plan, roles=roles, seed=seed, device=device,
                source_description=description)
     return out
@@ -137,7 +139,8 @@ def _write(tmp: Path, *, config, plan, roles, seed, device, source_description) 
     challenge_id = f"{config.preset}-{plan.task}-{derive_seed(seed, 'challenge-id') % 16**8:08x}"
     created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(os.environ.get("SOURCE_DATE_EPOCH", time.time()))))
     encoded_ids = [f"enc-{i:05d}" for i in range(n)]
-    release_path, key_path = tmp / "public" / "release.h5", tmp / "private" / "key.h5"
+    layout = ReleaseLayout(tmp)
+    release_path, key_path = layout.release, layout.key
 
     with h5py.File(key_path, "w", track_order=False) as key_h5:
         set_root_attrs(key_h5, KEY_FORMAT, SCHEMA_VERSION, challenge_id=challenge_id, task=plan.task)
@@ -209,8 +212,8 @@ def _write(tmp: Path, *, config, plan, roles, seed, device, source_description) 
 
     with h5py.File(key_path, "a") as key_h5:
         key_h5.attrs["release_sha256"] = sha256_file(release_path)
-    write_sha256sums(tmp / "public")
-    write_sha256sums(tmp / "private")
+    write_sha256sums(layout.public)
+    write_sha256sums(layout.private)
 
 
 class RowView:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ncbench.challenge.encoders import Encoder
-from ncbench.challenge.files import Key, Release, open_key, open_release
+from ncbench.challenge.files import Key, Release, ReleaseLayout, key_file, open_key, open_release
 from ncbench.challenge.release import read_sha256sums
 from ncbench.errors import NcbenchError
 from ncbench.h5io import sha256_file
@@ -27,15 +27,14 @@ def verify(release_dir: str | os.PathLike, key_path: str | os.PathLike | None = 
     release_dir = Path(release_dir)
     if not release_dir.is_dir():
         raise NcbenchError(f"{release_dir}: not a release directory")
-    problems = _check_sums(release_dir / "public")
+    problems = _check_sums(ReleaseLayout(release_dir).public)
     with open_release(release_dir) as release:
         if key_path is None:
             return problems
-        key_path = Path(key_path)
-        key_file = key_path / "private" / "key.h5" if key_path.is_dir() else key_path
-        if (key_file.parent / "SHA256SUMS").is_file():
-            problems += _check_sums(key_file.parent)
-        with open_key(key_file) as key:
+        key_path = key_file(key_path)
+        if (key_path.parent / "SHA256SUMS").is_file():
+            problems += _check_sums(key_path.parent)
+        with open_key(key_path) as key:
             problems += _check_against_key(release, key)
     return problems
 

@@ -32,27 +32,7 @@ DB_HELP = "Results database: an SQLite file path, or an SQLAlchemy URL (postgres
 SHOWN_METRICS = ("top1_accuracy", "top5_accuracy", "mrr", "patch_position_accuracy", "psnr", "ssim", "one_to_one")
 
 
-class _OneLineCommand(click.Command):
-    """Usage mistakes (missing option, bad choice) become one NcbenchError line like every other."""
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        try:
-            return super().parse_args(ctx, args)
-        except click.UsageError as error:
-            raise NcbenchError(f"{ctx.command_path}: {error.format_message()}") from None
-
-
-class _OneLineGroup(click.Group):
-    command_class = _OneLineCommand
-
-    def resolve_command(self, ctx: click.Context, args: list[str]):
-        try:
-            return super().resolve_command(ctx, args)
-        except click.UsageError as error:
-            raise NcbenchError(f"{ctx.command_path}: {error.format_message()}") from None
-
-
-@click.command("score", cls=_OneLineCommand)
+@click.command("score")
 @click.argument("submission", type=click.Path(path_type=Path))
 @click.option("--key", "key_path", required=True, type=click.Path(path_type=Path),
               help="The challenge's private key.h5 (or its release directory).")
@@ -121,7 +101,7 @@ def _record_crash(url, submission: Path, key_path: Path, release_path, team: str
         pass
 
 
-@click.group("leaderboard", cls=_OneLineGroup)
+@click.group("leaderboard")
 def group() -> None:
     """The public leaderboard: serve the Streamlit app, export tables, close a challenge."""
 

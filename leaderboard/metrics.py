@@ -1,4 +1,4 @@
-"""Scoring metrics as plain functions on arrays (SPEC section 3): no files, no database.
+"""Scoring metrics as plain functions on arrays (docs/tasks.md#metrics): no files, no database.
 
 Shapes: N encodings being scored, M candidates (plaintexts or targets), P patches, D width,
 H x W image pixels. Accuracies are fractions in [0, 1].
@@ -16,7 +16,10 @@ BAND_GOOD_BELOW = 0.05
 BAND_BAD_ABOVE = 0.20
 BANDS = ("good", "moderate", "bad")
 
-# The re-identification number each task is ranked by (SPEC section 3); chance and effective
+# The key's truth/split values: each encoding is scored in the public or the hidden half.
+SPLIT_NAMES = {0: "public", 1: "private"}
+
+# The re-identification number each task is ranked by (docs/tasks.md#metrics); chance and effective
 # k-anonymity are reported beside it.
 HEADLINE_METRIC = {"reid": "reid_accuracy", "invert": "reid_accuracy", "transfer": "nn_accuracy"}
 

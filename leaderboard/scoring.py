@@ -1,4 +1,4 @@
-"""Score a submission against a challenge's private key (SPEC sections 3, 4 and 6).
+"""Score a submission against a challenge's private key (docs/tasks.md#scoring-rules).
 
 Everything about the submission is validated before any metric is computed; each problem is one
 :class:`NcbenchError` line. Metrics are computed separately on the public (split 0) and private
@@ -18,14 +18,13 @@ import numpy as np
 from ncbench.assignment import match
 from ncbench.attacks.base import KNOWLEDGE
 from ncbench.attacks.submission import Submission, read_submission
-from ncbench.challenge.files import Key, Release, open_key, open_release
+from ncbench.challenge.files import Key, Release, ReleaseLayout, key_file, open_key, open_release, release_file
 from ncbench.errors import NcbenchError
 from ncbench.h5io import sha256_file
 from ncbench.leaderboard import metrics
 from ncbench.leaderboard.metrics import HEADLINE_METRIC
 from ncbench.progress import progress
 
-SPLITS = {0: "public", 1: "private"}
 REQUIRED_PARTS = {"reid": ("mapping", "scores"), "transfer": ("encodings",), "invert": ("reconstructions",)}
 USED_PARTS = {
     "reid": {"mapping", "scores", "patch_positions"},
@@ -117,17 +116,12 @@ def score_submission(submission_path: str | os.PathLike, key_path: str | os.Path
 
 def locate_release(key_path: str | os.PathLike, release_path: str | os.PathLike | None) -> tuple[Path, Path]:
     """(key file, release file): the release defaults to ``<dir>/public/release.h5`` beside the key."""
-    key_path = Path(key_path)
-    if key_path.is_dir():
-        key_path = key_path / "private" / "key.h5"
+    key_path = key_file(key_path)
     if not key_path.is_file():
         raise NcbenchError(f"{key_path}: no such key file")
     if release_path is not None:
-        release_path = Path(release_path)
-        if release_path.is_dir():
-            release_path = release_path / "public" / "release.h5"
-        return key_path, release_path
-    beside = key_path.parent.parent / "public" / "release.h5"
+        return key_path, release_file(release_path)
+    beside = ReleaseLayout.of_key(key_path).release
     if not beside.is_file():
         raise NcbenchError(f"no release found beside the key (looked for {beside}); pass --release")
     return key_path, beside
@@ -295,7 +289,7 @@ def compute_metrics(answer: Answer, release: Release, key: Key) -> tuple[dict[in
     task = release.task
     split = key.read("truth/split").astype(np.int64)
     notes: list[str] = []
-    values: dict[int, dict[str, float]] = {s: {} for s in SPLITS}
+    values: dict[int, dict[str, float]] = {s: {} for s in metrics.SPLIT_NAMES}
     row_split = split[answer.rows]
     with np.errstate(all="ignore"):  # absurd but finite submitted values must not abort scoring
         if task == "reid":

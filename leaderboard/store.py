@@ -1,4 +1,4 @@
-"""The results database (SPEC section 6): SQLAlchemy Core over SQLite by default, any URL otherwise.
+"""The results database (docs/tasks.md#scoring-rules): SQLAlchemy Core over SQLite by default, any URL otherwise.
 
 ``--db`` takes a path (an SQLite file: WAL journal, foreign keys on, 30 s busy timeout) or an
 SQLAlchemy URL such as ``postgresql+psycopg://user@host/board``. The schema is versioned: each
@@ -33,12 +33,12 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 
 from ncbench.errors import NcbenchError
+from ncbench.leaderboard.metrics import SPLIT_NAMES
 
 DEFAULT_DAILY_LIMIT = 5
 BUSY_TIMEOUT_S = 30
 STATUS_SCORED, STATUS_FAILED = "scored", "failed"
 MODEL_KINDS = ("encoded", "raw")
-SPLIT_NAMES = {0: "public", 1: "private"}
 MAX_TEAM_NAME = 64
 DB_ENV = "NCBENCH_DB"  # how `leaderboard serve` hands the database to the app (not argv: passwords)
 _PG_MIGRATION_LOCK = 0x6E63_6265  # pg_advisory_xact_lock key: "ncbe"
@@ -106,7 +106,7 @@ utility_results = sa.Table(
     sa.Column("model_kind", sa.String(16), nullable=False),
     sa.Column("settings", sa.Text, nullable=False),  # JSON object
     sa.Column("created_utc", sa.String(32), nullable=False),
-    sa.CheckConstraint("model_kind IN ('encoded', 'raw')", name="utility_model_kind"),
+    sa.CheckConstraint(sa.column("model_kind").in_(MODEL_KINDS), name="utility_model_kind"),
 )
 
 

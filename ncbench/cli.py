@@ -10,6 +10,27 @@ from ncbench.errors import NcbenchError
 
 
 class _Root(click.Group):
+    """Every user mistake, whether click finds it (a bad option) or our code does, ends in one
+    line on stderr and exit code 2; click's usage block is for ``--help`` only."""
+
+    def main(self, *args, **kwargs):
+        kwargs.pop("standalone_mode", None)
+        try:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as error:
+            click.echo(error.ctx.get_help())  # a bare group asks for its help, not a mistake
+            sys.exit(0)
+        except click.UsageError as error:
+            command = error.ctx.command_path if error.ctx else "ncbench"
+            click.echo(f"error: {error.format_message()} (see {command} --help)", err=True)
+            sys.exit(2)
+        except click.ClickException as error:
+            click.echo(f"error: {error.format_message()}", err=True)
+            sys.exit(error.exit_code)
+        except click.Abort:
+            click.echo("aborted", err=True)
+            sys.exit(1)
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)

@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from ncbench.challenge.encoders import pick_device, resolve_config
+from ncbench.challenge.files import ReleaseLayout
 from ncbench.challenge.release import BuildPlan, build_release
 from ncbench.challenge.verify import verify
 from ncbench.errors import NcbenchError
@@ -22,9 +23,6 @@ from ncbench.errors import NcbenchError
 DEMO_CHALLENGES = [("linear", "reid"), ("nc3-noshuffle", "reid"), ("nc3", "reid"), ("nc7", "reid"),
                    ("linear", "invert"), ("linear", "transfer")]
 TEAM = "ncbench-builtin"
-# The utility baseline at CPU size: phantom images (they carry finding labels; the sample films
-# do not), 128 px with 8 px patches so P = 256 tokens as at full size, encoder width 256.
-DEMO_UTILITY = {"n_train": 1200, "n_test": 400, "width": 256, "image_size": 128, "patch_size": 8, "epochs": 8}
 
 
 @click.command()
@@ -69,7 +67,7 @@ def demo(out: Path, n: int, seed: int, device: str) -> None:
                         submission = cls(device=pick_device(device), seed=0)(release)
                     submission.team = TEAM
                     write_submission(submission_path, submission)
-                result = score_submission(submission_path, folder / "private" / "key.h5")
+                result = score_submission(submission_path, ReleaseLayout(folder).key)
                 store.record_score(result, team=TEAM, daily_limit=None)
                 click.echo(f"    {name}: {result.headline_metric} = {result.headline(0):.3f} "
                            f"(attack {submission_runtime(submission_path):.1f} s)")
@@ -91,9 +89,10 @@ def demo(out: Path, n: int, seed: int, device: str) -> None:
 
 def _record_utility(store, presets: list[str], *, seed: int, device: str) -> None:
     """Run the utility baseline for the presets (and raw reference) not yet recorded at demo settings."""
-    from ncbench.baselines.utility import MODEL_VERSION, RAW_PRESET, run_utility
+    from ncbench.baselines.utility import DEFAULTS, MODEL_VERSION, RAW_PRESET, run_utility
 
-    settings = {**DEMO_UTILITY, "seed": seed}
+    # The CLI's CPU-sized defaults; phantom images, since the sample films carry no labels.
+    settings = {**DEFAULTS, "patch_size": DEFAULTS["image_size"] // 16, "seed": seed}
     wanted = {**settings, "model_version": MODEL_VERSION}
     recorded = {row.preset for row in store.utility().itertuples()
                 if all(row.settings.get(k) == v for k, v in wanted.items())}
@@ -113,7 +112,7 @@ def submission_runtime(path: Path) -> float:
 
 def _valid(folder: Path) -> bool:
     """A release that exists and verifies against its checksums (cheap: no re-encoding)."""
-    if not (folder / "public" / "release.h5").is_file():
+    if not ReleaseLayout(folder).release.is_file():
         return False
     try:
         return not verify(folder)

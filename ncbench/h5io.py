@@ -18,9 +18,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from ncbench import __version__
 from ncbench.errors import NcbenchError
 
-NCBENCH_VERSION = "0.1.0"
+NCBENCH_VERSION = __version__
 # gzip level 1: float encodings barely compress, and level 4 costs 3x the time for 2% smaller files.
 FILTERS = dict(compression="gzip", compression_opts=1, shuffle=True, fletcher32=True)
 
@@ -90,13 +91,6 @@ def open_checked(path: str | os.PathLike, fmt: str, schema_version: int) -> h5py
             f"{path}: {fmt} schema version {version} is not supported (this ncbench reads {schema_version})"
         )
     return handle
-
-
-def json_attr(handle: h5py.File | h5py.Group, name: str) -> dict:
-    raw = handle.attrs.get(name)
-    if raw is None:
-        raise NcbenchError(f"{handle.file.filename}: missing attribute {name!r}")
-    return json.loads(raw)
 
 
 @contextlib.contextmanager

@@ -4,6 +4,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import ncbench.baselines.utility as utility_module
 import ncbench.demo as demo_module
 from ncbench.attacks.registry import all_attacks
 from ncbench.baselines.utility import RAW_PRESET
@@ -11,14 +12,14 @@ from ncbench.cli import main
 from ncbench.leaderboard.store import Store
 
 torch.set_num_threads(2)
-SMALL_UTILITY = {"n_train": 48, "n_test": 32, "width": 32, "image_size": 32, "patch_size": 2, "epochs": 1}
+SMALL_UTILITY = {"n_train": 48, "n_test": 32, "width": 32, "image_size": 32, "epochs": 1}
 
 
 @pytest.fixture(scope="module")
 def demo_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "out"
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(demo_module, "DEMO_UTILITY", SMALL_UTILITY)
+        patch.setattr(utility_module, "DEFAULTS", SMALL_UTILITY)
         first = CliRunner().invoke(main, ["demo", "--out", str(out), "--n", "8", "--device", "cpu"])
         with Store(out / "leaderboard.db") as store:
             counts = store.counts()

@@ -1,4 +1,4 @@
-"""The encoder against SPEC section 2, written out layer by layer with torch.nn modules."""
+"""The encoder against docs/tasks.md#encoder, written out layer by layer with torch.nn modules."""
 
 import dataclasses
 import weakref
@@ -23,7 +23,7 @@ TINY = dict(width=64, image_size=32, patch_size=8, bn_batch=6)
 
 
 class ReferenceNeuraCrypt(nn.Module):
-    """SPEC section 2 as the published code writes it: Conv2d stem, conv + BatchNorm blocks, pos, Linear."""
+    """docs/tasks.md#encoder as the published code writes it: Conv2d stem, conv + BatchNorm blocks, pos, Linear."""
 
     def __init__(self, config):
         super().__init__()

@@ -1,4 +1,4 @@
-"""Data manifests (SPEC 2b): writing, reading, checksums, splits, and the sidecar schema."""
+"""Data manifests (docs/format.md#data-manifests): writing, reading, checksums, splits, and the sidecar schema."""
 
 from __future__ import annotations
 

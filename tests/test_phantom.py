@@ -1,4 +1,4 @@
-"""The ``phantom`` source: synthetic PA chest radiographs with exact finding labels (SPEC 2b)."""
+"""The ``phantom`` source: synthetic PA chest radiographs with exact finding labels (docs/format.md#data-manifests)."""
 
 from __future__ import annotations
 

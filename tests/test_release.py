@@ -1,4 +1,4 @@
-"""Challenge releases (SPEC section 4): build, verify, tamper detection, role discipline, secrecy, CLI."""
+"""Challenge releases (docs/format.md): build, verify, tamper detection, role discipline, secrecy, CLI."""
 
 import json
 import re
@@ -327,12 +327,10 @@ def test_cli_build_missing_folder(tmp_path):
     assert "does not exist" in result.output
 
 
-def test_cli_build_unknown_preset_is_usage_error(tmp_path):
+def test_cli_build_unknown_preset_is_a_one_line_usage_error(tmp_path):
     result = _run("challenge", "build", "--preset", "nc999", "--n", 4, "--out", tmp_path / "out")
-    assert result.exit_code == 2
-    assert isinstance(result.exception, SystemExit)
-    assert "Traceback" not in result.output
-    assert "Usage:" in result.output and "nc999" in result.output
+    _assert_one_line_error(result)
+    assert "Usage:" not in result.output and "nc999" in result.output
 
 
 def test_cli_info_release_prints_json(built):

@@ -1,4 +1,4 @@
-"""Image sources (SPEC 2b): folder, sample, phantom, and the errors a user can run into."""
+"""Image sources (docs/format.md#data-manifests): folder, sample, phantom, and the errors a user can run into."""
 
 from __future__ import annotations
 
