@@ -109,6 +109,43 @@ utility_results = sa.Table(
     sa.CheckConstraint(sa.column("model_kind").in_(MODEL_KINDS), name="utility_model_kind"),
 )
 
+# The live challenge (leaderboard/channel.py): published challenges, team tokens and the durable
+# job queue that the server's scoring workers drain.
+JOB_STATES = ("queued", "running", "scored", "refused", "failed")
+published = sa.Table(
+    "published", metadata,
+    sa.Column("challenge_id", sa.String(128), sa.ForeignKey("challenges.challenge_id"), primary_key=True),
+    sa.Column("files", sa.Text, nullable=False),  # JSON list of {name, size, sha256}: the public files only
+    sa.Column("daily_limit", sa.Integer, nullable=False),
+    sa.Column("deadline_utc", sa.String(32)),
+    sa.Column("published_utc", sa.String(32), nullable=False),
+)
+team_tokens = sa.Table(
+    "team_tokens", metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("team_id", sa.Integer, sa.ForeignKey("teams.id"), nullable=False),
+    sa.Column("token_hash", sa.String(256), nullable=False),  # argon2id; the token itself is never stored
+    sa.Column("created_utc", sa.String(32), nullable=False),
+    sa.Column("revoked_utc", sa.String(32)),
+)
+jobs = sa.Table(
+    "jobs", metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("challenge_id", sa.String(128), sa.ForeignKey("challenges.challenge_id"), nullable=False),
+    sa.Column("team_id", sa.Integer, sa.ForeignKey("teams.id"), nullable=False),
+    sa.Column("sha256", sa.String(64), nullable=False),  # the upload, stored by content hash
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("message", sa.Text),
+    sa.Column("submission_id", sa.Integer, sa.ForeignKey("submissions.id")),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("created_utc", sa.String(32), nullable=False),
+    sa.Column("updated_utc", sa.String(32), nullable=False),
+    sa.CheckConstraint(sa.column("state").in_(JOB_STATES), name="job_state"),
+)
+sa.Index("ix_jobs_state", jobs.c.state, jobs.c.id)
+sa.Index("ix_jobs_team_day", jobs.c.team_id, jobs.c.challenge_id, jobs.c.created_utc)
+
 
 def _create(*tables: sa.Table) -> Callable[[Connection], None]:
     def apply(conn: Connection) -> None:
@@ -121,6 +158,7 @@ def _create(*tables: sa.Table) -> Callable[[Connection], None]:
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "challenges, teams, submissions, scores", _create(challenges, teams, submissions, scores)),
     (2, "utility_results", _create(utility_results)),
+    (4, "published challenges, team tokens, job queue", _create(published, team_tokens, jobs)),
 ]
 LATEST_VERSION = MIGRATIONS[-1][0]
 

@@ -49,14 +49,18 @@ def main() -> None:
 
 
 def _mount() -> None:
+    from ncbench import client
     from ncbench.attacks.cli import group as attack_group
     from ncbench.baselines.cli import group as baseline_group
     from ncbench.challenge.cli import group as challenge_group
     from ncbench.demo import demo
     from ncbench.leaderboard.cli import group as leaderboard_group
     from ncbench.leaderboard.cli import score
+    from ncbench.leaderboard.server import publish, server, team_group
 
-    for command in (challenge_group, attack_group, score, leaderboard_group, baseline_group, demo):
+    challenge_group.add_command(publish)  # organizer: hand a built challenge to the server
+    for command in (challenge_group, attack_group, score, leaderboard_group, baseline_group, demo,
+                    server, team_group, client.challenges, client.fetch, client.submit, client.submissions):
         main.add_command(command)
 
 

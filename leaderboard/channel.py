@@ -1,0 +1,375 @@
+"""The live challenge's state: published challenges, team tokens and the durable job queue.
+
+Everything lives in the results database (tables in :mod:`leaderboard.store`), so the API, the
+scoring workers and the board can run in separate processes, or on several machines over
+PostgreSQL. Files live in a store folder::
+
+    <store>/public/<challenge_id>/<name>   what attackers download (release.h5, SHA256SUMS)
+    <store>/keys/<challenge_id>/key.h5      the key: no route serves anything below keys/
+    <store>/uploads/<sha256>                 submissions, by content hash
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import secrets
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from ncbench.errors import NcbenchError
+from ncbench.leaderboard.store import (
+    DEFAULT_DAILY_LIMIT,
+    Store,
+    _stamp,
+    check_team_name,
+    jobs,
+    published,
+    team_tokens,
+    teams,
+    utc_now,
+)
+
+TOKEN_PREFIX = "ncb"
+RATE_LIMIT_PER_MINUTE = 10  # uploads a team may queue per minute, whatever their outcome
+ATTEMPTS_BEFORE_FAILED = 3  # a job that crashed its worker this often is marked failed
+
+
+def _hasher():
+    # argon2id (a memory-hard slow hash) through argon2-cffi: a leaked database gives no tokens.
+    from argon2 import PasswordHasher
+
+    return PasswordHasher()
+
+
+class LimitReached(NcbenchError):
+    """A rate or daily limit refused the upload (HTTP 429)."""
+
+
+class UnknownChallenge(NcbenchError):
+    """No open, published challenge by that id (HTTP 404)."""
+
+
+@dataclass(frozen=True)
+class StoreLayout:
+    """Where the server keeps files; only ``public_dir`` is ever served."""
+
+    root: Path
+
+    def public_dir(self, challenge_id: str) -> Path:
+        return self.root / "public" / challenge_id
+
+    def key_file(self, challenge_id: str) -> Path:
+        return self.root / "keys" / challenge_id / "key.h5"
+
+    def upload(self, sha256: str) -> Path:
+        return self.root / "uploads" / sha256
+
+    @property
+    def incoming(self) -> Path:
+        return self.root / "incoming"
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    challenge_id: str
+    team: str
+    sha256: str
+    state: str
+    message: str | None
+    submission_id: int | None
+    created_utc: str
+
+
+# -- organizer operations ----------------------------------------------------------------------
+
+def publish(store: Store, layout: StoreLayout, release_dir: Path, *, daily_limit: int = DEFAULT_DAILY_LIMIT,
+            deadline: dt.datetime | None = None) -> str:
+    """Register a built challenge: copy its public files to be served and its key to the store.
+
+    The release is verified against its key first (checksums, commitment, release_sha256, and
+    every encoding recomputed).
+    Returns the challenge id. Publishing the same challenge again refreshes its limits.
+    """
+    from ncbench.challenge.files import ReleaseLayout, open_key, open_release
+    from ncbench.challenge.verify import verify
+    from ncbench.leaderboard.scoring import ChallengeInfo
+
+    source = ReleaseLayout(Path(release_dir))
+    if not source.release.is_file() or not source.key.is_file():
+        raise NcbenchError(f"{release_dir} is not a built challenge (needs public/release.h5 and private/key.h5)")
+    if daily_limit < 1:
+        raise NcbenchError(f"--daily-limit must be at least 1, got {daily_limit}")
+    problems = verify(source.root, source.key)
+    if problems:
+        raise NcbenchError(f"{release_dir} does not verify: {problems[0]}")
+    with open_release(source.release) as release, open_key(source.key):
+        info = ChallengeInfo.from_release(release)
+    public_dir, key_path = layout.public_dir(info.challenge_id), layout.key_file(info.challenge_id)
+    files = []
+    for path in sorted(source.public.iterdir()):
+        if path.is_file() and not path.is_symlink():
+            files.append({"name": path.name, "size": path.stat().st_size, "sha256": _sha256(path)})
+    for target_dir, sources in ((public_dir, [source.public / f["name"] for f in files]), (key_path.parent, [source.key])):
+        target_dir.mkdir(parents=True, exist_ok=True)
+        for path in sources:
+            _copy_atomic(path, target_dir / path.name)
+    now = utc_now()
+    with store._write() as conn:
+        store._ensure_challenge(conn, info, now)
+        values = {"files": json.dumps(files), "daily_limit": daily_limit,
+                  "deadline_utc": _stamp(deadline) if deadline else None}
+        updated = conn.execute(published.update().where(published.c.challenge_id == info.challenge_id)
+                               .values(**values)).rowcount
+        if not updated:
+            conn.execute(published.insert().values(challenge_id=info.challenge_id, published_utc=_stamp(now), **values))
+    return info.challenge_id
+
+
+def add_team(store: Store, name: str) -> tuple[str, str]:
+    """Create ``name`` (or reuse it) and issue a new token. Returns (normalised name, token).
+
+    The token is shown once: only its argon2id hash is stored.
+    """
+    name = check_team_name(name)
+    secret = secrets.token_urlsafe(32)
+    now = utc_now()
+    with store._write() as conn:
+        team_id = store._lock_team(conn, name, now)
+        token_id = conn.execute(team_tokens.insert().values(
+            team_id=team_id, token_hash=_hasher().hash(secret), created_utc=_stamp(now), revoked_utc=None,
+        ).returning(team_tokens.c.id)).scalar_one()
+    return name, f"{TOKEN_PREFIX}_{token_id}_{secret}"
+
+
+def revoke_team(store: Store, name: str) -> int:
+    """Revoke every token of ``name``. Returns how many were active."""
+    name = check_team_name(name)
+    with store._write() as conn:
+        team_id = conn.execute(sa.select(teams.c.id).where(teams.c.name == name)).scalar()
+        if team_id is None:
+            raise NcbenchError(f"no team {name!r}")
+        return conn.execute(team_tokens.update().where(
+            team_tokens.c.team_id == team_id, team_tokens.c.revoked_utc.is_(None)
+        ).values(revoked_utc=_stamp(utc_now()))).rowcount
+
+
+def list_teams(store: Store) -> list[dict]:
+    active = sa.func.count(team_tokens.c.id).filter(team_tokens.c.revoked_utc.is_(None))
+    with store._read() as conn:
+        rows = conn.execute(sa.select(teams.c.name, teams.c.created_utc, active.label("active_tokens"))
+                            .select_from(teams.outerjoin(team_tokens, team_tokens.c.team_id == teams.c.id))
+                            .group_by(teams.c.id).order_by(teams.c.name)).all()
+    return [dict(row._mapping) for row in rows]
+
+
+# -- attacker side -----------------------------------------------------------------------------
+
+def authenticate(store: Store, token: str | None) -> str | None:
+    """The team a bearer token belongs to, or None (unknown, malformed or revoked).
+
+    The token names its row, so one argon2 verification is done, never a scan; argon2's verify
+    compares in constant time.
+    """
+    from argon2.exceptions import InvalidHashError, VerificationError
+
+    parts = (token or "").split("_", 2)
+    if len(parts) != 3 or parts[0] != TOKEN_PREFIX or not parts[1].isdigit() or len(token) > 200:
+        return None
+    with store._read() as conn:
+        row = conn.execute(sa.select(team_tokens.c.token_hash, team_tokens.c.revoked_utc, teams.c.name)
+                           .join(teams, teams.c.id == team_tokens.c.team_id)
+                           .where(team_tokens.c.id == int(parts[1]))).one_or_none()
+    if row is None or row.revoked_utc is not None:
+        _hasher().hash(parts[2])  # same cost whether or not the row exists
+        return None
+    try:
+        _hasher().verify(row.token_hash, parts[2])
+    except (VerificationError, InvalidHashError):
+        return None
+    return row.name
+
+
+def open_challenges(store: Store) -> list[dict]:
+    from ncbench.leaderboard.store import challenges
+
+    with store._read() as conn:
+        rows = conn.execute(sa.select(
+            challenges.c.challenge_id, challenges.c.task, challenges.c.preset, challenges.c.n_encoded,
+            published.c.daily_limit, published.c.deadline_utc, published.c.files,
+        ).join(published, published.c.challenge_id == challenges.c.challenge_id)
+         .where(challenges.c.closed_utc.is_(None)).order_by(challenges.c.challenge_id)).all()
+    return [{**dict(row._mapping), "files": json.loads(row.files)} for row in rows]
+
+
+def public_files(store: Store, challenge_id: str) -> list[dict] | None:
+    with store._read() as conn:
+        files = conn.execute(sa.select(published.c.files).where(published.c.challenge_id == challenge_id)).scalar()
+    return None if files is None else json.loads(files)
+
+
+def enqueue(store: Store, *, team: str, challenge_id: str, sha256: str, size: int,
+            now: dt.datetime | None = None) -> int:
+    """Queue a stored upload for scoring, after the rate limit and the daily limit.
+
+    Jobs that are queued, running or scored count towards the daily limit (refused and failed
+    ones do not), so a team cannot queue past its limit and have the excess scored later.
+    """
+    now = now or utc_now()
+    with store._write() as conn:
+        limit_row = conn.execute(sa.select(published.c.daily_limit, published.c.deadline_utc)
+                                 .where(published.c.challenge_id == challenge_id)).one_or_none()
+        if limit_row is None:
+            raise UnknownChallenge(f"no open challenge {challenge_id!r}")
+        if limit_row.deadline_utc is not None and _stamp(now) > limit_row.deadline_utc:
+            raise UnknownChallenge(f"challenge {challenge_id} closed for submissions at {limit_row.deadline_utc}")
+        team_id = store._lock_team(conn, team, now)
+        minute_ago = _stamp(now - dt.timedelta(minutes=1))
+        recent = conn.execute(sa.select(sa.func.count()).select_from(jobs).where(
+            jobs.c.team_id == team_id, jobs.c.created_utc >= minute_ago)).scalar()
+        if recent >= RATE_LIMIT_PER_MINUTE:
+            raise LimitReached(f"rate limit: at most {RATE_LIMIT_PER_MINUTE} uploads a minute per team; retry shortly")
+        day_start = _stamp(now.astimezone(dt.UTC).replace(hour=0, minute=0, second=0, microsecond=0))
+        used = conn.execute(sa.select(sa.func.count()).select_from(jobs).where(
+            jobs.c.team_id == team_id, jobs.c.challenge_id == challenge_id, jobs.c.created_utc >= day_start,
+            jobs.c.state.in_(("queued", "running", "scored")))).scalar()
+        if used >= limit_row.daily_limit:
+            raise LimitReached(f"team {team!r} has used its {limit_row.daily_limit} submissions for {challenge_id} "
+                               "today (UTC); refused ones do not count, the limit resets at midnight UTC")
+        stamp = _stamp(now)
+        return int(conn.execute(jobs.insert().values(
+            challenge_id=challenge_id, team_id=team_id, sha256=sha256, size=size, state="queued", message=None,
+            submission_id=None, attempts=0, created_utc=stamp, updated_utc=stamp,
+        ).returning(jobs.c.id)).scalar_one())
+
+
+def job(store: Store, job_id: int, *, team: str | None = None) -> Job | None:
+    """One job (only the team's own when ``team`` is given)."""
+    found = _jobs(store, jobs.c.id == job_id, team)
+    return found[0] if found else None
+
+
+def team_jobs(store: Store, team: str) -> list[Job]:
+    return _jobs(store, sa.true(), team)
+
+
+def _jobs(store: Store, condition, team: str | None) -> list[Job]:
+    query = (sa.select(jobs.c.id, jobs.c.challenge_id, teams.c.name.label("team"), jobs.c.sha256, jobs.c.state,
+                       jobs.c.message, jobs.c.submission_id, jobs.c.created_utc)
+             .join(teams, teams.c.id == jobs.c.team_id).where(condition).order_by(jobs.c.id))
+    if team is not None:
+        query = query.where(teams.c.name == team)
+    with store._read() as conn:
+        return [Job(**row._mapping) for row in conn.execute(query).all()]
+
+
+# -- worker side -------------------------------------------------------------------------------
+
+def requeue_interrupted(store: Store) -> int:
+    """At start-up: jobs left ``running`` by a server that died run again (scoring is
+    idempotent: a file already scored for the team is recorded once)."""
+    with store._write() as conn:
+        return conn.execute(jobs.update().where(jobs.c.state == "running")
+                            .values(state="queued", updated_utc=_stamp(utc_now()))).rowcount
+
+
+def claim(store: Store, limit: int) -> list[int]:
+    """Move up to ``limit`` queued jobs to ``running``, oldest first; returns their ids."""
+    with store._write() as conn:
+        ids = conn.execute(sa.select(jobs.c.id).where(jobs.c.state == "queued").order_by(jobs.c.id)
+                           .limit(limit).with_for_update(skip_locked=True)).scalars().all()
+        if ids:
+            conn.execute(jobs.update().where(jobs.c.id.in_(ids)).values(
+                state="running", attempts=jobs.c.attempts + 1, updated_utc=_stamp(utc_now())))
+    return list(ids)
+
+
+def finish(store: Store, job_id: int, state: str, *, message: str | None = None,
+           submission_id: int | None = None) -> None:
+    with store._write() as conn:
+        conn.execute(jobs.update().where(jobs.c.id == job_id).values(
+            state=state, message=None if message is None else message[:2000], submission_id=submission_id,
+            updated_utc=_stamp(utc_now())))
+
+
+def run_job(db_url: str, store_root: str, job_id: int) -> str:
+    """Score one claimed job and record its outcome; runs on a Dask worker (any process that
+    can reach the database and the store folder). Returns the final state."""
+    from ncbench.leaderboard.scoring import score_submission
+
+    layout = StoreLayout(Path(store_root))
+    with Store(db_url, create=False) as store:
+        with store._read() as conn:
+            row = conn.execute(sa.select(jobs, teams.c.name.label("team"), published.c.daily_limit)
+                               .join(teams, teams.c.id == jobs.c.team_id)
+                               .join(published, published.c.challenge_id == jobs.c.challenge_id)
+                               .where(jobs.c.id == job_id)).one()
+        if row.attempts > ATTEMPTS_BEFORE_FAILED:
+            finish(store, job_id, "failed", message="the scorer crashed on this file repeatedly")
+            return "failed"
+        try:
+            result = score_submission(layout.upload(row.sha256), layout.key_file(row.challenge_id),
+                                      layout.public_dir(row.challenge_id) / "release.h5")
+            # The limit was checked when the job was queued; the store's own check would count
+            # this job's sibling jobs twice.
+            recorded = store.record_score(result, team=row.team, daily_limit=None)
+        except NcbenchError as error:
+            finish(store, job_id, "refused", message=str(error))
+            return "refused"
+        except Exception as error:  # noqa: BLE001 - a scorer bug: recorded, the server keeps serving
+            finish(store, job_id, "failed", message=f"scorer error: {type(error).__name__}: {error}")
+            return "failed"
+        finish(store, job_id, "scored", submission_id=recorded.submission_id)
+        return "scored"
+
+
+# -- files -------------------------------------------------------------------------------------
+
+def _sha256(path: Path) -> str:
+    from ncbench.h5io import sha256_file
+
+    return sha256_file(path)
+
+
+def _copy_atomic(source: Path, target: Path) -> None:
+    tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+
+
+class UploadWriter:
+    """Writes an upload stream to the store by content hash, chunk by chunk (never whole in
+    memory), refusing it past ``max_bytes``; nothing is left behind unless :meth:`commit` runs."""
+
+    def __init__(self, layout: StoreLayout, *, max_bytes: int):
+        layout.incoming.mkdir(parents=True, exist_ok=True)
+        layout.upload("x").parent.mkdir(parents=True, exist_ok=True)
+        self.layout, self.max_bytes = layout, max_bytes
+        self.tmp = layout.incoming / secrets.token_hex(8)
+        self.handle = open(self.tmp, "wb")  # noqa: SIM115 - closed by commit() or discard()
+        self.digest, self.size = hashlib.sha256(), 0
+
+    def write(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.size > self.max_bytes:
+            self.discard()
+            raise NcbenchError(f"upload larger than the {self.max_bytes} byte limit")
+        self.digest.update(chunk)
+        self.handle.write(chunk)
+
+    def commit(self) -> tuple[str, int]:
+        """(sha256, size) of the stored file."""
+        self.handle.close()
+        sha256 = self.digest.hexdigest()
+        os.replace(self.tmp, self.layout.upload(sha256))
+        return sha256, self.size
+
+    def discard(self) -> None:
+        self.handle.close()
+        self.tmp.unlink(missing_ok=True)

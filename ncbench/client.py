@@ -1,0 +1,193 @@
+"""The attacker's commands against a running challenge server: ``ncbench challenges``, ``fetch``,
+``submit`` and ``submissions``.
+
+The server comes from ``--server`` or ``NCBENCH_SERVER``; the team token from ``NCBENCH_TOKEN``
+or ``--token-file`` (never a command-line argument, which other users of the machine can read).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import click
+import httpx
+
+from ncbench.errors import NcbenchError
+from ncbench.h5io import sha256_file as _sha256
+from ncbench.progress import progress
+
+SERVER_ENV, TOKEN_ENV = "NCBENCH_SERVER", "NCBENCH_TOKEN"
+FINAL_STATES = ("scored", "refused", "failed")
+CHUNK = 1 << 20
+
+server_option = click.option("--server", envvar=SERVER_ENV, default="http://127.0.0.1:8000", show_default=True,
+                             help=f"Challenge server URL (or ${SERVER_ENV}).")
+token_option = click.option("--token-file", type=click.Path(path_type=Path),
+                            help=f"File holding the team token [default: ${TOKEN_ENV}].")
+
+
+class Client:
+    """A thin httpx client that turns every HTTP failure into one NcbenchError line."""
+
+    def __init__(self, server: str, token_file: Path | None = None, *, need_token: bool = False):
+        token = None
+        if token_file is not None:
+            try:
+                token = token_file.read_text().strip()
+            except OSError as error:
+                raise NcbenchError(f"cannot read --token-file {token_file}: {error.strerror}") from None
+        token = token or os.environ.get(TOKEN_ENV, "").strip() or None
+        if need_token and not token:
+            raise NcbenchError(f"no team token: set ${TOKEN_ENV} or pass --token-file")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.server = server.rstrip("/")
+        self.http = httpx.Client(base_url=self.server, headers=headers, timeout=httpx.Timeout(60, connect=10))
+
+    def request(self, method: str, path: str, **kwargs) -> httpx.Response:
+        try:
+            response = self.http.request(method, path, **kwargs)
+        except httpx.HTTPError as error:
+            raise NcbenchError(f"cannot reach {self.server}: {error}") from None
+        _check(response)
+        return response
+
+    def json(self, method: str, path: str, **kwargs):
+        return self.request(method, path, **kwargs).json()
+
+
+def _check(response: httpx.Response) -> None:
+    if response.is_success or response.status_code == 206:
+        return
+    try:
+        detail = response.json().get("detail")
+    except (ValueError, AttributeError):
+        detail = response.text[:200]
+    if response.status_code == 401:
+        raise NcbenchError(f"the server refused the token ({detail})")
+    raise NcbenchError(f"server answered {response.status_code}: {detail}")
+
+
+@click.command("challenges")
+@server_option
+def challenges(server: str) -> None:
+    """List the open challenges: id, task, preset, N, daily limit, deadline."""
+    rows = Client(server).json("GET", "/api/v1/challenges")
+    if not rows:
+        click.echo("no open challenges")
+    for row in rows:
+        size = sum(f["size"] for f in row["files"])
+        click.echo(f"{row['challenge_id']}\t{row['task']}\t{row['preset']}\tN={row['n_encoded']}\t"
+                   f"{row['daily_limit']}/day\tdeadline {row['deadline_utc'] or 'none'}\t{size / 1e6:.1f} MB")
+
+
+@click.command("fetch")
+@click.argument("challenge_id")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Folder to write [default: CHALLENGE_ID].")
+@server_option
+def fetch(challenge_id: str, out: Path | None, server: str) -> None:
+    """Download a challenge's public files, resuming interrupted downloads; every sha256 is
+    checked before it says done."""
+    client = Client(server)
+    listed = client.json("GET", f"/api/v1/challenges/{challenge_id}/files")
+    out = Path(out or challenge_id)
+    out.mkdir(parents=True, exist_ok=True)
+    for entry in listed:
+        name = entry["name"]
+        if Path(name).name != name or name.startswith("."):
+            raise NcbenchError(f"the server listed an unsafe file name {name!r}")
+        target, partial = out / name, out / f".{name}.part"
+        if target.is_file() and _sha256(target) == entry["sha256"]:
+            click.echo(f"{target} already complete", err=True)
+            continue
+        _download(client, f"/api/v1/challenges/{challenge_id}/files/{name}", partial, entry["size"])
+        digest = _sha256(partial)
+        if digest != entry["sha256"]:
+            partial.unlink()
+            raise NcbenchError(f"{name}: sha256 {digest} does not match the server's {entry['sha256']}; fetch again")
+        os.replace(partial, target)
+    click.echo(f"fetched {len(listed)} files into {out}, sha256 checked")
+
+
+def _download(client: Client, path: str, partial: Path, size: int) -> None:
+    have = partial.stat().st_size if partial.is_file() else 0
+    if have > size:
+        partial.unlink()
+        have = 0
+    headers = {"Range": f"bytes={have}-"} if have else {}
+    with progress(f"downloading {partial.name.strip('.').removesuffix('.part')}", size) as advance:
+        advance(have)
+        if have == size:
+            return
+        try:
+            with client.http.stream("GET", path, headers=headers) as response:
+                _check(response)
+                mode = "ab" if response.status_code == 206 else "wb"
+                with open(partial, mode) as handle:
+                    for chunk in response.iter_bytes(CHUNK):
+                        handle.write(chunk)
+                        advance(len(chunk))
+        except httpx.HTTPError as error:
+            raise NcbenchError(f"download interrupted ({error}); run fetch again to resume") from None
+
+
+@click.command("submit")
+@click.argument("submission", type=click.Path(path_type=Path))
+@click.option("--challenge", "challenge_id", required=True, help="The challenge id (see `ncbench challenges`).")
+@click.option("--no-wait", is_flag=True, help="Print the submission id and return without waiting for the score.")
+@click.option("--timeout", type=int, default=1800, show_default=True, help="Seconds to wait for the score.")
+@server_option
+@token_option
+def submit(submission: Path, challenge_id: str, no_wait: bool, timeout: int, server: str,
+           token_file: Path | None) -> None:
+    """Upload SUBMISSION to the server, wait for it to be scored, print the public-half score."""
+    submit_file(submission, challenge_id, server=server, token_file=token_file, wait=not no_wait, timeout=timeout)
+
+
+def submit_file(submission: Path, challenge_id: str, *, server: str, token_file: Path | None, wait: bool,
+                timeout: int) -> dict:
+    if not submission.is_file():
+        raise NcbenchError(f"{submission}: no such file")
+    client = Client(server, token_file, need_token=True)
+    size = submission.stat().st_size
+
+    def body():
+        with open(submission, "rb") as handle, progress(f"uploading {submission.name}", size) as advance:
+            while chunk := handle.read(CHUNK):
+                advance(len(chunk))
+                yield chunk
+
+    job = client.json("POST", f"/api/v1/challenges/{challenge_id}/submissions", content=body(),
+                      headers={"Content-Length": str(size), "Content-Type": "application/octet-stream"})
+    click.echo(f"submission {job['id']} queued")
+    if not wait:
+        return job
+    deadline = time.monotonic() + timeout
+    with progress(f"waiting for submission {job['id']} to be scored", 1) as advance:
+        while job["state"] not in FINAL_STATES:
+            if time.monotonic() > deadline:
+                raise NcbenchError(f"submission {job['id']} is still {job['state']} after {timeout} s; "
+                                   "check later with `ncbench submissions`")
+            time.sleep(0.5)
+            job = client.json("GET", f"/api/v1/submissions/{job['id']}")
+        advance(1)
+    if job["state"] != "scored":
+        raise NcbenchError(f"submission {job['id']} {job['state']}: {job['message']}")
+    click.echo(f"submission {job['id']} scored: public half {json.dumps(job['public'], sort_keys=True)}")
+    return job
+
+
+@click.command("submissions")
+@server_option
+@token_option
+def submissions(server: str, token_file: Path | None) -> None:
+    """Your team's submissions: id, challenge, state, public score or refusal."""
+    rows = Client(server, token_file, need_token=True).json("GET", "/api/v1/submissions")
+    if not rows:
+        click.echo("no submissions yet")
+    for row in rows:
+        outcome = json.dumps(row["public"], sort_keys=True) if row["public"] else (row["message"] or "")
+        click.echo(f"{row['id']}\t{row['challenge_id']}\t{row['state']}\t{row['created_utc']}\t{outcome}")
+
