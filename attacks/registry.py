@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import inspect
+import re
 import sys
+import unicodedata
 from pathlib import Path
 
 from ncbench.attacks.base import Attack
@@ -12,6 +15,11 @@ from ncbench.errors import NcbenchError
 
 ENTRY_POINT_GROUP = "ncbench.attacks"
 _REGISTRY: dict[str, type[Attack]] = {}
+PLUGIN_NAME = re.compile(r"[a-z0-9]+(-[a-z0-9]+)*")
+PLUGIN_NAME_MAX = 64
+# ASCII look-alikes folded by the skeleton: a plugin named `0racle` or `grarn-hungarian` is refused.
+_CONFUSABLE_RUNS = (("rn", "m"), ("vv", "w"), ("cl", "d"))
+_CONFUSABLE_CHARS = str.maketrans({"0": "o", "1": "l", "i": "l", "5": "s", "-": None})
 
 
 def register(cls: type[Attack]) -> type[Attack]:
@@ -24,6 +32,29 @@ def register(cls: type[Attack]) -> type[Attack]:
     return cls
 
 
+def name_skeleton(name: str) -> str:
+    """A name reduced so that look-alikes meet: NFKC, casefold, then ASCII confusables folded
+    (the idea of Unicode TR39's skeleton, restricted to the ASCII a plugin name may use)."""
+    folded = unicodedata.normalize("NFKC", name).casefold()
+    for run, letter in _CONFUSABLE_RUNS:
+        folded = folded.replace(run, letter)
+    return folded.translate(_CONFUSABLE_CHARS)
+
+
+def check_plugin_name(cls: type[Attack], registered: dict[str, type[Attack]]) -> None:
+    """A plugin's name is plain lowercase ASCII and cannot pass for a ``registered`` attack's name."""
+    name = cls.name
+    if len(name) > PLUGIN_NAME_MAX or not PLUGIN_NAME.fullmatch(name):
+        shown = ascii(name[:PLUGIN_NAME_MAX])
+        raise NcbenchError(f"plugin attack name {shown} must be lowercase ASCII letters, digits and single hyphens "
+                           f"(at most {PLUGIN_NAME_MAX} characters)")
+    for taken, owner in registered.items():
+        if owner is not cls and name_skeleton(taken) == name_skeleton(name):
+            what = "the attack" if name == taken else "a look-alike of the attack"
+            raise NcbenchError(f"plugin attack name {name!r} is {what} {taken!r} ({owner.__module__}); "
+                               "choose another name")
+
+
 def _load_entry_points() -> None:
     """Built-ins and installed plugins alike are ``ncbench.attacks`` entry points (ours are
     declared in pyproject.toml), so the registry imports no plugin. Ours load first and must
@@ -34,7 +65,10 @@ def _load_entry_points() -> None:
             register(entry.load())
             continue
         try:
-            register(entry.load())
+            cls = entry.load()
+            if isinstance(cls, type) and issubclass(cls, Attack):
+                check_plugin_name(cls, _REGISTRY)
+            register(cls)
         except Exception as error:  # noqa: BLE001 - any failure of someone else's code
             print(f"warning: skipping plugin {entry.name!r}: {error}", file=sys.stderr)
 
@@ -77,6 +111,11 @@ def load_from_file(spec: str) -> type[Attack]:
     cls = getattr(module, class_name, None)
     if not (isinstance(cls, type) and issubclass(cls, Attack)):
         raise NcbenchError(f"{path} has no Attack subclass named {class_name!r}")
+    if cls is Attack or inspect.isabstract(cls):
+        missing = ", ".join(sorted(getattr(cls, "__abstractmethods__", ()))) or "run"
+        raise NcbenchError(f"{path}: {class_name} is abstract (it does not implement {missing}); "
+                           "name a concrete Attack subclass")
+    check_plugin_name(cls, all_attacks())
     return cls
 
 

@@ -18,6 +18,9 @@ from ncbench.challenge.release import BuildPlan, build_release
 from ncbench.challenge.verify import verify
 from ncbench.errors import NcbenchError
 
+TEST_RELEASE_WARNING = "warning: TEST RELEASE: its key is public; never run a real challenge on it"
+SEED_FILE_LIMIT = 4096  # bytes: a seed file holds one line of hex digits
+
 
 @click.group("challenge")
 def group() -> None:
@@ -33,7 +36,13 @@ def group() -> None:
 @click.option("--n-aux", type=int, help="transfer: auxiliary plaintexts [default: N].")
 @click.option("--n-targets", type=int, help="transfer: target plaintexts [default: N/4].")
 @click.option("--n-known", type=int, help="invert: known (plaintext, encoding) pairs [default: max(4, N/10)].")
-@click.option("--seed", type=int, help="Key seed; drawn from `secrets` when omitted. Use only for tests and audits.")
+@click.option("--seed", help="Secret key seed, at least 32 hex digits (128 bits); drawn from `secrets` when "
+              "omitted. Prefer --seed-file: a command line is seen by other users and kept in shell history.")
+@click.option("--seed-file", type=click.Path(path_type=Path),
+              help="File holding the secret key seed as hex digits (at least 32).")
+@click.option("--test-release", is_flag=True,
+              help="Build a test release whose key is public: accepts a short seed (e.g. --seed 7) "
+              "and says so in the release.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Release directory to create.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @click.option("--width", type=int, help="Override the encoder width D (default 2048).")
@@ -43,12 +52,36 @@ def group() -> None:
 @click.option("--dtype", type=click.Choice(STORAGE_DTYPES), help="Storage dtype of encodings (default float16).")
 @click.option("--precision", type=click.Choice(PRECISIONS), help="Compute precision (default fp32).")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
-def build(preset, task, source, n, n_aux, n_targets, n_known, seed, out, force, device, **overrides) -> None:
+def build(preset, task, source, n, n_aux, n_targets, n_known, seed, seed_file, test_release, out, force, device,
+          **overrides) -> None:
     """Encode images with a fresh secret key and write OUT/public (give away) and OUT/private (keep)."""
+    if seed is not None and seed_file is not None:
+        raise NcbenchError("give --seed or --seed-file, not both")
+    if seed_file is not None:
+        seed = read_seed_file(seed_file)
     config = resolve_config(preset, **overrides)
     plan = BuildPlan.for_task(task, n, n_aux=n_aux, n_targets=n_targets, n_known=n_known)
-    build_release(out, config=config, plan=plan, source=source, seed=seed, device=device, force=force)
+    build_release(out, config=config, plan=plan, source=source, seed=seed, test_release=test_release,
+                  device=device, force=force)
     click.echo(f"wrote {out}/public/release.h5 (publish) and {out}/private/key.h5 (keep secret)")
+    if test_release:
+        click.echo(TEST_RELEASE_WARNING, err=True)
+
+
+def read_seed_file(path: Path) -> str:
+    """The hex seed held by ``path`` (surrounding whitespace ignored); checked by ``build_release``."""
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read(SEED_FILE_LIMIT + 1)
+    except OSError as error:
+        raise NcbenchError(f"--seed-file {path}: {error.strerror or error}") from None
+    if len(raw) > SEED_FILE_LIMIT:
+        raise NcbenchError(f"--seed-file {path}: larger than {SEED_FILE_LIMIT} bytes; "
+                           "it should hold one line of hex digits")
+    try:
+        return raw.decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise NcbenchError(f"--seed-file {path}: not hex digits (non-ASCII bytes)") from None
 
 
 @group.command("verify")
@@ -64,6 +97,9 @@ def verify_command(release_dir: Path, key_path: Path | None) -> None:
         raise SystemExit(1)
     what = "checksums, commitment and encodings" if key_path else "checksums (pass --key to check encodings)"
     click.echo(f"OK {release_dir}: {what} verified")
+    with open_release(release_dir) as release:
+        if release.test_release:
+            click.echo(TEST_RELEASE_WARNING, err=True)
 
 
 @group.command()
@@ -80,8 +116,11 @@ def info(path: Path, show_secrets: bool) -> None:
         except NcbenchError:
             raise release_error from None
         description = handle.describe(secrets=show_secrets)
+    test_release = handle.test_release
     handle.close()
     click.echo(json.dumps(description, indent=2, sort_keys=True, default=str))
+    if test_release:
+        click.echo(TEST_RELEASE_WARNING, err=True)
 
 
 @group.command()

@@ -114,8 +114,8 @@ def key_tensor_names(config: EncoderConfig) -> list[str]:
     return names
 
 
-def sample_key(config: EncoderConfig, seed: int) -> dict[str, torch.Tensor]:
-    """Draw every weight of the encoder from ``seed`` (float32, CPU).
+def sample_key(config: EncoderConfig, seed: int | str) -> dict[str, torch.Tensor]:
+    """Draw every weight of the encoder from ``seed`` (float32, CPU; see :func:`derive_seed`).
 
     PyTorch's default Conv2d / Linear init is uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)) for
     weights and biases; ``pos`` is N(0, 1). Stem weights are stored as (D, patch*patch), the
@@ -139,7 +139,7 @@ def sample_key(config: EncoderConfig, seed: int) -> dict[str, torch.Tensor]:
     return key
 
 
-def sample_permutations(config: EncoderConfig, seed: int, n: int, purpose: str = "permutations") -> np.ndarray:
+def sample_permutations(config: EncoderConfig, seed: int | str, n: int, purpose: str = "permutations") -> np.ndarray:
     """Per-image patch permutations (n, P) int16: row r of an encoding holds patch ``perm[r]``.
 
     Identity rows when the preset does not shuffle. Drawn in one batched call.
@@ -151,8 +151,12 @@ def sample_permutations(config: EncoderConfig, seed: int, n: int, purpose: str =
     return torch.argsort(torch.rand((n, n_patches), generator=generator), dim=1).numpy().astype(np.int16)
 
 
-def derive_seed(seed: int, purpose: str) -> int:
-    """An independent 63-bit seed for one purpose, so adding a purpose never shifts another."""
+def derive_seed(seed: int | str, purpose: str) -> int:
+    """An independent 63-bit seed for one purpose, so adding a purpose never shifts another.
+
+    ``seed`` is hashed as text: a release's secret seed as lowercase hex (docs/format.md#seed-derivation),
+    a test or baseline seed as a decimal integer.
+    """
     digest = hashlib.sha256(f"{seed}:{purpose}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
 
@@ -188,7 +192,7 @@ class Encoder:
         }
 
     @classmethod
-    def from_seed(cls, config: EncoderConfig, seed: int, device: str = "cpu") -> Encoder:
+    def from_seed(cls, config: EncoderConfig, seed: int | str, device: str = "cpu") -> Encoder:
         return cls(config, sample_key(config, seed), device)
 
     def _linear(self, rows: torch.Tensor, name: str) -> torch.Tensor:

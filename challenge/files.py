@@ -63,6 +63,11 @@ class _H5File:
     def config(self) -> EncoderConfig:
         return EncoderConfig.from_json(self.h5.attrs["encoder_config"])
 
+    @property
+    def test_release(self) -> bool:
+        """True for a test release: built from a guessable seed or marked so, its key is public."""
+        return bool(self.h5.attrs.get("test_release", 0))
+
 
 class Release(_H5File):
     """A public release (``public/release.h5``), opened read-only.
@@ -162,8 +167,9 @@ class Key(_H5File):
         return EncoderConfig.from_json(self._require("encoder").attrs["encoder_config"])
 
     @property
-    def seed(self) -> int:
-        return int(self.h5["encoder"].attrs["seed"])
+    def seed(self) -> str:
+        """The build seed as text: lowercase hex, or decimal for an integer test seed."""
+        return str(self._require("encoder").attrs["seed"])
 
     def tensors(self) -> dict[str, np.ndarray]:
         config = self.config

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -46,6 +47,59 @@ from ncbench.h5io import (
     write_dataset,
 )
 from ncbench.progress import progress
+
+SEED_BYTES = 32  # a fresh build seed: 256 bits from `secrets`
+MIN_SECRET_HEX = 32  # 128 bits: the least secret entropy a real release's key may come from
+MAX_SEED_HEX = 1024
+_HEX = re.compile(r"[0-9a-f]+")
+
+
+@dataclass(frozen=True)
+class BuildSeed:
+    """The seed of one build: ``text`` is what every derivation hashes and the key records."""
+
+    text: str  # lowercase hex (a secret seed), or decimal (an integer test seed)
+    secret: bool  # at least 128 bits of secret entropy: only then may public values derive from it
+
+    @classmethod
+    def of(cls, seed: bytes | str | int | None, *, test_release: bool = False) -> BuildSeed:
+        """``None`` draws 32 bytes from `secrets`; bytes or a hex string are secret when they hold at
+        least 128 bits (32 hex digits). Anything weaker, an integer included, is found by trying
+        seeds against the public release (issue 10), so only a test release, whose key is public
+        by declaration, accepts it."""
+        if seed is None:
+            return cls(secrets.token_bytes(SEED_BYTES).hex(), secret=True)
+        if isinstance(seed, bytes):
+            text, secret = seed.hex(), 2 * len(seed) >= MIN_SECRET_HEX
+        elif isinstance(seed, str):
+            text = seed.strip().lower()
+            if not _HEX.fullmatch(text):  # the seed may be secret: say what is wrong, never echo it
+                raise NcbenchError(f"a seed is hex digits (0-9, a-f); got {len(seed)} characters, not all hex digits")
+            secret = len(text) >= MIN_SECRET_HEX
+        elif isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0:
+            text, secret = str(seed), False
+        else:
+            raise NcbenchError("a seed is bytes, a hex string or (test releases only) an integer >= 0, "
+                               f"got {type(seed).__name__}")
+        if not text:
+            raise NcbenchError("the seed is empty")
+        if len(text) > MAX_SEED_HEX:
+            raise NcbenchError(f"a seed has at most {MAX_SEED_HEX} hex digits, got {len(text)}")
+        if not (secret or test_release):
+            strength = "an integer seed" if isinstance(seed, int) else f"a seed of {4 * len(text)} bits"
+            raise NcbenchError(
+                f"{strength} can be guessed from the public release: give at least 128 bits "
+                f"({MIN_SECRET_HEX} hex digits, e.g. with --seed-file), leave the seed out to draw one, "
+                "or pass --test-release to build a release marked as having a public key"
+            )
+        return cls(text, secret)
+
+    def salt(self) -> bytes:
+        """The commitment salt (32 bytes). A secret seed keys it, so a build is reproducible from the
+        seed; a guessable seed must decide no public value, so its salt is fresh randomness."""
+        if self.secret:
+            return hashlib.sha256(f"{self.text}:salt".encode()).digest()
+        return secrets.token_bytes(32)
 
 
 @dataclass(frozen=True)
@@ -88,17 +142,24 @@ def build_release(
     config: EncoderConfig,
     plan: BuildPlan,
     source: str,
-    seed: int | None = None,
+    seed: bytes | str | int | None = None,
+    test_release: bool = False,
     device: str | None = "auto",
     force: bool = False,
 ) -> Path:
-    """Load images, encode them with a fresh key, and write the release directory ``out``."""
-    seed = secrets.randbits(63) if seed is None else int(seed)
+    """Load images, encode them with a fresh key, and write the release directory ``out``.
+
+    ``seed``: None (a fresh secret seed), or a secret of at least 128 bits as bytes or hex text
+    (the same seed rebuilds the same files). ``test_release=True`` marks the release as one whose
+    key is public, and only then is a weaker seed (a small integer) accepted.
+    """
+    build_seed = BuildSeed.of(seed, test_release=test_release)
     device = pick_device(device)
-    images = load_images(source, n=plan.n_images, seed=derive_seed(seed, "images"), image_size=config.image_size)
+    images = load_images(source, n=plan.n_images, seed=derive_seed(build_seed.text, "images"),
+                         image_size=config.image_size)
     if len(images) != plan.n_images:
         raise NcbenchError(f"source {source!r} gave {len(images)} images, {plan.n_images} needed")
-    roles: dict = _assign_roles(len(images), plan, np.random.default_rng(derive_seed(seed, "roles")))
+    roles: dict = _assign_roles(len(images), plan, np.random.default_rng(derive_seed(build_seed.text, "roles")))
     roles["images"] = images
     description = images.description
     del images  # _write drops the only copy once the plaintexts are on disk, before encoding
@@ -107,8 +168,8 @@ def build_release(
         layout = ReleaseLayout(tmp)
         layout.public.mkdir(parents=True)
         layout.private.mkdir()
-        _write(tmp, config=config, plan=plan, roles=roles, seed=seed, device=device,
-               source_description=description)
+        _write(tmp, config=config, plan=plan, roles=roles, build_seed=build_seed, test_release=test_release,
+               device=device, source_description=description)
     return out
 
 
@@ -126,7 +187,13 @@ def _assign_roles(n_images: int, plan: BuildPlan, rng: np.random.Generator) -> d
     return roles
 
 
-def _write(tmp: Path, *, config, plan, roles, seed, device, source_description) -> None:
+def _write(tmp: Path, *, config, plan, roles, build_seed: BuildSeed, test_release, device, source_description) -> None:
+    seed = build_seed.text
+    salt = np.frombuffer(build_seed.salt(), np.uint8).copy()
+    # The id hashes the (secret) salt, never the seed alone: a public value must not let anyone
+    # test guesses of the seed.
+    challenge_id = f"{config.preset}-{plan.task}-{hashlib.sha256(salt.tobytes() + b':challenge-id').hexdigest()[:8]}"
+    marks = {"test_release": np.int64(1)} if test_release else {}
     key = sample_key(config, seed)
     encoder = Encoder(config, key, device)
     image_set: ImageSet = roles.pop("images")
@@ -135,17 +202,15 @@ def _write(tmp: Path, *, config, plan, roles, seed, device, source_description) 
     perms = sample_permutations(config, seed, n)
     rng = np.random.default_rng(derive_seed(seed, "split"))
     split = _halves(n, rng)
-    salt = np.frombuffer(hashlib.sha256(f"{seed}:salt".encode()).digest(), np.uint8).copy()
-    challenge_id = f"{config.preset}-{plan.task}-{derive_seed(seed, 'challenge-id') % 16**8:08x}"
     created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(os.environ.get("SOURCE_DATE_EPOCH", time.time()))))
     encoded_ids = [f"enc-{i:05d}" for i in range(n)]
     layout = ReleaseLayout(tmp)
     release_path, key_path = layout.release, layout.key
 
     with h5py.File(key_path, "w", track_order=False) as key_h5:
-        set_root_attrs(key_h5, KEY_FORMAT, SCHEMA_VERSION, challenge_id=challenge_id, task=plan.task)
+        set_root_attrs(key_h5, KEY_FORMAT, SCHEMA_VERSION, challenge_id=challenge_id, task=plan.task, **marks)
         group = key_h5.create_group("encoder")
-        group.attrs["seed"] = np.int64(seed)
+        group.attrs["seed"] = seed
         group.attrs["encoder_config"] = config.to_json()
         for name in key_tensor_names(config):
             write_dataset(group, name, key[name].numpy())
@@ -168,7 +233,7 @@ def _write(tmp: Path, *, config, plan, roles, seed, device, source_description) 
         set_root_attrs(
             rel, RELEASE_FORMAT, SCHEMA_VERSION, challenge_id=challenge_id, task=plan.task,
             preset=config.preset, encoder_config=config.to_json(), n_encoded=np.int64(n),
-            key_commitment=commitment, created_utc=created, source=source_description,
+            key_commitment=commitment, created_utc=created, source=source_description, **marks,
         )
         group = rel.create_group("encoded")
         write_dataset(group, "ids", encoded_ids)

@@ -1,14 +1,24 @@
 """Attacks on tiny presets (the same code paths as full size) and the plugin interface."""
 
 import dataclasses
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ncbench.attacks.base import Attack
-from ncbench.attacks.registry import all_attacks, load_from_file, register, resolve
+from ncbench.attacks.registry import (
+    all_attacks,
+    check_plugin_name,
+    load_from_file,
+    name_skeleton,
+    register,
+    resolve,
+)
 from ncbench.attacks.submission import read_submission
 from ncbench.challenge.encoders import resolve_config
 from ncbench.challenge.files import open_key, open_release
@@ -27,7 +37,7 @@ def releases(tmp_path_factory):
                             ("linear", "transfer", 64)]:
         out = root / f"{preset}-{task}"
         build_release(out, config=resolve_config(preset, **TINY), plan=BuildPlan.for_task(task, n),
-                      source="sample", seed=3)
+                      source="sample", seed=3, test_release=True)
         built[preset, task] = out
     return built
 
@@ -167,5 +177,130 @@ def test_attack_list_names_every_builtin():
 @pytest.mark.slow
 def test_gram_hungarian_full_size_nc7(tmp_path):
     out = tmp_path / "nc7"
-    build_release(out, config=resolve_config("nc7"), plan=BuildPlan.for_task("reid", 1000), source="sample", seed=7)
+    build_release(out, config=resolve_config("nc7"), plan=BuildPlan.for_task("reid", 1000), source="sample", seed=7,
+                  test_release=True)
     assert _reid_accuracy(out, _run("gram-hungarian", out)) >= 0.99
+
+
+# -- hostile plugins (issue 10, item 9) ----------------------------------------------------------
+
+PLUGIN = '''
+from ncbench.attacks import Attack, Submission
+
+
+class Plugin(Attack):
+    name = {name!r}
+    version = "1"
+    tasks = ("reid",)
+    knowledge = ("architecture",)
+    description = "test plugin"
+
+    def run(self, release):
+        {body}
+'''
+
+
+def _plugin(tmp_path, name="my-attack", body="raise ValueError('no luck\\nat all')"):
+    path = tmp_path / "plugin.py"
+    path.write_text(PLUGIN.format(name=name, body=body))
+    return path
+
+
+def _run_plugin(spec, release, out):
+    return CliRunner().invoke(main, ["attack", "run", str(spec), "--release", str(release), "--out", str(out)])
+
+
+def _assert_one_line(result, *needles):
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and not isinstance(result.exception, (ValueError, TypeError))
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_plugin_whose_run_raises_fails_in_one_line_and_writes_nothing(releases, tmp_path):
+    out = tmp_path / "sub.h5"
+    result = _run_plugin(f"{_plugin(tmp_path)}:Plugin", releases["nc3", "reid"], out)
+    _assert_one_line(result, "attack my-attack failed: ValueError: no luck at all")
+    assert not out.exists()
+
+
+def test_plugin_whose_run_returns_no_submission_fails_in_one_line(releases, tmp_path):
+    out = tmp_path / "sub.h5"
+    result = _run_plugin(f"{_plugin(tmp_path, body='return None')}:Plugin", releases["nc3", "reid"], out)
+    _assert_one_line(result, "attack my-attack failed:")
+    assert not out.exists()
+
+
+def test_plugin_whose_run_exits_fails_in_one_line(releases, tmp_path):
+    out = tmp_path / "sub.h5"
+    result = _run_plugin(f"{_plugin(tmp_path, body='raise SystemExit(0)')}:Plugin", releases["nc3", "reid"], out)
+    _assert_one_line(result, "failed: SystemExit")
+    assert not out.exists()
+
+
+def test_plugin_naming_the_attack_base_class_is_refused_in_one_line(releases, tmp_path):
+    out = tmp_path / "sub.h5"
+    result = _run_plugin(f"{_plugin(tmp_path)}:Attack", releases["nc3", "reid"], out)
+    _assert_one_line(result, "Attack is abstract")
+    assert not out.exists()
+
+
+def test_abstract_plugin_class_is_refused_in_one_line(releases, tmp_path):
+    path = tmp_path / "half.py"
+    path.write_text("import abc\nfrom ncbench.attacks import Attack\n\n"
+                    "class Half(Attack):\n    name, version, tasks, knowledge, description = "
+                    "'half', '1', ('reid',), (), 'x'\n\n    @abc.abstractmethod\n    def extra(self): ...\n")
+    result = _run_plugin(f"{path}:Half", releases["nc3", "reid"], tmp_path / "sub.h5")
+    _assert_one_line(result, "Half is abstract", "extra")
+
+
+@pytest.mark.parametrize("name", [
+    "gram-hungarian",  # the built-in's own name
+    "Gram-Hungarian",  # case
+    "gram-hungar\u0456an",  # Cyrillic i
+    "\uff47\uff52\uff41\uff4d-hungarian",  # fullwidth
+    "gram-hungaria\u0301n",  # combining accent
+    "grarn-hungarian",  # rn for m
+    "gramhungarian",  # hyphen dropped
+    "0racle",  # zero for o
+    "oracle",
+])
+def test_plugin_cannot_take_a_builtin_name_or_a_look_alike(releases, tmp_path, name):
+    out = tmp_path / "sub.h5"
+    result = _run_plugin(f"{_plugin(tmp_path, name=name)}:Plugin", releases["nc3", "reid"], out)
+    _assert_one_line(result, "plugin attack name")
+    assert not out.exists()
+
+
+@settings(max_examples=200, deadline=None)
+@given(name=st.text(min_size=1, max_size=30))
+def test_plugin_names_are_plain_ascii_and_never_pass_for_a_builtin(name):
+    class Candidate(Attack):
+        name, version, tasks, knowledge, description = "candidate", "1", ("reid",), (), "x"
+
+    Candidate.name = name
+    builtins = all_attacks()
+    try:
+        check_plugin_name(Candidate, builtins)
+    except NcbenchError as refusal:
+        assert "\n" not in str(refusal)
+        return
+    assert re.fullmatch(r"[a-z0-9-]+", name)
+    assert all(name_skeleton(name) != name_skeleton(taken) for taken in builtins)
+
+
+@given(name=st.sampled_from(["gram-hungarian", "linear-inversion", "distribution-alignment", "chance", "oracle"]),
+       upper=st.lists(st.booleans(), min_size=30, max_size=30), width=st.booleans())
+def test_case_and_width_variants_of_builtin_names_are_refused(name, upper, width):
+    variant = "".join(c.upper() if u else c for c, u in zip(name, upper))
+    if width:
+        variant = "".join(chr(ord(c) + 0xFEE0) if c.isalnum() else c for c in variant)
+
+    class Candidate(Attack):
+        name, version, tasks, knowledge, description = "candidate", "1", ("reid",), (), "x"
+
+    Candidate.name = variant
+    with pytest.raises(NcbenchError, match="plugin attack name"):
+        check_plugin_name(Candidate, all_attacks())
