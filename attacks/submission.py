@@ -11,6 +11,9 @@ HDF5 (``format = "ncbench-submission"``) with attrs ``challenge_id``, ``attack``
 - ``encodings`` (M, P, D) or (M, D) with ``target_ids`` (M,): predicted target encodings.
 
 A two-column CSV ``encoded_id,plain_id`` is accepted as a ``reid`` mapping.
+
+A submission comes from outside: the reader checks its size, layout and declared shapes before
+reading, and reads only the parts it is asked for (:class:`ReadLimits`, set by the scorer).
 """
 
 from __future__ import annotations
@@ -26,9 +29,13 @@ import numpy as np
 
 from ncbench.errors import NcbenchError
 from ncbench.h5io import (
+    MAX_ATTRIBUTE_BYTES,
+    DatasetInfo,
     atomic_path,
-    open_checked,
-    read_strings,
+    check_chunks,
+    decode_strings,
+    format_bytes,
+    open_untrusted,
     set_root_attrs,
     write_dataset,
 )
@@ -36,6 +43,31 @@ from ncbench.h5io import (
 SUBMISSION_FORMAT = "ncbench-submission"
 SCHEMA_VERSION = 1
 ARRAY_PARTS = ("scores", "patch_positions", "reconstructions", "encodings")
+STRING_PARTS = ("encoded_ids", "mapping", "plain_ids", "target_ids")
+ID_BYTES = 256  # the longest id a reader budgets for; release ids are about 10 bytes
+CSV_HEADER_BYTES = 4096
+
+
+@dataclass(frozen=True)
+class ReadLimits:
+    """How much of one submission may be read. The scorer derives them from the challenge.
+
+    ``file_bytes``: a larger file is refused before it is opened. ``part_bytes``: for every
+    dataset of the format, the most bytes its declared shape x item size may come to; all
+    datasets together, named or not, may declare at most their sum. Anything larger is refused
+    before reading. ``read``: the datasets actually read; an answer part left out is listed in
+    ``Submission.unread``. ``csv_rows``: the most data lines of a CSV, whose size is capped at
+    ``csv_rows`` lines of two ids.
+    """
+
+    file_bytes: int
+    part_bytes: dict[str, int]
+    read: frozenset[str]
+    csv_rows: int
+
+    @property
+    def csv_bytes(self) -> int:
+        return min(self.file_bytes, CSV_HEADER_BYTES + self.csv_rows * (2 * ID_BYTES + 4))
 
 
 @dataclass
@@ -58,6 +90,7 @@ class Submission:
     encodings: np.ndarray | None = None
     target_ids: list[str] | None = None
     diagnostics: dict = field(default_factory=dict)  # attack-side numbers (stage times, ...)
+    unread: tuple[str, ...] = ()  # answer parts in the file that the reader was not asked to read
 
     def parts(self) -> list[str]:
         """Names of the answer parts present."""
@@ -99,61 +132,115 @@ def write_submission(path: str | os.PathLike, submission: Submission, *, force: 
     return path
 
 
-def read_submission(path: str | os.PathLike, *, challenge_id: str | None = None) -> Submission:
+def read_submission(path: str | os.PathLike, *, challenge_id: str | None = None,
+                    limits: ReadLimits | None = None) -> Submission:
     """Read a submission file; structural problems raise NcbenchError with one precise line.
 
-    ``challenge_id`` is needed for the CSV form, which does not carry one.
+    ``challenge_id`` is needed for the CSV form, which does not carry one. ``limits``: what may be
+    read (the scorer's); without them every part is read, whatever its size. Either way the file's
+    layout is checked before anything is read (:func:`ncbench.h5io.inspect_untrusted`: no links to
+    other files, no virtual or external datasets, only our filters) and so is every chunk
+    (:func:`ncbench.h5io.check_chunks`: none inflating past its declared size).
     """
     path = Path(path)
     if path.suffix.lower() == ".csv":
-        return _read_csv(path, challenge_id)
-    handle = open_checked(path, SUBMISSION_FORMAT, SCHEMA_VERSION)
+        return _read_csv(path, challenge_id, limits)
+    handle, datasets = open_untrusted(path, SUBMISSION_FORMAT, SCHEMA_VERSION,
+                                      max_bytes=None if limits is None else limits.file_bytes)
     try:
-        return _read_h5(path, handle)
-    except (OSError, KeyError, ValueError, TypeError) as error:
-        raise NcbenchError(f"{path}: unreadable submission ({error})") from None
+        return _read_h5(path, handle, datasets, limits)
+    except (OSError, KeyError, ValueError, TypeError, RecursionError) as error:
+        raise NcbenchError(f"{path}: unreadable submission ({type(error).__name__}: {error})") from None
     finally:
         handle.close()
 
 
-def _read_h5(path: Path, h5: h5py.File) -> Submission:
+def _read_h5(path: Path, h5: h5py.File, datasets: dict[str, DatasetInfo], limits: ReadLimits | None) -> Submission:
     attrs = h5.attrs
     for name in ("challenge_id", "attack", "attack_version"):
         if name not in attrs:
             raise NcbenchError(f"{path}: missing attribute {name!r}")
     if "encoded_ids" not in h5:
         raise NcbenchError(f"{path}: missing dataset 'encoded_ids'")
+    for name in (*STRING_PARTS, *ARRAY_PARTS):
+        if name in h5 and name not in datasets:
+            raise NcbenchError(f"{path}: {name} must be a dataset")
+    if limits is not None:
+        _check_declared_sizes(path, datasets, limits)
+    for name, info in datasets.items():  # every one, read or not: a bomb is refused wherever it sits
+        check_chunks(h5[name], info, path)
+    unread = tuple(name for name in ("mapping", *ARRAY_PARTS)
+                   if name in datasets and limits is not None and name not in limits.read)
+
+    def readable(name) -> DatasetInfo | None:
+        """The dataset's metadata when it is present and is to be read."""
+        if limits is not None and name not in limits.read:
+            return None
+        return datasets.get(name)
 
     def strings(name):
-        if name not in h5:
+        info = readable(name)
+        if info is None:
             return None
-        if h5[name].ndim != 1 or h5[name].dtype.kind not in "OSU":
+        if len(info.shape) != 1 or not _is_string(info.dtype):
             raise NcbenchError(f"{path}: {name} must be a 1-D array of strings")
-        return read_strings(h5[name])
+        return decode_strings(h5[name][()])
+
+    def text_attr(name, default=None):
+        value = attrs.get(name, default)
+        if isinstance(value, (str, bytes)) and len(value) > MAX_ATTRIBUTE_BYTES:
+            raise NcbenchError(f"{path}: attribute {name!r} holds {format_bytes(len(value))} of text; "
+                               f"at most {format_bytes(MAX_ATTRIBUTE_BYTES)} is accepted")
+        return value
 
     def json_attr(name, default):
         try:
-            return json.loads(attrs.get(name, json.dumps(default)))
-        except (TypeError, ValueError):
+            return json.loads(text_attr(name, json.dumps(default)))
+        except (TypeError, ValueError, RecursionError):
             raise NcbenchError(f"{path}: attribute {name!r} is not valid JSON") from None
 
+    team = text_attr("team")
     submission = Submission(
-        challenge_id=str(attrs["challenge_id"]), attack=str(attrs["attack"]),
-        attack_version=str(attrs["attack_version"]), encoded_ids=strings("encoded_ids"),
+        challenge_id=str(text_attr("challenge_id")), attack=str(text_attr("attack")),
+        attack_version=str(text_attr("attack_version")), encoded_ids=strings("encoded_ids"),
         params=json_attr("params", {}), knowledge=_string_list(path, json_attr("knowledge", [])),
-        runtime_s=float(attrs.get("runtime_s", 0.0)), team=attrs.get("team"),
+        runtime_s=float(attrs.get("runtime_s", 0.0)), team=None if team is None else str(team),
         mapping=strings("mapping"), plain_ids=strings("plain_ids"), target_ids=strings("target_ids"),
-        diagnostics=json_attr("diagnostics", {}),
+        diagnostics=json_attr("diagnostics", {}), unread=unread,
     )
+    if submission.encoded_ids is None:
+        raise NcbenchError(f"{path}: encoded_ids cannot be read within this challenge's limits")
     for name in ARRAY_PARTS:
-        if name in h5:
-            values = h5[name][()]
-            if values.dtype.kind not in "fiu":
-                raise NcbenchError(f"{path}: {name} must be numeric, found {values.dtype}")
-            setattr(submission, name, values)
-    if not submission.parts():
+        info = readable(name)
+        if info is None:
+            continue
+        if info.dtype.kind not in "fiu":
+            raise NcbenchError(f"{path}: {name} must be numeric, found {info.dtype}")
+        setattr(submission, name, h5[name][()])
+    if not submission.parts() and not submission.unread:
         raise NcbenchError(f"{path}: holds no answer (mapping, scores, reconstructions or encodings)")
     return submission
+
+
+def _check_declared_sizes(path: Path, datasets: dict[str, DatasetInfo], limits: ReadLimits) -> None:
+    """Refuse, from metadata alone, any part declaring more than the challenge allows it, and
+    datasets that together declare more than a whole legitimate submission could."""
+    for name, allowed in limits.part_bytes.items():
+        info = datasets.get(name)
+        if info is not None and info.declared_bytes > allowed:
+            raise NcbenchError(f"{path}: {name} declares shape {info.shape} of {info.dtype} "
+                               f"({format_bytes(info.declared_bytes)}); this challenge accepts at most "
+                               f"{format_bytes(allowed)} (refused before reading)")
+    total, allowed = sum(info.declared_bytes for info in datasets.values()), sum(limits.part_bytes.values())
+    if total > allowed:
+        largest = max(datasets.values(), key=lambda info: info.declared_bytes)
+        raise NcbenchError(f"{path}: its datasets declare {format_bytes(total)} (the largest: {largest.name}, "
+                           f"shape {largest.shape}); a submission to this challenge holds at most "
+                           f"{format_bytes(allowed)} (refused before reading)")
+
+
+def _is_string(dtype: np.dtype) -> bool:
+    return dtype.kind in "SU" or (dtype.kind == "O" and h5py.check_string_dtype(dtype) is not None)
 
 
 def _string_list(path: Path, value) -> tuple[str, ...]:
@@ -162,20 +249,28 @@ def _string_list(path: Path, value) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _read_csv(path: Path, challenge_id: str | None) -> Submission:
+def _read_csv(path: Path, challenge_id: str | None, limits: ReadLimits | None) -> Submission:
     if not path.is_file():
         raise NcbenchError(f"{path}: no such file")
+    if limits is not None and path.stat().st_size > limits.csv_bytes:
+        raise NcbenchError(f"{path}: file is {format_bytes(path.stat().st_size)}; a CSV for this challenge "
+                           f"({limits.csv_rows} encodings) is at most {format_bytes(limits.csv_bytes)}")
+    body: list[list[str]] = []
     try:
         with open(path, newline="", encoding="utf-8") as handle:
-            rows = list(csv.reader(handle))
+            reader = csv.reader(handle)
+            header = next(reader, None)
+            if header is None or [c.strip() for c in header] != ["encoded_id", "plain_id"]:
+                raise NcbenchError(f"{path}: CSV header must be exactly 'encoded_id,plain_id'")
+            for number, row in enumerate(reader, start=2):
+                if len(row) != 2:
+                    raise NcbenchError(f"{path}: line {number} has {len(row)} fields, expected 2")
+                if limits is not None and len(body) == limits.csv_rows:
+                    raise NcbenchError(f"{path}: more than {limits.csv_rows} data lines, one per encoding "
+                                       f"of this challenge")
+                body.append(row)
     except (UnicodeDecodeError, csv.Error) as error:
         raise NcbenchError(f"{path}: not a readable CSV ({error})") from None
-    if not rows or [c.strip() for c in rows[0]] != ["encoded_id", "plain_id"]:
-        raise NcbenchError(f"{path}: CSV header must be exactly 'encoded_id,plain_id'")
-    body = rows[1:]
-    for number, row in enumerate(body, start=2):
-        if len(row) != 2:
-            raise NcbenchError(f"{path}: line {number} has {len(row)} fields, expected 2")
     return Submission(
         challenge_id=challenge_id or "", attack="csv", attack_version="", params={},
         encoded_ids=[r[0].strip() for r in body], mapping=[r[1].strip() for r in body],

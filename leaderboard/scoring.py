@@ -3,6 +3,11 @@
 Everything about the submission is validated before any metric is computed; each problem is one
 :class:`NcbenchError` line. Metrics are computed separately on the public (split 0) and private
 (split 1) scoring halves recorded in the key. Nothing here touches the results database.
+
+Nothing is trusted but the key. The release must be the file the key was issued with (its sha256
+is in the key). The submission is hostile until checked: its size, layout and declared shapes are
+checked against limits derived from the challenge before any of it is read, and only the parts
+the task uses are read (:func:`submission_limits`).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import numpy as np
 
 from ncbench.assignment import match
 from ncbench.attacks.base import KNOWLEDGE
-from ncbench.attacks.submission import Submission, read_submission
+from ncbench.attacks.submission import ID_BYTES, ReadLimits, Submission, read_submission
 from ncbench.challenge.files import Key, Release, ReleaseLayout, key_file, open_key, open_release, release_file
 from ncbench.errors import NcbenchError
 from ncbench.h5io import sha256_file
@@ -31,6 +36,12 @@ USED_PARTS = {
     "transfer": {"encodings", "patch_positions"},
     "invert": {"reconstructions", "patch_positions"},
 }
+# The ids that name the rows or columns of a part come with it.
+COMPANION_IDS = {"scores": "plain_ids", "encodings": "target_ids"}
+# A submission file may be this many times the size of every part at its largest (8-byte items),
+# plus a floor for attributes and chunk indexes: gzip never grows data by more than a few bytes.
+FILE_SLACK = 2
+FILE_FLOOR_BYTES = 64 << 20
 REFUSED_ATTACKS = ("oracle",)  # baselines that read the key: calibration only
 REFUSED_KNOWLEDGE = ("key",)
 _SHOWN = 3  # ids quoted in an error message before "..."
@@ -46,13 +57,15 @@ class ChallengeInfo:
     n_encoded: int
     key_commitment: str
     encoder_config: str  # JSON of the resolved encoder configuration
+    test_release: bool = False  # built from a guessable seed: its key is public
 
     @classmethod
     def from_release(cls, release: Release) -> ChallengeInfo:
         attrs = release.h5.attrs
         return cls(challenge_id=release.challenge_id, task=release.task,
                    preset=str(attrs.get("preset", release.config.preset)), n_encoded=release.n_encoded,
-                   key_commitment=str(attrs["key_commitment"]), encoder_config=str(attrs["encoder_config"]))
+                   key_commitment=str(attrs["key_commitment"]), encoder_config=str(attrs["encoder_config"]),
+                   test_release=release.test_release)
 
 
 @dataclass
@@ -92,26 +105,32 @@ def score_submission(submission_path: str | os.PathLike, key_path: str | os.Path
     """
     submission_path = Path(submission_path)
     key_path, release_path = locate_release(key_path, release_path)
-    with open_key(key_path) as key, open_release(release_path) as release:
-        check_key_matches_release(key, release)
-        if not submission_path.is_file():
-            raise NcbenchError(f"{submission_path}: no such file")
-        digest = sha256_file(submission_path)
-        submission = load_submission(submission_path, release.challenge_id)
-        check_identity(submission, release, submission_path)
-        try:
-            answer = validate_answer(submission, release)
-        except NcbenchError as error:
-            raise NcbenchError(f"{submission_path}: {error}") from None
-        with progress(f"scoring {release.challenge_id}", 1) as advance:
-            values, notes = compute_metrics(answer, release, key)
-            advance(1)
-        return ScoreResult(
-            challenge=ChallengeInfo.from_release(release), attack=submission.attack,
-            attack_version=submission.attack_version, params=submission.params,
-            knowledge=tuple(submission.knowledge), runtime_s=float(submission.runtime_s),
-            sha256=digest, metrics=values, notes=answer.notes + notes,
-        )
+    with open_key(key_path) as key:
+        check_release_digest(key, release_path)
+        with open_release(release_path) as release:
+            return _score(submission_path, key, release)
+
+
+def _score(submission_path: Path, key: Key, release: Release) -> ScoreResult:
+    check_key_matches_release(key, release)
+    if not submission_path.is_file():
+        raise NcbenchError(f"{submission_path}: no such file")
+    submission = load_submission(submission_path, release.challenge_id, submission_limits(release))
+    digest = sha256_file(submission_path)  # after the size check: a huge file is never hashed
+    check_identity(submission, release, submission_path)
+    try:
+        answer = validate_answer(submission, release)
+    except NcbenchError as error:
+        raise NcbenchError(f"{submission_path}: {error}") from None
+    with progress(f"scoring {release.challenge_id}", 1) as advance:
+        values, notes = compute_metrics(answer, release, key)
+        advance(1)
+    return ScoreResult(
+        challenge=ChallengeInfo.from_release(release), attack=submission.attack,
+        attack_version=submission.attack_version, params=submission.params,
+        knowledge=tuple(submission.knowledge), runtime_s=float(submission.runtime_s),
+        sha256=digest, metrics=values, notes=answer.notes + notes,
+    )
 
 
 def locate_release(key_path: str | os.PathLike, release_path: str | os.PathLike | None) -> tuple[Path, Path]:
@@ -127,6 +146,20 @@ def locate_release(key_path: str | os.PathLike, release_path: str | os.PathLike 
     return key_path, beside
 
 
+def check_release_digest(key: Key, release_path: Path) -> None:
+    """The release must be, byte for byte, the file the key was issued with: the key records its
+    sha256 (``release_sha256``). Checked before the release is opened, so nothing in a tampered
+    release (a swapped id, a changed preset, an added dataset or link) is ever read."""
+    recorded = key.h5.attrs.get("release_sha256")
+    if not isinstance(recorded, str) or len(recorded) != 64:
+        raise NcbenchError(f"{key.path}: the key records no release sha256, so no release can be checked against it")
+    if not release_path.is_file():
+        raise NcbenchError(f"{release_path}: no such release file")
+    if sha256_file(release_path) != recorded:
+        raise NcbenchError(f"{release_path} is not the release this key was issued with "
+                           f"(its sha256 differs from the key's record)")
+
+
 def check_key_matches_release(key: Key, release: Release) -> None:
     """The key must belong to the release: same challenge id, and its commitment as published."""
     if key.challenge_id != release.challenge_id:
@@ -137,10 +170,31 @@ def check_key_matches_release(key: Key, release: Release) -> None:
                            f"{release.path} (wrong or tampered key)")
 
 
-def load_submission(path: Path, challenge_id: str) -> Submission:
-    """Read a submission file; anything unreadable becomes one NcbenchError line."""
+def submission_limits(release: Release) -> ReadLimits:
+    """What a submission to ``release`` may hold, from the challenge's N, M, T, P, D and S.
+
+    Each part may declare at most its legitimate shape at 8 bytes an item (float64 or int64),
+    each id :data:`ID_BYTES`; only the parts the task uses (and their ids) are read. The file may
+    be :data:`FILE_SLACK` times every part together, plus :data:`FILE_FLOOR_BYTES`.
+    """
+    config, h5 = release.config, release.h5
+    n, p, d, s = release.n_encoded, config.n_patches, config.width, config.image_size
+    m = int(h5["plain/ids"].shape[0]) if "plain/ids" in h5 else 0
+    t = int(h5["target/ids"].shape[0]) if "target/ids" in h5 else 0
+    part_bytes = {
+        "encoded_ids": n * ID_BYTES, "mapping": n * ID_BYTES, "plain_ids": m * ID_BYTES, "target_ids": t * ID_BYTES,
+        "scores": n * m * 8, "patch_positions": n * p * 8, "reconstructions": n * s * s * 8, "encodings": t * p * d * 8,
+    }
+    used = USED_PARTS[release.task]
+    readable = {"encoded_ids", *used, *(COMPANION_IDS[part] for part in used if part in COMPANION_IDS)}
+    return ReadLimits(file_bytes=FILE_FLOOR_BYTES + FILE_SLACK * sum(part_bytes.values()),
+                      part_bytes=part_bytes, read=frozenset(readable), csv_rows=n)
+
+
+def load_submission(path: Path, challenge_id: str, limits: ReadLimits | None = None) -> Submission:
+    """Read a submission file within ``limits``; anything unreadable becomes one NcbenchError line."""
     try:
-        return read_submission(path, challenge_id=challenge_id)
+        return read_submission(path, challenge_id=challenge_id, limits=limits)
     except NcbenchError:
         raise
     except (OSError, ValueError, TypeError, KeyError, AttributeError, UnicodeError, RuntimeError) as error:
@@ -190,7 +244,7 @@ class Answer:
 def validate_answer(submission: Submission, release: Release) -> Answer:
     """Check ids, shapes, dtypes and values of every part the task uses; reorder to release order."""
     task, config = release.task, release.config
-    parts = set(submission.parts())
+    parts = set(submission.parts()) | set(submission.unread)
     needed = REQUIRED_PARTS[task]
     if not parts & set(needed):
         raise NcbenchError(f"the {task} task needs {' or '.join(repr(p) for p in needed)}; "

@@ -2,6 +2,12 @@
 
 Every dataset is chunked one item per chunk with gzip + shuffle + fletcher32 and no timestamps,
 so the same inputs give the same bytes and a flipped byte in the data is caught on read.
+
+Files from outside (submissions) are opened with :func:`open_untrusted`, which checks the layout
+from metadata alone (no links out of the file, no virtual or external storage, only our filters,
+sane chunks and attributes) before anything is read; :func:`check_chunks` then proves, chunk by
+chunk and within each chunk's declared size, that a dataset inflates to no more than it declares,
+before HDF5 reads it.
 """
 
 from __future__ import annotations
@@ -9,10 +15,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
+import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -24,6 +33,21 @@ from ncbench.errors import NcbenchError
 NCBENCH_VERSION = __version__
 # gzip level 1: float encodings barely compress, and level 4 costs 3x the time for 2% smaller files.
 FILTERS = dict(compression="gzip", compression_opts=1, shuffle=True, fletcher32=True)
+
+# Limits on untrusted files. A legitimate file needs a small fraction of each.
+# The filters we write, in the pipeline order h5py uses (shuffle, then gzip, then the checksum).
+UNTRUSTED_FILTERS = {h5py.h5z.FILTER_SHUFFLE: "shuffle", h5py.h5z.FILTER_DEFLATE: "gzip",
+                     h5py.h5z.FILTER_FLETCHER32: "fletcher32"}
+MAX_CHUNK_BYTES = 32 << 20  # h5py's own chunks are <= 1 MiB; ours are one item (<= 4 MiB at full size)
+MAX_CHUNKS = 1 << 20  # per dataset, unless the first dimension is longer (one row per chunk)
+MAX_OBJECTS = 256  # groups, datasets and named types
+MAX_ATTRIBUTES = 64  # per object
+MAX_ATTRIBUTE_BYTES = 1 << 20  # declared size of one attribute
+# Bytes outside the datasets' stored data: object headers, chunk indexes, attributes and the heap of
+# variable-length strings. HDF5 reads a variable-length string whole, so this bounds them all.
+MAX_METADATA_BYTES = 16 << 20
+METADATA_BYTES_PER_CHUNK = 64  # a chunk index entry (v1 B-tree) takes about 40 bytes
+_CHUNK_SLACK = 1 << 10  # a gzip stream of incompressible data is a few bytes longer than its input
 
 
 def _chunks(shape: tuple[int, ...]) -> tuple[int, ...] | None:
@@ -60,7 +84,12 @@ def create_streamed(group: h5py.Group, name: str, shape: tuple[int, ...], dtype)
 
 
 def read_strings(dataset: h5py.Dataset) -> list[str]:
-    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in dataset[()]]
+    return decode_strings(dataset[()])
+
+
+def decode_strings(values: np.ndarray) -> list[str]:
+    """(n,) fixed- or variable-length HDF5 strings as Python text."""
+    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values]
 
 
 def set_root_attrs(handle: h5py.File, fmt: str, schema_version: int, **attrs) -> None:
@@ -80,17 +109,242 @@ def open_checked(path: str | os.PathLike, fmt: str, schema_version: int) -> h5py
         handle = h5py.File(path, "r")
     except OSError:
         raise NcbenchError(f"{path}: not an HDF5 file (corrupt or truncated?)") from None
-    found = handle.attrs.get("format")
-    if found != fmt:
-        handle.close()
-        raise NcbenchError(f"{path}: expected an {fmt} file, found format {found!r}")
-    version = handle.attrs.get("schema_version")
-    if version is None or int(version) != schema_version:
-        handle.close()
-        raise NcbenchError(
-            f"{path}: {fmt} schema version {version} is not supported (this ncbench reads {schema_version})"
-        )
+    _check_format(handle, path, fmt, schema_version)
     return handle
+
+
+def _check_format(handle: h5py.File, path: Path, fmt: str, schema_version: int) -> None:
+    found = handle.attrs.get("format")
+    if not isinstance(found, str) or found != fmt:
+        handle.close()
+        raise NcbenchError(f"{path}: expected an {fmt} file, found format {_shorten(repr(found))}")
+    version = handle.attrs.get("schema_version")
+    if not isinstance(version, (int, np.integer)) or int(version) != schema_version:
+        handle.close()
+        raise NcbenchError(f"{path}: {fmt} schema version {_shorten(str(version))} is not supported "
+                           f"(this ncbench reads {schema_version})")
+
+
+def _shorten(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a file declares about one dataset, from metadata only.
+
+    ``declared_bytes``: shape x item size, what reading it whole allocates; ``stored_bytes``: its
+    bytes in the file (compressed); ``chunks``: chunk shape, None when not chunked.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    chunks: tuple[int, ...] | None
+    filters: tuple[int, ...]
+    declared_bytes: int
+    stored_bytes: int
+
+
+def open_untrusted(path: str | os.PathLike, fmt: str, schema_version: int, *,
+                   max_bytes: int | None = None) -> tuple[h5py.File, dict[str, DatasetInfo]]:
+    """Open a file from outside: its size (``max_bytes``, checked before opening), layout and
+    attributes are checked by :func:`inspect_untrusted` before anything is read, then its format.
+
+    Returns the open file and its datasets by name; every refusal is one NcbenchError line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise NcbenchError(f"{path}: no such file")
+    size = path.stat().st_size
+    if max_bytes is not None and size > max_bytes:
+        raise NcbenchError(f"{path}: file is {format_bytes(size)}; at most {format_bytes(max_bytes)} is accepted here")
+    try:
+        handle = h5py.File(path, "r")
+    except OSError:
+        raise NcbenchError(f"{path}: not an HDF5 file (corrupt or truncated?)") from None
+    try:
+        datasets = inspect_untrusted(handle, path, file_bytes=size)
+        _check_format(handle, path, fmt, schema_version)
+    except BaseException:
+        handle.close()
+        raise
+    return handle, datasets
+
+
+def inspect_untrusted(handle: h5py.File, path: str | os.PathLike, *, file_bytes: int) -> dict[str, DatasetInfo]:
+    """Walk the link table of ``handle`` without following links or reading data; refuse it unless
+    everything it names lies inside the file and every dataset can be read within known bounds.
+
+    Refused: soft, external and user-defined links; virtual datasets and external storage (all of
+    which can reach another file, such as a private key); filters other than shuffle, gzip and
+    fletcher32 (each once, in that order); chunks above :data:`MAX_CHUNK_BYTES` or too many of them;
+    more than :data:`MAX_OBJECTS` objects or :data:`MAX_ATTRIBUTES` attributes on one; an
+    attribute declaring more than :data:`MAX_ATTRIBUTE_BYTES`; and more than
+    :data:`MAX_METADATA_BYTES` outside the datasets' stored data (variable-length strings live
+    there, and HDF5 reads each one whole).
+    """
+    path = Path(path)
+    try:
+        return _inspect(handle, path, file_bytes)
+    except (TypeError, ValueError, KeyError, OSError, RuntimeError) as error:
+        raise NcbenchError(f"{path}: unreadable HDF5 layout ({type(error).__name__}: {error})") from None
+
+
+def _inspect(handle: h5py.File, path: Path, file_bytes: int) -> dict[str, DatasetInfo]:
+    datasets: dict[str, DatasetInfo] = {}
+    seen: set = set()  # object ids: a hard link may name an object twice, or loop back to a group
+    stored_total, stored_chunks, objects = 0, 0, 0
+    root = h5py.h5g.open(handle.id, b"/")
+    pending: list[tuple[str, h5py.h5g.GroupID]] = [("", root)]
+    _check_attributes(root, path, "/")
+    seen.add(root)
+    while pending:
+        prefix, group = pending.pop()
+        for raw_name in _link_names(group):
+            name = f"{prefix}{raw_name.decode('utf-8', 'replace')}"
+            objects += 1
+            if objects > MAX_OBJECTS:
+                raise NcbenchError(f"{path}: holds more than {MAX_OBJECTS} objects")
+            kind = group.links.get_info(raw_name).type
+            if kind == h5py.h5l.TYPE_SOFT:
+                target = group.links.get_val(raw_name).decode("utf-8", "replace")
+                raise NcbenchError(f"{path}: {name} is a soft link (to {target!r}); only plain datasets are accepted")
+            if kind == h5py.h5l.TYPE_EXTERNAL:
+                filename, target = (v.decode("utf-8", "replace") for v in group.links.get_val(raw_name))
+                raise NcbenchError(f"{path}: {name} is an external link (to {filename}:{target}); "
+                                   f"a file may not refer to another file")
+            if kind != h5py.h5l.TYPE_HARD:
+                raise NcbenchError(f"{path}: {name} is a user-defined link; only plain datasets are accepted")
+            obj = h5py.h5o.open(group, raw_name)
+            if obj in seen:
+                continue
+            seen.add(obj)
+            _check_attributes(obj, path, name)
+            if isinstance(obj, h5py.h5g.GroupID):
+                pending.append((f"{name}/", obj))
+            elif isinstance(obj, h5py.h5d.DatasetID):
+                info = _dataset_info(obj, path, name)
+                datasets[name] = info
+                stored_total += info.stored_bytes
+                if info.chunks is not None:
+                    stored_chunks += obj.get_num_chunks()
+    if stored_total > file_bytes:
+        raise NcbenchError(f"{path}: its datasets claim {format_bytes(stored_total)} of storage in a file of "
+                           f"{format_bytes(file_bytes)} (corrupt or crafted chunk index)")
+    metadata_budget = MAX_METADATA_BYTES + METADATA_BYTES_PER_CHUNK * stored_chunks
+    if file_bytes - stored_total > metadata_budget:
+        raise NcbenchError(f"{path}: holds {format_bytes(file_bytes - stored_total)} outside its datasets' data "
+                           f"(attributes, strings, unused space); at most {format_bytes(metadata_budget)} is accepted")
+    return datasets
+
+
+def _link_names(group: h5py.h5g.GroupID) -> list[bytes]:
+    names: list[bytes] = []
+
+    def collect(name: bytes) -> int | None:
+        names.append(name)
+        return 1 if len(names) > MAX_OBJECTS else None  # stop early: the caller refuses
+
+    group.links.iterate(collect)
+    return names
+
+
+def _check_attributes(obj, path: Path, name: str) -> None:
+    count = h5py.h5a.get_num_attrs(obj)
+    if count > MAX_ATTRIBUTES:
+        raise NcbenchError(f"{path}: {name} has {count} attributes; at most {MAX_ATTRIBUTES} are accepted")
+    for index in range(count):
+        attribute = h5py.h5a.open(obj, index=index)
+        declared = math.prod(attribute.shape or ()) * attribute.dtype.itemsize
+        if declared > MAX_ATTRIBUTE_BYTES:
+            label = attribute.name.decode("utf-8", "replace")
+            raise NcbenchError(f"{path}: attribute {label!r} of {name} declares {format_bytes(declared)}; "
+                               f"at most {format_bytes(MAX_ATTRIBUTE_BYTES)} is accepted")
+
+
+def _dataset_info(dataset: h5py.h5d.DatasetID, path: Path, name: str) -> DatasetInfo:
+    plist = dataset.get_create_plist()
+    layout = plist.get_layout()
+    if layout == h5py.h5d.VIRTUAL:
+        raise NcbenchError(f"{path}: {name} is a virtual dataset; its data would come from other files")
+    if plist.get_external_count():
+        filename = plist.get_external(0)[0].decode("utf-8", "replace")
+        raise NcbenchError(f"{path}: {name} keeps its data in an external file ({filename}); "
+                           f"a file may not refer to another file")
+    pipeline = [plist.get_filter(i) for i in range(plist.get_nfilters())]
+    filters = tuple(code for code, *_ in pipeline)
+    allowed_order = list(UNTRUSTED_FILTERS)
+    if any(f not in UNTRUSTED_FILTERS for f in filters) or list(filters) != sorted(filters, key=allowed_order.index) \
+            or len(set(filters)) != len(filters):
+        shown = ", ".join(f"{label.decode('utf-8', 'replace') or 'unnamed'} ({code})" for code, _, _, label in pipeline)
+        raise NcbenchError(f"{path}: {name} uses filters [{shown}]; accepted are shuffle, gzip and "
+                           f"fletcher32, each at most once and in that order")
+    shape = tuple(int(n) for n in (dataset.shape or ()))
+    dtype = dataset.dtype
+    declared = math.prod(shape) * dtype.itemsize
+    chunks = None
+    if layout == h5py.h5d.CHUNKED:
+        chunks = tuple(int(n) for n in plist.get_chunk())
+        chunk_bytes = math.prod(chunks) * dtype.itemsize
+        if chunk_bytes > MAX_CHUNK_BYTES:
+            raise NcbenchError(f"{path}: {name} has chunks of {format_bytes(chunk_bytes)}; at most "
+                               f"{format_bytes(MAX_CHUNK_BYTES)} per chunk is accepted")
+        n_chunks = math.prod(-(-n // c) for n, c in zip(shape, chunks))
+        if n_chunks > max(MAX_CHUNKS, shape[0] if shape else 0):
+            raise NcbenchError(f"{path}: {name} is cut into {n_chunks} chunks of shape {chunks}; "
+                               f"at most {MAX_CHUNKS} (or one per row) are accepted")
+    elif filters:
+        raise NcbenchError(f"{path}: {name} has filters but is not chunked")
+    return DatasetInfo(name=name, shape=shape, dtype=dtype, chunks=chunks, filters=filters,
+                       declared_bytes=declared, stored_bytes=int(dataset.get_storage_size()))
+
+
+def check_chunks(dataset: h5py.Dataset, info: DatasetInfo, path: str | os.PathLike) -> None:
+    """Refuse a dataset (checked by :func:`inspect_untrusted`) with a stored chunk larger than its
+    declared size or whose gzip stream inflates past it. HDF5's gzip filter inflates a chunk to
+    whatever length its stream encodes, so a chunk declaring kilobytes can hold gigabytes; here
+    each is inflated in turn, stopping one byte past its declared size, so the check costs at most
+    two chunks of memory. After it, reading the dataset costs its declared size; HDF5 still checks
+    the fletcher32 checksums then.
+    """
+    if not info.filters:
+        return
+    path = Path(path)
+    chunk_bytes = math.prod(info.chunks) * info.dtype.itemsize
+    deflate_bit = (1 << info.filters.index(h5py.h5z.FILTER_DEFLATE)
+                   if h5py.h5z.FILTER_DEFLATE in info.filters else 0)
+    checksum_bit = (1 << info.filters.index(h5py.h5z.FILTER_FLETCHER32)
+                    if h5py.h5z.FILTER_FLETCHER32 in info.filters else 0)
+    stored: list = []
+    dataset.id.chunk_iter(stored.append)
+    for chunk in stored:
+        if chunk.size > chunk_bytes + _CHUNK_SLACK:
+            raise NcbenchError(f"{path}: {info.name} has a chunk of {format_bytes(chunk.size)} stored for "
+                               f"{format_bytes(chunk_bytes)} of data (corrupt or crafted)")
+        if not deflate_bit or chunk.filter_mask & deflate_bit:
+            continue  # stored uncompressed
+        _, raw = dataset.id.read_direct_chunk(chunk.chunk_offset)
+        if checksum_bit and not chunk.filter_mask & checksum_bit:
+            raw = raw[:-4]  # fletcher32 runs after gzip and appends its 4 bytes
+        inflater = zlib.decompressobj()
+        try:
+            inflated = len(inflater.decompress(raw, chunk_bytes + 1))
+        except zlib.error as error:
+            raise NcbenchError(f"{path}: {info.name} is corrupt (chunk at {chunk.chunk_offset}: {error})") from None
+        if inflated > chunk_bytes or inflater.unconsumed_tail:
+            raise NcbenchError(f"{path}: {info.name} has a chunk that inflates beyond its declared "
+                               f"{format_bytes(chunk_bytes)} (a compression bomb?); refused without inflating it further")
+
+
+def format_bytes(n_bytes: int) -> str:
+    """Bytes for a message: exact below 10 MB ('1,048,584 bytes'), else '3.2 GB' or '4.6e+18 bytes'."""
+    if n_bytes < 10**7:
+        return f"{n_bytes:,} bytes"
+    for unit, scale in (("MB", 1e6), ("GB", 1e9), ("TB", 1e12)):
+        if n_bytes < scale * 1000:
+            return f"{n_bytes / scale:.1f} {unit}"
+    return f"{n_bytes:.2g} bytes"
 
 
 @contextlib.contextmanager

@@ -1,11 +1,18 @@
-"""Property test: every malformed submission is refused by `ncbench score` with one clean line,
-exit code 2, no other exception, and the database left exactly as it was."""
+"""Property test: every malformed or hostile submission is refused by `ncbench score` with one
+clean line, exit code 2, no other exception, and the database left exactly as it was.
+
+Hostile files (issue 10): declared-huge datasets, compression bombs, links, virtual datasets and
+external storage reaching the private key, odd filters and chunks, oversized attributes and CSVs.
+"""
 
 import csv
 import hashlib
 import io
 import json
+import math
+import os
 import tempfile
+import zlib
 from pathlib import Path
 
 import h5py
@@ -36,7 +43,8 @@ class World:
         self.dirs, self.ids, self.plain_ids, self.target_ids, self.challenge = {}, {}, {}, {}, {}
         for task in ("reid", "invert", "transfer"):
             out = root / task
-            build_release(out, config=TINY, plan=BuildPlan.for_task(task, N), source="phantom", seed=7, device="cpu")
+            build_release(out, config=TINY, plan=BuildPlan.for_task(task, N), source="phantom", seed=7,
+                          test_release=True, device="cpu")
             with open_release(out) as release, open_key(out) as key:
                 self.dirs[task] = out
                 self.ids[task] = release.encoded_ids
@@ -75,9 +83,9 @@ def world(tmp_path_factory):
     return World(tmp_path_factory.mktemp("malformed"))
 
 
-def write_h5(path: Path, attrs: dict, datasets: dict) -> Path:
+def write_h5(path: Path, attrs: dict, datasets: dict, **options) -> Path:
     """An HDF5 file written with h5py directly, so that it can break every rule."""
-    with h5py.File(path, "w") as handle:
+    with h5py.File(path, "w", **options) as handle:
         for name, value in attrs.items():
             handle.attrs[name] = value
         for name, value in datasets.items():
@@ -252,6 +260,179 @@ def bad_column_ids(draw, world, part, kind):
     return task, lambda d: write_h5(d / "sub.h5", world.attrs(task), datasets)
 
 
+# -- hostile files (issue 10) ------------------------------------------------------------------------
+
+USED = {"reid": ("mapping", "scores", "patch_positions"), "invert": ("reconstructions",), "transfer": ("encodings",)}
+IGNORED = {"reid": ("reconstructions", "encodings"), "invert": ("scores", "mapping", "encodings"),
+           "transfer": ("scores", "reconstructions", "mapping")}
+ROW_SHAPES = {"mapping": (), "scores": (N,), "patch_positions": (P,), "reconstructions": (SIZE, SIZE),
+              "encodings": (P, D), "junk": (64,)}
+DECLARED = st.sampled_from([int(3.2e9), 12 << 30, 1 << 40, 1 << 50, 1 << 62])  # 3.2 GB, 12 GiB .. 4 EiB
+# What a link may reach in the key, per task: the part it would answer and the truth it holds.
+KEY_TRUTH = {"reid": ("patch_positions", "truth/patch_perm"), "invert": ("reconstructions", "truth/images"),
+             "transfer": ("encodings", "truth/target_encodings")}
+
+
+def _legit(world, task):
+    """The datasets of an answer that would be scored, as write_h5 takes them."""
+    datasets = {"encoded_ids": world.ids[task]}
+    if task == "reid":
+        datasets["mapping"] = world.mapping
+    elif task == "invert":
+        datasets["reconstructions"] = np.zeros((N, SIZE, SIZE), "float32")
+    else:
+        datasets["encodings"] = np.zeros((3, D), "float32")
+    return datasets
+
+
+def _dtype_of(part):
+    return "S64" if part == "mapping" else "float64"
+
+
+@st.composite
+def declared_huge(draw, world, where):
+    """A small file whose ``part`` declares gigabytes to exabytes, with no data stored."""
+    task = draw(st.sampled_from(sorted(USED)))
+    part = "junk" if where == "unknown" else draw(st.sampled_from((USED if where == "used" else IGNORED)[task]))
+    row, dtype = ROW_SHAPES[part], np.dtype(_dtype_of(part))
+    row_bytes = math.prod(row) * dtype.itemsize
+    rows = draw(DECLARED) // row_bytes
+    contiguous = rows * row_bytes < 1 << 61 and draw(st.booleans())
+    chunks = None if contiguous else (max(1, (1 << 20) // row_bytes), *row)
+
+    def writer(d):
+        path = write_h5(d / "sub.h5", world.attrs(task), {k: v for k, v in _legit(world, task).items() if k != part})
+        with h5py.File(path, "a") as handle:
+            handle.create_dataset(part, shape=(rows, *row), dtype=dtype, chunks=chunks)
+        return path
+    return task, writer
+
+
+@st.composite
+def gzip_bomb(draw, world, kind):
+    """Zeros that inflate far beyond the budget: declared so ("declared"), or hidden in one chunk of
+    a part of legitimate shape whose gzip stream inflates past its declared size ("chunk")."""
+    task, part = draw(st.sampled_from([("invert", "reconstructions"), ("reid", "scores"), ("reid", "reconstructions")]))
+    row = ROW_SHAPES[part]
+    if kind == "declared":
+        inflated = draw(st.sampled_from([int(0.5e9), int(2e9), int(3.2e9)]))
+        chunk_rows = (2 << 20) // (math.prod(row) * 8)  # 2 MiB chunks of float64 zeros, ~2 kB each compressed
+        shape, chunks = (inflated // (math.prod(row) * 8), *row), (chunk_rows, *row)
+    else:  # one chunk for the whole part; its stream is no longer than the chunk, but inflates 100-1000x
+        shape = chunks = (N, *row)
+    hidden = math.prod(chunks) * 8 * draw(st.sampled_from([100, 1000]))
+
+    def writer(d):
+        path = write_h5(d / "sub.h5", world.attrs(task), {k: v for k, v in _legit(world, task).items() if k != part})
+        with h5py.File(path, "a") as handle:
+            dataset = handle.create_dataset(part, shape=shape, dtype="float64", chunks=chunks, compression="gzip")
+            if kind == "declared":
+                zeros = zlib.compress(bytes(math.prod(chunks) * 8))
+                for start in range(0, shape[0], chunks[0]):
+                    dataset.id.write_direct_chunk((start, *[0] * len(row)), zeros)
+            else:
+                dataset.id.write_direct_chunk((0, *[0] * len(row)), _compressed_zeros(hidden))
+        return path
+    return task, writer
+
+
+_BOMBS: dict[int, bytes] = {}
+
+
+def _compressed_zeros(n_bytes):
+    if n_bytes not in _BOMBS:
+        squeezer = zlib.compressobj(9)
+        blocks = [bytes(min(1 << 20, n_bytes - start)) for start in range(0, n_bytes, 1 << 20)]
+        _BOMBS[n_bytes] = b"".join(squeezer.compress(block) for block in blocks) + squeezer.flush()
+    return _BOMBS[n_bytes]
+
+
+@st.composite
+def link_into_key(draw, world, kind, relative):
+    """A part answered by the key itself: through an external link, a soft link to one, a virtual
+    dataset or external storage, naming the key by an absolute or a relative path."""
+    task = draw(st.sampled_from(sorted(KEY_TRUTH)))
+    part, truth = KEY_TRUTH[task]
+    with open_key(world.dirs[task]) as key:
+        shape, dtype = key.h5[truth].shape, key.h5[truth].dtype
+        offset = key.h5[truth].id.get_offset()  # None for chunked data: point at the file's start
+
+    def writer(d):
+        key_path = str(world.key(task).resolve())
+        target = os.path.relpath(key_path, d) if relative else key_path
+        path = write_h5(d / "sub.h5", world.attrs(task), {"encoded_ids": world.ids[task]})
+        with h5py.File(path, "a") as handle:
+            if kind == "external-link":
+                handle[part] = h5py.ExternalLink(target, "/" + truth)
+            elif kind == "soft-link":
+                handle["stash"] = h5py.ExternalLink(target, "/" + truth)
+                handle[part] = h5py.SoftLink("/stash")
+            elif kind == "virtual":
+                layout = h5py.VirtualLayout(shape=shape, dtype=dtype)
+                layout[...] = h5py.VirtualSource(target, truth, shape=shape)
+                handle.create_virtual_dataset(part, layout)
+            else:  # external storage: the key file's bytes as the dataset's data
+                handle.create_dataset(part, shape=shape, dtype=dtype,
+                                      external=[(target, offset or 0, math.prod(shape) * dtype.itemsize)])
+        return path
+    return task, writer
+
+
+@st.composite
+def bad_layout(draw, world, kind):
+    """Files that could only be read at a cost no legitimate file has."""
+    task = draw(st.sampled_from(sorted(USED)))
+    datasets = _legit(world, task)
+    attrs = world.attrs(task)
+    if kind == "text-attribute":
+        attrs["params"] = json.dumps({"x": "a" * draw(st.integers(1 << 20, 4 << 20))})
+    elif kind == "string-heap":  # variable-length strings live outside the datasets; HDF5 reads each whole
+        attrs["diagnostics"] = "[" + " " * draw(st.integers(17 << 20, 24 << 20)) + "]"
+    part = USED[task][0]
+
+    def writer(d):
+        # Attributes above 64 kB need the newer object headers.
+        path = write_h5(d / "sub.h5", attrs, {k: v for k, v in datasets.items() if kind != "filter" or k != part},
+                        libver="latest")
+        with h5py.File(path, "a") as handle:
+            if kind == "filter":
+                options = draw(st.sampled_from([{"compression": "lzf"}, {"scaleoffset": 2},
+                                                {"compression": "gzip", "scaleoffset": 0}]))
+                values = datasets[part]
+                if part == "mapping":
+                    values = np.array([v.encode() for v in values], "S16")
+                    options = {"compression": "lzf"}
+                handle.create_dataset(part, data=values, chunks=True, **options)
+            elif kind == "huge-chunk":
+                handle.create_dataset("patch_positions", shape=(N, P), maxshape=(None, P), dtype="int64",
+                                      chunks=(draw(st.integers(1 << 19, 1 << 22)), P))
+            elif kind == "attribute":
+                target = handle if draw(st.booleans()) else handle["encoded_ids"]
+                target.attrs["blob"] = np.zeros(draw(st.integers((1 << 17) + 1, 1 << 19)), "float64")
+            elif kind == "objects":
+                for i in range(draw(st.integers(300, 400))):
+                    handle.create_group(f"g{i}")
+            elif kind == "vlen-ids":
+                del handle["encoded_ids"]
+                ids = handle.create_dataset("encoded_ids", (N,), dtype=h5py.vlen_dtype(np.int32))
+                for i in range(N):
+                    ids[i] = np.arange(i + 1, dtype=np.int32)
+        return path
+    return task, writer
+
+
+@st.composite
+def csv_bomb(draw, world, kind):
+    ids, mapping = world.ids["reid"], world.mapping
+    rows = [f"{e},{m}" for e, m in zip(ids, mapping)]
+    if kind == "rows":  # more lines than encodings, each well-formed
+        rows += [f"enc-{i:05d},img-00000" for i in range(N, N + draw(st.integers(1, 5000)))]
+    else:  # size: a file far larger than N lines of ids
+        rows[draw(st.integers(0, N - 1))] += " " * draw(st.integers(20_000, 4 << 20))
+    text = "encoded_id,plain_id\n" + "\n".join(rows) + "\n"
+    return "reid", lambda d: _write_bytes(d / "sub.csv", text.encode())
+
+
 # Every kind of malformed submission, by name: each is checked with several drawn variants.
 CASES = {
     **{f"random-bytes{s}": (lambda s: lambda w: random_bytes(w, s))(s) for s in (".h5", ".csv", ".hdf5")},
@@ -268,6 +449,13 @@ CASES = {
     **{f"missing-part-{t}": (lambda t: lambda w: missing_part(w, t))(t) for t in ("reid", "invert", "transfer")},
     **{f"{p}-{k}": (lambda p, k: lambda w: bad_column_ids(w, p, k))(p, k)
        for p in ("plain_ids", "target_ids") for k in ("unknown", "duplicate", "short")},
+    **{f"declared-huge-{k}": (lambda k: lambda w: declared_huge(w, k))(k) for k in ("used", "ignored", "unknown")},
+    **{f"gzip-bomb-{k}": (lambda k: lambda w: gzip_bomb(w, k))(k) for k in ("declared", "chunk")},
+    **{f"key-{k}-{where}": (lambda k, r: lambda w: link_into_key(w, k, r))(k, where == "relative")
+       for k in ("external-link", "soft-link", "virtual", "external-storage") for where in ("absolute", "relative")},
+    **{f"layout-{k}": (lambda k: lambda w: bad_layout(w, k))(k)
+       for k in ("text-attribute", "string-heap", "filter", "huge-chunk", "attribute", "objects", "vlen-ids")},
+    **{f"csv-bomb-{k}": (lambda k: lambda w: csv_bomb(w, k))(k) for k in ("rows", "size")},
 }
 
 

@@ -1,5 +1,7 @@
 """Scoring submissions against real (tiny) releases and keys."""
 
+import shutil
+
 import h5py
 import numpy as np
 import pytest
@@ -10,14 +12,15 @@ from ncbench.challenge.encoders import resolve_config
 from ncbench.challenge.files import open_key, open_release
 from ncbench.challenge.release import BuildPlan, build_release
 from ncbench.errors import NcbenchError
-from ncbench.leaderboard.scoring import score_submission
+from ncbench.leaderboard.scoring import ChallengeInfo, score_submission, submission_limits
 
 torch.set_num_threads(1)
 TINY = resolve_config("nc7", width=32, image_size=32, patch_size=8, bn_batch=8)
 
 
 def build(out, task, n=20, seed=1):
-    build_release(out, config=TINY, plan=BuildPlan.for_task(task, n), source="phantom", seed=seed, device="cpu")
+    build_release(out, config=TINY, plan=BuildPlan.for_task(task, n), source="phantom", seed=seed, test_release=True,
+                  device="cpu")
     return out
 
 
@@ -226,8 +229,79 @@ def test_missing_required_part_is_refused(tmp_path, releases):
 def test_key_of_another_challenge_is_refused(tmp_path, releases):
     rel = releases["reid"]
     path = write_submission(tmp_path / "sub.h5", base(rel, mapping=perfect_mapping(rel)))
-    with pytest.raises(NcbenchError, match="is the key of challenge"):
+    with pytest.raises(NcbenchError, match="not the release this key was issued with"):
         score_submission(path, key_of(releases["invert"]), release_path=rel)
+
+
+def _swap_plain_ids(h5):
+    ids = h5["plain/ids"]
+    ids[0], ids[1] = ids[1], ids[0]
+
+
+def _flip_byte(path):
+    content = bytearray(path.read_bytes())
+    content[len(content) // 2] ^= 0x01
+    path.write_bytes(bytes(content))
+
+
+TAMPERINGS = {
+    "swapped plain/ids row": lambda path: _edit(path, _swap_plain_ids),
+    "preset attribute": lambda path: _edit(path, lambda h5: h5.attrs.__setitem__("preset", "nc47")),
+    "extra dataset": lambda path: _edit(path, lambda h5: h5.create_dataset("encoded/extra", data=[1, 2])),
+    "flipped byte": _flip_byte,
+}
+
+
+def _edit(path, change):
+    with h5py.File(path, "a") as h5:
+        change(h5)
+
+
+@pytest.mark.parametrize("tampering", sorted(TAMPERINGS))
+def test_tampered_release_is_refused_before_it_is_read(tmp_path, releases, tampering):
+    copy = tmp_path / "copy"
+    shutil.copytree(releases["reid"], copy)
+    TAMPERINGS[tampering](copy / "public" / "release.h5")
+    path = write_submission(tmp_path / "sub.h5", base(copy, mapping=perfect_mapping(copy)))
+    with pytest.raises(NcbenchError, match="is not the release this key was issued with"):
+        score_submission(path, key_of(copy))
+
+
+def test_key_without_a_release_digest_vouches_for_nothing(tmp_path, releases):
+    copy = tmp_path / "copy"
+    shutil.copytree(releases["reid"], copy)
+    path = write_submission(tmp_path / "sub.h5", base(copy, mapping=perfect_mapping(copy)))
+    with h5py.File(key_of(copy), "a") as key:
+        del key.attrs["release_sha256"]
+    with pytest.raises(NcbenchError, match="records no release sha256"):
+        score_submission(path, key_of(copy))
+
+
+def test_challenge_info_says_whether_the_key_is_public(tmp_path, releases):
+    result = score(tmp_path, releases["reid"], base(releases["reid"], mapping=perfect_mapping(releases["reid"])))
+    assert result.challenge.test_release is True  # the fixture builds test releases from small seeds
+    assert ChallengeInfo.__dataclass_fields__["test_release"].default is False
+
+
+def test_parts_the_task_ignores_are_not_read(tmp_path, releases):
+    rel = releases["reid"]  # the linear-inversion attack writes reconstructions for reid too
+    submission = base(rel, mapping=perfect_mapping(rel), reconstructions=np.zeros((20, 32, 32), np.float32))
+    result = score(tmp_path, rel, submission)
+    assert "ignored reconstructions (not used by the reid task)" in result.notes
+    assert submission_limits_of(rel).read == {"encoded_ids", "mapping", "scores", "plain_ids", "patch_positions"}
+
+
+def submission_limits_of(release_dir):
+    with open_release(release_dir) as release:
+        return submission_limits(release)
+
+
+def test_submission_limits_follow_the_challenge(releases):
+    limits = submission_limits_of(releases["reid"])
+    assert limits.part_bytes["scores"] == 20 * 20 * 8 and limits.part_bytes["patch_positions"] == 20 * 16 * 8
+    assert limits.csv_rows == 20
+    transfer = submission_limits_of(releases["transfer"])
+    assert transfer.read == {"encoded_ids", "encodings", "target_ids", "patch_positions"}
 
 
 def test_tampered_key_fails_the_commitment(tmp_path, releases):
