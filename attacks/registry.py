@@ -7,19 +7,17 @@ import importlib.util
 import inspect
 import re
 import sys
-import unicodedata
 from pathlib import Path
 
 from ncbench.attacks.base import Attack
 from ncbench.errors import NcbenchError
+from ncbench.names import name_skeleton
 
 ENTRY_POINT_GROUP = "ncbench.attacks"
 _REGISTRY: dict[str, type[Attack]] = {}
 PLUGIN_NAME = re.compile(r"[a-z0-9]+(-[a-z0-9]+)*")
 PLUGIN_NAME_MAX = 64
 # ASCII look-alikes folded by the skeleton: a plugin named `0racle` or `grarn-hungarian` is refused.
-_CONFUSABLE_RUNS = (("rn", "m"), ("vv", "w"), ("cl", "d"))
-_CONFUSABLE_CHARS = str.maketrans({"0": "o", "1": "l", "i": "l", "5": "s", "-": None})
 
 
 def register(cls: type[Attack]) -> type[Attack]:
@@ -30,15 +28,6 @@ def register(cls: type[Attack]) -> type[Attack]:
         raise NcbenchError(f"an attack named {cls.name!r} is already registered ({_REGISTRY[cls.name].__module__})")
     _REGISTRY[cls.name] = cls
     return cls
-
-
-def name_skeleton(name: str) -> str:
-    """A name reduced so that look-alikes meet: NFKC, casefold, then ASCII confusables folded
-    (the idea of Unicode TR39's skeleton, restricted to the ASCII a plugin name may use)."""
-    folded = unicodedata.normalize("NFKC", name).casefold()
-    for run, letter in _CONFUSABLE_RUNS:
-        folded = folded.replace(run, letter)
-    return folded.translate(_CONFUSABLE_CHARS)
 
 
 def check_plugin_name(cls: type[Attack], registered: dict[str, type[Attack]]) -> None:

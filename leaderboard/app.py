@@ -3,6 +3,10 @@
 Run it with ``ncbench leaderboard serve --db PATH|URL``, or directly with
 ``streamlit run leaderboard/app.py -- --db PATH|URL``. The database also comes from the
 ``NCBENCH_DB`` environment variable (which is how ``serve`` passes it).
+
+Strings a team chose (attack names, versions, parameters) reach the page only through elements
+that show text as text (``st.dataframe``, ``st.text``, ``st.json``, widget options), never
+through Markdown.
 """
 
 from __future__ import annotations
@@ -18,9 +22,9 @@ import streamlit as st
 from ncbench.errors import NcbenchError
 from ncbench.leaderboard import tables
 from ncbench.leaderboard.metrics import BAND_BAD_ABOVE, BAND_GOOD_BELOW, privacy_band
-from ncbench.leaderboard.store import DB_ENV, DEFAULT_DAILY_LIMIT, Store, database_url
+from ncbench.leaderboard.store import DB_ENV, DEFAULT_DAILY_LIMIT, ORIGIN_ORGANIZER, Store, database_url
 
-PAGES = ("Attack x preset", "Challenges", "Submission", "Privacy vs utility", "Take part")
+PAGES = ("Attack x preset", "Self-reported", "Challenges", "Submission", "Privacy vs utility", "Take part")
 BAND_COLOURS = {"good": "#c8e6c9", "moderate": "#ffe0b2", "bad": "#ffcdd2"}
 CHANCE_COLOUR = "#eeeeee"
 
@@ -38,8 +42,12 @@ def open_store(url: str) -> Store:
     return Store(url, create=False)
 
 
+NOT_RUN = "not run"  # a matrix cell with no organizer run behind it
+REFRESH_S = 15  # the board redraws itself while submissions are being scored
+
+
 def percent(value) -> str:
-    return "" if pd.isna(value) else f"{100 * value:.1f}%"
+    return NOT_RUN if pd.isna(value) else f"{100 * value:.1f}%"
 
 
 def style_matrix(matrix: pd.DataFrame):
@@ -58,16 +66,19 @@ def band_legend() -> str:
             f"{BAND_BAD_ABOVE:.0%} **bad** (red): the encoding does not protect the images.")
 
 
+TASK_HELP = ("reid: match encodings to plaintexts; invert: re-identify by nearest reconstruction; "
+             "transfer: nearest-neighbour accuracy of predicted target encodings")
+
+
 def page_matrix(store: Store) -> None:
     st.header("Best re-identification: attack x preset")
     board = tables.board(store.results())
-    if board.empty:
-        st.info("No scored submissions yet. See **Take part** to submit one.")
+    organizer = board[board["origin"] == ORIGIN_ORGANIZER]
+    if organizer.empty:
+        st.info("No organizer runs of the built-in attacks yet. Teams' files are on the **Self-reported** page.")
         return
-    tasks = sorted(board["task"].unique())
-    task = st.selectbox("Task", tasks, index=tasks.index("reid") if "reid" in tasks else 0,
-                        help="reid: match encodings to plaintexts; invert: re-identify by nearest reconstruction; "
-                             "transfer: nearest-neighbour accuracy of predicted target encodings")
+    tasks = sorted(organizer["task"].unique())
+    task = st.selectbox("Task", tasks, index=tasks.index("reid") if "reid" in tasks else 0, help=TASK_HELP)
     half = st.radio("Scoring half", ["public", "private"], horizontal=True,
                     help="The private half is shown only for challenges the organizers have closed.")
     matrix = tables.attack_preset_matrix(board, task=task, split=half, presets=tables.preset_order(store.challenges()))
@@ -75,8 +86,38 @@ def page_matrix(store: Store) -> None:
         st.info(f"No {half}-half results for the {task} task yet.")
         return
     st.dataframe(style_matrix(matrix))
-    st.caption(band_legend() + " The last row is the chance level 1/N (the largest, when a preset has "
-               "challenges of several sizes).")
+    st.caption(band_legend() + " Rows are the built-in attacks as the organizers ran them (verified); teams' "
+               "own files are listed under **Self-reported**. The last row is the chance level 1/N (the "
+               f"largest, when a preset has challenges of several sizes). *{NOT_RUN}*: no organizer run of "
+               "that attack on that preset yet.")
+    st.subheader("Behind each cell")
+    st.dataframe(tables.matrix_provenance(board, task=task, split=half), hide_index=True)
+    tested = sorted(set(organizer.loc[organizer["release"] != "", "preset"]))
+    if tested:
+        st.warning(f"Some challenges behind this table are test releases (key public) on presets "
+                   f"{', '.join(tested)}: their numbers measure the attacks, not the secrecy of a key.")
+
+
+def page_self_reported(store: Store) -> None:
+    st.header("Self-reported submissions")
+    st.caption("Files sent by teams and scored against the hidden key. The scores are real; what a file says "
+               "about itself (attack name, parameters, knowledge it assumed) is the team's own claim and cannot "
+               "be checked, so attacks are shown as team/attack. Public-half scores follow the Ladder: a new "
+               "score shows only when it beats the team's best shown score by a margin, rounded to 1%.")
+    board = tables.board(store.results())
+    rows = tables.self_reported(board)
+    if rows.empty:
+        st.info("No self-reported submissions yet. See **Take part** to send one.")
+        return
+    tasks = sorted(rows["task"].unique())
+    task = st.selectbox("Task", tasks, index=tasks.index("reid") if "reid" in tasks else 0, help=TASK_HELP)
+    halves = [h for h in ("public", "private") if h in set(rows["split"])]
+    half = st.radio("Scoring half", halves, horizontal=True,
+                    help="The private half is shown only for challenges the organizers have closed.")
+    st.dataframe(tables.self_reported(board, task=task, split=half), hide_index=True, column_config={
+        "reidentification": st.column_config.NumberColumn("re-identification", format="percent"),
+        "chance": st.column_config.NumberColumn(format="percent"),
+    })
 
 
 def page_challenges(store: Store) -> None:
@@ -86,9 +127,12 @@ def page_challenges(store: Store) -> None:
         st.info("No challenges have been scored yet.")
         return
     labels = {row.challenge_id: f"{row.challenge_id} ({row.task}, {row.preset}, n={row.n_encoded}, "
-                                f"{'closed' if row.closed_utc else 'open'}, {row.submissions} submissions)"
+                                f"{'closed' if row.closed_utc else 'open'}, {row.submissions} submissions"
+                                f"{', ' + tables.TEST_RELEASE if row.test_release else ''})"
               for row in challenges.itertuples()}
-    st.dataframe(challenges.drop(columns=["encoder_config"]), hide_index=True)
+    listing = challenges.drop(columns=["encoder_config", "test_release"])
+    listing.insert(3, "release", [tables.TEST_RELEASE if test else "" for test in challenges["test_release"]])
+    st.dataframe(listing, hide_index=True)
     choice = st.selectbox("Challenge", list(labels), format_func=labels.get)
     board = tables.board(store.results(challenge_id=choice))
     if board.empty:
@@ -105,7 +149,7 @@ def page_challenges(store: Store) -> None:
         "chance": st.column_config.NumberColumn(format="percent"),
     })
     st.caption(f"{len(shown)} of {len(board)} rows. Click a column header to sort.")
-    st.download_button("Download CSV", shown.to_csv(index=False), file_name=f"{choice}.csv", mime="text/csv")
+    st.download_button("Download CSV", tables.to_csv(shown), file_name=f"{choice}.csv", mime="text/csv")
 
 
 def page_submission(store: Store) -> None:
@@ -132,14 +176,28 @@ def page_submission(store: Store) -> None:
     st.dataframe(metrics)
     if "private" not in details["metrics"]:
         st.caption("The private half stays hidden until the organizers close the challenge.")
+    if details["test_release"]:
+        st.warning("This challenge is a test release: its key is public, so this score says nothing about "
+                   "the encoding.")
     st.subheader("Attack")
-    st.write(f"**{details['attack']}** {details['attack_version']}, team **{details['team']}**, "
-             f"{details['challenge_id']} ({details['task']}, preset {details['preset']}), "
-             f"submitted {details['created_utc']}, file sha256 `{details['sha256'][:16]}...`")
-    st.write("Assumes: " + (", ".join(details["knowledge"]) or "nothing declared"))
+    organizer = details["origin"] == ORIGIN_ORGANIZER
+    if organizer:
+        st.caption("A built-in attack, run by the organizers (verified).")
+    else:
+        st.caption("Self-reported: the attack name, version, parameters and assumed knowledge below are the "
+                   "team's own claims, which cannot be checked.")
+    # Plain text only: these strings come from the submitted file.
+    st.text("\n".join([
+        f"attack:     {tables.shown_attack(details['team'], details['attack'], details['origin'])} "
+        f"{details['attack_version']}",
+        f"team:       {details['team']}",
+        f"challenge:  {details['challenge_id']} ({details['task']}, preset {details['preset']})",
+        f"submitted:  {details['created_utc']}",
+        f"file:       sha256 {details['sha256']}",
+        f"assumes:    {', '.join(details['knowledge']) or 'nothing declared'}",
+        *(f"note:       {note}" for note in details["notes"]),
+    ]))
     st.json(details["params"])
-    for note in details["notes"]:
-        st.warning(note)
 
 
 def page_privacy_utility(store: Store) -> None:
@@ -161,7 +219,8 @@ def page_privacy_utility(store: Store) -> None:
             tooltip=["preset", "best_reidentification", "encoded_auc", "raw_auc"])
         st.altair_chart(dots + base.mark_text(dy=-12).encode(text="preset:N"), width="stretch")
     st.dataframe(summary, hide_index=True)
-    st.caption("raw_auc: the same models trained on the plaintext images (the utility an encoding can at best keep).")
+    st.caption("best_reidentification: of the built-in attacks as the organizers ran them. raw_auc: the same "
+               "models trained on the plaintext images (the utility an encoding can at best keep).")
     st.subheader("AUC per finding (latest run of each preset)")
     st.dataframe(tables.utility_by_label(utility))
     with st.expander("Settings of these runs"):
@@ -186,6 +245,8 @@ ncbench attack run my_attack.py:MyAttack --release release.h5 --out submission.h
                 "close the challenge to reveal the private half.")
     st.code(f"""ncbench challenge build --preset nc7 --task reid --n 1000 --out my-challenge
 ncbench score submission.h5 --key my-challenge/private/key.h5 --db leaderboard.db --team YOUR-TEAM
+ncbench attack run gram-hungarian --release my-challenge --out builtin.h5   # your own run of a built-in attack:
+ncbench score builtin.h5 --key my-challenge/private/key.h5 --db leaderboard.db --builtin   # a matrix row
 ncbench leaderboard serve --db leaderboard.db
 ncbench leaderboard export --db leaderboard.db --format markdown
 ncbench leaderboard close {challenge_id} --db leaderboard.db""", language="bash")
@@ -197,7 +258,12 @@ ncbench leaderboard close {challenge_id} --db leaderboard.db""", language="bash"
   organizers close the challenge, so the hidden key cannot be fitted through the board.
 - At most {DEFAULT_DAILY_LIMIT} scored submissions per team, challenge and UTC day by default (refused
   or failed ones do not count; re-sending an identical file is recognised and not counted again).
-- Submissions from attacks that read the secret key (the `oracle` baseline) are refused.""")
+- Submissions from attacks that read the secret key (the `oracle` baseline) are refused.
+- Your file is **self-reported**: it is listed as `your-team/your-attack`, and may not take a built-in
+  attack's name. The attack x preset matrix holds only the organizers' own runs of the built-in attacks.
+- Team names are folded to lowercase ASCII (`a-z 0-9 _ . -`): `Team`, `TEAM` and `ｔｅａｍ` are one team.
+- Public-half scores follow the Ladder (Blum & Hardt, 2015): a new score is shown only when it beats
+  your team's best shown score by 1/sqrt(public items), rounded to 1%. Private-half scores are exact.""")
 
 
 def main() -> None:
@@ -213,8 +279,11 @@ def main() -> None:
         st.error(str(error))
         st.stop()
     page = st.sidebar.radio("Page", PAGES)
-    {PAGES[0]: page_matrix, PAGES[1]: page_challenges, PAGES[2]: page_submission,
-     PAGES[3]: page_privacy_utility, PAGES[4]: page_take_part}[page](store)
+    st.sidebar.caption(f"Refreshes every {REFRESH_S} s.")
+    show = {PAGES[0]: page_matrix, PAGES[1]: page_self_reported, PAGES[2]: page_challenges, PAGES[3]: page_submission,
+            PAGES[4]: page_privacy_utility, PAGES[5]: page_take_part}[page]
+    # A fragment re-runs on its own timer: new scores appear without the visitor reloading.
+    st.fragment(run_every=REFRESH_S)(show)(store)
 
 
 main()

@@ -1,7 +1,8 @@
 """``ncbench score`` and ``ncbench leaderboard serve|export|close``.
 
 Thin shell over :mod:`leaderboard.scoring`, :mod:`leaderboard.store` and :mod:`leaderboard.tables`.
-A submission is scored completely before the database is opened, so invalid input never touches it.
+A submission is scored completely before anything is written, so invalid input never changes the
+database; the daily limit is checked (reading only) before scoring starts.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,12 +19,18 @@ from ncbench.errors import NcbenchError
 from ncbench.h5io import atomic_path
 from ncbench.leaderboard.metrics import privacy_band
 from ncbench.leaderboard.store import (
+    BUILTIN_TEAM,
     DB_ENV,
     DEFAULT_DAILY_LIMIT,
+    ORIGIN_ORGANIZER,
+    ORIGIN_SELF,
     Store,
+    check_origin,
     check_team_name,
     database_url,
     describe_db,
+    ladder_step,
+    submission_values,
 )
 
 APP_PATH = Path(__file__).with_name("app.py")
@@ -37,24 +43,41 @@ SHOWN_METRICS = ("top1_accuracy", "top5_accuracy", "mrr", "patch_position_accura
 @click.option("--key", "key_path", required=True, type=click.Path(path_type=Path),
               help="The challenge's private key.h5 (or its release directory).")
 @click.option("--db", required=True, help=DB_HELP)
-@click.option("--team", required=True, help="Team the submission is recorded for.")
+@click.option("--team", help="Team the submission is recorded for (required unless --builtin).")
 @click.option("--release", "release_path", type=click.Path(path_type=Path),
               help="Public release.h5 [default: <dir>/public/release.h5 beside <dir>/private/key.h5].")
 @click.option("--daily-limit", type=int, default=DEFAULT_DAILY_LIMIT, show_default=True,
               help="Scored submissions allowed per team, challenge and UTC day (failed ones do not count).")
-def score(submission: Path, key_path: Path, db: str, team: str, release_path: Path | None, daily_limit: int) -> None:
+@click.option("--builtin", is_flag=True,
+              help=f"Organizer only: SUBMISSION is your own run of a built-in attack. It is recorded as verified "
+                   f"by the organizer, under team {BUILTIN_TEAM!r}, without a daily limit; only such rows make "
+                   f"the attack x preset matrix.")
+def score(submission: Path, key_path: Path, db: str, team: str | None, release_path: Path | None, daily_limit: int,
+          builtin: bool) -> None:
     """Validate SUBMISSION against the hidden key, score it and record it; print the public half.
 
-    The private half's scores are stored but stay hidden until `ncbench leaderboard close`.
+    A team's file is recorded as self-reported: its attack name, parameters and declared
+    knowledge are its own claims, shown under the team's name. The private half's scores are
+    stored but stay hidden until `ncbench leaderboard close`.
     """
     from ncbench.leaderboard.scoring import (
         score_submission,  # heavy imports (torch) only when scoring
     )
+    from ncbench.leaderboard.tables import shown_attack
 
     url = database_url(db)
-    team = check_team_name(team)
+    if builtin:
+        if team is not None and check_team_name(team) != BUILTIN_TEAM:
+            raise NcbenchError(f"--builtin records under team {BUILTIN_TEAM!r}; leave out --team {team!r}")
+        team, origin, limit = BUILTIN_TEAM, ORIGIN_ORGANIZER, None
+    else:
+        if team is None:
+            raise NcbenchError("--team is required (organizers recording their own built-in run: --builtin)")
+        team, origin, limit = check_team_name(team), ORIGIN_SELF, daily_limit
+        check_origin(origin, team=team, attack=None)
     if daily_limit < 1:
         raise NcbenchError(f"--daily-limit must be at least 1, got {daily_limit}")
+    _check_admission(url, submission, key_path, release_path, team, limit)
     try:
         result = score_submission(submission, key_path, release_path)
     except NcbenchError:
@@ -62,26 +85,65 @@ def score(submission: Path, key_path: Path, db: str, team: str, release_path: Pa
     except Exception as error:
         _record_crash(url, submission, key_path, release_path, team, error)
         raise
+    submission_values(result, team=team, origin=origin)  # refuse before the database is opened
     with Store(url) as store:
-        recorded = store.record_score(result, team=team, daily_limit=daily_limit)
+        recorded = store.record_score(result, team=team, daily_limit=limit, origin=origin)
+        shown = store.submission(recorded.submission_id)
     info = result.challenge
     click.echo(f"{info.challenge_id} ({info.task}, preset {info.preset}, n={info.n_encoded}): "
-               f"{result.attack} {result.attack_version} for team {team}")
+               f"{shown_attack(team, result.attack, origin)} {result.attack_version} for team {team} ({origin})")
+    if shown["test_release"]:
+        click.echo("note: a test release: its key is public, so no score on it says anything about the encoding")
     if recorded.duplicate:
         click.echo(f"identical to submission {recorded.submission_id}, already recorded: not counted again")
     else:
         click.echo(f"recorded as submission {recorded.submission_id} in {describe_db(url)}")
-    public = result.metrics[0]
-    headline = public[result.headline_metric]
-    click.echo(f"public half (n={int(public['n'])}):")
+    public = shown["metrics"]["public"]
+    headline = public.get(result.headline_metric, math.nan)
+    if origin == ORIGIN_SELF:
+        margin, grid = ladder_step(result.headline_metric, public.get("n", 1.0))
+        click.echo(f"public half (n={int(public.get('n', 0))}), as the board shows it: a new score is shown only "
+                   f"when it beats your team's best shown score by more than {margin:.4g}, rounded to {grid:.4g}")
+    else:
+        click.echo(f"public half (n={int(public.get('n', 0))}):")
     click.echo(f"  {result.headline_metric:<24} {_number(headline)}  privacy band: {privacy_band(headline)}, "
-               f"chance {_number(public['chance'])}, effective k-anonymity {_number(public['k_anonymity'])}")
+               f"chance {_number(public.get('chance', math.nan))}, "
+               f"effective k-anonymity {_number(public.get('k_anonymity', math.nan))}")
     for name in SHOWN_METRICS:
         if name in public:
             click.echo(f"  {name:<24} {_number(public[name])}")
     for note in result.notes:
         click.echo(f"note: {note}")
     click.echo("private half: hidden until the organizer closes the challenge")
+
+
+def _check_admission(url, submission: Path, key_path: Path, release_path, team: str, daily_limit: int | None) -> None:
+    """Refuse a team over its daily limit before scoring, reading the database only."""
+    if daily_limit is None:
+        return
+    if url.get_backend_name() == "sqlite" and not Path(url.database or "").is_file():
+        return  # nothing recorded yet; invalid input must not create the database
+    from ncbench.challenge.files import open_key, open_release
+    from ncbench.h5io import sha256_file
+    from ncbench.leaderboard.scoring import check_release_digest, locate_release, submission_limits
+
+    key_file, release_file = locate_release(key_path, release_path)
+    with open_key(key_file) as key:
+        challenge_id = key.challenge_id
+
+    def digest() -> str:
+        """The file's sha256, to recognise one already scored; "" for a file that could not have
+        been (missing, or over the size limit: a huge file is never hashed)."""
+        with open_key(key_file) as key:
+            check_release_digest(key, release_file)
+        with open_release(release_file) as release:
+            budget = submission_limits(release).file_bytes
+        if not submission.is_file() or submission.stat().st_size > budget:
+            return ""
+        return sha256_file(submission)
+
+    with Store(url, create=False) as store:
+        store.check_admission(challenge_id, team=team, daily_limit=daily_limit, sha256=digest)
 
 
 def _record_crash(url, submission: Path, key_path: Path, release_path, team: str, error: Exception) -> None:
@@ -111,7 +173,10 @@ def group() -> None:
 @click.option("--port", type=int, default=8501, show_default=True, help="Port to listen on.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0 for a public board).")
 def serve(db: str, port: int, host: str) -> None:
-    """Run the Streamlit leaderboard app on the results database (Ctrl-C stops it)."""
+    """Run the Streamlit leaderboard app on the results database (Ctrl-C stops it).
+
+    The command replaces itself with the Streamlit server (exec): stopping it stops the server.
+    """
     if not 1 <= port <= 65535:
         raise NcbenchError(f"--port must be between 1 and 65535, got {port}")
     url = database_url(db)
@@ -120,15 +185,11 @@ def serve(db: str, port: int, host: str) -> None:
                "--server.address", host, "--server.headless", "true", "--browser.gatherUsageStats", "false"]
     env = {**os.environ, DB_ENV: url.render_as_string(hide_password=False)}
     click.echo(f"serving the leaderboard of {describe_db(url)} on http://{host}:{port}", err=True)
-    process = subprocess.Popen(command, env=env)
-    try:
-        code = process.wait()
-    except KeyboardInterrupt:
-        process.terminate()
-        process.wait()
-        raise
-    if code:
-        raise NcbenchError(f"streamlit exited with status {code}")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Become the server rather than its parent: a signal meant for `serve` (SIGTERM from a
+    # supervisor, Ctrl-C) reaches Streamlit itself, and no child is left behind to serve on.
+    os.execve(sys.executable, command, env)
 
 
 @group.command("export")
@@ -137,13 +198,16 @@ def serve(db: str, port: int, host: str) -> None:
               help="Output format (JSON: NaN as null, infinite k-anonymity as \"inf\").")
 @click.option("--out", type=click.Path(path_type=Path), help="File to write [default: standard output].")
 def export(db: str, fmt: str, out: Path | None) -> None:
-    """Write the public board (one row per submission and visible half) as CSV, JSON or Markdown."""
-    from ncbench.leaderboard.tables import board, to_markdown, to_records
+    """Write the public board (one row per submission and visible half) as CSV, JSON or Markdown.
+
+    Cells that a spreadsheet would read as a formula are quoted (CSV); markup is escaped (Markdown).
+    """
+    from ncbench.leaderboard.tables import board, to_csv, to_markdown, to_records
 
     with Store(database_url(db), create=False) as store:
         table = board(store.results())
     if fmt == "csv":
-        text = table.to_csv(index=False)
+        text = to_csv(table)
     elif fmt == "json":
         text = json.dumps(to_records(table), indent=2) + "\n"
     else:

@@ -14,16 +14,28 @@ Rules kept here, not in the callers:
   recognised and not counted again;
 - at most ``daily_limit`` scored submissions per team, challenge and UTC day (failed ones do not
   count);
-- private-half scores (split 1) are hidden from every public query until :meth:`Store.close_challenge`.
+- private-half scores (split 1) are hidden from every public query until :meth:`Store.close_challenge`;
+- team names are folded to one canonical ASCII spelling (:func:`check_team_name`), so look-alike
+  spellings are one team or refused;
+- every stored string has a length limit (:data:`MAX_LENGTHS`), checked in :func:`check_lengths`;
+- a row's ``origin`` says who vouches for it: ``organizer`` (a built-in attack the organizer ran,
+  recorded under :data:`BUILTIN_TEAM`) or ``self-reported`` (a file from a team: its attack name,
+  parameters and knowledge are its own claims). A self-reported row is shown in its team's
+  namespace (``team/attack``), so it never takes a built-in attack's row, whatever it is called;
+- public-half scores of self-reported rows are shown through the Ladder (:func:`ladder`), so that
+  repeated submissions learn little about which items are in which half. Stored values are exact.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import importlib.metadata
 import json
 import math
 import os
-from collections.abc import Callable, Iterable, Mapping
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,13 +45,33 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 
 from ncbench.errors import NcbenchError
-from ncbench.leaderboard.metrics import SPLIT_NAMES
+from ncbench.leaderboard.metrics import HEADLINE_METRIC, PSNR_CAP_DB, SPLIT_NAMES, effective_k_anonymity
+from ncbench.names import fold
 
 DEFAULT_DAILY_LIMIT = 5
 BUSY_TIMEOUT_S = 30
 STATUS_SCORED, STATUS_FAILED = "scored", "failed"
 MODEL_KINDS = ("encoded", "raw")
 MAX_TEAM_NAME = 64
+TEAM_NAME = re.compile(rf"[a-z0-9][a-z0-9_.-]{{0,{MAX_TEAM_NAME - 1}}}")
+ORIGIN_ORGANIZER, ORIGIN_SELF = "organizer", "self-reported"
+ORIGINS = (ORIGIN_ORGANIZER, ORIGIN_SELF)
+BUILTIN_TEAM = "ncbench-builtin"  # the organizer's own runs of the built-in attacks, and nobody else's
+ATTACK_ENTRY_POINTS = "ncbench.attacks"  # built-ins are the entry points whose target is in ncbench
+# Characters of every stored string (JSON text for params, knowledge and notes). A submission over
+# a limit is refused, not cut: a cut name or JSON would say something the file did not.
+MAX_LENGTHS = {
+    "challenge_id": 128, "task": 16, "preset": 64, "key_commitment": 64, "encoder_config": 8192,
+    "attack": 128, "attack_version": 64, "params": 8192, "knowledge": 1024, "notes": 8192, "error": 2000,
+    "label": 128, "settings": 8192,  # utility_results
+}
+# Shown public scores of self-reported rows (the Ladder, Blum & Hardt 2015): a new score is shown
+# only when it beats the team's best shown score by range/sqrt(n public items), rounded to 1% of
+# the range. Metrics that do not depend on the key (n, chance, one_to_one) are shown as they are;
+# k_anonymity is recomputed from the shown headline.
+LADDER_GRID = 0.01
+METRIC_RANGES = {"psnr": PSNR_CAP_DB, "ssim": 2.0}  # every other scored metric is a fraction in [0, 1]
+UNLADDERED_METRICS = frozenset({"n", "chance", "one_to_one", "k_anonymity"})
 DB_ENV = "NCBENCH_DB"  # how `leaderboard serve` hands the database to the app (not argv: passwords)
 _PG_MIGRATION_LOCK = 0x6E63_6265  # pg_advisory_xact_lock key: "ncbe"
 
@@ -61,6 +93,8 @@ challenges = sa.Table(
     sa.Column("encoder_config", sa.Text, nullable=False),
     sa.Column("created_utc", sa.String(32), nullable=False),
     sa.Column("closed_utc", sa.String(32)),
+    # Built with a public seed (docs/format.md): anyone can rebuild its key. Since migration 3.
+    sa.Column("test_release", sa.Boolean, nullable=False, server_default=sa.false()),
 )
 teams = sa.Table(
     "teams", metadata,
@@ -83,7 +117,10 @@ submissions = sa.Table(
     sa.Column("error", sa.Text),
     sa.Column("notes", sa.Text, nullable=False),  # JSON list of findings that did not reject it
     sa.Column("created_utc", sa.String(32), nullable=False),
+    # Who vouches for the row (module docstring). Since migration 3; older rows are self-reported.
+    sa.Column("origin", sa.String(16), nullable=False, server_default=ORIGIN_SELF),
     sa.CheckConstraint(f"status IN ('{STATUS_SCORED}', '{STATUS_FAILED}')", name="submission_status"),
+    sa.CheckConstraint(f"origin IN ('{ORIGIN_ORGANIZER}', '{ORIGIN_SELF}')", name="submission_origin"),
 )
 # Counting a team's submissions of the day, and recognising a re-submitted file, are index scans.
 sa.Index("ix_submissions_team_day", submissions.c.challenge_id, submissions.c.team_id, submissions.c.created_utc)
@@ -154,10 +191,28 @@ def _create(*tables: sa.Table) -> Callable[[Connection], None]:
     return apply
 
 
+def _add_columns(*columns: tuple[sa.Table, str, str]) -> Callable[[Connection], None]:
+    """ALTER TABLE ... ADD COLUMN for each (table, column, SQL definition) the table lacks.
+
+    Migration 1 creates its tables from the current definitions, so a new database already has
+    the column; only an older database gets it here.
+    """
+    def apply(conn: Connection) -> None:
+        for table, name, definition in columns:
+            if name not in {c["name"] for c in sa.inspect(conn).get_columns(table.name)}:
+                conn.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {name} {definition}")
+    return apply
+
+
 # Ordered, append-only: a released migration is never edited, a change is a new entry.
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "challenges, teams, submissions, scores", _create(challenges, teams, submissions, scores)),
     (2, "utility_results", _create(utility_results)),
+    (3, "submissions.origin (organizer / self-reported), challenges.test_release", _add_columns(
+        (submissions, "origin", f"VARCHAR(16) NOT NULL DEFAULT '{ORIGIN_SELF}' "
+                                f"CHECK (origin IN ('{ORIGIN_ORGANIZER}', '{ORIGIN_SELF}'))"),
+        (challenges, "test_release", "BOOLEAN NOT NULL DEFAULT FALSE"),
+    )),
     (4, "published challenges, team tokens, job queue", _create(published, team_tokens, jobs)),
 ]
 LATEST_VERSION = MIGRATIONS[-1][0]
@@ -286,56 +341,65 @@ class Store:
     # -- writes --------------------------------------------------------------------------------
 
     def record_score(self, result, *, team: str, daily_limit: int | None = DEFAULT_DAILY_LIMIT,
-                     now: dt.datetime | None = None) -> Recorded:
+                     origin: str = ORIGIN_SELF, now: dt.datetime | None = None) -> Recorded:
         """Record a :class:`leaderboard.scoring.ScoreResult` for ``team`` in one transaction.
 
         Returns the existing row (``duplicate=True``) for a file this team already had scored on
         this challenge. Raises NcbenchError, writing nothing, when the team has reached
         ``daily_limit`` scored submissions on this challenge today (UTC); ``None`` means no limit.
+
+        ``origin``: :data:`ORIGIN_SELF` for a team's file (it may not take a built-in attack's
+        name, nor the organizer's team name); :data:`ORIGIN_ORGANIZER` for a built-in attack the
+        organizer ran, recorded under :data:`BUILTIN_TEAM` only.
         """
-        team = check_team_name(team)
+        team, values = submission_values(result, team=team, origin=origin)
         if daily_limit is not None and daily_limit < 1:
             raise NcbenchError(f"the daily limit must be at least 1, got {daily_limit}")
         now = now or utc_now()
         challenge = result.challenge
         rows = [
             {"split": split, "metric": name, "value": float(value)}
-            for split, values in sorted(result.metrics.items())
-            for name, value in sorted(values.items())
+            for split, values_of_split in sorted(result.metrics.items())
+            for name, value in sorted(values_of_split.items())
             if not math.isnan(value)  # a half with no items has no value (SQLite turns NaN into NULL)
         ]
         with self._write() as conn:
             self._ensure_challenge(conn, challenge, now)
             team_id = self._lock_team(conn, team, now)
-            existing = conn.execute(
-                sa.select(submissions.c.id).where(
-                    submissions.c.challenge_id == challenge.challenge_id, submissions.c.team_id == team_id,
-                    submissions.c.sha256 == result.sha256, submissions.c.status == STATUS_SCORED)
-            ).scalar()
+            existing = self._scored_file(conn, challenge.challenge_id, team_id, result.sha256)
             if existing is not None:
-                return Recorded(int(existing), duplicate=True)
+                if origin == ORIGIN_ORGANIZER:  # the organizer vouches for a row recorded before migration 3
+                    conn.execute(submissions.update().where(submissions.c.id == existing).values(origin=origin))
+                return Recorded(existing, duplicate=True)
             if daily_limit is not None:
-                start = now.astimezone(dt.UTC).replace(hour=0, minute=0, second=0, microsecond=0)
-                used = conn.execute(
-                    sa.select(sa.func.count()).select_from(submissions).where(
-                        submissions.c.challenge_id == challenge.challenge_id, submissions.c.team_id == team_id,
-                        submissions.c.status == STATUS_SCORED, submissions.c.created_utc >= _stamp(start))
-                ).scalar()
-                if used >= daily_limit:
-                    raise NcbenchError(
-                        f"team {team!r} has used its {daily_limit} submissions for {challenge.challenge_id} "
-                        f"today (UTC); failed submissions do not count, the limit resets at midnight UTC")
+                self._check_daily_limit(conn, challenge.challenge_id, team, team_id, daily_limit, now)
             submission_id = conn.execute(submissions.insert().values(
                 challenge_id=challenge.challenge_id, team_id=team_id, sha256=result.sha256,
-                attack=result.attack, attack_version=result.attack_version,
-                params=json.dumps(result.params, sort_keys=True, default=str),
-                knowledge=json.dumps(list(result.knowledge)), runtime_s=float(result.runtime_s),
-                status=STATUS_SCORED, error=None, notes=json.dumps(list(result.notes)),
-                created_utc=_stamp(now),
+                runtime_s=float(result.runtime_s), status=STATUS_SCORED, error=None, origin=origin,
+                created_utc=_stamp(now), **values,
             ).returning(submissions.c.id)).scalar_one()
             if rows:
                 conn.execute(scores.insert(), [{"submission_id": submission_id, **row} for row in rows])
             return Recorded(int(submission_id), duplicate=False)
+
+    def check_admission(self, challenge_id: str, *, team: str, daily_limit: int | None,
+                        sha256: Callable[[], str], now: dt.datetime | None = None) -> None:
+        """Refuse, before any scoring, a submission that :meth:`record_score` would refuse for
+        the daily limit. ``sha256`` computes the file's digest, needed only at the limit (a file
+        the team already had scored is recognised, not refused). Reads only; writes nothing.
+        """
+        team = check_team_name(team)
+        if daily_limit is None:
+            return
+        with self._read() as conn:
+            team_id = conn.execute(sa.select(teams.c.id).where(teams.c.name == team)).scalar()
+            if team_id is None:
+                return
+            try:
+                self._check_daily_limit(conn, challenge_id, team, team_id, daily_limit, now or utc_now())
+            except NcbenchError:
+                if self._scored_file(conn, challenge_id, team_id, sha256()) is None:
+                    raise
 
     def record_failure(self, challenge, *, team: str, sha256: str, error: str, attack: str = "unknown",
                        attack_version: str = "", now: dt.datetime | None = None) -> int:
@@ -344,14 +408,36 @@ class Store:
         """
         team = check_team_name(team)
         now = now or utc_now()
+        values = check_lengths({"attack": attack[:MAX_LENGTHS["attack"]],
+                                "attack_version": attack_version[:MAX_LENGTHS["attack_version"]],
+                                "error": error[:MAX_LENGTHS["error"]]})  # our own message: cut, not refused
         with self._write() as conn:
             self._ensure_challenge(conn, challenge, now)
             team_id = self._lock_team(conn, team, now)
             return int(conn.execute(submissions.insert().values(
-                challenge_id=challenge.challenge_id, team_id=team_id, sha256=sha256, attack=attack,
-                attack_version=attack_version, params="{}", knowledge="[]", runtime_s=None,
-                status=STATUS_FAILED, error=error[:2000], notes="[]", created_utc=_stamp(now),
+                challenge_id=challenge.challenge_id, team_id=team_id, sha256=sha256, params="{}", knowledge="[]",
+                runtime_s=None, status=STATUS_FAILED, notes="[]", created_utc=_stamp(now), **values,
             ).returning(submissions.c.id)).scalar_one())
+
+    def _scored_file(self, conn: Connection, challenge_id: str, team_id: int, sha256: str) -> int | None:
+        """The id of this team's scored submission of the file with ``sha256``, if any."""
+        existing = conn.execute(sa.select(submissions.c.id).where(
+            submissions.c.challenge_id == challenge_id, submissions.c.team_id == team_id,
+            submissions.c.sha256 == sha256, submissions.c.status == STATUS_SCORED)).scalar()
+        return None if existing is None else int(existing)
+
+    def _check_daily_limit(self, conn: Connection, challenge_id: str, team: str, team_id: int, daily_limit: int,
+                           now: dt.datetime) -> None:
+        start = now.astimezone(dt.UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+        used = conn.execute(
+            sa.select(sa.func.count()).select_from(submissions).where(
+                submissions.c.challenge_id == challenge_id, submissions.c.team_id == team_id,
+                submissions.c.status == STATUS_SCORED, submissions.c.created_utc >= _stamp(start))
+        ).scalar()
+        if used >= daily_limit:
+            raise NcbenchError(
+                f"team {team!r} has used its {daily_limit} submissions for {challenge_id} "
+                f"today (UTC); failed submissions do not count, the limit resets at midnight UTC")
 
     def close_challenge(self, challenge_id: str, *, now: dt.datetime | None = None) -> tuple[str, bool]:
         """Reveal the private half of ``challenge_id``. Returns (closed time, newly closed?)."""
@@ -379,10 +465,12 @@ class Store:
         known = conn.execute(sa.select(challenges.c.key_commitment).where(
             challenges.c.challenge_id == challenge.challenge_id)).scalar()
         if known is None:
+            values = check_lengths({name: str(getattr(challenge, name)) for name in (
+                "challenge_id", "task", "preset", "key_commitment", "encoder_config")})
             conn.execute(_insert_ignoring_conflict(conn, challenges, {
-                "challenge_id": challenge.challenge_id, "task": challenge.task, "preset": challenge.preset,
-                "n_encoded": int(challenge.n_encoded), "key_commitment": challenge.key_commitment,
-                "encoder_config": challenge.encoder_config, "created_utc": _stamp(now), "closed_utc": None,
+                **values, "n_encoded": int(challenge.n_encoded), "created_utc": _stamp(now), "closed_utc": None,
+                # getattr: ChallengeInfo gained the field with test releases; older callers lack it.
+                "test_release": bool(getattr(challenge, "test_release", False)),
             }, ["challenge_id"]))
         elif known != challenge.key_commitment:
             raise NcbenchError(f"the database already holds a challenge {challenge.challenge_id!r} with another "
@@ -397,32 +485,40 @@ class Store:
 
     def challenges(self) -> pd.DataFrame:
         """One row per challenge: id, task, preset, n_encoded, encoder_config (JSON), created_utc,
-        closed_utc (None while open) and the number of scored submissions."""
+        closed_utc (None while open), test_release (its key is public) and the number of scored
+        submissions."""
         count = (sa.select(sa.func.count()).select_from(submissions)
                  .where(submissions.c.challenge_id == challenges.c.challenge_id,
                         submissions.c.status == STATUS_SCORED).scalar_subquery())
         query = sa.select(challenges.c.challenge_id, challenges.c.task, challenges.c.preset, challenges.c.n_encoded,
                           challenges.c.encoder_config, challenges.c.created_utc, challenges.c.closed_utc,
-                          count.label("submissions")).order_by(challenges.c.challenge_id)
+                          challenges.c.test_release, count.label("submissions")).order_by(challenges.c.challenge_id)
         with self._read() as conn:
-            return pd.DataFrame(conn.execute(query).mappings().all(), columns=[
+            frame = pd.DataFrame(conn.execute(query).mappings().all(), columns=[
                 "challenge_id", "task", "preset", "n_encoded", "encoder_config", "created_utc", "closed_utc",
-                "submissions"])
+                "test_release", "submissions"])
+        frame["test_release"] = frame["test_release"].astype(bool)
+        return frame
 
     def results(self, *, include_private: bool = False, challenge_id: str | None = None) -> pd.DataFrame:
         """One row per scored submission and visible split, one column per metric.
 
-        Columns: submission_id, challenge_id, task, preset, team, attack, attack_version,
-        runtime_s, created_utc, split ('public' / 'private'), then the metrics. The private half
-        appears only for closed challenges unless ``include_private`` (organizers).
+        Columns: submission_id, challenge_id, task, preset, test_release, team, attack,
+        attack_version, origin, runtime_s, created_utc, split ('public' / 'private'), then the
+        metrics. The private half appears only for closed challenges, and public-half scores of
+        self-reported rows are the Ladder's (:func:`shown_public_scores`), unless
+        ``include_private``: the organizer's view, every value exact.
         """
         base = self._visible_scores(include_private, challenge_id)
         with self._read() as conn:
             long = pd.DataFrame(conn.execute(base).mappings().all())
-        info_columns = ["submission_id", "challenge_id", "task", "preset", "team", "attack", "attack_version",
-                        "runtime_s", "created_utc", "split"]
+        info_columns = ["submission_id", "challenge_id", "task", "preset", "test_release", "team", "attack",
+                        "attack_version", "origin", "runtime_s", "created_utc", "split"]
         if long.empty:
             return pd.DataFrame(columns=info_columns)
+        long["test_release"] = long["test_release"].astype(bool)
+        if not include_private:
+            long = shown_public_scores(long)
         keys = ["submission_id", "split"]
         values = long.pivot_table(index=keys, columns="metric", values="value", aggfunc="first").reset_index()
         values.columns.name = None
@@ -432,9 +528,10 @@ class Store:
         return wide
 
     def submission(self, submission_id: int, *, include_private: bool = False) -> dict | None:
-        """A scored submission's details: attributes, params, notes and metrics per visible split."""
+        """A scored submission's details: attributes, params, notes, origin and metrics per
+        visible split (public half as :meth:`results` shows it; exact with ``include_private``)."""
         query = (sa.select(submissions, teams.c.name.label("team"), challenges.c.task, challenges.c.preset,
-                           challenges.c.closed_utc, challenges.c.n_encoded)
+                           challenges.c.closed_utc, challenges.c.n_encoded, challenges.c.test_release)
                  .join(teams, teams.c.id == submissions.c.team_id)
                  .join(challenges, challenges.c.challenge_id == submissions.c.challenge_id)
                  .where(submissions.c.id == int(submission_id), submissions.c.status == STATUS_SCORED))
@@ -442,15 +539,22 @@ class Store:
             row = conn.execute(query).mappings().one_or_none()
             if row is None:
                 return None
-            visible = [0, 1] if include_private or row["closed_utc"] is not None else [0]
-            metric_rows = conn.execute(sa.select(scores.c.split, scores.c.metric, scores.c.value).where(
-                scores.c.submission_id == int(submission_id), scores.c.split.in_(visible))).all()
+            # The team's earlier submissions to this challenge: the Ladder's shown score depends on them.
+            metrics_query = self._visible_scores(include_private, row["challenge_id"]).where(
+                submissions.c.team_id == row["team_id"], submissions.c.id <= int(submission_id))
+            long = pd.DataFrame(conn.execute(metrics_query).mappings().all())
+        visible = [0, 1] if include_private or row["closed_utc"] is not None else [0]
         details = dict(row)
+        details["test_release"] = bool(details["test_release"])
         for name in ("params", "knowledge", "notes"):
             details[name] = json.loads(details[name])
         details["metrics"] = {SPLIT_NAMES[s]: {} for s in visible}
-        for split, metric, value in metric_rows:
-            details["metrics"][SPLIT_NAMES[split]][metric] = value
+        if not long.empty:
+            if not include_private:
+                long = shown_public_scores(long)
+            own = long[long["submission_id"] == int(submission_id)]
+            for split, metric, value in own[["split", "metric", "value"]].itertuples(index=False):
+                details["metrics"][SPLIT_NAMES[int(split)]][metric] = float(value)
         return details
 
     def utility(self) -> pd.DataFrame:
@@ -469,8 +573,9 @@ class Store:
 
     def _visible_scores(self, include_private: bool, challenge_id: str | None) -> sa.Select:
         query = (sa.select(submissions.c.id.label("submission_id"), submissions.c.challenge_id, challenges.c.task,
-                           challenges.c.preset, teams.c.name.label("team"), submissions.c.attack,
-                           submissions.c.attack_version, submissions.c.runtime_s, submissions.c.created_utc,
+                           challenges.c.preset, challenges.c.test_release, teams.c.name.label("team"),
+                           submissions.c.attack, submissions.c.attack_version, submissions.c.origin,
+                           submissions.c.runtime_s, submissions.c.created_utc,
                            scores.c.split, scores.c.metric, scores.c.value)
                  .join(submissions, submissions.c.id == scores.c.submission_id)
                  .join(teams, teams.c.id == submissions.c.team_id)
@@ -499,10 +604,128 @@ def record_utility(db: Store | str | os.PathLike, rows: Iterable[Mapping]) -> in
 
 
 def check_team_name(team: str) -> str:
-    name = (team or "").strip()
-    if not name or len(name) > MAX_TEAM_NAME or not name.isprintable():
-        raise NcbenchError(f"team name must be 1-{MAX_TEAM_NAME} printable characters, got {team!r}")
+    """The canonical spelling of a team name, or NcbenchError.
+
+    Folded (:func:`fold`: NFKC, case, accents), a name must be 1-64 characters from a-z, 0-9,
+    '_', '.', '-', starting with a letter or digit. Every look-alike spelling of a name is thus
+    the same team ('Team', fullwidth 'ＴＥＡＭ', 'te\u0301am') or is refused (Cyrillic 'tеam'),
+    and no name can start a spreadsheet formula.
+    """
+    text = team.strip() if isinstance(team, str) else ""
+    name = fold(text) if len(text) <= 4 * MAX_TEAM_NAME else text  # folding may shorten; never a huge one
+    if not TEAM_NAME.fullmatch(name):
+        raise NcbenchError(f"team name must be 1-{MAX_TEAM_NAME} characters from a-z 0-9 _ . - starting with a "
+                           f"letter or digit (case and accents are folded), got {_shorten(team)}")
     return name
+
+
+def submission_values(result, *, team: str, origin: str) -> tuple[str, dict[str, str]]:
+    """(canonical team, the submission's text columns) for :meth:`Store.record_score`, or the
+    NcbenchError it would raise for them: team, origin and attack name, lengths, no control
+    characters in names. Pure, so a shell can refuse before it opens the database."""
+    team = check_team_name(team)
+    values = check_lengths({
+        "attack": result.attack, "attack_version": result.attack_version,
+        "params": json.dumps(result.params, sort_keys=True, default=str),
+        "knowledge": json.dumps(list(result.knowledge)), "notes": json.dumps(list(result.notes)),
+    })
+    for name in ("attack", "attack_version"):
+        if not values[name].isprintable():
+            raise NcbenchError(f"attribute {name!r} holds control or format characters: {_shorten(values[name])}")
+    check_origin(origin, team=team, attack=result.attack)
+    return team, values
+
+
+def check_origin(origin: str, *, team: str, attack: str | None) -> None:
+    """Organizer rows are built-in attacks under :data:`BUILTIN_TEAM`; self-reported rows are
+    neither. ``team`` is canonical (:func:`check_team_name`); ``attack`` None checks the team only."""
+    if origin == ORIGIN_ORGANIZER:
+        if team != BUILTIN_TEAM:
+            raise NcbenchError(f"the organizer's runs of built-in attacks are recorded under team {BUILTIN_TEAM!r}, "
+                               f"not {team!r}")
+        if attack is not None and attack not in builtin_attack_names():
+            raise NcbenchError(f"{_shorten(attack)} is not a built-in attack ({', '.join(builtin_attack_names())}); "
+                               f"only built-in attacks are recorded as the organizer's")
+    elif origin == ORIGIN_SELF:
+        if team == BUILTIN_TEAM:
+            raise NcbenchError(f"team name {BUILTIN_TEAM!r} is reserved for the organizer's runs of the built-in "
+                               f"attacks (ncbench score --builtin)")
+    else:
+        raise NcbenchError(f"origin must be one of {', '.join(ORIGINS)}, got {origin!r}")
+
+
+@functools.cache
+def builtin_attack_names() -> tuple[str, ...]:
+    """The built-in attacks: ``ncbench.attacks`` entry points that point into ncbench itself."""
+    entries = importlib.metadata.entry_points(group=ATTACK_ENTRY_POINTS)
+    return tuple(sorted({entry.name for entry in entries if entry.value.startswith("ncbench.")}))
+
+
+def check_lengths(values: Mapping[str, str]) -> dict[str, str]:
+    """``values`` (field name -> text to store) unchanged, or NcbenchError naming the first field
+    longer than :data:`MAX_LENGTHS` allows."""
+    for name, text in values.items():
+        if len(text) > MAX_LENGTHS[name]:
+            raise NcbenchError(f"{name} is {len(text)} characters long; the leaderboard stores at most "
+                               f"{MAX_LENGTHS[name]}")
+    return dict(values)
+
+
+def _shorten(value, limit: int = 80) -> str:
+    """``repr(value)`` for a one-line message, cut to ``limit`` characters."""
+    text = repr(value[:limit + 1] if isinstance(value, str) else value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def ladder(values: Sequence[float], *, margin: float, grid: float) -> list[float]:
+    """The public score shown after each of a team's submissions (the Ladder, Blum & Hardt 2015).
+
+    values: the exact scores, in submission order. A score is shown, rounded to a multiple of
+    ``grid``, only when it beats the best one shown so far by more than ``margin``; otherwise
+    the best shown so far is repeated. However many submissions a team makes, the shown scores
+    change at most ``1 + range / (margin - grid / 2)`` times, which bounds what they reveal about
+    the hidden split (e.g. the swap probe of issue 10 learns nothing).
+    """
+    shown: list[float] = []
+    best = math.nan
+    for value in values:
+        if not math.isnan(value) and (math.isnan(best) or value > best + margin):
+            best = round(round(value / grid) * grid, 12)
+        shown.append(best)
+    return shown
+
+
+def ladder_step(metric: str, n_public: float) -> tuple[float, float]:
+    """(margin, grid) of ``metric``'s Ladder on a public half of ``n_public`` items:
+    range / sqrt(n_public) and 1% of the range (:data:`METRIC_RANGES`, else 1)."""
+    scale = METRIC_RANGES.get(metric, 1.0)
+    return scale / math.sqrt(max(n_public, 1.0)), LADDER_GRID * scale
+
+
+def shown_public_scores(long: pd.DataFrame) -> pd.DataFrame:
+    """``long`` with the public-half values of self-reported rows replaced by the Ladder's.
+
+    long: one row per (submission_id, split, metric) with columns challenge_id, task, team,
+    origin, split (0 / 1), metric, value. Each (challenge, team, metric) is one ladder, in
+    submission order, with margin = range / sqrt(n public items) and grid = 1% of the range.
+    """
+    if long.empty:
+        return long
+    long = long.sort_values("submission_id", kind="stable").copy()
+    public = (long["split"] == 0) & (long["origin"] == ORIGIN_SELF)
+    n_public = long[public & (long["metric"] == "n")].groupby("challenge_id")["value"].max()
+    laddered = public & ~long["metric"].isin(UNLADDERED_METRICS)
+    for (challenge_id, _, metric), group in long[laddered].groupby(["challenge_id", "team", "metric"], sort=False):
+        margin, grid = ladder_step(metric, float(n_public.get(challenge_id, 1.0)))
+        long.loc[group.index, "value"] = ladder(group["value"].tolist(), margin=margin, grid=grid)
+    # k-anonymity follows the shown headline, not the exact one.
+    anonymity = public & (long["metric"] == "k_anonymity")
+    headline = long[public & (long["metric"] == long["task"].map(HEADLINE_METRIC))].set_index("submission_id")["value"]
+    for index in long.index[anonymity]:
+        shown = headline.get(long.at[index, "submission_id"])
+        if shown is not None:
+            long.at[index, "value"] = effective_k_anonymity(float(shown))
+    return long
 
 
 def _utility_row(row: Mapping, stamp: str) -> dict:
@@ -520,8 +743,8 @@ def _utility_row(row: Mapping, stamp: str) -> dict:
         raise NcbenchError(f"utility model_kind must be one of {MODEL_KINDS}, got {kind!r}")
     if not 0.0 <= auc <= 1.0:
         raise NcbenchError(f"utility auc must lie in [0, 1], got {auc}")
-    return {"preset": preset, "label": label, "auc": auc, "model_kind": kind, "settings": settings,
-            "created_utc": str(row.get("created_utc") or stamp)}
+    return {**check_lengths({"preset": preset, "label": label, "settings": settings}), "auc": auc,
+            "model_kind": kind, "created_utc": str(row.get("created_utc") or stamp)}
 
 
 def _insert_ignoring_conflict(conn: Connection, table: sa.Table, values: dict, keys: list[str]):

@@ -1,23 +1,42 @@
-"""The public tables built from stored results: the board, the attack x preset matrix and the
-privacy-utility summary. Pure functions on pandas frames, shared by the app and ``export``.
+"""The public tables built from stored results: the board, the attack x preset matrix (the
+organizer's runs of the built-in attacks), the self-reported submissions and the privacy-utility
+summary. Pure functions on pandas frames, shared by the app and ``export``.
+
+Every string a team chose (its attack name, version) is data, never markup: :func:`to_csv` keeps
+spreadsheets from reading a cell as a formula, :func:`to_markdown` escapes markup.
 """
 
 from __future__ import annotations
 
+import html
 import json
 import math
+import re
 
 import numpy as np
 import pandas as pd
 
 from ncbench.leaderboard.metrics import HEADLINE_METRIC, privacy_band
+from ncbench.leaderboard.store import ORIGIN_ORGANIZER, ORIGIN_SELF
 
-INFO_COLUMNS = ["challenge_id", "task", "preset", "split", "submission_id", "team", "attack", "attack_version",
-                "created_utc", "runtime_s"]
+INFO_COLUMNS = ["challenge_id", "task", "preset", "release", "split", "submission_id", "team", "attack",
+                "attack_version", "origin", "created_utc", "runtime_s"]
+TEST_RELEASE = "test release (key public)"  # the `release` cell of a challenge built with a public seed
+SELF_REPORTED_COLUMNS = ["challenge_id", "task", "preset", "release", "split", "team", "attack", "attack_version",
+                         "reidentification", "band", "chance", "created_utc", "submission_id"]
+# OWASP "CSV injection": a cell starting with one of these is a formula to a spreadsheet.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+MARKDOWN_SPECIALS = re.compile(r"([\\`*_\[\]()!|~])")  # < > & " ' become HTML entities first
 HEADLINE_COLUMNS = ["n", "chance", "reidentification", "band", "k_anonymity"]
 # Task-specific metrics, in the order a reader wants them; anything else stored follows.
 DETAIL_COLUMNS = ["top1_accuracy", "top5_accuracy", "mrr", "one_to_one", "patch_position_accuracy", "psnr", "ssim"]
 CHANCE_ROW = "(chance level)"
+
+
+def shown_attack(team: str, attack: str, origin: str) -> str:
+    """How the board names an attack: a built-in's name for the organizer's runs, and
+    'team/attack' for a self-reported file, in the team's own namespace."""
+    return attack if origin == ORIGIN_ORGANIZER else f"{team}/{attack}"
 
 
 def board(results: pd.DataFrame) -> pd.DataFrame:
@@ -25,12 +44,20 @@ def board(results: pd.DataFrame) -> pd.DataFrame:
 
     results: :meth:`leaderboard.store.Store.results`. ``reidentification`` is the task's headline
     metric (reid accuracy, re-identification by nearest reconstruction, or transfer
-    nearest-neighbour accuracy) and ``band`` its privacy band.
+    nearest-neighbour accuracy) and ``band`` its privacy band. ``attack`` is as
+    :func:`shown_attack` names it; ``origin`` is 'organizer' or 'self-reported'; ``release`` is
+    :data:`TEST_RELEASE` for a challenge whose key is public, else empty.
     """
     columns = INFO_COLUMNS + HEADLINE_COLUMNS + DETAIL_COLUMNS
     if results.empty:
         return pd.DataFrame(columns=columns)
     frame = results.copy()
+    origin = frame["origin"] if "origin" in frame else pd.Series(ORIGIN_SELF, index=frame.index)
+    frame["origin"] = origin
+    frame["attack"] = [shown_attack(t, a, o) for t, a, o in zip(frame["team"], frame["attack"], origin)]
+    test = frame["test_release"].astype(bool) if "test_release" in frame else pd.Series(False, index=frame.index)
+    frame["release"] = np.where(test, TEST_RELEASE, "")
+    frame = frame.drop(columns=["test_release"], errors="ignore")
     headline = pd.Series(np.nan, index=frame.index)
     for task, metric in HEADLINE_METRIC.items():
         if metric in frame:
@@ -79,13 +106,15 @@ def preset_order(challenges: pd.DataFrame) -> list[str]:
 
 def attack_preset_matrix(table: pd.DataFrame, *, task: str | None = None, split: str = "public",
                          presets: list[str] | None = None) -> pd.DataFrame:
-    """Best re-identification (fraction) of each attack (rows) on each preset (columns).
+    """Best re-identification (fraction) of each built-in attack (rows) on each preset (columns),
+    from the organizer's own runs only: no file's claim about itself reaches this table.
 
     table: :func:`board`. A last row, :data:`CHANCE_ROW`, gives each preset's chance level (the
     largest one when a preset has challenges of several sizes). Columns follow ``presets`` when
     given. Empty when nothing matches.
     """
-    rows = table[table["split"] == split]
+    rows = _organizer(table)
+    rows = rows[rows["split"] == split]
     if task is not None:
         rows = rows[rows["task"] == task]
     rows = rows.dropna(subset=["reidentification"])
@@ -100,8 +129,43 @@ def attack_preset_matrix(table: pd.DataFrame, *, task: str | None = None, split:
     return matrix
 
 
+def matrix_provenance(table: pd.DataFrame, *, task: str | None = None, split: str = "public") -> pd.DataFrame:
+    """For each (attack, preset) cell of :func:`attack_preset_matrix`: how many organizer
+    submissions stand behind it and when the latest was scored (UTC)."""
+    rows = _organizer(table)
+    rows = rows[rows["split"] == split]
+    if task is not None:
+        rows = rows[rows["task"] == task]
+    if rows.empty:
+        return pd.DataFrame(columns=["attack", "preset", "submissions", "last_scored_utc"])
+    grouped = rows.groupby(["attack", "preset"], sort=True)
+    return pd.DataFrame({"submissions": grouped["submission_id"].nunique(),
+                         "last_scored_utc": grouped["created_utc"].max()}).reset_index()
+
+
+def self_reported(table: pd.DataFrame, *, task: str | None = None, split: str | None = None) -> pd.DataFrame:
+    """The self-reported rows of :func:`board` (teams' files: attack name, parameters and
+    declared knowledge unverified), best re-identification first; columns
+    :data:`SELF_REPORTED_COLUMNS`."""
+    origin = table["origin"] if "origin" in table else pd.Series(ORIGIN_SELF, index=table.index)
+    rows = table[origin == ORIGIN_SELF]
+    if task is not None:
+        rows = rows[rows["task"] == task]
+    if split is not None:
+        rows = rows[rows["split"] == split]
+    rows = rows.sort_values(["reidentification", "submission_id"], ascending=[False, True], kind="stable")
+    return rows.reindex(columns=SELF_REPORTED_COLUMNS).reset_index(drop=True)
+
+
+def _organizer(table: pd.DataFrame) -> pd.DataFrame:
+    if "origin" not in table:
+        return table.iloc[0:0]
+    return table[table["origin"] == ORIGIN_ORGANIZER]
+
+
 def privacy_utility(table: pd.DataFrame, utility: pd.DataFrame) -> pd.DataFrame:
-    """Per preset: the best re-identification of any attack (public half) beside the utility.
+    """Per preset: the best re-identification of any built-in attack the organizer ran (public
+    half) beside the utility.
 
     Columns: preset, best_reidentification, band, encoded_auc (mean AUC over labels of the latest
     run on the preset's encodings), raw_auc (the same for the latest run on plaintexts, the
@@ -116,6 +180,7 @@ def privacy_utility(table: pd.DataFrame, utility: pd.DataFrame) -> pd.DataFrame:
     encoded = utility[utility["model_kind"] == "encoded"].groupby("preset")["auc"].mean()
     raw_runs = utility[utility["model_kind"] == "raw"]
     raw = raw_runs[raw_runs["created_utc"] == raw_runs["created_utc"].max()]["auc"]
+    table = _organizer(table)
     public = table[table["split"] == "public"] if not table.empty else table
     best = public.groupby("preset")["reidentification"].max() if not public.empty else pd.Series(dtype=float)
     presets = sorted(set(encoded.index))
@@ -145,19 +210,47 @@ def utility_by_label(utility: pd.DataFrame) -> pd.DataFrame:
     return table[[m for m in table.columns if m != "raw"] + [m for m in table.columns if m == "raw"]]
 
 
+def escape_markdown(text: str) -> str:
+    """``text`` as inert Markdown on one line: HTML special characters as entities (no tag, no
+    autolink), Markdown punctuation backslash-escaped (no link, image, emphasis, code or cell
+    break), line breaks as spaces."""
+    text = html.escape(" ".join(str(text).splitlines()), quote=True)
+    return MARKDOWN_SPECIALS.sub(r"\\\1", text)
+
+
 def to_markdown(frame: pd.DataFrame) -> str:
-    """A GitHub-flavoured Markdown table (floats to 4 significant digits, NaN as empty)."""
+    """A GitHub-flavoured Markdown table (floats to 4 significant digits, NaN as empty, text
+    through :func:`escape_markdown`)."""
     def cell(value) -> str:
         if isinstance(value, float):
             if math.isnan(value):
                 return ""
             return "inf" if math.isinf(value) else f"{value:.4g}"
-        return str(value).replace("|", "\\|").replace("\n", " ")
+        return escape_markdown(value)
 
-    header = "| " + " | ".join(str(c) for c in frame.columns) + " |"
+    header = "| " + " | ".join(str(c).replace("|", "\\|") for c in frame.columns) + " |"
     rule = "|" + "|".join("---" for _ in frame.columns) + "|"
     body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
     return "\n".join([header, rule, *body]) + "\n"
+
+
+def defuse_formula(value):
+    """A text cell a spreadsheet would run as a formula, prefixed with a single quote (OWASP)."""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
+def to_csv(frame: pd.DataFrame) -> str:
+    """RFC 4180 CSV text of ``frame`` (no index) whose text cells cannot start a formula
+    (:func:`defuse_formula`). CRLF line ends make the writer quote a cell holding a bare CR,
+    which a spreadsheet would otherwise read as the start of a new row (and a new formula)."""
+    safe = frame.copy()
+    for column in safe.columns:
+        if safe[column].dtype == object or pd.api.types.is_string_dtype(safe[column]):
+            safe[column] = safe[column].map(defuse_formula)
+    safe.columns = [defuse_formula(str(c)) for c in safe.columns]
+    return safe.to_csv(index=False, lineterminator="\r\n")
 
 
 def to_records(frame: pd.DataFrame) -> list[dict]:

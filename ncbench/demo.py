@@ -18,11 +18,13 @@ from ncbench.challenge.files import ReleaseLayout
 from ncbench.challenge.release import BuildPlan, build_release
 from ncbench.challenge.verify import verify
 from ncbench.errors import NcbenchError
+from ncbench.leaderboard.store import BUILTIN_TEAM
 
 # (preset, task): reid on the four presets of the original challenge, plus invert and transfer.
 DEMO_CHALLENGES = [("linear", "reid"), ("nc3-noshuffle", "reid"), ("nc3", "reid"), ("nc7", "reid"),
                    ("linear", "invert"), ("linear", "transfer")]
-TEAM = "ncbench-builtin"
+# The organizer's own runs of the built-in attacks: the rows of the attack x preset matrix.
+TEAM = BUILTIN_TEAM
 
 
 @click.command()
@@ -30,7 +32,9 @@ TEAM = "ncbench-builtin"
               help="Folder for releases, submissions and the leaderboard database.")
 @click.option("--n", "n", type=click.IntRange(min=5), default=200, show_default=True,
               help="Encoded images per release (at least 5: the invert release keeps 4 known pairs).")
-@click.option("--seed", type=int, default=2026, show_default=True, help="Seed of the demo releases (a demo is meant to be reproducible).")
+@click.option("--seed", type=int, default=2026, show_default=True,
+              help="Seed of the demo releases: a demo is reproducible, so its releases are test releases "
+              "whose key is public.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
 def demo(out: Path, n: int, seed: int, device: str) -> None:
     """Build releases from the embedded radiographs, attack them, score them, print the board."""
@@ -38,7 +42,7 @@ def demo(out: Path, n: int, seed: int, device: str) -> None:
     from ncbench.attacks.submission import write_submission
     from ncbench.challenge.files import open_release
     from ncbench.leaderboard.scoring import score_submission
-    from ncbench.leaderboard.store import Store
+    from ncbench.leaderboard.store import ORIGIN_ORGANIZER, Store
     from ncbench.leaderboard.tables import (
         attack_preset_matrix,
         board,
@@ -56,7 +60,7 @@ def demo(out: Path, n: int, seed: int, device: str) -> None:
             click.echo(f"[{k + 1}/{len(DEMO_CHALLENGES)}] {preset} {task}: release {folder}")
             if not _valid(folder):
                 build_release(folder, config=resolve_config(preset), plan=BuildPlan.for_task(task, n),
-                              source="sample", seed=seed + k, device=device, force=True)
+                              source="sample", seed=seed + k, test_release=True, device=device, force=True)
             written.append(folder)
             for name, cls in sorted(attacks.items()):
                 if task not in cls.tasks or name.startswith("template"):
@@ -68,7 +72,7 @@ def demo(out: Path, n: int, seed: int, device: str) -> None:
                     submission.team = TEAM
                     write_submission(submission_path, submission)
                 result = score_submission(submission_path, ReleaseLayout(folder).key)
-                store.record_score(result, team=TEAM, daily_limit=None)
+                store.record_score(result, team=TEAM, daily_limit=None, origin=ORIGIN_ORGANIZER)
                 click.echo(f"    {name}: {result.headline_metric} = {result.headline(0):.3f} "
                            f"(attack {submission_runtime(submission_path):.1f} s)")
                 written.append(submission_path)

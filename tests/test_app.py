@@ -1,5 +1,6 @@
-"""The Streamlit leaderboard, driven by streamlit.testing's AppTest, and served once over HTTP."""
+"""The Streamlit leaderboard, driven by streamlit.testing's AppTest, and served over HTTP."""
 
+import dataclasses
 import json
 import math
 import os
@@ -18,18 +19,34 @@ from streamlit.testing.v1 import AppTest
 
 import ncbench.leaderboard as leaderboard
 from ncbench.leaderboard.scoring import ChallengeInfo, ScoreResult
-from ncbench.leaderboard.store import DB_ENV, Store, record_utility
-from ncbench.leaderboard.tables import CHANCE_ROW
+from ncbench.leaderboard.store import BUILTIN_TEAM, DB_ENV, ORIGIN_ORGANIZER, Store, record_utility
+from ncbench.leaderboard.tables import CHANCE_ROW, TEST_RELEASE
 
 APP = str(Path(leaderboard.__file__).with_name("app.py"))
-PAGES = ("Attack x preset", "Challenges", "Submission", "Privacy vs utility", "Take part")
+PAGES = ("Attack x preset", "Self-reported", "Challenges", "Submission", "Privacy vs utility", "Take part")
+# Elements whose text Streamlit renders as Markdown: no string a team chose may reach them.
+MARKDOWN_ELEMENTS = ("markdown", "caption", "info", "warning", "error", "success", "title", "header", "subheader")
 CONFIGS = {"linear": {"mix": False, "shuffle": False, "depth": 0},
            "nc3": {"mix": True, "shuffle": True, "depth": 0},
            "nc7": {"mix": True, "shuffle": True, "depth": 4}}
 
 
-def result(challenge_id, preset, attack, accuracy, sha, *, n=20, positions=None):
+def challenge_info(challenge_id, preset, n, *, test_release=False):
     info = ChallengeInfo(challenge_id, "reid", preset, n, "c" * 64, json.dumps(CONFIGS[preset]))
+    if not test_release:
+        return info
+    if "test_release" in {f.name for f in dataclasses.fields(ChallengeInfo)}:
+        return dataclasses.replace(info, test_release=True)
+    return InfoWithTestRelease(**dataclasses.asdict(info))  # until the scorer's ChallengeInfo has the field
+
+
+@dataclasses.dataclass(frozen=True)
+class InfoWithTestRelease(ChallengeInfo):
+    test_release: bool = True
+
+
+def result(challenge_id, preset, attack, accuracy, sha, *, n=20, positions=None, test_release=False):
+    info = challenge_info(challenge_id, preset, n, test_release=test_release)
     metrics = {}
     for split, value in ((0, accuracy), (1, accuracy / 2)):
         metrics[split] = {"reid_accuracy": value, "chance": 1 / n, "n": n / 2,
@@ -51,11 +68,17 @@ def empty_db(tmp_path, monkeypatch):
 def populated_db(tmp_path, monkeypatch):
     path = tmp_path / "board.db"
     with Store(path) as store:
-        store.record_score(result("nc7-reid-a", "nc7", "gram-hungarian", 0.9, "1", positions=0.75), team="alice")
-        store.record_score(result("nc7-reid-a", "nc7", "gram-hungarian", 1.0, "2"), team="alice")  # best of two
-        store.record_score(result("nc7-reid-a", "nc7", "chance", 0.05, "3"), team="bob")
-        store.record_score(result("linear-reid-a", "linear", "gram-hungarian", 0.02, "4", n=50), team="carol")
-        store.record_score(result("nc3-reid-a", "nc3", "linear-inversion", 0.1, "5", n=10), team="bob")
+        def organizer(score):
+            store.record_score(score, team=BUILTIN_TEAM, origin=ORIGIN_ORGANIZER)
+
+        organizer(result("nc7-reid-a", "nc7", "gram-hungarian", 0.9, "1", positions=0.75))
+        organizer(result("nc7-reid-a", "nc7", "gram-hungarian", 1.0, "2"))  # best of two
+        organizer(result("nc7-reid-a", "nc7", "chance", 0.05, "3"))
+        organizer(result("linear-reid-a", "linear", "gram-hungarian", 0.02, "4", n=50))
+        organizer(result("nc3-reid-a", "nc3", "linear-inversion", 0.1, "5", n=10))
+        # Teams' files: self-reported, whatever they score, they stay out of the matrix.
+        store.record_score(result("nc7-reid-a", "nc7", "relabelled-oracle", 1.0, "6"), team="alice")
+        store.record_score(result("nc3-reid-a", "nc3", "bobs-attack", 0.6, "7", n=10), team="bob")
         record_utility(store, [
             {"preset": "nc7", "label": "effusion", "auc": 0.70, "model_kind": "encoded"},
             {"preset": "nc7", "label": "nodule", "auc": 0.80, "model_kind": "encoded"},
@@ -82,7 +105,9 @@ def test_every_page_renders_on_an_empty_database(empty_db):
         go(at, page)
         assert not at.error
     go(at, PAGES[0])
-    assert "No scored submissions yet" in at.info[0].value
+    assert "No organizer runs of the built-in attacks yet" in at.info[0].value
+    go(at, "Self-reported")
+    assert "No self-reported submissions yet" in at.info[0].value
 
 
 def test_missing_database_shows_an_error_not_a_traceback(tmp_path, monkeypatch):
@@ -122,13 +147,22 @@ def test_private_half_appears_only_after_close(populated_db):
     assert matrix.loc["gram-hungarian", "nc7"] == 0.5 and list(matrix.columns) == ["nc7"]
 
 
+def test_self_reported_page_lists_team_files_under_their_own_names(populated_db):
+    at = go(app(), "Self-reported")
+    table = at.dataframe[0].value
+    assert table["attack"].tolist() == ["alice/relabelled-oracle", "bob/bobs-attack"]  # best first
+    assert "cannot be checked" in at.caption[0].value
+    assert not {"gram-hungarian", "chance", "linear-inversion"} & set(table["attack"])
+
+
 def test_challenge_table_filters_by_team_and_attack(populated_db):
     at = go(app(), "Challenges")
     at.selectbox[0].set_value("nc7-reid-a").run()
     table = at.dataframe[1].value
-    assert sorted(table["team"]) == ["alice", "alice", "bob"]
-    at.text_input[0].set_value("BO").run()
-    assert at.dataframe[1].value["team"].tolist() == ["bob"]
+    assert sorted(table["team"]) == ["alice", BUILTIN_TEAM, BUILTIN_TEAM, BUILTIN_TEAM]
+    assert set(table["origin"]) == {"organizer", "self-reported"}
+    at.text_input[0].set_value("ALI").run()
+    assert at.dataframe[1].value["team"].tolist() == ["alice"]
     at.text_input[0].set_value("").run()
     at.multiselect[0].set_value(["gram-hungarian"]).run()
     assert at.dataframe[1].value["reidentification"].tolist() == [0.9, 1.0]
@@ -164,6 +198,61 @@ def test_take_part_page_gives_the_commands(populated_db):
     assert "ncbench score submission.h5 --key" in code
 
 
+EVIL_ATTACK = '<script>alert(1)</script>=HYPERLINK("http://x","win")'
+EVIL_VERSION = "[x](javascript:alert(1))"
+EVIL_PARAM = "![p](http://example.invalid/p.png) **bold** <img src=x onerror=alert(2)>"
+EVIL_FRAGMENTS = ("<script", "javascript:", "![p]", "alert(", "<img", "HYPERLINK", "**bold**")
+
+
+@pytest.fixture
+def hostile_db(tmp_path, monkeypatch):
+    path = tmp_path / "hostile.db"
+    score = result("nc7-reid-a", "nc7", EVIL_ATTACK, 0.5, "1")
+    score.attack_version, score.params, score.notes = EVIL_VERSION, {"caption": EVIL_PARAM}, [EVIL_PARAM]
+    with Store(path) as store:
+        store.record_score(score, team="mallory")
+        store.record_score(result("nc7-reid-a", "nc7", "gram-hungarian", 0.2, "2"), team=BUILTIN_TEAM,
+                           origin=ORIGIN_ORGANIZER)
+    monkeypatch.setenv(DB_ENV, str(path))
+    return path
+
+
+def markdown_texts(at):
+    return [str(element.value) for kind in MARKDOWN_ELEMENTS for element in getattr(at, kind)]
+
+
+def test_strings_from_a_file_reach_the_page_as_plain_text_only(hostile_db):
+    at = app()
+    for page in PAGES:
+        go(at, page)
+        if page == "Submission":
+            at.selectbox[0].set_value(1).run()
+            shown = "\n".join(element.value for element in at.text)
+            assert f"mallory/{EVIL_ATTACK} {EVIL_VERSION}" in shown and EVIL_PARAM in shown
+        leaked = [text for text in markdown_texts(at) if any(f in text for f in EVIL_FRAGMENTS)]
+        assert not leaked, (page, leaked)
+
+
+def test_test_release_is_marked_on_the_board(tmp_path, monkeypatch):
+    path = tmp_path / "test-release.db"
+    with Store(path) as store:
+        store.record_score(result("nc7-reid-t", "nc7", "gram-hungarian", 1.0, "1", test_release=True),
+                           team=BUILTIN_TEAM, origin=ORIGIN_ORGANIZER)
+        store.record_score(result("nc7-reid-s", "nc7", "gram-hungarian", 0.1, "2"), team=BUILTIN_TEAM,
+                           origin=ORIGIN_ORGANIZER)
+    monkeypatch.setenv(DB_ENV, str(path))
+    at = app()
+    assert any("test releases (key public)" in w.value for w in at.warning)  # under the matrix
+    go(at, "Challenges")
+    listing = at.dataframe[0].value.set_index("challenge_id")
+    assert listing.loc["nc7-reid-t", "release"] == TEST_RELEASE and listing.loc["nc7-reid-s", "release"] == ""
+    go(at, "Submission")
+    at.selectbox[0].set_value(1).run()
+    assert any("test release" in w.value for w in at.warning)
+    at.selectbox[0].set_value(2).run()
+    assert not any("test release" in w.value for w in at.warning)
+
+
 def _free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -175,28 +264,77 @@ def _get(url):
         return response.status, response.read()
 
 
+def _serve(db, port):
+    ncbench = Path(sys.executable).with_name("ncbench")
+    # A session of its own, so that cleanup can reach anything the server leaves behind.
+    return subprocess.Popen([str(ncbench), "leaderboard", "serve", "--db", str(db), "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def _wait_for_health(process, port):
+    deadline = time.monotonic() + 90
+    while True:
+        assert process.poll() is None, "the server exited"
+        try:
+            return _get(f"http://127.0.0.1:{port}/_stcore/health")
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            assert time.monotonic() < deadline, "no answer within 90 s"
+            time.sleep(0.5)
+
+
+def _port_open(port):
+    with socket.socket() as sock:
+        sock.settimeout(1)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _servers_on(port):
+    """Pids of live processes whose command line serves on ``port`` (any parent)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+            if state != "Z" and b"--server.port" in argv and str(port).encode() in argv:
+                found.append(int(entry.name))
+    return found
+
+
+def _stop_group(process):
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()
+
+
 def test_served_app_answers_over_http(populated_db):
     port = _free_port()
-    ncbench = Path(sys.executable).with_name("ncbench")
-    process = subprocess.Popen([str(ncbench), "leaderboard", "serve", "--db", str(populated_db), "--port", str(port)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    process = _serve(populated_db, port)
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert process.poll() is None, "the server exited"
-            try:
-                status, body = _get(f"http://127.0.0.1:{port}/_stcore/health")
-                break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                assert time.monotonic() < deadline, "no answer within 90 s"
-                time.sleep(0.5)
+        status, body = _wait_for_health(process, port)
         assert status == 200 and body.strip() == b"ok"
         status, body = _get(f"http://127.0.0.1:{port}/")
         assert status == 200 and b"<html" in body.lower()
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        _stop_group(process)
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds leftover servers through /proc")
+def test_sigterm_to_serve_leaves_no_server_behind(populated_db):
+    port = _free_port()
+    process = _serve(populated_db, port)
+    try:
+        _wait_for_health(process, port)
+        process.send_signal(signal.SIGTERM)  # the `serve` command only, as a supervisor would
+        process.wait(timeout=20)
+        deadline = time.monotonic() + 10
+        while (_port_open(port) or _servers_on(port)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _port_open(port), "something still listens on the port"
+        assert not _servers_on(port), "a Streamlit process outlived `serve`"
+    finally:
+        _stop_group(process)

@@ -15,7 +15,6 @@ from ncbench.attacks.registry import (
     all_attacks,
     check_plugin_name,
     load_from_file,
-    name_skeleton,
     register,
     resolve,
 )
@@ -25,6 +24,7 @@ from ncbench.challenge.files import open_key, open_release
 from ncbench.challenge.release import BuildPlan, build_release
 from ncbench.cli import main
 from ncbench.errors import NcbenchError
+from ncbench.names import name_skeleton
 
 TINY = dict(width=256, image_size=64, patch_size=8, bn_batch=32)
 

@@ -41,6 +41,14 @@ def test_demo_scores_every_builtin_attack_on_every_release(demo_runs):
     assert "encoding linear" in first.output  # the progress line the re-run must not show
 
 
+def test_demo_records_its_runs_as_the_organizer_s_builtin_rows(demo_runs):
+    out, _, _, _ = demo_runs
+    with Store(out / "leaderboard.db") as store:
+        results = store.results()
+    assert set(results["origin"]) == {"organizer"} and set(results["team"]) == {demo_module.TEAM}
+    assert set(results["attack"]) <= set(all_attacks())  # built-in names, not team/attack
+
+
 def test_demo_records_utility_for_each_reid_preset_and_raw(demo_runs):
     out, first, _, _ = demo_runs
     with Store(out / "leaderboard.db") as store:

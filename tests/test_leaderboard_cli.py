@@ -11,7 +11,7 @@ from ncbench.challenge.encoders import resolve_config
 from ncbench.challenge.files import open_key, open_release
 from ncbench.challenge.release import BuildPlan, build_release
 from ncbench.cli import main
-from ncbench.leaderboard.store import Store
+from ncbench.leaderboard.store import BUILTIN_TEAM, Store
 
 torch.set_num_threads(1)
 TINY = resolve_config("nc7", width=32, image_size=32, patch_size=8, bn_batch=8)
@@ -24,17 +24,26 @@ def run(*args):
 @pytest.fixture(scope="module")
 def challenge(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "reid"
-    build_release(out, config=TINY, plan=BuildPlan.for_task("reid", 16), source="phantom", seed=3, device="cpu")
+    build_release(out, config=TINY, plan=BuildPlan.for_task("reid", 16), source="phantom", seed=3, test_release=True,
+                  device="cpu")
     return out
+
+
+def own_file(challenge, path, *, swap=None, attack="alices-solver"):
+    """A team's own submission: the true mapping, with rows ``swap`` = (i, j) exchanged if given."""
+    with open_release(challenge) as release, open_key(challenge) as key:
+        mapping = [release.plain_ids[j] for j in key.read("truth/plain_index")]
+        if swap is not None:
+            i, j = swap
+            mapping[i], mapping[j] = mapping[j], mapping[i]
+        submission = Submission(release.challenge_id, attack, "1.0", release.encoded_ids, mapping=mapping,
+                                runtime_s=3.0)
+    return write_submission(path, submission)
 
 
 @pytest.fixture
 def perfect(challenge, tmp_path):
-    with open_release(challenge) as release, open_key(challenge) as key:
-        mapping = [release.plain_ids[j] for j in key.read("truth/plain_index")]
-        submission = Submission(release.challenge_id, "gram-hungarian", "1.0", release.encoded_ids,
-                                mapping=mapping, runtime_s=3.0)
-    return write_submission(tmp_path / "perfect.h5", submission)
+    return own_file(challenge, tmp_path / "perfect.h5")
 
 
 def score(submission, challenge, db, team="alice", *extra):
@@ -74,18 +83,66 @@ def test_daily_limit_refuses_with_one_line_and_writes_nothing(challenge, perfect
     assert score(perfect, challenge, db, "alice", "--daily-limit", 1).exit_code == 0
     with Store(db) as store:
         before = store.counts()
-    other = run("attack", "run", "chance", "--release", challenge, "--out", tmp_path / "chance.h5")
-    assert other.exit_code == 0, other.output
-    assert_one_line_error(score(tmp_path / "chance.h5", challenge, db, "alice", "--daily-limit", 1), "used its 1")
+    other = own_file(challenge, tmp_path / "other.h5", swap=(0, 1))
+    assert_one_line_error(score(other, challenge, db, "alice", "--daily-limit", 1), "used its 1")
     with Store(db) as store:
         assert store.counts() == before
 
 
+def test_daily_limit_is_checked_before_scoring(challenge, perfect, tmp_path, monkeypatch):
+    import ncbench.leaderboard.scoring as scoring
+
+    db = tmp_path / "board.db"
+    assert score(perfect, challenge, db, "alice", "--daily-limit", 1).exit_code == 0
+    other = own_file(challenge, tmp_path / "other.h5", swap=(0, 1))
+
+    def must_not_score(*args, **kwargs):
+        raise AssertionError("scored a submission over the daily limit")
+    monkeypatch.setattr(scoring, "score_submission", must_not_score)
+    result = score(other, challenge, db, "alice", "--daily-limit", 1)
+    assert_one_line_error(result, "used its 1")
+    assert not result.stderr.startswith("scoring ")
+
+
 def test_chance_baseline_scores_near_chance(challenge, tmp_path):
     assert run("attack", "run", "chance", "--release", challenge, "--out", tmp_path / "chance.h5").exit_code == 0
-    result = score(tmp_path / "chance.h5", challenge, tmp_path / "board.db")
+    result = run("score", tmp_path / "chance.h5", "--key", challenge / "private" / "key.h5", "--db",
+                 tmp_path / "board.db", "--builtin")
     assert result.exit_code == 0, result.output
-    assert "chance 0.0625" in result.stdout
+    assert "chance 0.0625" in result.stdout and f"for team {BUILTIN_TEAM} (organizer)" in result.stdout
+
+
+def test_builtin_attack_output_from_a_team_is_self_reported_in_its_namespace(challenge, tmp_path):
+    assert run("attack", "run", "chance", "--release", challenge, "--out", tmp_path / "chance.h5").exit_code == 0
+    db = tmp_path / "board.db"
+    result = score(tmp_path / "chance.h5", challenge, db)
+    assert result.exit_code == 0, result.output
+    with Store(db) as store:
+        rows = store.results()
+    assert set(rows["origin"]) == {"self-reported"} and set(rows["team"]) != {"ncbench-builtin"}
+
+
+def test_builtin_flag_records_organizer_rows_only_for_builtin_attacks(challenge, perfect, tmp_path):
+    db = tmp_path / "board.db"
+    key = challenge / "private" / "key.h5"
+    assert_one_line_error(run("score", perfect, "--key", key, "--db", db, "--builtin"), "is not a built-in attack")
+    assert not db.exists()
+    assert_one_line_error(run("score", perfect, "--key", key, "--db", db, "--builtin", "--team", "alice"),
+                          "--builtin records under team")
+    assert_one_line_error(score(perfect, challenge, db, BUILTIN_TEAM), "reserved for the organizer")
+    assert_one_line_error(score(perfect, challenge, db, "NCBENCH-Builtin"), "reserved for the organizer")
+    assert not db.exists()
+
+
+def test_a_team_file_is_self_reported_under_the_team_name(challenge, perfect, tmp_path):
+    db = tmp_path / "board.db"
+    result = score(perfect, challenge, db, "Alice")
+    assert result.exit_code == 0, result.output
+    assert "alice/alices-solver 1.0 for team alice (self-reported)" in result.stdout
+    assert "beats your team's best shown score" in result.stdout
+    with Store(db) as store:
+        assert store.results()[["team", "attack", "origin"]].values.tolist() == [
+            ["alice", "alices-solver", "self-reported"]]
 
 
 def test_oracle_baseline_is_refused_and_nothing_is_created(challenge, tmp_path):
@@ -117,6 +174,8 @@ def test_scorer_crash_is_recorded_as_failed_and_not_counted(challenge, perfect, 
     (["--key", "KEY", "--team", "alice", "--daily-limit", "0"], "--daily-limit must be at least 1"),
     (["--key", "KEY", "--team", "alice", "--daily-limit", "many"], "'many' is not a valid integer"),
     (["--key", "KEY", "--team", ""], "team name"),
+    (["--key", "KEY", "--team", "t\u0435am"], "team name"),  # Cyrillic e
+    (["--key", "KEY"], "--team is required"),
     (["--key", "NOKEY", "--team", "alice"], "no such key file"),
 ])
 def test_bad_score_arguments_are_one_line_and_create_no_database(challenge, perfect, tmp_path, args, fragment):
@@ -142,8 +201,8 @@ def test_export_formats_hide_the_private_half_until_close(challenge, perfect, tm
     out = tmp_path / "exports" / "board.csv"
     assert run("leaderboard", "export", "--db", db, "--format", "csv", "--out", out).exit_code == 0
     lines = out.read_text().splitlines()
-    assert lines[0].startswith("challenge_id,task,preset,split") and len(lines) == 3
-    assert {line.split(",")[3] for line in lines[1:]} == {"public", "private"}
+    assert lines[0].startswith("challenge_id,task,preset,release,split") and len(lines) == 3
+    assert {line.split(",")[4] for line in lines[1:]} == {"public", "private"}
 
 
 def test_leaderboard_commands_refuse_a_missing_database(tmp_path):

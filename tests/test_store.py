@@ -27,7 +27,7 @@ def challenge(challenge_id="nc7-reid-00000001", task="reid", preset="nc7", commi
     return ChallengeInfo(challenge_id, task, preset, 20, commitment, '{"preset": "nc7"}')
 
 
-def result(sha="a", *, accuracy=0.5, private=0.25, info=None, attack="gram-hungarian"):
+def result(sha="a", *, accuracy=0.5, private=0.25, info=None, attack="alices-attack"):
     metrics = {
         0: {"reid_accuracy": accuracy, "chance": 0.05, "n": 10.0, "k_anonymity": 1 / accuracy if accuracy else math.inf},
         1: {"reid_accuracy": private, "chance": 0.05, "n": 10.0, "k_anonymity": 1 / private if private else math.inf},
@@ -55,7 +55,7 @@ def test_scored_submission_round_trips(db):
     recorded = db.record_score(result("a"), team="alice", now=NOON)
     assert not recorded.duplicate
     details = db.submission(recorded.submission_id)
-    assert details["team"] == "alice" and details["attack"] == "gram-hungarian"
+    assert details["team"] == "alice" and details["attack"] == "alices-attack"
     assert details["params"] == {"iterations": 3} and details["runtime_s"] == 2.5
     assert details["metrics"] == {"public": {"reid_accuracy": 0.5, "chance": 0.05, "n": 10.0, "k_anonymity": 2.0}}
     assert details["notes"] == ["a note"]
@@ -171,6 +171,8 @@ def test_privacy_utility_uses_the_latest_run_per_preset(tmp_path):
     {"preset": "", "label": "x", "auc": 0.5, "model_kind": "raw"},
     {"label": "x", "auc": 0.5, "model_kind": "raw"},
     {"preset": "nc7", "label": "x", "auc": "high", "model_kind": "raw"},
+    {"preset": "nc7", "label": "x" * 129, "auc": 0.5, "model_kind": "raw"},
+    {"preset": "nc7", "label": "x", "auc": 0.5, "model_kind": "raw", "settings": {"blob": "x" * 10_000}},
 ])
 def test_malformed_utility_rows_write_nothing(db, bad):
     good = {"preset": "nc7", "label": "x", "auc": 0.5, "model_kind": "raw"}
@@ -233,6 +235,148 @@ def test_missing_database_is_not_created_for_readers(tmp_path):
 def test_bad_database_arguments(db_arg, message):
     with pytest.raises(NcbenchError, match=message):
         Store(db_arg)
+
+
+def test_version_2_database_gains_origin_and_test_release(tmp_path):
+    """A database made before migration 3 (no origin, no test_release) keeps its rows, now self-reported."""
+    path = tmp_path / "v2.db"
+    old = sa.MetaData()
+    new_columns = {("submissions", "origin"), ("challenges", "test_release")}
+    for table in (store_module.challenges, store_module.teams, store_module.submissions, store_module.scores,
+                  store_module.utility_results):
+        sa.Table(table.name, old, *[c._copy() for c in table.columns if (table.name, c.name) not in new_columns])
+    engine = sa.create_engine(f"sqlite:///{path}")
+    with engine.begin() as conn:
+        store_module.schema_version.create(conn)
+        old.create_all(conn)
+        for version in (1, 2):
+            conn.execute(store_module.schema_version.insert().values(version=version, description="", applied_utc="x"))
+        conn.exec_driver_sql("INSERT INTO challenges VALUES ('nc7-reid-00000001', 'reid', 'nc7', 20, "
+                             f"'{'c' * 64}', '{{}}', 'x', NULL)")
+        conn.exec_driver_sql("INSERT INTO teams VALUES (1, 'ncbench-builtin', 'x')")
+        conn.exec_driver_sql(f"INSERT INTO submissions VALUES (1, 'nc7-reid-00000001', 1, '{'a'.ljust(64, '0')}', "
+                             "'gram-hungarian', '1.0', '{}', '[]', 1.0, 'scored', NULL, '[]', 'x')")
+        conn.exec_driver_sql("INSERT INTO scores VALUES (1, 0, 'reid_accuracy', 0.5)")
+    engine.dispose()
+    with Store(path) as opened:
+        assert opened.schema_version() == store_module.LATEST_VERSION
+        assert opened.results()[["attack", "origin"]].values.tolist() == [["gram-hungarian", "self-reported"]]
+        assert not opened.challenges()["test_release"].any()
+        # The organizer vouching for the same file again makes the old row an organizer row.
+        again = opened.record_score(result("a", attack="gram-hungarian"), team=store_module.BUILTIN_TEAM,
+                                    origin=store_module.ORIGIN_ORGANIZER)
+        assert again.duplicate and again.submission_id == 1
+        assert opened.results()["origin"].tolist() == ["organizer"]
+
+
+@pytest.mark.parametrize("team, canonical", [
+    ("Team", "team"), ("TEAM", "team"), ("\uff54\uff45\uff41\uff4d", "team"), ("te\u0301am", "team"),
+    ("  Alice  ", "alice"), ("Stra\u00dfe", "strasse"), ("team-7.b_c", "team-7.b_c"),
+])
+def test_look_alike_team_names_are_one_team(db, team, canonical):
+    assert store_module.check_team_name(team) == canonical
+    db.record_score(result("a"), team="team" if canonical == "team" else canonical, daily_limit=1, now=NOON)
+    with pytest.raises(NcbenchError, match="used its 1"):
+        db.record_score(result("b"), team=team, daily_limit=1, now=NOON)
+    assert db.counts()["teams"] == 1
+
+
+@pytest.mark.parametrize("team", ["t\u0435am", "\u0442eam", "=HYPERLINK(\"http://x\")", "@SUM(1)", "-team",
+                                  "team\u200b", "a/b", "x" * 65, "x" * 10_000_000, 7, None])
+def test_names_that_are_not_plain_ascii_after_folding_are_refused(db, team):
+    with pytest.raises(NcbenchError, match="team name") as caught:
+        db.record_score(result("a"), team=team)
+    assert "\n" not in str(caught.value) and len(str(caught.value)) < 300
+    assert db.counts()["submissions"] == 0
+
+
+HUGE = "x" * 10_000_000
+
+
+@pytest.mark.parametrize("field, value", [
+    ("attack", HUGE), ("attack_version", HUGE), ("params", {"blob": HUGE}), ("knowledge", ("architecture",) * 200),
+    ("notes", [HUGE]), ("attack", "name\nwith a line break"), ("attack_version", "1.0\x1b[2J"),
+])
+def test_overlong_or_control_strings_are_refused_and_nothing_is_written(db, field, value):
+    db.record_score(result("a"), team="alice")
+    before = db.counts()
+    bad = result("b")
+    setattr(bad, field, value)
+    with pytest.raises(NcbenchError) as caught:
+        db.record_score(bad, team="alice")
+    message = str(caught.value)
+    assert field in message and "\n" not in message and len(message) < 300
+    assert db.counts() == before
+
+
+def test_overlong_challenge_strings_are_refused(db):
+    with pytest.raises(NcbenchError, match="preset is 100 characters"):
+        db.record_score(result("a", info=challenge(preset="p" * 100)), team="alice")
+    assert db.counts()["challenges"] == 0
+
+
+def test_organizer_rows_are_builtin_attacks_under_the_builtin_team(db):
+    organizer = store_module.ORIGIN_ORGANIZER
+    with pytest.raises(NcbenchError, match="recorded under team"):
+        db.record_score(result("a", attack="gram-hungarian"), team="alice", origin=organizer)
+    with pytest.raises(NcbenchError, match="not a built-in attack"):
+        db.record_score(result("a", attack="alices-attack"), team=store_module.BUILTIN_TEAM, origin=organizer)
+    with pytest.raises(NcbenchError, match="reserved for the organizer"):
+        db.record_score(result("a", attack="alices-attack"), team="NCBENCH-BUILTIN")
+    with pytest.raises(NcbenchError, match="origin must be"):
+        db.record_score(result("a"), team="alice", origin="trusted")
+    assert db.counts()["submissions"] == 0
+    db.record_score(result("a", attack="gram-hungarian"), team=store_module.BUILTIN_TEAM, origin=organizer)
+    assert db.results()["origin"].tolist() == ["organizer"]
+
+
+@pytest.mark.parametrize("attack", ["gram-hungarian", "Gram_Hungarian", "GRAM HUNGARIAN", "gram-hungar\u0456an",
+                                    "\u043eracle", "\uff43\uff48\uff41\uff4e\uff43\uff45", "linear.inversion",
+                                    "grarn-hungarian", "distribution-a1ignment", "cha\u0301nce"])
+def test_a_team_file_named_like_a_builtin_is_self_reported_never_organizer(db, attack):
+    db.record_score(result("a", attack=attack), team="alice")
+    rows = db.results()
+    assert rows["origin"].tolist() == ["self-reported"] and rows["team"].tolist() == ["alice"]
+
+
+def test_public_scores_of_a_team_follow_the_ladder_and_stay_exact_in_storage(db):
+    # n = 10 public items: margin 1/sqrt(10) = 0.316, grid 0.01.
+    exact = [0.5, 0.7, 0.4, 0.85, 0.123]
+    ids = [db.record_score(result(str(k), accuracy=value), team="alice").submission_id for k, value in enumerate(exact)]
+    shown = db.results().set_index("submission_id")["reid_accuracy"]
+    assert [shown[i] for i in ids] == [0.5, 0.5, 0.5, 0.85, 0.85]
+    assert [db.submission(i)["metrics"]["public"]["reid_accuracy"] for i in ids] == [0.5, 0.5, 0.5, 0.85, 0.85]
+    assert db.submission(ids[1])["metrics"]["public"]["k_anonymity"] == 2.0  # from the shown 0.5, not 0.7
+    organizer_view = db.results(include_private=True).query("split == 'public'").set_index("submission_id")
+    assert [organizer_view.loc[i, "reid_accuracy"] for i in ids] == exact
+    db.close_challenge("nc7-reid-00000001")
+    assert db.results().query("split == 'private'")["reid_accuracy"].tolist() == [0.25] * 5  # exact
+
+
+def test_each_team_has_its_own_ladder_and_organizer_rows_are_exact(db):
+    db.record_score(result("a", accuracy=0.3), team="alice")
+    db.record_score(result("b", accuracy=0.456), team="bob")
+    db.record_score(result("c", accuracy=0.5), team="alice")
+    db.record_score(result("d", accuracy=0.777, attack="gram-hungarian"), team=store_module.BUILTIN_TEAM,
+                    origin=store_module.ORIGIN_ORGANIZER)
+    shown = db.results()[["team", "reid_accuracy"]].values.tolist()
+    assert shown == [["alice", 0.3], ["bob", 0.46], ["alice", 0.3], [store_module.BUILTIN_TEAM, 0.777]]
+
+
+def test_admission_refuses_over_the_limit_without_writing(db):
+    db.record_score(result("a"), team="alice", daily_limit=1, now=NOON)
+    before = db.counts()
+    digests = []
+
+    def digest(sha):
+        return lambda: digests.append(sha) or sha.ljust(64, "0")
+    with pytest.raises(NcbenchError, match="used its 1"):
+        db.check_admission("nc7-reid-00000001", team="ALICE", daily_limit=1, sha256=digest("b"), now=NOON)
+    db.check_admission("nc7-reid-00000001", team="alice", daily_limit=1, sha256=digest("a"), now=NOON)  # same file
+    db.check_admission("nc7-reid-00000001", team="bob", daily_limit=1, sha256=digest("c"), now=NOON)  # new team
+    db.check_admission("nc7-reid-00000001", team="alice", daily_limit=2, sha256=digest("d"), now=NOON)
+    assert digests == ["b", "a"]  # the file is hashed only at the limit
+    assert db.counts() == before
 
 
 # -- concurrency -------------------------------------------------------------------------------
@@ -381,3 +525,18 @@ def test_unreachable_server_is_one_line():
     pytest.importorskip("psycopg", reason="the psycopg driver is not installed")
     with pytest.raises(NcbenchError, match="unavailable"):
         Store("postgresql+psycopg://nobody@127.0.0.1:1/board?connect_timeout=3")
+
+
+@pytest.mark.postgres
+def test_postgres_migration_3_adds_origin_and_test_release(pg_db):
+    pg_db.record_score(result("a"), team="alice")
+    migration_3 = next(apply for version, _, apply in store_module.MIGRATIONS if version == 3)
+    with pg_db.engine.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE submissions DROP COLUMN origin")
+        conn.exec_driver_sql("ALTER TABLE challenges DROP COLUMN test_release")
+        migration_3(conn)
+    assert pg_db.results()["origin"].tolist() == ["self-reported"]
+    assert pg_db.challenges()["test_release"].tolist() == [False]
+    with pytest.raises(sa.exc.IntegrityError):  # the origin vocabulary is a constraint
+        with pg_db.engine.begin() as conn:
+            conn.exec_driver_sql("UPDATE submissions SET origin = 'trusted'")
