@@ -97,6 +97,11 @@ def create_app(db_url: str, store_root: Path, *, max_upload: int = DEFAULT_MAX_U
             raise HTTPException(404, str(error)) from None
         return {"id": job_id, "state": "queued", "sha256": sha256, "size": size}
 
+    @app.get("/api/v1/whoami")
+    def whoami(team: str = Depends(team)) -> dict:
+        """The team a token belongs to (clients check a token before a long upload)."""
+        return {"team": team}
+
     @app.get("/api/v1/submissions")
     def submissions(team: str = Depends(team)) -> list[dict]:
         """Your team's submissions and their states."""

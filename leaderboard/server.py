@@ -45,6 +45,14 @@ def board_command(url: str, *, host: str, port: int) -> tuple[list[str], dict]:
     return command, {**os.environ, DB_ENV: url}
 
 
+class _Stopped(Exception):
+    """SIGINT or SIGTERM asked the server to stop."""
+
+
+def _stop(signum, frame) -> None:
+    raise _Stopped
+
+
 def _die_with_parent() -> None:
     """In the child, before exec: receive SIGTERM when the parent dies (Linux prctl)."""
     try:
@@ -80,6 +88,10 @@ def server(store_dir: Path, db: str | None, host: str, port: int, board_port: in
     board_port = port + 1 if board_port is None else board_port
     app = create_app(url, store_dir, max_upload=max_upload_mb << 20)
     board = dispatcher = None
+    # uvicorn stops serving on SIGINT / SIGTERM, then raises the signal again once it has restored
+    # the handlers it found: ours turn that into an orderly return through the finally below.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _stop)
     try:
         if board_port:  # before any thread starts: preexec_fn is only safe in a single-threaded parent
             command, env = board_command(url, host=host, port=board_port)
@@ -90,6 +102,8 @@ def server(store_dir: Path, db: str | None, host: str, port: int, board_port: in
                    + f"; database {describe_db(database_url(url))}", err=True)
         # uvicorn handles SIGINT and SIGTERM: it stops serving and returns here.
         uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning")).run()
+    except _Stopped:
+        pass
     finally:
         if dispatcher is not None:
             dispatcher.stop()

@@ -151,6 +151,7 @@ def submit_file(submission: Path, challenge_id: str, *, server: str, token_file:
     if not submission.is_file():
         raise NcbenchError(f"{submission}: no such file")
     client = Client(server, token_file, need_token=True)
+    client.json("GET", "/api/v1/whoami")  # a refused token fails here, before a long upload
     size = submission.stat().st_size
 
     def body():

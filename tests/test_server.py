@@ -1,0 +1,280 @@
+"""The live challenge: a real `ncbench server` on a free localhost port, driven by the CLI and HTTP."""
+
+import concurrent.futures
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import sqlalchemy as sa
+
+from ncbench.leaderboard import channel
+from ncbench.leaderboard.store import Store, jobs, submissions
+
+NCBENCH = str(Path(sys.executable).with_name("ncbench"))
+TINY = ["--width", "32", "--image-size", "32", "--patch-size", "8", "--bn-batch", "8"]
+TEAMS = ("alice", "bob", "carol", "dave", "erin")
+DAILY_LIMIT = 3
+
+
+def ncbench(*args, cwd=None, env=None, timeout=300):
+    return subprocess.run([NCBENCH, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """`ncbench server` in a subprocess of its own process group."""
+
+    def __init__(self, store: Path, *extra):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(store.parent / f"server-{self.port}.log", "w")  # noqa: SIM115
+        self.process = subprocess.Popen([NCBENCH, "server", "--store", str(store), "--port", str(self.port), *map(str, extra)],
+                                        stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+            assert self.process.poll() is None, Path(self.log.name).read_text()
+        raise AssertionError("server did not start: " + Path(self.log.name).read_text())
+
+    def stop(self, sig=signal.SIGTERM) -> int:
+        self.process.send_signal(sig)
+        code = self.process.wait(timeout=30)
+        self.log.close()
+        return code
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("server")
+    built = ncbench("challenge", "build", "--preset", "nc3", "--task", "reid", "--source", "phantom", "--n", 16,
+                    *TINY, "--out", root / "release")
+    assert built.returncode == 0, built.stderr
+    store = root / "store"
+    published = ncbench("challenge", "publish", root / "release", "--store", store, "--daily-limit", DAILY_LIMIT)
+    assert published.returncode == 0, published.stderr
+    challenge_id = published.stdout.split()[-1]
+    tokens = {}
+    for team in TEAMS:
+        added = ncbench("team", "add", team, "--store", store)
+        assert added.returncode == 0, added.stderr
+        tokens[team] = added.stdout.strip()
+    server = Server(store, "--workers", "2", "--board-port", "0")
+    yield {"root": root, "store": store, "id": challenge_id, "tokens": tokens, "server": server}
+    if server.process.poll() is None:
+        server.stop()
+
+
+def client_env(world, team):
+    return {"NCBENCH_SERVER": world["server"].url, "NCBENCH_TOKEN": world["tokens"][team]}
+
+
+def chance_submissions(world, count: int, folder: Path) -> list[Path]:
+    """``count`` distinct submission files (chance attack, different seeds)."""
+    folder.mkdir(exist_ok=True)
+    release = world["root"] / "release" / "public" / "release.h5"
+    paths = []
+    for seed in range(count):
+        path = folder / f"chance-{seed}.h5"
+        ran = ncbench("attack", "run", "chance", "--release", release, "--seed", seed, "--out", path)
+        assert ran.returncode == 0, ran.stderr
+        paths.append(path)
+    return paths
+
+
+def db(world) -> Store:
+    return Store(world["store"] / "leaderboard.db", create=False)
+
+
+def test_fetch_attack_submit_and_score_end_to_end(world, tmp_path):
+    env = client_env(world, "alice")
+    listed = ncbench("challenges", env=env)
+    assert listed.returncode == 0 and world["id"] in listed.stdout
+    fetched = ncbench("fetch", world["id"], "--out", tmp_path / "got", env=env)
+    assert fetched.returncode == 0, fetched.stderr
+    assert "sha256 checked" in fetched.stdout
+    assert sorted(p.name for p in (tmp_path / "got").iterdir()) == ["SHA256SUMS", "release.h5"]
+    ran = ncbench("attack", "run", "gram-hungarian", "--release", tmp_path / "got" / "release.h5",
+                  "--out", tmp_path / "sub.h5", env=env)
+    assert ran.returncode == 0, ran.stderr
+    submitted = ncbench("submit", tmp_path / "sub.h5", "--challenge", world["id"], env=env)
+    assert submitted.returncode == 0, submitted.stderr
+    assert "scored: public half" in submitted.stdout and "reid_accuracy" in submitted.stdout
+    listed = ncbench("submissions", env=env)
+    assert "scored" in listed.stdout
+
+
+def test_fetch_resumes_a_partial_download_and_checks_sha256(world, tmp_path):
+    env = client_env(world, "alice")
+    original = (world["root"] / "release" / "public" / "release.h5").read_bytes()
+    out = tmp_path / "got"
+    out.mkdir()
+    (out / ".release.h5.part").write_bytes(original[:1000])  # an interrupted download
+    fetched = ncbench("fetch", world["id"], "--out", out, env=env)
+    assert fetched.returncode == 0, fetched.stderr
+    assert (out / "release.h5").read_bytes() == original
+    # A corrupt partial file is caught by the checksum, not reported as done.
+    (out / "release.h5").unlink()
+    (out / ".release.h5.part").write_bytes(b"x" * 1000)
+    refetched = ncbench("fetch", world["id"], "--out", out, env=env)
+    assert refetched.returncode == 2 and "does not match" in refetched.stderr
+    assert not (out / "release.h5").exists()
+
+
+def test_the_key_is_never_served(world):
+    url = world["server"].url
+    for path in (f"/api/v1/challenges/{world['id']}/files/key.h5",
+                 f"/api/v1/challenges/{world['id']}/files/..%2F..%2Fkeys%2F{world['id']}%2Fkey.h5",
+                 "/api/v1/challenges/..%2Fkeys/files/key.h5"):
+        assert httpx.get(url + path).status_code == 404
+
+
+def test_wrong_missing_and_revoked_tokens_get_401_and_one_line(world, tmp_path):
+    sub = chance_submissions(world, 1, tmp_path / "subs")[0]
+    url = world["server"].url
+    for headers in ({}, {"Authorization": "Bearer ncb_1_wrong"}, {"Authorization": "Basic abc"}):
+        answer = httpx.post(f"{url}/api/v1/challenges/{world['id']}/submissions", content=b"x", headers=headers)
+        assert answer.status_code == 401
+    env = {"NCBENCH_SERVER": url, "NCBENCH_TOKEN": "ncb_2_not-the-token"}
+    refused = ncbench("submit", sub, "--challenge", world["id"], env=env)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "refused the token" in refused.stderr
+    added = ncbench("team", "add", "mallory", "--store", world["store"])
+    token = added.stdout.strip()
+    assert ncbench("submissions", env={"NCBENCH_SERVER": url, "NCBENCH_TOKEN": token}).returncode == 0
+    assert ncbench("team", "revoke", "mallory", "--store", world["store"]).returncode == 0
+    revoked = ncbench("submissions", env={"NCBENCH_SERVER": url, "NCBENCH_TOKEN": token})
+    assert revoked.returncode == 2 and "refused the token" in revoked.stderr
+
+
+def test_concurrent_submissions_respect_limits_none_lost_none_twice(world, tmp_path):
+    files = chance_submissions(world, 4, tmp_path / "subs")
+    url = world["server"].url
+
+    def upload(team_file):
+        team, path = team_file
+        return team, httpx.post(f"{url}/api/v1/challenges/{world['id']}/submissions", content=path.read_bytes(),
+                                headers={"Authorization": f"Bearer {world['tokens'][team]}"}, timeout=60)
+
+    work = [(team, path) for team in TEAMS for path in files]  # 20 uploads, 4 per team
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(upload, work))
+    accepted = {team: [a.json()["id"] for t, a in answers if t == team and a.status_code == 202] for team in TEAMS}
+    refused = [a for _, a in answers if a.status_code != 202]
+    assert all(a.status_code == 429 for a in refused)
+    # alice may have used part of her day in another test; the others have exactly the limit.
+    assert all(len(accepted[team]) == DAILY_LIMIT for team in TEAMS if team != "alice")
+    deadline = time.monotonic() + 120
+    with db(world) as store:
+        while time.monotonic() < deadline:
+            states = [channel.job(store, i).state for ids in accepted.values() for i in ids]
+            if all(s in ("scored", "refused", "failed") for s in states):
+                break
+            time.sleep(0.5)
+        assert set(states) == {"scored"}
+        with store._read() as conn:
+            for team in TEAMS[1:]:
+                rows = conn.execute(sa.text(
+                    "SELECT count(*) FROM submissions s JOIN teams t ON t.id = s.team_id "
+                    "WHERE t.name = :team AND s.status = 'scored'"), {"team": team}).scalar()
+                assert rows == DAILY_LIMIT
+
+
+def test_upload_over_the_cap_is_refused_without_filling_the_disk(tmp_path, world):
+    store = tmp_path / "store"
+    assert ncbench("challenge", "publish", world["root"] / "release", "--store", store).returncode == 0
+    token = ncbench("team", "add", "alice", "--store", store).stdout.strip()
+    server = Server(store, "--max-upload-mb", "1", "--board-port", "0")
+    try:
+        def chunks():  # 3 MB, sent without a Content-Length (chunked), so the server must count
+            for _ in range(48):
+                yield b"\0" * 65536
+        answer = httpx.post(f"{server.url}/api/v1/challenges/{world['id']}/submissions", content=chunks(),
+                            headers={"Authorization": f"Bearer {token}"}, timeout=60)
+        assert answer.status_code == 413
+        declared = httpx.post(f"{server.url}/api/v1/challenges/{world['id']}/submissions", content=b"\0" * (2 << 20),
+                              headers={"Authorization": f"Bearer {token}"}, timeout=60)
+        assert declared.status_code == 413
+        assert not any((store / "uploads").iterdir()) and not any((store / "incoming").iterdir())
+    finally:
+        server.stop()
+
+
+def test_a_killed_server_loses_no_job_and_scores_none_twice(tmp_path, world):
+    store_dir = tmp_path / "store"
+    assert ncbench("challenge", "publish", world["root"] / "release", "--store", store_dir,
+                   "--daily-limit", 10).returncode == 0
+    ncbench("team", "add", "alice", "--store", store_dir)
+    files = chance_submissions(world, 4, tmp_path / "subs")
+    layout = channel.StoreLayout(store_dir)
+    with Store(store_dir / "leaderboard.db") as store:
+        ids = []
+        for path in files:  # uploads that reached the queue before the server died
+            writer = channel.UploadWriter(layout, max_bytes=1 << 30)
+            writer.write(path.read_bytes())
+            sha256, size = writer.commit()
+            ids.append(channel.enqueue(store, team="alice", challenge_id=world["id"], sha256=sha256, size=size))
+        # One job was running when the server died; another had been recorded but not marked done.
+        channel.claim(store, 2)
+        result = channel.run_job(str(store.url.render_as_string(hide_password=False)), str(store_dir), ids[1])
+        assert result == "scored"
+        channel.finish(store, ids[1], "running")
+    server = Server(store_dir, "--board-port", "0")
+    try:
+        with Store(store_dir / "leaderboard.db") as store:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and any(channel.job(store, i).state != "scored" for i in ids):
+                time.sleep(0.5)
+            assert [channel.job(store, i).state for i in ids] == ["scored"] * 4
+            with store._read() as conn:
+                assert conn.execute(sa.select(sa.func.count()).select_from(submissions)).scalar() == 4
+                linked = conn.execute(sa.select(jobs.c.submission_id).where(jobs.c.id.in_(ids))).scalars().all()
+            assert len(set(linked)) == 4
+    finally:
+        assert server.stop() == 0
+
+
+def test_sigterm_stops_the_server_and_its_board_with_no_orphan(tmp_path, world):
+    store = tmp_path / "store"
+    assert ncbench("challenge", "publish", world["root"] / "release", "--store", store).returncode == 0
+    board_port = free_port()
+    server = Server(store, "--board-port", board_port)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{board_port}/", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    else:
+        raise AssertionError("the board never answered")
+    server.stop(signal.SIGTERM)
+    time.sleep(1)
+    for port in (server.port, board_port):
+        with socket.socket() as sock:
+            assert sock.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still listening"
+    try:
+        os.killpg(server.process.pid, 0)
+        alive = True
+    except ProcessLookupError:
+        alive = False
+    assert not alive, "a process of the server's group outlived it"
+
+
+def test_openapi_description_is_served(world):
+    spec = httpx.get(f"{world['server'].url}/openapi.json").json()
+    assert "/api/v1/challenges/{challenge_id}/submissions" in spec["paths"]
