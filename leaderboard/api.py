@@ -8,6 +8,7 @@ queued only after the rate and daily limits; a submission's state is durable in 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from pathlib import Path
@@ -26,9 +27,15 @@ DEFAULT_MAX_UPLOAD = 1 << 30  # 1 GiB: a reid score matrix at N = 10,000 is 400 
 
 
 def create_app(db_url: str, store_root: Path, *, max_upload: int = DEFAULT_MAX_UPLOAD) -> FastAPI:
-    app = FastAPI(title="ncbench challenge server", version=__version__,
-                  description="Fetch challenge releases, submit answers, read your scores.")
     store = Store(db_url)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        yield
+        store.close()
+
+    app = FastAPI(title="ncbench challenge server", version=__version__, lifespan=lifespan,
+                  description="Fetch challenge releases, submit answers, read your scores.")
     layout = channel.StoreLayout(Path(store_root))
 
     def team(authorization: str | None = Header(default=None)) -> str:
@@ -114,10 +121,6 @@ def create_app(db_url: str, store_root: Path, *, max_upload: int = DEFAULT_MAX_U
         if job is None:
             raise HTTPException(404, f"your team has no submission {job_id}")
         return _job_view(store, job)
-
-    @app.on_event("shutdown")
-    def close() -> None:
-        store.close()
 
     return app
 

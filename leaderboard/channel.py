@@ -24,7 +24,10 @@ import sqlalchemy as sa
 
 from ncbench.errors import NcbenchError
 from ncbench.leaderboard.store import (
+    BUILTIN_TEAM,
     DEFAULT_DAILY_LIMIT,
+    ORIGIN_ORGANIZER,
+    ORIGIN_SELF,
     Store,
     _stamp,
     check_team_name,
@@ -90,12 +93,12 @@ class Job:
 # -- organizer operations ----------------------------------------------------------------------
 
 def publish(store: Store, layout: StoreLayout, release_dir: Path, *, daily_limit: int = DEFAULT_DAILY_LIMIT,
-            deadline: dt.datetime | None = None) -> str:
+            deadline: dt.datetime | None = None, recompute: bool = True) -> str:
     """Register a built challenge: copy its public files to be served and its key to the store.
 
     The release is verified against its key first (checksums, commitment, release_sha256, and
-    every encoding recomputed).
-    Returns the challenge id. Publishing the same challenge again refreshes its limits.
+    with ``recompute`` every encoding recomputed; without it, checksums only, for a release the
+    caller has just built). Returns the challenge id. Publishing again refreshes its limits.
     """
     from ncbench.challenge.files import ReleaseLayout, open_key, open_release
     from ncbench.challenge.verify import verify
@@ -106,7 +109,7 @@ def publish(store: Store, layout: StoreLayout, release_dir: Path, *, daily_limit
         raise NcbenchError(f"{release_dir} is not a built challenge (needs public/release.h5 and private/key.h5)")
     if daily_limit < 1:
         raise NcbenchError(f"--daily-limit must be at least 1, got {daily_limit}")
-    problems = verify(source.root, source.key)
+    problems = verify(source.root, source.key if recompute else None)
     if problems:
         raise NcbenchError(f"{release_dir} does not verify: {problems[0]}")
     with open_release(source.release) as release, open_key(source.key):
@@ -230,6 +233,8 @@ def enqueue(store: Store, *, team: str, challenge_id: str, sha256: str, size: in
         if limit_row.deadline_utc is not None and _stamp(now) > limit_row.deadline_utc:
             raise UnknownChallenge(f"challenge {challenge_id} closed for submissions at {limit_row.deadline_utc}")
         team_id = store._lock_team(conn, team, now)
+        if team == BUILTIN_TEAM:  # the organizer's own runs of the built-in attacks: no limits
+            return _insert_job(conn, challenge_id, team_id, sha256, size, now)
         minute_ago = _stamp(now - dt.timedelta(minutes=1))
         recent = conn.execute(sa.select(sa.func.count()).select_from(jobs).where(
             jobs.c.team_id == team_id, jobs.c.created_utc >= minute_ago)).scalar()
@@ -242,11 +247,15 @@ def enqueue(store: Store, *, team: str, challenge_id: str, sha256: str, size: in
         if used >= limit_row.daily_limit:
             raise LimitReached(f"team {team!r} has used its {limit_row.daily_limit} submissions for {challenge_id} "
                                "today (UTC); refused ones do not count, the limit resets at midnight UTC")
-        stamp = _stamp(now)
-        return int(conn.execute(jobs.insert().values(
-            challenge_id=challenge_id, team_id=team_id, sha256=sha256, size=size, state="queued", message=None,
-            submission_id=None, attempts=0, created_utc=stamp, updated_utc=stamp,
-        ).returning(jobs.c.id)).scalar_one())
+        return _insert_job(conn, challenge_id, team_id, sha256, size, now)
+
+
+def _insert_job(conn, challenge_id: str, team_id: int, sha256: str, size: int, now: dt.datetime) -> int:
+    stamp = _stamp(now)
+    return int(conn.execute(jobs.insert().values(
+        challenge_id=challenge_id, team_id=team_id, sha256=sha256, size=size, state="queued", message=None,
+        submission_id=None, attempts=0, created_utc=stamp, updated_utc=stamp,
+    ).returning(jobs.c.id)).scalar_one())
 
 
 def job(store: Store, job_id: int, *, team: str | None = None) -> Job | None:
@@ -318,7 +327,10 @@ def run_job(db_url: str, store_root: str, job_id: int) -> str:
                                       layout.public_dir(row.challenge_id) / "release.h5")
             # The limit was checked when the job was queued; the store's own check would count
             # this job's sibling jobs twice.
-            recorded = store.record_score(result, team=row.team, daily_limit=None)
+            # The organizer's token (team ncbench-builtin) records its runs of the built-in
+            # attacks as the organizer's rows; every other team's file is self-reported.
+            origin = ORIGIN_ORGANIZER if row.team == BUILTIN_TEAM else ORIGIN_SELF
+            recorded = store.record_score(result, team=row.team, daily_limit=None, origin=origin)
         except NcbenchError as error:
             finish(store, job_id, "refused", message=str(error))
             return "refused"

@@ -53,6 +53,42 @@ def _stop(signum, frame) -> None:
     raise _Stopped
 
 
+class EmbeddedServer:
+    """The API and the scoring workers in this process, on a free localhost port (``url``), for
+    callers that drive the whole loop themselves (``ncbench demo``). No board, no signals."""
+
+    def __init__(self, db_url: str, store_dir: Path, *, workers: int = 1):
+        self.db_url, self.store_dir, self.workers = db_url, Path(store_dir), workers
+
+    def __enter__(self) -> EmbeddedServer:
+        import socket
+        import threading
+
+        import uvicorn
+
+        from ncbench.leaderboard.api import create_app
+        from ncbench.leaderboard.worker import Dispatcher
+
+        self.socket = socket.socket()
+        self.socket.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(create_app(self.db_url, self.store_dir), log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
+        self.thread.start()
+        self.dispatcher = Dispatcher(self.db_url, str(self.store_dir), workers=self.workers).start()
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise NcbenchError("the embedded challenge server did not start")
+            self.thread.join(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.dispatcher.stop()
+        self.socket.close()
+
+
 def _die_with_parent() -> None:
     """In the child, before exec: receive SIGTERM when the parent dies (Linux prctl)."""
     try:

@@ -32,14 +32,7 @@ token_option = click.option("--token-file", type=click.Path(path_type=Path),
 class Client:
     """A thin httpx client that turns every HTTP failure into one NcbenchError line."""
 
-    def __init__(self, server: str, token_file: Path | None = None, *, need_token: bool = False):
-        token = None
-        if token_file is not None:
-            try:
-                token = token_file.read_text().strip()
-            except OSError as error:
-                raise NcbenchError(f"cannot read --token-file {token_file}: {error.strerror}") from None
-        token = token or os.environ.get(TOKEN_ENV, "").strip() or None
+    def __init__(self, server: str, token: str | None = None, *, need_token: bool = False):
         if need_token and not token:
             raise NcbenchError(f"no team token: set ${TOKEN_ENV} or pass --token-file")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -56,6 +49,16 @@ class Client:
 
     def json(self, method: str, path: str, **kwargs):
         return self.request(method, path, **kwargs).json()
+
+
+def read_token(token_file: Path | None) -> str | None:
+    """The team token: from ``--token-file``, else ``$NCBENCH_TOKEN``."""
+    if token_file is not None:
+        try:
+            return token_file.read_text().strip() or None
+        except OSError as error:
+            raise NcbenchError(f"cannot read --token-file {token_file}: {error.strerror}") from None
+    return os.environ.get(TOKEN_ENV, "").strip() or None
 
 
 def _check(response: httpx.Response) -> None:
@@ -143,14 +146,18 @@ def _download(client: Client, path: str, partial: Path, size: int) -> None:
 def submit(submission: Path, challenge_id: str, no_wait: bool, timeout: int, server: str,
            token_file: Path | None) -> None:
     """Upload SUBMISSION to the server, wait for it to be scored, print the public-half score."""
-    submit_file(submission, challenge_id, server=server, token_file=token_file, wait=not no_wait, timeout=timeout)
+    submit_file(submission, challenge_id, server=server, token=read_token(token_file), wait=not no_wait,
+                timeout=timeout)
 
 
-def submit_file(submission: Path, challenge_id: str, *, server: str, token_file: Path | None, wait: bool,
-                timeout: int) -> dict:
+def submit_file(submission: Path, challenge_id: str, *, server: str, token: str | None, wait: bool = True,
+                timeout: int = 1800, quiet: bool = False) -> dict:
+    """Upload ``submission``; with ``wait``, poll until it is scored and return its final state
+    (NcbenchError for a refusal). ``quiet`` prints nothing (callers print their own summary)."""
+    echo = (lambda text: None) if quiet else click.echo
     if not submission.is_file():
         raise NcbenchError(f"{submission}: no such file")
-    client = Client(server, token_file, need_token=True)
+    client = Client(server, token, need_token=True)
     client.json("GET", "/api/v1/whoami")  # a refused token fails here, before a long upload
     size = submission.stat().st_size
 
@@ -162,7 +169,7 @@ def submit_file(submission: Path, challenge_id: str, *, server: str, token_file:
 
     job = client.json("POST", f"/api/v1/challenges/{challenge_id}/submissions", content=body(),
                       headers={"Content-Length": str(size), "Content-Type": "application/octet-stream"})
-    click.echo(f"submission {job['id']} queued")
+    echo(f"submission {job['id']} queued")
     if not wait:
         return job
     deadline = time.monotonic() + timeout
@@ -176,7 +183,7 @@ def submit_file(submission: Path, challenge_id: str, *, server: str, token_file:
         advance(1)
     if job["state"] != "scored":
         raise NcbenchError(f"submission {job['id']} {job['state']}: {job['message']}")
-    click.echo(f"submission {job['id']} scored: public half {json.dumps(job['public'], sort_keys=True)}")
+    echo(f"submission {job['id']} scored: public half {json.dumps(job['public'], sort_keys=True)}")
     return job
 
 
@@ -185,7 +192,7 @@ def submit_file(submission: Path, challenge_id: str, *, server: str, token_file:
 @token_option
 def submissions(server: str, token_file: Path | None) -> None:
     """Your team's submissions: id, challenge, state, public score or refusal."""
-    rows = Client(server, token_file, need_token=True).json("GET", "/api/v1/submissions")
+    rows = Client(server, read_token(token_file), need_token=True).json("GET", "/api/v1/submissions")
     if not rows:
         click.echo("no submissions yet")
     for row in rows:

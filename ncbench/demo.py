@@ -1,7 +1,10 @@
 """``ncbench demo``: the main job on the embedded real radiographs, end to end.
 
-Builds full-size releases (width 2048, 256x256) from the ``sample`` source, runs every built-in
-attack that supports each task, scores everything into a SQLite leaderboard, measures the utility
+Builds full-size releases (width 2048, 256x256) from the ``sample`` source, publishes them on an
+embedded challenge server (the API and scoring workers of ``ncbench server``, on a free
+localhost port), runs every built-in attack that supports each task and submits each answer
+through the API with the organizer's token, so the results land in a SQLite leaderboard the way
+every team's do; measures the utility
 of each preset's encodings on phantom images (a small CPU-sized run), and prints the attack x
 preset matrix and the privacy-utility summary. Re-running reuses every release, submission and
 utility result that is already there and valid.
@@ -41,8 +44,11 @@ def demo(out: Path, n: int, seed: int, device: str) -> None:
     from ncbench.attacks.registry import all_attacks
     from ncbench.attacks.submission import write_submission
     from ncbench.challenge.files import open_release
-    from ncbench.leaderboard.scoring import score_submission
-    from ncbench.leaderboard.store import ORIGIN_ORGANIZER, Store
+    from ncbench.client import submit_file
+    from ncbench.leaderboard import channel
+    from ncbench.leaderboard.metrics import HEADLINE_METRIC
+    from ncbench.leaderboard.server import EmbeddedServer
+    from ncbench.leaderboard.store import Store
     from ncbench.leaderboard.tables import (
         attack_preset_matrix,
         board,
@@ -54,7 +60,12 @@ def demo(out: Path, n: int, seed: int, device: str) -> None:
     db = out / "leaderboard.db"
     written = []
     attacks = {name: cls for name, cls in all_attacks().items() if "key" not in cls.knowledge}
-    with Store(db) as store:
+    store_dir = out / "server"
+    store_dir.mkdir(exist_ok=True)
+    url = str(db.resolve())
+    with Store(db) as store, EmbeddedServer(url, store_dir) as server:
+        _, token = channel.add_team(store, TEAM)
+        click.echo(f"challenge server on {server.url} (store {store_dir})")
         for k, (preset, task) in enumerate(DEMO_CHALLENGES):
             folder = out / f"{preset}-{task}"
             click.echo(f"[{k + 1}/{len(DEMO_CHALLENGES)}] {preset} {task}: release {folder}")
@@ -62,6 +73,8 @@ def demo(out: Path, n: int, seed: int, device: str) -> None:
                 build_release(folder, config=resolve_config(preset), plan=BuildPlan.for_task(task, n),
                               source="sample", seed=seed + k, test_release=True, device=device, force=True)
             written.append(folder)
+            # Just built or checked against its checksums: no need to recompute every encoding.
+            challenge_id = channel.publish(store, channel.StoreLayout(store_dir), folder, recompute=False)
             for name, cls in sorted(attacks.items()):
                 if task not in cls.tasks or name.startswith("template"):
                     continue
@@ -71,10 +84,10 @@ def demo(out: Path, n: int, seed: int, device: str) -> None:
                         submission = cls(device=pick_device(device), seed=0)(release)
                     submission.team = TEAM
                     write_submission(submission_path, submission)
-                result = score_submission(submission_path, ReleaseLayout(folder).key)
-                store.record_score(result, team=TEAM, daily_limit=None, origin=ORIGIN_ORGANIZER)
-                click.echo(f"    {name}: {result.headline_metric} = {result.headline(0):.3f} "
-                           f"(attack {submission_runtime(submission_path):.1f} s)")
+                job = submit_file(submission_path, challenge_id, server=server.url, token=token, quiet=True)
+                metric = HEADLINE_METRIC[task]
+                click.echo(f"    {name}: {metric} = {float(job['public'][metric]):.3f} "
+                           f"(submission {job['id']}, attack {submission_runtime(submission_path):.1f} s)")
                 written.append(submission_path)
         reid_presets = [preset for preset, task in DEMO_CHALLENGES if task == "reid"]
         click.echo(f"[utility] downstream AUC on phantom images, presets {', '.join(reid_presets)} and raw")
