@@ -1,0 +1,105 @@
+"""The public board as a visitor sees it: Debian's headless Chromium loads the page that
+`ncbench server` serves and finds a team scored through the API (driven over the DevTools
+protocol; skipped where Chromium is not installed; .ci/run installs it)."""
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from tornado.websocket import websocket_connect
+
+from test_server import TINY, Server, free_port, ncbench
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
+
+
+class Browser:
+    """Headless Chromium with its DevTools endpoint; ``text(js)`` evaluates in the page."""
+
+    def __init__(self, url: str):
+        self.profile = tempfile.mkdtemp()
+        self.process = subprocess.Popen(
+            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={self.profile}", "--remote-debugging-port=0", url],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        active = Path(self.profile) / "DevToolsActivePort"
+        deadline = time.monotonic() + 30
+        while not (active.is_file() and active.read_text().strip()):
+            assert time.monotonic() < deadline, "Chromium did not open its DevTools port"
+            time.sleep(0.1)
+        port = active.read_text().split()[0]
+        pages = httpx.get(f"http://127.0.0.1:{port}/json/list").json()
+        self.endpoint = next(p for p in pages if p["type"] == "page")["webSocketDebuggerUrl"]
+        self.calls = 0
+
+    def evaluate(self, expression: str):
+        async def call():
+            connection = await websocket_connect(self.endpoint)
+            self.calls += 1
+            connection.write_message(json.dumps({"id": self.calls, "method": "Runtime.evaluate",
+                                                 "params": {"expression": expression}}))
+            while True:
+                message = json.loads(await connection.read_message())
+                if message.get("id") == self.calls:
+                    connection.close()
+                    return message["result"]["result"].get("value")
+        return asyncio.run(call())
+
+    def wait_for_text(self, needle: str, timeout: float = 60) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.evaluate("document.body ? document.body.innerText + document.body.textContent : ''") or ""
+            if needle in text or time.monotonic() > deadline:
+                return text
+            time.sleep(0.5)
+
+    def close(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+        shutil.rmtree(self.profile, ignore_errors=True)
+
+
+def test_a_visitor_sees_a_team_scored_through_the_api(tmp_path):
+    built = ncbench("challenge", "build", "--preset", "nc3", "--task", "reid", "--source", "phantom", "--n", 16,
+                    *TINY, "--out", tmp_path / "release")
+    assert built.returncode == 0, built.stderr
+    store = tmp_path / "store"
+    challenge_id = ncbench("challenge", "publish", tmp_path / "release", "--store", store).stdout.split()[-1]
+    token = ncbench("team", "add", "Visible-Team", "--store", store).stdout.strip()
+    board_port = free_port()
+    server = Server(store, "--board-port", board_port)
+    browser = None
+    try:
+        sub = tmp_path / "sub.h5"
+        assert ncbench("attack", "run", "chance", "--release", tmp_path / "release", "--out", sub).returncode == 0
+        env = {"NCBENCH_SERVER": server.url, "NCBENCH_TOKEN": token}
+        submitted = ncbench("submit", sub, "--challenge", challenge_id, env=env)
+        assert submitted.returncode == 0, submitted.stderr
+        browser = Browser(f"http://127.0.0.1:{board_port}/")
+        front = browser.wait_for_text("Best re-identification")
+        assert "Best re-identification" in front, front
+        assert "Deploy" not in front  # viewer mode: no developer toolbar for visitors
+        # Open the Self-reported page as a visitor would: click its entry in the sidebar.
+        browser.evaluate("[...document.querySelectorAll('label')].find(l => l.innerText.trim() === "
+                         "'Self-reported').click()")
+        page = browser.wait_for_text("visible-team/chance")
+        assert "visible-team/chance" in page, page
+        assert "None" not in page
+    finally:
+        if browser is not None:
+            browser.close()
+        server.stop()
+
+
+if __name__ == "__main__":  # a manual look: python tests/test_board_browser.py URL
+    print(Browser(sys.argv[1]).wait_for_text(os.environ.get("NEEDLE", "ncbench")))
