@@ -20,7 +20,6 @@ from ncbench.h5io import atomic_path
 from ncbench.leaderboard.metrics import privacy_band
 from ncbench.leaderboard.store import (
     BUILTIN_TEAM,
-    DB_ENV,
     DEFAULT_DAILY_LIMIT,
     ORIGIN_ORGANIZER,
     ORIGIN_SELF,
@@ -33,7 +32,6 @@ from ncbench.leaderboard.store import (
     submission_values,
 )
 
-APP_PATH = Path(__file__).with_name("app.py")
 DB_HELP = "Results database: an SQLite file path, or an SQLAlchemy URL (postgresql+psycopg://...)."
 SHOWN_METRICS = ("top1_accuracy", "top5_accuracy", "mrr", "patch_position_accuracy", "psnr", "ssim", "one_to_one")
 
@@ -181,9 +179,9 @@ def serve(db: str, port: int, host: str) -> None:
         raise NcbenchError(f"--port must be between 1 and 65535, got {port}")
     url = database_url(db)
     Store(url, create=False).close()  # refuse a missing or foreign database before starting
-    command = [sys.executable, "-m", "streamlit", "run", str(APP_PATH), "--server.port", str(port),
-               "--server.address", host, "--server.headless", "true", "--browser.gatherUsageStats", "false"]
-    env = {**os.environ, DB_ENV: url.render_as_string(hide_password=False)}
+    from ncbench.leaderboard.server import board_command
+
+    command, env = board_command(url.render_as_string(hide_password=False), host=host, port=port)
     click.echo(f"serving the leaderboard of {describe_db(url)} on http://{host}:{port}", err=True)
     sys.stdout.flush()
     sys.stderr.flush()
