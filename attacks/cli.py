@@ -1,17 +1,21 @@
-"""``ncbench attack ...``: list attacks and run one on a public release."""
+"""``ncbench attack ...``: list attacks, run one on a public release, check a plugin before submitting it."""
 
 from __future__ import annotations
 
+import json
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
+from ncbench.attacks.base import Attack
 from ncbench.attacks.registry import all_attacks, resolve
 from ncbench.attacks.submission import Submission, write_submission
-from ncbench.challenge.encoders import pick_device
-from ncbench.challenge.files import open_release
+from ncbench.challenge.encoders import PRESETS, pick_device, resolve_config
+from ncbench.challenge.files import TASKS, open_release
+from ncbench.challenge.release import BuildPlan, build_release
 from ncbench.errors import NcbenchError
 
 MESSAGE_LIMIT = 300  # characters kept of an attack's own error message: it is someone else's text
@@ -19,7 +23,7 @@ MESSAGE_LIMIT = 300  # characters kept of an attack's own error message: it is s
 
 @click.group("attack")
 def group() -> None:
-    """Attacker tools: list attacks, run one on a public release to get a submission."""
+    """Attacker tools: list attacks, run one on a public release, check a plugin for the verified track."""
 
 
 @group.command("list")
@@ -47,17 +51,31 @@ def list_command(verbose: bool) -> None:
 def run_command(attack, release_path, out, params, device, seed, team, force) -> None:
     """Run ATTACK (a name from `attack list`, or FILE.py:Class) on a release and write a submission."""
     cls = resolve(attack)
-    raw = {}
-    for item in params:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            raise NcbenchError(f"--param must look like name=value, got {item!r}")
-        raw[name.strip()] = value.strip()
     with _failure_of(cls.name, "failed"):
-        params = cls.parse_params(raw)
+        params = cls.parse_params(parse_param_items(params))
     device = pick_device(device)
     if out.exists() and not force:
         raise NcbenchError(f"{out} already exists (use --force to replace it)")
+    submission = run_attack(cls, params, release_path, out, device=device, seed=seed, team=team)
+    click.echo(f"wrote {out} ({submission.attack} {submission.attack_version}, {submission.runtime_s:.1f} s; "
+               f"parts: {', '.join(submission.parts())})")
+
+
+def parse_param_items(items) -> dict[str, str]:
+    """``--param name=value`` strings as {name: value}."""
+    raw = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise NcbenchError(f"--param must look like name=value, got {item!r}")
+        raw[name.strip()] = value.strip()
+    return raw
+
+
+def run_attack(cls: type[Attack], params, release_path: Path, out: Path, *, device: str, seed: int,
+               team: str | None = None) -> Submission:
+    """Run ``cls`` on the release at ``release_path`` and write its submission to ``out``; any
+    failure of the attack's code is one NcbenchError line."""
     with open_release(release_path) as release:
         with _failure_of(cls.name, "failed"):
             instance = cls(params, device=device, seed=seed)
@@ -68,9 +86,92 @@ def run_command(attack, release_path, out, params, device, seed, team, force) ->
     submission.team = team
     with _failure_of(cls.name, "returned a submission that cannot be written"):
         write_submission(out, submission, force=True)
-    click.echo(f"wrote {out} ({submission.attack} {submission.attack_version}, {submission.runtime_s:.1f} s; "
-               f"parts: {', '.join(submission.parts())})")
+    return submission
 
+
+# -- admission checks: what the challenge server runs before it queues a plugin -----------------
+
+CHECK_MARK = "ncbench-check: "  # the line `attack check --json` ends with (leaderboard/sandbox.py reads it)
+# The tiny release a plugin runs on end to end: a few seconds on a laptop CPU.
+TINY_RELEASE = {"width": 32, "image_size": 32, "patch_size": 8, "bn_batch": 8}
+TINY_N = 16
+
+
+@group.command("check")
+@click.argument("attack")
+@click.option("--param", "params", multiple=True, metavar="K=V", help="Attack parameter (repeatable).")
+@click.option("--task", type=click.Choice(TASKS), help="The challenge's task [default: every task the attack declares].")
+@click.option("--preset", type=click.Choice(list(PRESETS)), default="nc3", show_default=True,
+              help="Encoder preset of the tiny release the attack runs on.")
+@click.option("--no-run", is_flag=True, help="Skip the end-to-end run (the server runs it on hidden releases).")
+@click.option("--json", "as_json", is_flag=True, help=f"End with one line '{CHECK_MARK}{{...}}': the declarations.")
+def check_command(attack: str, params: tuple[str, ...], task: str | None, preset: str, no_run: bool,
+                  as_json: bool) -> None:
+    """The checks the challenge server runs before it queues ATTACK (FILE.py:Class) for the
+    verified track: the file imports; the class is a concrete Attack with valid declarations
+    and an allowed name; the parameters parse; it solves the task; and (unless --no-run) it runs
+    end to end on a tiny release built on the fly, into a submission the scorer accepts.
+    One line per failure, exit status 2."""
+    cls = resolve(attack)  # import, class, declarations, name: nothing else can be checked without it
+    problems = declaration_problems(cls, parse_param_items(params), [task] if task else list(cls.tasks))
+    if not problems and not no_run:
+        for each in [task] if task else cls.tasks:
+            try:
+                click.echo(f"{each}: {run_on_tiny_release(cls, parse_param_items(params), task=each, preset=preset)}")
+            except NcbenchError as error:
+                problems.append(f"{each}: {error}")
+    if problems:
+        for line in problems:
+            click.echo(f"error: {line}", err=True)
+        raise SystemExit(2)
+    ran = "" if no_run else f", ran end to end on a tiny {preset} release"
+    click.echo(f"ok: {cls.name} {cls.version} (tasks {', '.join(cls.tasks)}): imports, declarations, name and "
+               f"parameters checked{ran}")
+    if as_json:
+        click.echo(CHECK_MARK + json.dumps({"attack": cls.name, "version": cls.version, "tasks": list(cls.tasks),
+                                            "knowledge": list(cls.knowledge)}))
+
+
+def declaration_problems(cls: type[Attack], raw_params: dict[str, str], tasks: list[str]) -> list[str]:
+    """What the server would refuse about ``cls`` before running it, one line each: parameters
+    that do not parse, tasks it does not solve, knowledge the leaderboard refuses, a version
+    the board cannot store."""
+    problems = []
+    try:
+        with _failure_of(cls.name, "failed"):
+            cls.parse_params(raw_params)
+    except NcbenchError as error:
+        problems.append(str(error))
+    problems += [f"attack {cls.name} does not solve the {task} task (it declares {', '.join(cls.tasks)})"
+                 for task in tasks if task not in cls.tasks]
+    if "key" in cls.knowledge:
+        problems.append(f"attack {cls.name} declares knowledge 'key': attacks that read the key are refused")
+    if not (0 < len(cls.version) <= VERSION_MAX and cls.version.isprintable()):
+        problems.append(f"attack {cls.name}: version must be 1-{VERSION_MAX} printable characters")
+    return problems
+
+
+VERSION_MAX = 64  # leaderboard/store.py MAX_LENGTHS["attack_version"]
+
+
+def run_on_tiny_release(cls: type[Attack], raw_params: dict[str, str], *, task: str, preset: str) -> str:
+    """Build a tiny test release of ``task``, run ``cls`` on it and score its submission;
+    returns the headline score in words, or raises NcbenchError naming what failed."""
+    # The organizer's scorer, imported here only: this check is the server's admission test.
+    from ncbench.leaderboard.scoring import score_submission
+
+    with tempfile.TemporaryDirectory(prefix="ncbench-check-") as folder:
+        release_dir = Path(folder) / "release"
+        build_release(release_dir, config=resolve_config(preset, **TINY_RELEASE), plan=BuildPlan.for_task(task, TINY_N),
+                      source="phantom", seed=0, test_release=True, device="cpu")
+        out = Path(folder) / "submission.h5"
+        run_attack(cls, cls.parse_params(raw_params), release_dir, out, device="cpu", seed=0)
+        try:
+            result = score_submission(out, release_dir)
+        except NcbenchError as error:
+            raise NcbenchError(f"the scorer refused the submission: {error}") from None
+    return (f"ran end to end; the scorer accepted the submission ({result.headline_metric} "
+            f"{result.headline(0):.3f} on the public half of a tiny test release)")
 
 
 @contextmanager

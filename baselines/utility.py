@@ -201,8 +201,10 @@ def run_utility(
     for name, value in (("n_train", n_train), ("n_test", n_test), ("epochs", epochs)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise NcbenchError(f"{name} must be a positive integer, got {value!r}")
+    # auto: bf16 only where the device multiplies it natively; settings record the resolved value.
     configs = {preset: resolve_config(preset, width=width, image_size=image_size, patch_size=patch_size,
-                                      bn_batch=min(256, n_train + n_test)) for preset in presets}
+                                      bn_batch=min(256, n_train + n_test), precision="auto").for_device(device)
+               for preset in presets}
     data = load_images(source, n=n_train + n_test, seed=seed, image_size=image_size)
     if not data.label_names:
         raise NcbenchError(f"source {source!r} has no labels; use phantom or a folder with a labels CSV")
@@ -228,6 +230,7 @@ def run_utility(
         scores = evaluate(predict(model, tokens[test], device=device), data.labels[test], data.label_names)
         settings = {"preset": preset, "n_train": n_train, "n_test": n_test, "width": width,
                     "image_size": image_size, "patch_size": patch_size, "epochs": epochs, "seed": seed,
+                    "precision": config.precision if kind == "encoded" else "fp32",
                     "device": device, "source": source, "model": MODEL_NAME, "model_version": MODEL_VERSION}
         rows += [{"preset": preset, "label": name, "auc": value, "model_kind": kind, "settings": settings}
                  for name, value in scores.items()]

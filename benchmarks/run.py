@@ -1,19 +1,22 @@
 """Benchmarks with recorded results (see benchmarks/RESULTS.md). Never timing assertions in tests.
 
-    python benchmarks/run.py encode [--n=256] [--device=cpu|cuda] [--precision=fp32|bf16] [--preset=nc7]
-    python benchmarks/run.py attack RELEASE_DIR [ATTACK]
+    python benchmarks/run.py encode [--n=256] [--device=cpu|cuda] [--precision=auto|fp32|bf16] [--preset=nc7]
+    python benchmarks/run.py attack RELEASE_DIR [ATTACK] [--device=cpu] [--PARAM=VALUE ...]
+    python benchmarks/run.py compare RELEASE_DIR [ATTACK ...]   (default: carlini-2021 gram-hungarian)
     python benchmarks/run.py build-memory [--preset=nc3] [--sizes=256,1024,2048]
 
 ``encode`` times the encoder of a preset (nc7 by default) against a reference-style implementation
 (torch.nn Conv2d / BatchNorm2d modules, fp32, one randperm and one gather per image in a Python
 loop) with the same weights, in the same run, and reports how far apart their encodings of the
 first batch are when given the same permutations.
+
+Every result carries ``machine``: CPU model, torch's CPU capability, whether bf16 is native here,
+threads (and the GPU), so a number is never read without the hardware that made it.
 """
 
 from __future__ import annotations
 
 import json
-import platform
 import resource
 import sys
 import time
@@ -21,8 +24,10 @@ import time
 import numpy as np
 import torch
 
+from ncbench.hardware import machine_description
 
-def encode(n: int = 256, device: str = "cpu", precision: str = "fp32", preset: str = "nc7") -> dict:
+
+def encode(n: int = 256, device: str = "cpu", precision: str = "auto", preset: str = "nc7") -> dict:
     from ncbench.challenge.encoders import (
         Encoder,
         resolve_config,
@@ -72,26 +77,71 @@ def encode(n: int = 256, device: str = "cpu", precision: str = "fp32", preset: s
         same_perms = [torch.from_numpy(p.astype(np.int64)) for p in perms[: config.bn_batch]]
         reference_first = reference(first, same_perms).cpu()
     max_abs_diff = float((reference_first - fast_out[0]).abs().max())
-    return {"benchmark": f"encode {preset}", "n": n, "device": device, "precision": precision,
-            "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-                       + (f", {torch.cuda.get_device_name()}" if device.startswith("cuda") else ""),
+    return {"benchmark": f"encode {preset}", "n": n, "device": device, "precision": fast.config.precision,
+            "machine": machine_description(device),
             "ncbench_images_per_s": round(n / fast_s, 1), "reference_images_per_s": round(n / ref_s, 1),
             "speedup": round(ref_s / fast_s, 2), "max_abs_diff_vs_reference": max_abs_diff}
 
 
-def attack(release_dir: str, name: str = "gram-hungarian") -> dict:
+def attack(release_dir: str, name: str = "gram-hungarian", device: str = "cpu", **params: str) -> dict:
+    """Run one attack on a release; time, peak RSS, stage times, and (when the release directory
+    holds its key, as a test release does) re-identification and patch-position accuracy.
+    ``params``: the attack's parameters as text (``--self_width=256``)."""
     from ncbench.attacks.registry import resolve
     from ncbench.challenge.files import open_release
 
     cls = resolve(name)
     with open_release(release_dir) as release:
         started = time.perf_counter()
-        submission = cls()(release)
+        submission = cls(cls.parse_params(params), device=device)(release)
         elapsed = time.perf_counter() - started
-        n = release.n_encoded
-    return {"benchmark": f"attack {name}", "release": release_dir, "n": n, "seconds": round(elapsed, 1),
+        n, encoded_ids, plain_ids = release.n_encoded, release.encoded_ids, release.plain_ids
+    return {"benchmark": f"attack {name}", "release": release_dir, "n": n, "params": params,
+            "seconds": round(elapsed, 1),
             "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2),
-            "stage_seconds": submission.diagnostics.get("stage_seconds")}
+            **_accuracy(release_dir, submission, encoded_ids, plain_ids),
+            "stage_seconds": submission.diagnostics.get("stage_seconds"),
+            "date": time.strftime("%Y-%m-%d"), "machine": machine_description(device)}
+
+
+def _accuracy(release_dir: str, submission, encoded_ids: list[str], plain_ids: list[str]) -> dict:
+    """reid accuracy and patch-position accuracy over all rows, read from the release's own key."""
+    from pathlib import Path
+
+    from ncbench.challenge.files import open_key
+
+    key_path = Path(release_dir) / "private" / "key.h5"
+    if not key_path.is_file() or submission.mapping is None:
+        return {}
+    column = {pid: j for j, pid in enumerate(plain_ids)}
+    row = np.array([encoded_ids.index(eid) for eid in submission.encoded_ids])  # release row of each answer
+    with open_key(key_path) as key:
+        truth = key.read("truth/plain_index")[row]
+        perm = key.read("truth/patch_perm")[row]
+    predicted = np.array([column[pid] for pid in submission.mapping])
+    found = {"reid_accuracy": round(float(np.mean(predicted == truth)), 4)}
+    if submission.patch_positions is not None:
+        found["patch_position_accuracy"] = round(float(np.mean(submission.patch_positions == perm)), 4)
+    return found
+
+
+def compare(release_dir: str, *names: str) -> dict:
+    """Each attack on one release in its own fresh process (so peak RSS is its own), one after
+    the other; accuracy, time and each one's time relative to the last."""
+    import subprocess
+
+    names = names or ("carlini-2021", "gram-hungarian")
+    runs = []
+    for name in names:
+        done = subprocess.run([sys.executable, __file__, "attack", release_dir, name], capture_output=True, text=True,
+                              check=True)
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    baseline = runs[-1]["seconds"]
+    return {"benchmark": "compare", "release": release_dir, "n": runs[0]["n"], "date": time.strftime("%Y-%m-%d"),
+            "machine": runs[0]["machine"],
+            "attacks": [{key: run.get(key) for key in ("benchmark", "seconds", "peak_rss_gb", "reid_accuracy",
+                                                          "patch_position_accuracy", "stage_seconds")}
+                        | {"time_ratio": round(run["seconds"] / max(baseline, 1e-9), 2)} for run in runs]}
 
 
 def build_memory(preset: str = "nc3", sizes: str = "256,1024,2048") -> dict:
@@ -113,8 +163,7 @@ def build_memory(preset: str = "nc3", sizes: str = "256,1024,2048") -> dict:
                 raise SystemExit(f"build at N={n} failed")
             rows.append({"n": n, "seconds": round(time.perf_counter() - started, 1),
                          "peak_rss_gb": round(usage.ru_maxrss / 1e6, 2)})
-    return {"benchmark": f"build memory {preset}", "machine": platform.processor() or platform.machine(),
-            "cpus": torch.get_num_threads(), "builds": rows}
+    return {"benchmark": f"build memory {preset}", "machine": machine_description(), "builds": rows}
 
 
 if __name__ == "__main__":
@@ -123,10 +172,12 @@ if __name__ == "__main__":
     options = {a.split("=")[0].lstrip("-"): a.split("=")[1] for a in args if a.startswith("--")}
     positional = [a for a in args if not a.startswith("--")]
     if command == "encode":
-        result = encode(int(options.get("n", 256)), options.get("device", "cpu"), options.get("precision", "fp32"),
+        result = encode(int(options.get("n", 256)), options.get("device", "cpu"), options.get("precision", "auto"),
                         options.get("preset", "nc7"))
+    elif command == "compare":
+        result = compare(*positional)
     elif command == "build-memory":
         result = build_memory(options.get("preset", "nc3"), options.get("sizes", "256,1024,2048"))
     else:
-        result = attack(*positional)
+        result = attack(*positional, **options)
     print(json.dumps(result))

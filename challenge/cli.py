@@ -50,7 +50,9 @@ def group() -> None:
 @click.option("--patch-size", type=int, help="Override the patch size (default 16).")
 @click.option("--bn-batch", type=int, help="Override the BatchNorm batch size (default 256).")
 @click.option("--dtype", type=click.Choice(STORAGE_DTYPES), help="Storage dtype of encodings (default float16).")
-@click.option("--precision", type=click.Choice(PRECISIONS), help="Compute precision (default fp32).")
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
+              help="Compute precision: auto is bf16 where the device multiplies bf16 natively (CUDA, AMX or "
+              "AVX-512 BF16 CPUs), else fp32; the release records the resolved value.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
 def build(preset, task, source, n, n_aux, n_targets, n_known, seed, seed_file, test_release, out, force, device,
           **overrides) -> None:

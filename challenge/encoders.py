@@ -25,11 +25,12 @@ import numpy as np
 import torch
 
 from ncbench.errors import NcbenchError
+from ncbench.hardware import fast_bf16
 
 PIXEL_MEAN = 43.9  # input normalisation of the published code, on the 0-255 scale
 PIXEL_STD = 63.2
 BN_EPS = 1e-5  # torch.nn.BatchNorm2d default
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 where the hardware multiplies it natively
 STORAGE_DTYPES = ("float16", "float32")
 
 
@@ -47,7 +48,7 @@ class EncoderConfig:
     patch_size: int = 16
     bn_batch: int = 256  # the original challenge was exported in batches of 256
     dtype: str = "float16"  # storage dtype of released encodings
-    precision: str = "fp32"  # compute precision: fp32, or bf16 autocast on matmuls
+    precision: str = "fp32"  # compute precision: fp32, bf16 matmuls, or auto (see for_device)
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
@@ -71,6 +72,14 @@ class EncoderConfig:
     @property
     def patch_dim(self) -> int:
         return self.patch_size**2
+
+    def for_device(self, device: str | torch.device) -> EncoderConfig:
+        """This configuration with ``precision = auto`` resolved for ``device``: bf16 where its
+        matmuls pay off there (:func:`ncbench.hardware.fast_bf16`), else fp32. Releases record
+        the resolved value, so a file always says which arithmetic made it."""
+        if self.precision != "auto":
+            return self
+        return dataclasses.replace(self, precision="bf16" if fast_bf16(device) else "fp32")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -180,11 +189,11 @@ class Encoder:
     """
 
     def __init__(self, config: EncoderConfig, key: dict[str, torch.Tensor], device: str = "cpu"):
-        self.config = config
         self.device = torch.device(device)
+        self.config = config.for_device(self.device)
         self.key = {name: tensor.to(self.device, torch.float32) for name, tensor in key.items()}
         # Weights transposed (and cast for bf16) once, so every layer is ``rows @ weight_t + bias``.
-        self._matmul_dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
+        self._matmul_dtype = torch.bfloat16 if self.config.precision == "bf16" else torch.float32
         self._weight_t = {
             name: t.t().contiguous().to(self._matmul_dtype)
             for name, t in self.key.items()
@@ -249,14 +258,6 @@ class Encoder:
                 on_batch(len(chunk))
             yield start, encoded
             del encoded
-
-
-def encode_all(encoder: Encoder, images: np.ndarray, perms: np.ndarray | None) -> np.ndarray:
-    """Encode everything in memory (small sets, tests): (N, P, D) float32."""
-    parts = [encoded.numpy() for _, encoded in encoder.encode_stream(images, perms)]
-    if not parts:
-        return np.zeros((0, encoder.config.n_patches, encoder.config.width), np.float32)
-    return np.concatenate(parts)
 
 
 def pick_device(device: str | None) -> str:

@@ -155,6 +155,7 @@ def build_release(
     """
     build_seed = BuildSeed.of(seed, test_release=test_release)
     device = pick_device(device)
+    config = config.for_device(device)  # the file records the precision used, never "auto"
     images = load_images(source, n=plan.n_images, seed=derive_seed(build_seed.text, "images"),
                          image_size=config.image_size)
     if len(images) != plan.n_images:

@@ -4,30 +4,45 @@ What it guarantees: only files listed when a challenge was published are served,
 store's public folder (never the key); every write needs a team token (``Authorization: Bearer
 ...``), checked against its argon2id hash; an upload is streamed to disk under a size cap and
 queued only after the rate and daily limits; a submission's state is durable in the database.
+A plugin for the verified track is checked in the sandbox before it is queued
+(:mod:`leaderboard.verified`); the seeds of evaluation releases are served only once their
+challenge has closed.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 import re
+import secrets
+import shutil
+import threading
+import time
 from pathlib import Path
 
-from fastapi import Depends, FastAPI, Header, HTTPException, Request
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 
 from ncbench import __version__
 from ncbench.errors import NcbenchError
-from ncbench.leaderboard import channel
-from ncbench.leaderboard.store import Store
+from ncbench.leaderboard import channel, sandbox, verified
+from ncbench.leaderboard.store import ORIGIN_SELF, Store
 
 CHALLENGE_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 DEFAULT_MAX_UPLOAD = 1 << 30  # 1 GiB: a reid score matrix at N = 10,000 is 400 MB
+CHECKS_AT_ONCE = 2  # plugin checks run in the sandbox while the upload waits: a flood queues here
+CHECKS_PER_MINUTE = 10  # per team, whatever their outcome: each check starts a sandboxed interpreter
+PARAMS_QUERY = Query(default=[], description="name=value (repeatable)")
 
 
-def create_app(db_url: str, store_root: Path, *, max_upload: int = DEFAULT_MAX_UPLOAD) -> FastAPI:
+def create_app(db_url: str, store_root: Path, *, max_upload: int = DEFAULT_MAX_UPLOAD,
+               verified_settings: verified.Settings | None = None) -> FastAPI:
     store = Store(db_url)
+    settings = verified_settings or verified.Settings()
+    checks = threading.BoundedSemaphore(CHECKS_AT_ONCE)
+    recent_checks: dict[str, collections.deque] = collections.defaultdict(collections.deque)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -35,7 +50,7 @@ def create_app(db_url: str, store_root: Path, *, max_upload: int = DEFAULT_MAX_U
         store.close()
 
     app = FastAPI(title="ncbench challenge server", version=__version__, lifespan=lifespan,
-                  description="Fetch challenge releases, submit answers, read your scores.")
+                  description="Fetch challenge releases, submit answers or attack plugins, read your scores.")
     layout = channel.StoreLayout(Path(store_root))
 
     def team(authorization: str | None = Header(default=None)) -> str:
@@ -103,6 +118,126 @@ def create_app(db_url: str, store_root: Path, *, max_upload: int = DEFAULT_MAX_U
         except channel.UnknownChallenge as error:
             raise HTTPException(404, str(error)) from None
         return {"id": job_id, "state": "queued", "sha256": sha256, "size": size}
+
+    def admit_check(team: str) -> None:
+        """At most CHECKS_PER_MINUTE plugin checks per team and minute (kept in memory)."""
+        now, recent = time.monotonic(), recent_checks[team]
+        while recent and recent[0] < now - 60:
+            recent.popleft()
+        if len(recent) >= CHECKS_PER_MINUTE:
+            raise HTTPException(429, f"rate limit: at most {CHECKS_PER_MINUTE} plugin uploads a minute per team")
+        recent.append(now)
+
+    def check_plugin(upload: Path, plugin_file: str, class_name: str, params: dict[str, str], task: str) -> dict:
+        """The admission check, in the sandbox: importing a plugin runs its code."""
+        work = Path(store_root) / "work" / f"check-{secrets.token_hex(8)}"
+        try:
+            (work / "plugin").mkdir(parents=True, mode=0o755)
+            work.chmod(0o700)
+            plugin = work / "plugin" / plugin_file
+            shutil.copyfile(upload, plugin)
+            plugin.chmod(0o644)
+            with checks:
+                outcome, report = sandbox.check_plugin(plugin=plugin, class_name=class_name, params=params,
+                                                       task=task, workdir=work, limits=settings.check_limits,
+                                                       sandboxed=not settings.unsandboxed)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        if not outcome.ok:
+            raise NcbenchError(f"the plugin failed its check: {outcome.reason}")
+        return report
+
+    @app.post("/api/v1/challenges/{challenge_id}/plugins", status_code=202)
+    async def submit_plugin(challenge_id: str, request: Request, class_name: str = Query(..., alias="class"),
+                            filename: str = Query(...), param: list[str] = PARAMS_QUERY,
+                            team: str = Depends(team)) -> dict:
+        """Upload an attack plugin for the verified track: the request body is one .py file; the
+        class and file name and each parameter (``param=name=value``) are query parameters.
+        It is checked in the sandbox (imports, declarations, name, parameters, task) before it
+        is queued to run on fresh hidden releases; returns the run's id."""
+        params = {}
+        for item in param:
+            name, sep, value = item.partition("=")
+            if not sep:
+                raise HTTPException(400, f"param must look like name=value, got {item[:80]!r}")
+            params[name.strip()] = value.strip()
+        try:
+            params_json = verified.check_upload_fields(filename, class_name, params)
+            challenge = await run_in_threadpool(verified.open_challenge, store, challenge_id) \
+                if CHALLENGE_ID.match(challenge_id) else None
+            sandbox.require_sandbox(unsandboxed=settings.unsandboxed)
+        except channel.UnknownChallenge as error:
+            raise HTTPException(404, str(error)) from None
+        except sandbox.SandboxUnavailable as error:
+            raise HTTPException(503, str(error)) from None
+        except NcbenchError as error:
+            raise HTTPException(400, str(error)) from None
+        if challenge is None:
+            raise HTTPException(404, f"no open challenge {challenge_id!r}")
+        limit = challenge["plugin_daily_limit"] or verified.DEFAULT_PLUGIN_DAILY_LIMIT
+        if await run_in_threadpool(verified.used_today, store, team=team, challenge_id=challenge_id) >= limit:
+            raise HTTPException(429, f"team {team!r} has used its {limit} verified runs for {challenge_id} today (UTC)")
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > verified.MAX_PLUGIN_BYTES:
+            raise HTTPException(413, f"plugin larger than the {verified.MAX_PLUGIN_BYTES} byte limit")
+        admit_check(team)
+        writer = channel.UploadWriter(layout, max_bytes=verified.MAX_PLUGIN_BYTES)
+        try:
+            async for chunk in request.stream():
+                writer.write(chunk)
+        except NcbenchError as error:
+            raise HTTPException(413, str(error)) from None
+        except BaseException:
+            writer.discard()
+            raise
+        sha256, size = writer.commit()
+        if size == 0:
+            raise HTTPException(400, "empty upload")
+        try:
+            report = await run_in_threadpool(check_plugin, layout.upload(sha256), filename, class_name, params,
+                                             challenge["task"])
+            attack, version = verified.check_report(report, task=challenge["task"])
+            run_id = await run_in_threadpool(
+                verified.enqueue, store, team=team, origin=ORIGIN_SELF, challenge_id=challenge_id, attack=attack,
+                attack_version=version, params=params_json, settings=settings,
+                eval_source=challenge["eval_source"] or settings.eval_source, plugin_sha256=sha256,
+                plugin_file=filename, class_name=class_name, daily_limit=limit)
+        except channel.LimitReached as error:
+            raise HTTPException(429, str(error)) from None
+        except NcbenchError as error:
+            raise HTTPException(422, str(error)) from None
+        return {"id": run_id, "state": "queued", "attack": attack, "attack_version": version, "sha256": sha256,
+                "releases": settings.releases, "sandboxed": not settings.unsandboxed}
+
+    @app.get("/api/v1/plugins")
+    def plugin_runs(team: str = Depends(team)) -> list[dict]:
+        """Your team's verified runs: state, reason, and per evaluation release its cost and score."""
+        return verified.team_runs(store, team)
+
+    @app.get("/api/v1/plugins/{run_id}")
+    def plugin_run(run_id: int, team: str = Depends(team)) -> dict:
+        """One of your verified runs."""
+        view = verified.run_view(store, run_id, team=team)
+        if view is None:
+            raise HTTPException(404, f"your team has no verified run {run_id}")
+        return view
+
+    @app.get("/api/v1/challenges/{challenge_id}/commitments")
+    def commitments(challenge_id: str) -> list[dict]:
+        """Every evaluation release's commitment (sha256 of its seed, key commitment, release
+        sha256), published before the plugin ran; its seed and rebuild command once the
+        challenge has closed."""
+        published_files(challenge_id)
+        return verified.commitments(store, challenge_id)
+
+    @app.get("/api/v1/challenges/{challenge_id}/verified")
+    def verified_results(challenge_id: str) -> list[dict]:
+        """The challenge's verified runs: attack, state, and per evaluation release its score
+        and measured cost."""
+        published_files(challenge_id)
+        frame = verified.results(store)
+        ids = frame.loc[frame["challenge_id"] == challenge_id, "run_id"].drop_duplicates().tolist()
+        return [verified.run_view(store, int(run_id)) for run_id in ids]
 
     @app.get("/api/v1/whoami")
     def whoami(team: str = Depends(team)) -> dict:

@@ -24,7 +24,7 @@ from ncbench.leaderboard import tables
 from ncbench.leaderboard.metrics import BAND_BAD_ABOVE, BAND_GOOD_BELOW, privacy_band
 from ncbench.leaderboard.store import DB_ENV, DEFAULT_DAILY_LIMIT, ORIGIN_ORGANIZER, Store, database_url
 
-PAGES = ("Attack x preset", "Self-reported", "Challenges", "Submission", "Privacy vs utility", "Take part")
+PAGES = ("Attack x preset", "Verified", "Self-reported", "Challenges", "Submission", "Privacy vs utility", "Take part")
 BAND_COLOURS = {"good": "#c8e6c9", "moderate": "#ffe0b2", "bad": "#ffcdd2"}
 CHANCE_COLOUR = "#eeeeee"
 
@@ -96,6 +96,56 @@ def page_matrix(store: Store) -> None:
     if tested:
         st.warning(f"Some challenges behind this table are test releases (key public) on presets "
                    f"{', '.join(tested)}: their numbers measure the attacks, not the secrecy of a key.")
+
+
+def page_verified(store: Store) -> None:
+    from ncbench.leaderboard import verified
+
+    st.header("Verified track: attack code the organizers ran on fresh hidden releases")
+    st.caption("Each run is a team's plugin (or a built-in attack, the reference rows) run by the organizers in a "
+               "sandbox (no network, nothing of the server visible, limits on memory, CPU, time, processes and "
+               "output) on K evaluation releases it has never seen, each with a fresh key. Each key's seed was "
+               "committed to before the run (sha256, below) and is revealed when the challenge closes, so anyone "
+               "can rebuild the releases and check every score.")
+    results = verified.results(store)
+    if results.empty:
+        st.info("No verified runs yet. Teams send plugins with `ncbench submit --plugin FILE.py:Class`; organizers "
+                "add the built-in reference rows with `ncbench leaderboard verify-builtins`.")
+        return
+    summary = tables.verified_summary(results)
+    tasks = sorted(summary["task"].unique())
+    task = st.selectbox("Task", tasks, index=tasks.index("reid") if "reid" in tasks else 0, help=TASK_HELP,
+                        key="verified-task")
+    matrix = tables.verified_matrix(summary, task=task, presets=tables.preset_order(store.challenges()))
+    if matrix.empty:
+        st.info(f"No scored verified run for the {task} task yet.")
+    else:
+        st.dataframe(matrix)
+        st.caption(f"Best run of each attack on each preset: mean re-identification over its K evaluation "
+                   f"releases ± the sample standard deviation over the K keys. {tables.UNSANDBOXED}: run by the "
+                   "organizers without the sandbox (local testing), not comparable.")
+    st.subheader("Runs")
+    st.dataframe(summary[summary["task"] == task], hide_index=True, column_config={
+        "mean": st.column_config.NumberColumn(format="percent"),
+        "spread": st.column_config.NumberColumn(format="percent"),
+    })
+    st.subheader("Re-identification against compute")
+    axis = st.radio("Compute", ["wall_s", "cpu_s"], horizontal=True, key="verified-compute",
+                    help="Seconds per evaluation release, measured by the sandbox.")
+    points = tables.verified_compute(results[results["task"] == task])
+    if not points.empty:
+        chart = alt.Chart(points).mark_point(size=80, filled=True).encode(
+            x=alt.X(f"{axis}:Q", title=f"{axis.replace('_s', '')} seconds per evaluation release",
+                    scale=alt.Scale(type="log")),
+            y=alt.Y("reidentification:Q", title="re-identification", scale=alt.Scale(domain=[0, 1]),
+                    axis=alt.Axis(format="%")),
+            color="attack:N", shape="sandboxed:N", tooltip=["attack", "preset", "reidentification", axis])
+        st.altair_chart(chart, width="stretch")
+    st.subheader("Commitments")
+    st.caption("sha256 of each evaluation seed, the key commitment and the sha256 of the release, stored before the "
+               "plugin ran. Once the challenge closes the seed and the command that rebuilds the release byte for "
+               "byte appear here.")
+    st.dataframe(tables.verified_commitments(verified.commitments(store)), hide_index=True)
 
 
 def page_self_reported(store: Store) -> None:
@@ -280,8 +330,8 @@ def main() -> None:
         st.stop()
     page = st.sidebar.radio("Page", PAGES)
     st.sidebar.caption(f"Refreshes every {REFRESH_S} s.")
-    show = {PAGES[0]: page_matrix, PAGES[1]: page_self_reported, PAGES[2]: page_challenges, PAGES[3]: page_submission,
-            PAGES[4]: page_privacy_utility, PAGES[5]: page_take_part}[page]
+    show = dict(zip(PAGES, (page_matrix, page_verified, page_self_reported, page_challenges, page_submission,
+                            page_privacy_utility, page_take_part)))[page]
     # A fragment re-runs on its own timer: new scores appear without the visitor reloading.
     st.fragment(run_every=REFRESH_S)(show)(store)
 

@@ -1,4 +1,4 @@
-"""``ncbench score`` and ``ncbench leaderboard serve|export|close``.
+"""``ncbench score`` and ``ncbench leaderboard serve|export|close|verify-builtins``.
 
 Thin shell over :mod:`leaderboard.scoring`, :mod:`leaderboard.store` and :mod:`leaderboard.tables`.
 A submission is scored completely before anything is written, so invalid input never changes the
@@ -33,7 +33,8 @@ from ncbench.leaderboard.store import (
 )
 
 DB_HELP = "Results database: an SQLite file path, or an SQLAlchemy URL (postgresql+psycopg://...)."
-SHOWN_METRICS = ("top1_accuracy", "top5_accuracy", "mrr", "patch_position_accuracy", "psnr", "ssim", "one_to_one")
+SHOWN_METRICS = ("top1_accuracy", "top5_accuracy", "mrr", "tpr_at_0.1pct_fpr", "tpr_at_1pct_fpr",
+                 "patch_position_accuracy", "psnr", "ssim", "one_to_one")
 
 
 @click.command("score")
@@ -224,13 +225,59 @@ def export(db: str, fmt: str, out: Path | None) -> None:
 @click.argument("challenge_id")
 @click.option("--db", required=True, help=DB_HELP)
 def close(challenge_id: str, db: str) -> None:
-    """Close CHALLENGE_ID: its private-half scores become public (no way back)."""
+    """Close CHALLENGE_ID: its private-half scores become public, and the seeds of its verified
+    runs' evaluation releases are revealed (no way back)."""
+    from ncbench.leaderboard import verified
+
     with Store(database_url(db), create=False) as store:
         stamp, newly = store.close_challenge(challenge_id)
+        revealed = verified.revealed_count(store, challenge_id)
     if newly:
         click.echo(f"closed {challenge_id} at {stamp}: private-half scores are now public")
     else:
         click.echo(f"{challenge_id} was already closed at {stamp}")
+    if revealed:
+        click.echo(f"revealed the seeds of {revealed} evaluation releases of verified runs: anyone can now rebuild "
+                   f"them (GET /api/v1/challenges/{challenge_id}/commitments, or the board's Verified page)")
+
+
+@group.command("verify-builtins")
+@click.option("--challenge", "challenge_id", required=True, help="A published challenge of the server.")
+@click.option("--store", "store_dir", type=click.Path(path_type=Path), required=True,
+              help="The server's store folder.")
+@click.option("--db", default=None, help=DB_HELP + " [default: STORE/leaderboard.db]")
+@click.option("--releases", type=click.IntRange(1, 100), default=3, show_default=True,
+              help="Fresh hidden evaluation releases per run (K).")
+@click.option("--eval-source", default="phantom", show_default=True,
+              help="Held-out images, for a challenge published without its own --eval-source.")
+@click.option("--sandbox-limit", "sandbox_limits", multiple=True, metavar="NAME=VALUE",
+              help="A limit of each sandboxed run (repeatable; see `ncbench server --help`).")
+@click.option("--unsandboxed", is_flag=True, help="Local testing only: run without bubblewrap (marked unsandboxed).")
+@click.option("--queue-only", is_flag=True, help="Queue the runs for the server's workers instead of running them here.")
+def verify_builtins(challenge_id: str, store_dir: Path, db: str | None, releases: int, eval_source: str,
+                    sandbox_limits: tuple[str, ...], unsandboxed: bool, queue_only: bool) -> None:
+    """Run the built-in attacks that solve CHALLENGE's task (gram-hungarian, linear-inversion,
+    distribution-alignment, chance) through the verified track: sandboxed, on fresh hidden
+    releases with committed seeds. They are the verified matrix's reference rows."""
+    from ncbench.leaderboard import sandbox, verified
+    from ncbench.leaderboard.server import _db_url
+
+    settings = verified.Settings(releases=releases, eval_source=eval_source,
+                                 limits=sandbox.parse_limits(sandbox_limits), unsandboxed=unsandboxed)
+    sandbox.require_sandbox(unsandboxed=unsandboxed)
+    store_dir = Path(store_dir).resolve()
+    url = _db_url(db, store_dir)
+    with Store(database_url(url), create=False) as store:
+        queued = verified.enqueue_builtins(store, challenge_id, settings)
+        if not queued:
+            raise NcbenchError(f"no built-in attack solves the task of {challenge_id}")
+        for name, run_id in queued:
+            if queue_only or not verified.claim_run(store, run_id):
+                click.echo(f"{name}: verified run {run_id} queued for the server's workers")
+                continue
+            state = verified.run_verified(url, str(store_dir), run_id)
+            view = verified.run_view(store, run_id)
+            click.echo(f"{name}: verified run {run_id} {state}: {verified.summary_line(view)}")
 
 
 def _number(value: float) -> str:

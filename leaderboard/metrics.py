@@ -33,6 +33,11 @@ SSIM_TRUNCATE = 3.5  # window radius 3.5 sigma (11 x 11 at sigma 1.5), as scikit
 SSIM_K1, SSIM_K2 = 0.01, 0.03
 
 NEAREST_BLOCK = 256  # query rows per block in nearest-neighbour searches
+SCORE_BLOCK = 256  # rows of an (N, M) score matrix per block: N = M = 10,000 never makes N x M temporaries
+
+# Confidence-ranked reid metrics, as membership-inference competitions rank attacks (MICO: TPR at
+# low FPR): name -> the false-positive rate allowed over all (encoding, candidate) claims.
+TPR_AT_FPR = {"tpr_at_0.1pct_fpr": 0.001, "tpr_at_1pct_fpr": 0.01}
 
 
 def true_ranks(scores: np.ndarray, truth: np.ndarray) -> np.ndarray:
@@ -44,7 +49,11 @@ def true_ranks(scores: np.ndarray, truth: np.ndarray) -> np.ndarray:
     scores = np.asarray(scores)
     truth = np.asarray(truth, dtype=np.int64)
     true_scores = scores[np.arange(len(truth)), truth]
-    return (scores >= true_scores[:, None]).sum(axis=1).astype(np.int64)
+    ranks = np.empty(len(truth), dtype=np.int64)
+    for start in range(0, len(truth), SCORE_BLOCK):
+        block = slice(start, start + SCORE_BLOCK)
+        ranks[block] = (scores[block] >= true_scores[block, None]).sum(axis=1)
+    return ranks
 
 
 def top_k_accuracy(scores: np.ndarray, truth: np.ndarray, k: int) -> float:
@@ -55,6 +64,43 @@ def top_k_accuracy(scores: np.ndarray, truth: np.ndarray, k: int) -> float:
 def mean_reciprocal_rank(scores: np.ndarray, truth: np.ndarray) -> float:
     """Mean over rows of 1 / rank of the true column; scores (N, M), truth (N,)."""
     return float(np.mean(1.0 / true_ranks(scores, truth))) if len(truth) else math.nan
+
+
+def tpr_at_fpr(scores: np.ndarray, truth: np.ndarray, fprs: tuple[float, ...] | list[float]) -> np.ndarray:
+    """True-positive rate at each false-positive rate of ``fprs``, over all (row, column) claims.
+
+    scores: (N, M); truth: (N,) true column of each row. Every pair (i, j) is a claim "row i is
+    candidate j", made when ``scores[i, j] >= t``: the N true pairs are the positives, the other
+    N (M - 1) pairs the negatives. TPR at FPR a is the largest TPR(t) over thresholds with
+    FPR(t) <= a. With f = floor(a N (M - 1)) false claims allowed, the best threshold lies just
+    above the (f + 1)-th largest negative score v, so TPR = mean(true score > v). Ties count
+    against the submitter (a true score equal to v is not claimed), so a constant matrix gets 0.
+    NaN without rows; 1 when there are no negatives (M = 1).
+
+    Streams :data:`SCORE_BLOCK` rows at a time in the scores' precision (at least float32), and
+    keeps only the f + 1 largest negatives: at N = M = 10,000 and 1% that is 10^6 values.
+    """
+    scores = np.asarray(scores)
+    truth = np.asarray(truth, dtype=np.int64)
+    n, m = scores.shape
+    if n == 0:
+        return np.full(len(fprs), math.nan)
+    n_negatives = n * (m - 1)
+    # false claims allowed at each rate (the epsilon keeps 0.29 * 100 from flooring to 28)
+    allowed = np.array([math.floor(rate * n_negatives + 1e-9) for rate in fprs], dtype=np.int64)
+    dtype = np.result_type(scores.dtype, np.float32)
+    positives = scores[np.arange(n), truth].astype(dtype)
+    keep = int(min(allowed.max() + 1, n_negatives))
+    largest = np.empty(0, dtype)  # the ``keep`` largest negatives seen so far
+    for start in range(0, n, SCORE_BLOCK):
+        block = scores[start : start + SCORE_BLOCK].astype(dtype)
+        negative = np.ones(block.shape, dtype=bool)
+        negative[np.arange(len(block)), truth[start : start + SCORE_BLOCK]] = False
+        values = np.concatenate([largest, block[negative]])
+        largest = np.partition(values, len(values) - keep)[len(values) - keep :] if len(values) > keep else values
+    largest = np.sort(largest)[::-1]
+    rates = [1.0 if f >= n_negatives else float(np.mean(positives > largest[f])) for f in allowed]
+    return np.array(rates)
 
 
 def reid_accuracy(predicted: np.ndarray, truth: np.ndarray) -> float:
@@ -161,15 +207,6 @@ def nearest_candidates(queries: np.ndarray, candidates: np.ndarray) -> np.ndarra
     return nearest
 
 
-def reid_by_reconstruction(reconstructed: np.ndarray, candidates: np.ndarray, truth: np.ndarray) -> float:
-    """Accuracy of re-identifying each reconstruction as its nearest candidate plaintext.
-
-    reconstructed: (N, H, W); candidates: (M, H, W) plaintexts; truth: (N,) index of each
-    reconstruction's own plaintext among the candidates.
-    """
-    return reid_accuracy(nearest_candidates(reconstructed, candidates), truth)
-
-
 def mean_patch_vectors(encodings: np.ndarray) -> np.ndarray:
     """(M, D) mean over patches of (M, P, D) encodings (already (M, D): returned as float64).
 
@@ -191,17 +228,6 @@ def transfer_nearest_predictions(predicted: np.ndarray, true_encodings: np.ndarr
     Distance: squared Euclidean between mean patch vectors.
     """
     return nearest_candidates(mean_patch_vectors(predicted), mean_patch_vectors(true_encodings))
-
-
-def transfer_nn_accuracy(predicted: np.ndarray, true_encodings: np.ndarray, truth: np.ndarray | None = None) -> float:
-    """Fraction of predicted target encodings whose nearest true target encoding is their own.
-
-    predicted: (M', P, D) or (M', D); true_encodings: (M, P, D); truth: (M',) index of each
-    prediction's target among the true encodings (default: the identity, M' = M).
-    """
-    nearest = transfer_nearest_predictions(predicted, true_encodings)
-    truth = np.arange(len(nearest)) if truth is None else np.asarray(truth)
-    return reid_accuracy(nearest, truth)
 
 
 def _as_float_pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -363,9 +363,13 @@ def compute_metrics(answer: Answer, release: Release, key: Key) -> tuple[dict[in
                 if answer.mapping is not None:
                     out["one_to_one"] = float(metrics.duplicate_count(answer.mapping) == 0)
                 if answer.scores is not None:
-                    out["top1_accuracy"] = metrics.top_k_accuracy(answer.scores[mask], truth[mask], 1)
-                    out["top5_accuracy"] = metrics.top_k_accuracy(answer.scores[mask], truth[mask], 5)
-                    out["mrr"] = metrics.mean_reciprocal_rank(answer.scores[mask], truth[mask])
+                    half_scores = answer.scores[mask]  # one copy of the half's rows for every score metric
+                    out["top1_accuracy"] = metrics.top_k_accuracy(half_scores, truth[mask], 1)
+                    out["top5_accuracy"] = metrics.top_k_accuracy(half_scores, truth[mask], 5)
+                    out["mrr"] = metrics.mean_reciprocal_rank(half_scores, truth[mask])
+                    rates = metrics.tpr_at_fpr(half_scores, truth[mask], list(metrics.TPR_AT_FPR.values()))
+                    out.update(zip(metrics.TPR_AT_FPR, rates.tolist()))
+                    del half_scores
         elif task == "invert":
             images = answer.reconstructions
             truth_images = key.read("truth/images")[answer.rows]

@@ -1,7 +1,7 @@
 """``ncbench server``: the live challenge in one command, and the organizer's commands for it.
 
-One process runs the HTTP API (uvicorn) and the scoring dispatcher (Dask), and starts the
-Streamlit board as a child on the same database. SIGINT or SIGTERM stops all three; the board
+One process runs the HTTP API (uvicorn) and the dispatcher (Dask) of scoring jobs and verified
+runs, and starts the Streamlit board as a child on the same database. SIGINT or SIGTERM stops all three; the board
 child also dies with its parent if the parent is killed outright (Linux parent-death signal).
 """
 
@@ -110,11 +110,23 @@ def _die_with_parent() -> None:
               help="Scoring workers of the in-process cluster.")
 @click.option("--max-upload-mb", type=click.IntRange(1, 1 << 20), default=1024, show_default=True,
               help="Largest submission accepted.")
+@click.option("--verified-releases", type=click.IntRange(1, 100), default=3, show_default=True,
+              help="Verified track: fresh hidden evaluation releases per plugin run (K).")
+@click.option("--eval-source", default="phantom", show_default=True,
+              help="Verified track: held-out images of evaluation releases, for challenges published without "
+                   "their own --eval-source (phantom, folder:PATH, manifest:FILE).")
+@click.option("--sandbox-limit", "sandbox_limits", multiple=True, metavar="NAME=VALUE",
+              help="Verified track: a limit of each sandboxed run (repeatable): memory_bytes, cpu_s, wall_s, "
+                   "processes, file_bytes, scratch_bytes, output_bytes, threads; sizes take k/M/G.")
+@click.option("--unsandboxed", is_flag=True,
+              help="Organizers testing locally only: run plugins without bubblewrap (results marked unsandboxed).")
 def server(store_dir: Path, db: str | None, host: str, port: int, board_port: int | None, scheduler: str | None,
-           workers: int, max_upload_mb: int) -> None:
+           workers: int, max_upload_mb: int, verified_releases: int, eval_source: str,
+           sandbox_limits: tuple[str, ...], unsandboxed: bool) -> None:
     """Run the challenge server: HTTP API, scoring workers and the public board (Ctrl-C stops all)."""
     import uvicorn
 
+    from ncbench.leaderboard import sandbox, verified
     from ncbench.leaderboard.api import create_app
     from ncbench.leaderboard.worker import Dispatcher
 
@@ -122,7 +134,16 @@ def server(store_dir: Path, db: str | None, host: str, port: int, board_port: in
     url = _db_url(db, store_dir)
     Store(url).close()  # create or migrate the database, or refuse a foreign one, before anything starts
     board_port = port + 1 if board_port is None else board_port
-    app = create_app(url, store_dir, max_upload=max_upload_mb << 20)
+    settings = verified.Settings(releases=verified_releases, eval_source=eval_source,
+                                 limits=sandbox.parse_limits(sandbox_limits), unsandboxed=unsandboxed)
+    try:
+        sandbox.require_sandbox(unsandboxed=unsandboxed)
+    except sandbox.SandboxUnavailable as error:
+        click.echo(f"warning: verified track off: {error}", err=True)
+    if unsandboxed:
+        click.echo("warning: --unsandboxed: plugins run WITHOUT a sandbox; their results are marked unsandboxed",
+                   err=True)
+    app = create_app(url, store_dir, max_upload=max_upload_mb << 20, verified_settings=settings)
     board = dispatcher = None
     # uvicorn stops serving on SIGINT / SIGTERM, then raises the signal again once it has restored
     # the handlers it found: ours turn that into an orderly return through the finally below.
@@ -162,11 +183,18 @@ def server(store_dir: Path, db: str | None, host: str, port: int, board_port: in
 @click.option("--daily-limit", type=int, default=DEFAULT_DAILY_LIMIT, show_default=True,
               help="Submissions per team and UTC day (refused ones do not count).")
 @click.option("--deadline", default=None, help="Last moment for submissions, UTC (YYYY-MM-DDTHH:MM).")
-def publish(release_dir: Path, store_dir: Path, db: str | None, daily_limit: int, deadline: str | None) -> None:
+@click.option("--eval-source", default=None,
+              help="Verified track: the held-out images evaluation releases are drawn from (phantom, folder:PATH, "
+                   "manifest:FILE) [default: the server's --eval-source]. Keep them out of the public release.")
+@click.option("--plugin-daily-limit", type=int, default=None,
+              help="Verified track: plugin runs per team and UTC day [default: 2].")
+def publish(release_dir: Path, store_dir: Path, db: str | None, daily_limit: int, deadline: str | None,
+            eval_source: str | None, plugin_daily_limit: int | None) -> None:
     """Register a built challenge with the server: its public files become downloadable; its
     key goes to the store, which no route serves."""
-    from ncbench.leaderboard import channel
+    from ncbench.leaderboard import channel, verified
 
+    verified.evaluation_values(eval_source=eval_source, plugin_daily_limit=plugin_daily_limit)  # refuse first
     when = None
     if deadline:
         try:
@@ -177,6 +205,7 @@ def publish(release_dir: Path, store_dir: Path, db: str | None, daily_limit: int
     with Store(_db_url(db, store_dir)) as store:
         challenge_id = channel.publish(store, channel.StoreLayout(store_dir), release_dir,
                                        daily_limit=daily_limit, deadline=when)
+        verified.set_evaluation(store, challenge_id, eval_source=eval_source, plugin_daily_limit=plugin_daily_limit)
     click.echo(f"published {challenge_id}")
 
 

@@ -6,7 +6,9 @@ migration in :data:`MIGRATIONS` runs once, in order, inside a write transaction.
 
 Tables: ``challenges``, ``teams``, ``submissions`` (sha256 of the file, attack, version, params,
 runtime, status, error), ``scores`` (submission, split, metric, value) and ``utility_results``
-(written by the utility baseline through :func:`record_utility`).
+(written by the utility baseline through :func:`record_utility`); the live challenge's
+``published``, ``team_tokens`` and ``jobs`` (:mod:`leaderboard.channel`) and the verified track's
+``verified_runs`` and ``verified_releases`` (:mod:`leaderboard.verified`).
 
 Rules kept here, not in the callers:
 
@@ -156,6 +158,10 @@ published = sa.Table(
     sa.Column("daily_limit", sa.Integer, nullable=False),
     sa.Column("deadline_utc", sa.String(32)),
     sa.Column("published_utc", sa.String(32), nullable=False),
+    # The verified track (leaderboard/verified.py), since migration 5: the organizer's held-out image
+    # pool for evaluation releases (NULL: the server's --eval-source) and plugin runs per team and day.
+    sa.Column("eval_source", sa.String(512)),
+    sa.Column("plugin_daily_limit", sa.Integer),
 )
 team_tokens = sa.Table(
     "team_tokens", metadata,
@@ -183,6 +189,59 @@ jobs = sa.Table(
 sa.Index("ix_jobs_state", jobs.c.state, jobs.c.id)
 sa.Index("ix_jobs_team_day", jobs.c.team_id, jobs.c.challenge_id, jobs.c.created_utc)
 
+# The verified track (leaderboard/verified.py): attack code the organizer runs, sandboxed, on K fresh
+# evaluation releases per run. Each release's seed is committed to (sha256) before the plugin runs
+# and revealed when the challenge closes.
+VERIFIED_STATES = ("queued", "running", "scored", "failed")
+verified_runs = sa.Table(
+    "verified_runs", metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("challenge_id", sa.String(128), sa.ForeignKey("challenges.challenge_id"), nullable=False),
+    sa.Column("team_id", sa.Integer, sa.ForeignKey("teams.id"), nullable=False),
+    sa.Column("origin", sa.String(16), nullable=False),  # organizer: a built-in; self-reported: a team's plugin
+    sa.Column("attack", sa.String(128), nullable=False),  # the plugin's declared name (checked in the sandbox)
+    sa.Column("attack_version", sa.String(64), nullable=False),
+    sa.Column("plugin_sha256", sa.String(64)),  # the uploaded .py file; NULL for a built-in
+    sa.Column("plugin_file", sa.String(128)),
+    sa.Column("class_name", sa.String(128)),
+    sa.Column("params", sa.Text, nullable=False),  # JSON object of the raw name -> value strings
+    sa.Column("releases", sa.Integer, nullable=False),  # K evaluation releases
+    sa.Column("eval_source", sa.String(512), nullable=False),  # the held-out image pool they are drawn from
+    sa.Column("limits", sa.Text, nullable=False),  # JSON of leaderboard.sandbox.Limits
+    sa.Column("sandboxed", sa.Boolean, nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("message", sa.Text),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("created_utc", sa.String(32), nullable=False),
+    sa.Column("started_utc", sa.String(32)),
+    sa.Column("finished_utc", sa.String(32)),
+    sa.Column("updated_utc", sa.String(32), nullable=False),
+    sa.CheckConstraint(sa.column("state").in_(VERIFIED_STATES), name="verified_run_state"),
+    sa.CheckConstraint(sa.column("origin").in_(ORIGINS), name="verified_run_origin"),
+)
+sa.Index("ix_verified_runs_state", verified_runs.c.state, verified_runs.c.id)
+sa.Index("ix_verified_runs_team_day", verified_runs.c.team_id, verified_runs.c.challenge_id,
+         verified_runs.c.created_utc)
+verified_releases = sa.Table(
+    "verified_releases", metadata,
+    sa.Column("run_id", sa.Integer, sa.ForeignKey("verified_runs.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("idx", sa.SmallInteger, primary_key=True),
+    sa.Column("eval_challenge_id", sa.String(128), nullable=False),
+    sa.Column("seed_sha256", sa.String(64), nullable=False),  # the commitment, published before the run
+    sa.Column("key_commitment", sa.String(64), nullable=False),
+    sa.Column("release_sha256", sa.String(64), nullable=False),
+    sa.Column("recipe", sa.Text, nullable=False),  # JSON: everything but the seed needed to rebuild it
+    sa.Column("seed", sa.String(64), nullable=False),  # secret until the challenge closes: never served before
+    sa.Column("committed_utc", sa.String(32), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),  # committed, scored, failed
+    sa.Column("message", sa.Text),
+    sa.Column("wall_s", sa.Float),
+    sa.Column("cpu_s", sa.Float),
+    sa.Column("peak_rss_bytes", sa.BigInteger),
+    sa.Column("headline", sa.Float),  # the task's headline metric over the whole release (both halves)
+    sa.Column("metrics", sa.Text),  # JSON {"public": {...}, "private": {...}}
+)
+
 
 def _create(*tables: sa.Table) -> Callable[[Connection], None]:
     def apply(conn: Connection) -> None:
@@ -204,6 +263,13 @@ def _add_columns(*columns: tuple[sa.Table, str, str]) -> Callable[[Connection], 
     return apply
 
 
+def _in_order(*steps: Callable[[Connection], None]) -> Callable[[Connection], None]:
+    def apply(conn: Connection) -> None:
+        for step in steps:
+            step(conn)
+    return apply
+
+
 # Ordered, append-only: a released migration is never edited, a change is a new entry.
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "challenges, teams, submissions, scores", _create(challenges, teams, submissions, scores)),
@@ -214,6 +280,10 @@ MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
         (challenges, "test_release", "BOOLEAN NOT NULL DEFAULT FALSE"),
     )),
     (4, "published challenges, team tokens, job queue", _create(published, team_tokens, jobs)),
+    (5, "verified track: runs, evaluation releases, published.eval_source", _in_order(
+        _add_columns((published, "eval_source", "VARCHAR(512)"), (published, "plugin_daily_limit", "INTEGER")),
+        _create(verified_runs, verified_releases),
+    )),
 ]
 LATEST_VERSION = MIGRATIONS[-1][0]
 

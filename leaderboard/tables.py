@@ -29,7 +29,8 @@ FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 MARKDOWN_SPECIALS = re.compile(r"([\\`*_\[\]()!|~])")  # < > & " ' become HTML entities first
 HEADLINE_COLUMNS = ["n", "chance", "reidentification", "band", "k_anonymity"]
 # Task-specific metrics, in the order a reader wants them; anything else stored follows.
-DETAIL_COLUMNS = ["top1_accuracy", "top5_accuracy", "mrr", "one_to_one", "patch_position_accuracy", "psnr", "ssim"]
+DETAIL_COLUMNS = ["top1_accuracy", "top5_accuracy", "mrr", "tpr_at_0.1pct_fpr", "tpr_at_1pct_fpr", "one_to_one",
+                  "patch_position_accuracy", "psnr", "ssim"]
 CHANCE_ROW = "(chance level)"
 
 
@@ -208,6 +209,89 @@ def utility_by_label(utility: pd.DataFrame) -> pd.DataFrame:
     model = latest["preset"].where(latest["model_kind"] == "encoded", "raw")
     table = latest.assign(model=model).pivot_table(index="label", columns="model", values="auc", aggfunc="mean")
     return table[[m for m in table.columns if m != "raw"] + [m for m in table.columns if m == "raw"]]
+
+
+# -- the verified track (leaderboard/verified.py) -----------------------------------------------
+
+VERIFIED_SUMMARY_COLUMNS = ["challenge_id", "task", "preset", "run_id", "attack", "origin", "sandboxed", "state",
+                            "releases", "scored", "mean", "spread", "min", "max", "wall_s", "cpu_s", "peak_memory_mb",
+                            "message", "created_utc"]
+UNSANDBOXED = "UNSANDBOXED"  # the mark of a run the organizer made without the sandbox (local testing)
+HIDDEN_SEED = "hidden until the challenge closes"
+
+
+def verified_summary(results: pd.DataFrame) -> pd.DataFrame:
+    """One row per verified run: mean and spread of re-identification over its K evaluation
+    releases (each with a fresh key), and what each release cost.
+
+    results: :func:`leaderboard.verified.results` (one row per run and evaluation release).
+    ``spread`` is the sample standard deviation over the scored releases (NaN for fewer than
+    two); ``wall_s`` and ``cpu_s`` are per release (means); ``peak_memory_mb`` the largest.
+    """
+    if results.empty:
+        return pd.DataFrame(columns=VERIFIED_SUMMARY_COLUMNS)
+    scored = results[results["release_state"] == "scored"]
+    by_run = scored.groupby("run_id")["reidentification"]
+    first = results.drop_duplicates("run_id").set_index("run_id")[
+        ["challenge_id", "task", "preset", "attack", "origin", "sandboxed", "state", "releases", "message",
+         "created_utc"]]
+    frame = pd.DataFrame({
+        "scored": by_run.count(), "mean": by_run.mean(), "spread": by_run.std(ddof=1), "min": by_run.min(),
+        "max": by_run.max(), "wall_s": results.groupby("run_id")["wall_s"].mean(),
+        "cpu_s": results.groupby("run_id")["cpu_s"].mean(),
+        "peak_memory_mb": results.groupby("run_id")["peak_rss_bytes"].max() / (1 << 20),
+    }, index=first.index)
+    frame["scored"] = frame["scored"].fillna(0).astype(int)
+    frame = first.join(frame).reset_index()
+    return frame.reindex(columns=VERIFIED_SUMMARY_COLUMNS).sort_values("run_id", kind="stable").reset_index(drop=True)
+
+
+def verified_matrix(summary: pd.DataFrame, *, task: str | None = None, presets: list[str] | None = None) -> pd.DataFrame:
+    """The verified matrix: for each attack (rows) and preset (columns), the scored run with the
+    best mean, as text 'mean ± spread (K=k)' in percent; a run made without the sandbox is
+    marked :data:`UNSANDBOXED`. Built-ins are named as they are, teams' plugins team/attack.
+
+    summary: :func:`verified_summary`. Empty when no run is scored.
+    """
+    rows = summary[(summary["state"] == "scored") & summary["mean"].notna()]
+    if task is not None:
+        rows = rows[rows["task"] == task]
+    if rows.empty:
+        return pd.DataFrame()
+    best = rows.sort_values(["mean", "run_id"], ascending=[False, True], kind="stable").drop_duplicates(
+        ["attack", "preset"])
+
+    def cell(row) -> str:
+        spread = "" if pd.isna(row.spread) else f" ± {100 * row.spread:.1f}%"
+        mark = "" if row.sandboxed else f" {UNSANDBOXED}"
+        return f"{100 * row.mean:.1f}%{spread} (K={row.scored}){mark}"
+
+    best = best.assign(cell=[cell(row) for row in best.itertuples()])
+    matrix = best.pivot(index="attack", columns="preset", values="cell")
+    if presets is not None:
+        matrix = matrix[[p for p in presets if p in matrix.columns] + [p for p in matrix.columns if p not in presets]]
+    matrix.index.name, matrix.columns.name = "attack", None
+    return matrix.fillna("not run")
+
+
+def verified_compute(results: pd.DataFrame) -> pd.DataFrame:
+    """The points of re-identification against compute: one per scored evaluation release, with
+    its attack, preset, re-identification, wall and CPU seconds, and whether it was sandboxed."""
+    columns = ["attack", "preset", "run_id", "idx", "reidentification", "wall_s", "cpu_s", "sandboxed"]
+    if results.empty:
+        return pd.DataFrame(columns=columns)
+    return results.loc[results["release_state"] == "scored", columns].reset_index(drop=True)
+
+
+def verified_commitments(rows: list[dict]) -> pd.DataFrame:
+    """The commitments of evaluation releases (:func:`leaderboard.verified.commitments`) as a
+    table; the seed and the command that rebuilds the release once the challenge has closed."""
+    columns = ["challenge_id", "run_id", "idx", "attack", "seed_sha256", "key_commitment", "release_sha256",
+               "committed_utc", "seed", "rebuild"]
+    frame = pd.DataFrame(rows, columns=columns + ["revealed"])
+    frame["seed"] = [seed if revealed else HIDDEN_SEED for seed, revealed in zip(frame["seed"], frame["revealed"])]
+    frame["rebuild"] = frame["rebuild"].fillna("")
+    return frame[columns]
 
 
 def escape_markdown(text: str) -> str:

@@ -1,4 +1,6 @@
-"""The scoring workers: queued jobs from the database run on Dask distributed.
+"""The workers: queued jobs from the database run on Dask distributed. Two kinds share them:
+scoring jobs (an uploaded submission, :func:`leaderboard.channel.run_job`) and verified runs (a
+plugin on fresh hidden releases in the sandbox, :func:`leaderboard.verified.run_verified`).
 
 By default an in-process ``LocalCluster`` (``--workers`` threads); with ``--scheduler
 tcp://HOST:8786`` the jobs run on ``dask worker`` processes elsewhere, which need the same
@@ -11,19 +13,26 @@ from __future__ import annotations
 
 import threading
 
-from ncbench.leaderboard import channel
+from ncbench.leaderboard import channel, verified
 from ncbench.leaderboard.store import Store
+
+# Each kind of job: how it is claimed, run, and put back in the queue when its worker died.
+# Scoring jobs are claimed first: they take seconds, a verified run takes minutes.
+KINDS = {
+    "job": (channel.claim, channel.run_job, channel.finish),
+    "run": (verified.claim, verified.run_verified, verified.finish),
+}
 
 
 class Dispatcher:
-    """Moves queued jobs to Dask workers, at most ``capacity`` at a time."""
+    """Moves queued jobs of both kinds to Dask workers, at most ``capacity`` at a time."""
 
     def __init__(self, db_url: str, store_root: str, *, scheduler: str | None = None, workers: int = 1,
                  poll_s: float = 0.3):
         self.db_url, self.store_root = db_url, store_root
         self.scheduler, self.workers, self.poll_s = scheduler, workers, poll_s
         self._stop = threading.Event()
-        self._inflight: set[int] = set()
+        self._inflight: set[tuple[str, int]] = set()
         self._lock = threading.Lock()
         self.cluster = self.client = self._thread = None
 
@@ -38,6 +47,7 @@ class Dispatcher:
             self.client = Client(self.cluster)
         with Store(self.db_url) as store:
             channel.requeue_interrupted(store)
+            verified.requeue_interrupted(store)
         self._thread = threading.Thread(target=self._loop, name="ncbench-dispatcher", daemon=True)
         self._thread.start()
         return self
@@ -49,23 +59,25 @@ class Dispatcher:
     def _loop(self) -> None:
         with Store(self.db_url) as store:
             while not self._stop.is_set():
-                with self._lock:
-                    free = self.capacity - len(self._inflight)
-                for job_id in channel.claim(store, free) if free > 0 else []:
-                    future = self.client.submit(channel.run_job, self.db_url, self.store_root, job_id,
-                                                pure=False, key=f"ncbench-job-{job_id}-{id(self)}")
+                for kind, (claim, run, _) in KINDS.items():
                     with self._lock:
-                        self._inflight.add(job_id)
-                    future.add_done_callback(lambda f, j=job_id: self._done(j, f))
+                        free = self.capacity - len(self._inflight)
+                    for job_id in claim(store, free) if free > 0 else []:
+                        future = self.client.submit(run, self.db_url, self.store_root, job_id,
+                                                    pure=False, key=f"ncbench-{kind}-{job_id}-{id(self)}")
+                        with self._lock:
+                            self._inflight.add((kind, job_id))
+                        future.add_done_callback(lambda f, k=kind, j=job_id: self._done(k, j, f))
                 self._stop.wait(self.poll_s)
 
-    def _done(self, job_id: int, future) -> None:
+    def _done(self, kind: str, job_id: int, future) -> None:
         with self._lock:
-            self._inflight.discard(job_id)
+            self._inflight.discard((kind, job_id))
         if future.status == "error" and not self._stop.is_set():
-            # The worker itself died (run_job records every error it can catch): try again later.
+            # The worker itself died (run_job and run_verified record every error they can
+            # catch): try again later.
             with Store(self.db_url) as store:
-                channel.finish(store, job_id, "queued")
+                KINDS[kind][2](store, job_id, "queued")
 
     def stop(self) -> None:
         """Stop claiming; jobs still running stay ``running`` and are queued again next start."""

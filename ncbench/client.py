@@ -1,5 +1,6 @@
 """The attacker's commands against a running challenge server: ``ncbench challenges``, ``fetch``,
-``submit`` and ``submissions``.
+``submit`` (a file of answers, or ``--plugin``: attack code for the verified track) and
+``submissions``.
 
 The server comes from ``--server`` or ``NCBENCH_SERVER``; the team token from ``NCBENCH_TOKEN``
 or ``--token-file`` (never a command-line argument, which other users of the machine can read).
@@ -137,17 +138,30 @@ def _download(client: Client, path: str, partial: Path, size: int) -> None:
 
 
 @click.command("submit")
-@click.argument("submission", type=click.Path(path_type=Path))
+@click.argument("submission", type=click.Path(path_type=Path), required=False)
+@click.option("--plugin", "plugin_spec", metavar="FILE.py:Class",
+              help="Instead of a file of answers: an attack plugin for the verified track, which the organizer "
+                   "runs sandboxed on fresh hidden releases (check it first with `ncbench attack check`).")
+@click.option("--param", "params", multiple=True, metavar="K=V", help="With --plugin: an attack parameter (repeatable).")
 @click.option("--challenge", "challenge_id", required=True, help="The challenge id (see `ncbench challenges`).")
 @click.option("--no-wait", is_flag=True, help="Print the submission id and return without waiting for the score.")
 @click.option("--timeout", type=int, default=1800, show_default=True, help="Seconds to wait for the score.")
 @server_option
 @token_option
-def submit(submission: Path, challenge_id: str, no_wait: bool, timeout: int, server: str,
-           token_file: Path | None) -> None:
-    """Upload SUBMISSION to the server, wait for it to be scored, print the public-half score."""
-    submit_file(submission, challenge_id, server=server, token=read_token(token_file), wait=not no_wait,
-                timeout=timeout)
+def submit(submission: Path | None, plugin_spec: str | None, params: tuple[str, ...], challenge_id: str,
+           no_wait: bool, timeout: int, server: str, token_file: Path | None) -> None:
+    """Upload SUBMISSION (or, with --plugin, an attack plugin) to the server, wait for it to be
+    scored, print the score."""
+    if (submission is None) == (plugin_spec is None):
+        raise NcbenchError("give a SUBMISSION file or --plugin FILE.py:Class, not both")
+    if plugin_spec is None:
+        if params:
+            raise NcbenchError("--param goes with --plugin")
+        submit_file(submission, challenge_id, server=server, token=read_token(token_file), wait=not no_wait,
+                    timeout=timeout)
+        return
+    submit_plugin(plugin_spec, params, challenge_id, server=server, token=read_token(token_file), wait=not no_wait,
+                  timeout=timeout)
 
 
 def submit_file(submission: Path, challenge_id: str, *, server: str, token: str | None, wait: bool = True,
@@ -187,15 +201,76 @@ def submit_file(submission: Path, challenge_id: str, *, server: str, token: str 
     return job
 
 
+MAX_PLUGIN_BYTES = 1 << 20  # the server's cap (leaderboard/verified.py)
+
+
+def submit_plugin(spec: str, params: tuple[str, ...], challenge_id: str, *, server: str, token: str | None,
+                  wait: bool = True, timeout: int = 1800) -> dict:
+    """Upload one plugin file with its class name and parameters; the server checks it in its
+    sandbox before queueing it, then runs it on fresh hidden releases. With ``wait``, poll until
+    the run ends and return it (NcbenchError when it failed)."""
+    path_text, sep, class_name = spec.rpartition(":")
+    path = Path(path_text)
+    if not sep or path.suffix != ".py" or not class_name:
+        raise NcbenchError(f"--plugin must look like FILE.py:ClassName, got {spec!r}")
+    if not path.is_file():
+        raise NcbenchError(f"{path}: no such file")
+    size = path.stat().st_size
+    if size > MAX_PLUGIN_BYTES:
+        raise NcbenchError(f"{path} is {size} bytes; the server takes plugin files of at most {MAX_PLUGIN_BYTES}")
+    for item in params:
+        if "=" not in item:
+            raise NcbenchError(f"--param must look like name=value, got {item!r}")
+    client = Client(server, token, need_token=True)
+    client.json("GET", "/api/v1/whoami")
+
+    def body():
+        with open(path, "rb") as handle:
+            while chunk := handle.read(CHUNK):
+                yield chunk
+
+    query = [("class", class_name), ("filename", path.name), *(("param", item) for item in params)]
+    click.echo(f"uploading {path.name}: the server checks it in its sandbox before queueing it", err=True)
+    run = client.json("POST", f"/api/v1/challenges/{challenge_id}/plugins", params=query, content=body(),
+                      headers={"Content-Length": str(size), "Content-Type": "text/x-python"},
+                      timeout=httpx.Timeout(300, connect=10))
+    click.echo(f"verified run {run['id']} queued: {run['attack']} {run['attack_version']} on {run['releases']} fresh "
+               f"hidden releases (seed commitments: {client.server}/api/v1/challenges/{challenge_id}/commitments)")
+    if not wait:
+        return run
+    deadline = time.monotonic() + timeout
+    with progress(f"waiting for verified run {run['id']}", 1) as advance:
+        while run["state"] not in FINAL_STATES:
+            if time.monotonic() > deadline:
+                raise NcbenchError(f"verified run {run['id']} is still {run['state']} after {timeout} s; "
+                                   "check later with `ncbench submissions`")
+            time.sleep(1)
+            run = client.json("GET", f"/api/v1/plugins/{run['id']}")
+        advance(1)
+    if run["state"] != "scored":
+        raise NcbenchError(f"verified run {run['id']} {run['state']}: {run['message']}")
+    scores = ", ".join(f"{e['headline']:.4f}" for e in run["evaluations"])
+    spread = f" ± {run['spread']:.4f} (sd)" if run["spread"] is not None else ""
+    click.echo(f"verified run {run['id']} scored: re-identification {run['mean']:.4f}{spread} over "
+               f"{len(run['evaluations'])} fresh keys ({scores})")
+    return run
+
+
 @click.command("submissions")
 @server_option
 @token_option
 def submissions(server: str, token_file: Path | None) -> None:
-    """Your team's submissions: id, challenge, state, public score or refusal."""
-    rows = Client(server, read_token(token_file), need_token=True).json("GET", "/api/v1/submissions")
-    if not rows:
+    """Your team's submissions and verified plugin runs: id, challenge, state, score or reason."""
+    client = Client(server, read_token(token_file), need_token=True)
+    rows, runs = client.json("GET", "/api/v1/submissions"), client.json("GET", "/api/v1/plugins")
+    if not rows and not runs:
         click.echo("no submissions yet")
     for row in rows:
         outcome = json.dumps(row["public"], sort_keys=True) if row["public"] else (row["message"] or "")
         click.echo(f"{row['id']}\t{row['challenge_id']}\t{row['state']}\t{row['created_utc']}\t{outcome}")
+    for run in runs:
+        outcome = (f"mean {run['mean']:.4f} over {run['releases']} hidden releases" if run["mean"] is not None
+                   else run["message"] or "")
+        click.echo(f"plugin {run['id']}\t{run['challenge_id']}\t{run['state']}\t{run['created_utc']}\t"
+                   f"{run['attack']} {run['attack_version']}\t{outcome}")
 

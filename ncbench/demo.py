@@ -70,7 +70,7 @@ def demo(out: Path, n: int, seed: int, device: str) -> None:
             folder = out / f"{preset}-{task}"
             click.echo(f"[{k + 1}/{len(DEMO_CHALLENGES)}] {preset} {task}: release {folder}")
             if not _valid(folder):
-                build_release(folder, config=resolve_config(preset), plan=BuildPlan.for_task(task, n),
+                build_release(folder, config=resolve_config(preset, precision="auto"), plan=BuildPlan.for_task(task, n),
                               source="sample", seed=seed + k, test_release=True, device=device, force=True)
             written.append(folder)
             # Just built or checked against its checksums: no need to recompute every encoding.

@@ -6,11 +6,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
+from helpers import encode_all
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ncbench.attacks.base import Attack
+from ncbench.attacks.carlini_2021 import CloneEncoder, permuted_scores, recover_permutation
 from ncbench.attacks.registry import (
     all_attacks,
     check_plugin_name,
@@ -19,7 +22,7 @@ from ncbench.attacks.registry import (
     resolve,
 )
 from ncbench.attacks.submission import read_submission
-from ncbench.challenge.encoders import resolve_config
+from ncbench.challenge.encoders import Encoder, resolve_config, sample_key
 from ncbench.challenge.files import open_key, open_release
 from ncbench.challenge.release import BuildPlan, build_release
 from ncbench.cli import main
@@ -74,6 +77,59 @@ def test_gram_hungarian_predicts_patch_positions(releases):
     submission = _run("gram-hungarian", releases["nc3", "reid"], self_width=256)
     with open_key(releases["nc3", "reid"]) as key:
         assert (submission.patch_positions == key.read("truth/patch_perm")).mean() > 0.9
+
+
+# -- carlini-2021: the published attack, CPU-sized ---------------------------------------------
+
+FAST_CARLINI = dict(train_steps=100, clone_steps=10)
+
+
+def test_carlini_2021_reidentifies_nc3(releases):
+    assert _reid_accuracy(releases["nc3", "reid"], _run("carlini-2021", releases["nc3", "reid"], **FAST_CARLINI)) >= 0.9
+
+
+def test_carlini_2021_beats_chance_far_on_nc7(releases):
+    # 48 near-duplicate views at width 256: measured 1.0 with the defaults; chance is 1/48.
+    assert _reid_accuracy(releases["nc7", "reid"], _run("carlini-2021", releases["nc7", "reid"], **FAST_CARLINI)) >= 0.6
+
+
+def test_carlini_2021_is_deterministic_for_a_seed_and_predicts_patch_positions(releases):
+    first = _run("carlini-2021", releases["nc3", "reid"], **FAST_CARLINI)
+    again = _run("carlini-2021", releases["nc3", "reid"], **FAST_CARLINI)
+    assert first.mapping == again.mapping and np.array_equal(first.scores, again.scores)
+    with open_key(releases["nc3", "reid"]) as key:
+        assert (first.patch_positions == key.read("truth/patch_perm")).mean() > 0.9
+
+
+def test_carlini_2021_without_clone_rounds_stops_after_boosting(releases):
+    submission = _run("carlini-2021", releases["nc3", "reid"], train_steps=50, clone_rounds=0)
+    assert "clone encoder" not in submission.diagnostics["stage_seconds"]
+    assert len(submission.diagnostics["matching_stable_fraction_per_round"]) == 3  # boost rounds only
+
+
+@pytest.mark.parametrize("preset", ["linear", "nc3", "nc7"])
+def test_clone_encoder_with_the_true_key_is_the_encoder(preset, tiny_images):
+    config = resolve_config(preset, width=16, image_size=32, patch_size=8, bn_batch=12, depth=2 if preset == "nc7" else None)
+    key = sample_key(config, 1)
+    clone = CloneEncoder(config, hidden=config.width, outputs=config.width)
+    with torch.no_grad():
+        for name, parameter in clone.named_parameters():
+            parameter.copy_(key[name])
+        cloned = clone(torch.from_numpy(tiny_images)).numpy()
+    np.testing.assert_allclose(cloned, encode_all(Encoder(config, key), tiny_images, None), rtol=1e-4, atol=1e-4)
+
+
+def test_slot_permutation_is_recovered_from_a_half_right_matching():
+    rng = np.random.default_rng(0)
+    plain = torch.nn.functional.normalize(torch.from_numpy(rng.normal(size=(40, 16, 4)).astype(np.float32)), dim=-1)
+    slot_positions = rng.permutation(16)
+    truth = rng.permutation(40)
+    encoded = plain[truth][:, slot_positions] + 0.3 * torch.from_numpy(rng.normal(size=(40, 16, 4)).astype(np.float32))
+    matched = truth.copy()
+    matched[:20] = np.roll(truth[:20], 1)  # half the pairs wrong
+    recovered = recover_permutation(encoded, plain, matched)
+    assert np.array_equal(recovered, slot_positions)
+    assert np.array_equal(permuted_scores(encoded, plain, recovered).argmax(1), truth)
 
 
 def test_linear_inversion_reconstructs_linear_preset_above_40_db(releases):
@@ -170,7 +226,7 @@ def test_cli_run_records_parameters_runtime_and_stages(releases, tmp_path):
 
 def test_attack_list_names_every_builtin():
     result = CliRunner().invoke(main, ["attack", "list"])
-    for name in ("gram-hungarian", "linear-inversion", "distribution-alignment", "chance", "oracle"):
+    for name in ("gram-hungarian", "linear-inversion", "distribution-alignment", "carlini-2021", "chance", "oracle"):
         assert name in result.output
 
 

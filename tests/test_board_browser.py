@@ -14,9 +14,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from tornado.websocket import websocket_connect
-
 from test_server import TINY, Server, free_port, ncbench
+from tornado.websocket import websocket_connect
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")

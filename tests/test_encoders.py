@@ -6,17 +6,22 @@ import weakref
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
+from helpers import encode_all
 from torch import nn
 
+from ncbench import hardware
 from ncbench.challenge.encoders import (
     PRESETS,
     Encoder,
-    encode_all,
     key_tensor_names,
     resolve_config,
     sample_key,
     sample_permutations,
 )
+from ncbench.challenge.files import open_key, open_release
+from ncbench.challenge.release import BuildPlan, build_release
+from ncbench.cli import main
 from ncbench.errors import NcbenchError
 
 TINY = dict(width=64, image_size=32, patch_size=8, bn_batch=6)
@@ -169,6 +174,84 @@ def test_bad_overrides_are_refused():
         resolve_config("nc9")
     with pytest.raises(NcbenchError, match="multiple of patch_size"):
         resolve_config("nc7", image_size=30, patch_size=16)
+
+
+# -- precision follows the hardware -------------------------------------------------------------
+
+@pytest.fixture
+def cpu_probe(monkeypatch):
+    """Pretend to be a CPU with the given /proc/cpuinfo flags whose bf16 matmul timing says
+    ``bf16_fast``; returns a list that records every calibration run."""
+    calibrations = []
+
+    def pretend(flags, bf16_fast):
+        monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset(flags))
+        monkeypatch.setattr(hardware, "bf16_matmul_is_faster", lambda: calibrations.append(1) or bf16_fast)
+        hardware.cpu_has_fast_bf16.cache_clear()
+        return calibrations
+
+    yield pretend
+    hardware.cpu_has_fast_bf16.cache_clear()
+
+
+def test_auto_precision_is_fp32_on_a_cpu_without_bf16_flags(cpu_probe):
+    calibrations = cpu_probe({"avx2", "fma"}, bf16_fast=True)
+    assert resolve_config("nc7", precision="auto").for_device("cpu").precision == "fp32"
+    assert calibrations == []  # no flag, nothing to time
+
+
+@pytest.mark.parametrize("flag", sorted(hardware.BF16_CPU_FLAGS))
+def test_auto_precision_is_bf16_when_the_cpu_multiplies_bf16_natively(cpu_probe, flag):
+    cpu_probe({"avx2", flag}, bf16_fast=True)
+    assert resolve_config("nc7", precision="auto").for_device("cpu").precision == "bf16"
+
+
+def test_auto_precision_is_fp32_when_a_flagged_cpu_still_emulates_bf16(cpu_probe):
+    # e.g. oneDNN capped below the CPU (ONEDNN_MAX_CPU_ISA=AVX2): the timing overrules the flag
+    cpu_probe({"avx512_bf16"}, bf16_fast=False)
+    assert resolve_config("nc7", precision="auto").for_device("cpu").precision == "fp32"
+
+
+def test_cpu_probe_runs_once_per_process(cpu_probe):
+    calibrations = cpu_probe({"amx_bf16"}, bf16_fast=True)
+    for _ in range(3):
+        resolve_config("nc7", precision="auto").for_device("cpu")
+    assert calibrations == [1]
+
+
+def test_explicit_precision_is_never_overridden(cpu_probe):
+    cpu_probe({"avx2"}, bf16_fast=False)
+    assert resolve_config("nc7", precision="bf16").for_device("cpu").precision == "bf16"
+
+
+@pytest.mark.parametrize("bf16_fast, chosen", [(False, "fp32"), (True, "bf16")])
+def test_auto_encoder_output_equals_the_chosen_precision(cpu_probe, tiny_images, bf16_fast, chosen):
+    cpu_probe({"avx512_bf16"}, bf16_fast=bf16_fast)
+    config = resolve_config("nc7", **TINY)
+    auto = Encoder.from_seed(dataclasses.replace(config, precision="auto"), 4)
+    explicit = Encoder.from_seed(dataclasses.replace(config, precision=chosen), 4)
+    assert auto.config.precision == chosen
+    assert np.array_equal(encode_all(auto, tiny_images, None), encode_all(explicit, tiny_images, None))
+
+
+@pytest.mark.parametrize("bf16_fast, chosen", [(False, "fp32"), (True, "bf16")])
+def test_release_records_the_resolved_precision_never_auto(cpu_probe, tmp_path, bf16_fast, chosen):
+    cpu_probe({"avx512_bf16"}, bf16_fast=bf16_fast)
+    config = resolve_config("nc7", width=32, image_size=32, patch_size=8, bn_batch=8, precision="auto")
+    out = build_release(tmp_path / "r", config=config, plan=BuildPlan.for_task("reid", 8), source="phantom",
+                        seed=1, test_release=True, device="cpu")
+    with open_release(out) as release, open_key(out) as key:
+        assert release.config.precision == key.config.precision == chosen
+
+
+def test_cli_build_defaults_to_auto_precision(cpu_probe, tmp_path):
+    cpu_probe({"avx2"}, bf16_fast=False)
+    result = CliRunner().invoke(main, ["challenge", "build", "--preset", "nc3", "--n", "4", "--source", "phantom",
+                                       "--seed", "3", "--test-release", "--width", "16", "--image-size", "32",
+                                       "--patch-size", "8", "--device", "cpu", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    with open_release(tmp_path / "r") as release:
+        assert release.config.precision == "fp32"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

@@ -46,6 +46,78 @@ def test_constant_scores_earn_nothing_at_top_1():
     assert metrics.top_k_accuracy(np.ones((4, 4)), np.arange(4), 1) == 0.0
 
 
+# -- TPR at low FPR over all (encoding, candidate) claims -------------------------------------
+
+# Row 0: truth 0.9, negatives 0.5, 0.1. Row 1: truth 0.7, negatives 0.8, 0.3.
+# Negatives in order: 0.8, 0.5, 0.3, 0.1 (four of them).
+HAND_SCORES = np.array([[0.9, 0.5, 0.1], [0.8, 0.3, 0.7]])
+HAND_TRUTH = np.array([0, 2])
+
+
+@pytest.mark.parametrize("fpr, tpr", [
+    (0.0, 0.5),  # no false claim: threshold above 0.8, only 0.9 is claimed
+    (0.24, 0.5),  # 0.24 * 4 = 0.96 false claims: still none allowed
+    (0.25, 1.0),  # one false claim (0.8): threshold above 0.5 claims 0.9 and 0.7
+    (0.5, 1.0),
+])
+def test_tpr_at_fpr_worked_by_hand(fpr, tpr):
+    assert metrics.tpr_at_fpr(HAND_SCORES, HAND_TRUTH, [fpr]).tolist() == [tpr]
+
+
+def test_tpr_at_fpr_counts_ties_against_the_submitter():
+    # The true score 0.5 ties the largest negative: claiming it would also claim that negative.
+    scores = np.array([[0.5, 0.5], [0.2, 0.9]])
+    assert metrics.tpr_at_fpr(scores, np.array([0, 1]), [0.0]).tolist() == [0.5]
+    assert metrics.tpr_at_fpr(np.ones((4, 4)), np.arange(4), [0.001, 0.01, 0.5]).tolist() == [0.0, 0.0, 0.0]
+
+
+def test_tpr_at_fpr_sees_a_sure_minority_that_top1_misses():
+    # 10 of 100 rows are found with a large margin; the other 90 rows' truths are lost in noise.
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(100, 100))
+    truth = rng.permutation(100)
+    scores[np.arange(10), truth[:10]] = 10.0
+    scores[np.arange(10, 100), truth[10:]] = -10.0
+    assert metrics.top_k_accuracy(scores, truth, 1) == 0.1
+    assert metrics.tpr_at_fpr(scores, truth, [0.001]).tolist() == [0.1]
+
+
+def test_tpr_at_fpr_equals_a_brute_force_threshold_sweep_whatever_the_block(monkeypatch):
+    rng = np.random.default_rng(1)
+    scores = rng.integers(0, 30, size=(23, 17)).astype(np.float32)  # many ties
+    truth = rng.integers(0, 17, size=23)
+    scores[np.arange(23), truth] += rng.integers(0, 10, size=23)
+    positive = np.zeros(scores.shape, dtype=bool)
+    positive[np.arange(23), truth] = True
+    fprs = [0.0, 0.001, 0.01, 0.05, 0.2, 1.0]
+
+    def brute(rate):
+        best = 0.0
+        for threshold in np.unique(scores):
+            claimed = scores >= threshold
+            if (claimed & ~positive).sum() <= rate * (~positive).sum():
+                best = max(best, (claimed & positive).sum() / 23)
+        return best
+
+    expected = [brute(rate) for rate in fprs]
+    for block in (1, 5, 1000):
+        monkeypatch.setattr(metrics, "SCORE_BLOCK", block)
+        assert metrics.tpr_at_fpr(scores, truth, fprs).tolist() == pytest.approx(expected)
+
+
+def test_tpr_at_fpr_of_an_empty_half_is_nan_and_without_negatives_is_one():
+    assert math.isnan(metrics.tpr_at_fpr(np.zeros((0, 5)), np.zeros(0, dtype=int), [0.01])[0])
+    assert metrics.tpr_at_fpr(np.zeros((1, 1)), np.zeros(1, dtype=int), [0.01]).tolist() == [1.0]
+
+
+def test_ranks_are_the_same_whatever_the_block(monkeypatch):
+    rng = np.random.default_rng(2)
+    scores, truth = rng.integers(0, 5, size=(11, 7)), rng.integers(0, 7, size=11)
+    whole = metrics.true_ranks(scores, truth)
+    monkeypatch.setattr(metrics, "SCORE_BLOCK", 3)
+    assert metrics.true_ranks(scores, truth).tolist() == whole.tolist()
+
+
 def test_reid_accuracy_is_the_fraction_matched():
     assert metrics.reid_accuracy(np.array([0, 1, 2, 0]), np.array([0, 1, 1, 0])) == 0.75
 

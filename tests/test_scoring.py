@@ -95,6 +95,24 @@ def test_score_matrix_is_matched_one_to_one(tmp_path, releases):
     assert result.metrics[0]["mrr"] == 1.0
 
 
+def test_scores_give_tpr_at_low_fpr_per_half(tmp_path, releases):
+    # Public-half rows: the truth stands far above every other score. Private-half rows: the truth
+    # sits below every negative. Each half has 10 rows, so 10 x 19 = 190 negatives.
+    rel = releases["reid"]
+    plain_index, split = truth(rel, "plain_index"), truth(rel, "split")
+    scores = np.random.default_rng(0).uniform(0, 1, (20, 20)).astype(np.float32)
+    scores[np.arange(20), plain_index] = np.where(split == 0, 5.0, -5.0)
+    result = score(tmp_path, rel, base(rel, scores=scores))
+    for name in ("tpr_at_0.1pct_fpr", "tpr_at_1pct_fpr"):
+        assert result.metrics[0][name] == 1.0
+        assert result.metrics[1][name] == 0.0
+
+
+def test_mapping_alone_has_no_confidence_metrics(tmp_path, releases):
+    result = score(tmp_path, releases["reid"], base(releases["reid"], mapping=perfect_mapping(releases["reid"])))
+    assert "tpr_at_1pct_fpr" not in result.metrics[0]
+
+
 def test_score_columns_are_matched_by_plain_ids(tmp_path, releases):
     rel = releases["reid"]
     with open_release(rel) as release:

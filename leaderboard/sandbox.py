@@ -1,0 +1,465 @@
+"""Untrusted attack code in a bubblewrap sandbox, under limits (docs/server.md#the-verified-track).
+
+One run is one process tree, started in a session of its own::
+
+    bwrap                  namespaces: pid, net, ipc, uts, cgroup (and user, unless run as root)
+      setpriv ...          root only: a fresh unprivileged uid, no capabilities, no groups
+        prlimit ...        RLIMIT_AS, RLIMIT_CPU, RLIMIT_FSIZE, RLIMIT_NPROC
+          sh -c '"$@" && cp /tmp/submission.h5 /out/submission.h5' sh \
+            python -P -m ncbench.leaderboard.sandbox run PLUGIN.py:Class --release ... (= `ncbench attack run`)
+
+What the sandbox sees: ``/usr`` (and ``/lib*``, ``/bin``, ``/sbin``), ``/etc/ld.so.cache``, the
+Python environment and the ncbench packages at their own paths, all read-only; the one release at
+:data:`RELEASE_INSIDE` and the plugin under :data:`PLUGIN_DIR_INSIDE`, read-only; a private tmpfs
+``/tmp`` of ``scratch_bytes``; one writable host file, :data:`OUT_INSIDE`. The root, ``/dev`` and
+everything else are read-only. No network (an empty network namespace), no ``/etc/passwd``, and
+nothing else of the host: not the store, the keys or the database.
+
+Limits are set by ``prlimit(1)`` inside the sandbox, just before the runner starts. Inside,
+because RLIMIT_NPROC counts a user's processes: outside, a non-root server's own threads would
+count against it, and root is exempt from it, which is why a root server drops each run to a
+fresh uid of its own (so one run's processes never count against another's limit). The host
+kills the whole process group at the wall-clock limit or when the run prints more than
+``output_bytes``; the pid namespace dies with its first process, so nothing that left the group
+survives either. Wall time is measured by the host; CPU time and peak memory come from the
+rusage of the reaped sandbox (``os.wait4``), which includes every process it waited for (a run
+the host killed has none: only the wall time is known).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import secrets
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from importlib.util import find_spec
+from pathlib import Path
+
+from ncbench.errors import NcbenchError
+
+RELEASE_INSIDE = "/challenge/release.h5"
+PLUGIN_DIR_INSIDE = "/plugin"
+OUT_INSIDE = "/out/submission.h5"
+SCRATCH_INSIDE = "/tmp"
+# The runner: `ncbench attack ...` through this module's entry point (see `_entry`); -P keeps the
+# working folder, the plugin's writable /tmp, off sys.path.
+RUNNER = ["-P", "-m", "ncbench.leaderboard.sandbox"]
+# The runner writes to the tmpfs, then copies into the one writable host file: `attack run`
+# writes atomically (a temporary sibling renamed into place), which a bind-mounted file forbids.
+RUN_SCRIPT = '"$@" && cp /tmp/submission.h5 ' + OUT_INSIDE
+NCBENCH_PACKAGES = ("ncbench", "ncbench.challenge", "ncbench.attacks", "ncbench.baselines", "ncbench.leaderboard",
+                    "ncbench.data_manifest")
+SYSTEM_DIRS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+SYSTEM_FILES = ("/etc/ld.so.cache",)  # what the dynamic loader needs; not /etc/passwd, not /etc/hosts
+# A root server runs each sandbox as a random uid from this range (unused by Debian's subuid
+# defaults, which start at 100000 and grow by 65536 per user).
+SANDBOX_UID_BASE, SANDBOX_UID_SPAN = 1 << 24, 1 << 20
+READ_CHUNK = 1 << 16
+CPU_GRACE_S = 5
+
+
+class SandboxUnavailable(NcbenchError):
+    """bubblewrap is missing or cannot create namespaces here: the verified track refuses to run."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one sandboxed run may use. Memory is address space (RLIMIT_AS), so a plugin's
+    mapped libraries count too; the tmpfs ``/tmp`` (``scratch_bytes``) comes on top."""
+
+    memory_bytes: int = 8 << 30
+    cpu_s: int = 7200  # per process (RLIMIT_CPU)
+    wall_s: float = 3600.0
+    processes: int = 256  # processes and threads (RLIMIT_NPROC): torch's thread pools count
+    file_bytes: int = 1 << 30  # largest file written, the submission included (RLIMIT_FSIZE)
+    scratch_bytes: int = 2 << 30
+    output_bytes: int = 1 << 20  # stdout + stderr; more kills the run
+    threads: int = 4  # OMP / MKL / torch threads
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            if not getattr(self, field.name) > 0:
+                raise NcbenchError(f"sandbox limit {field.name} must be positive, got {getattr(self, field.name)}")
+        if self.processes <= self.threads:
+            raise NcbenchError(f"sandbox processes ({self.processes}) must exceed threads ({self.threads})")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Limits:
+        return cls(**json.loads(text))
+
+
+SIZE_SUFFIXES = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def parse_limits(items, base: Limits | None = None) -> Limits:
+    """``name=value`` strings (``--sandbox-limit memory_bytes=2G``) applied to ``base``: the
+    names are :class:`Limits` fields; byte sizes take a k, M or G suffix (powers of 1024)."""
+    base = base or Limits()
+    known = {field.name: field.type for field in dataclasses.fields(Limits)}
+    changes: dict[str, float | int] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        name, text = name.strip(), text.strip()
+        if not sep or name not in known:
+            raise NcbenchError(f"--sandbox-limit must be NAME=VALUE with NAME one of {', '.join(known)}; "
+                               f"got {item!r}")
+        scale = SIZE_SUFFIXES.get(text[-1:].lower(), 1) if name.endswith("_bytes") else 1
+        number = text[:-1] if scale != 1 else text
+        try:
+            value = float(number) * scale
+        except ValueError:
+            raise NcbenchError(f"--sandbox-limit {name}: {text!r} is not a number") from None
+        changes[name] = value if name == "wall_s" else int(value)
+    return dataclasses.replace(base, **changes)
+
+
+@dataclass(frozen=True)
+class Mount:
+    """A host path shown at ``inside`` (read-only unless ``writable``)."""
+
+    host: Path
+    inside: str
+    writable: bool = False
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one sandboxed run ended: ``reason`` is None when it succeeded, else one line."""
+
+    reason: str | None
+    returncode: int
+    output: str  # what it printed, at most ``output_bytes`` (decoded, invalid bytes replaced)
+    wall_s: float
+    cpu_s: float | None  # None when the host killed it: its processes were never reaped by bwrap
+    peak_rss_bytes: int | None
+    sandboxed: bool
+
+    @property
+    def ok(self) -> bool:
+        return self.reason is None
+
+
+# -- is there a sandbox? -----------------------------------------------------------------------
+
+def sandbox_problem() -> str | None:
+    """None when bubblewrap works here; otherwise why not, in one line."""
+    path = shutil.which("bwrap")
+    if path is None:
+        return "bubblewrap (bwrap) is not installed (Debian: apt-get install bubblewrap)"
+    return _probe(path)
+
+
+@functools.cache
+def _probe(bwrap: str) -> str | None:
+    command = bwrap_argv([sys.executable, "-c", "pass"], mounts=environment_mounts(), limits=Limits(),
+                         bwrap=bwrap, uid=_sandbox_uid())
+    try:
+        probe = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return f"bubblewrap cannot start here ({error})"
+    if probe.returncode != 0:
+        detail = " ".join(probe.stderr.decode(errors="replace").split())[:200]
+        return f"bubblewrap cannot create a sandbox here (user namespaces disabled?): {detail}"
+    return None
+
+
+def require_sandbox(*, unsandboxed: bool) -> None:
+    """Refuse, in one line, to run plugins without a sandbox unless the organizer asked to."""
+    if unsandboxed:
+        return
+    problem = sandbox_problem()
+    if problem:
+        raise SandboxUnavailable(f"the verified track runs plugins only in a sandbox, and {problem}; organizers "
+                                 "testing locally may pass --unsandboxed (results are marked unsandboxed)")
+
+
+# -- the command line --------------------------------------------------------------------------
+
+def environment_mounts() -> list[Mount]:
+    """Read-only mounts of what the runner needs: the system libraries, the Python environment
+    (``sys.prefix`` and the base interpreter's prefix) and the ncbench packages (an editable
+    install keeps them outside the environment), each at its own path."""
+    mounts = [Mount(Path("/usr"), "/usr")]
+    for path in SYSTEM_FILES:
+        if Path(path).is_file():
+            mounts.append(Mount(Path(path), path))
+    places = {Path(p).resolve() for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)}
+    for package in NCBENCH_PACKAGES:
+        spec = find_spec(package)
+        places.update(Path(p).resolve() for p in (spec.submodule_search_locations or []))
+    covered: list[Path] = [Path("/usr")]
+    for place in sorted(places, key=lambda p: len(p.parts)):
+        if not any(place == c or c in place.parents for c in covered):
+            covered.append(place)
+            mounts.append(Mount(place, str(place)))
+    return mounts
+
+
+def bwrap_argv(command: list[str], *, mounts: list[Mount], limits: Limits, bwrap: str = "bwrap",
+               uid: int | None = None) -> list[str]:
+    """The full command line of one sandboxed ``command`` (pure: tested without running it).
+
+    ``uid``: when the server is root, the fresh unprivileged uid the run drops to (bwrap then
+    runs privileged, without a user namespace, which could only map uid 0); None otherwise
+    (bwrap makes a user namespace, and ``--disable-userns`` forbids nesting another).
+    """
+    # --as-pid-1: bwrap then waits for the command itself, so its rusage (CPU time, peak memory)
+    # reaches ours; with its own init it reports only an exit code.
+    argv = [bwrap, "--die-with-parent", "--as-pid-1", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
+            "--unshare-cgroup-try"]
+    if uid is None:
+        argv += ["--unshare-user", "--disable-userns"]
+    for path in SYSTEM_DIRS:
+        if os.path.islink(path):
+            argv += ["--symlink", os.readlink(path), path]
+        elif os.path.isdir(path):
+            argv += ["--ro-bind", path, path]
+    argv += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--size", str(64 << 20), "--tmpfs", "/dev/shm",
+             "--perms", "1777", "--size", str(limits.scratch_bytes), "--tmpfs", SCRATCH_INSIDE]
+    made: set[Path] = set()
+    for mount in mounts:
+        # Every folder above a mount point is made traversable: bwrap makes missing ones 0700.
+        for folder in reversed(Path(mount.inside).parents[:-1]):
+            if folder not in made:
+                argv += ["--perms", "0755", "--dir", str(folder)]
+                made.add(folder)
+        argv += ["--bind" if mount.writable else "--ro-bind", str(mount.host), mount.inside]
+    argv += ["--remount-ro", "/dev", "--remount-ro", "/", "--clearenv"]
+    for name, value in sandbox_env(limits).items():
+        argv += ["--setenv", name, value]
+    argv += ["--chdir", SCRATCH_INSIDE]
+    if uid is not None:
+        argv += ["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--cap-add", "CAP_SETPCAP",
+                 "--", "setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--inh-caps=-all",
+                 "--bounding-set=-all", "--"]
+    else:
+        argv += ["--"]
+    return argv + prlimit_argv(limits, processes=True) + command
+
+
+def prlimit_argv(limits: Limits, *, processes: bool) -> list[str]:
+    # CPU: SIGXCPU at the soft limit (the run ends with a reason), SIGKILL a little later.
+    cpu = f"--cpu={limits.cpu_s}:{limits.cpu_s + CPU_GRACE_S}"
+    argv = ["prlimit", f"--as={limits.memory_bytes}", cpu, f"--fsize={limits.file_bytes}"]
+    if processes:
+        argv.append(f"--nproc={limits.processes}")
+    return [*argv, "--"]
+
+
+def sandbox_env(limits: Limits) -> dict[str, str]:
+    """The whole environment of a run: nothing of the server's (no token, no database URL)."""
+    threads = str(limits.threads)
+    return {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": SCRATCH_INSIDE, "TMPDIR": SCRATCH_INSIDE,
+            "LANG": "C.UTF-8", "PYTHONNOUSERSITE": "1", "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": threads,
+            "MKL_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads}
+
+
+def _sandbox_uid() -> int | None:
+    return SANDBOX_UID_BASE + secrets.randbelow(SANDBOX_UID_SPAN) if os.geteuid() == 0 else None
+
+
+# -- running -----------------------------------------------------------------------------------
+
+def run_attack(*, attack: str, params: dict[str, str], release: Path, workdir: Path, limits: Limits,
+               plugin: Path | None = None, sandboxed: bool = True) -> tuple[Outcome, Path]:
+    """Run ``attack`` (a built-in's name, or the class name in ``plugin``, a .py file) on
+    ``release`` with ``ncbench attack run``; returns the outcome and where the submission is
+    (it exists only when the outcome is ok). ``workdir``: an empty host folder for this run.
+    """
+    out = workdir / "submission.h5"
+    if not sandboxed:
+        spec = f"{plugin}:{attack}" if plugin else attack
+        argv = [sys.executable, *RUNNER, *_run_args(spec, params, release, out)]
+        return _execute(prlimit_argv(limits, processes=False) + argv, limits, sandboxed=False, workdir=workdir), out
+    uid = _sandbox_uid()
+    _writable_file(out, uid)
+    mounts = [*environment_mounts(), Mount(release, RELEASE_INSIDE), Mount(out, OUT_INSIDE, writable=True)]
+    spec = attack
+    if plugin is not None:
+        mounts.append(Mount(plugin, f"{PLUGIN_DIR_INSIDE}/{plugin.name}"))
+        spec = f"{PLUGIN_DIR_INSIDE}/{plugin.name}:{attack}"
+    inner = ["sh", "-c", RUN_SCRIPT, "sh", sys.executable, *RUNNER,
+             *_run_args(spec, params, Path(RELEASE_INSIDE), Path(SCRATCH_INSIDE) / "submission.h5")]
+    outcome = _execute(bwrap_argv(inner, mounts=mounts, limits=limits, bwrap=_bwrap(), uid=uid), limits,
+                       sandboxed=True, workdir=workdir)
+    if outcome.ok and out.stat().st_size == 0:
+        outcome = dataclasses.replace(outcome, reason="the run wrote no submission")
+    return outcome, out
+
+
+def check_plugin(*, plugin: Path, class_name: str, params: dict[str, str], task: str, workdir: Path,
+                 limits: Limits, sandboxed: bool = True) -> tuple[Outcome, dict | None]:
+    """``ncbench attack check --no-run --json`` on ``plugin`` in the sandbox (importing a plugin
+    runs its code). Returns the outcome and, when it passed, the declarations it reported
+    (name, version, tasks, knowledge): the plugin's own process printed them, so the caller
+    checks them again."""
+    def command(path: str) -> list[str]:
+        # sh stays as the sandbox's first process: signals (SIGXCPU) then end python as they should.
+        args = ["sh", "-c", '"$@"', "sh", sys.executable, *RUNNER, "check", f"{path}:{class_name}", "--no-run", "--json",
+                "--task", task]
+        return args + [item for name, value in params.items() for item in ("--param", f"{name}={value}")]
+
+    if sandboxed:
+        inside = f"{PLUGIN_DIR_INSIDE}/{plugin.name}"
+        argv = bwrap_argv(command(inside), mounts=[*environment_mounts(), Mount(plugin, inside)], limits=limits,
+                          bwrap=_bwrap(), uid=_sandbox_uid())
+    else:
+        argv = prlimit_argv(limits, processes=False) + command(str(plugin))
+    from ncbench.attacks.cli import CHECK_MARK
+
+    outcome = _execute(argv, limits, sandboxed=sandboxed, workdir=workdir)
+    if not outcome.ok:
+        return outcome, None
+    for line in reversed(outcome.output.splitlines()):
+        if line.startswith(CHECK_MARK):
+            try:
+                report = json.loads(line[len(CHECK_MARK):])
+            except ValueError:
+                break
+            if isinstance(report, dict):
+                return outcome, report
+            break
+    return dataclasses.replace(outcome, reason="the check printed no report"), None
+
+
+def _run_args(spec: str, params: dict[str, str], release: Path, out: Path) -> list[str]:
+    args = ["run", spec, "--release", str(release), "--out", str(out), "--device", "cpu", "--seed", "0"]
+    return args + [item for name, value in params.items() for item in ("--param", f"{name}={value}")]
+
+
+def _bwrap() -> str:
+    path = shutil.which("bwrap")
+    if path is None:
+        raise SandboxUnavailable(sandbox_problem() or "bubblewrap is not installed")
+    return path
+
+
+def _writable_file(path: Path, uid: int | None) -> None:
+    """An empty file only the sandbox's uid can write: the one host file a run may write to."""
+    handle = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    try:
+        if uid is not None:
+            os.fchown(handle, uid, uid)
+    finally:
+        os.close(handle)
+
+
+def _execute(argv: list[str], limits: Limits, *, sandboxed: bool, workdir: Path) -> Outcome:
+    """Start ``argv`` in a session of its own, read at most ``output_bytes`` of its output, kill
+    its process group at the wall-clock or output limit, reap it and measure it."""
+    # bwrap clears the environment inside; an unsandboxed run gets the same one, HOME aside.
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")} if sandboxed else {
+        **sandbox_env(limits), "HOME": str(workdir), "TMPDIR": str(workdir)}
+    started = time.monotonic()
+    process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               start_new_session=True, cwd=workdir, env=env)
+    output, killed_for = bytearray(), None
+    with selectors.DefaultSelector() as selector:
+        selector.register(process.stdout, selectors.EVENT_READ)
+        while True:
+            left = started + limits.wall_s - time.monotonic()
+            if left <= 0:
+                killed_for = f"wall-clock limit: still running after {limits.wall_s:g} s"
+                break
+            if not selector.select(timeout=min(left, 1.0)):
+                continue
+            chunk = os.read(process.stdout.fileno(), READ_CHUNK)
+            if not chunk:
+                break
+            if len(output) + len(chunk) > limits.output_bytes:
+                output += chunk[: limits.output_bytes - len(output)]
+                killed_for = f"output limit: printed more than {limits.output_bytes} bytes"
+                break
+            output += chunk
+    if killed_for:
+        _kill_group(process.pid)
+        errors = [line for line in output.decode(errors="replace").splitlines() if line.startswith("error: ")]
+        if errors:  # e.g. a fork bomb held at the process limit until the clock ran out
+            killed_for += f" (last error: {_one_line(errors[-1].removeprefix('error: '), 200)})"
+    process.stdout.close()
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
+    wall = time.monotonic() - started
+    text = output.decode(errors="replace")
+    measured = killed_for is None
+    return Outcome(reason=killed_for or _reason(process.returncode, text, limits), returncode=process.returncode,
+                   output=text, wall_s=round(wall, 3),
+                   cpu_s=round(usage.ru_utime + usage.ru_stime, 3) if measured else None,
+                   peak_rss_bytes=int(usage.ru_maxrss) * 1024 if measured else None, sandboxed=sandboxed)
+
+
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+SIGNAL_REASONS = {
+    signal.SIGXCPU: "CPU time limit",
+    signal.SIGXFSZ: "file size limit",
+    signal.SIGKILL: "killed (SIGKILL)",
+}
+
+
+def _reason(returncode: int, output: str, limits: Limits) -> str | None:
+    """One line on why a run failed, or None: the CLI's own ``error:`` line when there is one,
+    else the signal that ended it (bwrap and sh report a signal as 128 + its number)."""
+    if returncode == 0:
+        return None
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    errors = [line.removeprefix("error: ") for line in lines if line.startswith("error: ")]
+    if errors:
+        return _one_line("; ".join(errors))
+    number = -returncode if returncode < 0 else returncode - 128 if returncode > 128 else None
+    if number is not None:
+        try:
+            name = signal.Signals(number).name
+        except ValueError:
+            name = f"signal {number}"
+        what = SIGNAL_REASONS.get(number, f"killed by {name}")
+        if number == signal.SIGXCPU:
+            what += f" of {limits.cpu_s} s"
+        elif number == signal.SIGXFSZ:
+            what += f" of {limits.file_bytes} bytes"
+        return what
+    return _one_line(f"exit status {returncode}: {lines[-1] if lines else 'no output'}")
+
+
+def _one_line(text: str, limit: int = 500) -> str:
+    text = "".join(c if c.isprintable() else " " for c in " ".join(text.split()))
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+# -- inside the sandbox ------------------------------------------------------------------------
+
+def _entry(argv: list[str]) -> int:
+    """``ncbench attack ARGV`` with the root command's rule (a user mistake is one ``error:``
+    line and exit status 2), importing only the attack tools: every run starts a fresh
+    interpreter, and the other command groups would cost it a second more."""
+    import click
+
+    from ncbench.attacks.cli import group
+
+    try:
+        group.main(argv, prog_name="ncbench attack", standalone_mode=False)
+    except (NcbenchError, click.ClickException) as error:
+        message = error.format_message() if isinstance(error, click.ClickException) else str(error)
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_entry(sys.argv[1:]))

@@ -1,0 +1,478 @@
+"""The verified track: plugins run by the organizer, sandboxed, on fresh hidden releases.
+
+One real `ncbench server` (two workers, small sandbox limits) takes a batch at once: hostile
+plugins, a well-behaved one, the built-in reference rows and an ordinary scoring job. The tests
+then read what the batch left behind; the last one closes the challenge and rebuilds an
+evaluation release from its revealed seed.
+"""
+
+import concurrent.futures
+import hashlib
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import h5py
+import httpx
+import pandas as pd
+import pytest
+import sqlalchemy as sa
+from click.testing import CliRunner
+from streamlit.testing.v1 import AppTest
+
+from ncbench.cli import main
+from ncbench.leaderboard import sandbox, tables, verified
+from ncbench.leaderboard.scoring import score_submission
+from ncbench.leaderboard.store import BUILTIN_TEAM, DB_ENV, Store, verified_runs
+
+NCBENCH = str(Path(sys.executable).with_name("ncbench"))
+# width 64 = 8 x 8 pixels per patch: every built-in attack runs on it.
+TINY = ["--width", "64", "--image-size", "32", "--patch-size", "8", "--bn-batch", "8"]
+LIMITS = {"memory_bytes": "2G", "cpu_s": "30", "wall_s": "15", "processes": "64", "file_bytes": "64M",
+          "scratch_bytes": "128M", "output_bytes": "64k", "threads": "1"}
+LIMIT_ARGS = [arg for name, value in LIMITS.items() for arg in ("--sandbox-limit", f"{name}={value}")]
+FINAL = ("scored", "failed")
+
+PLUGIN = '''\
+import os
+import socket
+import sys
+import time
+
+import numpy as np
+
+from ncbench.attacks.gram_hungarian import GramHungarian
+{module_level}
+
+class {cls}(GramHungarian):
+    name = "{name}"
+    version = "1.0"
+    description = "A plugin of tests/test_verified.py."
+
+    def run(self, release):
+{body}
+'''
+WELL_BEHAVED = "        return super().run(release)"
+
+
+def hostile_bodies(port: int, store: Path, challenge_id: str) -> dict[str, tuple[str, str]]:
+    """Plugin name -> (body of run(), what its recorded reason must say)."""
+    paths = ["/etc/passwd", str(store / "leaderboard.db"), str(store / "keys" / challenge_id / "key.h5")]
+    folders = [str(store), str(store / "keys"), "/home"]
+    return {
+        "opens-a-socket": (f"""
+        outcomes = []
+        for address in [("127.0.0.1", {port}), ("1.1.1.1", 53)]:
+            try:
+                socket.create_connection(address, timeout=3).close()
+                outcomes.append(f"CONNECTED {{address}}")
+            except OSError as error:
+                outcomes.append(type(error).__name__)
+        raise RuntimeError("no network: " + ", ".join(outcomes))""", "no network"),
+        "reads-host-files": (f"""
+        leaked = []
+        for path in {paths!r}:
+            try:
+                with open(path, "rb") as handle:
+                    handle.read(1)
+                leaked.append(path)
+            except OSError:
+                pass
+        for folder in {folders!r}:
+            try:
+                os.listdir(folder)
+                leaked.append(folder)
+            except OSError:
+                pass
+        raise RuntimeError(f"LEAKED {{leaked}}" if leaked else "nothing of the host is visible")""",
+                             "nothing of the host is visible"),
+        "forks-until-stopped": ("""
+        while True:
+            if os.fork() == 0:
+                time.sleep(3600)
+                os._exit(0)""", "Resource temporarily unavailable"),
+        "allocates-50-gb": ("""
+        return np.ones(50 * 10**9, dtype=np.uint8)""", "MemoryError"),
+        "sleeps-forever": ("""
+        time.sleep(10**6)""", "wall-clock limit"),
+        "writes-10-gb": ("""
+        with open("/tmp/big", "wb") as handle:
+            for _ in range(10 * 1024):
+                handle.write(bytes(1 << 20))""", "File too large"),
+        "prints-1-gb": ("""
+        for _ in range(1024):
+            sys.stdout.write("x" * (1 << 20))""", "output limit"),
+        "imports-a-missing-module": ("""
+        import ncbench_no_such_module  # noqa: F401""", "No module named 'ncbench_no_such_module'"),
+    }
+
+
+def plugin_source(name: str, body: str = WELL_BEHAVED, module_level: str = "", cls: str = "Plugin") -> str:
+    return PLUGIN.format(name=name, body=textwrap.indent(textwrap.dedent(body).strip("\n"), " " * 8),
+                         module_level=module_level, cls=cls)
+
+
+def ncbench(*args, env=None, timeout=300):
+    return subprocess.run([NCBENCH, *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def cli(*args, env=None):
+    """The ncbench command in this process (click's runner): the quick checks need no new interpreter."""
+    return CliRunner().invoke(main, [str(a) for a in args], env=env)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """`ncbench server` in a process group of its own, on a free port."""
+
+    def __init__(self, store: Path, *extra):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(store.parent / "server.log", "w")  # noqa: SIM115 - closed by stop()
+        self.process = subprocess.Popen([NCBENCH, "server", "--store", str(store), "--port", str(self.port),
+                                         *map(str, extra)], stdout=self.log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+            assert self.process.poll() is None, Path(self.log.name).read_text()
+        raise AssertionError("server did not start: " + Path(self.log.name).read_text())
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(timeout=60)
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    problem = sandbox.sandbox_problem()
+    if problem:
+        pytest.skip(problem)
+    root = tmp_path_factory.mktemp("verified")
+    built = ncbench("challenge", "build", "--preset", "nc3", "--task", "reid", "--source", "phantom", "--n", 16,
+                    *TINY, "--out", root / "release")
+    assert built.returncode == 0, built.stderr
+    store = root / "store"
+    published = ncbench("challenge", "publish", root / "release", "--store", store, "--plugin-daily-limit", 50)
+    assert published.returncode == 0, published.stderr
+    tokens = {team: ncbench("team", "add", team, "--store", store).stdout.strip() for team in ("alice", "bob")}
+    server = Server(store, "--workers", 2, "--board-port", 0, "--verified-releases", 2, *LIMIT_ARGS)
+    (root / "plugins").mkdir()
+    yield {"root": root, "store": store, "id": published.stdout.split()[-1], "tokens": tokens, "server": server}
+    if server.process.poll() is None:
+        server.stop()
+
+
+def db(world) -> Store:
+    return Store(world["store"] / "leaderboard.db", create=False)
+
+
+def upload(world, team: str, path: Path, cls: str = "Plugin") -> httpx.Response:
+    return httpx.post(f"{world['server'].url}/api/v1/challenges/{world['id']}/plugins",
+                      params={"class": cls, "filename": path.name}, content=path.read_bytes(),
+                      headers={"Authorization": f"Bearer {world['tokens'][team]}"}, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def batch(world):
+    """Everything at once: hostile plugins (alice), a well-behaved one through `ncbench submit
+    --plugin` (bob), the built-ins queued by the organizer and an ordinary scoring job; waits
+    until every run has ended, checking all along that the server answers."""
+    root, url = world["root"], world["server"].url
+    hostile = hostile_bodies(world["server"].port, world["store"], world["id"])
+    files = {}
+    for name, (body, _) in hostile.items():
+        files[name] = root / "plugins" / f"{name.replace('-', '_')}.py"
+        files[name].write_text(plugin_source(name, body))
+    good = root / "plugins" / "good_plugin.py"
+    good.write_text(plugin_source("good-gram"))
+    chance = root / "chance.h5"
+    assert ncbench("attack", "run", "chance", "--release", root / "release", "--out", chance).returncode == 0
+    bob = {"NCBENCH_SERVER": url, "NCBENCH_TOKEN": world["tokens"]["bob"]}
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        uploads = {name: pool.submit(upload, world, "alice", path) for name, path in files.items()}
+        submitted = pool.submit(ncbench, "submit", "--plugin", f"{good}:Plugin", "--challenge", world["id"],
+                                "--no-wait", env=bob)
+        builtins = pool.submit(ncbench, "leaderboard", "verify-builtins", "--challenge", world["id"], "--store",
+                               world["store"], "--releases", 1, "--queue-only", *LIMIT_ARGS)
+        scoring = pool.submit(httpx.post, f"{url}/api/v1/challenges/{world['id']}/submissions",
+                              content=chance.read_bytes(), timeout=60,
+                              headers={"Authorization": f"Bearer {world['tokens']['bob']}"})
+        answers = {name: future.result() for name, future in uploads.items()}
+    assert all(answer.status_code == 202 for answer in answers.values()), {n: a.text for n, a in answers.items()}
+    assert submitted.result().returncode == 0, submitted.result().stderr
+    assert builtins.result().returncode == 0, builtins.result().stderr
+    assert scoring.result().status_code == 202, scoring.result().text
+    health = []
+    deadline = time.monotonic() + 300
+    with db(world) as store:
+        while time.monotonic() < deadline:
+            health.append(httpx.get(f"{url}/api/v1/challenges", timeout=10).status_code)
+            with store._read() as conn:
+                states = conn.execute(sa.select(verified_runs.c.state)).scalars().all()
+            if all(state in FINAL for state in states):
+                break
+            time.sleep(1)
+        results = verified.results(store)
+    job = httpx.get(f"{url}/api/v1/submissions/{scoring.result().json()['id']}", timeout=10,
+                    headers={"Authorization": f"Bearer {world['tokens']['bob']}"}).json()
+    runs = {answer.json()["attack"]: answer.json()["id"] for answer in answers.values()}
+    return {"hostile": hostile, "runs": runs, "results": results, "health": health, "scoring": job,
+            "good": good, "bob": bob}
+
+
+def run_of(batch, world, run_id: int) -> dict:
+    with db(world) as store:
+        return verified.run_view(store, run_id)
+
+
+# -- hostile plugins ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(hostile_bodies(0, Path("/"), "x")))
+def test_hostile_plugin_is_contained_and_recorded_as_failed_with_its_reason(world, batch, name):
+    run = run_of(batch, world, batch["runs"][name])
+    expected = batch["hostile"][name][1]
+    assert run["state"] == "failed", run
+    assert expected in run["message"], run["message"]
+    assert "LEAKED" not in run["message"] and "CONNECTED" not in run["message"]
+    assert run["message"].count("\n") == 0
+
+
+def test_the_server_keeps_serving_and_scoring_while_hostile_plugins_run(batch):
+    assert batch["health"] and set(batch["health"]) == {200}
+    assert batch["scoring"]["state"] == "scored", batch["scoring"]
+
+
+def test_a_plugin_that_fails_its_check_is_refused_before_queueing(world, batch):
+    path = world["root"] / "plugins" / "broken_import.py"
+    path.write_text(plugin_source("broken-import", module_level="import ncbench_no_such_module"))
+    with db(world) as store, store._read() as conn:
+        before = conn.execute(sa.select(sa.func.count()).select_from(verified_runs)).scalar()
+    refused = cli("submit", "--plugin", f"{path}:Plugin", "--challenge", world["id"], env=batch["bob"])
+    assert refused.exit_code == 2
+    assert refused.stderr.strip().splitlines()[-1].startswith("error: server answered 422")
+    assert "No module named 'ncbench_no_such_module'" in refused.stderr
+    with db(world) as store, store._read() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(verified_runs)).scalar() == before
+
+
+def test_two_verified_runs_execute_at_once_on_a_two_worker_cluster(world, batch):
+    with db(world) as store, store._read() as conn:
+        spans = conn.execute(sa.select(verified_runs.c.started_utc, verified_runs.c.finished_utc)).all()
+    events = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
+    running, most = 0, 0
+    for _, step in events:
+        running += step
+        most = max(most, running)
+    assert most == 2  # two workers: two runs at once, never more
+
+
+# -- a well-behaved plugin -----------------------------------------------------------------------
+
+def test_submit_plugin_runs_on_fresh_hidden_releases_committed_before_the_run(world, batch):
+    results = batch["results"]
+    good = results[results["attack"] == "bob/good-gram"]
+    assert list(good["release_state"]) == ["scored", "scored"] and good["state"].iloc[0] == "scored"
+    assert good["reidentification"].between(0, 1).all() and good["sandboxed"].all()
+    assert (good["wall_s"] > 0).all() and (good["cpu_s"] > 0).all() and (good["peak_rss_bytes"] > 10 << 20).all()
+    commitments = httpx.get(f"{world['server'].url}/api/v1/challenges/{world['id']}/commitments").json()
+    mine = [c for c in commitments if c["attack"] == "bob/good-gram"]
+    assert len(mine) == 2 and len({c["eval_challenge_id"] for c in mine}) == 2
+    assert world["id"] not in {c["eval_challenge_id"] for c in mine}  # never the public release
+    assert all(c["seed"] is None and c["rebuild"] is None and len(c["seed_sha256"]) == 64 for c in mine)
+    run = run_of(batch, world, int(good["run_id"].iloc[0]))
+    assert all(c["committed_utc"] < run["finished_utc"] for c in mine)
+    listed = cli("submissions", env=batch["bob"])
+    assert f"plugin {run['id']}" in listed.stdout and "scored" in listed.stdout
+
+
+def test_well_behaved_plugin_scores_the_same_in_the_sandbox_as_run_locally(world, batch, tmp_path):
+    release = world["root"] / "release"
+    local = tmp_path / "local.h5"
+    ran = subprocess.run([NCBENCH, "attack", "run", f"{batch['good']}:Plugin", "--release", release, "--out", local],
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert ran.returncode == 0, ran.stderr
+    (tmp_path / "work").mkdir()
+    plugin = tmp_path / "work" / "plugin" / batch["good"].name
+    plugin.parent.mkdir()
+    plugin.write_bytes(batch["good"].read_bytes())
+    limits = sandbox.parse_limits(f"{k}={v}" for k, v in LIMITS.items())
+    outcome, sandboxed = sandbox.run_attack(attack="Plugin", params={}, release=release / "public" / "release.h5",
+                                            workdir=tmp_path / "work", limits=limits, plugin=plugin)
+    assert outcome.ok, outcome.output
+    assert outcome.sandboxed and outcome.cpu_s > 0 and outcome.peak_rss_bytes > 0
+    assert score_submission(sandboxed, release).metrics == score_submission(local, release).metrics
+
+
+# -- built-ins -----------------------------------------------------------------------------------
+
+def test_builtins_are_the_reference_rows_of_the_verified_matrix(batch):
+    summary = tables.verified_summary(batch["results"])
+    builtins = summary[summary["origin"] == "organizer"]
+    assert sorted(builtins["attack"]) == sorted(verified.BUILTINS)
+    assert set(builtins["state"]) == {"scored"}, builtins[["attack", "message"]]
+    matrix = tables.verified_matrix(summary, task="reid")
+    assert set(verified.BUILTINS) | {"bob/good-gram"} <= set(matrix.index)
+    assert not any(name.startswith("alice/") for name in matrix.index)  # failed runs have no cell
+
+
+def test_an_unsandboxed_run_says_so(world, batch):
+    settings = verified.Settings(releases=1, unsandboxed=True, limits=sandbox.parse_limits(
+        f"{k}={v}" for k, v in LIMITS.items()))
+    with db(world) as store:
+        run_id = verified.enqueue(store, team=BUILTIN_TEAM, origin="organizer", challenge_id=world["id"],
+                                  attack="chance", attack_version="1.0", params="{}", settings=settings,
+                                  eval_source="phantom")
+        deadline = time.monotonic() + 120
+        while verified.run_view(store, run_id)["state"] not in FINAL and time.monotonic() < deadline:
+            time.sleep(0.5)  # the server's workers take it: the run's row says how to run it
+        run = verified.run_view(store, run_id)
+        summary = tables.verified_summary(verified.results(store))
+    assert run["state"] == "scored" and run["sandboxed"] is False, run
+    assert not summary.loc[summary["run_id"] == run_id, "sandboxed"].item()
+    assert not (world["store"] / "keys" / "verified" / f"run-{run_id}").exists()  # deleted once scored
+
+
+def verified_page(monkeypatch, db_path: Path) -> AppTest:
+    monkeypatch.setenv(DB_ENV, str(db_path))
+    at = AppTest.from_file(str(Path(tables.__file__).with_name("app.py")), default_timeout=60).run()
+    at.sidebar.radio[0].set_value("Verified").run()
+    assert not at.exception, at.exception
+    return at
+
+
+def test_the_board_shows_the_verified_matrix_commitments_and_compute(world, batch, monkeypatch):
+    at = verified_page(monkeypatch, world["store"] / "leaderboard.db")
+    matrix, runs, commitments = (frame.value for frame in at.dataframe)
+    assert {"gram-hungarian", "chance", "bob/good-gram"} <= set(matrix.index)
+    assert "alice/sleeps-forever" in set(runs["attack"])  # failed runs are listed, with their reason
+    assert set(commitments["seed"]) == {tables.HIDDEN_SEED}  # the challenge is still open
+    assert at.get("vega_lite_chart"), "no plot of re-identification against compute"
+
+
+def test_the_verified_page_of_an_empty_board_says_how_to_fill_it(tmp_path, monkeypatch):
+    Store(tmp_path / "empty.db").close()
+    at = verified_page(monkeypatch, tmp_path / "empty.db")
+    assert "No verified runs yet" in at.info[0].value
+
+
+# -- commit, then reveal -------------------------------------------------------------------------
+
+def test_a_revealed_seed_rebuilds_the_evaluation_release_byte_for_byte(world, batch, tmp_path):
+    url = world["server"].url
+    closed = cli("leaderboard", "close", world["id"], "--db", world["store"] / "leaderboard.db")
+    assert closed.exit_code == 0 and "revealed the seeds" in closed.stdout, closed.output
+    commitments = httpx.get(f"{url}/api/v1/challenges/{world['id']}/commitments").json()
+    revealed = next(c for c in commitments if c["attack"] == "bob/good-gram")
+    assert hashlib.sha256(revealed["seed"].encode()).hexdigest() == revealed["seed_sha256"]
+    words = shlex.split(revealed["rebuild"])
+    epoch = words.pop(0).split("=", 1)
+    assert epoch[0] == "SOURCE_DATE_EPOCH" and words[0] == "ncbench"
+    out = words.index("--out") + 1
+    words[out] = str(tmp_path / words[out])
+    rebuilt = cli(*words[1:], env={"SOURCE_DATE_EPOCH": epoch[1]})
+    assert rebuilt.exit_code == 0, rebuilt.output
+    release = Path(words[out]) / "public" / "release.h5"
+    assert hashlib.sha256(release.read_bytes()).hexdigest() == revealed["release_sha256"]
+    with h5py.File(release, "r") as h5:
+        assert h5.attrs["key_commitment"] == revealed["key_commitment"]
+        assert h5.attrs["challenge_id"] == revealed["eval_challenge_id"]
+
+
+# -- without a server ----------------------------------------------------------------------------
+
+def test_the_sandbox_shows_nothing_of_the_host_but_the_environment_release_and_plugin(tmp_path):
+    store = tmp_path / "store"
+    release, plugin, out = store / "keys/x/release.h5", tmp_path / "work/plugin/p.py", tmp_path / "work/submission.h5"
+    mounts = [*sandbox.environment_mounts(), sandbox.Mount(release, sandbox.RELEASE_INSIDE),
+              sandbox.Mount(plugin, "/plugin/p.py"), sandbox.Mount(out, sandbox.OUT_INSIDE, writable=True)]
+    for uid in (None, 1 << 24):
+        argv = sandbox.bwrap_argv(["python"], mounts=mounts, limits=sandbox.Limits(), uid=uid)
+        assert {"--unshare-net", "--unshare-pid", "--die-with-parent", "--clearenv"} <= set(argv)
+        binds = [(word, argv[i + 1], argv[i + 2]) for i, word in enumerate(argv) if word in ("--bind", "--ro-bind")]
+        assert [source for kind, source, _ in binds if kind == "--bind"] == [str(out)]  # the one writable file
+        shown = {source for _, source, _ in binds}
+        assert "/" not in shown and "/etc" not in shown and "/etc/passwd" not in shown
+        assert not any(source.startswith(str(store)) for source in shown - {str(release)})
+        remounted = [argv[i + 1] for i, word in enumerate(argv) if word == "--remount-ro"]
+        assert remounted == ["/dev", "/"]
+        assert ("--disable-userns" in argv) == (uid is None) and (f"--reuid={uid}" in argv) == (uid is not None)
+        assert any(word.startswith("--nproc=") for word in argv) and any(word.startswith("--as=") for word in argv)
+
+
+def test_sandbox_limits_take_sizes_and_refuse_unknown_names():
+    limits = sandbox.parse_limits(["memory_bytes=2G", "file_bytes=64M", "output_bytes=64k", "wall_s=1.5"])
+    assert (limits.memory_bytes, limits.file_bytes, limits.output_bytes, limits.wall_s) == (2 << 30, 64 << 20,
+                                                                                            64 << 10, 1.5)
+    for bad in ("network=1", "memory_bytes", "cpu_s=lots", "threads=0", "processes=2"):
+        with pytest.raises(sandbox.NcbenchError):
+            sandbox.parse_limits([bad, "threads=4"] if bad == "processes=2" else [bad])
+
+
+def test_verified_matrix_shows_mean_and_spread_over_keys_and_marks_unsandboxed_runs():
+    rows = []
+    for run_id, (attack, sandboxed, scores) in enumerate([("gram-hungarian", True, [0.5, 0.7]),
+                                                          ("alice/mine", False, [0.9, 0.9, 0.9])], start=1):
+        rows += [{"challenge_id": "c", "task": "reid", "preset": "nc3", "n": 16, "run_id": run_id, "team": "t",
+                  "attack": attack, "origin": "organizer", "sandboxed": sandboxed, "releases": len(scores),
+                  "state": "scored", "message": None, "created_utc": "", "idx": i, "release_state": "scored",
+                  "reidentification": score, "wall_s": 2.0, "cpu_s": 1.0, "peak_rss_bytes": 1 << 20}
+                 for i, score in enumerate(scores)]
+    summary = tables.verified_summary(pd.DataFrame(rows))
+    assert summary["spread"].round(6).tolist() == [0.141421, 0.0]
+    matrix = tables.verified_matrix(summary, task="reid")
+    assert matrix.loc["gram-hungarian", "nc3"] == "60.0% ± 14.1% (K=2)"
+    assert matrix.loc["alice/mine", "nc3"] == f"90.0% ± 0.0% (K=3) {tables.UNSANDBOXED}"
+    assert tables.verified_compute(pd.DataFrame(rows))["cpu_s"].tolist() == [1.0] * 5
+
+
+def test_without_bubblewrap_the_verified_track_refuses_in_one_line(tmp_path):
+    refused = cli("leaderboard", "verify-builtins", "--challenge", "x", "--store", tmp_path,
+                  env={"PATH": str(tmp_path)})
+    assert refused.exit_code == 2 and refused.stderr.count("\n") == 1, refused.output
+    assert "bubblewrap" in refused.stderr and "--unsandboxed" in refused.stderr
+
+
+def test_attack_check_runs_a_plugin_end_to_end_on_a_tiny_release(tmp_path):
+    path = tmp_path / "mine.py"
+    path.write_text(plugin_source("my-gram"))
+    checked = cli("attack", "check", f"{path}:Plugin")
+    assert checked.exit_code == 0, checked.output
+    assert checked.stdout.startswith("reid: ran end to end; the scorer accepted the submission")
+
+
+def test_attack_check_says_each_failure_in_one_line(tmp_path):
+    path = tmp_path / "mine_too.py"
+    path.write_text(plugin_source("my-gram"))
+    checked = cli("attack", "check", f"{path}:Plugin", "--task", "invert", "--param", "nope=1", "--no-run")
+    assert checked.exit_code == 2
+    assert checked.stderr.splitlines() == [
+        "error: attack my-gram has no parameter 'nope' (parameters: self_width, boost_rounds, refine_pairs, chunk)",
+        "error: attack my-gram does not solve the invert task (it declares reid)"]
+    taken = tmp_path / "taken.py"
+    taken.write_text(plugin_source("gram-hungarian"))
+    refused = cli("attack", "check", f"{taken}:Plugin", "--no-run")
+    assert refused.exit_code == 2 and "gram-hungarian" in refused.stderr and refused.stderr.count("\n") == 1
+
+
+def test_submit_takes_a_file_or_a_plugin_not_both(tmp_path):
+    for args in ([], [tmp_path / "sub.h5", "--plugin", "p.py:P"]):
+        refused = cli("submit", *args, "--challenge", "x", env={"NCBENCH_TOKEN": "t"})
+        assert refused.exit_code == 2 and "not both" in refused.stderr and refused.stderr.count("\n") == 1
