@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
 
-.PHONY: install demo test test-slow bench serve clean
+.PHONY: install demo test lint test-slow bench serve clean
 
 $(BIN)/ncbench: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,11 @@ install: $(BIN)/ncbench
 demo: install
 	$(BIN)/ncbench demo --out demo-out
 
-test: install
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
 	$(BIN)/python -m pytest -q
 
 test-slow: install

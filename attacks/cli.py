@@ -16,6 +16,7 @@ from ncbench.attacks.submission import Submission, write_submission
 from ncbench.challenge.encoders import PRESETS, pick_device, resolve_config
 from ncbench.challenge.files import TASKS, open_release
 from ncbench.challenge.release import BuildPlan, build_release
+from ncbench.client import read_token, server_option, submit_file, token_option
 from ncbench.errors import NcbenchError
 
 MESSAGE_LIMIT = 300  # characters kept of an attack's own error message: it is someone else's text
@@ -48,17 +49,26 @@ def list_command(verbose: bool) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of every random choice the attack makes.")
 @click.option("--team", help="Team name recorded in the submission.")
 @click.option("--force", is_flag=True, help="Replace an existing submission file.")
-def run_command(attack, release_path, out, params, device, seed, team, force) -> None:
-    """Run ATTACK (a name from `attack list`, or FILE.py:Class) on a release and write a submission."""
+@click.option("--submit", is_flag=True, help="Then submit the file to the challenge server and wait for its score.")
+@server_option
+@token_option
+def run_command(attack, release_path, out, params, device, seed, team, force, submit, server, token_file) -> None:
+    """Run ATTACK (a name from `attack list`, or FILE.py:Class) on a release and write a submission;
+    with --submit, also send it to the challenge server ($NCBENCH_SERVER, $NCBENCH_TOKEN)."""
     cls = resolve(attack)
     with _failure_of(cls.name, "failed"):
         params = cls.parse_params(parse_param_items(params))
     device = pick_device(device)
     if out.exists() and not force:
         raise NcbenchError(f"{out} already exists (use --force to replace it)")
+    token = read_token(token_file) if submit else None
+    if submit and not token:  # before the attack runs, not after
+        raise NcbenchError("--submit needs a team token: set $NCBENCH_TOKEN or pass --token-file")
     submission = run_attack(cls, params, release_path, out, device=device, seed=seed, team=team)
     click.echo(f"wrote {out} ({submission.attack} {submission.attack_version}, {submission.runtime_s:.1f} s; "
                f"parts: {', '.join(submission.parts())})")
+    if submit:
+        submit_file(out, submission.challenge_id, server=server, token=token)
 
 
 def parse_param_items(items) -> dict[str, str]:

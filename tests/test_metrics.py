@@ -186,7 +186,8 @@ def test_nearest_reconstruction_reidentification():
     candidates = np.array([[[0.0, 0.0]], [[10.0, 10.0]]])  # (2, 1, 2)
     reconstructed = np.array([[[1.0, 1.0]], [[9.0, 8.0]]])
     assert metrics.nearest_candidates(reconstructed, candidates).tolist() == [0, 1]
-    assert metrics.reid_by_reconstruction(reconstructed, candidates, np.array([0, 0])) == 0.5
+    nearest = metrics.nearest_candidates(reconstructed, candidates)
+    assert metrics.reid_accuracy(nearest, np.array([0, 0])) == 0.5
 
 
 def _true_targets():
@@ -197,14 +198,17 @@ def _true_targets():
 def test_transfer_accuracy_on_mean_patch_vectors():
     predicted = np.array([[1.2, 1.0], [9.0, 1.0], [5.0, 4.0]])  # nearest: t0, t2, t1
     assert metrics.transfer_nearest_predictions(predicted, _true_targets()).tolist() == [0, 2, 1]
-    assert metrics.transfer_nn_accuracy(predicted, _true_targets()) == pytest.approx(1 / 3)
+    nearest = metrics.transfer_nearest_predictions(predicted, _true_targets())
+    assert metrics.reid_accuracy(nearest, np.arange(3)) == pytest.approx(1 / 3)
 
 
 def test_transfer_accuracy_ignores_patch_order():
     shuffled = _true_targets()[:, ::-1, :]
-    assert metrics.transfer_nn_accuracy(shuffled, _true_targets()) == 1.0
+    nearest = metrics.transfer_nearest_predictions(shuffled, _true_targets())
+    assert metrics.reid_accuracy(nearest, np.arange(3)) == 1.0
 
 
 def test_transfer_accuracy_on_a_subset_of_targets():
     predicted = np.array([[5.0, 5.0]])
-    assert metrics.transfer_nn_accuracy(predicted, _true_targets(), np.array([1])) == 1.0
+    nearest = metrics.transfer_nearest_predictions(predicted, _true_targets())
+    assert metrics.reid_accuracy(nearest, np.array([1])) == 1.0

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import encode_all
 
-from ncbench.challenge.encoders import Encoder, derive_seed, encode_all, resolve_config, sample_key
+from ncbench.challenge.encoders import Encoder, derive_seed, resolve_config, sample_key
 from ncbench.challenge.files import open_key, open_release
 from ncbench.challenge.release import BuildPlan, _halves, build_release
 from ncbench.cli import main

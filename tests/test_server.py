@@ -117,6 +117,11 @@ def test_fetch_attack_submit_and_score_end_to_end(world, tmp_path):
     assert "scored: public half" in submitted.stdout and "reid_accuracy" in submitted.stdout
     listed = ncbench("submissions", env=env)
     assert "scored" in listed.stdout
+    # Run and submit in one step.
+    both = ncbench("attack", "run", "chance", "--release", tmp_path / "got" / "release.h5", "--out",
+                   tmp_path / "chance.h5", "--submit", env=env)
+    assert both.returncode == 0, both.stderr
+    assert "wrote" in both.stdout and "scored: public half" in both.stdout
 
 
 def test_fetch_resumes_a_partial_download_and_checks_sha256(world, tmp_path):
@@ -278,3 +283,36 @@ def test_sigterm_stops_the_server_and_its_board_with_no_orphan(tmp_path, world):
 def test_openapi_description_is_served(world):
     spec = httpx.get(f"{world['server'].url}/openapi.json").json()
     assert "/api/v1/challenges/{challenge_id}/submissions" in spec["paths"]
+
+
+@pytest.mark.postgres
+def test_two_servers_on_postgresql_share_one_queue_and_score_each_upload_once(postgres_url, world, tmp_path):
+    # With PostgreSQL the API holds no state of its own: two server processes on one database and
+    # one store folder take uploads side by side, and their workers drain one queue.
+    store = tmp_path / "store"
+    published = ncbench("challenge", "publish", world["root"] / "release", "--store", store, "--db", postgres_url,
+                        "--daily-limit", 10)
+    assert published.returncode == 0, published.stderr
+    token = ncbench("team", "add", "alice", "--db", postgres_url).stdout.strip()
+    files = chance_submissions(world, 6, tmp_path / "subs")
+    servers = [Server(store, "--db", postgres_url, "--board-port", "0") for _ in range(2)]
+    try:
+        ids = []
+        for k, path in enumerate(files):
+            answer = httpx.post(f"{servers[k % 2].url}/api/v1/challenges/{world['id']}/submissions",
+                                content=path.read_bytes(), headers={"Authorization": f"Bearer {token}"}, timeout=60)
+            assert answer.status_code == 202, answer.text
+            ids.append(answer.json()["id"])
+        with Store(postgres_url) as pg:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and any(channel.job(pg, i).state != "scored" for i in ids):
+                time.sleep(0.5)
+            assert [channel.job(pg, i).state for i in ids] == ["scored"] * len(ids)
+            with pg._read() as conn:
+                assert conn.execute(sa.select(sa.func.count()).select_from(submissions)).scalar() == len(ids)
+        # Either server answers for jobs the other one took.
+        seen = httpx.get(f"{servers[0].url}/api/v1/submissions", headers={"Authorization": f"Bearer {token}"}).json()
+        assert sorted(row["id"] for row in seen) == sorted(ids)
+    finally:
+        for server in servers:
+            server.stop()
