@@ -64,7 +64,13 @@ class Attack(abc.ABC):
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
-        for attr, kind in (("name", str), ("version", str), ("tasks", tuple), ("knowledge", tuple), ("description", str)):
+        for attr, kind in (
+            ("name", str),
+            ("version", str),
+            ("tasks", tuple),
+            ("knowledge", tuple),
+            ("description", str),
+        ):
             if not isinstance(getattr(cls, attr, None), kind):
                 raise TypeError(f"attack {cls.__name__} must set class attribute {attr!r} ({kind.__name__})")
         if bad := set(cls.tasks) - set(TASKS):
@@ -114,7 +120,9 @@ class Attack(abc.ABC):
         for f in dataclasses.fields(cls.Params):
             rng = f" in [{f.metadata['min']}, {f.metadata['max']}]" if "min" in f.metadata else ""
             choices = f" one of {list(f.metadata['choices'])}" if "choices" in f.metadata else ""
-            lines.append(f"{f.name} ({_type_name(hints[f.name])}, default {f.default!r}{rng}{choices}): {f.metadata.get('help', '')}")
+            lines.append(
+                f"{f.name} ({_type_name(hints[f.name])}, default {f.default!r}{rng}{choices}): {f.metadata.get('help', '')}"
+            )
         return lines
 
     # -- running ---------------------------------------------------------------------------------

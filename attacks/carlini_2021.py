@@ -52,31 +52,55 @@ class Carlini2021(Attack):
     version = "1.0"
     tasks = ("reid",)
     knowledge = ("architecture", "self-sampled-keys", "plaintext-pool")
-    description = ("Carlini et al. 2021: align, learned patch similarity, global assignment, boosting, "
-                   "clone-encoder extraction (CPU-sized).")
+    description = (
+        "Carlini et al. 2021: align, learned patch similarity, global assignment, boosting, "
+        "clone-encoder extraction (CPU-sized)."
+    )
 
     @dataclass
     class Params:
-        self_width: int = field(default=512, metadata={"min": 16, "max": 8192,
-                                "help": "width of the self-sampled encoders that make training pairs"})
-        train_keys: int = field(default=2, metadata={"min": 1, "max": 16, "help": "self-sampled keys for training pairs"})
-        train_images: int = field(default=256, metadata={"min": 8, "max": 100000,
-                                  "help": "pool images encoded under each self-sampled key"})
-        train_steps: int = field(default=300, metadata={"min": 1, "max": 100000,
-                                 "help": "contrastive training steps of the patch networks"})
+        self_width: int = field(
+            default=512,
+            metadata={"min": 16, "max": 8192, "help": "width of the self-sampled encoders that make training pairs"},
+        )
+        train_keys: int = field(
+            default=2, metadata={"min": 1, "max": 16, "help": "self-sampled keys for training pairs"}
+        )
+        train_images: int = field(
+            default=256, metadata={"min": 8, "max": 100000, "help": "pool images encoded under each self-sampled key"}
+        )
+        train_steps: int = field(
+            default=300, metadata={"min": 1, "max": 100000, "help": "contrastive training steps of the patch networks"}
+        )
         embedding: int = field(default=16, metadata={"min": 2, "max": 256, "help": "patch embedding size"})
-        pair_candidates: int = field(default=2, metadata={"min": 0, "max": 100000,
-                                     "help": "candidates per encoding scored by a P x P patch assignment (0: none)"})
-        boost_rounds: int = field(default=3, metadata={"min": 1, "max": 20,
-                                  "help": "rounds of permutation recovery + re-matching"})
-        clone_rounds: int = field(default=1, metadata={"min": 0, "max": 10,
-                                  "help": "rounds of clone-encoder fitting + re-matching (0: stop after boosting)"})
+        pair_candidates: int = field(
+            default=2,
+            metadata={
+                "min": 0,
+                "max": 100000,
+                "help": "candidates per encoding scored by a P x P patch assignment (0: none)",
+            },
+        )
+        boost_rounds: int = field(
+            default=3, metadata={"min": 1, "max": 20, "help": "rounds of permutation recovery + re-matching"}
+        )
+        clone_rounds: int = field(
+            default=1,
+            metadata={
+                "min": 0,
+                "max": 10,
+                "help": "rounds of clone-encoder fitting + re-matching (0: stop after boosting)",
+            },
+        )
         clone_width: int = field(default=128, metadata={"min": 8, "max": 8192, "help": "hidden width of the clone"})
-        clone_dims: int = field(default=128, metadata={"min": 1, "max": 8192,
-                                "help": "output coordinates the clone fits (of D)"})
+        clone_dims: int = field(
+            default=128, metadata={"min": 1, "max": 8192, "help": "output coordinates the clone fits (of D)"}
+        )
         clone_steps: int = field(default=40, metadata={"min": 1, "max": 100000, "help": "L1 fitting steps per round"})
-        clone_batch: int = field(default=64, metadata={"min": 2, "max": 4096,
-                                 "help": "images per fitting step (drawn from one release batch)"})
+        clone_batch: int = field(
+            default=64,
+            metadata={"min": 2, "max": 4096, "help": "images per fitting step (drawn from one release batch)"},
+        )
         chunk: int = field(default=32, metadata={"min": 1, "max": 4096, "help": "images per streamed block"})
 
     def run(self, release: Release) -> Submission:
@@ -104,13 +128,26 @@ class Carlini2021(Attack):
             plain_features = standardise_per_slot(plaintext_moments(plain_images, config, chunk=p.chunk))
         with self.stage("self-keyed training pairs", p.train_keys * min(p.train_images, len(plain_images))) as advance:
             train_rows = np.sort(rng.permutation(len(plain_images))[: p.train_images])
-            own = [self_keyed_moments(plain_images[train_rows], config, width=p.self_width,
-                                      seed=derive_seed(self.seed, f"carlini-2021-key-{k}"), device=self.device,
-                                      advance=advance) for k in range(p.train_keys)]
+            own = [
+                self_keyed_moments(
+                    plain_images[train_rows],
+                    config,
+                    width=p.self_width,
+                    seed=derive_seed(self.seed, f"carlini-2021-key-{k}"),
+                    device=self.device,
+                    advance=advance,
+                )
+                for k in range(p.train_keys)
+            ]
         with self.stage("train patch networks", p.train_steps) as advance, _one_thread():
             networks = train_patch_networks(
-                np.concatenate(own), np.concatenate([plain_features[train_rows]] * p.train_keys),
-                embedding=p.embedding, steps=p.train_steps, rng=rng, advance=advance)
+                np.concatenate(own),
+                np.concatenate([plain_features[train_rows]] * p.train_keys),
+                embedding=p.embedding,
+                steps=p.train_steps,
+                rng=rng,
+                advance=advance,
+            )
             with torch.no_grad():
                 encoded_embedded = networks.embed_encoded(torch.from_numpy(encoded_features))
                 plain_embedded = networks.embed_plain(torch.from_numpy(plain_features))
@@ -134,8 +171,9 @@ class Carlini2021(Attack):
             clone = CloneEncoder(config, hidden=p.clone_width, outputs=len(dims))
             with self.stage("clone encoder", p.clone_rounds) as advance, _one_thread():
                 for _ in range(p.clone_rounds):
-                    fit_clone(clone, plain_images, targets, matched, config, steps=p.clone_steps,
-                              batch=p.clone_batch, rng=rng)
+                    fit_clone(
+                        clone, plain_images, targets, matched, config, steps=p.clone_steps, batch=p.clone_batch, rng=rng
+                    )
                     scores = clone_scores(clone, plain_images, targets, matched, config)
                     previous, matched = matched, match(scores)
                     history.append(float((previous == matched).mean()))
@@ -143,15 +181,20 @@ class Carlini2021(Attack):
 
         plain_ids = release.plain_ids
         return Submission(
-            challenge_id=release.challenge_id, attack=self.name, attack_version=self.version,
-            encoded_ids=release.encoded_ids, mapping=[plain_ids[j] for j in matched],
-            scores=scores.astype(np.float32), plain_ids=plain_ids,
+            challenge_id=release.challenge_id,
+            attack=self.name,
+            attack_version=self.version,
+            encoded_ids=release.encoded_ids,
+            mapping=[plain_ids[j] for j in matched],
+            scores=scores.astype(np.float32),
+            plain_ids=plain_ids,
             patch_positions=slot_positions[slots].astype(np.int16),
             diagnostics={"matching_stable_fraction_per_round": history},
         )
 
 
 # -- step 2: moment features and the contrastive patch networks --------------------------------
+
 
 def moments(values: torch.Tensor) -> torch.Tensor:
     """(..., K) -> (..., 4): mean, standard deviation, skewness and excess kurtosis over K."""
@@ -173,6 +216,7 @@ def patch_moments(patches: torch.Tensor, slot_mean: torch.Tensor) -> torch.Tenso
 
 def plaintext_moments(images: np.ndarray, config: EncoderConfig, *, chunk: int) -> np.ndarray:
     """(M, S, S) uint8 -> (M, P, 8) moment features of the normalised pixel patches."""
+
     def blocks():
         for start in range(0, len(images), chunk):
             yield images_to_patches(torch.from_numpy(images[start : start + chunk]), config)
@@ -184,8 +228,9 @@ def plaintext_moments(images: np.ndarray, config: EncoderConfig, *, chunk: int) 
     return torch.cat([patch_moments(block, mean) for block in blocks()]).numpy()
 
 
-def self_keyed_moments(images: np.ndarray, config: EncoderConfig, *, width: int, seed: int, device: str,
-                       advance) -> np.ndarray:
+def self_keyed_moments(
+    images: np.ndarray, config: EncoderConfig, *, width: int, seed: int, device: str, advance
+) -> np.ndarray:
     """(T, P, 8) standardised moment features of ``images`` encoded with a self-sampled key."""
     blocks, mean = self_encode(images, config, width=width, seed=seed, device=device, advance=advance)
     features = torch.cat([patch_moments(block.to(device), mean) for _, block in blocks]).cpu().numpy()
@@ -219,8 +264,13 @@ class PatchNetworks(nn.Module):
         super().__init__()
 
         def mlp():
-            return nn.Sequential(nn.Linear(N_MOMENTS, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-                                 nn.Linear(hidden, embedding))
+            return nn.Sequential(
+                nn.Linear(N_MOMENTS, hidden),
+                nn.ReLU(),
+                nn.Linear(hidden, hidden),
+                nn.ReLU(),
+                nn.Linear(hidden, embedding),
+            )
 
         self.encoded, self.plain = mlp(), mlp()
 
@@ -231,8 +281,16 @@ class PatchNetworks(nn.Module):
         return nn.functional.normalize(self.plain(features), dim=-1)
 
 
-def train_patch_networks(encoded: np.ndarray, plain: np.ndarray, *, embedding: int, steps: int,
-                         rng: np.random.Generator, batch: int = 512, advance=lambda k: None) -> PatchNetworks:
+def train_patch_networks(
+    encoded: np.ndarray,
+    plain: np.ndarray,
+    *,
+    embedding: int,
+    steps: int,
+    rng: np.random.Generator,
+    batch: int = 512,
+    advance=lambda k: None,
+) -> PatchNetworks:
     """Contrastive training on (T, P, 8) encoded / plaintext features of the same patches: in a
     batch of patch pairs, each encoded patch must pick its own plaintext patch (and back)."""
     networks = PatchNetworks(embedding)
@@ -252,6 +310,7 @@ def train_patch_networks(encoded: np.ndarray, plain: np.ndarray, *, embedding: i
 
 
 # -- steps 3 and 4: global assignment and boosting -------------------------------------------------
+
 
 def candidate_scores(encoded: torch.Tensor, plain: torch.Tensor, candidates: int, advance=lambda k: None) -> np.ndarray:
     """(N, M) first-round scores before the slot permutation is known.
@@ -298,6 +357,7 @@ def _unit_rows(values: torch.Tensor) -> torch.Tensor:
 
 # -- step 5: the clone encoder ---------------------------------------------------------------------
 
+
 class CloneEncoder(nn.Module):
     """The public architecture (stem, depth x [1x1 conv, batch-statistics BatchNorm, ReLU], pos,
     ReLU, mix) at hidden width ``hidden``, predicting ``outputs`` of the D output coordinates."""
@@ -335,8 +395,18 @@ def _release_batches(n: int, config: EncoderConfig) -> list[np.ndarray]:
     return [np.arange(start, min(start + config.bn_batch, n)) for start in range(0, n, config.bn_batch)]
 
 
-def fit_clone(clone: CloneEncoder, plain_images: np.ndarray, targets: torch.Tensor, matched: np.ndarray,
-              config: EncoderConfig, *, steps: int, batch: int, rng: np.random.Generator, lr: float = 3e-3) -> None:
+def fit_clone(
+    clone: CloneEncoder,
+    plain_images: np.ndarray,
+    targets: torch.Tensor,
+    matched: np.ndarray,
+    config: EncoderConfig,
+    *,
+    steps: int,
+    batch: int,
+    rng: np.random.Generator,
+    lr: float = 3e-3,
+) -> None:
     """L1 fit of ``clone`` to the encodings (N, P, K) in position order of the matched plaintexts.
 
     Each step draws ``batch`` rows of one release BatchNorm batch, so the clone's batch statistics
@@ -356,8 +426,9 @@ def fit_clone(clone: CloneEncoder, plain_images: np.ndarray, targets: torch.Tens
 
 
 @torch.no_grad()
-def clone_scores(clone: CloneEncoder, plain_images: np.ndarray, targets: torch.Tensor, matched: np.ndarray,
-                 config: EncoderConfig) -> np.ndarray:
+def clone_scores(
+    clone: CloneEncoder, plain_images: np.ndarray, targets: torch.Tensor, matched: np.ndarray, config: EncoderConfig
+) -> np.ndarray:
     """(N, M) minus the squared distance between each encoding and each plaintext's clone
     encoding. Each plaintext is encoded in the release batch of the encoding it is matched to."""
     n, m = len(matched), len(plain_images)
@@ -369,5 +440,5 @@ def clone_scores(clone: CloneEncoder, plain_images: np.ndarray, targets: torch.T
         rows = unmatched[start : start + config.bn_batch]
         cloned[rows] = clone(torch.from_numpy(plain_images[rows])).flatten(1)
     encoded = targets.flatten(1).float()
-    distance = (encoded.square().sum(1, keepdim=True) - 2 * encoded @ cloned.T + cloned.square().sum(1)[None])
+    distance = encoded.square().sum(1, keepdim=True) - 2 * encoded @ cloned.T + cloned.square().sum(1)[None]
     return (-distance).numpy()

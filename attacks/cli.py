@@ -41,10 +41,22 @@ def list_command(verbose: bool) -> None:
 
 @group.command("run")
 @click.argument("attack")
-@click.option("--release", "release_path", type=click.Path(path_type=Path), required=True,
-              help="Public release file (or release directory).")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Submission to write (.h5, or .csv for a reid mapping).")
-@click.option("--param", "params", multiple=True, metavar="K=V", help="Attack parameter (repeatable); see `attack list -v`.")
+@click.option(
+    "--release",
+    "release_path",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Public release file (or release directory).",
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Submission to write (.h5, or .csv for a reid mapping).",
+)
+@click.option(
+    "--param", "params", multiple=True, metavar="K=V", help="Attack parameter (repeatable); see `attack list -v`."
+)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of every random choice the attack makes.")
 @click.option("--team", help="Team name recorded in the submission.")
@@ -65,8 +77,10 @@ def run_command(attack, release_path, out, params, device, seed, team, force, su
     if submit and not token:  # before the attack runs, not after
         raise NcbenchError("--submit needs a team token: set $NCBENCH_TOKEN or pass --token-file")
     submission = run_attack(cls, params, release_path, out, device=device, seed=seed, team=team)
-    click.echo(f"wrote {out} ({submission.attack} {submission.attack_version}, {submission.runtime_s:.1f} s; "
-               f"parts: {', '.join(submission.parts())})")
+    click.echo(
+        f"wrote {out} ({submission.attack} {submission.attack_version}, {submission.runtime_s:.1f} s; "
+        f"parts: {', '.join(submission.parts())})"
+    )
     if submit:
         submit_file(out, submission.challenge_id, server=server, token=token)
 
@@ -82,8 +96,9 @@ def parse_param_items(items) -> dict[str, str]:
     return raw
 
 
-def run_attack(cls: type[Attack], params, release_path: Path, out: Path, *, device: str, seed: int,
-               team: str | None = None) -> Submission:
+def run_attack(
+    cls: type[Attack], params, release_path: Path, out: Path, *, device: str, seed: int, team: str | None = None
+) -> Submission:
     """Run ``cls`` on the release at ``release_path`` and write its submission to ``out``; any
     failure of the attack's code is one NcbenchError line."""
     with open_release(release_path) as release:
@@ -110,13 +125,21 @@ TINY_N = 16
 @group.command("check")
 @click.argument("attack")
 @click.option("--param", "params", multiple=True, metavar="K=V", help="Attack parameter (repeatable).")
-@click.option("--task", type=click.Choice(TASKS), help="The challenge's task [default: every task the attack declares].")
-@click.option("--preset", type=click.Choice(list(PRESETS)), default="nc3", show_default=True,
-              help="Encoder preset of the tiny release the attack runs on.")
+@click.option(
+    "--task", type=click.Choice(TASKS), help="The challenge's task [default: every task the attack declares]."
+)
+@click.option(
+    "--preset",
+    type=click.Choice(list(PRESETS)),
+    default="nc3",
+    show_default=True,
+    help="Encoder preset of the tiny release the attack runs on.",
+)
 @click.option("--no-run", is_flag=True, help="Skip the end-to-end run (the server runs it on hidden releases).")
 @click.option("--json", "as_json", is_flag=True, help=f"End with one line '{CHECK_MARK}{{...}}': the declarations.")
-def check_command(attack: str, params: tuple[str, ...], task: str | None, preset: str, no_run: bool,
-                  as_json: bool) -> None:
+def check_command(
+    attack: str, params: tuple[str, ...], task: str | None, preset: str, no_run: bool, as_json: bool
+) -> None:
     """The checks the challenge server runs before it queues ATTACK (FILE.py:Class) for the
     verified track: the file imports; the class is a concrete Attack with valid declarations
     and an allowed name; the parameters parse; it solves the task; and (unless --no-run) it runs
@@ -135,11 +158,17 @@ def check_command(attack: str, params: tuple[str, ...], task: str | None, preset
             click.echo(f"error: {line}", err=True)
         raise SystemExit(2)
     ran = "" if no_run else f", ran end to end on a tiny {preset} release"
-    click.echo(f"ok: {cls.name} {cls.version} (tasks {', '.join(cls.tasks)}): imports, declarations, name and "
-               f"parameters checked{ran}")
+    click.echo(
+        f"ok: {cls.name} {cls.version} (tasks {', '.join(cls.tasks)}): imports, declarations, name and "
+        f"parameters checked{ran}"
+    )
     if as_json:
-        click.echo(CHECK_MARK + json.dumps({"attack": cls.name, "version": cls.version, "tasks": list(cls.tasks),
-                                            "knowledge": list(cls.knowledge)}))
+        click.echo(
+            CHECK_MARK
+            + json.dumps(
+                {"attack": cls.name, "version": cls.version, "tasks": list(cls.tasks), "knowledge": list(cls.knowledge)}
+            )
+        )
 
 
 def declaration_problems(cls: type[Attack], raw_params: dict[str, str], tasks: list[str]) -> list[str]:
@@ -152,8 +181,11 @@ def declaration_problems(cls: type[Attack], raw_params: dict[str, str], tasks: l
             cls.parse_params(raw_params)
     except NcbenchError as error:
         problems.append(str(error))
-    problems += [f"attack {cls.name} does not solve the {task} task (it declares {', '.join(cls.tasks)})"
-                 for task in tasks if task not in cls.tasks]
+    problems += [
+        f"attack {cls.name} does not solve the {task} task (it declares {', '.join(cls.tasks)})"
+        for task in tasks
+        if task not in cls.tasks
+    ]
     if "key" in cls.knowledge:
         problems.append(f"attack {cls.name} declares knowledge 'key': attacks that read the key are refused")
     if not (0 < len(cls.version) <= VERSION_MAX and cls.version.isprintable()):
@@ -172,16 +204,25 @@ def run_on_tiny_release(cls: type[Attack], raw_params: dict[str, str], *, task: 
 
     with tempfile.TemporaryDirectory(prefix="ncbench-check-") as folder:
         release_dir = Path(folder) / "release"
-        build_release(release_dir, config=resolve_config(preset, **TINY_RELEASE), plan=BuildPlan.for_task(task, TINY_N),
-                      source="phantom", seed=0, test_release=True, device="cpu")
+        build_release(
+            release_dir,
+            config=resolve_config(preset, **TINY_RELEASE),
+            plan=BuildPlan.for_task(task, TINY_N),
+            source="phantom",
+            seed=0,
+            test_release=True,
+            device="cpu",
+        )
         out = Path(folder) / "submission.h5"
         run_attack(cls, cls.parse_params(raw_params), release_dir, out, device="cpu", seed=0)
         try:
             result = score_submission(out, release_dir)
         except NcbenchError as error:
             raise NcbenchError(f"the scorer refused the submission: {error}") from None
-    return (f"ran end to end; the scorer accepted the submission ({result.headline_metric} "
-            f"{result.headline(0):.3f} on the public half of a tiny test release)")
+    return (
+        f"ran end to end; the scorer accepted the submission ({result.headline_metric} "
+        f"{result.headline(0):.3f} on the public half of a tiny test release)"
+    )
 
 
 @contextmanager

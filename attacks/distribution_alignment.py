@@ -112,9 +112,11 @@ def pixel_moments(patches: torch.Tensor) -> tuple[Moments, torch.Tensor, torch.T
 
 def mmd(left: torch.Tensor, right: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
     """Squared MMD between samples (A, D) and (B, D), summed over Gaussian kernel widths."""
+
     def kernel(a, b):
         distances = torch.cdist(a, b).square()
         return torch.exp(-distances[None] / (2 * widths[:, None, None] ** 2)).sum(0)
+
     return kernel(left, left).mean() + kernel(right, right).mean() - 2 * kernel(left, right).mean()
 
 
@@ -133,13 +135,20 @@ class DistributionAlignment(Attack):
 
     @dataclass
     class Params:
-        mean_weight: float = field(default=30.0, metadata={"min": 0.0, "max": 1e6,
-                                   "help": "weight of the per-position means against the covariances"})
-        iterations: int = field(default=60, metadata={"min": 0, "max": 10000, "help": "Procrustes fixed-point iterations"})
-        covariance_images: int = field(default=128, metadata={"min": 2, "max": 100000,
-                                        "help": "encodings used for the pooled covariance (D x D)"})
-        self_width: int = field(default=512, metadata={"min": 16, "max": 8192,
-                                "help": "self-keyed width for placing slots (shuffled presets)"})
+        mean_weight: float = field(
+            default=30.0,
+            metadata={"min": 0.0, "max": 1e6, "help": "weight of the per-position means against the covariances"},
+        )
+        iterations: int = field(
+            default=60, metadata={"min": 0, "max": 10000, "help": "Procrustes fixed-point iterations"}
+        )
+        covariance_images: int = field(
+            default=128, metadata={"min": 2, "max": 100000, "help": "encodings used for the pooled covariance (D x D)"}
+        )
+        self_width: int = field(
+            default=512,
+            metadata={"min": 16, "max": 8192, "help": "self-keyed width for placing slots (shuffled presets)"},
+        )
         chunk: int = field(default=32, metadata={"min": 1, "max": 4096, "help": "images per streamed block"})
 
     def run(self, release: Release) -> Submission:
@@ -170,13 +179,16 @@ class DistributionAlignment(Attack):
         slot_positions = np.arange(config.n_patches)
         if config.shuffle:
             with self.stage("place slots", len(aux)) as advance:
-                features, mean = self_encode(aux, config, width=p.self_width, seed=self.seed,
-                                             device=self.device, advance=advance)
+                features, mean = self_encode(
+                    aux, config, width=p.self_width, seed=self.seed, device=self.device, advance=advance
+                )
                 slot_positions = self._place_slots(encoded_stats, patch_statistics(features, mean, len(aux)))
         by_position = np.argsort(slot_positions)  # slot held at each position
         encoded = Moments(((reference - grand) @ project)[by_position], (sums / n)[by_position])
         with self.stage("joint Procrustes", p.iterations):
-            pixels, pixel_whitening, pixel_grand = pixel_moments(images_to_patches(torch.from_numpy(aux), config).double())
+            pixels, pixel_whitening, pixel_grand = pixel_moments(
+                images_to_patches(torch.from_numpy(aux), config).double()
+            )
             rotation = joint_procrustes(encoded, pixels, mean_weight=p.mean_weight, iterations=p.iterations)
             weight = pixel_whitening @ rotation.T @ (basis * scales.sqrt()).T  # (Q, D): e = x W + b
             bias = grand - pixel_grand @ weight
@@ -186,7 +198,9 @@ class DistributionAlignment(Attack):
 
         submission = Submission(release.challenge_id, self.name, self.version, release.encoded_ids)
         predicted_aux = predict(aux)
-        submission.diagnostics = {"mmd_aux_vs_release": float(mmd(predicted_aux, encoded_means, _median_width(encoded_means)))}
+        submission.diagnostics = {
+            "mmd_aux_vs_release": float(mmd(predicted_aux, encoded_means, _median_width(encoded_means)))
+        }
         if release.task == "transfer":
             submission.encodings = predict(release.target_images).float().numpy()
             submission.target_ids = release.target_ids
@@ -199,8 +213,10 @@ class DistributionAlignment(Attack):
     def _place_slots(self, encoded, plain) -> np.ndarray:
         """Slot -> position from population statistics alone: mean centred patch norms give a
         first guess, the mean Gram matrices (a graph-matching problem) refine it."""
+
         def standardise(values):
             return (values - values.mean()) / values.std()
+
         slot_profile = standardise(encoded.norms.mean(0))
         position_profile = standardise(plain.norms.mean(0))
         guess = match(-np.square(slot_profile[:, None] - position_profile[None, :]))

@@ -26,23 +26,39 @@ class GramHungarian(Attack):
 
     @dataclass
     class Params:
-        self_width: int = field(default=512, metadata={"min": 16, "max": 8192,
-                                "help": "width of the self-sampled encoder for the plaintext pool"})
-        boost_rounds: int = field(default=BOOST_ROUNDS, metadata={"min": 1, "max": 20,
-                                  "help": "rounds of permutation recovery + Gram re-matching"})
-        refine_pairs: int = field(default=REFINE_PAIRS, metadata={"min": 1, "max": 100000,
-                                  "help": "matched pairs whose Gram matrices refine the slot permutation"})
+        self_width: int = field(
+            default=512,
+            metadata={"min": 16, "max": 8192, "help": "width of the self-sampled encoder for the plaintext pool"},
+        )
+        boost_rounds: int = field(
+            default=BOOST_ROUNDS,
+            metadata={"min": 1, "max": 20, "help": "rounds of permutation recovery + Gram re-matching"},
+        )
+        refine_pairs: int = field(
+            default=REFINE_PAIRS,
+            metadata={"min": 1, "max": 100000, "help": "matched pairs whose Gram matrices refine the slot permutation"},
+        )
         chunk: int = field(default=32, metadata={"min": 1, "max": 4096, "help": "images per streamed block"})
 
     def run(self, release: Release) -> Submission:
         p = self.params
-        pairing = gram_pairing(release, self, self_width=p.self_width, boost_rounds=p.boost_rounds,
-                               refine_pairs=p.refine_pairs, chunk=p.chunk)
+        pairing = gram_pairing(
+            release,
+            self,
+            self_width=p.self_width,
+            boost_rounds=p.boost_rounds,
+            refine_pairs=p.refine_pairs,
+            chunk=p.chunk,
+        )
         plain_ids = release.plain_ids
         return Submission(
-            challenge_id=release.challenge_id, attack=self.name, attack_version=self.version,
-            encoded_ids=release.encoded_ids, mapping=[plain_ids[j] for j in pairing.matched],
-            scores=pairing.scores, plain_ids=plain_ids,
+            challenge_id=release.challenge_id,
+            attack=self.name,
+            attack_version=self.version,
+            encoded_ids=release.encoded_ids,
+            mapping=[plain_ids[j] for j in pairing.matched],
+            scores=pairing.scores,
+            plain_ids=plain_ids,
             patch_positions=pairing.patch_positions.astype(np.int16),
             diagnostics={"matching_stable_fraction_per_round": pairing.stable_fraction},
         )

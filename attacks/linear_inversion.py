@@ -58,8 +58,9 @@ def fit_ridge(encoded: torch.Tensor, pixels: torch.Tensor, *, ridge: float, per_
         rows = enc.reshape(k * n_patches, width)
         covariance = rows.T @ rows
         scale = covariance.diagonal().mean() * ridge + 1e-12
-        weights = torch.linalg.solve(covariance + scale * torch.eye(width, dtype=enc.dtype),
-                                     rows.T @ pix.reshape(k * n_patches, -1))  # (D, Q)
+        weights = torch.linalg.solve(
+            covariance + scale * torch.eye(width, dtype=enc.dtype), rows.T @ pix.reshape(k * n_patches, -1)
+        )  # (D, Q)
     return {"weights": weights.float(), "enc_mean": enc_mean, "pix_mean": pix_mean, "per_position": per_position}
 
 
@@ -93,14 +94,22 @@ class LinearInversion(Attack):
 
     @dataclass
     class Params:
-        ridge: float = field(default=1e-3, metadata={"min": 0.0, "max": 1e6,
-                             "help": "ridge strength relative to the mean feature energy"})
-        mode: str = field(default="shared", metadata={"choices": ("shared", "per-position"),
-                          "help": "one map for all positions, or one per position"})
-        max_pairs: int = field(default=256, metadata={"min": 1, "max": 100000,
-                               "help": "at most this many pairs are used for the fit (memory bound)"})
-        self_width: int = field(default=512, metadata={"min": 16, "max": 8192,
-                                "help": "self-keyed width used to place slots (shuffled presets)"})
+        ridge: float = field(
+            default=1e-3,
+            metadata={"min": 0.0, "max": 1e6, "help": "ridge strength relative to the mean feature energy"},
+        )
+        mode: str = field(
+            default="shared",
+            metadata={"choices": ("shared", "per-position"), "help": "one map for all positions, or one per position"},
+        )
+        max_pairs: int = field(
+            default=256,
+            metadata={"min": 1, "max": 100000, "help": "at most this many pairs are used for the fit (memory bound)"},
+        )
+        self_width: int = field(
+            default=512,
+            metadata={"min": 16, "max": 8192, "help": "self-keyed width used to place slots (shuffled presets)"},
+        )
         chunk: int = field(default=32, metadata={"min": 1, "max": 4096, "help": "images per streamed block"})
 
     def run(self, release: Release) -> Submission:
@@ -127,8 +136,14 @@ class LinearInversion(Attack):
                 ordered = to_slot_order(block, positions[start : start + len(block)])
                 reconstructions[start : start + len(block)] = reconstruct(model, ordered, config)
                 advance(len(block))
-        submission = Submission(release.challenge_id, self.name, self.version, release.encoded_ids,
-                                reconstructions=reconstructions, patch_positions=positions.astype(np.int16))
+        submission = Submission(
+            release.challenge_id,
+            self.name,
+            self.version,
+            release.encoded_ids,
+            reconstructions=reconstructions,
+            patch_positions=positions.astype(np.int16),
+        )
         if release.task == "reid":
             with self.stage("nearest reconstruction"):
                 scores = reconstruction_scores(reconstructions, release.plain_images)
@@ -151,8 +166,9 @@ class LinearInversion(Attack):
         with self.stage("place slots from known pairs"):
             known = to_slot_order(torch.from_numpy(release.encoded_rows(pair_rows)), slots[pair_rows])
             encoded = patch_statistics([(0, known)], reference, len(pair_rows))
-            features, mean = self_encode(release.plain_images, release.config, width=p.self_width,
-                                         seed=self.seed, device=self.device)
+            features, mean = self_encode(
+                release.plain_images, release.config, width=p.self_width, seed=self.seed, device=self.device
+            )
             plain = patch_statistics(features, mean, len(pair_rows))
             slot_positions = recover_slot_positions(encoded.norms, plain.norms)
             slot_positions = refine_slot_positions(encoded.full_grams(), plain.full_grams(), slot_positions)

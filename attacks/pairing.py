@@ -51,8 +51,15 @@ class Pairing:
     stable_fraction: list[float]
 
 
-def gram_pairing(release: Release, attack: Attack, *, self_width: int, chunk: int,
-                 boost_rounds: int = BOOST_ROUNDS, refine_pairs: int = REFINE_PAIRS) -> Pairing:
+def gram_pairing(
+    release: Release,
+    attack: Attack,
+    *,
+    self_width: int,
+    chunk: int,
+    boost_rounds: int = BOOST_ROUNDS,
+    refine_pairs: int = REFINE_PAIRS,
+) -> Pairing:
     """Pair every encoding of ``release`` with a plaintext; stages and randomness come from
     ``attack`` (its progress, stage times, device, seed)."""
     n = release.n_encoded
@@ -69,8 +76,9 @@ def gram_pairing(release: Release, attack: Attack, *, self_width: int, chunk: in
         encoded = patch_statistics(aligned_blocks(), reference, n)
     plain_images = release.plain_images
     with attack.stage("self-keyed plaintext statistics", len(plain_images)) as advance:
-        features, mean = self_encode(plain_images, release.config, width=self_width,
-                                     seed=attack.seed, device=attack.device, advance=advance)
+        features, mean = self_encode(
+            plain_images, release.config, width=self_width, seed=attack.seed, device=attack.device, advance=advance
+        )
         plain = patch_statistics(features, mean, len(plain_images))
     history = []
     with attack.stage("match sorted norms"):
@@ -78,8 +86,11 @@ def gram_pairing(release: Release, attack: Attack, *, self_width: int, chunk: in
     refine_rng = attack.rng("refine")
     with attack.stage("boost", boost_rounds) as advance:
         for _ in range(boost_rounds):
-            slot_positions = (_slot_positions(encoded, plain, matched, refine_rng, refine_pairs)
-                              if release.config.shuffle else np.arange(len(reference)))
+            slot_positions = (
+                _slot_positions(encoded, plain, matched, refine_rng, refine_pairs)
+                if release.config.shuffle
+                else np.arange(len(reference))
+            )
             scores = gram_scores(encoded, plain, slot_positions)
             previous, matched = matched, match(scores)
             history.append(float((previous == matched).mean()))
@@ -87,8 +98,9 @@ def gram_pairing(release: Release, attack: Attack, *, self_width: int, chunk: in
     return Pairing(matched, scores.astype(np.float32), slot_positions[slots], history)
 
 
-def _slot_positions(encoded: PatchStatistics, plain: PatchStatistics, matched: np.ndarray,
-                    rng: np.random.Generator, refine_pairs: int) -> np.ndarray:
+def _slot_positions(
+    encoded: PatchStatistics, plain: PatchStatistics, matched: np.ndarray, rng: np.random.Generator, refine_pairs: int
+) -> np.ndarray:
     """Boosting step: slot -> position permutation from the current matching (norm correlation
     over all pairs, refined on the Gram matrices of a random subset of pairs)."""
     slot_positions = recover_slot_positions(encoded.norms, plain.norms[matched])

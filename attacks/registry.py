@@ -35,13 +35,16 @@ def check_plugin_name(cls: type[Attack], registered: dict[str, type[Attack]]) ->
     name = cls.name
     if len(name) > PLUGIN_NAME_MAX or not PLUGIN_NAME.fullmatch(name):
         shown = ascii(name[:PLUGIN_NAME_MAX])
-        raise NcbenchError(f"plugin attack name {shown} must be lowercase ASCII letters, digits and single hyphens "
-                           f"(at most {PLUGIN_NAME_MAX} characters)")
+        raise NcbenchError(
+            f"plugin attack name {shown} must be lowercase ASCII letters, digits and single hyphens "
+            f"(at most {PLUGIN_NAME_MAX} characters)"
+        )
     for taken, owner in registered.items():
         if owner is not cls and name_skeleton(taken) == name_skeleton(name):
             what = "the attack" if name == taken else "a look-alike of the attack"
-            raise NcbenchError(f"plugin attack name {name!r} is {what} {taken!r} ({owner.__module__}); "
-                               "choose another name")
+            raise NcbenchError(
+                f"plugin attack name {name!r} is {what} {taken!r} ({owner.__module__}); choose another name"
+            )
 
 
 def _load_entry_points() -> None:
@@ -102,8 +105,9 @@ def load_from_file(spec: str) -> type[Attack]:
         raise NcbenchError(f"{path} has no Attack subclass named {class_name!r}")
     if cls is Attack or inspect.isabstract(cls):
         missing = ", ".join(sorted(getattr(cls, "__abstractmethods__", ()))) or "run"
-        raise NcbenchError(f"{path}: {class_name} is abstract (it does not implement {missing}); "
-                           "name a concrete Attack subclass")
+        raise NcbenchError(
+            f"{path}: {class_name} is abstract (it does not implement {missing}); name a concrete Attack subclass"
+        )
     check_plugin_name(cls, all_attacks())
     return cls
 

@@ -19,7 +19,12 @@ def self_keyed_encoder(config: EncoderConfig, *, width: int, seed: int, device: 
 
 
 def self_encode(
-    images: np.ndarray, config: EncoderConfig, *, width: int, seed: int, device: str = "cpu",
+    images: np.ndarray,
+    config: EncoderConfig,
+    *,
+    width: int,
+    seed: int,
+    device: str = "cpu",
     advance: Callable[[int], None] = lambda k: None,
 ) -> tuple[list[tuple[int, torch.Tensor]], torch.Tensor]:
     """Encode ``images`` (M, S, S) uint8 unshuffled with a self-sampled key, in the release's

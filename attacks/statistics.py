@@ -70,8 +70,9 @@ def sorted_norm_scores(encoded: PatchStatistics, plain: PatchStatistics) -> np.n
     return (left @ right.T).numpy()
 
 
-def gram_scores(encoded: PatchStatistics, plain: PatchStatistics, slot_positions: np.ndarray,
-                *, chunk: int = 1024) -> np.ndarray:
+def gram_scores(
+    encoded: PatchStatistics, plain: PatchStatistics, slot_positions: np.ndarray, *, chunk: int = 1024
+) -> np.ndarray:
     """(N, M) correlation of Gram matrices, with the plaintext's positions put in slot order.
 
     slot_positions: (P,) position held by each encoded slot.
@@ -84,8 +85,12 @@ def gram_scores(encoded: PatchStatistics, plain: PatchStatistics, slot_positions
     flat = np.full((n_patches, n_patches), -1, np.int64)
     flat[upper] = np.arange(len(upper[0]))
     take = flat[np.minimum(rows, cols), np.maximum(rows, cols)]
-    right = torch.cat([_standardise_rows(torch.from_numpy(plain.gram[s : s + chunk][:, take]).float())
-                       for s in range(0, len(plain.gram), chunk)])
+    right = torch.cat(
+        [
+            _standardise_rows(torch.from_numpy(plain.gram[s : s + chunk][:, take]).float())
+            for s in range(0, len(plain.gram), chunk)
+        ]
+    )
     scores = np.empty((len(encoded.gram), len(plain.gram)), np.float32)
     for s in range(0, len(encoded.gram), chunk):
         left = _standardise_rows(torch.from_numpy(encoded.gram[s : s + chunk]).float())

@@ -114,9 +114,12 @@ def write_submission(path: str | os.PathLike, submission: Submission, *, force: 
             return path
         with h5py.File(tmp, "w") as h5:
             attrs = dict(
-                challenge_id=submission.challenge_id, attack=submission.attack,
-                attack_version=submission.attack_version, params=json.dumps(submission.params, sort_keys=True),
-                knowledge=json.dumps(list(submission.knowledge)), runtime_s=float(submission.runtime_s),
+                challenge_id=submission.challenge_id,
+                attack=submission.attack,
+                attack_version=submission.attack_version,
+                params=json.dumps(submission.params, sort_keys=True),
+                knowledge=json.dumps(list(submission.knowledge)),
+                runtime_s=float(submission.runtime_s),
                 diagnostics=json.dumps(submission.diagnostics, sort_keys=True),
             )
             if submission.team:
@@ -132,8 +135,9 @@ def write_submission(path: str | os.PathLike, submission: Submission, *, force: 
     return path
 
 
-def read_submission(path: str | os.PathLike, *, challenge_id: str | None = None,
-                    limits: ReadLimits | None = None) -> Submission:
+def read_submission(
+    path: str | os.PathLike, *, challenge_id: str | None = None, limits: ReadLimits | None = None
+) -> Submission:
     """Read a submission file; structural problems raise NcbenchError with one precise line.
 
     ``challenge_id`` is needed for the CSV form, which does not carry one. ``limits``: what may be
@@ -145,8 +149,9 @@ def read_submission(path: str | os.PathLike, *, challenge_id: str | None = None,
     path = Path(path)
     if path.suffix.lower() == ".csv":
         return _read_csv(path, challenge_id, limits)
-    handle, datasets = open_untrusted(path, SUBMISSION_FORMAT, SCHEMA_VERSION,
-                                      max_bytes=None if limits is None else limits.file_bytes)
+    handle, datasets = open_untrusted(
+        path, SUBMISSION_FORMAT, SCHEMA_VERSION, max_bytes=None if limits is None else limits.file_bytes
+    )
     try:
         return _read_h5(path, handle, datasets, limits)
     except (OSError, KeyError, ValueError, TypeError, RecursionError) as error:
@@ -169,8 +174,11 @@ def _read_h5(path: Path, h5: h5py.File, datasets: dict[str, DatasetInfo], limits
         _check_declared_sizes(path, datasets, limits)
     for name, info in datasets.items():  # every one, read or not: a bomb is refused wherever it sits
         check_chunks(h5[name], info, path)
-    unread = tuple(name for name in ("mapping", *ARRAY_PARTS)
-                   if name in datasets and limits is not None and name not in limits.read)
+    unread = tuple(
+        name
+        for name in ("mapping", *ARRAY_PARTS)
+        if name in datasets and limits is not None and name not in limits.read
+    )
 
     def readable(name) -> DatasetInfo | None:
         """The dataset's metadata when it is present and is to be read."""
@@ -189,8 +197,10 @@ def _read_h5(path: Path, h5: h5py.File, datasets: dict[str, DatasetInfo], limits
     def text_attr(name, default=None):
         value = attrs.get(name, default)
         if isinstance(value, (str, bytes)) and len(value) > MAX_ATTRIBUTE_BYTES:
-            raise NcbenchError(f"{path}: attribute {name!r} holds {format_bytes(len(value))} of text; "
-                               f"at most {format_bytes(MAX_ATTRIBUTE_BYTES)} is accepted")
+            raise NcbenchError(
+                f"{path}: attribute {name!r} holds {format_bytes(len(value))} of text; "
+                f"at most {format_bytes(MAX_ATTRIBUTE_BYTES)} is accepted"
+            )
         return value
 
     def json_attr(name, default):
@@ -201,12 +211,19 @@ def _read_h5(path: Path, h5: h5py.File, datasets: dict[str, DatasetInfo], limits
 
     team = text_attr("team")
     submission = Submission(
-        challenge_id=str(text_attr("challenge_id")), attack=str(text_attr("attack")),
-        attack_version=str(text_attr("attack_version")), encoded_ids=strings("encoded_ids"),
-        params=json_attr("params", {}), knowledge=_string_list(path, json_attr("knowledge", [])),
-        runtime_s=float(attrs.get("runtime_s", 0.0)), team=None if team is None else str(team),
-        mapping=strings("mapping"), plain_ids=strings("plain_ids"), target_ids=strings("target_ids"),
-        diagnostics=json_attr("diagnostics", {}), unread=unread,
+        challenge_id=str(text_attr("challenge_id")),
+        attack=str(text_attr("attack")),
+        attack_version=str(text_attr("attack_version")),
+        encoded_ids=strings("encoded_ids"),
+        params=json_attr("params", {}),
+        knowledge=_string_list(path, json_attr("knowledge", [])),
+        runtime_s=float(attrs.get("runtime_s", 0.0)),
+        team=None if team is None else str(team),
+        mapping=strings("mapping"),
+        plain_ids=strings("plain_ids"),
+        target_ids=strings("target_ids"),
+        diagnostics=json_attr("diagnostics", {}),
+        unread=unread,
     )
     if submission.encoded_ids is None:
         raise NcbenchError(f"{path}: encoded_ids cannot be read within this challenge's limits")
@@ -228,15 +245,19 @@ def _check_declared_sizes(path: Path, datasets: dict[str, DatasetInfo], limits: 
     for name, allowed in limits.part_bytes.items():
         info = datasets.get(name)
         if info is not None and info.declared_bytes > allowed:
-            raise NcbenchError(f"{path}: {name} declares shape {info.shape} of {info.dtype} "
-                               f"({format_bytes(info.declared_bytes)}); this challenge accepts at most "
-                               f"{format_bytes(allowed)} (refused before reading)")
+            raise NcbenchError(
+                f"{path}: {name} declares shape {info.shape} of {info.dtype} "
+                f"({format_bytes(info.declared_bytes)}); this challenge accepts at most "
+                f"{format_bytes(allowed)} (refused before reading)"
+            )
     total, allowed = sum(info.declared_bytes for info in datasets.values()), sum(limits.part_bytes.values())
     if total > allowed:
         largest = max(datasets.values(), key=lambda info: info.declared_bytes)
-        raise NcbenchError(f"{path}: its datasets declare {format_bytes(total)} (the largest: {largest.name}, "
-                           f"shape {largest.shape}); a submission to this challenge holds at most "
-                           f"{format_bytes(allowed)} (refused before reading)")
+        raise NcbenchError(
+            f"{path}: its datasets declare {format_bytes(total)} (the largest: {largest.name}, "
+            f"shape {largest.shape}); a submission to this challenge holds at most "
+            f"{format_bytes(allowed)} (refused before reading)"
+        )
 
 
 def _is_string(dtype: np.dtype) -> bool:
@@ -253,8 +274,10 @@ def _read_csv(path: Path, challenge_id: str | None, limits: ReadLimits | None) -
     if not path.is_file():
         raise NcbenchError(f"{path}: no such file")
     if limits is not None and path.stat().st_size > limits.csv_bytes:
-        raise NcbenchError(f"{path}: file is {format_bytes(path.stat().st_size)}; a CSV for this challenge "
-                           f"({limits.csv_rows} encodings) is at most {format_bytes(limits.csv_bytes)}")
+        raise NcbenchError(
+            f"{path}: file is {format_bytes(path.stat().st_size)}; a CSV for this challenge "
+            f"({limits.csv_rows} encodings) is at most {format_bytes(limits.csv_bytes)}"
+        )
     body: list[list[str]] = []
     try:
         with open(path, newline="", encoding="utf-8") as handle:
@@ -266,12 +289,17 @@ def _read_csv(path: Path, challenge_id: str | None, limits: ReadLimits | None) -
                 if len(row) != 2:
                     raise NcbenchError(f"{path}: line {number} has {len(row)} fields, expected 2")
                 if limits is not None and len(body) == limits.csv_rows:
-                    raise NcbenchError(f"{path}: more than {limits.csv_rows} data lines, one per encoding "
-                                       f"of this challenge")
+                    raise NcbenchError(
+                        f"{path}: more than {limits.csv_rows} data lines, one per encoding of this challenge"
+                    )
                 body.append(row)
     except (UnicodeDecodeError, csv.Error) as error:
         raise NcbenchError(f"{path}: not a readable CSV ({error})") from None
     return Submission(
-        challenge_id=challenge_id or "", attack="csv", attack_version="", params={},
-        encoded_ids=[r[0].strip() for r in body], mapping=[r[1].strip() for r in body],
+        challenge_id=challenge_id or "",
+        attack="csv",
+        attack_version="",
+        params={},
+        encoded_ids=[r[0].strip() for r in body],
+        mapping=[r[1].strip() for r in body],
     )

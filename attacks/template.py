@@ -47,8 +47,12 @@ class MeanPatchNearest(Attack):
         scores = -np.abs(_rank(encoded_norm)[:, None] - _rank(plain)[None, :])
         matched = match(scores)
         return Submission(
-            release.challenge_id, self.name, self.version, release.encoded_ids,
-            mapping=[release.plain_ids[j] for j in matched], scores=scores.astype(np.float32),
+            release.challenge_id,
+            self.name,
+            self.version,
+            release.encoded_ids,
+            mapping=[release.plain_ids[j] for j in matched],
+            scores=scores.astype(np.float32),
             plain_ids=release.plain_ids,
         )
 

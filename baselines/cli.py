@@ -14,18 +14,33 @@ def group() -> None:
 
 
 @group.command("utility")
-@click.option("--preset", "presets", required=True, multiple=True, type=click.Choice(list(PRESETS)),
-              help="Encoder preset whose encodings the downstream model learns from (repeatable).")
-@click.option("--raw/--no-raw", default=True, show_default=True,
-              help="Also train the non-private reference on plaintext patches.")
-@click.option("--source", default="phantom", show_default=True,
-              help="Labelled images: phantom, folder:PATH[?labels=CSV] (CheXpert layout) or manifest:FILE.")
+@click.option(
+    "--preset",
+    "presets",
+    required=True,
+    multiple=True,
+    type=click.Choice(list(PRESETS)),
+    help="Encoder preset whose encodings the downstream model learns from (repeatable).",
+)
+@click.option(
+    "--raw/--no-raw", default=True, show_default=True, help="Also train the non-private reference on plaintext patches."
+)
+@click.option(
+    "--source",
+    default="phantom",
+    show_default=True,
+    help="Labelled images: phantom, folder:PATH[?labels=CSV] (CheXpert layout) or manifest:FILE.",
+)
 @click.option("--n-train", default=DEFAULTS["n_train"], show_default=True, type=int, help="Training images.")
 @click.option("--n-test", default=DEFAULTS["n_test"], show_default=True, type=int, help="Held-out test images.")
 @click.option("--width", default=DEFAULTS["width"], show_default=True, type=int, help="Encoder width D.")
 @click.option("--image-size", default=DEFAULTS["image_size"], show_default=True, type=int, help="Image side in pixels.")
-@click.option("--patch-size", default=None, type=int,
-              help="Patch side; default image_size/16, so P = 256 patches as at 256 px with 16 px patches.")
+@click.option(
+    "--patch-size",
+    default=None,
+    type=int,
+    help="Patch side; default image_size/16, so P = 256 patches as at 256 px with 16 px patches.",
+)
 @click.option("--epochs", default=DEFAULTS["epochs"], show_default=True, type=int, help="Training epochs per model.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for images, key, shuffles, models.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
@@ -40,12 +55,24 @@ def utility(presets, raw, source, n_train, n_test, width, image_size, patch_size
         if image_size < 16 or image_size % 16:
             raise NcbenchError(f"--image-size {image_size} is not a multiple of 16; give --patch-size")
         patch_size = image_size // 16
-    rows = run_utility(presets=list(dict.fromkeys(presets)), n_train=n_train, n_test=n_test, width=width,
-                       image_size=image_size, patch_size=patch_size, epochs=epochs, seed=seed,
-                       device=pick_device(device), raw=raw, source=source)
+    rows = run_utility(
+        presets=list(dict.fromkeys(presets)),
+        n_train=n_train,
+        n_test=n_test,
+        width=width,
+        image_size=image_size,
+        patch_size=patch_size,
+        epochs=epochs,
+        seed=seed,
+        device=pick_device(device),
+        raw=raw,
+        source=source,
+    )
     click.echo(utility_table(rows))
-    click.echo(f"({n_train} train / {n_test} test images from {source}, {image_size} px, encoder width {width}, "
-               f"{epochs} epochs)")
+    click.echo(
+        f"({n_train} train / {n_test} test images from {source}, {image_size} px, encoder width {width}, "
+        f"{epochs} epochs)"
+    )
     if db:
         from ncbench.leaderboard.store import record_utility
 

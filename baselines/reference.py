@@ -33,7 +33,9 @@ class Chance(Attack):
             submission.target_ids = release.target_ids
         else:
             mean_image = release.plain_images.mean(axis=0)
-            submission.reconstructions = np.broadcast_to(mean_image, (release.n_encoded, *mean_image.shape)).astype(np.float32)
+            submission.reconstructions = np.broadcast_to(mean_image, (release.n_encoded, *mean_image.shape)).astype(
+                np.float32
+            )
         return submission
 
 

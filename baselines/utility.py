@@ -150,8 +150,9 @@ def train_model(
 def predict(model: TokenTransformer, tokens: torch.Tensor, *, device: str = "cpu", batch_size: int = 128) -> np.ndarray:
     """Probabilities (N, K) for (N, P, T) tokens, model in eval mode."""
     model.eval()
-    parts = [torch.sigmoid(model(tokens[s : s + batch_size].to(device))).cpu()
-             for s in range(0, len(tokens), batch_size)]
+    parts = [
+        torch.sigmoid(model(tokens[s : s + batch_size].to(device))).cpu() for s in range(0, len(tokens), batch_size)
+    ]
     return torch.cat(parts).numpy() if parts else np.zeros((0, model.head.out_features), np.float32)
 
 
@@ -202,9 +203,17 @@ def run_utility(
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise NcbenchError(f"{name} must be a positive integer, got {value!r}")
     # auto: bf16 only where the device multiplies it natively; settings record the resolved value.
-    configs = {preset: resolve_config(preset, width=width, image_size=image_size, patch_size=patch_size,
-                                      bn_batch=min(256, n_train + n_test), precision="auto").for_device(device)
-               for preset in presets}
+    configs = {
+        preset: resolve_config(
+            preset,
+            width=width,
+            image_size=image_size,
+            patch_size=patch_size,
+            bn_batch=min(256, n_train + n_test),
+            precision="auto",
+        ).for_device(device)
+        for preset in presets
+    }
     data = load_images(source, n=n_train + n_test, seed=seed, image_size=image_size)
     if not data.label_names:
         raise NcbenchError(f"source {source!r} has no labels; use phantom or a folder with a labels CSV")
@@ -225,14 +234,34 @@ def run_utility(
         else:
             tokens = encode_images(data.images, config, seed=seed, device=device)
         tokens = standardise(tokens, train)
-        model = train_model(tokens[train], labels[train], positional=kind == "raw", epochs=epochs,
-                            seed=seed, device=device, label=f"utility {preset}")
+        model = train_model(
+            tokens[train],
+            labels[train],
+            positional=kind == "raw",
+            epochs=epochs,
+            seed=seed,
+            device=device,
+            label=f"utility {preset}",
+        )
         scores = evaluate(predict(model, tokens[test], device=device), data.labels[test], data.label_names)
-        settings = {"preset": preset, "n_train": n_train, "n_test": n_test, "width": width,
-                    "image_size": image_size, "patch_size": patch_size, "epochs": epochs, "seed": seed,
-                    "precision": config.precision if kind == "encoded" else "fp32",
-                    "device": device, "source": source, "model": MODEL_NAME, "model_version": MODEL_VERSION}
-        rows += [{"preset": preset, "label": name, "auc": value, "model_kind": kind, "settings": settings}
-                 for name, value in scores.items()]
+        settings = {
+            "preset": preset,
+            "n_train": n_train,
+            "n_test": n_test,
+            "width": width,
+            "image_size": image_size,
+            "patch_size": patch_size,
+            "epochs": epochs,
+            "seed": seed,
+            "precision": config.precision if kind == "encoded" else "fp32",
+            "device": device,
+            "source": source,
+            "model": MODEL_NAME,
+            "model_version": MODEL_VERSION,
+        }
+        rows += [
+            {"preset": preset, "label": name, "auc": value, "model_kind": kind, "settings": settings}
+            for name, value in scores.items()
+        ]
         del tokens, model  # before the next preset's tokens are made: one set in memory at a time
     return rows

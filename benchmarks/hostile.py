@@ -43,15 +43,19 @@ def cpu_model() -> str:
     except OSError:
         return platform.processor() or platform.machine()
     fields = {k.strip(): v.strip() for k, v in fields.items()}
-    return f"{fields.get('model name', platform.machine())} (family {fields.get('cpu family', '?')}, " \
-           f"model {fields.get('model', '?')})"
+    return (
+        f"{fields.get('model name', platform.machine())} (family {fields.get('cpu family', '?')}, "
+        f"model {fields.get('model', '?')})"
+    )
 
 
 # Linux carries a process's peak RSS across exec, so a child forked from this (large) process would
 # report at least our own peak: a small launcher forks the scorer and reports the scorer's rusage.
-LAUNCHER = ("import json, os, subprocess, sys; child = subprocess.Popen(sys.argv[2:]); "
-            "_, status, usage = os.wait4(child.pid, 0); "
-            "open(sys.argv[1], 'w').write(json.dumps([os.waitstatus_to_exitcode(status), usage.ru_maxrss]))")
+LAUNCHER = (
+    "import json, os, subprocess, sys; child = subprocess.Popen(sys.argv[2:]); "
+    "_, status, usage = os.wait4(child.pid, 0); "
+    "open(sys.argv[1], 'w').write(json.dumps([os.waitstatus_to_exitcode(status), usage.ru_maxrss]))"
+)
 
 
 def score_in_child(submission: Path, key: Path, db: Path) -> dict:
@@ -61,13 +65,39 @@ def score_in_child(submission: Path, key: Path, db: Path) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         report, out, err = Path(folder) / "report.json", Path(folder) / "stdout", Path(folder) / "stderr"
         with open(out, "w") as stdout, open(err, "w") as stderr:
-            subprocess.run([sys.executable, "-S", "-c", LAUNCHER, str(report), sys.executable, "-c",
-                            "from ncbench.cli import main; main()", "score", str(submission), "--key", str(key),
-                            "--db", str(db), "--team", "bench"], stdout=stdout, stderr=stderr, check=True)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-S",
+                    "-c",
+                    LAUNCHER,
+                    str(report),
+                    sys.executable,
+                    "-c",
+                    "from ncbench.cli import main; main()",
+                    "score",
+                    str(submission),
+                    "--key",
+                    str(key),
+                    "--db",
+                    str(db),
+                    "--team",
+                    "bench",
+                ],
+                stdout=stdout,
+                stderr=stderr,
+                check=True,
+            )
         code, peak_kb = json.loads(report.read_text())
         lines, message = len(out.read_text().splitlines()), err.read_text().strip()
-    return {"exit": code, "seconds": round(time.perf_counter() - started, 2), "peak_rss_mb": round(peak_kb / 1024, 1),
-            "rows_added": _rows(db) - before, "stderr": message[-300:], "stdout_lines": lines}
+    return {
+        "exit": code,
+        "seconds": round(time.perf_counter() - started, 2),
+        "peak_rss_mb": round(peak_kb / 1024, 1),
+        "rows_added": _rows(db) - before,
+        "stderr": message[-300:],
+        "stdout_lines": lines,
+    }
 
 
 def _rows(db: Path) -> int:
@@ -77,11 +107,17 @@ def _rows(db: Path) -> int:
 
 # -- the files ---------------------------------------------------------------------------------------
 
+
 def legit(release_dir: Path, out: Path) -> Path:
     """What a strong attack would submit: perfect answers in the built-in attacks' dtypes."""
     with open_release(release_dir) as release, open_key(release_dir) as key:
-        submission = Submission(release.challenge_id, "bench-attack", "1.0", release.encoded_ids,
-                                patch_positions=key.read("truth/patch_perm").astype(np.int16))
+        submission = Submission(
+            release.challenge_id,
+            "bench-attack",
+            "1.0",
+            release.encoded_ids,
+            patch_positions=key.read("truth/patch_perm").astype(np.int16),
+        )
         if release.task == "reid":
             plain_ids = release.plain_ids
             truth = key.read("truth/plain_index")
@@ -111,29 +147,35 @@ def declared(shape, dtype="float64"):
     def make(handle, name):
         row = math.prod(shape[1:]) * np.dtype(dtype).itemsize
         handle.create_dataset(name, shape=shape, dtype=dtype, chunks=(max(1, (1 << 20) // row), *shape[1:]))
+
     return make
 
 
 def zero_chunks(shape, chunk_rows):
     """Real gzip chunks of zeros, one per ``chunk_rows`` rows: inflated, ``shape`` of float64."""
+
     def make(handle, name):
-        dataset = handle.create_dataset(name, shape=shape, dtype="float64", chunks=(chunk_rows, *shape[1:]),
-                                        compression="gzip")
+        dataset = handle.create_dataset(
+            name, shape=shape, dtype="float64", chunks=(chunk_rows, *shape[1:]), compression="gzip"
+        )
         zeros = zlib.compress(bytes(chunk_rows * math.prod(shape[1:]) * 8), 9)
         for start in range(0, shape[0], chunk_rows):
             dataset.id.write_direct_chunk((start, *[0] * (len(shape) - 1)), zeros)
+
     return make
 
 
 def hidden_bomb(shape, chunk_rows, inflated):
     """A part of legitimate shape whose first chunk's gzip stream, no longer than the chunk itself,
     inflates to ``inflated`` bytes."""
+
     def make(handle, name):
         chunk = (chunk_rows, *shape[1:])
         dataset = handle.create_dataset(name, shape=shape, dtype="float64", chunks=chunk, compression="gzip")
         squeezer, block = zlib.compressobj(9), bytes(1 << 20)
         stream = b"".join(squeezer.compress(block) for _ in range(inflated >> 20)) + squeezer.flush()
         dataset.id.write_direct_chunk((0,) * len(shape), stream)
+
     return make
 
 
@@ -148,6 +190,7 @@ def virtual(key: Path, truth: str, relative_to: Path):
         layout = h5py.VirtualLayout(shape=shape, dtype=dtype)
         layout[...] = h5py.VirtualSource(os.path.relpath(key, relative_to), truth, shape=shape)
         handle.create_virtual_dataset(name, layout)
+
     return make
 
 
@@ -155,6 +198,7 @@ def external_storage(key: Path, shape, dtype):
     def make(handle, name):
         size = math.prod(shape) * np.dtype(dtype).itemsize
         handle.create_dataset(name, shape=shape, dtype=dtype, external=[(str(key), 0, size)])
+
     return make
 
 
@@ -182,29 +226,43 @@ def cases(task: str, release_dir: Path, good: Path, folder: Path) -> dict[str, P
     f.mkdir()
     if task == "reid":
         return {
-            "declared 3.2 GB, ignored part": with_dataset(good, f / "a.h5", "reconstructions",
-                                                          declared((int(3.2e9) // (s * s * 8), s, s))),
-            "declared 12 GiB, used part": with_dataset(good, f / "b.h5", "scores", declared(((12 << 30) // (n * 8), n))),
-            "declared 4 EiB, used part": with_dataset(good, f / "c.h5", "patch_positions", declared((1 << 62 >> 8, p), "int8")),
-            "gzip bomb 2 GB (declared)": with_dataset(good, f / "d.h5", "scores",
-                                                      zero_chunks(((2 << 30) // (n * 8), n), (2 << 20) // (n * 8))),
+            "declared 3.2 GB, ignored part": with_dataset(
+                good, f / "a.h5", "reconstructions", declared((int(3.2e9) // (s * s * 8), s, s))
+            ),
+            "declared 12 GiB, used part": with_dataset(
+                good, f / "b.h5", "scores", declared(((12 << 30) // (n * 8), n))
+            ),
+            "declared 4 EiB, used part": with_dataset(
+                good, f / "c.h5", "patch_positions", declared((1 << 62 >> 8, p), "int8")
+            ),
+            "gzip bomb 2 GB (declared)": with_dataset(
+                good, f / "d.h5", "scores", zero_chunks(((2 << 30) // (n * 8), n), (2 << 20) // (n * 8))
+            ),
             "20 MB string attribute": string_heap(good, f / "e.h5", 20 << 20),
             "CSV of 1,000,000 rows": csv_rows(release_dir, f / "f.csv", 1_000_000),
         }
     if task == "invert":
         return {
-            "gzip bomb 1 GB in one chunk": with_dataset(good, f / "a.h5", "reconstructions",
-                                                         hidden_bomb((n, s, s), 4, 1 << 30)),
-            "external link to key": with_dataset(good, f / "b.h5", "reconstructions", external_link(key, "/truth/images")),
-            "virtual dataset on key (relative)": with_dataset(good, f / "c.h5", "reconstructions",
-                                                              virtual(key, "truth/images", f)),
-            "external storage in key": with_dataset(good, f / "d.h5", "reconstructions",
-                                                    external_storage(key, (n, s, s), "uint8")),
+            "gzip bomb 1 GB in one chunk": with_dataset(
+                good, f / "a.h5", "reconstructions", hidden_bomb((n, s, s), 4, 1 << 30)
+            ),
+            "external link to key": with_dataset(
+                good, f / "b.h5", "reconstructions", external_link(key, "/truth/images")
+            ),
+            "virtual dataset on key (relative)": with_dataset(
+                good, f / "c.h5", "reconstructions", virtual(key, "truth/images", f)
+            ),
+            "external storage in key": with_dataset(
+                good, f / "d.h5", "reconstructions", external_storage(key, (n, s, s), "uint8")
+            ),
         }
     return {
-        "declared 12 GiB, used part": with_dataset(good, f / "a.h5", "encodings", declared(((12 << 30) // (p * d * 8), p, d))),
-        "external link to key": with_dataset(good, f / "b.h5", "encodings",
-                                             external_link(key, "/truth/target_encodings")),
+        "declared 12 GiB, used part": with_dataset(
+            good, f / "a.h5", "encodings", declared(((12 << 30) // (p * d * 8), p, d))
+        ),
+        "external link to key": with_dataset(
+            good, f / "b.h5", "encodings", external_link(key, "/truth/target_encodings")
+        ),
         "gzip bomb 1 GB in one chunk": with_dataset(good, f / "c.h5", "encodings", hidden_bomb((t, p, d), 1, 1 << 30)),
     }
 
@@ -216,8 +274,9 @@ def main(preset: str = "nc3", n: int = 32, out: str | None = None) -> dict:
     for task in ("reid", "invert", "transfer"):
         release_dir = root / "releases" / task
         if not release_dir.exists():
-            build_release(release_dir, config=config, plan=BuildPlan.for_task(task, n), source="phantom",
-                          seed=SEED, device="cpu")
+            build_release(
+                release_dir, config=config, plan=BuildPlan.for_task(task, n), source="phantom", seed=SEED, device="cpu"
+            )
         db = root / f"{task}.db"
         db.unlink(missing_ok=True)
         Store(db).close()
@@ -227,27 +286,48 @@ def main(preset: str = "nc3", n: int = 32, out: str | None = None) -> dict:
         baseline = score_in_child(good, key, db)
         if baseline["exit"] != 0:
             raise SystemExit(f"the legitimate {task} submission was not scored: {baseline['stderr']}")
-        rows.append({"task": task, "case": "legitimate", "file_bytes": good.stat().st_size, **baseline, "extra_mb": 0.0})
+        rows.append(
+            {"task": task, "case": "legitimate", "file_bytes": good.stat().st_size, **baseline, "extra_mb": 0.0}
+        )
         for name, path in files.items():
             result = score_in_child(path, key, db)
-            rows.append({"task": task, "case": name, "file_bytes": path.stat().st_size, **result,
-                         "extra_mb": round(result["peak_rss_mb"] - baseline["peak_rss_mb"], 1)})
+            rows.append(
+                {
+                    "task": task,
+                    "case": name,
+                    "file_bytes": path.stat().st_size,
+                    **result,
+                    "extra_mb": round(result["peak_rss_mb"] - baseline["peak_rss_mb"], 1),
+                }
+            )
     hostile = [r for r in rows if r["case"] != "legitimate"]
-    ok = all(r["exit"] == 2 and r["rows_added"] == 0 and r["stderr"].count("\n") == 0 and r["extra_mb"] <= TARGET_MB
-             for r in hostile)
-    return {"benchmark": f"hostile submissions, {preset} N={n} (S={config.image_size}, D={config.width})",
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "cpu_model": cpu_model(),
-            "target": f"exit 2, one line, no row, at most {TARGET_MB} MB over the legitimate submission",
-            "all_within_target": ok, "rows": rows}
+    ok = all(
+        r["exit"] == 2 and r["rows_added"] == 0 and r["stderr"].count("\n") == 0 and r["extra_mb"] <= TARGET_MB
+        for r in hostile
+    )
+    return {
+        "benchmark": f"hostile submissions, {preset} N={n} (S={config.image_size}, D={config.width})",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "cpu_model": cpu_model(),
+        "target": f"exit 2, one line, no row, at most {TARGET_MB} MB over the legitimate submission",
+        "all_within_target": ok,
+        "rows": rows,
+    }
 
 
 def table(result: dict) -> str:
-    lines = [f"{result['benchmark']}; {result['cpu_model']}; all within target: {result['all_within_target']}", "",
-             "| task | case | file | exit | peak RSS | vs legitimate | rows | message |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"{result['benchmark']}; {result['cpu_model']}; all within target: {result['all_within_target']}",
+        "",
+        "| task | case | file | exit | peak RSS | vs legitimate | rows | message |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in result["rows"]:
         message = r["stderr"].split(": ", 2)[-1][:90].replace("|", "/") if r["exit"] else ""
-        lines.append(f"| {r['task']} | {r['case']} | {r['file_bytes'] / 1e6:.2f} MB | {r['exit']} | "
-                     f"{r['peak_rss_mb']:.0f} MB | {r['extra_mb']:+.0f} MB | {r['rows_added']} | {message} |")
+        lines.append(
+            f"| {r['task']} | {r['case']} | {r['file_bytes'] / 1e6:.2f} MB | {r['exit']} | "
+            f"{r['peak_rss_mb']:.0f} MB | {r['extra_mb']:+.0f} MB | {r['rows_added']} | {message} |"
+        )
     return "\n".join(lines)
 
 

@@ -34,6 +34,7 @@ def encode(n: int = 256, device: str = "cpu", precision: str = "auto", preset: s
         sample_key,
         sample_permutations,
     )
+
     sys.path.insert(0, "tests")
     from test_encoders import ReferenceNeuraCrypt
 
@@ -54,9 +55,13 @@ def encode(n: int = 256, device: str = "cpu", precision: str = "auto", preset: s
         return out, time.perf_counter() - started
 
     def run_fast(batch):
-        return [fast.encode_batch(torch.from_numpy(batch[s : s + config.bn_batch]),
-                                  torch.from_numpy(perms[s : s + config.bn_batch].astype(np.int64))).cpu()
-                for s in range(0, len(batch), config.bn_batch)]
+        return [
+            fast.encode_batch(
+                torch.from_numpy(batch[s : s + config.bn_batch]),
+                torch.from_numpy(perms[s : s + config.bn_batch].astype(np.int64)),
+            ).cpu()
+            for s in range(0, len(batch), config.bn_batch)
+        ]
 
     reference = ReferenceNeuraCrypt(config).to(device)
     reference.load_key({k: v.to(device) for k, v in key.items()})
@@ -77,10 +82,17 @@ def encode(n: int = 256, device: str = "cpu", precision: str = "auto", preset: s
         same_perms = [torch.from_numpy(p.astype(np.int64)) for p in perms[: config.bn_batch]]
         reference_first = reference(first, same_perms).cpu()
     max_abs_diff = float((reference_first - fast_out[0]).abs().max())
-    return {"benchmark": f"encode {preset}", "n": n, "device": device, "precision": fast.config.precision,
-            "machine": machine_description(device),
-            "ncbench_images_per_s": round(n / fast_s, 1), "reference_images_per_s": round(n / ref_s, 1),
-            "speedup": round(ref_s / fast_s, 2), "max_abs_diff_vs_reference": max_abs_diff}
+    return {
+        "benchmark": f"encode {preset}",
+        "n": n,
+        "device": device,
+        "precision": fast.config.precision,
+        "machine": machine_description(device),
+        "ncbench_images_per_s": round(n / fast_s, 1),
+        "reference_images_per_s": round(n / ref_s, 1),
+        "speedup": round(ref_s / fast_s, 2),
+        "max_abs_diff_vs_reference": max_abs_diff,
+    }
 
 
 def attack(release_dir: str, name: str = "gram-hungarian", device: str = "cpu", **params: str) -> dict:
@@ -96,12 +108,18 @@ def attack(release_dir: str, name: str = "gram-hungarian", device: str = "cpu", 
         submission = cls(cls.parse_params(params), device=device)(release)
         elapsed = time.perf_counter() - started
         n, encoded_ids, plain_ids = release.n_encoded, release.encoded_ids, release.plain_ids
-    return {"benchmark": f"attack {name}", "release": release_dir, "n": n, "params": params,
-            "seconds": round(elapsed, 1),
-            "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2),
-            **_accuracy(release_dir, submission, encoded_ids, plain_ids),
-            "stage_seconds": submission.diagnostics.get("stage_seconds"),
-            "date": time.strftime("%Y-%m-%d"), "machine": machine_description(device)}
+    return {
+        "benchmark": f"attack {name}",
+        "release": release_dir,
+        "n": n,
+        "params": params,
+        "seconds": round(elapsed, 1),
+        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2),
+        **_accuracy(release_dir, submission, encoded_ids, plain_ids),
+        "stage_seconds": submission.diagnostics.get("stage_seconds"),
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": machine_description(device),
+    }
 
 
 def _accuracy(release_dir: str, submission, encoded_ids: list[str], plain_ids: list[str]) -> dict:
@@ -133,15 +151,33 @@ def compare(release_dir: str, *names: str) -> dict:
     names = names or ("carlini-2021", "gram-hungarian")
     runs = []
     for name in names:
-        done = subprocess.run([sys.executable, __file__, "attack", release_dir, name], capture_output=True, text=True,
-                              check=True)
+        done = subprocess.run(
+            [sys.executable, __file__, "attack", release_dir, name], capture_output=True, text=True, check=True
+        )
         runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
     baseline = runs[-1]["seconds"]
-    return {"benchmark": "compare", "release": release_dir, "n": runs[0]["n"], "date": time.strftime("%Y-%m-%d"),
-            "machine": runs[0]["machine"],
-            "attacks": [{key: run.get(key) for key in ("benchmark", "seconds", "peak_rss_gb", "reid_accuracy",
-                                                          "patch_position_accuracy", "stage_seconds")}
-                        | {"time_ratio": round(run["seconds"] / max(baseline, 1e-9), 2)} for run in runs]}
+    return {
+        "benchmark": "compare",
+        "release": release_dir,
+        "n": runs[0]["n"],
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": runs[0]["machine"],
+        "attacks": [
+            {
+                key: run.get(key)
+                for key in (
+                    "benchmark",
+                    "seconds",
+                    "peak_rss_gb",
+                    "reid_accuracy",
+                    "patch_position_accuracy",
+                    "stage_seconds",
+                )
+            }
+            | {"time_ratio": round(run["seconds"] / max(baseline, 1e-9), 2)}
+            for run in runs
+        ],
+    }
 
 
 def build_memory(preset: str = "nc3", sizes: str = "256,1024,2048") -> dict:
@@ -155,14 +191,41 @@ def build_memory(preset: str = "nc3", sizes: str = "256,1024,2048") -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             started = time.perf_counter()
             build = subprocess.Popen(
-                [sys.executable, "-c", "from ncbench.cli import main; main()", "challenge", "build",
-                 "--preset", preset, "--task", "reid", "--source", "sample", "--n", str(n), "--seed", "1",
-                 "--test-release", "--device", "cpu", "--out", f"{tmp}/r"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                [
+                    sys.executable,
+                    "-c",
+                    "from ncbench.cli import main; main()",
+                    "challenge",
+                    "build",
+                    "--preset",
+                    preset,
+                    "--task",
+                    "reid",
+                    "--source",
+                    "sample",
+                    "--n",
+                    str(n),
+                    "--seed",
+                    "1",
+                    "--test-release",
+                    "--device",
+                    "cpu",
+                    "--out",
+                    f"{tmp}/r",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             _, status, usage = os.wait4(build.pid, 0)  # this child's own rusage (ru_maxrss in KB)
             if os.waitstatus_to_exitcode(status) != 0:
                 raise SystemExit(f"build at N={n} failed")
-            rows.append({"n": n, "seconds": round(time.perf_counter() - started, 1),
-                         "peak_rss_gb": round(usage.ru_maxrss / 1e6, 2)})
+            rows.append(
+                {
+                    "n": n,
+                    "seconds": round(time.perf_counter() - started, 1),
+                    "peak_rss_gb": round(usage.ru_maxrss / 1e6, 2),
+                }
+            )
     return {"benchmark": f"build memory {preset}", "machine": machine_description(), "builds": rows}
 
 
@@ -172,8 +235,12 @@ if __name__ == "__main__":
     options = {a.split("=")[0].lstrip("-"): a.split("=")[1] for a in args if a.startswith("--")}
     positional = [a for a in args if not a.startswith("--")]
     if command == "encode":
-        result = encode(int(options.get("n", 256)), options.get("device", "cpu"), options.get("precision", "auto"),
-                        options.get("preset", "nc7"))
+        result = encode(
+            int(options.get("n", 256)),
+            options.get("device", "cpu"),
+            options.get("precision", "auto"),
+            options.get("preset", "nc7"),
+        )
     elif command == "compare":
         result = compare(*positional)
     elif command == "build-memory":

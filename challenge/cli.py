@@ -28,21 +28,30 @@ def group() -> None:
 
 
 @group.command()
-@click.option("--preset", type=click.Choice(list(PRESETS)), required=True, help="Encoder preset (docs/tasks.md#encoder).")
+@click.option(
+    "--preset", type=click.Choice(list(PRESETS)), required=True, help="Encoder preset (docs/tasks.md#encoder)."
+)
 @click.option("--task", type=click.Choice(TASKS), default="reid", show_default=True, help="Threat model.")
-@click.option("--source", default="sample", show_default=True,
-              help="Images: sample, phantom, folder:PATH or manifest:FILE.")
+@click.option(
+    "--source", default="sample", show_default=True, help="Images: sample, phantom, folder:PATH or manifest:FILE."
+)
 @click.option("--n", "n", type=int, required=True, help="Number of encoded images.")
 @click.option("--n-aux", type=int, help="transfer: auxiliary plaintexts [default: N].")
 @click.option("--n-targets", type=int, help="transfer: target plaintexts [default: N/4].")
 @click.option("--n-known", type=int, help="invert: known (plaintext, encoding) pairs [default: max(4, N/10)].")
-@click.option("--seed", help="Secret key seed, at least 32 hex digits (128 bits); drawn from `secrets` when "
-              "omitted. Prefer --seed-file: a command line is seen by other users and kept in shell history.")
-@click.option("--seed-file", type=click.Path(path_type=Path),
-              help="File holding the secret key seed as hex digits (at least 32).")
-@click.option("--test-release", is_flag=True,
-              help="Build a test release whose key is public: accepts a short seed (e.g. --seed 7) "
-              "and says so in the release.")
+@click.option(
+    "--seed",
+    help="Secret key seed, at least 32 hex digits (128 bits); drawn from `secrets` when "
+    "omitted. Prefer --seed-file: a command line is seen by other users and kept in shell history.",
+)
+@click.option(
+    "--seed-file", type=click.Path(path_type=Path), help="File holding the secret key seed as hex digits (at least 32)."
+)
+@click.option(
+    "--test-release",
+    is_flag=True,
+    help="Build a test release whose key is public: accepts a short seed (e.g. --seed 7) and says so in the release.",
+)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Release directory to create.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @click.option("--width", type=int, help="Override the encoder width D (default 2048).")
@@ -50,12 +59,18 @@ def group() -> None:
 @click.option("--patch-size", type=int, help="Override the patch size (default 16).")
 @click.option("--bn-batch", type=int, help="Override the BatchNorm batch size (default 256).")
 @click.option("--dtype", type=click.Choice(STORAGE_DTYPES), help="Storage dtype of encodings (default float16).")
-@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
-              help="Compute precision: auto is bf16 where the device multiplies bf16 natively (CUDA, AMX or "
-              "AVX-512 BF16 CPUs), else fp32; the release records the resolved value.")
+@click.option(
+    "--precision",
+    type=click.Choice(PRECISIONS),
+    default="auto",
+    show_default=True,
+    help="Compute precision: auto is bf16 where the device multiplies bf16 natively (CUDA, AMX or "
+    "AVX-512 BF16 CPUs), else fp32; the release records the resolved value.",
+)
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
-def build(preset, task, source, n, n_aux, n_targets, n_known, seed, seed_file, test_release, out, force, device,
-          **overrides) -> None:
+def build(
+    preset, task, source, n, n_aux, n_targets, n_known, seed, seed_file, test_release, out, force, device, **overrides
+) -> None:
     """Encode images with a fresh secret key and write OUT/public (give away) and OUT/private (keep)."""
     if seed is not None and seed_file is not None:
         raise NcbenchError("give --seed or --seed-file, not both")
@@ -63,8 +78,9 @@ def build(preset, task, source, n, n_aux, n_targets, n_known, seed, seed_file, t
         seed = read_seed_file(seed_file)
     config = resolve_config(preset, **overrides)
     plan = BuildPlan.for_task(task, n, n_aux=n_aux, n_targets=n_targets, n_known=n_known)
-    build_release(out, config=config, plan=plan, source=source, seed=seed, test_release=test_release,
-                  device=device, force=force)
+    build_release(
+        out, config=config, plan=plan, source=source, seed=seed, test_release=test_release, device=device, force=force
+    )
     click.echo(f"wrote {out}/public/release.h5 (publish) and {out}/private/key.h5 (keep secret)")
     if test_release:
         click.echo(TEST_RELEASE_WARNING, err=True)
@@ -78,8 +94,9 @@ def read_seed_file(path: Path) -> str:
     except OSError as error:
         raise NcbenchError(f"--seed-file {path}: {error.strerror or error}") from None
     if len(raw) > SEED_FILE_LIMIT:
-        raise NcbenchError(f"--seed-file {path}: larger than {SEED_FILE_LIMIT} bytes; "
-                           "it should hold one line of hex digits")
+        raise NcbenchError(
+            f"--seed-file {path}: larger than {SEED_FILE_LIMIT} bytes; it should hold one line of hex digits"
+        )
     try:
         return raw.decode("ascii").strip()
     except UnicodeDecodeError:
@@ -88,8 +105,12 @@ def read_seed_file(path: Path) -> str:
 
 @group.command("verify")
 @click.argument("release_dir", type=click.Path(path_type=Path))
-@click.option("--key", "key_path", type=click.Path(path_type=Path),
-              help="Private key (file or release directory): also recompute every encoding.")
+@click.option(
+    "--key",
+    "key_path",
+    type=click.Path(path_type=Path),
+    help="Private key (file or release directory): also recompute every encoding.",
+)
 def verify_command(release_dir: Path, key_path: Path | None) -> None:
     """Check a release's checksums, and with --key its commitment and every encoding."""
     problems = verify(release_dir, key_path)
@@ -127,19 +148,28 @@ def info(path: Path, show_secrets: bool) -> None:
 
 @group.command()
 @click.argument("folder", type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Manifest CSV to write (a .json sidecar is written beside it).")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Manifest CSV to write (a .json sidecar is written beside it).",
+)
 @click.option("--name", required=True, help="Name of the image set.")
 @click.option("--licence", default="unknown", show_default=True, help="Licence of the images.")
 @click.option("--labels", type=click.Path(path_type=Path), help="CheXpert-style labels CSV.")
-@click.option("--splits", help="Split fractions: train,val,test as 0.7,0.1,0.2, or named as train=0.8,test=0.2 (default: all test).")
+@click.option(
+    "--splits",
+    help="Split fractions: train,val,test as 0.7,0.1,0.2, or named as train=0.8,test=0.2 (default: all test).",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split assignment.")
 def manifest(folder, out, name, licence, labels, splits, seed) -> None:
     """Write a data manifest (paths, sha256, splits, labels) for an image folder."""
     from ncbench.data_manifest.manifest import write_manifest
 
     fractions = parse_split_fractions(splits) if splits else None
-    path = write_manifest(folder, out, name=name, licence=licence, split_fractions=fractions,
-                          labels_csv=labels, seed=seed)
+    path = write_manifest(
+        folder, out, name=name, licence=licence, split_fractions=fractions, labels_csv=labels, seed=seed
+    )
     click.echo(f"wrote {path}")
 
 
@@ -148,7 +178,9 @@ def parse_split_fractions(text: str) -> dict[str, float]:
     items = [item.strip() for item in text.split(",")]
     named = all("=" in item for item in items)
     if not named and (len(items) != 3 or any("=" in item for item in items)):
-        raise NcbenchError(f"--splits must be train,val,test fractions like 0.7,0.1,0.2 or name=fraction pairs, got {text!r}")
+        raise NcbenchError(
+            f"--splits must be train,val,test fractions like 0.7,0.1,0.2 or name=fraction pairs, got {text!r}"
+        )
     pairs = [item.split("=", 1) for item in items] if named else list(zip(("train", "val", "test"), items))
     fractions: dict[str, float] = {}
     for name, value in pairs:

@@ -52,9 +52,7 @@ class EncoderConfig:
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
-            raise NcbenchError(
-                f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
-            )
+            raise NcbenchError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         for name in ("width", "image_size", "patch_size", "bn_batch"):
             if getattr(self, name) < 1:
                 raise NcbenchError(f"{name} must be positive, got {getattr(self, name)}")
@@ -195,9 +193,7 @@ class Encoder:
         # Weights transposed (and cast for bf16) once, so every layer is ``rows @ weight_t + bias``.
         self._matmul_dtype = torch.bfloat16 if self.config.precision == "bf16" else torch.float32
         self._weight_t = {
-            name: t.t().contiguous().to(self._matmul_dtype)
-            for name, t in self.key.items()
-            if name.endswith(".weight")
+            name: t.t().contiguous().to(self._matmul_dtype) for name, t in self.key.items() if name.endswith(".weight")
         }
 
     @classmethod

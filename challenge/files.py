@@ -216,11 +216,13 @@ def _describe(handle: h5py.File) -> dict:
         return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in obj.attrs.items()}
 
     info: dict = {"attrs": attrs_of(handle)}
+
     def visit(name, obj):
         entry = {"attrs": attrs_of(obj)} if obj.attrs else {}
         if isinstance(obj, h5py.Dataset):
             entry.update(shape=list(obj.shape), dtype=str(obj.dtype))
         info[name] = entry
+
     handle.visititems(visit)
     return info
 

@@ -89,8 +89,7 @@ def resize_unit(images: torch.Tensor, size: int) -> torch.Tensor:
     """(B, H, W) float in [0, 1] -> (B, size, size): bilinear with antialias, aspect not kept."""
     if images.shape[-2:] == (size, size):
         return images
-    return F.interpolate(images[:, None], size=(size, size), mode="bilinear",
-                         antialias=True, align_corners=False)[:, 0]
+    return F.interpolate(images[:, None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[:, 0]
 
 
 def to_uint8(unit: torch.Tensor | np.ndarray) -> np.ndarray:

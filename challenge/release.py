@@ -79,8 +79,9 @@ class BuildSeed:
         elif isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0:
             text, secret = str(seed), False
         else:
-            raise NcbenchError("a seed is bytes, a hex string or (test releases only) an integer >= 0, "
-                               f"got {type(seed).__name__}")
+            raise NcbenchError(
+                f"a seed is bytes, a hex string or (test releases only) an integer >= 0, got {type(seed).__name__}"
+            )
         if not text:
             raise NcbenchError("the seed is empty")
         if len(text) > MAX_SEED_HEX:
@@ -119,8 +120,12 @@ class BuildPlan:
         if n < 2:
             raise NcbenchError(f"--n must be at least 2, got {n}")
         if task == "transfer":
-            plan = cls(task, n, n_aux=n if n_aux is None else n_aux,
-                       n_targets=max(2, n // 4) if n_targets is None else n_targets)
+            plan = cls(
+                task,
+                n,
+                n_aux=n if n_aux is None else n_aux,
+                n_targets=max(2, n // 4) if n_targets is None else n_targets,
+            )
             if plan.n_aux < 1 or plan.n_targets < 2:
                 raise NcbenchError("transfer needs --n-aux >= 1 and --n-targets >= 2")
             return plan
@@ -156,8 +161,9 @@ def build_release(
     build_seed = BuildSeed.of(seed, test_release=test_release)
     device = pick_device(device)
     config = config.for_device(device)  # the file records the precision used, never "auto"
-    images = load_images(source, n=plan.n_images, seed=derive_seed(build_seed.text, "images"),
-                         image_size=config.image_size)
+    images = load_images(
+        source, n=plan.n_images, seed=derive_seed(build_seed.text, "images"), image_size=config.image_size
+    )
     if len(images) != plan.n_images:
         raise NcbenchError(f"source {source!r} gave {len(images)} images, {plan.n_images} needed")
     roles: dict = _assign_roles(len(images), plan, np.random.default_rng(derive_seed(build_seed.text, "roles")))
@@ -169,8 +175,16 @@ def build_release(
         layout = ReleaseLayout(tmp)
         layout.public.mkdir(parents=True)
         layout.private.mkdir()
-        _write(tmp, config=config, plan=plan, roles=roles, build_seed=build_seed, test_release=test_release,
-               device=device, source_description=description)
+        _write(
+            tmp,
+            config=config,
+            plan=plan,
+            roles=roles,
+            build_seed=build_seed,
+            test_release=test_release,
+            device=device,
+            source_description=description,
+        )
     return out
 
 
@@ -232,9 +246,18 @@ def _write(tmp: Path, *, config, plan, roles, build_seed: BuildSeed, test_releas
 
     with h5py.File(release_path, "w") as rel, h5py.File(key_path, "r") as key_h5:
         set_root_attrs(
-            rel, RELEASE_FORMAT, SCHEMA_VERSION, challenge_id=challenge_id, task=plan.task,
-            preset=config.preset, encoder_config=config.to_json(), n_encoded=np.int64(n),
-            key_commitment=commitment, created_utc=created, source=source_description, **marks,
+            rel,
+            RELEASE_FORMAT,
+            SCHEMA_VERSION,
+            challenge_id=challenge_id,
+            task=plan.task,
+            preset=config.preset,
+            encoder_config=config.to_json(),
+            n_encoded=np.int64(n),
+            key_commitment=commitment,
+            created_utc=created,
+            source=source_description,
+            **marks,
         )
         group = rel.create_group("encoded")
         write_dataset(group, "ids", encoded_ids)
@@ -267,8 +290,9 @@ def _write(tmp: Path, *, config, plan, roles, build_seed: BuildSeed, test_releas
 
     if plan.task == "transfer":
         with h5py.File(key_path, "a") as key_h5, h5py.File(release_path, "r") as rel:
-            dataset = create_streamed(key_h5["truth"], "target_encodings",
-                                      (plan.n_targets, config.n_patches, config.width), config.dtype)
+            dataset = create_streamed(
+                key_h5["truth"], "target_encodings", (plan.n_targets, config.n_patches, config.width), config.dtype
+            )
             target_images = RowView(rel["target/images"], np.arange(plan.n_targets))
             _encode_into(dataset, encoder, target_images, key_h5["truth/target_patch_perm"][()], "targets")
             # The commitment covers the target encodings too: recompute and patch the release.

@@ -52,40 +52,52 @@ class ViewTransform:
 # per row below in this order, then rng.standard_normal((S, S), float32) for the film noise.
 # So view k is the same whatever n is. The sidecar data_manifest/sample.json records this table.
 SAMPLE_VIEW_TRANSFORMS = (
-    ViewTransform("film", "bernoulli", "RG1 (adult PA chest) when drawn, else RG3 (lower leg)",
-                  p=0.8),
-    ViewTransform("rotation", "uniform", "rotation about the image centre",
-                  low=-7.0, high=7.0, unit="degrees"),
-    ViewTransform("scale", "uniform", "isotropic zoom; above 1 enlarges the anatomy",
-                  low=0.9, high=1.15, unit="factor"),
-    ViewTransform("stretch", "uniform",
-                  "anisotropic stretch: width times sqrt(s), height divided by sqrt(s)",
-                  low=0.92, high=1.08, unit="factor"),
-    ViewTransform("shift_x", "uniform", "horizontal translation",
-                  low=-0.06, high=0.06, unit="fraction of width"),
-    ViewTransform("shift_y", "uniform", "vertical translation",
-                  low=-0.06, high=0.06, unit="fraction of height"),
+    ViewTransform("film", "bernoulli", "RG1 (adult PA chest) when drawn, else RG3 (lower leg)", p=0.8),
+    ViewTransform("rotation", "uniform", "rotation about the image centre", low=-7.0, high=7.0, unit="degrees"),
+    ViewTransform(
+        "scale", "uniform", "isotropic zoom; above 1 enlarges the anatomy", low=0.9, high=1.15, unit="factor"
+    ),
+    ViewTransform(
+        "stretch",
+        "uniform",
+        "anisotropic stretch: width times sqrt(s), height divided by sqrt(s)",
+        low=0.92,
+        high=1.08,
+        unit="factor",
+    ),
+    ViewTransform("shift_x", "uniform", "horizontal translation", low=-0.06, high=0.06, unit="fraction of width"),
+    ViewTransform("shift_y", "uniform", "vertical translation", low=-0.06, high=0.06, unit="fraction of height"),
     ViewTransform("horizontal_flip", "bernoulli", "mirror left-right", p=0.05),
-    ViewTransform("gamma", "uniform", "intensity x on [0, 1] becomes x ** gamma",
-                  low=0.7, high=1.4, unit="exponent"),
-    ViewTransform("contrast", "uniform", "intensity scaled about mid-grey",
-                  low=0.85, high=1.15, unit="factor"),
-    ViewTransform("brightness", "uniform", "intensity offset",
-                  low=-0.06, high=0.06, unit="fraction of full scale"),
-    ViewTransform("blur", "uniform",
-                  "x + a (gaussian(x) - x) with sigma = S/256 pixels: a > 0 blurs, a < 0 "
-                  "sharpens (unsharp mask)", low=-0.6, high=0.6, unit="amount a"),
-    ViewTransform("noise", "uniform", "standard deviation of additive gaussian film noise",
-                  low=0.004, high=0.02, unit="fraction of full scale"),
+    ViewTransform("gamma", "uniform", "intensity x on [0, 1] becomes x ** gamma", low=0.7, high=1.4, unit="exponent"),
+    ViewTransform("contrast", "uniform", "intensity scaled about mid-grey", low=0.85, high=1.15, unit="factor"),
+    ViewTransform("brightness", "uniform", "intensity offset", low=-0.06, high=0.06, unit="fraction of full scale"),
+    ViewTransform(
+        "blur",
+        "uniform",
+        "x + a (gaussian(x) - x) with sigma = S/256 pixels: a > 0 blurs, a < 0 sharpens (unsharp mask)",
+        low=-0.6,
+        high=0.6,
+        unit="amount a",
+    ),
+    ViewTransform(
+        "noise",
+        "uniform",
+        "standard deviation of additive gaussian film noise",
+        low=0.004,
+        high=0.02,
+        unit="fraction of full scale",
+    ),
 )
 SAMPLE_FILMS = ("RG1", "RG3")  # film index 0 = chest (drawn), 1 = lower leg
 SAMPLE_BATCH_PIXELS = 1 << 22  # views rendered together: ~16 MB per float32 batch tensor
 
 
 def sample_description(n: int) -> str:
-    return (f"{n} views (seeded geometric and photometric transforms) of 2 real radiographs from "
-            "pydicom-data (RG1 adult PA chest film, RG3 lower-leg film): views of few patients, "
-            "not a cohort")
+    return (
+        f"{n} views (seeded geometric and photometric transforms) of 2 real radiographs from "
+        "pydicom-data (RG1 adult PA chest film, RG3 lower-leg film): views of few patients, "
+        "not a cohort"
+    )
 
 
 def _sample_film_files() -> dict[str, tuple[Path, str]]:
@@ -99,8 +111,9 @@ def _sample_film_files() -> dict[str, tuple[Path, str]]:
     for record in frame.itertuples(index=False):
         found = pydicom.data.get_testdata_file(record.path, download=False)
         if found is None:
-            raise NcbenchError(f"{record.path} not found: install pydicom-data "
-                               "(pip install pydicom-data) for the sample source")
+            raise NcbenchError(
+                f"{record.path} not found: install pydicom-data (pip install pydicom-data) for the sample source"
+            )
         verify_content(Path(found).read_bytes(), record.sha256, found, SAMPLE_MANIFEST)
         films[record.id] = (Path(found), record.sha256)
     missing = set(SAMPLE_FILMS) - set(films)
@@ -148,7 +161,7 @@ def render_views(bases: torch.Tensor, params: dict, noise: np.ndarray) -> np.nda
     """
     views, size = noise.shape[0], bases.shape[-1]
     film = torch.from_numpy(np.where(params["film"], 0, 1))
-    source = bases[film][:, None]                                     # (V, 1, S, S)
+    source = bases[film][:, None]  # (V, 1, S, S)
     as_tensor = {k: torch.as_tensor(np.asarray(v, dtype=np.float32)) for k, v in params.items()}
     angle = torch.deg2rad(as_tensor["rotation"])
     stretch = as_tensor["stretch"].sqrt()
@@ -157,13 +170,15 @@ def render_views(bases: torch.Tensor, params: dict, noise: np.ndarray) -> np.nda
     cos, sin = torch.cos(angle), torch.sin(angle)
     # theta maps output coordinates ([-1, 1]) to film coordinates: rotate, then zoom / stretch,
     # mirror and shift the output grid, i.e. the anatomy moves by +shift and grows by +scale.
-    theta = torch.stack([
-        torch.stack([cos * mirror / scale_x, -sin / scale_y, -2 * as_tensor["shift_x"]], -1),
-        torch.stack([sin * mirror / scale_x, cos / scale_y, -2 * as_tensor["shift_y"]], -1),
-    ], 1)
+    theta = torch.stack(
+        [
+            torch.stack([cos * mirror / scale_x, -sin / scale_y, -2 * as_tensor["shift_x"]], -1),
+            torch.stack([sin * mirror / scale_x, cos / scale_y, -2 * as_tensor["shift_y"]], -1),
+        ],
+        1,
+    )
     grid = F.affine_grid(theta, [views, 1, size, size], align_corners=False)
-    out = F.grid_sample(source, grid, mode="bilinear", padding_mode="zeros",
-                        align_corners=False)                          # (V, 1, S, S)
+    out = F.grid_sample(source, grid, mode="bilinear", padding_mode="zeros", align_corners=False)  # (V, 1, S, S)
     column = {k: v[:, None, None, None] for k, v in as_tensor.items()}
     out = out.clamp_(0, 1).pow_(column["gamma"])
     out = out.mul_(column["contrast"]).add_(0.5 - 0.5 * column["contrast"] + column["brightness"])
@@ -185,10 +200,10 @@ def _gaussian_blur(images: torch.Tensor, *, sigma: float) -> torch.Tensor:
     padded = F.pad(images, (radius, radius, radius, radius), mode="replicate")
     rows = torch.zeros(padded.shape[:-1] + (size,), dtype=images.dtype)
     for shift, weight in enumerate(kernel):
-        rows.add_(padded[..., :, shift:shift + size], alpha=weight)
+        rows.add_(padded[..., :, shift : shift + size], alpha=weight)
     blurred = torch.zeros_like(images)
     for shift, weight in enumerate(kernel):
-        blurred.add_(rows[..., shift:shift + size, :], alpha=weight)
+        blurred.add_(rows[..., shift : shift + size, :], alpha=weight)
     return blurred
 
 
@@ -202,9 +217,10 @@ def load_sample(n: int, seed: int, image_size: int) -> ImageSet:
         for start in range(0, n, batch):
             views = range(start, min(n, start + batch))
             params, noise = sample_view_parameters(seed, views, image_size)
-            images[views.start:views.stop] = render_views(bases, params, noise)
-            ids += [f"sample-{SAMPLE_FILMS[0] if chest else SAMPLE_FILMS[1]}-v{view:06d}"
-                    for view, chest in zip(views, params["film"])]
+            images[views.start : views.stop] = render_views(bases, params, noise)
+            ids += [
+                f"sample-{SAMPLE_FILMS[0] if chest else SAMPLE_FILMS[1]}-v{view:06d}"
+                for view, chest in zip(views, params["film"])
+            ]
             advance(len(views))
-    return ImageSet(images, tuple(ids), np.zeros((n, 0), dtype=np.int8), (),
-                    sample_description(n))
+    return ImageSet(images, tuple(ids), np.zeros((n, 0), dtype=np.int8), (), sample_description(n))

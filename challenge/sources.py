@@ -25,9 +25,7 @@ from ncbench.data_manifest.folders import find_image_files, read_labels_csv
 from ncbench.errors import NcbenchError
 from ncbench.progress import progress
 
-VALID_FORMS = (
-    "sample, phantom, folder:PATH[?labels=FILE.csv], manifest:FILE[?root=DIR&split=NAME]"
-)
+VALID_FORMS = "sample, phantom, folder:PATH[?labels=FILE.csv], manifest:FILE[?root=DIR&split=NAME]"
 
 
 def load_images(spec: str, *, n: int, seed: int, image_size: int = 256) -> ImageSet:
@@ -42,8 +40,7 @@ def load_images(spec: str, *, n: int, seed: int, image_size: int = 256) -> Image
         raise NcbenchError(f"the number of images must be a positive integer, got {n!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise NcbenchError(f"the seed must be a non-negative integer, got {seed!r}")
-    if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) \
-            or image_size < 1:
+    if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < 1:
         raise NcbenchError(f"image size must be a positive integer, got {image_size!r}")
     n, seed, image_size = int(n), int(seed), int(image_size)
     kind, _, rest = spec.partition(":")
@@ -56,8 +53,7 @@ def load_images(spec: str, *, n: int, seed: int, image_size: int = 256) -> Image
         return _load_folder(Path(path), options.get("labels"), n, seed, image_size)
     if kind == "manifest" and rest:
         path, options = _split_options(spec, rest, allowed=("root", "split"))
-        return _load_manifest(Path(path), options.get("root"), options.get("split"), n, seed,
-                              image_size)
+        return _load_manifest(Path(path), options.get("root"), options.get("split"), n, seed, image_size)
     raise NcbenchError(f"unknown image source {spec!r}; valid forms: {VALID_FORMS}")
 
 
@@ -73,11 +69,9 @@ def _split_options(spec: str, rest: str, *, allowed: tuple[str, ...]) -> tuple[s
     options: dict[str, str] = {}
     for key, value in pairs:
         if key not in allowed:
-            raise NcbenchError(f"image source {spec!r}: unknown option {key!r} "
-                               f"(allowed: {', '.join(allowed)})")
+            raise NcbenchError(f"image source {spec!r}: unknown option {key!r} (allowed: {', '.join(allowed)})")
         if key in options or not value:
-            raise NcbenchError(f"image source {spec!r}: option {key!r} must be given once, "
-                               "with a value")
+            raise NcbenchError(f"image source {spec!r}: option {key!r} must be given once, with a value")
         options[key] = value
     if not path:
         raise NcbenchError(f"image source {spec!r}: missing path; valid forms: {VALID_FORMS}")
@@ -89,8 +83,7 @@ def _choose(available: int, n: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(available, size=n, replace=False))
 
 
-def _load_folder(folder: Path, labels_csv: str | None, n: int, seed: int,
-                 image_size: int) -> ImageSet:
+def _load_folder(folder: Path, labels_csv: str | None, n: int, seed: int, image_size: int) -> ImageSet:
     if not folder.is_dir():
         raise NcbenchError(f"folder {folder} does not exist")
     files = find_image_files(folder)
@@ -111,16 +104,15 @@ def _load_folder(folder: Path, labels_csv: str | None, n: int, seed: int,
         labelled = f", findings from {csv_path.name}"
     else:
         labels, names, labelled = np.zeros((n, 0), dtype=np.int8), (), ""
-    description = (f"{n} images from folder {folder.resolve().name} "
-                   f"(seeded choice of {len(files)}){labelled}")
+    description = f"{n} images from folder {folder.resolve().name} (seeded choice of {len(files)}){labelled}"
     return ImageSet(images, tuple(ids), labels, names, description)
 
 
 # --------------------------------------------------------------------------------------------
 # manifest:FILE
 
-def _load_manifest(csv_path: Path, root: str | None, split: str | None, n: int, seed: int,
-                   image_size: int) -> ImageSet:
+
+def _load_manifest(csv_path: Path, root: str | None, split: str | None, n: int, seed: int, image_size: int) -> ImageSet:
     from ncbench.data_manifest.manifest import read_manifest, verify_content
 
     frame = read_manifest(csv_path, root=root)
@@ -146,20 +138,30 @@ def _load_manifest(csv_path: Path, root: str | None, split: str | None, n: int, 
             advance(1)
     labels = frame[list(label_names)].to_numpy(dtype=np.int8).reshape(n, len(label_names))
     chosen_from = f" split {split}" if split else ""
-    description = (f"{n} images from data manifest {sidecar['name']!r}{chosen_from} "
-                   f"({sidecar['source']}; licence {sidecar['licence']})")
+    description = (
+        f"{n} images from data manifest {sidecar['name']!r}{chosen_from} "
+        f"({sidecar['source']}; licence {sidecar['licence']})"
+    )
     return ImageSet(images, tuple(frame["id"]), labels, label_names, description)
 
 
 # --------------------------------------------------------------------------------------------
 # phantom
 
+
 def _load_phantom(n: int, seed: int, image_size: int) -> ImageSet:
     from ncbench.challenge.phantom import LABEL_NAMES, render_phantoms
 
     images, labels = render_phantoms(n, seed=seed, image_size=image_size)
-    description = (f"{n} synthetic chest-radiograph phantoms (seeded procedural generator: lung "
-                   "fields, heart, ribs, spine, diaphragm, noise) with ground-truth findings; "
-                   "no real patients")
-    return ImageSet(np.asarray(images, dtype=np.uint8), tuple(f"phantom-{k:06d}" for k in range(n)),
-                    np.asarray(labels, dtype=np.int8), tuple(LABEL_NAMES), description)
+    description = (
+        f"{n} synthetic chest-radiograph phantoms (seeded procedural generator: lung "
+        "fields, heart, ribs, spine, diaphragm, noise) with ground-truth findings; "
+        "no real patients"
+    )
+    return ImageSet(
+        np.asarray(images, dtype=np.uint8),
+        tuple(f"phantom-{k:06d}" for k in range(n)),
+        np.asarray(labels, dtype=np.int8),
+        tuple(LABEL_NAMES),
+        description,
+    )

@@ -66,12 +66,19 @@ def _check_against_key(release: Release, key: Key) -> list[str]:
         plain = release.plain_images[key.read("truth/plain_index")]
     else:
         plain = key.read("truth/images")
-    problems += _compare(encoder, plain, key.read("truth/patch_perm"), key.read("truth/batch"),
-                         release.encoded, "encoded/data")
+    problems += _compare(
+        encoder, plain, key.read("truth/patch_perm"), key.read("truth/batch"), release.encoded, "encoded/data"
+    )
     if release.task == "transfer":
         target_batch = np.arange(len(release.target_ids)) // key.config.bn_batch
-        problems += _compare(encoder, release.target_images, key.read("truth/target_patch_perm"),
-                             target_batch, key.h5["truth/target_encodings"], "truth/target_encodings")
+        problems += _compare(
+            encoder,
+            release.target_images,
+            key.read("truth/target_patch_perm"),
+            target_batch,
+            key.h5["truth/target_encodings"],
+            "truth/target_encodings",
+        )
     if release.task == "invert":
         rows = [release.encoded_ids.index(i) for i in release.pair_encoded_ids]
         if not np.array_equal(key.read("truth/images")[rows], release.plain_images):

@@ -38,8 +38,7 @@ def find_image_files(folder: Path) -> list[tuple[str, Path]]:
                 continue
             path = Path(directory) / name
             suffix = path.suffix.lower()
-            if suffix in IMAGE_SUFFIXES or suffix in DICOM_SUFFIXES \
-                    or (suffix != ".csv" and has_dicom_preamble(path)):
+            if suffix in IMAGE_SUFFIXES or suffix in DICOM_SUFFIXES or (suffix != ".csv" and has_dicom_preamble(path)):
                 found.append((path.relative_to(folder).as_posix(), path))
     return sorted(found)
 
@@ -68,24 +67,24 @@ def read_labels_csv(csv_path: Path, ids: list[str]) -> tuple[np.ndarray, tuple[s
         raise NcbenchError(f"cannot read labels CSV {csv_path}: {reason}") from None
     if "Path" not in table.columns:
         raise NcbenchError(f"labels CSV {csv_path} has no 'Path' column")
-    names = tuple(str(c) for c in table.columns
-                  if c != "Path" and c not in CHEXPERT_METADATA_COLUMNS)
+    names = tuple(str(c) for c in table.columns if c != "Path" and c not in CHEXPERT_METADATA_COLUMNS)
     values = table[list(names)].apply(pd.to_numeric, errors="coerce")
     findings = values.to_numpy(dtype=np.float64, na_value=np.nan)
     raw_blank = table[list(names)].isna().to_numpy()
     bad = ~np.isin(findings, (1.0, 0.0, -1.0)) & ~raw_blank
     if bad.any():
         row, col = map(int, np.argwhere(bad)[0])
-        raise NcbenchError(f"labels CSV {csv_path}: column {names[col]!r} row {row + 2} holds "
-                           f"{table[names[col]].iloc[row]!r}; expected 1.0, 0.0, -1.0 or blank")
+        raise NcbenchError(
+            f"labels CSV {csv_path}: column {names[col]!r} row {row + 2} holds "
+            f"{table[names[col]].iloc[row]!r}; expected 1.0, 0.0, -1.0 or blank"
+        )
     position = {image_id: i for i, image_id in enumerate(ids)}
     labels = np.full((len(ids), len(names)), -1, dtype=np.int8)
     matched: set[int] = set()
     for row, listed in enumerate(table["Path"].fillna("").astype(str)):
         parts = listed.replace("\\", "/").strip("/").split("/")
         # Strip leading components until the rest is one of ours (CheXpert's dataset prefix).
-        index = next((position[key] for k in range(len(parts))
-                      if (key := "/".join(parts[k:])) in position), None)
+        index = next((position[key] for k in range(len(parts)) if (key := "/".join(parts[k:])) in position), None)
         if index is None:
             continue
         if index in matched:

@@ -25,11 +25,19 @@ from ncbench.progress import progress
 
 MANIFEST_COLUMNS = ("id", "path", "sha256", "split")
 SCHEMA_VERSION = 1
-SIDECAR_KEYS = ("schema_version", "name", "source", "licence", "derived_from", "transforms",
-                "counts_per_split", "label_names", "created_utc")
+SIDECAR_KEYS = (
+    "schema_version",
+    "name",
+    "source",
+    "licence",
+    "derived_from",
+    "transforms",
+    "counts_per_split",
+    "label_names",
+    "created_utc",
+)
 OPTIONAL_SIDECAR_KEYS = ("description",)
-TRANSFORM_KEYS = {"name": str, "description": str, "kind": str, "low": float, "high": float,
-                  "p": float, "unit": str}
+TRANSFORM_KEYS = {"name": str, "description": str, "kind": str, "low": float, "high": float, "p": float, "unit": str}
 SPLIT_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
 SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 UTC_PATTERN = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z$")
@@ -63,8 +71,7 @@ def validate_sidecar(sidecar: dict, *, where: str = "sidecar") -> None:
     if extra:
         fail(f"unknown key(s) {', '.join(extra)}")
     if not is_int(sidecar["schema_version"]) or sidecar["schema_version"] != SCHEMA_VERSION:
-        fail(f"schema_version {sidecar['schema_version']!r} is not supported "
-             f"(this version reads {SCHEMA_VERSION})")
+        fail(f"schema_version {sidecar['schema_version']!r} is not supported (this version reads {SCHEMA_VERSION})")
     for key in ("name", "source", "licence", "derived_from"):
         if not isinstance(sidecar[key], str) or not sidecar[key]:
             fail(f"{key} must be a non-empty string")
@@ -83,8 +90,7 @@ def validate_sidecar(sidecar: dict, *, where: str = "sidecar") -> None:
             if expected is None:
                 fail(f"transforms[{index}] has unknown key {key!r}")
             if not (is_number(value) if expected is float else isinstance(value, str)):
-                fail(f"transforms[{index}].{key} must be a "
-                     f"{'number' if expected is float else 'string'}")
+                fail(f"transforms[{index}].{key} must be a {'number' if expected is float else 'string'}")
         if not transform["name"]:
             fail(f"transforms[{index}].name must be non-empty")
         if transform.get("kind", "uniform") not in ("uniform", "bernoulli"):
@@ -121,8 +127,7 @@ def read_sidecar(csv_path: str | os.PathLike) -> dict:
     return sidecar
 
 
-def read_manifest(csv_path: str | os.PathLike, root: str | os.PathLike | None = None
-                  ) -> pd.DataFrame:
+def read_manifest(csv_path: str | os.PathLike, root: str | os.PathLike | None = None) -> pd.DataFrame:
     """Read and validate a manifest -> one row per image.
 
     Columns: ``id, path, sha256, split`` (str), one int8 column per label (1 / 0 / -1) and
@@ -140,25 +145,25 @@ def read_manifest(csv_path: str | os.PathLike, root: str | os.PathLike | None = 
         raise NcbenchError(f"cannot read {where}: {' '.join(str(error).split())}") from None
     columns = [str(c) for c in frame.columns]
     if tuple(columns[:4]) != MANIFEST_COLUMNS:
-        raise NcbenchError(f"{where}: columns must start with {', '.join(MANIFEST_COLUMNS)} "
-                           f"(found {', '.join(columns[:4]) or 'none'})")
+        raise NcbenchError(
+            f"{where}: columns must start with {', '.join(MANIFEST_COLUMNS)} (found {', '.join(columns[:4]) or 'none'})"
+        )
     label_names = columns[4:]
     sidecar = read_sidecar(csv_path)
     if sidecar["label_names"] != label_names:
-        raise NcbenchError(f"{where}: label columns {label_names} differ from the sidecar's "
-                           f"label_names {sidecar['label_names']}")
+        raise NcbenchError(
+            f"{where}: label columns {label_names} differ from the sidecar's label_names {sidecar['label_names']}"
+        )
     _check_rows(frame, where)
     counts = frame["split"].value_counts().to_dict()
     declared = {k: v for k, v in sidecar["counts_per_split"].items() if v}
     if counts != declared:
-        raise NcbenchError(f"{where}: rows per split {counts} differ from the sidecar's "
-                           f"counts_per_split {declared}")
+        raise NcbenchError(f"{where}: rows per split {counts} differ from the sidecar's counts_per_split {declared}")
     for name in label_names:
         values = frame[name].str.strip().map(LABEL_VALUES)
         if values.isna().any():
             bad = frame.loc[values.isna(), ["id", name]].iloc[0]
-            raise NcbenchError(f"{where}: label {name!r} of {bad['id']} is {bad[name]!r}; "
-                               "expected 1, 0, -1 or blank")
+            raise NcbenchError(f"{where}: label {name!r} of {bad['id']} is {bad[name]!r}; expected 1, 0, -1 or blank")
         frame[name] = values.astype(np.int8)
     base = Path(root) if root is not None else csv_path.parent
     frame["file"] = [str(base.joinpath(*PurePosixPath(p).parts)) for p in frame["path"]]
@@ -176,27 +181,26 @@ def _check_rows(frame: pd.DataFrame, where: str) -> None:
     if duplicated.any():
         raise NcbenchError(f"{where}: id {frame['id'][duplicated].iloc[0]!r} appears twice")
     for path in frame["path"]:
-        if PurePosixPath(path).is_absolute() or PureWindowsPath(path).drive \
-                or "\\" in path or ".." in PurePosixPath(path).parts:
-            raise NcbenchError(f"{where}: path {path!r} must be relative to the root, "
-                               "with / separators and no ..")
+        if (
+            PurePosixPath(path).is_absolute()
+            or PureWindowsPath(path).drive
+            or "\\" in path
+            or ".." in PurePosixPath(path).parts
+        ):
+            raise NcbenchError(f"{where}: path {path!r} must be relative to the root, with / separators and no ..")
     bad_sha = ~frame["sha256"].str.fullmatch(SHA256_PATTERN)
     if bad_sha.any():
-        raise NcbenchError(f"{where}: sha256 of {frame['id'][bad_sha].iloc[0]!r} is not 64 "
-                           "lowercase hex digits")
+        raise NcbenchError(f"{where}: sha256 of {frame['id'][bad_sha].iloc[0]!r} is not 64 lowercase hex digits")
     bad_split = ~frame["split"].str.fullmatch(SPLIT_PATTERN)
     if bad_split.any():
-        raise NcbenchError(f"{where}: split {frame['split'][bad_split].iloc[0]!r} must match "
-                           f"{SPLIT_PATTERN.pattern}")
+        raise NcbenchError(f"{where}: split {frame['split'][bad_split].iloc[0]!r} must match {SPLIT_PATTERN.pattern}")
 
 
-def verify_content(content: bytes, expected_sha256: str, file: str | os.PathLike,
-                   manifest: str | os.PathLike) -> None:
+def verify_content(content: bytes, expected_sha256: str, file: str | os.PathLike, manifest: str | os.PathLike) -> None:
     """NcbenchError naming ``file`` unless ``content`` hashes to ``expected_sha256``."""
     actual = hashlib.sha256(content).hexdigest()
     if actual != expected_sha256:
-        raise NcbenchError(f"{file}: sha256 {actual} does not match {expected_sha256} "
-                           f"recorded in {manifest}")
+        raise NcbenchError(f"{file}: sha256 {actual} does not match {expected_sha256} recorded in {manifest}")
 
 
 def assign_splits(count: int, fractions: Mapping[str, float] | None, seed: int) -> np.ndarray:
@@ -210,10 +214,8 @@ def assign_splits(count: int, fractions: Mapping[str, float] | None, seed: int) 
     for split, fraction in fractions.items():
         if not isinstance(split, str) or not SPLIT_PATTERN.match(split):
             raise NcbenchError(f"split name {split!r} must match {SPLIT_PATTERN.pattern}")
-        if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) \
-                or not 0 <= fraction <= 1:
-            raise NcbenchError(f"split fraction of {split!r} must lie in [0, 1], "
-                               f"got {fraction!r}")
+        if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0 <= fraction <= 1:
+            raise NcbenchError(f"split fraction of {split!r} must lie in [0, 1], got {fraction!r}")
     if abs(sum(fractions.values()) - 1) > 1e-6:
         raise NcbenchError(f"split fractions must sum to 1, got {sum(fractions.values())}")
     exact = np.array(list(fractions.values()), dtype=np.float64) * count
@@ -223,11 +225,20 @@ def assign_splits(count: int, fractions: Mapping[str, float] | None, seed: int) 
     return labels[np.argsort(np.random.default_rng(seed).permutation(count), kind="stable")]
 
 
-def write_manifest(folder: str | os.PathLike, out_csv: str | os.PathLike, *, name: str,
-                   licence: str, split_fractions: Mapping[str, float] | None = None,
-                   labels_csv: str | os.PathLike | None = None, seed: int = 0,
-                   source: str | None = None, derived_from: str | None = None,
-                   description: str | None = None, force: bool = False) -> Path:
+def write_manifest(
+    folder: str | os.PathLike,
+    out_csv: str | os.PathLike,
+    *,
+    name: str,
+    licence: str,
+    split_fractions: Mapping[str, float] | None = None,
+    labels_csv: str | os.PathLike | None = None,
+    seed: int = 0,
+    source: str | None = None,
+    derived_from: str | None = None,
+    description: str | None = None,
+    force: bool = False,
+) -> Path:
     """Write the manifest of every image below ``folder`` (found as the ``folder:`` source does):
     ``out_csv`` plus its sidecar, each atomically. Paths (and ids) are relative to ``folder``,
     so the manifest is used as ``manifest:OUT?root=FOLDER`` unless it sits in ``folder``.
@@ -251,8 +262,7 @@ def write_manifest(folder: str | os.PathLike, out_csv: str | os.PathLike, *, nam
         labels, label_names = np.zeros((len(ids), 0), dtype=np.int8), ()
     clash = set(label_names) & set(MANIFEST_COLUMNS + ("file",))
     if clash:
-        raise NcbenchError(f"labels CSV {labels_csv}: column(s) {', '.join(sorted(clash))} "
-                           "clash with manifest columns")
+        raise NcbenchError(f"labels CSV {labels_csv}: column(s) {', '.join(sorted(clash))} clash with manifest columns")
     digests = []
     with progress(f"hashing images of {folder.name or folder}", len(files)) as advance:
         for _, path in files:
@@ -270,19 +280,17 @@ def write_manifest(folder: str | os.PathLike, out_csv: str | os.PathLike, *, nam
         "name": name,
         "source": source or f"folder {folder.resolve().name}",
         "licence": licence,
-        "derived_from": derived_from or (f"the PNG / JPEG / DICOM files below folder "
-                                         f"{folder.resolve().name}, unchanged{labelled}"),
+        "derived_from": derived_from
+        or (f"the PNG / JPEG / DICOM files below folder {folder.resolve().name}, unchanged{labelled}"),
         "transforms": [],
         "counts_per_split": counts,
         "label_names": list(label_names),
-        "created_utc": datetime.datetime.now(datetime.UTC)
-                       .strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "created_utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
     if description:
         sidecar["description"] = description
     validate_sidecar(sidecar, where=f"sidecar for {out_csv}")
-    with atomic_path(out_csv, force=force) as csv_tmp, \
-            atomic_path(sidecar_path(out_csv), force=force) as json_tmp:
+    with atomic_path(out_csv, force=force) as csv_tmp, atomic_path(sidecar_path(out_csv), force=force) as json_tmp:
         frame.to_csv(csv_tmp, index=False, lineterminator="\n")
         json_tmp.write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
     return out_csv

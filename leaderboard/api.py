@@ -37,8 +37,13 @@ CHECKS_PER_MINUTE = 10  # per team, whatever their outcome: each check starts a 
 PARAMS_QUERY = Query(default=[], description="name=value (repeatable)")
 
 
-def create_app(db_url: str, store_root: Path, *, max_upload: int = DEFAULT_MAX_UPLOAD,
-               verified_settings: verified.Settings | None = None) -> FastAPI:
+def create_app(
+    db_url: str,
+    store_root: Path,
+    *,
+    max_upload: int = DEFAULT_MAX_UPLOAD,
+    verified_settings: verified.Settings | None = None,
+) -> FastAPI:
     store = Store(db_url)
     settings = verified_settings or verified.Settings()
     checks = threading.BoundedSemaphore(CHECKS_AT_ONCE)
@@ -49,8 +54,12 @@ def create_app(db_url: str, store_root: Path, *, max_upload: int = DEFAULT_MAX_U
         yield
         store.close()
 
-    app = FastAPI(title="ncbench challenge server", version=__version__, lifespan=lifespan,
-                  description="Fetch challenge releases, submit answers or attack plugins, read your scores.")
+    app = FastAPI(
+        title="ncbench challenge server",
+        version=__version__,
+        lifespan=lifespan,
+        description="Fetch challenge releases, submit answers or attack plugins, read your scores.",
+    )
     layout = channel.StoreLayout(Path(store_root))
 
     def team(authorization: str | None = Header(default=None)) -> str:
@@ -88,8 +97,12 @@ def create_app(db_url: str, store_root: Path, *, max_upload: int = DEFAULT_MAX_U
         path = layout.public_dir(challenge_id) / name  # name is one of the published names, no path parts
         if path.is_symlink() or not path.is_file():
             raise HTTPException(404, f"{name} is missing from the store")
-        return FileResponse(path, media_type="application/octet-stream", filename=name,
-                            headers={"X-Content-SHA256": listed[name]["sha256"]})
+        return FileResponse(
+            path,
+            media_type="application/octet-stream",
+            filename=name,
+            headers={"X-Content-SHA256": listed[name]["sha256"]},
+        )
 
     @app.post("/api/v1/challenges/{challenge_id}/submissions", status_code=202)
     async def submit(challenge_id: str, request: Request, team: str = Depends(team)) -> dict:
@@ -111,8 +124,9 @@ def create_app(db_url: str, store_root: Path, *, max_upload: int = DEFAULT_MAX_U
         if size == 0:
             raise HTTPException(400, "empty upload")
         try:
-            job_id = await run_in_threadpool(channel.enqueue, store, team=team, challenge_id=challenge_id,
-                                             sha256=sha256, size=size)
+            job_id = await run_in_threadpool(
+                channel.enqueue, store, team=team, challenge_id=challenge_id, sha256=sha256, size=size
+            )
         except channel.LimitReached as error:
             raise HTTPException(429, str(error)) from None
         except channel.UnknownChallenge as error:
@@ -138,9 +152,15 @@ def create_app(db_url: str, store_root: Path, *, max_upload: int = DEFAULT_MAX_U
             shutil.copyfile(upload, plugin)
             plugin.chmod(0o644)
             with checks:
-                outcome, report = sandbox.check_plugin(plugin=plugin, class_name=class_name, params=params,
-                                                       task=task, workdir=work, limits=settings.check_limits,
-                                                       sandboxed=not settings.unsandboxed)
+                outcome, report = sandbox.check_plugin(
+                    plugin=plugin,
+                    class_name=class_name,
+                    params=params,
+                    task=task,
+                    workdir=work,
+                    limits=settings.check_limits,
+                    sandboxed=not settings.unsandboxed,
+                )
         finally:
             shutil.rmtree(work, ignore_errors=True)
         if not outcome.ok:
@@ -148,9 +168,14 @@ def create_app(db_url: str, store_root: Path, *, max_upload: int = DEFAULT_MAX_U
         return report
 
     @app.post("/api/v1/challenges/{challenge_id}/plugins", status_code=202)
-    async def submit_plugin(challenge_id: str, request: Request, class_name: str = Query(..., alias="class"),
-                            filename: str = Query(...), param: list[str] = PARAMS_QUERY,
-                            team: str = Depends(team)) -> dict:
+    async def submit_plugin(
+        challenge_id: str,
+        request: Request,
+        class_name: str = Query(..., alias="class"),
+        filename: str = Query(...),
+        param: list[str] = PARAMS_QUERY,
+        team: str = Depends(team),
+    ) -> dict:
         """Upload an attack plugin for the verified track: the request body is one .py file; the
         class and file name and each parameter (``param=name=value``) are query parameters.
         It is checked in the sandbox (imports, declarations, name, parameters, task) before it
@@ -163,8 +188,11 @@ def create_app(db_url: str, store_root: Path, *, max_upload: int = DEFAULT_MAX_U
             params[name.strip()] = value.strip()
         try:
             params_json = verified.check_upload_fields(filename, class_name, params)
-            challenge = await run_in_threadpool(verified.open_challenge, store, challenge_id) \
-                if CHALLENGE_ID.match(challenge_id) else None
+            challenge = (
+                await run_in_threadpool(verified.open_challenge, store, challenge_id)
+                if CHALLENGE_ID.match(challenge_id)
+                else None
+            )
             sandbox.require_sandbox(unsandboxed=settings.unsandboxed)
         except channel.UnknownChallenge as error:
             raise HTTPException(404, str(error)) from None
@@ -194,20 +222,39 @@ def create_app(db_url: str, store_root: Path, *, max_upload: int = DEFAULT_MAX_U
         if size == 0:
             raise HTTPException(400, "empty upload")
         try:
-            report = await run_in_threadpool(check_plugin, layout.upload(sha256), filename, class_name, params,
-                                             challenge["task"])
+            report = await run_in_threadpool(
+                check_plugin, layout.upload(sha256), filename, class_name, params, challenge["task"]
+            )
             attack, version = verified.check_report(report, task=challenge["task"])
             run_id = await run_in_threadpool(
-                verified.enqueue, store, team=team, origin=ORIGIN_SELF, challenge_id=challenge_id, attack=attack,
-                attack_version=version, params=params_json, settings=settings,
-                eval_source=challenge["eval_source"] or settings.eval_source, plugin_sha256=sha256,
-                plugin_file=filename, class_name=class_name, daily_limit=limit)
+                verified.enqueue,
+                store,
+                team=team,
+                origin=ORIGIN_SELF,
+                challenge_id=challenge_id,
+                attack=attack,
+                attack_version=version,
+                params=params_json,
+                settings=settings,
+                eval_source=challenge["eval_source"] or settings.eval_source,
+                plugin_sha256=sha256,
+                plugin_file=filename,
+                class_name=class_name,
+                daily_limit=limit,
+            )
         except channel.LimitReached as error:
             raise HTTPException(429, str(error)) from None
         except NcbenchError as error:
             raise HTTPException(422, str(error)) from None
-        return {"id": run_id, "state": "queued", "attack": attack, "attack_version": version, "sha256": sha256,
-                "releases": settings.releases, "sandboxed": not settings.unsandboxed}
+        return {
+            "id": run_id,
+            "state": "queued",
+            "attack": attack,
+            "attack_version": version,
+            "sha256": sha256,
+            "releases": settings.releases,
+            "sandboxed": not settings.unsandboxed,
+        }
 
     @app.get("/api/v1/plugins")
     def plugin_runs(team: str = Depends(team)) -> list[dict]:
@@ -261,8 +308,14 @@ def create_app(db_url: str, store_root: Path, *, max_upload: int = DEFAULT_MAX_U
 
 
 def _job_view(store: Store, job: channel.Job) -> dict:
-    view = {"id": job.id, "challenge_id": job.challenge_id, "state": job.state, "message": job.message,
-            "created_utc": job.created_utc, "public": None}
+    view = {
+        "id": job.id,
+        "challenge_id": job.challenge_id,
+        "state": job.state,
+        "message": job.message,
+        "created_utc": job.created_utc,
+        "public": None,
+    }
     if job.state == "scored" and job.submission_id is not None:
         details = store.submission(job.submission_id) or {}
         public = details.get("metrics", {}).get("public") or {}

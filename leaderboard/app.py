@@ -52,6 +52,7 @@ def percent(value) -> str:
 
 def style_matrix(matrix: pd.DataFrame):
     """Percentages, each cell coloured by its privacy band; the chance row in grey."""
+
     def colour(value) -> str:
         return "" if pd.isna(value) else f"background-color: {BAND_COLOURS[privacy_band(value)]}"
 
@@ -61,13 +62,17 @@ def style_matrix(matrix: pd.DataFrame):
 
 
 def band_legend() -> str:
-    return (f"Privacy bands of the original NeuraCrypt challenge: below {BAND_GOOD_BELOW:.0%} re-identification "
-            f"is **good** (green), {BAND_GOOD_BELOW:.0%}-{BAND_BAD_ABOVE:.0%} **moderate** (amber), above "
-            f"{BAND_BAD_ABOVE:.0%} **bad** (red): the encoding does not protect the images.")
+    return (
+        f"Privacy bands of the original NeuraCrypt challenge: below {BAND_GOOD_BELOW:.0%} re-identification "
+        f"is **good** (green), {BAND_GOOD_BELOW:.0%}-{BAND_BAD_ABOVE:.0%} **moderate** (amber), above "
+        f"{BAND_BAD_ABOVE:.0%} **bad** (red): the encoding does not protect the images."
+    )
 
 
-TASK_HELP = ("reid: match encodings to plaintexts; invert: re-identify by nearest reconstruction; "
-             "transfer: nearest-neighbour accuracy of predicted target encodings")
+TASK_HELP = (
+    "reid: match encodings to plaintexts; invert: re-identify by nearest reconstruction; "
+    "transfer: nearest-neighbour accuracy of predicted target encodings"
+)
 
 
 def page_matrix(store: Store) -> None:
@@ -79,81 +84,123 @@ def page_matrix(store: Store) -> None:
         return
     tasks = sorted(organizer["task"].unique())
     task = st.selectbox("Task", tasks, index=tasks.index("reid") if "reid" in tasks else 0, help=TASK_HELP)
-    half = st.radio("Scoring half", ["public", "private"], horizontal=True,
-                    help="The private half is shown only for challenges the organizers have closed.")
+    half = st.radio(
+        "Scoring half",
+        ["public", "private"],
+        horizontal=True,
+        help="The private half is shown only for challenges the organizers have closed.",
+    )
     matrix = tables.attack_preset_matrix(board, task=task, split=half, presets=tables.preset_order(store.challenges()))
     if matrix.empty:
         st.info(f"No {half}-half results for the {task} task yet.")
         return
     st.dataframe(style_matrix(matrix))
-    st.caption(band_legend() + " Rows are the built-in attacks as the organizers ran them (verified); teams' "
-               "own files are listed under **Self-reported**. The last row is the chance level 1/N (the "
-               f"largest, when a preset has challenges of several sizes). *{NOT_RUN}*: no organizer run of "
-               "that attack on that preset yet.")
+    st.caption(
+        band_legend() + " Rows are the built-in attacks as the organizers ran them (verified); teams' "
+        "own files are listed under **Self-reported**. The last row is the chance level 1/N (the "
+        f"largest, when a preset has challenges of several sizes). *{NOT_RUN}*: no organizer run of "
+        "that attack on that preset yet."
+    )
     st.subheader("Behind each cell")
     st.dataframe(tables.matrix_provenance(board, task=task, split=half), hide_index=True)
     tested = sorted(set(organizer.loc[organizer["release"] != "", "preset"]))
     if tested:
-        st.warning(f"Some challenges behind this table are test releases (key public) on presets "
-                   f"{', '.join(tested)}: their numbers measure the attacks, not the secrecy of a key.")
+        st.warning(
+            f"Some challenges behind this table are test releases (key public) on presets "
+            f"{', '.join(tested)}: their numbers measure the attacks, not the secrecy of a key."
+        )
 
 
 def page_verified(store: Store) -> None:
     from ncbench.leaderboard import verified
 
     st.header("Verified track: attack code the organizers ran on fresh hidden releases")
-    st.caption("Each run is a team's plugin (or a built-in attack, the reference rows) run by the organizers in a "
-               "sandbox (no network, nothing of the server visible, limits on memory, CPU, time, processes and "
-               "output) on K evaluation releases it has never seen, each with a fresh key. Each key's seed was "
-               "committed to before the run (sha256, below) and is revealed when the challenge closes, so anyone "
-               "can rebuild the releases and check every score.")
+    st.caption(
+        "Each run is a team's plugin (or a built-in attack, the reference rows) run by the organizers in a "
+        "sandbox (no network, nothing of the server visible, limits on memory, CPU, time, processes and "
+        "output) on K evaluation releases it has never seen, each with a fresh key. Each key's seed was "
+        "committed to before the run (sha256, below) and is revealed when the challenge closes, so anyone "
+        "can rebuild the releases and check every score."
+    )
     results = verified.results(store)
     if results.empty:
-        st.info("No verified runs yet. Teams send plugins with `ncbench submit --plugin FILE.py:Class`; organizers "
-                "add the built-in reference rows with `ncbench leaderboard verify-builtins`.")
+        st.info(
+            "No verified runs yet. Teams send plugins with `ncbench submit --plugin FILE.py:Class`; organizers "
+            "add the built-in reference rows with `ncbench leaderboard verify-builtins`."
+        )
         return
     summary = tables.verified_summary(results)
     tasks = sorted(summary["task"].unique())
-    task = st.selectbox("Task", tasks, index=tasks.index("reid") if "reid" in tasks else 0, help=TASK_HELP,
-                        key="verified-task")
+    task = st.selectbox(
+        "Task", tasks, index=tasks.index("reid") if "reid" in tasks else 0, help=TASK_HELP, key="verified-task"
+    )
     matrix = tables.verified_matrix(summary, task=task, presets=tables.preset_order(store.challenges()))
     if matrix.empty:
         st.info(f"No scored verified run for the {task} task yet.")
     else:
         st.dataframe(matrix)
-        st.caption(f"Best run of each attack on each preset: mean re-identification over its K evaluation "
-                   f"releases ± the sample standard deviation over the K keys. {tables.UNSANDBOXED}: run by the "
-                   "organizers without the sandbox (local testing), not comparable.")
+        st.caption(
+            f"Best run of each attack on each preset: mean re-identification over its K evaluation "
+            f"releases ± the sample standard deviation over the K keys. {tables.UNSANDBOXED}: run by the "
+            "organizers without the sandbox (local testing), not comparable."
+        )
     st.subheader("Runs")
-    st.dataframe(summary[summary["task"] == task], hide_index=True, column_config={
-        "mean": st.column_config.NumberColumn(format="percent"),
-        "spread": st.column_config.NumberColumn(format="percent"),
-    })
+    st.dataframe(
+        summary[summary["task"] == task],
+        hide_index=True,
+        column_config={
+            "mean": st.column_config.NumberColumn(format="percent"),
+            "spread": st.column_config.NumberColumn(format="percent"),
+        },
+    )
     st.subheader("Re-identification against compute")
-    axis = st.radio("Compute", ["wall_s", "cpu_s"], horizontal=True, key="verified-compute",
-                    help="Seconds per evaluation release, measured by the sandbox.")
+    axis = st.radio(
+        "Compute",
+        ["wall_s", "cpu_s"],
+        horizontal=True,
+        key="verified-compute",
+        help="Seconds per evaluation release, measured by the sandbox.",
+    )
     points = tables.verified_compute(results[results["task"] == task])
     if not points.empty:
-        chart = alt.Chart(points).mark_point(size=80, filled=True).encode(
-            x=alt.X(f"{axis}:Q", title=f"{axis.replace('_s', '')} seconds per evaluation release",
-                    scale=alt.Scale(type="log")),
-            y=alt.Y("reidentification:Q", title="re-identification", scale=alt.Scale(domain=[0, 1]),
-                    axis=alt.Axis(format="%")),
-            color="attack:N", shape="sandboxed:N", tooltip=["attack", "preset", "reidentification", axis])
+        chart = (
+            alt.Chart(points)
+            .mark_point(size=80, filled=True)
+            .encode(
+                x=alt.X(
+                    f"{axis}:Q",
+                    title=f"{axis.replace('_s', '')} seconds per evaluation release",
+                    scale=alt.Scale(type="log"),
+                ),
+                y=alt.Y(
+                    "reidentification:Q",
+                    title="re-identification",
+                    scale=alt.Scale(domain=[0, 1]),
+                    axis=alt.Axis(format="%"),
+                ),
+                color="attack:N",
+                shape="sandboxed:N",
+                tooltip=["attack", "preset", "reidentification", axis],
+            )
+        )
         st.altair_chart(chart, width="stretch")
     st.subheader("Commitments")
-    st.caption("sha256 of each evaluation seed, the key commitment and the sha256 of the release, stored before the "
-               "plugin ran. Once the challenge closes the seed and the command that rebuilds the release byte for "
-               "byte appear here.")
+    st.caption(
+        "sha256 of each evaluation seed, the key commitment and the sha256 of the release, stored before the "
+        "plugin ran. Once the challenge closes the seed and the command that rebuilds the release byte for "
+        "byte appear here."
+    )
     st.dataframe(tables.verified_commitments(verified.commitments(store)), hide_index=True)
 
 
 def page_self_reported(store: Store) -> None:
     st.header("Self-reported submissions")
-    st.caption("Files sent by teams and scored against the hidden key. The scores are real; what a file says "
-               "about itself (attack name, parameters, knowledge it assumed) is the team's own claim and cannot "
-               "be checked, so attacks are shown as team/attack. Public-half scores follow the Ladder: a new "
-               "score shows only when it beats the team's best shown score by a margin, rounded to 1%.")
+    st.caption(
+        "Files sent by teams and scored against the hidden key. The scores are real; what a file says "
+        "about itself (attack name, parameters, knowledge it assumed) is the team's own claim and cannot "
+        "be checked, so attacks are shown as team/attack. Public-half scores follow the Ladder: a new "
+        "score shows only when it beats the team's best shown score by a margin, rounded to 1%."
+    )
     board = tables.board(store.results())
     rows = tables.self_reported(board)
     if rows.empty:
@@ -162,12 +209,20 @@ def page_self_reported(store: Store) -> None:
     tasks = sorted(rows["task"].unique())
     task = st.selectbox("Task", tasks, index=tasks.index("reid") if "reid" in tasks else 0, help=TASK_HELP)
     halves = [h for h in ("public", "private") if h in set(rows["split"])]
-    half = st.radio("Scoring half", halves, horizontal=True,
-                    help="The private half is shown only for challenges the organizers have closed.")
-    st.dataframe(tables.self_reported(board, task=task, split=half), hide_index=True, column_config={
-        "reidentification": st.column_config.NumberColumn("re-identification", format="percent"),
-        "chance": st.column_config.NumberColumn(format="percent"),
-    })
+    half = st.radio(
+        "Scoring half",
+        halves,
+        horizontal=True,
+        help="The private half is shown only for challenges the organizers have closed.",
+    )
+    st.dataframe(
+        tables.self_reported(board, task=task, split=half),
+        hide_index=True,
+        column_config={
+            "reidentification": st.column_config.NumberColumn("re-identification", format="percent"),
+            "chance": st.column_config.NumberColumn(format="percent"),
+        },
+    )
 
 
 def page_challenges(store: Store) -> None:
@@ -176,10 +231,12 @@ def page_challenges(store: Store) -> None:
     if challenges.empty:
         st.info("No challenges have been scored yet.")
         return
-    labels = {row.challenge_id: f"{row.challenge_id} ({row.task}, {row.preset}, n={row.n_encoded}, "
-                                f"{'closed' if row.closed_utc else 'open'}, {row.submissions} submissions"
-                                f"{', ' + tables.TEST_RELEASE if row.test_release else ''})"
-              for row in challenges.itertuples()}
+    labels = {
+        row.challenge_id: f"{row.challenge_id} ({row.task}, {row.preset}, n={row.n_encoded}, "
+        f"{'closed' if row.closed_utc else 'open'}, {row.submissions} submissions"
+        f"{', ' + tables.TEST_RELEASE if row.test_release else ''})"
+        for row in challenges.itertuples()
+    }
     listing = challenges.drop(columns=["encoder_config", "test_release"])
     listing.insert(3, "release", [tables.TEST_RELEASE if test else "" for test in challenges["test_release"]])
     st.dataframe(listing, hide_index=True)
@@ -194,10 +251,14 @@ def page_challenges(store: Store) -> None:
     halves = ["all"] + [h for h in ("public", "private") if h in set(board["split"])]
     half = right.selectbox("Half", halves)
     shown = tables.filter_board(board, team=team, attacks=attacks, split=None if half == "all" else half)
-    st.dataframe(shown, hide_index=True, column_config={
-        "reidentification": st.column_config.NumberColumn("re-identification", format="percent"),
-        "chance": st.column_config.NumberColumn(format="percent"),
-    })
+    st.dataframe(
+        shown,
+        hide_index=True,
+        column_config={
+            "reidentification": st.column_config.NumberColumn("re-identification", format="percent"),
+            "chance": st.column_config.NumberColumn(format="percent"),
+        },
+    )
     st.caption(f"{len(shown)} of {len(board)} rows. Click a column header to sort.")
     st.download_button("Download CSV", tables.to_csv(shown), file_name=f"{choice}.csv", mime="text/csv")
 
@@ -209,8 +270,10 @@ def page_submission(store: Store) -> None:
         st.info("No scored submissions yet.")
         return
     first = board.drop_duplicates("submission_id").set_index("submission_id")
-    labels = {int(i): f"#{i} {row.team} - {row.attack} {row.attack_version} on {row.challenge_id}"
-              for i, row in first.iterrows()}
+    labels = {
+        int(i): f"#{i} {row.team} - {row.attack} {row.attack_version} on {row.challenge_id}"
+        for i, row in first.iterrows()
+    }
     chosen = st.selectbox("Submission", sorted(labels, reverse=True), format_func=labels.get)
     details = store.submission(chosen)
     public = details["metrics"].get("public", {})
@@ -227,26 +290,33 @@ def page_submission(store: Store) -> None:
     if "private" not in details["metrics"]:
         st.caption("The private half stays hidden until the organizers close the challenge.")
     if details["test_release"]:
-        st.warning("This challenge is a test release: its key is public, so this score says nothing about "
-                   "the encoding.")
+        st.warning(
+            "This challenge is a test release: its key is public, so this score says nothing about the encoding."
+        )
     st.subheader("Attack")
     organizer = details["origin"] == ORIGIN_ORGANIZER
     if organizer:
         st.caption("A built-in attack, run by the organizers (verified).")
     else:
-        st.caption("Self-reported: the attack name, version, parameters and assumed knowledge below are the "
-                   "team's own claims, which cannot be checked.")
+        st.caption(
+            "Self-reported: the attack name, version, parameters and assumed knowledge below are the "
+            "team's own claims, which cannot be checked."
+        )
     # Plain text only: these strings come from the submitted file.
-    st.text("\n".join([
-        f"attack:     {tables.shown_attack(details['team'], details['attack'], details['origin'])} "
-        f"{details['attack_version']}",
-        f"team:       {details['team']}",
-        f"challenge:  {details['challenge_id']} ({details['task']}, preset {details['preset']})",
-        f"submitted:  {details['created_utc']}",
-        f"file:       sha256 {details['sha256']}",
-        f"assumes:    {', '.join(details['knowledge']) or 'nothing declared'}",
-        *(f"note:       {note}" for note in details["notes"]),
-    ]))
+    st.text(
+        "\n".join(
+            [
+                f"attack:     {tables.shown_attack(details['team'], details['attack'], details['origin'])} "
+                f"{details['attack_version']}",
+                f"team:       {details['team']}",
+                f"challenge:  {details['challenge_id']} ({details['task']}, preset {details['preset']})",
+                f"submitted:  {details['created_utc']}",
+                f"file:       sha256 {details['sha256']}",
+                f"assumes:    {', '.join(details['knowledge']) or 'nothing declared'}",
+                *(f"note:       {note}" for note in details["notes"]),
+            ]
+        )
+    )
     st.json(details["params"])
 
 
@@ -260,17 +330,26 @@ def page_privacy_utility(store: Store) -> None:
     points = summary.dropna(subset=["best_reidentification"])
     if not points.empty:
         base = alt.Chart(points).encode(
-            x=alt.X("best_reidentification:Q", title="best re-identification of any attack (public half)",
-                    scale=alt.Scale(domain=[0, 1]), axis=alt.Axis(format="%")),
+            x=alt.X(
+                "best_reidentification:Q",
+                title="best re-identification of any attack (public half)",
+                scale=alt.Scale(domain=[0, 1]),
+                axis=alt.Axis(format="%"),
+            ),
             y=alt.Y("encoded_auc:Q", title="mean AUC of models trained on encodings", scale=alt.Scale(domain=[0.4, 1])),
         )
         dots = base.mark_circle(size=120).encode(
-            color=alt.Color("band:N", scale=alt.Scale(domain=list(BAND_COLOURS), range=["#2e7d32", "#ef6c00", "#c62828"])),
-            tooltip=["preset", "best_reidentification", "encoded_auc", "raw_auc"])
+            color=alt.Color(
+                "band:N", scale=alt.Scale(domain=list(BAND_COLOURS), range=["#2e7d32", "#ef6c00", "#c62828"])
+            ),
+            tooltip=["preset", "best_reidentification", "encoded_auc", "raw_auc"],
+        )
         st.altair_chart(dots + base.mark_text(dy=-12).encode(text="preset:N"), width="stretch")
     st.dataframe(summary, hide_index=True)
-    st.caption("best_reidentification: of the built-in attacks as the organizers ran them. raw_auc: the same "
-               "models trained on the plaintext images (the utility an encoding can at best keep).")
+    st.caption(
+        "best_reidentification: of the built-in attacks as the organizers ran them. raw_auc: the same "
+        "models trained on the plaintext images (the utility an encoding can at best keep)."
+    )
     st.subheader("AUC per finding (latest run of each preset)")
     st.dataframe(tables.utility_by_label(utility))
     with st.expander("Settings of these runs"):
@@ -283,23 +362,32 @@ def page_take_part(store: Store) -> None:
     challenges = store.challenges()
     open_ids = challenges.loc[challenges["closed_utc"].isna(), "challenge_id"].tolist()
     challenge_id = st.selectbox("Challenge", open_ids) if open_ids else "CHALLENGE_ID"
-    st.markdown("**Attackers**: get the challenge's public `release.h5` from the organizers, run an attack, "
-                "send back the submission file.")
-    st.code(f"""pip install -e .                      # from a checkout of ncbench
+    st.markdown(
+        "**Attackers**: get the challenge's public `release.h5` from the organizers, run an attack, "
+        "send back the submission file."
+    )
+    st.code(
+        f"""pip install -e .                      # from a checkout of ncbench
 ncbench challenge info release.h5     # what the release holds ({challenge_id})
 ncbench attack list -v                # built-in attacks and their parameters
 ncbench attack run gram-hungarian --release release.h5 --out submission.h5 --team YOUR-TEAM
 ncbench attack run my_attack.py:MyAttack --release release.h5 --out submission.h5 --team YOUR-TEAM""",
-            language="bash")
-    st.markdown("**Organizers**: build a challenge, keep `private/` secret, score what comes back, "
-                "close the challenge to reveal the private half.")
-    st.code(f"""ncbench challenge build --preset nc7 --task reid --n 1000 --out my-challenge
+        language="bash",
+    )
+    st.markdown(
+        "**Organizers**: build a challenge, keep `private/` secret, score what comes back, "
+        "close the challenge to reveal the private half."
+    )
+    st.code(
+        f"""ncbench challenge build --preset nc7 --task reid --n 1000 --out my-challenge
 ncbench score submission.h5 --key my-challenge/private/key.h5 --db leaderboard.db --team YOUR-TEAM
 ncbench attack run gram-hungarian --release my-challenge --out builtin.h5   # your own run of a built-in attack:
 ncbench score builtin.h5 --key my-challenge/private/key.h5 --db leaderboard.db --builtin   # a matrix row
 ncbench leaderboard serve --db leaderboard.db
 ncbench leaderboard export --db leaderboard.db --format markdown
-ncbench leaderboard close {challenge_id} --db leaderboard.db""", language="bash")
+ncbench leaderboard close {challenge_id} --db leaderboard.db""",
+        language="bash",
+    )
     st.markdown(f"""Rules:
 - A submission is an HDF5 file (`format = "ncbench-submission"`) holding a `mapping` or a `scores` matrix
   (`reid`), `reconstructions` (`invert`) or target `encodings` (`transfer`), optionally `patch_positions`;
@@ -330,8 +418,20 @@ def main() -> None:
         st.stop()
     page = st.sidebar.radio("Page", PAGES)
     st.sidebar.caption(f"Refreshes every {REFRESH_S} s.")
-    show = dict(zip(PAGES, (page_matrix, page_verified, page_self_reported, page_challenges, page_submission,
-                            page_privacy_utility, page_take_part)))[page]
+    show = dict(
+        zip(
+            PAGES,
+            (
+                page_matrix,
+                page_verified,
+                page_self_reported,
+                page_challenges,
+                page_submission,
+                page_privacy_utility,
+                page_take_part,
+            ),
+        )
+    )[page]
     # A fragment re-runs on its own timer: new scores appear without the visitor reloading.
     st.fragment(run_every=REFRESH_S)(show)(store)
 

@@ -92,8 +92,16 @@ class Job:
 
 # -- organizer operations ----------------------------------------------------------------------
 
-def publish(store: Store, layout: StoreLayout, release_dir: Path, *, daily_limit: int = DEFAULT_DAILY_LIMIT,
-            deadline: dt.datetime | None = None, recompute: bool = True) -> str:
+
+def publish(
+    store: Store,
+    layout: StoreLayout,
+    release_dir: Path,
+    *,
+    daily_limit: int = DEFAULT_DAILY_LIMIT,
+    deadline: dt.datetime | None = None,
+    recompute: bool = True,
+) -> str:
     """Register a built challenge: copy its public files to be served and its key to the store.
 
     The release is verified against its key first (checksums, commitment, release_sha256, and
@@ -119,17 +127,24 @@ def publish(store: Store, layout: StoreLayout, release_dir: Path, *, daily_limit
     for path in sorted(source.public.iterdir()):
         if path.is_file() and not path.is_symlink():
             files.append({"name": path.name, "size": path.stat().st_size, "sha256": _sha256(path)})
-    for target_dir, sources in ((public_dir, [source.public / f["name"] for f in files]), (key_path.parent, [source.key])):
+    for target_dir, sources in (
+        (public_dir, [source.public / f["name"] for f in files]),
+        (key_path.parent, [source.key]),
+    ):
         target_dir.mkdir(parents=True, exist_ok=True)
         for path in sources:
             _copy_atomic(path, target_dir / path.name)
     now = utc_now()
     with store._write() as conn:
         store._ensure_challenge(conn, info, now)
-        values = {"files": json.dumps(files), "daily_limit": daily_limit,
-                  "deadline_utc": _stamp(deadline) if deadline else None}
-        updated = conn.execute(published.update().where(published.c.challenge_id == info.challenge_id)
-                               .values(**values)).rowcount
+        values = {
+            "files": json.dumps(files),
+            "daily_limit": daily_limit,
+            "deadline_utc": _stamp(deadline) if deadline else None,
+        }
+        updated = conn.execute(
+            published.update().where(published.c.challenge_id == info.challenge_id).values(**values)
+        ).rowcount
         if not updated:
             conn.execute(published.insert().values(challenge_id=info.challenge_id, published_utc=_stamp(now), **values))
     return info.challenge_id
@@ -145,9 +160,16 @@ def add_team(store: Store, name: str) -> tuple[str, str]:
     now = utc_now()
     with store._write() as conn:
         team_id = store._lock_team(conn, name, now)
-        token_id = conn.execute(team_tokens.insert().values(
-            team_id=team_id, token_hash=_hasher().hash(secret), created_utc=_stamp(now), revoked_utc=None,
-        ).returning(team_tokens.c.id)).scalar_one()
+        token_id = conn.execute(
+            team_tokens.insert()
+            .values(
+                team_id=team_id,
+                token_hash=_hasher().hash(secret),
+                created_utc=_stamp(now),
+                revoked_utc=None,
+            )
+            .returning(team_tokens.c.id)
+        ).scalar_one()
     return name, f"{TOKEN_PREFIX}_{token_id}_{secret}"
 
 
@@ -158,21 +180,27 @@ def revoke_team(store: Store, name: str) -> int:
         team_id = conn.execute(sa.select(teams.c.id).where(teams.c.name == name)).scalar()
         if team_id is None:
             raise NcbenchError(f"no team {name!r}")
-        return conn.execute(team_tokens.update().where(
-            team_tokens.c.team_id == team_id, team_tokens.c.revoked_utc.is_(None)
-        ).values(revoked_utc=_stamp(utc_now()))).rowcount
+        return conn.execute(
+            team_tokens.update()
+            .where(team_tokens.c.team_id == team_id, team_tokens.c.revoked_utc.is_(None))
+            .values(revoked_utc=_stamp(utc_now()))
+        ).rowcount
 
 
 def list_teams(store: Store) -> list[dict]:
     active = sa.func.count(team_tokens.c.id).filter(team_tokens.c.revoked_utc.is_(None))
     with store._read() as conn:
-        rows = conn.execute(sa.select(teams.c.name, teams.c.created_utc, active.label("active_tokens"))
-                            .select_from(teams.outerjoin(team_tokens, team_tokens.c.team_id == teams.c.id))
-                            .group_by(teams.c.id).order_by(teams.c.name)).all()
+        rows = conn.execute(
+            sa.select(teams.c.name, teams.c.created_utc, active.label("active_tokens"))
+            .select_from(teams.outerjoin(team_tokens, team_tokens.c.team_id == teams.c.id))
+            .group_by(teams.c.id)
+            .order_by(teams.c.name)
+        ).all()
     return [dict(row._mapping) for row in rows]
 
 
 # -- attacker side -----------------------------------------------------------------------------
+
 
 def authenticate(store: Store, token: str | None) -> str | None:
     """The team a bearer token belongs to, or None (unknown, malformed or revoked).
@@ -186,9 +214,11 @@ def authenticate(store: Store, token: str | None) -> str | None:
     if len(parts) != 3 or parts[0] != TOKEN_PREFIX or not parts[1].isdigit() or len(token) > 200:
         return None
     with store._read() as conn:
-        row = conn.execute(sa.select(team_tokens.c.token_hash, team_tokens.c.revoked_utc, teams.c.name)
-                           .join(teams, teams.c.id == team_tokens.c.team_id)
-                           .where(team_tokens.c.id == int(parts[1]))).one_or_none()
+        row = conn.execute(
+            sa.select(team_tokens.c.token_hash, team_tokens.c.revoked_utc, teams.c.name)
+            .join(teams, teams.c.id == team_tokens.c.team_id)
+            .where(team_tokens.c.id == int(parts[1]))
+        ).one_or_none()
     if row is None or row.revoked_utc is not None:
         _hasher().hash(parts[2])  # same cost whether or not the row exists
         return None
@@ -203,11 +233,20 @@ def open_challenges(store: Store) -> list[dict]:
     from ncbench.leaderboard.store import challenges
 
     with store._read() as conn:
-        rows = conn.execute(sa.select(
-            challenges.c.challenge_id, challenges.c.task, challenges.c.preset, challenges.c.n_encoded,
-            published.c.daily_limit, published.c.deadline_utc, published.c.files,
-        ).join(published, published.c.challenge_id == challenges.c.challenge_id)
-         .where(challenges.c.closed_utc.is_(None)).order_by(challenges.c.challenge_id)).all()
+        rows = conn.execute(
+            sa.select(
+                challenges.c.challenge_id,
+                challenges.c.task,
+                challenges.c.preset,
+                challenges.c.n_encoded,
+                published.c.daily_limit,
+                published.c.deadline_utc,
+                published.c.files,
+            )
+            .join(published, published.c.challenge_id == challenges.c.challenge_id)
+            .where(challenges.c.closed_utc.is_(None))
+            .order_by(challenges.c.challenge_id)
+        ).all()
     return [{**dict(row._mapping), "files": json.loads(row.files)} for row in rows]
 
 
@@ -217,8 +256,9 @@ def public_files(store: Store, challenge_id: str) -> list[dict] | None:
     return None if files is None else json.loads(files)
 
 
-def enqueue(store: Store, *, team: str, challenge_id: str, sha256: str, size: int,
-            now: dt.datetime | None = None) -> int:
+def enqueue(
+    store: Store, *, team: str, challenge_id: str, sha256: str, size: int, now: dt.datetime | None = None
+) -> int:
     """Queue a stored upload for scoring, after the rate limit and the daily limit.
 
     Jobs that are queued, running or scored count towards the daily limit (refused and failed
@@ -226,8 +266,9 @@ def enqueue(store: Store, *, team: str, challenge_id: str, sha256: str, size: in
     """
     now = now or utc_now()
     with store._write() as conn:
-        limit_row = conn.execute(sa.select(published.c.daily_limit, published.c.deadline_utc)
-                                 .where(published.c.challenge_id == challenge_id)).one_or_none()
+        limit_row = conn.execute(
+            sa.select(published.c.daily_limit, published.c.deadline_utc).where(published.c.challenge_id == challenge_id)
+        ).one_or_none()
         if limit_row is None:
             raise UnknownChallenge(f"no open challenge {challenge_id!r}")
         if limit_row.deadline_utc is not None and _stamp(now) > limit_row.deadline_utc:
@@ -236,26 +277,52 @@ def enqueue(store: Store, *, team: str, challenge_id: str, sha256: str, size: in
         if team == BUILTIN_TEAM:  # the organizer's own runs of the built-in attacks: no limits
             return _insert_job(conn, challenge_id, team_id, sha256, size, now)
         minute_ago = _stamp(now - dt.timedelta(minutes=1))
-        recent = conn.execute(sa.select(sa.func.count()).select_from(jobs).where(
-            jobs.c.team_id == team_id, jobs.c.created_utc >= minute_ago)).scalar()
+        recent = conn.execute(
+            sa.select(sa.func.count())
+            .select_from(jobs)
+            .where(jobs.c.team_id == team_id, jobs.c.created_utc >= minute_ago)
+        ).scalar()
         if recent >= RATE_LIMIT_PER_MINUTE:
             raise LimitReached(f"rate limit: at most {RATE_LIMIT_PER_MINUTE} uploads a minute per team; retry shortly")
         day_start = _stamp(now.astimezone(dt.UTC).replace(hour=0, minute=0, second=0, microsecond=0))
-        used = conn.execute(sa.select(sa.func.count()).select_from(jobs).where(
-            jobs.c.team_id == team_id, jobs.c.challenge_id == challenge_id, jobs.c.created_utc >= day_start,
-            jobs.c.state.in_(("queued", "running", "scored")))).scalar()
+        used = conn.execute(
+            sa.select(sa.func.count())
+            .select_from(jobs)
+            .where(
+                jobs.c.team_id == team_id,
+                jobs.c.challenge_id == challenge_id,
+                jobs.c.created_utc >= day_start,
+                jobs.c.state.in_(("queued", "running", "scored")),
+            )
+        ).scalar()
         if used >= limit_row.daily_limit:
-            raise LimitReached(f"team {team!r} has used its {limit_row.daily_limit} submissions for {challenge_id} "
-                               "today (UTC); refused ones do not count, the limit resets at midnight UTC")
+            raise LimitReached(
+                f"team {team!r} has used its {limit_row.daily_limit} submissions for {challenge_id} "
+                "today (UTC); refused ones do not count, the limit resets at midnight UTC"
+            )
         return _insert_job(conn, challenge_id, team_id, sha256, size, now)
 
 
 def _insert_job(conn, challenge_id: str, team_id: int, sha256: str, size: int, now: dt.datetime) -> int:
     stamp = _stamp(now)
-    return int(conn.execute(jobs.insert().values(
-        challenge_id=challenge_id, team_id=team_id, sha256=sha256, size=size, state="queued", message=None,
-        submission_id=None, attempts=0, created_utc=stamp, updated_utc=stamp,
-    ).returning(jobs.c.id)).scalar_one())
+    return int(
+        conn.execute(
+            jobs.insert()
+            .values(
+                challenge_id=challenge_id,
+                team_id=team_id,
+                sha256=sha256,
+                size=size,
+                state="queued",
+                message=None,
+                submission_id=None,
+                attempts=0,
+                created_utc=stamp,
+                updated_utc=stamp,
+            )
+            .returning(jobs.c.id)
+        ).scalar_one()
+    )
 
 
 def job(store: Store, job_id: int, *, team: str | None = None) -> Job | None:
@@ -269,9 +336,21 @@ def team_jobs(store: Store, team: str) -> list[Job]:
 
 
 def _jobs(store: Store, condition, team: str | None) -> list[Job]:
-    query = (sa.select(jobs.c.id, jobs.c.challenge_id, teams.c.name.label("team"), jobs.c.sha256, jobs.c.state,
-                       jobs.c.message, jobs.c.submission_id, jobs.c.created_utc)
-             .join(teams, teams.c.id == jobs.c.team_id).where(condition).order_by(jobs.c.id))
+    query = (
+        sa.select(
+            jobs.c.id,
+            jobs.c.challenge_id,
+            teams.c.name.label("team"),
+            jobs.c.sha256,
+            jobs.c.state,
+            jobs.c.message,
+            jobs.c.submission_id,
+            jobs.c.created_utc,
+        )
+        .join(teams, teams.c.id == jobs.c.team_id)
+        .where(condition)
+        .order_by(jobs.c.id)
+    )
     if team is not None:
         query = query.where(teams.c.name == team)
     with store._read() as conn:
@@ -280,31 +359,53 @@ def _jobs(store: Store, condition, team: str | None) -> list[Job]:
 
 # -- worker side -------------------------------------------------------------------------------
 
+
 def requeue_interrupted(store: Store) -> int:
     """At start-up: jobs left ``running`` by a server that died run again (scoring is
     idempotent: a file already scored for the team is recorded once)."""
     with store._write() as conn:
-        return conn.execute(jobs.update().where(jobs.c.state == "running")
-                            .values(state="queued", updated_utc=_stamp(utc_now()))).rowcount
+        return conn.execute(
+            jobs.update().where(jobs.c.state == "running").values(state="queued", updated_utc=_stamp(utc_now()))
+        ).rowcount
 
 
 def claim(store: Store, limit: int) -> list[int]:
     """Move up to ``limit`` queued jobs to ``running``, oldest first; returns their ids."""
     with store._write() as conn:
-        ids = conn.execute(sa.select(jobs.c.id).where(jobs.c.state == "queued").order_by(jobs.c.id)
-                           .limit(limit).with_for_update(skip_locked=True)).scalars().all()
+        ids = (
+            conn.execute(
+                sa.select(jobs.c.id)
+                .where(jobs.c.state == "queued")
+                .order_by(jobs.c.id)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            )
+            .scalars()
+            .all()
+        )
         if ids:
-            conn.execute(jobs.update().where(jobs.c.id.in_(ids)).values(
-                state="running", attempts=jobs.c.attempts + 1, updated_utc=_stamp(utc_now())))
+            conn.execute(
+                jobs.update()
+                .where(jobs.c.id.in_(ids))
+                .values(state="running", attempts=jobs.c.attempts + 1, updated_utc=_stamp(utc_now()))
+            )
     return list(ids)
 
 
-def finish(store: Store, job_id: int, state: str, *, message: str | None = None,
-           submission_id: int | None = None) -> None:
+def finish(
+    store: Store, job_id: int, state: str, *, message: str | None = None, submission_id: int | None = None
+) -> None:
     with store._write() as conn:
-        conn.execute(jobs.update().where(jobs.c.id == job_id).values(
-            state=state, message=None if message is None else message[:2000], submission_id=submission_id,
-            updated_utc=_stamp(utc_now())))
+        conn.execute(
+            jobs.update()
+            .where(jobs.c.id == job_id)
+            .values(
+                state=state,
+                message=None if message is None else message[:2000],
+                submission_id=submission_id,
+                updated_utc=_stamp(utc_now()),
+            )
+        )
 
 
 def run_job(db_url: str, store_root: str, job_id: int) -> str:
@@ -315,16 +416,21 @@ def run_job(db_url: str, store_root: str, job_id: int) -> str:
     layout = StoreLayout(Path(store_root))
     with Store(db_url, create=False) as store:
         with store._read() as conn:
-            row = conn.execute(sa.select(jobs, teams.c.name.label("team"), published.c.daily_limit)
-                               .join(teams, teams.c.id == jobs.c.team_id)
-                               .join(published, published.c.challenge_id == jobs.c.challenge_id)
-                               .where(jobs.c.id == job_id)).one()
+            row = conn.execute(
+                sa.select(jobs, teams.c.name.label("team"), published.c.daily_limit)
+                .join(teams, teams.c.id == jobs.c.team_id)
+                .join(published, published.c.challenge_id == jobs.c.challenge_id)
+                .where(jobs.c.id == job_id)
+            ).one()
         if row.attempts > ATTEMPTS_BEFORE_FAILED:
             finish(store, job_id, "failed", message="the scorer crashed on this file repeatedly")
             return "failed"
         try:
-            result = score_submission(layout.upload(row.sha256), layout.key_file(row.challenge_id),
-                                      layout.public_dir(row.challenge_id) / "release.h5")
+            result = score_submission(
+                layout.upload(row.sha256),
+                layout.key_file(row.challenge_id),
+                layout.public_dir(row.challenge_id) / "release.h5",
+            )
             # The limit was checked when the job was queued; the store's own check would count
             # this job's sibling jobs twice.
             # The organizer's token (team ncbench-builtin) records its runs of the built-in
@@ -342,6 +448,7 @@ def run_job(db_url: str, store_root: str, job_id: int) -> str:
 
 
 # -- files -------------------------------------------------------------------------------------
+
 
 def _sha256(path: Path) -> str:
     from ncbench.h5io import sha256_file

@@ -33,26 +33,59 @@ from ncbench.leaderboard.store import (
 )
 
 DB_HELP = "Results database: an SQLite file path, or an SQLAlchemy URL (postgresql+psycopg://...)."
-SHOWN_METRICS = ("top1_accuracy", "top5_accuracy", "mrr", "tpr_at_0.1pct_fpr", "tpr_at_1pct_fpr",
-                 "patch_position_accuracy", "psnr", "ssim", "one_to_one")
+SHOWN_METRICS = (
+    "top1_accuracy",
+    "top5_accuracy",
+    "mrr",
+    "tpr_at_0.1pct_fpr",
+    "tpr_at_1pct_fpr",
+    "patch_position_accuracy",
+    "psnr",
+    "ssim",
+    "one_to_one",
+)
 
 
 @click.command("score")
 @click.argument("submission", type=click.Path(path_type=Path))
-@click.option("--key", "key_path", required=True, type=click.Path(path_type=Path),
-              help="The challenge's private key.h5 (or its release directory).")
+@click.option(
+    "--key",
+    "key_path",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="The challenge's private key.h5 (or its release directory).",
+)
 @click.option("--db", required=True, help=DB_HELP)
 @click.option("--team", help="Team the submission is recorded for (required unless --builtin).")
-@click.option("--release", "release_path", type=click.Path(path_type=Path),
-              help="Public release.h5 [default: <dir>/public/release.h5 beside <dir>/private/key.h5].")
-@click.option("--daily-limit", type=int, default=DEFAULT_DAILY_LIMIT, show_default=True,
-              help="Scored submissions allowed per team, challenge and UTC day (failed ones do not count).")
-@click.option("--builtin", is_flag=True,
-              help=f"Organizer only: SUBMISSION is your own run of a built-in attack. It is recorded as verified "
-                   f"by the organizer, under team {BUILTIN_TEAM!r}, without a daily limit; only such rows make "
-                   f"the attack x preset matrix.")
-def score(submission: Path, key_path: Path, db: str, team: str | None, release_path: Path | None, daily_limit: int,
-          builtin: bool) -> None:
+@click.option(
+    "--release",
+    "release_path",
+    type=click.Path(path_type=Path),
+    help="Public release.h5 [default: <dir>/public/release.h5 beside <dir>/private/key.h5].",
+)
+@click.option(
+    "--daily-limit",
+    type=int,
+    default=DEFAULT_DAILY_LIMIT,
+    show_default=True,
+    help="Scored submissions allowed per team, challenge and UTC day (failed ones do not count).",
+)
+@click.option(
+    "--builtin",
+    is_flag=True,
+    help=f"Organizer only: SUBMISSION is your own run of a built-in attack. It is recorded as verified "
+    f"by the organizer, under team {BUILTIN_TEAM!r}, without a daily limit; only such rows make "
+    f"the attack x preset matrix.",
+)
+def score(
+    submission: Path,
+    key_path: Path,
+    db: str,
+    team: str | None,
+    release_path: Path | None,
+    daily_limit: int,
+    builtin: bool,
+) -> None:
     """Validate SUBMISSION against the hidden key, score it and record it; print the public half.
 
     A team's file is recorded as self-reported: its attack name, parameters and declared
@@ -89,8 +122,10 @@ def score(submission: Path, key_path: Path, db: str, team: str | None, release_p
         recorded = store.record_score(result, team=team, daily_limit=limit, origin=origin)
         shown = store.submission(recorded.submission_id)
     info = result.challenge
-    click.echo(f"{info.challenge_id} ({info.task}, preset {info.preset}, n={info.n_encoded}): "
-               f"{shown_attack(team, result.attack, origin)} {result.attack_version} for team {team} ({origin})")
+    click.echo(
+        f"{info.challenge_id} ({info.task}, preset {info.preset}, n={info.n_encoded}): "
+        f"{shown_attack(team, result.attack, origin)} {result.attack_version} for team {team} ({origin})"
+    )
     if shown["test_release"]:
         click.echo("note: a test release: its key is public, so no score on it says anything about the encoding")
     if recorded.duplicate:
@@ -101,13 +136,17 @@ def score(submission: Path, key_path: Path, db: str, team: str | None, release_p
     headline = public.get(result.headline_metric, math.nan)
     if origin == ORIGIN_SELF:
         margin, grid = ladder_step(result.headline_metric, public.get("n", 1.0))
-        click.echo(f"public half (n={int(public.get('n', 0))}), as the board shows it: a new score is shown only "
-                   f"when it beats your team's best shown score by more than {margin:.4g}, rounded to {grid:.4g}")
+        click.echo(
+            f"public half (n={int(public.get('n', 0))}), as the board shows it: a new score is shown only "
+            f"when it beats your team's best shown score by more than {margin:.4g}, rounded to {grid:.4g}"
+        )
     else:
         click.echo(f"public half (n={int(public.get('n', 0))}):")
-    click.echo(f"  {result.headline_metric:<24} {_number(headline)}  privacy band: {privacy_band(headline)}, "
-               f"chance {_number(public.get('chance', math.nan))}, "
-               f"effective k-anonymity {_number(public.get('k_anonymity', math.nan))}")
+    click.echo(
+        f"  {result.headline_metric:<24} {_number(headline)}  privacy band: {privacy_band(headline)}, "
+        f"chance {_number(public.get('chance', math.nan))}, "
+        f"effective k-anonymity {_number(public.get('k_anonymity', math.nan))}"
+    )
     for name in SHOWN_METRICS:
         if name in public:
             click.echo(f"  {name:<24} {_number(public[name])}")
@@ -156,8 +195,9 @@ def _record_crash(url, submission: Path, key_path: Path, release_path, team: str
         with open_release(release_file) as release:
             info = ChallengeInfo.from_release(release)
         with Store(url) as store:
-            store.record_failure(info, team=team, sha256=sha256_file(submission),
-                                 error=f"{type(error).__name__}: {error}")
+            store.record_failure(
+                info, team=team, sha256=sha256_file(submission), error=f"{type(error).__name__}: {error}"
+            )
     except Exception:  # the original error is what matters; it is re-raised by the caller
         pass
 
@@ -193,8 +233,14 @@ def serve(db: str, port: int, host: str) -> None:
 
 @group.command("export")
 @click.option("--db", required=True, help=DB_HELP)
-@click.option("--format", "fmt", type=click.Choice(["csv", "json", "markdown"]), default="csv", show_default=True,
-              help="Output format (JSON: NaN as null, infinite k-anonymity as \"inf\").")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["csv", "json", "markdown"]),
+    default="csv",
+    show_default=True,
+    help='Output format (JSON: NaN as null, infinite k-anonymity as "inf").',
+)
 @click.option("--out", type=click.Path(path_type=Path), help="File to write [default: standard output].")
 def export(db: str, fmt: str, out: Path | None) -> None:
     """Write the public board (one row per submission and visible half) as CSV, JSON or Markdown.
@@ -237,33 +283,59 @@ def close(challenge_id: str, db: str) -> None:
     else:
         click.echo(f"{challenge_id} was already closed at {stamp}")
     if revealed:
-        click.echo(f"revealed the seeds of {revealed} evaluation releases of verified runs: anyone can now rebuild "
-                   f"them (GET /api/v1/challenges/{challenge_id}/commitments, or the board's Verified page)")
+        click.echo(
+            f"revealed the seeds of {revealed} evaluation releases of verified runs: anyone can now rebuild "
+            f"them (GET /api/v1/challenges/{challenge_id}/commitments, or the board's Verified page)"
+        )
 
 
 @group.command("verify-builtins")
 @click.option("--challenge", "challenge_id", required=True, help="A published challenge of the server.")
-@click.option("--store", "store_dir", type=click.Path(path_type=Path), required=True,
-              help="The server's store folder.")
+@click.option("--store", "store_dir", type=click.Path(path_type=Path), required=True, help="The server's store folder.")
 @click.option("--db", default=None, help=DB_HELP + " [default: STORE/leaderboard.db]")
-@click.option("--releases", type=click.IntRange(1, 100), default=3, show_default=True,
-              help="Fresh hidden evaluation releases per run (K).")
-@click.option("--eval-source", default="phantom", show_default=True,
-              help="Held-out images, for a challenge published without its own --eval-source.")
-@click.option("--sandbox-limit", "sandbox_limits", multiple=True, metavar="NAME=VALUE",
-              help="A limit of each sandboxed run (repeatable; see `ncbench server --help`).")
+@click.option(
+    "--releases",
+    type=click.IntRange(1, 100),
+    default=3,
+    show_default=True,
+    help="Fresh hidden evaluation releases per run (K).",
+)
+@click.option(
+    "--eval-source",
+    default="phantom",
+    show_default=True,
+    help="Held-out images, for a challenge published without its own --eval-source.",
+)
+@click.option(
+    "--sandbox-limit",
+    "sandbox_limits",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="A limit of each sandboxed run (repeatable; see `ncbench server --help`).",
+)
 @click.option("--unsandboxed", is_flag=True, help="Local testing only: run without bubblewrap (marked unsandboxed).")
-@click.option("--queue-only", is_flag=True, help="Queue the runs for the server's workers instead of running them here.")
-def verify_builtins(challenge_id: str, store_dir: Path, db: str | None, releases: int, eval_source: str,
-                    sandbox_limits: tuple[str, ...], unsandboxed: bool, queue_only: bool) -> None:
+@click.option(
+    "--queue-only", is_flag=True, help="Queue the runs for the server's workers instead of running them here."
+)
+def verify_builtins(
+    challenge_id: str,
+    store_dir: Path,
+    db: str | None,
+    releases: int,
+    eval_source: str,
+    sandbox_limits: tuple[str, ...],
+    unsandboxed: bool,
+    queue_only: bool,
+) -> None:
     """Run the built-in attacks that solve CHALLENGE's task (gram-hungarian, linear-inversion,
     distribution-alignment, chance) through the verified track: sandboxed, on fresh hidden
     releases with committed seeds. They are the verified matrix's reference rows."""
     from ncbench.leaderboard import sandbox, verified
     from ncbench.leaderboard.server import _db_url
 
-    settings = verified.Settings(releases=releases, eval_source=eval_source,
-                                 limits=sandbox.parse_limits(sandbox_limits), unsandboxed=unsandboxed)
+    settings = verified.Settings(
+        releases=releases, eval_source=eval_source, limits=sandbox.parse_limits(sandbox_limits), unsandboxed=unsandboxed
+    )
     sandbox.require_sandbox(unsandboxed=unsandboxed)
     store_dir = Path(store_dir).resolve()
     url = _db_url(db, store_dir)

@@ -161,8 +161,9 @@ def psnr(reconstructed: np.ndarray, truth: np.ndarray, *, data_range: float = 25
     return np.minimum(value, PSNR_CAP_DB)
 
 
-def ssim(reconstructed: np.ndarray, truth: np.ndarray, *, data_range: float = 255.0,
-         sigma: float = SSIM_SIGMA) -> np.ndarray:
+def ssim(
+    reconstructed: np.ndarray, truth: np.ndarray, *, data_range: float = 255.0, sigma: float = SSIM_SIGMA
+) -> np.ndarray:
     """(N,) mean structural similarity of each image (Wang et al. 2004).
 
     reconstructed, truth: (N, H, W) on the 0-``data_range`` scale. Local means, variances and

@@ -55,8 +55,14 @@ RUNNER = ["-P", "-m", "ncbench.leaderboard.sandbox"]
 # The runner writes to the tmpfs, then copies into the one writable host file: `attack run`
 # writes atomically (a temporary sibling renamed into place), which a bind-mounted file forbids.
 RUN_SCRIPT = '"$@" && cp /tmp/submission.h5 ' + OUT_INSIDE
-NCBENCH_PACKAGES = ("ncbench", "ncbench.challenge", "ncbench.attacks", "ncbench.baselines", "ncbench.leaderboard",
-                    "ncbench.data_manifest")
+NCBENCH_PACKAGES = (
+    "ncbench",
+    "ncbench.challenge",
+    "ncbench.attacks",
+    "ncbench.baselines",
+    "ncbench.leaderboard",
+    "ncbench.data_manifest",
+)
 SYSTEM_DIRS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 SYSTEM_FILES = ("/etc/ld.so.cache",)  # what the dynamic loader needs; not /etc/passwd, not /etc/hosts
 # A root server runs each sandbox as a random uid from this range (unused by Debian's subuid
@@ -112,8 +118,7 @@ def parse_limits(items, base: Limits | None = None) -> Limits:
         name, sep, text = item.partition("=")
         name, text = name.strip(), text.strip()
         if not sep or name not in known:
-            raise NcbenchError(f"--sandbox-limit must be NAME=VALUE with NAME one of {', '.join(known)}; "
-                               f"got {item!r}")
+            raise NcbenchError(f"--sandbox-limit must be NAME=VALUE with NAME one of {', '.join(known)}; got {item!r}")
         scale = SIZE_SUFFIXES.get(text[-1:].lower(), 1) if name.endswith("_bytes") else 1
         number = text[:-1] if scale != 1 else text
         try:
@@ -152,6 +157,7 @@ class Outcome:
 
 # -- is there a sandbox? -----------------------------------------------------------------------
 
+
 def sandbox_problem() -> str | None:
     """None when bubblewrap works here; otherwise why not, in one line."""
     path = shutil.which("bwrap")
@@ -162,8 +168,9 @@ def sandbox_problem() -> str | None:
 
 @functools.cache
 def _probe(bwrap: str) -> str | None:
-    command = bwrap_argv([sys.executable, "-c", "pass"], mounts=environment_mounts(), limits=Limits(),
-                         bwrap=bwrap, uid=_sandbox_uid())
+    command = bwrap_argv(
+        [sys.executable, "-c", "pass"], mounts=environment_mounts(), limits=Limits(), bwrap=bwrap, uid=_sandbox_uid()
+    )
     try:
         probe = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as error:
@@ -180,11 +187,14 @@ def require_sandbox(*, unsandboxed: bool) -> None:
         return
     problem = sandbox_problem()
     if problem:
-        raise SandboxUnavailable(f"the verified track runs plugins only in a sandbox, and {problem}; organizers "
-                                 "testing locally may pass --unsandboxed (results are marked unsandboxed)")
+        raise SandboxUnavailable(
+            f"the verified track runs plugins only in a sandbox, and {problem}; organizers "
+            "testing locally may pass --unsandboxed (results are marked unsandboxed)"
+        )
 
 
 # -- the command line --------------------------------------------------------------------------
+
 
 def environment_mounts() -> list[Mount]:
     """Read-only mounts of what the runner needs: the system libraries, the Python environment
@@ -206,8 +216,9 @@ def environment_mounts() -> list[Mount]:
     return mounts
 
 
-def bwrap_argv(command: list[str], *, mounts: list[Mount], limits: Limits, bwrap: str = "bwrap",
-               uid: int | None = None) -> list[str]:
+def bwrap_argv(
+    command: list[str], *, mounts: list[Mount], limits: Limits, bwrap: str = "bwrap", uid: int | None = None
+) -> list[str]:
     """The full command line of one sandboxed ``command`` (pure: tested without running it).
 
     ``uid``: when the server is root, the fresh unprivileged uid the run drops to (bwrap then
@@ -216,8 +227,16 @@ def bwrap_argv(command: list[str], *, mounts: list[Mount], limits: Limits, bwrap
     """
     # --as-pid-1: bwrap then waits for the command itself, so its rusage (CPU time, peak memory)
     # reaches ours; with its own init it reports only an exit code.
-    argv = [bwrap, "--die-with-parent", "--as-pid-1", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
-            "--unshare-cgroup-try"]
+    argv = [
+        bwrap,
+        "--die-with-parent",
+        "--as-pid-1",
+        "--unshare-pid",
+        "--unshare-net",
+        "--unshare-ipc",
+        "--unshare-uts",
+        "--unshare-cgroup-try",
+    ]
     if uid is None:
         argv += ["--unshare-user", "--disable-userns"]
     for path in SYSTEM_DIRS:
@@ -225,8 +244,24 @@ def bwrap_argv(command: list[str], *, mounts: list[Mount], limits: Limits, bwrap
             argv += ["--symlink", os.readlink(path), path]
         elif os.path.isdir(path):
             argv += ["--ro-bind", path, path]
-    argv += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--size", str(64 << 20), "--tmpfs", "/dev/shm",
-             "--perms", "1777", "--size", str(limits.scratch_bytes), "--tmpfs", SCRATCH_INSIDE]
+    argv += [
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
+        "--perms",
+        "1777",
+        "--size",
+        str(64 << 20),
+        "--tmpfs",
+        "/dev/shm",
+        "--perms",
+        "1777",
+        "--size",
+        str(limits.scratch_bytes),
+        "--tmpfs",
+        SCRATCH_INSIDE,
+    ]
     made: set[Path] = set()
     for mount in mounts:
         # Every folder above a mount point is made traversable: bwrap makes missing ones 0700.
@@ -240,9 +275,24 @@ def bwrap_argv(command: list[str], *, mounts: list[Mount], limits: Limits, bwrap
         argv += ["--setenv", name, value]
     argv += ["--chdir", SCRATCH_INSIDE]
     if uid is not None:
-        argv += ["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--cap-add", "CAP_SETPCAP",
-                 "--", "setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--inh-caps=-all",
-                 "--bounding-set=-all", "--"]
+        argv += [
+            "--cap-drop",
+            "ALL",
+            "--cap-add",
+            "CAP_SETUID",
+            "--cap-add",
+            "CAP_SETGID",
+            "--cap-add",
+            "CAP_SETPCAP",
+            "--",
+            "setpriv",
+            f"--reuid={uid}",
+            f"--regid={uid}",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+            "--",
+        ]
     else:
         argv += ["--"]
     return argv + prlimit_argv(limits, processes=True) + command
@@ -260,9 +310,17 @@ def prlimit_argv(limits: Limits, *, processes: bool) -> list[str]:
 def sandbox_env(limits: Limits) -> dict[str, str]:
     """The whole environment of a run: nothing of the server's (no token, no database URL)."""
     threads = str(limits.threads)
-    return {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": SCRATCH_INSIDE, "TMPDIR": SCRATCH_INSIDE,
-            "LANG": "C.UTF-8", "PYTHONNOUSERSITE": "1", "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": threads,
-            "MKL_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads}
+    return {
+        "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
+        "HOME": SCRATCH_INSIDE,
+        "TMPDIR": SCRATCH_INSIDE,
+        "LANG": "C.UTF-8",
+        "PYTHONNOUSERSITE": "1",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "OMP_NUM_THREADS": threads,
+        "MKL_NUM_THREADS": threads,
+        "OPENBLAS_NUM_THREADS": threads,
+    }
 
 
 def _sandbox_uid() -> int | None:
@@ -271,8 +329,17 @@ def _sandbox_uid() -> int | None:
 
 # -- running -----------------------------------------------------------------------------------
 
-def run_attack(*, attack: str, params: dict[str, str], release: Path, workdir: Path, limits: Limits,
-               plugin: Path | None = None, sandboxed: bool = True) -> tuple[Outcome, Path]:
+
+def run_attack(
+    *,
+    attack: str,
+    params: dict[str, str],
+    release: Path,
+    workdir: Path,
+    limits: Limits,
+    plugin: Path | None = None,
+    sandboxed: bool = True,
+) -> tuple[Outcome, Path]:
     """Run ``attack`` (a built-in's name, or the class name in ``plugin``, a .py file) on
     ``release`` with ``ncbench attack run``; returns the outcome and where the submission is
     (it exists only when the outcome is ok). ``workdir``: an empty host folder for this run.
@@ -289,31 +356,68 @@ def run_attack(*, attack: str, params: dict[str, str], release: Path, workdir: P
     if plugin is not None:
         mounts.append(Mount(plugin, f"{PLUGIN_DIR_INSIDE}/{plugin.name}"))
         spec = f"{PLUGIN_DIR_INSIDE}/{plugin.name}:{attack}"
-    inner = ["sh", "-c", RUN_SCRIPT, "sh", sys.executable, *RUNNER,
-             *_run_args(spec, params, Path(RELEASE_INSIDE), Path(SCRATCH_INSIDE) / "submission.h5")]
-    outcome = _execute(bwrap_argv(inner, mounts=mounts, limits=limits, bwrap=_bwrap(), uid=uid), limits,
-                       sandboxed=True, workdir=workdir)
+    inner = [
+        "sh",
+        "-c",
+        RUN_SCRIPT,
+        "sh",
+        sys.executable,
+        *RUNNER,
+        *_run_args(spec, params, Path(RELEASE_INSIDE), Path(SCRATCH_INSIDE) / "submission.h5"),
+    ]
+    outcome = _execute(
+        bwrap_argv(inner, mounts=mounts, limits=limits, bwrap=_bwrap(), uid=uid),
+        limits,
+        sandboxed=True,
+        workdir=workdir,
+    )
     if outcome.ok and out.stat().st_size == 0:
         outcome = dataclasses.replace(outcome, reason="the run wrote no submission")
     return outcome, out
 
 
-def check_plugin(*, plugin: Path, class_name: str, params: dict[str, str], task: str, workdir: Path,
-                 limits: Limits, sandboxed: bool = True) -> tuple[Outcome, dict | None]:
+def check_plugin(
+    *,
+    plugin: Path,
+    class_name: str,
+    params: dict[str, str],
+    task: str,
+    workdir: Path,
+    limits: Limits,
+    sandboxed: bool = True,
+) -> tuple[Outcome, dict | None]:
     """``ncbench attack check --no-run --json`` on ``plugin`` in the sandbox (importing a plugin
     runs its code). Returns the outcome and, when it passed, the declarations it reported
     (name, version, tasks, knowledge): the plugin's own process printed them, so the caller
     checks them again."""
+
     def command(path: str) -> list[str]:
         # sh stays as the sandbox's first process: signals (SIGXCPU) then end python as they should.
-        args = ["sh", "-c", '"$@"', "sh", sys.executable, *RUNNER, "check", f"{path}:{class_name}", "--no-run", "--json",
-                "--task", task]
+        args = [
+            "sh",
+            "-c",
+            '"$@"',
+            "sh",
+            sys.executable,
+            *RUNNER,
+            "check",
+            f"{path}:{class_name}",
+            "--no-run",
+            "--json",
+            "--task",
+            task,
+        ]
         return args + [item for name, value in params.items() for item in ("--param", f"{name}={value}")]
 
     if sandboxed:
         inside = f"{PLUGIN_DIR_INSIDE}/{plugin.name}"
-        argv = bwrap_argv(command(inside), mounts=[*environment_mounts(), Mount(plugin, inside)], limits=limits,
-                          bwrap=_bwrap(), uid=_sandbox_uid())
+        argv = bwrap_argv(
+            command(inside),
+            mounts=[*environment_mounts(), Mount(plugin, inside)],
+            limits=limits,
+            bwrap=_bwrap(),
+            uid=_sandbox_uid(),
+        )
     else:
         argv = prlimit_argv(limits, processes=False) + command(str(plugin))
     from ncbench.attacks.cli import CHECK_MARK
@@ -324,7 +428,7 @@ def check_plugin(*, plugin: Path, class_name: str, params: dict[str, str], task:
     for line in reversed(outcome.output.splitlines()):
         if line.startswith(CHECK_MARK):
             try:
-                report = json.loads(line[len(CHECK_MARK):])
+                report = json.loads(line[len(CHECK_MARK) :])
             except ValueError:
                 break
             if isinstance(report, dict):
@@ -359,11 +463,21 @@ def _execute(argv: list[str], limits: Limits, *, sandboxed: bool, workdir: Path)
     """Start ``argv`` in a session of its own, read at most ``output_bytes`` of its output, kill
     its process group at the wall-clock or output limit, reap it and measure it."""
     # bwrap clears the environment inside; an unsandboxed run gets the same one, HOME aside.
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")} if sandboxed else {
-        **sandbox_env(limits), "HOME": str(workdir), "TMPDIR": str(workdir)}
+    env = (
+        {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+        if sandboxed
+        else {**sandbox_env(limits), "HOME": str(workdir), "TMPDIR": str(workdir)}
+    )
     started = time.monotonic()
-    process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               start_new_session=True, cwd=workdir, env=env)
+    process = subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        cwd=workdir,
+        env=env,
+    )
     output, killed_for = bytearray(), None
     with selectors.DefaultSelector() as selector:
         selector.register(process.stdout, selectors.EVENT_READ)
@@ -393,10 +507,15 @@ def _execute(argv: list[str], limits: Limits, *, sandboxed: bool, workdir: Path)
     wall = time.monotonic() - started
     text = output.decode(errors="replace")
     measured = killed_for is None
-    return Outcome(reason=killed_for or _reason(process.returncode, text, limits), returncode=process.returncode,
-                   output=text, wall_s=round(wall, 3),
-                   cpu_s=round(usage.ru_utime + usage.ru_stime, 3) if measured else None,
-                   peak_rss_bytes=int(usage.ru_maxrss) * 1024 if measured else None, sandboxed=sandboxed)
+    return Outcome(
+        reason=killed_for or _reason(process.returncode, text, limits),
+        returncode=process.returncode,
+        output=text,
+        wall_s=round(wall, 3),
+        cpu_s=round(usage.ru_utime + usage.ru_stime, 3) if measured else None,
+        peak_rss_bytes=int(usage.ru_maxrss) * 1024 if measured else None,
+        sandboxed=sandboxed,
+    )
 
 
 def _kill_group(pid: int) -> None:
@@ -443,6 +562,7 @@ def _one_line(text: str, limit: int = 500) -> str:
 
 
 # -- inside the sandbox ------------------------------------------------------------------------
+
 
 def _entry(argv: list[str]) -> int:
     """``ncbench attack ARGV`` with the root command's rule (a user mistake is one ``error:``

@@ -62,10 +62,15 @@ class ChallengeInfo:
     @classmethod
     def from_release(cls, release: Release) -> ChallengeInfo:
         attrs = release.h5.attrs
-        return cls(challenge_id=release.challenge_id, task=release.task,
-                   preset=str(attrs.get("preset", release.config.preset)), n_encoded=release.n_encoded,
-                   key_commitment=str(attrs["key_commitment"]), encoder_config=str(attrs["encoder_config"]),
-                   test_release=release.test_release)
+        return cls(
+            challenge_id=release.challenge_id,
+            task=release.task,
+            preset=str(attrs.get("preset", release.config.preset)),
+            n_encoded=release.n_encoded,
+            key_commitment=str(attrs["key_commitment"]),
+            encoder_config=str(attrs["encoder_config"]),
+            test_release=release.test_release,
+        )
 
 
 @dataclass
@@ -96,8 +101,9 @@ class ScoreResult:
         return self.metrics[split][self.headline_metric]
 
 
-def score_submission(submission_path: str | os.PathLike, key_path: str | os.PathLike,
-                     release_path: str | os.PathLike | None = None) -> ScoreResult:
+def score_submission(
+    submission_path: str | os.PathLike, key_path: str | os.PathLike, release_path: str | os.PathLike | None = None
+) -> ScoreResult:
     """Validate ``submission_path`` against the key and compute its metrics on both halves.
 
     ``key_path``: ``private/key.h5`` or the release directory; the release is found beside it
@@ -126,10 +132,15 @@ def _score(submission_path: Path, key: Key, release: Release) -> ScoreResult:
         values, notes = compute_metrics(answer, release, key)
         advance(1)
     return ScoreResult(
-        challenge=ChallengeInfo.from_release(release), attack=submission.attack,
-        attack_version=submission.attack_version, params=submission.params,
-        knowledge=tuple(submission.knowledge), runtime_s=float(submission.runtime_s),
-        sha256=digest, metrics=values, notes=answer.notes + notes,
+        challenge=ChallengeInfo.from_release(release),
+        attack=submission.attack,
+        attack_version=submission.attack_version,
+        params=submission.params,
+        knowledge=tuple(submission.knowledge),
+        runtime_s=float(submission.runtime_s),
+        sha256=digest,
+        metrics=values,
+        notes=answer.notes + notes,
     )
 
 
@@ -156,18 +167,23 @@ def check_release_digest(key: Key, release_path: Path) -> None:
     if not release_path.is_file():
         raise NcbenchError(f"{release_path}: no such release file")
     if sha256_file(release_path) != recorded:
-        raise NcbenchError(f"{release_path} is not the release this key was issued with "
-                           f"(its sha256 differs from the key's record)")
+        raise NcbenchError(
+            f"{release_path} is not the release this key was issued with (its sha256 differs from the key's record)"
+        )
 
 
 def check_key_matches_release(key: Key, release: Release) -> None:
     """The key must belong to the release: same challenge id, and its commitment as published."""
     if key.challenge_id != release.challenge_id:
-        raise NcbenchError(f"{key.path} is the key of challenge {key.challenge_id!r}, "
-                           f"but {release.path} is challenge {release.challenge_id!r}")
+        raise NcbenchError(
+            f"{key.path} is the key of challenge {key.challenge_id!r}, "
+            f"but {release.path} is challenge {release.challenge_id!r}"
+        )
     if key.commitment() != str(release.h5.attrs["key_commitment"]):
-        raise NcbenchError(f"{key.path}: the key's commitment does not match the one published in "
-                           f"{release.path} (wrong or tampered key)")
+        raise NcbenchError(
+            f"{key.path}: the key's commitment does not match the one published in "
+            f"{release.path} (wrong or tampered key)"
+        )
 
 
 def submission_limits(release: Release) -> ReadLimits:
@@ -182,13 +198,23 @@ def submission_limits(release: Release) -> ReadLimits:
     m = int(h5["plain/ids"].shape[0]) if "plain/ids" in h5 else 0
     t = int(h5["target/ids"].shape[0]) if "target/ids" in h5 else 0
     part_bytes = {
-        "encoded_ids": n * ID_BYTES, "mapping": n * ID_BYTES, "plain_ids": m * ID_BYTES, "target_ids": t * ID_BYTES,
-        "scores": n * m * 8, "patch_positions": n * p * 8, "reconstructions": n * s * s * 8, "encodings": t * p * d * 8,
+        "encoded_ids": n * ID_BYTES,
+        "mapping": n * ID_BYTES,
+        "plain_ids": m * ID_BYTES,
+        "target_ids": t * ID_BYTES,
+        "scores": n * m * 8,
+        "patch_positions": n * p * 8,
+        "reconstructions": n * s * s * 8,
+        "encodings": t * p * d * 8,
     }
     used = USED_PARTS[release.task]
     readable = {"encoded_ids", *used, *(COMPANION_IDS[part] for part in used if part in COMPANION_IDS)}
-    return ReadLimits(file_bytes=FILE_FLOOR_BYTES + FILE_SLACK * sum(part_bytes.values()),
-                      part_bytes=part_bytes, read=frozenset(readable), csv_rows=n)
+    return ReadLimits(
+        file_bytes=FILE_FLOOR_BYTES + FILE_SLACK * sum(part_bytes.values()),
+        part_bytes=part_bytes,
+        read=frozenset(readable),
+        csv_rows=n,
+    )
 
 
 def load_submission(path: Path, challenge_id: str, limits: ReadLimits | None = None) -> Submission:
@@ -211,16 +237,21 @@ def check_identity(submission: Submission, release: Release, path: Path) -> None
     if unknown := sorted(set(knowledge) - set(KNOWLEDGE)):
         raise NcbenchError(f"{path}: unknown knowledge {_quote(unknown)}; the vocabulary is {', '.join(KNOWLEDGE)}")
     if submission.attack.strip().lower() in REFUSED_ATTACKS or any(k in REFUSED_KNOWLEDGE for k in knowledge):
-        raise NcbenchError(f"{path}: attack {submission.attack!r} reads the secret key; key-reading "
-                           f"baselines are for calibration only and are not accepted by the leaderboard")
+        raise NcbenchError(
+            f"{path}: attack {submission.attack!r} reads the secret key; key-reading "
+            f"baselines are for calibration only and are not accepted by the leaderboard"
+        )
     if not submission.attack.strip():
         raise NcbenchError(f"{path}: attribute 'attack' is empty")
     if not (math.isfinite(submission.runtime_s) and submission.runtime_s >= 0):
-        raise NcbenchError(f"{path}: runtime_s must be a finite, non-negative number of seconds, "
-                           f"got {submission.runtime_s}")
+        raise NcbenchError(
+            f"{path}: runtime_s must be a finite, non-negative number of seconds, got {submission.runtime_s}"
+        )
     if submission.challenge_id != release.challenge_id:
-        raise NcbenchError(f"{path}: submission is for challenge {submission.challenge_id!r}, "
-                           f"but the key is for {release.challenge_id!r}")
+        raise NcbenchError(
+            f"{path}: submission is for challenge {submission.challenge_id!r}, "
+            f"but the key is for {release.challenge_id!r}"
+        )
 
 
 @dataclass
@@ -247,22 +278,27 @@ def validate_answer(submission: Submission, release: Release) -> Answer:
     parts = set(submission.parts()) | set(submission.unread)
     needed = REQUIRED_PARTS[task]
     if not parts & set(needed):
-        raise NcbenchError(f"the {task} task needs {' or '.join(repr(p) for p in needed)}; "
-                           f"this submission has {', '.join(sorted(parts)) or 'no answer'}")
+        raise NcbenchError(
+            f"the {task} task needs {' or '.join(repr(p) for p in needed)}; "
+            f"this submission has {', '.join(sorted(parts)) or 'no answer'}"
+        )
     notes = [f"ignored {name} (not used by the {task} task)" for name in sorted(parts - USED_PARTS[task])]
     used = parts & USED_PARTS[task]
 
     release_ids = release.encoded_ids
     order_in_submission = _match_ids(
-        submission.encoded_ids, release_ids, what="encoded id",
+        submission.encoded_ids,
+        release_ids,
+        what="encoded id",
         optional=set(release.pair_encoded_ids) if task == "invert" else set(),
         may_be_empty=task == "transfer" and "patch_positions" not in used,
     )
     # Release rows scored, and the submission row that answers each of them. The known pairs of
     # `invert` are never scored, even when the submission answers them.
     known = set(release.pair_encoded_ids) if task == "invert" else set()
-    rows = np.array([r for r, s in enumerate(order_in_submission) if s >= 0 and release_ids[r] not in known],
-                    dtype=np.int64)
+    rows = np.array(
+        [r for r, s in enumerate(order_in_submission) if s >= 0 and release_ids[r] not in known], dtype=np.int64
+    )
     source = np.array([order_in_submission[r] for r in rows], dtype=np.int64)
     n_sub = len(submission.encoded_ids)
     answer = Answer(rows=rows, notes=notes)
@@ -286,13 +322,16 @@ def validate_answer(submission: Submission, release: Release) -> Answer:
             raise NcbenchError(f"scores has {scores.shape[0]} rows for {n_sub} encoded ids")
         if submission.plain_ids is None:
             if scores.shape[1] != len(plain_ids):
-                raise NcbenchError(f"scores has {scores.shape[1]} columns for {len(plain_ids)} plaintexts "
-                                   f"(give 'plain_ids' to name the columns)")
+                raise NcbenchError(
+                    f"scores has {scores.shape[1]} columns for {len(plain_ids)} plaintexts "
+                    f"(give 'plain_ids' to name the columns)"
+                )
             columns = np.arange(len(plain_ids))
         else:
             if len(submission.plain_ids) != scores.shape[1]:
-                raise NcbenchError(f"plain_ids has {len(submission.plain_ids)} entries for "
-                                   f"{scores.shape[1]} score columns")
+                raise NcbenchError(
+                    f"plain_ids has {len(submission.plain_ids)} entries for {scores.shape[1]} score columns"
+                )
             columns = np.array(_match_ids(submission.plain_ids, plain_ids, what="plaintext id"))
         # Large (N, M) matrices: copy only when the rows or columns really need reordering.
         if not np.array_equal(source, np.arange(scores.shape[0])):
@@ -322,17 +361,22 @@ def validate_answer(submission: Submission, release: Release) -> Answer:
         target_ids = release.target_ids
         shapes = ((config.n_patches, config.width), (config.width,))
         if encodings.ndim not in (2, 3) or encodings.shape[1:] not in shapes:
-            raise NcbenchError(f"encodings must be (M, {config.n_patches}, {config.width}) or "
-                               f"(M, {config.width}), got {encodings.shape}")
+            raise NcbenchError(
+                f"encodings must be (M, {config.n_patches}, {config.width}) or "
+                f"(M, {config.width}), got {encodings.shape}"
+            )
         if submission.target_ids is None:
             if len(encodings) != len(target_ids):
-                raise NcbenchError(f"encodings has {len(encodings)} rows for {len(target_ids)} targets "
-                                   f"(give 'target_ids' to name the rows)")
+                raise NcbenchError(
+                    f"encodings has {len(encodings)} rows for {len(target_ids)} targets "
+                    f"(give 'target_ids' to name the rows)"
+                )
             order = np.arange(len(target_ids))
         else:
             if len(submission.target_ids) != len(encodings):
-                raise NcbenchError(f"target_ids has {len(submission.target_ids)} entries for "
-                                   f"{len(encodings)} encodings")
+                raise NcbenchError(
+                    f"target_ids has {len(submission.target_ids)} entries for {len(encodings)} encodings"
+                )
             order = _match_ids(submission.target_ids, target_ids, what="target id")
         answer.encodings = encodings[order].astype(np.float64)
     return answer
@@ -396,15 +440,18 @@ def compute_metrics(answer: Answer, release: Release, key: Key) -> tuple[dict[in
             perm = key.read("truth/patch_perm").astype(np.int64)[answer.rows]
             for s, out in values.items():
                 mask = row_split == s
-                out["patch_position_accuracy"] = metrics.patch_position_accuracy(answer.patch_positions[mask], perm[mask])
+                out["patch_position_accuracy"] = metrics.patch_position_accuracy(
+                    answer.patch_positions[mask], perm[mask]
+                )
     for out in values.values():
         headline = out[HEADLINE_METRIC[task]]
         out["k_anonymity"] = metrics.effective_k_anonymity(headline)
     return values, notes
 
 
-def _match_ids(given: list[str], expected: list[str], *, what: str, optional: set[str] = frozenset(),
-               may_be_empty: bool = False) -> list[int]:
+def _match_ids(
+    given: list[str], expected: list[str], *, what: str, optional: set[str] = frozenset(), may_be_empty: bool = False
+) -> list[int]:
     """For each expected id, its position in ``given`` (-1 for an optional id left out).
 
     ``given`` must hold every expected id except those in ``optional``, each once, and nothing else.

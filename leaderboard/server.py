@@ -39,9 +39,23 @@ def _store_dir(path: Path) -> Path:
 def board_command(url: str, *, host: str, port: int) -> tuple[list[str], dict]:
     """The Streamlit command line and environment of the public board, in viewer mode (no
     developer toolbar for visitors)."""
-    command = [sys.executable, "-m", "streamlit", "run", str(APP_PATH), "--server.port", str(port),
-               "--server.address", host, "--server.headless", "true", "--browser.gatherUsageStats", "false",
-               "--client.toolbarMode", "viewer"]
+    command = [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(APP_PATH),
+        "--server.port",
+        str(port),
+        "--server.address",
+        host,
+        "--server.headless",
+        "true",
+        "--browser.gatherUsageStats",
+        "false",
+        "--client.toolbarMode",
+        "viewer",
+    ]
     return command, {**os.environ, DB_ENV: url}
 
 
@@ -98,31 +112,80 @@ def _die_with_parent() -> None:
 
 
 @click.command("server")
-@click.option("--store", "store_dir", type=click.Path(path_type=Path), required=True,
-              help="Folder for published files, keys and uploads (created if missing).")
+@click.option(
+    "--store",
+    "store_dir",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Folder for published files, keys and uploads (created if missing).",
+)
 @click.option("--db", default=None, help=DB_HELP)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address of the API and the board.")
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True, help="API port.")
-@click.option("--board-port", type=click.IntRange(0, 65535), default=None,
-              help="Port of the Streamlit board [default: API port + 1; 0: no board].")
-@click.option("--scheduler", default=None, help="Dask scheduler address (tcp://HOST:8786) [default: in-process cluster].")
-@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
-              help="Scoring workers of the in-process cluster.")
-@click.option("--max-upload-mb", type=click.IntRange(1, 1 << 20), default=1024, show_default=True,
-              help="Largest submission accepted.")
-@click.option("--verified-releases", type=click.IntRange(1, 100), default=3, show_default=True,
-              help="Verified track: fresh hidden evaluation releases per plugin run (K).")
-@click.option("--eval-source", default="phantom", show_default=True,
-              help="Verified track: held-out images of evaluation releases, for challenges published without "
-                   "their own --eval-source (phantom, folder:PATH, manifest:FILE).")
-@click.option("--sandbox-limit", "sandbox_limits", multiple=True, metavar="NAME=VALUE",
-              help="Verified track: a limit of each sandboxed run (repeatable): memory_bytes, cpu_s, wall_s, "
-                   "processes, file_bytes, scratch_bytes, output_bytes, threads; sizes take k/M/G.")
-@click.option("--unsandboxed", is_flag=True,
-              help="Organizers testing locally only: run plugins without bubblewrap (results marked unsandboxed).")
-def server(store_dir: Path, db: str | None, host: str, port: int, board_port: int | None, scheduler: str | None,
-           workers: int, max_upload_mb: int, verified_releases: int, eval_source: str,
-           sandbox_limits: tuple[str, ...], unsandboxed: bool) -> None:
+@click.option(
+    "--board-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Port of the Streamlit board [default: API port + 1; 0: no board].",
+)
+@click.option(
+    "--scheduler", default=None, help="Dask scheduler address (tcp://HOST:8786) [default: in-process cluster]."
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="Scoring workers of the in-process cluster.",
+)
+@click.option(
+    "--max-upload-mb",
+    type=click.IntRange(1, 1 << 20),
+    default=1024,
+    show_default=True,
+    help="Largest submission accepted.",
+)
+@click.option(
+    "--verified-releases",
+    type=click.IntRange(1, 100),
+    default=3,
+    show_default=True,
+    help="Verified track: fresh hidden evaluation releases per plugin run (K).",
+)
+@click.option(
+    "--eval-source",
+    default="phantom",
+    show_default=True,
+    help="Verified track: held-out images of evaluation releases, for challenges published without "
+    "their own --eval-source (phantom, folder:PATH, manifest:FILE).",
+)
+@click.option(
+    "--sandbox-limit",
+    "sandbox_limits",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="Verified track: a limit of each sandboxed run (repeatable): memory_bytes, cpu_s, wall_s, "
+    "processes, file_bytes, scratch_bytes, output_bytes, threads; sizes take k/M/G.",
+)
+@click.option(
+    "--unsandboxed",
+    is_flag=True,
+    help="Organizers testing locally only: run plugins without bubblewrap (results marked unsandboxed).",
+)
+def server(
+    store_dir: Path,
+    db: str | None,
+    host: str,
+    port: int,
+    board_port: int | None,
+    scheduler: str | None,
+    workers: int,
+    max_upload_mb: int,
+    verified_releases: int,
+    eval_source: str,
+    sandbox_limits: tuple[str, ...],
+    unsandboxed: bool,
+) -> None:
     """Run the challenge server: HTTP API, scoring workers and the public board (Ctrl-C stops all)."""
     import uvicorn
 
@@ -134,15 +197,20 @@ def server(store_dir: Path, db: str | None, host: str, port: int, board_port: in
     url = _db_url(db, store_dir)
     Store(url).close()  # create or migrate the database, or refuse a foreign one, before anything starts
     board_port = port + 1 if board_port is None else board_port
-    settings = verified.Settings(releases=verified_releases, eval_source=eval_source,
-                                 limits=sandbox.parse_limits(sandbox_limits), unsandboxed=unsandboxed)
+    settings = verified.Settings(
+        releases=verified_releases,
+        eval_source=eval_source,
+        limits=sandbox.parse_limits(sandbox_limits),
+        unsandboxed=unsandboxed,
+    )
     try:
         sandbox.require_sandbox(unsandboxed=unsandboxed)
     except sandbox.SandboxUnavailable as error:
         click.echo(f"warning: verified track off: {error}", err=True)
     if unsandboxed:
-        click.echo("warning: --unsandboxed: plugins run WITHOUT a sandbox; their results are marked unsandboxed",
-                   err=True)
+        click.echo(
+            "warning: --unsandboxed: plugins run WITHOUT a sandbox; their results are marked unsandboxed", err=True
+        )
     app = create_app(url, store_dir, max_upload=max_upload_mb << 20, verified_settings=settings)
     board = dispatcher = None
     # uvicorn stops serving on SIGINT / SIGTERM, then raises the signal again once it has restored
@@ -154,9 +222,12 @@ def server(store_dir: Path, db: str | None, host: str, port: int, board_port: in
             command, env = board_command(url, host=host, port=board_port)
             board = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, preexec_fn=_die_with_parent)
         dispatcher = Dispatcher(url, str(store_dir), scheduler=scheduler, workers=workers).start()
-        click.echo(f"ncbench server on http://{host}:{port} (API docs /docs)"
-                   + (f", board on http://{host}:{board_port}" if board else "")
-                   + f"; database {describe_db(database_url(url))}", err=True)
+        click.echo(
+            f"ncbench server on http://{host}:{port} (API docs /docs)"
+            + (f", board on http://{host}:{board_port}" if board else "")
+            + f"; database {describe_db(database_url(url))}",
+            err=True,
+        )
         # uvicorn handles SIGINT and SIGTERM: it stops serving and returns here.
         uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning")).run()
     except _Stopped:
@@ -175,21 +246,40 @@ def server(store_dir: Path, db: str | None, host: str, port: int, board_port: in
 
 # -- organizer commands ------------------------------------------------------------------------
 
+
 @click.command("publish")
 @click.argument("release_dir", type=click.Path(path_type=Path))
-@click.option("--store", "store_dir", type=click.Path(path_type=Path), required=True,
-              help="The server's store folder.")
+@click.option("--store", "store_dir", type=click.Path(path_type=Path), required=True, help="The server's store folder.")
 @click.option("--db", default=None, help=DB_HELP)
-@click.option("--daily-limit", type=int, default=DEFAULT_DAILY_LIMIT, show_default=True,
-              help="Submissions per team and UTC day (refused ones do not count).")
+@click.option(
+    "--daily-limit",
+    type=int,
+    default=DEFAULT_DAILY_LIMIT,
+    show_default=True,
+    help="Submissions per team and UTC day (refused ones do not count).",
+)
 @click.option("--deadline", default=None, help="Last moment for submissions, UTC (YYYY-MM-DDTHH:MM).")
-@click.option("--eval-source", default=None,
-              help="Verified track: the held-out images evaluation releases are drawn from (phantom, folder:PATH, "
-                   "manifest:FILE) [default: the server's --eval-source]. Keep them out of the public release.")
-@click.option("--plugin-daily-limit", type=int, default=None,
-              help="Verified track: plugin runs per team and UTC day [default: 2].")
-def publish(release_dir: Path, store_dir: Path, db: str | None, daily_limit: int, deadline: str | None,
-            eval_source: str | None, plugin_daily_limit: int | None) -> None:
+@click.option(
+    "--eval-source",
+    default=None,
+    help="Verified track: the held-out images evaluation releases are drawn from (phantom, folder:PATH, "
+    "manifest:FILE) [default: the server's --eval-source]. Keep them out of the public release.",
+)
+@click.option(
+    "--plugin-daily-limit",
+    type=int,
+    default=None,
+    help="Verified track: plugin runs per team and UTC day [default: 2].",
+)
+def publish(
+    release_dir: Path,
+    store_dir: Path,
+    db: str | None,
+    daily_limit: int,
+    deadline: str | None,
+    eval_source: str | None,
+    plugin_daily_limit: int | None,
+) -> None:
     """Register a built challenge with the server: its public files become downloadable; its
     key goes to the store, which no route serves."""
     from ncbench.leaderboard import channel, verified
@@ -203,8 +293,9 @@ def publish(release_dir: Path, store_dir: Path, db: str | None, daily_limit: int
             raise NcbenchError(f"--deadline must look like 2026-12-31T23:59, got {deadline!r}") from None
     store_dir = _store_dir(store_dir)
     with Store(_db_url(db, store_dir)) as store:
-        challenge_id = channel.publish(store, channel.StoreLayout(store_dir), release_dir,
-                                       daily_limit=daily_limit, deadline=when)
+        challenge_id = channel.publish(
+            store, channel.StoreLayout(store_dir), release_dir, daily_limit=daily_limit, deadline=when
+        )
         verified.set_evaluation(store, challenge_id, eval_source=eval_source, plugin_daily_limit=plugin_daily_limit)
     click.echo(f"published {challenge_id}")
 

@@ -63,9 +63,19 @@ ATTACK_ENTRY_POINTS = "ncbench.attacks"  # built-ins are the entry points whose 
 # Characters of every stored string (JSON text for params, knowledge and notes). A submission over
 # a limit is refused, not cut: a cut name or JSON would say something the file did not.
 MAX_LENGTHS = {
-    "challenge_id": 128, "task": 16, "preset": 64, "key_commitment": 64, "encoder_config": 8192,
-    "attack": 128, "attack_version": 64, "params": 8192, "knowledge": 1024, "notes": 8192, "error": 2000,
-    "label": 128, "settings": 8192,  # utility_results
+    "challenge_id": 128,
+    "task": 16,
+    "preset": 64,
+    "key_commitment": 64,
+    "encoder_config": 8192,
+    "attack": 128,
+    "attack_version": 64,
+    "params": 8192,
+    "knowledge": 1024,
+    "notes": 8192,
+    "error": 2000,
+    "label": 128,
+    "settings": 8192,  # utility_results
 }
 # Shown public scores of self-reported rows (the Ladder, Blum & Hardt 2015): a new score is shown
 # only when it beats the team's best shown score by range/sqrt(n public items), rounded to 1% of
@@ -80,13 +90,15 @@ _PG_MIGRATION_LOCK = 0x6E63_6265  # pg_advisory_xact_lock key: "ncbe"
 metadata = sa.MetaData()
 
 schema_version = sa.Table(
-    "schema_version", metadata,
+    "schema_version",
+    metadata,
     sa.Column("version", sa.Integer, primary_key=True, autoincrement=False),
     sa.Column("description", sa.String(200), nullable=False),
     sa.Column("applied_utc", sa.String(32), nullable=False),
 )
 challenges = sa.Table(
-    "challenges", metadata,
+    "challenges",
+    metadata,
     sa.Column("challenge_id", sa.String(128), primary_key=True),
     sa.Column("task", sa.String(16), nullable=False),
     sa.Column("preset", sa.String(64), nullable=False),
@@ -99,13 +111,15 @@ challenges = sa.Table(
     sa.Column("test_release", sa.Boolean, nullable=False, server_default=sa.false()),
 )
 teams = sa.Table(
-    "teams", metadata,
+    "teams",
+    metadata,
     sa.Column("id", sa.Integer, primary_key=True),
     sa.Column("name", sa.String(MAX_TEAM_NAME), nullable=False, unique=True),
     sa.Column("created_utc", sa.String(32), nullable=False),
 )
 submissions = sa.Table(
-    "submissions", metadata,
+    "submissions",
+    metadata,
     sa.Column("id", sa.Integer, primary_key=True),
     sa.Column("challenge_id", sa.String(128), sa.ForeignKey("challenges.challenge_id"), nullable=False),
     sa.Column("team_id", sa.Integer, sa.ForeignKey("teams.id"), nullable=False),
@@ -126,18 +140,26 @@ submissions = sa.Table(
 )
 # Counting a team's submissions of the day, and recognising a re-submitted file, are index scans.
 sa.Index("ix_submissions_team_day", submissions.c.challenge_id, submissions.c.team_id, submissions.c.created_utc)
-sa.Index("ux_submissions_scored_file", submissions.c.challenge_id, submissions.c.team_id, submissions.c.sha256,
-         unique=True, sqlite_where=submissions.c.status == STATUS_SCORED,
-         postgresql_where=submissions.c.status == STATUS_SCORED)
+sa.Index(
+    "ux_submissions_scored_file",
+    submissions.c.challenge_id,
+    submissions.c.team_id,
+    submissions.c.sha256,
+    unique=True,
+    sqlite_where=submissions.c.status == STATUS_SCORED,
+    postgresql_where=submissions.c.status == STATUS_SCORED,
+)
 scores = sa.Table(
-    "scores", metadata,
+    "scores",
+    metadata,
     sa.Column("submission_id", sa.Integer, sa.ForeignKey("submissions.id", ondelete="CASCADE"), primary_key=True),
     sa.Column("split", sa.SmallInteger, primary_key=True),  # 0 public half, 1 private half
     sa.Column("metric", sa.String(64), primary_key=True),
     sa.Column("value", sa.Float, nullable=False),
 )
 utility_results = sa.Table(
-    "utility_results", metadata,
+    "utility_results",
+    metadata,
     sa.Column("id", sa.Integer, primary_key=True),
     sa.Column("preset", sa.String(64), nullable=False),
     sa.Column("label", sa.String(128), nullable=False),
@@ -152,7 +174,8 @@ utility_results = sa.Table(
 # job queue that the server's scoring workers drain.
 JOB_STATES = ("queued", "running", "scored", "refused", "failed")
 published = sa.Table(
-    "published", metadata,
+    "published",
+    metadata,
     sa.Column("challenge_id", sa.String(128), sa.ForeignKey("challenges.challenge_id"), primary_key=True),
     sa.Column("files", sa.Text, nullable=False),  # JSON list of {name, size, sha256}: the public files only
     sa.Column("daily_limit", sa.Integer, nullable=False),
@@ -164,7 +187,8 @@ published = sa.Table(
     sa.Column("plugin_daily_limit", sa.Integer),
 )
 team_tokens = sa.Table(
-    "team_tokens", metadata,
+    "team_tokens",
+    metadata,
     sa.Column("id", sa.Integer, primary_key=True),
     sa.Column("team_id", sa.Integer, sa.ForeignKey("teams.id"), nullable=False),
     sa.Column("token_hash", sa.String(256), nullable=False),  # argon2id; the token itself is never stored
@@ -172,7 +196,8 @@ team_tokens = sa.Table(
     sa.Column("revoked_utc", sa.String(32)),
 )
 jobs = sa.Table(
-    "jobs", metadata,
+    "jobs",
+    metadata,
     sa.Column("id", sa.Integer, primary_key=True),
     sa.Column("challenge_id", sa.String(128), sa.ForeignKey("challenges.challenge_id"), nullable=False),
     sa.Column("team_id", sa.Integer, sa.ForeignKey("teams.id"), nullable=False),
@@ -194,7 +219,8 @@ sa.Index("ix_jobs_team_day", jobs.c.team_id, jobs.c.challenge_id, jobs.c.created
 # and revealed when the challenge closes.
 VERIFIED_STATES = ("queued", "running", "scored", "failed")
 verified_runs = sa.Table(
-    "verified_runs", metadata,
+    "verified_runs",
+    metadata,
     sa.Column("id", sa.Integer, primary_key=True),
     sa.Column("challenge_id", sa.String(128), sa.ForeignKey("challenges.challenge_id"), nullable=False),
     sa.Column("team_id", sa.Integer, sa.ForeignKey("teams.id"), nullable=False),
@@ -220,10 +246,12 @@ verified_runs = sa.Table(
     sa.CheckConstraint(sa.column("origin").in_(ORIGINS), name="verified_run_origin"),
 )
 sa.Index("ix_verified_runs_state", verified_runs.c.state, verified_runs.c.id)
-sa.Index("ix_verified_runs_team_day", verified_runs.c.team_id, verified_runs.c.challenge_id,
-         verified_runs.c.created_utc)
+sa.Index(
+    "ix_verified_runs_team_day", verified_runs.c.team_id, verified_runs.c.challenge_id, verified_runs.c.created_utc
+)
 verified_releases = sa.Table(
-    "verified_releases", metadata,
+    "verified_releases",
+    metadata,
     sa.Column("run_id", sa.Integer, sa.ForeignKey("verified_runs.id", ondelete="CASCADE"), primary_key=True),
     sa.Column("idx", sa.SmallInteger, primary_key=True),
     sa.Column("eval_challenge_id", sa.String(128), nullable=False),
@@ -247,6 +275,7 @@ def _create(*tables: sa.Table) -> Callable[[Connection], None]:
     def apply(conn: Connection) -> None:
         for table in tables:
             table.create(conn)
+
     return apply
 
 
@@ -256,10 +285,12 @@ def _add_columns(*columns: tuple[sa.Table, str, str]) -> Callable[[Connection], 
     Migration 1 creates its tables from the current definitions, so a new database already has
     the column; only an older database gets it here.
     """
+
     def apply(conn: Connection) -> None:
         for table, name, definition in columns:
             if name not in {c["name"] for c in sa.inspect(conn).get_columns(table.name)}:
                 conn.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {name} {definition}")
+
     return apply
 
 
@@ -267,6 +298,7 @@ def _in_order(*steps: Callable[[Connection], None]) -> Callable[[Connection], No
     def apply(conn: Connection) -> None:
         for step in steps:
             step(conn)
+
     return apply
 
 
@@ -274,16 +306,28 @@ def _in_order(*steps: Callable[[Connection], None]) -> Callable[[Connection], No
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "challenges, teams, submissions, scores", _create(challenges, teams, submissions, scores)),
     (2, "utility_results", _create(utility_results)),
-    (3, "submissions.origin (organizer / self-reported), challenges.test_release", _add_columns(
-        (submissions, "origin", f"VARCHAR(16) NOT NULL DEFAULT '{ORIGIN_SELF}' "
-                                f"CHECK (origin IN ('{ORIGIN_ORGANIZER}', '{ORIGIN_SELF}'))"),
-        (challenges, "test_release", "BOOLEAN NOT NULL DEFAULT FALSE"),
-    )),
+    (
+        3,
+        "submissions.origin (organizer / self-reported), challenges.test_release",
+        _add_columns(
+            (
+                submissions,
+                "origin",
+                f"VARCHAR(16) NOT NULL DEFAULT '{ORIGIN_SELF}' "
+                f"CHECK (origin IN ('{ORIGIN_ORGANIZER}', '{ORIGIN_SELF}'))",
+            ),
+            (challenges, "test_release", "BOOLEAN NOT NULL DEFAULT FALSE"),
+        ),
+    ),
     (4, "published challenges, team tokens, job queue", _create(published, team_tokens, jobs)),
-    (5, "verified track: runs, evaluation releases, published.eval_source", _in_order(
-        _add_columns((published, "eval_source", "VARCHAR(512)"), (published, "plugin_daily_limit", "INTEGER")),
-        _create(verified_runs, verified_releases),
-    )),
+    (
+        5,
+        "verified track: runs, evaluation releases, published.eval_source",
+        _in_order(
+            _add_columns((published, "eval_source", "VARCHAR(512)"), (published, "plugin_daily_limit", "INTEGER")),
+            _create(verified_runs, verified_releases),
+        ),
+    ),
 ]
 LATEST_VERSION = MIGRATIONS[-1][0]
 
@@ -364,8 +408,10 @@ class Store:
             else:
                 engine = sa.create_engine(self.url, pool_pre_ping=True)
         except (sa.exc.NoSuchModuleError, ModuleNotFoundError) as error:
-            raise NcbenchError(f"no database driver for {describe_db(self.url)} ({error}); for PostgreSQL "
-                               f"install the extra: pip install 'neuracrypt-bench[postgres]'") from None
+            raise NcbenchError(
+                f"no database driver for {describe_db(self.url)} ({error}); for PostgreSQL "
+                f"install the extra: pip install 'neuracrypt-bench[postgres]'"
+            ) from None
         except sa.exc.ArgumentError as error:
             raise NcbenchError(f"invalid database URL {describe_db(self.url)}: {error}") from None
         return engine
@@ -389,20 +435,27 @@ class Store:
             existing = set(inspector.get_table_names())
             if "schema_version" not in existing:
                 if existing:
-                    raise NcbenchError(f"{describe_db(self.url)} is not an ncbench leaderboard database "
-                                       f"(it has other tables: {', '.join(sorted(existing)[:3])})")
+                    raise NcbenchError(
+                        f"{describe_db(self.url)} is not an ncbench leaderboard database "
+                        f"(it has other tables: {', '.join(sorted(existing)[:3])})"
+                    )
                 schema_version.create(conn)
                 current = 0
             else:
                 current = conn.execute(sa.select(sa.func.max(schema_version.c.version))).scalar() or 0
             if current > LATEST_VERSION:
-                raise NcbenchError(f"{describe_db(self.url)} has schema version {current}; this ncbench "
-                                   f"understands up to {LATEST_VERSION} (upgrade ncbench)")
+                raise NcbenchError(
+                    f"{describe_db(self.url)} has schema version {current}; this ncbench "
+                    f"understands up to {LATEST_VERSION} (upgrade ncbench)"
+                )
             for version, description, apply in MIGRATIONS:
                 if version > current:
                     apply(conn)
-                    conn.execute(schema_version.insert().values(
-                        version=version, description=description, applied_utc=_stamp(utc_now())))
+                    conn.execute(
+                        schema_version.insert().values(
+                            version=version, description=description, applied_utc=_stamp(utc_now())
+                        )
+                    )
 
     def schema_version(self) -> int:
         with self._read() as conn:
@@ -410,8 +463,15 @@ class Store:
 
     # -- writes --------------------------------------------------------------------------------
 
-    def record_score(self, result, *, team: str, daily_limit: int | None = DEFAULT_DAILY_LIMIT,
-                     origin: str = ORIGIN_SELF, now: dt.datetime | None = None) -> Recorded:
+    def record_score(
+        self,
+        result,
+        *,
+        team: str,
+        daily_limit: int | None = DEFAULT_DAILY_LIMIT,
+        origin: str = ORIGIN_SELF,
+        now: dt.datetime | None = None,
+    ) -> Recorded:
         """Record a :class:`leaderboard.scoring.ScoreResult` for ``team`` in one transaction.
 
         Returns the existing row (``duplicate=True``) for a file this team already had scored on
@@ -443,17 +503,34 @@ class Store:
                 return Recorded(existing, duplicate=True)
             if daily_limit is not None:
                 self._check_daily_limit(conn, challenge.challenge_id, team, team_id, daily_limit, now)
-            submission_id = conn.execute(submissions.insert().values(
-                challenge_id=challenge.challenge_id, team_id=team_id, sha256=result.sha256,
-                runtime_s=float(result.runtime_s), status=STATUS_SCORED, error=None, origin=origin,
-                created_utc=_stamp(now), **values,
-            ).returning(submissions.c.id)).scalar_one()
+            submission_id = conn.execute(
+                submissions.insert()
+                .values(
+                    challenge_id=challenge.challenge_id,
+                    team_id=team_id,
+                    sha256=result.sha256,
+                    runtime_s=float(result.runtime_s),
+                    status=STATUS_SCORED,
+                    error=None,
+                    origin=origin,
+                    created_utc=_stamp(now),
+                    **values,
+                )
+                .returning(submissions.c.id)
+            ).scalar_one()
             if rows:
                 conn.execute(scores.insert(), [{"submission_id": submission_id, **row} for row in rows])
             return Recorded(int(submission_id), duplicate=False)
 
-    def check_admission(self, challenge_id: str, *, team: str, daily_limit: int | None,
-                        sha256: Callable[[], str], now: dt.datetime | None = None) -> None:
+    def check_admission(
+        self,
+        challenge_id: str,
+        *,
+        team: str,
+        daily_limit: int | None,
+        sha256: Callable[[], str],
+        now: dt.datetime | None = None,
+    ) -> None:
         """Refuse, before any scoring, a submission that :meth:`record_score` would refuse for
         the daily limit. ``sha256`` computes the file's digest, needed only at the limit (a file
         the team already had scored is recognised, not refused). Reads only; writes nothing.
@@ -471,49 +548,89 @@ class Store:
                 if self._scored_file(conn, challenge_id, team_id, sha256()) is None:
                     raise
 
-    def record_failure(self, challenge, *, team: str, sha256: str, error: str, attack: str = "unknown",
-                       attack_version: str = "", now: dt.datetime | None = None) -> int:
+    def record_failure(
+        self,
+        challenge,
+        *,
+        team: str,
+        sha256: str,
+        error: str,
+        attack: str = "unknown",
+        attack_version: str = "",
+        now: dt.datetime | None = None,
+    ) -> int:
         """Record that scoring a valid-looking submission failed inside the scorer (a bug, not the
         submitter's mistake); such rows never count towards the daily limit. Returns the row id.
         """
         team = check_team_name(team)
         now = now or utc_now()
-        values = check_lengths({"attack": attack[:MAX_LENGTHS["attack"]],
-                                "attack_version": attack_version[:MAX_LENGTHS["attack_version"]],
-                                "error": error[:MAX_LENGTHS["error"]]})  # our own message: cut, not refused
+        values = check_lengths(
+            {
+                "attack": attack[: MAX_LENGTHS["attack"]],
+                "attack_version": attack_version[: MAX_LENGTHS["attack_version"]],
+                "error": error[: MAX_LENGTHS["error"]],
+            }
+        )  # our own message: cut, not refused
         with self._write() as conn:
             self._ensure_challenge(conn, challenge, now)
             team_id = self._lock_team(conn, team, now)
-            return int(conn.execute(submissions.insert().values(
-                challenge_id=challenge.challenge_id, team_id=team_id, sha256=sha256, params="{}", knowledge="[]",
-                runtime_s=None, status=STATUS_FAILED, notes="[]", created_utc=_stamp(now), **values,
-            ).returning(submissions.c.id)).scalar_one())
+            return int(
+                conn.execute(
+                    submissions.insert()
+                    .values(
+                        challenge_id=challenge.challenge_id,
+                        team_id=team_id,
+                        sha256=sha256,
+                        params="{}",
+                        knowledge="[]",
+                        runtime_s=None,
+                        status=STATUS_FAILED,
+                        notes="[]",
+                        created_utc=_stamp(now),
+                        **values,
+                    )
+                    .returning(submissions.c.id)
+                ).scalar_one()
+            )
 
     def _scored_file(self, conn: Connection, challenge_id: str, team_id: int, sha256: str) -> int | None:
         """The id of this team's scored submission of the file with ``sha256``, if any."""
-        existing = conn.execute(sa.select(submissions.c.id).where(
-            submissions.c.challenge_id == challenge_id, submissions.c.team_id == team_id,
-            submissions.c.sha256 == sha256, submissions.c.status == STATUS_SCORED)).scalar()
+        existing = conn.execute(
+            sa.select(submissions.c.id).where(
+                submissions.c.challenge_id == challenge_id,
+                submissions.c.team_id == team_id,
+                submissions.c.sha256 == sha256,
+                submissions.c.status == STATUS_SCORED,
+            )
+        ).scalar()
         return None if existing is None else int(existing)
 
-    def _check_daily_limit(self, conn: Connection, challenge_id: str, team: str, team_id: int, daily_limit: int,
-                           now: dt.datetime) -> None:
+    def _check_daily_limit(
+        self, conn: Connection, challenge_id: str, team: str, team_id: int, daily_limit: int, now: dt.datetime
+    ) -> None:
         start = now.astimezone(dt.UTC).replace(hour=0, minute=0, second=0, microsecond=0)
         used = conn.execute(
-            sa.select(sa.func.count()).select_from(submissions).where(
-                submissions.c.challenge_id == challenge_id, submissions.c.team_id == team_id,
-                submissions.c.status == STATUS_SCORED, submissions.c.created_utc >= _stamp(start))
+            sa.select(sa.func.count())
+            .select_from(submissions)
+            .where(
+                submissions.c.challenge_id == challenge_id,
+                submissions.c.team_id == team_id,
+                submissions.c.status == STATUS_SCORED,
+                submissions.c.created_utc >= _stamp(start),
+            )
         ).scalar()
         if used >= daily_limit:
             raise NcbenchError(
                 f"team {team!r} has used its {daily_limit} submissions for {challenge_id} "
-                f"today (UTC); failed submissions do not count, the limit resets at midnight UTC")
+                f"today (UTC); failed submissions do not count, the limit resets at midnight UTC"
+            )
 
     def close_challenge(self, challenge_id: str, *, now: dt.datetime | None = None) -> tuple[str, bool]:
         """Reveal the private half of ``challenge_id``. Returns (closed time, newly closed?)."""
         with self._write() as conn:
-            closed = conn.execute(sa.select(challenges.c.closed_utc).where(
-                challenges.c.challenge_id == challenge_id).with_for_update()).one_or_none()
+            closed = conn.execute(
+                sa.select(challenges.c.closed_utc).where(challenges.c.challenge_id == challenge_id).with_for_update()
+            ).one_or_none()
             if closed is None:
                 raise NcbenchError(f"no challenge {challenge_id!r} in {describe_db(self.url)}")
             if closed[0] is not None:
@@ -532,19 +649,36 @@ class Store:
         return len(values)
 
     def _ensure_challenge(self, conn: Connection, challenge, now: dt.datetime) -> None:
-        known = conn.execute(sa.select(challenges.c.key_commitment).where(
-            challenges.c.challenge_id == challenge.challenge_id)).scalar()
+        known = conn.execute(
+            sa.select(challenges.c.key_commitment).where(challenges.c.challenge_id == challenge.challenge_id)
+        ).scalar()
         if known is None:
-            values = check_lengths({name: str(getattr(challenge, name)) for name in (
-                "challenge_id", "task", "preset", "key_commitment", "encoder_config")})
-            conn.execute(_insert_ignoring_conflict(conn, challenges, {
-                **values, "n_encoded": int(challenge.n_encoded), "created_utc": _stamp(now), "closed_utc": None,
-                # getattr: ChallengeInfo gained the field with test releases; older callers lack it.
-                "test_release": bool(getattr(challenge, "test_release", False)),
-            }, ["challenge_id"]))
+            values = check_lengths(
+                {
+                    name: str(getattr(challenge, name))
+                    for name in ("challenge_id", "task", "preset", "key_commitment", "encoder_config")
+                }
+            )
+            conn.execute(
+                _insert_ignoring_conflict(
+                    conn,
+                    challenges,
+                    {
+                        **values,
+                        "n_encoded": int(challenge.n_encoded),
+                        "created_utc": _stamp(now),
+                        "closed_utc": None,
+                        # getattr: ChallengeInfo gained the field with test releases; older callers lack it.
+                        "test_release": bool(getattr(challenge, "test_release", False)),
+                    },
+                    ["challenge_id"],
+                )
+            )
         elif known != challenge.key_commitment:
-            raise NcbenchError(f"the database already holds a challenge {challenge.challenge_id!r} with another "
-                               f"key commitment: this key belongs to a different challenge")
+            raise NcbenchError(
+                f"the database already holds a challenge {challenge.challenge_id!r} with another "
+                f"key commitment: this key belongs to a different challenge"
+            )
 
     def _lock_team(self, conn: Connection, name: str, now: dt.datetime) -> int:
         """The team's id, creating the team if new, with its row locked for this transaction."""
@@ -557,16 +691,38 @@ class Store:
         """One row per challenge: id, task, preset, n_encoded, encoder_config (JSON), created_utc,
         closed_utc (None while open), test_release (its key is public) and the number of scored
         submissions."""
-        count = (sa.select(sa.func.count()).select_from(submissions)
-                 .where(submissions.c.challenge_id == challenges.c.challenge_id,
-                        submissions.c.status == STATUS_SCORED).scalar_subquery())
-        query = sa.select(challenges.c.challenge_id, challenges.c.task, challenges.c.preset, challenges.c.n_encoded,
-                          challenges.c.encoder_config, challenges.c.created_utc, challenges.c.closed_utc,
-                          challenges.c.test_release, count.label("submissions")).order_by(challenges.c.challenge_id)
+        count = (
+            sa.select(sa.func.count())
+            .select_from(submissions)
+            .where(submissions.c.challenge_id == challenges.c.challenge_id, submissions.c.status == STATUS_SCORED)
+            .scalar_subquery()
+        )
+        query = sa.select(
+            challenges.c.challenge_id,
+            challenges.c.task,
+            challenges.c.preset,
+            challenges.c.n_encoded,
+            challenges.c.encoder_config,
+            challenges.c.created_utc,
+            challenges.c.closed_utc,
+            challenges.c.test_release,
+            count.label("submissions"),
+        ).order_by(challenges.c.challenge_id)
         with self._read() as conn:
-            frame = pd.DataFrame(conn.execute(query).mappings().all(), columns=[
-                "challenge_id", "task", "preset", "n_encoded", "encoder_config", "created_utc", "closed_utc",
-                "test_release", "submissions"])
+            frame = pd.DataFrame(
+                conn.execute(query).mappings().all(),
+                columns=[
+                    "challenge_id",
+                    "task",
+                    "preset",
+                    "n_encoded",
+                    "encoder_config",
+                    "created_utc",
+                    "closed_utc",
+                    "test_release",
+                    "submissions",
+                ],
+            )
         frame["test_release"] = frame["test_release"].astype(bool)
         return frame
 
@@ -582,8 +738,20 @@ class Store:
         base = self._visible_scores(include_private, challenge_id)
         with self._read() as conn:
             long = pd.DataFrame(conn.execute(base).mappings().all())
-        info_columns = ["submission_id", "challenge_id", "task", "preset", "test_release", "team", "attack",
-                        "attack_version", "origin", "runtime_s", "created_utc", "split"]
+        info_columns = [
+            "submission_id",
+            "challenge_id",
+            "task",
+            "preset",
+            "test_release",
+            "team",
+            "attack",
+            "attack_version",
+            "origin",
+            "runtime_s",
+            "created_utc",
+            "split",
+        ]
         if long.empty:
             return pd.DataFrame(columns=info_columns)
         long["test_release"] = long["test_release"].astype(bool)
@@ -600,18 +768,28 @@ class Store:
     def submission(self, submission_id: int, *, include_private: bool = False) -> dict | None:
         """A scored submission's details: attributes, params, notes, origin and metrics per
         visible split (public half as :meth:`results` shows it; exact with ``include_private``)."""
-        query = (sa.select(submissions, teams.c.name.label("team"), challenges.c.task, challenges.c.preset,
-                           challenges.c.closed_utc, challenges.c.n_encoded, challenges.c.test_release)
-                 .join(teams, teams.c.id == submissions.c.team_id)
-                 .join(challenges, challenges.c.challenge_id == submissions.c.challenge_id)
-                 .where(submissions.c.id == int(submission_id), submissions.c.status == STATUS_SCORED))
+        query = (
+            sa.select(
+                submissions,
+                teams.c.name.label("team"),
+                challenges.c.task,
+                challenges.c.preset,
+                challenges.c.closed_utc,
+                challenges.c.n_encoded,
+                challenges.c.test_release,
+            )
+            .join(teams, teams.c.id == submissions.c.team_id)
+            .join(challenges, challenges.c.challenge_id == submissions.c.challenge_id)
+            .where(submissions.c.id == int(submission_id), submissions.c.status == STATUS_SCORED)
+        )
         with self._read() as conn:
             row = conn.execute(query).mappings().one_or_none()
             if row is None:
                 return None
             # The team's earlier submissions to this challenge: the Ladder's shown score depends on them.
             metrics_query = self._visible_scores(include_private, row["challenge_id"]).where(
-                submissions.c.team_id == row["team_id"], submissions.c.id <= int(submission_id))
+                submissions.c.team_id == row["team_id"], submissions.c.id <= int(submission_id)
+            )
             long = pd.DataFrame(conn.execute(metrics_query).mappings().all())
         visible = [0, 1] if include_private or row["closed_utc"] is not None else [0]
         details = dict(row)
@@ -630,27 +808,44 @@ class Store:
     def utility(self) -> pd.DataFrame:
         """Every utility result: preset, label, auc, model_kind, settings (dict), created_utc."""
         with self._read() as conn:
-            frame = pd.DataFrame(conn.execute(sa.select(utility_results).order_by(utility_results.c.id)).mappings().all(),
-                                 columns=[c.name for c in utility_results.columns])
+            frame = pd.DataFrame(
+                conn.execute(sa.select(utility_results).order_by(utility_results.c.id)).mappings().all(),
+                columns=[c.name for c in utility_results.columns],
+            )
         frame["settings"] = frame["settings"].map(json.loads)
         return frame
 
     def counts(self) -> dict[str, int]:
         """Rows per table (what tests compare to show a failure left the database untouched)."""
         with self._read() as conn:
-            return {table.name: int(conn.execute(sa.select(sa.func.count()).select_from(table)).scalar())
-                    for table in (challenges, teams, submissions, scores, utility_results)}
+            return {
+                table.name: int(conn.execute(sa.select(sa.func.count()).select_from(table)).scalar())
+                for table in (challenges, teams, submissions, scores, utility_results)
+            }
 
     def _visible_scores(self, include_private: bool, challenge_id: str | None) -> sa.Select:
-        query = (sa.select(submissions.c.id.label("submission_id"), submissions.c.challenge_id, challenges.c.task,
-                           challenges.c.preset, challenges.c.test_release, teams.c.name.label("team"),
-                           submissions.c.attack, submissions.c.attack_version, submissions.c.origin,
-                           submissions.c.runtime_s, submissions.c.created_utc,
-                           scores.c.split, scores.c.metric, scores.c.value)
-                 .join(submissions, submissions.c.id == scores.c.submission_id)
-                 .join(teams, teams.c.id == submissions.c.team_id)
-                 .join(challenges, challenges.c.challenge_id == submissions.c.challenge_id)
-                 .where(submissions.c.status == STATUS_SCORED))
+        query = (
+            sa.select(
+                submissions.c.id.label("submission_id"),
+                submissions.c.challenge_id,
+                challenges.c.task,
+                challenges.c.preset,
+                challenges.c.test_release,
+                teams.c.name.label("team"),
+                submissions.c.attack,
+                submissions.c.attack_version,
+                submissions.c.origin,
+                submissions.c.runtime_s,
+                submissions.c.created_utc,
+                scores.c.split,
+                scores.c.metric,
+                scores.c.value,
+            )
+            .join(submissions, submissions.c.id == scores.c.submission_id)
+            .join(teams, teams.c.id == submissions.c.team_id)
+            .join(challenges, challenges.c.challenge_id == submissions.c.challenge_id)
+            .where(submissions.c.status == STATUS_SCORED)
+        )
         if not include_private:
             # The private half stays hidden until the organizer closes the challenge.
             query = query.where(sa.or_(scores.c.split == 0, challenges.c.closed_utc.is_not(None)))
@@ -684,8 +879,10 @@ def check_team_name(team: str) -> str:
     text = team.strip() if isinstance(team, str) else ""
     name = fold(text) if len(text) <= 4 * MAX_TEAM_NAME else text  # folding may shorten; never a huge one
     if not TEAM_NAME.fullmatch(name):
-        raise NcbenchError(f"team name must be 1-{MAX_TEAM_NAME} characters from a-z 0-9 _ . - starting with a "
-                           f"letter or digit (case and accents are folded), got {_shorten(team)}")
+        raise NcbenchError(
+            f"team name must be 1-{MAX_TEAM_NAME} characters from a-z 0-9 _ . - starting with a "
+            f"letter or digit (case and accents are folded), got {_shorten(team)}"
+        )
     return name
 
 
@@ -694,11 +891,15 @@ def submission_values(result, *, team: str, origin: str) -> tuple[str, dict[str,
     NcbenchError it would raise for them: team, origin and attack name, lengths, no control
     characters in names. Pure, so a shell can refuse before it opens the database."""
     team = check_team_name(team)
-    values = check_lengths({
-        "attack": result.attack, "attack_version": result.attack_version,
-        "params": json.dumps(result.params, sort_keys=True, default=str),
-        "knowledge": json.dumps(list(result.knowledge)), "notes": json.dumps(list(result.notes)),
-    })
+    values = check_lengths(
+        {
+            "attack": result.attack,
+            "attack_version": result.attack_version,
+            "params": json.dumps(result.params, sort_keys=True, default=str),
+            "knowledge": json.dumps(list(result.knowledge)),
+            "notes": json.dumps(list(result.notes)),
+        }
+    )
     for name in ("attack", "attack_version"):
         if not values[name].isprintable():
             raise NcbenchError(f"attribute {name!r} holds control or format characters: {_shorten(values[name])}")
@@ -711,15 +912,20 @@ def check_origin(origin: str, *, team: str, attack: str | None) -> None:
     neither. ``team`` is canonical (:func:`check_team_name`); ``attack`` None checks the team only."""
     if origin == ORIGIN_ORGANIZER:
         if team != BUILTIN_TEAM:
-            raise NcbenchError(f"the organizer's runs of built-in attacks are recorded under team {BUILTIN_TEAM!r}, "
-                               f"not {team!r}")
+            raise NcbenchError(
+                f"the organizer's runs of built-in attacks are recorded under team {BUILTIN_TEAM!r}, not {team!r}"
+            )
         if attack is not None and attack not in builtin_attack_names():
-            raise NcbenchError(f"{_shorten(attack)} is not a built-in attack ({', '.join(builtin_attack_names())}); "
-                               f"only built-in attacks are recorded as the organizer's")
+            raise NcbenchError(
+                f"{_shorten(attack)} is not a built-in attack ({', '.join(builtin_attack_names())}); "
+                f"only built-in attacks are recorded as the organizer's"
+            )
     elif origin == ORIGIN_SELF:
         if team == BUILTIN_TEAM:
-            raise NcbenchError(f"team name {BUILTIN_TEAM!r} is reserved for the organizer's runs of the built-in "
-                               f"attacks (ncbench score --builtin)")
+            raise NcbenchError(
+                f"team name {BUILTIN_TEAM!r} is reserved for the organizer's runs of the built-in "
+                f"attacks (ncbench score --builtin)"
+            )
     else:
         raise NcbenchError(f"origin must be one of {', '.join(ORIGINS)}, got {origin!r}")
 
@@ -736,15 +942,16 @@ def check_lengths(values: Mapping[str, str]) -> dict[str, str]:
     longer than :data:`MAX_LENGTHS` allows."""
     for name, text in values.items():
         if len(text) > MAX_LENGTHS[name]:
-            raise NcbenchError(f"{name} is {len(text)} characters long; the leaderboard stores at most "
-                               f"{MAX_LENGTHS[name]}")
+            raise NcbenchError(
+                f"{name} is {len(text)} characters long; the leaderboard stores at most {MAX_LENGTHS[name]}"
+            )
     return dict(values)
 
 
 def _shorten(value, limit: int = 80) -> str:
     """``repr(value)`` for a one-line message, cut to ``limit`` characters."""
-    text = repr(value[:limit + 1] if isinstance(value, str) else value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    text = repr(value[: limit + 1] if isinstance(value, str) else value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def ladder(values: Sequence[float], *, margin: float, grid: float) -> list[float]:
@@ -813,8 +1020,12 @@ def _utility_row(row: Mapping, stamp: str) -> dict:
         raise NcbenchError(f"utility model_kind must be one of {MODEL_KINDS}, got {kind!r}")
     if not 0.0 <= auc <= 1.0:
         raise NcbenchError(f"utility auc must lie in [0, 1], got {auc}")
-    return {**check_lengths({"preset": preset, "label": label, "settings": settings}), "auc": auc,
-            "model_kind": kind, "created_utc": str(row.get("created_utc") or stamp)}
+    return {
+        **check_lengths({"preset": preset, "label": label, "settings": settings}),
+        "auc": auc,
+        "model_kind": kind,
+        "created_utc": str(row.get("created_utc") or stamp),
+    }
 
 
 def _insert_ignoring_conflict(conn: Connection, table: sa.Table, values: dict, keys: list[str]):

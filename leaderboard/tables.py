@@ -19,18 +19,52 @@ import pandas as pd
 from ncbench.leaderboard.metrics import HEADLINE_METRIC, privacy_band
 from ncbench.leaderboard.store import ORIGIN_ORGANIZER, ORIGIN_SELF
 
-INFO_COLUMNS = ["challenge_id", "task", "preset", "release", "split", "submission_id", "team", "attack",
-                "attack_version", "origin", "created_utc", "runtime_s"]
+INFO_COLUMNS = [
+    "challenge_id",
+    "task",
+    "preset",
+    "release",
+    "split",
+    "submission_id",
+    "team",
+    "attack",
+    "attack_version",
+    "origin",
+    "created_utc",
+    "runtime_s",
+]
 TEST_RELEASE = "test release (key public)"  # the `release` cell of a challenge built with a public seed
-SELF_REPORTED_COLUMNS = ["challenge_id", "task", "preset", "release", "split", "team", "attack", "attack_version",
-                         "reidentification", "band", "chance", "created_utc", "submission_id"]
+SELF_REPORTED_COLUMNS = [
+    "challenge_id",
+    "task",
+    "preset",
+    "release",
+    "split",
+    "team",
+    "attack",
+    "attack_version",
+    "reidentification",
+    "band",
+    "chance",
+    "created_utc",
+    "submission_id",
+]
 # OWASP "CSV injection": a cell starting with one of these is a formula to a spreadsheet.
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 MARKDOWN_SPECIALS = re.compile(r"([\\`*_\[\]()!|~])")  # < > & " ' become HTML entities first
 HEADLINE_COLUMNS = ["n", "chance", "reidentification", "band", "k_anonymity"]
 # Task-specific metrics, in the order a reader wants them; anything else stored follows.
-DETAIL_COLUMNS = ["top1_accuracy", "top5_accuracy", "mrr", "tpr_at_0.1pct_fpr", "tpr_at_1pct_fpr", "one_to_one",
-                  "patch_position_accuracy", "psnr", "ssim"]
+DETAIL_COLUMNS = [
+    "top1_accuracy",
+    "top5_accuracy",
+    "mrr",
+    "tpr_at_0.1pct_fpr",
+    "tpr_at_1pct_fpr",
+    "one_to_one",
+    "patch_position_accuracy",
+    "psnr",
+    "ssim",
+]
 CHANCE_ROW = "(chance level)"
 
 
@@ -75,8 +109,9 @@ def board(results: pd.DataFrame) -> pd.DataFrame:
     return ordered[[c for c in ordered.columns if c in INFO_COLUMNS + HEADLINE_COLUMNS or ordered[c].notna().any()]]
 
 
-def filter_board(table: pd.DataFrame, *, team: str = "", attacks: list[str] | None = None,
-                 split: str | None = None) -> pd.DataFrame:
+def filter_board(
+    table: pd.DataFrame, *, team: str = "", attacks: list[str] | None = None, split: str | None = None
+) -> pd.DataFrame:
     """Rows of :func:`board` whose team contains ``team`` (any case), whose attack is one of
     ``attacks`` (all when empty) and, when given, of one ``split``."""
     keep = pd.Series(True, index=table.index)
@@ -92,6 +127,7 @@ def filter_board(table: pd.DataFrame, *, team: str = "", attacks: list[str] | No
 def preset_order(challenges: pd.DataFrame) -> list[str]:
     """Presets from least to most mixing (linear, nc3-noshuffle, nc3, nc7, nc47), read from each
     challenge's recorded encoder configuration; unknown configurations go last by name."""
+
     def strength(config_json: str) -> tuple:
         try:
             config = json.loads(config_json)
@@ -105,8 +141,9 @@ def preset_order(challenges: pd.DataFrame) -> list[str]:
     return sorted(keys, key=lambda p: (keys[p], p))
 
 
-def attack_preset_matrix(table: pd.DataFrame, *, task: str | None = None, split: str = "public",
-                         presets: list[str] | None = None) -> pd.DataFrame:
+def attack_preset_matrix(
+    table: pd.DataFrame, *, task: str | None = None, split: str = "public", presets: list[str] | None = None
+) -> pd.DataFrame:
     """Best re-identification (fraction) of each built-in attack (rows) on each preset (columns),
     from the organizer's own runs only: no file's claim about itself reaches this table.
 
@@ -140,8 +177,9 @@ def matrix_provenance(table: pd.DataFrame, *, task: str | None = None, split: st
     if rows.empty:
         return pd.DataFrame(columns=["attack", "preset", "submissions", "last_scored_utc"])
     grouped = rows.groupby(["attack", "preset"], sort=True)
-    return pd.DataFrame({"submissions": grouped["submission_id"].nunique(),
-                         "last_scored_utc": grouped["created_utc"].max()}).reset_index()
+    return pd.DataFrame(
+        {"submissions": grouped["submission_id"].nunique(), "last_scored_utc": grouped["created_utc"].max()}
+    ).reset_index()
 
 
 def self_reported(table: pd.DataFrame, *, task: str | None = None, split: str | None = None) -> pd.DataFrame:
@@ -185,11 +223,13 @@ def privacy_utility(table: pd.DataFrame, utility: pd.DataFrame) -> pd.DataFrame:
     public = table[table["split"] == "public"] if not table.empty else table
     best = public.groupby("preset")["reidentification"].max() if not public.empty else pd.Series(dtype=float)
     presets = sorted(set(encoded.index))
-    frame = pd.DataFrame({
-        "preset": presets,
-        "best_reidentification": [float(best.get(p, math.nan)) for p in presets],
-        "encoded_auc": [float(encoded[p]) for p in presets],
-    })
+    frame = pd.DataFrame(
+        {
+            "preset": presets,
+            "best_reidentification": [float(best.get(p, math.nan)) for p in presets],
+            "encoded_auc": [float(encoded[p]) for p in presets],
+        }
+    )
     frame["band"] = frame["best_reidentification"].map(privacy_band)
     frame["raw_auc"] = float(raw.mean()) if len(raw) else math.nan
     return frame[columns]
@@ -213,9 +253,27 @@ def utility_by_label(utility: pd.DataFrame) -> pd.DataFrame:
 
 # -- the verified track (leaderboard/verified.py) -----------------------------------------------
 
-VERIFIED_SUMMARY_COLUMNS = ["challenge_id", "task", "preset", "run_id", "attack", "origin", "sandboxed", "state",
-                            "releases", "scored", "mean", "spread", "min", "max", "wall_s", "cpu_s", "peak_memory_mb",
-                            "message", "created_utc"]
+VERIFIED_SUMMARY_COLUMNS = [
+    "challenge_id",
+    "task",
+    "preset",
+    "run_id",
+    "attack",
+    "origin",
+    "sandboxed",
+    "state",
+    "releases",
+    "scored",
+    "mean",
+    "spread",
+    "min",
+    "max",
+    "wall_s",
+    "cpu_s",
+    "peak_memory_mb",
+    "message",
+    "created_utc",
+]
 UNSANDBOXED = "UNSANDBOXED"  # the mark of a run the organizer made without the sandbox (local testing)
 HIDDEN_SEED = "hidden until the challenge closes"
 
@@ -233,20 +291,40 @@ def verified_summary(results: pd.DataFrame) -> pd.DataFrame:
     scored = results[results["release_state"] == "scored"]
     by_run = scored.groupby("run_id")["reidentification"]
     first = results.drop_duplicates("run_id").set_index("run_id")[
-        ["challenge_id", "task", "preset", "attack", "origin", "sandboxed", "state", "releases", "message",
-         "created_utc"]]
-    frame = pd.DataFrame({
-        "scored": by_run.count(), "mean": by_run.mean(), "spread": by_run.std(ddof=1), "min": by_run.min(),
-        "max": by_run.max(), "wall_s": results.groupby("run_id")["wall_s"].mean(),
-        "cpu_s": results.groupby("run_id")["cpu_s"].mean(),
-        "peak_memory_mb": results.groupby("run_id")["peak_rss_bytes"].max() / (1 << 20),
-    }, index=first.index)
+        [
+            "challenge_id",
+            "task",
+            "preset",
+            "attack",
+            "origin",
+            "sandboxed",
+            "state",
+            "releases",
+            "message",
+            "created_utc",
+        ]
+    ]
+    frame = pd.DataFrame(
+        {
+            "scored": by_run.count(),
+            "mean": by_run.mean(),
+            "spread": by_run.std(ddof=1),
+            "min": by_run.min(),
+            "max": by_run.max(),
+            "wall_s": results.groupby("run_id")["wall_s"].mean(),
+            "cpu_s": results.groupby("run_id")["cpu_s"].mean(),
+            "peak_memory_mb": results.groupby("run_id")["peak_rss_bytes"].max() / (1 << 20),
+        },
+        index=first.index,
+    )
     frame["scored"] = frame["scored"].fillna(0).astype(int)
     frame = first.join(frame).reset_index()
     return frame.reindex(columns=VERIFIED_SUMMARY_COLUMNS).sort_values("run_id", kind="stable").reset_index(drop=True)
 
 
-def verified_matrix(summary: pd.DataFrame, *, task: str | None = None, presets: list[str] | None = None) -> pd.DataFrame:
+def verified_matrix(
+    summary: pd.DataFrame, *, task: str | None = None, presets: list[str] | None = None
+) -> pd.DataFrame:
     """The verified matrix: for each attack (rows) and preset (columns), the scored run with the
     best mean, as text 'mean ± spread (K=k)' in percent; a run made without the sandbox is
     marked :data:`UNSANDBOXED`. Built-ins are named as they are, teams' plugins team/attack.
@@ -259,7 +337,8 @@ def verified_matrix(summary: pd.DataFrame, *, task: str | None = None, presets: 
     if rows.empty:
         return pd.DataFrame()
     best = rows.sort_values(["mean", "run_id"], ascending=[False, True], kind="stable").drop_duplicates(
-        ["attack", "preset"])
+        ["attack", "preset"]
+    )
 
     def cell(row) -> str:
         spread = "" if pd.isna(row.spread) else f" ± {100 * row.spread:.1f}%"
@@ -286,8 +365,18 @@ def verified_compute(results: pd.DataFrame) -> pd.DataFrame:
 def verified_commitments(rows: list[dict]) -> pd.DataFrame:
     """The commitments of evaluation releases (:func:`leaderboard.verified.commitments`) as a
     table; the seed and the command that rebuilds the release once the challenge has closed."""
-    columns = ["challenge_id", "run_id", "idx", "attack", "seed_sha256", "key_commitment", "release_sha256",
-               "committed_utc", "seed", "rebuild"]
+    columns = [
+        "challenge_id",
+        "run_id",
+        "idx",
+        "attack",
+        "seed_sha256",
+        "key_commitment",
+        "release_sha256",
+        "committed_utc",
+        "seed",
+        "rebuild",
+    ]
     frame = pd.DataFrame(rows, columns=columns + ["revealed"])
     frame["seed"] = [seed if revealed else HIDDEN_SEED for seed, revealed in zip(frame["seed"], frame["revealed"])]
     frame["rebuild"] = frame["rebuild"].fillna("")
@@ -305,6 +394,7 @@ def escape_markdown(text: str) -> str:
 def to_markdown(frame: pd.DataFrame) -> str:
     """A GitHub-flavoured Markdown table (floats to 4 significant digits, NaN as empty, text
     through :func:`escape_markdown`)."""
+
     def cell(value) -> str:
         if isinstance(value, float):
             if math.isnan(value):
@@ -339,6 +429,7 @@ def to_csv(frame: pd.DataFrame) -> str:
 
 def to_records(frame: pd.DataFrame) -> list[dict]:
     """JSON-ready rows: NaN becomes null, infinities the strings "inf" / "-inf"."""
+
     def clean(value):
         if isinstance(value, (float, np.floating)):
             value = float(value)

@@ -71,8 +71,16 @@ CLASS_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 PARAM_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 ATTEMPTS_BEFORE_FAILED = channel.ATTEMPTS_BEFORE_FAILED
 # The limits of the check before queueing: an import and the declarations, nothing heavy.
-CHECK_LIMITS = Limits(memory_bytes=4 << 30, cpu_s=120, wall_s=120, processes=64, file_bytes=16 << 20,
-                      scratch_bytes=64 << 20, output_bytes=64 << 10, threads=1)
+CHECK_LIMITS = Limits(
+    memory_bytes=4 << 30,
+    cpu_s=120,
+    wall_s=120,
+    processes=64,
+    file_bytes=16 << 20,
+    scratch_bytes=64 << 20,
+    output_bytes=64 << 10,
+    threads=1,
+)
 _BUILD_LOCK = threading.Lock()  # SOURCE_DATE_EPOCH is process-wide: one evaluation build at a time
 
 
@@ -122,17 +130,36 @@ class Recipe:
         from ncbench.challenge.encoders import EncoderConfig, resolve_config
 
         config = EncoderConfig.from_json(self.encoder_config)
-        options = {"width": config.width, "image_size": config.image_size, "patch_size": config.patch_size,
-                   "bn_batch": config.bn_batch, "dtype": config.dtype, "precision": config.precision}
+        options = {
+            "width": config.width,
+            "image_size": config.image_size,
+            "patch_size": config.patch_size,
+            "bn_batch": config.bn_batch,
+            "dtype": config.dtype,
+            "precision": config.precision,
+        }
         try:
             if resolve_config(config.preset, **options) != config:
                 return None
         except NcbenchError:
             return None
-        words = ["ncbench", "challenge", "build", "--preset",
-                 config.preset, "--task", self.task, "--source", self.source, "--n", str(self.n)]
-        words += {"transfer": ["--n-aux", str(self.n_aux), "--n-targets", str(self.n_targets)],
-                  "invert": ["--n-known", str(self.n_known)]}.get(self.task, [])
+        words = [
+            "ncbench",
+            "challenge",
+            "build",
+            "--preset",
+            config.preset,
+            "--task",
+            self.task,
+            "--source",
+            self.source,
+            "--n",
+            str(self.n),
+        ]
+        words += {
+            "transfer": ["--n-aux", str(self.n_aux), "--n-targets", str(self.n_targets)],
+            "invert": ["--n-known", str(self.n_known)],
+        }.get(self.task, [])
         for name, value in options.items():
             words += [f"--{name.replace('_', '-')}", str(value)]
         words += ["--seed", seed, "--device", "cpu", "--out", out]
@@ -150,8 +177,15 @@ def build_evaluation(out: Path, recipe: Recipe, seed: str) -> Path:
     from ncbench.challenge.release import build_release
 
     with _BUILD_LOCK, _source_date_epoch(recipe.source_date_epoch):
-        return build_release(out, config=EncoderConfig.from_json(recipe.encoder_config), plan=recipe.plan(),
-                             source=recipe.source, seed=seed, device="cpu", force=True)
+        return build_release(
+            out,
+            config=EncoderConfig.from_json(recipe.encoder_config),
+            plan=recipe.plan(),
+            source=recipe.source,
+            seed=seed,
+            device="cpu",
+            force=True,
+        )
 
 
 @contextlib.contextmanager
@@ -169,6 +203,7 @@ def _source_date_epoch(epoch: int) -> Iterator[None]:
 
 # -- where files live --------------------------------------------------------------------------
 
+
 def evaluation_dir(store_root: Path, run_id: int, index: int) -> Path:
     """An evaluation release and its key: under ``keys/``, which no route serves."""
     return Path(store_root) / "keys" / "verified" / f"run-{run_id}" / f"release-{index}"
@@ -180,6 +215,7 @@ def work_dir(store_root: Path, run_id: int, index: int) -> Path:
 
 
 # -- organizer settings ------------------------------------------------------------------------
+
 
 def evaluation_values(*, eval_source: str | None, plugin_daily_limit: int | None) -> dict:
     """The ``published`` columns for a challenge's verified-track options, or NcbenchError."""
@@ -195,18 +231,21 @@ def evaluation_values(*, eval_source: str | None, plugin_daily_limit: int | None
     return values
 
 
-def set_evaluation(store: Store, challenge_id: str, *, eval_source: str | None = None,
-                   plugin_daily_limit: int | None = None) -> None:
+def set_evaluation(
+    store: Store, challenge_id: str, *, eval_source: str | None = None, plugin_daily_limit: int | None = None
+) -> None:
     """Record a published challenge's held-out image pool and its plugin-run daily limit."""
     values = evaluation_values(eval_source=eval_source, plugin_daily_limit=plugin_daily_limit)
     if values:
         with store._write() as conn:
-            if not conn.execute(published.update().where(published.c.challenge_id == challenge_id)
-                                .values(**values)).rowcount:
+            if not conn.execute(
+                published.update().where(published.c.challenge_id == challenge_id).values(**values)
+            ).rowcount:
                 raise NcbenchError(f"no published challenge {challenge_id!r}")
 
 
 # -- admission ---------------------------------------------------------------------------------
+
 
 def check_upload_fields(plugin_file: str, class_name: str, params: dict[str, str]) -> str:
     """The params as stored JSON, or NcbenchError for a file name, class name or parameter the
@@ -229,11 +268,19 @@ def check_upload_fields(plugin_file: str, class_name: str, params: dict[str, str
 def open_challenge(store: Store, challenge_id: str) -> dict:
     """The published, open challenge's task, preset, N, eval source and plugin daily limit."""
     with store._read() as conn:
-        row = conn.execute(sa.select(challenges.c.task, challenges.c.preset, challenges.c.n_encoded,
-                                     challenges.c.closed_utc, published.c.deadline_utc, published.c.eval_source,
-                                     published.c.plugin_daily_limit)
-                           .join(published, published.c.challenge_id == challenges.c.challenge_id)
-                           .where(challenges.c.challenge_id == challenge_id)).one_or_none()
+        row = conn.execute(
+            sa.select(
+                challenges.c.task,
+                challenges.c.preset,
+                challenges.c.n_encoded,
+                challenges.c.closed_utc,
+                published.c.deadline_utc,
+                published.c.eval_source,
+                published.c.plugin_daily_limit,
+            )
+            .join(published, published.c.challenge_id == challenges.c.challenge_id)
+            .where(challenges.c.challenge_id == challenge_id)
+        ).one_or_none()
     if row is None:
         raise UnknownChallenge(f"no open challenge {challenge_id!r}")
     if row.closed_utc is not None:
@@ -256,7 +303,9 @@ def check_report(report: dict, *, task: str) -> tuple[str, str]:
         raise NcbenchError("the plugin reported an invalid attack name")
     for taken in all_attacks():
         if name_skeleton(taken) == name_skeleton(name):
-            raise NcbenchError(f"plugin attack name {name!r} is the attack {taken!r} or a look-alike; choose another name")
+            raise NcbenchError(
+                f"plugin attack name {name!r} is the attack {taken!r} or a look-alike; choose another name"
+            )
     if not (isinstance(version, str) and 0 < len(version) <= MAX_LENGTHS["attack_version"] and version.isprintable()):
         raise NcbenchError("the plugin reported an invalid version")
     if not (isinstance(tasks, list) and task in tasks):
@@ -266,10 +315,23 @@ def check_report(report: dict, *, task: str) -> tuple[str, str]:
     return name, version
 
 
-def enqueue(store: Store, *, team: str, origin: str, challenge_id: str, attack: str, attack_version: str,
-            params: str, settings: Settings, eval_source: str, plugin_sha256: str | None = None,
-            plugin_file: str | None = None, class_name: str | None = None, daily_limit: int | None = None,
-            now: dt.datetime | None = None) -> int:
+def enqueue(
+    store: Store,
+    *,
+    team: str,
+    origin: str,
+    challenge_id: str,
+    attack: str,
+    attack_version: str,
+    params: str,
+    settings: Settings,
+    eval_source: str,
+    plugin_sha256: str | None = None,
+    plugin_file: str | None = None,
+    class_name: str | None = None,
+    daily_limit: int | None = None,
+    now: dt.datetime | None = None,
+) -> int:
     """Queue a verified run; ``daily_limit`` None: no limit (the organizer's built-ins). Every
     run counts towards the limit whatever its outcome: each costs K builds and K sandboxed runs."""
     now = now or utc_now()
@@ -280,30 +342,65 @@ def enqueue(store: Store, *, team: str, origin: str, challenge_id: str, attack: 
         team_id = store._lock_team(conn, team, now)
         if daily_limit is not None:
             day_start = _stamp(now.astimezone(dt.UTC).replace(hour=0, minute=0, second=0, microsecond=0))
-            used = conn.execute(sa.select(sa.func.count()).select_from(verified_runs).where(
-                verified_runs.c.team_id == team_id, verified_runs.c.challenge_id == challenge_id,
-                verified_runs.c.created_utc >= day_start)).scalar()
+            used = conn.execute(
+                sa.select(sa.func.count())
+                .select_from(verified_runs)
+                .where(
+                    verified_runs.c.team_id == team_id,
+                    verified_runs.c.challenge_id == challenge_id,
+                    verified_runs.c.created_utc >= day_start,
+                )
+            ).scalar()
             if used >= daily_limit:
-                raise LimitReached(f"team {team!r} has used its {daily_limit} verified runs for {challenge_id} today "
-                                   "(UTC); the limit resets at midnight UTC")
+                raise LimitReached(
+                    f"team {team!r} has used its {daily_limit} verified runs for {challenge_id} today "
+                    "(UTC); the limit resets at midnight UTC"
+                )
         stamp = _stamp(now)
-        return int(conn.execute(verified_runs.insert().values(
-            challenge_id=challenge_id, team_id=team_id, origin=origin, attack=attack, attack_version=attack_version,
-            plugin_sha256=plugin_sha256, plugin_file=plugin_file, class_name=class_name, params=params,
-            releases=settings.releases, eval_source=eval_source, limits=settings.limits.to_json(),
-            sandboxed=not settings.unsandboxed, state="queued", message=None, attempts=0, created_utc=stamp,
-            updated_utc=stamp,
-        ).returning(verified_runs.c.id)).scalar_one())
+        return int(
+            conn.execute(
+                verified_runs.insert()
+                .values(
+                    challenge_id=challenge_id,
+                    team_id=team_id,
+                    origin=origin,
+                    attack=attack,
+                    attack_version=attack_version,
+                    plugin_sha256=plugin_sha256,
+                    plugin_file=plugin_file,
+                    class_name=class_name,
+                    params=params,
+                    releases=settings.releases,
+                    eval_source=eval_source,
+                    limits=settings.limits.to_json(),
+                    sandboxed=not settings.unsandboxed,
+                    state="queued",
+                    message=None,
+                    attempts=0,
+                    created_utc=stamp,
+                    updated_utc=stamp,
+                )
+                .returning(verified_runs.c.id)
+            ).scalar_one()
+        )
 
 
 def used_today(store: Store, *, team: str, challenge_id: str) -> int:
     """Verified runs ``team`` queued today (UTC) on ``challenge_id`` (refusing before the check)."""
     day_start = _stamp(utc_now().replace(hour=0, minute=0, second=0, microsecond=0))  # utc_now() is in UTC
     with store._read() as conn:
-        return int(conn.execute(sa.select(sa.func.count()).select_from(verified_runs)
-                                .join(teams, teams.c.id == verified_runs.c.team_id).where(
-            teams.c.name == team, verified_runs.c.challenge_id == challenge_id,
-            verified_runs.c.created_utc >= day_start)).scalar())
+        return int(
+            conn.execute(
+                sa.select(sa.func.count())
+                .select_from(verified_runs)
+                .join(teams, teams.c.id == verified_runs.c.team_id)
+                .where(
+                    teams.c.name == team,
+                    verified_runs.c.challenge_id == challenge_id,
+                    verified_runs.c.created_utc >= day_start,
+                )
+            ).scalar()
+        )
 
 
 def enqueue_builtins(store: Store, challenge_id: str, settings: Settings) -> list[tuple[str, int]]:
@@ -317,32 +414,56 @@ def enqueue_builtins(store: Store, challenge_id: str, settings: Settings) -> lis
     for name in BUILTINS:
         cls = known[name]
         if challenge["task"] in cls.tasks:
-            run_id = enqueue(store, team=BUILTIN_TEAM, origin=ORIGIN_ORGANIZER, challenge_id=challenge_id,
-                             attack=name, attack_version=cls.version, params="{}", settings=settings,
-                             eval_source=challenge["eval_source"] or settings.eval_source)
+            run_id = enqueue(
+                store,
+                team=BUILTIN_TEAM,
+                origin=ORIGIN_ORGANIZER,
+                challenge_id=challenge_id,
+                attack=name,
+                attack_version=cls.version,
+                params="{}",
+                settings=settings,
+                eval_source=challenge["eval_source"] or settings.eval_source,
+            )
             queued.append((name, run_id))
     return queued
 
 
 # -- worker side -------------------------------------------------------------------------------
 
+
 def requeue_interrupted(store: Store) -> int:
     """At start-up: runs left ``running`` by a server that died run again; evaluation releases
     already committed keep their seeds (a rebuild is byte for byte the same)."""
     with store._write() as conn:
-        return conn.execute(verified_runs.update().where(verified_runs.c.state == "running")
-                            .values(state="queued", updated_utc=_stamp(utc_now()))).rowcount
+        return conn.execute(
+            verified_runs.update()
+            .where(verified_runs.c.state == "running")
+            .values(state="queued", updated_utc=_stamp(utc_now()))
+        ).rowcount
 
 
 def claim(store: Store, limit: int) -> list[int]:
     """Move up to ``limit`` queued runs to ``running``, oldest first; returns their ids."""
     with store._write() as conn:
-        ids = conn.execute(sa.select(verified_runs.c.id).where(verified_runs.c.state == "queued")
-                           .order_by(verified_runs.c.id).limit(limit).with_for_update(skip_locked=True)).scalars().all()
+        ids = (
+            conn.execute(
+                sa.select(verified_runs.c.id)
+                .where(verified_runs.c.state == "queued")
+                .order_by(verified_runs.c.id)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            )
+            .scalars()
+            .all()
+        )
         if ids:
             stamp = _stamp(utc_now())
-            conn.execute(verified_runs.update().where(verified_runs.c.id.in_(ids)).values(
-                state="running", attempts=verified_runs.c.attempts + 1, started_utc=stamp, updated_utc=stamp))
+            conn.execute(
+                verified_runs.update()
+                .where(verified_runs.c.id.in_(ids))
+                .values(state="running", attempts=verified_runs.c.attempts + 1, started_utc=stamp, updated_utc=stamp)
+            )
     return list(ids)
 
 
@@ -350,17 +471,28 @@ def claim_run(store: Store, run_id: int) -> bool:
     """Move run ``run_id`` to ``running`` if it is still queued (no worker took it first)."""
     stamp = _stamp(utc_now())
     with store._write() as conn:
-        return bool(conn.execute(verified_runs.update().where(
-            verified_runs.c.id == run_id, verified_runs.c.state == "queued").values(
-            state="running", attempts=verified_runs.c.attempts + 1, started_utc=stamp, updated_utc=stamp)).rowcount)
+        return bool(
+            conn.execute(
+                verified_runs.update()
+                .where(verified_runs.c.id == run_id, verified_runs.c.state == "queued")
+                .values(state="running", attempts=verified_runs.c.attempts + 1, started_utc=stamp, updated_utc=stamp)
+            ).rowcount
+        )
 
 
 def finish(store: Store, run_id: int, state: str, *, message: str | None = None) -> None:
     stamp = _stamp(utc_now())
     with store._write() as conn:
-        conn.execute(verified_runs.update().where(verified_runs.c.id == run_id).values(
-            state=state, message=None if message is None else message[:MAX_LENGTHS["error"]], updated_utc=stamp,
-            finished_utc=stamp if state in ("scored", "failed") else None))
+        conn.execute(
+            verified_runs.update()
+            .where(verified_runs.c.id == run_id)
+            .values(
+                state=state,
+                message=None if message is None else message[: MAX_LENGTHS["error"]],
+                updated_utc=stamp,
+                finished_utc=stamp if state in ("scored", "failed") else None,
+            )
+        )
 
 
 def run_verified(db_url: str, store_root: str, run_id: int) -> str:
@@ -381,8 +513,12 @@ def run_verified(db_url: str, store_root: str, run_id: int) -> str:
             for index in range(run["releases"]):
                 reason = _evaluate(store, root, run, recipe, index)
                 if reason is not None:
-                    finish(store, run_id, "failed",
-                           message=f"evaluation release {index + 1} of {run['releases']}: {reason}")
+                    finish(
+                        store,
+                        run_id,
+                        "failed",
+                        message=f"evaluation release {index + 1} of {run['releases']}: {reason}",
+                    )
                     return "failed"
         finally:
             shutil.rmtree(evaluation_dir(root, run_id, 0).parent, ignore_errors=True)
@@ -392,10 +528,11 @@ def run_verified(db_url: str, store_root: str, run_id: int) -> str:
 
 def _run_row(store: Store, run_id: int) -> dict:
     with store._read() as conn:
-        row = conn.execute(sa.select(verified_runs, challenges.c.task, challenges.c.n_encoded,
-                                     challenges.c.encoder_config)
-                           .join(challenges, challenges.c.challenge_id == verified_runs.c.challenge_id)
-                           .where(verified_runs.c.id == run_id)).one()
+        row = conn.execute(
+            sa.select(verified_runs, challenges.c.task, challenges.c.n_encoded, challenges.c.encoder_config)
+            .join(challenges, challenges.c.challenge_id == verified_runs.c.challenge_id)
+            .where(verified_runs.c.id == run_id)
+        ).one()
     return dict(row._mapping)
 
 
@@ -410,9 +547,16 @@ def _recipe(root: Path, run: dict) -> Recipe:
         n_aux = int(h5["plain/ids"].shape[0]) if run["task"] == "transfer" else 0
         n_targets = int(h5["target/ids"].shape[0]) if run["task"] == "transfer" else 0
         n_known = int(h5["pairs/encoded_ids"].shape[0]) if run["task"] == "invert" else 0
-    return Recipe(encoder_config=run["encoder_config"], task=run["task"], n=int(run["n_encoded"]), n_aux=n_aux,
-                  n_targets=n_targets, n_known=n_known, source=run["eval_source"],
-                  source_date_epoch=int(utc_now().timestamp()))
+    return Recipe(
+        encoder_config=run["encoder_config"],
+        task=run["task"],
+        n=int(run["n_encoded"]),
+        n_aux=n_aux,
+        n_targets=n_targets,
+        n_known=n_known,
+        source=run["eval_source"],
+        source_date_epoch=int(utc_now().timestamp()),
+    )
 
 
 def _evaluate(store: Store, root: Path, run: dict, recipe: Recipe, index: int) -> str | None:
@@ -421,8 +565,11 @@ def _evaluate(store: Store, root: Path, run: dict, recipe: Recipe, index: int) -
     from ncbench.leaderboard import sandbox
 
     with store._read() as conn:
-        done = conn.execute(sa.select(verified_releases).where(verified_releases.c.run_id == run["id"],
-                                                               verified_releases.c.idx == index)).one_or_none()
+        done = conn.execute(
+            sa.select(verified_releases).where(
+                verified_releases.c.run_id == run["id"], verified_releases.c.idx == index
+            )
+        ).one_or_none()
     if done is not None and done.state == "scored":
         return None
     release_dir, work = evaluation_dir(root, run["id"], index), work_dir(root, run["id"], index)
@@ -447,8 +594,14 @@ def _evaluate(store: Store, root: Path, run: dict, recipe: Recipe, index: int) -
             shutil.copyfile(channel.StoreLayout(root).upload(run["plugin_sha256"]), plugin)
             plugin.chmod(0o644)
         outcome, submission = sandbox.run_attack(
-            attack=run["class_name"] or run["attack"], params=json.loads(run["params"]), release=release_file,
-            workdir=work, limits=Limits.from_json(run["limits"]), plugin=plugin, sandboxed=run["sandboxed"])
+            attack=run["class_name"] or run["attack"],
+            params=json.loads(run["params"]),
+            release=release_file,
+            workdir=work,
+            limits=Limits.from_json(run["limits"]),
+            plugin=plugin,
+            sandboxed=run["sandboxed"],
+        )
         values = {"wall_s": outcome.wall_s, "cpu_s": outcome.cpu_s, "peak_rss_bytes": outcome.peak_rss_bytes}
         if not outcome.ok:
             _record(store, run["id"], index, state="failed", message=outcome.reason, **values)
@@ -459,8 +612,16 @@ def _evaluate(store: Store, root: Path, run: dict, recipe: Recipe, index: int) -
             reason = f"the scorer refused the submission: {error}"
             _record(store, run["id"], index, state="failed", message=reason, **values)
             return reason
-        _record(store, run["id"], index, state="scored", message=None, headline=headline,
-                metrics=json.dumps(metrics, sort_keys=True), **values)
+        _record(
+            store,
+            run["id"],
+            index,
+            state="scored",
+            message=None,
+            headline=headline,
+            metrics=json.dumps(metrics, sort_keys=True),
+            **values,
+        )
         return None
     except NcbenchError as error:
         return f"the evaluation release could not be built or run: {error}"
@@ -477,17 +638,30 @@ def _commit(store: Store, run_id: int, index: int, recipe: Recipe, seed: str, bu
     with open_release(built) as release:
         eval_id, key_commitment = release.challenge_id, str(release.h5.attrs["key_commitment"])
     with store._write() as conn:
-        conn.execute(verified_releases.insert().values(
-            run_id=run_id, idx=index, eval_challenge_id=eval_id, seed_sha256=seed_commitment(seed),
-            key_commitment=key_commitment, release_sha256=_sha256(built / "public" / "release.h5"),
-            recipe=recipe.to_json(), seed=seed, committed_utc=_stamp(utc_now()), state="committed"))
+        conn.execute(
+            verified_releases.insert().values(
+                run_id=run_id,
+                idx=index,
+                eval_challenge_id=eval_id,
+                seed_sha256=seed_commitment(seed),
+                key_commitment=key_commitment,
+                release_sha256=_sha256(built / "public" / "release.h5"),
+                recipe=recipe.to_json(),
+                seed=seed,
+                committed_utc=_stamp(utc_now()),
+                state="committed",
+            )
+        )
 
 
 def _record(store: Store, run_id: int, index: int, **values) -> None:
-    values["message"] = None if values.get("message") is None else values["message"][:MAX_LENGTHS["error"]]
+    values["message"] = None if values.get("message") is None else values["message"][: MAX_LENGTHS["error"]]
     with store._write() as conn:
-        conn.execute(verified_releases.update().where(verified_releases.c.run_id == run_id,
-                                                      verified_releases.c.idx == index).values(**values))
+        conn.execute(
+            verified_releases.update()
+            .where(verified_releases.c.run_id == run_id, verified_releases.c.idx == index)
+            .values(**values)
+        )
 
 
 def _score(submission: Path, release_dir: Path, task: str) -> tuple[float, dict]:
@@ -498,12 +672,17 @@ def _score(submission: Path, release_dir: Path, task: str) -> tuple[float, dict]
 
     result = score_submission(submission, release_dir)
     metric = HEADLINE_METRIC[task]
-    weighted = [(half[metric], half.get("n", 0.0)) for half in result.metrics.values()
-                if not math.isnan(half.get(metric, math.nan))]
+    weighted = [
+        (half[metric], half.get("n", 0.0))
+        for half in result.metrics.values()
+        if not math.isnan(half.get(metric, math.nan))
+    ]
     total = sum(n for _, n in weighted)
     headline = sum(v * n for v, n in weighted) / total if total else math.nan
-    metrics = {SPLIT_NAMES[split]: {k: (v if math.isfinite(v) else str(v)) for k, v in half.items()}
-               for split, half in result.metrics.items()}
+    metrics = {
+        SPLIT_NAMES[split]: {k: (v if math.isfinite(v) else str(v)) for k, v in half.items()}
+        for split, half in result.metrics.items()
+    }
     return headline, metrics
 
 
@@ -515,22 +694,34 @@ def _sha256(path: Path) -> str:
 
 # -- public views ------------------------------------------------------------------------------
 
+
 def commitments(store: Store, challenge_id: str | None = None) -> list[dict]:
     """Every evaluation release's commitment (sha256 of the seed, key commitment, release
     sha256, when committed), with its seed, recipe and rebuild command once the challenge has
     closed (the reveal)."""
-    query = (sa.select(verified_releases.c.run_id, verified_releases.c.idx, verified_releases.c.eval_challenge_id,
-                       verified_releases.c.seed_sha256, verified_releases.c.key_commitment,
-                       verified_releases.c.release_sha256, verified_releases.c.committed_utc,
-                       verified_releases.c.recipe, verified_runs.c.challenge_id, verified_runs.c.origin,
-                       verified_runs.c.attack, teams.c.name.label("team"), challenges.c.closed_utc,
-                       # The seed leaves the database only for a closed challenge.
-                       sa.case((challenges.c.closed_utc.is_not(None), verified_releases.c.seed),
-                               else_=sa.null()).label("seed"))
-             .join(verified_runs, verified_runs.c.id == verified_releases.c.run_id)
-             .join(teams, teams.c.id == verified_runs.c.team_id)
-             .join(challenges, challenges.c.challenge_id == verified_runs.c.challenge_id)
-             .order_by(verified_releases.c.run_id, verified_releases.c.idx))
+    query = (
+        sa.select(
+            verified_releases.c.run_id,
+            verified_releases.c.idx,
+            verified_releases.c.eval_challenge_id,
+            verified_releases.c.seed_sha256,
+            verified_releases.c.key_commitment,
+            verified_releases.c.release_sha256,
+            verified_releases.c.committed_utc,
+            verified_releases.c.recipe,
+            verified_runs.c.challenge_id,
+            verified_runs.c.origin,
+            verified_runs.c.attack,
+            teams.c.name.label("team"),
+            challenges.c.closed_utc,
+            # The seed leaves the database only for a closed challenge.
+            sa.case((challenges.c.closed_utc.is_not(None), verified_releases.c.seed), else_=sa.null()).label("seed"),
+        )
+        .join(verified_runs, verified_runs.c.id == verified_releases.c.run_id)
+        .join(teams, teams.c.id == verified_runs.c.team_id)
+        .join(challenges, challenges.c.challenge_id == verified_runs.c.challenge_id)
+        .order_by(verified_releases.c.run_id, verified_releases.c.idx)
+    )
     if challenge_id is not None:
         query = query.where(verified_runs.c.challenge_id == challenge_id)
     with store._read() as conn:
@@ -540,7 +731,9 @@ def commitments(store: Store, challenge_id: str | None = None) -> list[dict]:
         row["attack"] = shown_attack(row.pop("team"), row["attack"], row.pop("origin"))
         recipe = Recipe.from_json(row.pop("recipe"))
         row["source_date_epoch"] = recipe.source_date_epoch
-        row["rebuild"] = recipe.command(row["seed"], f"evaluation-{row['run_id']}-{row['idx']}") if row["seed"] else None
+        row["rebuild"] = (
+            recipe.command(row["seed"], f"evaluation-{row['run_id']}-{row['idx']}") if row["seed"] else None
+        )
     return rows
 
 
@@ -553,21 +746,54 @@ def results(store: Store) -> pd.DataFrame:
     task, preset, n, run_id, team, attack (as shown), origin, sandboxed, state (of the run),
     message, idx, release_state, reidentification (the headline over the whole release),
     wall_s, cpu_s, peak_rss_bytes, created_utc."""
-    query = (sa.select(verified_runs.c.challenge_id, challenges.c.task, challenges.c.preset,
-                       challenges.c.n_encoded.label("n"), verified_runs.c.id.label("run_id"),
-                       teams.c.name.label("team"), verified_runs.c.attack, verified_runs.c.origin,
-                       verified_runs.c.sandboxed, verified_runs.c.releases, verified_runs.c.state,
-                       verified_runs.c.message, verified_runs.c.created_utc, verified_releases.c.idx,
-                       verified_releases.c.state.label("release_state"),
-                       verified_releases.c.headline.label("reidentification"), verified_releases.c.wall_s,
-                       verified_releases.c.cpu_s, verified_releases.c.peak_rss_bytes)
-             .join(teams, teams.c.id == verified_runs.c.team_id)
-             .join(challenges, challenges.c.challenge_id == verified_runs.c.challenge_id)
-             .outerjoin(verified_releases, verified_releases.c.run_id == verified_runs.c.id)
-             .order_by(verified_runs.c.id, verified_releases.c.idx))
-    columns = ["challenge_id", "task", "preset", "n", "run_id", "team", "attack", "origin", "sandboxed", "releases",
-               "state", "message", "created_utc", "idx", "release_state", "reidentification", "wall_s", "cpu_s",
-               "peak_rss_bytes"]
+    query = (
+        sa.select(
+            verified_runs.c.challenge_id,
+            challenges.c.task,
+            challenges.c.preset,
+            challenges.c.n_encoded.label("n"),
+            verified_runs.c.id.label("run_id"),
+            teams.c.name.label("team"),
+            verified_runs.c.attack,
+            verified_runs.c.origin,
+            verified_runs.c.sandboxed,
+            verified_runs.c.releases,
+            verified_runs.c.state,
+            verified_runs.c.message,
+            verified_runs.c.created_utc,
+            verified_releases.c.idx,
+            verified_releases.c.state.label("release_state"),
+            verified_releases.c.headline.label("reidentification"),
+            verified_releases.c.wall_s,
+            verified_releases.c.cpu_s,
+            verified_releases.c.peak_rss_bytes,
+        )
+        .join(teams, teams.c.id == verified_runs.c.team_id)
+        .join(challenges, challenges.c.challenge_id == verified_runs.c.challenge_id)
+        .outerjoin(verified_releases, verified_releases.c.run_id == verified_runs.c.id)
+        .order_by(verified_runs.c.id, verified_releases.c.idx)
+    )
+    columns = [
+        "challenge_id",
+        "task",
+        "preset",
+        "n",
+        "run_id",
+        "team",
+        "attack",
+        "origin",
+        "sandboxed",
+        "releases",
+        "state",
+        "message",
+        "created_utc",
+        "idx",
+        "release_state",
+        "reidentification",
+        "wall_s",
+        "cpu_s",
+        "peak_rss_bytes",
+    ]
     with store._read() as conn:
         frame = pd.DataFrame(conn.execute(query).mappings().all(), columns=columns)
     if not frame.empty:
@@ -582,27 +808,49 @@ def run_view(store: Store, run_id: int, *, team: str | None = None) -> dict | No
     """One run as its team sees it: state, reason, and per evaluation release its commitment,
     cost and headline score (None for another team's run when ``team`` is given)."""
     with store._read() as conn:
-        query = (sa.select(verified_runs, teams.c.name.label("team"))
-                 .join(teams, teams.c.id == verified_runs.c.team_id).where(verified_runs.c.id == run_id))
+        query = (
+            sa.select(verified_runs, teams.c.name.label("team"))
+            .join(teams, teams.c.id == verified_runs.c.team_id)
+            .where(verified_runs.c.id == run_id)
+        )
         if team is not None:
             query = query.where(teams.c.name == team)
         run = conn.execute(query).one_or_none()
         if run is None:
             return None
-        releases = conn.execute(sa.select(
-            verified_releases.c.idx, verified_releases.c.seed_sha256, verified_releases.c.key_commitment,
-            verified_releases.c.state, verified_releases.c.message, verified_releases.c.headline,
-            verified_releases.c.wall_s, verified_releases.c.cpu_s, verified_releases.c.peak_rss_bytes,
-        ).where(verified_releases.c.run_id == run_id).order_by(verified_releases.c.idx)).all()
+        releases = conn.execute(
+            sa.select(
+                verified_releases.c.idx,
+                verified_releases.c.seed_sha256,
+                verified_releases.c.key_commitment,
+                verified_releases.c.state,
+                verified_releases.c.message,
+                verified_releases.c.headline,
+                verified_releases.c.wall_s,
+                verified_releases.c.cpu_s,
+                verified_releases.c.peak_rss_bytes,
+            )
+            .where(verified_releases.c.run_id == run_id)
+            .order_by(verified_releases.c.idx)
+        ).all()
     scores = [r.headline for r in releases if r.state == "scored" and r.headline is not None]
     return {
-        "id": run.id, "challenge_id": run.challenge_id, "attack": run.attack, "attack_version": run.attack_version,
-        "state": run.state, "message": run.message, "releases": run.releases, "sandboxed": bool(run.sandboxed),
-        "created_utc": run.created_utc, "started_utc": run.started_utc, "finished_utc": run.finished_utc,
+        "id": run.id,
+        "challenge_id": run.challenge_id,
+        "attack": run.attack,
+        "attack_version": run.attack_version,
+        "state": run.state,
+        "message": run.message,
+        "releases": run.releases,
+        "sandboxed": bool(run.sandboxed),
+        "created_utc": run.created_utc,
+        "started_utc": run.started_utc,
+        "finished_utc": run.finished_utc,
         "mean": _finite(sum(scores) / len(scores)) if scores else None,
         "spread": _finite(pd.Series(scores).std(ddof=1)) if len(scores) > 1 else None,
-        "evaluations": [{k: (_finite(v) if isinstance(v, float) else v) for k, v in r._mapping.items()}
-                        for r in releases],
+        "evaluations": [
+            {k: (_finite(v) if isinstance(v, float) else v) for k, v in r._mapping.items()} for r in releases
+        ],
     }
 
 
@@ -613,14 +861,24 @@ def summary_line(view: dict) -> str:
     spread = f" ± {view['spread']:.3f}" if isinstance(view["spread"], float) else ""
     costs = [e["wall_s"] for e in view["evaluations"] if isinstance(e["wall_s"], float)]
     mark = "" if view["sandboxed"] else " (UNSANDBOXED)"
-    return (f"re-identification {view['mean']:.3f}{spread} over {len(view['evaluations'])} fresh hidden releases "
-            f"(wall {sum(costs):.1f} s in all){mark}")
+    return (
+        f"re-identification {view['mean']:.3f}{spread} over {len(view['evaluations'])} fresh hidden releases "
+        f"(wall {sum(costs):.1f} s in all){mark}"
+    )
 
 
 def team_runs(store: Store, team: str) -> list[dict]:
     with store._read() as conn:
-        ids = conn.execute(sa.select(verified_runs.c.id).join(teams, teams.c.id == verified_runs.c.team_id)
-                           .where(teams.c.name == team).order_by(verified_runs.c.id)).scalars().all()
+        ids = (
+            conn.execute(
+                sa.select(verified_runs.c.id)
+                .join(teams, teams.c.id == verified_runs.c.team_id)
+                .where(teams.c.name == team)
+                .order_by(verified_runs.c.id)
+            )
+            .scalars()
+            .all()
+        )
     return [run_view(store, run_id) for run_id in ids]
 
 
@@ -629,5 +887,3 @@ def _finite(value: float | None):
     if value is None or math.isnan(value):
         return None
     return value if math.isfinite(value) else str(value)
-
-

@@ -27,8 +27,9 @@ KINDS = {
 class Dispatcher:
     """Moves queued jobs of both kinds to Dask workers, at most ``capacity`` at a time."""
 
-    def __init__(self, db_url: str, store_root: str, *, scheduler: str | None = None, workers: int = 1,
-                 poll_s: float = 0.3):
+    def __init__(
+        self, db_url: str, store_root: str, *, scheduler: str | None = None, workers: int = 1, poll_s: float = 0.3
+    ):
         self.db_url, self.store_root = db_url, store_root
         self.scheduler, self.workers, self.poll_s = scheduler, workers, poll_s
         self._stop = threading.Event()
@@ -42,8 +43,9 @@ class Dispatcher:
         if self.scheduler:
             self.client = Client(self.scheduler)
         else:
-            self.cluster = LocalCluster(n_workers=self.workers, threads_per_worker=1, processes=False,
-                                        dashboard_address=None)
+            self.cluster = LocalCluster(
+                n_workers=self.workers, threads_per_worker=1, processes=False, dashboard_address=None
+            )
             self.client = Client(self.cluster)
         with Store(self.db_url) as store:
             channel.requeue_interrupted(store)
@@ -63,8 +65,14 @@ class Dispatcher:
                     with self._lock:
                         free = self.capacity - len(self._inflight)
                     for job_id in claim(store, free) if free > 0 else []:
-                        future = self.client.submit(run, self.db_url, self.store_root, job_id,
-                                                    pure=False, key=f"ncbench-{kind}-{job_id}-{id(self)}")
+                        future = self.client.submit(
+                            run,
+                            self.db_url,
+                            self.store_root,
+                            job_id,
+                            pure=False,
+                            key=f"ncbench-{kind}-{job_id}-{id(self)}",
+                        )
                         with self._lock:
                             self._inflight.add((kind, job_id))
                         future.add_done_callback(lambda f, k=kind, j=job_id: self._done(k, j, f))

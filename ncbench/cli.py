@@ -59,8 +59,20 @@ def _mount() -> None:
     from ncbench.leaderboard.server import publish, server, team_group
 
     challenge_group.add_command(publish)  # organizer: hand a built challenge to the server
-    for command in (challenge_group, attack_group, score, leaderboard_group, baseline_group, demo,
-                    server, team_group, client.challenges, client.fetch, client.submit, client.submissions):
+    for command in (
+        challenge_group,
+        attack_group,
+        score,
+        leaderboard_group,
+        baseline_group,
+        demo,
+        server,
+        team_group,
+        client.challenges,
+        client.fetch,
+        client.submit,
+        client.submissions,
+    ):
         main.add_command(command)
 
 

@@ -24,10 +24,16 @@ SERVER_ENV, TOKEN_ENV = "NCBENCH_SERVER", "NCBENCH_TOKEN"
 FINAL_STATES = ("scored", "refused", "failed")
 CHUNK = 1 << 20
 
-server_option = click.option("--server", envvar=SERVER_ENV, default="http://127.0.0.1:8000", show_default=True,
-                             help=f"Challenge server URL (or ${SERVER_ENV}).")
-token_option = click.option("--token-file", type=click.Path(path_type=Path),
-                            help=f"File holding the team token [default: ${TOKEN_ENV}].")
+server_option = click.option(
+    "--server",
+    envvar=SERVER_ENV,
+    default="http://127.0.0.1:8000",
+    show_default=True,
+    help=f"Challenge server URL (or ${SERVER_ENV}).",
+)
+token_option = click.option(
+    "--token-file", type=click.Path(path_type=Path), help=f"File holding the team token [default: ${TOKEN_ENV}]."
+)
 
 
 class Client:
@@ -83,8 +89,10 @@ def challenges(server: str) -> None:
         click.echo("no open challenges")
     for row in rows:
         size = sum(f["size"] for f in row["files"])
-        click.echo(f"{row['challenge_id']}\t{row['task']}\t{row['preset']}\tN={row['n_encoded']}\t"
-                   f"{row['daily_limit']}/day\tdeadline {row['deadline_utc'] or 'none'}\t{size / 1e6:.1f} MB")
+        click.echo(
+            f"{row['challenge_id']}\t{row['task']}\t{row['preset']}\tN={row['n_encoded']}\t"
+            f"{row['daily_limit']}/day\tdeadline {row['deadline_utc'] or 'none'}\t{size / 1e6:.1f} MB"
+        )
 
 
 @click.command("fetch")
@@ -139,17 +147,31 @@ def _download(client: Client, path: str, partial: Path, size: int) -> None:
 
 @click.command("submit")
 @click.argument("submission", type=click.Path(path_type=Path), required=False)
-@click.option("--plugin", "plugin_spec", metavar="FILE.py:Class",
-              help="Instead of a file of answers: an attack plugin for the verified track, which the organizer "
-                   "runs sandboxed on fresh hidden releases (check it first with `ncbench attack check`).")
-@click.option("--param", "params", multiple=True, metavar="K=V", help="With --plugin: an attack parameter (repeatable).")
+@click.option(
+    "--plugin",
+    "plugin_spec",
+    metavar="FILE.py:Class",
+    help="Instead of a file of answers: an attack plugin for the verified track, which the organizer "
+    "runs sandboxed on fresh hidden releases (check it first with `ncbench attack check`).",
+)
+@click.option(
+    "--param", "params", multiple=True, metavar="K=V", help="With --plugin: an attack parameter (repeatable)."
+)
 @click.option("--challenge", "challenge_id", required=True, help="The challenge id (see `ncbench challenges`).")
 @click.option("--no-wait", is_flag=True, help="Print the submission id and return without waiting for the score.")
 @click.option("--timeout", type=int, default=1800, show_default=True, help="Seconds to wait for the score.")
 @server_option
 @token_option
-def submit(submission: Path | None, plugin_spec: str | None, params: tuple[str, ...], challenge_id: str,
-           no_wait: bool, timeout: int, server: str, token_file: Path | None) -> None:
+def submit(
+    submission: Path | None,
+    plugin_spec: str | None,
+    params: tuple[str, ...],
+    challenge_id: str,
+    no_wait: bool,
+    timeout: int,
+    server: str,
+    token_file: Path | None,
+) -> None:
     """Upload SUBMISSION (or, with --plugin, an attack plugin) to the server, wait for it to be
     scored, print the score."""
     if (submission is None) == (plugin_spec is None):
@@ -157,15 +179,31 @@ def submit(submission: Path | None, plugin_spec: str | None, params: tuple[str, 
     if plugin_spec is None:
         if params:
             raise NcbenchError("--param goes with --plugin")
-        submit_file(submission, challenge_id, server=server, token=read_token(token_file), wait=not no_wait,
-                    timeout=timeout)
+        submit_file(
+            submission, challenge_id, server=server, token=read_token(token_file), wait=not no_wait, timeout=timeout
+        )
         return
-    submit_plugin(plugin_spec, params, challenge_id, server=server, token=read_token(token_file), wait=not no_wait,
-                  timeout=timeout)
+    submit_plugin(
+        plugin_spec,
+        params,
+        challenge_id,
+        server=server,
+        token=read_token(token_file),
+        wait=not no_wait,
+        timeout=timeout,
+    )
 
 
-def submit_file(submission: Path, challenge_id: str, *, server: str, token: str | None, wait: bool = True,
-                timeout: int = 1800, quiet: bool = False) -> dict:
+def submit_file(
+    submission: Path,
+    challenge_id: str,
+    *,
+    server: str,
+    token: str | None,
+    wait: bool = True,
+    timeout: int = 1800,
+    quiet: bool = False,
+) -> dict:
     """Upload ``submission``; with ``wait``, poll until it is scored and return its final state
     (NcbenchError for a refusal). ``quiet`` prints nothing (callers print their own summary)."""
     echo = (lambda text: None) if quiet else click.echo
@@ -181,8 +219,12 @@ def submit_file(submission: Path, challenge_id: str, *, server: str, token: str 
                 advance(len(chunk))
                 yield chunk
 
-    job = client.json("POST", f"/api/v1/challenges/{challenge_id}/submissions", content=body(),
-                      headers={"Content-Length": str(size), "Content-Type": "application/octet-stream"})
+    job = client.json(
+        "POST",
+        f"/api/v1/challenges/{challenge_id}/submissions",
+        content=body(),
+        headers={"Content-Length": str(size), "Content-Type": "application/octet-stream"},
+    )
     echo(f"submission {job['id']} queued")
     if not wait:
         return job
@@ -190,8 +232,10 @@ def submit_file(submission: Path, challenge_id: str, *, server: str, token: str 
     with progress(f"waiting for submission {job['id']} to be scored", 1) as advance:
         while job["state"] not in FINAL_STATES:
             if time.monotonic() > deadline:
-                raise NcbenchError(f"submission {job['id']} is still {job['state']} after {timeout} s; "
-                                   "check later with `ncbench submissions`")
+                raise NcbenchError(
+                    f"submission {job['id']} is still {job['state']} after {timeout} s; "
+                    "check later with `ncbench submissions`"
+                )
             time.sleep(0.5)
             job = client.json("GET", f"/api/v1/submissions/{job['id']}")
         advance(1)
@@ -204,8 +248,16 @@ def submit_file(submission: Path, challenge_id: str, *, server: str, token: str 
 MAX_PLUGIN_BYTES = 1 << 20  # the server's cap (leaderboard/verified.py)
 
 
-def submit_plugin(spec: str, params: tuple[str, ...], challenge_id: str, *, server: str, token: str | None,
-                  wait: bool = True, timeout: int = 1800) -> dict:
+def submit_plugin(
+    spec: str,
+    params: tuple[str, ...],
+    challenge_id: str,
+    *,
+    server: str,
+    token: str | None,
+    wait: bool = True,
+    timeout: int = 1800,
+) -> dict:
     """Upload one plugin file with its class name and parameters; the server checks it in its
     sandbox before queueing it, then runs it on fresh hidden releases. With ``wait``, poll until
     the run ends and return it (NcbenchError when it failed)."""
@@ -231,19 +283,28 @@ def submit_plugin(spec: str, params: tuple[str, ...], challenge_id: str, *, serv
 
     query = [("class", class_name), ("filename", path.name), *(("param", item) for item in params)]
     click.echo(f"uploading {path.name}: the server checks it in its sandbox before queueing it", err=True)
-    run = client.json("POST", f"/api/v1/challenges/{challenge_id}/plugins", params=query, content=body(),
-                      headers={"Content-Length": str(size), "Content-Type": "text/x-python"},
-                      timeout=httpx.Timeout(300, connect=10))
-    click.echo(f"verified run {run['id']} queued: {run['attack']} {run['attack_version']} on {run['releases']} fresh "
-               f"hidden releases (seed commitments: {client.server}/api/v1/challenges/{challenge_id}/commitments)")
+    run = client.json(
+        "POST",
+        f"/api/v1/challenges/{challenge_id}/plugins",
+        params=query,
+        content=body(),
+        headers={"Content-Length": str(size), "Content-Type": "text/x-python"},
+        timeout=httpx.Timeout(300, connect=10),
+    )
+    click.echo(
+        f"verified run {run['id']} queued: {run['attack']} {run['attack_version']} on {run['releases']} fresh "
+        f"hidden releases (seed commitments: {client.server}/api/v1/challenges/{challenge_id}/commitments)"
+    )
     if not wait:
         return run
     deadline = time.monotonic() + timeout
     with progress(f"waiting for verified run {run['id']}", 1) as advance:
         while run["state"] not in FINAL_STATES:
             if time.monotonic() > deadline:
-                raise NcbenchError(f"verified run {run['id']} is still {run['state']} after {timeout} s; "
-                                   "check later with `ncbench submissions`")
+                raise NcbenchError(
+                    f"verified run {run['id']} is still {run['state']} after {timeout} s; "
+                    "check later with `ncbench submissions`"
+                )
             time.sleep(1)
             run = client.json("GET", f"/api/v1/plugins/{run['id']}")
         advance(1)
@@ -251,8 +312,10 @@ def submit_plugin(spec: str, params: tuple[str, ...], challenge_id: str, *, serv
         raise NcbenchError(f"verified run {run['id']} {run['state']}: {run['message']}")
     scores = ", ".join(f"{e['headline']:.4f}" for e in run["evaluations"])
     spread = f" ± {run['spread']:.4f} (sd)" if run["spread"] is not None else ""
-    click.echo(f"verified run {run['id']} scored: re-identification {run['mean']:.4f}{spread} over "
-               f"{len(run['evaluations'])} fresh keys ({scores})")
+    click.echo(
+        f"verified run {run['id']} scored: re-identification {run['mean']:.4f}{spread} over "
+        f"{len(run['evaluations'])} fresh keys ({scores})"
+    )
     return run
 
 
@@ -269,8 +332,12 @@ def submissions(server: str, token_file: Path | None) -> None:
         outcome = json.dumps(row["public"], sort_keys=True) if row["public"] else (row["message"] or "")
         click.echo(f"{row['id']}\t{row['challenge_id']}\t{row['state']}\t{row['created_utc']}\t{outcome}")
     for run in runs:
-        outcome = (f"mean {run['mean']:.4f} over {run['releases']} hidden releases" if run["mean"] is not None
-                   else run["message"] or "")
-        click.echo(f"plugin {run['id']}\t{run['challenge_id']}\t{run['state']}\t{run['created_utc']}\t"
-                   f"{run['attack']} {run['attack_version']}\t{outcome}")
-
+        outcome = (
+            f"mean {run['mean']:.4f} over {run['releases']} hidden releases"
+            if run["mean"] is not None
+            else run["message"] or ""
+        )
+        click.echo(
+            f"plugin {run['id']}\t{run['challenge_id']}\t{run['state']}\t{run['created_utc']}\t"
+            f"{run['attack']} {run['attack_version']}\t{outcome}"
+        )

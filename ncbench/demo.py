@@ -24,20 +24,41 @@ from ncbench.errors import NcbenchError
 from ncbench.leaderboard.store import BUILTIN_TEAM
 
 # (preset, task): reid on the four presets of the original challenge, plus invert and transfer.
-DEMO_CHALLENGES = [("linear", "reid"), ("nc3-noshuffle", "reid"), ("nc3", "reid"), ("nc7", "reid"),
-                   ("linear", "invert"), ("linear", "transfer")]
+DEMO_CHALLENGES = [
+    ("linear", "reid"),
+    ("nc3-noshuffle", "reid"),
+    ("nc3", "reid"),
+    ("nc7", "reid"),
+    ("linear", "invert"),
+    ("linear", "transfer"),
+]
 # The organizer's own runs of the built-in attacks: the rows of the attack x preset matrix.
 TEAM = BUILTIN_TEAM
 
 
 @click.command()
-@click.option("--out", type=click.Path(path_type=Path), default=Path("demo-out"), show_default=True,
-              help="Folder for releases, submissions and the leaderboard database.")
-@click.option("--n", "n", type=click.IntRange(min=5), default=200, show_default=True,
-              help="Encoded images per release (at least 5: the invert release keeps 4 known pairs).")
-@click.option("--seed", type=int, default=2026, show_default=True,
-              help="Seed of the demo releases: a demo is reproducible, so its releases are test releases "
-              "whose key is public.")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=Path("demo-out"),
+    show_default=True,
+    help="Folder for releases, submissions and the leaderboard database.",
+)
+@click.option(
+    "--n",
+    "n",
+    type=click.IntRange(min=5),
+    default=200,
+    show_default=True,
+    help="Encoded images per release (at least 5: the invert release keeps 4 known pairs).",
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=2026,
+    show_default=True,
+    help="Seed of the demo releases: a demo is reproducible, so its releases are test releases whose key is public.",
+)
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
 def demo(out: Path, n: int, seed: int, device: str) -> None:
     """Build releases from the embedded radiographs, attack them, score them, print the board."""
@@ -70,8 +91,16 @@ def demo(out: Path, n: int, seed: int, device: str) -> None:
             folder = out / f"{preset}-{task}"
             click.echo(f"[{k + 1}/{len(DEMO_CHALLENGES)}] {preset} {task}: release {folder}")
             if not _valid(folder):
-                build_release(folder, config=resolve_config(preset, precision="auto"), plan=BuildPlan.for_task(task, n),
-                              source="sample", seed=seed + k, test_release=True, device=device, force=True)
+                build_release(
+                    folder,
+                    config=resolve_config(preset, precision="auto"),
+                    plan=BuildPlan.for_task(task, n),
+                    source="sample",
+                    seed=seed + k,
+                    test_release=True,
+                    device=device,
+                    force=True,
+                )
             written.append(folder)
             # Just built or checked against its checksums: no need to recompute every encoding.
             challenge_id = channel.publish(store, channel.StoreLayout(store_dir), folder, recompute=False)
@@ -86,8 +115,10 @@ def demo(out: Path, n: int, seed: int, device: str) -> None:
                     write_submission(submission_path, submission)
                 job = submit_file(submission_path, challenge_id, server=server.url, token=token, quiet=True)
                 metric = HEADLINE_METRIC[task]
-                click.echo(f"    {name}: {metric} = {float(job['public'][metric]):.3f} "
-                           f"(submission {job['id']}, attack {submission_runtime(submission_path):.1f} s)")
+                click.echo(
+                    f"    {name}: {metric} = {float(job['public'][metric]):.3f} "
+                    f"(submission {job['id']}, attack {submission_runtime(submission_path):.1f} s)"
+                )
                 written.append(submission_path)
         reid_presets = [preset for preset, task in DEMO_CHALLENGES if task == "reid"]
         click.echo(f"[utility] downstream AUC on phantom images, presets {', '.join(reid_presets)} and raw")
@@ -111,8 +142,9 @@ def _record_utility(store, presets: list[str], *, seed: int, device: str) -> Non
     # The CLI's CPU-sized defaults; phantom images, since the sample films carry no labels.
     settings = {**DEFAULTS, "patch_size": DEFAULTS["image_size"] // 16, "seed": seed}
     wanted = {**settings, "model_version": MODEL_VERSION}
-    recorded = {row.preset for row in store.utility().itertuples()
-                if all(row.settings.get(k) == v for k, v in wanted.items())}
+    recorded = {
+        row.preset for row in store.utility().itertuples() if all(row.settings.get(k) == v for k, v in wanted.items())
+    }
     missing = [preset for preset in presets if preset not in recorded]
     if missing or RAW_PRESET not in recorded:
         rows = run_utility(presets=missing, raw=RAW_PRESET not in recorded, device=device, **settings)

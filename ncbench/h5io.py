@@ -36,8 +36,11 @@ FILTERS = dict(compression="gzip", compression_opts=1, shuffle=True, fletcher32=
 
 # Limits on untrusted files. A legitimate file needs a small fraction of each.
 # The filters we write, in the pipeline order h5py uses (shuffle, then gzip, then the checksum).
-UNTRUSTED_FILTERS = {h5py.h5z.FILTER_SHUFFLE: "shuffle", h5py.h5z.FILTER_DEFLATE: "gzip",
-                     h5py.h5z.FILTER_FLETCHER32: "fletcher32"}
+UNTRUSTED_FILTERS = {
+    h5py.h5z.FILTER_SHUFFLE: "shuffle",
+    h5py.h5z.FILTER_DEFLATE: "gzip",
+    h5py.h5z.FILTER_FLETCHER32: "fletcher32",
+}
 MAX_CHUNK_BYTES = 32 << 20  # h5py's own chunks are <= 1 MiB; ours are one item (<= 4 MiB at full size)
 MAX_CHUNKS = 1 << 20  # per dataset, unless the first dimension is longer (one row per chunk)
 MAX_OBJECTS = 256  # groups, datasets and named types
@@ -58,9 +61,7 @@ def _chunks(shape: tuple[int, ...]) -> tuple[int, ...] | None:
 
 def write_dataset(group: h5py.Group, name: str, values) -> h5py.Dataset:
     """Write ``values`` (array or list of str) under ``name`` with the project's filters."""
-    if isinstance(values, (list, tuple)) or (
-        isinstance(values, np.ndarray) and values.dtype.kind in "UO"
-    ):
+    if isinstance(values, (list, tuple)) or (isinstance(values, np.ndarray) and values.dtype.kind in "UO"):
         # Fixed-length UTF-8: variable-length strings cannot carry the gzip / fletcher32 filters.
         encoded = [str(v).encode("utf-8") for v in values]
         dtype = h5py.string_dtype("utf-8", length=max([len(v) for v in encoded] + [1]))
@@ -70,15 +71,17 @@ def write_dataset(group: h5py.Group, name: str, values) -> h5py.Dataset:
         dtype = values.dtype
     chunks = _chunks(values.shape)
     filters = FILTERS if chunks else {}
-    return group.create_dataset(
-        name, data=values, dtype=dtype, chunks=chunks, track_times=False, **filters
-    )
+    return group.create_dataset(name, data=values, dtype=dtype, chunks=chunks, track_times=False, **filters)
 
 
 def create_streamed(group: h5py.Group, name: str, shape: tuple[int, ...], dtype) -> h5py.Dataset:
     """An empty dataset to be filled chunk by chunk (large encodings)."""
     return group.create_dataset(
-        name, shape=shape, dtype=dtype, chunks=_chunks(shape), track_times=False,
+        name,
+        shape=shape,
+        dtype=dtype,
+        chunks=_chunks(shape),
+        track_times=False,
         **(FILTERS if _chunks(shape) else {}),
     )
 
@@ -121,8 +124,10 @@ def _check_format(handle: h5py.File, path: Path, fmt: str, schema_version: int) 
     version = handle.attrs.get("schema_version")
     if not isinstance(version, (int, np.integer)) or int(version) != schema_version:
         handle.close()
-        raise NcbenchError(f"{path}: {fmt} schema version {_shorten(str(version))} is not supported "
-                           f"(this ncbench reads {schema_version})")
+        raise NcbenchError(
+            f"{path}: {fmt} schema version {_shorten(str(version))} is not supported "
+            f"(this ncbench reads {schema_version})"
+        )
 
 
 def _shorten(text: str, limit: int = 80) -> str:
@@ -146,8 +151,9 @@ class DatasetInfo:
     stored_bytes: int
 
 
-def open_untrusted(path: str | os.PathLike, fmt: str, schema_version: int, *,
-                   max_bytes: int | None = None) -> tuple[h5py.File, dict[str, DatasetInfo]]:
+def open_untrusted(
+    path: str | os.PathLike, fmt: str, schema_version: int, *, max_bytes: int | None = None
+) -> tuple[h5py.File, dict[str, DatasetInfo]]:
     """Open a file from outside: its size (``max_bytes``, checked before opening), layout and
     attributes are checked by :func:`inspect_untrusted` before anything is read, then its format.
 
@@ -212,8 +218,9 @@ def _inspect(handle: h5py.File, path: Path, file_bytes: int) -> dict[str, Datase
                 raise NcbenchError(f"{path}: {name} is a soft link (to {target!r}); only plain datasets are accepted")
             if kind == h5py.h5l.TYPE_EXTERNAL:
                 filename, target = (v.decode("utf-8", "replace") for v in group.links.get_val(raw_name))
-                raise NcbenchError(f"{path}: {name} is an external link (to {filename}:{target}); "
-                                   f"a file may not refer to another file")
+                raise NcbenchError(
+                    f"{path}: {name} is an external link (to {filename}:{target}); a file may not refer to another file"
+                )
             if kind != h5py.h5l.TYPE_HARD:
                 raise NcbenchError(f"{path}: {name} is a user-defined link; only plain datasets are accepted")
             obj = h5py.h5o.open(group, raw_name)
@@ -230,12 +237,16 @@ def _inspect(handle: h5py.File, path: Path, file_bytes: int) -> dict[str, Datase
                 if info.chunks is not None:
                     stored_chunks += obj.get_num_chunks()
     if stored_total > file_bytes:
-        raise NcbenchError(f"{path}: its datasets claim {format_bytes(stored_total)} of storage in a file of "
-                           f"{format_bytes(file_bytes)} (corrupt or crafted chunk index)")
+        raise NcbenchError(
+            f"{path}: its datasets claim {format_bytes(stored_total)} of storage in a file of "
+            f"{format_bytes(file_bytes)} (corrupt or crafted chunk index)"
+        )
     metadata_budget = MAX_METADATA_BYTES + METADATA_BYTES_PER_CHUNK * stored_chunks
     if file_bytes - stored_total > metadata_budget:
-        raise NcbenchError(f"{path}: holds {format_bytes(file_bytes - stored_total)} outside its datasets' data "
-                           f"(attributes, strings, unused space); at most {format_bytes(metadata_budget)} is accepted")
+        raise NcbenchError(
+            f"{path}: holds {format_bytes(file_bytes - stored_total)} outside its datasets' data "
+            f"(attributes, strings, unused space); at most {format_bytes(metadata_budget)} is accepted"
+        )
     return datasets
 
 
@@ -259,8 +270,10 @@ def _check_attributes(obj, path: Path, name: str) -> None:
         declared = math.prod(attribute.shape or ()) * attribute.dtype.itemsize
         if declared > MAX_ATTRIBUTE_BYTES:
             label = attribute.name.decode("utf-8", "replace")
-            raise NcbenchError(f"{path}: attribute {label!r} of {name} declares {format_bytes(declared)}; "
-                               f"at most {format_bytes(MAX_ATTRIBUTE_BYTES)} is accepted")
+            raise NcbenchError(
+                f"{path}: attribute {label!r} of {name} declares {format_bytes(declared)}; "
+                f"at most {format_bytes(MAX_ATTRIBUTE_BYTES)} is accepted"
+            )
 
 
 def _dataset_info(dataset: h5py.h5d.DatasetID, path: Path, name: str) -> DatasetInfo:
@@ -270,16 +283,22 @@ def _dataset_info(dataset: h5py.h5d.DatasetID, path: Path, name: str) -> Dataset
         raise NcbenchError(f"{path}: {name} is a virtual dataset; its data would come from other files")
     if plist.get_external_count():
         filename = plist.get_external(0)[0].decode("utf-8", "replace")
-        raise NcbenchError(f"{path}: {name} keeps its data in an external file ({filename}); "
-                           f"a file may not refer to another file")
+        raise NcbenchError(
+            f"{path}: {name} keeps its data in an external file ({filename}); a file may not refer to another file"
+        )
     pipeline = [plist.get_filter(i) for i in range(plist.get_nfilters())]
     filters = tuple(code for code, *_ in pipeline)
     allowed_order = list(UNTRUSTED_FILTERS)
-    if any(f not in UNTRUSTED_FILTERS for f in filters) or list(filters) != sorted(filters, key=allowed_order.index) \
-            or len(set(filters)) != len(filters):
+    if (
+        any(f not in UNTRUSTED_FILTERS for f in filters)
+        or list(filters) != sorted(filters, key=allowed_order.index)
+        or len(set(filters)) != len(filters)
+    ):
         shown = ", ".join(f"{label.decode('utf-8', 'replace') or 'unnamed'} ({code})" for code, _, _, label in pipeline)
-        raise NcbenchError(f"{path}: {name} uses filters [{shown}]; accepted are shuffle, gzip and "
-                           f"fletcher32, each at most once and in that order")
+        raise NcbenchError(
+            f"{path}: {name} uses filters [{shown}]; accepted are shuffle, gzip and "
+            f"fletcher32, each at most once and in that order"
+        )
     shape = tuple(int(n) for n in (dataset.shape or ()))
     dtype = dataset.dtype
     declared = math.prod(shape) * dtype.itemsize
@@ -288,16 +307,27 @@ def _dataset_info(dataset: h5py.h5d.DatasetID, path: Path, name: str) -> Dataset
         chunks = tuple(int(n) for n in plist.get_chunk())
         chunk_bytes = math.prod(chunks) * dtype.itemsize
         if chunk_bytes > MAX_CHUNK_BYTES:
-            raise NcbenchError(f"{path}: {name} has chunks of {format_bytes(chunk_bytes)}; at most "
-                               f"{format_bytes(MAX_CHUNK_BYTES)} per chunk is accepted")
+            raise NcbenchError(
+                f"{path}: {name} has chunks of {format_bytes(chunk_bytes)}; at most "
+                f"{format_bytes(MAX_CHUNK_BYTES)} per chunk is accepted"
+            )
         n_chunks = math.prod(-(-n // c) for n, c in zip(shape, chunks))
         if n_chunks > max(MAX_CHUNKS, shape[0] if shape else 0):
-            raise NcbenchError(f"{path}: {name} is cut into {n_chunks} chunks of shape {chunks}; "
-                               f"at most {MAX_CHUNKS} (or one per row) are accepted")
+            raise NcbenchError(
+                f"{path}: {name} is cut into {n_chunks} chunks of shape {chunks}; "
+                f"at most {MAX_CHUNKS} (or one per row) are accepted"
+            )
     elif filters:
         raise NcbenchError(f"{path}: {name} has filters but is not chunked")
-    return DatasetInfo(name=name, shape=shape, dtype=dtype, chunks=chunks, filters=filters,
-                       declared_bytes=declared, stored_bytes=int(dataset.get_storage_size()))
+    return DatasetInfo(
+        name=name,
+        shape=shape,
+        dtype=dtype,
+        chunks=chunks,
+        filters=filters,
+        declared_bytes=declared,
+        stored_bytes=int(dataset.get_storage_size()),
+    )
 
 
 def check_chunks(dataset: h5py.Dataset, info: DatasetInfo, path: str | os.PathLike) -> None:
@@ -312,16 +342,18 @@ def check_chunks(dataset: h5py.Dataset, info: DatasetInfo, path: str | os.PathLi
         return
     path = Path(path)
     chunk_bytes = math.prod(info.chunks) * info.dtype.itemsize
-    deflate_bit = (1 << info.filters.index(h5py.h5z.FILTER_DEFLATE)
-                   if h5py.h5z.FILTER_DEFLATE in info.filters else 0)
-    checksum_bit = (1 << info.filters.index(h5py.h5z.FILTER_FLETCHER32)
-                    if h5py.h5z.FILTER_FLETCHER32 in info.filters else 0)
+    deflate_bit = 1 << info.filters.index(h5py.h5z.FILTER_DEFLATE) if h5py.h5z.FILTER_DEFLATE in info.filters else 0
+    checksum_bit = (
+        1 << info.filters.index(h5py.h5z.FILTER_FLETCHER32) if h5py.h5z.FILTER_FLETCHER32 in info.filters else 0
+    )
     stored: list = []
     dataset.id.chunk_iter(stored.append)
     for chunk in stored:
         if chunk.size > chunk_bytes + _CHUNK_SLACK:
-            raise NcbenchError(f"{path}: {info.name} has a chunk of {format_bytes(chunk.size)} stored for "
-                               f"{format_bytes(chunk_bytes)} of data (corrupt or crafted)")
+            raise NcbenchError(
+                f"{path}: {info.name} has a chunk of {format_bytes(chunk.size)} stored for "
+                f"{format_bytes(chunk_bytes)} of data (corrupt or crafted)"
+            )
         if not deflate_bit or chunk.filter_mask & deflate_bit:
             continue  # stored uncompressed
         _, raw = dataset.id.read_direct_chunk(chunk.chunk_offset)
@@ -333,8 +365,10 @@ def check_chunks(dataset: h5py.Dataset, info: DatasetInfo, path: str | os.PathLi
         except zlib.error as error:
             raise NcbenchError(f"{path}: {info.name} is corrupt (chunk at {chunk.chunk_offset}: {error})") from None
         if inflated > chunk_bytes or inflater.unconsumed_tail:
-            raise NcbenchError(f"{path}: {info.name} has a chunk that inflates beyond its declared "
-                               f"{format_bytes(chunk_bytes)} (a compression bomb?); refused without inflating it further")
+            raise NcbenchError(
+                f"{path}: {info.name} has a chunk that inflates beyond its declared "
+                f"{format_bytes(chunk_bytes)} (a compression bomb?); refused without inflating it further"
+            )
 
 
 def format_bytes(n_bytes: int) -> str:

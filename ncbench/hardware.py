@@ -38,8 +38,11 @@ def cpu_model() -> str:
     virtual machine often shows a generic name, and the numbers tell Zen 3 from Zen 4), or the
     architecture where the system does not say."""
     try:
-        fields = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
-                      if ":" in line)
+        fields = dict(
+            line.split(":", 1)
+            for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
+            if ":" in line
+        )
     except OSError:
         fields = {}
     fields = {name.strip(): value.strip() for name, value in fields.items()}

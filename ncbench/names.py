@@ -17,13 +17,55 @@ def fold(text: str) -> str:
 # Letters that look like Latin ones (the Cyrillic and Greek ones NFKC leaves alone), and ASCII
 # sequences read as one letter (Unicode TR39 confusables, abridged). Both sides of a comparison
 # get the same skeleton, so 'i' and 'l' may share one.
-_LOOKALIKES = str.maketrans({
-    "а": "a", "в": "b", "е": "e", "ё": "e", "к": "k", "м": "m", "н": "h", "о": "o", "р": "p", "с": "c",
-    "т": "t", "у": "y", "х": "x", "ѕ": "s", "і": "l", "ї": "l", "ј": "j", "ԁ": "d", "ԛ": "q", "ԝ": "w",
-    "һ": "h", "ɡ": "g", "ո": "n", "օ": "o", "ս": "u", "α": "a", "β": "b", "ε": "e", "η": "n", "ι": "l",
-    "κ": "k", "ν": "v", "ο": "o", "ρ": "p", "τ": "t", "υ": "u", "χ": "x", "ı": "l", "ʟ": "l", "ɪ": "l",
-    "i": "l", "1": "l", "|": "l", "0": "o", "5": "s",
-})
+_LOOKALIKES = str.maketrans(
+    {
+        "а": "a",
+        "в": "b",
+        "е": "e",
+        "ё": "e",
+        "к": "k",
+        "м": "m",
+        "н": "h",
+        "о": "o",
+        "р": "p",
+        "с": "c",
+        "т": "t",
+        "у": "y",
+        "х": "x",
+        "ѕ": "s",
+        "і": "l",
+        "ї": "l",
+        "ј": "j",
+        "ԁ": "d",
+        "ԛ": "q",
+        "ԝ": "w",
+        "һ": "h",
+        "ɡ": "g",
+        "ո": "n",
+        "օ": "o",
+        "ս": "u",
+        "α": "a",
+        "β": "b",
+        "ε": "e",
+        "η": "n",
+        "ι": "l",
+        "κ": "k",
+        "ν": "v",
+        "ο": "o",
+        "ρ": "p",
+        "τ": "t",
+        "υ": "u",
+        "χ": "x",
+        "ı": "l",
+        "ʟ": "l",
+        "ɪ": "l",
+        "i": "l",
+        "1": "l",
+        "|": "l",
+        "0": "o",
+        "5": "s",
+    }
+)
 _SEQUENCES = (("rn", "m"), ("vv", "w"), ("cl", "d"))
 _UNKNOWN = "?"  # a letter or digit outside ASCII with no known look-alike
 

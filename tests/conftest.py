@@ -22,6 +22,7 @@ def tiny_images():
 
 # -- PostgreSQL, for the stores and servers that run on it -------------------------------------
 
+
 def _free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -49,17 +50,40 @@ def postgres_url():
         prefix = ["runuser", "-u", "postgres", "--"]
     data, port = folder / "data", _free_port()
     try:
-        subprocess.run([*prefix, str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", "ncbench",
-                        "--no-sync"], check=True, capture_output=True, timeout=120)
-        subprocess.run([*prefix, str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(folder / "log"), "-w", "-t", "60",
-                        "-o", f"-k {folder} -p {port} -c listen_addresses='' -c fsync=off", "start"],
-                       check=True, capture_output=True, timeout=90)
+        subprocess.run(
+            [*prefix, str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", "ncbench", "--no-sync"],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        subprocess.run(
+            [
+                *prefix,
+                str(bin_dir / "pg_ctl"),
+                "-D",
+                str(data),
+                "-l",
+                str(folder / "log"),
+                "-w",
+                "-t",
+                "60",
+                "-o",
+                f"-k {folder} -p {port} -c listen_addresses='' -c fsync=off",
+                "start",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=90,
+        )
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as error:
         shutil.rmtree(folder, ignore_errors=True)
         pytest.skip(f"could not start a PostgreSQL server: {error}")
     try:
         yield f"postgresql+psycopg://ncbench@/postgres?host={folder}&port={port}"
     finally:
-        subprocess.run([*prefix, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
-                       capture_output=True, timeout=60)
+        subprocess.run(
+            [*prefix, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+            capture_output=True,
+            timeout=60,
+        )
         shutil.rmtree(folder, ignore_errors=True)

@@ -26,9 +26,11 @@ APP = str(Path(leaderboard.__file__).with_name("app.py"))
 PAGES = ("Attack x preset", "Self-reported", "Challenges", "Submission", "Privacy vs utility", "Take part")
 # Elements whose text Streamlit renders as Markdown: no string a team chose may reach them.
 MARKDOWN_ELEMENTS = ("markdown", "caption", "info", "warning", "error", "success", "title", "header", "subheader")
-CONFIGS = {"linear": {"mix": False, "shuffle": False, "depth": 0},
-           "nc3": {"mix": True, "shuffle": True, "depth": 0},
-           "nc7": {"mix": True, "shuffle": True, "depth": 4}}
+CONFIGS = {
+    "linear": {"mix": False, "shuffle": False, "depth": 0},
+    "nc3": {"mix": True, "shuffle": True, "depth": 0},
+    "nc7": {"mix": True, "shuffle": True, "depth": 4},
+}
 
 
 def challenge_info(challenge_id, preset, n, *, test_release=False):
@@ -49,8 +51,12 @@ def result(challenge_id, preset, attack, accuracy, sha, *, n=20, positions=None,
     info = challenge_info(challenge_id, preset, n, test_release=test_release)
     metrics = {}
     for split, value in ((0, accuracy), (1, accuracy / 2)):
-        metrics[split] = {"reid_accuracy": value, "chance": 1 / n, "n": n / 2,
-                          "k_anonymity": 1 / value if value else math.inf}
+        metrics[split] = {
+            "reid_accuracy": value,
+            "chance": 1 / n,
+            "n": n / 2,
+            "k_anonymity": 1 / value if value else math.inf,
+        }
         if positions is not None:
             metrics[split]["patch_position_accuracy"] = positions
     return ScoreResult(info, attack, "1.0", {"iterations": 2}, ("architecture",), 4.2, sha.ljust(64, "0"), metrics)
@@ -68,6 +74,7 @@ def empty_db(tmp_path, monkeypatch):
 def populated_db(tmp_path, monkeypatch):
     path = tmp_path / "board.db"
     with Store(path) as store:
+
         def organizer(score):
             store.record_score(score, team=BUILTIN_TEAM, origin=ORIGIN_ORGANIZER)
 
@@ -79,11 +86,14 @@ def populated_db(tmp_path, monkeypatch):
         # Teams' files: self-reported, whatever they score, they stay out of the matrix.
         store.record_score(result("nc7-reid-a", "nc7", "relabelled-oracle", 1.0, "6"), team="alice")
         store.record_score(result("nc3-reid-a", "nc3", "bobs-attack", 0.6, "7", n=10), team="bob")
-        record_utility(store, [
-            {"preset": "nc7", "label": "effusion", "auc": 0.70, "model_kind": "encoded"},
-            {"preset": "nc7", "label": "nodule", "auc": 0.80, "model_kind": "encoded"},
-            {"preset": "nc7", "label": "effusion", "auc": 0.90, "model_kind": "raw"},
-        ])
+        record_utility(
+            store,
+            [
+                {"preset": "nc7", "label": "effusion", "auc": 0.70, "model_kind": "encoded"},
+                {"preset": "nc7", "label": "nodule", "auc": 0.80, "model_kind": "encoded"},
+                {"preset": "nc7", "label": "effusion", "auc": 0.90, "model_kind": "raw"},
+            ],
+        )
     monkeypatch.setenv(DB_ENV, str(path))
     return path
 
@@ -129,9 +139,13 @@ def test_matrix_shows_best_reidentification_per_attack_and_preset(populated_db):
     matrix = app().dataframe[0].value
     assert list(matrix.columns) == ["linear", "nc3", "nc7"]  # weakest encoding first
     expected = pd.DataFrame(
-        {"linear": [math.nan, 0.02, math.nan, 0.02], "nc3": [math.nan, math.nan, 0.1, 0.1],
-         "nc7": [0.05, 1.0, math.nan, 0.05]},
-        index=["chance", "gram-hungarian", "linear-inversion", CHANCE_ROW])
+        {
+            "linear": [math.nan, 0.02, math.nan, 0.02],
+            "nc3": [math.nan, math.nan, 0.1, 0.1],
+            "nc7": [0.05, 1.0, math.nan, 0.05],
+        },
+        index=["chance", "gram-hungarian", "linear-inversion", CHANCE_ROW],
+    )
     pd.testing.assert_frame_equal(matrix, expected, check_names=False)
 
 
@@ -211,8 +225,9 @@ def hostile_db(tmp_path, monkeypatch):
     score.attack_version, score.params, score.notes = EVIL_VERSION, {"caption": EVIL_PARAM}, [EVIL_PARAM]
     with Store(path) as store:
         store.record_score(score, team="mallory")
-        store.record_score(result("nc7-reid-a", "nc7", "gram-hungarian", 0.2, "2"), team=BUILTIN_TEAM,
-                           origin=ORIGIN_ORGANIZER)
+        store.record_score(
+            result("nc7-reid-a", "nc7", "gram-hungarian", 0.2, "2"), team=BUILTIN_TEAM, origin=ORIGIN_ORGANIZER
+        )
     monkeypatch.setenv(DB_ENV, str(path))
     return path
 
@@ -236,10 +251,14 @@ def test_strings_from_a_file_reach_the_page_as_plain_text_only(hostile_db):
 def test_test_release_is_marked_on_the_board(tmp_path, monkeypatch):
     path = tmp_path / "test-release.db"
     with Store(path) as store:
-        store.record_score(result("nc7-reid-t", "nc7", "gram-hungarian", 1.0, "1", test_release=True),
-                           team=BUILTIN_TEAM, origin=ORIGIN_ORGANIZER)
-        store.record_score(result("nc7-reid-s", "nc7", "gram-hungarian", 0.1, "2"), team=BUILTIN_TEAM,
-                           origin=ORIGIN_ORGANIZER)
+        store.record_score(
+            result("nc7-reid-t", "nc7", "gram-hungarian", 1.0, "1", test_release=True),
+            team=BUILTIN_TEAM,
+            origin=ORIGIN_ORGANIZER,
+        )
+        store.record_score(
+            result("nc7-reid-s", "nc7", "gram-hungarian", 0.1, "2"), team=BUILTIN_TEAM, origin=ORIGIN_ORGANIZER
+        )
     monkeypatch.setenv(DB_ENV, str(path))
     at = app()
     assert any("test releases (key public)" in w.value for w in at.warning)  # under the matrix
@@ -267,8 +286,12 @@ def _get(url):
 def _serve(db, port):
     ncbench = Path(sys.executable).with_name("ncbench")
     # A session of its own, so that cleanup can reach anything the server leaves behind.
-    return subprocess.Popen([str(ncbench), "leaderboard", "serve", "--db", str(db), "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    return subprocess.Popen(
+        [str(ncbench), "leaderboard", "serve", "--db", str(db), "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
 
 
 def _wait_for_health(process, port):

@@ -36,11 +36,21 @@ TINY = dict(width=256, image_size=64, patch_size=8, bn_batch=32)
 def releases(tmp_path_factory):
     root = tmp_path_factory.mktemp("releases")
     built = {}
-    for preset, task, n in [("nc3", "reid", 48), ("nc7", "reid", 48), ("linear", "invert", 48),
-                            ("linear", "transfer", 64)]:
+    for preset, task, n in [
+        ("nc3", "reid", 48),
+        ("nc7", "reid", 48),
+        ("linear", "invert", 48),
+        ("linear", "transfer", 64),
+    ]:
         out = root / f"{preset}-{task}"
-        build_release(out, config=resolve_config(preset, **TINY), plan=BuildPlan.for_task(task, n),
-                      source="sample", seed=3, test_release=True)
+        build_release(
+            out,
+            config=resolve_config(preset, **TINY),
+            plan=BuildPlan.for_task(task, n),
+            source="sample",
+            seed=3,
+            test_release=True,
+        )
         built[preset, task] = out
     return built
 
@@ -58,12 +68,16 @@ def _run(name, path, **params):
 
 
 def test_gram_hungarian_reidentifies_nc3(releases):
-    assert _reid_accuracy(releases["nc3", "reid"], _run("gram-hungarian", releases["nc3", "reid"], self_width=256)) >= 0.9
+    assert (
+        _reid_accuracy(releases["nc3", "reid"], _run("gram-hungarian", releases["nc3", "reid"], self_width=256)) >= 0.9
+    )
 
 
 def test_gram_hungarian_beats_chance_far_on_nc7(releases):
     # 48 near-duplicate views at width 256: measured 0.875; chance is 1/48.
-    assert _reid_accuracy(releases["nc7", "reid"], _run("gram-hungarian", releases["nc7", "reid"], self_width=256)) >= 0.6
+    assert (
+        _reid_accuracy(releases["nc7", "reid"], _run("gram-hungarian", releases["nc7", "reid"], self_width=256)) >= 0.6
+    )
 
 
 def test_gram_hungarian_is_deterministic_for_a_seed(releases):
@@ -109,7 +123,9 @@ def test_carlini_2021_without_clone_rounds_stops_after_boosting(releases):
 
 @pytest.mark.parametrize("preset", ["linear", "nc3", "nc7"])
 def test_clone_encoder_with_the_true_key_is_the_encoder(preset, tiny_images):
-    config = resolve_config(preset, width=16, image_size=32, patch_size=8, bn_batch=12, depth=2 if preset == "nc7" else None)
+    config = resolve_config(
+        preset, width=16, image_size=32, patch_size=8, bn_batch=12, depth=2 if preset == "nc7" else None
+    )
     key = sample_key(config, 1)
     clone = CloneEncoder(config, hidden=config.width, outputs=config.width)
     with torch.no_grad():
@@ -183,6 +199,7 @@ def test_registry_refuses_a_duplicate_name():
 
 def test_bad_plugin_declaration_is_refused_at_class_creation():
     with pytest.raises(TypeError, match="unknown task"):
+
         class Broken(Attack):  # noqa: F841
             name, version, tasks, knowledge, description = "b", "1", ("steal",), (), "x"
 
@@ -190,8 +207,18 @@ def test_bad_plugin_declaration_is_refused_at_class_creation():
 def test_template_plugin_loads_from_file_and_runs(releases, tmp_path):
     cls = load_from_file(str(Path("attacks/template.py").resolve()) + ":MeanPatchNearest")
     out = tmp_path / "sub.h5"
-    result = CliRunner().invoke(main, ["attack", "run", "attacks/template.py:MeanPatchNearest",
-                                       "--release", str(releases["nc3", "reid"]), "--out", str(out)])
+    result = CliRunner().invoke(
+        main,
+        [
+            "attack",
+            "run",
+            "attacks/template.py:MeanPatchNearest",
+            "--release",
+            str(releases["nc3", "reid"]),
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert read_submission(out).attack == cls.name
 
@@ -199,7 +226,9 @@ def test_template_plugin_loads_from_file_and_runs(releases, tmp_path):
 def test_plugin_file_that_fails_to_import_is_one_line(tmp_path):
     plugin = tmp_path / "bad.py"
     plugin.write_text("import does_not_exist\n")
-    result = CliRunner().invoke(main, ["attack", "run", f"{plugin}:X", "--release", "x", "--out", str(tmp_path / "s.h5")])
+    result = CliRunner().invoke(
+        main, ["attack", "run", f"{plugin}:X", "--release", "x", "--out", str(tmp_path / "s.h5")]
+    )
     assert result.exit_code == 2
     assert "failed to import" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "s.h5").exists()
@@ -216,8 +245,22 @@ def test_cli_run_on_a_file_that_is_not_a_release_writes_nothing(tmp_path):
 
 def test_cli_run_records_parameters_runtime_and_stages(releases, tmp_path):
     out = tmp_path / "sub.h5"
-    result = CliRunner().invoke(main, ["attack", "run", "gram-hungarian", "--release", str(releases["nc3", "reid"]),
-                                       "--out", str(out), "--param", "self_width=64", "--seed", "5"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "attack",
+            "run",
+            "gram-hungarian",
+            "--release",
+            str(releases["nc3", "reid"]),
+            "--out",
+            str(out),
+            "--param",
+            "self_width=64",
+            "--seed",
+            "5",
+        ],
+    )
     assert result.exit_code == 0, result.output
     submission = read_submission(out)
     assert submission.params["self_width"] == 64 and submission.params["seed"] == 5
@@ -233,14 +276,20 @@ def test_attack_list_names_every_builtin():
 @pytest.mark.slow
 def test_gram_hungarian_full_size_nc7(tmp_path):
     out = tmp_path / "nc7"
-    build_release(out, config=resolve_config("nc7"), plan=BuildPlan.for_task("reid", 1000), source="sample", seed=7,
-                  test_release=True)
+    build_release(
+        out,
+        config=resolve_config("nc7"),
+        plan=BuildPlan.for_task("reid", 1000),
+        source="sample",
+        seed=7,
+        test_release=True,
+    )
     assert _reid_accuracy(out, _run("gram-hungarian", out)) >= 0.99
 
 
 # -- hostile plugins (issue 10, item 9) ----------------------------------------------------------
 
-PLUGIN = '''
+PLUGIN = """
 from ncbench.attacks import Attack, Submission
 
 
@@ -253,7 +302,7 @@ class Plugin(Attack):
 
     def run(self, release):
         {body}
-'''
+"""
 
 
 def _plugin(tmp_path, name="my-attack", body="raise ValueError('no luck\\nat all')"):
@@ -305,24 +354,29 @@ def test_plugin_naming_the_attack_base_class_is_refused_in_one_line(releases, tm
 
 def test_abstract_plugin_class_is_refused_in_one_line(releases, tmp_path):
     path = tmp_path / "half.py"
-    path.write_text("import abc\nfrom ncbench.attacks import Attack\n\n"
-                    "class Half(Attack):\n    name, version, tasks, knowledge, description = "
-                    "'half', '1', ('reid',), (), 'x'\n\n    @abc.abstractmethod\n    def extra(self): ...\n")
+    path.write_text(
+        "import abc\nfrom ncbench.attacks import Attack\n\n"
+        "class Half(Attack):\n    name, version, tasks, knowledge, description = "
+        "'half', '1', ('reid',), (), 'x'\n\n    @abc.abstractmethod\n    def extra(self): ...\n"
+    )
     result = _run_plugin(f"{path}:Half", releases["nc3", "reid"], tmp_path / "sub.h5")
     _assert_one_line(result, "Half is abstract", "extra")
 
 
-@pytest.mark.parametrize("name", [
-    "gram-hungarian",  # the built-in's own name
-    "Gram-Hungarian",  # case
-    "gram-hungar\u0456an",  # Cyrillic i
-    "\uff47\uff52\uff41\uff4d-hungarian",  # fullwidth
-    "gram-hungaria\u0301n",  # combining accent
-    "grarn-hungarian",  # rn for m
-    "gramhungarian",  # hyphen dropped
-    "0racle",  # zero for o
-    "oracle",
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "gram-hungarian",  # the built-in's own name
+        "Gram-Hungarian",  # case
+        "gram-hungar\u0456an",  # Cyrillic i
+        "\uff47\uff52\uff41\uff4d-hungarian",  # fullwidth
+        "gram-hungaria\u0301n",  # combining accent
+        "grarn-hungarian",  # rn for m
+        "gramhungarian",  # hyphen dropped
+        "0racle",  # zero for o
+        "oracle",
+    ],
+)
 def test_plugin_cannot_take_a_builtin_name_or_a_look_alike(releases, tmp_path, name):
     out = tmp_path / "sub.h5"
     result = _run_plugin(f"{_plugin(tmp_path, name=name)}:Plugin", releases["nc3", "reid"], out)
@@ -347,8 +401,11 @@ def test_plugin_names_are_plain_ascii_and_never_pass_for_a_builtin(name):
     assert all(name_skeleton(name) != name_skeleton(taken) for taken in builtins)
 
 
-@given(name=st.sampled_from(["gram-hungarian", "linear-inversion", "distribution-alignment", "chance", "oracle"]),
-       upper=st.lists(st.booleans(), min_size=30, max_size=30), width=st.booleans())
+@given(
+    name=st.sampled_from(["gram-hungarian", "linear-inversion", "distribution-alignment", "chance", "oracle"]),
+    upper=st.lists(st.booleans(), min_size=30, max_size=30),
+    width=st.booleans(),
+)
 def test_case_and_width_variants_of_builtin_names_are_refused(name, upper, width):
     variant = "".join(c.upper() if u else c for c, u in zip(name, upper))
     if width:

@@ -27,10 +27,23 @@ class Browser:
     def __init__(self, url: str):
         self.profile = tempfile.mkdtemp()
         self.process = subprocess.Popen(
-            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={self.profile}", "--remote-debugging-port=0", url],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                CHROMIUM,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                f"--user-data-dir={self.profile}",
+                "--remote-debugging-port=0",
+                url,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         active = Path(self.profile) / "DevToolsActivePort"
         deadline = time.monotonic() + 30
         while not (active.is_file() and active.read_text().strip()):
@@ -45,13 +58,15 @@ class Browser:
         async def call():
             connection = await websocket_connect(self.endpoint)
             self.calls += 1
-            connection.write_message(json.dumps({"id": self.calls, "method": "Runtime.evaluate",
-                                                 "params": {"expression": expression}}))
+            connection.write_message(
+                json.dumps({"id": self.calls, "method": "Runtime.evaluate", "params": {"expression": expression}})
+            )
             while True:
                 message = json.loads(await connection.read_message())
                 if message.get("id") == self.calls:
                     connection.close()
                     return message["result"]["result"].get("value")
+
         return asyncio.run(call())
 
     def wait_for_text(self, needle: str, timeout: float = 60) -> str:
@@ -69,8 +84,21 @@ class Browser:
 
 
 def test_a_visitor_sees_a_team_scored_through_the_api(tmp_path):
-    built = ncbench("challenge", "build", "--preset", "nc3", "--task", "reid", "--source", "phantom", "--n", 16,
-                    *TINY, "--out", tmp_path / "release")
+    built = ncbench(
+        "challenge",
+        "build",
+        "--preset",
+        "nc3",
+        "--task",
+        "reid",
+        "--source",
+        "phantom",
+        "--n",
+        16,
+        *TINY,
+        "--out",
+        tmp_path / "release",
+    )
     assert built.returncode == 0, built.stderr
     store = tmp_path / "store"
     challenge_id = ncbench("challenge", "publish", tmp_path / "release", "--store", store).stdout.split()[-1]
@@ -89,8 +117,9 @@ def test_a_visitor_sees_a_team_scored_through_the_api(tmp_path):
         assert "Best re-identification" in front, front
         assert "Deploy" not in front  # viewer mode: no developer toolbar for visitors
         # Open the Self-reported page as a visitor would: click its entry in the sidebar.
-        browser.evaluate("[...document.querySelectorAll('label')].find(l => l.innerText.trim() === "
-                         "'Self-reported').click()")
+        browser.evaluate(
+            "[...document.querySelectorAll('label')].find(l => l.innerText.trim() === 'Self-reported').click()"
+        )
         page = browser.wait_for_text("visible-team/chance")
         assert "visible-team/chance" in page, page
         assert "None" not in page

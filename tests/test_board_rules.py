@@ -31,13 +31,15 @@ from ncbench.leaderboard.store import (
 from ncbench.leaderboard.tables import FORMULA_STARTS, escape_markdown, to_csv, to_markdown
 from ncbench.names import name_skeleton
 
-ASCII_NAME = st.text(alphabet=string.ascii_lowercase + string.digits + "_.-", min_size=1, max_size=MAX_TEAM_NAME).filter(
-    lambda name: name[0].isalnum())
+ASCII_NAME = st.text(
+    alphabet=string.ascii_lowercase + string.digits + "_.-", min_size=1, max_size=MAX_TEAM_NAME
+).filter(lambda name: name[0].isalnum())
 # Letters and digits that fold to ASCII letters: fullwidth forms, mathematical alphanumerics.
 FULLWIDTH = {c: chr(ord(c) - 0x21 + 0xFF01) for c in string.ascii_letters + string.digits}
 
 
 # -- team names --------------------------------------------------------------------------------
+
 
 @given(st.text(max_size=80))
 def test_every_team_name_is_refused_or_canonical(name):
@@ -69,14 +71,22 @@ def test_a_team_name_with_a_cyrillic_look_alike_is_refused(name, data):
     cyrillic = dict(zip("aeopcx", "\u0430\u0435\u043e\u0440\u0441\u0445"))
     position = data.draw(st.sampled_from([i for i, c in enumerate(name) if c in cyrillic]))
     with pytest.raises(NcbenchError, match="team name"):
-        check_team_name(name[:position] + cyrillic[name[position]] + name[position + 1:])
+        check_team_name(name[:position] + cyrillic[name[position]] + name[position + 1 :])
 
 
 # -- built-in attack names ---------------------------------------------------------------------
 
-LOOKALIKE_LETTERS = {"a": ["\u0430", "\u03b1"], "e": ["\u0435"], "o": ["\u043e", "\u03bf", "0"],
-                     "c": ["\u0441"], "p": ["\u0440"], "i": ["\u0456", "1", "l"], "l": ["1", "I", "\u0456"],
-                     "m": ["rn"], "n": ["\u0578"]}
+LOOKALIKE_LETTERS = {
+    "a": ["\u0430", "\u03b1"],
+    "e": ["\u0435"],
+    "o": ["\u043e", "\u03bf", "0"],
+    "c": ["\u0441"],
+    "p": ["\u0440"],
+    "i": ["\u0456", "1", "l"],
+    "l": ["1", "I", "\u0456"],
+    "m": ["rn"],
+    "n": ["\u0578"],
+}
 
 
 @given(st.sampled_from(builtin_attack_names()), st.data())
@@ -91,8 +101,10 @@ def test_disguised_builtin_names_are_recognised(name, data):
     assert name_skeleton(disguised) == name_skeleton(name), disguised
 
 
-@given(st.sampled_from(builtin_attack_names()), st.text(alphabet=string.ascii_lowercase + string.digits, min_size=1,
-                                                       max_size=6))
+@given(
+    st.sampled_from(builtin_attack_names()),
+    st.text(alphabet=string.ascii_lowercase + string.digits, min_size=1, max_size=6),
+)
 def test_a_name_that_only_starts_like_a_builtin_is_a_team_name(name, suffix):
     assert name_skeleton(f"{name}-{suffix}") != name_skeleton(name)
 
@@ -104,7 +116,8 @@ def test_names_in_other_scripts_are_not_taken_for_builtins(name):
 
 def test_the_builtin_names_are_the_ncbench_entry_points():
     assert {"gram-hungarian", "linear-inversion", "distribution-alignment", "chance", "oracle"} <= set(
-        builtin_attack_names())
+        builtin_attack_names()
+    )
 
 
 @given(st.sampled_from(sorted(MAX_LENGTHS)), st.integers(min_value=0, max_value=20_000))
@@ -121,9 +134,23 @@ def test_every_stored_string_has_a_limit(field, length):
 
 HOSTILE = st.one_of(
     st.text(max_size=40),
-    st.sampled_from(['=HYPERLINK("http://evil.invalid","win")', "@SUM(1+1)*cmd|' /C calc'!A0", "+1+1", "-2+3",
-                     "\t=1", "\r=1", "x\r=1+1", "x\n@SUM(1)", "<script>alert(1)</script>", "[x](javascript:alert(1))",
-                     "![p](http://evil.invalid/p.png)", "a|b", "**bold** _it_ `code` \\"]),
+    st.sampled_from(
+        [
+            '=HYPERLINK("http://evil.invalid","win")',
+            "@SUM(1+1)*cmd|' /C calc'!A0",
+            "+1+1",
+            "-2+3",
+            "\t=1",
+            "\r=1",
+            "x\r=1+1",
+            "x\n@SUM(1)",
+            "<script>alert(1)</script>",
+            "[x](javascript:alert(1))",
+            "![p](http://evil.invalid/p.png)",
+            "a|b",
+            "**bold** _it_ `code` \\",
+        ]
+    ),
 )
 
 
@@ -161,13 +188,17 @@ def test_markdown_table_keeps_its_columns_whatever_the_cells(rows):
 
 
 def test_markdown_export_escapes_links_images_and_html():
-    text = to_markdown(pd.DataFrame({"attack": ["<script>alert(1)</script>", "[x](javascript:alert(1))",
-                                                "![p](http://evil.invalid/p.png)"]}))
+    text = to_markdown(
+        pd.DataFrame(
+            {"attack": ["<script>alert(1)</script>", "[x](javascript:alert(1))", "![p](http://evil.invalid/p.png)"]}
+        )
+    )
     assert "<script>" not in text and "](" not in text and "![" not in text
     assert "&lt;script&gt;" in text and "\\[x\\]\\(javascript:alert\\(1\\)\\)" in text
 
 
 # -- the Ladder --------------------------------------------------------------------------------
+
 
 @settings(max_examples=200)
 @given(st.lists(st.floats(min_value=0, max_value=1), min_size=1, max_size=60), st.integers(min_value=4, max_value=5000))
@@ -182,6 +213,7 @@ def test_ladder_changes_its_shown_score_a_bounded_number_of_times(values, n_publ
 
 
 # -- the swap probe of issue 10, through the store ---------------------------------------------
+
 
 def probe_results(split, start_correct, pairs, team="mallory"):
     """Shown and exact public accuracies of a probe: a starting mapping, then one submission per
@@ -201,13 +233,20 @@ def probe_results(split, start_correct, pairs, team="mallory"):
     with tempfile.TemporaryDirectory() as folder, Store(Path(folder) / "board.db") as store:
         for k, mapping in enumerate(mappings):
             correct = mapping == truth
-            metrics = {s: {"n": float((split == s).sum()), "chance": 1 / n,
-                           "reid_accuracy": float(correct[split == s].mean())} for s in (0, 1)}
-            store.record_score(ScoreResult(info, "swap-probe", "1", {}, (), 1.0, f"{k:064x}", metrics), team=team,
-                               daily_limit=None)
+            metrics = {
+                s: {"n": float((split == s).sum()), "chance": 1 / n, "reid_accuracy": float(correct[split == s].mean())}
+                for s in (0, 1)
+            }
+            store.record_score(
+                ScoreResult(info, "swap-probe", "1", {}, (), 1.0, f"{k:064x}", metrics), team=team, daily_limit=None
+            )
         shown = store.results().sort_values("submission_id")["reid_accuracy"].to_numpy()
-        exact = store.results(include_private=True).query("split == 'public'").sort_values("submission_id")[
-            "reid_accuracy"].to_numpy()
+        exact = (
+            store.results(include_private=True)
+            .query("split == 'public'")
+            .sort_values("submission_id")["reid_accuracy"]
+            .to_numpy()
+        )
     return shown, exact, int(public.sum())
 
 
@@ -236,8 +275,11 @@ def test_six_swaps_of_a_perfect_mapping_learn_nothing_about_the_split():
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.integers(min_value=0, max_value=2**32 - 1), st.integers(min_value=16, max_value=64),
-       st.floats(min_value=0.2, max_value=1.0))
+@given(
+    st.integers(min_value=0, max_value=2**32 - 1),
+    st.integers(min_value=16, max_value=64),
+    st.floats(min_value=0.2, max_value=1.0),
+)
 def test_swap_probes_from_any_mapping_infer_no_more_than_chance(seed, n, fraction_correct):
     rng = np.random.default_rng(seed)
     split = rng.permutation(np.arange(n) % 2)

@@ -31,7 +31,9 @@ def test_demo_scores_every_builtin_attack_on_every_release(demo_runs):
     out, first, counts, _ = demo_runs
     assert first.exit_code == 0, first.output
     assert counts["challenges"] == len(demo_module.DEMO_CHALLENGES)
-    attacks = [cls for name, cls in all_attacks().items() if "key" not in cls.knowledge and not name.startswith("template")]
+    attacks = [
+        cls for name, cls in all_attacks().items() if "key" not in cls.knowledge and not name.startswith("template")
+    ]
     expected = sum(task in cls.tasks for _, task in demo_module.DEMO_CHALLENGES for cls in attacks)
     assert expected >= 4 * 3  # at least gram-hungarian, linear-inversion, distribution-alignment on reid
     assert counts["submissions"] == expected

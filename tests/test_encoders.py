@@ -129,8 +129,13 @@ def test_encode_stream_holds_no_batch_once_the_consumer_drops_it(tiny_images):
 
 @pytest.mark.parametrize(
     "preset, depth, mix, shuffle, stem_relu",
-    [("linear", 0, False, False, False), ("nc3-noshuffle", 0, True, False, True), ("nc3", 0, True, True, True),
-     ("nc7", 4, True, True, True), ("nc47", 44, True, True, True)],
+    [
+        ("linear", 0, False, False, False),
+        ("nc3-noshuffle", 0, True, False, True),
+        ("nc3", 0, True, True, True),
+        ("nc7", 4, True, True, True),
+        ("nc47", 44, True, True, True),
+    ],
 )
 def test_preset_structure_matches_the_table(preset, depth, mix, shuffle, stem_relu):
     config = PRESETS[preset]
@@ -177,6 +182,7 @@ def test_bad_overrides_are_refused():
 
 
 # -- precision follows the hardware -------------------------------------------------------------
+
 
 @pytest.fixture
 def cpu_probe(monkeypatch):
@@ -238,17 +244,47 @@ def test_auto_encoder_output_equals_the_chosen_precision(cpu_probe, tiny_images,
 def test_release_records_the_resolved_precision_never_auto(cpu_probe, tmp_path, bf16_fast, chosen):
     cpu_probe({"avx512_bf16"}, bf16_fast=bf16_fast)
     config = resolve_config("nc7", width=32, image_size=32, patch_size=8, bn_batch=8, precision="auto")
-    out = build_release(tmp_path / "r", config=config, plan=BuildPlan.for_task("reid", 8), source="phantom",
-                        seed=1, test_release=True, device="cpu")
+    out = build_release(
+        tmp_path / "r",
+        config=config,
+        plan=BuildPlan.for_task("reid", 8),
+        source="phantom",
+        seed=1,
+        test_release=True,
+        device="cpu",
+    )
     with open_release(out) as release, open_key(out) as key:
         assert release.config.precision == key.config.precision == chosen
 
 
 def test_cli_build_defaults_to_auto_precision(cpu_probe, tmp_path):
     cpu_probe({"avx2"}, bf16_fast=False)
-    result = CliRunner().invoke(main, ["challenge", "build", "--preset", "nc3", "--n", "4", "--source", "phantom",
-                                       "--seed", "3", "--test-release", "--width", "16", "--image-size", "32",
-                                       "--patch-size", "8", "--device", "cpu", "--out", str(tmp_path / "r")])
+    result = CliRunner().invoke(
+        main,
+        [
+            "challenge",
+            "build",
+            "--preset",
+            "nc3",
+            "--n",
+            "4",
+            "--source",
+            "phantom",
+            "--seed",
+            "3",
+            "--test-release",
+            "--width",
+            "16",
+            "--image-size",
+            "32",
+            "--patch-size",
+            "8",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "r"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     with open_release(tmp_path / "r") as release:
         assert release.config.precision == "fp32"

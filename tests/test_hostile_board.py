@@ -36,16 +36,22 @@ def run(*args):
 @pytest.fixture(scope="module")
 def challenge(tmp_path_factory):
     out = tmp_path_factory.mktemp("hostile") / "reid"
-    build_release(out, config=TINY, plan=BuildPlan.for_task("reid", N), source="phantom", seed=10, test_release=True,
-                  device="cpu")
+    build_release(
+        out, config=TINY, plan=BuildPlan.for_task("reid", N), source="phantom", seed=10, test_release=True, device="cpu"
+    )
     return out
 
 
 @pytest.fixture(scope="module")
 def truth(challenge):
     with open_release(challenge) as release, open_key(challenge) as key:
-        return (release.challenge_id, list(release.encoded_ids), list(release.plain_ids),
-                key.read("truth/plain_index").astype(int), key.read("truth/split").astype(int))
+        return (
+            release.challenge_id,
+            list(release.encoded_ids),
+            list(release.plain_ids),
+            key.read("truth/plain_index").astype(int),
+            key.read("truth/split").astype(int),
+        )
 
 
 def own_file(truth, path, *, attack="mallorys-solver", version="1.0", swap=None):
@@ -54,12 +60,25 @@ def own_file(truth, path, *, attack="mallorys-solver", version="1.0", swap=None)
     if swap is not None:
         i, j = swap
         mapping[i], mapping[j] = mapping[j], mapping[i]
-    return write_submission(path, Submission(challenge_id, attack, version, encoded_ids, mapping=mapping, runtime_s=1.0))
+    return write_submission(
+        path, Submission(challenge_id, attack, version, encoded_ids, mapping=mapping, runtime_s=1.0)
+    )
 
 
 def score(path, challenge, db, team="mallory", *extra):
-    return run("score", path, "--key", challenge / "private" / "key.h5", "--db", db, "--team", team,
-               "--daily-limit", 50, *extra)
+    return run(
+        "score",
+        path,
+        "--key",
+        challenge / "private" / "key.h5",
+        "--db",
+        db,
+        "--team",
+        team,
+        "--daily-limit",
+        50,
+        *extra,
+    )
 
 
 def counts(db):
@@ -103,8 +122,17 @@ def relabel(source, path, **attrs):
 
 def test_relabelled_oracle_output_never_reaches_the_organizer_matrix(challenge, organizer_db, tmp_path):
     db = organizer_db
-    made = run("attack", "run", "oracle", "--release", challenge, "--out", tmp_path / "oracle.h5",
-               "--param", f"key={challenge / 'private' / 'key.h5'}")
+    made = run(
+        "attack",
+        "run",
+        "oracle",
+        "--release",
+        challenge,
+        "--out",
+        tmp_path / "oracle.h5",
+        "--param",
+        f"key={challenge / 'private' / 'key.h5'}",
+    )
     assert made.exit_code == 0, made.output
     oracle = tmp_path / "oracle.h5"
     before = counts(db)
@@ -118,8 +146,9 @@ def test_relabelled_oracle_output_never_reaches_the_organizer_matrix(challenge, 
         "as gram-hungarian": relabel(oracle, tmp_path / "gh.h5", attack="gram-hungarian", knowledge='["architecture"]'),
         "as Cyrillic oracle": relabel(oracle, tmp_path / "cyr.h5", attack="\u043eracle", knowledge='["architecture"]'),
         "as CHANCE": relabel(oracle, tmp_path / "ch.h5", attack="CHANCE", knowledge="[]"),
-        "knowledge architecture": relabel(oracle, tmp_path / "arch.h5", attack="my-attack",
-                                          knowledge='["architecture"]'),
+        "knowledge architecture": relabel(
+            oracle, tmp_path / "arch.h5", attack="my-attack", knowledge='["architecture"]'
+        ),
         "knowledge left out": relabel(oracle, tmp_path / "none.h5", attack="other-attack", knowledge=None),
         "csv": as_csv,
     }
@@ -169,8 +198,9 @@ def test_look_alike_teams_share_one_daily_limit_checked_before_scoring(challenge
     before = counts(db)
     for k, team in enumerate(["TEAM", "\uff54\uff45\uff41\uff4d", "te\u0301am", " team "]):
         path = own_file(truth, tmp_path / f"{k + 1}.h5", swap=(0, k + 1))
-        result = run("score", path, "--key", challenge / "private" / "key.h5", "--db", db, "--team", team,
-                      "--daily-limit", 1)
+        result = run(
+            "score", path, "--key", challenge / "private" / "key.h5", "--db", db, "--team", team, "--daily-limit", 1
+        )
         assert_refused(result, db, before, "team 'team' has used its 1")
         assert "scoring" not in result.stderr  # refused before the scorer ran
     path = own_file(truth, tmp_path / "cyr.h5", swap=(0, 9))
@@ -180,9 +210,11 @@ def test_look_alike_teams_share_one_daily_limit_checked_before_scoring(challenge
 
 def test_exports_defuse_formulas_and_escape_markup(challenge, truth, tmp_path):
     db = tmp_path / "board.db"
-    hostile = [('=HYPERLINK("http://evil.invalid","win")', "@SUM(1+1)"),
-               ("<script>alert(1)</script>", "[x](javascript:alert(1))"),
-               ("![p](http://evil.invalid/p.png)", "+1|-1")]
+    hostile = [
+        ('=HYPERLINK("http://evil.invalid","win")', "@SUM(1+1)"),
+        ("<script>alert(1)</script>", "[x](javascript:alert(1))"),
+        ("![p](http://evil.invalid/p.png)", "+1|-1"),
+    ]
     for k, (attack, version) in enumerate(hostile):
         path = own_file(truth, tmp_path / f"{k}.h5", attack=attack, version=version, swap=(0, k + 1))
         result = score(path, challenge, db)
@@ -197,8 +229,9 @@ def test_exports_defuse_formulas_and_escape_markup(challenge, truth, tmp_path):
     markdown = run("leaderboard", "export", "--db", db, "--format", "markdown").stdout
     assert "<script" not in markdown and "](" not in markdown and "![" not in markdown
     assert "&lt;script&gt;" in markdown
-    assert all(len(re.findall(r"(?<!\\)\|", re.sub(r"\\\\", "", line))) == len(rows[0]) + 1
-               for line in markdown.splitlines())
+    assert all(
+        len(re.findall(r"(?<!\\)\|", re.sub(r"\\\\", "", line))) == len(rows[0]) + 1 for line in markdown.splitlines()
+    )
 
 
 def test_swap_probe_through_score_reveals_nothing_about_the_split(challenge, truth, tmp_path):
@@ -215,8 +248,12 @@ def test_swap_probe_through_score_reveals_nothing_about_the_split(challenge, tru
         printed.append(float(re.search(r"reid_accuracy\s+([\d.]+)", result.stdout).group(1)))
     with Store(db) as store:
         shown = store.results().sort_values("submission_id")["reid_accuracy"].tolist()
-        exact = store.results(include_private=True).query("split == 'public'").sort_values("submission_id")[
-            "reid_accuracy"].tolist()
+        exact = (
+            store.results(include_private=True)
+            .query("split == 'public'")
+            .sort_values("submission_id")["reid_accuracy"]
+            .tolist()
+        )
     n_public = int((split == 0).sum())
 
     def learned(scores):
@@ -231,11 +268,14 @@ def test_swap_probe_through_score_reveals_nothing_about_the_split(challenge, tru
     assert from_exact and all(split[r] == half for r, half in from_exact.items())  # the probe works...
     assert len(set(printed)) == 1 and len(set(shown)) == 1  # ...but not on what a team sees
     assert np.mean([split[r] == half for r, half in learned(shown).items()]) == pytest.approx(
-        np.mean(split[:12] == 1))  # every row guessed private: the fraction of private rows, chance
+        np.mean(split[:12] == 1)
+    )  # every row guessed private: the fraction of private rows, chance
 
 
-@pytest.mark.skipif("test_release" not in {f.name for f in dataclasses.fields(ChallengeInfo)},
-                    reason="the scorer's ChallengeInfo does not carry test_release yet")
+@pytest.mark.skipif(
+    "test_release" not in {f.name for f in dataclasses.fields(ChallengeInfo)},
+    reason="the scorer's ChallengeInfo does not carry test_release yet",
+)
 def test_a_test_release_is_marked_in_score_output_and_exports(challenge, truth, tmp_path):
     db = tmp_path / "board.db"
     result = score(own_file(truth, tmp_path / "a.h5"), challenge, db)

@@ -30,16 +30,19 @@ TINY = resolve_config("nc7", width=32, image_size=32, patch_size=8, bn_batch=8)
 N, P = 12, 16
 ADDRESS_LIMIT = 3 << 30  # a scorer with 3 GB of address space: any huge allocation would fail
 # Runs the CLI in a fresh interpreter with RLIMIT_AS set before anything is imported.
-LIMITED_CLI = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, ({limit}, {limit})); "
-               "from ncbench.cli import main; sys.argv[0] = 'ncbench'; main()")
+LIMITED_CLI = (
+    "import resource, sys; resource.setrlimit(resource.RLIMIT_AS, ({limit}, {limit})); "
+    "from ncbench.cli import main; sys.argv[0] = 'ncbench'; main()"
+)
 
 
 @pytest.fixture(scope="module")
 def challenge(tmp_path_factory):
     root = tmp_path_factory.mktemp("hostile")
     out = root / "reid"
-    build_release(out, config=TINY, plan=BuildPlan.for_task("reid", N), source="phantom", seed=11,
-                  test_release=True, device="cpu")
+    build_release(
+        out, config=TINY, plan=BuildPlan.for_task("reid", N), source="phantom", seed=11, test_release=True, device="cpu"
+    )
     with open_release(out) as release, open_key(out) as key:
         mapping = [release.plain_ids[j] for j in key.read("truth/plain_index")]
         good = Submission(release.challenge_id, "test-attack", "1.0", release.encoded_ids, mapping=mapping)
@@ -65,21 +68,51 @@ def declare(path, submission, name, shape, dtype="float64"):
     return path
 
 
-@pytest.mark.parametrize("name, shape, dtype", [
-    ("reconstructions", (12 << 30 >> 13, 32, 32), "float64"),  # 12 GiB in a part reid ignores
-    ("scores", (1 << 36, N), "float64"),  # 6.6 TB in a used part
-    ("patch_positions", (1 << 58, P), "int8"),  # 4 EiB in a used part
-])
+@pytest.mark.parametrize(
+    "name, shape, dtype",
+    [
+        ("reconstructions", (12 << 30 >> 13, 32, 32), "float64"),  # 12 GiB in a part reid ignores
+        ("scores", (1 << 36, N), "float64"),  # 6.6 TB in a used part
+        ("patch_positions", (1 << 58, P), "int8"),  # 4 EiB in a used part
+    ],
+)
 def test_declared_huge_submission_ends_in_one_line_under_an_address_limit(challenge, tmp_path, name, shape, dtype):
     out, good = challenge
     db = tmp_path / "board.db"
-    assert CliRunner().invoke(main, ["score", str(write_submission(tmp_path / "good.h5", good)), "--key",
-                                     str(key_of(out)), "--db", str(db), "--team", "alice"]).exit_code == 0
+    assert (
+        CliRunner()
+        .invoke(
+            main,
+            [
+                "score",
+                str(write_submission(tmp_path / "good.h5", good)),
+                "--key",
+                str(key_of(out)),
+                "--db",
+                str(db),
+                "--team",
+                "alice",
+            ],
+        )
+        .exit_code
+        == 0
+    )
     before = counts(db)
     path = declare(tmp_path / "huge.h5", good, name, shape, dtype)
     assert path.stat().st_size < 100_000
-    command = [sys.executable, "-c", LIMITED_CLI.format(limit=ADDRESS_LIMIT), "score", str(path),
-               "--key", str(key_of(out)), "--db", str(db), "--team", "mallory"]
+    command = [
+        sys.executable,
+        "-c",
+        LIMITED_CLI.format(limit=ADDRESS_LIMIT),
+        "score",
+        str(path),
+        "--key",
+        str(key_of(out)),
+        "--db",
+        str(db),
+        "--team",
+        "mallory",
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2, result.stderr
@@ -90,9 +123,19 @@ def test_declared_huge_submission_ends_in_one_line_under_an_address_limit(challe
 
 def test_a_legitimate_submission_scores_under_the_same_address_limit(challenge, tmp_path):
     out, good = challenge
-    command = [sys.executable, "-c", LIMITED_CLI.format(limit=ADDRESS_LIMIT), "score",
-               str(write_submission(tmp_path / "good.h5", good)), "--key", str(key_of(out)),
-               "--db", str(tmp_path / "board.db"), "--team", "alice"]
+    command = [
+        sys.executable,
+        "-c",
+        LIMITED_CLI.format(limit=ADDRESS_LIMIT),
+        "score",
+        str(write_submission(tmp_path / "good.h5", good)),
+        "--key",
+        str(key_of(out)),
+        "--db",
+        str(tmp_path / "board.db"),
+        "--team",
+        "alice",
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "recorded as submission 1" in result.stdout
@@ -104,21 +147,28 @@ def test_tampered_release_is_refused_by_the_cli_and_writes_nothing(challenge, tm
     shutil.copytree(out, copy)
     db = tmp_path / "board.db"
     path = write_submission(tmp_path / "good.h5", good)
-    assert CliRunner().invoke(main, ["score", str(path), "--key", str(key_of(copy)), "--db", str(db),
-                                     "--team", "alice"]).exit_code == 0
+    assert (
+        CliRunner()
+        .invoke(main, ["score", str(path), "--key", str(key_of(copy)), "--db", str(db), "--team", "alice"])
+        .exit_code
+        == 0
+    )
     before = counts(db)
     with h5py.File(copy / "public" / "release.h5", "a") as release:
         release.attrs["preset"] = "nc47"
-    result = CliRunner().invoke(main, ["score", str(path), "--key", str(key_of(copy)), "--db", str(db),
-                                       "--team", "bob"])
+    result = CliRunner().invoke(
+        main, ["score", str(path), "--key", str(key_of(copy)), "--db", str(db), "--team", "bob"]
+    )
     assert result.exit_code == 2
     assert result.stderr.strip().splitlines() == [
         f"error: {copy / 'public' / 'release.h5'} is not the release this key was issued with "
-        f"(its sha256 differs from the key's record)"]
+        f"(its sha256 differs from the key's record)"
+    ]
     assert counts(db) == before
 
 
 # -- what the untrusted reader must still accept ------------------------------------------------------
+
 
 def rewrite(path, good, **options):
     """``good``'s mapping file rewritten with h5py ``options`` instead of the project's filters."""
@@ -131,14 +181,17 @@ def rewrite(path, good, **options):
     return path
 
 
-@pytest.mark.parametrize("options", [
-    {},  # contiguous, unfiltered
-    {"chunks": True},  # h5py's own chunk guess
-    {"chunks": True, "compression": "gzip", "compression_opts": 9},
-    {"chunks": (5,), "shuffle": True, "fletcher32": True},
-    {"chunks": (3,), "compression": "gzip", "shuffle": True, "fletcher32": True},
-    {"dtype": h5py.string_dtype()},  # variable-length strings
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},  # contiguous, unfiltered
+        {"chunks": True},  # h5py's own chunk guess
+        {"chunks": True, "compression": "gzip", "compression_opts": 9},
+        {"chunks": (5,), "shuffle": True, "fletcher32": True},
+        {"chunks": (3,), "compression": "gzip", "shuffle": True, "fletcher32": True},
+        {"dtype": h5py.string_dtype()},  # variable-length strings
+    ],
+)
 def test_legitimate_layouts_are_still_scored(challenge, tmp_path, options):
     out, good = challenge
     path = rewrite(tmp_path / "sub.h5", good, **options)
@@ -156,8 +209,14 @@ def test_a_hard_link_loop_is_walked_once(challenge, tmp_path):
 
 def test_attack_tooling_reads_without_limits_but_with_the_layout_checks(challenge, tmp_path):
     out, good = challenge
-    good = Submission(good.challenge_id, good.attack, good.attack_version, good.encoded_ids, mapping=good.mapping,
-                      reconstructions=np.zeros((N, 32, 32), np.float32))
+    good = Submission(
+        good.challenge_id,
+        good.attack,
+        good.attack_version,
+        good.encoded_ids,
+        mapping=good.mapping,
+        reconstructions=np.zeros((N, 32, 32), np.float32),
+    )
     assert read_submission(write_submission(tmp_path / "sub.h5", good)).reconstructions.shape == (N, 32, 32)
     with h5py.File(tmp_path / "sub.h5", "a") as handle:
         handle["scores"] = h5py.ExternalLink(str(key_of(out)), "/truth/plain_index")
@@ -166,6 +225,7 @@ def test_attack_tooling_reads_without_limits_but_with_the_layout_checks(challeng
 
 
 # -- the HDF5 primitives ------------------------------------------------------------------------------
+
 
 def small_file(path, **attrs):
     with h5py.File(path, "w") as handle:
@@ -180,8 +240,9 @@ def test_a_chunk_inflating_past_its_declared_size_is_refused_after_one_chunk(tmp
     squeezer = zlib.compressobj(9)
     bomb = b"".join(squeezer.compress(bytes(1 << 20)) for _ in range(64)) + squeezer.flush()  # 64 MiB of zeros
     with h5py.File(path, "a") as handle:
-        dataset = handle.create_dataset("values", shape=(256, 256), dtype="float64", chunks=(256, 256),
-                                        compression="gzip")  # one 512 kB chunk
+        dataset = handle.create_dataset(
+            "values", shape=(256, 256), dtype="float64", chunks=(256, 256), compression="gzip"
+        )  # one 512 kB chunk
         dataset.id.write_direct_chunk((0, 0), bomb)
     assert len(bomb) < 256 * 256 * 8  # the stored chunk is no larger than a legitimate one
     handle, datasets = open_untrusted(path, "test", 1)

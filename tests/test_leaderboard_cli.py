@@ -24,8 +24,9 @@ def run(*args):
 @pytest.fixture(scope="module")
 def challenge(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "reid"
-    build_release(out, config=TINY, plan=BuildPlan.for_task("reid", 16), source="phantom", seed=3, test_release=True,
-                  device="cpu")
+    build_release(
+        out, config=TINY, plan=BuildPlan.for_task("reid", 16), source="phantom", seed=3, test_release=True, device="cpu"
+    )
     return out
 
 
@@ -36,8 +37,9 @@ def own_file(challenge, path, *, swap=None, attack="alices-solver"):
         if swap is not None:
             i, j = swap
             mapping[i], mapping[j] = mapping[j], mapping[i]
-        submission = Submission(release.challenge_id, attack, "1.0", release.encoded_ids, mapping=mapping,
-                                runtime_s=3.0)
+        submission = Submission(
+            release.challenge_id, attack, "1.0", release.encoded_ids, mapping=mapping, runtime_s=3.0
+        )
     return write_submission(path, submission)
 
 
@@ -98,6 +100,7 @@ def test_daily_limit_is_checked_before_scoring(challenge, perfect, tmp_path, mon
 
     def must_not_score(*args, **kwargs):
         raise AssertionError("scored a submission over the daily limit")
+
     monkeypatch.setattr(scoring, "score_submission", must_not_score)
     result = score(other, challenge, db, "alice", "--daily-limit", 1)
     assert_one_line_error(result, "used its 1")
@@ -106,8 +109,15 @@ def test_daily_limit_is_checked_before_scoring(challenge, perfect, tmp_path, mon
 
 def test_chance_baseline_scores_near_chance(challenge, tmp_path):
     assert run("attack", "run", "chance", "--release", challenge, "--out", tmp_path / "chance.h5").exit_code == 0
-    result = run("score", tmp_path / "chance.h5", "--key", challenge / "private" / "key.h5", "--db",
-                 tmp_path / "board.db", "--builtin")
+    result = run(
+        "score",
+        tmp_path / "chance.h5",
+        "--key",
+        challenge / "private" / "key.h5",
+        "--db",
+        tmp_path / "board.db",
+        "--builtin",
+    )
     assert result.exit_code == 0, result.output
     assert "chance 0.0625" in result.stdout and f"for team {BUILTIN_TEAM} (organizer)" in result.stdout
 
@@ -127,8 +137,9 @@ def test_builtin_flag_records_organizer_rows_only_for_builtin_attacks(challenge,
     key = challenge / "private" / "key.h5"
     assert_one_line_error(run("score", perfect, "--key", key, "--db", db, "--builtin"), "is not a built-in attack")
     assert not db.exists()
-    assert_one_line_error(run("score", perfect, "--key", key, "--db", db, "--builtin", "--team", "alice"),
-                          "--builtin records under team")
+    assert_one_line_error(
+        run("score", perfect, "--key", key, "--db", db, "--builtin", "--team", "alice"), "--builtin records under team"
+    )
     assert_one_line_error(score(perfect, challenge, db, BUILTIN_TEAM), "reserved for the organizer")
     assert_one_line_error(score(perfect, challenge, db, "NCBENCH-Builtin"), "reserved for the organizer")
     assert not db.exists()
@@ -142,12 +153,15 @@ def test_a_team_file_is_self_reported_under_the_team_name(challenge, perfect, tm
     assert "beats your team's best shown score" in result.stdout
     with Store(db) as store:
         assert store.results()[["team", "attack", "origin"]].values.tolist() == [
-            ["alice", "alices-solver", "self-reported"]]
+            ["alice", "alices-solver", "self-reported"]
+        ]
 
 
 def test_oracle_baseline_is_refused_and_nothing_is_created(challenge, tmp_path):
     key = challenge / "private" / "key.h5"
-    made = run("attack", "run", "oracle", "--release", challenge, "--out", tmp_path / "oracle.h5", "--param", f"key={key}")
+    made = run(
+        "attack", "run", "oracle", "--release", challenge, "--out", tmp_path / "oracle.h5", "--param", f"key={key}"
+    )
     assert made.exit_code == 0, made.output
     db = tmp_path / "board.db"
     assert_one_line_error(score(tmp_path / "oracle.h5", challenge, db), "reads the secret key")
@@ -159,6 +173,7 @@ def test_scorer_crash_is_recorded_as_failed_and_not_counted(challenge, perfect, 
 
     def broken(*args, **kwargs):
         raise RuntimeError("bug in a metric")
+
     db = tmp_path / "board.db"
     with monkeypatch.context() as patch:
         patch.setattr(scoring, "compute_metrics", broken)
@@ -169,19 +184,24 @@ def test_scorer_crash_is_recorded_as_failed_and_not_counted(challenge, perfect, 
     assert score(perfect, challenge, db, "alice", "--daily-limit", 1).exit_code == 0
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["--team", "alice"], "Missing option '--key'"),
-    (["--key", "KEY", "--team", "alice", "--daily-limit", "0"], "--daily-limit must be at least 1"),
-    (["--key", "KEY", "--team", "alice", "--daily-limit", "many"], "'many' is not a valid integer"),
-    (["--key", "KEY", "--team", ""], "team name"),
-    (["--key", "KEY", "--team", "t\u0435am"], "team name"),  # Cyrillic e
-    (["--key", "KEY"], "--team is required"),
-    (["--key", "NOKEY", "--team", "alice"], "no such key file"),
-])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--team", "alice"], "Missing option '--key'"),
+        (["--key", "KEY", "--team", "alice", "--daily-limit", "0"], "--daily-limit must be at least 1"),
+        (["--key", "KEY", "--team", "alice", "--daily-limit", "many"], "'many' is not a valid integer"),
+        (["--key", "KEY", "--team", ""], "team name"),
+        (["--key", "KEY", "--team", "t\u0435am"], "team name"),  # Cyrillic e
+        (["--key", "KEY"], "--team is required"),
+        (["--key", "NOKEY", "--team", "alice"], "no such key file"),
+    ],
+)
 def test_bad_score_arguments_are_one_line_and_create_no_database(challenge, perfect, tmp_path, args, fragment):
     db = tmp_path / "board.db"
-    args = [str(challenge / "private" / "key.h5") if a == "KEY" else str(tmp_path / "key.h5") if a == "NOKEY" else a
-            for a in args]
+    args = [
+        str(challenge / "private" / "key.h5") if a == "KEY" else str(tmp_path / "key.h5") if a == "NOKEY" else a
+        for a in args
+    ]
     assert_one_line_error(run("score", perfect, "--db", db, *args), fragment)
     assert not db.exists()
 
@@ -221,8 +241,10 @@ def test_bad_leaderboard_arguments_are_one_line(tmp_path):
     assert_one_line_error(run("leaderboard", "frobnicate"), "No such command")
 
 
-@pytest.mark.parametrize("command", [["score"], ["leaderboard"], ["leaderboard", "serve"],
-                                     ["leaderboard", "export"], ["leaderboard", "close"]])
+@pytest.mark.parametrize(
+    "command",
+    [["score"], ["leaderboard"], ["leaderboard", "serve"], ["leaderboard", "export"], ["leaderboard", "close"]],
+)
 def test_every_command_has_help(command):
     result = run(*command, "--help")
     assert result.exit_code == 0 and "Usage:" in result.stdout

@@ -43,8 +43,15 @@ class World:
         self.dirs, self.ids, self.plain_ids, self.target_ids, self.challenge = {}, {}, {}, {}, {}
         for task in ("reid", "invert", "transfer"):
             out = root / task
-            build_release(out, config=TINY, plan=BuildPlan.for_task(task, N), source="phantom", seed=7,
-                          test_release=True, device="cpu")
+            build_release(
+                out,
+                config=TINY,
+                plan=BuildPlan.for_task(task, N),
+                source="phantom",
+                seed=7,
+                test_release=True,
+                device="cpu",
+            )
             with open_release(out) as release, open_key(out) as key:
                 self.dirs[task] = out
                 self.ids[task] = release.encoded_ids
@@ -67,9 +74,17 @@ class World:
         return Submission(self.challenge[task], "test-attack", "1.0", list(self.ids[task]), **parts)
 
     def attrs(self, task, **overrides):
-        attrs = {"format": "ncbench-submission", "schema_version": 1, "ncbench_version": "0.1.0",
-                 "challenge_id": self.challenge[task], "attack": "test-attack", "attack_version": "1.0",
-                 "params": "{}", "knowledge": "[]", "runtime_s": 1.0}
+        attrs = {
+            "format": "ncbench-submission",
+            "schema_version": 1,
+            "ncbench_version": "0.1.0",
+            "challenge_id": self.challenge[task],
+            "attack": "test-attack",
+            "attack_version": "1.0",
+            "params": "{}",
+            "knowledge": "[]",
+            "runtime_s": 1.0,
+        }
         attrs.update(overrides)
         return {k: v for k, v in attrs.items() if v is not None}
 
@@ -118,6 +133,7 @@ def truncated(draw, world):
     def writer(d):
         full = write_submission(d / "full.h5", world.submission("reid", mapping=world.mapping)).read_bytes()
         return _write_bytes(d / "sub.h5", full[: cut % len(full)])
+
     return "reid", writer
 
 
@@ -204,9 +220,12 @@ def bad_ids(draw, world, kind):
     return "reid", lambda d: write_h5(d / "sub.h5", world.attrs("reid"), datasets)
 
 
-PART_SHAPES = {"scores": ("reid", (N, N), "float32"), "patch_positions": ("reid", (N, P), "int16"),
-               "reconstructions": ("invert", (N, SIZE, SIZE), "float32"),
-               "encodings": ("transfer", (3, P, D), "float32")}
+PART_SHAPES = {
+    "scores": ("reid", (N, N), "float32"),
+    "patch_positions": ("reid", (N, P), "int16"),
+    "reconstructions": ("invert", (N, SIZE, SIZE), "float32"),
+    "encodings": ("transfer", (3, P, D), "float32"),
+}
 
 
 @st.composite
@@ -214,7 +233,9 @@ def bad_array(draw, world, part, kind):
     """``part`` with a wrong shape, a wrong dtype, or a bad value (NaN / inf, or out of range)."""
     task, shape, good_dtype = PART_SHAPES[part]
     if kind == "shape":
-        bad_shape = tuple(draw(st.lists(st.integers(0, 20), min_size=0, max_size=4).filter(lambda s: tuple(s) != shape)))
+        bad_shape = tuple(
+            draw(st.lists(st.integers(0, 20), min_size=0, max_size=4).filter(lambda s: tuple(s) != shape))
+        )
         values = np.zeros(bad_shape, good_dtype)
     elif kind == "dtype":
         wrong = ["S4", "bool", "complex64"] + (["float32", "float64"] if good_dtype == "int16" else [])
@@ -263,14 +284,26 @@ def bad_column_ids(draw, world, part, kind):
 # -- hostile files (issue 10) ------------------------------------------------------------------------
 
 USED = {"reid": ("mapping", "scores", "patch_positions"), "invert": ("reconstructions",), "transfer": ("encodings",)}
-IGNORED = {"reid": ("reconstructions", "encodings"), "invert": ("scores", "mapping", "encodings"),
-           "transfer": ("scores", "reconstructions", "mapping")}
-ROW_SHAPES = {"mapping": (), "scores": (N,), "patch_positions": (P,), "reconstructions": (SIZE, SIZE),
-              "encodings": (P, D), "junk": (64,)}
+IGNORED = {
+    "reid": ("reconstructions", "encodings"),
+    "invert": ("scores", "mapping", "encodings"),
+    "transfer": ("scores", "reconstructions", "mapping"),
+}
+ROW_SHAPES = {
+    "mapping": (),
+    "scores": (N,),
+    "patch_positions": (P,),
+    "reconstructions": (SIZE, SIZE),
+    "encodings": (P, D),
+    "junk": (64,),
+}
 DECLARED = st.sampled_from([int(3.2e9), 12 << 30, 1 << 40, 1 << 50, 1 << 62])  # 3.2 GB, 12 GiB .. 4 EiB
 # What a link may reach in the key, per task: the part it would answer and the truth it holds.
-KEY_TRUTH = {"reid": ("patch_positions", "truth/patch_perm"), "invert": ("reconstructions", "truth/images"),
-             "transfer": ("encodings", "truth/target_encodings")}
+KEY_TRUTH = {
+    "reid": ("patch_positions", "truth/patch_perm"),
+    "invert": ("reconstructions", "truth/images"),
+    "transfer": ("encodings", "truth/target_encodings"),
+}
 
 
 def _legit(world, task):
@@ -305,6 +338,7 @@ def declared_huge(draw, world, where):
         with h5py.File(path, "a") as handle:
             handle.create_dataset(part, shape=(rows, *row), dtype=dtype, chunks=chunks)
         return path
+
     return task, writer
 
 
@@ -333,6 +367,7 @@ def gzip_bomb(draw, world, kind):
             else:
                 dataset.id.write_direct_chunk((0, *[0] * len(row)), _compressed_zeros(hidden))
         return path
+
     return task, writer
 
 
@@ -372,9 +407,11 @@ def link_into_key(draw, world, kind, relative):
                 layout[...] = h5py.VirtualSource(target, truth, shape=shape)
                 handle.create_virtual_dataset(part, layout)
             else:  # external storage: the key file's bytes as the dataset's data
-                handle.create_dataset(part, shape=shape, dtype=dtype,
-                                      external=[(target, offset or 0, math.prod(shape) * dtype.itemsize)])
+                handle.create_dataset(
+                    part, shape=shape, dtype=dtype, external=[(target, offset or 0, math.prod(shape) * dtype.itemsize)]
+                )
         return path
+
     return task, writer
 
 
@@ -392,20 +429,29 @@ def bad_layout(draw, world, kind):
 
     def writer(d):
         # Attributes above 64 kB need the newer object headers.
-        path = write_h5(d / "sub.h5", attrs, {k: v for k, v in datasets.items() if kind != "filter" or k != part},
-                        libver="latest")
+        path = write_h5(
+            d / "sub.h5", attrs, {k: v for k, v in datasets.items() if kind != "filter" or k != part}, libver="latest"
+        )
         with h5py.File(path, "a") as handle:
             if kind == "filter":
-                options = draw(st.sampled_from([{"compression": "lzf"}, {"scaleoffset": 2},
-                                                {"compression": "gzip", "scaleoffset": 0}]))
+                options = draw(
+                    st.sampled_from(
+                        [{"compression": "lzf"}, {"scaleoffset": 2}, {"compression": "gzip", "scaleoffset": 0}]
+                    )
+                )
                 values = datasets[part]
                 if part == "mapping":
                     values = np.array([v.encode() for v in values], "S16")
                     options = {"compression": "lzf"}
                 handle.create_dataset(part, data=values, chunks=True, **options)
             elif kind == "huge-chunk":
-                handle.create_dataset("patch_positions", shape=(N, P), maxshape=(None, P), dtype="int64",
-                                      chunks=(draw(st.integers(1 << 19, 1 << 22)), P))
+                handle.create_dataset(
+                    "patch_positions",
+                    shape=(N, P),
+                    maxshape=(None, P),
+                    dtype="int64",
+                    chunks=(draw(st.integers(1 << 19, 1 << 22)), P),
+                )
             elif kind == "attribute":
                 target = handle if draw(st.booleans()) else handle["encoded_ids"]
                 target.attrs["blob"] = np.zeros(draw(st.integers((1 << 17) + 1, 1 << 19)), "float64")
@@ -418,6 +464,7 @@ def bad_layout(draw, world, kind):
                 for i in range(N):
                     ids[i] = np.arange(i + 1, dtype=np.int32)
         return path
+
     return task, writer
 
 
@@ -437,24 +484,52 @@ def csv_bomb(draw, world, kind):
 CASES = {
     **{f"random-bytes{s}": (lambda s: lambda w: random_bytes(w, s))(s) for s in (".h5", ".csv", ".hdf5")},
     "truncated-hdf5": truncated,
-    **{f"csv-{k}": (lambda k: lambda w: bad_csv(w, k))(k)
-       for k in ("header", "columns", "unknown-plain", "unknown-encoded", "missing", "duplicate")},
-    **{f"attrs-{k}": (lambda k: lambda w: bad_attrs(w, k))(k)
-       for k in ("format", "schema", "challenge", "oracle", "key-knowledge", "no-attack", "no-challenge",
-                 "params-json", "params-type", "knowledge-type", "runtime")},
-    **{f"ids-{k}": (lambda k: lambda w: bad_ids(w, k))(k)
-       for k in ("unknown", "missing", "duplicate", "mapping-length", "unknown-plain", "not-strings", "absent")},
-    **{f"{p}-{k}": (lambda p, k: lambda w: bad_array(w, p, k))(p, k)
-       for p in PART_SHAPES for k in ("shape", "dtype", "value")},
+    **{
+        f"csv-{k}": (lambda k: lambda w: bad_csv(w, k))(k)
+        for k in ("header", "columns", "unknown-plain", "unknown-encoded", "missing", "duplicate")
+    },
+    **{
+        f"attrs-{k}": (lambda k: lambda w: bad_attrs(w, k))(k)
+        for k in (
+            "format",
+            "schema",
+            "challenge",
+            "oracle",
+            "key-knowledge",
+            "no-attack",
+            "no-challenge",
+            "params-json",
+            "params-type",
+            "knowledge-type",
+            "runtime",
+        )
+    },
+    **{
+        f"ids-{k}": (lambda k: lambda w: bad_ids(w, k))(k)
+        for k in ("unknown", "missing", "duplicate", "mapping-length", "unknown-plain", "not-strings", "absent")
+    },
+    **{
+        f"{p}-{k}": (lambda p, k: lambda w: bad_array(w, p, k))(p, k)
+        for p in PART_SHAPES
+        for k in ("shape", "dtype", "value")
+    },
     **{f"missing-part-{t}": (lambda t: lambda w: missing_part(w, t))(t) for t in ("reid", "invert", "transfer")},
-    **{f"{p}-{k}": (lambda p, k: lambda w: bad_column_ids(w, p, k))(p, k)
-       for p in ("plain_ids", "target_ids") for k in ("unknown", "duplicate", "short")},
+    **{
+        f"{p}-{k}": (lambda p, k: lambda w: bad_column_ids(w, p, k))(p, k)
+        for p in ("plain_ids", "target_ids")
+        for k in ("unknown", "duplicate", "short")
+    },
     **{f"declared-huge-{k}": (lambda k: lambda w: declared_huge(w, k))(k) for k in ("used", "ignored", "unknown")},
     **{f"gzip-bomb-{k}": (lambda k: lambda w: gzip_bomb(w, k))(k) for k in ("declared", "chunk")},
-    **{f"key-{k}-{where}": (lambda k, r: lambda w: link_into_key(w, k, r))(k, where == "relative")
-       for k in ("external-link", "soft-link", "virtual", "external-storage") for where in ("absolute", "relative")},
-    **{f"layout-{k}": (lambda k: lambda w: bad_layout(w, k))(k)
-       for k in ("text-attribute", "string-heap", "filter", "huge-chunk", "attribute", "objects", "vlen-ids")},
+    **{
+        f"key-{k}-{where}": (lambda k, r: lambda w: link_into_key(w, k, r))(k, where == "relative")
+        for k in ("external-link", "soft-link", "virtual", "external-storage")
+        for where in ("absolute", "relative")
+    },
+    **{
+        f"layout-{k}": (lambda k: lambda w: bad_layout(w, k))(k)
+        for k in ("text-attribute", "string-heap", "filter", "huge-chunk", "attribute", "objects", "vlen-ids")
+    },
     **{f"csv-bomb-{k}": (lambda k: lambda w: csv_bomb(w, k))(k) for k in ("rows", "size")},
 }
 
@@ -472,9 +547,13 @@ def check_refused(world, kind, task, writer):
         assert store.counts() == world.counts, kind
 
 
-SETTINGS = settings(max_examples=8, deadline=None, derandomize=True, database=None,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
-                                           HealthCheck.filter_too_much])
+SETTINGS = settings(
+    max_examples=8,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
 
 
 @pytest.mark.parametrize("kind", sorted(CASES))

@@ -40,16 +40,22 @@ def folder(tmp_path):
         "Path,Sex,Cardiomegaly,Effusion\n"
         "cohort/p0/img0.png,Male,1.0,0.0\n"
         "cohort/p1/img1.png,Female,-1.0,\n"
-        "cohort/p0/img4.png,Male,0.0,1.0\n")
+        "cohort/p0/img4.png,Male,0.0,1.0\n"
+    )
     return root
 
 
 def test_manifest_round_trip(folder, tmp_path):
-    out = write_manifest(folder, tmp_path / "set.csv", name="cohort", licence="CC-BY-4.0",
-                         split_fractions={"train": 0.6, "val": 0.2, "test": 0.2}, seed=1)
+    out = write_manifest(
+        folder,
+        tmp_path / "set.csv",
+        name="cohort",
+        licence="CC-BY-4.0",
+        split_fractions={"train": 0.6, "val": 0.2, "test": 0.2},
+        seed=1,
+    )
     frame = read_manifest(out, root=folder)
-    assert list(frame.columns[:6]) == ["id", "path", "sha256", "split", "Cardiomegaly",
-                                       "Effusion"]
+    assert list(frame.columns[:6]) == ["id", "path", "sha256", "split", "Cardiomegaly", "Effusion"]
     assert list(frame["id"]) == [f"p{k % 2}/img{k}.png" for k in (0, 2, 4, 1, 3)]
     assert all(sha256_file(f) == s for f, s in zip(frame["file"], frame["sha256"]))
     assert frame["split"].value_counts().to_dict() == {"train": 3, "val": 1, "test": 1}
@@ -69,15 +75,14 @@ def test_without_fractions_every_file_is_test(folder, tmp_path):
 
 def test_splits_are_seeded(folder, tmp_path):
     fractions = {"train": 0.4, "test": 0.6}
-    first = write_manifest(folder, tmp_path / "a.csv", name="a", licence="x",
-                           split_fractions=fractions, seed=7)
-    again = write_manifest(folder, tmp_path / "b.csv", name="b", licence="x",
-                           split_fractions=fractions, seed=7)
+    first = write_manifest(folder, tmp_path / "a.csv", name="a", licence="x", split_fractions=fractions, seed=7)
+    again = write_manifest(folder, tmp_path / "b.csv", name="b", licence="x", split_fractions=fractions, seed=7)
     assert list(read_manifest(first)["split"]) == list(read_manifest(again)["split"])
 
 
-@given(count=st.integers(0, 200), weights=st.lists(st.integers(0, 10), min_size=1, max_size=4),
-       seed=st.integers(0, 2**32))
+@given(
+    count=st.integers(0, 200), weights=st.lists(st.integers(0, 10), min_size=1, max_size=4), seed=st.integers(0, 2**32)
+)
 @settings(max_examples=50, deadline=None)
 def test_split_sizes_follow_the_fractions(count, weights, seed):
     if sum(weights) == 0:
@@ -90,8 +95,9 @@ def test_split_sizes_follow_the_fractions(count, weights, seed):
 
 
 def test_manifest_source_loads_a_split_like_the_folder_source(folder, tmp_path):
-    out = write_manifest(folder, tmp_path / "set.csv", name="cohort", licence="x",
-                         split_fractions={"train": 0.6, "test": 0.4}, seed=0)
+    out = write_manifest(
+        folder, tmp_path / "set.csv", name="cohort", licence="x", split_fractions={"train": 0.6, "test": 0.4}, seed=0
+    )
     train = set(read_manifest(out).query("split == 'train'")["id"])
     images = load_images(f"manifest:{out}?root={folder}&split=train", n=3, seed=0, image_size=8)
     assert set(images.ids) == train and list(images.ids) == sorted(images.ids)
@@ -115,8 +121,9 @@ def test_modified_file_is_detected(folder, tmp_path):
 
 
 def test_more_images_than_the_split_holds(folder, tmp_path):
-    out = write_manifest(folder, tmp_path / "set.csv", name="cohort", licence="x",
-                         split_fractions={"train": 0.6, "test": 0.4})
+    out = write_manifest(
+        folder, tmp_path / "set.csv", name="cohort", licence="x", split_fractions={"train": 0.6, "test": 0.4}
+    )
     with pytest.raises(NcbenchError, match=r"set\.csv \(split test\) holds 2 images, 3 requested"):
         load_images(f"manifest:{out}?root={folder}&split=test", n=3, seed=0)
     with pytest.raises(NcbenchError, match=r"no split 'val'"):
@@ -165,22 +172,45 @@ def test_schema_is_valid_and_accepts_the_sample_sidecar():
     jsonschema = pytest.importorskip("jsonschema")
     schema = json.loads(SCHEMA.read_text())
     jsonschema.Draft202012Validator.check_schema(schema)
-    jsonschema.validate(read_sidecar(SAMPLE_MANIFEST), schema,
-                        cls=jsonschema.Draft202012Validator)
+    jsonschema.validate(read_sidecar(SAMPLE_MANIFEST), schema, cls=jsonschema.Draft202012Validator)
 
 
 VALID = read_sidecar(SAMPLE_MANIFEST)
-ODD_VALUES = [None, True, 0, 1, 2, -1, 1.5, "", "x", "2026-11-27T18:45:00Z", "2026-11-27",
-              [], ["a"], ["a", "a"], [""], [{"name": "t", "description": "d"}],
-              [{"name": "t"}], [{"name": "t", "description": "d", "kind": "gauss"}],
-              [{"name": "t", "description": "d", "p": 2}], {}, {"test": 3}, {"test": -1},
-              {"bad split": 1}, {"test": True}]
+ODD_VALUES = [
+    None,
+    True,
+    0,
+    1,
+    2,
+    -1,
+    1.5,
+    "",
+    "x",
+    "2026-11-27T18:45:00Z",
+    "2026-11-27",
+    [],
+    ["a"],
+    ["a", "a"],
+    [""],
+    [{"name": "t", "description": "d"}],
+    [{"name": "t"}],
+    [{"name": "t", "description": "d", "kind": "gauss"}],
+    [{"name": "t", "description": "d", "p": 2}],
+    {},
+    {"test": 3},
+    {"test": -1},
+    {"bad split": 1},
+    {"test": True},
+]
 KEYS = list(VALID) + ["extra"]
 
 
-@given(edits=st.lists(st.tuples(st.sampled_from(KEYS),
-                                st.one_of(st.none().map(lambda _: "DELETE"),
-                                          st.sampled_from(ODD_VALUES))), max_size=3))
+@given(
+    edits=st.lists(
+        st.tuples(st.sampled_from(KEYS), st.one_of(st.none().map(lambda _: "DELETE"), st.sampled_from(ODD_VALUES))),
+        max_size=3,
+    )
+)
 @settings(max_examples=150, deadline=None)
 def test_hand_validator_agrees_with_the_json_schema(edits):
     jsonschema = pytest.importorskip("jsonschema")

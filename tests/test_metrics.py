@@ -54,12 +54,15 @@ HAND_SCORES = np.array([[0.9, 0.5, 0.1], [0.8, 0.3, 0.7]])
 HAND_TRUTH = np.array([0, 2])
 
 
-@pytest.mark.parametrize("fpr, tpr", [
-    (0.0, 0.5),  # no false claim: threshold above 0.8, only 0.9 is claimed
-    (0.24, 0.5),  # 0.24 * 4 = 0.96 false claims: still none allowed
-    (0.25, 1.0),  # one false claim (0.8): threshold above 0.5 claims 0.9 and 0.7
-    (0.5, 1.0),
-])
+@pytest.mark.parametrize(
+    "fpr, tpr",
+    [
+        (0.0, 0.5),  # no false claim: threshold above 0.8, only 0.9 is claimed
+        (0.24, 0.5),  # 0.24 * 4 = 0.96 false claims: still none allowed
+        (0.25, 1.0),  # one false claim (0.8): threshold above 0.5 claims 0.9 and 0.7
+        (0.5, 1.0),
+    ],
+)
 def test_tpr_at_fpr_worked_by_hand(fpr, tpr):
     assert metrics.tpr_at_fpr(HAND_SCORES, HAND_TRUTH, [fpr]).tolist() == [tpr]
 
@@ -132,9 +135,17 @@ def test_effective_k_anonymity_is_inverse_accuracy_and_infinite_at_zero():
     assert metrics.effective_k_anonymity(0.0) == math.inf
 
 
-@pytest.mark.parametrize("accuracy, band", [
-    (0.0, "good"), (0.049, "good"), (0.05, "moderate"), (0.2, "moderate"), (0.2001, "bad"), (1.0, "bad"),
-])
+@pytest.mark.parametrize(
+    "accuracy, band",
+    [
+        (0.0, "good"),
+        (0.049, "good"),
+        (0.05, "moderate"),
+        (0.2, "moderate"),
+        (0.2001, "bad"),
+        (1.0, "bad"),
+    ],
+)
 def test_privacy_bands_of_the_original_challenge(accuracy, band):
     assert metrics.privacy_band(accuracy) == band
 

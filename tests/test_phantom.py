@@ -33,8 +33,7 @@ def _box(images: np.ndarray, rows: tuple[float, float], cols: tuple[float, float
 
 def _lung_zone_mean(images: np.ndarray, rows: tuple[float, float]) -> np.ndarray:
     """(N,) mean of both lateral lung strips (away from the hila and heart) in ``rows``."""
-    return (_box(images, rows, (0.12, 0.30)).mean(axis=(1, 2))
-            + _box(images, rows, (0.70, 0.88)).mean(axis=(1, 2))) / 2
+    return (_box(images, rows, (0.12, 0.30)).mean(axis=(1, 2)) + _box(images, rows, (0.70, 0.88)).mean(axis=(1, 2))) / 2
 
 
 def test_label_names_include_the_required_findings():
@@ -118,7 +117,7 @@ def test_cardiomegaly_widens_the_bright_central_band(cohort):
     images, labels = cohort
     # At heart level, count the columns brighter than halfway between the image's dark lung and
     # bright heart: the width of the cardiac silhouette as a fraction of the strip.
-    profile = np.median(_box(images, (0.55, 0.66), (0.1, 0.9)), axis=1)      # (N, W)
+    profile = np.median(_box(images, (0.55, 0.66), (0.1, 0.9)), axis=1)  # (N, W)
     halfway = (np.percentile(profile, 10, axis=1) + np.percentile(profile, 90, axis=1)) / 2
     width = (profile > halfway[:, None]).mean(axis=1)
     enlarged = _has(labels, "cardiomegaly")
@@ -139,10 +138,13 @@ def test_nodules_add_small_bright_spots_in_the_lung_fields(cohort):
     # with a horizontal line keeps spots but drops ribs, the vertical one drops long vessels.
     smooth = ndimage.gaussian_filter(images, (0, 1, 1))
     line = SIZE // 10
-    spots = np.minimum(smooth - ndimage.grey_opening(smooth, size=(1, 1, line)),
-                       smooth - ndimage.grey_opening(smooth, size=(1, line, 1)))
-    lung_fields = np.concatenate([_box(spots, (0.22, 0.62), (0.1, 0.36)),
-                                  _box(spots, (0.22, 0.62), (0.64, 0.9))], axis=2)
+    spots = np.minimum(
+        smooth - ndimage.grey_opening(smooth, size=(1, 1, line)),
+        smooth - ndimage.grey_opening(smooth, size=(1, line, 1)),
+    )
+    lung_fields = np.concatenate(
+        [_box(spots, (0.22, 0.62), (0.1, 0.36)), _box(spots, (0.22, 0.62), (0.64, 0.9))], axis=2
+    )
     brightest_spot = lung_fields.max(axis=(1, 2))
     nodule = _has(labels, "nodule")
     assert brightest_spot[nodule].mean() > 1.3 * brightest_spot[~nodule].mean()

@@ -26,9 +26,9 @@ SMALL_UTILITY = ["--n-train", "48", "--n-test", "32", "--width", "32", "--image-
 
 def readme_commands() -> list[str]:
     text = (REPO / "README.md").read_text()
-    section = text[text.index("## Using it"):]
-    block = section[section.index("```bash") + len("```bash"):]
-    block = block[:block.index("```")]
+    section = text[text.index("## Using it") :]
+    block = section[section.index("```bash") + len("```bash") :]
+    block = block[: block.index("```")]
     lines = []
     for line in block.splitlines():
         line = re.sub(r"\s+#.*$", "", line).strip()
@@ -64,7 +64,7 @@ def test_every_readme_command_runs(tmp_path):
     for k in range(6):
         Image.fromarray(rng.integers(0, 256, (40, 40), dtype=np.uint8)).save(chexpert / f"view{k}.png")
     template = (REPO / "attacks" / "template.py").read_text()
-    (tmp_path / "my_attack.py").write_text(template + "\n\nclass MyAttack(MeanPatchNearest):\n    name = \"my-attack\"\n")
+    (tmp_path / "my_attack.py").write_text(template + '\n\nclass MyAttack(MeanPatchNearest):\n    name = "my-attack"\n')
     env = {**os.environ}
     servers: list[subprocess.Popen] = []
     challenge_id = None
@@ -98,8 +98,14 @@ def test_every_readme_command_runs(tmp_path):
                 if args[1] == "server":
                     args += ["--board-port", "0"]
                     env["NCBENCH_SERVER"] = f"http://127.0.0.1:{port}"
-                process = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
-                                           stderr=subprocess.DEVNULL, start_new_session=True)
+                process = subprocess.Popen(
+                    args,
+                    cwd=tmp_path,
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
                 servers.append(process)
                 wait_for(f"http://127.0.0.1:{port}/" + ("healthz" if args[1] == "server" else ""), process)
                 ran += 1

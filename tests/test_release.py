@@ -65,6 +65,7 @@ def _run(*args):
 
 # -- layout, attributes, shapes ---------------------------------------------------------------
 
+
 @pytest.mark.parametrize("task", list(PLANS))
 def test_build_writes_public_and_private_files(built, task):
     out = built[task]
@@ -127,6 +128,7 @@ def test_dataset_shapes_and_default_dtype(built, task):
 
 # -- verify and tampering ---------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("task", list(PLANS))
 def test_verify_fresh_build_is_clean(built, task):
     assert verify(built[task], built[task]) == []
@@ -175,6 +177,7 @@ def test_wrong_key_for_release(built, other_reid):
 
 # -- roles ------------------------------------------------------------------------------------
 
+
 def _rows(images):
     return {img.tobytes() for img in images}
 
@@ -207,6 +210,7 @@ def test_reid_plain_pool_is_permutation_of_encoded(built):
 
 # -- reproducibility and randomness ------------------------------------------------------------
 
+
 def test_same_seed_gives_identical_bytes_different_seed_differs(tmp_path, monkeypatch):
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
     a, b, c = (_build(tmp_path / name, seed=s, n=8) for name, s in (("a", SEED), ("b", SEED), ("c", OTHER_SEED)))
@@ -219,14 +223,16 @@ def test_same_seed_gives_identical_bytes_different_seed_differs(tmp_path, monkey
 def test_default_seed_is_random(tmp_path):
     commitments = []
     for name in ("a", "b"):
-        out = build_release(tmp_path / name, config=TINY, plan=BuildPlan.for_task("reid", 4),
-                            source="phantom", device="cpu")
+        out = build_release(
+            tmp_path / name, config=TINY, plan=BuildPlan.for_task("reid", 4), source="phantom", device="cpu"
+        )
         with open_release(out) as rel:
             commitments.append(rel.h5.attrs["key_commitment"])
     assert commitments[0] != commitments[1]
 
 
 # -- atomic output ----------------------------------------------------------------------------
+
 
 def test_existing_output_refused_without_force(tmp_path):
     out = tmp_path / "out"
@@ -259,6 +265,7 @@ def test_failure_mid_build_leaves_nothing(tmp_path, monkeypatch):
 
 
 # -- secrecy ----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("task", list(PLANS))
 def test_seed_not_in_release(built, task):
@@ -315,15 +322,37 @@ def test_cli_build_too_many_images_for_folder(tmp_path):
     folder.mkdir()
     for i in range(2):
         pil.fromarray(np.full((32, 32), 40 * i, np.uint8)).save(folder / f"{i}.png")
-    result = _run("challenge", "build", "--preset", "nc7", "--source", f"folder:{folder}", "--n", 5,
-                  "--out", tmp_path / "out", *TINY_ARGS)
+    result = _run(
+        "challenge",
+        "build",
+        "--preset",
+        "nc7",
+        "--source",
+        f"folder:{folder}",
+        "--n",
+        5,
+        "--out",
+        tmp_path / "out",
+        *TINY_ARGS,
+    )
     _assert_one_line_error(result)
     assert not (tmp_path / "out").exists()
 
 
 def test_cli_build_missing_folder(tmp_path):
-    result = _run("challenge", "build", "--preset", "nc7", "--source", f"folder:{tmp_path / 'nope'}",
-                  "--n", 4, "--out", tmp_path / "out", *TINY_ARGS)
+    result = _run(
+        "challenge",
+        "build",
+        "--preset",
+        "nc7",
+        "--source",
+        f"folder:{tmp_path / 'nope'}",
+        "--n",
+        4,
+        "--out",
+        tmp_path / "out",
+        *TINY_ARGS,
+    )
     _assert_one_line_error(result)
     assert "does not exist" in result.output
 
@@ -361,6 +390,7 @@ def test_cli_verify_exit_codes(built, tmp_path):
 
 
 # -- BuildPlan --------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("task", list(PLANS))
 def test_plan_needs_at_least_two(task):

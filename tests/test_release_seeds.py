@@ -23,13 +23,30 @@ torch.set_num_threads(1)
 LINEAR = resolve_config("linear", width=16, image_size=16, patch_size=4, bn_batch=8)
 N = 8
 SECRET = "0f1e2d3c4b5a69788796a5b4c3d2e1f0" * 2  # 256 bits
-CLI_ARGS = ["--preset", "linear", "--source", "phantom", "--n", N, "--width", 16, "--image-size", 16,
-            "--patch-size", 4, "--bn-batch", 8, "--device", "cpu"]
+CLI_ARGS = [
+    "--preset",
+    "linear",
+    "--source",
+    "phantom",
+    "--n",
+    N,
+    "--width",
+    16,
+    "--image-size",
+    16,
+    "--patch-size",
+    4,
+    "--bn-batch",
+    8,
+    "--device",
+    "cpu",
+]
 
 
 def _build(out, **kwargs):
-    return build_release(out, config=LINEAR, plan=BuildPlan.for_task("reid", N), source="phantom", device="cpu",
-                         **kwargs)
+    return build_release(
+        out, config=LINEAR, plan=BuildPlan.for_task("reid", N), source="phantom", device="cpu", **kwargs
+    )
 
 
 def _run(*args, env=None):
@@ -63,6 +80,7 @@ def guess_seed(release_dir, candidates) -> int | None:
 
 
 # -- the attack ---------------------------------------------------------------------------------
+
 
 def test_guessing_small_seeds_recovers_a_test_release_key(tmp_path):
     out = _build(tmp_path / "test", seed=7, test_release=True)
@@ -99,6 +117,7 @@ def test_test_release_salt_and_id_are_fresh_not_derived_from_its_seed(tmp_path):
 
 # -- the API ------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("seed", [7, "7", "ab" * 15, b"\x01" * 15])
 def test_weak_seed_is_refused_without_test_release(tmp_path, seed):
     with pytest.raises(NcbenchError, match="can be guessed"):
@@ -122,6 +141,7 @@ def test_seed_that_is_not_hex_is_refused_without_echoing_it(tmp_path):
 
 # -- the CLI ------------------------------------------------------------------------------------
 
+
 def test_cli_weak_seed_is_refused_in_one_line(tmp_path):
     line = _one_line_error(_run("challenge", "build", *CLI_ARGS, "--seed", 7, "--out", tmp_path / "out"))
     assert "can be guessed" in line and "--test-release" in line
@@ -140,12 +160,16 @@ def test_cli_seed_file_builds_reproducibly(tmp_path):
     for name in ("a", "b"):
         result = _run("challenge", "build", *CLI_ARGS, "--seed-file", seed_file, "--out", tmp_path / name, env=env)
         assert result.exit_code == 0, result.output
-    same_seed_on_command_line = _run("challenge", "build", *CLI_ARGS, "--seed", SECRET, "--out", tmp_path / "c",
-                                     env=env)
+    same_seed_on_command_line = _run(
+        "challenge", "build", *CLI_ARGS, "--seed", SECRET, "--out", tmp_path / "c", env=env
+    )
     assert same_seed_on_command_line.exit_code == 0, same_seed_on_command_line.output
     for rel in ("public/release.h5", "private/key.h5"):
-        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes() == \
-            (tmp_path / "c" / rel).read_bytes()
+        assert (
+            (tmp_path / "a" / rel).read_bytes()
+            == (tmp_path / "b" / rel).read_bytes()
+            == (tmp_path / "c" / rel).read_bytes()
+        )
     with open_key(tmp_path / "a") as key:
         assert key.seed == SECRET
     assert SECRET.encode() not in (tmp_path / "a/public/release.h5").read_bytes()
@@ -166,8 +190,9 @@ def test_cli_missing_seed_file_is_one_line(tmp_path):
 def test_cli_seed_and_seed_file_together_are_refused(tmp_path):
     seed_file = tmp_path / "seed.hex"
     seed_file.write_text(SECRET)
-    line = _one_line_error(_run("challenge", "build", *CLI_ARGS, "--seed", SECRET, "--seed-file", seed_file,
-                                "--out", tmp_path / "out"))
+    line = _one_line_error(
+        _run("challenge", "build", *CLI_ARGS, "--seed", SECRET, "--seed-file", seed_file, "--out", tmp_path / "out")
+    )
     assert "not both" in line
 
 

@@ -19,8 +19,9 @@ TINY = resolve_config("nc7", width=32, image_size=32, patch_size=8, bn_batch=8)
 
 
 def build(out, task, n=20, seed=1):
-    build_release(out, config=TINY, plan=BuildPlan.for_task(task, n), source="phantom", seed=seed, test_release=True,
-                  device="cpu")
+    build_release(
+        out, config=TINY, plan=BuildPlan.for_task(task, n), source="phantom", seed=seed, test_release=True, device="cpu"
+    )
     return out
 
 
@@ -37,8 +38,16 @@ def truth(release_dir, name):
 
 def base(release_dir, attack="test-attack", **parts):
     with open_release(release_dir) as release:
-        return Submission(release.challenge_id, attack, "1.0", release.encoded_ids, params={"seed": 0},
-                          knowledge=("architecture",), runtime_s=1.0, **parts)
+        return Submission(
+            release.challenge_id,
+            attack,
+            "1.0",
+            release.encoded_ids,
+            params={"seed": 0},
+            knowledge=("architecture",),
+            runtime_s=1.0,
+            **parts,
+        )
 
 
 def perfect_mapping(release_dir):
@@ -199,8 +208,9 @@ def test_perfect_transfer_encodings(tmp_path, releases):
     rel = releases["transfer"]
     with open_release(rel) as release:
         targets = release.target_ids
-    result = score(tmp_path, rel, base(rel, encodings=truth(rel, "target_encodings").astype(np.float32),
-                                       target_ids=targets))
+    result = score(
+        tmp_path, rel, base(rel, encodings=truth(rel, "target_encodings").astype(np.float32), target_ids=targets)
+    )
     assert result.metrics[0]["nn_accuracy"] == 1.0 and result.metrics[1]["nn_accuracy"] == 1.0
     assert result.metrics[0]["chance"] == 1 / len(targets)
 
@@ -340,4 +350,6 @@ def test_release_must_be_beside_the_key_or_given(tmp_path, releases):
     path = write_submission(tmp_path / "sub.h5", base(rel, mapping=perfect_mapping(rel)))
     with pytest.raises(NcbenchError, match="pass --release"):
         score_submission(path, lone_key)
-    assert score_submission(path, lone_key, release_path=rel / "public" / "release.h5").metrics[0]["reid_accuracy"] == 1.0
+    assert (
+        score_submission(path, lone_key, release_path=rel / "public" / "release.h5").metrics[0]["reid_accuracy"] == 1.0
+    )

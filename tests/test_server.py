@@ -23,8 +23,14 @@ DAILY_LIMIT = 3
 
 
 def ncbench(*args, cwd=None, env=None, timeout=300):
-    return subprocess.run([NCBENCH, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [NCBENCH, *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def free_port() -> int:
@@ -40,8 +46,12 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(store.parent / f"server-{self.port}.log", "w")  # noqa: SIM115
-        self.process = subprocess.Popen([NCBENCH, "server", "--store", str(store), "--port", str(self.port), *map(str, extra)],
-                                        stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.process = subprocess.Popen(
+            [NCBENCH, "server", "--store", str(store), "--port", str(self.port), *map(str, extra)],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
@@ -62,8 +72,21 @@ class Server:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("server")
-    built = ncbench("challenge", "build", "--preset", "nc3", "--task", "reid", "--source", "phantom", "--n", 16,
-                    *TINY, "--out", root / "release")
+    built = ncbench(
+        "challenge",
+        "build",
+        "--preset",
+        "nc3",
+        "--task",
+        "reid",
+        "--source",
+        "phantom",
+        "--n",
+        16,
+        *TINY,
+        "--out",
+        root / "release",
+    )
     assert built.returncode == 0, built.stderr
     store = root / "store"
     published = ncbench("challenge", "publish", root / "release", "--store", store, "--daily-limit", DAILY_LIMIT)
@@ -109,8 +132,16 @@ def test_fetch_attack_submit_and_score_end_to_end(world, tmp_path):
     assert fetched.returncode == 0, fetched.stderr
     assert "sha256 checked" in fetched.stdout
     assert sorted(p.name for p in (tmp_path / "got").iterdir()) == ["SHA256SUMS", "release.h5"]
-    ran = ncbench("attack", "run", "gram-hungarian", "--release", tmp_path / "got" / "release.h5",
-                  "--out", tmp_path / "sub.h5", env=env)
+    ran = ncbench(
+        "attack",
+        "run",
+        "gram-hungarian",
+        "--release",
+        tmp_path / "got" / "release.h5",
+        "--out",
+        tmp_path / "sub.h5",
+        env=env,
+    )
     assert ran.returncode == 0, ran.stderr
     submitted = ncbench("submit", tmp_path / "sub.h5", "--challenge", world["id"], env=env)
     assert submitted.returncode == 0, submitted.stderr
@@ -118,8 +149,17 @@ def test_fetch_attack_submit_and_score_end_to_end(world, tmp_path):
     listed = ncbench("submissions", env=env)
     assert "scored" in listed.stdout
     # Run and submit in one step.
-    both = ncbench("attack", "run", "chance", "--release", tmp_path / "got" / "release.h5", "--out",
-                   tmp_path / "chance.h5", "--submit", env=env)
+    both = ncbench(
+        "attack",
+        "run",
+        "chance",
+        "--release",
+        tmp_path / "got" / "release.h5",
+        "--out",
+        tmp_path / "chance.h5",
+        "--submit",
+        env=env,
+    )
     assert both.returncode == 0, both.stderr
     assert "wrote" in both.stdout and "scored: public half" in both.stdout
 
@@ -143,9 +183,11 @@ def test_fetch_resumes_a_partial_download_and_checks_sha256(world, tmp_path):
 
 def test_the_key_is_never_served(world):
     url = world["server"].url
-    for path in (f"/api/v1/challenges/{world['id']}/files/key.h5",
-                 f"/api/v1/challenges/{world['id']}/files/..%2F..%2Fkeys%2F{world['id']}%2Fkey.h5",
-                 "/api/v1/challenges/..%2Fkeys/files/key.h5"):
+    for path in (
+        f"/api/v1/challenges/{world['id']}/files/key.h5",
+        f"/api/v1/challenges/{world['id']}/files/..%2F..%2Fkeys%2F{world['id']}%2Fkey.h5",
+        "/api/v1/challenges/..%2Fkeys/files/key.h5",
+    ):
         assert httpx.get(url + path).status_code == 404
 
 
@@ -172,8 +214,12 @@ def test_concurrent_submissions_respect_limits_none_lost_none_twice(world, tmp_p
 
     def upload(team_file):
         team, path = team_file
-        return team, httpx.post(f"{url}/api/v1/challenges/{world['id']}/submissions", content=path.read_bytes(),
-                                headers={"Authorization": f"Bearer {world['tokens'][team]}"}, timeout=60)
+        return team, httpx.post(
+            f"{url}/api/v1/challenges/{world['id']}/submissions",
+            content=path.read_bytes(),
+            headers={"Authorization": f"Bearer {world['tokens'][team]}"},
+            timeout=60,
+        )
 
     work = [(team, path) for team in TEAMS for path in files]  # 20 uploads, 4 per team
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
@@ -193,9 +239,13 @@ def test_concurrent_submissions_respect_limits_none_lost_none_twice(world, tmp_p
         assert set(states) == {"scored"}
         with store._read() as conn:
             for team in TEAMS[1:]:
-                rows = conn.execute(sa.text(
-                    "SELECT count(*) FROM submissions s JOIN teams t ON t.id = s.team_id "
-                    "WHERE t.name = :team AND s.status = 'scored'"), {"team": team}).scalar()
+                rows = conn.execute(
+                    sa.text(
+                        "SELECT count(*) FROM submissions s JOIN teams t ON t.id = s.team_id "
+                        "WHERE t.name = :team AND s.status = 'scored'"
+                    ),
+                    {"team": team},
+                ).scalar()
                 assert rows == DAILY_LIMIT
 
 
@@ -205,14 +255,24 @@ def test_upload_over_the_cap_is_refused_without_filling_the_disk(tmp_path, world
     token = ncbench("team", "add", "alice", "--store", store).stdout.strip()
     server = Server(store, "--max-upload-mb", "1", "--board-port", "0")
     try:
+
         def chunks():  # 3 MB, sent without a Content-Length (chunked), so the server must count
             for _ in range(48):
                 yield b"\0" * 65536
-        answer = httpx.post(f"{server.url}/api/v1/challenges/{world['id']}/submissions", content=chunks(),
-                            headers={"Authorization": f"Bearer {token}"}, timeout=60)
+
+        answer = httpx.post(
+            f"{server.url}/api/v1/challenges/{world['id']}/submissions",
+            content=chunks(),
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=60,
+        )
         assert answer.status_code == 413
-        declared = httpx.post(f"{server.url}/api/v1/challenges/{world['id']}/submissions", content=b"\0" * (2 << 20),
-                              headers={"Authorization": f"Bearer {token}"}, timeout=60)
+        declared = httpx.post(
+            f"{server.url}/api/v1/challenges/{world['id']}/submissions",
+            content=b"\0" * (2 << 20),
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=60,
+        )
         assert declared.status_code == 413
         assert not any((store / "uploads").iterdir()) and not any((store / "incoming").iterdir())
     finally:
@@ -221,8 +281,10 @@ def test_upload_over_the_cap_is_refused_without_filling_the_disk(tmp_path, world
 
 def test_a_killed_server_loses_no_job_and_scores_none_twice(tmp_path, world):
     store_dir = tmp_path / "store"
-    assert ncbench("challenge", "publish", world["root"] / "release", "--store", store_dir,
-                   "--daily-limit", 10).returncode == 0
+    assert (
+        ncbench("challenge", "publish", world["root"] / "release", "--store", store_dir, "--daily-limit", 10).returncode
+        == 0
+    )
     ncbench("team", "add", "alice", "--store", store_dir)
     files = chance_submissions(world, 4, tmp_path / "subs")
     layout = channel.StoreLayout(store_dir)
@@ -290,8 +352,9 @@ def test_two_servers_on_postgresql_share_one_queue_and_score_each_upload_once(po
     # With PostgreSQL the API holds no state of its own: two server processes on one database and
     # one store folder take uploads side by side, and their workers drain one queue.
     store = tmp_path / "store"
-    published = ncbench("challenge", "publish", world["root"] / "release", "--store", store, "--db", postgres_url,
-                        "--daily-limit", 10)
+    published = ncbench(
+        "challenge", "publish", world["root"] / "release", "--store", store, "--db", postgres_url, "--daily-limit", 10
+    )
     assert published.returncode == 0, published.stderr
     token = ncbench("team", "add", "alice", "--db", postgres_url).stdout.strip()
     files = chance_submissions(world, 6, tmp_path / "subs")
@@ -299,8 +362,12 @@ def test_two_servers_on_postgresql_share_one_queue_and_score_each_upload_once(po
     try:
         ids = []
         for k, path in enumerate(files):
-            answer = httpx.post(f"{servers[k % 2].url}/api/v1/challenges/{world['id']}/submissions",
-                                content=path.read_bytes(), headers={"Authorization": f"Bearer {token}"}, timeout=60)
+            answer = httpx.post(
+                f"{servers[k % 2].url}/api/v1/challenges/{world['id']}/submissions",
+                content=path.read_bytes(),
+                headers={"Authorization": f"Bearer {token}"},
+                timeout=60,
+            )
             assert answer.status_code == 202, answer.text
             ids.append(answer.json()["id"])
         with Store(postgres_url) as pg:

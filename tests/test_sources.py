@@ -71,6 +71,7 @@ def mixed_folder(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # folder:PATH
 
+
 def test_folder_finds_png_jpeg_and_dicom_with_relative_ids(mixed_folder):
     images = load_images(f"folder:{mixed_folder}", n=4, seed=0, image_size=16)
     assert images.ids == ("b.png", "d", "sub/a.jpg", "sub/deeper/c.dcm")
@@ -120,8 +121,7 @@ def test_dicom_monochrome1_is_inverted(tmp_path):
 def test_dicom_modality_rescale_is_applied(tmp_path):
     # A negative slope flips intensities, so only a reader that applies the rescale matches.
     write_dicom(tmp_path / "a_plain.dcm", ramp(), photometric="MONOCHROME2")
-    write_dicom(tmp_path / "b_rescaled.dcm", ramp(), photometric="MONOCHROME2", slope=-1,
-                intercept=4095)
+    write_dicom(tmp_path / "b_rescaled.dcm", ramp(), photometric="MONOCHROME2", slope=-1, intercept=4095)
     plain, rescaled = load_images(f"folder:{tmp_path}", n=2, seed=0, image_size=24).images
     assert np.abs(plain.astype(int) + rescaled.astype(int) - 255).max() <= 1
 
@@ -138,8 +138,7 @@ def write_chexpert_folder(root):
     """CheXpert layout: relative paths prefixed by the dataset folder, metadata columns."""
     folder = root / "CheXpert-v1.0-small"
     for patient in ("patient00001", "patient00002", "patient00003"):
-        write_image(folder / "train" / patient / "study1" / "view1_frontal.jpg",
-                    np.full((8, 8), 100, dtype=np.uint8))
+        write_image(folder / "train" / patient / "study1" / "view1_frontal.jpg", np.full((8, 8), 100, dtype=np.uint8))
     table = (
         "Path,Sex,Age,Frontal/Lateral,AP/PA,No Finding,Cardiomegaly,Pleural Effusion\n"
         "CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg,Female,68,Frontal,AP,"
@@ -165,15 +164,13 @@ def test_chexpert_labels_csv_is_read_from_the_folder(tmp_path):
 def test_labels_csv_can_be_named_in_the_spec(tmp_path):
     folder, table = write_chexpert_folder(tmp_path)
     (tmp_path / "train.csv").write_text(table)
-    images = load_images(f"folder:{folder}?labels={tmp_path / 'train.csv'}", n=3, seed=0,
-                         image_size=8)
+    images = load_images(f"folder:{folder}?labels={tmp_path / 'train.csv'}", n=3, seed=0, image_size=8)
     assert images.labels[:, 1].tolist() == [0, -1, -1]
 
 
 def test_labels_csv_with_bad_value_names_the_csv(tmp_path):
     folder, _ = write_chexpert_folder(tmp_path)
-    (folder / "labels.csv").write_text(
-        "Path,Cardiomegaly\ntrain/patient00001/study1/view1_frontal.jpg,2.0\n")
+    (folder / "labels.csv").write_text("Path,Cardiomegaly\ntrain/patient00001/study1/view1_frontal.jpg,2.0\n")
     with pytest.raises(NcbenchError, match=r"labels\.csv.*Cardiomegaly"):
         load_images(f"folder:{folder}", n=1, seed=0, image_size=8)
 
@@ -199,8 +196,7 @@ def test_corrupt_image_names_the_file(tmp_path):
 def test_more_images_than_the_folder_holds(tmp_path):
     for k in range(3):
         write_image(tmp_path / f"{k}.png", np.zeros((4, 4), dtype=np.uint8))
-    with pytest.raises(NcbenchError, match=re.escape(f"folder {tmp_path} holds 3 images, 5 "
-                                                     "requested")):
+    with pytest.raises(NcbenchError, match=re.escape(f"folder {tmp_path} holds 3 images, 5 requested")):
         load_images(f"folder:{tmp_path}", n=5, seed=0)
 
 
@@ -223,6 +219,7 @@ def test_n_below_one_is_refused(n):
 
 # ---------------------------------------------------------------------------------------------
 # sample
+
 
 def test_sample_views_are_distinct_uint8_and_sized():
     views = load_images("sample", n=40, seed=0, image_size=32)
@@ -275,6 +272,7 @@ def test_sample_sidecar_records_the_transform_table():
 
 # ---------------------------------------------------------------------------------------------
 # phantom
+
 
 def test_phantom_delegates_to_the_generator():
     phantom = pytest.importorskip("ncbench.challenge.phantom")

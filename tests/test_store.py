@@ -23,11 +23,25 @@ def challenge(challenge_id="nc7-reid-00000001", task="reid", preset="nc7", commi
 
 def result(sha="a", *, accuracy=0.5, private=0.25, info=None, attack="alices-attack"):
     metrics = {
-        0: {"reid_accuracy": accuracy, "chance": 0.05, "n": 10.0, "k_anonymity": 1 / accuracy if accuracy else math.inf},
+        0: {
+            "reid_accuracy": accuracy,
+            "chance": 0.05,
+            "n": 10.0,
+            "k_anonymity": 1 / accuracy if accuracy else math.inf,
+        },
         1: {"reid_accuracy": private, "chance": 0.05, "n": 10.0, "k_anonymity": 1 / private if private else math.inf},
     }
-    return ScoreResult(info or challenge(), attack, "1.0", {"iterations": 3}, ("architecture",), 2.5,
-                       sha.ljust(64, "0"), metrics, ["a note"])
+    return ScoreResult(
+        info or challenge(),
+        attack,
+        "1.0",
+        {"iterations": 3},
+        ("architecture",),
+        2.5,
+        sha.ljust(64, "0"),
+        metrics,
+        ["a note"],
+    )
 
 
 @pytest.fixture
@@ -148,8 +162,10 @@ def test_privacy_utility_uses_the_latest_run_per_preset(tmp_path):
     from ncbench.leaderboard.tables import privacy_utility
 
     def run(auc):
-        return [{"preset": "nc7", "label": "effusion", "auc": auc, "model_kind": "encoded"},
-                {"preset": "raw", "label": "effusion", "auc": auc + 0.1, "model_kind": "raw"}]
+        return [
+            {"preset": "nc7", "label": "effusion", "auc": auc, "model_kind": "encoded"},
+            {"preset": "raw", "label": "effusion", "auc": auc + 0.1, "model_kind": "raw"},
+        ]
 
     with Store(tmp_path / "board.db") as opened:
         opened.record_utility(run(0.5), now=dt.datetime(2026, 1, 1, tzinfo=dt.UTC))
@@ -159,15 +175,18 @@ def test_privacy_utility_uses_the_latest_run_per_preset(tmp_path):
     assert summary.loc[0, "raw_auc"] == pytest.approx(0.9)
 
 
-@pytest.mark.parametrize("bad", [
-    {"preset": "nc7", "label": "x", "auc": 1.5, "model_kind": "encoded"},
-    {"preset": "nc7", "label": "x", "auc": 0.5, "model_kind": "paper"},
-    {"preset": "", "label": "x", "auc": 0.5, "model_kind": "raw"},
-    {"label": "x", "auc": 0.5, "model_kind": "raw"},
-    {"preset": "nc7", "label": "x", "auc": "high", "model_kind": "raw"},
-    {"preset": "nc7", "label": "x" * 129, "auc": 0.5, "model_kind": "raw"},
-    {"preset": "nc7", "label": "x", "auc": 0.5, "model_kind": "raw", "settings": {"blob": "x" * 10_000}},
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"preset": "nc7", "label": "x", "auc": 1.5, "model_kind": "encoded"},
+        {"preset": "nc7", "label": "x", "auc": 0.5, "model_kind": "paper"},
+        {"preset": "", "label": "x", "auc": 0.5, "model_kind": "raw"},
+        {"label": "x", "auc": 0.5, "model_kind": "raw"},
+        {"preset": "nc7", "label": "x", "auc": "high", "model_kind": "raw"},
+        {"preset": "nc7", "label": "x" * 129, "auc": 0.5, "model_kind": "raw"},
+        {"preset": "nc7", "label": "x", "auc": 0.5, "model_kind": "raw", "settings": {"blob": "x" * 10_000}},
+    ],
+)
 def test_malformed_utility_rows_write_nothing(db, bad):
     good = {"preset": "nc7", "label": "x", "auc": 0.5, "model_kind": "raw"}
     with pytest.raises(NcbenchError):
@@ -221,11 +240,14 @@ def test_missing_database_is_not_created_for_readers(tmp_path):
     assert not (tmp_path / "absent.db").exists()
 
 
-@pytest.mark.parametrize("db_arg, message", [
-    ("postgresql+nosuchdriver://x@localhost/db", "no database driver"),
-    ("not a url://", "neither a file path nor a valid database URL"),
-    ("", "--db is empty"),
-])
+@pytest.mark.parametrize(
+    "db_arg, message",
+    [
+        ("postgresql+nosuchdriver://x@localhost/db", "no database driver"),
+        ("not a url://", "neither a file path nor a valid database URL"),
+        ("", "--db is empty"),
+    ],
+)
 def test_bad_database_arguments(db_arg, message):
     with pytest.raises(NcbenchError, match=message):
         Store(db_arg)
@@ -236,8 +258,13 @@ def test_version_2_database_gains_origin_and_test_release(tmp_path):
     path = tmp_path / "v2.db"
     old = sa.MetaData()
     new_columns = {("submissions", "origin"), ("challenges", "test_release")}
-    for table in (store_module.challenges, store_module.teams, store_module.submissions, store_module.scores,
-                  store_module.utility_results):
+    for table in (
+        store_module.challenges,
+        store_module.teams,
+        store_module.submissions,
+        store_module.scores,
+        store_module.utility_results,
+    ):
         sa.Table(table.name, old, *[c._copy() for c in table.columns if (table.name, c.name) not in new_columns])
     engine = sa.create_engine(f"sqlite:///{path}")
     with engine.begin() as conn:
@@ -245,11 +272,14 @@ def test_version_2_database_gains_origin_and_test_release(tmp_path):
         old.create_all(conn)
         for version in (1, 2):
             conn.execute(store_module.schema_version.insert().values(version=version, description="", applied_utc="x"))
-        conn.exec_driver_sql("INSERT INTO challenges VALUES ('nc7-reid-00000001', 'reid', 'nc7', 20, "
-                             f"'{'c' * 64}', '{{}}', 'x', NULL)")
+        conn.exec_driver_sql(
+            f"INSERT INTO challenges VALUES ('nc7-reid-00000001', 'reid', 'nc7', 20, '{'c' * 64}', '{{}}', 'x', NULL)"
+        )
         conn.exec_driver_sql("INSERT INTO teams VALUES (1, 'ncbench-builtin', 'x')")
-        conn.exec_driver_sql(f"INSERT INTO submissions VALUES (1, 'nc7-reid-00000001', 1, '{'a'.ljust(64, '0')}', "
-                             "'gram-hungarian', '1.0', '{}', '[]', 1.0, 'scored', NULL, '[]', 'x')")
+        conn.exec_driver_sql(
+            f"INSERT INTO submissions VALUES (1, 'nc7-reid-00000001', 1, '{'a'.ljust(64, '0')}', "
+            "'gram-hungarian', '1.0', '{}', '[]', 1.0, 'scored', NULL, '[]', 'x')"
+        )
         conn.exec_driver_sql("INSERT INTO scores VALUES (1, 0, 'reid_accuracy', 0.5)")
     engine.dispose()
     with Store(path) as opened:
@@ -257,16 +287,25 @@ def test_version_2_database_gains_origin_and_test_release(tmp_path):
         assert opened.results()[["attack", "origin"]].values.tolist() == [["gram-hungarian", "self-reported"]]
         assert not opened.challenges()["test_release"].any()
         # The organizer vouching for the same file again makes the old row an organizer row.
-        again = opened.record_score(result("a", attack="gram-hungarian"), team=store_module.BUILTIN_TEAM,
-                                    origin=store_module.ORIGIN_ORGANIZER)
+        again = opened.record_score(
+            result("a", attack="gram-hungarian"), team=store_module.BUILTIN_TEAM, origin=store_module.ORIGIN_ORGANIZER
+        )
         assert again.duplicate and again.submission_id == 1
         assert opened.results()["origin"].tolist() == ["organizer"]
 
 
-@pytest.mark.parametrize("team, canonical", [
-    ("Team", "team"), ("TEAM", "team"), ("\uff54\uff45\uff41\uff4d", "team"), ("te\u0301am", "team"),
-    ("  Alice  ", "alice"), ("Stra\u00dfe", "strasse"), ("team-7.b_c", "team-7.b_c"),
-])
+@pytest.mark.parametrize(
+    "team, canonical",
+    [
+        ("Team", "team"),
+        ("TEAM", "team"),
+        ("\uff54\uff45\uff41\uff4d", "team"),
+        ("te\u0301am", "team"),
+        ("  Alice  ", "alice"),
+        ("Stra\u00dfe", "strasse"),
+        ("team-7.b_c", "team-7.b_c"),
+    ],
+)
 def test_look_alike_team_names_are_one_team(db, team, canonical):
     assert store_module.check_team_name(team) == canonical
     db.record_score(result("a"), team="team" if canonical == "team" else canonical, daily_limit=1, now=NOON)
@@ -275,8 +314,22 @@ def test_look_alike_team_names_are_one_team(db, team, canonical):
     assert db.counts()["teams"] == 1
 
 
-@pytest.mark.parametrize("team", ["t\u0435am", "\u0442eam", "=HYPERLINK(\"http://x\")", "@SUM(1)", "-team",
-                                  "team\u200b", "a/b", "x" * 65, "x" * 10_000_000, 7, None])
+@pytest.mark.parametrize(
+    "team",
+    [
+        "t\u0435am",
+        "\u0442eam",
+        '=HYPERLINK("http://x")',
+        "@SUM(1)",
+        "-team",
+        "team\u200b",
+        "a/b",
+        "x" * 65,
+        "x" * 10_000_000,
+        7,
+        None,
+    ],
+)
 def test_names_that_are_not_plain_ascii_after_folding_are_refused(db, team):
     with pytest.raises(NcbenchError, match="team name") as caught:
         db.record_score(result("a"), team=team)
@@ -287,10 +340,18 @@ def test_names_that_are_not_plain_ascii_after_folding_are_refused(db, team):
 HUGE = "x" * 10_000_000
 
 
-@pytest.mark.parametrize("field, value", [
-    ("attack", HUGE), ("attack_version", HUGE), ("params", {"blob": HUGE}), ("knowledge", ("architecture",) * 200),
-    ("notes", [HUGE]), ("attack", "name\nwith a line break"), ("attack_version", "1.0\x1b[2J"),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("attack", HUGE),
+        ("attack_version", HUGE),
+        ("params", {"blob": HUGE}),
+        ("knowledge", ("architecture",) * 200),
+        ("notes", [HUGE]),
+        ("attack", "name\nwith a line break"),
+        ("attack_version", "1.0\x1b[2J"),
+    ],
+)
 def test_overlong_or_control_strings_are_refused_and_nothing_is_written(db, field, value):
     db.record_score(result("a"), team="alice")
     before = db.counts()
@@ -324,9 +385,21 @@ def test_organizer_rows_are_builtin_attacks_under_the_builtin_team(db):
     assert db.results()["origin"].tolist() == ["organizer"]
 
 
-@pytest.mark.parametrize("attack", ["gram-hungarian", "Gram_Hungarian", "GRAM HUNGARIAN", "gram-hungar\u0456an",
-                                    "\u043eracle", "\uff43\uff48\uff41\uff4e\uff43\uff45", "linear.inversion",
-                                    "grarn-hungarian", "distribution-a1ignment", "cha\u0301nce"])
+@pytest.mark.parametrize(
+    "attack",
+    [
+        "gram-hungarian",
+        "Gram_Hungarian",
+        "GRAM HUNGARIAN",
+        "gram-hungar\u0456an",
+        "\u043eracle",
+        "\uff43\uff48\uff41\uff4e\uff43\uff45",
+        "linear.inversion",
+        "grarn-hungarian",
+        "distribution-a1ignment",
+        "cha\u0301nce",
+    ],
+)
 def test_a_team_file_named_like_a_builtin_is_self_reported_never_organizer(db, attack):
     db.record_score(result("a", attack=attack), team="alice")
     rows = db.results()
@@ -351,8 +424,11 @@ def test_each_team_has_its_own_ladder_and_organizer_rows_are_exact(db):
     db.record_score(result("a", accuracy=0.3), team="alice")
     db.record_score(result("b", accuracy=0.456), team="bob")
     db.record_score(result("c", accuracy=0.5), team="alice")
-    db.record_score(result("d", accuracy=0.777, attack="gram-hungarian"), team=store_module.BUILTIN_TEAM,
-                    origin=store_module.ORIGIN_ORGANIZER)
+    db.record_score(
+        result("d", accuracy=0.777, attack="gram-hungarian"),
+        team=store_module.BUILTIN_TEAM,
+        origin=store_module.ORIGIN_ORGANIZER,
+    )
     shown = db.results()[["team", "reid_accuracy"]].values.tolist()
     assert shown == [["alice", 0.3], ["bob", 0.46], ["alice", 0.3], [store_module.BUILTIN_TEAM, 0.777]]
 
@@ -364,6 +440,7 @@ def test_admission_refuses_over_the_limit_without_writing(db):
 
     def digest(sha):
         return lambda: digests.append(sha) or sha.ljust(64, "0")
+
     with pytest.raises(NcbenchError, match="used its 1"):
         db.check_admission("nc7-reid-00000001", team="ALICE", daily_limit=1, sha256=digest("b"), now=NOON)
     db.check_admission("nc7-reid-00000001", team="alice", daily_limit=1, sha256=digest("a"), now=NOON)  # same file
@@ -419,16 +496,27 @@ def run_concurrently(db_url):
 
 def check_concurrent_rows(opened):
     with opened.engine.connect() as conn:
-        per_team = dict(conn.execute(sa.text(
-            "SELECT t.name, count(*) FROM submissions s JOIN teams t ON t.id = s.team_id GROUP BY t.name")).all())
-        duplicates = conn.execute(sa.text(
-            "SELECT count(*) FROM (SELECT challenge_id, team_id, sha256 FROM submissions "
-            "GROUP BY challenge_id, team_id, sha256 HAVING count(*) > 1) AS d")).scalar()
+        per_team = dict(
+            conn.execute(
+                sa.text("SELECT t.name, count(*) FROM submissions s JOIN teams t ON t.id = s.team_id GROUP BY t.name")
+            ).all()
+        )
+        duplicates = conn.execute(
+            sa.text(
+                "SELECT count(*) FROM (SELECT challenge_id, team_id, sha256 FROM submissions "
+                "GROUP BY challenge_id, team_id, sha256 HAVING count(*) > 1) AS d"
+            )
+        ).scalar()
     assert per_team == {**{f"team-{w}": OWN_FILES for w in range(WORKERS)}, "shared": 1, "limited": SHARED_LIMIT}
     assert duplicates == 0
     n_submissions = WORKERS * OWN_FILES + 1 + SHARED_LIMIT
-    assert opened.counts() == {"challenges": 1, "teams": WORKERS + 2, "submissions": n_submissions,
-                               "scores": n_submissions * 8, "utility_results": 0}
+    assert opened.counts() == {
+        "challenges": 1,
+        "teams": WORKERS + 2,
+        "submissions": n_submissions,
+        "scores": n_submissions * 8,
+        "utility_results": 0,
+    }
 
 
 def test_concurrent_writers_neither_lose_nor_duplicate_rows(tmp_path):
@@ -439,6 +527,7 @@ def test_concurrent_writers_neither_lose_nor_duplicate_rows(tmp_path):
 
 
 # -- PostgreSQL ----------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def pg_db(postgres_url):

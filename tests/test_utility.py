@@ -22,8 +22,16 @@ from ncbench.leaderboard.store import Store, record_utility
 
 torch.set_num_threads(2)
 
-TINY = {"n_train": 96, "n_test": 48, "width": 64, "image_size": 64, "patch_size": 16, "epochs": 3, "seed": 0,
-        "device": "cpu"}
+TINY = {
+    "n_train": 96,
+    "n_test": 48,
+    "width": 64,
+    "image_size": 64,
+    "patch_size": 16,
+    "epochs": 3,
+    "seed": 0,
+    "device": "cpu",
+}
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +51,9 @@ def test_auc_matches_hand_computed_example():
 
 def test_tiny_run_has_every_label_and_kind(tiny_rows):
     keys = {(row["preset"], row["model_kind"], row["label"]) for row in tiny_rows}
-    assert keys == {(preset, kind, name) for preset, kind in (("nc7", "encoded"), (RAW_PRESET, "raw"))
-                    for name in LABEL_NAMES}
+    assert keys == {
+        (preset, kind, name) for preset, kind in (("nc7", "encoded"), (RAW_PRESET, "raw")) for name in LABEL_NAMES
+    }
     assert len(tiny_rows) == 2 * len(LABEL_NAMES)
     for row in tiny_rows:
         assert 0.0 <= row["auc"] <= 1.0
@@ -54,8 +63,9 @@ def test_tiny_run_has_every_label_and_kind(tiny_rows):
 
 def test_models_learn_the_findings_at_a_small_size():
     # Cardiomegaly (heart width) is visible at 64 px: both models must beat chance clearly.
-    rows = run_utility(presets=["nc7"], n_train=300, n_test=150, width=64, image_size=64, patch_size=8,
-                       epochs=8, seed=0, device="cpu")
+    rows = run_utility(
+        presets=["nc7"], n_train=300, n_test=150, width=64, image_size=64, patch_size=8, epochs=8, seed=0, device="cpu"
+    )
     auc_of = {(row["preset"], row["label"]): row["auc"] for row in rows}
     assert auc_of["nc7", "cardiomegaly"] > 0.75
     assert auc_of[RAW_PRESET, "cardiomegaly"] > 0.6
@@ -103,8 +113,30 @@ def test_rows_record_into_store(tiny_rows, tmp_path):
 
 def test_cli_utility_records(tmp_path):
     db = tmp_path / "lb.db"
-    args = ["baseline", "utility", "--preset", "nc3", "--preset", "nc7", "--n-train", "48", "--n-test", "32", "--width", "32",
-            "--image-size", "32", "--patch-size", "8", "--epochs", "1", "--device", "cpu", "--db", str(db)]
+    args = [
+        "baseline",
+        "utility",
+        "--preset",
+        "nc3",
+        "--preset",
+        "nc7",
+        "--n-train",
+        "48",
+        "--n-test",
+        "32",
+        "--width",
+        "32",
+        "--image-size",
+        "32",
+        "--patch-size",
+        "8",
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+        "--db",
+        str(db),
+    ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     header = next(line for line in result.output.splitlines() if line.startswith("AUC")).split()
@@ -114,8 +146,9 @@ def test_cli_utility_records(tmp_path):
 
 
 def test_cli_utility_error_is_one_line(tmp_path):
-    result = CliRunner().invoke(main, ["baseline", "utility", "--preset", "nc3", "--image-size", "40",
-                                       "--device", "cpu"])
+    result = CliRunner().invoke(
+        main, ["baseline", "utility", "--preset", "nc3", "--image-size", "40", "--device", "cpu"]
+    )
     assert result.exit_code != 0
     assert "multiple of 16" in result.output
 
@@ -134,14 +167,32 @@ def test_utility_trains_on_a_users_labelled_folder(tmp_path):
         lines.append(f"films/img{k:03d}.png,{float(label[0])},{float(label[1])}")
     (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
     source = f"folder:{tmp_path / 'films'}?labels={tmp_path / 'labels.csv'}"
-    rows = run_utility(presets=["nc3"], source=source, **{**TINY, "n_train": 24, "n_test": 16,
-                                                            "image_size": 32, "patch_size": 8, "epochs": 1})
+    rows = run_utility(
+        presets=["nc3"],
+        source=source,
+        **{**TINY, "n_train": 24, "n_test": 16, "image_size": 32, "patch_size": 8, "epochs": 1},
+    )
     assert {row["label"] for row in rows} == {"Cardiomegaly", "Pleural Effusion"}
     assert rows[0]["settings"]["source"] == source
 
 
 def test_source_without_labels_is_refused_in_one_line():
-    result = CliRunner().invoke(main, ["baseline", "utility", "--preset", "nc3", "--source", "sample",
-                                       "--n-train", "8", "--n-test", "8", "--device", "cpu"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "baseline",
+            "utility",
+            "--preset",
+            "nc3",
+            "--source",
+            "sample",
+            "--n-train",
+            "8",
+            "--n-test",
+            "8",
+            "--device",
+            "cpu",
+        ],
+    )
     assert result.exit_code != 0
     assert "has no labels" in result.output and "Traceback" not in result.output

@@ -34,12 +34,20 @@ from ncbench.leaderboard.store import BUILTIN_TEAM, DB_ENV, Store, verified_runs
 NCBENCH = str(Path(sys.executable).with_name("ncbench"))
 # width 64 = 8 x 8 pixels per patch: every built-in attack runs on it.
 TINY = ["--width", "64", "--image-size", "32", "--patch-size", "8", "--bn-batch", "8"]
-LIMITS = {"memory_bytes": "2G", "cpu_s": "30", "wall_s": "15", "processes": "64", "file_bytes": "64M",
-          "scratch_bytes": "128M", "output_bytes": "64k", "threads": "1"}
+LIMITS = {
+    "memory_bytes": "2G",
+    "cpu_s": "30",
+    "wall_s": "15",
+    "processes": "64",
+    "file_bytes": "64M",
+    "scratch_bytes": "128M",
+    "output_bytes": "64k",
+    "threads": "1",
+}
 LIMIT_ARGS = [arg for name, value in LIMITS.items() for arg in ("--sandbox-limit", f"{name}={value}")]
 FINAL = ("scored", "failed")
 
-PLUGIN = '''\
+PLUGIN = """\
 import os
 import socket
 import sys
@@ -57,7 +65,7 @@ class {cls}(GramHungarian):
 
     def run(self, release):
 {body}
-'''
+"""
 WELL_BEHAVED = "        return super().run(release)"
 
 
@@ -66,7 +74,8 @@ def hostile_bodies(port: int, store: Path, challenge_id: str) -> dict[str, tuple
     paths = ["/etc/passwd", str(store / "leaderboard.db"), str(store / "keys" / challenge_id / "key.h5")]
     folders = [str(store), str(store / "keys"), "/home"]
     return {
-        "opens-a-socket": (f"""
+        "opens-a-socket": (
+            f"""
         outcomes = []
         for address in [("127.0.0.1", {port}), ("1.1.1.1", 53)]:
             try:
@@ -74,8 +83,11 @@ def hostile_bodies(port: int, store: Path, challenge_id: str) -> dict[str, tuple
                 outcomes.append(f"CONNECTED {{address}}")
             except OSError as error:
                 outcomes.append(type(error).__name__)
-        raise RuntimeError("no network: " + ", ".join(outcomes))""", "no network"),
-        "reads-host-files": (f"""
+        raise RuntimeError("no network: " + ", ".join(outcomes))""",
+            "no network",
+        ),
+        "reads-host-files": (
+            f"""
         leaked = []
         for path in {paths!r}:
             try:
@@ -91,36 +103,57 @@ def hostile_bodies(port: int, store: Path, challenge_id: str) -> dict[str, tuple
             except OSError:
                 pass
         raise RuntimeError(f"LEAKED {{leaked}}" if leaked else "nothing of the host is visible")""",
-                             "nothing of the host is visible"),
-        "forks-until-stopped": ("""
+            "nothing of the host is visible",
+        ),
+        "forks-until-stopped": (
+            """
         while True:
             if os.fork() == 0:
                 time.sleep(3600)
-                os._exit(0)""", "Resource temporarily unavailable"),
-        "allocates-50-gb": ("""
-        return np.ones(50 * 10**9, dtype=np.uint8)""", "MemoryError"),
-        "sleeps-forever": ("""
-        time.sleep(10**6)""", "wall-clock limit"),
-        "writes-10-gb": ("""
+                os._exit(0)""",
+            "Resource temporarily unavailable",
+        ),
+        "allocates-50-gb": (
+            """
+        return np.ones(50 * 10**9, dtype=np.uint8)""",
+            "MemoryError",
+        ),
+        "sleeps-forever": (
+            """
+        time.sleep(10**6)""",
+            "wall-clock limit",
+        ),
+        "writes-10-gb": (
+            """
         with open("/tmp/big", "wb") as handle:
             for _ in range(10 * 1024):
-                handle.write(bytes(1 << 20))""", "File too large"),
-        "prints-1-gb": ("""
+                handle.write(bytes(1 << 20))""",
+            "File too large",
+        ),
+        "prints-1-gb": (
+            """
         for _ in range(1024):
-            sys.stdout.write("x" * (1 << 20))""", "output limit"),
-        "imports-a-missing-module": ("""
-        import ncbench_no_such_module  # noqa: F401""", "No module named 'ncbench_no_such_module'"),
+            sys.stdout.write("x" * (1 << 20))""",
+            "output limit",
+        ),
+        "imports-a-missing-module": (
+            """
+        import ncbench_no_such_module  # noqa: F401""",
+            "No module named 'ncbench_no_such_module'",
+        ),
     }
 
 
 def plugin_source(name: str, body: str = WELL_BEHAVED, module_level: str = "", cls: str = "Plugin") -> str:
-    return PLUGIN.format(name=name, body=textwrap.indent(textwrap.dedent(body).strip("\n"), " " * 8),
-                         module_level=module_level, cls=cls)
+    return PLUGIN.format(
+        name=name, body=textwrap.indent(textwrap.dedent(body).strip("\n"), " " * 8), module_level=module_level, cls=cls
+    )
 
 
 def ncbench(*args, env=None, timeout=300):
-    return subprocess.run([NCBENCH, *map(str, args)], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [NCBENCH, *map(str, args)], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
 
 
 def cli(*args, env=None):
@@ -141,9 +174,12 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(store.parent / "server.log", "w")  # noqa: SIM115 - closed by stop()
-        self.process = subprocess.Popen([NCBENCH, "server", "--store", str(store), "--port", str(self.port),
-                                         *map(str, extra)], stdout=self.log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+        self.process = subprocess.Popen(
+            [NCBENCH, "server", "--store", str(store), "--port", str(self.port), *map(str, extra)],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
@@ -166,8 +202,21 @@ def world(tmp_path_factory):
     if problem:
         pytest.skip(problem)
     root = tmp_path_factory.mktemp("verified")
-    built = ncbench("challenge", "build", "--preset", "nc3", "--task", "reid", "--source", "phantom", "--n", 16,
-                    *TINY, "--out", root / "release")
+    built = ncbench(
+        "challenge",
+        "build",
+        "--preset",
+        "nc3",
+        "--task",
+        "reid",
+        "--source",
+        "phantom",
+        "--n",
+        16,
+        *TINY,
+        "--out",
+        root / "release",
+    )
     assert built.returncode == 0, built.stderr
     store = root / "store"
     published = ncbench("challenge", "publish", root / "release", "--store", store, "--plugin-daily-limit", 50)
@@ -185,9 +234,13 @@ def db(world) -> Store:
 
 
 def upload(world, team: str, path: Path, cls: str = "Plugin") -> httpx.Response:
-    return httpx.post(f"{world['server'].url}/api/v1/challenges/{world['id']}/plugins",
-                      params={"class": cls, "filename": path.name}, content=path.read_bytes(),
-                      headers={"Authorization": f"Bearer {world['tokens'][team]}"}, timeout=300)
+    return httpx.post(
+        f"{world['server'].url}/api/v1/challenges/{world['id']}/plugins",
+        params={"class": cls, "filename": path.name},
+        content=path.read_bytes(),
+        headers={"Authorization": f"Bearer {world['tokens'][team]}"},
+        timeout=300,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -208,13 +261,29 @@ def batch(world):
     bob = {"NCBENCH_SERVER": url, "NCBENCH_TOKEN": world["tokens"]["bob"]}
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         uploads = {name: pool.submit(upload, world, "alice", path) for name, path in files.items()}
-        submitted = pool.submit(ncbench, "submit", "--plugin", f"{good}:Plugin", "--challenge", world["id"],
-                                "--no-wait", env=bob)
-        builtins = pool.submit(ncbench, "leaderboard", "verify-builtins", "--challenge", world["id"], "--store",
-                               world["store"], "--releases", 1, "--queue-only", *LIMIT_ARGS)
-        scoring = pool.submit(httpx.post, f"{url}/api/v1/challenges/{world['id']}/submissions",
-                              content=chance.read_bytes(), timeout=60,
-                              headers={"Authorization": f"Bearer {world['tokens']['bob']}"})
+        submitted = pool.submit(
+            ncbench, "submit", "--plugin", f"{good}:Plugin", "--challenge", world["id"], "--no-wait", env=bob
+        )
+        builtins = pool.submit(
+            ncbench,
+            "leaderboard",
+            "verify-builtins",
+            "--challenge",
+            world["id"],
+            "--store",
+            world["store"],
+            "--releases",
+            1,
+            "--queue-only",
+            *LIMIT_ARGS,
+        )
+        scoring = pool.submit(
+            httpx.post,
+            f"{url}/api/v1/challenges/{world['id']}/submissions",
+            content=chance.read_bytes(),
+            timeout=60,
+            headers={"Authorization": f"Bearer {world['tokens']['bob']}"},
+        )
         answers = {name: future.result() for name, future in uploads.items()}
     assert all(answer.status_code == 202 for answer in answers.values()), {n: a.text for n, a in answers.items()}
     assert submitted.result().returncode == 0, submitted.result().stderr
@@ -231,11 +300,21 @@ def batch(world):
                 break
             time.sleep(1)
         results = verified.results(store)
-    job = httpx.get(f"{url}/api/v1/submissions/{scoring.result().json()['id']}", timeout=10,
-                    headers={"Authorization": f"Bearer {world['tokens']['bob']}"}).json()
+    job = httpx.get(
+        f"{url}/api/v1/submissions/{scoring.result().json()['id']}",
+        timeout=10,
+        headers={"Authorization": f"Bearer {world['tokens']['bob']}"},
+    ).json()
     runs = {answer.json()["attack"]: answer.json()["id"] for answer in answers.values()}
-    return {"hostile": hostile, "runs": runs, "results": results, "health": health, "scoring": job,
-            "good": good, "bob": bob}
+    return {
+        "hostile": hostile,
+        "runs": runs,
+        "results": results,
+        "health": health,
+        "scoring": job,
+        "good": good,
+        "bob": bob,
+    }
 
 
 def run_of(batch, world, run_id: int) -> dict:
@@ -244,6 +323,7 @@ def run_of(batch, world, run_id: int) -> dict:
 
 
 # -- hostile plugins ----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", list(hostile_bodies(0, Path("/"), "x")))
 def test_hostile_plugin_is_contained_and_recorded_as_failed_with_its_reason(world, batch, name):
@@ -286,6 +366,7 @@ def test_two_verified_runs_execute_at_once_on_a_two_worker_cluster(world, batch)
 
 # -- a well-behaved plugin -----------------------------------------------------------------------
 
+
 def test_submit_plugin_runs_on_fresh_hidden_releases_committed_before_the_run(world, batch):
     results = batch["results"]
     good = results[results["attack"] == "bob/good-gram"]
@@ -306,22 +387,33 @@ def test_submit_plugin_runs_on_fresh_hidden_releases_committed_before_the_run(wo
 def test_well_behaved_plugin_scores_the_same_in_the_sandbox_as_run_locally(world, batch, tmp_path):
     release = world["root"] / "release"
     local = tmp_path / "local.h5"
-    ran = subprocess.run([NCBENCH, "attack", "run", f"{batch['good']}:Plugin", "--release", release, "--out", local],
-                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    ran = subprocess.run(
+        [NCBENCH, "attack", "run", f"{batch['good']}:Plugin", "--release", release, "--out", local],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert ran.returncode == 0, ran.stderr
     (tmp_path / "work").mkdir()
     plugin = tmp_path / "work" / "plugin" / batch["good"].name
     plugin.parent.mkdir()
     plugin.write_bytes(batch["good"].read_bytes())
     limits = sandbox.parse_limits(f"{k}={v}" for k, v in LIMITS.items())
-    outcome, sandboxed = sandbox.run_attack(attack="Plugin", params={}, release=release / "public" / "release.h5",
-                                            workdir=tmp_path / "work", limits=limits, plugin=plugin)
+    outcome, sandboxed = sandbox.run_attack(
+        attack="Plugin",
+        params={},
+        release=release / "public" / "release.h5",
+        workdir=tmp_path / "work",
+        limits=limits,
+        plugin=plugin,
+    )
     assert outcome.ok, outcome.output
     assert outcome.sandboxed and outcome.cpu_s > 0 and outcome.peak_rss_bytes > 0
     assert score_submission(sandboxed, release).metrics == score_submission(local, release).metrics
 
 
 # -- built-ins -----------------------------------------------------------------------------------
+
 
 def test_builtins_are_the_reference_rows_of_the_verified_matrix(batch):
     summary = tables.verified_summary(batch["results"])
@@ -334,12 +426,21 @@ def test_builtins_are_the_reference_rows_of_the_verified_matrix(batch):
 
 
 def test_an_unsandboxed_run_says_so(world, batch):
-    settings = verified.Settings(releases=1, unsandboxed=True, limits=sandbox.parse_limits(
-        f"{k}={v}" for k, v in LIMITS.items()))
+    settings = verified.Settings(
+        releases=1, unsandboxed=True, limits=sandbox.parse_limits(f"{k}={v}" for k, v in LIMITS.items())
+    )
     with db(world) as store:
-        run_id = verified.enqueue(store, team=BUILTIN_TEAM, origin="organizer", challenge_id=world["id"],
-                                  attack="chance", attack_version="1.0", params="{}", settings=settings,
-                                  eval_source="phantom")
+        run_id = verified.enqueue(
+            store,
+            team=BUILTIN_TEAM,
+            origin="organizer",
+            challenge_id=world["id"],
+            attack="chance",
+            attack_version="1.0",
+            params="{}",
+            settings=settings,
+            eval_source="phantom",
+        )
         deadline = time.monotonic() + 120
         while verified.run_view(store, run_id)["state"] not in FINAL and time.monotonic() < deadline:
             time.sleep(0.5)  # the server's workers take it: the run's row says how to run it
@@ -375,6 +476,7 @@ def test_the_verified_page_of_an_empty_board_says_how_to_fill_it(tmp_path, monke
 
 # -- commit, then reveal -------------------------------------------------------------------------
 
+
 def test_a_revealed_seed_rebuilds_the_evaluation_release_byte_for_byte(world, batch, tmp_path):
     url = world["server"].url
     closed = cli("leaderboard", "close", world["id"], "--db", world["store"] / "leaderboard.db")
@@ -398,11 +500,16 @@ def test_a_revealed_seed_rebuilds_the_evaluation_release_byte_for_byte(world, ba
 
 # -- without a server ----------------------------------------------------------------------------
 
+
 def test_the_sandbox_shows_nothing_of_the_host_but_the_environment_release_and_plugin(tmp_path):
     store = tmp_path / "store"
     release, plugin, out = store / "keys/x/release.h5", tmp_path / "work/plugin/p.py", tmp_path / "work/submission.h5"
-    mounts = [*sandbox.environment_mounts(), sandbox.Mount(release, sandbox.RELEASE_INSIDE),
-              sandbox.Mount(plugin, "/plugin/p.py"), sandbox.Mount(out, sandbox.OUT_INSIDE, writable=True)]
+    mounts = [
+        *sandbox.environment_mounts(),
+        sandbox.Mount(release, sandbox.RELEASE_INSIDE),
+        sandbox.Mount(plugin, "/plugin/p.py"),
+        sandbox.Mount(out, sandbox.OUT_INSIDE, writable=True),
+    ]
     for uid in (None, 1 << 24):
         argv = sandbox.bwrap_argv(["python"], mounts=mounts, limits=sandbox.Limits(), uid=uid)
         assert {"--unshare-net", "--unshare-pid", "--die-with-parent", "--clearenv"} <= set(argv)
@@ -419,8 +526,12 @@ def test_the_sandbox_shows_nothing_of_the_host_but_the_environment_release_and_p
 
 def test_sandbox_limits_take_sizes_and_refuse_unknown_names():
     limits = sandbox.parse_limits(["memory_bytes=2G", "file_bytes=64M", "output_bytes=64k", "wall_s=1.5"])
-    assert (limits.memory_bytes, limits.file_bytes, limits.output_bytes, limits.wall_s) == (2 << 30, 64 << 20,
-                                                                                            64 << 10, 1.5)
+    assert (limits.memory_bytes, limits.file_bytes, limits.output_bytes, limits.wall_s) == (
+        2 << 30,
+        64 << 20,
+        64 << 10,
+        1.5,
+    )
     for bad in ("network=1", "memory_bytes", "cpu_s=lots", "threads=0", "processes=2"):
         with pytest.raises(sandbox.NcbenchError):
             sandbox.parse_limits([bad, "threads=4"] if bad == "processes=2" else [bad])
@@ -428,13 +539,33 @@ def test_sandbox_limits_take_sizes_and_refuse_unknown_names():
 
 def test_verified_matrix_shows_mean_and_spread_over_keys_and_marks_unsandboxed_runs():
     rows = []
-    for run_id, (attack, sandboxed, scores) in enumerate([("gram-hungarian", True, [0.5, 0.7]),
-                                                          ("alice/mine", False, [0.9, 0.9, 0.9])], start=1):
-        rows += [{"challenge_id": "c", "task": "reid", "preset": "nc3", "n": 16, "run_id": run_id, "team": "t",
-                  "attack": attack, "origin": "organizer", "sandboxed": sandboxed, "releases": len(scores),
-                  "state": "scored", "message": None, "created_utc": "", "idx": i, "release_state": "scored",
-                  "reidentification": score, "wall_s": 2.0, "cpu_s": 1.0, "peak_rss_bytes": 1 << 20}
-                 for i, score in enumerate(scores)]
+    for run_id, (attack, sandboxed, scores) in enumerate(
+        [("gram-hungarian", True, [0.5, 0.7]), ("alice/mine", False, [0.9, 0.9, 0.9])], start=1
+    ):
+        rows += [
+            {
+                "challenge_id": "c",
+                "task": "reid",
+                "preset": "nc3",
+                "n": 16,
+                "run_id": run_id,
+                "team": "t",
+                "attack": attack,
+                "origin": "organizer",
+                "sandboxed": sandboxed,
+                "releases": len(scores),
+                "state": "scored",
+                "message": None,
+                "created_utc": "",
+                "idx": i,
+                "release_state": "scored",
+                "reidentification": score,
+                "wall_s": 2.0,
+                "cpu_s": 1.0,
+                "peak_rss_bytes": 1 << 20,
+            }
+            for i, score in enumerate(scores)
+        ]
     summary = tables.verified_summary(pd.DataFrame(rows))
     assert summary["spread"].round(6).tolist() == [0.141421, 0.0]
     matrix = tables.verified_matrix(summary, task="reid")
@@ -444,8 +575,9 @@ def test_verified_matrix_shows_mean_and_spread_over_keys_and_marks_unsandboxed_r
 
 
 def test_without_bubblewrap_the_verified_track_refuses_in_one_line(tmp_path):
-    refused = cli("leaderboard", "verify-builtins", "--challenge", "x", "--store", tmp_path,
-                  env={"PATH": str(tmp_path)})
+    refused = cli(
+        "leaderboard", "verify-builtins", "--challenge", "x", "--store", tmp_path, env={"PATH": str(tmp_path)}
+    )
     assert refused.exit_code == 2 and refused.stderr.count("\n") == 1, refused.output
     assert "bubblewrap" in refused.stderr and "--unsandboxed" in refused.stderr
 
@@ -465,7 +597,8 @@ def test_attack_check_says_each_failure_in_one_line(tmp_path):
     assert checked.exit_code == 2
     assert checked.stderr.splitlines() == [
         "error: attack my-gram has no parameter 'nope' (parameters: self_width, boost_rounds, refine_pairs, chunk)",
-        "error: attack my-gram does not solve the invert task (it declares reid)"]
+        "error: attack my-gram does not solve the invert task (it declares reid)",
+    ]
     taken = tmp_path / "taken.py"
     taken.write_text(plugin_source("gram-hungarian"))
     refused = cli("attack", "check", f"{taken}:Plugin", "--no-run")
