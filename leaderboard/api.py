@@ -108,21 +108,7 @@ def create_app(
     async def submit(challenge_id: str, request: Request, team: str = Depends(team)) -> dict:
         """Upload a submission file as the request body; returns its id, queued for scoring."""
         await run_in_threadpool(published_files, challenge_id)
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > max_upload:
-            raise HTTPException(413, f"upload larger than the {max_upload} byte limit")
-        writer = channel.UploadWriter(layout, max_bytes=max_upload)
-        try:
-            async for chunk in request.stream():
-                writer.write(chunk)
-        except NcbenchError as error:
-            raise HTTPException(413, str(error)) from None
-        except BaseException:
-            writer.discard()
-            raise
-        sha256, size = writer.commit()
-        if size == 0:
-            raise HTTPException(400, "empty upload")
+        sha256, size = await receive(request, layout, max_upload, "upload")
         try:
             job_id = await run_in_threadpool(
                 channel.enqueue, store, team=team, challenge_id=challenge_id, sha256=sha256, size=size
@@ -205,22 +191,8 @@ def create_app(
         limit = challenge["plugin_daily_limit"] or verified.DEFAULT_PLUGIN_DAILY_LIMIT
         if await run_in_threadpool(verified.used_today, store, team=team, challenge_id=challenge_id) >= limit:
             raise HTTPException(429, f"team {team!r} has used its {limit} verified runs for {challenge_id} today (UTC)")
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > verified.MAX_PLUGIN_BYTES:
-            raise HTTPException(413, f"plugin larger than the {verified.MAX_PLUGIN_BYTES} byte limit")
         admit_check(team)
-        writer = channel.UploadWriter(layout, max_bytes=verified.MAX_PLUGIN_BYTES)
-        try:
-            async for chunk in request.stream():
-                writer.write(chunk)
-        except NcbenchError as error:
-            raise HTTPException(413, str(error)) from None
-        except BaseException:
-            writer.discard()
-            raise
-        sha256, size = writer.commit()
-        if size == 0:
-            raise HTTPException(400, "empty upload")
+        sha256, size = await receive(request, layout, verified.MAX_PLUGIN_BYTES, "plugin")
         try:
             report = await run_in_threadpool(
                 check_plugin, layout.upload(sha256), filename, class_name, params, challenge["task"]
@@ -305,6 +277,27 @@ def create_app(
         return _job_view(store, job)
 
     return app
+
+
+async def receive(request: Request, layout: channel.StoreLayout, max_bytes: int, what: str) -> tuple[str, int]:
+    """Stream a request body to the store by content hash under ``max_bytes`` (by its declared
+    ``Content-Length`` first, then while reading): (sha256, size), or 413 / 400 and nothing kept."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise HTTPException(413, f"{what} larger than the {max_bytes} byte limit")
+    writer = channel.UploadWriter(layout, max_bytes=max_bytes)
+    try:
+        async for chunk in request.stream():
+            writer.write(chunk)
+    except NcbenchError as error:
+        raise HTTPException(413, str(error)) from None
+    except BaseException:
+        writer.discard()
+        raise
+    if writer.size == 0:
+        writer.discard()
+        raise HTTPException(400, f"empty {what}")
+    return writer.commit()
 
 
 def _job_view(store: Store, job: channel.Job) -> dict:

@@ -360,23 +360,26 @@ def _jobs(store: Store, condition, team: str | None) -> list[Job]:
 # -- worker side -------------------------------------------------------------------------------
 
 
-def requeue_interrupted(store: Store) -> int:
-    """At start-up: jobs left ``running`` by a server that died run again (scoring is
-    idempotent: a file already scored for the team is recorded once)."""
+def requeue_interrupted(store: Store, table: sa.Table = jobs) -> int:
+    """At start-up: work left ``running`` in ``table`` (scoring ``jobs``, or verified runs) by a
+    server that died runs again. Scoring is idempotent (a file already scored for the team is
+    recorded once); a verified run keeps its committed seeds, so a rebuild is the same."""
     with store._write() as conn:
         return conn.execute(
-            jobs.update().where(jobs.c.state == "running").values(state="queued", updated_utc=_stamp(utc_now()))
+            table.update().where(table.c.state == "running").values(state="queued", updated_utc=_stamp(utc_now()))
         ).rowcount
 
 
-def claim(store: Store, limit: int) -> list[int]:
-    """Move up to ``limit`` queued jobs to ``running``, oldest first; returns their ids."""
+def claim(store: Store, limit: int, table: sa.Table = jobs, **also) -> list[int]:
+    """Move up to ``limit`` queued rows of ``table`` to ``running``, oldest first, counting the
+    attempt and setting ``also`` (e.g. a start time); returns their ids. ``SKIP LOCKED`` lets
+    several servers on one PostgreSQL database claim side by side."""
     with store._write() as conn:
         ids = (
             conn.execute(
-                sa.select(jobs.c.id)
-                .where(jobs.c.state == "queued")
-                .order_by(jobs.c.id)
+                sa.select(table.c.id)
+                .where(table.c.state == "queued")
+                .order_by(table.c.id)
                 .limit(limit)
                 .with_for_update(skip_locked=True)
             )
@@ -385,9 +388,9 @@ def claim(store: Store, limit: int) -> list[int]:
         )
         if ids:
             conn.execute(
-                jobs.update()
-                .where(jobs.c.id.in_(ids))
-                .values(state="running", attempts=jobs.c.attempts + 1, updated_utc=_stamp(utc_now()))
+                table.update()
+                .where(table.c.id.in_(ids))
+                .values(state="running", attempts=table.c.attempts + 1, updated_utc=_stamp(utc_now()), **also)
             )
     return list(ids)
 

@@ -433,38 +433,13 @@ def enqueue_builtins(store: Store, challenge_id: str, settings: Settings) -> lis
 
 
 def requeue_interrupted(store: Store) -> int:
-    """At start-up: runs left ``running`` by a server that died run again; evaluation releases
-    already committed keep their seeds (a rebuild is byte for byte the same)."""
-    with store._write() as conn:
-        return conn.execute(
-            verified_runs.update()
-            .where(verified_runs.c.state == "running")
-            .values(state="queued", updated_utc=_stamp(utc_now()))
-        ).rowcount
+    """At start-up: runs left ``running`` by a server that died run again."""
+    return channel.requeue_interrupted(store, verified_runs)
 
 
 def claim(store: Store, limit: int) -> list[int]:
     """Move up to ``limit`` queued runs to ``running``, oldest first; returns their ids."""
-    with store._write() as conn:
-        ids = (
-            conn.execute(
-                sa.select(verified_runs.c.id)
-                .where(verified_runs.c.state == "queued")
-                .order_by(verified_runs.c.id)
-                .limit(limit)
-                .with_for_update(skip_locked=True)
-            )
-            .scalars()
-            .all()
-        )
-        if ids:
-            stamp = _stamp(utc_now())
-            conn.execute(
-                verified_runs.update()
-                .where(verified_runs.c.id.in_(ids))
-                .values(state="running", attempts=verified_runs.c.attempts + 1, started_utc=stamp, updated_utc=stamp)
-            )
-    return list(ids)
+    return channel.claim(store, limit, verified_runs, started_utc=_stamp(utc_now()))
 
 
 def claim_run(store: Store, run_id: int) -> bool:
