@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_server import TINY, Server, free_port, ncbench
+from test_server import Server, build_tiny_release, free_port, ncbench
 from tornado.websocket import websocket_connect
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -69,13 +69,21 @@ class Browser:
 
         return asyncio.run(call())
 
-    def wait_for_text(self, needle: str, timeout: float = 60) -> str:
+    def wait_for_text(self, needle: str, timeout: float = 60, *, then_click: str | None = None) -> str:
+        """The page's text once it holds ``needle`` (or at the timeout). ``then_click``: the label
+        of a control to click on every poll until then (a click made while the app is still
+        connecting is lost, so it is repeated rather than trusted)."""
         deadline = time.monotonic() + timeout
         while True:
+            if then_click is not None:
+                self.evaluate(
+                    "(l => l && l.click())([...document.querySelectorAll('label')]"
+                    f".find(l => l.innerText.trim() === {json.dumps(then_click)}))"
+                )
             text = self.evaluate("document.body ? document.body.innerText + document.body.textContent : ''") or ""
             if needle in text or time.monotonic() > deadline:
                 return text
-            time.sleep(0.5)
+            time.sleep(1.0)
 
     def close(self) -> None:
         self.process.terminate()
@@ -84,22 +92,7 @@ class Browser:
 
 
 def test_a_visitor_sees_a_team_scored_through_the_api(tmp_path):
-    built = ncbench(
-        "challenge",
-        "build",
-        "--preset",
-        "nc3",
-        "--task",
-        "reid",
-        "--source",
-        "phantom",
-        "--n",
-        16,
-        *TINY,
-        "--out",
-        tmp_path / "release",
-    )
-    assert built.returncode == 0, built.stderr
+    build_tiny_release(tmp_path / "release")
     store = tmp_path / "store"
     challenge_id = ncbench("challenge", "publish", tmp_path / "release", "--store", store).stdout.split()[-1]
     token = ncbench("team", "add", "Visible-Team", "--store", store).stdout.strip()
@@ -117,10 +110,7 @@ def test_a_visitor_sees_a_team_scored_through_the_api(tmp_path):
         assert "Best re-identification" in front, front
         assert "Deploy" not in front  # viewer mode: no developer toolbar for visitors
         # Open the Self-reported page as a visitor would: click its entry in the sidebar.
-        browser.evaluate(
-            "[...document.querySelectorAll('label')].find(l => l.innerText.trim() === 'Self-reported').click()"
-        )
-        page = browser.wait_for_text("visible-team/chance")
+        page = browser.wait_for_text("visible-team/chance", then_click="Self-reported")
         assert "visible-team/chance" in page, page
         assert "None" not in page
     finally:

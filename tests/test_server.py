@@ -33,6 +33,14 @@ def ncbench(*args, cwd=None, env=None, timeout=300):
     )
 
 
+def build_tiny_release(out: Path) -> None:
+    """A 16-image nc3 reid challenge at a tiny width, built through the CLI with a fresh key."""
+    built = ncbench(
+        "challenge", "build", "--preset", "nc3", "--task", "reid", "--source", "phantom", "--n", 16, *TINY, "--out", out
+    )
+    assert built.returncode == 0, built.stderr
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -72,22 +80,7 @@ class Server:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("server")
-    built = ncbench(
-        "challenge",
-        "build",
-        "--preset",
-        "nc3",
-        "--task",
-        "reid",
-        "--source",
-        "phantom",
-        "--n",
-        16,
-        *TINY,
-        "--out",
-        root / "release",
-    )
-    assert built.returncode == 0, built.stderr
+    build_tiny_release(root / "release")
     store = root / "store"
     published = ncbench("challenge", "publish", root / "release", "--store", store, "--daily-limit", DAILY_LIMIT)
     assert published.returncode == 0, published.stderr
