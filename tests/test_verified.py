@@ -10,8 +10,6 @@ import concurrent.futures
 import hashlib
 import os
 import shlex
-import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -25,6 +23,7 @@ import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
 from streamlit.testing.v1 import AppTest
+from test_server import Server, ncbench
 
 from ncbench.cli import main
 from ncbench.leaderboard import sandbox, tables, verified
@@ -150,50 +149,9 @@ def plugin_source(name: str, body: str = WELL_BEHAVED, module_level: str = "", c
     )
 
 
-def ncbench(*args, env=None, timeout=300):
-    return subprocess.run(
-        [NCBENCH, *map(str, args)], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
-    )
-
-
 def cli(*args, env=None):
     """The ncbench command in this process (click's runner): the quick checks need no new interpreter."""
     return CliRunner().invoke(main, [str(a) for a in args], env=env)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Server:
-    """`ncbench server` in a process group of its own, on a free port."""
-
-    def __init__(self, store: Path, *extra):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(store.parent / "server.log", "w")  # noqa: SIM115 - closed by stop()
-        self.process = subprocess.Popen(
-            [NCBENCH, "server", "--store", str(store), "--port", str(self.port), *map(str, extra)],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.2)
-            assert self.process.poll() is None, Path(self.log.name).read_text()
-        raise AssertionError("server did not start: " + Path(self.log.name).read_text())
-
-    def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        self.process.wait(timeout=60)
-        self.log.close()
 
 
 @pytest.fixture(scope="module")
