@@ -15,7 +15,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from ncbench.assignment import match
-from ncbench.challenge.files import Release
+from ncbench.challenge.files import Release, SiteView
 
 
 def assign_rows(similarity: torch.Tensor) -> np.ndarray:
@@ -43,21 +43,21 @@ def _slot_scores(encoded: torch.Tensor, reference: torch.Tensor) -> torch.Tensor
     return torch.einsum("bpd,sd->bps", encoded, reference) - 0.5 * (reference * reference).sum(1)
 
 
-def iter_release(release: Release, chunk: int, device: str) -> Iterator[tuple[int, torch.Tensor]]:
+def iter_release(release: Release | SiteView, chunk: int, device: str) -> Iterator[tuple[int, torch.Tensor]]:
     for start, block in release.iter_encoded(chunk):
         yield start, torch.from_numpy(block).to(device)
 
 
 def slot_reference(
-    release: Release, *, chunk: int = 64, device: str = "cpu", advance: Callable[[int], None] = lambda k: None
+    release: Release | SiteView, *, chunk: int = 64, device: str = "cpu", advance: Callable[[int], None] = lambda k: None
 ) -> torch.Tensor:
     """The mean encoding in slot order (P, D) float32: one streamed pass.
 
     Rows are assigned to the first encoding's slots; the mean of that alignment is a far less noisy
     reference for the final alignment (:func:`iter_aligned`). Releases without shuffle keep row order.
     """
-    n, n_patches, width = release.encoded.shape
-    first = torch.from_numpy(release.encoded[0].astype(np.float32)).to(device)
+    n, n_patches, width = release.n_encoded, release.config.n_patches, release.config.width
+    first = torch.from_numpy(release.encoded_rows([0])[0]).to(device)
     total = torch.zeros(n_patches, width, device=device)
     for _, block in iter_release(release, chunk, device):
         if release.config.shuffle:
@@ -68,10 +68,10 @@ def slot_reference(
 
 
 def iter_aligned(
-    release: Release, reference: torch.Tensor, *, chunk: int = 64, device: str = "cpu"
+    release: Release | SiteView, reference: torch.Tensor, *, chunk: int = 64, device: str = "cpu"
 ) -> Iterator[tuple[int, np.ndarray, torch.Tensor]]:
     """Yield (start, slots (b, P) int64, encodings in slot order (b, P, D)) for the whole release."""
-    n_patches = release.encoded.shape[1]
+    n_patches = release.config.n_patches
     for start, block in iter_release(release, chunk, device):
         if release.config.shuffle:
             slots = assign_rows(_slot_scores(block, reference))

@@ -175,7 +175,9 @@ class _Stage:
 
     def __exit__(self, *exc) -> None:
         self._progress.__exit__(*exc)
-        self.attack.stage_times[self.label] = round(time.perf_counter() - self.started, 3)
+        # A stage run once per site adds up: the submission records each stage's total.
+        elapsed = time.perf_counter() - self.started
+        self.attack.stage_times[self.label] = round(self.attack.stage_times.get(self.label, 0.0) + elapsed, 3)
 
 
 def _convert(attack: str, name: str, text: str, kind) -> object:

@@ -1,16 +1,19 @@
-"""The Gram pairing that ``gram-hungarian`` submits and ``linear-inversion`` fits on.
+"""The Gram pairing that ``gram-hungarian`` submits, ``linear-inversion`` fits on and
+``gram-link`` uses between two sites.
 
-1. undo each image's patch shuffle by assignment against a reference (:mod:`attacks.alignment`);
+1. undo each image's patch shuffle by assignment against a reference (:mod:`attacks.alignment`):
+   one reference per key, so per site;
 2. per image, the Gram matrix of its slot-centred, unit-normalised patches (P x P), and the same
    for every plaintext encoded with a self-sampled key of the public architecture (at a smaller
    width: the kernel, not the key, is what matters);
 3. first matching on a shuffle-invariant statistic (each image's sorted patch norms);
 4. boost: recover the global slot -> position permutation from the matched pairs, compare the
-   Gram matrices in that order, re-solve the N x N assignment; repeat.
+   Gram matrices in that order, re-solve the assignment; repeat.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,10 +33,33 @@ from ncbench.attacks.statistics import (
     patch_statistics,
     sorted_norm_scores,
 )
-from ncbench.challenge.files import Release
+from ncbench.challenge.files import Release, SiteView
 
 BOOST_ROUNDS = 2  # the second round rarely changes a pair on nc3 / nc7 (stable_fraction ~1)
 REFINE_PAIRS = 256  # matched pairs whose Gram matrices refine the slot permutation
+
+
+@dataclass(frozen=True)
+class Aligned:
+    """One key's encodings in a common slot order: their statistics and the slot of each row."""
+
+    statistics: PatchStatistics
+    slots: np.ndarray  # (N, P) int64: the slot each encoded row was assigned to
+
+
+@dataclass(frozen=True)
+class Boosted:
+    """A boosted matching of left items (rows) to right items (columns).
+
+    matched: (L,) right item of each left item; scores: (L, R) Gram correlations of the last
+    round; slot_positions: (P,) right slot (or position) of each left slot; stable_fraction: per
+    round, the fraction of the matching the round left unchanged.
+    """
+
+    matched: np.ndarray
+    scores: np.ndarray
+    slot_positions: np.ndarray
+    stable_fraction: list[float]
 
 
 @dataclass(frozen=True)
@@ -42,13 +68,63 @@ class Pairing:
 
     matched: (N,) plaintext row of each encoding; scores: (N, M) float32 Gram correlations of the
     last round; patch_positions: (N, P) original position of each encoded row;
-    stable_fraction: per boosting round, the fraction of pairs the round left unchanged.
+    stable_fraction: per boosting round (and site), the fraction of pairs the round left unchanged.
     """
 
     matched: np.ndarray
     scores: np.ndarray
     patch_positions: np.ndarray
     stable_fraction: list[float]
+
+
+def aligned_statistics(view: Release | SiteView, attack: Attack, *, chunk: int) -> Aligned:
+    """Undo the shuffles of one key's encodings and take their patch statistics (two passes)."""
+    n = view.n_encoded
+    with attack.stage("slot reference", n) as advance:
+        reference = slot_reference(view, chunk=chunk, device=attack.device, advance=advance)
+    slots = np.empty((n, view.config.n_patches), np.int64)
+
+    def aligned_blocks():
+        for start, block_slots, block in iter_aligned(view, reference, chunk=chunk, device=attack.device):
+            slots[start : start + len(block)] = block_slots
+            yield start, block
+
+    with attack.stage("align + encoded statistics", n):
+        statistics = patch_statistics(aligned_blocks(), reference, n)
+    return Aligned(statistics, slots)
+
+
+def all_rows(scores: np.ndarray, matched: np.ndarray) -> np.ndarray:
+    return np.arange(len(matched))
+
+
+def boost(
+    left: PatchStatistics,
+    right: PatchStatistics,
+    scores: np.ndarray,
+    *,
+    rounds: int,
+    refine_pairs: int,
+    rng: np.random.Generator,
+    shuffle: bool = True,
+    trusted: Callable[[np.ndarray, np.ndarray], np.ndarray] = all_rows,
+    advance: Callable[[int], None] = lambda k: None,
+) -> Boosted:
+    """Match on first-round ``scores`` (L, R), then ``rounds`` times: recover the slot
+    permutation from the pairs ``trusted(scores, matched)`` picks (left rows), compare Gram
+    matrices in that order and match again."""
+    matched = match(scores)
+    slot_positions = np.arange(left.norms.shape[1])
+    history = []
+    for _ in range(rounds):
+        if shuffle:
+            rows = trusted(scores, matched)
+            slot_positions = _slot_positions(left, right, rows, matched[rows], rng, refine_pairs)
+        scores = gram_scores(left, right, slot_positions)
+        previous, matched = matched, match(scores)
+        history.append(float((previous == matched).mean()))
+        advance(1)
+    return Boosted(matched, scores.astype(np.float32), slot_positions, history)
 
 
 def gram_pairing(
@@ -61,48 +137,59 @@ def gram_pairing(
     refine_pairs: int = REFINE_PAIRS,
 ) -> Pairing:
     """Pair every encoding of ``release`` with a plaintext; stages and randomness come from
-    ``attack`` (its progress, stage times, device, seed)."""
-    n = release.n_encoded
-    with attack.stage("slot reference", n) as advance:
-        reference = slot_reference(release, chunk=chunk, device=attack.device, advance=advance)
-    slots = np.empty((n, release.config.n_patches), np.int64)
+    ``attack`` (its progress, stage times, device, seed).
 
-    def aligned_blocks():
-        for start, block_slots, block in iter_aligned(release, reference, chunk=chunk, device=attack.device):
-            slots[start : start + len(block)] = block_slots
-            yield start, block
-
-    with attack.stage("align + encoded statistics", n):
-        encoded = patch_statistics(aligned_blocks(), reference, n)
+    A release of several sites is attacked site by site (each key has its own slot order), every
+    site against the whole pool; one assignment over the stacked scores then keeps the pairing
+    one-to-one across sites.
+    """
     plain_images = release.plain_images
     with attack.stage("self-keyed plaintext statistics", len(plain_images)) as advance:
         features, mean = self_encode(
             plain_images, release.config, width=self_width, seed=attack.seed, device=attack.device, advance=advance
         )
         plain = patch_statistics(features, mean, len(plain_images))
-    history = []
-    with attack.stage("match sorted norms"):
-        matched = match(sorted_norm_scores(encoded, plain))
+    del features
+    sites = release.sites
+    scores = np.empty((release.n_encoded, len(plain_images)), np.float32)
+    positions = np.empty((release.n_encoded, release.config.n_patches), np.int64)
+    history: list[float] = []
     refine_rng = attack.rng("refine")
-    with attack.stage("boost", boost_rounds) as advance:
-        for _ in range(boost_rounds):
-            slot_positions = (
-                _slot_positions(encoded, plain, matched, refine_rng, refine_pairs)
-                if release.config.shuffle
-                else np.arange(len(reference))
+    for site in range(release.n_sites):
+        view = release.site(site) if release.n_sites > 1 else release
+        rows = np.flatnonzero(sites == site)
+        aligned = aligned_statistics(view, attack, chunk=chunk)
+        with attack.stage("match sorted norms"):
+            first = sorted_norm_scores(aligned.statistics, plain)
+        with attack.stage("boost", boost_rounds) as advance:
+            boosted = boost(
+                aligned.statistics,
+                plain,
+                first,
+                rounds=boost_rounds,
+                refine_pairs=refine_pairs,
+                rng=refine_rng,
+                shuffle=release.config.shuffle,
+                advance=advance,
             )
-            scores = gram_scores(encoded, plain, slot_positions)
-            previous, matched = matched, match(scores)
-            history.append(float((previous == matched).mean()))
-            advance(1)
-    return Pairing(matched, scores.astype(np.float32), slot_positions[slots], history)
+        scores[rows] = boosted.scores
+        positions[rows] = boosted.slot_positions[aligned.slots]
+        history += boosted.stable_fraction
+    matched = match(scores) if release.n_sites > 1 else boosted.matched
+    return Pairing(matched, scores, positions, history)
 
 
 def _slot_positions(
-    encoded: PatchStatistics, plain: PatchStatistics, matched: np.ndarray, rng: np.random.Generator, refine_pairs: int
+    left: PatchStatistics,
+    right: PatchStatistics,
+    rows: np.ndarray,
+    partners: np.ndarray,
+    rng: np.random.Generator,
+    refine_pairs: int,
 ) -> np.ndarray:
-    """Boosting step: slot -> position permutation from the current matching (norm correlation
-    over all pairs, refined on the Gram matrices of a random subset of pairs)."""
-    slot_positions = recover_slot_positions(encoded.norms, plain.norms[matched])
-    subset = np.sort(rng.permutation(len(matched))[:refine_pairs])
-    return refine_slot_positions(encoded.full_grams(subset), plain.full_grams(matched[subset]), slot_positions)
+    """Boosting step: slot -> position permutation from matched pairs (left ``rows`` with right
+    ``partners``): norm correlation over all of them, refined on the Gram matrices of a random
+    subset."""
+    slot_positions = recover_slot_positions(left.norms[rows], right.norms[partners])
+    subset = np.sort(rng.permutation(len(rows))[:refine_pairs])
+    return refine_slot_positions(left.full_grams(rows[subset]), right.full_grams(partners[subset]), slot_positions)

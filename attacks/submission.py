@@ -8,7 +8,9 @@ HDF5 (``format = "ncbench-submission"``) with attrs ``challenge_id``, ``attack``
 - ``scores`` (N, M) float32 with ``plain_ids`` (M,): higher means more likely;
 - ``patch_positions`` (N, P) int16: predicted original position of each encoded row;
 - ``reconstructions`` (N, H, W) uint8 or float32 on the 0-255 scale;
-- ``encodings`` (M, P, D) or (M, D) with ``target_ids`` (M,): predicted target encodings.
+- ``encodings`` (M, P, D) or (M, D) with ``target_ids`` (M,): predicted target encodings;
+- ``link_scores`` (L,) float with ``link_left`` and ``link_right`` (L,): candidate pairs of
+  encodings (of two sites) claimed to be the same image or patient, higher meaning surer.
 
 A two-column CSV ``encoded_id,plain_id`` is accepted as a ``reid`` mapping.
 
@@ -42,8 +44,8 @@ from ncbench.h5io import (
 
 SUBMISSION_FORMAT = "ncbench-submission"
 SCHEMA_VERSION = 1
-ARRAY_PARTS = ("scores", "patch_positions", "reconstructions", "encodings")
-STRING_PARTS = ("encoded_ids", "mapping", "plain_ids", "target_ids")
+ARRAY_PARTS = ("scores", "patch_positions", "reconstructions", "encodings", "link_scores")
+STRING_PARTS = ("encoded_ids", "mapping", "plain_ids", "target_ids", "link_left", "link_right")
 ID_BYTES = 256  # the longest id a reader budgets for; release ids are about 10 bytes
 CSV_HEADER_BYTES = 4096
 
@@ -89,6 +91,9 @@ class Submission:
     reconstructions: np.ndarray | None = None
     encodings: np.ndarray | None = None
     target_ids: list[str] | None = None
+    link_left: list[str] | None = None
+    link_right: list[str] | None = None
+    link_scores: np.ndarray | None = None
     diagnostics: dict = field(default_factory=dict)  # attack-side numbers (stage times, ...)
     unread: tuple[str, ...] = ()  # answer parts in the file that the reader was not asked to read
 
@@ -102,7 +107,9 @@ def write_submission(path: str | os.PathLike, submission: Submission, *, force: 
     """Write ``submission`` atomically to ``path`` (HDF5, or CSV when the suffix is .csv)."""
     path = Path(path)
     if not submission.parts():
-        raise NcbenchError("a submission needs at least one of mapping, scores, reconstructions, encodings")
+        raise NcbenchError(
+            "a submission needs at least one of mapping, scores, reconstructions, encodings, link_scores"
+        )
     with atomic_path(path, force=force) as tmp:
         if path.suffix.lower() == ".csv":
             if submission.mapping is None:
@@ -126,7 +133,7 @@ def write_submission(path: str | os.PathLike, submission: Submission, *, force: 
                 attrs["team"] = submission.team
             set_root_attrs(h5, SUBMISSION_FORMAT, SCHEMA_VERSION, **attrs)
             write_dataset(h5, "encoded_ids", submission.encoded_ids)
-            for name in ("mapping", "plain_ids", "target_ids"):
+            for name in STRING_PARTS[1:]:
                 if getattr(submission, name) is not None:
                     write_dataset(h5, name, getattr(submission, name))
             for name in ARRAY_PARTS:
@@ -222,6 +229,8 @@ def _read_h5(path: Path, h5: h5py.File, datasets: dict[str, DatasetInfo], limits
         mapping=strings("mapping"),
         plain_ids=strings("plain_ids"),
         target_ids=strings("target_ids"),
+        link_left=strings("link_left"),
+        link_right=strings("link_right"),
         diagnostics=json_attr("diagnostics", {}),
         unread=unread,
     )
@@ -235,7 +244,7 @@ def _read_h5(path: Path, h5: h5py.File, datasets: dict[str, DatasetInfo], limits
             raise NcbenchError(f"{path}: {name} must be numeric, found {info.dtype}")
         setattr(submission, name, h5[name][()])
     if not submission.parts() and not submission.unread:
-        raise NcbenchError(f"{path}: holds no answer (mapping, scores, reconstructions or encodings)")
+        raise NcbenchError(f"{path}: holds no answer (mapping, scores, reconstructions, encodings or link_scores)")
     return submission
 
 

@@ -35,10 +35,29 @@ def group() -> None:
 @click.option(
     "--source", default="sample", show_default=True, help="Images: sample, phantom, folder:PATH or manifest:FILE."
 )
-@click.option("--n", "n", type=int, required=True, help="Number of encoded images.")
+@click.option("--n", "n", type=int, required=True, help="Number of encoded images (per site with --sites).")
 @click.option("--n-aux", type=int, help="transfer: auxiliary plaintexts [default: N].")
 @click.option("--n-targets", type=int, help="transfer: target plaintexts [default: N/4].")
 @click.option("--n-known", type=int, help="invert: known (plaintext, encoding) pairs [default: max(4, N/10)].")
+@click.option(
+    "--sites",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Hospitals, each with its own independent key of the same architecture (reid, link).",
+)
+@click.option(
+    "--overlap",
+    type=float,
+    help="link: fraction of each later site's images that an earlier site also holds [default: 0.25].",
+)
+@click.option(
+    "--overlap-kind",
+    type=click.Choice(["image", "patient"]),
+    default="image",
+    show_default=True,
+    help="link: a shared image is the same pixels, or a second acquisition of the same patient.",
+)
 @click.option(
     "--seed",
     help="Secret key seed, at least 32 hex digits (128 bits); drawn from `secrets` when "
@@ -69,7 +88,23 @@ def group() -> None:
 )
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
 def build(
-    preset, task, source, n, n_aux, n_targets, n_known, seed, seed_file, test_release, out, force, device, **overrides
+    preset,
+    task,
+    source,
+    n,
+    n_aux,
+    n_targets,
+    n_known,
+    sites,
+    overlap,
+    overlap_kind,
+    seed,
+    seed_file,
+    test_release,
+    out,
+    force,
+    device,
+    **overrides,
 ) -> None:
     """Encode images with a fresh secret key and write OUT/public (give away) and OUT/private (keep)."""
     if seed is not None and seed_file is not None:
@@ -77,7 +112,16 @@ def build(
     if seed_file is not None:
         seed = read_seed_file(seed_file)
     config = resolve_config(preset, **overrides)
-    plan = BuildPlan.for_task(task, n, n_aux=n_aux, n_targets=n_targets, n_known=n_known)
+    plan = BuildPlan.for_task(
+        task,
+        n,
+        n_aux=n_aux,
+        n_targets=n_targets,
+        n_known=n_known,
+        sites=sites,
+        overlap=overlap,
+        overlap_kind=overlap_kind,
+    )
     build_release(
         out, config=config, plan=plan, source=source, seed=seed, test_release=test_release, device=device, force=force
     )

@@ -23,7 +23,8 @@ from ncbench.h5io import open_checked, read_strings
 RELEASE_FORMAT = "ncbench-release"
 KEY_FORMAT = "ncbench-key"
 SCHEMA_VERSION = 1
-TASKS = ("reid", "transfer", "invert")
+TASKS = ("reid", "transfer", "invert", "link")
+SITE_TASKS = ("reid", "link")  # tasks a release with several sites (keys) may have
 
 
 class _H5File:
@@ -91,10 +92,28 @@ class Release(_H5File):
             self.close()
             raise NcbenchError(f"{self.path}: unknown task {self.task!r}")
         self.encoded: h5py.Dataset = self._require("encoded/data")
+        self.n_sites: int = int(attrs.get("n_sites", 1))
+        if self.n_sites < 1 or (self.n_sites > 1) != ("encoded/site" in self.h5):
+            self.close()
+            raise NcbenchError(f"{self.path}: n_sites and encoded/site disagree")
 
     @property
     def n_encoded(self) -> int:
         return int(self.encoded.shape[0])
+
+    @property
+    def sites(self) -> np.ndarray:
+        """(N,) int64: the site (hospital, key) of each encoding; all 0 in a single-site release."""
+        if self.n_sites == 1:
+            return np.zeros(self.n_encoded, np.int64)
+        sites = self.read("encoded/site").astype(np.int64)
+        if sites.shape != (self.n_encoded,) or sites.min() < 0 or sites.max() >= self.n_sites:
+            raise NcbenchError(f"{self.path}: encoded/site must hold one site in 0..{self.n_sites - 1} per encoding")
+        return sites
+
+    def site(self, site: int) -> SiteView:
+        """The encodings of one site, read like a release of their own (see :class:`SiteView`)."""
+        return SiteView(self, np.flatnonzero(self.sites == site))
 
     @property
     def encoded_ids(self) -> list[str]:
@@ -134,8 +153,11 @@ class Release(_H5File):
         """Encodings (len(rows), P, D) at ``rows``, in the order given (any order, repeats allowed)."""
         rows = np.asarray(rows, dtype=np.int64)
         unique, inverse = np.unique(rows, return_inverse=True)
+        # A run of consecutive rows (a site's block) is one slice: h5py's point selection is slower.
+        contiguous = len(unique) > 0 and unique[-1] - unique[0] + 1 == len(unique)
+        selection = slice(int(unique[0]), int(unique[-1]) + 1) if contiguous else unique
         try:
-            return self.encoded[unique].astype(dtype, copy=False)[inverse]
+            return self.encoded[selection].astype(dtype, copy=False)[inverse]
         except OSError as error:
             raise NcbenchError(f"{self.path}: encoded/data is corrupt ({error})") from None
 
@@ -151,6 +173,35 @@ class Release(_H5File):
     def describe(self) -> dict:
         """What ``ncbench challenge info`` prints: attributes and dataset shapes."""
         return _describe(self.h5)
+
+
+class SiteView:
+    """The encodings of one site of a release (rows ``rows``, in release order), with the reading
+    interface attacks use on a whole release: one key, so one slot order and one kernel."""
+
+    def __init__(self, release: Release, rows: np.ndarray):
+        self.release, self.rows = release, np.asarray(rows, np.int64)
+        self.config, self.challenge_id, self.task = release.config, release.challenge_id, release.task
+
+    @property
+    def n_encoded(self) -> int:
+        return len(self.rows)
+
+    @property
+    def encoded_ids(self) -> list[str]:
+        ids = self.release.encoded_ids
+        return [ids[r] for r in self.rows]
+
+    @property
+    def plain_images(self) -> np.ndarray:
+        return self.release.plain_images
+
+    def encoded_rows(self, rows, *, dtype=np.float32) -> np.ndarray:
+        return self.release.encoded_rows(self.rows[np.asarray(rows, np.int64)], dtype=dtype)
+
+    def iter_encoded(self, chunk: int = 64, *, dtype=np.float32) -> Iterator[tuple[int, np.ndarray]]:
+        for start in range(0, self.n_encoded, chunk):
+            yield start, self.encoded_rows(np.arange(start, min(start + chunk, self.n_encoded)), dtype=dtype)
 
 
 class Key(_H5File):
@@ -171,9 +222,10 @@ class Key(_H5File):
         """The build seed as text: lowercase hex, or decimal for an integer test seed."""
         return str(self._require("encoder").attrs["seed"])
 
-    def tensors(self) -> dict[str, np.ndarray]:
-        config = self.config
-        return {name: self.read(f"encoder/{name}") for name in key_tensor_names(config)}
+    def tensors(self, site: int = 0) -> dict[str, np.ndarray]:
+        """The key tensors of ``site``: site 0 in ``encoder/``, site k > 0 in ``sites/k/``."""
+        group = "encoder" if site == 0 else f"sites/{site}"
+        return {name: self.read(f"{group}/{name}") for name in key_tensor_names(self.config)}
 
     def commitment(self) -> str:
         """sha256 of the salt plus the key's canonical content (see :func:`canonical_digest`)."""

@@ -33,6 +33,7 @@ from ncbench.challenge.files import (
     KEY_FORMAT,
     RELEASE_FORMAT,
     SCHEMA_VERSION,
+    SITE_TASKS,
     TASKS,
     ReleaseLayout,
     canonical_digest,
@@ -51,6 +52,9 @@ from ncbench.progress import progress
 SEED_BYTES = 32  # a fresh build seed: 256 bits from `secrets`
 MIN_SECRET_HEX = 32  # 128 bits: the least secret entropy a real release's key may come from
 MAX_SEED_HEX = 1024
+MAX_SITES = 16
+DEFAULT_OVERLAP = 0.25
+OVERLAP_KINDS = ("image", "patient")
 _HEX = re.compile(r"[0-9a-f]+")
 
 
@@ -105,20 +109,59 @@ class BuildSeed:
 
 @dataclass(frozen=True)
 class BuildPlan:
-    """How many images play each role; roles never share an image (held-out discipline)."""
+    """How many images play each role; roles never share an image (held-out discipline), except
+    the overlap of a ``link`` release: images (or patients) held by two sites."""
 
     task: str
-    n: int  # encoded images
+    n: int  # encoded images, all sites together
     n_aux: int = 0  # transfer: auxiliary plaintexts
     n_targets: int = 0  # transfer: targets whose encodings stay hidden
     n_known: int = 0  # invert: known (plaintext, encoding) pairs, a subset of the encoded set
+    sites: int = 1  # hospitals, each with its own key and n / sites encodings
+    n_overlap: int = 0  # link: encodings of each site k >= 1 whose image an earlier site also holds
+    overlap_kind: str = "image"  # link: "image" (the same pixels) or "patient" (a second acquisition)
 
     @classmethod
-    def for_task(cls, task: str, n: int, *, n_aux=None, n_targets=None, n_known=None) -> BuildPlan:
+    def for_task(
+        cls,
+        task: str,
+        n: int,
+        *,
+        n_aux=None,
+        n_targets=None,
+        n_known=None,
+        sites: int = 1,
+        overlap: float | None = None,
+        overlap_kind: str = "image",
+    ) -> BuildPlan:
+        """``n`` encodings per site; ``overlap``: the fraction of each later site's images that an
+        earlier site also holds (``link`` only, default 0.25)."""
         if task not in TASKS:
             raise NcbenchError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
         if n < 2:
             raise NcbenchError(f"--n must be at least 2, got {n}")
+        if not 1 <= sites <= MAX_SITES:
+            raise NcbenchError(f"--sites must be between 1 and {MAX_SITES}, got {sites}")
+        if sites > 1 and task not in SITE_TASKS:
+            raise NcbenchError(f"--sites is for the {' and '.join(SITE_TASKS)} tasks, not {task}")
+        if task != "link":
+            if overlap is not None:
+                raise NcbenchError("--overlap is for the link task")
+            return cls._single(task, n, n_aux=n_aux, n_targets=n_targets, n_known=n_known, sites=sites)
+        if sites < 2:
+            raise NcbenchError("the link task needs --sites 2 or more")
+        if overlap_kind not in OVERLAP_KINDS:
+            raise NcbenchError(f"--overlap-kind must be one of {', '.join(OVERLAP_KINDS)}, got {overlap_kind!r}")
+        overlap = DEFAULT_OVERLAP if overlap is None else overlap
+        n_overlap = round(overlap * n)
+        if not 0 < overlap <= 0.5 or n_overlap < 1:
+            raise NcbenchError(
+                f"--overlap must leave 1 to n/2 shared images per site (0 < overlap <= 0.5), got {overlap}"
+            )
+        return cls(task, n * sites, sites=sites, n_overlap=n_overlap, overlap_kind=overlap_kind)
+
+    @classmethod
+    def _single(cls, task: str, n: int, *, n_aux, n_targets, n_known, sites: int) -> BuildPlan:
         if task == "transfer":
             plan = cls(
                 task,
@@ -134,11 +177,18 @@ class BuildPlan:
             if not 1 <= plan.n_known < n:
                 raise NcbenchError(f"--n-known must be between 1 and {n - 1}, got {plan.n_known}")
             return plan
-        return cls(task, n)
+        return cls(task, n * sites, sites=sites)
 
     @property
     def n_images(self) -> int:
-        return self.n + self.n_aux + self.n_targets
+        """Distinct images to load: an overlapping encoding reuses an earlier site's image."""
+        return self.n + self.n_aux + self.n_targets - (self.sites - 1) * self.n_overlap
+
+    @property
+    def site_blocks(self) -> list[slice]:
+        """Encoded rows of each site: consecutive blocks of n / sites."""
+        size = self.n // self.sites
+        return [slice(k * size, (k + 1) * size) for k in range(self.sites)]
 
 
 def build_release(
@@ -191,6 +241,8 @@ def build_release(
 def _assign_roles(n_images: int, plan: BuildPlan, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Rows of the loaded images for each role (indices, not copies: images are 64 KB each)."""
     order = rng.permutation(n_images)
+    if plan.task == "link":
+        return _link_roles(order, plan, rng)
     roles = {"encoded": order[: plan.n]}
     if plan.task == "reid":
         roles["plain_index"] = rng.permutation(plan.n)  # plain row of each encoding
@@ -202,6 +254,46 @@ def _assign_roles(n_images: int, plan: BuildPlan, rng: np.random.Generator) -> d
     return roles
 
 
+def _link_roles(order: np.ndarray, plan: BuildPlan, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Image of each encoded row, and the overlap: each site k >= 1 holds ``n_overlap`` images of
+    encodings of earlier sites, at random rows of its block. An encoding is in at most one pair
+    (a patient seen at two hospitals, not three), so the pairs are the whole truth."""
+    source = np.empty(plan.n, np.int64)
+    paired = np.zeros(plan.n, bool)
+    pairs, fresh = [], iter(order)
+    for k, block in enumerate(plan.site_blocks):
+        rows = rng.permutation(np.arange(block.start, block.stop))
+        m = plan.n_overlap if k else 0
+        partners = np.sort(rng.choice(np.flatnonzero(~paired[: block.start]), size=m, replace=False)) if m else []
+        shared, own = rows[:m], rows[m:]
+        source[own] = [next(fresh) for _ in own]
+        source[shared] = source[partners]
+        paired[partners] = paired[shared] = True
+        pairs += zip(partners, shared)
+    return {"encoded": source, "link_pairs": np.array(sorted(pairs), np.int32).reshape(-1, 2)}
+
+
+def reacquire(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A second x-ray of the same patients: (B, S, S) uint8 shifted by up to 4 % of the side,
+    with a gain of 0.9-1.1, an offset of -8..8 grey levels and N(0, 3) noise."""
+    out = np.empty_like(images)
+    side = images.shape[-1]
+    reach = max(1, side // 25)
+    for b, image in enumerate(images):
+        dy, dx = rng.integers(-reach, reach + 1, size=2)
+        padded = np.pad(image, reach, mode="edge")
+        moved = padded[reach + dy : reach + dy + side, reach + dx : reach + dx + side].astype(np.float32)
+        moved = moved * rng.uniform(0.9, 1.1) + rng.uniform(-8, 8) + rng.normal(0, 3, moved.shape)
+        out[b] = np.clip(np.rint(moved), 0, 255).astype(np.uint8)
+    return out
+
+
+def site_seed(seed: str, site: int) -> str:
+    """The seed text of a site's key: the build seed for site 0 (so a single-site release is what
+    it always was), an independent derivation for every other site."""
+    return seed if site == 0 else f"{seed}:site-{site}"
+
+
 def _write(tmp: Path, *, config, plan, roles, build_seed: BuildSeed, test_release, device, source_description) -> None:
     seed = build_seed.text
     salt = np.frombuffer(build_seed.salt(), np.uint8).copy()
@@ -209,14 +301,15 @@ def _write(tmp: Path, *, config, plan, roles, build_seed: BuildSeed, test_releas
     # test guesses of the seed.
     challenge_id = f"{config.preset}-{plan.task}-{hashlib.sha256(salt.tobytes() + b':challenge-id').hexdigest()[:8]}"
     marks = {"test_release": np.int64(1)} if test_release else {}
-    key = sample_key(config, seed)
-    encoder = Encoder(config, key, device)
+    if plan.sites > 1:
+        marks["n_sites"] = np.int64(plan.sites)
     image_set: ImageSet = roles.pop("images")
     encoded_rows = roles["encoded"]  # rows of image_set, in encoded order
     n = plan.n
     perms = sample_permutations(config, seed, n)
     rng = np.random.default_rng(derive_seed(seed, "split"))
     split = _halves(n, rng)
+    batch = _batches(plan, config.bn_batch)
     created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(os.environ.get("SOURCE_DATE_EPOCH", time.time()))))
     encoded_ids = [f"enc-{i:05d}" for i in range(n)]
     layout = ReleaseLayout(tmp)
@@ -227,14 +320,20 @@ def _write(tmp: Path, *, config, plan, roles, build_seed: BuildSeed, test_releas
         group = key_h5.create_group("encoder")
         group.attrs["seed"] = seed
         group.attrs["encoder_config"] = config.to_json()
-        for name in key_tensor_names(config):
-            write_dataset(group, name, key[name].numpy())
+        for site in range(plan.sites):
+            key = sample_key(config, site_seed(seed, site))  # one site's key in memory at a time
+            site_group = group if site == 0 else key_h5.require_group("sites").create_group(str(site))
+            for name in key_tensor_names(config):
+                write_dataset(site_group, name, key[name].numpy())
+            del key
         truth = key_h5.create_group("truth")
         write_dataset(truth, "patch_perm", perms)
-        write_dataset(truth, "batch", (np.arange(n) // config.bn_batch).astype(np.int32))
+        write_dataset(truth, "batch", batch)
         write_dataset(truth, "split", split)
         if plan.task == "reid":
             write_dataset(truth, "plain_index", roles["plain_index"].astype(np.int32))
+        elif plan.task == "link":
+            _write_link_truth(truth, image_set.images, encoded_rows, roles["link_pairs"], plan, seed)
         else:
             _write_rows(truth, "images", image_set.images, encoded_rows)
         if plan.task == "transfer":
@@ -261,11 +360,13 @@ def _write(tmp: Path, *, config, plan, roles, build_seed: BuildSeed, test_releas
         )
         group = rel.create_group("encoded")
         write_dataset(group, "ids", encoded_ids)
+        if plan.sites > 1:
+            write_dataset(group, "site", np.repeat(np.arange(plan.sites), n // plan.sites).astype(np.int16))
         labels = write_dataset(group, "labels", image_set.labels[encoded_rows].astype(np.int8))
         labels.attrs["label_names"] = json.dumps(list(image_set.label_names))
         # Plaintexts go to disk first; encoding then reads them back batch by batch, so no image
         # array stays in memory while the (much larger) encodings are computed.
-        plain = rel.create_group("plain")
+        plain = None if plan.task == "link" else rel.create_group("plain")  # link: sites hold no plaintext
         if plan.task == "reid":
             pool_rows = np.argsort(roles["plain_index"])  # encoded row held by each plain row
             _write_rows(plain, "images", image_set.images, encoded_rows[pool_rows])
@@ -278,7 +379,7 @@ def _write(tmp: Path, *, config, plan, roles, build_seed: BuildSeed, test_releas
                 target = rel.create_group("target")
                 _write_rows(target, "images", image_set.images, roles["targets"])
                 write_dataset(target, "ids", [f"tgt-{j:05d}" for j in range(plan.n_targets)])
-            else:
+            elif plan.task == "invert":
                 known = roles["known"]
                 _write_rows(plain, "images", image_set.images, encoded_rows[known])
                 write_dataset(plain, "ids", [f"img-{j:05d}" for j in range(len(known))])
@@ -286,7 +387,10 @@ def _write(tmp: Path, *, config, plan, roles, build_seed: BuildSeed, test_releas
             encoded_images = RowView(key_h5["truth/images"], np.arange(n))
         del image_set
         dataset = create_streamed(group, "data", (n, config.n_patches, config.width), config.dtype)
-        _encode_into(dataset, encoder, encoded_images, perms, "encoding")
+        for site, block in enumerate(plan.site_blocks):
+            encoder = Encoder(config, _site_key(key_h5, config, site), device)
+            label = "encoding" if plan.sites == 1 else f"encoding site {site}"
+            _encode_into(dataset, encoder, encoded_images, perms, label, rows=block)
 
     if plan.task == "transfer":
         with h5py.File(key_path, "a") as key_h5, h5py.File(release_path, "r") as rel:
@@ -294,7 +398,8 @@ def _write(tmp: Path, *, config, plan, roles, build_seed: BuildSeed, test_releas
                 key_h5["truth"], "target_encodings", (plan.n_targets, config.n_patches, config.width), config.dtype
             )
             target_images = RowView(rel["target/images"], np.arange(plan.n_targets))
-            _encode_into(dataset, encoder, target_images, key_h5["truth/target_patch_perm"][()], "targets")
+            target_perms = key_h5["truth/target_patch_perm"][()]
+            _encode_into(dataset, encoder, target_images, target_perms, "targets", rows=slice(0, plan.n_targets))
             # The commitment covers the target encodings too: recompute and patch the release.
             commitment = hashlib.sha256(salt.tobytes() + canonical_digest(key_h5)).hexdigest()
         with h5py.File(release_path, "a") as rel:
@@ -337,12 +442,46 @@ def _halves(n: int, rng: np.random.Generator) -> np.ndarray:
     return split
 
 
-def _encode_into(dataset: h5py.Dataset, encoder: Encoder, images: RowView, perms: np.ndarray, label: str) -> None:
-    """Stream encodings batch by batch into ``dataset``: memory never holds more than one batch."""
-    with progress(f"{label} {encoder.config.preset}", len(images)) as advance:
-        for start, encoded in encoder.encode_stream(images, perms, on_batch=advance):
-            dataset[start : start + len(encoded)] = encoded.numpy().astype(dataset.dtype)
+def _encode_into(
+    dataset: h5py.Dataset, encoder: Encoder, images: RowView, perms: np.ndarray, label: str, *, rows: slice
+) -> None:
+    """Stream the encodings of ``rows`` batch by batch into the same rows of ``dataset``: memory
+    never holds more than one batch. BatchNorm batches start at ``rows.start``."""
+    block = RowView(images.dataset, images.index[rows])
+    with progress(f"{label} {encoder.config.preset}", len(block)) as advance:
+        for start, encoded in encoder.encode_stream(block, perms[rows], on_batch=advance):
+            dataset[rows.start + start : rows.start + start + len(encoded)] = encoded.numpy().astype(dataset.dtype)
             del encoded  # before the next batch is computed, or two batches are alive at once
+
+
+def _batches(plan: BuildPlan, bn_batch: int) -> np.ndarray:
+    """(N,) int32 BatchNorm batch of each encoding, numbered 0, 1, ...: consecutive rows of one
+    site, never mixing sites (each hospital encodes its own images)."""
+    ids, first = [], 0
+    for block in plan.site_blocks:
+        local = np.arange(block.stop - block.start) // bn_batch
+        ids.append(first + local)
+        first += int(local[-1]) + 1
+    return np.concatenate(ids).astype(np.int32)
+
+
+def _site_key(key_h5: h5py.File, config, site: int) -> dict:
+    import torch
+
+    group = key_h5["encoder" if site == 0 else f"sites/{site}"]
+    return {name: torch.from_numpy(group[name][()]) for name in key_tensor_names(config)}
+
+
+def _write_link_truth(truth, images: np.ndarray, encoded_rows: np.ndarray, pairs: np.ndarray, plan, seed: str) -> None:
+    """``truth/images`` (what each site encoded) and ``truth/link_pairs`` (rows holding the same
+    image or patient, the earlier site's row first)."""
+    encoded_images = images[encoded_rows]
+    if plan.overlap_kind == "patient":
+        later = pairs[:, 1]
+        encoded_images[later] = reacquire(encoded_images[later], np.random.default_rng(derive_seed(seed, "reacquire")))
+    _write_rows(truth, "images", encoded_images, np.arange(len(encoded_images)))
+    dataset = write_dataset(truth, "link_pairs", pairs)
+    dataset.attrs["overlap_kind"] = plan.overlap_kind
 
 
 def write_sha256sums(folder: Path) -> None:

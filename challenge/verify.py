@@ -13,7 +13,7 @@ import numpy as np
 
 from ncbench.challenge.encoders import Encoder
 from ncbench.challenge.files import Key, Release, ReleaseLayout, key_file, open_key, open_release
-from ncbench.challenge.release import read_sha256sums
+from ncbench.challenge.release import OVERLAP_KINDS, read_sha256sums
 from ncbench.errors import NcbenchError
 from ncbench.h5io import sha256_file
 from ncbench.progress import progress
@@ -61,21 +61,30 @@ def _check_against_key(release: Release, key: Key) -> list[str]:
     if key.config != release.config:
         problems.append("encoder configuration differs between key and release")
         return problems
-    encoder = Encoder(key.config, {k: _tensor(v) for k, v in key.tensors().items()})
+    sites = release.sites
+    encoders = [
+        Encoder(key.config, {k: _tensor(v) for k, v in key.tensors(site).items()}) for site in range(release.n_sites)
+    ]
     if release.task == "reid":
         plain = release.plain_images[key.read("truth/plain_index")]
     else:
         plain = key.read("truth/images")
-    problems += _compare(
-        encoder, plain, key.read("truth/patch_perm"), key.read("truth/batch"), release.encoded, "encoded/data"
-    )
+    batch = key.read("truth/batch")
+    if any(len(np.unique(sites[batch == b])) > 1 for b in np.unique(batch)):
+        problems.append("truth/batch mixes sites: a BatchNorm batch holds one site's images")
+        return problems
+    problems += _compare(encoders, sites, plain, key.read("truth/patch_perm"), batch, release.encoded, "encoded/data")
+    if release.task == "link":
+        kind = str(key.h5["truth/link_pairs"].attrs.get("overlap_kind", ""))
+        problems += _check_link_pairs(key.read("truth/link_pairs"), sites, plain, kind)
     if release.task == "transfer":
-        target_batch = np.arange(len(release.target_ids)) // key.config.bn_batch
+        n_targets = len(release.target_ids)
         problems += _compare(
-            encoder,
+            encoders,
+            np.zeros(n_targets, np.int64),
             release.target_images,
             key.read("truth/target_patch_perm"),
-            target_batch,
+            np.arange(n_targets) // key.config.bn_batch,
             key.h5["truth/target_encodings"],
             "truth/target_encodings",
         )
@@ -92,12 +101,32 @@ def _tensor(values: np.ndarray):
     return torch.from_numpy(np.ascontiguousarray(values))
 
 
-def _compare(encoder: Encoder, images, perms, batch, stored, name: str) -> list[str]:
-    """Recompute encodings batch by batch (same batch composition) and compare with ``stored``."""
+def _check_link_pairs(pairs: np.ndarray, sites: np.ndarray, images: np.ndarray, kind: str) -> list[str]:
+    """Each pair joins two sites, each encoding is in at most one pair, and the earlier site
+    comes first; an ``image`` overlap holds the same pixels on both sides."""
+    if pairs.ndim != 2 or pairs.shape[1] != 2 or pairs.size == 0:
+        return ["truth/link_pairs must be a non-empty (T, 2) array of encoded rows"]
+    if pairs.min() < 0 or pairs.max() >= len(sites):
+        return ["truth/link_pairs names rows outside encoded/data"]
+    if not (sites[pairs[:, 0]] < sites[pairs[:, 1]]).all():
+        return ["truth/link_pairs must join an earlier site's encoding to a later site's"]
+    if len(np.unique(pairs)) != pairs.size:
+        return ["truth/link_pairs holds an encoding in more than one pair"]
+    if kind not in OVERLAP_KINDS:
+        return [f"truth/link_pairs: overlap_kind must be one of {', '.join(OVERLAP_KINDS)}, got {kind!r}"]
+    if kind == "image" and not np.array_equal(images[pairs[:, 0]], images[pairs[:, 1]]):
+        return ["truth/link_pairs: an image overlap whose two images differ"]
+    return []
+
+
+def _compare(encoders: list[Encoder], sites: np.ndarray, images, perms, batch, stored, name: str) -> list[str]:
+    """Recompute encodings batch by batch (same batch composition, each with its site's key) and
+    compare with ``stored``."""
     worst = 0.0
     with progress(f"verifying {name}", len(images)) as advance:
         for b in np.unique(batch):
             rows = np.flatnonzero(batch == b)
+            encoder = encoders[sites[rows[0]]]
             recomputed = encoder.encode_batch(_tensor(images[rows]), _tensor(perms[rows].astype(np.int64))).numpy()
             try:
                 found = stored[rows[0] : rows[-1] + 1][rows - rows[0]].astype(np.float32)

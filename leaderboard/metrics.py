@@ -21,7 +21,12 @@ SPLIT_NAMES = {0: "public", 1: "private"}
 
 # The re-identification number each task is ranked by (docs/tasks.md#metrics); chance and effective
 # k-anonymity are reported beside it.
-HEADLINE_METRIC = {"reid": "reid_accuracy", "invert": "reid_accuracy", "transfer": "nn_accuracy"}
+HEADLINE_METRIC = {
+    "reid": "reid_accuracy",
+    "invert": "reid_accuracy",
+    "transfer": "nn_accuracy",
+    "link": "link_r_precision",
+}
 
 # A perfect reconstruction has infinite PSNR; capping each image keeps the mean finite. 100 dB is
 # above any finite PSNR of an 8-bit image up to 4096 x 4096 pixels (one grey level off somewhere).
@@ -136,6 +141,36 @@ def duplicate_count(predicted: np.ndarray) -> int:
     """How many entries of a mapping (N,) repeat an earlier one (0 for a one-to-one mapping)."""
     predicted = np.asarray(predicted)
     return int(len(predicted) - len(np.unique(predicted)))
+
+
+def link_ranking(claimed: np.ndarray, scores: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """Ranking metrics of claimed links (pairs of encodings said to be one image or patient).
+
+    claimed: (L, 2) distinct pairs of rows, each ordered (smaller, larger); scores: (L,), higher
+    surer; truth: (T, 2) the true pairs, ordered alike. Claims are ranked by score, and a true
+    claim tied with false ones ranks after them (ties count against the submitter).
+
+    - ``link_r_precision``: the fraction of true claims among the T best ranked (R-precision:
+      equal to the recall at that rank; a submitter needs no idea of T);
+    - ``link_average_precision``: the mean over the T true pairs of the precision at the rank
+      where each is claimed (0 for a pair never claimed);
+    - ``link_recall``: the fraction of true pairs claimed at any rank.
+    NaN without true pairs.
+    """
+    n_true = len(truth)
+    if n_true == 0:
+        return dict.fromkeys(("link_r_precision", "link_average_precision", "link_recall"), math.nan)
+    width = int(max(claimed.max(initial=0), truth.max(initial=0))) + 1
+    hit = np.isin(claimed[:, 0] * width + claimed[:, 1], truth[:, 0] * width + truth[:, 1])
+    order = np.lexsort((hit, -np.asarray(scores, np.float64)))  # by score, false first within a tie
+    ranked = hit[order]
+    found = np.cumsum(ranked)
+    ranks = np.flatnonzero(ranked) + 1
+    return {
+        "link_r_precision": float(ranked[:n_true].sum() / n_true),
+        "link_average_precision": float((found[ranks - 1] / ranks).sum() / n_true),
+        "link_recall": float(hit.sum() / n_true),
+    }
 
 
 def patch_position_accuracy(predicted: np.ndarray, truth: np.ndarray) -> float:

@@ -30,14 +30,21 @@ from ncbench.leaderboard import metrics
 from ncbench.leaderboard.metrics import HEADLINE_METRIC
 from ncbench.progress import progress
 
-REQUIRED_PARTS = {"reid": ("mapping", "scores"), "transfer": ("encodings",), "invert": ("reconstructions",)}
+REQUIRED_PARTS = {
+    "reid": ("mapping", "scores"),
+    "transfer": ("encodings",),
+    "invert": ("reconstructions",),
+    "link": ("link_scores",),
+}
 USED_PARTS = {
     "reid": {"mapping", "scores", "patch_positions"},
     "transfer": {"encodings", "patch_positions"},
     "invert": {"reconstructions", "patch_positions"},
+    "link": {"link_scores"},
 }
 # The ids that name the rows or columns of a part come with it.
-COMPANION_IDS = {"scores": "plain_ids", "encodings": "target_ids"}
+COMPANION_IDS = {"scores": ("plain_ids",), "encodings": ("target_ids",), "link_scores": ("link_left", "link_right")}
+LINK_CLAIMS_PER_ENCODING = 16  # link: a submission claims at most 16 N pairs
 # A submission file may be this many times the size of every part at its largest (8-byte items),
 # plus a floor for attributes and chunk indexes: gzip never grows data by more than a few bytes.
 FILE_SLACK = 2
@@ -58,6 +65,7 @@ class ChallengeInfo:
     key_commitment: str
     encoder_config: str  # JSON of the resolved encoder configuration
     test_release: bool = False  # built from a guessable seed: its key is public
+    n_sites: int = 1  # hospitals, each with its own key
 
     @classmethod
     def from_release(cls, release: Release) -> ChallengeInfo:
@@ -70,6 +78,7 @@ class ChallengeInfo:
             key_commitment=str(attrs["key_commitment"]),
             encoder_config=str(attrs["encoder_config"]),
             test_release=release.test_release,
+            n_sites=release.n_sites,
         )
 
 
@@ -206,9 +215,12 @@ def submission_limits(release: Release) -> ReadLimits:
         "patch_positions": n * p * 8,
         "reconstructions": n * s * s * 8,
         "encodings": t * p * d * 8,
+        "link_left": LINK_CLAIMS_PER_ENCODING * n * ID_BYTES,
+        "link_right": LINK_CLAIMS_PER_ENCODING * n * ID_BYTES,
+        "link_scores": LINK_CLAIMS_PER_ENCODING * n * 8,
     }
     used = USED_PARTS[release.task]
-    readable = {"encoded_ids", *used, *(COMPANION_IDS[part] for part in used if part in COMPANION_IDS)}
+    readable = {"encoded_ids", *used, *(ids for part in used for ids in COMPANION_IDS.get(part, ()))}
     return ReadLimits(
         file_bytes=FILE_FLOOR_BYTES + FILE_SLACK * sum(part_bytes.values()),
         part_bytes=part_bytes,
@@ -269,6 +281,8 @@ class Answer:
     patch_positions: np.ndarray | None = None
     reconstructions: np.ndarray | None = None
     encodings: np.ndarray | None = None
+    links: np.ndarray | None = None
+    link_scores: np.ndarray | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -291,7 +305,7 @@ def validate_answer(submission: Submission, release: Release) -> Answer:
         release_ids,
         what="encoded id",
         optional=set(release.pair_encoded_ids) if task == "invert" else set(),
-        may_be_empty=task == "transfer" and "patch_positions" not in used,
+        may_be_empty=task == "link" or (task == "transfer" and "patch_positions" not in used),
     )
     # Release rows scored, and the submission row that answers each of them. The known pairs of
     # `invert` are never scored, even when the submission answers them.
@@ -379,7 +393,36 @@ def validate_answer(submission: Submission, release: Release) -> Answer:
                 )
             order = _match_ids(submission.target_ids, target_ids, what="target id")
         answer.encodings = encodings[order].astype(np.float64)
+    if "link_scores" in used:
+        answer.links, answer.link_scores = _link_claims(submission, release, answer.notes)
     return answer
+
+
+def _link_claims(submission: Submission, release: Release, notes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(L, 2) claimed pairs as release rows, each ordered (smaller, larger), and their (L,) scores."""
+    scores = _numeric(submission.link_scores, "link_scores", ndim=1, kinds="fiu")
+    left, right = submission.link_left, submission.link_right
+    if left is None or right is None:
+        raise NcbenchError("link_scores needs link_left and link_right (the two encoded ids of each pair)")
+    if not len(left) == len(right) == len(scores):
+        raise NcbenchError(
+            f"link_left, link_right and link_scores must have one entry per pair, got {len(left)}, {len(right)} and {len(scores)}"
+        )
+    row_of = {eid: r for r, eid in enumerate(release.encoded_ids)}
+    unknown = sorted({i for i in (*left, *right) if i not in row_of})
+    if unknown:
+        raise NcbenchError(f"{len(unknown)} unknown encoded id(s) in the pairs: {_quote(unknown)}")
+    pairs = np.array([[row_of[a], row_of[b]] for a, b in zip(left, right)], np.int64).reshape(-1, 2)
+    pairs.sort(axis=1)
+    if (pairs[:, 0] == pairs[:, 1]).any():
+        raise NcbenchError("a pair links an encoding with itself")
+    if len(np.unique(pairs, axis=0)) != len(pairs):
+        raise NcbenchError("a pair is claimed more than once (in either order)")
+    sites = release.sites
+    same_site = int((sites[pairs[:, 0]] == sites[pairs[:, 1]]).sum())
+    if same_site:
+        notes.append(f"{same_site} pair(s) within one site can never be true (each site holds an image once)")
+    return pairs, scores.astype(np.float64)
 
 
 def compute_metrics(answer: Answer, release: Release, key: Key) -> tuple[dict[int, dict[str, float]], list[str]]:
@@ -427,6 +470,8 @@ def compute_metrics(answer: Answer, release: Release, key: Key) -> tuple[dict[in
                 out["reid_accuracy"] = metrics.reid_accuracy(nearest[mask], np.flatnonzero(mask))
                 out["psnr"] = float(psnr[mask].mean()) if mask.any() else math.nan
                 out["ssim"] = float(ssim[mask].mean()) if mask.any() else math.nan
+        elif task == "link":
+            _link_metrics(values, answer, release, key, split)
         else:  # transfer
             true_encodings = key.read("truth/target_encodings")
             target_split = key.read("truth/target_split").astype(np.int64)
@@ -447,6 +492,19 @@ def compute_metrics(answer: Answer, release: Release, key: Key) -> tuple[dict[in
         headline = out[HEADLINE_METRIC[task]]
         out["k_anonymity"] = metrics.effective_k_anonymity(headline)
     return values, notes
+
+
+def _link_metrics(values: dict, answer: Answer, release: Release, key: Key, split: np.ndarray) -> None:
+    """A pair (true or claimed) counts in the half of its earlier encoding."""
+    truth = np.sort(key.read("truth/link_pairs").astype(np.int64), axis=1)
+    sites = release.sites
+    later = len(sites) - np.searchsorted(np.sort(sites), sites, side="right")  # rows of later sites
+    for s, out in values.items():
+        true_half = truth[split[truth[:, 0]] == s]
+        claimed = split[answer.links[:, 0]] == s
+        out["n"] = float(len(true_half))
+        out["chance"] = len(true_half) / max(int(later[split == s].sum()), 1)
+        out.update(metrics.link_ranking(answer.links[claimed], answer.link_scores[claimed], true_half))
 
 
 def _match_ids(

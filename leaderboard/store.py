@@ -109,6 +109,8 @@ challenges = sa.Table(
     sa.Column("closed_utc", sa.String(32)),
     # Built with a public seed (docs/format.md): anyone can rebuild its key. Since migration 3.
     sa.Column("test_release", sa.Boolean, nullable=False, server_default=sa.false()),
+    # Hospitals with independent keys in the release (docs/format.md); 1 for most. Since migration 6.
+    sa.Column("n_sites", sa.Integer, nullable=False, server_default="1"),
 )
 teams = sa.Table(
     "teams",
@@ -328,6 +330,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
             _create(verified_runs, verified_releases),
         ),
     ),
+    (6, "challenges.n_sites", _add_columns((challenges, "n_sites", "INTEGER NOT NULL DEFAULT 1"))),
 ]
 LATEST_VERSION = MIGRATIONS[-1][0]
 
@@ -670,6 +673,7 @@ class Store:
                         "closed_utc": None,
                         # getattr: ChallengeInfo gained the field with test releases; older callers lack it.
                         "test_release": bool(getattr(challenge, "test_release", False)),
+                        "n_sites": int(getattr(challenge, "n_sites", 1)),
                     },
                     ["challenge_id"],
                 )
@@ -689,8 +693,8 @@ class Store:
 
     def challenges(self) -> pd.DataFrame:
         """One row per challenge: id, task, preset, n_encoded, encoder_config (JSON), created_utc,
-        closed_utc (None while open), test_release (its key is public) and the number of scored
-        submissions."""
+        closed_utc (None while open), test_release (its key is public), n_sites (hospitals, each
+        with its own key) and the number of scored submissions."""
         count = (
             sa.select(sa.func.count())
             .select_from(submissions)
@@ -706,6 +710,7 @@ class Store:
             challenges.c.created_utc,
             challenges.c.closed_utc,
             challenges.c.test_release,
+            challenges.c.n_sites,
             count.label("submissions"),
         ).order_by(challenges.c.challenge_id)
         with self._read() as conn:
@@ -720,6 +725,7 @@ class Store:
                     "created_utc",
                     "closed_utc",
                     "test_release",
+                    "n_sites",
                     "submissions",
                 ],
             )
@@ -729,7 +735,7 @@ class Store:
     def results(self, *, include_private: bool = False, challenge_id: str | None = None) -> pd.DataFrame:
         """One row per scored submission and visible split, one column per metric.
 
-        Columns: submission_id, challenge_id, task, preset, test_release, team, attack,
+        Columns: submission_id, challenge_id, task, preset, test_release, n_sites, team, attack,
         attack_version, origin, runtime_s, created_utc, split ('public' / 'private'), then the
         metrics. The private half appears only for closed challenges, and public-half scores of
         self-reported rows are the Ladder's (:func:`shown_public_scores`), unless
@@ -744,6 +750,7 @@ class Store:
             "task",
             "preset",
             "test_release",
+            "n_sites",
             "team",
             "attack",
             "attack_version",
@@ -777,6 +784,7 @@ class Store:
                 challenges.c.closed_utc,
                 challenges.c.n_encoded,
                 challenges.c.test_release,
+                challenges.c.n_sites,
             )
             .join(teams, teams.c.id == submissions.c.team_id)
             .join(challenges, challenges.c.challenge_id == submissions.c.challenge_id)
@@ -831,6 +839,7 @@ class Store:
                 challenges.c.task,
                 challenges.c.preset,
                 challenges.c.test_release,
+                challenges.c.n_sites,
                 teams.c.name.label("team"),
                 submissions.c.attack,
                 submissions.c.attack_version,

@@ -204,8 +204,9 @@ def test_reid_plain_pool_is_permutation_of_encoded(built):
         encoder = Encoder(key.config, {k: _tensor(v) for k, v in key.tensors().items()})
         perms, batch = key.read("truth/patch_perm"), key.read("truth/batch")
         plain = rel.plain_images
-        assert _compare(encoder, plain[index], perms, batch, rel.encoded, "encoded/data") == []
-        assert _compare(encoder, plain[np.roll(index, 1)], perms, batch, rel.encoded, "encoded/data") != []
+        sites = np.zeros(N, np.int64)
+        assert _compare([encoder], sites, plain[index], perms, batch, rel.encoded, "encoded/data") == []
+        assert _compare([encoder], sites, plain[np.roll(index, 1)], perms, batch, rel.encoded, "encoded/data") != []
 
 
 # -- reproducibility and randomness ------------------------------------------------------------

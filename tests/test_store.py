@@ -253,11 +253,12 @@ def test_bad_database_arguments(db_arg, message):
         Store(db_arg)
 
 
-def test_version_2_database_gains_origin_and_test_release(tmp_path):
-    """A database made before migration 3 (no origin, no test_release) keeps its rows, now self-reported."""
+def test_version_2_database_gains_origin_test_release_and_sites(tmp_path):
+    """A database made before migration 3 (no origin, no test_release, no n_sites) keeps its rows,
+    now self-reported and single-site."""
     path = tmp_path / "v2.db"
     old = sa.MetaData()
-    new_columns = {("submissions", "origin"), ("challenges", "test_release")}
+    new_columns = {("submissions", "origin"), ("challenges", "test_release"), ("challenges", "n_sites")}
     for table in (
         store_module.challenges,
         store_module.teams,
@@ -286,6 +287,7 @@ def test_version_2_database_gains_origin_and_test_release(tmp_path):
         assert opened.schema_version() == store_module.LATEST_VERSION
         assert opened.results()[["attack", "origin"]].values.tolist() == [["gram-hungarian", "self-reported"]]
         assert not opened.challenges()["test_release"].any()
+        assert opened.challenges()["n_sites"].tolist() == [1]
         # The organizer vouching for the same file again makes the old row an organizer row.
         again = opened.record_score(
             result("a", attack="gram-hungarian"), team=store_module.BUILTIN_TEAM, origin=store_module.ORIGIN_ORGANIZER
