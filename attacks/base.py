@@ -43,6 +43,7 @@ KNOWLEDGE = {
     "known-pairs": "some (plaintext, encoding) pairs (invert)",
     "auxiliary-data": "plaintexts from the same distribution, disjoint from the encoded set",
     "labels": "the public labels of the encodings",
+    "insider-key": "the key of another site of a multi-site release (a colluding hospital)",
     "key": "the organizer's secret key (oracle only: refused by the leaderboard)",
 }
 

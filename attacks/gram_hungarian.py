@@ -39,9 +39,15 @@ class GramHungarian(Attack):
             metadata={"min": 1, "max": 100000, "help": "matched pairs whose Gram matrices refine the slot permutation"},
         )
         chunk: int = field(default=32, metadata={"min": 1, "max": 4096, "help": "images per streamed block"})
+        insider_key: str = field(
+            default="",
+            metadata={"help": "another site's key file (`ncbench challenge site-key`) to encode the plaintexts with"},
+        )
 
     def run(self, release: Release) -> Submission:
         p = self.params
+        if p.insider_key:
+            self.knowledge = (*type(self).knowledge, "insider-key")
         pairing = gram_pairing(
             release,
             self,
@@ -49,6 +55,7 @@ class GramHungarian(Attack):
             boost_rounds=p.boost_rounds,
             refine_pairs=p.refine_pairs,
             chunk=p.chunk,
+            insider_key=p.insider_key,
         )
         plain_ids = release.plain_ids
         return Submission(

@@ -26,7 +26,7 @@ from ncbench.attacks.alignment import (
     slot_reference,
 )
 from ncbench.attacks.base import Attack
-from ncbench.attacks.self_keyed import self_encode
+from ncbench.attacks.self_keyed import insider_encoder, self_encode
 from ncbench.attacks.statistics import (
     PatchStatistics,
     gram_scores,
@@ -135,18 +135,27 @@ def gram_pairing(
     chunk: int,
     boost_rounds: int = BOOST_ROUNDS,
     refine_pairs: int = REFINE_PAIRS,
+    insider_key: str = "",
 ) -> Pairing:
     """Pair every encoding of ``release`` with a plaintext; stages and randomness come from
     ``attack`` (its progress, stage times, device, seed).
 
     A release of several sites is attacked site by site (each key has its own slot order), every
     site against the whole pool; one assignment over the stacked scores then keeps the pairing
-    one-to-one across sites.
+    one-to-one across sites. ``insider_key``: a site key file (another hospital's key) that
+    encodes the plaintexts instead of a self-sampled key.
     """
     plain_images = release.plain_images
+    insider = insider_encoder(insider_key, release.config, device=attack.device) if insider_key else None
     with attack.stage("self-keyed plaintext statistics", len(plain_images)) as advance:
         features, mean = self_encode(
-            plain_images, release.config, width=self_width, seed=attack.seed, device=attack.device, advance=advance
+            plain_images,
+            release.config,
+            width=self_width,
+            seed=attack.seed,
+            device=attack.device,
+            advance=advance,
+            encoder=insider,
         )
         plain = patch_statistics(features, mean, len(plain_images))
     del features

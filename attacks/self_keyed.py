@@ -18,6 +18,20 @@ def self_keyed_encoder(config: EncoderConfig, *, width: int, seed: int, device: 
     return Encoder.from_seed(own, seed, device)
 
 
+def insider_encoder(path: str, config: EncoderConfig, *, device: str) -> Encoder:
+    """Another site's key (a :class:`~ncbench.challenge.files.SiteKey` file), unshuffled, in the
+    precision the hardware does well; it must have the release's architecture."""
+    from ncbench.challenge.files import SiteKey
+    from ncbench.errors import NcbenchError
+
+    with SiteKey(path) as key:
+        own = dataclasses.replace(key.config, precision="auto", shuffle=False)
+        if dataclasses.replace(own, precision=config.precision, shuffle=config.shuffle, dtype=config.dtype) != config:
+            raise NcbenchError(f"{path}: the insider key has another architecture than the release")
+        tensors = {name: torch.from_numpy(values) for name, values in key.tensors().items()}
+    return Encoder(own, tensors, device)
+
+
 def self_encode(
     images: np.ndarray,
     config: EncoderConfig,
@@ -26,14 +40,17 @@ def self_encode(
     seed: int,
     device: str = "cpu",
     advance: Callable[[int], None] = lambda k: None,
+    encoder: Encoder | None = None,
 ) -> tuple[list[tuple[int, torch.Tensor]], torch.Tensor]:
-    """Encode ``images`` (M, S, S) uint8 unshuffled with a self-sampled key, in the release's
-    BatchNorm batch size so batch statistics behave alike.
+    """Encode ``images`` (M, S, S) uint8 unshuffled with a self-sampled key (or ``encoder``: an
+    insider's), in the release's BatchNorm batch size so batch statistics behave alike.
 
     Returns blocks [(start, (b, P, width) float16)] in position order and the mean (P, width).
     Memory: M * P * width * 2 bytes.
     """
-    encoder = self_keyed_encoder(config, width=width, seed=seed, device=device)
+    if encoder is None:
+        encoder = self_keyed_encoder(config, width=width, seed=seed, device=device)
+    width = encoder.config.width
     blocks, total = [], torch.zeros(config.n_patches, width, device=device)
     for start, encoded in encoder.encode_stream(images, None, on_batch=advance):
         total += encoded.sum(0).to(device)

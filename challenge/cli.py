@@ -147,6 +147,23 @@ def read_seed_file(path: Path) -> str:
         raise NcbenchError(f"--seed-file {path}: not hex digits (non-ASCII bytes)") from None
 
 
+@group.command("site-key")
+@click.argument("key_path", type=click.Path(path_type=Path))
+@click.option("--site", type=int, required=True, help="The site (0-based) whose key to export.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="File to write (must not exist).")
+def site_key_command(key_path: Path, site: int, out: Path) -> None:
+    """Export one site's key tensors (no seed, no truth): the insider a colluding hospital would be.
+
+    KEY_PATH is a private key.h5 or its release directory. Attacks take the file as knowledge,
+    e.g. `ncbench attack run gram-hungarian --param insider_key=FILE ...`.
+    """
+    from ncbench.challenge.files import write_site_key
+
+    with open_key(key_path) as key:
+        write_site_key(key, site, out)
+    click.echo(f"wrote {out}: the key of site {site} only")
+
+
 @group.command("verify")
 @click.argument("release_dir", type=click.Path(path_type=Path))
 @click.option(

@@ -22,6 +22,7 @@ from ncbench.h5io import open_checked, read_strings
 
 RELEASE_FORMAT = "ncbench-release"
 KEY_FORMAT = "ncbench-key"
+SITE_KEY_FORMAT = "ncbench-site-key"
 SCHEMA_VERSION = 1
 TASKS = ("reid", "transfer", "invert", "link")
 SITE_TASKS = ("reid", "link")  # tasks a release with several sites (keys) may have
@@ -238,6 +239,39 @@ class Key(_H5File):
             info["attrs"] = {k: v for k, v in info["attrs"].items() if k != "seed"}
             info.get("encoder", {}).get("attrs", {}).pop("seed", None)
         return info
+
+
+class SiteKey(_H5File):
+    """One site's encoder weights and nothing else (``ncbench challenge site-key``): what a
+    hospital colluding with an attacker could hand over. No seed, no truth, no other site."""
+
+    FORMAT = SITE_KEY_FORMAT
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        return {name: self.read(f"encoder/{name}") for name in key_tensor_names(self.config)}
+
+
+def write_site_key(key: Key, site: int, out: str | os.PathLike) -> Path:
+    """Write site ``site``'s key tensors of ``key`` to ``out`` (a :class:`SiteKey` file), atomically."""
+    from ncbench.h5io import atomic_path, set_root_attrs, write_dataset
+
+    n_sites = int(key.h5.attrs.get("n_sites", 1))
+    if not 0 <= site < n_sites:
+        raise NcbenchError(f"--site must be between 0 and {n_sites - 1} for challenge {key.challenge_id}")
+    out = Path(out)
+    with atomic_path(out, force=False) as tmp, h5py.File(tmp, "w") as h5:
+        set_root_attrs(
+            h5,
+            SITE_KEY_FORMAT,
+            SCHEMA_VERSION,
+            challenge_id=key.challenge_id,
+            site=np.int64(site),
+            encoder_config=key.config.to_json(),
+        )
+        group = h5.create_group("encoder")
+        for name, values in key.tensors(site).items():
+            write_dataset(group, name, values)
+    return out
 
 
 def canonical_digest(handle: h5py.File) -> bytes:

@@ -1,0 +1,269 @@
+"""Several hospitals with independent keys (issue 14): multi-site releases, the link task and
+its scoring, gram-link, multi-site reid, and the site dimension in the store and on the board."""
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from ncbench.attacks.registry import resolve
+from ncbench.attacks.submission import Submission, write_submission
+from ncbench.challenge.encoders import resolve_config
+from ncbench.challenge.files import SiteKey, open_key, open_release
+from ncbench.challenge.release import BuildPlan, build_release
+from ncbench.challenge.verify import verify
+from ncbench.cli import main
+from ncbench.errors import NcbenchError
+from ncbench.leaderboard import tables
+from ncbench.leaderboard.metrics import link_ranking
+from ncbench.leaderboard.scoring import score_submission
+from ncbench.leaderboard.store import Store
+
+TINY = dict(width=256, image_size=64, patch_size=8, bn_batch=16)
+PER_SITE = 40
+
+
+def _build(out, preset, task, *, sites, source="phantom", **plan):
+    return build_release(
+        out,
+        config=resolve_config(preset, **TINY),
+        plan=BuildPlan.for_task(task, PER_SITE, sites=sites, **plan),
+        source=source,
+        seed=14,
+        test_release=True,
+    )
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sites")
+    return {
+        "link": _build(root / "link", "nc3", "link", sites=3),
+        "patient": _build(root / "patient", "nc3", "link", sites=2, overlap=0.5, overlap_kind="patient"),
+        "reid": _build(root / "reid", "nc3", "reid", sites=2, source="sample"),
+    }
+
+
+# -- building and verifying -------------------------------------------------------------------
+
+
+def test_link_release_layout_truth_and_verify(built):
+    path = built["link"]
+    assert verify(path, path) == []
+    with open_release(path) as release, open_key(path) as key:
+        assert release.n_sites == 3 and release.task == "link"
+        assert np.bincount(release.sites).tolist() == [PER_SITE] * 3
+        assert "plain" not in release.h5  # the sites link their encodings without any plaintext
+        pairs = key.read("truth/link_pairs")
+        images = key.read("truth/images")
+        sites = release.sites
+        assert len(pairs) == 2 * round(0.25 * PER_SITE)  # each later site shares a quarter
+        assert (sites[pairs[:, 0]] < sites[pairs[:, 1]]).all()
+        assert len(np.unique(pairs)) == pairs.size  # an encoding is in one pair at most
+        assert np.array_equal(images[pairs[:, 0]], images[pairs[:, 1]])
+        unpaired = np.setdiff1d(np.arange(len(sites)), pairs)
+        distinct = {images[r].tobytes() for r in unpaired}
+        assert len(distinct) == len(unpaired)  # no other image is held twice
+        # Independent keys: every site's tensors differ, and the same image encodes differently.
+        stems = [key.tensors(site)["stem.weight"] for site in range(3)]
+        assert not np.allclose(stems[0], stems[1]) and not np.allclose(stems[1], stems[2])
+        a, b = pairs[0]
+        assert not np.allclose(release.encoded_rows([a])[0], release.encoded_rows([b])[0], atol=0.1)
+        # BatchNorm batches never mix sites.
+        batch = key.read("truth/batch")
+        assert all(len(set(sites[batch == k])) == 1 for k in np.unique(batch))
+
+
+def test_patient_overlap_is_a_second_acquisition(built):
+    with open_key(built["patient"]) as key:
+        images = key.read("truth/images").astype(np.float64)
+        pairs = key.read("truth/link_pairs")
+    assert verify(built["patient"], built["patient"]) == []
+    first, second = images[pairs[:, 0]], images[pairs[:, 1]]
+    assert not np.array_equal(first, second)
+    same = [np.corrcoef(x.ravel(), y.ravel())[0, 1] for x, y in zip(first, second)]
+    others = [np.corrcoef(x.ravel(), y.ravel())[0, 1] for x, y in zip(first, np.roll(second, 1, axis=0))]
+    assert np.median(same) > np.median(others)
+
+
+def test_verify_finds_a_site_encoded_with_another_sites_key(built, tmp_path):
+    import shutil
+
+    import h5py
+
+    copy = tmp_path / "copy"
+    shutil.copytree(built["reid"], copy)
+    with h5py.File(copy / "private/key.h5", "a") as key:
+        key["sites/1/stem.weight"][...] = key["encoder/stem.weight"][()]
+    problems = verify(copy, copy)
+    assert any("commitment" in p for p in problems)
+    assert any("encodings differ" in p for p in problems)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--task", "transfer", "--sites", "2"], "--sites is for the reid and link tasks"),
+        (["--task", "link"], "the link task needs --sites 2 or more"),
+        (["--task", "reid", "--overlap", "0.2"], "--overlap is for the link task"),
+        (["--task", "link", "--sites", "2", "--overlap", "0.9"], "--overlap must leave"),
+        (["--task", "reid", "--sites", "17"], "--sites must be between 1 and 16"),
+    ],
+)
+def test_build_refuses_bad_site_options_in_one_line(tmp_path, args, message):
+    result = CliRunner().invoke(
+        main,
+        ["challenge", "build", "--preset", "nc3", "--n", "8", "--test-release", "--out", str(tmp_path / "o"), *args],
+    )
+    assert result.exit_code == 2
+    assert message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "o").exists()
+
+
+# -- link scoring -----------------------------------------------------------------------------
+
+
+def test_link_ranking_counts_ties_against_the_submitter():
+    truth = np.array([[0, 5], [1, 6]])
+    claimed = np.array([[0, 5], [1, 6], [2, 7], [3, 8]])
+    perfect = link_ranking(claimed, np.array([4.0, 3.0, 2.0, 1.0]), truth)
+    assert perfect == {"link_r_precision": 1.0, "link_average_precision": 1.0, "link_recall": 1.0}
+    constant = link_ranking(claimed, np.ones(4), truth)  # every claim tied: the true ones rank last
+    assert constant["link_r_precision"] == 0.0
+    assert constant["link_average_precision"] == pytest.approx((1 / 3 + 2 / 4) / 2)
+    half = link_ranking(claimed[[0, 2]], np.array([1.0, 2.0]), truth)
+    assert half == {"link_r_precision": 0.5, "link_average_precision": 0.25, "link_recall": 0.5}
+
+
+def _link_submission(path, release, left, right, scores, attack="hand-made"):
+    ids = release.encoded_ids
+    return write_submission(
+        path,
+        Submission(
+            challenge_id=release.challenge_id,
+            attack=attack,
+            attack_version="1",
+            encoded_ids=[],
+            link_left=[ids[r] for r in left],
+            link_right=[ids[r] for r in right],
+            link_scores=np.asarray(scores, np.float32),
+        ),
+    )
+
+
+def test_link_scoring_truth_scores_one_and_shuffled_truth_is_near_chance(built, tmp_path):
+    path = built["link"]
+    with open_release(path) as release, open_key(path) as key:
+        pairs = key.read("truth/link_pairs")
+        # Written in either order: the scorer orders each pair itself.
+        _link_submission(tmp_path / "truth.h5", release, pairs[:, 1], pairs[:, 0], np.arange(len(pairs)))
+        wrong = np.roll(pairs[:, 1], 1)
+        _link_submission(tmp_path / "wrong.h5", release, pairs[:, 0], wrong, np.ones(len(pairs)))
+    good = score_submission(tmp_path / "truth.h5", path)
+    bad = score_submission(tmp_path / "wrong.h5", path)
+    for split in (0, 1):
+        assert good.metrics[split]["link_r_precision"] == 1.0
+        assert bad.metrics[split]["link_r_precision"] == 0.0
+        assert 0 < good.metrics[split]["chance"] < 0.01
+    assert good.headline() == 1.0 and good.challenge.n_sites == 3
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda left, right, scores: (left, left, scores), "links an encoding with itself"),
+        (lambda left, right, scores: (left + left[:1], right + right[:1], [*scores, 0.0]), "claimed more than once"),
+        (lambda left, right, scores: (left, right[:-1], scores), "one entry per pair"),
+        (lambda left, right, scores: (left, ["enc-99999"] + right[1:], scores), "unknown encoded id"),
+        (lambda left, right, scores: (left, right, [np.nan] + scores[1:]), "NaN"),
+    ],
+)
+def test_link_scoring_refuses_malformed_claims(built, tmp_path, change, message):
+    path = built["link"]
+    with open_release(path) as release, open_key(path) as key:
+        pairs = key.read("truth/link_pairs")
+        ids = release.encoded_ids
+        left, right, scores = change([ids[r] for r in pairs[:, 0]], [ids[r] for r in pairs[:, 1]], [1.0] * len(pairs))
+        submission = Submission(
+            challenge_id=release.challenge_id,
+            attack="hand-made",
+            attack_version="1",
+            encoded_ids=[],
+            link_left=left,
+            link_right=right,
+            link_scores=np.asarray(scores, np.float32),
+        )
+    write_submission(tmp_path / "sub.h5", submission)
+    with pytest.raises(NcbenchError, match=message):
+        score_submission(tmp_path / "sub.h5", path)
+
+
+# -- the attacks --------------------------------------------------------------------------------
+
+
+def test_gram_link_finds_shared_images_without_plaintexts(built, tmp_path):
+    attack = resolve("gram-link")()
+    with open_release(built["link"]) as release:
+        submission = attack(release)
+    assert set(attack.knowledge) == {"architecture"}
+    write_submission(tmp_path / "link.h5", submission)
+    result = score_submission(tmp_path / "link.h5", built["link"])
+    for split in (0, 1):
+        values = result.metrics[split]
+        assert values["link_r_precision"] > 20 * values["chance"]
+        assert values["link_r_precision"] >= 0.5, values
+
+
+def test_gram_hungarian_attacks_each_site_with_its_own_slot_order(built, tmp_path):
+    """Two keys' encodings share no slot order: attacked as if one key had made them all, the same
+    release re-identifies far worse than site by site."""
+    gram = resolve("gram-hungarian")
+    accuracy = {}
+    with open_release(built["reid"]) as release:
+        per_site = gram()(release)
+        release.n_sites = 1  # what an attack unaware of sites would do
+        as_one_key = gram()(release)
+    for name, submission in (("sites", per_site), ("one key", as_one_key)):
+        write_submission(tmp_path / "sub.h5", submission)
+        result = score_submission(tmp_path / "sub.h5", built["reid"])
+        accuracy[name] = np.mean([result.metrics[s]["reid_accuracy"] for s in (0, 1)])
+    assert accuracy["sites"] >= 0.9, accuracy
+    assert accuracy["one key"] < accuracy["sites"] - 0.2, accuracy
+    assert len(per_site.diagnostics["matching_stable_fraction_per_round"]) == 2 * 2  # rounds x sites
+
+
+# -- store and board ----------------------------------------------------------------------------
+
+
+def test_store_and_board_keep_the_site_dimension(built, tmp_path):
+    path = built["link"]
+    with open_release(path) as release, open_key(path) as key:
+        pairs = key.read("truth/link_pairs")
+        _link_submission(tmp_path / "sub.h5", release, pairs[:, 0], pairs[:, 1], np.ones(len(pairs)), "gram-link")
+    result = score_submission(tmp_path / "sub.h5", path)
+    with Store(tmp_path / "board.db") as store:
+        store.record_score(result, team="ncbench-builtin", origin="organizer")
+        assert store.challenges()["n_sites"].tolist() == [3]
+        board = tables.board(store.results())
+        assert set(board["preset"]) == {"nc3, 3 sites"}
+        assert board["reidentification"].tolist() == [1.0]
+        matrix = tables.attack_preset_matrix(board, task="link", presets=tables.preset_order(store.challenges()))
+        assert list(matrix.columns) == ["nc3, 3 sites"]
+
+
+def test_site_key_export_holds_one_site_and_feeds_the_insider_attack(built, tmp_path):
+    out = tmp_path / "site0.h5"
+    result = CliRunner().invoke(main, ["challenge", "site-key", str(built["reid"]), "--site", "0", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    with open_key(built["reid"]) as key, SiteKey(out) as site_key:
+        exported = site_key.tensors()
+        assert all(np.array_equal(exported[k], v) for k, v in key.tensors(0).items())
+        assert not np.array_equal(exported["stem.weight"], key.tensors(1)["stem.weight"])
+        assert set(site_key.h5) == {"encoder"} and "seed" not in site_key.h5["encoder"].attrs
+    refused = CliRunner().invoke(main, ["challenge", "site-key", str(built["reid"]), "--site", "2", "--out", str(out)])
+    assert refused.exit_code == 2 and "--site must be between 0 and 1" in refused.output
+    gram = resolve("gram-hungarian")
+    with open_release(built["reid"]) as release:
+        submission = gram(gram.parse_params({"insider_key": str(out)}))(release)
+    assert "insider-key" in submission.knowledge
+    write_submission(tmp_path / "insider.h5", submission)
+    assert score_submission(tmp_path / "insider.h5", built["reid"]).headline() >= 0.9
