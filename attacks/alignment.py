@@ -49,7 +49,11 @@ def iter_release(release: Release | SiteView, chunk: int, device: str) -> Iterat
 
 
 def slot_reference(
-    release: Release | SiteView, *, chunk: int = 64, device: str = "cpu", advance: Callable[[int], None] = lambda k: None
+    release: Release | SiteView,
+    *,
+    chunk: int = 64,
+    device: str = "cpu",
+    advance: Callable[[int], None] = lambda k: None,
 ) -> torch.Tensor:
     """The mean encoding in slot order (P, D) float32: one streamed pass.
 

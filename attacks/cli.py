@@ -18,6 +18,7 @@ from ncbench.challenge.files import TASKS, open_release
 from ncbench.challenge.release import BuildPlan, build_release
 from ncbench.client import read_token, server_option, submit_file, token_option
 from ncbench.errors import NcbenchError
+from ncbench.plugin_archive import parse_spec
 
 MESSAGE_LIMIT = 300  # characters kept of an attack's own error message: it is someone else's text
 
@@ -65,8 +66,9 @@ def list_command(verbose: bool) -> None:
 @server_option
 @token_option
 def run_command(attack, release_path, out, params, device, seed, team, force, submit, server, token_file) -> None:
-    """Run ATTACK (a name from `attack list`, or FILE.py:Class) on a release and write a submission;
-    with --submit, also send it to the challenge server ($NCBENCH_SERVER, $NCBENCH_TOKEN)."""
+    """Run ATTACK (a name from `attack list`, or a plugin: FILE.py:Class, DIST.whl:module:Class,
+    DIST.tar.gz:module:Class) on a release and write a submission; with --submit, also send it to
+    the challenge server ($NCBENCH_SERVER, $NCBENCH_TOKEN)."""
     cls = resolve(attack)
     with _failure_of(cls.name, "failed"):
         params = cls.parse_params(parse_param_items(params))
@@ -140,12 +142,15 @@ TINY_N = 16
 def check_command(
     attack: str, params: tuple[str, ...], task: str | None, preset: str, no_run: bool, as_json: bool
 ) -> None:
-    """The checks the challenge server runs before it queues ATTACK (FILE.py:Class) for the
-    verified track: the file imports; the class is a concrete Attack with valid declarations
+    """The checks the challenge server runs before it queues ATTACK (FILE.py:Class, or a
+    pure-Python wheel or plain-source sdist: DIST.whl:module:Class, DIST.tar.gz:module:Class)
+    for the verified track: an archive's layout and contents are safe and its dependencies are
+    installed here; the plugin imports; the class is a concrete Attack with valid declarations
     and an allowed name; the parameters parse; it solves the task; and (unless --no-run) it runs
     end to end on a tiny release built on the fly, into a submission the scorer accepts.
     One line per failure, exit status 2."""
-    cls = resolve(attack)  # import, class, declarations, name: nothing else can be checked without it
+    # archive, import, class, declarations, name: nothing else can be checked without them
+    cls = resolve(attack)
     problems = declaration_problems(cls, parse_param_items(params), [task] if task else list(cls.tasks))
     if not problems and not no_run:
         for each in [task] if task else cls.tasks:
@@ -158,8 +163,10 @@ def check_command(
             click.echo(f"error: {line}", err=True)
         raise SystemExit(2)
     ran = "" if no_run else f", ran end to end on a tiny {preset} release"
+    plugin = parse_spec(attack)
+    archive = "archive contents and dependencies, " if plugin and plugin.kind in ("wheel", "sdist") else ""
     click.echo(
-        f"ok: {cls.name} {cls.version} (tasks {', '.join(cls.tasks)}): imports, declarations, name and "
+        f"ok: {cls.name} {cls.version} (tasks {', '.join(cls.tasks)}): {archive}imports, declarations, name and "
         f"parameters checked{ran}"
     )
     if as_json:

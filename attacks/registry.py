@@ -1,17 +1,22 @@
-"""Where attacks are found: built-ins, installed plugins (entry points), and plugin files."""
+"""Where attacks are found: built-ins, installed plugins (entry points), plugin files and archives."""
 
 from __future__ import annotations
 
+import atexit
+import importlib
 import importlib.metadata
 import importlib.util
 import inspect
 import re
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from ncbench.attacks.base import Attack
 from ncbench.errors import NcbenchError
 from ncbench.names import name_skeleton
+from ncbench.plugin_archive import SPEC_FORMS, parse_spec, prepare
 
 ENTRY_POINT_GROUP = "ncbench.attacks"
 _REGISTRY: dict[str, type[Attack]] = {}
@@ -77,12 +82,18 @@ def all_attacks() -> dict[str, type[Attack]]:
 
 
 def resolve(spec: str) -> type[Attack]:
-    """An attack by registered name, or ``path/to/file.py:ClassName``."""
-    if ":" in spec and spec.split(":", 1)[0].endswith(".py"):
-        return load_from_file(spec)
+    """An attack by registered name, or a plugin: ``FILE.py:Class``, ``DIST.whl:module:Class``,
+    ``DIST.tar.gz:module:Class`` or ``FOLDER:module:Class`` (:mod:`ncbench.plugin_archive`)."""
+    plugin = parse_spec(spec)
+    if plugin is not None:
+        if plugin.kind == "file":
+            return load_from_file(spec)
+        if plugin.kind == "folder":
+            return load_from_folder(plugin.path, plugin.module, plugin.class_name)
+        return load_from_archive(plugin.path, plugin.module, plugin.class_name)
     attacks = all_attacks()
     if spec not in attacks:
-        raise NcbenchError(f"unknown attack {spec!r}; known: {', '.join(sorted(attacks))} (or FILE.py:Class)")
+        raise NcbenchError(f"unknown attack {spec!r}; known: {', '.join(sorted(attacks))} (or {SPEC_FORMS})")
     return attacks[spec]
 
 
@@ -100,13 +111,49 @@ def load_from_file(spec: str) -> type[Attack]:
         module_spec.loader.exec_module(module)
     except Exception as error:  # noqa: BLE001 - any failure of a user's file is a user mistake
         raise NcbenchError(f"plugin file {path} failed to import: {type(error).__name__}: {error}") from None
-    cls = getattr(module, class_name, None)
+    return _attack_class(getattr(module, class_name, None), class_name, where=str(path))
+
+
+def load_from_archive(path: Path, module_name: str, class_name: str) -> type[Attack]:
+    """``module:Class`` of a wheel or an sdist, after the server's checks on it (layout, pure
+    Python, dependencies installed), unpacked into a temporary folder that lives as long as
+    this process."""
+    if not path.is_file():
+        raise NcbenchError(f"plugin archive {path} does not exist")
+    folder = Path(tempfile.mkdtemp(prefix="ncbench-plugin-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    prepare(path, filename=path.name, dest=folder / "unpacked", module=module_name)
+    return load_from_folder(folder / "unpacked", module_name, class_name)
+
+
+def load_from_folder(folder: Path, module_name: str, class_name: str) -> type[Attack]:
+    """``module:Class`` imported with ``folder`` first on sys.path (an unpacked archive); the
+    module must come from that folder, not from an installed package of the same name."""
+    folder = folder.resolve()
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+        importlib.invalidate_caches()
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as error:  # noqa: BLE001 - any failure of a user's package is a user mistake
+        raise NcbenchError(f"plugin module {module_name} failed to import: {type(error).__name__}: {error}") from None
+    origin = getattr(module, "__file__", None)
+    if origin is None or folder not in Path(origin).resolve().parents:
+        raise NcbenchError(
+            f"plugin module {module_name} was imported from {origin or 'no file'}, not from the plugin: "
+            "a module of that name is already installed or imported; rename the plugin's package"
+        )
+    return _attack_class(getattr(module, class_name, None), class_name, where=module_name)
+
+
+def _attack_class(cls, class_name: str, *, where: str) -> type[Attack]:
+    """``cls`` if it is a concrete Attack subclass with an allowed plugin name."""
     if not (isinstance(cls, type) and issubclass(cls, Attack)):
-        raise NcbenchError(f"{path} has no Attack subclass named {class_name!r}")
+        raise NcbenchError(f"{where} has no Attack subclass named {class_name!r}")
     if cls is Attack or inspect.isabstract(cls):
         missing = ", ".join(sorted(getattr(cls, "__abstractmethods__", ()))) or "run"
         raise NcbenchError(
-            f"{path}: {class_name} is abstract (it does not implement {missing}); name a concrete Attack subclass"
+            f"{where}: {class_name} is abstract (it does not implement {missing}); name a concrete Attack subclass"
         )
     check_plugin_name(cls, all_attacks())
     return cls

@@ -4,7 +4,8 @@ What it guarantees: only files listed when a challenge was published are served,
 store's public folder (never the key); every write needs a team token (``Authorization: Bearer
 ...``), checked against its argon2id hash; an upload is streamed to disk under a size cap and
 queued only after the rate and daily limits; a submission's state is durable in the database.
-A plugin for the verified track is checked in the sandbox before it is queued
+A plugin for the verified track (a .py file, a wheel or an sdist) is checked before it is
+queued, an archive's contents on the host and then the plugin in the sandbox
 (:mod:`leaderboard.verified`); the seeds of evaluation releases are served only once their
 challenge has closed.
 """
@@ -32,7 +33,7 @@ from ncbench.leaderboard.store import ORIGIN_SELF, Store
 
 CHALLENGE_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 DEFAULT_MAX_UPLOAD = 1 << 30  # 1 GiB: a reid score matrix at N = 10,000 is 400 MB
-CHECKS_AT_ONCE = 2  # plugin checks run in the sandbox while the upload waits: a flood queues here
+CHECKS_AT_ONCE = 2  # plugin checks (unpacking, then the sandbox) while the upload waits: a flood queues here
 CHECKS_PER_MINUTE = 10  # per team, whatever their outcome: each check starts a sandboxed interpreter
 PARAMS_QUERY = Query(default=[], description="name=value (repeatable)")
 
@@ -128,19 +129,18 @@ def create_app(
             raise HTTPException(429, f"rate limit: at most {CHECKS_PER_MINUTE} plugin uploads a minute per team")
         recent.append(now)
 
-    def check_plugin(upload: Path, plugin_file: str, class_name: str, params: dict[str, str], task: str) -> dict:
-        """The admission check, in the sandbox: importing a plugin runs its code."""
+    def check_plugin(upload: Path, plugin_file: str, entry: str, params: dict[str, str], task: str) -> dict:
+        """The admission check: an archive's contents and dependencies on the host (nothing of
+        it runs there), then, in the sandbox, the import and declarations (importing runs its code)."""
         work = Path(store_root) / "work" / f"check-{secrets.token_hex(8)}"
         try:
-            (work / "plugin").mkdir(parents=True, mode=0o755)
+            work.mkdir(parents=True, mode=0o700)
             work.chmod(0o700)
-            plugin = work / "plugin" / plugin_file
-            shutil.copyfile(upload, plugin)
-            plugin.chmod(0o644)
             with checks:
+                plugin = verified.stage_plugin(upload, plugin_file=plugin_file, entry=entry, work=work)
                 outcome, report = sandbox.check_plugin(
                     plugin=plugin,
-                    class_name=class_name,
+                    class_name=entry,
                     params=params,
                     task=task,
                     workdir=work,
@@ -159,13 +159,17 @@ def create_app(
         request: Request,
         class_name: str = Query(..., alias="class"),
         filename: str = Query(...),
+        module: str | None = Query(default=None, description="With a wheel or an sdist: the module of the class"),
         param: list[str] = PARAMS_QUERY,
         team: str = Depends(team),
     ) -> dict:
-        """Upload an attack plugin for the verified track: the request body is one .py file; the
-        class and file name and each parameter (``param=name=value``) are query parameters.
-        It is checked in the sandbox (imports, declarations, name, parameters, task) before it
-        is queued to run on fresh hidden releases; returns the run's id."""
+        """Upload an attack plugin for the verified track: the request body is one .py file, or
+        a pure-Python wheel (.whl) or plain-source sdist (.tar.gz); the class, the file name,
+        the module (archives only) and each parameter (``param=name=value``) are query
+        parameters. An archive's layout, contents and declared dependencies are checked on the
+        host (nothing is built or installed), then the plugin is checked in the sandbox
+        (imports, declarations, name, parameters, task) before it is queued to run on fresh
+        hidden releases; returns the run's id."""
         params = {}
         for item in param:
             name, sep, value = item.partition("=")
@@ -173,7 +177,7 @@ def create_app(
                 raise HTTPException(400, f"param must look like name=value, got {item[:80]!r}")
             params[name.strip()] = value.strip()
         try:
-            params_json = verified.check_upload_fields(filename, class_name, params)
+            params_json = verified.check_upload_fields(filename, class_name, params, module)
             challenge = (
                 await run_in_threadpool(verified.open_challenge, store, challenge_id)
                 if CHALLENGE_ID.match(challenge_id)
@@ -192,10 +196,11 @@ def create_app(
         if await run_in_threadpool(verified.used_today, store, team=team, challenge_id=challenge_id) >= limit:
             raise HTTPException(429, f"team {team!r} has used its {limit} verified runs for {challenge_id} today (UTC)")
         admit_check(team)
-        sha256, size = await receive(request, layout, verified.MAX_PLUGIN_BYTES, "plugin")
+        sha256, size = await receive(request, layout, verified.upload_cap(filename), "plugin")
+        entry = verified.plugin_entry(class_name, module)
         try:
             report = await run_in_threadpool(
-                check_plugin, layout.upload(sha256), filename, class_name, params, challenge["task"]
+                check_plugin, layout.upload(sha256), filename, entry, params, challenge["task"]
             )
             attack, version = verified.check_report(report, task=challenge["task"])
             run_id = await run_in_threadpool(
@@ -211,7 +216,7 @@ def create_app(
                 eval_source=challenge["eval_source"] or settings.eval_source,
                 plugin_sha256=sha256,
                 plugin_file=filename,
-                class_name=class_name,
+                class_name=entry,
                 daily_limit=limit,
             )
         except channel.LimitReached as error:

@@ -327,8 +327,8 @@ def verify_builtins(
     unsandboxed: bool,
     queue_only: bool,
 ) -> None:
-    """Run the built-in attacks that solve CHALLENGE's task (gram-hungarian, linear-inversion,
-    distribution-alignment, chance) through the verified track: sandboxed, on fresh hidden
+    """Run the built-in attacks that solve CHALLENGE's task (gram-hungarian, carlini-2021,
+    linear-inversion, distribution-alignment, chance) through the verified track: sandboxed, on fresh hidden
     releases with committed seeds. They are the verified matrix's reference rows."""
     from ncbench.leaderboard import sandbox, verified
     from ncbench.leaderboard.server import _db_url

@@ -10,10 +10,11 @@ One run is one process tree, started in a session of its own::
 
 What the sandbox sees: ``/usr`` (and ``/lib*``, ``/bin``, ``/sbin``), ``/etc/ld.so.cache``, the
 Python environment and the ncbench packages at their own paths, all read-only; the one release at
-:data:`RELEASE_INSIDE` and the plugin under :data:`PLUGIN_DIR_INSIDE`, read-only; a private tmpfs
-``/tmp`` of ``scratch_bytes``; one writable host file, :data:`OUT_INSIDE`. The root, ``/dev`` and
-everything else are read-only. No network (an empty network namespace), no ``/etc/passwd``, and
-nothing else of the host: not the store, the keys or the database.
+:data:`RELEASE_INSIDE` and the plugin (a .py file in, or an unpacked archive's folder at,
+:data:`PLUGIN_DIR_INSIDE`), read-only; a private tmpfs ``/tmp`` of ``scratch_bytes``; one writable
+host file, :data:`OUT_INSIDE`. The root, ``/dev`` and everything else are read-only. No network
+(an empty network namespace), no ``/etc/passwd``, and nothing else of the host: not the store,
+the keys or the database.
 
 Limits are set by ``prlimit(1)`` inside the sandbox, just before the runner starts. Inside,
 because RLIMIT_NPROC counts a user's processes: outside, a non-root server's own threads would
@@ -340,9 +341,10 @@ def run_attack(
     plugin: Path | None = None,
     sandboxed: bool = True,
 ) -> tuple[Outcome, Path]:
-    """Run ``attack`` (a built-in's name, or the class name in ``plugin``, a .py file) on
-    ``release`` with ``ncbench attack run``; returns the outcome and where the submission is
-    (it exists only when the outcome is ok). ``workdir``: an empty host folder for this run.
+    """Run ``attack`` on ``release`` with ``ncbench attack run``: a built-in's name, or, with
+    ``plugin``, the class name in that .py file or the ``module:Class`` in that folder (an
+    unpacked archive). Returns the outcome and where the submission is (it exists only when the
+    outcome is ok). ``workdir``: an empty host folder for this run.
     """
     out = workdir / "submission.h5"
     if not sandboxed:
@@ -354,8 +356,9 @@ def run_attack(
     mounts = [*environment_mounts(), Mount(release, RELEASE_INSIDE), Mount(out, OUT_INSIDE, writable=True)]
     spec = attack
     if plugin is not None:
-        mounts.append(Mount(plugin, f"{PLUGIN_DIR_INSIDE}/{plugin.name}"))
-        spec = f"{PLUGIN_DIR_INSIDE}/{plugin.name}:{attack}"
+        inside = plugin_inside(plugin)
+        mounts.append(Mount(plugin, inside))
+        spec = f"{inside}:{attack}"
     inner = [
         "sh",
         "-c",
@@ -387,7 +390,8 @@ def check_plugin(
     sandboxed: bool = True,
 ) -> tuple[Outcome, dict | None]:
     """``ncbench attack check --no-run --json`` on ``plugin`` in the sandbox (importing a plugin
-    runs its code). Returns the outcome and, when it passed, the declarations it reported
+    runs its code): a .py file and its ``class_name``, or a folder (an unpacked archive) and its
+    ``module:Class``. Returns the outcome and, when it passed, the declarations it reported
     (name, version, tasks, knowledge): the plugin's own process printed them, so the caller
     checks them again."""
 
@@ -410,7 +414,7 @@ def check_plugin(
         return args + [item for name, value in params.items() for item in ("--param", f"{name}={value}")]
 
     if sandboxed:
-        inside = f"{PLUGIN_DIR_INSIDE}/{plugin.name}"
+        inside = plugin_inside(plugin)
         argv = bwrap_argv(
             command(inside),
             mounts=[*environment_mounts(), Mount(plugin, inside)],
@@ -435,6 +439,12 @@ def check_plugin(
                 return outcome, report
             break
     return dataclasses.replace(outcome, reason="the check printed no report"), None
+
+
+def plugin_inside(plugin: Path) -> str:
+    """Where the sandbox shows a plugin: a .py file under :data:`PLUGIN_DIR_INSIDE`, a folder (an
+    unpacked archive, which the runner puts on sys.path) as that folder itself."""
+    return PLUGIN_DIR_INSIDE if plugin.is_dir() else f"{PLUGIN_DIR_INSIDE}/{plugin.name}"
 
 
 def _run_args(spec: str, params: dict[str, str], release: Path, out: Path) -> list[str]:

@@ -229,9 +229,9 @@ verified_runs = sa.Table(
     sa.Column("origin", sa.String(16), nullable=False),  # organizer: a built-in; self-reported: a team's plugin
     sa.Column("attack", sa.String(128), nullable=False),  # the plugin's declared name (checked in the sandbox)
     sa.Column("attack_version", sa.String(64), nullable=False),
-    sa.Column("plugin_sha256", sa.String(64)),  # the uploaded .py file; NULL for a built-in
+    sa.Column("plugin_sha256", sa.String(64)),  # the uploaded .py file, wheel or sdist; NULL for a built-in
     sa.Column("plugin_file", sa.String(128)),
-    sa.Column("class_name", sa.String(128)),
+    sa.Column("class_name", sa.String(128)),  # Class, or module:Class in a wheel or sdist
     sa.Column("params", sa.Text, nullable=False),  # JSON object of the raw name -> value strings
     sa.Column("releases", sa.Integer, nullable=False),  # K evaluation releases
     sa.Column("eval_source", sa.String(512), nullable=False),  # the held-out image pool they are drawn from

@@ -5,8 +5,9 @@ A submission file can claim anything about how it was made; a plugin cannot, onc
 runs it on data it has never seen. For each run the worker builds K evaluation releases with the
 challenge's preset, task and N from the organizer's held-out image pool, each from a fresh
 256-bit seed, and commits to each before the plugin runs: ``sha256(seed hex)``, the release's
-``key_commitment`` and its sha256 are stored and served at once. The plugin then runs in the
-sandbox (:mod:`leaderboard.sandbox`) on each release, and its answer is scored against that
+``key_commitment`` and its sha256 are stored and served at once. The plugin (a .py file, or a
+wheel or sdist checked and unpacked by :func:`stage_plugin`) then runs in the sandbox
+(:mod:`leaderboard.sandbox`) on each release, and its answer is scored against that
 release's key by the normal scorer. When the challenge closes the seeds are served too, so anyone
 can rebuild every evaluation release byte for byte (same ``SOURCE_DATE_EPOCH``), rerun the plugin
 and check every verified score: commit, then reveal.
@@ -38,6 +39,7 @@ from pathlib import Path
 import pandas as pd
 import sqlalchemy as sa
 
+from ncbench import plugin_archive
 from ncbench.errors import NcbenchError
 from ncbench.leaderboard import channel
 from ncbench.leaderboard.channel import LimitReached, UnknownChallenge
@@ -63,11 +65,15 @@ from ncbench.leaderboard.tables import shown_attack
 DEFAULT_RELEASES = 3
 DEFAULT_EVAL_SOURCE = "phantom"
 DEFAULT_PLUGIN_DAILY_LIMIT = 2  # verified runs per team, challenge and UTC day: each costs K builds and K runs
-BUILTINS = ("gram-hungarian", "linear-inversion", "distribution-alignment", "chance")
-MAX_PLUGIN_BYTES = 1 << 20  # one .py file
+# carlini-2021 runs with its defaults: they are its CPU size (about a minute at N = 1000).
+BUILTINS = ("gram-hungarian", "linear-inversion", "distribution-alignment", "carlini-2021", "chance")
+MAX_PLUGIN_BYTES = plugin_archive.MAX_FILE_BYTES  # one .py file
+MAX_ARCHIVE_BYTES = plugin_archive.MAX_ARCHIVE_BYTES  # a wheel or an sdist
 MAX_PARAMS = 32
 PLUGIN_FILE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}\.py")
+ARCHIVE_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+!-]{0,127}")
 CLASS_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+ENTRY_MAX = 128  # the class_name column: "Class", or "module:Class" for an archive
 PARAM_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 ATTEMPTS_BEFORE_FAILED = channel.ATTEMPTS_BEFORE_FAILED
 # The limits of the check before queueing: an import and the declarations, nothing heavy.
@@ -247,13 +253,28 @@ def set_evaluation(
 # -- admission ---------------------------------------------------------------------------------
 
 
-def check_upload_fields(plugin_file: str, class_name: str, params: dict[str, str]) -> str:
-    """The params as stored JSON, or NcbenchError for a file name, class name or parameter the
-    server does not take (checked before the plugin is even written to disk)."""
-    if not PLUGIN_FILE.fullmatch(plugin_file or ""):
-        raise NcbenchError("the plugin file name must be a Python module name ending in .py (at most 64 characters)")
+def check_upload_fields(plugin_file: str, class_name: str, params: dict[str, str], module: str | None = None) -> str:
+    """The params as stored JSON, or NcbenchError for a file name, module, class name or
+    parameter the server does not take (checked before the plugin is even written to disk). A
+    .py file names its class; a wheel or sdist names the ``module`` that holds it too."""
+    if plugin_archive.archive_kind(plugin_file or "") is None:
+        if not PLUGIN_FILE.fullmatch(plugin_file or ""):
+            raise NcbenchError(
+                "the plugin file name must be a Python module name ending in .py (at most 64 characters), "
+                "or a wheel (.whl) or sdist (.tar.gz) file name"
+            )
+        if module is not None:
+            raise NcbenchError("module goes with a wheel or an sdist; a .py plugin names only its class")
+    else:
+        if not ARCHIVE_FILE.fullmatch(plugin_file):
+            raise NcbenchError("the archive's file name must be at most 128 letters, digits and _ . + ! -")
+        plugin_archive.check_archive_name(plugin_file)
+        if not (module and plugin_archive.MODULE_NAME.fullmatch(module)):
+            raise NcbenchError("a wheel or sdist plugin needs module: the dotted name of the module holding the class")
     if not CLASS_NAME.fullmatch(class_name or ""):
         raise NcbenchError("the class name must be a Python identifier of at most 128 characters")
+    if len(plugin_entry(class_name, module)) > ENTRY_MAX:
+        raise NcbenchError(f"module:Class must be at most {ENTRY_MAX} characters")
     if len(params) > MAX_PARAMS:
         raise NcbenchError(f"at most {MAX_PARAMS} parameters")
     for name, value in params.items():
@@ -263,6 +284,33 @@ def check_upload_fields(plugin_file: str, class_name: str, params: dict[str, str
     if len(text) > MAX_LENGTHS["params"]:
         raise NcbenchError(f"parameters are {len(text)} characters of JSON; at most {MAX_LENGTHS['params']}")
     return text
+
+
+def upload_cap(plugin_file: str) -> int:
+    """The most bytes the server takes of this plugin: one .py file, or an archive."""
+    return MAX_ARCHIVE_BYTES if plugin_archive.archive_kind(plugin_file) else MAX_PLUGIN_BYTES
+
+
+def plugin_entry(class_name: str, module: str | None) -> str:
+    """What a run stores in its ``class_name`` column and hands the runner with the plugin:
+    the class of a .py file, ``module:Class`` of an archive."""
+    return class_name if module is None else f"{module}:{class_name}"
+
+
+def stage_plugin(upload: Path, *, plugin_file: str, entry: str, work: Path) -> Path:
+    """Put an uploaded plugin in ``work`` (a private folder) for the sandbox to mount; returns
+    what to mount. A .py file is copied to ``work/plugin/NAME.py``; a wheel or an sdist is
+    checked (layout, pure Python, dependencies installed here: :mod:`ncbench.plugin_archive`)
+    and unpacked into the folder ``work/plugin``, never built and never installed."""
+    plugin = work / "plugin"
+    if plugin_archive.archive_kind(plugin_file) is not None:
+        plugin_archive.prepare(upload, filename=plugin_file, dest=plugin, module=entry.rpartition(":")[0])
+        return plugin
+    plugin.mkdir(mode=0o755)
+    plugin.chmod(0o755)
+    shutil.copyfile(upload, plugin / plugin_file)
+    (plugin / plugin_file).chmod(0o644)
+    return plugin / plugin_file
 
 
 def open_challenge(store: Store, challenge_id: str) -> dict:
@@ -564,10 +612,12 @@ def _evaluate(store: Store, root: Path, run: dict, recipe: Recipe, index: int) -
         release_file.chmod(0o644)  # read by the sandbox's own unprivileged uid; the folders above stay private
         plugin = None
         if run["plugin_sha256"]:
-            plugin = work / "plugin" / run["plugin_file"]
-            plugin.parent.mkdir(mode=0o755)
-            shutil.copyfile(channel.StoreLayout(root).upload(run["plugin_sha256"]), plugin)
-            plugin.chmod(0o644)
+            plugin = stage_plugin(
+                channel.StoreLayout(root).upload(run["plugin_sha256"]),
+                plugin_file=run["plugin_file"],
+                entry=run["class_name"],
+                work=work,
+            )
         outcome, submission = sandbox.run_attack(
             attack=run["class_name"] or run["attack"],
             params=json.loads(run["params"]),

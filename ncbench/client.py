@@ -150,9 +150,11 @@ def _download(client: Client, path: str, partial: Path, size: int) -> None:
 @click.option(
     "--plugin",
     "plugin_spec",
-    metavar="FILE.py:Class",
+    metavar="FILE.py:Class | DIST.whl:module:Class | DIST.tar.gz:module:Class",
     help="Instead of a file of answers: an attack plugin for the verified track, which the organizer "
-    "runs sandboxed on fresh hidden releases (check it first with `ncbench attack check`).",
+    "runs sandboxed on fresh hidden releases: one .py file and its class, or a pure-Python wheel or "
+    "plain-source sdist and the module and class of the attack (its dependencies must already be "
+    "installed on the server). Check it first with `ncbench attack check` and the same spec.",
 )
 @click.option(
     "--param", "params", multiple=True, metavar="K=V", help="With --plugin: an attack parameter (repeatable)."
@@ -175,7 +177,7 @@ def submit(
     """Upload SUBMISSION (or, with --plugin, an attack plugin) to the server, wait for it to be
     scored, print the score."""
     if (submission is None) == (plugin_spec is None):
-        raise NcbenchError("give a SUBMISSION file or --plugin FILE.py:Class, not both")
+        raise NcbenchError("give a SUBMISSION file or --plugin FILE.py:Class (or DIST:module:Class), not both")
     if plugin_spec is None:
         if params:
             raise NcbenchError("--param goes with --plugin")
@@ -245,9 +247,6 @@ def submit_file(
     return job
 
 
-MAX_PLUGIN_BYTES = 1 << 20  # the server's cap (leaderboard/verified.py)
-
-
 def submit_plugin(
     spec: str,
     params: tuple[str, ...],
@@ -258,18 +257,21 @@ def submit_plugin(
     wait: bool = True,
     timeout: int = 1800,
 ) -> dict:
-    """Upload one plugin file with its class name and parameters; the server checks it in its
-    sandbox before queueing it, then runs it on fresh hidden releases. With ``wait``, poll until
-    the run ends and return it (NcbenchError when it failed)."""
-    path_text, sep, class_name = spec.rpartition(":")
-    path = Path(path_text)
-    if not sep or path.suffix != ".py" or not class_name:
-        raise NcbenchError(f"--plugin must look like FILE.py:ClassName, got {spec!r}")
+    """Upload one plugin file (a .py file, a wheel or an sdist) with its class (and module, for
+    an archive) and parameters; the server checks it before queueing it, then runs it on fresh
+    hidden releases. With ``wait``, poll until the run ends and return it (NcbenchError when it
+    failed)."""
+    from ncbench.plugin_archive import MAX_ARCHIVE_BYTES, MAX_FILE_BYTES, SPEC_FORMS, parse_spec
+
+    plugin = parse_spec(spec)
+    if plugin is None or plugin.kind == "folder":
+        raise NcbenchError(f"--plugin must be {SPEC_FORMS}; got {spec!r}")
+    path = plugin.path
     if not path.is_file():
         raise NcbenchError(f"{path}: no such file")
-    size = path.stat().st_size
-    if size > MAX_PLUGIN_BYTES:
-        raise NcbenchError(f"{path} is {size} bytes; the server takes plugin files of at most {MAX_PLUGIN_BYTES}")
+    size, cap = path.stat().st_size, MAX_FILE_BYTES if plugin.kind == "file" else MAX_ARCHIVE_BYTES
+    if size > cap:
+        raise NcbenchError(f"{path} is {size} bytes; the server takes a plugin {plugin.kind} of at most {cap}")
     for item in params:
         if "=" not in item:
             raise NcbenchError(f"--param must look like name=value, got {item!r}")
@@ -281,14 +283,19 @@ def submit_plugin(
             while chunk := handle.read(CHUNK):
                 yield chunk
 
-    query = [("class", class_name), ("filename", path.name), *(("param", item) for item in params)]
+    query = [("class", plugin.class_name), ("filename", path.name), *(("param", item) for item in params)]
+    if plugin.module is not None:
+        query.append(("module", plugin.module))
     click.echo(f"uploading {path.name}: the server checks it in its sandbox before queueing it", err=True)
     run = client.json(
         "POST",
         f"/api/v1/challenges/{challenge_id}/plugins",
         params=query,
         content=body(),
-        headers={"Content-Length": str(size), "Content-Type": "text/x-python"},
+        headers={
+            "Content-Length": str(size),
+            "Content-Type": "text/x-python" if plugin.kind == "file" else "application/octet-stream",
+        },
         timeout=httpx.Timeout(300, connect=10),
     )
     click.echo(

@@ -7,13 +7,17 @@ evaluation release from its revealed seed.
 """
 
 import concurrent.futures
+import dataclasses
 import hashlib
+import io
 import os
 import shlex
 import subprocess
 import sys
+import tarfile
 import textwrap
 import time
+import zipfile
 from pathlib import Path
 
 import h5py
@@ -22,10 +26,15 @@ import pandas as pd
 import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
+from hypothesis import given
+from hypothesis import strategies as st
 from streamlit.testing.v1 import AppTest
 from test_server import Server, ncbench
 
+from ncbench import plugin_archive
+from ncbench.attacks.gram_hungarian import GramHungarian
 from ncbench.cli import main
+from ncbench.errors import NcbenchError
 from ncbench.leaderboard import sandbox, tables, verified
 from ncbench.leaderboard.scoring import score_submission
 from ncbench.leaderboard.store import BUILTIN_TEAM, DB_ENV, Store, verified_runs
@@ -154,6 +163,63 @@ def cli(*args, env=None):
     return CliRunner().invoke(main, [str(a) for a in args], env=env)
 
 
+def write_wheel(
+    path: Path, package: str, files: dict[str, str | bytes] | None = None, *, requires: tuple[str, ...] = ()
+) -> Path:
+    """A minimal pure-Python wheel, written member by member: ``package/__init__.py``,
+    ``package/attack.py`` (a well-behaved plugin), then ``files`` (member name -> content, as
+    given), then ``NAME-0.1.dist-info/`` METADATA, WHEEL and RECORD."""
+    info = f"{package}-0.1.dist-info"
+    metadata = f"Metadata-Version: 2.1\nName: {package}\nVersion: 0.1\n" + "".join(
+        f"Requires-Dist: {requirement}\n" for requirement in requires
+    )
+    members = {
+        f"{package}/__init__.py": "",
+        f"{package}/attack.py": plugin_source(package.replace("_", "-")),
+        **(files or {}),
+        f"{info}/METADATA": metadata,
+        f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    records = [
+        f"{name},sha256={hashlib.sha256(_bytes(body)).hexdigest()},{len(_bytes(body))}"
+        for name, body in members.items()
+    ]
+    members[f"{info}/RECORD"] = "\n".join([*records, f"{info}/RECORD,,"]) + "\n"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as wheel:
+        for name, body in members.items():
+            wheel.writestr(name, body)
+    return path
+
+
+def write_sdist(path: Path, package: str, files: dict[str, str | bytes] | None = None, links=()) -> Path:
+    """A minimal src-layout sdist: PKG-INFO, pyproject.toml, a setup.py that must never run,
+    ``src/package/attack.py`` (a well-behaved plugin), then ``files`` and symbolic ``links``
+    (member name -> target)."""
+    top = f"{package}-0.1"
+    members = {
+        f"{top}/PKG-INFO": f"Metadata-Version: 2.1\nName: {package}\nVersion: 0.1\n",
+        f"{top}/pyproject.toml": f'[project]\nname = "{package}"\nversion = "0.1"\ndependencies = ["numpy"]\n',
+        f"{top}/setup.py": "raise SystemExit('setup.py ran')\n",
+        f"{top}/src/{package}/__init__.py": "",
+        f"{top}/src/{package}/attack.py": plugin_source(package.replace("_", "-")),
+        **(files or {}),
+    }
+    with tarfile.open(path, "w:gz") as sdist:
+        for name, body in members.items():
+            member = tarfile.TarInfo(name)
+            member.size = len(_bytes(body))
+            sdist.addfile(member, io.BytesIO(_bytes(body)))
+        for name, target in dict(links).items():
+            member = tarfile.TarInfo(name)
+            member.type, member.linkname = tarfile.SYMTYPE, target
+            sdist.addfile(member)
+    return path
+
+
+def _bytes(body: str | bytes) -> bytes:
+    return body.encode() if isinstance(body, str) else body
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     problem = sandbox.sandbox_problem()
@@ -179,7 +245,8 @@ def world(tmp_path_factory):
     store = root / "store"
     published = ncbench("challenge", "publish", root / "release", "--store", store, "--plugin-daily-limit", 50)
     assert published.returncode == 0, published.stderr
-    tokens = {team: ncbench("team", "add", team, "--store", store).stdout.strip() for team in ("alice", "bob")}
+    teams = ("alice", "bob", "carol")  # carol uploads the hostile archives
+    tokens = {team: ncbench("team", "add", team, "--store", store).stdout.strip() for team in teams}
     server = Server(store, "--workers", 2, "--board-port", 0, "--verified-releases", 2, *LIMIT_ARGS)
     (root / "plugins").mkdir()
     yield {"root": root, "store": store, "id": published.stdout.split()[-1], "tokens": tokens, "server": server}
@@ -204,8 +271,9 @@ def upload(world, team: str, path: Path, cls: str = "Plugin") -> httpx.Response:
 @pytest.fixture(scope="module")
 def batch(world):
     """Everything at once: hostile plugins (alice), a well-behaved one through `ncbench submit
-    --plugin` (bob), the built-ins queued by the organizer and an ordinary scoring job; waits
-    until every run has ended, checking all along that the server answers."""
+    --plugin` (bob), as a .py file and as a wheel, the built-ins queued by the organizer and an
+    ordinary scoring job; waits until every run has ended, checking all along that the server
+    answers."""
     root, url = world["root"], world["server"].url
     hostile = hostile_bodies(world["server"].port, world["store"], world["id"])
     files = {}
@@ -214,6 +282,7 @@ def batch(world):
         files[name].write_text(plugin_source(name, body))
     good = root / "plugins" / "good_plugin.py"
     good.write_text(plugin_source("good-gram"))
+    wheel = write_wheel(root / "plugins" / "wheel_gram-0.1-py3-none-any.whl", "wheel_gram")
     chance = root / "chance.h5"
     assert ncbench("attack", "run", "chance", "--release", root / "release", "--out", chance).returncode == 0
     bob = {"NCBENCH_SERVER": url, "NCBENCH_TOKEN": world["tokens"]["bob"]}
@@ -221,6 +290,16 @@ def batch(world):
         uploads = {name: pool.submit(upload, world, "alice", path) for name, path in files.items()}
         submitted = pool.submit(
             ncbench, "submit", "--plugin", f"{good}:Plugin", "--challenge", world["id"], "--no-wait", env=bob
+        )
+        wheeled = pool.submit(
+            ncbench,
+            "submit",
+            "--plugin",
+            f"{wheel}:wheel_gram.attack:Plugin",
+            "--challenge",
+            world["id"],
+            "--no-wait",
+            env=bob,
         )
         builtins = pool.submit(
             ncbench,
@@ -234,6 +313,9 @@ def batch(world):
             1,
             "--queue-only",
             *LIMIT_ARGS,
+            # carlini-2021 trains its patch networks and a clone: about 12 s of wall time here under load.
+            "--sandbox-limit",
+            "wall_s=60",
         )
         scoring = pool.submit(
             httpx.post,
@@ -245,6 +327,7 @@ def batch(world):
         answers = {name: future.result() for name, future in uploads.items()}
     assert all(answer.status_code == 202 for answer in answers.values()), {n: a.text for n, a in answers.items()}
     assert submitted.result().returncode == 0, submitted.result().stderr
+    assert wheeled.result().returncode == 0, wheeled.result().stderr
     assert builtins.result().returncode == 0, builtins.result().stderr
     assert scoring.result().status_code == 202, scoring.result().text
     health = []
@@ -271,6 +354,7 @@ def batch(world):
         "health": health,
         "scoring": job,
         "good": good,
+        "wheel": wheel,
         "bob": bob,
     }
 
@@ -342,7 +426,8 @@ def test_submit_plugin_runs_on_fresh_hidden_releases_committed_before_the_run(wo
     assert f"plugin {run['id']}" in listed.stdout and "scored" in listed.stdout
 
 
-def test_well_behaved_plugin_scores_the_same_in_the_sandbox_as_run_locally(world, batch, tmp_path):
+@pytest.mark.parametrize("form", ["file", "wheel"])
+def test_well_behaved_plugin_scores_the_same_in_the_sandbox_as_run_locally(world, batch, tmp_path, form):
     release = world["root"] / "release"
     local = tmp_path / "local.h5"
     ran = subprocess.run(
@@ -353,12 +438,12 @@ def test_well_behaved_plugin_scores_the_same_in_the_sandbox_as_run_locally(world
     )
     assert ran.returncode == 0, ran.stderr
     (tmp_path / "work").mkdir()
-    plugin = tmp_path / "work" / "plugin" / batch["good"].name
-    plugin.parent.mkdir()
-    plugin.write_bytes(batch["good"].read_bytes())
+    # Staged as the server stages an upload: the .py file copied, the wheel checked and unpacked.
+    upload, entry = {"file": (batch["good"], "Plugin"), "wheel": (batch["wheel"], "wheel_gram.attack:Plugin")}[form]
+    plugin = verified.stage_plugin(upload, plugin_file=upload.name, entry=entry, work=tmp_path / "work")
     limits = sandbox.parse_limits(f"{k}={v}" for k, v in LIMITS.items())
     outcome, sandboxed = sandbox.run_attack(
-        attack="Plugin",
+        attack=entry,
         params={},
         release=release / "public" / "release.h5",
         workdir=tmp_path / "work",
@@ -368,6 +453,91 @@ def test_well_behaved_plugin_scores_the_same_in_the_sandbox_as_run_locally(world
     assert outcome.ok, outcome.output
     assert outcome.sandboxed and outcome.cpu_s > 0 and outcome.peak_rss_bytes > 0
     assert score_submission(sandboxed, release).metrics == score_submission(local, release).metrics
+
+
+def test_a_wheel_plugin_is_checked_queued_and_scored_like_a_py_file(world, batch):
+    results = batch["results"]
+    wheel = results[results["attack"] == "bob/wheel-gram"]
+    assert list(wheel["release_state"]) == ["scored", "scored"] and wheel["state"].iloc[0] == "scored"
+    assert wheel["reidentification"].between(0, 1).all() and wheel["sandboxed"].all()
+    with db(world) as store, store._read() as conn:
+        row = conn.execute(
+            sa.select(verified_runs.c.plugin_file, verified_runs.c.class_name).where(
+                verified_runs.c.id == int(wheel["run_id"].iloc[0])
+            )
+        ).one()
+    assert tuple(row) == (batch["wheel"].name, "wheel_gram.attack:Plugin")
+
+
+def hostile_archives(folder: Path) -> dict[str, tuple[Path, str]]:
+    """Case -> (archive whose entry is ``pkg.attack:Plugin``, what the one-line refusal says)."""
+    folder.mkdir(exist_ok=True)
+
+    def wheel(case: str, files=None, **options) -> Path:
+        return write_wheel(folder / f"{case.replace('-', '_')}-0.1-py3-none-any.whl", "pkg", files, **options)
+
+    bomb = wheel("zip-bomb")
+    with zipfile.ZipFile(bomb, "a", zipfile.ZIP_DEFLATED) as zipped, zipped.open("pkg/zeros.bin", "w") as member:
+        for _ in range((plugin_archive.MAX_UNPACKED_BYTES >> 20) + 1):
+            member.write(bytes(1 << 20))  # a few hundred kB compressed
+    corrupt = wheel("corrupt")
+    corrupt.write_bytes(corrupt.read_bytes()[:-100])  # the central directory is cut
+    many = {f"pkg/empty_{k}.py": "" for k in range(plugin_archive.MAX_MEMBERS)}
+    return {
+        "dot-dot": (wheel("dot-dot", {"../evil.py": "print('escaped')"}), "'../evil.py' has a '..' part"),
+        "absolute-path": (wheel("absolute-path", {"/tmp/evil.py": ""}), "'/tmp/evil.py' is an absolute path"),
+        "symlink": (
+            write_sdist(folder / "symlink-0.1.tar.gz", "pkg", links={"pkg-0.1/src/pkg/passwd": "/etc/passwd"}),
+            "'pkg-0.1/src/pkg/passwd' is a symbolic link",
+        ),
+        "zip-bomb": (bomb, f"unpacks to more than {plugin_archive.MAX_UNPACKED_BYTES} bytes"),
+        "many-members": (wheel("many-members", many), f"has more than {plugin_archive.MAX_MEMBERS} members"),
+        "compiled": (
+            wheel("compiled", {"pkg/_speedups.cpython-311-x86_64-linux-gnu.so": b"\x7fELF"}),
+            "is compiled code",
+        ),
+        "missing-dependency": (
+            wheel("missing-dependency", requires=("some-package-that-does-not-exist>=1",)),
+            "requires some-package-that-does-not-exist (not installed)",
+        ),
+        "corrupt": (corrupt, "is not a readable wheel (zip)"),
+    }
+
+
+HOSTILE_ARCHIVES = [
+    "dot-dot",
+    "absolute-path",
+    "symlink",
+    "zip-bomb",
+    "many-members",
+    "compiled",
+    "missing-dependency",
+    "corrupt",
+]
+
+
+@pytest.fixture(scope="module")
+def archives(tmp_path_factory):
+    made = hostile_archives(tmp_path_factory.mktemp("archives"))
+    assert list(made) == HOSTILE_ARCHIVES
+    return made
+
+
+@pytest.mark.parametrize("case", HOSTILE_ARCHIVES)
+def test_a_hostile_plugin_archive_is_refused_in_one_line_before_queueing(world, archives, case):
+    path, expected = archives[case]
+    with db(world) as store, store._read() as conn:
+        before = conn.execute(sa.select(sa.func.count()).select_from(verified_runs)).scalar()
+    carol = {"NCBENCH_SERVER": world["server"].url, "NCBENCH_TOKEN": world["tokens"]["carol"]}
+    refused = cli("submit", "--plugin", f"{path}:pkg.attack:Plugin", "--challenge", world["id"], env=carol)
+    assert refused.exit_code == 2, refused.output
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: server answered 422"), refused.stderr
+    assert expected in errors[0], errors[0]
+    with db(world) as store, store._read() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(verified_runs)).scalar() == before
+    assert not list((world["store"] / "work").glob("check-*"))  # nothing unpacked is left behind
+    assert not (world["store"] / "work" / "evil.py").exists() and not Path("/tmp/evil.py").exists()
 
 
 # -- built-ins -----------------------------------------------------------------------------------
@@ -540,12 +710,69 @@ def test_without_bubblewrap_the_verified_track_refuses_in_one_line(tmp_path):
     assert "bubblewrap" in refused.stderr and "--unsandboxed" in refused.stderr
 
 
-def test_attack_check_runs_a_plugin_end_to_end_on_a_tiny_release(tmp_path):
+@pytest.mark.parametrize("form", ["file", "wheel", "sdist"])
+def test_attack_check_runs_a_plugin_end_to_end_on_a_tiny_release(tmp_path, form):
     path = tmp_path / "mine.py"
     path.write_text(plugin_source("my-gram"))
-    checked = cli("attack", "check", f"{path}:Plugin")
+    spec = {
+        "file": f"{path}:Plugin",
+        "wheel": f"{write_wheel(tmp_path / 'check_wheel-0.1-py3-none-any.whl', 'check_wheel')}:check_wheel.attack:Plugin",
+        # Its setup.py raises if run: the sdist is read, never built.
+        "sdist": f"{write_sdist(tmp_path / 'check_sdist-0.1.tar.gz', 'check_sdist')}:check_sdist.attack:Plugin",
+    }[form]
+    checked = cli("attack", "check", spec)
     assert checked.exit_code == 0, checked.output
     assert checked.stdout.startswith("reid: ran end to end; the scorer accepted the submission")
+    assert ("archive contents and dependencies" in checked.stdout) == (form != "file")
+
+
+@pytest.mark.parametrize("case", HOSTILE_ARCHIVES)
+def test_attack_check_refuses_a_hostile_archive_in_one_line_without_importing_it(archives, case):
+    path, expected = archives[case]
+    checked = cli("attack", "check", f"{path}:pkg.attack:Plugin", "--no-run")
+    assert checked.exit_code == 2 and checked.stderr.count("\n") == 1, checked.output
+    assert expected in checked.stderr
+    assert "pkg" not in sys.modules
+
+
+def test_an_sdist_whose_dependencies_only_a_build_could_list_is_refused(tmp_path):
+    path = write_sdist(
+        tmp_path / "dynamic-0.1.tar.gz",
+        "dynamic",
+        {"dynamic-0.1/pyproject.toml": '[project]\nname = "dynamic"\nversion = "0.1"\ndynamic = ["dependencies"]\n'},
+    )
+    checked = cli("attack", "check", f"{path}:dynamic.attack:Plugin", "--no-run")
+    assert checked.exit_code == 2 and "dependencies as dynamic" in checked.stderr, checked.output
+
+
+def test_an_archive_entry_must_be_a_module_of_the_archive(tmp_path):
+    path = write_wheel(tmp_path / "outside-0.1-py3-none-any.whl", "outside")
+    checked = cli("attack", "check", f"{path}:ncbench.attacks.gram_hungarian:GramHungarian", "--no-run")
+    assert checked.exit_code == 2 and "has no module ncbench.attacks.gram_hungarian" in checked.stderr
+
+
+@given(st.text(max_size=40))
+def test_no_archive_member_name_lands_outside_the_extraction_folder(name):
+    root = Path("/unpacked")
+    try:
+        relative = plugin_archive._member_path(name, "x.whl")
+    except NcbenchError:
+        return
+    if relative is not None:
+        target = Path(os.path.normpath(root.joinpath(*relative.parts)))
+        assert target.is_relative_to(root) and target != root
+
+
+@given(
+    st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=20),
+    st.from_regex(plugin_archive.MODULE_NAME, fullmatch=True),
+    st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,10}", fullmatch=True),
+    st.sampled_from([".whl", ".tar.gz"]),
+)
+def test_a_plugin_spec_splits_from_the_right_whatever_the_path_holds(path, module, class_name, suffix):
+    plugin = plugin_archive.parse_spec(f"{path}{suffix}:{module}:{class_name}")
+    assert (str(plugin.path), plugin.module, plugin.class_name) == (str(Path(path + suffix)), module, class_name)
+    assert plugin.kind == plugin_archive.archive_kind(suffix)
 
 
 def test_attack_check_says_each_failure_in_one_line(tmp_path):
@@ -553,14 +780,22 @@ def test_attack_check_says_each_failure_in_one_line(tmp_path):
     path.write_text(plugin_source("my-gram"))
     checked = cli("attack", "check", f"{path}:Plugin", "--task", "invert", "--param", "nope=1", "--no-run")
     assert checked.exit_code == 2
+    parameters = ", ".join(field.name for field in dataclasses.fields(GramHungarian.Params))
     assert checked.stderr.splitlines() == [
-        "error: attack my-gram has no parameter 'nope' (parameters: self_width, boost_rounds, refine_pairs, chunk)",
+        f"error: attack my-gram has no parameter 'nope' (parameters: {parameters})",
         "error: attack my-gram does not solve the invert task (it declares reid)",
     ]
     taken = tmp_path / "taken.py"
     taken.write_text(plugin_source("gram-hungarian"))
     refused = cli("attack", "check", f"{taken}:Plugin", "--no-run")
     assert refused.exit_code == 2 and "gram-hungarian" in refused.stderr and refused.stderr.count("\n") == 1
+
+
+def test_submit_plugin_names_the_module_of_an_archive(tmp_path):
+    wheel = write_wheel(tmp_path / "named-0.1-py3-none-any.whl", "named")
+    refused = cli("submit", "--plugin", f"{wheel}:Plugin", "--challenge", "x", env={"NCBENCH_TOKEN": "t"})
+    assert refused.exit_code == 2 and refused.stderr.count("\n") == 1, refused.output
+    assert "DIST.whl or DIST.tar.gz:module.path:Class" in refused.stderr
 
 
 def test_submit_takes_a_file_or_a_plugin_not_both(tmp_path):
