@@ -214,7 +214,7 @@ def run_on_tiny_release(cls: type[Attack], raw_params: dict[str, str], *, task: 
         build_release(
             release_dir,
             config=resolve_config(preset, **TINY_RELEASE),
-            plan=BuildPlan.for_task(task, TINY_N),
+            plan=BuildPlan.for_task(task, TINY_N, sites=2 if task == "link" else 1),
             source="phantom",
             seed=0,
             test_release=True,

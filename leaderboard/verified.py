@@ -117,6 +117,9 @@ class Recipe:
     n_known: int
     source: str
     source_date_epoch: int
+    sites: int = 1  # hospitals with independent keys (recipes before issue 14 have one)
+    n_overlap: int = 0  # link: encodings of each later site shared with an earlier one
+    overlap_kind: str = "image"
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -128,7 +131,16 @@ class Recipe:
     def plan(self):
         from ncbench.challenge.release import BuildPlan
 
-        return BuildPlan(self.task, self.n, n_aux=self.n_aux, n_targets=self.n_targets, n_known=self.n_known)
+        return BuildPlan(
+            self.task,
+            self.n,
+            n_aux=self.n_aux,
+            n_targets=self.n_targets,
+            n_known=self.n_known,
+            sites=self.sites,
+            n_overlap=self.n_overlap,
+            overlap_kind=self.overlap_kind,
+        )
 
     def command(self, seed: str, out: str = "evaluation") -> str | None:
         """The ``ncbench challenge build`` command that rebuilds the release from its revealed
@@ -160,12 +172,16 @@ class Recipe:
             "--source",
             self.source,
             "--n",
-            str(self.n),
+            str(self.n // self.sites),
         ]
+        per_site = self.n // self.sites
         words += {
             "transfer": ["--n-aux", str(self.n_aux), "--n-targets", str(self.n_targets)],
             "invert": ["--n-known", str(self.n_known)],
+            "link": ["--overlap", repr(self.n_overlap / per_site), "--overlap-kind", self.overlap_kind],
         }.get(self.task, [])
+        if self.sites > 1:
+            words += ["--sites", str(self.sites)]
         for name, value in options.items():
             words += [f"--{name.replace('_', '-')}", str(value)]
         words += ["--seed", seed, "--device", "cpu", "--out", out]
@@ -562,14 +578,20 @@ def _run_row(store: Store, run_id: int) -> dict:
 def _recipe(root: Path, run: dict) -> Recipe:
     """The evaluation recipe of ``run``'s challenge: its encoder, task and sizes, read from the
     published release, and the run's held-out image source."""
-    from ncbench.challenge.files import open_release
+    from ncbench.challenge.files import open_key, open_release
 
-    release_path = channel.StoreLayout(root).public_dir(run["challenge_id"]) / "release.h5"
-    with open_release(release_path) as release:
+    layout = channel.StoreLayout(root)
+    with open_release(layout.public_dir(run["challenge_id"]) / "release.h5") as release:
         h5 = release.h5
         n_aux = int(h5["plain/ids"].shape[0]) if run["task"] == "transfer" else 0
         n_targets = int(h5["target/ids"].shape[0]) if run["task"] == "transfer" else 0
         n_known = int(h5["pairs/encoded_ids"].shape[0]) if run["task"] == "invert" else 0
+        sites = release.n_sites
+    n_overlap, overlap_kind = 0, "image"
+    if run["task"] == "link":  # how much the sites share is hidden: read it from the key
+        with open_key(layout.key_file(run["challenge_id"])) as key:
+            n_overlap = len(key.read("truth/link_pairs")) // (sites - 1)
+            overlap_kind = str(key.h5["truth/link_pairs"].attrs["overlap_kind"])
     return Recipe(
         encoder_config=run["encoder_config"],
         task=run["task"],
@@ -579,6 +601,9 @@ def _recipe(root: Path, run: dict) -> Recipe:
         n_known=n_known,
         source=run["eval_source"],
         source_date_epoch=int(utc_now().timestamp()),
+        sites=sites,
+        n_overlap=n_overlap,
+        overlap_kind=overlap_kind,
     )
 
 

@@ -267,3 +267,33 @@ def test_site_key_export_holds_one_site_and_feeds_the_insider_attack(built, tmp_
     assert "insider-key" in submission.knowledge
     write_submission(tmp_path / "insider.h5", submission)
     assert score_submission(tmp_path / "insider.h5", built["reid"]).headline() >= 0.9
+
+
+def test_a_link_evaluation_recipe_rebuilds_byte_for_byte_from_its_command(built, tmp_path):
+    """The verified track's recipe of a multi-site challenge: the release it builds and the one
+    its revealed `ncbench challenge build` command builds are the same bytes."""
+    import hashlib
+    import shlex
+
+    from ncbench.leaderboard.verified import Recipe, build_evaluation
+
+    with open_release(built["link"]) as release:
+        config = release.h5.attrs["encoder_config"]
+    recipe = Recipe(config, "link", 3 * PER_SITE, 0, 0, 0, "phantom", 1700000000, sites=3, n_overlap=10)
+    assert Recipe.from_json(recipe.to_json()) == recipe
+    seed = "ab" * 16
+    first = build_evaluation(tmp_path / "first", recipe, seed)
+    words = shlex.split(recipe.command(seed, out=str(tmp_path / "again")))
+    epoch = words.pop(0).split("=", 1)[1]
+    rebuilt = CliRunner().invoke(main, words[1:], env={"SOURCE_DATE_EPOCH": epoch})
+    assert rebuilt.exit_code == 0, rebuilt.output
+    digest = [hashlib.sha256((d / "public/release.h5").read_bytes()).hexdigest() for d in (first, tmp_path / "again")]
+    assert digest[0] == digest[1]
+    with open_release(first) as release, open_key(first) as key:
+        assert release.n_sites == 3 and len(key.read("truth/link_pairs")) == 20
+
+
+def test_attack_check_runs_a_link_plugin_on_a_tiny_two_site_release():
+    result = CliRunner().invoke(main, ["attack", "check", "gram-link"])
+    assert result.exit_code == 0, result.output
+    assert "link_r_precision" in result.output
