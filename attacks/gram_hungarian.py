@@ -67,5 +67,5 @@ class GramHungarian(Attack):
             scores=pairing.scores,
             plain_ids=plain_ids,
             patch_positions=pairing.patch_positions.astype(np.int16),
-            diagnostics={"matching_stable_fraction_per_round": pairing.stable_fraction},
+            diagnostics={"mutual_best_fraction_per_round": pairing.mutual_fraction},
         )

@@ -15,6 +15,7 @@ from itertools import combinations
 
 import numpy as np
 
+from ncbench.assignment import match
 from ncbench.attacks.base import Attack
 from ncbench.attacks.pairing import BOOST_ROUNDS, REFINE_PAIRS, aligned_statistics, boost
 from ncbench.attacks.statistics import sorted_norm_scores
@@ -38,7 +39,7 @@ class GramLink(Attack):
             default=4, metadata={"min": 1, "max": 16, "help": "claimed partners per encoding, best first"}
         )
         trusted: float = field(
-            default=0.3,
+            default=1.0,
             metadata={
                 "min": 0.01,
                 "max": 1.0,
@@ -75,7 +76,7 @@ class GramLink(Attack):
                     refine_pairs=p.refine_pairs,
                     rng=rng,
                     shuffle=release.config.shuffle,
-                    trusted=lambda scores, matched: surest(scores, matched, p.trusted),
+                    trusted=lambda scores: surest(scores, p.trusted),
                     advance=advance,
                 )
             rows, cols, values = claims(boosted.scores, p.candidates)
@@ -106,11 +107,16 @@ def standing(scores: np.ndarray, neighbours: int = NEIGHBOURS) -> np.ndarray:
     return 2 * scores - rows - cols
 
 
-def surest(scores: np.ndarray, matched: np.ndarray, fraction: float) -> np.ndarray:
-    """Left rows of the ``fraction`` of matched pairs that stand out most (at least 8)."""
+def surest(scores: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """The ``fraction`` of assigned pairs (rows, columns) that stand out most (at least 8).
+
+    An assignment, not mutual best pairs as for reid: a site holds hundreds to a few thousand
+    encodings, and on second acquisitions (``patient`` overlap) the assignment's pairs recover the
+    slot order better (R-precision 0.20 against 0.02, nc7, 2 x 200 phantom images)."""
+    matched = match(scores)
     surety = standing(scores)[np.arange(len(matched)), matched]
-    keep = max(8, int(round(fraction * len(matched))))
-    return np.sort(np.argsort(-surety)[:keep])
+    keep = np.sort(np.argsort(-surety)[: max(8, int(round(fraction * len(matched))))])
+    return keep, matched[keep]
 
 
 def claims(scores: np.ndarray, candidates: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
