@@ -4,6 +4,10 @@
     python benchmarks/run.py attack RELEASE_DIR [ATTACK] [--device=cpu] [--PARAM=VALUE ...]
     python benchmarks/run.py compare RELEASE_DIR [ATTACK ...]   (default: carlini-2021 gram-hungarian)
     python benchmarks/run.py build-memory [--preset=nc3] [--sizes=256,1024,2048]
+    python benchmarks/run.py scale RELEASE_DIR [--sizes=250,500,1000,2000,5000,10000]
+
+``scale`` attacks the first N encodings of one large test release (with the N plaintexts they
+hold), each N in a fresh process, with gram-hungarian's defaults: time, peak RSS, accuracy.
 
 ``encode`` times the encoder of a preset (nc7 by default) against a reference-style implementation
 (torch.nn Conv2d / BatchNorm2d modules, fp32, one randperm and one gather per image in a Python
@@ -132,7 +136,8 @@ def _accuracy(release_dir: str, submission, encoded_ids: list[str], plain_ids: l
     if not key_path.is_file() or submission.mapping is None:
         return {}
     column = {pid: j for j, pid in enumerate(plain_ids)}
-    row = np.array([encoded_ids.index(eid) for eid in submission.encoded_ids])  # release row of each answer
+    row_of = {eid: r for r, eid in enumerate(encoded_ids)}
+    row = np.array([row_of[eid] for eid in submission.encoded_ids])  # release row of each answer
     with open_key(key_path) as key:
         truth = key.read("truth/plain_index")[row]
         perm = key.read("truth/patch_perm")[row]
@@ -229,6 +234,58 @@ def build_memory(preset: str = "nc3", sizes: str = "256,1024,2048") -> dict:
     return {"benchmark": f"build memory {preset}", "machine": machine_description(), "builds": rows}
 
 
+def subset(release_dir: str, n: int, out: str) -> str:
+    """Write the first ``n`` encodings of a test release, with their own plaintexts as the pool
+    (in the source's pool order) and the truth the attack is scored with, as a release directory.
+    Encodings keep the source's BatchNorm batches (consecutive rows), so they are what a release
+    of n images encodes, but for the last batch when n is not a multiple of ``bn_batch``."""
+    from pathlib import Path
+
+    import h5py
+
+    from ncbench.challenge.files import KEY_FORMAT, RELEASE_FORMAT, SCHEMA_VERSION, open_key, open_release
+    from ncbench.h5io import create_streamed, set_root_attrs, write_dataset
+
+    out_dir = Path(out)
+    (out_dir / "public").mkdir(parents=True, exist_ok=True)
+    (out_dir / "private").mkdir(exist_ok=True)
+    with open_release(release_dir) as release, open_key(release_dir) as key:
+        plain_index = key.read("truth/plain_index")[:n]
+        pool = np.sort(plain_index)  # the pool rows these encodings hold, in the source's order
+        attrs = {k: v for k, v in release.h5.attrs.items() if k not in ("format", "schema_version", "ncbench_version")}
+        with h5py.File(out_dir / "public/release.h5", "w") as h5:
+            set_root_attrs(h5, RELEASE_FORMAT, SCHEMA_VERSION, **{**attrs, "n_encoded": np.int64(n)})
+            write_dataset(h5, "encoded/ids", release.encoded_ids[:n])
+            write_dataset(h5, "encoded/labels", release.labels[:n])
+            data = create_streamed(
+                h5.require_group("encoded"), "data", (n, *release.encoded.shape[1:]), release.encoded.dtype
+            )
+            for start in range(0, n, 256):
+                data[start : start + 256] = release.encoded[start : min(start + 256, n)]
+            write_dataset(h5, "plain/images", release.h5["plain/images"][pool])
+            write_dataset(h5, "plain/ids", [release.plain_ids[j] for j in pool])
+        with h5py.File(out_dir / "private/key.h5", "w") as h5:
+            set_root_attrs(h5, KEY_FORMAT, SCHEMA_VERSION, challenge_id=release.challenge_id, task="reid")
+            write_dataset(h5, "truth/plain_index", np.searchsorted(pool, plain_index).astype(np.int32))
+            write_dataset(h5, "truth/patch_perm", key.read("truth/patch_perm")[:n])
+    return str(out_dir)
+
+
+def scale(release_dir: str, sizes: str = "250,500,1000,2000,5000,10000") -> dict:
+    import subprocess
+    import tempfile
+
+    rows = []
+    with tempfile.TemporaryDirectory(dir=".") as folder:
+        for n in (int(s) for s in sizes.split(",")):
+            sub = subset(release_dir, n, f"{folder}/n{n}")
+            done = subprocess.run([sys.executable, __file__, "attack", sub], capture_output=True, text=True, check=True)
+            found = json.loads(done.stdout.strip().splitlines()[-1])
+            rows.append({k: found.get(k) for k in ("n", "seconds", "peak_rss_gb", "reid_accuracy", "stage_seconds")})
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    return {"benchmark": "scale gram-hungarian", "release": release_dir, "machine": machine_description(), "runs": rows}
+
+
 if __name__ == "__main__":
     torch.set_num_threads(torch.get_num_threads())
     command, *args = sys.argv[1:] or ["encode"]
@@ -243,6 +300,8 @@ if __name__ == "__main__":
         )
     elif command == "compare":
         result = compare(*positional)
+    elif command == "scale":
+        result = scale(*positional, **options)
     elif command == "build-memory":
         result = build_memory(options.get("preset", "nc3"), options.get("sizes", "256,1024,2048"))
     else:
