@@ -54,20 +54,25 @@ def slot_reference(
     chunk: int = 64,
     device: str = "cpu",
     advance: Callable[[int], None] = lambda k: None,
+    limit: int | None = None,
 ) -> torch.Tensor:
-    """The mean encoding in slot order (P, D) float32: one streamed pass.
+    """The mean encoding in slot order (P, D) float32, over the first ``limit`` encodings (all
+    when None): one streamed pass.
 
     Rows are assigned to the first encoding's slots; the mean of that alignment is a far less noisy
     reference for the final alignment (:func:`iter_aligned`). Releases without shuffle keep row order.
     """
-    n, n_patches, width = release.n_encoded, release.config.n_patches, release.config.width
+    n = release.n_encoded if limit is None else min(limit, release.n_encoded)
     first = torch.from_numpy(release.encoded_rows([0])[0]).to(device)
-    total = torch.zeros(n_patches, width, device=device)
-    for _, block in iter_release(release, chunk, device):
+    total = torch.zeros(release.config.n_patches, release.config.width, device=device)
+    for start, block in iter_release(release, chunk, device):
+        block = block[: n - start]
         if release.config.shuffle:
             block = to_slot_order(block, assign_rows(_slot_scores(block, first)))
         total += block.sum(0)
         advance(len(block))
+        if start + len(block) >= n:
+            break
     return total / n
 
 

@@ -38,6 +38,10 @@ from ncbench.challenge.files import Release, SiteView
 BOOST_ROUNDS = 2  # the second round refines the slot order on pairs the first got right (about 90% mutual)
 REFINE_PAIRS = 256  # matched pairs whose Gram matrices refine the slot permutation
 ASSIGN_MAX = 2048  # rows up to which a boosting round's pairs come from an assignment
+# Encodings whose mean (in slot order) is the alignment reference. The mean of the first 256 is
+# as good as that of all (nc7, N = 1,000: 100% either way, patch positions 97.4% vs 97.8%) and
+# makes the first of the two passes over the encodings a fixed cost instead of one per image.
+REFERENCE_IMAGES = 256
 
 
 @dataclass(frozen=True)
@@ -81,8 +85,8 @@ class Pairing:
 def aligned_statistics(view: Release | SiteView, attack: Attack, *, chunk: int) -> Aligned:
     """Undo the shuffles of one key's encodings and take their patch statistics (two passes)."""
     n = view.n_encoded
-    with attack.stage("slot reference", n) as advance:
-        reference = slot_reference(view, chunk=chunk, device=attack.device, advance=advance)
+    with attack.stage("slot reference", min(n, REFERENCE_IMAGES)) as advance:
+        reference = slot_reference(view, chunk=chunk, device=attack.device, advance=advance, limit=REFERENCE_IMAGES)
     slots = np.empty((n, view.config.n_patches), np.int64)
 
     def aligned_blocks():
