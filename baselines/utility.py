@@ -14,8 +14,15 @@ reference stayed at chance AUC on CPU-sized runs. Tokens are standardised per fe
 training-set statistics, since encodings of different presets differ in scale by orders of
 magnitude.
 
+Several sites (``sites`` K > 1, the paper's "multiple hospitals, using independent private
+encoders, can collaborate"): the training and held-out images are each cut into K contiguous
+shares, one per site, and each site encodes its share under its own key and shuffles. Per-site
+models, one model on the union of every site's encodings, and one model on the same union under
+one key (the upper bound of collaboration) are all scored on each site's held-out images.
+
 Pure functions (:func:`auc`, :func:`build_model`, :func:`train_model`, :func:`predict`,
-:func:`evaluate`) do the work; :func:`run_utility` is the one entry point.
+:func:`evaluate`, :func:`site_slices`, :func:`score_rows`) do the work; :func:`run_utility` is the
+one entry point.
 """
 
 from __future__ import annotations
@@ -161,16 +168,96 @@ def evaluate(probabilities: np.ndarray, labels: np.ndarray, label_names) -> dict
     return {name: auc(probabilities[:, k], labels[:, k]) for k, name in enumerate(label_names)}
 
 
-def encode_images(images: np.ndarray, config, *, seed: int, device: str) -> torch.Tensor:
-    """Encode with a fresh key of ``config`` (drawn from ``seed``), shuffled per image: (N, P, D)."""
-    encoder = Encoder.from_seed(config, derive_seed(seed, "utility-key"), device)
-    perms = sample_permutations(config, seed, len(images), purpose="utility-permutations")
+def encode_images(images: np.ndarray, config, *, seed: int, device: str, site: int | None = None) -> torch.Tensor:
+    """Encode with a fresh key of ``config`` (drawn from ``seed``), shuffled per image: (N, P, D).
+
+    ``site`` k draws site k's own key and shuffles (purposes ``utility-key-site-k``,
+    ``utility-permutations-site-k``); None draws the single key of a one-key run.
+    """
+    suffix = "" if site is None else f"-site-{site}"
+    encoder = Encoder.from_seed(config, derive_seed(seed, f"utility-key{suffix}"), device)
+    perms = sample_permutations(config, seed, len(images), purpose=f"utility-permutations{suffix}")
     # Filled batch by batch: at full width the tokens of 1,600 images are 3.4 GB, so no second copy.
     tokens = torch.empty((len(images), config.n_patches, config.width), dtype=torch.float32)
     for start, encoded in encoder.encode_stream(images, perms):
         tokens[start : start + len(encoded)] = encoded
         del encoded
     return tokens
+
+
+def site_slices(n: int, sites: int, *, offset: int = 0) -> list[slice]:
+    """``sites`` contiguous shares of the rows ``offset`` .. ``offset + n``, in order; share sizes
+    differ by at most one (site k holds rows ``offset + n*k//sites`` up to ``offset + n*(k+1)//sites``)."""
+    edges = [offset + n * k // sites for k in range(sites + 1)]
+    return [slice(start, stop) for start, stop in zip(edges, edges[1:])]
+
+
+def encode_sites(
+    images: np.ndarray, config, train_sites: list[slice], test_sites: list[slice], *, seed: int, device: str
+) -> torch.Tensor:
+    """(N, P, D) encodings of the (N, S, S) ``images``, site k's rows (``train_sites[k]`` and
+    ``test_sites[k]``) under site k's own key and shuffles (:func:`encode_images`), each site
+    standardised with its own training statistics.
+
+    Per-site statistics because keys differ in scale and a hospital can compute its own
+    statistics locally, without sharing anything; statistics pooled over the union would let the
+    site whose key has the largest scale set everyone's.
+    """
+    tokens = torch.empty((len(images), config.n_patches, config.width), dtype=torch.float32)
+    for site, (train, test) in enumerate(zip(train_sites, test_sites)):
+        n_train = train.stop - train.start
+        local = encode_images(
+            np.concatenate([images[train], images[test]]), config, seed=seed, device=device, site=site
+        )
+        standardise(local, slice(0, n_train))
+        tokens[train], tokens[test] = local[:n_train], local[n_train:]
+        del local
+    return tokens
+
+
+def fit_predict(
+    tokens: torch.Tensor,
+    labels: torch.Tensor,
+    train: slice,
+    test: slice,
+    *,
+    positional: bool,
+    epochs: int,
+    seed: int,
+    device: str,
+    label: str,
+) -> np.ndarray:
+    """Train on ``tokens[train]`` (standardised (N, P, T)) and return probabilities (len(test), K)
+    for ``tokens[test]``."""
+    model = train_model(
+        tokens[train], labels[train], positional=positional, epochs=epochs, seed=seed, device=device, label=label
+    )
+    return predict(model, tokens[test], device=device)
+
+
+def score_rows(
+    probabilities: np.ndarray,
+    truth: np.ndarray,
+    label_names,
+    *,
+    preset: str,
+    kind: str,
+    settings: dict,
+    sites: dict[int, slice] | None = None,
+) -> list[dict]:
+    """Rows {preset, label, auc, model_kind, settings} of one model: AUC per label of its (M, K)
+    ``probabilities`` against the (M, K) ``truth``; with ``sites`` ({k: rows of site k among the
+    M}) one set of rows per site, whose settings add ``eval_site`` k."""
+    parts = {None: slice(None)} if sites is None else sites
+    rows = []
+    for site, part in parts.items():
+        scores = evaluate(probabilities[part], truth[part], label_names)
+        shown = settings if site is None else {**settings, "eval_site": site}
+        rows += [
+            {"preset": preset, "label": name, "auc": value, "model_kind": kind, "settings": shown}
+            for name, value in scores.items()
+        ]
+    return rows
 
 
 def run_utility(
@@ -186,6 +273,7 @@ def run_utility(
     device: str,
     raw: bool = True,
     source: str = "phantom",
+    sites: int = 1,
 ) -> list[dict]:
     """Train and score the downstream model on each preset's encodings of labelled images, and
     (``raw``) once on the plaintext patches as the non-private reference.
@@ -196,12 +284,29 @@ def run_utility(
 
     Returns one row per (model, label): {preset, label, auc, model_kind, settings}; the
     reference's rows have preset ``RAW_PRESET`` and model_kind ``raw``.
+
+    ``sites`` K > 1 cuts the training and the held-out images each into K contiguous shares
+    (:func:`site_slices`), site k's under its own key (:func:`encode_sites`), and returns one row
+    per (model, evaluated site, label), always AUC on one site's held-out images. Their settings
+    add ``sites`` (K), ``eval_site`` (k, 0-based) and ``training``: ``site`` (model_kind
+    ``encoded``, trained on site k's training encodings only), ``union`` (``encoded``, one model
+    trained on every site's training encodings, each under its site's key: the paper's
+    collaboration), ``one-key`` (``encoded``, the same images all under one key, the model of a
+    single-site run: the upper bound of collaboration) or ``raw`` (model_kind ``raw``, the same
+    images as plaintext patches). Means over sites are left to the reader
+    (``leaderboard.tables.multi_site_table``). With K = 1 rows carry none of these keys and mean
+    what they always meant.
     """
     from ncbench.challenge.sources import load_images
 
-    for name, value in (("n_train", n_train), ("n_test", n_test), ("epochs", epochs)):
+    for name, value in (("n_train", n_train), ("n_test", n_test), ("epochs", epochs), ("sites", sites)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise NcbenchError(f"{name} must be a positive integer, got {value!r}")
+    if sites > min(n_train, n_test):
+        raise NcbenchError(
+            f"{sites} sites need at least {sites} training and {sites} test images, got {n_train} and {n_test}; "
+            "raise --n-train / --n-test or lower --sites"
+        )
     # auto: bf16 only where the device multiplies it natively; settings record the resolved value.
     configs = {
         preset: resolve_config(
@@ -219,31 +324,26 @@ def run_utility(
         raise NcbenchError(f"source {source!r} has no labels; use phantom or a folder with a labels CSV")
     labels = torch.from_numpy(data.labels.astype(np.int64))
     train, test = slice(0, n_train), slice(n_train, n_train + n_test)
-    for k, name in enumerate(data.label_names):
-        column = data.labels[test, k]
-        if not ((column == 1).any() and (column == 0).any()):
-            raise NcbenchError(f"the test set has one class only for label {name!r}; raise --n-test")
+    train_sites, test_sites = site_slices(n_train, sites), site_slices(n_test, sites, offset=n_train)
+    for site, site_test in enumerate(test_sites):
+        for k, name in enumerate(data.label_names):
+            column = data.labels[site_test, k]
+            if not ((column == 1).any() and (column == 0).any()):
+                if sites == 1:
+                    raise NcbenchError(f"the test set has one class only for label {name!r}; raise --n-test")
+                raise NcbenchError(
+                    f"site {site}'s test set ({len(column)} images) has one class only for label {name!r}; "
+                    "raise --n-test or lower --sites"
+                )
 
     runs = [(preset, "encoded", config) for preset, config in configs.items()]
     if raw:
         runs.append((RAW_PRESET, "raw", resolve_config("linear", image_size=image_size, patch_size=patch_size)))
+    fit = {"epochs": epochs, "seed": seed, "device": device}
+    # Held-out rows of each site, counted from the first held-out image (what a union model predicts).
+    evaluated = {site: slice(part.start - n_train, part.stop - n_train) for site, part in enumerate(test_sites)}
     rows: list[dict] = []
     for preset, kind, config in runs:
-        if kind == "raw":
-            tokens = images_to_patches(torch.from_numpy(data.images), config)
-        else:
-            tokens = encode_images(data.images, config, seed=seed, device=device)
-        tokens = standardise(tokens, train)
-        model = train_model(
-            tokens[train],
-            labels[train],
-            positional=kind == "raw",
-            epochs=epochs,
-            seed=seed,
-            device=device,
-            label=f"utility {preset}",
-        )
-        scores = evaluate(predict(model, tokens[test], device=device), data.labels[test], data.label_names)
         settings = {
             "preset": preset,
             "n_train": n_train,
@@ -259,9 +359,51 @@ def run_utility(
             "model": MODEL_NAME,
             "model_version": MODEL_VERSION,
         }
-        rows += [
-            {"preset": preset, "label": name, "auc": value, "model_kind": kind, "settings": settings}
-            for name, value in scores.items()
-        ]
-        del tokens, model  # before the next preset's tokens are made: one set in memory at a time
+        if kind == "encoded" and sites > 1:
+            tokens = encode_sites(data.images, config, train_sites, test_sites, seed=seed, device=device)
+            for site, (site_train, site_test) in enumerate(zip(train_sites, test_sites)):
+                label = f"utility {preset} site {site}"
+                probabilities = fit_predict(tokens, labels, site_train, site_test, positional=False, label=label, **fit)
+                site_settings = {**settings, "sites": sites, "training": "site"}
+                rows += score_rows(
+                    probabilities,
+                    data.labels[site_test],
+                    data.label_names,
+                    preset=preset,
+                    kind=kind,
+                    settings=site_settings,
+                    sites={site: slice(None)},
+                )
+            label = f"utility {preset} union of {sites} keys"
+            probabilities = fit_predict(tokens, labels, train, test, positional=False, label=label, **fit)
+            union_settings = {**settings, "sites": sites, "training": "union"}
+            rows += score_rows(
+                probabilities,
+                data.labels[test],
+                data.label_names,
+                preset=preset,
+                kind=kind,
+                settings=union_settings,
+                sites=evaluated,
+            )
+            del tokens
+        if kind == "raw":
+            tokens = images_to_patches(torch.from_numpy(data.images), config)
+        else:
+            tokens = encode_images(data.images, config, seed=seed, device=device)
+        tokens = standardise(tokens, train)
+        label = f"utility {preset}" + (" one key" if kind == "encoded" and sites > 1 else "")
+        probabilities = fit_predict(tokens, labels, train, test, positional=kind == "raw", label=label, **fit)
+        del tokens  # before the next preset's tokens are made: one set in memory at a time
+        if sites > 1:
+            settings = {**settings, "sites": sites, "training": "raw" if kind == "raw" else "one-key"}
+        rows += score_rows(
+            probabilities,
+            data.labels[test],
+            data.label_names,
+            preset=preset,
+            kind=kind,
+            settings=settings,
+            sites=evaluated if sites > 1 else None,
+        )
     return rows

@@ -71,7 +71,8 @@ def band_legend() -> str:
 
 TASK_HELP = (
     "reid: match encodings to plaintexts; invert: re-identify by nearest reconstruction; "
-    "transfer: nearest-neighbour accuracy of predicted target encodings"
+    "transfer: nearest-neighbour accuracy of predicted target encodings; link: R-precision of the "
+    "pairs claimed to be one image or patient across two hospitals' keys"
 )
 
 
@@ -125,7 +126,8 @@ def page_verified(store: Store) -> None:
     results = verified.results(store)
     if results.empty:
         st.info(
-            "No verified runs yet. Teams send plugins with `ncbench submit --plugin FILE.py:Class`; organizers "
+            "No verified runs yet. Teams send plugins with `ncbench submit --plugin FILE.py:Class` (or "
+            "`DIST.whl:module:Class`); organizers "
             "add the built-in reference rows with `ncbench leaderboard verify-builtins`."
         )
         return
@@ -355,6 +357,21 @@ def page_privacy_utility(store: Store) -> None:
     with st.expander("Settings of these runs"):
         latest = tables.latest_utility(utility).drop_duplicates("preset")
         st.json({row.preset: row.settings for row in latest.itertuples()})
+    several = tables.multi_site_summary(utility)
+    if several.empty:
+        return
+    st.subheader("Several sites")
+    st.caption(
+        "The paper's claim that hospitals with independent private encoders can collaborate: the images are "
+        "split between K sites, each encoding its share under its own key (`ncbench baseline utility --sites K`). "
+        "Mean AUC over sites and findings, every model scored on each site's held-out images. `per_site_auc`: each "
+        "site trains on its own encodings only; `union_auc`: one model on every site's encodings; `one_key_auc`: the "
+        "same images under one key (the upper bound); `raw_auc`: plaintext patches. `union_gain` = union - per-site "
+        "(does collaboration help), `key_cost` = one-key - union (what independent keys cost). Latest run of each "
+        "preset; below, the same per held-out site (`eval_site`) and the mean over sites."
+    )
+    st.dataframe(several, hide_index=True)
+    st.dataframe(tables.multi_site_table(tables.latest_multi_site(utility)), hide_index=True)
 
 
 def page_take_part(store: Store) -> None:

@@ -92,7 +92,9 @@ def board(results: pd.DataFrame) -> pd.DataFrame:
     frame["attack"] = [shown_attack(t, a, o) for t, a, o in zip(frame["team"], frame["attack"], origin)]
     test = frame["test_release"].astype(bool) if "test_release" in frame else pd.Series(False, index=frame.index)
     frame["release"] = np.where(test, TEST_RELEASE, "")
-    frame = frame.drop(columns=["test_release"], errors="ignore")
+    if "n_sites" in frame:
+        frame["preset"] = [site_preset(p, k) for p, k in zip(frame["preset"], frame["n_sites"])]
+    frame = frame.drop(columns=["test_release", "n_sites"], errors="ignore")
     headline = pd.Series(np.nan, index=frame.index)
     for task, metric in HEADLINE_METRIC.items():
         if metric in frame:
@@ -124,20 +126,29 @@ def filter_board(
     return table[keep]
 
 
+def site_preset(preset: str, n_sites) -> str:
+    """How the board names a challenge's preset: 'nc7', or 'nc7, 3 sites' for a release of three
+    hospitals with independent keys (its own column: more keys, other attacks)."""
+    n_sites = 1 if pd.isna(n_sites) else int(n_sites)
+    return preset if n_sites == 1 else f"{preset}, {n_sites} sites"
+
+
 def preset_order(challenges: pd.DataFrame) -> list[str]:
     """Presets from least to most mixing (linear, nc3-noshuffle, nc3, nc7, nc47), read from each
-    challenge's recorded encoder configuration; unknown configurations go last by name."""
+    challenge's recorded encoder configuration, each before its multi-site variants (named as
+    :func:`site_preset` does); unknown configurations go last by name."""
 
-    def strength(config_json: str) -> tuple:
+    def strength(config_json: str, n_sites: int) -> tuple:
         try:
             config = json.loads(config_json)
-            return (0, bool(config["mix"]), bool(config["shuffle"]), int(config["depth"]))
+            return (0, bool(config["mix"]), bool(config["shuffle"]), int(config["depth"]), n_sites)
         except (TypeError, ValueError, KeyError):
             return (1,)
 
     keys: dict[str, tuple] = {}
-    for preset, config_json in zip(challenges["preset"], challenges["encoder_config"]):
-        keys.setdefault(preset, strength(config_json))
+    sites = challenges["n_sites"] if "n_sites" in challenges else pd.Series(1, index=challenges.index)
+    for preset, config_json, n_sites in zip(challenges["preset"], challenges["encoder_config"], sites):
+        keys.setdefault(site_preset(preset, n_sites), strength(config_json, int(n_sites)))
     return sorted(keys, key=lambda p: (keys[p], p))
 
 
@@ -208,14 +219,15 @@ def privacy_utility(table: pd.DataFrame, utility: pd.DataFrame) -> pd.DataFrame:
 
     Columns: preset, best_reidentification, band, encoded_auc (mean AUC over labels of the latest
     run on the preset's encodings), raw_auc (the same for the latest run on plaintexts, the
-    reference; shared by every preset). Only the latest run counts, so results recorded before a
-    change of settings or model do not blur the new ones. Presets with utility results but no
-    attack yet have a NaN re-identification.
+    reference; shared by every preset). Only the latest single-site run counts, so results
+    recorded before a change of settings or model do not blur the new ones, and runs across several
+    sites (:func:`multi_site_summary`) are not mixed in. Presets with utility results but no attack
+    yet have a NaN re-identification.
     """
     columns = ["preset", "best_reidentification", "band", "encoded_auc", "raw_auc"]
+    utility = latest_utility(utility)
     if utility.empty:
         return pd.DataFrame(columns=columns)
-    utility = latest_utility(utility)
     encoded = utility[utility["model_kind"] == "encoded"].groupby("preset")["auc"].mean()
     raw_runs = utility[utility["model_kind"] == "raw"]
     raw = raw_runs[raw_runs["created_utc"] == raw_runs["created_utc"].max()]["auc"]
@@ -236,19 +248,132 @@ def privacy_utility(table: pd.DataFrame, utility: pd.DataFrame) -> pd.DataFrame:
 
 
 def latest_utility(utility: pd.DataFrame) -> pd.DataFrame:
-    """The rows of the latest utility run for each (model kind, preset)."""
+    """The rows of the latest single-site utility run (:func:`single_site_utility`) for each
+    (model kind, preset)."""
+    utility = single_site_utility(utility)
     latest = utility.groupby(["model_kind", "preset"])["created_utc"].transform("max")
     return utility[utility["created_utc"] == latest]
 
 
 def utility_by_label(utility: pd.DataFrame) -> pd.DataFrame:
     """AUC per finding (rows) and preset (columns) of the latest run each; the raw reference last."""
-    if utility.empty:
-        return pd.DataFrame()
     latest = latest_utility(utility)
+    if latest.empty:
+        return pd.DataFrame()
     model = latest["preset"].where(latest["model_kind"] == "encoded", "raw")
     table = latest.assign(model=model).pivot_table(index="label", columns="model", values="auc", aggfunc="mean")
     return table[[m for m in table.columns if m != "raw"] + [m for m in table.columns if m == "raw"]]
+
+
+# -- utility across several sites (baselines/utility.py, ``--sites K``) ---------------------------
+
+# How each model of a multi-site run was trained (settings "training"), in the order a reader compares them:
+# each site alone, the union of the sites under their own keys, the union under one key, raw patches.
+SITE_TRAININGS = ("site", "union", "one-key", "raw")
+
+
+def _sites_of(settings) -> int:
+    """The ``sites`` of a utility row's settings; 1 for a single-site run (no such key)."""
+    try:
+        return int(settings.get("sites", 1))
+    except (AttributeError, TypeError, ValueError):
+        return 1
+
+
+def single_site_utility(utility: pd.DataFrame) -> pd.DataFrame:
+    """The utility rows of single-site runs: settings without ``sites``, or with 1."""
+    if utility.empty:
+        return utility
+    return utility[utility["settings"].map(_sites_of) == 1]
+
+
+def multi_site_utility(utility: pd.DataFrame) -> pd.DataFrame:
+    """The utility rows of runs across several sites, with their settings' ``sites``,
+    ``training`` (one of :data:`SITE_TRAININGS`) and ``eval_site`` (0-based) as columns."""
+    if utility.empty:
+        return utility.assign(sites=[], training=[], eval_site=[])
+    rows = utility[utility["settings"].map(_sites_of) > 1]
+    return rows.assign(
+        sites=rows["settings"].map(_sites_of),
+        training=rows["settings"].map(lambda s: s.get("training")),
+        eval_site=rows["settings"].map(lambda s: s.get("eval_site")),
+    )
+
+
+def latest_multi_site(utility: pd.DataFrame) -> pd.DataFrame:
+    """For each preset, the rows of its latest multi-site run (:func:`multi_site_utility`) and the
+    raw reference recorded with it (same created_utc)."""
+    rows = multi_site_utility(utility)
+    encoded = rows[rows["model_kind"] == "encoded"]
+    encoded = encoded[encoded["created_utc"] == encoded.groupby("preset")["created_utc"].transform("max")]
+    raw = rows[(rows["model_kind"] == "raw") & rows["created_utc"].isin(set(encoded["created_utc"]))]
+    return pd.concat([encoded, raw])
+
+
+def multi_site_table(utility: pd.DataFrame, *, by: str = "eval_site") -> pd.DataFrame:
+    """Mean AUC of each model of a multi-site run (columns :data:`SITE_TRAININGS`; NaN where the
+    run lacks one) per preset and ``by``: ``eval_site`` (mean over labels of the AUCs on one
+    site's held-out images; site k's own model in column ``site``) or ``label`` (mean over
+    sites). A last row per preset, ``mean``, averages every site and label.
+
+    utility: one run per preset (:func:`latest_multi_site`, or the rows
+    ``baselines.utility.run_utility`` returns); a raw reference counts for the presets recorded
+    with it (same created_utc, when there is such a column). Columns: preset, ``by`` (as text),
+    then :data:`SITE_TRAININGS`.
+    """
+    columns = ["preset", by, *SITE_TRAININGS]
+    rows = multi_site_utility(utility)
+    if rows.empty:
+        return pd.DataFrame(columns=columns)
+    run = rows["created_utc"] if "created_utc" in rows else pd.Series("", index=rows.index)
+    rows = rows.assign(run=run, key=rows[by].astype(str))
+    raw = rows[rows["model_kind"] == "raw"]
+    parts = []
+    for preset, own in rows[rows["model_kind"] == "encoded"].groupby("preset", sort=False):
+        own = pd.concat([own, raw[raw["run"].isin(set(own["run"]))]])
+        table = own.pivot_table(index="key", columns="training", values="auc", aggfunc="mean", sort=False)
+        table.loc["mean"] = own.groupby("training")["auc"].mean()
+        table = table.reindex(columns=list(SITE_TRAININGS)).rename_axis(index=by, columns=None)
+        parts.append(table.reset_index().assign(preset=preset))
+    return pd.concat(parts, ignore_index=True)[columns]
+
+
+def multi_site_summary(utility: pd.DataFrame) -> pd.DataFrame:
+    """Per preset, its latest multi-site run: mean AUC over sites and labels of the per-site models
+    (``per_site_auc``), of the one model on the union of the sites' encodings, each under its own
+    key (``union_auc``), of the union under one key (``one_key_auc``) and of raw patches
+    (``raw_auc``); ``union_gain`` = union - per-site (does collaboration help: the paper's claim)
+    and ``key_cost`` = one-key - union (what independent keys cost)."""
+    columns = [
+        "preset",
+        "sites",
+        "per_site_auc",
+        "union_auc",
+        "one_key_auc",
+        "raw_auc",
+        "union_gain",
+        "key_cost",
+        "created_utc",
+    ]
+    latest = latest_multi_site(utility)
+    table = multi_site_table(latest)
+    if table.empty:
+        return pd.DataFrame(columns=columns)
+    means = table[table["eval_site"] == "mean"].set_index("preset")
+    encoded = latest[latest["model_kind"] == "encoded"].groupby("preset")
+    frame = pd.DataFrame(
+        {
+            "sites": encoded["sites"].max(),
+            "per_site_auc": means["site"],
+            "union_auc": means["union"],
+            "one_key_auc": means["one-key"],
+            "raw_auc": means["raw"],
+            "created_utc": encoded["created_utc"].max(),
+        }
+    )
+    frame["union_gain"] = frame["union_auc"] - frame["per_site_auc"]
+    frame["key_cost"] = frame["one_key_auc"] - frame["union_auc"]
+    return frame.rename_axis("preset").reset_index()[columns]
 
 
 # -- the verified track (leaderboard/verified.py) -----------------------------------------------

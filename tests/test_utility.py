@@ -1,24 +1,35 @@
-"""The utility baseline: downstream AUC on encoded vs raw phantom images."""
+"""The utility baseline: downstream AUC on encoded vs raw phantom images, on one site or several."""
+
+import datetime as dt
+import math
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
+from streamlit.testing.v1 import AppTest
 
+import ncbench.baselines.utility as utility_module
+import ncbench.leaderboard as leaderboard
 from ncbench.baselines.utility import (
     RAW_PRESET,
     auc,
     build_model,
     encode_images,
+    encode_sites,
     predict,
     run_utility,
+    site_slices,
     standardise,
     train_model,
 )
 from ncbench.challenge.encoders import resolve_config
 from ncbench.challenge.phantom import LABEL_NAMES
 from ncbench.cli import main
-from ncbench.leaderboard.store import Store, record_utility
+from ncbench.leaderboard import tables
+from ncbench.leaderboard.store import DB_ENV, Store, record_utility
 
 torch.set_num_threads(2)
 
@@ -37,6 +48,11 @@ TINY = {
 @pytest.fixture(scope="module")
 def tiny_rows():
     return run_utility(presets=["nc7"], **TINY)
+
+
+@pytest.fixture(scope="module")
+def two_site_rows():
+    return run_utility(presets=["nc3"], sites=2, **{**TINY, "epochs": 1})
 
 
 def test_auc_matches_hand_computed_example():
@@ -196,3 +212,242 @@ def test_source_without_labels_is_refused_in_one_line():
     )
     assert result.exit_code != 0
     assert "has no labels" in result.output and "Traceback" not in result.output
+
+
+# -- several sites (issue 14: hospitals with independent keys collaborating) ----------------------
+
+
+def test_site_slices_are_contiguous_near_equal_shares():
+    assert site_slices(10, 3) == [slice(0, 3), slice(3, 6), slice(6, 10)]
+    assert site_slices(4, 2, offset=10) == [slice(10, 12), slice(12, 14)]
+    assert site_slices(5, 1) == [slice(0, 5)]
+
+
+def test_each_site_encodes_the_same_image_under_its_own_key():
+    # linear does not shuffle, so any difference comes from the key alone.
+    config = resolve_config("linear", width=32, image_size=32, patch_size=8, bn_batch=16)
+    images = np.random.default_rng(1).integers(0, 256, (4, 32, 32), dtype=np.uint8)
+    encodings = [encode_images(images, config, seed=0, device="cpu", site=site) for site in (None, 0, 1, 2)]
+    for a in range(len(encodings)):
+        for b in range(a + 1, len(encodings)):
+            assert not torch.allclose(encodings[a], encodings[b], atol=1e-3)
+    # the one-key encoding is the single-site run's key, unchanged
+    torch.testing.assert_close(encodings[0], encode_images(images, config, seed=0, device="cpu"))
+
+
+def test_each_site_is_standardised_with_its_own_training_statistics():
+    config = resolve_config("nc3", width=32, image_size=32, patch_size=8, bn_batch=16)
+    images = np.random.default_rng(2).integers(0, 256, (20, 32, 32), dtype=np.uint8)
+    train_sites, test_sites = site_slices(12, 2), site_slices(8, 2, offset=12)
+    tokens = encode_sites(images, config, train_sites, test_sites, seed=0, device="cpu")
+    for train in train_sites:
+        torch.testing.assert_close(tokens[train].mean(dim=(0, 1)), torch.zeros(32), atol=1e-4, rtol=0)
+        torch.testing.assert_close(tokens[train].std(dim=(0, 1)), torch.ones(32), atol=1e-4, rtol=0)
+    # site 1's rows are site 1's encodings: its images encoded alone under its key, same statistics
+    local = encode_images(np.concatenate([images[6:12], images[16:20]]), config, seed=0, device="cpu", site=1)
+    standardise(local, slice(0, 6))
+    torch.testing.assert_close(torch.cat([tokens[6:12], tokens[16:20]]), local)
+
+
+def test_two_site_rows_say_how_each_model_was_trained_and_where_it_was_scored(two_site_rows):
+    keys = {
+        (row["preset"], row["model_kind"], row["settings"]["training"], row["settings"]["eval_site"], row["label"])
+        for row in two_site_rows
+    }
+    expected = {
+        ("nc3", "encoded", training, site, name)
+        for training in ("site", "union", "one-key")
+        for site in (0, 1)
+        for name in LABEL_NAMES
+    }
+    expected |= {(RAW_PRESET, "raw", "raw", site, name) for site in (0, 1) for name in LABEL_NAMES}
+    assert keys == expected and len(two_site_rows) == len(expected)
+    for row in two_site_rows:
+        assert row["settings"]["sites"] == 2 and row["settings"]["preset"] == row["preset"]
+        assert {k: row["settings"][k] for k in TINY} == {**TINY, "epochs": 1}
+        assert 0.0 <= row["auc"] <= 1.0
+
+
+def test_one_site_rows_carry_no_site_settings(tiny_rows):
+    assert not any({"sites", "training", "eval_site"} & set(row["settings"]) for row in tiny_rows)
+
+
+def test_union_model_trains_on_every_sites_encodings(monkeypatch):
+    calls = {}
+    real = utility_module.train_model
+
+    def spy(tokens, labels, **kwargs):
+        calls[kwargs["label"]] = (tokens.clone(), labels.clone())
+        return real(tokens, labels, **kwargs)
+
+    monkeypatch.setattr(utility_module, "train_model", spy)
+    run_utility(presets=["nc3"], sites=2, raw=False, **{**TINY, "epochs": 1})
+    assert list(calls) == [
+        "utility nc3 site 0",
+        "utility nc3 site 1",
+        "utility nc3 union of 2 keys",
+        "utility nc3 one key",
+    ]
+    site0, site1 = calls["utility nc3 site 0"], calls["utility nc3 site 1"]
+    union, one_key = calls["utility nc3 union of 2 keys"], calls["utility nc3 one key"]
+    assert len(site0[0]) == len(site1[0]) == TINY["n_train"] // 2
+    torch.testing.assert_close(union[0], torch.cat([site0[0], site1[0]]))
+    assert torch.equal(union[1], torch.cat([site0[1], site1[1]]))
+    # the same images, under one key instead of one per site
+    assert union[0].shape == one_key[0].shape and torch.equal(union[1], one_key[1])
+    assert not torch.allclose(union[0], one_key[0], atol=1e-3)
+
+
+def test_multi_site_rows_record_and_stay_out_of_single_site_summaries(tiny_rows, two_site_rows, tmp_path):
+    with Store(tmp_path / "lb.db") as store:
+        store.record_utility(tiny_rows, now=dt.datetime(2026, 1, 1, tzinfo=dt.UTC))
+        alone = store.utility()
+        store.record_utility(two_site_rows, now=dt.datetime(2026, 2, 1, tzinfo=dt.UTC))  # later: would be "latest"
+        both = store.utility()
+    assert len(both) == len(tiny_rows) + len(two_site_rows)
+    assert {s.get("training") for s in both["settings"]} == {None, "site", "union", "one-key", "raw"}
+    assert list(tables.latest_utility(both)["id"]) == list(tables.latest_utility(alone)["id"])
+    pd.testing.assert_frame_equal(tables.utility_by_label(both), tables.utility_by_label(alone))
+    no_attacks = tables.board(pd.DataFrame())
+    pd.testing.assert_frame_equal(tables.privacy_utility(no_attacks, both), tables.privacy_utility(no_attacks, alone))
+    assert tables.multi_site_summary(alone).empty
+    summary = tables.multi_site_summary(both)
+    assert list(summary["preset"]) == ["nc3"] and summary["sites"].tolist() == [2]
+
+
+def run_rows(stamp: str, aucs: dict, *, presets=("nc3",)) -> list[dict]:
+    """Hand-made rows of a 2-site run, 2 labels: aucs[training] = [[site 0: a, b], [site 1: c, d]]."""
+    rows = []
+    for training, per_site in aucs.items():
+        for preset in presets if training != "raw" else (RAW_PRESET,):
+            for site, values in enumerate(per_site):
+                for label, value in zip(("cardiomegaly", "effusion"), values):
+                    settings = {"preset": preset, "sites": 2, "training": training, "eval_site": site}
+                    kind = "raw" if training == "raw" else "encoded"
+                    rows.append(
+                        {
+                            "preset": preset,
+                            "label": label,
+                            "auc": value,
+                            "model_kind": kind,
+                            "settings": settings,
+                            "created_utc": stamp,
+                        }
+                    )
+    return rows
+
+
+def test_multi_site_table_and_summary_average_sites_and_labels():
+    old = run_rows(
+        "2026-01-01",
+        {
+            "site": [[0.1, 0.1], [0.1, 0.1]],
+            "union": [[0.1, 0.1], [0.1, 0.1]],
+            "one-key": [[0.1, 0.1], [0.1, 0.1]],
+            "raw": [[0.1, 0.1], [0.1, 0.1]],
+        },
+    )
+    new = run_rows(
+        "2026-02-01",
+        {
+            "site": [[0.6, 0.8], [0.5, 0.5]],
+            "union": [[0.7, 0.9], [0.6, 0.6]],
+            "one-key": [[0.8, 0.8], [0.8, 0.8]],
+            "raw": [[0.9, 0.9], [0.7, 0.7]],
+        },
+    )
+    frame = pd.DataFrame(old + new + [{**row, "preset": "x", "settings": {}} for row in new[:2]])  # x: single-site
+    table = tables.multi_site_table(tables.latest_multi_site(frame))
+    assert list(table.columns) == ["preset", "eval_site", "site", "union", "one-key", "raw"]
+    assert table[["preset", "eval_site"]].values.tolist() == [["nc3", "0"], ["nc3", "1"], ["nc3", "mean"]]
+    assert table["site"].tolist() == pytest.approx([0.7, 0.5, 0.6])
+    assert table["raw"].tolist() == pytest.approx([0.9, 0.7, 0.8])
+    by_label = tables.multi_site_table(tables.latest_multi_site(frame), by="label")
+    assert by_label["label"].tolist() == ["cardiomegaly", "effusion", "mean"]
+    assert by_label["union"].tolist() == pytest.approx([0.65, 0.75, 0.7])
+    summary = tables.multi_site_summary(frame)
+    assert summary.to_dict("records") == [
+        {
+            "preset": "nc3",
+            "sites": 2,
+            "per_site_auc": pytest.approx(0.6),
+            "union_auc": pytest.approx(0.7),
+            "one_key_auc": pytest.approx(0.8),
+            "raw_auc": pytest.approx(0.8),
+            "union_gain": pytest.approx(0.1),
+            "key_cost": pytest.approx(0.1),
+            "created_utc": "2026-02-01",
+        }
+    ]
+
+
+def test_multi_site_raw_reference_comes_from_the_same_run():
+    # nc3 recorded with a raw reference, nc7 later without one (--no-raw): nc7 shows no raw AUC.
+    nc3 = run_rows("2026-01-01", {t: [[0.6, 0.6], [0.6, 0.6]] for t in ("site", "union", "one-key", "raw")})
+    nc7 = run_rows("2026-02-01", {t: [[0.7, 0.7], [0.7, 0.7]] for t in ("site", "union", "one-key")}, presets=("nc7",))
+    summary = tables.multi_site_summary(pd.DataFrame(nc3 + nc7)).set_index("preset")
+    assert summary.loc["nc3", "raw_auc"] == pytest.approx(0.6)
+    assert math.isnan(summary.loc["nc7", "raw_auc"]) and summary.loc["nc7", "union_auc"] == pytest.approx(0.7)
+
+
+SMALL_CLI = ["--n-train", "48", "--width", "32", "--image-size", "32", "--patch-size", "8", "--device", "cpu"]
+
+
+def test_cli_utility_across_sites_prints_each_site_and_a_verdict(tmp_path):
+    db = tmp_path / "lb.db"
+    args = [
+        "baseline",
+        "utility",
+        "--preset",
+        "nc3",
+        "--sites",
+        "2",
+        "--n-test",
+        "32",
+        "--epochs",
+        "1",
+        "--db",
+        str(db),
+    ]
+    result = CliRunner().invoke(main, args + SMALL_CLI)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    header = lines.index(next(line for line in lines if line.startswith("eval_site")))
+    assert [line.split()[0] for line in lines[header + 1 : header + 4]] == ["0", "1", "mean"]
+    assert lines[header].split() == ["eval_site", "per-site", "union", "one", "key", "raw"]
+    verdict = next(line for line in lines if "collaboration across 2 independent keys" in line)
+    assert verdict.startswith("nc3: ") and "union mean AUC" in verdict and "one key:" in verdict
+    with Store(db) as store:
+        recorded = store.utility()
+    assert len(recorded) == 4 * 2 * len(LABEL_NAMES)  # site, union, one-key, raw; 2 sites each
+    assert tables.multi_site_summary(recorded)["sites"].tolist() == [2]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--sites", "0", "--n-test", "32"], "sites must be a positive integer"),
+        (["--sites", "40", "--n-test", "32"], "40 sites need at least 40 training and 40 test images"),
+        (["--sites", "4", "--n-test", "8"], "test set (2 images) has one class only"),
+    ],
+)
+def test_cli_bad_sites_is_one_line_with_exit_2(extra, message):
+    result = CliRunner().invoke(main, ["baseline", "utility", "--preset", "nc3", *extra, *SMALL_CLI])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [result.output.strip()]
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_board_shows_several_sites_after_the_single_site_summary(tiny_rows, two_site_rows, tmp_path, monkeypatch):
+    with Store(tmp_path / "lb.db") as store:
+        store.record_utility(tiny_rows, now=dt.datetime(2026, 1, 1, tzinfo=dt.UTC))
+        store.record_utility(two_site_rows, now=dt.datetime(2026, 2, 1, tzinfo=dt.UTC))
+    monkeypatch.setenv(DB_ENV, str(tmp_path / "lb.db"))
+    at = AppTest.from_file(str(Path(leaderboard.__file__).with_name("app.py")), default_timeout=60).run()
+    at.sidebar.radio[0].set_value("Privacy vs utility").run()
+    assert not at.exception, at.exception
+    assert [s.value for s in at.subheader][-1] == "Several sites"
+    assert list(at.dataframe[0].value["preset"]) == ["nc7"]  # the single-site summary: nc3 ran on 2 sites only
+    several = at.dataframe[2].value
+    assert list(several["preset"]) == ["nc3"] and list(several["sites"]) == [2]
+    assert at.dataframe[3].value["eval_site"].tolist() == ["0", "1", "mean"]
