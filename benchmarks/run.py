@@ -272,17 +272,24 @@ def subset(release_dir: str, n: int, out: str) -> str:
 
 
 def scale(release_dir: str, sizes: str = "250,500,1000,2000,5000,10000") -> dict:
+    import shutil
     import subprocess
     import tempfile
 
+    from ncbench.challenge.files import open_release
+
     rows = []
     with tempfile.TemporaryDirectory(dir=".") as folder:
+        with open_release(release_dir) as release:
+            n_full = release.n_encoded
         for n in (int(s) for s in sizes.split(",")):
-            sub = subset(release_dir, n, f"{folder}/n{n}")
+            sub = release_dir if n == n_full else subset(release_dir, n, f"{folder}/n{n}")
             done = subprocess.run([sys.executable, __file__, "attack", sub], capture_output=True, text=True, check=True)
             found = json.loads(done.stdout.strip().splitlines()[-1])
             rows.append({k: found.get(k) for k in ("n", "seconds", "peak_rss_gb", "reid_accuracy", "stage_seconds")})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+            if sub != release_dir:
+                shutil.rmtree(sub)  # a subset of 5,000 is 5 GB
     return {"benchmark": "scale gram-hungarian", "release": release_dir, "machine": machine_description(), "runs": rows}
 
 
