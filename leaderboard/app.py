@@ -24,7 +24,16 @@ from ncbench.leaderboard import tables
 from ncbench.leaderboard.metrics import BAND_BAD_ABOVE, BAND_GOOD_BELOW, privacy_band
 from ncbench.leaderboard.store import DB_ENV, DEFAULT_DAILY_LIMIT, ORIGIN_ORGANIZER, Store, database_url
 
-PAGES = ("Attack x preset", "Verified", "Self-reported", "Challenges", "Submission", "Privacy vs utility", "Take part")
+PAGES = (
+    "Attack x preset",
+    "Verified",
+    "Self-reported",
+    "Challenges",
+    "Submission",
+    "Privacy vs utility",
+    "Privacy vs depth",
+    "Take part",
+)
 BAND_COLOURS = {"good": "#c8e6c9", "moderate": "#ffe0b2", "bad": "#ffcdd2"}
 CHANCE_COLOUR = "#eeeeee"
 
@@ -374,6 +383,56 @@ def page_privacy_utility(store: Store) -> None:
     st.dataframe(tables.multi_site_table(tables.latest_multi_site(utility)), hide_index=True)
 
 
+def page_depth(store: Store) -> None:
+    st.header("Privacy vs depth")
+    curve = tables.depth_curve(tables.board(store.results()), store.challenges(), store.utility())
+    if curve.empty:
+        st.info(
+            "No depth sweep recorded yet: `python benchmarks/depth.py` builds nc3 ... nc47 (0 to 44 private "
+            "blocks), attacks each release and trains the utility model at each depth."
+        )
+        return
+    attacks = [c for c in curve.columns if c not in ("depth", "chance", "encoded_auc", "utility_runs", "raw_auc")]
+    # Depths 0 ... 44 are near geometric: an ordinal axis keeps the shallow ones apart.
+    depth_axis = alt.X("depth:O", title="private blocks (depth)")
+    reid = curve.melt(id_vars="depth", value_vars=[*attacks, "chance"], var_name="attack", value_name="value")
+    reid = reid.dropna(subset=["value"])
+    if not reid.empty:
+        st.altair_chart(
+            alt.Chart(reid)
+            .mark_line(point=True)
+            .encode(
+                x=depth_axis,
+                y=alt.Y("value:Q", title="best re-identification (public half)", axis=alt.Axis(format="%")),
+                color=alt.Color("attack:N", title=None),
+                tooltip=["depth", "attack", "value"],
+            ),
+            width="stretch",
+        )
+    auc = curve.melt(id_vars="depth", value_vars=["encoded_auc", "raw_auc"], var_name="model", value_name="auc")
+    auc = auc.dropna(subset=["auc"])
+    if not auc.empty:
+        st.altair_chart(
+            alt.Chart(auc)
+            .mark_line(point=True)
+            .encode(
+                x=depth_axis,
+                y=alt.Y("auc:Q", title="mean AUC over findings", scale=alt.Scale(domain=[0.4, 1])),
+                color=alt.Color("model:N", title=None),
+                tooltip=["depth", "model", "auc"],
+            ),
+            width="stretch",
+        )
+    st.dataframe(curve, hide_index=True)
+    st.caption(
+        "One row per number of private blocks (nc3 = 0, nc7 = 4, nc47 = 44). Attack columns: the best "
+        "re-identification of each built-in attack as the organizers ran it, on single-site reid challenges "
+        "of that depth. `encoded_auc`: mean AUC over findings and runs of the utility model on encodings of "
+        "that depth (`utility_runs` runs of a depth sweep); `raw_auc`: the same images as plaintext patches, "
+        "the utility an encoding can at best keep; 0.5 is chance."
+    )
+
+
 def page_take_part(store: Store) -> None:
     st.header("Take part")
     challenges = store.challenges()
@@ -445,6 +504,7 @@ def main() -> None:
                 page_challenges,
                 page_submission,
                 page_privacy_utility,
+                page_depth,
                 page_take_part,
             ),
         )

@@ -265,6 +265,89 @@ def utility_by_label(utility: pd.DataFrame) -> pd.DataFrame:
     return table[[m for m in table.columns if m != "raw"] + [m for m in table.columns if m == "raw"]]
 
 
+# -- privacy and utility against depth (benchmarks/depth.py) ---------------------------------------
+
+# Settings a depth-sweep run shares with the raw reference trained on the same images.
+DEPTH_RUN_SETTINGS = ("seed", "n_train", "n_test", "image_size", "patch_size", "epochs", "source")
+
+
+def _shuffling_depth(config_json) -> float:
+    """The depth (private blocks) of a recorded encoder configuration of the NeuraCrypt family
+    (positional mixing and shuffles: nc3, nc7, nc47 and their depth overrides); NaN for any
+    other encoder (linear and nc3-noshuffle have depth 0 too, but are other encoders)."""
+    try:
+        config = json.loads(config_json)
+        return float(config["depth"]) if config["mix"] and config["shuffle"] else math.nan
+    except (TypeError, ValueError, KeyError):
+        return math.nan
+
+
+def depth_curve(table: pd.DataFrame, challenges: pd.DataFrame, utility: pd.DataFrame) -> pd.DataFrame:
+    """Privacy and utility against the encoder's number of private blocks (issue 11 item 4).
+
+    table: :func:`board`; challenges: :meth:`Store.challenges`; utility: :meth:`Store.utility`.
+    One row per depth (ascending). Columns: ``depth``; one column per built-in attack, its best
+    re-identification (fraction, public half, the organizer's own runs) on single-site ``reid``
+    challenges whose recorded encoder configuration has that depth (:func:`_shuffling_depth`);
+    ``chance`` (the largest of those challenges'); ``encoded_auc``: mean AUC over labels and runs
+    of the single-site utility runs whose settings carry this ``depth`` (a depth sweep), with
+    ``utility_runs`` their number; ``raw_auc``: the mean AUC of the raw references trained on the
+    same images and settings (:data:`DEPTH_RUN_SETTINGS`) as any of those runs, latest raw model
+    version only, the same in every row. NaN where a side has nothing. Empty (columns depth,
+    chance, encoded_auc, utility_runs, raw_auc) when neither side has anything.
+    """
+    base = ["depth", "chance", "encoded_auc", "utility_runs", "raw_auc"]
+    reid = _organizer(table)
+    if not reid.empty:
+        reid = reid[(reid["split"] == "public") & (reid["task"] == "reid")].dropna(subset=["reidentification"])
+    if not reid.empty and not challenges.empty:
+        sites = challenges["n_sites"].fillna(1) if "n_sites" in challenges else pd.Series(1, index=challenges.index)
+        single = challenges[sites.astype(int) == 1]
+        depth_of = dict(zip(single["challenge_id"], single["encoder_config"].map(_shuffling_depth)))
+        reid = reid.assign(depth=reid["challenge_id"].map(depth_of)).dropna(subset=["depth"])
+    else:
+        reid = pd.DataFrame(columns=["depth", "attack", "reidentification", "chance"])
+    best = reid.pivot_table(index="depth", columns="attack", values="reidentification", aggfunc="max")
+    chance = reid.groupby("depth")["chance"].max()
+
+    runs = single_site_utility(utility)
+    swept = pd.DataFrame(columns=["depth", "auc", "run"])
+    raw_auc = math.nan
+    if not runs.empty:
+        settings = runs["settings"]
+        depth = settings.map(lambda s: s.get("depth") if isinstance(s, dict) else None)
+        encoded = runs[(runs["model_kind"] == "encoded") & depth.notna()]
+        swept = encoded.assign(
+            depth=depth[encoded.index].astype(float),
+            run=[
+                f"{c}|{p}|{s.get('seed')}"
+                for c, p, s in zip(encoded["created_utc"], encoded["preset"], encoded["settings"])
+            ],
+        )
+
+        def same_images(s) -> tuple:
+            return tuple(s.get(k) for k in DEPTH_RUN_SETTINGS)
+
+        keys = {same_images(s) for s in swept["settings"]}
+        raw = runs[(runs["model_kind"] == "raw") & settings.map(same_images).isin(keys)]
+        if not raw.empty:
+            version = raw["settings"].map(lambda s: s.get("model_version", 0))
+            raw_auc = float(raw.loc[version == version.max(), "auc"].mean())
+    if best.empty and swept.empty:
+        return pd.DataFrame(columns=base)
+    utility_by_depth = swept.groupby("depth").agg(encoded_auc=("auc", "mean"), utility_runs=("run", "nunique"))
+    depths = sorted(set(best.index) | set(utility_by_depth.index))
+    frame = best.reindex(depths).rename_axis(index="depth", columns=None)
+    frame["chance"] = chance.reindex(depths)
+    frame = frame.join(utility_by_depth.reindex(depths))
+    frame["utility_runs"] = frame["utility_runs"].fillna(0).astype(int)
+    frame["raw_auc"] = raw_auc
+    frame = frame.reset_index()
+    frame["depth"] = frame["depth"].astype(int)
+    attacks = [c for c in best.columns]
+    return frame[["depth", *attacks, "chance", "encoded_auc", "utility_runs", "raw_auc"]]
+
+
 # -- utility across several sites (baselines/utility.py, ``--sites K``) ---------------------------
 
 # How each model of a multi-site run was trained (settings "training"), in the order a reader compares them:

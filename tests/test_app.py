@@ -18,6 +18,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 import ncbench.leaderboard as leaderboard
+from ncbench.leaderboard import tables
 from ncbench.leaderboard.scoring import ChallengeInfo, ScoreResult
 from ncbench.leaderboard.store import BUILTIN_TEAM, DB_ENV, ORIGIN_ORGANIZER, Store, record_utility
 from ncbench.leaderboard.tables import CHANCE_ROW, TEST_RELEASE
@@ -361,3 +362,95 @@ def test_sigterm_to_serve_leaves_no_server_behind(populated_db):
         assert not _servers_on(port), "a Streamlit process outlived `serve`"
     finally:
         _stop_group(process)
+
+
+# -- privacy vs depth (issue 11 item 4) ----------------------------------------------------------
+
+
+def depth_result(challenge_id, depth, attack, accuracy, sha, *, n=20, preset="nc7", mix=True):
+    """An organizer's reid score on a challenge whose encoder has ``depth`` private blocks."""
+    config = json.dumps({"mix": mix, "shuffle": mix, "depth": depth})
+    score = result(challenge_id, "nc7", attack, accuracy, sha, n=n)
+    info = ChallengeInfo(challenge_id, "reid", preset, n, "d" * 64, config)
+    return dataclasses.replace(score, challenge=info)
+
+
+def depth_rows(depth, aucs, *, seed=0, kind="encoded", version=3, created="2026-11-29T00:00:00Z"):
+    settings = {"seed": seed, "n_train": 96, "n_test": 48, "image_size": 64, "patch_size": 16, "epochs": 1}
+    settings |= {"source": "phantom", "model_version": version}
+    if kind == "encoded":
+        settings["depth"] = depth
+    preset = "raw" if kind == "raw" else f"nc7-depth{depth}"
+    return [
+        {
+            "preset": preset,
+            "label": label,
+            "auc": value,
+            "model_kind": kind,
+            "settings": settings,
+            "created_utc": created,
+        }
+        for label, value in zip(("cardiomegaly", "effusion"), aucs)
+    ]
+
+
+@pytest.fixture
+def depth_db(tmp_path, monkeypatch):
+    path = tmp_path / "depth.db"
+    with Store(path) as store:
+
+        def organizer(score):
+            store.record_score(score, team=BUILTIN_TEAM, origin=ORIGIN_ORGANIZER)
+
+        organizer(depth_result("d0", 0, "gram-hungarian", 1.0, "1", preset="nc3"))
+        organizer(depth_result("d16", 16, "gram-hungarian", 0.4, "2"))
+        organizer(depth_result("d16", 16, "gram-hungarian", 0.6, "3"))  # best of two
+        organizer(depth_result("d16", 16, "carlini-2021", 0.2, "4"))
+        organizer(depth_result("d44", 44, "gram-hungarian", 0.1, "5", n=40, preset="nc47"))
+        organizer(depth_result("lin", 0, "gram-hungarian", 0.9, "6", preset="linear", mix=False))  # not NeuraCrypt
+        store.record_score(depth_result("d44", 44, "claimed-break", 1.0, "7", preset="nc47"), team="eve")
+        record_utility(
+            store,
+            depth_rows(16, (0.8, 0.6))
+            + depth_rows(16, (0.7, 0.5), seed=1)
+            + depth_rows(44, (0.5, 0.5))
+            + depth_rows(None, (0.9, 0.8), kind="raw")
+            + depth_rows(None, (0.9, 0.6), seed=1, kind="raw")
+            + depth_rows(None, (0.1, 0.1), kind="raw", version=2)  # an older raw model: left out
+            + depth_rows(None, (0.2, 0.2), seed=7, kind="raw"),  # other images: left out
+        )
+    monkeypatch.setenv(DB_ENV, str(path))
+    return path
+
+
+def test_depth_curve_has_each_attacks_best_and_the_utility_per_depth(depth_db):
+    with Store(depth_db) as store:
+        curve = tables.depth_curve(tables.board(store.results()), store.challenges(), store.utility())
+    curve = curve.set_index("depth")
+    assert list(curve.index) == [0, 16, 44]
+    assert curve.loc[0, "gram-hungarian"] == 1.0  # the linear challenge (also depth 0) is another encoder
+    assert curve.loc[16, "gram-hungarian"] == 0.6 and curve.loc[16, "carlini-2021"] == 0.2
+    assert "eve/claimed-break" not in curve.columns  # a team's claim never reaches the curve
+    assert curve.loc[44, "chance"] == pytest.approx(1 / 40)
+    assert curve.loc[16, "encoded_auc"] == pytest.approx(0.65) and curve.loc[16, "utility_runs"] == 2
+    assert curve.loc[44, "encoded_auc"] == pytest.approx(0.5) and curve.loc[44, "utility_runs"] == 1
+    assert math.isnan(curve.loc[0, "encoded_auc"]) and curve.loc[0, "utility_runs"] == 0
+    assert curve["raw_auc"].tolist() == pytest.approx([0.8] * 3)  # same images and settings, latest raw model
+
+
+def test_depth_curve_is_empty_without_results():
+    empty = pd.DataFrame(columns=["settings"])
+    curve = tables.depth_curve(pd.DataFrame(), pd.DataFrame(), empty)
+    assert curve.empty and "depth" in curve.columns
+
+
+def test_depth_page_shows_the_curve(depth_db):
+    at = go(app(), "Privacy vs depth")
+    assert not at.error
+    shown = at.dataframe[0].value.set_index("depth")
+    assert shown.loc[16, "gram-hungarian"] == 0.6 and shown.loc[44, "encoded_auc"] == pytest.approx(0.5)
+
+
+def test_depth_page_on_an_empty_database_says_how_to_fill_it(empty_db):
+    at = go(app(), "Privacy vs depth")
+    assert "benchmarks/depth.py" in at.info[0].value

@@ -17,6 +17,7 @@ from ncbench.baselines.utility import (
     RAW_PRESET,
     auc,
     build_model,
+    depth_preset,
     encode_images,
     encode_sites,
     predict,
@@ -28,6 +29,7 @@ from ncbench.baselines.utility import (
 from ncbench.challenge.encoders import resolve_config
 from ncbench.challenge.phantom import LABEL_NAMES
 from ncbench.cli import main
+from ncbench.errors import NcbenchError
 from ncbench.leaderboard import tables
 from ncbench.leaderboard.store import DB_ENV, Store, record_utility
 
@@ -115,6 +117,41 @@ def test_encoded_model_is_invariant_to_token_permutation():
     # the raw reference has positions, so it is not invariant
     raw = build_model(tokens.shape[2], tokens.shape[1], 3, positional=True, seed=0).eval()
     assert not np.allclose(predict(raw, shuffled), predict(raw, tokens), atol=1e-6)
+
+
+@torch.no_grad()
+def test_raw_model_embeds_each_patch_with_its_grid_neighbours():
+    model = build_model(16, 36, 3, positional=True, seed=0).eval()  # a 6 x 6 grid of 4 x 4 patches
+    tokens = torch.randn(2, 36, 16, generator=torch.Generator().manual_seed(0))
+    assert model(tokens).shape == (2, 3)
+    changed = tokens.clone()
+    changed[:, 0] += 1.0  # the top-left patch
+    moved = (model.embed_tokens(changed) - model.embed_tokens(tokens)).abs().amax(dim=(0, 2)).reshape(6, 6)
+    # two 3x3 convolutions: a patch reaches the patches up to two rows and two columns away
+    assert (moved[:3, :3] > 0).all()
+    assert (moved[3:, :] == 0).all() and (moved[:, 3:] == 0).all()
+
+
+def test_raw_model_needs_a_square_patch_grid():
+    with pytest.raises(NcbenchError, match="square patch grid"):
+        build_model(16, 35, 3, positional=True, seed=0)
+
+
+def test_depth_override_names_the_preset_and_marks_the_rows(monkeypatch):
+    assert depth_preset("nc7", None) == "nc7" and depth_preset("nc7", 4) == "nc7"
+    assert depth_preset("nc7", 16) == "nc7-depth16" and depth_preset("nc47", 44) == "nc47"
+    seen = []
+    real = utility_module.encode_images
+
+    def spy(images, config, **kwargs):
+        seen.append(config.depth)
+        return real(images, config, **kwargs)
+
+    monkeypatch.setattr(utility_module, "encode_images", spy)
+    rows = run_utility(presets=["nc7"], depth=1, raw=False, **{**TINY, "epochs": 1})
+    assert seen == [1]
+    assert {row["preset"] for row in rows} == {"nc7-depth1"}
+    assert all(row["settings"]["depth"] == 1 for row in rows)
 
 
 def test_rows_record_into_store(tiny_rows, tmp_path):
