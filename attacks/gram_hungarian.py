@@ -32,7 +32,11 @@ class GramHungarian(Attack):
         )
         boost_rounds: int = field(
             default=BOOST_ROUNDS,
-            metadata={"min": 1, "max": 20, "help": "rounds of permutation recovery + Gram re-matching"},
+            metadata={
+                "min": 1,
+                "max": 20,
+                "help": "at most this many rounds of slot recovery + Gram re-matching (fewer once converged)",
+            },
         )
         refine_pairs: int = field(
             default=REFINE_PAIRS,

@@ -35,7 +35,11 @@ from ncbench.attacks.statistics import (
 )
 from ncbench.challenge.files import Release, SiteView
 
-BOOST_ROUNDS = 2  # the second round refines the slot order on pairs the first got right (about 90% mutual)
+# Boosting stops once a round adds under CONVERGED of mutual best pairs, after at most
+# BOOST_ROUNDS rounds: nc3 / nc7 converge in 2 (about 90% mutual), nc47 needs about 6 (93.0% at
+# N = 200 where 2 rounds gave 15%, benchmarks/RESULTS.md).
+BOOST_ROUNDS = 8
+CONVERGED = 0.01
 REFINE_PAIRS = 256  # matched pairs whose Gram matrices refine the slot permutation
 ASSIGN_MAX = 2048  # rows up to which a boosting round's pairs come from an assignment
 # Encodings whose mean (in slot order) is the alignment reference. The mean of the first 256 is
@@ -130,11 +134,12 @@ def boost(
     trusted: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] = trusted_pairs,
     advance: Callable[[int], None] = lambda k: None,
 ) -> Boosted:
-    """From first-round ``scores`` (L, R), ``rounds`` times: recover the slot permutation from
-    the pairs ``trusted(scores)`` picks (rows, columns), and compare Gram matrices in that order.
-    One assignment on the last round's scores gives the matching."""
+    """From first-round ``scores`` (L, R), up to ``rounds`` times: recover the slot permutation
+    from the pairs ``trusted(scores)`` picks (rows, columns), and compare Gram matrices in that
+    order; stop after two rounds once a round raises the fraction of mutual best pairs by less than
+    :data:`CONVERGED`. One assignment on the last round's scores gives the matching."""
     slot_positions = np.arange(left.norms.shape[1])
-    history = []
+    history: list[float] = []
     for _ in range(rounds):
         if shuffle:
             rows, partners = trusted(scores)
@@ -142,6 +147,8 @@ def boost(
         scores = gram_scores(left, right, slot_positions)
         history.append(len(mutual_best(scores)[0]) / len(scores))
         advance(1)
+        if not shuffle or (len(history) >= 2 and history[-1] - history[-2] < CONVERGED):
+            break
     return Boosted(match(scores), scores.astype(np.float32), slot_positions, history)
 
 
