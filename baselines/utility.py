@@ -415,31 +415,24 @@ def run_utility(
             settings["depth"] = depth  # marks a run of a depth sweep (benchmarks/depth.py, the board's depth page)
         if kind == "encoded" and sites > 1:
             tokens = encode_sites(data.images, config, train_sites, test_sites, seed=seed, device=device)
-            for site, (site_train, site_test) in enumerate(zip(train_sites, test_sites)):
-                label = f"utility {preset} site {site}"
-                probabilities = fit_predict(tokens, labels, site_train, site_test, positional=False, label=label, **fit)
-                site_settings = {**settings, "sites": sites, "training": "site"}
+            # (name, training, rows trained on, rows scored, scored rows of each site among them)
+            models = [
+                (f"site {k}", "site", site_train, site_test, {k: slice(None)})
+                for k, (site_train, site_test) in enumerate(zip(train_sites, test_sites))
+            ]
+            models.append((f"union of {sites} keys", "union", train, test, evaluated))
+            for name, training, fit_rows, scored_rows, scored_sites in models:
+                label = f"utility {preset} {name}"
+                probabilities = fit_predict(tokens, labels, fit_rows, scored_rows, positional=False, label=label, **fit)
                 rows += score_rows(
                     probabilities,
-                    data.labels[site_test],
+                    data.labels[scored_rows],
                     data.label_names,
                     preset=preset,
                     kind=kind,
-                    settings=site_settings,
-                    sites={site: slice(None)},
+                    settings={**settings, "sites": sites, "training": training},
+                    sites=scored_sites,
                 )
-            label = f"utility {preset} union of {sites} keys"
-            probabilities = fit_predict(tokens, labels, train, test, positional=False, label=label, **fit)
-            union_settings = {**settings, "sites": sites, "training": "union"}
-            rows += score_rows(
-                probabilities,
-                data.labels[test],
-                data.label_names,
-                preset=preset,
-                kind=kind,
-                settings=union_settings,
-                sites=evaluated,
-            )
             del tokens
         if kind == "raw":
             tokens = images_to_patches(torch.from_numpy(data.images), config)

@@ -150,8 +150,9 @@ def read_seed_file(path: Path) -> str:
 @group.command("site-key")
 @click.argument("key_path", type=click.Path(path_type=Path))
 @click.option("--site", type=int, required=True, help="The site (0-based) whose key to export.")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="File to write (must not exist).")
-def site_key_command(key_path: Path, site: int, out: Path) -> None:
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="File to write.")
+@click.option("--force", is_flag=True, help="Replace an existing output file.")
+def site_key_command(key_path: Path, site: int, out: Path, force: bool) -> None:
     """Export one site's key tensors (no seed, no truth): the insider a colluding hospital would be.
 
     KEY_PATH is a private key.h5 or its release directory. Attacks take the file as knowledge,
@@ -160,7 +161,7 @@ def site_key_command(key_path: Path, site: int, out: Path) -> None:
     from ncbench.challenge.files import write_site_key
 
     with open_key(key_path) as key:
-        write_site_key(key, site, out)
+        write_site_key(key, site, out, force=force)
     click.echo(f"wrote {out}: the key of site {site} only")
 
 

@@ -251,7 +251,7 @@ class SiteKey(_H5File):
         return {name: self.read(f"encoder/{name}") for name in key_tensor_names(self.config)}
 
 
-def write_site_key(key: Key, site: int, out: str | os.PathLike) -> Path:
+def write_site_key(key: Key, site: int, out: str | os.PathLike, *, force: bool = False) -> Path:
     """Write site ``site``'s key tensors of ``key`` to ``out`` (a :class:`SiteKey` file), atomically."""
     from ncbench.h5io import atomic_path, set_root_attrs, write_dataset
 
@@ -259,7 +259,7 @@ def write_site_key(key: Key, site: int, out: str | os.PathLike) -> Path:
     if not 0 <= site < n_sites:
         raise NcbenchError(f"--site must be between 0 and {n_sites - 1} for challenge {key.challenge_id}")
     out = Path(out)
-    with atomic_path(out, force=False) as tmp, h5py.File(tmp, "w") as h5:
+    with atomic_path(out, force=force) as tmp, h5py.File(tmp, "w") as h5:
         set_root_attrs(
             h5,
             SITE_KEY_FORMAT,
