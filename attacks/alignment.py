@@ -9,6 +9,7 @@ recovered later from matched pairs (:func:`recover_slot_positions`).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -22,13 +23,18 @@ def assign_rows(similarity: torch.Tensor) -> np.ndarray:
     """Per-image assignment of encoded rows to reference slots.
 
     similarity: (B, P, P), ``[b, r, s]`` = how well row r of image b fits slot s.
-    Returns (B, P) int64: the slot of each row. One 256 x 256 assignment costs about 2 ms.
+    Returns (B, P) int64: the slot of each row. One 256 x 256 assignment costs about 2 ms on one
+    core; scipy releases the GIL, so the images are solved on torch's threads at once.
     """
     values = similarity.float().cpu().numpy()
     slots = np.empty(values.shape[:2], dtype=np.int64)
-    for b, block in enumerate(values):
-        rows, cols = linear_sum_assignment(block, maximize=True)
+
+    def solve(b: int) -> None:
+        rows, cols = linear_sum_assignment(values[b], maximize=True)
         slots[b, rows] = cols
+
+    with ThreadPoolExecutor(torch.get_num_threads()) as pool:
+        list(pool.map(solve, range(len(values))))
     return slots
 
 
@@ -38,9 +44,17 @@ def to_slot_order(encoded: torch.Tensor, slots: np.ndarray) -> torch.Tensor:
     return torch.empty_like(encoded).scatter_(1, index, encoded)
 
 
-def _slot_scores(encoded: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    # Maximising <e_r, ref_s> - |ref_s|^2 / 2 is minimising |e_r - ref_s|^2 (|e_r| is fixed per row).
-    return torch.einsum("bpd,sd->bps", encoded, reference) - 0.5 * (reference * reference).sum(1)
+def align(encoded: torch.Tensor, reference: torch.Tensor, *, shuffle: bool = True) -> tuple[np.ndarray, torch.Tensor]:
+    """Assign each row of ``encoded`` (b, P, D), in release order, to a slot of ``reference`` (P, D).
+
+    Returns the slots (b, P) int64 and the products (b, P, P) ``<e_r, ref_s>`` they came from.
+    Maximising ``<e_r, ref_s> - |ref_s|^2 / 2`` is minimising ``|e_r - ref_s|^2`` (``|e_r|`` is
+    fixed per row). Without shuffle every row keeps its own slot.
+    """
+    products = torch.einsum("bpd,sd->bps", encoded, reference)
+    if not shuffle:
+        return np.tile(np.arange(encoded.shape[1]), (len(encoded), 1)), products
+    return assign_rows(products - 0.5 * (reference * reference).sum(1)), products
 
 
 def iter_release(release: Release | SiteView, chunk: int, device: str) -> Iterator[tuple[int, torch.Tensor]]:
@@ -68,7 +82,7 @@ def slot_reference(
     for start, block in iter_release(release, chunk, device):
         block = block[: n - start]
         if release.config.shuffle:
-            block = to_slot_order(block, assign_rows(_slot_scores(block, first)))
+            block = to_slot_order(block, align(block, first)[0])
         total += block.sum(0)
         advance(len(block))
         if start + len(block) >= n:
@@ -80,13 +94,9 @@ def iter_aligned(
     release: Release | SiteView, reference: torch.Tensor, *, chunk: int = 64, device: str = "cpu"
 ) -> Iterator[tuple[int, np.ndarray, torch.Tensor]]:
     """Yield (start, slots (b, P) int64, encodings in slot order (b, P, D)) for the whole release."""
-    n_patches = release.config.n_patches
     for start, block in iter_release(release, chunk, device):
-        if release.config.shuffle:
-            slots = assign_rows(_slot_scores(block, reference))
-            yield start, slots, to_slot_order(block, slots)
-        else:
-            yield start, np.tile(np.arange(n_patches), (len(block), 1)), block
+        slots, _ = align(block, reference, shuffle=release.config.shuffle)
+        yield start, slots, to_slot_order(block, slots) if release.config.shuffle else block
 
 
 def recover_slot_positions(slot_stats: np.ndarray, position_stats: np.ndarray) -> np.ndarray:

@@ -20,7 +20,8 @@ import numpy as np
 
 from ncbench.assignment import match
 from ncbench.attacks.alignment import (
-    iter_aligned,
+    align,
+    iter_release,
     recover_slot_positions,
     refine_slot_positions,
     slot_reference,
@@ -28,8 +29,10 @@ from ncbench.attacks.alignment import (
 from ncbench.attacks.base import Attack
 from ncbench.attacks.self_keyed import insider_encoder, self_encode
 from ncbench.attacks.statistics import (
+    GramComparison,
     PatchStatistics,
-    gram_scores,
+    aligned_centred_grams,
+    collect_statistics,
     patch_statistics,
     sorted_norm_scores,
 )
@@ -91,15 +94,18 @@ def aligned_statistics(view: Release | SiteView, attack: Attack, *, chunk: int) 
     n = view.n_encoded
     with attack.stage("slot reference", min(n, REFERENCE_IMAGES)) as advance:
         reference = slot_reference(view, chunk=chunk, device=attack.device, advance=advance, limit=REFERENCE_IMAGES)
-    slots = np.empty((n, view.config.n_patches), np.int64)
+    n_patches = view.config.n_patches
+    slots = np.empty((n, n_patches), np.int64)
+    mean_gram = reference @ reference.T
 
-    def aligned_blocks():
-        for start, block_slots, block in iter_aligned(view, reference, chunk=chunk, device=attack.device):
+    def aligned_grams():
+        for start, block in iter_release(view, chunk, attack.device):
+            block_slots, products = align(block, reference, shuffle=view.config.shuffle)
             slots[start : start + len(block)] = block_slots
-            yield start, block
+            yield start, aligned_centred_grams(block, products, block_slots, mean_gram)
 
     with attack.stage("align + encoded statistics", n):
-        statistics = patch_statistics(aligned_blocks(), reference, n)
+        statistics = collect_statistics(aligned_grams(), n, n_patches)
     return Aligned(statistics, slots)
 
 
@@ -113,11 +119,11 @@ def mutual_best(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def trusted_pairs(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The pairs a boosting round recovers the slot order from: an assignment of every row up to
-    :data:`ASSIGN_MAX` rows, the mutual best pairs beyond. An assignment on noisy first-round
+    :data:`ASSIGN_MAX` rows and columns, the mutual best pairs beyond. An assignment on noisy first-round
     scores costs 0.8 s at N = 1,000 but minutes at 10,000, and the slot order needs only pairs
     that are right more often than chance (nc7, N = 1,000: mutual best pairs of the first round,
     3% of them right, already give 93.6% after one round, 100% after two)."""
-    if len(scores) <= ASSIGN_MAX:
+    if max(scores.shape) <= ASSIGN_MAX:
         return np.arange(len(scores)), match(scores)
     return mutual_best(scores)
 
@@ -137,19 +143,33 @@ def boost(
     """From first-round ``scores`` (L, R), up to ``rounds`` times: recover the slot permutation
     from the pairs ``trusted(scores)`` picks (rows, columns), and compare Gram matrices in that
     order; stop after two rounds once a round raises the fraction of mutual best pairs by less than
-    :data:`CONVERGED`. One assignment on the last round's scores gives the matching."""
+    :data:`CONVERGED`. One assignment on the last round's scores gives the matching.
+
+    Beyond :data:`ASSIGN_MAX` left items the rounds score a fixed random sample of that many
+    against every right item, in bf16 where it is native (the slot order needs pairs, not all of
+    them, and the mutual fractions are the sample's); only the final comparison is of all L x R,
+    exact for each row's best candidates (:meth:`GramComparison.refined_scores`). At L = 10,000
+    that is one full comparison instead of one per round.
+    """
     slot_positions = np.arange(left.norms.shape[1])
+    comparison = GramComparison(left, right)
+    sample = np.sort(rng.permutation(len(scores))[:ASSIGN_MAX]) if len(scores) > ASSIGN_MAX else None
+    scored = np.arange(len(scores))  # the left items the rows of ``scores`` are
     history: list[float] = []
     for _ in range(rounds):
         if shuffle:
             rows, partners = trusted(scores)
-            slot_positions = _slot_positions(left, right, rows, partners, rng, refine_pairs)
-        scores = gram_scores(left, right, slot_positions)
+            slot_positions = _slot_positions(left, right, scored[rows], partners, rng, refine_pairs)
+        if sample is not None:
+            scored = sample
+        scores = comparison.scores(slot_positions, subset=sample, rough=sample is not None)
         history.append(len(mutual_best(scores)[0]) / len(scores))
         advance(1)
         if not shuffle or (len(history) >= 2 and history[-1] - history[-2] < CONVERGED):
             break
-    return Boosted(match(scores), scores.astype(np.float32), slot_positions, history)
+    if sample is not None:
+        scores = comparison.refined_scores(slot_positions)
+    return Boosted(match(scores), scores.astype(np.float32, copy=False), slot_positions, history)
 
 
 def gram_pairing(
