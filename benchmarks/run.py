@@ -5,6 +5,11 @@
     python benchmarks/run.py compare RELEASE_DIR [ATTACK ...]   (default: carlini-2021 gram-hungarian)
     python benchmarks/run.py build-memory [--preset=nc3] [--sizes=256,1024,2048]
     python benchmarks/run.py scale RELEASE_DIR [--sizes=250,500,1000,2000,5000,10000]
+    python benchmarks/run.py boost RELEASE_DIR
+
+``boost`` computes gram-hungarian's statistics of a test release once, then times its boosting
+against a reference-style boosting on them in the same run: every round an exact fp32 comparison
+of all N x M pairs (what gram-hungarian did before sampled rounds), with the same rounds rule.
 
 ``scale`` attacks the first N encodings of one large test release (with the N plaintexts they
 hold), each N in a fresh process, with gram-hungarian's defaults: time, peak RSS, accuracy.
@@ -293,6 +298,61 @@ def scale(release_dir: str, sizes: str = "250,500,1000,2000,5000,10000") -> dict
     return {"benchmark": "scale gram-hungarian", "release": release_dir, "machine": machine_description(), "runs": rows}
 
 
+def boost(release_dir: str) -> dict:
+    """gram-hungarian's boosting against the reference-style one (see the module docstring) on
+    the same statistics: time and re-identification of each."""
+    from ncbench.assignment import match
+    from ncbench.attacks import pairing
+    from ncbench.attacks.registry import resolve
+    from ncbench.attacks.self_keyed import self_encode
+    from ncbench.attacks.statistics import gram_scores, patch_statistics, sorted_norm_scores
+    from ncbench.challenge.files import open_key, open_release
+
+    cls = resolve("gram-hungarian")
+    attack_ = cls(cls.Params())
+    with open_release(release_dir) as release, open_key(release_dir) as key:
+        truth = key.read("truth/plain_index")
+        features, mean = self_encode(release.plain_images, release.config, width=attack_.params.self_width, seed=0)
+        plain = patch_statistics(features, mean, len(release.plain_images))
+        del features
+        encoded = pairing.aligned_statistics(release, attack_, chunk=attack_.params.chunk).statistics
+    first = sorted_norm_scores(encoded, plain)
+
+    def reference_boost(rng: np.random.Generator) -> np.ndarray:
+        scores, history = first, []
+        for _ in range(pairing.BOOST_ROUNDS):
+            rows, partners = pairing.trusted_pairs(scores)
+            slot_positions = pairing._slot_positions(encoded, plain, rows, partners, rng, pairing.REFINE_PAIRS)
+            scores = gram_scores(encoded, plain, slot_positions)
+            history.append(len(pairing.mutual_best(scores)[0]) / len(scores))
+            if len(history) >= 2 and history[-1] - history[-2] < pairing.CONVERGED:
+                break
+        return match(scores)
+
+    def ncbench_boost(rng: np.random.Generator) -> np.ndarray:
+        return pairing.boost(
+            encoded, plain, first, rounds=pairing.BOOST_ROUNDS, refine_pairs=pairing.REFINE_PAIRS, rng=rng
+        ).matched
+
+    runs = {}
+    for name, fn in (("ncbench", ncbench_boost), ("reference", reference_boost)):
+        started = time.perf_counter()
+        matched = fn(np.random.default_rng(0))
+        runs[name] = {
+            "seconds": round(time.perf_counter() - started, 1),
+            "reid_accuracy": float(np.mean(matched == truth)),
+        }
+    return {
+        "benchmark": "boost gram-hungarian",
+        "release": release_dir,
+        "n": len(truth),
+        **runs,
+        "speedup": round(runs["reference"]["seconds"] / runs["ncbench"]["seconds"], 2),
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": machine_description(),
+    }
+
+
 if __name__ == "__main__":
     torch.set_num_threads(torch.get_num_threads())
     command, *args = sys.argv[1:] or ["encode"]
@@ -309,6 +369,8 @@ if __name__ == "__main__":
         result = compare(*positional)
     elif command == "scale":
         result = scale(*positional, **options)
+    elif command == "boost":
+        result = boost(*positional)
     elif command == "build-memory":
         result = build_memory(options.get("preset", "nc3"), options.get("sizes", "256,1024,2048"))
     else:
