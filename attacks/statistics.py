@@ -167,14 +167,8 @@ class GramComparison:
     def _plain_spread(self) -> torch.Tensor:
         """(M,) |p - mean(p)| of each plaintext Gram row."""
         gram = self.plain.gram
-        return torch.cat(
-            [
-                (rows - rows.mean(1, keepdim=True)).norm(dim=1).clamp_min(1e-12)
-                for rows in (
-                    torch.from_numpy(gram[s : s + self.chunk]).float() for s in range(0, len(gram), self.chunk)
-                )
-            ]
-        )
+        blocks = (torch.from_numpy(gram[s : s + self.chunk]).float() for s in range(0, len(gram), self.chunk))
+        return torch.cat([(rows - rows.mean(1, keepdim=True)).norm(dim=1).clamp_min(1e-12) for rows in blocks])
 
     def _plain(self, dtype: torch.dtype) -> torch.Tensor:
         if self._standardised is None or self._standardised[0] != dtype:

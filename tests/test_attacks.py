@@ -12,7 +12,7 @@ from helpers import encode_all
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ncbench.attacks import pairing
+from ncbench.attacks import pairing, statistics
 from ncbench.attacks.alignment import to_slot_order
 from ncbench.attacks.base import Attack
 from ncbench.attacks.carlini_2021 import CloneEncoder, permuted_scores, recover_permutation
@@ -160,6 +160,31 @@ def test_aligned_grams_equal_grams_of_reordered_centred_encodings():
     fused = aligned_centred_grams(encoded, products, slots, mean @ mean.T)
     expected = centred_grams(to_slot_order(encoded, slots), mean)
     assert torch.allclose(fused, expected, atol=1e-4)
+
+
+def test_refined_scores_are_exact_for_each_rows_best_candidates(monkeypatch):
+    # Forced to bf16 (wherever it runs): the shortlist is rough, the candidates' scores exact.
+    monkeypatch.setattr(statistics, "matmul_dtype", lambda device: torch.bfloat16)
+    rng = np.random.default_rng(2)
+    n_patches, n = 16, 40
+    upper = np.triu_indices(n_patches, 1)
+    plain_gram = rng.normal(size=(n, len(upper[0]))).astype(np.float16)
+    slot_positions = rng.permutation(n_patches)
+    full = np.zeros((n, n_patches, n_patches), np.float16)
+    full[:, upper[0], upper[1]] = plain_gram
+    full += full.transpose(0, 2, 1)
+    encoded_gram = full[:, slot_positions][:, :, slot_positions][:, upper[0], upper[1]]
+    encoded_gram += (0.5 * rng.normal(size=encoded_gram.shape)).astype(np.float16)
+    norms = np.ones((n, n_patches), np.float32)
+    comparison = statistics.GramComparison(
+        statistics.PatchStatistics(norms, encoded_gram), statistics.PatchStatistics(norms, plain_gram)
+    )
+    refined = comparison.refined_scores(slot_positions, candidates=3)
+    exact = comparison.scores(slot_positions)
+    best = np.argsort(-refined, axis=1)[:, :3]
+    assert np.allclose(np.take_along_axis(refined, best, 1), np.take_along_axis(exact, best, 1), atol=1e-5)
+    assert np.array_equal(refined.argmax(1), np.arange(n)) and np.array_equal(exact.argmax(1), np.arange(n))
+    assert np.abs(refined - exact).max() < 0.02
 
 
 def test_boosting_on_a_sample_of_rows_still_reidentifies(releases, monkeypatch):
