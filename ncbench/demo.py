@@ -4,7 +4,7 @@ Builds full-size releases (width 2048, 256x256) from the ``sample`` source, publ
 embedded challenge server (the API and scoring workers of ``ncbench server``, on a free
 localhost port), runs every built-in attack that supports each task and submits each answer
 through the API with the organizer's token, so the results land in a SQLite leaderboard the way
-every team's do; measures the utility
+every team's do; measures the utility (in a second process, beside the attacks)
 of each preset's encodings on phantom images (a small CPU-sized run), and prints the attack x
 preset matrix and the privacy-utility summary. Re-running reuses every release, submission and
 utility result that is already there and valid.
@@ -12,6 +12,11 @@ utility result that is already there and valid.
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
+import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -84,7 +89,12 @@ def demo(out: Path, n: int, seed: int, device: str) -> None:
     store_dir = out / "server"
     store_dir.mkdir(exist_ok=True)
     url = str(db.resolve())
-    with Store(db) as store, EmbeddedServer(url, store_dir) as server:
+    reid_presets = [preset for preset, task in DEMO_CHALLENGES if task == "reid"]
+    with (
+        Store(db) as store,
+        EmbeddedServer(url, store_dir) as server,
+        _utility_beside(store, reid_presets, seed=seed, device=pick_device(device)) as utility,
+    ):
         _, token = channel.add_team(store, TEAM)
         click.echo(f"challenge server on {server.url} (store {store_dir})")
         for k, (preset, task) in enumerate(DEMO_CHALLENGES):
@@ -120,14 +130,16 @@ def demo(out: Path, n: int, seed: int, device: str) -> None:
                     f"(submission {job['id']}, attack {submission_runtime(submission_path):.1f} s)"
                 )
                 written.append(submission_path)
-        reid_presets = [preset for preset, task in DEMO_CHALLENGES if task == "reid"]
         click.echo(f"[utility] downstream AUC on phantom images, presets {', '.join(reid_presets)} and raw")
-        _record_utility(store, reid_presets, seed=seed, device=pick_device(device))
-        table, utility = board(store.results()), store.utility()
+        if utility is None:
+            click.echo("    (reusing recorded results)")
+        else:
+            store.record_utility(utility.rows())
+        table, utility_table = board(store.results()), store.utility()
     click.echo("\nBest re-identification, public half (reid challenges):")
     click.echo(to_markdown(attack_preset_matrix(table, task="reid").reset_index()))
     click.echo("\nPrivacy vs utility (mean AUC over findings of a model trained on the encodings; raw: on plaintexts):")
-    click.echo(to_markdown(privacy_utility(table, utility)))
+    click.echo(to_markdown(privacy_utility(table, utility_table)))
     click.echo("\nWritten:")
     for path in written:
         click.echo(f"  {path}")
@@ -135,9 +147,12 @@ def demo(out: Path, n: int, seed: int, device: str) -> None:
     click.echo(f"\nOpen the leaderboard: ncbench leaderboard serve --db {db}")
 
 
-def _record_utility(store, presets: list[str], *, seed: int, device: str) -> None:
-    """Run the utility baseline for the presets (and raw reference) not yet recorded at demo settings."""
-    from ncbench.baselines.utility import DEFAULTS, MODEL_VERSION, RAW_PRESET, run_utility
+@contextlib.contextmanager
+def _utility_beside(store, presets: list[str], *, seed: int, device: str) -> Iterator[_UtilityJob | None]:
+    """Start the utility baseline for the presets (and raw reference) not yet recorded at demo
+    settings in a second process, so it runs beside the builds and attacks; yield it (None when
+    everything is recorded) and stop it on the way out."""
+    from ncbench.baselines.utility import DEFAULTS, MODEL_VERSION, RAW_PRESET
 
     # The CLI's CPU-sized defaults; phantom images, since the sample films carry no labels.
     settings = {**DEFAULTS, "patch_size": DEFAULTS["image_size"] // 16, "seed": seed}
@@ -146,11 +161,59 @@ def _record_utility(store, presets: list[str], *, seed: int, device: str) -> Non
         row.preset for row in store.utility().itertuples() if all(row.settings.get(k) == v for k, v in wanted.items())
     }
     missing = [preset for preset in presets if preset not in recorded]
-    if missing or RAW_PRESET not in recorded:
-        rows = run_utility(presets=missing, raw=RAW_PRESET not in recorded, device=device, **settings)
-        store.record_utility(rows)
-    else:
-        click.echo("    (reusing recorded results)")
+    if not missing and RAW_PRESET in recorded:
+        yield None
+        return
+    job = _UtilityJob(dict(presets=missing, raw=RAW_PRESET not in recorded, device=device, **settings))
+    try:
+        yield job
+    finally:
+        job.stop()
+
+
+class _UtilityJob:
+    """``run_utility(**arguments)`` in a spawned process on one thread. The attacks leave a core
+    idle much of the time (161% CPU on 2 cores: eigh, SVD, HDF5 inflation, scoring round trips),
+    and the baseline fills it. The process computes rows only; the demo records them, so the
+    store keeps one writer."""
+
+    def __init__(self, arguments: dict):
+        context = multiprocessing.get_context("spawn")
+        self._results, sender = context.Pipe(duplex=False)
+        self._process = context.Process(target=_utility_rows, args=(sender, arguments), daemon=True)
+        self._process.start()
+        sender.close()
+
+    def rows(self) -> list[dict]:
+        """Wait for the rows; a failure in the process is one line (NcbenchError)."""
+        try:
+            outcome = self._results.recv()
+        except EOFError:
+            raise NcbenchError("the utility baseline's process ended without a result") from None
+        if isinstance(outcome, str):
+            raise NcbenchError(outcome)
+        return outcome
+
+    def stop(self) -> None:
+        if self._process.is_alive():
+            self._process.terminate()
+        self._process.join()
+        self._results.close()
+
+
+def _utility_rows(sender, arguments: dict) -> None:
+    import torch
+
+    from ncbench.baselines.utility import run_utility
+
+    torch.set_num_threads(1)
+    sys.stderr = open(os.devnull, "w")  # its stage lines would interleave with the attacks'
+    try:
+        sender.send(run_utility(**arguments))
+    except NcbenchError as error:
+        sender.send(str(error))
+    finally:
+        sender.close()
 
 
 def submission_runtime(path: Path) -> float:
