@@ -190,6 +190,8 @@ class _UtilityJob:
             outcome = self._results.recv()
         except EOFError:
             raise NcbenchError("the utility baseline's process ended without a result") from None
+        finally:
+            self._process.join()  # it has sent all it will, or died
         if isinstance(outcome, str):
             raise NcbenchError(outcome)
         return outcome

@@ -9,6 +9,7 @@ import ncbench.demo as demo_module
 from ncbench.attacks.registry import all_attacks
 from ncbench.baselines.utility import RAW_PRESET
 from ncbench.cli import main
+from ncbench.errors import NcbenchError
 from ncbench.leaderboard.store import Store
 
 torch.set_num_threads(2)
@@ -73,3 +74,21 @@ def test_demo_refuses_too_small_n_before_writing_anything(tmp_path):
     result = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "out"), "--n", "4"])
     assert result.exit_code != 0 and "--n" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def _utility_arguments(**changes):
+    return {"presets": [], "raw": True, "seed": 0, "device": "cpu", "patch_size": 8, **SMALL_UTILITY, **changes}
+
+
+def test_a_failing_utility_process_is_one_line_and_leaves_no_process():
+    job = demo_module._UtilityJob(_utility_arguments(n_train=0))
+    with pytest.raises(NcbenchError, match="n_train must be a positive integer"):
+        job.rows()
+    job.stop()
+    assert not job._process.is_alive() and job._process.exitcode == 0
+
+
+def test_stopping_a_running_utility_process_terminates_it():
+    job = demo_module._UtilityJob(_utility_arguments(n_train=100000, epochs=100))
+    job.stop()
+    assert not job._process.is_alive() and job._process.exitcode != 0
