@@ -13,8 +13,8 @@ utility result that is already there and valid.
 from __future__ import annotations
 
 import contextlib
-import multiprocessing
-import os
+import json
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -172,50 +172,57 @@ def _utility_beside(store, presets: list[str], *, seed: int, device: str) -> Ite
 
 
 class _UtilityJob:
-    """``run_utility(**arguments)`` in a spawned process on one thread. The attacks leave a core
-    idle much of the time (161% CPU on 2 cores: eigh, SVD, HDF5 inflation, scoring round trips),
-    and the baseline fills it. The process computes rows only; the demo records them, so the
-    store keeps one writer."""
+    """``run_utility(**arguments)`` in a second Python process on one thread. The attacks leave a
+    core idle much of the time (161% CPU on 2 cores: eigh, SVD, HDF5 inflation, scoring round
+    trips), and the baseline fills it. The process computes rows only and hands them back as
+    JSON; the demo records them, so the store keeps one writer. (A plain subprocess, not
+    multiprocessing's spawn, which re-runs the parent's ``__main__`` in the child.)"""
 
     def __init__(self, arguments: dict):
-        context = multiprocessing.get_context("spawn")
-        self._results, sender = context.Pipe(duplex=False)
-        self._process = context.Process(target=_utility_rows, args=(sender, arguments), daemon=True)
-        self._process.start()
-        sender.close()
+        self._process = subprocess.Popen(
+            [sys.executable, "-c", "from ncbench.demo import _utility_child; _utility_child()"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,  # its stage lines would interleave with the attacks'
+            text=True,
+        )
+        self._process.stdin.write(json.dumps(arguments))
+        self._process.stdin.close()
 
     def rows(self) -> list[dict]:
         """Wait for the rows; a failure in the process is one line (NcbenchError)."""
+        answer = self._process.stdout.read()
+        self._process.wait()
         try:
-            outcome = self._results.recv()
-        except EOFError:
+            outcome = json.loads(answer)
+        except ValueError:
             raise NcbenchError("the utility baseline's process ended without a result") from None
-        finally:
-            self._process.join()  # it has sent all it will, or died
-        if isinstance(outcome, str):
-            raise NcbenchError(outcome)
-        return outcome
+        if "error" in outcome:
+            raise NcbenchError(outcome["error"])
+        return outcome["rows"]
 
     def stop(self) -> None:
-        if self._process.is_alive():
+        if self._process.poll() is None:
             self._process.terminate()
-        self._process.join()
-        self._results.close()
+        self._process.wait()
+        self._process.stdout.close()
 
 
-def _utility_rows(sender, arguments: dict) -> None:
+def _utility_child() -> None:
+    """The second process of :class:`_UtilityJob`: arguments as JSON on stdin, rows (or the
+    error) as JSON on stdout."""
     import torch
 
     from ncbench.baselines.utility import run_utility
 
+    arguments, answer = json.load(sys.stdin), sys.stdout
+    sys.stdout = sys.stderr  # nothing else may reach the answer
     torch.set_num_threads(1)
-    sys.stderr = open(os.devnull, "w")  # its stage lines would interleave with the attacks'
     try:
-        sender.send(run_utility(**arguments))
+        outcome = {"rows": run_utility(**arguments)}
     except NcbenchError as error:
-        sender.send(str(error))
-    finally:
-        sender.close()
+        outcome = {"error": str(error)}
+    json.dump(outcome, answer, default=lambda value: value.item())  # numpy scalars
 
 
 def submission_runtime(path: Path) -> float:

@@ -85,10 +85,10 @@ def test_a_failing_utility_process_is_one_line_and_leaves_no_process():
     with pytest.raises(NcbenchError, match="n_train must be a positive integer"):
         job.rows()
     job.stop()
-    assert not job._process.is_alive() and job._process.exitcode == 0
+    assert job._process.returncode == 0
 
 
 def test_stopping_a_running_utility_process_terminates_it():
     job = demo_module._UtilityJob(_utility_arguments(n_train=100000, epochs=100))
     job.stop()
-    assert not job._process.is_alive() and job._process.exitcode != 0
+    assert job._process.returncode not in (None, 0)
