@@ -396,33 +396,19 @@ def page_depth(store: Store) -> None:
     # Depths 0 ... 44 are near geometric: an ordinal axis keeps the shallow ones apart.
     depth_axis = alt.X("depth:O", title="private blocks (depth)")
     reid = curve.melt(id_vars="depth", value_vars=[*attacks, "chance"], var_name="attack", value_name="value")
-    reid = reid.dropna(subset=["value"])
-    if not reid.empty:
-        st.altair_chart(
-            alt.Chart(reid)
-            .mark_line(point=True)
-            .encode(
-                x=depth_axis,
-                y=alt.Y("value:Q", title="best re-identification (public half)", axis=alt.Axis(format="%")),
-                color=alt.Color("attack:N", title=None),
-                tooltip=["depth", "attack", "value"],
-            ),
-            width="stretch",
-        )
+    _depth_chart(
+        reid.dropna(subset=["value"]),
+        depth_axis,
+        alt.Y("value:Q", title="best re-identification (public half)", axis=alt.Axis(format="%")),
+        "attack",
+    )
     auc = curve.melt(id_vars="depth", value_vars=["encoded_auc", "raw_auc"], var_name="model", value_name="auc")
-    auc = auc.dropna(subset=["auc"])
-    if not auc.empty:
-        st.altair_chart(
-            alt.Chart(auc)
-            .mark_line(point=True)
-            .encode(
-                x=depth_axis,
-                y=alt.Y("auc:Q", title="mean AUC over findings", scale=alt.Scale(domain=[0.4, 1])),
-                color=alt.Color("model:N", title=None),
-                tooltip=["depth", "model", "auc"],
-            ),
-            width="stretch",
-        )
+    _depth_chart(
+        auc.dropna(subset=["auc"]),
+        depth_axis,
+        alt.Y("auc:Q", title="mean AUC over findings", scale=alt.Scale(domain=[0.4, 1])),
+        "model",
+    )
     st.dataframe(curve, hide_index=True)
     st.caption(
         "One row per number of private blocks (nc3 = 0, nc7 = 4, nc47 = 44). Attack columns: the best "
@@ -431,6 +417,19 @@ def page_depth(store: Store) -> None:
         "that depth (`utility_runs` runs of a depth sweep); `raw_auc`: the same images as plaintext patches, "
         "the utility an encoding can at best keep; 0.5 is chance."
     )
+
+
+def _depth_chart(frame, x, y, series: str) -> None:
+    """One line per ``series`` value of ``frame`` (long form) against depth; nothing when empty."""
+    if frame.empty:
+        return
+    tooltip = ["depth", series, y.shorthand.split(":")[0]]
+    chart = (
+        alt.Chart(frame)
+        .mark_line(point=True)
+        .encode(x=x, y=y, color=alt.Color(f"{series}:N", title=None), tooltip=tooltip)
+    )
+    st.altair_chart(chart, width="stretch")
 
 
 def page_take_part(store: Store) -> None:
