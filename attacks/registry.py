@@ -13,10 +13,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ncbench.attacks.archive import SPEC_FORMS, parse_spec, prepare
 from ncbench.attacks.base import Attack
 from ncbench.errors import NcbenchError
 from ncbench.names import name_skeleton
-from ncbench.plugin_archive import SPEC_FORMS, parse_spec, prepare
 
 ENTRY_POINT_GROUP = "ncbench.attacks"
 _REGISTRY: dict[str, type[Attack]] = {}
@@ -83,7 +83,7 @@ def all_attacks() -> dict[str, type[Attack]]:
 
 def resolve(spec: str) -> type[Attack]:
     """An attack by registered name, or a plugin: ``FILE.py:Class``, ``DIST.whl:module:Class``,
-    ``DIST.tar.gz:module:Class`` or ``FOLDER:module:Class`` (:mod:`ncbench.plugin_archive`)."""
+    ``DIST.tar.gz:module:Class`` or ``FOLDER:module:Class`` (:mod:`ncbench.attacks.archive`)."""
     plugin = parse_spec(spec)
     if plugin is not None:
         if plugin.kind == "file":

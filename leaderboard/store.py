@@ -172,7 +172,7 @@ utility_results = sa.Table(
     sa.CheckConstraint(sa.column("model_kind").in_(MODEL_KINDS), name="utility_model_kind"),
 )
 
-# The live challenge (leaderboard/channel.py): published challenges, team tokens and the durable
+# The live challenge (leaderboard/server/channel.py): published challenges, team tokens and the durable
 # job queue that the server's scoring workers drain.
 JOB_STATES = ("queued", "running", "scored", "refused", "failed")
 published = sa.Table(
@@ -183,7 +183,7 @@ published = sa.Table(
     sa.Column("daily_limit", sa.Integer, nullable=False),
     sa.Column("deadline_utc", sa.String(32)),
     sa.Column("published_utc", sa.String(32), nullable=False),
-    # The verified track (leaderboard/verified.py), since migration 5: the organizer's held-out image
+    # The verified track (leaderboard/verified/runs.py), since migration 5: the organizer's held-out image
     # pool for evaluation releases (NULL: the server's --eval-source) and plugin runs per team and day.
     sa.Column("eval_source", sa.String(512)),
     sa.Column("plugin_daily_limit", sa.Integer),
@@ -216,7 +216,7 @@ jobs = sa.Table(
 sa.Index("ix_jobs_state", jobs.c.state, jobs.c.id)
 sa.Index("ix_jobs_team_day", jobs.c.team_id, jobs.c.challenge_id, jobs.c.created_utc)
 
-# The verified track (leaderboard/verified.py): attack code the organizer runs, sandboxed, on K fresh
+# The verified track (leaderboard/verified/runs.py): attack code the organizer runs, sandboxed, on K fresh
 # evaluation releases per run. Each release's seed is committed to (sha256) before the plugin runs
 # and revealed when the challenge closes.
 VERIFIED_STATES = ("queued", "running", "scored", "failed")

@@ -459,7 +459,7 @@ def multi_site_summary(utility: pd.DataFrame) -> pd.DataFrame:
     return frame.rename_axis("preset").reset_index()[columns]
 
 
-# -- the verified track (leaderboard/verified.py) -----------------------------------------------
+# -- the verified track (leaderboard/verified/runs.py) -----------------------------------------------
 
 VERIFIED_SUMMARY_COLUMNS = [
     "challenge_id",

@@ -23,7 +23,7 @@ from ncbench.leaderboard.scoring import ChallengeInfo, ScoreResult
 from ncbench.leaderboard.store import BUILTIN_TEAM, DB_ENV, ORIGIN_ORGANIZER, Store, record_utility
 from ncbench.leaderboard.tables import CHANCE_ROW, TEST_RELEASE
 
-APP = str(Path(leaderboard.__file__).with_name("app.py"))
+APP = str(Path(leaderboard.__file__).parent / "board" / "app.py")
 PAGES = ("Attack x preset", "Self-reported", "Challenges", "Submission", "Privacy vs utility", "Take part")
 # Elements whose text Streamlit renders as Markdown: no string a team chose may reach them.
 MARKDOWN_ELEMENTS = ("markdown", "caption", "info", "warning", "error", "success", "title", "header", "subheader")

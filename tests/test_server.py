@@ -13,7 +13,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from ncbench.leaderboard import channel
+from ncbench.leaderboard.server import channel
 from ncbench.leaderboard.store import Store, jobs, submissions
 
 NCBENCH = str(Path(sys.executable).with_name("ncbench"))

@@ -275,7 +275,7 @@ def test_a_link_evaluation_recipe_rebuilds_byte_for_byte_from_its_command(built,
     import hashlib
     import shlex
 
-    from ncbench.leaderboard.verified import Recipe, build_evaluation
+    from ncbench.leaderboard.verified.runs import Recipe, build_evaluation
 
     with open_release(built["link"]) as release:
         config = release.h5.attrs["encoder_config"]

@@ -480,7 +480,7 @@ def test_board_shows_several_sites_after_the_single_site_summary(tiny_rows, two_
         store.record_utility(tiny_rows, now=dt.datetime(2026, 1, 1, tzinfo=dt.UTC))
         store.record_utility(two_site_rows, now=dt.datetime(2026, 2, 1, tzinfo=dt.UTC))
     monkeypatch.setenv(DB_ENV, str(tmp_path / "lb.db"))
-    at = AppTest.from_file(str(Path(leaderboard.__file__).with_name("app.py")), default_timeout=60).run()
+    at = AppTest.from_file(str(Path(leaderboard.__file__).parent / "board" / "app.py"), default_timeout=60).run()
     at.sidebar.radio[0].set_value("Privacy vs utility").run()
     assert not at.exception, at.exception
     assert [s.value for s in at.subheader][-1] == "Several sites"

@@ -31,13 +31,15 @@ from hypothesis import strategies as st
 from streamlit.testing.v1 import AppTest
 from test_server import Server, ncbench
 
-from ncbench import plugin_archive
+from ncbench.attacks import archive as plugin_archive
 from ncbench.attacks.gram_hungarian import GramHungarian
 from ncbench.cli import main
 from ncbench.errors import NcbenchError
-from ncbench.leaderboard import sandbox, tables, verified
+from ncbench.leaderboard import tables
 from ncbench.leaderboard.scoring import score_submission
 from ncbench.leaderboard.store import BUILTIN_TEAM, DB_ENV, Store, verified_runs
+from ncbench.leaderboard.verified import runs as verified
+from ncbench.leaderboard.verified import sandbox
 
 NCBENCH = str(Path(sys.executable).with_name("ncbench"))
 # width 64 = 8 x 8 pixels per patch: every built-in attack runs on it.
@@ -581,7 +583,7 @@ def test_an_unsandboxed_run_says_so(world, batch):
 
 def verified_page(monkeypatch, db_path: Path) -> AppTest:
     monkeypatch.setenv(DB_ENV, str(db_path))
-    at = AppTest.from_file(str(Path(tables.__file__).with_name("app.py")), default_timeout=60).run()
+    at = AppTest.from_file(str(Path(tables.__file__).parent / "board" / "app.py"), default_timeout=60).run()
     at.sidebar.radio[0].set_value("Verified").run()
     assert not at.exception, at.exception
     return at

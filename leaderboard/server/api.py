@@ -28,8 +28,10 @@ from fastapi.responses import FileResponse
 
 from ncbench import __version__
 from ncbench.errors import NcbenchError
-from ncbench.leaderboard import channel, sandbox, verified
+from ncbench.leaderboard.server import channel
 from ncbench.leaderboard.store import ORIGIN_SELF, Store
+from ncbench.leaderboard.verified import runs as verified
+from ncbench.leaderboard.verified import sandbox
 
 CHALLENGE_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 DEFAULT_MAX_UPLOAD = 1 << 30  # 1 GiB: a reid score matrix at N = 10,000 is 400 MB

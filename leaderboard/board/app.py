@@ -1,7 +1,7 @@
 """The public leaderboard (Streamlit). Reads only the results database; never a key.
 
 Run it with ``ncbench leaderboard serve --db PATH|URL``, or directly with
-``streamlit run leaderboard/app.py -- --db PATH|URL``. The database also comes from the
+``streamlit run leaderboard/board/app.py -- --db PATH|URL``. The database also comes from the
 ``NCBENCH_DB`` environment variable (which is how ``serve`` passes it).
 
 Strings a team chose (attack names, versions, parameters) reach the page only through elements
@@ -122,7 +122,7 @@ def page_matrix(store: Store) -> None:
 
 
 def page_verified(store: Store) -> None:
-    from ncbench.leaderboard import verified
+    from ncbench.leaderboard.verified import runs as verified
 
     st.header("Verified track: attack code the organizers ran on fresh hidden releases")
     st.caption(

@@ -70,10 +70,10 @@ def demo(out: Path, n: int, seed: int, device: str) -> None:
     from ncbench.attacks.registry import all_attacks
     from ncbench.attacks.submission import write_submission
     from ncbench.challenge.files import open_release
-    from ncbench.client import submit_file
-    from ncbench.leaderboard import channel
     from ncbench.leaderboard.metrics import HEADLINE_METRIC
-    from ncbench.leaderboard.server import EmbeddedServer
+    from ncbench.leaderboard.server import channel
+    from ncbench.leaderboard.server.client import submit_file
+    from ncbench.leaderboard.server.service import EmbeddedServer
     from ncbench.leaderboard.store import Store
     from ncbench.leaderboard.tables import (
         attack_preset_matrix,
@@ -180,7 +180,7 @@ class _UtilityJob:
 
     def __init__(self, arguments: dict):
         self._process = subprocess.Popen(
-            [sys.executable, "-c", "from ncbench.demo import _utility_child; _utility_child()"],
+            [sys.executable, "-c", "from ncbench.cli.demo import _utility_child; _utility_child()"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,  # its stage lines would interleave with the attacks'

@@ -6,7 +6,7 @@ One run is one process tree, started in a session of its own::
       setpriv ...          root only: a fresh unprivileged uid, no capabilities, no groups
         prlimit ...        RLIMIT_AS, RLIMIT_CPU, RLIMIT_FSIZE, RLIMIT_NPROC
           sh -c '"$@" && cp /tmp/submission.h5 /out/submission.h5' sh \
-            python -P -m ncbench.leaderboard.sandbox run PLUGIN.py:Class --release ... (= `ncbench attack run`)
+            python -P -m ncbench.leaderboard.verified.sandbox run PLUGIN.py:Class --release ... (= `ncbench attack run`)
 
 What the sandbox sees: ``/usr`` (and ``/lib*``, ``/bin``, ``/sbin``), ``/etc/ld.so.cache``, the
 Python environment and the ncbench packages at their own paths, all read-only; the one release at
@@ -52,7 +52,7 @@ OUT_INSIDE = "/out/submission.h5"
 SCRATCH_INSIDE = "/tmp"
 # The runner: `ncbench attack ...` through this module's entry point (see `_entry`); -P keeps the
 # working folder, the plugin's writable /tmp, off sys.path.
-RUNNER = ["-P", "-m", "ncbench.leaderboard.sandbox"]
+RUNNER = ["-P", "-m", "ncbench.leaderboard.verified.sandbox"]
 # The runner writes to the tmpfs, then copies into the one writable host file: `attack run`
 # writes atomically (a temporary sibling renamed into place), which a bind-mounted file forbids.
 RUN_SCRIPT = '"$@" && cp /tmp/submission.h5 ' + OUT_INSIDE
@@ -424,7 +424,7 @@ def check_plugin(
         )
     else:
         argv = prlimit_argv(limits, processes=False) + command(str(plugin))
-    from ncbench.attacks.cli import CHECK_MARK
+    from ncbench.cli.attack import CHECK_MARK
 
     outcome = _execute(argv, limits, sandboxed=sandboxed, workdir=workdir)
     if not outcome.ok:
@@ -580,7 +580,7 @@ def _entry(argv: list[str]) -> int:
     interpreter, and the other command groups would cost it a second more."""
     import click
 
-    from ncbench.attacks.cli import group
+    from ncbench.cli.attack import group
 
     try:
         group.main(argv, prog_name="ncbench attack", standalone_mode=False)

@@ -39,12 +39,11 @@ from pathlib import Path
 import pandas as pd
 import sqlalchemy as sa
 
-from ncbench import plugin_archive
+from ncbench.attacks import archive as plugin_archive
 from ncbench.errors import NcbenchError
-from ncbench.leaderboard import channel
-from ncbench.leaderboard.channel import LimitReached, UnknownChallenge
 from ncbench.leaderboard.metrics import HEADLINE_METRIC
-from ncbench.leaderboard.sandbox import Limits
+from ncbench.leaderboard.server import channel
+from ncbench.leaderboard.server.channel import LimitReached, UnknownChallenge
 from ncbench.leaderboard.store import (
     BUILTIN_TEAM,
     MAX_LENGTHS,
@@ -61,6 +60,7 @@ from ncbench.leaderboard.store import (
     verified_runs,
 )
 from ncbench.leaderboard.tables import shown_attack
+from ncbench.leaderboard.verified.sandbox import Limits
 
 DEFAULT_RELEASES = 3
 DEFAULT_EVAL_SOURCE = "phantom"
@@ -316,7 +316,7 @@ def plugin_entry(class_name: str, module: str | None) -> str:
 def stage_plugin(upload: Path, *, plugin_file: str, entry: str, work: Path) -> Path:
     """Put an uploaded plugin in ``work`` (a private folder) for the sandbox to mount; returns
     what to mount. A .py file is copied to ``work/plugin/NAME.py``; a wheel or an sdist is
-    checked (layout, pure Python, dependencies installed here: :mod:`ncbench.plugin_archive`)
+    checked (layout, pure Python, dependencies installed here: :mod:`ncbench.attacks.archive`)
     and unpacked into the folder ``work/plugin``, never built and never installed."""
     plugin = work / "plugin"
     if plugin_archive.archive_kind(plugin_file) is not None:
@@ -610,7 +610,7 @@ def _recipe(root: Path, run: dict) -> Recipe:
 def _evaluate(store: Store, root: Path, run: dict, recipe: Recipe, index: int) -> str | None:
     """Commit to evaluation release ``index``, run the plugin on it in the sandbox, score it.
     Returns None when scored, else why not (one line)."""
-    from ncbench.leaderboard import sandbox
+    from ncbench.leaderboard.verified import sandbox
 
     with store._read() as conn:
         done = conn.execute(

@@ -20,7 +20,7 @@ import click
 from ncbench.errors import NcbenchError
 from ncbench.leaderboard.store import DB_ENV, DEFAULT_DAILY_LIMIT, Store, database_url, describe_db
 
-APP_PATH = Path(__file__).with_name("app.py")
+APP_PATH = Path(__file__).parents[1] / "board" / "app.py"
 DB_HELP = "Results database: an SQLite path or an SQLAlchemy URL [default: STORE/leaderboard.db]."
 
 
@@ -80,8 +80,8 @@ class EmbeddedServer:
 
         import uvicorn
 
-        from ncbench.leaderboard.api import create_app
-        from ncbench.leaderboard.worker import Dispatcher
+        from ncbench.leaderboard.server.api import create_app
+        from ncbench.leaderboard.server.worker import Dispatcher
 
         self.socket = socket.socket()
         self.socket.bind(("127.0.0.1", 0))
@@ -189,9 +189,10 @@ def server(
     """Run the challenge server: HTTP API, scoring workers and the public board (Ctrl-C stops all)."""
     import uvicorn
 
-    from ncbench.leaderboard import sandbox, verified
-    from ncbench.leaderboard.api import create_app
-    from ncbench.leaderboard.worker import Dispatcher
+    from ncbench.leaderboard.server.api import create_app
+    from ncbench.leaderboard.server.worker import Dispatcher
+    from ncbench.leaderboard.verified import runs as verified
+    from ncbench.leaderboard.verified import sandbox
 
     store_dir = _store_dir(store_dir)
     url = _db_url(db, store_dir)
@@ -282,7 +283,8 @@ def publish(
 ) -> None:
     """Register a built challenge with the server: its public files become downloadable; its
     key goes to the store, which no route serves."""
-    from ncbench.leaderboard import channel, verified
+    from ncbench.leaderboard.server import channel
+    from ncbench.leaderboard.verified import runs as verified
 
     verified.evaluation_values(eval_source=eval_source, plugin_daily_limit=plugin_daily_limit)  # refuse first
     when = None
@@ -321,7 +323,7 @@ _db_option = click.option("--db", default=None, help=DB_HELP)
 @_db_option
 def team_add(name: str, store_dir: Path | None, db: str | None) -> None:
     """Create team NAME (or reuse it) and print a new token, once: only its hash is kept."""
-    from ncbench.leaderboard import channel
+    from ncbench.leaderboard.server import channel
 
     with _team_store(store_dir, db) as store:
         name, token = channel.add_team(store, name)
@@ -334,7 +336,7 @@ def team_add(name: str, store_dir: Path | None, db: str | None) -> None:
 @_db_option
 def team_list(store_dir: Path | None, db: str | None) -> None:
     """Every team, when it was created and how many active tokens it has."""
-    from ncbench.leaderboard import channel
+    from ncbench.leaderboard.server import channel
 
     with _team_store(store_dir, db) as store:
         for row in channel.list_teams(store):
@@ -347,7 +349,7 @@ def team_list(store_dir: Path | None, db: str | None) -> None:
 @_db_option
 def team_revoke(name: str, store_dir: Path | None, db: str | None) -> None:
     """Revoke every token of team NAME (its results stay on the board)."""
-    from ncbench.leaderboard import channel
+    from ncbench.leaderboard.server import channel
 
     with _team_store(store_dir, db) as store:
         revoked = channel.revoke_team(store, name)

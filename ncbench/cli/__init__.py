@@ -49,14 +49,14 @@ def main() -> None:
 
 
 def _mount() -> None:
-    from ncbench import client
-    from ncbench.attacks.cli import group as attack_group
-    from ncbench.baselines.cli import group as baseline_group
-    from ncbench.challenge.cli import group as challenge_group
-    from ncbench.demo import demo
-    from ncbench.leaderboard.cli import group as leaderboard_group
-    from ncbench.leaderboard.cli import score
-    from ncbench.leaderboard.server import publish, server, team_group
+    from ncbench.cli.attack import group as attack_group
+    from ncbench.cli.baseline import group as baseline_group
+    from ncbench.cli.challenge import group as challenge_group
+    from ncbench.cli.demo import demo
+    from ncbench.cli.leaderboard import group as leaderboard_group
+    from ncbench.cli.leaderboard import score
+    from ncbench.leaderboard.server import client
+    from ncbench.leaderboard.server.service import publish, server, team_group
 
     challenge_group.add_command(publish)  # organizer: hand a built challenge to the server
     for command in (

@@ -220,7 +220,7 @@ def serve(db: str, port: int, host: str) -> None:
         raise NcbenchError(f"--port must be between 1 and 65535, got {port}")
     url = database_url(db)
     Store(url, create=False).close()  # refuse a missing or foreign database before starting
-    from ncbench.leaderboard.server import board_command
+    from ncbench.leaderboard.server.service import board_command
 
     command, env = board_command(url.render_as_string(hide_password=False), host=host, port=port)
     click.echo(f"serving the leaderboard of {describe_db(url)} on http://{host}:{port}", err=True)
@@ -273,7 +273,7 @@ def export(db: str, fmt: str, out: Path | None) -> None:
 def close(challenge_id: str, db: str) -> None:
     """Close CHALLENGE_ID: its private-half scores become public, and the seeds of its verified
     runs' evaluation releases are revealed (no way back)."""
-    from ncbench.leaderboard import verified
+    from ncbench.leaderboard.verified import runs as verified
 
     with Store(database_url(db), create=False) as store:
         stamp, newly = store.close_challenge(challenge_id)
@@ -330,8 +330,9 @@ def verify_builtins(
     """Run the built-in attacks that solve CHALLENGE's task (gram-hungarian, carlini-2021,
     linear-inversion, distribution-alignment, chance) through the verified track: sandboxed, on fresh hidden
     releases with committed seeds. They are the verified matrix's reference rows."""
-    from ncbench.leaderboard import sandbox, verified
-    from ncbench.leaderboard.server import _db_url
+    from ncbench.leaderboard.server.service import _db_url
+    from ncbench.leaderboard.verified import runs as verified
+    from ncbench.leaderboard.verified import sandbox
 
     settings = verified.Settings(
         releases=releases, eval_source=eval_source, limits=sandbox.parse_limits(sandbox_limits), unsandboxed=unsandboxed

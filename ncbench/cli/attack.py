@@ -10,15 +10,15 @@ from pathlib import Path
 
 import click
 
+from ncbench.attacks.archive import parse_spec
 from ncbench.attacks.base import Attack
 from ncbench.attacks.registry import all_attacks, resolve
 from ncbench.attacks.submission import Submission, write_submission
 from ncbench.challenge.encoders import PRESETS, pick_device, resolve_config
 from ncbench.challenge.files import TASKS, open_release
 from ncbench.challenge.release import BuildPlan, build_release
-from ncbench.client import read_token, server_option, submit_file, token_option
 from ncbench.errors import NcbenchError
-from ncbench.plugin_archive import parse_spec
+from ncbench.leaderboard.server.client import read_token, server_option, submit_file, token_option
 
 MESSAGE_LIMIT = 300  # characters kept of an attack's own error message: it is someone else's text
 
@@ -118,7 +118,7 @@ def run_attack(
 
 # -- admission checks: what the challenge server runs before it queues a plugin -----------------
 
-CHECK_MARK = "ncbench-check: "  # the line `attack check --json` ends with (leaderboard/sandbox.py reads it)
+CHECK_MARK = "ncbench-check: "  # the line `attack check --json` ends with (leaderboard/verified/sandbox.py reads it)
 # The tiny release a plugin runs on end to end: a few seconds on a laptop CPU.
 TINY_RELEASE = {"width": 32, "image_size": 32, "patch_size": 8, "bn_batch": 8}
 TINY_N = 16

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import threading
 
-from ncbench.leaderboard import channel, verified
+from ncbench.leaderboard.server import channel
 from ncbench.leaderboard.store import Store
+from ncbench.leaderboard.verified import runs as verified
 
 # Each kind of job: how it is claimed, run, and put back in the queue when its worker died.
 # Scoring jobs are claimed first: they take seconds, a verified run takes minutes.
