@@ -13,6 +13,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
+from ncbench.leaderboard import workqueue
 from ncbench.leaderboard.server import channel
 from ncbench.leaderboard.store import Store, jobs, submissions
 
@@ -280,7 +281,7 @@ def test_a_killed_server_loses_no_job_and_scores_none_twice(tmp_path, world):
     )
     ncbench("team", "add", "alice", "--store", store_dir)
     files = chance_submissions(world, 4, tmp_path / "subs")
-    layout = channel.StoreLayout(store_dir)
+    layout = workqueue.StoreLayout(store_dir)
     with Store(store_dir / "leaderboard.db") as store:
         ids = []
         for path in files:  # uploads that reached the queue before the server died

@@ -28,6 +28,7 @@ from fastapi.responses import FileResponse
 
 from ncbench import __version__
 from ncbench.errors import NcbenchError
+from ncbench.leaderboard import workqueue
 from ncbench.leaderboard.server import channel
 from ncbench.leaderboard.store import ORIGIN_SELF, Store
 from ncbench.leaderboard.verified import runs as verified
@@ -63,7 +64,7 @@ def create_app(
         lifespan=lifespan,
         description="Fetch challenge releases, submit answers or attack plugins, read your scores.",
     )
-    layout = channel.StoreLayout(Path(store_root))
+    layout = workqueue.StoreLayout(Path(store_root))
 
     def team(authorization: str | None = Header(default=None)) -> str:
         scheme, _, token = (authorization or "").partition(" ")
@@ -116,9 +117,9 @@ def create_app(
             job_id = await run_in_threadpool(
                 channel.enqueue, store, team=team, challenge_id=challenge_id, sha256=sha256, size=size
             )
-        except channel.LimitReached as error:
+        except workqueue.LimitReached as error:
             raise HTTPException(429, str(error)) from None
-        except channel.UnknownChallenge as error:
+        except workqueue.UnknownChallenge as error:
             raise HTTPException(404, str(error)) from None
         return {"id": job_id, "state": "queued", "sha256": sha256, "size": size}
 
@@ -186,7 +187,7 @@ def create_app(
                 else None
             )
             sandbox.require_sandbox(unsandboxed=settings.unsandboxed)
-        except channel.UnknownChallenge as error:
+        except workqueue.UnknownChallenge as error:
             raise HTTPException(404, str(error)) from None
         except sandbox.SandboxUnavailable as error:
             raise HTTPException(503, str(error)) from None
@@ -221,7 +222,7 @@ def create_app(
                 class_name=entry,
                 daily_limit=limit,
             )
-        except channel.LimitReached as error:
+        except workqueue.LimitReached as error:
             raise HTTPException(429, str(error)) from None
         except NcbenchError as error:
             raise HTTPException(422, str(error)) from None
@@ -286,7 +287,7 @@ def create_app(
     return app
 
 
-async def receive(request: Request, layout: channel.StoreLayout, max_bytes: int, what: str) -> tuple[str, int]:
+async def receive(request: Request, layout: workqueue.StoreLayout, max_bytes: int, what: str) -> tuple[str, int]:
     """Stream a request body to the store by content hash under ``max_bytes`` (by its declared
     ``Content-Length`` first, then while reading): (sha256, size), or 413 / 400 and nothing kept."""
     declared = request.headers.get("content-length")

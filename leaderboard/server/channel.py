@@ -23,6 +23,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from ncbench.errors import NcbenchError
+from ncbench.leaderboard import workqueue
 from ncbench.leaderboard.store import (
     BUILTIN_TEAM,
     DEFAULT_DAILY_LIMIT,
@@ -40,7 +41,6 @@ from ncbench.leaderboard.store import (
 
 TOKEN_PREFIX = "ncb"
 RATE_LIMIT_PER_MINUTE = 10  # uploads a team may queue per minute, whatever their outcome
-ATTEMPTS_BEFORE_FAILED = 3  # a job that crashed its worker this often is marked failed
 
 
 def _hasher():
@@ -48,34 +48,6 @@ def _hasher():
     from argon2 import PasswordHasher
 
     return PasswordHasher()
-
-
-class LimitReached(NcbenchError):
-    """A rate or daily limit refused the upload (HTTP 429)."""
-
-
-class UnknownChallenge(NcbenchError):
-    """No open, published challenge by that id (HTTP 404)."""
-
-
-@dataclass(frozen=True)
-class StoreLayout:
-    """Where the server keeps files; only ``public_dir`` is ever served."""
-
-    root: Path
-
-    def public_dir(self, challenge_id: str) -> Path:
-        return self.root / "public" / challenge_id
-
-    def key_file(self, challenge_id: str) -> Path:
-        return self.root / "keys" / challenge_id / "key.h5"
-
-    def upload(self, sha256: str) -> Path:
-        return self.root / "uploads" / sha256
-
-    @property
-    def incoming(self) -> Path:
-        return self.root / "incoming"
 
 
 @dataclass(frozen=True)
@@ -95,7 +67,7 @@ class Job:
 
 def publish(
     store: Store,
-    layout: StoreLayout,
+    layout: workqueue.StoreLayout,
     release_dir: Path,
     *,
     daily_limit: int = DEFAULT_DAILY_LIMIT,
@@ -270,33 +242,29 @@ def enqueue(
             sa.select(published.c.daily_limit, published.c.deadline_utc).where(published.c.challenge_id == challenge_id)
         ).one_or_none()
         if limit_row is None:
-            raise UnknownChallenge(f"no open challenge {challenge_id!r}")
+            raise workqueue.UnknownChallenge(f"no open challenge {challenge_id!r}")
         if limit_row.deadline_utc is not None and _stamp(now) > limit_row.deadline_utc:
-            raise UnknownChallenge(f"challenge {challenge_id} closed for submissions at {limit_row.deadline_utc}")
+            raise workqueue.UnknownChallenge(
+                f"challenge {challenge_id} closed for submissions at {limit_row.deadline_utc}"
+            )
         team_id = store._lock_team(conn, team, now)
         if team == BUILTIN_TEAM:  # the organizer's own runs of the built-in attacks: no limits
             return _insert_job(conn, challenge_id, team_id, sha256, size, now)
-        minute_ago = _stamp(now - dt.timedelta(minutes=1))
-        recent = conn.execute(
-            sa.select(sa.func.count())
-            .select_from(jobs)
-            .where(jobs.c.team_id == team_id, jobs.c.created_utc >= minute_ago)
-        ).scalar()
+        recent = workqueue.count_since(conn, jobs, _stamp(now - dt.timedelta(minutes=1)), jobs.c.team_id == team_id)
         if recent >= RATE_LIMIT_PER_MINUTE:
-            raise LimitReached(f"rate limit: at most {RATE_LIMIT_PER_MINUTE} uploads a minute per team; retry shortly")
-        day_start = _stamp(now.astimezone(dt.UTC).replace(hour=0, minute=0, second=0, microsecond=0))
-        used = conn.execute(
-            sa.select(sa.func.count())
-            .select_from(jobs)
-            .where(
-                jobs.c.team_id == team_id,
-                jobs.c.challenge_id == challenge_id,
-                jobs.c.created_utc >= day_start,
-                jobs.c.state.in_(("queued", "running", "scored")),
+            raise workqueue.LimitReached(
+                f"rate limit: at most {RATE_LIMIT_PER_MINUTE} uploads a minute per team; retry shortly"
             )
-        ).scalar()
+        used = workqueue.count_since(
+            conn,
+            jobs,
+            workqueue.day_start(now),
+            jobs.c.team_id == team_id,
+            jobs.c.challenge_id == challenge_id,
+            jobs.c.state.in_(("queued", "running", "scored")),
+        )
         if used >= limit_row.daily_limit:
-            raise LimitReached(
+            raise workqueue.LimitReached(
                 f"team {team!r} has used its {limit_row.daily_limit} submissions for {challenge_id} "
                 "today (UTC); refused ones do not count, the limit resets at midnight UTC"
             )
@@ -304,24 +272,8 @@ def enqueue(
 
 
 def _insert_job(conn, challenge_id: str, team_id: int, sha256: str, size: int, now: dt.datetime) -> int:
-    stamp = _stamp(now)
-    return int(
-        conn.execute(
-            jobs.insert()
-            .values(
-                challenge_id=challenge_id,
-                team_id=team_id,
-                sha256=sha256,
-                size=size,
-                state="queued",
-                message=None,
-                submission_id=None,
-                attempts=0,
-                created_utc=stamp,
-                updated_utc=stamp,
-            )
-            .returning(jobs.c.id)
-        ).scalar_one()
+    return workqueue.insert_queued(
+        conn, jobs, now, challenge_id=challenge_id, team_id=team_id, sha256=sha256, size=size, submission_id=None
     )
 
 
@@ -360,55 +312,20 @@ def _jobs(store: Store, condition, team: str | None) -> list[Job]:
 # -- worker side -------------------------------------------------------------------------------
 
 
-def requeue_interrupted(store: Store, table: sa.Table = jobs) -> int:
-    """At start-up: work left ``running`` in ``table`` (scoring ``jobs``, or verified runs) by a
-    server that died runs again. Scoring is idempotent (a file already scored for the team is
-    recorded once); a verified run keeps its committed seeds, so a rebuild is the same."""
-    with store._write() as conn:
-        return conn.execute(
-            table.update().where(table.c.state == "running").values(state="queued", updated_utc=_stamp(utc_now()))
-        ).rowcount
+def requeue_interrupted(store: Store) -> int:
+    """At start-up: scoring jobs left ``running`` by a server that died run again."""
+    return workqueue.requeue_interrupted(store, jobs)
 
 
-def claim(store: Store, limit: int, table: sa.Table = jobs, **also) -> list[int]:
-    """Move up to ``limit`` queued rows of ``table`` to ``running``, oldest first, counting the
-    attempt and setting ``also`` (e.g. a start time); returns their ids. ``SKIP LOCKED`` lets
-    several servers on one PostgreSQL database claim side by side."""
-    with store._write() as conn:
-        ids = (
-            conn.execute(
-                sa.select(table.c.id)
-                .where(table.c.state == "queued")
-                .order_by(table.c.id)
-                .limit(limit)
-                .with_for_update(skip_locked=True)
-            )
-            .scalars()
-            .all()
-        )
-        if ids:
-            conn.execute(
-                table.update()
-                .where(table.c.id.in_(ids))
-                .values(state="running", attempts=table.c.attempts + 1, updated_utc=_stamp(utc_now()), **also)
-            )
-    return list(ids)
+def claim(store: Store, limit: int) -> list[int]:
+    """Move up to ``limit`` queued scoring jobs to ``running``, oldest first; returns their ids."""
+    return workqueue.claim(store, limit, jobs)
 
 
 def finish(
     store: Store, job_id: int, state: str, *, message: str | None = None, submission_id: int | None = None
 ) -> None:
-    with store._write() as conn:
-        conn.execute(
-            jobs.update()
-            .where(jobs.c.id == job_id)
-            .values(
-                state=state,
-                message=None if message is None else message[:2000],
-                submission_id=submission_id,
-                updated_utc=_stamp(utc_now()),
-            )
-        )
+    workqueue.finish(store, jobs, job_id, state, message=message, limit=2000, submission_id=submission_id)
 
 
 def run_job(db_url: str, store_root: str, job_id: int) -> str:
@@ -416,7 +333,7 @@ def run_job(db_url: str, store_root: str, job_id: int) -> str:
     can reach the database and the store folder). Returns the final state."""
     from ncbench.leaderboard.scoring import score_submission
 
-    layout = StoreLayout(Path(store_root))
+    layout = workqueue.StoreLayout(Path(store_root))
     with Store(db_url, create=False) as store:
         with store._read() as conn:
             row = conn.execute(
@@ -425,7 +342,7 @@ def run_job(db_url: str, store_root: str, job_id: int) -> str:
                 .join(published, published.c.challenge_id == jobs.c.challenge_id)
                 .where(jobs.c.id == job_id)
             ).one()
-        if row.attempts > ATTEMPTS_BEFORE_FAILED:
+        if row.attempts > workqueue.ATTEMPTS_BEFORE_FAILED:
             finish(store, job_id, "failed", message="the scorer crashed on this file repeatedly")
             return "failed"
         try:
@@ -469,7 +386,7 @@ class UploadWriter:
     """Writes an upload stream to the store by content hash, chunk by chunk (never whole in
     memory), refusing it past ``max_bytes``; nothing is left behind unless :meth:`commit` runs."""
 
-    def __init__(self, layout: StoreLayout, *, max_bytes: int):
+    def __init__(self, layout: workqueue.StoreLayout, *, max_bytes: int):
         layout.incoming.mkdir(parents=True, exist_ok=True)
         layout.upload("x").parent.mkdir(parents=True, exist_ok=True)
         self.layout, self.max_bytes = layout, max_bytes

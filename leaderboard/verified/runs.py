@@ -41,9 +41,8 @@ import sqlalchemy as sa
 
 from ncbench.attacks import archive as plugin_archive
 from ncbench.errors import NcbenchError
+from ncbench.leaderboard import workqueue
 from ncbench.leaderboard.metrics import HEADLINE_METRIC
-from ncbench.leaderboard.server import channel
-from ncbench.leaderboard.server.channel import LimitReached, UnknownChallenge
 from ncbench.leaderboard.store import (
     BUILTIN_TEAM,
     MAX_LENGTHS,
@@ -61,6 +60,7 @@ from ncbench.leaderboard.store import (
 )
 from ncbench.leaderboard.tables import shown_attack
 from ncbench.leaderboard.verified.sandbox import Limits
+from ncbench.leaderboard.workqueue import LimitReached, UnknownChallenge
 
 DEFAULT_RELEASES = 3
 DEFAULT_EVAL_SOURCE = "phantom"
@@ -75,7 +75,6 @@ ARCHIVE_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+!-]{0,127}")
 CLASS_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 ENTRY_MAX = 128  # the class_name column: "Class", or "module:Class" for an archive
 PARAM_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
-ATTEMPTS_BEFORE_FAILED = channel.ATTEMPTS_BEFORE_FAILED
 # The limits of the check before queueing: an import and the declarations, nothing heavy.
 CHECK_LIMITS = Limits(
     memory_bytes=4 << 30,
@@ -405,53 +404,40 @@ def enqueue(
     with store._write() as conn:
         team_id = store._lock_team(conn, team, now)
         if daily_limit is not None:
-            day_start = _stamp(now.astimezone(dt.UTC).replace(hour=0, minute=0, second=0, microsecond=0))
-            used = conn.execute(
-                sa.select(sa.func.count())
-                .select_from(verified_runs)
-                .where(
-                    verified_runs.c.team_id == team_id,
-                    verified_runs.c.challenge_id == challenge_id,
-                    verified_runs.c.created_utc >= day_start,
-                )
-            ).scalar()
+            used = workqueue.count_since(
+                conn,
+                verified_runs,
+                workqueue.day_start(now),
+                verified_runs.c.team_id == team_id,
+                verified_runs.c.challenge_id == challenge_id,
+            )
             if used >= daily_limit:
                 raise LimitReached(
                     f"team {team!r} has used its {daily_limit} verified runs for {challenge_id} today "
                     "(UTC); the limit resets at midnight UTC"
                 )
-        stamp = _stamp(now)
-        return int(
-            conn.execute(
-                verified_runs.insert()
-                .values(
-                    challenge_id=challenge_id,
-                    team_id=team_id,
-                    origin=origin,
-                    attack=attack,
-                    attack_version=attack_version,
-                    plugin_sha256=plugin_sha256,
-                    plugin_file=plugin_file,
-                    class_name=class_name,
-                    params=params,
-                    releases=settings.releases,
-                    eval_source=eval_source,
-                    limits=settings.limits.to_json(),
-                    sandboxed=not settings.unsandboxed,
-                    state="queued",
-                    message=None,
-                    attempts=0,
-                    created_utc=stamp,
-                    updated_utc=stamp,
-                )
-                .returning(verified_runs.c.id)
-            ).scalar_one()
+        return workqueue.insert_queued(
+            conn,
+            verified_runs,
+            now,
+            challenge_id=challenge_id,
+            team_id=team_id,
+            origin=origin,
+            attack=attack,
+            attack_version=attack_version,
+            plugin_sha256=plugin_sha256,
+            plugin_file=plugin_file,
+            class_name=class_name,
+            params=params,
+            releases=settings.releases,
+            eval_source=eval_source,
+            limits=settings.limits.to_json(),
+            sandboxed=not settings.unsandboxed,
         )
 
 
 def used_today(store: Store, *, team: str, challenge_id: str) -> int:
     """Verified runs ``team`` queued today (UTC) on ``challenge_id`` (refusing before the check)."""
-    day_start = _stamp(utc_now().replace(hour=0, minute=0, second=0, microsecond=0))  # utc_now() is in UTC
     with store._read() as conn:
         return int(
             conn.execute(
@@ -461,7 +447,7 @@ def used_today(store: Store, *, team: str, challenge_id: str) -> int:
                 .where(
                     teams.c.name == team,
                     verified_runs.c.challenge_id == challenge_id,
-                    verified_runs.c.created_utc >= day_start,
+                    verified_runs.c.created_utc >= workqueue.day_start(utc_now()),
                 )
             ).scalar()
         )
@@ -498,12 +484,12 @@ def enqueue_builtins(store: Store, challenge_id: str, settings: Settings) -> lis
 
 def requeue_interrupted(store: Store) -> int:
     """At start-up: runs left ``running`` by a server that died run again."""
-    return channel.requeue_interrupted(store, verified_runs)
+    return workqueue.requeue_interrupted(store, verified_runs)
 
 
 def claim(store: Store, limit: int) -> list[int]:
     """Move up to ``limit`` queued runs to ``running``, oldest first; returns their ids."""
-    return channel.claim(store, limit, verified_runs, started_utc=_stamp(utc_now()))
+    return workqueue.claim(store, limit, verified_runs, started_utc=_stamp(utc_now()))
 
 
 def claim_run(store: Store, run_id: int) -> bool:
@@ -520,18 +506,15 @@ def claim_run(store: Store, run_id: int) -> bool:
 
 
 def finish(store: Store, run_id: int, state: str, *, message: str | None = None) -> None:
-    stamp = _stamp(utc_now())
-    with store._write() as conn:
-        conn.execute(
-            verified_runs.update()
-            .where(verified_runs.c.id == run_id)
-            .values(
-                state=state,
-                message=None if message is None else message[: MAX_LENGTHS["error"]],
-                updated_utc=stamp,
-                finished_utc=stamp if state in ("scored", "failed") else None,
-            )
-        )
+    workqueue.finish(
+        store,
+        verified_runs,
+        run_id,
+        state,
+        message=message,
+        limit=MAX_LENGTHS["error"],
+        finished_utc=_stamp(utc_now()) if state in ("scored", "failed") else None,
+    )
 
 
 def run_verified(db_url: str, store_root: str, run_id: int) -> str:
@@ -540,7 +523,7 @@ def run_verified(db_url: str, store_root: str, run_id: int) -> str:
     root = Path(store_root)
     with Store(db_url, create=False) as store:
         run = _run_row(store, run_id)
-        if run["attempts"] > ATTEMPTS_BEFORE_FAILED:
+        if run["attempts"] > workqueue.ATTEMPTS_BEFORE_FAILED:
             finish(store, run_id, "failed", message="the worker crashed on this run repeatedly")
             return "failed"
         try:
@@ -580,7 +563,7 @@ def _recipe(root: Path, run: dict) -> Recipe:
     published release, and the run's held-out image source."""
     from ncbench.challenge.files import open_key, open_release
 
-    layout = channel.StoreLayout(root)
+    layout = workqueue.StoreLayout(root)
     with open_release(layout.public_dir(run["challenge_id"]) / "release.h5") as release:
         h5 = release.h5
         n_aux = int(h5["plain/ids"].shape[0]) if run["task"] == "transfer" else 0
@@ -638,7 +621,7 @@ def _evaluate(store: Store, root: Path, run: dict, recipe: Recipe, index: int) -
         plugin = None
         if run["plugin_sha256"]:
             plugin = stage_plugin(
-                channel.StoreLayout(root).upload(run["plugin_sha256"]),
+                workqueue.StoreLayout(root).upload(run["plugin_sha256"]),
                 plugin_file=run["plugin_file"],
                 entry=run["class_name"],
                 work=work,

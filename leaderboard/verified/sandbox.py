@@ -6,7 +6,7 @@ One run is one process tree, started in a session of its own::
       setpriv ...          root only: a fresh unprivileged uid, no capabilities, no groups
         prlimit ...        RLIMIT_AS, RLIMIT_CPU, RLIMIT_FSIZE, RLIMIT_NPROC
           sh -c '"$@" && cp /tmp/submission.h5 /out/submission.h5' sh \
-            python -P -m ncbench.leaderboard.verified.sandbox run PLUGIN.py:Class --release ... (= `ncbench attack run`)
+            python -P -m ncbench.cli.sandboxed run PLUGIN.py:Class --release ... (= `ncbench attack run`)
 
 What the sandbox sees: ``/usr`` (and ``/lib*``, ``/bin``, ``/sbin``), ``/etc/ld.so.cache``, the
 Python environment and the ncbench packages at their own paths, all read-only; the one release at
@@ -50,9 +50,9 @@ RELEASE_INSIDE = "/challenge/release.h5"
 PLUGIN_DIR_INSIDE = "/plugin"
 OUT_INSIDE = "/out/submission.h5"
 SCRATCH_INSIDE = "/tmp"
-# The runner: `ncbench attack ...` through this module's entry point (see `_entry`); -P keeps the
+# The runner: `ncbench attack ...` through its sandbox entry point (ncbench/cli/sandboxed.py); -P keeps the
 # working folder, the plugin's writable /tmp, off sys.path.
-RUNNER = ["-P", "-m", "ncbench.leaderboard.verified.sandbox"]
+RUNNER = ["-P", "-m", "ncbench.cli.sandboxed"]
 # The runner writes to the tmpfs, then copies into the one writable host file: `attack run`
 # writes atomically (a temporary sibling renamed into place), which a bind-mounted file forbids.
 RUN_SCRIPT = '"$@" && cp /tmp/submission.h5 ' + OUT_INSIDE
@@ -424,7 +424,7 @@ def check_plugin(
         )
     else:
         argv = prlimit_argv(limits, processes=False) + command(str(plugin))
-    from ncbench.cli.attack import CHECK_MARK
+    from ncbench.attacks.runner import CHECK_MARK
 
     outcome = _execute(argv, limits, sandboxed=sandboxed, workdir=workdir)
     if not outcome.ok:
@@ -569,27 +569,3 @@ def _reason(returncode: int, output: str, limits: Limits) -> str | None:
 def _one_line(text: str, limit: int = 500) -> str:
     text = "".join(c if c.isprintable() else " " for c in " ".join(text.split()))
     return text if len(text) <= limit else text[:limit] + "..."
-
-
-# -- inside the sandbox ------------------------------------------------------------------------
-
-
-def _entry(argv: list[str]) -> int:
-    """``ncbench attack ARGV`` with the root command's rule (a user mistake is one ``error:``
-    line and exit status 2), importing only the attack tools: every run starts a fresh
-    interpreter, and the other command groups would cost it a second more."""
-    import click
-
-    from ncbench.cli.attack import group
-
-    try:
-        group.main(argv, prog_name="ncbench attack", standalone_mode=False)
-    except (NcbenchError, click.ClickException) as error:
-        message = error.format_message() if isinstance(error, click.ClickException) else str(error)
-        print(f"error: {message}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_entry(sys.argv[1:]))

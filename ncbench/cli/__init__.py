@@ -42,38 +42,83 @@ class _Root(click.Group):
             sys.exit(130)
 
 
-@click.group(cls=_Root)
+# Each command's module is imported when that command runs, not before: `ncbench --help` stays
+# fast, and a command whose optional dependencies are missing names the extra to install
+# instead of breaking every other command. (name, module, attribute, short help, extra)
+COMMANDS = (
+    (
+        "challenge",
+        "ncbench.cli.challenge",
+        "group",
+        "Organizer tools: build, verify and publish challenge releases.",
+        None,
+    ),
+    ("attack", "ncbench.cli.attack", "group", "Attacker tools: list attacks, run one, check a plugin.", None),
+    ("score", "ncbench.cli.leaderboard", "score", "Score a submission against its key; record it.", "board"),
+    ("leaderboard", "ncbench.cli.leaderboard", "group", "The public leaderboard: serve, export, close.", "board"),
+    ("baseline", "ncbench.cli.baseline", "group", "Reference measurements: utility of encoded training.", "board"),
+    ("demo", "ncbench.cli.demo", "demo", "Build, attack, score and show a whole challenge locally.", "all"),
+    ("server", "ncbench.cli.server", "server", "Run the challenge server: API, workers and board.", "server"),
+    ("team", "ncbench.cli.server", "team_group", "Organizer tools: teams and their tokens.", "server"),
+    ("challenges", "ncbench.leaderboard.server.client", "challenges", "List the server's open challenges.", None),
+    ("fetch", "ncbench.leaderboard.server.client", "fetch", "Download a challenge's public files.", None),
+    (
+        "submit",
+        "ncbench.leaderboard.server.client",
+        "submit",
+        "Upload a submission or a plugin; wait for its score.",
+        None,
+    ),
+    ("submissions", "ncbench.leaderboard.server.client", "submissions", "Your team's submissions and runs.", None),
+)
+# Distributions of each extra, as imported (pyproject.toml's optional-dependencies).
+EXTRA_MODULES = {
+    "board": ("streamlit", "sqlalchemy"),
+    "server": ("fastapi", "uvicorn", "distributed", "argon2", "streamlit", "sqlalchemy"),
+}
+EXTRA_MODULES["all"] = EXTRA_MODULES["board"] + EXTRA_MODULES["server"]
+
+
+class _Lazy(_Root):
+    """The root group: mounts each command from :data:`COMMANDS` on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [name for name, *_ in COMMANDS]
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        for command_name, module, attribute, _, extra in COMMANDS:
+            if command_name == name:
+                return _load(module, attribute, extra)
+        return None
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, short) for name, _, _, short, _ in COMMANDS])
+
+
+def _load(module: str, attribute: str, extra: str | None) -> click.Command:
+    import importlib
+
+    try:
+        command = getattr(importlib.import_module(module), attribute)
+    except ModuleNotFoundError as error:
+        missing = (error.name or "").partition(".")[0]
+        wanted = [name for name, modules in EXTRA_MODULES.items() if missing in modules and name != "all"]
+        if extra is None and not wanted:
+            raise
+        needed = extra if extra is not None and missing in EXTRA_MODULES.get(extra, ()) else (wanted or [extra])[0]
+        raise NcbenchError(
+            f"this command needs the '{needed}' extra ({missing} is not installed): "
+            f"pip install 'neuracrypt-bench[{needed}]'"
+        ) from None
+    if module == "ncbench.cli.challenge":  # the organizer hands a built challenge to the server
+        from ncbench.cli.server import publish
+
+        command.add_command(publish)
+    return command
+
+
+@click.group(cls=_Lazy)
 @click.version_option(package_name="neuracrypt-bench")
 def main() -> None:
     """ncbench: reproducible NeuraCrypt challenges, attacks, scoring and leaderboard."""
-
-
-def _mount() -> None:
-    from ncbench.cli.attack import group as attack_group
-    from ncbench.cli.baseline import group as baseline_group
-    from ncbench.cli.challenge import group as challenge_group
-    from ncbench.cli.demo import demo
-    from ncbench.cli.leaderboard import group as leaderboard_group
-    from ncbench.cli.leaderboard import score
-    from ncbench.leaderboard.server import client
-    from ncbench.leaderboard.server.service import publish, server, team_group
-
-    challenge_group.add_command(publish)  # organizer: hand a built challenge to the server
-    for command in (
-        challenge_group,
-        attack_group,
-        score,
-        leaderboard_group,
-        baseline_group,
-        demo,
-        server,
-        team_group,
-        client.challenges,
-        client.fetch,
-        client.submit,
-        client.submissions,
-    ):
-        main.add_command(command)
-
-
-_mount()

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -13,14 +11,12 @@ import click
 from ncbench.attacks.archive import parse_spec
 from ncbench.attacks.base import Attack
 from ncbench.attacks.registry import all_attacks, resolve
-from ncbench.attacks.submission import Submission, write_submission
+from ncbench.attacks.runner import CHECK_MARK, declaration_problems, failure_of, parse_param_items, run_attack
 from ncbench.challenge.encoders import PRESETS, pick_device, resolve_config
-from ncbench.challenge.files import TASKS, open_release
+from ncbench.challenge.files import TASKS
 from ncbench.challenge.release import BuildPlan, build_release
 from ncbench.errors import NcbenchError
 from ncbench.leaderboard.server.client import read_token, server_option, submit_file, token_option
-
-MESSAGE_LIMIT = 300  # characters kept of an attack's own error message: it is someone else's text
 
 
 @click.group("attack")
@@ -70,7 +66,7 @@ def run_command(attack, release_path, out, params, device, seed, team, force, su
     DIST.tar.gz:module:Class) on a release and write a submission; with --submit, also send it to
     the challenge server ($NCBENCH_SERVER, $NCBENCH_TOKEN)."""
     cls = resolve(attack)
-    with _failure_of(cls.name, "failed"):
+    with failure_of(cls.name, "failed"):
         params = cls.parse_params(parse_param_items(params))
     device = pick_device(device)
     if out.exists() and not force:
@@ -87,38 +83,8 @@ def run_command(attack, release_path, out, params, device, seed, team, force, su
         submit_file(out, submission.challenge_id, server=server, token=token)
 
 
-def parse_param_items(items) -> dict[str, str]:
-    """``--param name=value`` strings as {name: value}."""
-    raw = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep or not name.strip():
-            raise NcbenchError(f"--param must look like name=value, got {item!r}")
-        raw[name.strip()] = value.strip()
-    return raw
-
-
-def run_attack(
-    cls: type[Attack], params, release_path: Path, out: Path, *, device: str, seed: int, team: str | None = None
-) -> Submission:
-    """Run ``cls`` on the release at ``release_path`` and write its submission to ``out``; any
-    failure of the attack's code is one NcbenchError line."""
-    with open_release(release_path) as release:
-        with _failure_of(cls.name, "failed"):
-            instance = cls(params, device=device, seed=seed)
-            instance.check_release(release)
-            submission = instance(release)
-            if not isinstance(submission, Submission):
-                raise TypeError(f"run() returned {type(submission).__name__}, not a Submission")
-    submission.team = team
-    with _failure_of(cls.name, "returned a submission that cannot be written"):
-        write_submission(out, submission, force=True)
-    return submission
-
-
 # -- admission checks: what the challenge server runs before it queues a plugin -----------------
 
-CHECK_MARK = "ncbench-check: "  # the line `attack check --json` ends with (leaderboard/verified/sandbox.py reads it)
 # The tiny release a plugin runs on end to end: a few seconds on a laptop CPU.
 TINY_RELEASE = {"width": 32, "image_size": 32, "patch_size": 8, "bn_batch": 8}
 TINY_N = 16
@@ -178,31 +144,6 @@ def check_command(
         )
 
 
-def declaration_problems(cls: type[Attack], raw_params: dict[str, str], tasks: list[str]) -> list[str]:
-    """What the server would refuse about ``cls`` before running it, one line each: parameters
-    that do not parse, tasks it does not solve, knowledge the leaderboard refuses, a version
-    the board cannot store."""
-    problems = []
-    try:
-        with _failure_of(cls.name, "failed"):
-            cls.parse_params(raw_params)
-    except NcbenchError as error:
-        problems.append(str(error))
-    problems += [
-        f"attack {cls.name} does not solve the {task} task (it declares {', '.join(cls.tasks)})"
-        for task in tasks
-        if task not in cls.tasks
-    ]
-    if "key" in cls.knowledge:
-        problems.append(f"attack {cls.name} declares knowledge 'key': attacks that read the key are refused")
-    if not (0 < len(cls.version) <= VERSION_MAX and cls.version.isprintable()):
-        problems.append(f"attack {cls.name}: version must be 1-{VERSION_MAX} printable characters")
-    return problems
-
-
-VERSION_MAX = 64  # leaderboard/store.py MAX_LENGTHS["attack_version"]
-
-
 def run_on_tiny_release(cls: type[Attack], raw_params: dict[str, str], *, task: str, preset: str) -> str:
     """Build a tiny test release of ``task``, run ``cls`` on it and score its submission;
     returns the headline score in words, or raises NcbenchError naming what failed."""
@@ -230,25 +171,3 @@ def run_on_tiny_release(cls: type[Attack], raw_params: dict[str, str], *, task: 
         f"ran end to end; the scorer accepted the submission ({result.headline_metric} "
         f"{result.headline(0):.3f} on the public half of a tiny test release)"
     )
-
-
-@contextmanager
-def _failure_of(attack: str, what: str) -> Iterator[None]:
-    """A bug inside an attack is the attack's failure, not ours: one line naming the exception.
-    An ``NcbenchError`` the attack raises itself (a task it does not solve) keeps its message."""
-    try:
-        yield
-    except NcbenchError as error:
-        raise NcbenchError(_one_line(error)) from None
-    except (Exception, SystemExit) as error:  # noqa: BLE001 - any failure of an attack's code
-        raise NcbenchError(f"attack {attack} {what}: {type(error).__name__}: {_one_line(error)}") from None
-
-
-def _one_line(error: BaseException) -> str:
-    """An exception's message on one printable line, cut at ``MESSAGE_LIMIT`` characters."""
-    try:
-        text = str(error)
-    except Exception:  # noqa: BLE001 - a plugin's exception may not even print
-        text = "(message cannot be printed)"
-    text = "".join(c if c.isprintable() else " " for c in " ".join(text.split()))
-    return text if len(text) <= MESSAGE_LIMIT else text[:MESSAGE_LIMIT] + "..."

@@ -70,6 +70,7 @@ def demo(out: Path, n: int, seed: int, device: str) -> None:
     from ncbench.attacks.registry import all_attacks
     from ncbench.attacks.submission import write_submission
     from ncbench.challenge.files import open_release
+    from ncbench.leaderboard import workqueue
     from ncbench.leaderboard.metrics import HEADLINE_METRIC
     from ncbench.leaderboard.server import channel
     from ncbench.leaderboard.server.client import submit_file
@@ -113,7 +114,7 @@ def demo(out: Path, n: int, seed: int, device: str) -> None:
                 )
             written.append(folder)
             # Just built or checked against its checksums: no need to recompute every encoding.
-            challenge_id = channel.publish(store, channel.StoreLayout(store_dir), folder, recompute=False)
+            challenge_id = channel.publish(store, workqueue.StoreLayout(store_dir), folder, recompute=False)
             for name, cls in sorted(attacks.items()):
                 if task not in cls.tasks or name.startswith("template"):
                     continue

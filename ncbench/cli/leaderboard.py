@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 
+from ncbench.cli.options import db_option, eval_source_option, sandbox_options, store_option
 from ncbench.errors import NcbenchError
 from ncbench.h5io import atomic_path
 from ncbench.leaderboard.metrics import privacy_band
@@ -220,7 +221,7 @@ def serve(db: str, port: int, host: str) -> None:
         raise NcbenchError(f"--port must be between 1 and 65535, got {port}")
     url = database_url(db)
     Store(url, create=False).close()  # refuse a missing or foreign database before starting
-    from ncbench.leaderboard.server.service import board_command
+    from ncbench.leaderboard.board import board_command
 
     command, env = board_command(url.render_as_string(hide_password=False), host=host, port=port)
     click.echo(f"serving the leaderboard of {describe_db(url)} on http://{host}:{port}", err=True)
@@ -291,8 +292,8 @@ def close(challenge_id: str, db: str) -> None:
 
 @group.command("verify-builtins")
 @click.option("--challenge", "challenge_id", required=True, help="A published challenge of the server.")
-@click.option("--store", "store_dir", type=click.Path(path_type=Path), required=True, help="The server's store folder.")
-@click.option("--db", default=None, help=DB_HELP + " [default: STORE/leaderboard.db]")
+@store_option(required=True)
+@db_option
 @click.option(
     "--releases",
     type=click.IntRange(1, 100),
@@ -300,20 +301,8 @@ def close(challenge_id: str, db: str) -> None:
     show_default=True,
     help="Fresh hidden evaluation releases per run (K).",
 )
-@click.option(
-    "--eval-source",
-    default="phantom",
-    show_default=True,
-    help="Held-out images, for a challenge published without its own --eval-source.",
-)
-@click.option(
-    "--sandbox-limit",
-    "sandbox_limits",
-    multiple=True,
-    metavar="NAME=VALUE",
-    help="A limit of each sandboxed run (repeatable; see `ncbench server --help`).",
-)
-@click.option("--unsandboxed", is_flag=True, help="Local testing only: run without bubblewrap (marked unsandboxed).")
+@eval_source_option(default="phantom", help="Held-out images, for a challenge published without its own --eval-source.")
+@sandbox_options
 @click.option(
     "--queue-only", is_flag=True, help="Queue the runs for the server's workers instead of running them here."
 )
@@ -330,7 +319,7 @@ def verify_builtins(
     """Run the built-in attacks that solve CHALLENGE's task (gram-hungarian, carlini-2021,
     linear-inversion, distribution-alignment, chance) through the verified track: sandboxed, on fresh hidden
     releases with committed seeds. They are the verified matrix's reference rows."""
-    from ncbench.leaderboard.server.service import _db_url
+    from ncbench.leaderboard.server.service import db_url
     from ncbench.leaderboard.verified import runs as verified
     from ncbench.leaderboard.verified import sandbox
 
@@ -339,7 +328,7 @@ def verify_builtins(
     )
     sandbox.require_sandbox(unsandboxed=unsandboxed)
     store_dir = Path(store_dir).resolve()
-    url = _db_url(db, store_dir)
+    url = db_url(db, store_dir)
     with Store(database_url(url), create=False) as store:
         queued = verified.enqueue_builtins(store, challenge_id, settings)
         if not queued:

@@ -1,0 +1,123 @@
+"""The durable work queue both kinds of job share: scoring jobs (answer files) and verified runs.
+
+Rows of a queue table (``jobs`` or ``verified_runs`` in :mod:`ncbench.leaderboard.store`) move
+``queued -> running -> scored | refused | failed``; the server's workers claim them, a restart
+requeues what a dead server left ``running``. Only the table differs between the two kinds, so
+the state changes and the daily counts live here once.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from ncbench.errors import NcbenchError
+from ncbench.leaderboard.store import Store, _stamp, utc_now
+
+ATTEMPTS_BEFORE_FAILED = 3  # a job that crashed its worker this often is marked failed
+FINAL_STATES = ("scored", "refused", "failed")
+
+
+class LimitReached(NcbenchError):
+    """A rate or daily limit refused the upload (HTTP 429)."""
+
+
+class UnknownChallenge(NcbenchError):
+    """No open, published challenge by that id (HTTP 404)."""
+
+
+@dataclass(frozen=True)
+class StoreLayout:
+    """Where the server keeps files; only ``public_dir`` is ever served."""
+
+    root: Path
+
+    def public_dir(self, challenge_id: str) -> Path:
+        return self.root / "public" / challenge_id
+
+    def key_file(self, challenge_id: str) -> Path:
+        return self.root / "keys" / challenge_id / "key.h5"
+
+    def upload(self, sha256: str) -> Path:
+        return self.root / "uploads" / sha256
+
+    @property
+    def incoming(self) -> Path:
+        return self.root / "incoming"
+
+
+def day_start(now: dt.datetime) -> str:
+    """The stamp of midnight UTC that starts ``now``'s day: daily limits reset there."""
+    return _stamp(now.astimezone(dt.UTC).replace(hour=0, minute=0, second=0, microsecond=0))
+
+
+def count_since(conn, table: sa.Table, since: str, *conditions) -> int:
+    """Rows of ``table`` created at or after the stamp ``since`` that meet every condition."""
+    query = sa.select(sa.func.count()).select_from(table).where(table.c.created_utc >= since, *conditions)
+    return int(conn.execute(query).scalar())
+
+
+def insert_queued(conn, table: sa.Table, now: dt.datetime, **values) -> int:
+    """A new ``queued`` row of ``table`` with ``values``; returns its id."""
+    stamp = _stamp(now)
+    return int(
+        conn.execute(
+            table.insert()
+            .values(state="queued", message=None, attempts=0, created_utc=stamp, updated_utc=stamp, **values)
+            .returning(table.c.id)
+        ).scalar_one()
+    )
+
+
+def requeue_interrupted(store: Store, table: sa.Table) -> int:
+    """At start-up: work left ``running`` in ``table`` by a server that died runs again. Scoring
+    is idempotent (a file already scored for the team is recorded once); a verified run keeps
+    its committed seeds, so a rebuild is the same."""
+    with store._write() as conn:
+        return conn.execute(
+            table.update().where(table.c.state == "running").values(state="queued", updated_utc=_stamp(utc_now()))
+        ).rowcount
+
+
+def claim(store: Store, limit: int, table: sa.Table, **also) -> list[int]:
+    """Move up to ``limit`` queued rows of ``table`` to ``running``, oldest first, counting the
+    attempt and setting ``also`` (e.g. a start time); returns their ids. ``SKIP LOCKED`` lets
+    several servers on one PostgreSQL database claim side by side."""
+    with store._write() as conn:
+        ids = (
+            conn.execute(
+                sa.select(table.c.id)
+                .where(table.c.state == "queued")
+                .order_by(table.c.id)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            )
+            .scalars()
+            .all()
+        )
+        if ids:
+            conn.execute(
+                table.update()
+                .where(table.c.id.in_(ids))
+                .values(state="running", attempts=table.c.attempts + 1, updated_utc=_stamp(utc_now()), **also)
+            )
+    return list(ids)
+
+
+def finish(store: Store, table: sa.Table, row_id: int, state: str, *, message: str | None, limit: int, **also) -> None:
+    """Row ``row_id`` of ``table`` ends in ``state`` with ``message`` (cut at ``limit``
+    characters) and ``also``."""
+    with store._write() as conn:
+        conn.execute(
+            table.update()
+            .where(table.c.id == row_id)
+            .values(
+                state=state,
+                message=None if message is None else message[:limit],
+                updated_utc=_stamp(utc_now()),
+                **also,
+            )
+        )

@@ -1,0 +1,202 @@
+"""``ncbench server``, ``ncbench challenge publish`` and ``ncbench team``: the organizer's live challenge."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import click
+
+from ncbench.cli.options import db_option, eval_source_option, sandbox_options, store_option
+from ncbench.errors import NcbenchError
+
+
+@click.command("server")
+@store_option(required=True)
+@db_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address of the API and the board.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True, help="API port.")
+@click.option(
+    "--board-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Port of the Streamlit board [default: API port + 1; 0: no board].",
+)
+@click.option(
+    "--scheduler", default=None, help="Dask scheduler address (tcp://HOST:8786) [default: in-process cluster]."
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="Scoring workers of the in-process cluster.",
+)
+@click.option(
+    "--max-upload-mb",
+    type=click.IntRange(1, 1 << 20),
+    default=1024,
+    show_default=True,
+    help="Largest submission accepted.",
+)
+@click.option(
+    "--verified-releases",
+    type=click.IntRange(1, 100),
+    default=3,
+    show_default=True,
+    help="Verified track: fresh hidden evaluation releases per plugin run (K).",
+)
+@eval_source_option(
+    default="phantom",
+    help="Verified track: held-out images of evaluation releases, for challenges published without "
+    "their own --eval-source (phantom, folder:PATH, manifest:FILE).",
+)
+@sandbox_options
+def server(
+    store_dir: Path,
+    db: str | None,
+    host: str,
+    port: int,
+    board_port: int | None,
+    scheduler: str | None,
+    workers: int,
+    max_upload_mb: int,
+    verified_releases: int,
+    eval_source: str,
+    sandbox_limits: tuple[str, ...],
+    unsandboxed: bool,
+) -> None:
+    """Run the challenge server: HTTP API, scoring workers and the public board (Ctrl-C stops all)."""
+    from ncbench.leaderboard.server import service
+    from ncbench.leaderboard.verified import runs as verified
+    from ncbench.leaderboard.verified import sandbox
+
+    settings = verified.Settings(
+        releases=verified_releases,
+        eval_source=eval_source,
+        limits=sandbox.parse_limits(sandbox_limits),
+        unsandboxed=unsandboxed,
+    )
+    store_root = service.store_dir(store_dir)
+    service.serve(
+        service.db_url(db, store_root),
+        store_root,
+        host=host,
+        port=port,
+        board_port=port + 1 if board_port is None else board_port,
+        scheduler=scheduler,
+        workers=workers,
+        max_upload=max_upload_mb << 20,
+        settings=settings,
+    )
+
+
+@click.command("publish")
+@click.argument("release_dir", type=click.Path(path_type=Path))
+@store_option(required=True)
+@db_option
+@click.option(
+    "--daily-limit",
+    type=int,
+    default=None,
+    help="Submissions per team and UTC day (refused ones do not count) [default: 5].",
+)
+@click.option("--deadline", default=None, help="Last moment for submissions, UTC (YYYY-MM-DDTHH:MM).")
+@eval_source_option(
+    default=None,
+    help="Verified track: the held-out images evaluation releases are drawn from (phantom, folder:PATH, "
+    "manifest:FILE) [default: the server's --eval-source]. Keep them out of the public release.",
+)
+@click.option(
+    "--plugin-daily-limit",
+    type=int,
+    default=None,
+    help="Verified track: plugin runs per team and UTC day [default: 2].",
+)
+def publish(
+    release_dir: Path,
+    store_dir: Path,
+    db: str | None,
+    daily_limit: int | None,
+    deadline: str | None,
+    eval_source: str | None,
+    plugin_daily_limit: int | None,
+) -> None:
+    """Register a built challenge with the server: its public files become downloadable; its
+    key goes to the store, which no route serves."""
+    from ncbench.leaderboard import workqueue
+    from ncbench.leaderboard.server import channel, service
+    from ncbench.leaderboard.store import DEFAULT_DAILY_LIMIT, Store
+    from ncbench.leaderboard.verified import runs as verified
+
+    verified.evaluation_values(eval_source=eval_source, plugin_daily_limit=plugin_daily_limit)  # refuse first
+    when = None
+    if deadline:
+        try:
+            when = dt.datetime.fromisoformat(deadline).replace(tzinfo=dt.UTC)
+        except ValueError:
+            raise NcbenchError(f"--deadline must look like 2026-12-31T23:59, got {deadline!r}") from None
+    store_root = service.store_dir(store_dir)
+    with Store(service.db_url(db, store_root)) as store:
+        challenge_id = channel.publish(
+            store,
+            workqueue.StoreLayout(store_root),
+            release_dir,
+            daily_limit=DEFAULT_DAILY_LIMIT if daily_limit is None else daily_limit,
+            deadline=when,
+        )
+        verified.set_evaluation(store, challenge_id, eval_source=eval_source, plugin_daily_limit=plugin_daily_limit)
+    click.echo(f"published {challenge_id}")
+
+
+@click.group("team")
+def team_group() -> None:
+    """Organizer tools: teams and their tokens for the challenge server."""
+
+
+def _team_store(store_dir: Path | None, db: str | None):
+    from ncbench.leaderboard.server.service import db_url
+    from ncbench.leaderboard.store import Store, database_url
+
+    if store_dir is None and db is None:
+        raise NcbenchError("give --db or --store")
+    return Store(db_url(db, store_dir) if store_dir else database_url(db))
+
+
+@team_group.command("add")
+@click.argument("name")
+@store_option(required=False)
+@db_option
+def team_add(name: str, store_dir: Path | None, db: str | None) -> None:
+    """Create team NAME (or reuse it) and print a new token, once: only its hash is kept."""
+    from ncbench.leaderboard.server import channel
+
+    with _team_store(store_dir, db) as store:
+        name, token = channel.add_team(store, name)
+    click.echo(f"team {name}: token (shown once; give it to the team)", err=True)
+    click.echo(token)
+
+
+@team_group.command("list")
+@store_option(required=False)
+@db_option
+def team_list(store_dir: Path | None, db: str | None) -> None:
+    """Every team, when it was created and how many active tokens it has."""
+    from ncbench.leaderboard.server import channel
+
+    with _team_store(store_dir, db) as store:
+        for row in channel.list_teams(store):
+            click.echo(f"{row['name']}\tcreated {row['created_utc']}\tactive tokens {row['active_tokens']}")
+
+
+@team_group.command("revoke")
+@click.argument("name")
+@store_option(required=False)
+@db_option
+def team_revoke(name: str, store_dir: Path | None, db: str | None) -> None:
+    """Revoke every token of team NAME (its results stay on the board)."""
+    from ncbench.leaderboard.server import channel
+
+    with _team_store(store_dir, db) as store:
+        revoked = channel.revoke_team(store, name)
+    click.echo(f"revoked {revoked} token(s) of {name}")
