@@ -274,12 +274,21 @@ def write_site_key(key: Key, site: int, out: str | os.PathLike, *, force: bool =
     return out
 
 
+DIGEST_CANONICAL = "canonical-json"  # a key's root attribute ``digest``: how its attributes are hashed
+
+
 def canonical_digest(handle: h5py.File) -> bytes:
     """sha256 over every dataset (name, dtype, shape, bytes) and every attribute, sorted by name.
 
     Excludes ``commitment/salt`` (it is mixed in separately) and the root attribute
     ``release_sha256`` (written after the release, which itself records this commitment).
+    Attribute values are hashed in their canonical JSON (:mod:`ncbench.canonical`), the same on
+    every machine; a key without the root attribute ``digest`` predates that and is hashed with
+    ``repr()`` of each value, which depends on the numpy version that reads it.
     """
+    from ncbench.canonical import canonical_json
+
+    canonical = handle.attrs.get("digest") == DIGEST_CANONICAL
     digest = hashlib.sha256()
     items: list[tuple[str, h5py.HLObject]] = []
     handle.visititems(lambda name, obj: items.append((name, obj)))
@@ -287,7 +296,11 @@ def canonical_digest(handle: h5py.File) -> bytes:
         for attr in sorted(obj.attrs):
             if name == "" and attr == "release_sha256":
                 continue
-            digest.update(f"attr {name}/{attr}={obj.attrs[attr]!r}\n".encode())
+            value = obj.attrs[attr]
+            if canonical:
+                digest.update(b"attr " + canonical_json([name, attr, value]) + b"\n")
+            else:
+                digest.update(f"attr {name}/{attr}={value!r}\n".encode())
         if isinstance(obj, h5py.Dataset) and name != "commitment/salt":
             values = obj[()]
             if values.dtype.kind == "O":

@@ -36,6 +36,7 @@ from ncbench.challenge.files import (
     SITE_TASKS,
     TASKS,
     ReleaseLayout,
+    DIGEST_CANONICAL,
     canonical_digest,
 )
 from ncbench.challenge.sources import ImageSet, load_images
@@ -316,7 +317,9 @@ def _write(tmp: Path, *, config, plan, roles, build_seed: BuildSeed, test_releas
     release_path, key_path = layout.release, layout.key
 
     with h5py.File(key_path, "w", track_order=False) as key_h5:
-        set_root_attrs(key_h5, KEY_FORMAT, SCHEMA_VERSION, challenge_id=challenge_id, task=plan.task, **marks)
+        set_root_attrs(
+            key_h5, KEY_FORMAT, SCHEMA_VERSION, challenge_id=challenge_id, task=plan.task, digest=DIGEST_CANONICAL, **marks
+        )
         group = key_h5.create_group("encoder")
         group.attrs["seed"] = seed
         group.attrs["encoder_config"] = config.to_json()
