@@ -30,13 +30,13 @@ from ncbench.challenge.encoders import (
     sample_permutations,
 )
 from ncbench.challenge.files import (
+    DIGEST_CANONICAL,
     KEY_FORMAT,
     RELEASE_FORMAT,
     SCHEMA_VERSION,
     SITE_TASKS,
     TASKS,
     ReleaseLayout,
-    DIGEST_CANONICAL,
     canonical_digest,
 )
 from ncbench.challenge.sources import ImageSet, load_images
@@ -318,7 +318,13 @@ def _write(tmp: Path, *, config, plan, roles, build_seed: BuildSeed, test_releas
 
     with h5py.File(key_path, "w", track_order=False) as key_h5:
         set_root_attrs(
-            key_h5, KEY_FORMAT, SCHEMA_VERSION, challenge_id=challenge_id, task=plan.task, digest=DIGEST_CANONICAL, **marks
+            key_h5,
+            KEY_FORMAT,
+            SCHEMA_VERSION,
+            challenge_id=challenge_id,
+            task=plan.task,
+            digest=DIGEST_CANONICAL,
+            **marks,
         )
         group = key_h5.create_group("encoder")
         group.attrs["seed"] = seed
