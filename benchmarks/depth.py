@@ -310,7 +310,7 @@ def probe(release_dir: str, *, self_width: int = 512, rounds: tuple[int, ...] = 
     from ncbench.assignment import match
     from ncbench.attacks import pairing
     from ncbench.attacks.alignment import _column_correlation, refine_slot_positions
-    from ncbench.attacks.registry import resolve
+    from ncbench.attacks.plugins.registry import resolve
     from ncbench.attacks.self_keyed import self_encode
     from ncbench.attacks.statistics import gram_scores, patch_statistics
     from ncbench.challenge.files import open_key, open_release

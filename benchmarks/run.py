@@ -108,7 +108,7 @@ def attack(release_dir: str, name: str = "gram-hungarian", device: str = "cpu", 
     """Run one attack on a release; time, peak RSS, stage times, and (when the release directory
     holds its key, as a test release does) re-identification and patch-position accuracy.
     ``params``: the attack's parameters as text (``--self_width=256``)."""
-    from ncbench.attacks.registry import resolve
+    from ncbench.attacks.plugins.registry import resolve
     from ncbench.challenge.files import open_release
 
     cls = resolve(name)
@@ -303,7 +303,7 @@ def boost(release_dir: str) -> dict:
     the same statistics: time and re-identification of each."""
     from ncbench.assignment import match
     from ncbench.attacks import pairing
-    from ncbench.attacks.registry import resolve
+    from ncbench.attacks.plugins.registry import resolve
     from ncbench.attacks.self_keyed import self_encode
     from ncbench.attacks.statistics import gram_scores, patch_statistics, sorted_norm_scores
     from ncbench.challenge.files import open_key, open_release

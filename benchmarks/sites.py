@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ncbench.attacks.registry import resolve
+from ncbench.attacks.plugins.registry import resolve
 from ncbench.attacks.submission import write_submission
 from ncbench.challenge.encoders import resolve_config
 from ncbench.challenge.files import open_key, open_release, write_site_key

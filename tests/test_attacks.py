@@ -16,7 +16,7 @@ from ncbench.attacks import pairing, statistics
 from ncbench.attacks.alignment import to_slot_order
 from ncbench.attacks.base import Attack
 from ncbench.attacks.carlini_2021 import CloneEncoder, permuted_scores, recover_permutation
-from ncbench.attacks.registry import (
+from ncbench.attacks.plugins.registry import (
     all_attacks,
     check_plugin_name,
     load_from_file,

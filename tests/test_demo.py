@@ -6,7 +6,7 @@ from click.testing import CliRunner
 
 import ncbench.baselines.utility as utility_module
 import ncbench.cli.demo as demo_module
-from ncbench.attacks.registry import all_attacks
+from ncbench.attacks.plugins.registry import all_attacks
 from ncbench.baselines.utility import RAW_PRESET
 from ncbench.cli import main
 from ncbench.errors import NcbenchError

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from ncbench.attacks.registry import resolve
+from ncbench.attacks.plugins.registry import resolve
 from ncbench.attacks.submission import Submission, write_submission
 from ncbench.challenge.encoders import resolve_config
 from ncbench.challenge.files import SiteKey, open_key, open_release

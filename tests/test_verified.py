@@ -31,8 +31,8 @@ from hypothesis import strategies as st
 from streamlit.testing.v1 import AppTest
 from test_server import Server, ncbench
 
-from ncbench.attacks import archive as plugin_archive
 from ncbench.attacks.gram_hungarian import GramHungarian
+from ncbench.attacks.plugins import archive as plugin_archive
 from ncbench.cli import main
 from ncbench.errors import NcbenchError
 from ncbench.leaderboard import tables

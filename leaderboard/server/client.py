@@ -261,7 +261,7 @@ def submit_plugin(
     an archive) and parameters; the server checks it before queueing it, then runs it on fresh
     hidden releases. With ``wait``, poll until the run ends and return it (NcbenchError when it
     failed)."""
-    from ncbench.attacks.archive import MAX_ARCHIVE_BYTES, MAX_FILE_BYTES, SPEC_FORMS, parse_spec
+    from ncbench.attacks.plugins.archive import MAX_ARCHIVE_BYTES, MAX_FILE_BYTES, SPEC_FORMS, parse_spec
 
     plugin = parse_spec(spec)
     if plugin is None or plugin.kind == "folder":

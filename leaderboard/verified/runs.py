@@ -39,7 +39,7 @@ from pathlib import Path
 import pandas as pd
 import sqlalchemy as sa
 
-from ncbench.attacks import archive as plugin_archive
+from ncbench.attacks.plugins import archive as plugin_archive
 from ncbench.errors import NcbenchError
 from ncbench.leaderboard import workqueue
 from ncbench.leaderboard.metrics import HEADLINE_METRIC
@@ -315,7 +315,7 @@ def plugin_entry(class_name: str, module: str | None) -> str:
 def stage_plugin(upload: Path, *, plugin_file: str, entry: str, work: Path) -> Path:
     """Put an uploaded plugin in ``work`` (a private folder) for the sandbox to mount; returns
     what to mount. A .py file is copied to ``work/plugin/NAME.py``; a wheel or an sdist is
-    checked (layout, pure Python, dependencies installed here: :mod:`ncbench.attacks.archive`)
+    checked (layout, pure Python, dependencies installed here: :mod:`ncbench.attacks.plugins.archive`)
     and unpacked into the folder ``work/plugin``, never built and never installed."""
     plugin = work / "plugin"
     if plugin_archive.archive_kind(plugin_file) is not None:
@@ -357,7 +357,7 @@ def check_report(report: dict, *, task: str) -> tuple[str, str]:
     """(attack name, version) from the declarations a plugin's check printed, checked again here:
     the plugin's own process printed them, so they are its claims until checked."""
     from ncbench.attacks.base import KNOWLEDGE
-    from ncbench.attacks.registry import PLUGIN_NAME, PLUGIN_NAME_MAX, all_attacks
+    from ncbench.attacks.plugins.registry import PLUGIN_NAME, PLUGIN_NAME_MAX, all_attacks
     from ncbench.names import name_skeleton
 
     name, version = report.get("attack"), report.get("version")
@@ -456,7 +456,7 @@ def used_today(store: Store, *, team: str, challenge_id: str) -> int:
 def enqueue_builtins(store: Store, challenge_id: str, settings: Settings) -> list[tuple[str, int]]:
     """Queue the organizer's verified runs of the built-in attacks that solve the challenge's
     task; returns (attack, run id) for each, the reference rows of the verified matrix."""
-    from ncbench.attacks.registry import all_attacks
+    from ncbench.attacks.plugins.registry import all_attacks
 
     challenge = open_challenge(store, challenge_id)
     known = all_attacks()

@@ -424,7 +424,7 @@ def check_plugin(
         )
     else:
         argv = prlimit_argv(limits, processes=False) + command(str(plugin))
-    from ncbench.attacks.runner import CHECK_MARK
+    from ncbench.attacks.plugins.runner import CHECK_MARK
 
     outcome = _execute(argv, limits, sandboxed=sandboxed, workdir=workdir)
     if not outcome.ok:

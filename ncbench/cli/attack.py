@@ -8,10 +8,10 @@ from pathlib import Path
 
 import click
 
-from ncbench.attacks.archive import parse_spec
 from ncbench.attacks.base import Attack
-from ncbench.attacks.registry import all_attacks, resolve
-from ncbench.attacks.runner import CHECK_MARK, declaration_problems, failure_of, parse_param_items, run_attack
+from ncbench.attacks.plugins.archive import parse_spec
+from ncbench.attacks.plugins.registry import all_attacks, resolve
+from ncbench.attacks.plugins.runner import CHECK_MARK, declaration_problems, failure_of, parse_param_items, run_attack
 from ncbench.challenge.encoders import PRESETS, pick_device, resolve_config
 from ncbench.challenge.files import TASKS
 from ncbench.challenge.release import BuildPlan, build_release

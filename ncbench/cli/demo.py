@@ -67,7 +67,7 @@ TEAM = BUILTIN_TEAM
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
 def demo(out: Path, n: int, seed: int, device: str) -> None:
     """Build releases from the embedded radiographs, attack them, score them, print the board."""
-    from ncbench.attacks.registry import all_attacks
+    from ncbench.attacks.plugins.registry import all_attacks
     from ncbench.attacks.submission import write_submission
     from ncbench.challenge.files import open_release
     from ncbench.leaderboard import workqueue

@@ -13,8 +13,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ncbench.attacks.archive import SPEC_FORMS, parse_spec, prepare
 from ncbench.attacks.base import Attack
+from ncbench.attacks.plugins.archive import SPEC_FORMS, parse_spec, prepare
 from ncbench.errors import NcbenchError
 from ncbench.names import name_skeleton
 
@@ -83,7 +83,7 @@ def all_attacks() -> dict[str, type[Attack]]:
 
 def resolve(spec: str) -> type[Attack]:
     """An attack by registered name, or a plugin: ``FILE.py:Class``, ``DIST.whl:module:Class``,
-    ``DIST.tar.gz:module:Class`` or ``FOLDER:module:Class`` (:mod:`ncbench.attacks.archive`)."""
+    ``DIST.tar.gz:module:Class`` or ``FOLDER:module:Class`` (:mod:`ncbench.attacks.plugins.archive`)."""
     plugin = parse_spec(spec)
     if plugin is not None:
         if plugin.kind == "file":
