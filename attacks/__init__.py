@@ -2,11 +2,11 @@
 
 A plugin file needs only::
 
-    from ncbench.attacks import Attack, Release, Submission
+    from ncbench.attacks import Attack, Release, Submission, param
 """
 
-from ncbench.attacks.base import Attack
+from ncbench.attacks.base import Attack, param
 from ncbench.attacks.submission import Submission
 from ncbench.challenge.files import Release
 
-__all__ = ["Attack", "Release", "Submission"]
+__all__ = ["Attack", "Release", "Submission", "param"]

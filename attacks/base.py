@@ -12,7 +12,7 @@ class validates both once, so every plugin gets the same precise errors::
 
         @dataclass
         class Params:
-            iterations: int = field(default=3, metadata={"min": 1, "max": 100, "help": "..."})
+            iterations: int = param(3, "what it sets, in a few words", min=1, max=100)
 
         def run(self, release: Release) -> Submission: ...
 
@@ -35,6 +35,16 @@ from ncbench.attacks.submission import Submission
 from ncbench.challenge.files import TASKS, Release
 from ncbench.errors import NcbenchError
 from ncbench.progress import progress
+
+
+def param(default, help: str, *, min=None, max=None, choices=None) -> dataclasses.Field:
+    """A field of an attack's ``Params`` dataclass: its default, one line of help for `attack
+    list -v`, and the range or choices the base class checks every value against."""
+    checks = {"min": min, "max": max, "choices": choices}
+    return dataclasses.field(
+        default=default, metadata={"help": help, **{k: v for k, v in checks.items() if v is not None}}
+    )
+
 
 KNOWLEDGE = {
     "architecture": "the public encoder architecture and preset configuration",

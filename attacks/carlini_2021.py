@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -37,7 +37,7 @@ from torch import nn
 
 from ncbench.assignment import match
 from ncbench.attacks.alignment import iter_aligned, slot_reference
-from ncbench.attacks.base import Attack
+from ncbench.attacks.base import Attack, param
 from ncbench.attacks.self_keyed import self_encode
 from ncbench.attacks.submission import Submission
 from ncbench.challenge.encoders import BN_EPS, EncoderConfig, derive_seed, images_to_patches
@@ -59,49 +59,23 @@ class Carlini2021(Attack):
 
     @dataclass
     class Params:
-        self_width: int = field(
-            default=512,
-            metadata={"min": 16, "max": 8192, "help": "width of the self-sampled encoders that make training pairs"},
+        self_width: int = param(512, "width of the self-sampled encoders that make training pairs", min=16, max=8192)
+        train_keys: int = param(2, "self-sampled keys for training pairs", min=1, max=16)
+        train_images: int = param(256, "pool images encoded under each self-sampled key", min=8, max=100000)
+        train_steps: int = param(300, "contrastive training steps of the patch networks", min=1, max=100000)
+        embedding: int = param(16, "patch embedding size", min=2, max=256)
+        pair_candidates: int = param(
+            2, "candidates per encoding scored by a P x P patch assignment (0: none)", min=0, max=100000
         )
-        train_keys: int = field(
-            default=2, metadata={"min": 1, "max": 16, "help": "self-sampled keys for training pairs"}
+        boost_rounds: int = param(3, "rounds of permutation recovery + re-matching", min=1, max=20)
+        clone_rounds: int = param(
+            1, "rounds of clone-encoder fitting + re-matching (0: stop after boosting)", min=0, max=10
         )
-        train_images: int = field(
-            default=256, metadata={"min": 8, "max": 100000, "help": "pool images encoded under each self-sampled key"}
-        )
-        train_steps: int = field(
-            default=300, metadata={"min": 1, "max": 100000, "help": "contrastive training steps of the patch networks"}
-        )
-        embedding: int = field(default=16, metadata={"min": 2, "max": 256, "help": "patch embedding size"})
-        pair_candidates: int = field(
-            default=2,
-            metadata={
-                "min": 0,
-                "max": 100000,
-                "help": "candidates per encoding scored by a P x P patch assignment (0: none)",
-            },
-        )
-        boost_rounds: int = field(
-            default=3, metadata={"min": 1, "max": 20, "help": "rounds of permutation recovery + re-matching"}
-        )
-        clone_rounds: int = field(
-            default=1,
-            metadata={
-                "min": 0,
-                "max": 10,
-                "help": "rounds of clone-encoder fitting + re-matching (0: stop after boosting)",
-            },
-        )
-        clone_width: int = field(default=128, metadata={"min": 8, "max": 8192, "help": "hidden width of the clone"})
-        clone_dims: int = field(
-            default=128, metadata={"min": 1, "max": 8192, "help": "output coordinates the clone fits (of D)"}
-        )
-        clone_steps: int = field(default=40, metadata={"min": 1, "max": 100000, "help": "L1 fitting steps per round"})
-        clone_batch: int = field(
-            default=64,
-            metadata={"min": 2, "max": 4096, "help": "images per fitting step (drawn from one release batch)"},
-        )
-        chunk: int = field(default=32, metadata={"min": 1, "max": 4096, "help": "images per streamed block"})
+        clone_width: int = param(128, "hidden width of the clone", min=8, max=8192)
+        clone_dims: int = param(128, "output coordinates the clone fits (of D)", min=1, max=8192)
+        clone_steps: int = param(40, "L1 fitting steps per round", min=1, max=100000)
+        clone_batch: int = param(64, "images per fitting step (drawn from one release batch)", min=2, max=4096)
+        chunk: int = param(32, "images per streamed block", min=1, max=4096)
 
     def run(self, release: Release) -> Submission:
         p, config = self.params, release.config

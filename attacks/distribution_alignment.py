@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ from ncbench.attacks.alignment import (
     refine_slot_positions,
     slot_reference,
 )
-from ncbench.attacks.base import Attack
+from ncbench.attacks.base import Attack, param
 from ncbench.attacks.self_keyed import self_encode
 from ncbench.attacks.statistics import patch_statistics
 from ncbench.attacks.submission import Submission
@@ -135,21 +135,11 @@ class DistributionAlignment(Attack):
 
     @dataclass
     class Params:
-        mean_weight: float = field(
-            default=30.0,
-            metadata={"min": 0.0, "max": 1e6, "help": "weight of the per-position means against the covariances"},
-        )
-        iterations: int = field(
-            default=60, metadata={"min": 0, "max": 10000, "help": "Procrustes fixed-point iterations"}
-        )
-        covariance_images: int = field(
-            default=128, metadata={"min": 2, "max": 100000, "help": "encodings used for the pooled covariance (D x D)"}
-        )
-        self_width: int = field(
-            default=512,
-            metadata={"min": 16, "max": 8192, "help": "self-keyed width for placing slots (shuffled presets)"},
-        )
-        chunk: int = field(default=32, metadata={"min": 1, "max": 4096, "help": "images per streamed block"})
+        mean_weight: float = param(30.0, "weight of the per-position means against the covariances", min=0.0, max=1e6)
+        iterations: int = param(60, "Procrustes fixed-point iterations", min=0, max=10000)
+        covariance_images: int = param(128, "encodings used for the pooled covariance (D x D)", min=2, max=100000)
+        self_width: int = param(512, "self-keyed width for placing slots (shuffled presets)", min=16, max=8192)
+        chunk: int = param(32, "images per streamed block", min=1, max=4096)
 
     def run(self, release: Release) -> Submission:
         p, config = self.params, release.config

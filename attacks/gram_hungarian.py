@@ -7,11 +7,11 @@ Gram statistics of the encodings with those of the plaintexts under a self-sampl
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-from ncbench.attacks.base import Attack
+from ncbench.attacks.base import Attack, param
 from ncbench.attacks.pairing import BOOST_ROUNDS, REFINE_PAIRS, gram_pairing
 from ncbench.attacks.submission import Submission
 from ncbench.challenge.files import Release
@@ -26,26 +26,19 @@ class GramHungarian(Attack):
 
     @dataclass
     class Params:
-        self_width: int = field(
-            default=512,
-            metadata={"min": 16, "max": 8192, "help": "width of the self-sampled encoder for the plaintext pool"},
+        self_width: int = param(512, "width of the self-sampled encoder for the plaintext pool", min=16, max=8192)
+        boost_rounds: int = param(
+            BOOST_ROUNDS,
+            "at most this many rounds of slot recovery + Gram re-matching (fewer once converged)",
+            min=1,
+            max=20,
         )
-        boost_rounds: int = field(
-            default=BOOST_ROUNDS,
-            metadata={
-                "min": 1,
-                "max": 20,
-                "help": "at most this many rounds of slot recovery + Gram re-matching (fewer once converged)",
-            },
+        refine_pairs: int = param(
+            REFINE_PAIRS, "matched pairs whose Gram matrices refine the slot permutation", min=1, max=100000
         )
-        refine_pairs: int = field(
-            default=REFINE_PAIRS,
-            metadata={"min": 1, "max": 100000, "help": "matched pairs whose Gram matrices refine the slot permutation"},
-        )
-        chunk: int = field(default=32, metadata={"min": 1, "max": 4096, "help": "images per streamed block"})
-        insider_key: str = field(
-            default="",
-            metadata={"help": "another site's key file (`ncbench challenge site-key`) to encode the plaintexts with"},
+        chunk: int = param(32, "images per streamed block", min=1, max=4096)
+        insider_key: str = param(
+            "", "another site's key file (`ncbench challenge site-key`) to encode the plaintexts with"
         )
 
     def run(self, release: Release) -> Submission:

@@ -10,13 +10,13 @@ Most encodings have no partner, so each claim carries a score that ranks it agai
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import combinations
 
 import numpy as np
 
 from ncbench.assignment import match
-from ncbench.attacks.base import Attack
+from ncbench.attacks.base import Attack, param
 from ncbench.attacks.pairing import REFINE_PAIRS, aligned_statistics, boost
 from ncbench.attacks.statistics import sorted_norm_scores
 from ncbench.attacks.submission import Submission
@@ -38,26 +38,17 @@ class GramLink(Attack):
 
     @dataclass
     class Params:
-        candidates: int = field(
-            default=4, metadata={"min": 1, "max": 16, "help": "claimed partners per encoding, best first"}
+        candidates: int = param(4, "claimed partners per encoding, best first", min=1, max=16)
+        trusted: float = param(
+            0.3, "fraction of surest first-round pairs the slot order is fitted on", min=0.01, max=1.0
         )
-        trusted: float = field(
-            default=0.3,
-            metadata={
-                "min": 0.01,
-                "max": 1.0,
-                "help": "fraction of surest first-round pairs the slot order is fitted on",
-            },
+        boost_rounds: int = param(
+            BOOST_ROUNDS, "at most this many rounds of slot recovery + Gram re-matching", min=1, max=20
         )
-        boost_rounds: int = field(
-            default=BOOST_ROUNDS,
-            metadata={"min": 1, "max": 20, "help": "at most this many rounds of slot recovery + Gram re-matching"},
+        refine_pairs: int = param(
+            REFINE_PAIRS, "trusted pairs whose Gram matrices refine the slot order", min=1, max=100000
         )
-        refine_pairs: int = field(
-            default=REFINE_PAIRS,
-            metadata={"min": 1, "max": 100000, "help": "trusted pairs whose Gram matrices refine the slot order"},
-        )
-        chunk: int = field(default=32, metadata={"min": 1, "max": 4096, "help": "images per streamed block"})
+        chunk: int = param(32, "images per streamed block", min=1, max=4096)
 
     def run(self, release: Release) -> Submission:
         if release.n_sites < 2:

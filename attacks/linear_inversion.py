@@ -9,7 +9,7 @@ one affine map per patch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ from ncbench.attacks.alignment import (
     slot_reference,
     to_slot_order,
 )
-from ncbench.attacks.base import Attack
+from ncbench.attacks.base import Attack, param
 from ncbench.attacks.pairing import gram_pairing
 from ncbench.attacks.self_keyed import self_encode
 from ncbench.attacks.statistics import patch_statistics
@@ -94,23 +94,13 @@ class LinearInversion(Attack):
 
     @dataclass
     class Params:
-        ridge: float = field(
-            default=1e-3,
-            metadata={"min": 0.0, "max": 1e6, "help": "ridge strength relative to the mean feature energy"},
+        ridge: float = param(1e-3, "ridge strength relative to the mean feature energy", min=0.0, max=1e6)
+        mode: str = param(
+            "shared", "one map for all positions, or one per position", choices=("shared", "per-position")
         )
-        mode: str = field(
-            default="shared",
-            metadata={"choices": ("shared", "per-position"), "help": "one map for all positions, or one per position"},
-        )
-        max_pairs: int = field(
-            default=256,
-            metadata={"min": 1, "max": 100000, "help": "at most this many pairs are used for the fit (memory bound)"},
-        )
-        self_width: int = field(
-            default=512,
-            metadata={"min": 16, "max": 8192, "help": "self-keyed width used to place slots (shuffled presets)"},
-        )
-        chunk: int = field(default=32, metadata={"min": 1, "max": 4096, "help": "images per streamed block"})
+        max_pairs: int = param(256, "at most this many pairs are used for the fit (memory bound)", min=1, max=100000)
+        self_width: int = param(512, "self-keyed width used to place slots (shuffled presets)", min=16, max=8192)
+        chunk: int = param(32, "images per streamed block", min=1, max=4096)
 
     def run(self, release: Release) -> Submission:
         p, config = self.params, release.config

@@ -12,13 +12,13 @@ or publish it in your own package under the ``ncbench.attacks`` entry-point grou
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from ncbench.assignment import match
-from ncbench.attacks import Attack, Release, Submission
+from ncbench.attacks import Attack, Release, Submission, param
 from ncbench.challenge.encoders import images_to_patches
 
 
@@ -33,7 +33,7 @@ class MeanPatchNearest(Attack):
     # Typed parameters; `--param chunk=64` is converted and range-checked by the base class.
     @dataclass
     class Params:
-        chunk: int = field(default=64, metadata={"min": 1, "max": 4096, "help": "images per streamed block"})
+        chunk: int = param(64, "images per streamed block", min=1, max=4096)
 
     def run(self, release: Release) -> Submission:
         # Stream the encodings: releases can be larger than memory.

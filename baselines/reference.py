@@ -3,11 +3,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-from ncbench.attacks.base import Attack
+from ncbench.attacks.base import Attack, param
 from ncbench.attacks.submission import Submission
 from ncbench.challenge.files import Release, open_key
 from ncbench.errors import NcbenchError
@@ -48,7 +48,7 @@ class Oracle(Attack):
 
     @dataclass
     class Params:
-        key: str = field(default="", metadata={"help": "path of the private key.h5 (required)"})
+        key: str = param("", "path of the private key.h5 (required)")
 
     def run(self, release: Release) -> Submission:
         if not self.params.key:

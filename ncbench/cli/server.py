@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from pathlib import Path
 
 import click
@@ -154,49 +155,48 @@ def team_group() -> None:
     """Organizer tools: teams and their tokens for the challenge server."""
 
 
-def _team_store(store_dir: Path | None, db: str | None):
-    from ncbench.leaderboard.server.service import db_url
-    from ncbench.leaderboard.store import Store, database_url
+def _on_team_store(name: str):
+    """A ``team`` subcommand that takes the store by --store or --db and hands the command the
+    open store and the server's channel."""
 
-    if store_dir is None and db is None:
-        raise NcbenchError("give --db or --store")
-    return Store(db_url(db, store_dir) if store_dir else database_url(db))
+    def wrap(function):
+        @team_group.command(name, help=function.__doc__)
+        @store_option(required=False)
+        @db_option
+        @functools.wraps(function)
+        def command(store_dir: Path | None, db: str | None, **kwargs) -> None:
+            from ncbench.leaderboard.server import channel, service
+            from ncbench.leaderboard.store import Store, database_url
+
+            if store_dir is None and db is None:
+                raise NcbenchError("give --db or --store")
+            url = service.db_url(db, service.store_dir(store_dir)) if store_dir else database_url(db)
+            with Store(url) as store:
+                function(store, channel, **kwargs)
+
+        return command
+
+    return wrap
 
 
-@team_group.command("add")
 @click.argument("name")
-@store_option(required=False)
-@db_option
-def team_add(name: str, store_dir: Path | None, db: str | None) -> None:
+@_on_team_store("add")
+def team_add(store, channel, name: str) -> None:
     """Create team NAME (or reuse it) and print a new token, once: only its hash is kept."""
-    from ncbench.leaderboard.server import channel
-
-    with _team_store(store_dir, db) as store:
-        name, token = channel.add_team(store, name)
+    name, token = channel.add_team(store, name)
     click.echo(f"team {name}: token (shown once; give it to the team)", err=True)
     click.echo(token)
 
 
-@team_group.command("list")
-@store_option(required=False)
-@db_option
-def team_list(store_dir: Path | None, db: str | None) -> None:
+@_on_team_store("list")
+def team_list(store, channel) -> None:
     """Every team, when it was created and how many active tokens it has."""
-    from ncbench.leaderboard.server import channel
-
-    with _team_store(store_dir, db) as store:
-        for row in channel.list_teams(store):
-            click.echo(f"{row['name']}\tcreated {row['created_utc']}\tactive tokens {row['active_tokens']}")
+    for row in channel.list_teams(store):
+        click.echo(f"{row['name']}\tcreated {row['created_utc']}\tactive tokens {row['active_tokens']}")
 
 
-@team_group.command("revoke")
 @click.argument("name")
-@store_option(required=False)
-@db_option
-def team_revoke(name: str, store_dir: Path | None, db: str | None) -> None:
+@_on_team_store("revoke")
+def team_revoke(store, channel, name: str) -> None:
     """Revoke every token of team NAME (its results stay on the board)."""
-    from ncbench.leaderboard.server import channel
-
-    with _team_store(store_dir, db) as store:
-        revoked = channel.revoke_team(store, name)
-    click.echo(f"revoked {revoked} token(s) of {name}")
+    click.echo(f"revoked {channel.revoke_team(store, name)} token(s) of {name}")
