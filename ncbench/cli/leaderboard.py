@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from ncbench.cli.options import db_option, eval_source_option, sandbox_options, store_option
+from ncbench.cli.options import db_option, eval_source_option, releases_option, sandbox_options, store_option
 from ncbench.errors import NcbenchError
 from ncbench.h5io import atomic_path
 from ncbench.leaderboard.metrics import privacy_band
@@ -294,13 +294,7 @@ def close(challenge_id: str, db: str) -> None:
 @click.option("--challenge", "challenge_id", required=True, help="A published challenge of the server.")
 @store_option(required=True)
 @db_option
-@click.option(
-    "--releases",
-    type=click.IntRange(1, 100),
-    default=3,
-    show_default=True,
-    help="Fresh hidden evaluation releases per run (K).",
-)
+@releases_option("--releases", help="Fresh hidden evaluation releases per run (K).")
 @eval_source_option(default="phantom", help="Held-out images, for a challenge published without its own --eval-source.")
 @sandbox_options
 @click.option(

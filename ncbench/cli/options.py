@@ -41,3 +41,8 @@ def sandbox_options(command):
 
 def eval_source_option(*, default: str | None, help: str):
     return click.option("--eval-source", default=default, show_default=default is not None, help=help)
+
+
+def releases_option(flag: str, *, help: str):
+    """K, the fresh hidden evaluation releases of each verified run."""
+    return click.option(flag, "releases", type=click.IntRange(1, 100), default=3, show_default=True, help=help)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from ncbench.cli.options import db_option, eval_source_option, sandbox_options, store_option
+from ncbench.cli.options import db_option, eval_source_option, releases_option, sandbox_options, store_option
 from ncbench.errors import NcbenchError
 
 
@@ -40,13 +40,7 @@ from ncbench.errors import NcbenchError
     show_default=True,
     help="Largest submission accepted.",
 )
-@click.option(
-    "--verified-releases",
-    type=click.IntRange(1, 100),
-    default=3,
-    show_default=True,
-    help="Verified track: fresh hidden evaluation releases per plugin run (K).",
-)
+@releases_option("--verified-releases", help="Verified track: fresh hidden evaluation releases per plugin run (K).")
 @eval_source_option(
     default="phantom",
     help="Verified track: held-out images of evaluation releases, for challenges published without "
@@ -62,7 +56,7 @@ def server(
     scheduler: str | None,
     workers: int,
     max_upload_mb: int,
-    verified_releases: int,
+    releases: int,
     eval_source: str,
     sandbox_limits: tuple[str, ...],
     unsandboxed: bool,
@@ -73,7 +67,7 @@ def server(
     from ncbench.leaderboard.verified import sandbox
 
     settings = verified.Settings(
-        releases=verified_releases,
+        releases=releases,
         eval_source=eval_source,
         limits=sandbox.parse_limits(sandbox_limits),
         unsandboxed=unsandboxed,
