@@ -3,6 +3,11 @@
 A plugin file needs only::
 
     from ncbench.attacks import Attack, Release, Submission, param
+
+The room holds the interface (``base``, ``submission``), the built-in attacks (one file each),
+their shared statistics (``alignment``, ``pairing``, ``statistics``, ``self_keyed``) and the
+plugin machinery (``plugins/``). It may import challenge and the shared infrastructure; it never
+imports the leaderboard: the scorer stays the organizer's.
 """
 
 from ncbench.attacks.base import Attack, param

@@ -2,6 +2,9 @@
 
 The domain packages live in the repository's root folders and install as ``ncbench.challenge``,
 ``ncbench.attacks``, ``ncbench.baselines``, ``ncbench.leaderboard`` and ``ncbench.data_manifest``.
+This folder holds only what every room shares (``errors``, ``h5io``, ``progress``, ``hardware``,
+``names``, ``assignment``, ``canonical``), which imports no room, and the command line
+(``cli/``), which may import every room. See docs/architecture.md.
 """
 
 import importlib.metadata

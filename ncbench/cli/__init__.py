@@ -1,4 +1,7 @@
-"""The ``ncbench`` command: mounts each package's click group; user mistakes become one line."""
+"""The ``ncbench`` command: the composition root, the one layer that may import every room.
+
+Each command's module is loaded when the command runs (``COMMANDS``); a user mistake anywhere
+becomes one line and exit status 2."""
 
 from __future__ import annotations
 
@@ -40,6 +43,12 @@ class _Root(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+        except ModuleNotFoundError as error:  # an organizer's command in the attacker's plain install
+            extra = _extra_for(error, ctx.invoked_subcommand)
+            if extra is None:
+                raise
+            click.echo(f"error: {_needs(extra, error)}", err=True)
+            sys.exit(2)
 
 
 # Each command's module is imported when that command runs, not before: `ncbench --help` stays
@@ -86,9 +95,14 @@ class _Lazy(_Root):
         return [name for name, *_ in COMMANDS]
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        for command_name, module, attribute, _, extra in COMMANDS:
+        for command_name, module, attribute, *_ in COMMANDS:
             if command_name == name:
-                return _load(module, attribute, extra)
+                try:
+                    return _load(module, attribute)
+                except ModuleNotFoundError as error:
+                    if _extra_for(error, name) is None:
+                        raise
+                    raise NcbenchError(_needs(_extra_for(error, name), error)) from None
         return None
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
@@ -96,26 +110,31 @@ class _Lazy(_Root):
             formatter.write_dl([(name, short) for name, _, _, short, _ in COMMANDS])
 
 
-def _load(module: str, attribute: str, extra: str | None) -> click.Command:
+def _load(module: str, attribute: str) -> click.Command:
     import importlib
 
-    try:
-        command = getattr(importlib.import_module(module), attribute)
-    except ModuleNotFoundError as error:
-        missing = (error.name or "").partition(".")[0]
-        wanted = [name for name, modules in EXTRA_MODULES.items() if missing in modules and name != "all"]
-        if extra is None and not wanted:
-            raise
-        needed = extra if extra is not None and missing in EXTRA_MODULES.get(extra, ()) else (wanted or [extra])[0]
-        raise NcbenchError(
-            f"this command needs the '{needed}' extra ({missing} is not installed): "
-            f"pip install 'neuracrypt-bench[{needed}]'"
-        ) from None
+    command = getattr(importlib.import_module(module), attribute)
     if module == "ncbench.cli.challenge":  # the organizer hands a built challenge to the server
         from ncbench.cli.server import publish
 
         command.add_command(publish)
     return command
+
+
+def _extra_for(error: ModuleNotFoundError, command: str | None) -> str | None:
+    """The extra that installs the module ``error`` misses: the command's own where it has one."""
+    missing = (error.name or "").partition(".")[0]
+    declared = next((extra for name, *_, extra in COMMANDS if name == command), None)
+    if declared is not None and missing in EXTRA_MODULES[declared]:
+        return declared
+    return next((name for name, modules in EXTRA_MODULES.items() if missing in modules), None)
+
+
+def _needs(extra: str, error: ModuleNotFoundError) -> str:
+    missing = (error.name or "").partition(".")[0]
+    return (
+        f"this command needs the '{extra}' extra ({missing} is not installed): pip install 'neuracrypt-bench[{extra}]'"
+    )
 
 
 @click.group(cls=_Lazy)
