@@ -267,13 +267,28 @@ def _check_attributes(obj, path: Path, name: str) -> None:
         raise NcbenchError(f"{path}: {name} has {count} attributes; at most {MAX_ATTRIBUTES} are accepted")
     for index in range(count):
         attribute = h5py.h5a.open(obj, index=index)
-        declared = math.prod(attribute.shape or ()) * attribute.dtype.itemsize
+        elements = math.prod(attribute.shape or ())
+        declared = elements * attribute.dtype.itemsize  # a variable-length element counts as its pointer
+        if elements > 1 and _variable_length(attribute.get_type()):
+            label = attribute.name.decode("utf-8", "replace")
+            raise NcbenchError(
+                f"{path}: attribute {label!r} of {name} is an array of {elements} variable-length elements; "
+                "ncbench attributes hold one string each (such elements can all point at one large string)"
+            )
         if declared > MAX_ATTRIBUTE_BYTES:
             label = attribute.name.decode("utf-8", "replace")
             raise NcbenchError(
                 f"{path}: attribute {label!r} of {name} declares {format_bytes(declared)}; "
                 f"at most {format_bytes(MAX_ATTRIBUTE_BYTES)} is accepted"
             )
+
+
+def _variable_length(type_id) -> bool:
+    """Whether an HDF5 type's elements live on the heap: every one may alias the same large object,
+    so what a read allocates is elements x the largest object, not what the metadata declares."""
+    if isinstance(type_id, h5py.h5t.TypeStringID):
+        return bool(type_id.is_variable_str())
+    return isinstance(type_id, h5py.h5t.TypeVlenID)
 
 
 def _dataset_info(dataset: h5py.h5d.DatasetID, path: Path, name: str) -> DatasetInfo:
@@ -301,6 +316,11 @@ def _dataset_info(dataset: h5py.h5d.DatasetID, path: Path, name: str) -> Dataset
         )
     shape = tuple(int(n) for n in (dataset.shape or ()))
     dtype = dataset.dtype
+    if _variable_length(dataset.get_type()):
+        raise NcbenchError(
+            f"{path}: {name} holds variable-length elements; ncbench files store fixed-length strings "
+            "(variable-length ones can all point at one large string, multiplying what a read allocates)"
+        )
     declared = math.prod(shape) * dtype.itemsize
     chunks = None
     if layout == h5py.h5d.CHUNKED:

@@ -189,7 +189,6 @@ def rewrite(path, good, **options):
         {"chunks": True, "compression": "gzip", "compression_opts": 9},
         {"chunks": (5,), "shuffle": True, "fletcher32": True},
         {"chunks": (3,), "compression": "gzip", "shuffle": True, "fletcher32": True},
-        {"dtype": h5py.string_dtype()},  # variable-length strings
     ],
 )
 def test_legitimate_layouts_are_still_scored(challenge, tmp_path, options):
@@ -267,3 +266,29 @@ def test_sizes_read_exactly_when_small_and_roughly_when_large():
     assert format_bytes(1_048_584) == "1,048,584 bytes"
     assert format_bytes(int(3.2e9)) == "3.2 GB"
     assert format_bytes(1 << 62) == "4.6e+18 bytes"
+
+
+def test_variable_length_arrays_are_refused_before_any_read(tmp_path):
+    # Each element of a variable-length array may point at one shared large string: the declared
+    # size (a pointer per element) says nothing of what reading it allocates.
+    strings = h5py.string_dtype("utf-8")
+    with h5py.File(tmp_path / "attr.h5", "w") as h5:
+        h5.attrs["format"], h5.attrs["schema_version"] = "test", np.int64(1)
+        h5.attrs.create("notes", ["x"] * 3, dtype=strings)
+    with pytest.raises(NcbenchError, match="array of 3 variable-length elements"):
+        open_untrusted(tmp_path / "attr.h5", "test", 1)
+    with h5py.File(tmp_path / "data.h5", "w") as h5:
+        h5.attrs["format"], h5.attrs["schema_version"] = "test", np.int64(1)
+        h5.create_dataset("ids", data=np.array(["a", "b"], dtype=object), dtype=strings)
+    with pytest.raises(NcbenchError, match="variable-length elements"):
+        open_untrusted(tmp_path / "data.h5", "test", 1)
+
+
+def test_scalar_string_attributes_and_fixed_strings_are_still_read(tmp_path):
+    with h5py.File(tmp_path / "ok.h5", "w") as h5:
+        h5.attrs["format"], h5.attrs["schema_version"] = "test", np.int64(1)
+        h5.attrs["notes"] = "one string"
+        h5.create_dataset("ids", data=np.array([b"a", b"b"], dtype="S1"))
+    h5, datasets = open_untrusted(tmp_path / "ok.h5", "test", 1)
+    with h5:
+        assert h5.attrs["notes"] == "one string" and set(datasets) == {"ids"}
