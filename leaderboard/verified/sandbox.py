@@ -29,10 +29,12 @@ the host killed has none: only the wall time is known).
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import functools
 import json
 import os
+import re
 import secrets
 import selectors
 import shutil
@@ -141,9 +143,13 @@ class Mount:
 
 @dataclass(frozen=True)
 class Outcome:
-    """How one sandboxed run ended: ``reason`` is None when it succeeded, else one line."""
+    """How one sandboxed run ended. ``reason`` is None when it succeeded, else one phrase of a
+    fixed vocabulary (:data:`FAILURES`, an exception's name only when it is a built-in one): it is
+    public, and nothing a plugin prints or raises reaches it but its choice among those words.
+    ``detail`` is the plugin's own words (its error line), for its team only."""
 
     reason: str | None
+    detail: str | None
     returncode: int
     output: str  # what it printed, at most ``output_bytes`` (decoded, invalid bytes replaced)
     wall_s: float
@@ -375,7 +381,7 @@ def run_attack(
         workdir=workdir,
     )
     if outcome.ok and out.stat().st_size == 0:
-        outcome = dataclasses.replace(outcome, reason="the run wrote no submission")
+        outcome = dataclasses.replace(outcome, reason=NO_SUBMISSION)
     return outcome, out
 
 
@@ -438,7 +444,7 @@ def check_plugin(
             if isinstance(report, dict):
                 return outcome, report
             break
-    return dataclasses.replace(outcome, reason="the check printed no report"), None
+    return dataclasses.replace(outcome, reason=NO_REPORT), None
 
 
 def plugin_inside(plugin: Path) -> str:
@@ -494,7 +500,7 @@ def _execute(argv: list[str], limits: Limits, *, sandboxed: bool, workdir: Path)
         while True:
             left = started + limits.wall_s - time.monotonic()
             if left <= 0:
-                killed_for = f"wall-clock limit: still running after {limits.wall_s:g} s"
+                killed_for = WALL_LIMIT
                 break
             if not selector.select(timeout=min(left, 1.0)):
                 continue
@@ -503,22 +509,21 @@ def _execute(argv: list[str], limits: Limits, *, sandboxed: bool, workdir: Path)
                 break
             if len(output) + len(chunk) > limits.output_bytes:
                 output += chunk[: limits.output_bytes - len(output)]
-                killed_for = f"output limit: printed more than {limits.output_bytes} bytes"
+                killed_for = OUTPUT_LIMIT
                 break
             output += chunk
     if killed_for:
         _kill_group(process.pid)
-        errors = [line for line in output.decode(errors="replace").splitlines() if line.startswith("error: ")]
-        if errors:  # e.g. a fork bomb held at the process limit until the clock ran out
-            killed_for += f" (last error: {_one_line(errors[-1].removeprefix('error: '), 200)})"
     process.stdout.close()
     _, status, usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
     wall = time.monotonic() - started
     text = output.decode(errors="replace")
     measured = killed_for is None
+    reason, detail = (killed_for, _detail(text)) if killed_for else _reason(process.returncode, text, limits)
     return Outcome(
-        reason=killed_for or _reason(process.returncode, text, limits),
+        reason=reason,
+        detail=detail,
         returncode=process.returncode,
         output=text,
         wall_s=round(wall, 3),
@@ -535,35 +540,85 @@ def _kill_group(pid: int) -> None:
         pass
 
 
+# The public vocabulary of failures: a run's reason is one of these, or EXCEPTION_PREFIX and the
+# name of a built-in exception class. Each is one of about 80 choices (about 6 bits) that a plugin
+# can make by raising, printing or exhausting a limit on purpose (docs/security-verified.md).
+WALL_LIMIT = "wall-clock limit"
+OUTPUT_LIMIT = "output limit"
+MEMORY_LIMIT = "memory limit"
 SIGNAL_REASONS = {
     signal.SIGXCPU: "CPU time limit",
     signal.SIGXFSZ: "file size limit",
     signal.SIGKILL: "killed (SIGKILL)",
 }
+EXCEPTION_PREFIX = "exception "
+PLUGIN_EXCEPTION = "exception of the plugin's own class"
+NCBENCH_ERROR = "an ncbench error (the plugin's declarations, parameters or output)"
+ERROR_EXIT = "exited with an error"
+KILLED = "killed by a signal"
+NO_SUBMISSION = "the run wrote no submission"
+INVALID_SUBMISSION = "invalid submission"
+NO_REPORT = "the check printed no report"
+BUILTIN_EXCEPTIONS = frozenset(
+    name for name, value in vars(builtins).items() if isinstance(value, type) and issubclass(value, BaseException)
+)
+FAILURES = frozenset(
+    {
+        WALL_LIMIT,
+        OUTPUT_LIMIT,
+        MEMORY_LIMIT,
+        *SIGNAL_REASONS.values(),
+        PLUGIN_EXCEPTION,
+        NCBENCH_ERROR,
+        ERROR_EXIT,
+        KILLED,
+        NO_SUBMISSION,
+        INVALID_SUBMISSION,
+        NO_REPORT,
+    }
+    | {EXCEPTION_PREFIX + name for name in BUILTIN_EXCEPTIONS}
+)
+# `attack NAME failed: TypeName: message` (attacks/runner.py failure_of, attacks/registry.py); printed by the plugin's own
+# process, so only the type's name is taken, and only when it names a built-in exception.
+FAILURE_LINE = re.compile(
+    r"(?:attack \S+ (?:failed|returned a submission that cannot be written)|plugin (?:file|module) \S+ failed to import)"
+    r": ([A-Za-z_]\w*):"
+)
 
 
-def _reason(returncode: int, output: str, limits: Limits) -> str | None:
-    """One line on why a run failed, or None: the CLI's own ``error:`` line when there is one,
-    else the signal that ended it (bwrap and sh report a signal as 128 + its number)."""
+def public_reason(error_line: str) -> str:
+    """The public reason for the runner's ``error:`` line (plugin-controlled text in, one word
+    of :data:`FAILURES` out)."""
+    match = FAILURE_LINE.match(error_line)
+    if match is None:
+        return NCBENCH_ERROR
+    name = match.group(1)
+    if name == "MemoryError":  # RLIMIT_AS: an allocation failed
+        return MEMORY_LIMIT
+    return EXCEPTION_PREFIX + name if name in BUILTIN_EXCEPTIONS else PLUGIN_EXCEPTION
+
+
+def _reason(returncode: int, output: str, limits: Limits) -> tuple[str | None, str | None]:
+    """(public reason, team's detail) of a run's end, or (None, None) when it succeeded: the
+    CLI's last ``error:`` line when there is one, else the signal that ended it (bwrap and sh
+    report a signal as 128 + its number)."""
     if returncode == 0:
-        return None
+        return None, None
     lines = [line.strip() for line in output.splitlines() if line.strip()]
     errors = [line.removeprefix("error: ") for line in lines if line.startswith("error: ")]
     if errors:
-        return _one_line("; ".join(errors))
+        return public_reason(errors[-1]), _one_line("; ".join(errors))
     number = -returncode if returncode < 0 else returncode - 128 if returncode > 128 else None
     if number is not None:
-        try:
-            name = signal.Signals(number).name
-        except ValueError:
-            name = f"signal {number}"
-        what = SIGNAL_REASONS.get(number, f"killed by {name}")
-        if number == signal.SIGXCPU:
-            what += f" of {limits.cpu_s} s"
-        elif number == signal.SIGXFSZ:
-            what += f" of {limits.file_bytes} bytes"
-        return what
-    return _one_line(f"exit status {returncode}: {lines[-1] if lines else 'no output'}")
+        return SIGNAL_REASONS.get(number, KILLED), _detail(output)
+    return ERROR_EXIT, _one_line(f"exit status {returncode}: {lines[-1] if lines else 'no output'}")
+
+
+def _detail(output: str) -> str | None:
+    """The last ``error:`` line a run printed (e.g. a fork bomb's, held at the process limit until
+    the clock ran out), for its team."""
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    return _one_line(errors[-1].removeprefix("error: "), 300) if errors else None
 
 
 def _one_line(text: str, limit: int = 500) -> str:
