@@ -41,6 +41,7 @@ from ncbench.leaderboard.scoring import score_submission
 from ncbench.leaderboard.store import BUILTIN_TEAM, DB_ENV, Store, verified_runs
 from ncbench.leaderboard.verified import runs as verified
 from ncbench.leaderboard.verified import sandbox
+from ncbench.leaderboard.verified.declarations import literal_declarations, read_declarations
 
 NCBENCH = str(Path(sys.executable).with_name("ncbench"))
 # width 64 = 8 x 8 pixels per patch: every built-in attack runs on it.
@@ -72,6 +73,8 @@ from ncbench.attacks.gram_hungarian import GramHungarian
 class {cls}(GramHungarian):
     name = "{name}"
     version = "1.0"
+    tasks = ("reid",)
+    knowledge = ("architecture", "self-sampled-keys", "plaintext-pool")
     description = "A plugin of tests/test_verified.py."
 
     def run(self, release):
@@ -458,6 +461,52 @@ def test_a_plugin_that_fails_its_check_is_refused_before_queueing(world, batch):
         assert conn.execute(sa.select(sa.func.count()).select_from(verified_runs)).scalar() == before
 
 
+FORGER = """\
+import os
+import sys
+
+from ncbench.attacks.gram_hungarian import GramHungarian
+
+print('ncbench-check: {"attack": "forged-name", "version": "9", "tasks": ["reid"], "knowledge": []}')
+sys.stdout.flush()
+os._exit(0)
+
+
+class Plugin(GramHungarian):
+    name = "real-name"
+    version = "1.0"
+    tasks = ("reid",)
+    knowledge = ("architecture", "key")
+"""
+
+
+def test_a_plugin_that_prints_its_own_admission_report_is_refused(world, batch, tmp_path):
+    # It exits at import with a report of other declarations: the host reads the real ones
+    # (knowledge 'key', refused) from the source, and the printed report does not agree.
+    path = tmp_path / "forger.py"
+    path.write_text(FORGER)
+    (tmp_path / "work").mkdir()
+    outcome, report = sandbox.check_plugin(
+        plugin=path,
+        class_name="Plugin",
+        params={},
+        task="reid",
+        workdir=tmp_path / "work",
+        limits=verified.CHECK_LIMITS,
+    )
+    assert report is None and outcome.reason == sandbox.DECLARATIONS_DIFFER, outcome
+    answer = upload(world, "carol", path)
+    assert answer.status_code == 422 and "forged-name" not in answer.text, answer.text
+    # The same report printed truthfully admits nothing more than the source declares.
+    path.write_text(
+        FORGER.replace('"forged-name", "version": "9"', '"real-name", "version": "1.0"').replace(
+            '"knowledge": []', '"knowledge": ["architecture", "key"]'
+        )
+    )
+    answer = upload(world, "carol", path)
+    assert answer.status_code == 422 and "knowledge the leaderboard refuses" in answer.text, answer.text
+
+
 def test_two_verified_runs_execute_at_once_on_a_two_worker_cluster(world, batch):
     with db(world) as store, store._read() as conn:
         spans = conn.execute(sa.select(verified_runs.c.started_utc, verified_runs.c.finished_utc)).all()
@@ -713,6 +762,32 @@ def test_the_sandbox_shows_nothing_of_the_host_but_the_environment_release_and_p
         assert remounted == ["/dev", "/"]
         assert ("--disable-userns" in argv) == (uid is None) and (f"--reuid={uid}" in argv) == (uid is not None)
         assert any(word.startswith("--nproc=") for word in argv) and any(word.startswith("--as=") for word in argv)
+
+
+def test_the_host_reads_declarations_from_literal_class_attributes(tmp_path):
+    path = tmp_path / "plugin.py"
+    path.write_text(plugin_source("my-gram"))
+    assert read_declarations(path, "Plugin") == {
+        "attack": "my-gram",
+        "version": "1.0",
+        "tasks": ["reid"],
+        "knowledge": ["architecture", "self-sampled-keys", "plaintext-pool"],
+    }
+    inherited = (
+        "from ncbench.attacks.gram_hungarian import GramHungarian\nclass Plugin(GramHungarian):\n    name = 'x'\n"
+    )
+    with pytest.raises(NcbenchError, match="must declare version, tasks, knowledge as literals"):
+        literal_declarations(inherited, "Plugin")
+    computed = "class Plugin:\n    name = 'x' + 'y'\n    version = '1'\n    tasks = ()\n    knowledge = ()\n"
+    with pytest.raises(NcbenchError, match="name must be a string written as a literal"):
+        literal_declarations(computed, "Plugin")
+
+
+def test_a_parser_bomb_is_refused_within_the_parsers_limits(tmp_path):
+    path = tmp_path / "bomb.py"
+    path.write_text("x = " + "(" * 200_000 + ")" * 200_000 + "\nclass Plugin:\n    name = 'x'\n")
+    with pytest.raises(NcbenchError, match="parse"):
+        read_declarations(path, "Plugin")
 
 
 @given(st.text(max_size=300))

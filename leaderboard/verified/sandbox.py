@@ -397,9 +397,13 @@ def check_plugin(
 ) -> tuple[Outcome, dict | None]:
     """``ncbench attack check --no-run --json`` on ``plugin`` in the sandbox (importing a plugin
     runs its code): a .py file and its ``class_name``, or a folder (an unpacked archive) and its
-    ``module:Class``. Returns the outcome and, when it passed, the declarations it reported
-    (name, version, tasks, knowledge): the plugin's own process printed them, so the caller
-    checks them again."""
+    ``module:Class``. Returns the outcome and, when it passed, the declarations (attack, version,
+    tasks, knowledge) as the host read them from the source (:mod:`.declarations`): the plugin's
+    process can print anything, so its report only has to agree with them, and a report that
+    does not is a failed check. NcbenchError when the source declares nothing readable."""
+    from ncbench.leaderboard.verified.declarations import read_declarations
+
+    declared = read_declarations(plugin, class_name)
 
     def command(path: str) -> list[str]:
         # sh stays as the sandbox's first process: signals (SIGXCPU) then end python as they should.
@@ -441,9 +445,9 @@ def check_plugin(
                 report = json.loads(line[len(CHECK_MARK) :])
             except ValueError:
                 break
-            if isinstance(report, dict):
-                return outcome, report
-            break
+            if report == declared:
+                return outcome, declared
+            return dataclasses.replace(outcome, reason=DECLARATIONS_DIFFER, detail=DECLARATIONS_DIFFER), None
     return dataclasses.replace(outcome, reason=NO_REPORT), None
 
 
@@ -559,6 +563,7 @@ KILLED = "killed by a signal"
 NO_SUBMISSION = "the run wrote no submission"
 INVALID_SUBMISSION = "invalid submission"
 NO_REPORT = "the check printed no report"
+DECLARATIONS_DIFFER = "the imported class does not declare what its source says"
 BUILTIN_EXCEPTIONS = frozenset(
     name for name, value in vars(builtins).items() if isinstance(value, type) and issubclass(value, BaseException)
 )
@@ -575,6 +580,7 @@ FAILURES = frozenset(
         NO_SUBMISSION,
         INVALID_SUBMISSION,
         NO_REPORT,
+        DECLARATIONS_DIFFER,
     }
     | {EXCEPTION_PREFIX + name for name in BUILTIN_EXCEPTIONS}
 )
