@@ -809,16 +809,17 @@ def test_sandbox_limits_take_sizes_and_refuse_unknown_names():
             sandbox.parse_limits([bad, "threads=4"] if bad == "processes=2" else [bad])
 
 
-def test_verified_matrix_shows_mean_and_spread_over_keys_and_marks_unsandboxed_runs():
+def test_verified_matrix_shows_mean_and_spread_over_keys_and_marks_unsandboxed_and_bf16_runs():
     rows = []
-    for run_id, (attack, sandboxed, scores) in enumerate(
-        [("gram-hungarian", True, [0.5, 0.7]), ("alice/mine", False, [0.9, 0.9, 0.9])], start=1
+    for run_id, (attack, sandboxed, precision, scores) in enumerate(
+        [("gram-hungarian", True, "fp32", [0.5, 0.7]), ("alice/mine", False, "bf16", [0.9, 0.9, 0.9])], start=1
     ):
         rows += [
             {
                 "challenge_id": "c",
                 "task": "reid",
                 "preset": "nc3",
+                "precision": precision,
                 "n": 16,
                 "run_id": run_id,
                 "team": "t",
@@ -842,7 +843,8 @@ def test_verified_matrix_shows_mean_and_spread_over_keys_and_marks_unsandboxed_r
     assert summary["spread"].round(6).tolist() == [0.141421, 0.0]
     matrix = tables.verified_matrix(summary, task="reid")
     assert matrix.loc["gram-hungarian", "nc3"] == "60.0% ± 14.1% (K=2)"
-    assert matrix.loc["alice/mine", "nc3"] == f"90.0% ± 0.0% (K=3) {tables.UNSANDBOXED}"
+    assert matrix.loc["alice/mine", "nc3"] == f"90.0% ± 0.0% (K=3) [bf16] {tables.UNSANDBOXED}"
+    assert summary["precision"].tolist() == ["fp32", "bf16"]
     assert tables.verified_compute(pd.DataFrame(rows))["cpu_s"].tolist() == [1.0] * 5
 
 

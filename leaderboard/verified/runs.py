@@ -795,7 +795,8 @@ def coarse(value: float | None, floor: float) -> float | None:
 
 def results(store: Store) -> pd.DataFrame:
     """One row per evaluation release of every verified run (the board's input, public):
-    challenge_id, task, preset, n, run_id, team, attack (as shown), origin, sandboxed, state (of
+    challenge_id, task, preset, n, encoder_config, precision (the encoder's arithmetic: fp32
+    unless the organizer chose bf16), run_id, team, attack (as shown), origin, sandboxed, state (of
     the run), message (a fixed vocabulary), idx, release_state, reidentification (the headline
     over the whole release), wall_s, cpu_s, peak_rss_bytes (each rounded up to a power of two,
     :func:`coarse`), created_utc."""
@@ -805,6 +806,7 @@ def results(store: Store) -> pd.DataFrame:
             challenges.c.task,
             challenges.c.preset,
             challenges.c.n_encoded.label("n"),
+            challenges.c.encoder_config,
             verified_runs.c.id.label("run_id"),
             teams.c.name.label("team"),
             verified_runs.c.attack,
@@ -831,6 +833,7 @@ def results(store: Store) -> pd.DataFrame:
         "task",
         "preset",
         "n",
+        "encoder_config",
         "run_id",
         "team",
         "attack",
@@ -849,9 +852,11 @@ def results(store: Store) -> pd.DataFrame:
     ]
     with store._read() as conn:
         frame = pd.DataFrame(conn.execute(query).mappings().all(), columns=columns)
+    frame = frame.assign(precision=pd.Series(dtype=str)) if frame.empty else frame
     if not frame.empty:
         frame["attack"] = [shown_attack(t, a, o) for t, a, o in zip(frame["team"], frame["attack"], frame["origin"])]
         frame["sandboxed"] = frame["sandboxed"].astype(bool)
+        frame["precision"] = [json.loads(text).get("precision", "fp32") for text in frame["encoder_config"]]
         for column in ("reidentification", "wall_s", "cpu_s", "peak_rss_bytes"):
             frame[column] = frame[column].astype(float)
         for column, floor in COARSE_FLOORS.items():
