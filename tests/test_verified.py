@@ -39,8 +39,8 @@ from ncbench.errors import NcbenchError
 from ncbench.leaderboard import tables
 from ncbench.leaderboard.scoring import score_submission
 from ncbench.leaderboard.store import BUILTIN_TEAM, DB_ENV, Store, verified_runs
+from ncbench.leaderboard.verified import cgroup, sandbox
 from ncbench.leaderboard.verified import runs as verified
-from ncbench.leaderboard.verified import sandbox
 from ncbench.leaderboard.verified.declarations import literal_declarations, read_declarations
 
 NCBENCH = str(Path(sys.executable).with_name("ncbench"))
@@ -948,3 +948,64 @@ def test_submit_takes_a_file_or_a_plugin_not_both(tmp_path):
     for args in ([], [tmp_path / "sub.h5", "--plugin", "p.py:P"]):
         refused = cli("submit", *args, "--challenge", "x", env={"NCBENCH_TOKEN": "t"})
         assert refused.exit_code == 2 and "not both" in refused.stderr and refused.stderr.count("\n") == 1
+
+
+# -- one control group per run -------------------------------------------------------------------
+
+
+@pytest.fixture
+def cgroups():
+    if sandbox.sandbox_problem():
+        pytest.skip("no bubblewrap sandbox here")
+    if cgroup.available() is None:
+        pytest.skip("the server may not create control groups here")
+
+
+def test_a_runs_peak_memory_is_its_own_and_counts_its_tmpfs(cgroups, tmp_path):
+    # 200 MB written to the tmpfs /tmp: no process's RSS shows it, the run's group does.
+    fill = "open('/tmp/fill', 'wb').write(bytes(200 << 20))"
+    limits = sandbox.parse_limits(["scratch_bytes=512M", "wall_s=60"])
+    argv = sandbox.bwrap_argv(
+        [sys.executable, "-c", fill], mounts=sandbox.environment_mounts(), limits=limits, uid=sandbox._sandbox_uid()
+    )
+    outcome = sandbox._execute(argv, limits, sandboxed=True, workdir=tmp_path)
+    assert outcome.ok, outcome.output
+    assert outcome.peak_rss_bytes >= 200 << 20
+    assert not [group for _, parents in cgroup._parents() for p in parents for group in p.glob(f"{os.getpid()}-*")]
+
+
+def test_a_run_over_its_groups_memory_ends_at_the_memory_limit(cgroups, tmp_path):
+    # Two processes, each under its address-space limit, together over the run's memory.
+    hog = (
+        "import os; os.fork(); b = bytearray(600 << 20); b[::4096] = b'x' * len(b[::4096]); import time; time.sleep(5)"
+    )
+    limits = sandbox.parse_limits(["memory_bytes=1G", "scratch_bytes=64M", "wall_s=60"])
+    argv = sandbox.bwrap_argv(
+        [sys.executable, "-c", hog], mounts=sandbox.environment_mounts(), limits=limits, uid=sandbox._sandbox_uid()
+    )
+    outcome = sandbox._execute(argv, limits, sandboxed=True, workdir=tmp_path)
+    assert outcome.reason == sandbox.MEMORY_LIMIT, (outcome.reason, outcome.output)
+
+
+def test_sandboxes_a_dead_server_left_behind_are_killed_at_the_next_start(cgroups):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    owner = int(dead.stdout)
+    left = subprocess.Popen(["sleep", "300"])
+    folders = []
+    for _, parents in cgroup._parents()[:1]:
+        for parent in parents:
+            parent.mkdir(exist_ok=True)
+            folders.append(parent / f"{owner}-leftover")
+            folders[-1].mkdir()
+            (folders[-1] / "cgroup.procs").write_text(str(left.pid))
+    assert cgroup.reap_leftovers() >= 1
+    assert left.wait(timeout=10) == -9
+    assert not any(folder.exists() for folder in folders)
+
+
+def test_check_sandbox_says_which_protections_this_host_gives(cgroups):
+    checked = cli("server", "--check-sandbox")
+    assert checked.exit_code == 0, checked.output
+    lines = checked.output.splitlines()
+    assert all(line.startswith("yes promised") for line in lines if "promised" in line)
+    assert any("control group" in line and line.startswith("yes") for line in lines)

@@ -484,7 +484,11 @@ def enqueue_builtins(store: Store, challenge_id: str, settings: Settings) -> lis
 
 
 def requeue_interrupted(store: Store) -> int:
-    """At start-up: runs left ``running`` by a server that died run again."""
+    """At start-up: runs left ``running`` by a server that died run again, once whatever of
+    them still runs in a sandbox is killed (a run never runs twice at once)."""
+    from ncbench.leaderboard.verified import cgroup
+
+    cgroup.reap_leftovers()
     return workqueue.requeue_interrupted(store, verified_runs)
 
 

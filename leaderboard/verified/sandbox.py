@@ -47,6 +47,7 @@ from importlib.util import find_spec
 from pathlib import Path
 
 from ncbench.errors import NcbenchError
+from ncbench.leaderboard.verified import cgroup
 
 RELEASE_INSIDE = "/challenge/release.h5"
 PLUGIN_DIR_INSIDE = "/plugin"
@@ -72,6 +73,7 @@ SYSTEM_FILES = ("/etc/ld.so.cache",)  # what the dynamic loader needs; not /etc/
 # defaults, which start at 100000 and grow by 65536 per user).
 SANDBOX_UID_BASE, SANDBOX_UID_SPAN = 1 << 24, 1 << 20
 READ_CHUNK = 1 << 16
+SHM_BYTES = 64 << 20  # the tmpfs /dev/shm
 CPU_GRACE_S = 5
 
 
@@ -200,6 +202,52 @@ def require_sandbox(*, unsandboxed: bool) -> None:
         )
 
 
+@dataclass(frozen=True)
+class Protection:
+    """One protection a sandboxed run gets on this host, or not: ``promised`` ones are what
+    docs/security-verified.md promises, and the verified track refuses to run without them."""
+
+    name: str
+    present: bool
+    promised: bool
+    how: str
+
+
+def protections() -> list[Protection]:
+    """What this host gives a sandboxed run (``ncbench server --check-sandbox``)."""
+    problem = sandbox_problem()
+    works = problem is None
+    root = os.geteuid() == 0
+    group = cgroup.available()
+    seccomp = Path("/proc/self/status").read_text().count("Seccomp:") > 0
+    return [
+        Protection("namespaces (pid, net, ipc, uts, mount)", works, True, problem or "bubblewrap makes them"),
+        Protection(
+            "unprivileged identity",
+            works,
+            True,
+            "root server: each run as a fresh uid, no capabilities (setpriv)"
+            if root
+            else "a user namespace with nesting disabled (--disable-userns)",
+        ),
+        Protection("per-process limits (address space, CPU, file size, processes)", works, True, "prlimit"),
+        Protection("sized tmpfs /tmp and /dev/shm", works, True, "bwrap --size"),
+        Protection(
+            "one control group per run (memory incl. tmpfs, processes, peak, kill after a crash)",
+            group is not None,
+            False,
+            group or "none: the server may not create cgroups here; per-process limits only",
+        ),
+        Protection(
+            "seccomp filter",
+            False,
+            False,
+            "not installed: no syscall filter beyond the namespaces"
+            + ("" if seccomp else " (and this kernel reports no seccomp)"),
+        ),
+    ]
+
+
 # -- the command line --------------------------------------------------------------------------
 
 
@@ -259,7 +307,7 @@ def bwrap_argv(
         "--perms",
         "1777",
         "--size",
-        str(64 << 20),
+        str(SHM_BYTES),
         "--tmpfs",
         "/dev/shm",
         "--perms",
@@ -488,6 +536,12 @@ def _execute(argv: list[str], limits: Limits, *, sandboxed: bool, workdir: Path)
         if sandboxed
         else {**sandbox_env(limits), "HOME": str(workdir), "TMPDIR": str(workdir)}
     )
+    # The run's own control group (leaderboard/verified/cgroup.py), where the host gives one: all
+    # its processes and its tmpfs pages under one memory limit, its peak, and a kill that reaches
+    # every process even after the server died.
+    group = cgroup.create(memory_bytes=run_memory_bytes(limits), processes=limits.processes) if sandboxed else None
+    if group is not None:
+        argv = group.enter_command() + argv
     started = time.monotonic()
     process = subprocess.Popen(
         argv,
@@ -525,6 +579,12 @@ def _execute(argv: list[str], limits: Limits, *, sandboxed: bool, workdir: Path)
     text = output.decode(errors="replace")
     measured = killed_for is None
     reason, detail = (killed_for, _detail(text)) if killed_for else _reason(process.returncode, text, limits)
+    peak = int(usage.ru_maxrss) * 1024 if measured else None
+    if group is not None:
+        if group.oom_killed():  # any process of the run, even one whose parent carried on
+            reason, detail = MEMORY_LIMIT, detail or "the kernel killed a process at the run's memory limit"
+        peak = group.peak_bytes() or peak
+        group.kill_and_remove()
     return Outcome(
         reason=reason,
         detail=detail,
@@ -532,9 +592,15 @@ def _execute(argv: list[str], limits: Limits, *, sandboxed: bool, workdir: Path)
         output=text,
         wall_s=round(wall, 3),
         cpu_s=round(usage.ru_utime + usage.ru_stime, 3) if measured else None,
-        peak_rss_bytes=int(usage.ru_maxrss) * 1024 if measured else None,
+        peak_rss_bytes=peak,
         sandboxed=sandboxed,
     )
+
+
+def run_memory_bytes(limits: Limits) -> int:
+    """What a whole run may hold at once in its control group: a process's address space, the
+    tmpfs /tmp and /dev/shm (their pages are charged to the group)."""
+    return limits.memory_bytes + limits.scratch_bytes + SHM_BYTES
 
 
 def _kill_group(pid: int) -> None:
