@@ -182,7 +182,7 @@ def images_to_patches(images: torch.Tensor, config: EncoderConfig) -> torch.Tens
     return patches.reshape(batch, grid * grid, patch * patch)
 
 
-MEAN_CHUNK_ROWS = 8192
+MEAN_CHUNK_ROWS = 1024  # a float64 chunk stays in cache: as fast as a float32 mean here
 
 
 def _column_mean(rows: torch.Tensor) -> torch.Tensor:
