@@ -39,7 +39,7 @@ from ncbench.errors import NcbenchError
 from ncbench.leaderboard import tables
 from ncbench.leaderboard.scoring import score_submission
 from ncbench.leaderboard.store import BUILTIN_TEAM, DB_ENV, Store, verified_runs
-from ncbench.leaderboard.verified import cgroup, sandbox
+from ncbench.leaderboard.verified import cgroup, sandbox, seccomp
 from ncbench.leaderboard.verified import runs as verified
 from ncbench.leaderboard.verified.declarations import literal_declarations, read_declarations
 
@@ -1009,3 +1009,50 @@ def test_check_sandbox_says_which_protections_this_host_gives(cgroups):
     lines = checked.output.splitlines()
     assert all(line.startswith("yes promised") for line in lines if "promised" in line)
     assert any("control group" in line and line.startswith("yes") for line in lines)
+
+
+SYSCALL_PROBE = """\
+import ctypes, threading, multiprocessing
+libc = ctypes.CDLL(None, use_errno=True)
+calls = {
+    "unshare": lambda: libc.unshare(0x10000000),  # CLONE_NEWUSER
+    "clone-newnet": lambda: libc.syscall(56, 0x40000000 | 17, 0, 0, 0, 0),  # clone(CLONE_NEWNET | SIGCHLD)
+    "mount": lambda: libc.mount(b"none", b"/tmp", b"tmpfs", 0, None),
+    "ptrace": lambda: libc.ptrace(16, 1, None, None),  # PTRACE_ATTACH
+    "keyctl": lambda: libc.syscall(250, 0, 0, 0, 0, 0),
+    "bpf": lambda: libc.syscall(321, 0, 0, 0),
+    "perf_event_open": lambda: libc.syscall(298, 0, 0, -1, -1, 0),
+    "userfaultfd": lambda: libc.syscall(323, 0),
+}
+for name, call in calls.items():
+    ctypes.set_errno(0)
+    result = call()
+    print(name, result, ctypes.get_errno())
+worker = multiprocessing.Process(target=print, args=("process ok",))
+worker.start()
+worker.join()
+thread = threading.Thread(target=print, args=("thread ok",))
+thread.start()
+thread.join()
+"""
+
+
+@pytest.mark.skipif(not seccomp.available(), reason="pyseccomp or libseccomp is missing")
+def test_the_seccomp_filter_denies_namespaces_mounts_tracing_keys_bpf_perf_and_userfaultfd(tmp_path):
+    if sandbox.sandbox_problem() or os.uname().machine != "x86_64":
+        pytest.skip("needs bubblewrap on x86_64 (the probe uses its syscall numbers)")
+    limits = sandbox.parse_limits(["wall_s=60"])
+    with seccomp.program() as fd:
+        argv = sandbox.bwrap_argv(
+            [sys.executable, "-c", SYSCALL_PROBE],
+            mounts=sandbox.environment_mounts(),
+            limits=limits,
+            uid=sandbox._sandbox_uid(),
+            seccomp_fd=fd,
+        )
+        outcome = sandbox._execute(argv, limits, sandboxed=True, workdir=tmp_path, pass_fds=(fd,))
+    assert outcome.ok, outcome.output
+    results = dict(line.split(" ", 1) for line in outcome.output.splitlines() if " " in line)
+    for name in ("unshare", "clone-newnet", "mount", "ptrace", "keyctl", "bpf", "perf_event_open", "userfaultfd"):
+        assert results[name] == "-1 1", (name, outcome.output)  # EPERM
+    assert "process ok" in outcome.output and "thread ok" in outcome.output

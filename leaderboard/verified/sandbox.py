@@ -47,7 +47,7 @@ from importlib.util import find_spec
 from pathlib import Path
 
 from ncbench.errors import NcbenchError
-from ncbench.leaderboard.verified import cgroup
+from ncbench.leaderboard.verified import cgroup, seccomp
 
 RELEASE_INSIDE = "/challenge/release.h5"
 PLUGIN_DIR_INSIDE = "/plugin"
@@ -219,7 +219,6 @@ def protections() -> list[Protection]:
     works = problem is None
     root = os.geteuid() == 0
     group = cgroup.available()
-    seccomp = Path("/proc/self/status").read_text().count("Seccomp:") > 0
     return [
         Protection("namespaces (pid, net, ipc, uts, mount)", works, True, problem or "bubblewrap makes them"),
         Protection(
@@ -239,11 +238,10 @@ def protections() -> list[Protection]:
             group or "none: the server may not create cgroups here; per-process limits only",
         ),
         Protection(
-            "seccomp filter",
+            "seccomp filter (no new namespaces, mount, ptrace, keyctl, bpf, perf_event_open, userfaultfd)",
+            seccomp.available(),
             False,
-            False,
-            "not installed: no syscall filter beyond the namespaces"
-            + ("" if seccomp else " (and this kernel reports no seccomp)"),
+            "pyseccomp and libseccomp" if seccomp.available() else "none: pyseccomp or libseccomp is missing",
         ),
     ]
 
@@ -272,13 +270,21 @@ def environment_mounts() -> list[Mount]:
 
 
 def bwrap_argv(
-    command: list[str], *, mounts: list[Mount], limits: Limits, bwrap: str = "bwrap", uid: int | None = None
+    command: list[str],
+    *,
+    mounts: list[Mount],
+    limits: Limits,
+    bwrap: str = "bwrap",
+    uid: int | None = None,
+    seccomp_fd: int | None = None,
 ) -> list[str]:
     """The full command line of one sandboxed ``command`` (pure: tested without running it).
 
     ``uid``: when the server is root, the fresh unprivileged uid the run drops to (bwrap then
     runs privileged, without a user namespace, which could only map uid 0); None otherwise
     (bwrap makes a user namespace, and ``--disable-userns`` forbids nesting another).
+    ``seccomp_fd``: a compiled filter (:func:`leaderboard.verified.seccomp.program`) that bwrap
+    installs before it starts the command.
     """
     # --as-pid-1: bwrap then waits for the command itself, so its rusage (CPU time, peak memory)
     # reaches ours; with its own init it reports only an exit code.
@@ -329,6 +335,8 @@ def bwrap_argv(
     for name, value in sandbox_env(limits).items():
         argv += ["--setenv", name, value]
     argv += ["--chdir", SCRATCH_INSIDE]
+    if seccomp_fd is not None:
+        argv += ["--seccomp", str(seccomp_fd)]
     if uid is not None:
         argv += [
             "--cap-drop",
@@ -422,12 +430,14 @@ def run_attack(
         *RUNNER,
         *_run_args(spec, params, Path(RELEASE_INSIDE), Path(SCRATCH_INSIDE) / "submission.h5"),
     ]
-    outcome = _execute(
-        bwrap_argv(inner, mounts=mounts, limits=limits, bwrap=_bwrap(), uid=uid),
-        limits,
-        sandboxed=True,
-        workdir=workdir,
-    )
+    with seccomp.program() as fd:
+        outcome = _execute(
+            bwrap_argv(inner, mounts=mounts, limits=limits, bwrap=_bwrap(), uid=uid, seccomp_fd=fd),
+            limits,
+            sandboxed=True,
+            workdir=workdir,
+            pass_fds=() if fd is None else (fd,),
+        )
     if outcome.ok and out.stat().st_size == 0:
         outcome = dataclasses.replace(outcome, reason=NO_SUBMISSION)
     return outcome, out
@@ -471,20 +481,23 @@ def check_plugin(
         ]
         return args + [item for name, value in params.items() for item in ("--param", f"{name}={value}")]
 
-    if sandboxed:
-        inside = plugin_inside(plugin)
-        argv = bwrap_argv(
-            command(inside),
-            mounts=[*environment_mounts(), Mount(plugin, inside)],
-            limits=limits,
-            bwrap=_bwrap(),
-            uid=_sandbox_uid(),
-        )
-    else:
-        argv = prlimit_argv(limits, processes=False) + command(str(plugin))
     from ncbench.attacks.runner import CHECK_MARK
 
-    outcome = _execute(argv, limits, sandboxed=sandboxed, workdir=workdir)
+    with seccomp.program() as fd:
+        if sandboxed:
+            inside = plugin_inside(plugin)
+            argv = bwrap_argv(
+                command(inside),
+                mounts=[*environment_mounts(), Mount(plugin, inside)],
+                limits=limits,
+                bwrap=_bwrap(),
+                uid=_sandbox_uid(),
+                seccomp_fd=fd,
+            )
+        else:
+            argv = prlimit_argv(limits, processes=False) + command(str(plugin))
+        passed = () if fd is None or not sandboxed else (fd,)
+        outcome = _execute(argv, limits, sandboxed=sandboxed, workdir=workdir, pass_fds=passed)
     if not outcome.ok:
         return outcome, None
     for line in reversed(outcome.output.splitlines()):
@@ -527,7 +540,9 @@ def _writable_file(path: Path, uid: int | None) -> None:
         os.close(handle)
 
 
-def _execute(argv: list[str], limits: Limits, *, sandboxed: bool, workdir: Path) -> Outcome:
+def _execute(
+    argv: list[str], limits: Limits, *, sandboxed: bool, workdir: Path, pass_fds: tuple[int, ...] = ()
+) -> Outcome:
     """Start ``argv`` in a session of its own, read at most ``output_bytes`` of its output, kill
     its process group at the wall-clock or output limit, reap it and measure it."""
     # bwrap clears the environment inside; an unsandboxed run gets the same one, HOME aside.
@@ -551,6 +566,7 @@ def _execute(argv: list[str], limits: Limits, *, sandboxed: bool, workdir: Path)
         start_new_session=True,
         cwd=workdir,
         env=env,
+        pass_fds=pass_fds,
     )
     output, killed_for = bytearray(), None
     with selectors.DefaultSelector() as selector:
