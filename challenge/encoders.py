@@ -140,7 +140,10 @@ def sample_key(config: EncoderConfig, seed: int | str) -> dict[str, torch.Tensor
         key[f"blocks.{k}.weight"] = uniform((width, width), width)
         key[f"blocks.{k}.bias"] = uniform((width,), width)
     if config.mix:
-        key["pos"] = torch.randn((config.n_patches, width), generator=generator)
+        # numpy's ziggurat, not torch.randn: torch's vectorised Box-Muller rounds differently on
+        # each CPU (ATEN_CPU_CAPABILITY), and a key must be the same bytes everywhere.
+        normal = np.random.default_rng(derive_seed(seed, "pos"))
+        key["pos"] = torch.from_numpy(normal.standard_normal((config.n_patches, width), dtype=np.float32))
         key["mix.weight"] = uniform((width, width), width)
         key["mix.bias"] = uniform((width,), width)
     return key
@@ -177,6 +180,21 @@ def images_to_patches(images: torch.Tensor, config: EncoderConfig) -> torch.Tens
     pixels = (images.float() - PIXEL_MEAN) / PIXEL_STD
     patches = pixels.reshape(batch, grid, patch, grid, patch).permute(0, 1, 3, 2, 4)
     return patches.reshape(batch, grid * grid, patch * patch)
+
+
+MEAN_CHUNK_ROWS = 1024  # a float64 chunk stays in cache: as fast as a float32 mean here
+
+
+def _column_mean(rows: torch.Tensor) -> torch.Tensor:
+    """(R, D) float32 -> (D,) float32 mean over rows, accumulated in float64 chunk by chunk.
+
+    A float32 reduction sums in an order that depends on the CPU's vector width
+    (ATEN_CPU_CAPABILITY), so its last bits differ between CPUs; a float64 sum rounded to float32
+    gives the same bytes on any of them, and chunks keep the float64 copy small."""
+    total = torch.zeros(rows.shape[1], dtype=torch.float64, device=rows.device)
+    for start in range(0, rows.shape[0], MEAN_CHUNK_ROWS):
+        total += rows[start : start + MEAN_CHUNK_ROWS].sum(dim=0, dtype=torch.float64)
+    return (total / rows.shape[0]).float()
 
 
 class Encoder:
@@ -225,8 +243,8 @@ class Encoder:
             # BatchNorm2d in training mode: per-channel mean and biased variance over the whole
             # batch (all images, all positions); affine weight 1 and bias 0.
             # (Two-pass mean / variance in place: torch.var_mean over dim 0 is 6x slower here.)
-            rows = rows.sub_(rows.mean(dim=0))
-            var = rows.square().mean(dim=0)
+            rows = rows.sub_(_column_mean(rows))
+            var = _column_mean(rows.square())
             rows = rows.mul_(torch.rsqrt(var + BN_EPS)).relu_()
         if config.mix:
             # In place: a batch of 256 full-width rows is 512 MB, and peak memory is a few of them.

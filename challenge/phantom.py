@@ -255,14 +255,28 @@ def _render_batch(p: dict[str, np.ndarray], mottle: np.ndarray, vessels: np.ndar
     theta = np.arctan2(dy, dx) / np.pi  # -1 .. 1 around each hilum
     tex_x = (theta - 1.0) / 2.0 + right  # each side samples its own texture half
     tex_y = np.clip(r / 0.8, 0.0, 1.0) * 2.0 - 1.0
-    grid = torch.from_numpy(np.stack([tex_x, tex_y], axis=-1))
-    texture = F.grid_sample(
-        torch.from_numpy(vessels)[:, None], grid, mode="bilinear", padding_mode="border", align_corners=False
-    )[:, 0].numpy()
+    # torch's resampling kernels are vectorised per CPU (ATEN_CPU_CAPABILITY): in float64 the
+    # float32 result is the same bytes on any CPU.
+    grid = torch.from_numpy(np.stack([tex_x, tex_y], axis=-1)).double()
+    texture = (
+        F.grid_sample(
+            torch.from_numpy(vessels).double()[:, None],
+            grid,
+            mode="bilinear",
+            padding_mode="border",
+            align_corners=False,
+        )[:, 0]
+        .float()
+        .numpy()
+    )
     ridges = np.clip(1.0 - np.abs(texture) / (0.5 * np.exp(-r / 0.3)), 0.0, 1.0)
-    blobs = F.interpolate(torch.from_numpy(mottle)[:, None], size=(work, work), mode="bicubic", align_corners=False)[
-        :, 0
-    ].numpy()
+    blobs = (
+        F.interpolate(
+            torch.from_numpy(mottle).double()[:, None], size=(work, work), mode="bicubic", align_corners=False
+        )[:, 0]
+        .float()
+        .numpy()
+    )
     hilum = np.exp(-((r / 0.1) ** 2))
     density += lung * b["vessel_density"] * (ridges * np.exp(-r / 0.4) + 0.35 * blobs + 1.5 * hilum)
 
@@ -313,9 +327,16 @@ def _render_batch(p: dict[str, np.ndarray], mottle: np.ndarray, vessels: np.ndar
 
     # Exposure: contrast, brightness and gamma vary as the film and display window do.
     shown = np.clip(b["brightness"] + b["contrast"] * (0.06 + 1.2 * density), 0.0, 1.0)
-    shown = F.interpolate(
-        torch.from_numpy(shown ** b["gamma"])[:, None], size=(size, size), mode="bilinear", align_corners=False
-    )[:, 0].numpy()
+    shown = (
+        F.interpolate(
+            torch.from_numpy(shown ** b["gamma"]).double()[:, None],
+            size=(size, size),
+            mode="bilinear",
+            align_corners=False,
+        )[:, 0]
+        .float()
+        .numpy()
+    )
     # Film noise, lightly correlated between neighbouring pixels like screen-film grain.
     grain = film - 0.5  # variance 1/12
     grain[:, 1:-1, :] += 0.5 * (grain[:, :-2, :] + grain[:, 2:, :])

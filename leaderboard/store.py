@@ -264,7 +264,8 @@ verified_releases = sa.Table(
     sa.Column("seed", sa.String(64), nullable=False),  # secret until the challenge closes: never served before
     sa.Column("committed_utc", sa.String(32), nullable=False),
     sa.Column("state", sa.String(16), nullable=False),  # committed, scored, failed
-    sa.Column("message", sa.Text),
+    sa.Column("message", sa.Text),  # public: a fixed vocabulary (leaderboard/verified/sandbox.py FAILURES)
+    sa.Column("detail", sa.Text),  # the plugin's own error line: its team's eyes only
     sa.Column("wall_s", sa.Float),
     sa.Column("cpu_s", sa.Float),
     sa.Column("peak_rss_bytes", sa.BigInteger),
@@ -331,6 +332,11 @@ MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
         ),
     ),
     (6, "challenges.n_sites", _add_columns((challenges, "n_sites", "INTEGER NOT NULL DEFAULT 1"))),
+    (
+        7,
+        "verified_releases.detail (a failure in the plugin's words, for its team)",
+        _add_columns((verified_releases, "detail", "TEXT")),
+    ),
 ]
 LATEST_VERSION = MIGRATIONS[-1][0]
 

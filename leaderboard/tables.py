@@ -465,6 +465,7 @@ VERIFIED_SUMMARY_COLUMNS = [
     "challenge_id",
     "task",
     "preset",
+    "precision",
     "run_id",
     "attack",
     "origin",
@@ -503,6 +504,7 @@ def verified_summary(results: pd.DataFrame) -> pd.DataFrame:
             "challenge_id",
             "task",
             "preset",
+            "precision",
             "attack",
             "origin",
             "sandboxed",
@@ -551,7 +553,9 @@ def verified_matrix(
     def cell(row) -> str:
         spread = "" if pd.isna(row.spread) else f" ± {100 * row.spread:.1f}%"
         mark = "" if row.sandboxed else f" {UNSANDBOXED}"
-        return f"{100 * row.mean:.1f}%{spread} (K={row.scored}){mark}"
+        # bf16 releases are an organizer's explicit choice: their encodings are not fp32's.
+        arithmetic = "" if getattr(row, "precision", "fp32") == "fp32" else f" [{row.precision}]"
+        return f"{100 * row.mean:.1f}%{spread} (K={row.scored}){arithmetic}{mark}"
 
     best = best.assign(cell=[cell(row) for row in best.itertuples()])
     matrix = best.pivot(index="attack", columns="preset", values="cell")

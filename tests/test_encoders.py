@@ -1,7 +1,12 @@
 """The encoder against docs/tasks.md#encoder, written out layer by layer with torch.nn modules."""
 
 import dataclasses
+import hashlib
+import os
+import subprocess
+import sys
 import weakref
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -257,8 +262,8 @@ def test_release_records_the_resolved_precision_never_auto(cpu_probe, tmp_path, 
         assert release.config.precision == key.config.precision == chosen
 
 
-def test_cli_build_defaults_to_auto_precision(cpu_probe, tmp_path):
-    cpu_probe({"avx2"}, bf16_fast=False)
+def test_cli_build_defaults_to_fp32_even_where_bf16_is_fast(cpu_probe, tmp_path):
+    cpu_probe({"amx_bf16"}, bf16_fast=True)
     result = CliRunner().invoke(
         main,
         [
@@ -296,3 +301,39 @@ def test_cuda_fp32_equals_cpu(tiny_images):
     cpu = encode_all(Encoder.from_seed(config, 1), tiny_images, None)
     gpu = encode_all(Encoder.from_seed(config, 1, device="cuda"), tiny_images, None)
     np.testing.assert_allclose(gpu, cpu, rtol=1e-3, atol=1e-3)
+
+
+# -- the same bytes on any CPU ---------------------------------------------------------------------
+
+# What a CPU without AVX, and one with AVX2 only, would compute: torch's vectorised kernels
+# (ATEN_CPU_CAPABILITY), oneDNN's and MKL's instruction sets, and one thread or two.
+CPU_ENVIRONMENTS = {
+    "default": {"ATEN_CPU_CAPABILITY": "default", "OMP_NUM_THREADS": "1"},
+    "avx2": {
+        "ATEN_CPU_CAPABILITY": "avx2",
+        "ONEDNN_MAX_CPU_ISA": "AVX2",
+        "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+        "OMP_NUM_THREADS": "2",
+    },
+    "native": {},
+}
+
+
+def test_an_fp32_release_is_the_same_bytes_whatever_the_cpu_computes_with(tmp_path):
+    digests = {}
+    for name, env in CPU_ENVIRONMENTS.items():
+        out = tmp_path / name
+        built = subprocess.run(
+            [str(Path(sys.executable).with_name("ncbench")), "challenge", "build", "--preset", "nc7", "--task", "reid"]
+            + ["--source", "phantom", "--n", "32", "--width", "64", "--image-size", "32", "--patch-size", "8"]
+            + ["--bn-batch", "16", "--seed", "ab" * 32, "--device", "cpu", "--out", str(out)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "SOURCE_DATE_EPOCH": "1700000000", **env},
+        )
+        assert built.returncode == 0, built.stderr
+        digests[name] = {
+            part: hashlib.sha256((out / part).read_bytes()).hexdigest()
+            for part in ("public/release.h5", "private/key.h5")
+        }
+    assert digests["default"] == digests["avx2"] == digests["native"], digests

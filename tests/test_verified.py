@@ -10,6 +10,7 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import io
+import math
 import os
 import shlex
 import subprocess
@@ -38,8 +39,9 @@ from ncbench.errors import NcbenchError
 from ncbench.leaderboard import tables
 from ncbench.leaderboard.scoring import score_submission
 from ncbench.leaderboard.store import BUILTIN_TEAM, DB_ENV, Store, verified_runs
+from ncbench.leaderboard.verified import cgroup, sandbox, seccomp
 from ncbench.leaderboard.verified import runs as verified
-from ncbench.leaderboard.verified import sandbox
+from ncbench.leaderboard.verified.declarations import literal_declarations, read_declarations
 
 NCBENCH = str(Path(sys.executable).with_name("ncbench"))
 # width 64 = 8 x 8 pixels per patch: every built-in attack runs on it.
@@ -71,6 +73,8 @@ from ncbench.attacks.gram_hungarian import GramHungarian
 class {cls}(GramHungarian):
     name = "{name}"
     version = "1.0"
+    tasks = ("reid",)
+    knowledge = ("architecture", "self-sampled-keys", "plaintext-pool")
     description = "A plugin of tests/test_verified.py."
 
     def run(self, release):
@@ -79,8 +83,12 @@ class {cls}(GramHungarian):
 WELL_BEHAVED = "        return super().run(release)"
 
 
-def hostile_bodies(port: int, store: Path, challenge_id: str) -> dict[str, tuple[str, str]]:
-    """Plugin name -> (body of run(), what its recorded reason must say)."""
+MARKER = "NCBENCH-MARKER-7f3a"  # what a plugin tries to publish through its failure
+
+
+def hostile_bodies(port: int, store: Path, challenge_id: str) -> dict[str, tuple[str, str | None, str]]:
+    """Plugin name -> (body of run(), its public reason (None: any of the vocabulary), what the
+    detail its team sees must say)."""
     paths = ["/etc/passwd", str(store / "leaderboard.db"), str(store / "keys" / challenge_id / "key.h5")]
     folders = [str(store), str(store / "keys"), "/home"]
     return {
@@ -94,6 +102,7 @@ def hostile_bodies(port: int, store: Path, challenge_id: str) -> dict[str, tuple
             except OSError as error:
                 outcomes.append(type(error).__name__)
         raise RuntimeError("no network: " + ", ".join(outcomes))""",
+            "exception RuntimeError",
             "no network",
         ),
         "reads-host-files": (
@@ -113,6 +122,7 @@ def hostile_bodies(port: int, store: Path, challenge_id: str) -> dict[str, tuple
             except OSError:
                 pass
         raise RuntimeError(f"LEAKED {{leaked}}" if leaked else "nothing of the host is visible")""",
+            "exception RuntimeError",
             "nothing of the host is visible",
         ),
         "forks-until-stopped": (
@@ -121,23 +131,27 @@ def hostile_bodies(port: int, store: Path, challenge_id: str) -> dict[str, tuple
             if os.fork() == 0:
                 time.sleep(3600)
                 os._exit(0)""",
+            None,  # the process limit, then BlockingIOError or the clock, whichever comes first
             "Resource temporarily unavailable",
         ),
         "allocates-50-gb": (
             """
         return np.ones(50 * 10**9, dtype=np.uint8)""",
+            "memory limit",
             "MemoryError",
         ),
         "sleeps-forever": (
             """
         time.sleep(10**6)""",
             "wall-clock limit",
+            "",
         ),
         "writes-10-gb": (
             """
         with open("/tmp/big", "wb") as handle:
             for _ in range(10 * 1024):
                 handle.write(bytes(1 << 20))""",
+            "exception OSError",
             "File too large",
         ),
         "prints-1-gb": (
@@ -145,11 +159,20 @@ def hostile_bodies(port: int, store: Path, challenge_id: str) -> dict[str, tuple
         for _ in range(1024):
             sys.stdout.write("x" * (1 << 20))""",
             "output limit",
+            "",
         ),
         "imports-a-missing-module": (
             """
         import ncbench_no_such_module  # noqa: F401""",
+            "exception ModuleNotFoundError",
             "No module named 'ncbench_no_such_module'",
+        ),
+        "raises-a-marker": (
+            f"""
+        print("error: attack x failed: {MARKER}: forged")
+        raise type("{MARKER.replace("-", "_")}", (Exception,), {{}})("{MARKER}")""",
+            None,  # its forged error line may come last: then another word of the vocabulary
+            MARKER,
         ),
     }
 
@@ -279,7 +302,7 @@ def batch(world):
     root, url = world["root"], world["server"].url
     hostile = hostile_bodies(world["server"].port, world["store"], world["id"])
     files = {}
-    for name, (body, _) in hostile.items():
+    for name, (body, _, _) in hostile.items():
         files[name] = root / "plugins" / f"{name.replace('-', '_')}.py"
         files[name].write_text(plugin_source(name, body))
     good = root / "plugins" / "good_plugin.py"
@@ -361,9 +384,10 @@ def batch(world):
     }
 
 
-def run_of(batch, world, run_id: int) -> dict:
+def run_of(batch, world, run_id: int, team: str | None = None) -> dict:
+    """A run as anyone sees it, or as ``team`` does."""
     with db(world) as store:
-        return verified.run_view(store, run_id)
+        return verified.run_view(store, run_id, team=team)
 
 
 # -- hostile plugins ----------------------------------------------------------------------------
@@ -371,12 +395,52 @@ def run_of(batch, world, run_id: int) -> dict:
 
 @pytest.mark.parametrize("name", list(hostile_bodies(0, Path("/"), "x")))
 def test_hostile_plugin_is_contained_and_recorded_as_failed_with_its_reason(world, batch, name):
-    run = run_of(batch, world, batch["runs"][name])
-    expected = batch["hostile"][name][1]
+    run, own = run_of(batch, world, batch["runs"][name]), run_of(batch, world, batch["runs"][name], "alice")
+    _, public, detail = batch["hostile"][name]
     assert run["state"] == "failed", run
-    assert expected in run["message"], run["message"]
-    assert "LEAKED" not in run["message"] and "CONNECTED" not in run["message"]
-    assert run["message"].count("\n") == 0
+    failed = [e for e in run["evaluations"] if e["state"] == "failed"]
+    assert len(failed) == 1 and failed[0]["message"] in sandbox.FAILURES, failed
+    assert public is None or failed[0]["message"] == public, failed
+    assert run["message"] == f"evaluation release 1 of 2: {failed[0]['message']}"
+    assert "detail" not in failed[0]
+    mine = [e for e in own["evaluations"] if e["state"] == "failed"][0]
+    assert detail in (mine["detail"] or ""), mine
+    assert "LEAKED" not in (mine["detail"] or "") and "CONNECTED" not in (mine["detail"] or "")
+
+
+def test_no_plugin_text_reaches_the_public_api_or_the_board(world, batch, monkeypatch):
+    # The marker plugin raised an exception of a class named after the marker, with the marker as
+    # its message, and printed a forged error line naming it: its team sees the marker, no one else.
+    public = httpx.get(f"{world['server'].url}/api/v1/challenges/{world['id']}/verified", timeout=30)
+    assert public.status_code == 200 and "raises-a-marker" in public.text
+    for text in (public.text, public.text.replace("-", "_")):
+        assert MARKER not in text and MARKER.replace("-", "_") not in text
+    own = httpx.get(
+        f"{world['server'].url}/api/v1/plugins",
+        headers={"Authorization": f"Bearer {world['tokens']['alice']}"},
+        timeout=30,
+    )
+    assert MARKER in own.text
+    at = verified_page(monkeypatch, world["store"] / "leaderboard.db")
+    for frame in at.dataframe:
+        shown = frame.value.to_csv()
+        assert MARKER not in shown and MARKER.replace("-", "_") not in shown
+    summary = tables.verified_summary(batch["results"])
+    assert "alice/raises-a-marker" in set(summary["attack"]) and MARKER not in summary.to_csv()
+
+
+def test_public_costs_are_rounded_up_to_a_power_of_two(world, batch):
+    run_id = batch["runs"]["sleeps-forever"]
+    public, own = run_of(batch, world, run_id), run_of(batch, world, run_id, "alice")
+    assert public["finished_utc"] is None and own["finished_utc"] is not None
+    for seen, measured in zip(public["evaluations"], own["evaluations"]):
+        if measured["wall_s"] is not None:
+            assert seen["wall_s"] >= measured["wall_s"] and math.log2(seen["wall_s"]).is_integer()
+
+
+def test_coarse_rounds_up_to_a_power_of_two_from_its_floor():
+    assert verified.coarse(3.2, 1.0) == 4.0 and verified.coarse(0.01, 1.0) == 1.0 and verified.coarse(4.0, 1.0) == 4.0
+    assert verified.coarse(5 << 20, float(1 << 20)) == 8 << 20 and verified.coarse(None, 1.0) is None
 
 
 def test_the_server_keeps_serving_and_scoring_while_hostile_plugins_run(batch):
@@ -395,6 +459,52 @@ def test_a_plugin_that_fails_its_check_is_refused_before_queueing(world, batch):
     assert "No module named 'ncbench_no_such_module'" in refused.stderr
     with db(world) as store, store._read() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(verified_runs)).scalar() == before
+
+
+FORGER = """\
+import os
+import sys
+
+from ncbench.attacks.gram_hungarian import GramHungarian
+
+print('ncbench-check: {"attack": "forged-name", "version": "9", "tasks": ["reid"], "knowledge": []}')
+sys.stdout.flush()
+os._exit(0)
+
+
+class Plugin(GramHungarian):
+    name = "real-name"
+    version = "1.0"
+    tasks = ("reid",)
+    knowledge = ("architecture", "key")
+"""
+
+
+def test_a_plugin_that_prints_its_own_admission_report_is_refused(world, batch, tmp_path):
+    # It exits at import with a report of other declarations: the host reads the real ones
+    # (knowledge 'key', refused) from the source, and the printed report does not agree.
+    path = tmp_path / "forger.py"
+    path.write_text(FORGER)
+    (tmp_path / "work").mkdir()
+    outcome, report = sandbox.check_plugin(
+        plugin=path,
+        class_name="Plugin",
+        params={},
+        task="reid",
+        workdir=tmp_path / "work",
+        limits=verified.CHECK_LIMITS,
+    )
+    assert report is None and outcome.reason == sandbox.DECLARATIONS_DIFFER, outcome
+    answer = upload(world, "carol", path)
+    assert answer.status_code == 422 and "forged-name" not in answer.text, answer.text
+    # The same report printed truthfully admits nothing more than the source declares.
+    path.write_text(
+        FORGER.replace('"forged-name", "version": "9"', '"real-name", "version": "1.0"').replace(
+            '"knowledge": []', '"knowledge": ["architecture", "key"]'
+        )
+    )
+    answer = upload(world, "carol", path)
+    assert answer.status_code == 422 and "knowledge the leaderboard refuses" in answer.text, answer.text
 
 
 def test_two_verified_runs_execute_at_once_on_a_two_worker_cluster(world, batch):
@@ -416,13 +526,13 @@ def test_submit_plugin_runs_on_fresh_hidden_releases_committed_before_the_run(wo
     good = results[results["attack"] == "bob/good-gram"]
     assert list(good["release_state"]) == ["scored", "scored"] and good["state"].iloc[0] == "scored"
     assert good["reidentification"].between(0, 1).all() and good["sandboxed"].all()
-    assert (good["wall_s"] > 0).all() and (good["cpu_s"] > 0).all() and (good["peak_rss_bytes"] > 10 << 20).all()
+    assert (good["wall_s"] >= 1).all() and (good["cpu_s"] >= 1).all() and (good["peak_rss_bytes"] > 10 << 20).all()
     commitments = httpx.get(f"{world['server'].url}/api/v1/challenges/{world['id']}/commitments").json()
     mine = [c for c in commitments if c["attack"] == "bob/good-gram"]
     assert len(mine) == 2 and len({c["eval_challenge_id"] for c in mine}) == 2
     assert world["id"] not in {c["eval_challenge_id"] for c in mine}  # never the public release
     assert all(c["seed"] is None and c["rebuild"] is None and len(c["seed_sha256"]) == 64 for c in mine)
-    run = run_of(batch, world, int(good["run_id"].iloc[0]))
+    run = run_of(batch, world, int(good["run_id"].iloc[0]), "bob")
     assert all(c["committed_utc"] < run["finished_utc"] for c in mine)
     listed = cli("submissions", env=batch["bob"])
     assert f"plugin {run['id']}" in listed.stdout and "scored" in listed.stdout
@@ -654,6 +764,38 @@ def test_the_sandbox_shows_nothing_of_the_host_but_the_environment_release_and_p
         assert any(word.startswith("--nproc=") for word in argv) and any(word.startswith("--as=") for word in argv)
 
 
+def test_the_host_reads_declarations_from_literal_class_attributes(tmp_path):
+    path = tmp_path / "plugin.py"
+    path.write_text(plugin_source("my-gram"))
+    assert read_declarations(path, "Plugin") == {
+        "attack": "my-gram",
+        "version": "1.0",
+        "tasks": ["reid"],
+        "knowledge": ["architecture", "self-sampled-keys", "plaintext-pool"],
+    }
+    inherited = (
+        "from ncbench.attacks.gram_hungarian import GramHungarian\nclass Plugin(GramHungarian):\n    name = 'x'\n"
+    )
+    with pytest.raises(NcbenchError, match="must declare version, tasks, knowledge as literals"):
+        literal_declarations(inherited, "Plugin")
+    computed = "class Plugin:\n    name = 'x' + 'y'\n    version = '1'\n    tasks = ()\n    knowledge = ()\n"
+    with pytest.raises(NcbenchError, match="name must be a string written as a literal"):
+        literal_declarations(computed, "Plugin")
+
+
+def test_a_parser_bomb_is_refused_within_the_parsers_limits(tmp_path):
+    path = tmp_path / "bomb.py"
+    path.write_text("x = " + "(" * 200_000 + ")" * 200_000 + "\nclass Plugin:\n    name = 'x'\n")
+    with pytest.raises(NcbenchError, match="parse"):
+        read_declarations(path, "Plugin")
+
+
+@given(st.text(max_size=300))
+def test_a_public_reason_is_always_a_word_of_the_vocabulary(line):
+    assert sandbox.public_reason(line) in sandbox.FAILURES
+    assert sandbox.public_reason(f"attack x failed: {line}") in sandbox.FAILURES
+
+
 def test_sandbox_limits_take_sizes_and_refuse_unknown_names():
     limits = sandbox.parse_limits(["memory_bytes=2G", "file_bytes=64M", "output_bytes=64k", "wall_s=1.5"])
     assert (limits.memory_bytes, limits.file_bytes, limits.output_bytes, limits.wall_s) == (
@@ -667,16 +809,17 @@ def test_sandbox_limits_take_sizes_and_refuse_unknown_names():
             sandbox.parse_limits([bad, "threads=4"] if bad == "processes=2" else [bad])
 
 
-def test_verified_matrix_shows_mean_and_spread_over_keys_and_marks_unsandboxed_runs():
+def test_verified_matrix_shows_mean_and_spread_over_keys_and_marks_unsandboxed_and_bf16_runs():
     rows = []
-    for run_id, (attack, sandboxed, scores) in enumerate(
-        [("gram-hungarian", True, [0.5, 0.7]), ("alice/mine", False, [0.9, 0.9, 0.9])], start=1
+    for run_id, (attack, sandboxed, precision, scores) in enumerate(
+        [("gram-hungarian", True, "fp32", [0.5, 0.7]), ("alice/mine", False, "bf16", [0.9, 0.9, 0.9])], start=1
     ):
         rows += [
             {
                 "challenge_id": "c",
                 "task": "reid",
                 "preset": "nc3",
+                "precision": precision,
                 "n": 16,
                 "run_id": run_id,
                 "team": "t",
@@ -700,7 +843,8 @@ def test_verified_matrix_shows_mean_and_spread_over_keys_and_marks_unsandboxed_r
     assert summary["spread"].round(6).tolist() == [0.141421, 0.0]
     matrix = tables.verified_matrix(summary, task="reid")
     assert matrix.loc["gram-hungarian", "nc3"] == "60.0% ± 14.1% (K=2)"
-    assert matrix.loc["alice/mine", "nc3"] == f"90.0% ± 0.0% (K=3) {tables.UNSANDBOXED}"
+    assert matrix.loc["alice/mine", "nc3"] == f"90.0% ± 0.0% (K=3) [bf16] {tables.UNSANDBOXED}"
+    assert summary["precision"].tolist() == ["fp32", "bf16"]
     assert tables.verified_compute(pd.DataFrame(rows))["cpu_s"].tolist() == [1.0] * 5
 
 
@@ -804,3 +948,111 @@ def test_submit_takes_a_file_or_a_plugin_not_both(tmp_path):
     for args in ([], [tmp_path / "sub.h5", "--plugin", "p.py:P"]):
         refused = cli("submit", *args, "--challenge", "x", env={"NCBENCH_TOKEN": "t"})
         assert refused.exit_code == 2 and "not both" in refused.stderr and refused.stderr.count("\n") == 1
+
+
+# -- one control group per run -------------------------------------------------------------------
+
+
+@pytest.fixture
+def cgroups():
+    if sandbox.sandbox_problem():
+        pytest.skip("no bubblewrap sandbox here")
+    if cgroup.available() is None:
+        pytest.skip("the server may not create control groups here")
+
+
+def test_a_runs_peak_memory_is_its_own_and_counts_its_tmpfs(cgroups, tmp_path):
+    # 200 MB written to the tmpfs /tmp: no process's RSS shows it, the run's group does.
+    fill = "open('/tmp/fill', 'wb').write(bytes(200 << 20))"
+    limits = sandbox.parse_limits(["scratch_bytes=512M", "wall_s=60"])
+    argv = sandbox.bwrap_argv(
+        [sys.executable, "-c", fill], mounts=sandbox.environment_mounts(), limits=limits, uid=sandbox._sandbox_uid()
+    )
+    outcome = sandbox._execute(argv, limits, sandboxed=True, workdir=tmp_path)
+    assert outcome.ok, outcome.output
+    assert outcome.peak_rss_bytes >= 200 << 20
+    assert not [group for _, parents in cgroup._parents() for p in parents for group in p.glob(f"{os.getpid()}-*")]
+
+
+def test_a_run_over_its_groups_memory_ends_at_the_memory_limit(cgroups, tmp_path):
+    # Two processes, each under its address-space limit, together over the run's memory.
+    hog = (
+        "import os; os.fork(); b = bytearray(600 << 20); b[::4096] = b'x' * len(b[::4096]); import time; time.sleep(5)"
+    )
+    limits = sandbox.parse_limits(["memory_bytes=1G", "scratch_bytes=64M", "wall_s=60"])
+    argv = sandbox.bwrap_argv(
+        [sys.executable, "-c", hog], mounts=sandbox.environment_mounts(), limits=limits, uid=sandbox._sandbox_uid()
+    )
+    outcome = sandbox._execute(argv, limits, sandboxed=True, workdir=tmp_path)
+    assert outcome.reason == sandbox.MEMORY_LIMIT, (outcome.reason, outcome.output)
+
+
+def test_sandboxes_a_dead_server_left_behind_are_killed_at_the_next_start(cgroups):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    owner = int(dead.stdout)
+    left = subprocess.Popen(["sleep", "300"])
+    folders = []
+    for _, parents in cgroup._parents()[:1]:
+        for parent in parents:
+            parent.mkdir(exist_ok=True)
+            folders.append(parent / f"{owner}-leftover")
+            folders[-1].mkdir()
+            (folders[-1] / "cgroup.procs").write_text(str(left.pid))
+    assert cgroup.reap_leftovers() >= 1
+    assert left.wait(timeout=10) == -9
+    assert not any(folder.exists() for folder in folders)
+
+
+def test_check_sandbox_says_which_protections_this_host_gives(cgroups):
+    checked = cli("server", "--check-sandbox")
+    assert checked.exit_code == 0, checked.output
+    lines = checked.output.splitlines()
+    assert all(line.startswith("yes promised") for line in lines if "promised" in line)
+    assert any("control group" in line and line.startswith("yes") for line in lines)
+
+
+SYSCALL_PROBE = """\
+import ctypes, threading, multiprocessing
+libc = ctypes.CDLL(None, use_errno=True)
+calls = {
+    "unshare": lambda: libc.unshare(0x10000000),  # CLONE_NEWUSER
+    "clone-newnet": lambda: libc.syscall(56, 0x40000000 | 17, 0, 0, 0, 0),  # clone(CLONE_NEWNET | SIGCHLD)
+    "mount": lambda: libc.mount(b"none", b"/tmp", b"tmpfs", 0, None),
+    "ptrace": lambda: libc.ptrace(16, 1, None, None),  # PTRACE_ATTACH
+    "keyctl": lambda: libc.syscall(250, 0, 0, 0, 0, 0),
+    "bpf": lambda: libc.syscall(321, 0, 0, 0),
+    "perf_event_open": lambda: libc.syscall(298, 0, 0, -1, -1, 0),
+    "userfaultfd": lambda: libc.syscall(323, 0),
+}
+for name, call in calls.items():
+    ctypes.set_errno(0)
+    result = call()
+    print(name, result, ctypes.get_errno())
+worker = multiprocessing.Process(target=print, args=("process ok",))
+worker.start()
+worker.join()
+thread = threading.Thread(target=print, args=("thread ok",))
+thread.start()
+thread.join()
+"""
+
+
+@pytest.mark.skipif(not seccomp.available(), reason="pyseccomp or libseccomp is missing")
+def test_the_seccomp_filter_denies_namespaces_mounts_tracing_keys_bpf_perf_and_userfaultfd(tmp_path):
+    if sandbox.sandbox_problem() or os.uname().machine != "x86_64":
+        pytest.skip("needs bubblewrap on x86_64 (the probe uses its syscall numbers)")
+    limits = sandbox.parse_limits(["wall_s=60"])
+    with seccomp.program() as fd:
+        argv = sandbox.bwrap_argv(
+            [sys.executable, "-c", SYSCALL_PROBE],
+            mounts=sandbox.environment_mounts(),
+            limits=limits,
+            uid=sandbox._sandbox_uid(),
+            seccomp_fd=fd,
+        )
+        outcome = sandbox._execute(argv, limits, sandboxed=True, workdir=tmp_path, pass_fds=(fd,))
+    assert outcome.ok, outcome.output
+    results = dict(line.split(" ", 1) for line in outcome.output.splitlines() if " " in line)
+    for name in ("unshare", "clone-newnet", "mount", "ptrace", "keyctl", "bpf", "perf_event_open", "userfaultfd"):
+        assert results[name] == "-1 1", (name, outcome.output)  # EPERM
+    assert "process ok" in outcome.output and "thread ok" in outcome.output

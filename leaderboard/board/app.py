@@ -153,7 +153,8 @@ def page_verified(store: Store) -> None:
         st.caption(
             f"Best run of each attack on each preset: mean re-identification over its K evaluation "
             f"releases ± the sample standard deviation over the K keys. {tables.UNSANDBOXED}: run by the "
-            "organizers without the sandbox (local testing), not comparable."
+            "organizers without the sandbox (local testing), not comparable. [bf16]: the challenge was encoded "
+            "in bf16 at the organizers' request; every other release is fp32, the same bytes on any CPU."
         )
     st.subheader("Runs")
     st.dataframe(

@@ -153,7 +153,8 @@ def create_app(
         finally:
             shutil.rmtree(work, ignore_errors=True)
         if not outcome.ok:
-            raise NcbenchError(f"the plugin failed its check: {outcome.reason}")
+            # The uploader's own answer: its plugin's words may be in it.
+            raise NcbenchError(f"the plugin failed its check: {outcome.reason} ({outcome.detail or 'no detail'})")
         return report
 
     @app.post("/api/v1/challenges/{challenge_id}/plugins", status_code=202)

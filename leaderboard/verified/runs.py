@@ -86,6 +86,7 @@ CHECK_LIMITS = Limits(
     output_bytes=64 << 10,
     threads=1,
 )
+BUILD_FAILED = "the evaluation release could not be built or run"
 _BUILD_LOCK = threading.Lock()  # SOURCE_DATE_EPOCH is process-wide: one evaluation build at a time
 
 
@@ -483,7 +484,11 @@ def enqueue_builtins(store: Store, challenge_id: str, settings: Settings) -> lis
 
 
 def requeue_interrupted(store: Store) -> int:
-    """At start-up: runs left ``running`` by a server that died run again."""
+    """At start-up: runs left ``running`` by a server that died run again, once whatever of
+    them still runs in a sandbox is killed (a run never runs twice at once)."""
+    from ncbench.leaderboard.verified import cgroup
+
+    cgroup.reap_leftovers()
     return workqueue.requeue_interrupted(store, verified_runs)
 
 
@@ -637,14 +642,17 @@ def _evaluate(store: Store, root: Path, run: dict, recipe: Recipe, index: int) -
         )
         values = {"wall_s": outcome.wall_s, "cpu_s": outcome.cpu_s, "peak_rss_bytes": outcome.peak_rss_bytes}
         if not outcome.ok:
-            _record(store, run["id"], index, state="failed", message=outcome.reason, **values)
+            _record(store, run["id"], index, state="failed", message=outcome.reason, detail=outcome.detail, **values)
             return outcome.reason
         try:
             headline, metrics = _score(submission, release_dir, recipe.task)
         except NcbenchError as error:
-            reason = f"the scorer refused the submission: {error}"
-            _record(store, run["id"], index, state="failed", message=reason, **values)
-            return reason
+            # The scorer's words may quote the submission, which the plugin wrote: its team's only.
+            detail = f"the scorer refused the submission: {error}"
+            _record(
+                store, run["id"], index, state="failed", message=sandbox.INVALID_SUBMISSION, detail=detail, **values
+            )
+            return sandbox.INVALID_SUBMISSION
         _record(
             store,
             run["id"],
@@ -657,7 +665,9 @@ def _evaluate(store: Store, root: Path, run: dict, recipe: Recipe, index: int) -
         )
         return None
     except NcbenchError as error:
-        return f"the evaluation release could not be built or run: {error}"
+        # An archive's refusal may quote its member names: the words stay with the team.
+        _record(store, run["id"], index, state="failed", message=BUILD_FAILED, detail=str(error))
+        return BUILD_FAILED
     finally:
         for folder in (release_dir, work):
             shutil.rmtree(folder, ignore_errors=True)
@@ -688,7 +698,8 @@ def _commit(store: Store, run_id: int, index: int, recipe: Recipe, seed: str, bu
 
 
 def _record(store: Store, run_id: int, index: int, **values) -> None:
-    values["message"] = None if values.get("message") is None else values["message"][: MAX_LENGTHS["error"]]
+    for column in ("message", "detail"):
+        values[column] = None if values.get(column) is None else values[column][: MAX_LENGTHS["error"]]
     with store._write() as conn:
         conn.execute(
             verified_releases.update()
@@ -774,17 +785,32 @@ def revealed_count(store: Store, challenge_id: str) -> int:
     return sum(1 for row in commitments(store, challenge_id) if row["revealed"])
 
 
+# Costs a plugin controls are public only rounded up to a power of two (from these floors), so
+# each tells at most about 4 bits (docs/security-verified.md); its team sees the measured values.
+COARSE_FLOORS = {"wall_s": 1.0, "cpu_s": 1.0, "peak_rss_bytes": float(1 << 20)}
+
+
+def coarse(value: float | None, floor: float) -> float | None:
+    """``value`` rounded up to ``floor`` times a power of two (None and NaN stay None)."""
+    if value is None or math.isnan(value):
+        return None
+    return floor * 2.0 ** max(0, math.ceil(math.log2(max(value, floor) / floor)))
+
+
 def results(store: Store) -> pd.DataFrame:
-    """One row per evaluation release of every verified run (the board's input): challenge_id,
-    task, preset, n, run_id, team, attack (as shown), origin, sandboxed, state (of the run),
-    message, idx, release_state, reidentification (the headline over the whole release),
-    wall_s, cpu_s, peak_rss_bytes, created_utc."""
+    """One row per evaluation release of every verified run (the board's input, public):
+    challenge_id, task, preset, n, encoder_config, precision (the encoder's arithmetic: fp32
+    unless the organizer chose bf16), run_id, team, attack (as shown), origin, sandboxed, state (of
+    the run), message (a fixed vocabulary), idx, release_state, reidentification (the headline
+    over the whole release), wall_s, cpu_s, peak_rss_bytes (each rounded up to a power of two,
+    :func:`coarse`), created_utc."""
     query = (
         sa.select(
             verified_runs.c.challenge_id,
             challenges.c.task,
             challenges.c.preset,
             challenges.c.n_encoded.label("n"),
+            challenges.c.encoder_config,
             verified_runs.c.id.label("run_id"),
             teams.c.name.label("team"),
             verified_runs.c.attack,
@@ -811,6 +837,7 @@ def results(store: Store) -> pd.DataFrame:
         "task",
         "preset",
         "n",
+        "encoder_config",
         "run_id",
         "team",
         "attack",
@@ -829,17 +856,25 @@ def results(store: Store) -> pd.DataFrame:
     ]
     with store._read() as conn:
         frame = pd.DataFrame(conn.execute(query).mappings().all(), columns=columns)
+    frame = frame.assign(precision=pd.Series(dtype=str)) if frame.empty else frame
     if not frame.empty:
         frame["attack"] = [shown_attack(t, a, o) for t, a, o in zip(frame["team"], frame["attack"], frame["origin"])]
         frame["sandboxed"] = frame["sandboxed"].astype(bool)
+        frame["precision"] = [json.loads(text).get("precision", "fp32") for text in frame["encoder_config"]]
         for column in ("reidentification", "wall_s", "cpu_s", "peak_rss_bytes"):
+            frame[column] = frame[column].astype(float)
+        for column, floor in COARSE_FLOORS.items():
+            frame[column] = [coarse(value, floor) for value in frame[column]]
             frame[column] = frame[column].astype(float)
     return frame
 
 
 def run_view(store: Store, run_id: int, *, team: str | None = None) -> dict | None:
-    """One run as its team sees it: state, reason, and per evaluation release its commitment,
-    cost and headline score (None for another team's run when ``team`` is given)."""
+    """One run: state, reason, and per evaluation release its commitment, cost and headline
+    score. With ``team``, as that team sees it (None for another team's run): each failure's
+    ``detail`` in the plugin's own words and the measured costs. Without, as anyone sees it:
+    reasons in the fixed vocabulary only, costs rounded up to a power of two (:func:`coarse`),
+    no start or end time."""
     with store._read() as conn:
         query = (
             sa.select(verified_runs, teams.c.name.label("team"))
@@ -858,6 +893,7 @@ def run_view(store: Store, run_id: int, *, team: str | None = None) -> dict | No
                 verified_releases.c.key_commitment,
                 verified_releases.c.state,
                 verified_releases.c.message,
+                verified_releases.c.detail,
                 verified_releases.c.headline,
                 verified_releases.c.wall_s,
                 verified_releases.c.cpu_s,
@@ -867,6 +903,12 @@ def run_view(store: Store, run_id: int, *, team: str | None = None) -> dict | No
             .order_by(verified_releases.c.idx)
         ).all()
     scores = [r.headline for r in releases if r.state == "scored" and r.headline is not None]
+    evaluations = [dict(r._mapping) for r in releases]
+    if team is None:
+        for evaluation in evaluations:
+            del evaluation["detail"]
+            for column, floor in COARSE_FLOORS.items():
+                evaluation[column] = coarse(evaluation[column], floor)
     return {
         "id": run.id,
         "challenge_id": run.challenge_id,
@@ -877,13 +919,12 @@ def run_view(store: Store, run_id: int, *, team: str | None = None) -> dict | No
         "releases": run.releases,
         "sandboxed": bool(run.sandboxed),
         "created_utc": run.created_utc,
-        "started_utc": run.started_utc,
-        "finished_utc": run.finished_utc,
+        # When a run ended is a cost the plugin controls to the second: its team's only.
+        "started_utc": run.started_utc if team is not None else None,
+        "finished_utc": run.finished_utc if team is not None else None,
         "mean": _finite(sum(scores) / len(scores)) if scores else None,
         "spread": _finite(pd.Series(scores).std(ddof=1)) if len(scores) > 1 else None,
-        "evaluations": [
-            {k: (_finite(v) if isinstance(v, float) else v) for k, v in r._mapping.items()} for r in releases
-        ],
+        "evaluations": [{k: (_finite(v) if isinstance(v, float) else v) for k, v in e.items()} for e in evaluations],
     }
 
 
@@ -912,7 +953,7 @@ def team_runs(store: Store, team: str) -> list[dict]:
             .scalars()
             .all()
         )
-    return [run_view(store, run_id) for run_id in ids]
+    return [run_view(store, run_id, team=team) for run_id in ids]
 
 
 def _finite(value: float | None):

@@ -29,10 +29,12 @@ the host killed has none: only the wall time is known).
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import functools
 import json
 import os
+import re
 import secrets
 import selectors
 import shutil
@@ -45,6 +47,7 @@ from importlib.util import find_spec
 from pathlib import Path
 
 from ncbench.errors import NcbenchError
+from ncbench.leaderboard.verified import cgroup, seccomp
 
 RELEASE_INSIDE = "/challenge/release.h5"
 PLUGIN_DIR_INSIDE = "/plugin"
@@ -70,6 +73,7 @@ SYSTEM_FILES = ("/etc/ld.so.cache",)  # what the dynamic loader needs; not /etc/
 # defaults, which start at 100000 and grow by 65536 per user).
 SANDBOX_UID_BASE, SANDBOX_UID_SPAN = 1 << 24, 1 << 20
 READ_CHUNK = 1 << 16
+SHM_BYTES = 64 << 20  # the tmpfs /dev/shm
 CPU_GRACE_S = 5
 
 
@@ -141,9 +145,13 @@ class Mount:
 
 @dataclass(frozen=True)
 class Outcome:
-    """How one sandboxed run ended: ``reason`` is None when it succeeded, else one line."""
+    """How one sandboxed run ended. ``reason`` is None when it succeeded, else one phrase of a
+    fixed vocabulary (:data:`FAILURES`, an exception's name only when it is a built-in one): it is
+    public, and nothing a plugin prints or raises reaches it but its choice among those words.
+    ``detail`` is the plugin's own words (its error line), for its team only."""
 
     reason: str | None
+    detail: str | None
     returncode: int
     output: str  # what it printed, at most ``output_bytes`` (decoded, invalid bytes replaced)
     wall_s: float
@@ -194,6 +202,50 @@ def require_sandbox(*, unsandboxed: bool) -> None:
         )
 
 
+@dataclass(frozen=True)
+class Protection:
+    """One protection a sandboxed run gets on this host, or not: ``promised`` ones are what
+    docs/security-verified.md promises, and the verified track refuses to run without them."""
+
+    name: str
+    present: bool
+    promised: bool
+    how: str
+
+
+def protections() -> list[Protection]:
+    """What this host gives a sandboxed run (``ncbench server --check-sandbox``)."""
+    problem = sandbox_problem()
+    works = problem is None
+    root = os.geteuid() == 0
+    group = cgroup.available()
+    return [
+        Protection("namespaces (pid, net, ipc, uts, mount)", works, True, problem or "bubblewrap makes them"),
+        Protection(
+            "unprivileged identity",
+            works,
+            True,
+            "root server: each run as a fresh uid, no capabilities (setpriv)"
+            if root
+            else "a user namespace with nesting disabled (--disable-userns)",
+        ),
+        Protection("per-process limits (address space, CPU, file size, processes)", works, True, "prlimit"),
+        Protection("sized tmpfs /tmp and /dev/shm", works, True, "bwrap --size"),
+        Protection(
+            "one control group per run (memory incl. tmpfs, processes, peak, kill after a crash)",
+            group is not None,
+            False,
+            group or "none: the server may not create cgroups here; per-process limits only",
+        ),
+        Protection(
+            "seccomp filter (no new namespaces, mount, ptrace, keyctl, bpf, perf_event_open, userfaultfd)",
+            seccomp.available(),
+            False,
+            "pyseccomp and libseccomp" if seccomp.available() else "none: pyseccomp or libseccomp is missing",
+        ),
+    ]
+
+
 # -- the command line --------------------------------------------------------------------------
 
 
@@ -218,13 +270,21 @@ def environment_mounts() -> list[Mount]:
 
 
 def bwrap_argv(
-    command: list[str], *, mounts: list[Mount], limits: Limits, bwrap: str = "bwrap", uid: int | None = None
+    command: list[str],
+    *,
+    mounts: list[Mount],
+    limits: Limits,
+    bwrap: str = "bwrap",
+    uid: int | None = None,
+    seccomp_fd: int | None = None,
 ) -> list[str]:
     """The full command line of one sandboxed ``command`` (pure: tested without running it).
 
     ``uid``: when the server is root, the fresh unprivileged uid the run drops to (bwrap then
     runs privileged, without a user namespace, which could only map uid 0); None otherwise
     (bwrap makes a user namespace, and ``--disable-userns`` forbids nesting another).
+    ``seccomp_fd``: a compiled filter (:func:`leaderboard.verified.seccomp.program`) that bwrap
+    installs before it starts the command.
     """
     # --as-pid-1: bwrap then waits for the command itself, so its rusage (CPU time, peak memory)
     # reaches ours; with its own init it reports only an exit code.
@@ -253,7 +313,7 @@ def bwrap_argv(
         "--perms",
         "1777",
         "--size",
-        str(64 << 20),
+        str(SHM_BYTES),
         "--tmpfs",
         "/dev/shm",
         "--perms",
@@ -275,6 +335,8 @@ def bwrap_argv(
     for name, value in sandbox_env(limits).items():
         argv += ["--setenv", name, value]
     argv += ["--chdir", SCRATCH_INSIDE]
+    if seccomp_fd is not None:
+        argv += ["--seccomp", str(seccomp_fd)]
     if uid is not None:
         argv += [
             "--cap-drop",
@@ -368,14 +430,16 @@ def run_attack(
         *RUNNER,
         *_run_args(spec, params, Path(RELEASE_INSIDE), Path(SCRATCH_INSIDE) / "submission.h5"),
     ]
-    outcome = _execute(
-        bwrap_argv(inner, mounts=mounts, limits=limits, bwrap=_bwrap(), uid=uid),
-        limits,
-        sandboxed=True,
-        workdir=workdir,
-    )
+    with seccomp.program() as fd:
+        outcome = _execute(
+            bwrap_argv(inner, mounts=mounts, limits=limits, bwrap=_bwrap(), uid=uid, seccomp_fd=fd),
+            limits,
+            sandboxed=True,
+            workdir=workdir,
+            pass_fds=() if fd is None else (fd,),
+        )
     if outcome.ok and out.stat().st_size == 0:
-        outcome = dataclasses.replace(outcome, reason="the run wrote no submission")
+        outcome = dataclasses.replace(outcome, reason=NO_SUBMISSION)
     return outcome, out
 
 
@@ -391,9 +455,13 @@ def check_plugin(
 ) -> tuple[Outcome, dict | None]:
     """``ncbench attack check --no-run --json`` on ``plugin`` in the sandbox (importing a plugin
     runs its code): a .py file and its ``class_name``, or a folder (an unpacked archive) and its
-    ``module:Class``. Returns the outcome and, when it passed, the declarations it reported
-    (name, version, tasks, knowledge): the plugin's own process printed them, so the caller
-    checks them again."""
+    ``module:Class``. Returns the outcome and, when it passed, the declarations (attack, version,
+    tasks, knowledge) as the host read them from the source (:mod:`.declarations`): the plugin's
+    process can print anything, so its report only has to agree with them, and a report that
+    does not is a failed check. NcbenchError when the source declares nothing readable."""
+    from ncbench.leaderboard.verified.declarations import read_declarations
+
+    declared = read_declarations(plugin, class_name)
 
     def command(path: str) -> list[str]:
         # sh stays as the sandbox's first process: signals (SIGXCPU) then end python as they should.
@@ -413,20 +481,23 @@ def check_plugin(
         ]
         return args + [item for name, value in params.items() for item in ("--param", f"{name}={value}")]
 
-    if sandboxed:
-        inside = plugin_inside(plugin)
-        argv = bwrap_argv(
-            command(inside),
-            mounts=[*environment_mounts(), Mount(plugin, inside)],
-            limits=limits,
-            bwrap=_bwrap(),
-            uid=_sandbox_uid(),
-        )
-    else:
-        argv = prlimit_argv(limits, processes=False) + command(str(plugin))
     from ncbench.attacks.plugins.runner import CHECK_MARK
 
-    outcome = _execute(argv, limits, sandboxed=sandboxed, workdir=workdir)
+    with seccomp.program() as fd:
+        if sandboxed:
+            inside = plugin_inside(plugin)
+            argv = bwrap_argv(
+                command(inside),
+                mounts=[*environment_mounts(), Mount(plugin, inside)],
+                limits=limits,
+                bwrap=_bwrap(),
+                uid=_sandbox_uid(),
+                seccomp_fd=fd,
+            )
+        else:
+            argv = prlimit_argv(limits, processes=False) + command(str(plugin))
+        passed = () if fd is None or not sandboxed else (fd,)
+        outcome = _execute(argv, limits, sandboxed=sandboxed, workdir=workdir, pass_fds=passed)
     if not outcome.ok:
         return outcome, None
     for line in reversed(outcome.output.splitlines()):
@@ -435,10 +506,10 @@ def check_plugin(
                 report = json.loads(line[len(CHECK_MARK) :])
             except ValueError:
                 break
-            if isinstance(report, dict):
-                return outcome, report
-            break
-    return dataclasses.replace(outcome, reason="the check printed no report"), None
+            if report == declared:
+                return outcome, declared
+            return dataclasses.replace(outcome, reason=DECLARATIONS_DIFFER, detail=DECLARATIONS_DIFFER), None
+    return dataclasses.replace(outcome, reason=NO_REPORT), None
 
 
 def plugin_inside(plugin: Path) -> str:
@@ -469,7 +540,9 @@ def _writable_file(path: Path, uid: int | None) -> None:
         os.close(handle)
 
 
-def _execute(argv: list[str], limits: Limits, *, sandboxed: bool, workdir: Path) -> Outcome:
+def _execute(
+    argv: list[str], limits: Limits, *, sandboxed: bool, workdir: Path, pass_fds: tuple[int, ...] = ()
+) -> Outcome:
     """Start ``argv`` in a session of its own, read at most ``output_bytes`` of its output, kill
     its process group at the wall-clock or output limit, reap it and measure it."""
     # bwrap clears the environment inside; an unsandboxed run gets the same one, HOME aside.
@@ -478,6 +551,12 @@ def _execute(argv: list[str], limits: Limits, *, sandboxed: bool, workdir: Path)
         if sandboxed
         else {**sandbox_env(limits), "HOME": str(workdir), "TMPDIR": str(workdir)}
     )
+    # The run's own control group (leaderboard/verified/cgroup.py), where the host gives one: all
+    # its processes and its tmpfs pages under one memory limit, its peak, and a kill that reaches
+    # every process even after the server died.
+    group = cgroup.create(memory_bytes=run_memory_bytes(limits), processes=limits.processes) if sandboxed else None
+    if group is not None:
+        argv = group.enter_command() + argv
     started = time.monotonic()
     process = subprocess.Popen(
         argv,
@@ -487,6 +566,7 @@ def _execute(argv: list[str], limits: Limits, *, sandboxed: bool, workdir: Path)
         start_new_session=True,
         cwd=workdir,
         env=env,
+        pass_fds=pass_fds,
     )
     output, killed_for = bytearray(), None
     with selectors.DefaultSelector() as selector:
@@ -494,7 +574,7 @@ def _execute(argv: list[str], limits: Limits, *, sandboxed: bool, workdir: Path)
         while True:
             left = started + limits.wall_s - time.monotonic()
             if left <= 0:
-                killed_for = f"wall-clock limit: still running after {limits.wall_s:g} s"
+                killed_for = WALL_LIMIT
                 break
             if not selector.select(timeout=min(left, 1.0)):
                 continue
@@ -503,29 +583,40 @@ def _execute(argv: list[str], limits: Limits, *, sandboxed: bool, workdir: Path)
                 break
             if len(output) + len(chunk) > limits.output_bytes:
                 output += chunk[: limits.output_bytes - len(output)]
-                killed_for = f"output limit: printed more than {limits.output_bytes} bytes"
+                killed_for = OUTPUT_LIMIT
                 break
             output += chunk
     if killed_for:
         _kill_group(process.pid)
-        errors = [line for line in output.decode(errors="replace").splitlines() if line.startswith("error: ")]
-        if errors:  # e.g. a fork bomb held at the process limit until the clock ran out
-            killed_for += f" (last error: {_one_line(errors[-1].removeprefix('error: '), 200)})"
     process.stdout.close()
     _, status, usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
     wall = time.monotonic() - started
     text = output.decode(errors="replace")
     measured = killed_for is None
+    reason, detail = (killed_for, _detail(text)) if killed_for else _reason(process.returncode, text, limits)
+    peak = int(usage.ru_maxrss) * 1024 if measured else None
+    if group is not None:
+        if group.oom_killed():  # any process of the run, even one whose parent carried on
+            reason, detail = MEMORY_LIMIT, detail or "the kernel killed a process at the run's memory limit"
+        peak = group.peak_bytes() or peak
+        group.kill_and_remove()
     return Outcome(
-        reason=killed_for or _reason(process.returncode, text, limits),
+        reason=reason,
+        detail=detail,
         returncode=process.returncode,
         output=text,
         wall_s=round(wall, 3),
         cpu_s=round(usage.ru_utime + usage.ru_stime, 3) if measured else None,
-        peak_rss_bytes=int(usage.ru_maxrss) * 1024 if measured else None,
+        peak_rss_bytes=peak,
         sandboxed=sandboxed,
     )
+
+
+def run_memory_bytes(limits: Limits) -> int:
+    """What a whole run may hold at once in its control group: a process's address space, the
+    tmpfs /tmp and /dev/shm (their pages are charged to the group)."""
+    return limits.memory_bytes + limits.scratch_bytes + SHM_BYTES
 
 
 def _kill_group(pid: int) -> None:
@@ -535,35 +626,87 @@ def _kill_group(pid: int) -> None:
         pass
 
 
+# The public vocabulary of failures: a run's reason is one of these, or EXCEPTION_PREFIX and the
+# name of a built-in exception class. Each is one of about 80 choices (about 6 bits) that a plugin
+# can make by raising, printing or exhausting a limit on purpose (docs/security-verified.md).
+WALL_LIMIT = "wall-clock limit"
+OUTPUT_LIMIT = "output limit"
+MEMORY_LIMIT = "memory limit"
 SIGNAL_REASONS = {
     signal.SIGXCPU: "CPU time limit",
     signal.SIGXFSZ: "file size limit",
     signal.SIGKILL: "killed (SIGKILL)",
 }
+EXCEPTION_PREFIX = "exception "
+PLUGIN_EXCEPTION = "exception of the plugin's own class"
+NCBENCH_ERROR = "an ncbench error (the plugin's declarations, parameters or output)"
+ERROR_EXIT = "exited with an error"
+KILLED = "killed by a signal"
+NO_SUBMISSION = "the run wrote no submission"
+INVALID_SUBMISSION = "invalid submission"
+NO_REPORT = "the check printed no report"
+DECLARATIONS_DIFFER = "the imported class does not declare what its source says"
+BUILTIN_EXCEPTIONS = frozenset(
+    name for name, value in vars(builtins).items() if isinstance(value, type) and issubclass(value, BaseException)
+)
+FAILURES = frozenset(
+    {
+        WALL_LIMIT,
+        OUTPUT_LIMIT,
+        MEMORY_LIMIT,
+        *SIGNAL_REASONS.values(),
+        PLUGIN_EXCEPTION,
+        NCBENCH_ERROR,
+        ERROR_EXIT,
+        KILLED,
+        NO_SUBMISSION,
+        INVALID_SUBMISSION,
+        NO_REPORT,
+        DECLARATIONS_DIFFER,
+    }
+    | {EXCEPTION_PREFIX + name for name in BUILTIN_EXCEPTIONS}
+)
+# `attack NAME failed: TypeName: message` (attacks/runner.py failure_of, attacks/registry.py); printed by the plugin's own
+# process, so only the type's name is taken, and only when it names a built-in exception.
+FAILURE_LINE = re.compile(
+    r"(?:attack \S+ (?:failed|returned a submission that cannot be written)|plugin (?:file|module) \S+ failed to import)"
+    r": ([A-Za-z_]\w*):"
+)
 
 
-def _reason(returncode: int, output: str, limits: Limits) -> str | None:
-    """One line on why a run failed, or None: the CLI's own ``error:`` line when there is one,
-    else the signal that ended it (bwrap and sh report a signal as 128 + its number)."""
+def public_reason(error_line: str) -> str:
+    """The public reason for the runner's ``error:`` line (plugin-controlled text in, one word
+    of :data:`FAILURES` out)."""
+    match = FAILURE_LINE.match(error_line)
+    if match is None:
+        return NCBENCH_ERROR
+    name = match.group(1)
+    if name == "MemoryError":  # RLIMIT_AS: an allocation failed
+        return MEMORY_LIMIT
+    return EXCEPTION_PREFIX + name if name in BUILTIN_EXCEPTIONS else PLUGIN_EXCEPTION
+
+
+def _reason(returncode: int, output: str, limits: Limits) -> tuple[str | None, str | None]:
+    """(public reason, team's detail) of a run's end, or (None, None) when it succeeded: the
+    CLI's last ``error:`` line when there is one, else the signal that ended it (bwrap and sh
+    report a signal as 128 + its number)."""
     if returncode == 0:
-        return None
+        return None, None
     lines = [line.strip() for line in output.splitlines() if line.strip()]
     errors = [line.removeprefix("error: ") for line in lines if line.startswith("error: ")]
     if errors:
-        return _one_line("; ".join(errors))
+        return public_reason(errors[-1]), _one_line("; ".join(errors))
     number = -returncode if returncode < 0 else returncode - 128 if returncode > 128 else None
     if number is not None:
-        try:
-            name = signal.Signals(number).name
-        except ValueError:
-            name = f"signal {number}"
-        what = SIGNAL_REASONS.get(number, f"killed by {name}")
-        if number == signal.SIGXCPU:
-            what += f" of {limits.cpu_s} s"
-        elif number == signal.SIGXFSZ:
-            what += f" of {limits.file_bytes} bytes"
-        return what
-    return _one_line(f"exit status {returncode}: {lines[-1] if lines else 'no output'}")
+        return SIGNAL_REASONS.get(number, KILLED), _detail(output)
+    return ERROR_EXIT, _one_line(f"exit status {returncode}: {lines[-1] if lines else 'no output'}")
+
+
+def _detail(output: str) -> str | None:
+    """The last ``error:`` line a run printed (e.g. a fork bomb's, held at the process limit until
+    the clock ran out), for its team."""
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    return _one_line(errors[-1].removeprefix("error: "), 300) if errors else None
 
 
 def _one_line(text: str, limit: int = 500) -> str:

@@ -81,10 +81,11 @@ def group() -> None:
 @click.option(
     "--precision",
     type=click.Choice(PRECISIONS),
-    default="auto",
+    default="fp32",
     show_default=True,
-    help="Compute precision: auto is bf16 where the device multiplies bf16 natively (CUDA, AMX or "
-    "AVX-512 BF16 CPUs), else fp32; the release records the resolved value.",
+    help="Compute precision. fp32: the published architecture's arithmetic, the same bytes on any CPU. "
+    "bf16 (or auto: bf16 where the device multiplies bf16 natively, CUDA, AMX or AVX-512 BF16 CPUs) only "
+    "on request: faster there, but the encodings differ from fp32's; the release records the value used.",
 )
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
 def build(

@@ -104,7 +104,7 @@ def demo(out: Path, n: int, seed: int, device: str) -> None:
             if not _valid(folder):
                 build_release(
                     folder,
-                    config=resolve_config(preset, precision="auto"),
+                    config=resolve_config(preset),
                     plan=BuildPlan.for_task(task, n),
                     source="sample",
                     seed=seed + k,

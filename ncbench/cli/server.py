@@ -47,6 +47,15 @@ from ncbench.errors import NcbenchError
     "their own --eval-source (phantom, folder:PATH, manifest:FILE).",
 )
 @sandbox_options
+@click.option(
+    "--check-sandbox",
+    is_flag=True,
+    is_eager=True,
+    expose_value=False,
+    callback=lambda context, _, value: _check_sandbox(context) if value else None,
+    help="Print which protections this host gives the verified track's sandboxes, then exit "
+    "(status 2 when a promised one is missing).",
+)
 def server(
     store_dir: Path,
     db: str | None,
@@ -84,6 +93,24 @@ def server(
         max_upload=max_upload_mb << 20,
         settings=settings,
     )
+
+
+def _check_sandbox(context: click.Context) -> None:
+    """``--check-sandbox``: one line per protection, then exit; status 2 (one error line) when a
+    promised one is missing, since the verified track then refuses to run."""
+    from ncbench.leaderboard.verified import sandbox
+
+    missing = []
+    for protection in sandbox.protections():
+        mark = "yes" if protection.present else "NO "
+        kind = "promised" if protection.promised else "extra"
+        click.echo(f"{mark} {kind:8} {protection.name}: {protection.how}")
+        if protection.promised and not protection.present:
+            missing.append(protection.name)
+    if missing:
+        click.echo(f"error: the verified track refuses to run here: missing {', '.join(missing)}", err=True)
+        context.exit(2)
+    context.exit(0)
 
 
 @click.command("publish")
