@@ -248,3 +248,18 @@ def test_bad_leaderboard_arguments_are_one_line(tmp_path):
 def test_every_command_has_help(command):
     result = run(*command, "--help")
     assert result.exit_code == 0 and "Usage:" in result.stdout
+
+
+@pytest.mark.parametrize("where", ["loading a command", "running it"])
+def test_ctrl_c_ends_in_one_line_and_exit_130(monkeypatch, where):
+    import ncbench.cli as root
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    if where == "loading a command":
+        monkeypatch.setattr(root, "_load", interrupted)
+    else:
+        monkeypatch.setattr("ncbench.leaderboard.server.client.Client.json", interrupted)
+    outcome = CliRunner().invoke(main, ["challenges"])
+    assert outcome.exit_code == 130 and outcome.stderr == "interrupted\n", outcome.output
