@@ -215,7 +215,9 @@ def test_export_formats_hide_the_private_half_until_close(challenge, perfect, tm
     assert [(r["split"], r["reidentification"], r["band"]) for r in rows] == [("public", 1.0, "bad")]
     markdown = run("leaderboard", "export", "--db", db, "--format", "markdown").stdout
     assert markdown.startswith("| challenge_id |") and "| public |" in markdown and "private" not in markdown
-    closed = run("leaderboard", "close", challenge_id, "--db", db)
+    unasked = run("leaderboard", "close", challenge_id, "--db", db)  # no terminal to ask on: --yes or nothing
+    assert unasked.exit_code == 2 and "--yes" in unasked.stderr and unasked.stderr.count("\n") == 1
+    closed = run("leaderboard", "close", challenge_id, "--db", db, "--yes")
     assert closed.exit_code == 0 and "now public" in closed.stdout
     assert "already closed" in run("leaderboard", "close", challenge_id, "--db", db).stdout
     out = tmp_path / "exports" / "board.csv"

@@ -610,7 +610,7 @@ def test_the_verified_page_of_an_empty_board_says_how_to_fill_it(tmp_path, monke
 
 def test_a_revealed_seed_rebuilds_the_evaluation_release_byte_for_byte(world, batch, tmp_path):
     url = world["server"].url
-    closed = cli("leaderboard", "close", world["id"], "--db", world["store"] / "leaderboard.db")
+    closed = cli("leaderboard", "close", world["id"], "--db", world["store"] / "leaderboard.db", "--yes")
     assert closed.exit_code == 0 and "revealed the seeds" in closed.stdout, closed.output
     commitments = httpx.get(f"{url}/api/v1/challenges/{world['id']}/commitments").json()
     revealed = next(c for c in commitments if c["attack"] == "bob/good-gram")
