@@ -477,7 +477,8 @@ def test_depth_page_shows_the_curve(depth_db):
     at = go(app(), "Privacy vs depth")
     assert not at.error
     shown = at.dataframe[0].value.set_index("depth")
-    assert shown.loc[16, "gram-hungarian"] == 0.6 and shown.loc[44, "encoded_auc"] == pytest.approx(0.5)
+    assert shown.loc[16, "gram-hungarian"] == "60.0%" and shown.loc[44, "encoded_auc"] == "0.500"
+    assert shown.loc[0, "encoded_auc"] == "not run"
 
 
 def test_depth_page_on_an_empty_database_says_how_to_fill_it(empty_db):
@@ -490,7 +491,7 @@ def test_depth_page_keeps_the_chance_attack_apart_from_the_chance_level(depth_db
         store.record_score(depth_result("d16", 16, "chance", 0.05, "8"), team=BUILTIN_TEAM, origin=ORIGIN_ORGANIZER)
     at = go(app(), "Privacy vs depth")
     shown = at.dataframe[0].value.set_index("depth")
-    assert shown.loc[16, "chance"] == 0.05 and shown.loc[16, CHANCE_ROW] == pytest.approx(1 / 20)
+    assert shown.loc[16, "chance"] == "5.0%" and shown.loc[16, CHANCE_ROW] == "5.0%"
 
 
 def test_a_failed_verified_run_shows_its_reason_not_missing_values():

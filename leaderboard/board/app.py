@@ -71,7 +71,7 @@ def style_matrix(matrix: pd.DataFrame):
         return "" if pd.isna(value) else f"background-color: {BAND_COLOURS[privacy_band(value)]}"
 
     attacks = [name for name in matrix.index if name != tables.CHANCE_ROW]
-    styler = matrix.style.format(percent).map(colour, subset=pd.IndexSlice[attacks, :])
+    styler = matrix.style.format(percent, na_rep=NOT_RUN).map(colour, subset=pd.IndexSlice[attacks, :])
     return styler.map(lambda _: f"background-color: {CHANCE_COLOUR}", subset=pd.IndexSlice[[tables.CHANCE_ROW], :])
 
 
@@ -419,7 +419,12 @@ def page_depth(store: Store) -> None:
         alt.Y("auc:Q", title="mean AUC over findings", scale=alt.Scale(domain=[0.4, 1])),
         "model",
     )
-    st.dataframe(curve, hide_index=True, column_config={c: PERCENT for c in [*attacks, tables.CHANCE_ROW]})
+    # Text cells: a depth without a run of an attack, or without a utility run, reads "not run".
+    shown = curve.assign(
+        **{c: curve[c].map(percent) for c in [*attacks, tables.CHANCE_ROW]},
+        **{c: curve[c].map(lambda v: NOT_RUN if pd.isna(v) else f"{v:.3f}") for c in ("encoded_auc", "raw_auc")},
+    )
+    st.dataframe(shown, hide_index=True)
     st.caption(
         "One row per number of private blocks (nc3 = 0, nc7 = 4, nc47 = 44). Attack columns: the best "
         "re-identification of each built-in attack as the organizers ran it, on single-site reid challenges "
