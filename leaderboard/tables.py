@@ -283,20 +283,21 @@ def _shuffling_depth(config_json) -> float:
 
 
 def depth_curve(table: pd.DataFrame, challenges: pd.DataFrame, utility: pd.DataFrame) -> pd.DataFrame:
-    """Privacy and utility against the encoder's number of private blocks (issue 11 item 4).
+    """Privacy and utility against the encoder's number of private blocks.
 
     table: :func:`board`; challenges: :meth:`Store.challenges`; utility: :meth:`Store.utility`.
     One row per depth (ascending). Columns: ``depth``; one column per built-in attack, its best
     re-identification (fraction, public half, the organizer's own runs) on single-site ``reid``
     challenges whose recorded encoder configuration has that depth (:func:`_shuffling_depth`);
-    ``chance`` (the largest of those challenges'); ``encoded_auc``: mean AUC over labels and runs
+    :data:`CHANCE_ROW` (the chance level, the largest of those challenges'; apart from the
+    built-in attack named ``chance``); ``encoded_auc``: mean AUC over labels and runs
     of the single-site utility runs whose settings carry this ``depth`` (a depth sweep), with
     ``utility_runs`` their number; ``raw_auc``: the mean AUC of the raw references trained on the
     same images and settings (:data:`DEPTH_RUN_SETTINGS`) as any of those runs, latest raw model
     version only, the same in every row. NaN where a side has nothing. Empty (columns depth,
-    chance, encoded_auc, utility_runs, raw_auc) when neither side has anything.
+    :data:`CHANCE_ROW`, encoded_auc, utility_runs, raw_auc) when neither side has anything.
     """
-    base = ["depth", "chance", "encoded_auc", "utility_runs", "raw_auc"]
+    base = ["depth", CHANCE_ROW, "encoded_auc", "utility_runs", "raw_auc"]
     reid = _organizer(table)
     if not reid.empty:
         reid = reid[(reid["split"] == "public") & (reid["task"] == "reid")].dropna(subset=["reidentification"])
@@ -338,14 +339,14 @@ def depth_curve(table: pd.DataFrame, challenges: pd.DataFrame, utility: pd.DataF
     utility_by_depth = swept.groupby("depth").agg(encoded_auc=("auc", "mean"), utility_runs=("run", "nunique"))
     depths = sorted(set(best.index) | set(utility_by_depth.index))
     frame = best.reindex(depths).rename_axis(index="depth", columns=None)
-    frame["chance"] = chance.reindex(depths)
+    frame[CHANCE_ROW] = chance.reindex(depths)
     frame = frame.join(utility_by_depth.reindex(depths))
     frame["utility_runs"] = frame["utility_runs"].fillna(0).astype(int)
     frame["raw_auc"] = raw_auc
     frame = frame.reset_index()
     frame["depth"] = frame["depth"].astype(int)
     attacks = [c for c in best.columns]
-    return frame[["depth", *attacks, "chance", "encoded_auc", "utility_runs", "raw_auc"]]
+    return frame[["depth", *attacks, CHANCE_ROW, "encoded_auc", "utility_runs", "raw_auc"]]
 
 
 # -- utility across several sites (baselines/utility.py, ``--sites K``) ---------------------------
@@ -466,6 +467,7 @@ VERIFIED_SUMMARY_COLUMNS = [
     "task",
     "preset",
     "precision",
+    "n",
     "run_id",
     "attack",
     "origin",
@@ -505,6 +507,7 @@ def verified_summary(results: pd.DataFrame) -> pd.DataFrame:
             "task",
             "preset",
             "precision",
+            "n",
             "attack",
             "origin",
             "sandboxed",
@@ -535,9 +538,11 @@ def verified_summary(results: pd.DataFrame) -> pd.DataFrame:
 def verified_matrix(
     summary: pd.DataFrame, *, task: str | None = None, presets: list[str] | None = None
 ) -> pd.DataFrame:
-    """The verified matrix: for each attack (rows) and preset (columns), the scored run with the
-    best mean, as text 'mean ± spread (K=k)' in percent; a run made without the sandbox is
-    marked :data:`UNSANDBOXED`. Built-ins are named as they are, teams' plugins team/attack.
+    """The verified matrix: for each attack (rows) and preset and size (columns, 'nc7, N=100':
+    runs on releases of different sizes have different chance levels, so they are not merged),
+    the scored run with the best mean, as text 'mean ± spread (K=k)' in percent; a run made
+    without the sandbox is marked :data:`UNSANDBOXED`. Built-ins are named as they are, teams'
+    plugins team/attack.
 
     summary: :func:`verified_summary`. Empty when no run is scored.
     """
@@ -546,6 +551,11 @@ def verified_matrix(
         rows = rows[rows["task"] == task]
     if rows.empty:
         return pd.DataFrame()
+    rows = rows.assign(preset=[sized_preset(p, n) for p, n in zip(rows["preset"], rows["n"])])
+    if presets is not None:
+        order = {preset: i for i, preset in enumerate(presets)}
+        sized = sorted(set(zip(summary["preset"], summary["n"])), key=lambda pn: (order.get(pn[0], len(order)), pn))
+        presets = [sized_preset(p, n) for p, n in sized]
     best = rows.sort_values(["mean", "run_id"], ascending=[False, True], kind="stable").drop_duplicates(
         ["attack", "preset"]
     )
@@ -563,6 +573,95 @@ def verified_matrix(
         matrix = matrix[[p for p in presets if p in matrix.columns] + [p for p in matrix.columns if p not in presets]]
     matrix.index.name, matrix.columns.name = "attack", None
     return matrix.fillna("not run")
+
+
+def sized_preset(preset: str, n) -> str:
+    """A preset with the size of its releases: 'nc7, N=100' ('nc7' when the size is unknown)."""
+    return preset if pd.isna(n) else f"{preset}, N={int(n)}"
+
+
+def verified_runs(summary: pd.DataFrame) -> pd.DataFrame:
+    """The verified runs as a reader wants them: one text ``result`` per run ('42.0% ± 1.5% over
+    K=3 keys', or the state and its reason for a run that did not score), the size of the
+    releases beside the preset, costs rounded, times in UTC minutes; nothing empty shows as a
+    missing value.
+
+    summary: :func:`verified_summary`."""
+    columns = ["run_id", "attack", "preset", "state", "result", "wall_s", "cpu_s", "peak_memory_mb", "created"]
+    if summary.empty:
+        return pd.DataFrame(columns=columns)
+
+    def result(row) -> str:
+        if row.state == "scored" and not pd.isna(row.mean):
+            spread = "" if pd.isna(row.spread) else f" ± {100 * row.spread:.1f}%"
+            mark = "" if row.sandboxed else f" {UNSANDBOXED}"
+            return f"{100 * row.mean:.1f}%{spread} over K={row.scored} keys{mark}"
+        return f"{row.state}: {row.message}" if isinstance(row.message, str) and row.message else str(row.state)
+
+    return pd.DataFrame(
+        {
+            "run_id": summary["run_id"].astype(int),
+            "attack": summary["attack"],
+            "preset": [sized_preset(p, n) for p, n in zip(summary["preset"], summary["n"])],
+            "state": summary["state"],
+            "result": [result(row) for row in summary.itertuples()],
+            "wall_s": summary["wall_s"].map(short_number),
+            "cpu_s": summary["cpu_s"].map(short_number),
+            "peak_memory_mb": summary["peak_memory_mb"].map(short_number),
+            "created": summary["created_utc"].map(utc_minutes),
+        }
+    )[columns]
+
+
+def short_number(value) -> str:
+    """A number with 3 significant digits as text; empty for a missing value."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return f"{float(value):.3g}"
+
+
+def utc_minutes(value) -> str:
+    """A stored UTC timestamp (ISO 8601 text or datetime) as '2026-05-01 14:03 UTC'; empty for
+    a missing one, the text itself when it is not a time."""
+    if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NaT:
+        return ""
+    try:
+        stamp = pd.Timestamp(value)
+    except (TypeError, ValueError):
+        return str(value)
+    if stamp.tzinfo is not None:
+        stamp = stamp.tz_convert("UTC").tz_localize(None)
+    return stamp.strftime("%Y-%m-%d %H:%M UTC")
+
+
+def readable_times(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with every ``*_utc`` column as :func:`utc_minutes` text."""
+    return frame.assign(**{c: frame[c].map(utc_minutes) for c in frame.columns if str(c).endswith("_utc")})
+
+
+def challenge_listing(challenges: pd.DataFrame) -> pd.DataFrame:
+    """The challenges as the board lists them: state ('open', or 'closed' and when), release
+    ('secret key', or :data:`TEST_RELEASE`), hospitals, times in UTC minutes.
+
+    challenges: :meth:`Store.challenges`."""
+    columns = ["challenge_id", "task", "preset", "n_encoded", "sites", "release", "state", "submissions", "created"]
+    if challenges.empty:
+        return pd.DataFrame(columns=columns)
+    sites = challenges["n_sites"] if "n_sites" in challenges else pd.Series(1, index=challenges.index)
+    closed = challenges["closed_utc"]
+    return pd.DataFrame(
+        {
+            "challenge_id": challenges["challenge_id"],
+            "task": challenges["task"],
+            "preset": challenges["preset"],
+            "n_encoded": challenges["n_encoded"],
+            "sites": sites.fillna(1).astype(int),
+            "release": [TEST_RELEASE if test else "secret key" for test in challenges["test_release"]],
+            "state": ["open" if pd.isna(c) or not c else f"closed {utc_minutes(c)}" for c in closed],
+            "submissions": challenges["submissions"],
+            "created": challenges["created_utc"].map(utc_minutes),
+        }
+    )[columns]
 
 
 def verified_compute(results: pd.DataFrame) -> pd.DataFrame:

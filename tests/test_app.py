@@ -24,7 +24,16 @@ from ncbench.leaderboard.store import BUILTIN_TEAM, DB_ENV, ORIGIN_ORGANIZER, St
 from ncbench.leaderboard.tables import CHANCE_ROW, TEST_RELEASE
 
 APP = str(Path(leaderboard.__file__).parent / "board" / "app.py")
-PAGES = ("Attack x preset", "Self-reported", "Challenges", "Submission", "Privacy vs utility", "Take part")
+PAGES = (
+    "Attack x preset",
+    "Verified",
+    "Self-reported",
+    "Challenges",
+    "Submission",
+    "Privacy vs utility",
+    "Privacy vs depth",
+    "Take part",
+)
 # Elements whose text Streamlit renders as Markdown: no string a team chose may reach them.
 MARKDOWN_ELEMENTS = ("markdown", "caption", "info", "warning", "error", "success", "title", "header", "subheader")
 CONFIGS = {
@@ -208,9 +217,29 @@ def test_privacy_utility_summary(populated_db):
 
 def test_take_part_page_gives_the_commands(populated_db):
     at = go(app(), "Take part")
+    at.selectbox[0].set_value("nc7-reid-a").run()  # generated from the open challenges
     code = "\n".join(block.value for block in at.code)
-    assert "ncbench attack run gram-hungarian --release release.h5" in code
-    assert "ncbench score submission.h5 --key" in code
+    assert "ncbench fetch nc7-reid-a" in code
+    assert "ncbench attack run gram-hungarian --release nc7-reid-a" in code
+    for step in ("ncbench login --server", "ncbench attack check", "ncbench submit submission.h5", "--plugin"):
+        assert step in code, step
+    assert "Ladder" in "\n".join(block.value for block in at.markdown)
+
+
+def test_a_page_is_opened_by_its_link(populated_db):
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.query_params["page"] = "take-part"
+    at.run()
+    assert not at.exception
+    assert at.header[0].value == "Take part"
+    go(at, "Challenges")
+    assert at.query_params["page"] == "challenges"
+
+
+def test_challenges_show_open_and_the_release_kind(populated_db):
+    listing = go(app(), "Challenges").dataframe[0].value
+    assert set(listing["state"]) == {"open"} and set(listing["release"]) == {"secret key"}
+    assert listing["created"].str.endswith(" UTC").all()
 
 
 EVIL_ATTACK = '<script>alert(1)</script>=HYPERLINK("http://x","win")'
@@ -265,7 +294,7 @@ def test_test_release_is_marked_on_the_board(tmp_path, monkeypatch):
     assert any("test releases (key public)" in w.value for w in at.warning)  # under the matrix
     go(at, "Challenges")
     listing = at.dataframe[0].value.set_index("challenge_id")
-    assert listing.loc["nc7-reid-t", "release"] == TEST_RELEASE and listing.loc["nc7-reid-s", "release"] == ""
+    assert listing.loc["nc7-reid-t", "release"] == TEST_RELEASE and listing.loc["nc7-reid-s", "release"] == "secret key"
     go(at, "Submission")
     at.selectbox[0].set_value(1).run()
     assert any("test release" in w.value for w in at.warning)
@@ -431,7 +460,7 @@ def test_depth_curve_has_each_attacks_best_and_the_utility_per_depth(depth_db):
     assert curve.loc[0, "gram-hungarian"] == 1.0  # the linear challenge (also depth 0) is another encoder
     assert curve.loc[16, "gram-hungarian"] == 0.6 and curve.loc[16, "carlini-2021"] == 0.2
     assert "eve/claimed-break" not in curve.columns  # a team's claim never reaches the curve
-    assert curve.loc[44, "chance"] == pytest.approx(1 / 40)
+    assert curve.loc[44, CHANCE_ROW] == pytest.approx(1 / 40)
     assert curve.loc[16, "encoded_auc"] == pytest.approx(0.65) and curve.loc[16, "utility_runs"] == 2
     assert curve.loc[44, "encoded_auc"] == pytest.approx(0.5) and curve.loc[44, "utility_runs"] == 1
     assert math.isnan(curve.loc[0, "encoded_auc"]) and curve.loc[0, "utility_runs"] == 0
@@ -448,9 +477,30 @@ def test_depth_page_shows_the_curve(depth_db):
     at = go(app(), "Privacy vs depth")
     assert not at.error
     shown = at.dataframe[0].value.set_index("depth")
-    assert shown.loc[16, "gram-hungarian"] == 0.6 and shown.loc[44, "encoded_auc"] == pytest.approx(0.5)
+    assert shown.loc[16, "gram-hungarian"] == "60.0%" and shown.loc[44, "encoded_auc"] == "0.500"
+    assert shown.loc[0, "encoded_auc"] == "not run"
 
 
 def test_depth_page_on_an_empty_database_says_how_to_fill_it(empty_db):
     at = go(app(), "Privacy vs depth")
     assert "benchmarks/depth.py" in at.info[0].value
+
+
+def test_depth_page_keeps_the_chance_attack_apart_from_the_chance_level(depth_db):
+    with Store(depth_db) as store:  # the built-in attack named "chance", as the demo runs it
+        store.record_score(depth_result("d16", 16, "chance", 0.05, "8"), team=BUILTIN_TEAM, origin=ORIGIN_ORGANIZER)
+    at = go(app(), "Privacy vs depth")
+    shown = at.dataframe[0].value.set_index("depth")
+    assert shown.loc[16, "chance"] == "5.0%" and shown.loc[16, CHANCE_ROW] == "5.0%"
+
+
+def test_a_failed_verified_run_shows_its_reason_not_missing_values():
+    summary = pd.DataFrame(
+        [
+            {"run_id": 1, "attack": "alice/slow", "preset": "nc7", "n": 100, "state": "failed"}
+            | {"message": "ran past wall_s", "sandboxed": True, "scored": 0, "created_utc": "2026-05-01T14:03:59"},
+        ]
+    ).reindex(columns=tables.VERIFIED_SUMMARY_COLUMNS)
+    runs = tables.verified_runs(summary)
+    assert runs.loc[0, "result"] == "failed: ran past wall_s" and runs.loc[0, "preset"] == "nc7, N=100"
+    assert runs.loc[0, "created"] == "2026-05-01 14:03 UTC" and not runs.isna().any().any()

@@ -1,6 +1,7 @@
 """The public board as a visitor sees it: Debian's headless Chromium loads the page that
-`ncbench server` serves and finds a team scored through the API (driven over the DevTools
-protocol; skipped where Chromium is not installed; .ci/run installs it)."""
+`ncbench server` serves and finds a team scored through the API, and opens every page by its
+link on an empty and on a filled store (driven over the DevTools protocol; skipped where
+Chromium is not installed; .ci/run installs it)."""
 
 import asyncio
 import json
@@ -14,8 +15,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_server import Server, build_tiny_release, free_port, ncbench
+from test_app import depth_result, result
+from test_server import NCBENCH, Server, build_tiny_release, free_port, ncbench
 from tornado.websocket import websocket_connect
+
+from ncbench.leaderboard.store import BUILTIN_TEAM, ORIGIN_ORGANIZER, Store, record_utility
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
@@ -85,6 +89,13 @@ class Browser:
                 return text
             time.sleep(1.0)
 
+    def open(self, url: str) -> None:
+        self.evaluate(f"window.location.href = {json.dumps(url)}")
+
+    def headers(self) -> list[str]:
+        shown = self.evaluate("[...document.querySelectorAll('h1, h2')].map(e => e.innerText.trim()).join('\\n')")
+        return (shown or "").splitlines()
+
     def close(self) -> None:
         self.process.terminate()
         self.process.wait(timeout=30)
@@ -117,6 +128,76 @@ def test_a_visitor_sees_a_team_scored_through_the_api(tmp_path):
         if browser is not None:
             browser.close()
         server.stop()
+
+
+# (URL slug, the page's header): every page of the board.
+PAGES = (
+    ("matrix", "Best re-identification: attack x preset"),
+    ("verified", "Verified track: attack code the organizers ran on fresh hidden releases"),
+    ("self-reported", "Self-reported submissions"),
+    ("challenges", "Challenges"),
+    ("submission", "Submission details"),
+    ("privacy-utility", "Privacy vs utility"),
+    ("privacy-depth", "Privacy vs depth"),
+    ("take-part", "Take part"),
+)
+# What a visitor must never read: an exception, a traceback, a path on the server.
+LEAKS = ("Traceback", "Error:", "Exception", "encountered an error", "site-packages", str(Path(__file__).parents[1]))
+
+
+def filled_store(path: Path) -> None:
+    """A small store with something on every page: organizer runs (one by the built-in attack
+    named "chance", at two depths), a team's file, a closed challenge, utility runs."""
+    with Store(path) as store:
+        for score in (
+            result("nc7-reid-a", "nc7", "gram-hungarian", 0.9, "1", positions=0.75),
+            result("nc7-reid-a", "nc7", "chance", 0.05, "2"),
+            result("linear-reid-a", "linear", "gram-hungarian", 0.02, "3", n=50),
+            depth_result("d16", 16, "gram-hungarian", 0.4, "4"),
+            depth_result("d16", 16, "chance", 0.05, "5"),
+        ):
+            store.record_score(score, team=BUILTIN_TEAM, origin=ORIGIN_ORGANIZER)
+        store.record_score(result("nc7-reid-a", "nc7", "my-attack", 0.5, "6"), team="alice")
+        store.close_challenge("linear-reid-a")
+        record_utility(
+            store,
+            [
+                {"preset": "nc7", "label": "effusion", "auc": 0.70, "model_kind": "encoded"},
+                {"preset": "nc7", "label": "effusion", "auc": 0.90, "model_kind": "raw"},
+            ],
+        )
+
+
+@pytest.mark.parametrize("filled", [False, True], ids=["empty", "filled"])
+def test_every_page_opens_by_its_link_without_an_error(tmp_path, filled):
+    db = tmp_path / "board.db"
+    filled_store(db) if filled else Store(db).close()
+    port = free_port()
+    board = subprocess.Popen(
+        [NCBENCH, "leaderboard", "serve", "--db", str(db), "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    browser = None
+    try:
+        browser = Browser(f"http://127.0.0.1:{port}/?page=matrix")
+        for slug, header in PAGES:
+            browser.open(f"http://127.0.0.1:{port}/?page={slug}")
+            deadline = time.monotonic() + 60
+            while header not in browser.headers():
+                assert time.monotonic() < deadline, (slug, browser.headers())
+                time.sleep(0.5)
+            time.sleep(2)  # the rest of the page (and any error) renders after its header
+            text = browser.wait_for_text("", timeout=0)
+            leaked = [leak for leak in LEAKS if leak in text]
+            assert not leaked, (slug, leaked, text[:2000])
+            assert "None" not in text.replace("Nonee", ""), (slug, text[:2000])
+    finally:
+        if browser is not None:
+            browser.close()
+        board.terminate()
+        board.wait(timeout=30)
 
 
 if __name__ == "__main__":  # a manual look: python tests/test_board_browser.py URL

@@ -215,7 +215,9 @@ def test_export_formats_hide_the_private_half_until_close(challenge, perfect, tm
     assert [(r["split"], r["reidentification"], r["band"]) for r in rows] == [("public", 1.0, "bad")]
     markdown = run("leaderboard", "export", "--db", db, "--format", "markdown").stdout
     assert markdown.startswith("| challenge_id |") and "| public |" in markdown and "private" not in markdown
-    closed = run("leaderboard", "close", challenge_id, "--db", db)
+    unasked = run("leaderboard", "close", challenge_id, "--db", db)  # no terminal to ask on: --yes or nothing
+    assert unasked.exit_code == 2 and "--yes" in unasked.stderr and unasked.stderr.count("\n") == 1
+    closed = run("leaderboard", "close", challenge_id, "--db", db, "--yes")
     assert closed.exit_code == 0 and "now public" in closed.stdout
     assert "already closed" in run("leaderboard", "close", challenge_id, "--db", db).stdout
     out = tmp_path / "exports" / "board.csv"
@@ -248,3 +250,18 @@ def test_bad_leaderboard_arguments_are_one_line(tmp_path):
 def test_every_command_has_help(command):
     result = run(*command, "--help")
     assert result.exit_code == 0 and "Usage:" in result.stdout
+
+
+@pytest.mark.parametrize("where", ["loading a command", "running it"])
+def test_ctrl_c_ends_in_one_line_and_exit_130(monkeypatch, where):
+    import ncbench.cli as root
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    if where == "loading a command":
+        monkeypatch.setattr(root, "_load", interrupted)
+    else:
+        monkeypatch.setattr("ncbench.leaderboard.server.client.Client.json", interrupted)
+    outcome = CliRunner().invoke(main, ["challenges"])
+    assert outcome.exit_code == 130 and outcome.stderr == "interrupted\n", outcome.output

@@ -126,7 +126,7 @@ def test_every_readme_command_runs(tmp_path):
             if redirect:
                 (tmp_path / redirect).write_text(result.stdout)
             if args[1] == "challenges":
-                challenge_id = result.stdout.split()[0]
+                challenge_id = result.stdout.splitlines()[1].split()[0]  # under the table's header
             ran += 1
     finally:
         for process in servers:

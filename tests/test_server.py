@@ -1,6 +1,7 @@
 """The live challenge: a real `ncbench server` on a free localhost port, driven by the CLI and HTTP."""
 
 import concurrent.futures
+import json
 import os
 import signal
 import socket
@@ -377,3 +378,38 @@ def test_two_servers_on_postgresql_share_one_queue_and_score_each_upload_once(po
     finally:
         for server in servers:
             server.stop()
+
+
+def test_login_whoami_status_and_json_for_scripts(world, tmp_path):
+    home = {"XDG_CONFIG_HOME": str(tmp_path / "config"), "NCBENCH_SERVER": "", "NCBENCH_TOKEN": ""}
+    url, token = world["server"].url, world["tokens"]["alice"]
+    logged = subprocess.run(
+        [NCBENCH, "login", "--server", url],
+        input=token + "\n",
+        capture_output=True,
+        text=True,
+        env={**os.environ, **home},
+    )
+    assert logged.returncode == 0 and "as team alice" in logged.stdout, logged.stderr
+    config = tmp_path / "config" / "ncbench" / "config.json"
+    assert config.stat().st_mode & 0o777 == 0o600 and token not in logged.stdout
+    who = ncbench("whoami", env=home)  # no environment variables: the saved server and token
+    assert who.returncode == 0 and "team alice" in who.stdout and world["id"] in who.stdout, who.stderr
+    sub = chance_submissions(world, 1, tmp_path / "subs")[0]
+    job = json.loads(ncbench("submit", sub, "--challenge", world["id"], "--json", env=home).stdout)
+    assert job["state"] == "scored" and "reid_accuracy" in job["public"]
+    shown = ncbench("status", job["id"], "--wait", env=home)
+    assert shown.returncode == 0 and "scored" in shown.stdout and "Ladder" in shown.stdout, shown.stderr
+    rows = json.loads(ncbench("submissions", "--json", env=home).stdout)["submissions"]
+    assert job["id"] in [row["id"] for row in rows]
+    listing = json.loads(ncbench("challenges", "--json", env=home).stdout)
+    assert [row["challenge_id"] for row in listing] == [world["id"]]
+    left = json.loads(ncbench("whoami", "--json", env=home).stdout)["challenges"][0]
+    assert left["used_today"] >= 1 and left["left_today"] == left["daily_limit"] - left["used_today"]
+
+
+def test_a_bad_status_id_or_missing_login_is_one_line(world, tmp_path):
+    home = {"XDG_CONFIG_HOME": str(tmp_path / "config"), "NCBENCH_SERVER": world["server"].url, "NCBENCH_TOKEN": ""}
+    for args in (("whoami",), ("status", "1"), ("status", "x"), ("login",)):
+        refused = ncbench(*args, env=home)
+        assert refused.returncode == 2 and refused.stderr.count("\n") == 1, (args, refused.stderr)

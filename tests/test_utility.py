@@ -488,3 +488,34 @@ def test_board_shows_several_sites_after_the_single_site_summary(tiny_rows, two_
     several = at.dataframe[2].value
     assert list(several["preset"]) == ["nc3"] and list(several["sites"]) == [2]
     assert at.dataframe[3].value["eval_site"].tolist() == ["0", "1", "mean"]
+
+
+CHEXPERT_HEADER = (
+    "Path,Sex,Age,Frontal/Lateral,AP/PA,No Finding,Enlarged Cardiomediastinum,Cardiomegaly,Lung Opacity,"
+    "Lung Lesion,Edema,Consolidation,Pneumonia,Atelectasis,Pneumothorax,Pleural Effusion,Pleural Other,"
+    "Fracture,Support Devices"
+)
+
+
+def test_baseline_utility_reads_a_chexpert_train_csv(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "CheXpert-v1.0-small"
+    rng = np.random.default_rng(0)
+    lines = [CHEXPERT_HEADER]
+    for k in range(24):
+        image = root / "train" / f"patient{k:05d}" / "study1" / "view1_frontal.jpg"
+        image.parent.mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 256, (40, 40), dtype=np.uint8)).save(image)
+        findings = [
+            ("1.0", "0.0", "-1.0", "")[(k + j) % 4] if j % 3 else ("1.0" if k % 2 else "0.0") for j in range(14)
+        ]
+        lines.append(
+            f"CheXpert-v1.0-small/train/patient{k:05d}/study1/view1_frontal.jpg,Female,68,Frontal,AP,{','.join(findings)}"
+        )
+    (root / "train.csv").write_text("\n".join(lines) + "\n")
+    args = ["baseline", "utility", "--preset", "nc3", "--no-raw", "--n-train", "16", "--n-test", "8"]
+    args += ["--width", "32", "--image-size", "32", "--patch-size", "8", "--epochs", "1", "--device", "cpu"]
+    result = CliRunner().invoke(main, [*args, "--source", f"folder:{root}?labels={root / 'train.csv'}"])
+    assert result.exit_code == 0, result.output
+    assert "Cardiomegaly" in result.output and "Support Devices" in result.output and "Sex" not in result.output

@@ -702,8 +702,9 @@ def verified_page(monkeypatch, db_path: Path) -> AppTest:
 def test_the_board_shows_the_verified_matrix_commitments_and_compute(world, batch, monkeypatch):
     at = verified_page(monkeypatch, world["store"] / "leaderboard.db")
     matrix, runs, commitments = (frame.value for frame in at.dataframe)
-    assert {"gram-hungarian", "chance", "bob/good-gram"} <= set(matrix.index)
+    assert {"gram-hungarian", "chance", "bob/good-gram"} <= set(matrix["attack"])
     assert "alice/sleeps-forever" in set(runs["attack"])  # failed runs are listed, with their reason
+    assert not runs.isna().any().any()  # a failed run shows its reason, not missing values
     assert set(commitments["seed"]) == {tables.HIDDEN_SEED}  # the challenge is still open
     assert at.get("vega_lite_chart"), "no plot of re-identification against compute"
 
@@ -719,7 +720,7 @@ def test_the_verified_page_of_an_empty_board_says_how_to_fill_it(tmp_path, monke
 
 def test_a_revealed_seed_rebuilds_the_evaluation_release_byte_for_byte(world, batch, tmp_path):
     url = world["server"].url
-    closed = cli("leaderboard", "close", world["id"], "--db", world["store"] / "leaderboard.db")
+    closed = cli("leaderboard", "close", world["id"], "--db", world["store"] / "leaderboard.db", "--yes")
     assert closed.exit_code == 0 and "revealed the seeds" in closed.stdout, closed.output
     commitments = httpx.get(f"{url}/api/v1/challenges/{world['id']}/commitments").json()
     revealed = next(c for c in commitments if c["attack"] == "bob/good-gram")
@@ -842,9 +843,11 @@ def test_verified_matrix_shows_mean_and_spread_over_keys_and_marks_unsandboxed_a
     summary = tables.verified_summary(pd.DataFrame(rows))
     assert summary["spread"].round(6).tolist() == [0.141421, 0.0]
     matrix = tables.verified_matrix(summary, task="reid")
-    assert matrix.loc["gram-hungarian", "nc3"] == "60.0% ± 14.1% (K=2)"
-    assert matrix.loc["alice/mine", "nc3"] == f"90.0% ± 0.0% (K=3) [bf16] {tables.UNSANDBOXED}"
+    assert matrix.loc["gram-hungarian", "nc3, N=16"] == "60.0% ± 14.1% (K=2)"
+    assert matrix.loc["alice/mine", "nc3, N=16"] == f"90.0% ± 0.0% (K=3) [bf16] {tables.UNSANDBOXED}"
     assert summary["precision"].tolist() == ["fp32", "bf16"]
+    bigger = summary.assign(n=[16, 64])  # runs on releases of different sizes stay apart
+    assert list(tables.verified_matrix(bigger, task="reid").columns) == ["nc3, N=16", "nc3, N=64"]
     assert tables.verified_compute(pd.DataFrame(rows))["cpu_s"].tolist() == [1.0] * 5
 
 

@@ -16,26 +16,31 @@ import os
 import sys
 
 import altair as alt
+import httpx
 import pandas as pd
 import streamlit as st
 
 from ncbench.errors import NcbenchError
 from ncbench.leaderboard import tables
+from ncbench.leaderboard.board import SERVER_ENV
 from ncbench.leaderboard.metrics import BAND_BAD_ABOVE, BAND_GOOD_BELOW, privacy_band
 from ncbench.leaderboard.store import DB_ENV, DEFAULT_DAILY_LIMIT, ORIGIN_ORGANIZER, Store, database_url
 
+# (title, URL slug): each page has its own link, http://board/?page=SLUG.
 PAGES = (
-    "Attack x preset",
-    "Verified",
-    "Self-reported",
-    "Challenges",
-    "Submission",
-    "Privacy vs utility",
-    "Privacy vs depth",
-    "Take part",
+    ("Attack x preset", "matrix"),
+    ("Verified", "verified"),
+    ("Self-reported", "self-reported"),
+    ("Challenges", "challenges"),
+    ("Submission", "submission"),
+    ("Privacy vs utility", "privacy-utility"),
+    ("Privacy vs depth", "privacy-depth"),
+    ("Take part", "take-part"),
 )
 BAND_COLOURS = {"good": "#c8e6c9", "moderate": "#ffe0b2", "bad": "#ffcdd2"}
 CHANCE_COLOUR = "#eeeeee"
+WIDE = st.column_config.TextColumn(width="large")  # names and results are read whole, never cut
+PERCENT = st.column_config.NumberColumn(format="percent")
 
 
 def database_argument() -> str | None:
@@ -66,7 +71,7 @@ def style_matrix(matrix: pd.DataFrame):
         return "" if pd.isna(value) else f"background-color: {BAND_COLOURS[privacy_band(value)]}"
 
     attacks = [name for name in matrix.index if name != tables.CHANCE_ROW]
-    styler = matrix.style.format(percent).map(colour, subset=pd.IndexSlice[attacks, :])
+    styler = matrix.style.format(percent, na_rep=NOT_RUN).map(colour, subset=pd.IndexSlice[attacks, :])
     return styler.map(lambda _: f"background-color: {CHANCE_COLOUR}", subset=pd.IndexSlice[[tables.CHANCE_ROW], :])
 
 
@@ -112,7 +117,7 @@ def page_matrix(store: Store) -> None:
         "that attack on that preset yet."
     )
     st.subheader("Behind each cell")
-    st.dataframe(tables.matrix_provenance(board, task=task, split=half), hide_index=True)
+    st.dataframe(tables.readable_times(tables.matrix_provenance(board, task=task, split=half)), hide_index=True)
     tested = sorted(set(organizer.loc[organizer["release"] != "", "preset"]))
     if tested:
         st.warning(
@@ -149,22 +154,20 @@ def page_verified(store: Store) -> None:
     if matrix.empty:
         st.info(f"No scored verified run for the {task} task yet.")
     else:
-        st.dataframe(matrix)
+        st.dataframe(matrix.reset_index(), hide_index=True, column_config={"attack": WIDE})
         st.caption(
-            f"Best run of each attack on each preset: mean re-identification over its K evaluation "
-            f"releases ± the sample standard deviation over the K keys. {tables.UNSANDBOXED}: run by the "
-            "organizers without the sandbox (local testing), not comparable. [bf16]: the challenge was encoded "
+            f"Best run of each attack on each preset and release size N: mean re-identification over its K "
+            f"evaluation releases ± the sample standard deviation over the K keys. {tables.UNSANDBOXED}: run by "
+            "the organizers without the sandbox (local testing), not comparable. [bf16]: the challenge was encoded "
             "in bf16 at the organizers' request; every other release is fp32, the same bytes on any CPU."
         )
     st.subheader("Runs")
     st.dataframe(
-        summary[summary["task"] == task],
+        tables.verified_runs(summary[summary["task"] == task]),
         hide_index=True,
-        column_config={
-            "mean": st.column_config.NumberColumn(format="percent"),
-            "spread": st.column_config.NumberColumn(format="percent"),
-        },
+        column_config={"attack": WIDE, "result": WIDE},
     )
+    st.caption("wall_s and cpu_s: seconds per evaluation release; peak_memory_mb: the largest of the run.")
     st.subheader("Re-identification against compute")
     axis = st.radio(
         "Compute",
@@ -202,7 +205,7 @@ def page_verified(store: Store) -> None:
         "plugin ran. Once the challenge closes the seed and the command that rebuilds the release byte for "
         "byte appear here."
     )
-    st.dataframe(tables.verified_commitments(verified.commitments(store)), hide_index=True)
+    st.dataframe(tables.readable_times(tables.verified_commitments(verified.commitments(store))), hide_index=True)
 
 
 def page_self_reported(store: Store) -> None:
@@ -228,7 +231,7 @@ def page_self_reported(store: Store) -> None:
         help="The private half is shown only for challenges the organizers have closed.",
     )
     st.dataframe(
-        tables.self_reported(board, task=task, split=half),
+        tables.readable_times(tables.self_reported(board, task=task, split=half)),
         hide_index=True,
         column_config={
             "reidentification": st.column_config.NumberColumn("re-identification", format="percent"),
@@ -249,9 +252,8 @@ def page_challenges(store: Store) -> None:
         f"{', ' + tables.TEST_RELEASE if row.test_release else ''})"
         for row in challenges.itertuples()
     }
-    listing = challenges.drop(columns=["encoder_config", "test_release"])
-    listing.insert(3, "release", [tables.TEST_RELEASE if test else "" for test in challenges["test_release"]])
-    st.dataframe(listing, hide_index=True)
+    st.dataframe(tables.challenge_listing(challenges), hide_index=True)
+    st.caption("release: *secret key* for a real challenge, or a test release whose key is public. Times are UTC.")
     choice = st.selectbox("Challenge", list(labels), format_func=labels.get)
     board = tables.board(store.results(challenge_id=choice))
     if board.empty:
@@ -264,7 +266,7 @@ def page_challenges(store: Store) -> None:
     half = right.selectbox("Half", halves)
     shown = tables.filter_board(board, team=team, attacks=attacks, split=None if half == "all" else half)
     st.dataframe(
-        shown,
+        tables.readable_times(shown),
         hide_index=True,
         column_config={
             "reidentification": st.column_config.NumberColumn("re-identification", format="percent"),
@@ -322,7 +324,7 @@ def page_submission(store: Store) -> None:
                 f"{details['attack_version']}",
                 f"team:       {details['team']}",
                 f"challenge:  {details['challenge_id']} ({details['task']}, preset {details['preset']})",
-                f"submitted:  {details['created_utc']}",
+                f"submitted:  {tables.utc_minutes(details['created_utc'])}",
                 f"file:       sha256 {details['sha256']}",
                 f"assumes:    {', '.join(details['knowledge']) or 'nothing declared'}",
                 *(f"note:       {note}" for note in details["notes"]),
@@ -354,13 +356,19 @@ def page_privacy_utility(store: Store) -> None:
             color=alt.Color(
                 "band:N", scale=alt.Scale(domain=list(BAND_COLOURS), range=["#2e7d32", "#ef6c00", "#c62828"])
             ),
-            tooltip=["preset", "best_reidentification", "encoded_auc", "raw_auc"],
+            tooltip=[
+                "preset",
+                alt.Tooltip("best_reidentification:Q", format=".1%"),
+                alt.Tooltip("encoded_auc:Q", format=".3f"),
+                alt.Tooltip("raw_auc:Q", format=".3f"),
+            ],
         )
         st.altair_chart(dots + base.mark_text(dy=-12).encode(text="preset:N"), width="stretch")
-    st.dataframe(summary, hide_index=True)
+    st.dataframe(summary, hide_index=True, column_config={"best_reidentification": PERCENT})
     st.caption(
-        "best_reidentification: of the built-in attacks as the organizers ran them. raw_auc: the same "
-        "models trained on the plaintext images (the utility an encoding can at best keep)."
+        "best_reidentification (percent of images re-identified): of the built-in attacks as the organizers "
+        "ran them. AUCs are areas under the ROC curve, from 0.5 (chance) to 1. raw_auc: the same models "
+        "trained on the plaintext images (the utility an encoding can at best keep)."
     )
     st.subheader("AUC per finding (latest run of each preset)")
     st.dataframe(tables.utility_by_label(utility))
@@ -393,10 +401,12 @@ def page_depth(store: Store) -> None:
             "blocks), attacks each release and trains the utility model at each depth."
         )
         return
-    attacks = [c for c in curve.columns if c not in ("depth", "chance", "encoded_auc", "utility_runs", "raw_auc")]
+    attacks = [
+        c for c in curve.columns if c not in ("depth", tables.CHANCE_ROW, "encoded_auc", "utility_runs", "raw_auc")
+    ]
     # Depths 0 ... 44 are near geometric: an ordinal axis keeps the shallow ones apart.
     depth_axis = alt.X("depth:O", title="private blocks (depth)")
-    reid = curve.melt(id_vars="depth", value_vars=[*attacks, "chance"], var_name="attack", value_name="value")
+    reid = curve.melt(id_vars="depth", value_vars=[*attacks, tables.CHANCE_ROW], var_name="attack", value_name="value")
     _depth_chart(
         reid.dropna(subset=["value"]),
         depth_axis,
@@ -410,7 +420,12 @@ def page_depth(store: Store) -> None:
         alt.Y("auc:Q", title="mean AUC over findings", scale=alt.Scale(domain=[0.4, 1])),
         "model",
     )
-    st.dataframe(curve, hide_index=True)
+    # Text cells: a depth without a run of an attack, or without a utility run, reads "not run".
+    shown = curve.assign(
+        **{c: curve[c].map(percent) for c in [*attacks, tables.CHANCE_ROW]},
+        **{c: curve[c].map(lambda v: NOT_RUN if pd.isna(v) else f"{v:.3f}") for c in ("encoded_auc", "raw_auc")},
+    )
+    st.dataframe(shown, hide_index=True)
     st.caption(
         "One row per number of private blocks (nc3 = 0, nc7 = 4, nc47 = 44). Attack columns: the best "
         "re-identification of each built-in attack as the organizers ran it, on single-site reid challenges "
@@ -433,51 +448,146 @@ def _depth_chart(frame, x, y, series: str) -> None:
     st.altair_chart(chart, width="stretch")
 
 
+@st.cache_data(ttl=REFRESH_S, show_spinner=False)
+def live_challenges(server: str) -> list[dict] | None:
+    """The server's open challenges (its public ``/api/v1/challenges``), or None when it does not
+    answer: the board reads the API like any visitor, it never imports the server."""
+    try:
+        response = httpx.get(f"{server.rstrip('/')}/api/v1/challenges", timeout=3)
+        response.raise_for_status()
+        rows = response.json()
+    except (httpx.HTTPError, ValueError):
+        return None
+    return rows if isinstance(rows, list) else None
+
+
+def open_challenge_table(store: Store, server: str | None) -> pd.DataFrame:
+    """Open challenges with their limits: from the live server when it answers, else from the
+    store (the default daily limit, no deadline known)."""
+    columns = ["challenge_id", "task", "preset", "n_encoded", "daily_limit", "deadline", "phase"]
+    phase = "open: public-half scores shown (Ladder)"
+    rows = live_challenges(server) if server else None
+    if rows is not None:
+        return pd.DataFrame(
+            [
+                {
+                    "challenge_id": str(row.get("challenge_id", "")),
+                    "task": str(row.get("task", "")),
+                    "preset": str(row.get("preset", "")),
+                    "n_encoded": row.get("n_encoded"),
+                    "daily_limit": f"{row['daily_limit']} a day" if row.get("daily_limit") else "none",
+                    "deadline": tables.utc_minutes(row.get("deadline_utc")) or "none",
+                    "phase": phase,
+                }
+                for row in rows
+            ],
+            columns=columns,
+        )
+    challenges = store.challenges()
+    challenges = challenges[challenges["closed_utc"].isna()]
+    return pd.DataFrame(
+        {
+            "challenge_id": challenges["challenge_id"],
+            "task": challenges["task"],
+            "preset": challenges["preset"],
+            "n_encoded": challenges["n_encoded"],
+            "daily_limit": f"{DEFAULT_DAILY_LIMIT} a day",
+            "deadline": "set by the organizers",
+            "phase": phase,
+        },
+        columns=columns,
+    )
+
+
 def page_take_part(store: Store) -> None:
     st.header("Take part")
-    challenges = store.challenges()
-    open_ids = challenges.loc[challenges["closed_utc"].isna(), "challenge_id"].tolist()
-    challenge_id = st.selectbox("Challenge", open_ids) if open_ids else "CHALLENGE_ID"
+    server = os.environ.get(SERVER_ENV) or None
+    live = open_challenge_table(store, server)
+    if server:
+        st.markdown("Challenge server:")
+        st.code(server, language=None)
+    if live.empty:
+        st.info("No challenge is open right now. Closed challenges and their results are on the other pages.")
+        challenge_id = "CHALLENGE_ID"
+    else:
+        st.subheader("Open challenges")
+        st.dataframe(live, hide_index=True)
+        st.caption(
+            "daily_limit: scored submissions per team and UTC day (refused or failed ones do not count). "
+            "Deadlines are UTC. When the organizers close a challenge its private-half scores appear."
+        )
+        challenge_id = st.selectbox("Challenge for the commands below", live["challenge_id"].tolist())
+    server_shown = server or "https://SERVER"
+    st.subheader("1. Install and log in")
     st.markdown(
-        "**Attackers**: get the challenge's public `release.h5` from the organizers, run an attack, "
-        "send back the submission file."
+        "Install the attacker's tools, then log in with the team token the organizers gave you. `login` "
+        "reads the token without echoing it and keeps it in `~/.config/ncbench/config.json` (readable by "
+        "you only); the environment variables `NCBENCH_SERVER` and `NCBENCH_TOKEN`, when set, take precedence."
     )
     st.code(
-        f"""pip install -e .                      # from a checkout of ncbench
-ncbench challenge info release.h5     # what the release holds ({challenge_id})
-ncbench attack list -v                # built-in attacks and their parameters
-ncbench attack run gram-hungarian --release release.h5 --out submission.h5 --team YOUR-TEAM
-ncbench attack run my_attack.py:MyAttack --release release.h5 --out submission.h5 --team YOUR-TEAM""",
+        f"""pip install -e .                        # from a checkout of ncbench
+ncbench login --server {server_shown}   # paste the token when asked
+ncbench whoami                          # your team, and submissions left today""",
+        language="bash",
+    )
+    st.subheader("2. Fetch a release and attack it")
+    st.code(
+        f"""ncbench challenges                      # the open challenges, their limits and deadlines
+ncbench fetch {challenge_id}              # public files into ./{challenge_id}, sha256 checked
+ncbench challenge info {challenge_id}     # what the release holds
+ncbench attack list -v                  # built-in attacks and their parameters
+ncbench attack run gram-hungarian --release {challenge_id} --out submission.h5 --team YOUR-TEAM""",
         language="bash",
     )
     st.markdown(
-        "**Organizers**: build a challenge, keep `private/` secret, score what comes back, "
-        "close the challenge to reveal the private half."
+        "Your own attack is a Python class (see `ncbench attack list -v` and the template in the "
+        "documentation). `attack check` runs the checks the server runs, on a tiny release built on the fly:"
     )
     st.code(
-        f"""ncbench challenge build --preset nc7 --task reid --n 1000 --out my-challenge
-ncbench score submission.h5 --key my-challenge/private/key.h5 --db leaderboard.db --team YOUR-TEAM
-ncbench attack run gram-hungarian --release my-challenge --out builtin.h5   # your own run of a built-in attack:
-ncbench score builtin.h5 --key my-challenge/private/key.h5 --db leaderboard.db --builtin   # a matrix row
-ncbench leaderboard serve --db leaderboard.db
-ncbench leaderboard export --db leaderboard.db --format markdown
-ncbench leaderboard close {challenge_id} --db leaderboard.db""",
+        f"""ncbench attack check my_attack.py:MyAttack
+ncbench attack run my_attack.py:MyAttack --release {challenge_id} --out submission.h5 --team YOUR-TEAM""",
         language="bash",
     )
-    st.markdown(f"""Rules:
+    st.subheader("3. Submit and read your score")
+    st.code(
+        f"""ncbench submit submission.h5 --challenge {challenge_id}   # uploads, waits, prints the score
+ncbench submissions                     # your submissions and their states
+ncbench status SUBMISSION_ID --wait     # one submission, until it is scored""",
+        language="bash",
+    )
+    st.markdown(
+        "**The Ladder.** Each submission is scored on two halves of the encoded set. Only the public half "
+        "is shown while the challenge is open, and it follows the Ladder (Blum & Hardt, 2015): a new public "
+        "score is shown only when it beats your team's best shown score by 1/sqrt(public items), rounded "
+        "to 1%, so the hidden key cannot be fitted through the board. The private half is exact and appears "
+        "when the organizers close the challenge."
+    )
+    st.subheader("4. The verified track")
+    st.markdown(
+        "A score on a file is **self-reported**: it is listed as `your-team/your-attack`. To be "
+        "**verified**, send the attack code itself: the organizers run it in a sandbox (no network) on "
+        "fresh hidden releases, each with a new key whose seed was committed to beforehand."
+    )
+    st.code(f"ncbench submit --plugin my_attack.py:MyAttack --challenge {challenge_id}", language="bash")
+    st.markdown(f"""**Rules**
 - A submission is an HDF5 file (`format = "ncbench-submission"`) holding a `mapping` or a `scores` matrix
   (`reid`), `reconstructions` (`invert`) or target `encodings` (`transfer`), optionally `patch_positions`;
   a two-column CSV `encoded_id,plain_id` also works for `reid`.
-- Each submission is scored on two halves of the encoded set. Only the public half is shown until the
-  organizers close the challenge, so the hidden key cannot be fitted through the board.
-- At most {DEFAULT_DAILY_LIMIT} scored submissions per team, challenge and UTC day by default (refused
-  or failed ones do not count; re-sending an identical file is recognised and not counted again).
+- At most the daily limit above of scored submissions per team, challenge and UTC day ({DEFAULT_DAILY_LIMIT}
+  unless the organizers set another); re-sending an identical file is recognised and not counted again.
 - Submissions from attacks that read the secret key (the `oracle` baseline) are refused.
-- Your file is **self-reported**: it is listed as `your-team/your-attack`, and may not take a built-in
-  attack's name. The attack x preset matrix holds only the organizers' own runs of the built-in attacks.
-- Team names are folded to lowercase ASCII (`a-z 0-9 _ . -`): `Team`, `TEAM` and `ｔｅａｍ` are one team.
-- Public-half scores follow the Ladder (Blum & Hardt, 2015): a new score is shown only when it beats
-  your team's best shown score by 1/sqrt(public items), rounded to 1%. Private-half scores are exact.""")
+- Your file may not take a built-in attack's name. The attack x preset matrix holds only the organizers'
+  own runs of the built-in attacks.
+- Team names are folded to lowercase ASCII (`a-z 0-9 _ . -`): `Team`, `TEAM` and `ｔｅａｍ` are one team.""")
+    with st.expander("Organizers: run a challenge"):
+        st.code(
+            """ncbench challenge build --preset nc7 --task reid --n 1000 --out my-challenge
+ncbench challenge publish my-challenge --store store     # keep my-challenge/private/ secret
+ncbench team add YOUR-TEAM --store store                 # prints the team's token once
+ncbench server --store store                             # API, scoring workers and this board
+ncbench leaderboard close CHALLENGE_ID --db store/leaderboard.db   # reveals the private half""",
+            language="bash",
+        )
 
 
 def main() -> None:
@@ -492,11 +602,17 @@ def main() -> None:
     except NcbenchError as error:
         st.error(str(error))
         st.stop()
-    page = st.sidebar.radio("Page", PAGES)
+    titles = [title for title, _ in PAGES]
+    slugs = dict(PAGES)
+    if "page" not in st.session_state:  # a visitor's first load: the page the link names
+        asked = st.query_params.get("page")
+        st.session_state["page"] = next((title for title, slug in PAGES if slug == asked), titles[0])
+    page = st.sidebar.radio("Page", titles, key="page")
+    st.query_params["page"] = slugs[page]  # the address bar names the page: links and reloads land on it
     st.sidebar.caption(f"Refreshes every {REFRESH_S} s.")
     show = dict(
         zip(
-            PAGES,
+            titles,
             (
                 page_matrix,
                 page_verified,

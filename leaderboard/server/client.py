@@ -1,15 +1,20 @@
-"""The attacker's commands against a running challenge server: ``ncbench challenges``, ``fetch``,
-``submit`` (a file of answers, or ``--plugin``: attack code for the verified track) and
-``submissions``.
+"""The attacker's commands against a running challenge server: ``ncbench login``, ``whoami``,
+``challenges``, ``fetch``, ``submit`` (a file of answers, or ``--plugin``: attack code for the
+verified track), ``submissions`` and ``status``.
 
-The server comes from ``--server`` or ``NCBENCH_SERVER``; the team token from ``NCBENCH_TOKEN``
-or ``--token-file`` (never a command-line argument, which other users of the machine can read).
+The server comes from ``--server``, else ``NCBENCH_SERVER``, else the config file ``ncbench
+login`` writes; the team token from ``--token-file``, else ``NCBENCH_TOKEN``, else that config
+file (never a command-line argument, which other users of the machine can read). Listings are
+tables for people; ``--json`` gives the server's records for scripts.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -24,26 +29,68 @@ SERVER_ENV, TOKEN_ENV = "NCBENCH_SERVER", "NCBENCH_TOKEN"
 FINAL_STATES = ("scored", "refused", "failed")
 CHUNK = 1 << 20
 
+DEFAULT_SERVER = "http://127.0.0.1:8000"
+COUNTED_STATES = ("queued", "running", "scored")  # the states the server counts towards a daily limit
+LADDER_LABEL = "public half, as the Ladder shows it"
+
 server_option = click.option(
     "--server",
     envvar=SERVER_ENV,
-    default="http://127.0.0.1:8000",
-    show_default=True,
-    help=f"Challenge server URL (or ${SERVER_ENV}).",
+    default=None,
+    help=f"Challenge server URL [default: ${SERVER_ENV}, else the one `ncbench login` saved, else {DEFAULT_SERVER}].",
 )
 token_option = click.option(
-    "--token-file", type=click.Path(path_type=Path), help=f"File holding the team token [default: ${TOKEN_ENV}]."
+    "--token-file",
+    type=click.Path(path_type=Path),
+    help=f"File holding the team token [default: ${TOKEN_ENV}, else the token `ncbench login` saved].",
 )
+json_option = click.option("--json", "as_json", is_flag=True, help="Print the server's records as JSON (for scripts).")
+
+
+def config_path() -> Path:
+    """``$XDG_CONFIG_HOME/ncbench/config.json`` (``~/.config/ncbench/config.json`` by default)."""
+    base = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
+    return Path(base) / "ncbench" / "config.json"
+
+
+def read_config() -> dict:
+    """What ``ncbench login`` saved ({} when nothing was); a damaged file is a one-line error."""
+    path = config_path()
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as error:
+        raise NcbenchError(f"cannot read {path} ({error}); run `ncbench login` again") from None
+    return config if isinstance(config, dict) else {}
+
+
+def write_config(config: dict) -> Path:
+    """Write the config file readable by its owner only (0600), replacing any earlier one."""
+    path = config_path()
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        json.dump(config, handle, indent=2)
+    os.chmod(partial, 0o600)
+    os.replace(partial, path)
+    return path
+
+
+def server_url(server: str | None) -> str:
+    """``--server`` (or ``$NCBENCH_SERVER``, which click reads), else the saved one, else the default."""
+    return server or read_config().get("server") or DEFAULT_SERVER
 
 
 class Client:
     """A thin httpx client that turns every HTTP failure into one NcbenchError line."""
 
-    def __init__(self, server: str, token: str | None = None, *, need_token: bool = False):
+    def __init__(self, server: str | None, token: str | None = None, *, need_token: bool = False):
         if need_token and not token:
-            raise NcbenchError(f"no team token: set ${TOKEN_ENV} or pass --token-file")
+            raise NcbenchError(f"no team token: run `ncbench login`, set ${TOKEN_ENV} or pass --token-file")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.server = server.rstrip("/")
+        self.server = server_url(server).rstrip("/")
         self.http = httpx.Client(base_url=self.server, headers=headers, timeout=httpx.Timeout(60, connect=10))
 
     def request(self, method: str, path: str, **kwargs) -> httpx.Response:
@@ -59,13 +106,39 @@ class Client:
 
 
 def read_token(token_file: Path | None) -> str | None:
-    """The team token: from ``--token-file``, else ``$NCBENCH_TOKEN``."""
+    """The team token: from ``--token-file``, else ``$NCBENCH_TOKEN``, else the saved one."""
     if token_file is not None:
         try:
             return token_file.read_text().strip() or None
         except OSError as error:
             raise NcbenchError(f"cannot read --token-file {token_file}: {error.strerror}") from None
-    return os.environ.get(TOKEN_ENV, "").strip() or None
+    return os.environ.get(TOKEN_ENV, "").strip() or read_config().get("token") or None
+
+
+def short(value) -> str:
+    """A number with 3 significant digits (text as it is)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    return str(value) if isinstance(value, int) or math.isinf(value) else f"{value:.3g}"
+
+
+def scores_text(public: dict | None) -> str:
+    """The public-half metrics of a scored submission on one line, 3 significant digits."""
+    if not public:
+        return ""
+    return ", ".join(f"{name} {short(value)}" for name, value in sorted(public.items()))
+
+
+def echo_table(rows: list[list], headers: list[str]) -> None:
+    """Aligned columns with a header line: what a person reads in a terminal."""
+    cells = [[str(c) for c in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    for row in cells:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+def echo_json(value) -> None:
+    click.echo(json.dumps(value, indent=2, sort_keys=True))
 
 
 def _check(response: httpx.Response) -> None:
@@ -82,17 +155,44 @@ def _check(response: httpx.Response) -> None:
 
 @click.command("challenges")
 @server_option
-def challenges(server: str) -> None:
-    """List the open challenges: id, task, preset, N, daily limit, deadline."""
+@json_option
+def challenges(server: str | None, as_json: bool) -> None:
+    """List the open challenges: id, task, preset, N, daily limit, deadline (UTC), size."""
     rows = Client(server).json("GET", "/api/v1/challenges")
+    if as_json:
+        echo_json(rows)
+        return
     if not rows:
         click.echo("no open challenges")
-    for row in rows:
-        size = sum(f["size"] for f in row["files"])
-        click.echo(
-            f"{row['challenge_id']}\t{row['task']}\t{row['preset']}\tN={row['n_encoded']}\t"
-            f"{row['daily_limit']}/day\tdeadline {row['deadline_utc'] or 'none'}\t{size / 1e6:.1f} MB"
-        )
+        return
+    echo_table(
+        [
+            [
+                row["challenge_id"],
+                row["task"],
+                row["preset"],
+                row["n_encoded"],
+                f"{row['daily_limit']}/day" if row.get("daily_limit") else "none",
+                _minutes(row.get("deadline_utc")) or "none",
+                f"{sum(f['size'] for f in row['files']) / 1e6:.1f} MB",
+            ]
+            for row in rows
+        ],
+        ["CHALLENGE", "TASK", "PRESET", "N", "LIMIT", "DEADLINE", "SIZE"],
+    )
+
+
+def _minutes(stamp: str | None) -> str:
+    """An ISO timestamp from the server as 'YYYY-MM-DD HH:MM UTC' (empty for none)."""
+    if not stamp:
+        return ""
+    try:
+        when = dt.datetime.fromisoformat(str(stamp).replace("Z", "+00:00"))
+    except ValueError:
+        return str(stamp)
+    if when.tzinfo is not None:
+        when = when.astimezone(dt.UTC).replace(tzinfo=None)
+    return when.strftime("%Y-%m-%d %H:%M UTC")
 
 
 @click.command("fetch")
@@ -164,6 +264,7 @@ def _download(client: Client, path: str, partial: Path, size: int) -> None:
 @click.option("--timeout", type=int, default=1800, show_default=True, help="Seconds to wait for the score.")
 @server_option
 @token_option
+@json_option
 def submit(
     submission: Path | None,
     plugin_spec: str | None,
@@ -171,8 +272,9 @@ def submit(
     challenge_id: str,
     no_wait: bool,
     timeout: int,
-    server: str,
+    server: str | None,
     token_file: Path | None,
+    as_json: bool,
 ) -> None:
     """Upload SUBMISSION (or, with --plugin, an attack plugin) to the server, wait for it to be
     scored, print the score."""
@@ -181,26 +283,35 @@ def submit(
     if plugin_spec is None:
         if params:
             raise NcbenchError("--param goes with --plugin")
-        submit_file(
-            submission, challenge_id, server=server, token=read_token(token_file), wait=not no_wait, timeout=timeout
+        outcome = submit_file(
+            submission,
+            challenge_id,
+            server=server,
+            token=read_token(token_file),
+            wait=not no_wait,
+            timeout=timeout,
+            quiet=as_json,
         )
-        return
-    submit_plugin(
-        plugin_spec,
-        params,
-        challenge_id,
-        server=server,
-        token=read_token(token_file),
-        wait=not no_wait,
-        timeout=timeout,
-    )
+    else:
+        outcome = submit_plugin(
+            plugin_spec,
+            params,
+            challenge_id,
+            server=server,
+            token=read_token(token_file),
+            wait=not no_wait,
+            timeout=timeout,
+            quiet=as_json,
+        )
+    if as_json:
+        echo_json(outcome)
 
 
 def submit_file(
     submission: Path,
     challenge_id: str,
     *,
-    server: str,
+    server: str | None,
     token: str | None,
     wait: bool = True,
     timeout: int = 1800,
@@ -243,7 +354,7 @@ def submit_file(
         advance(1)
     if job["state"] != "scored":
         raise NcbenchError(f"submission {job['id']} {job['state']}: {job['message']}")
-    echo(f"submission {job['id']} scored: public half {json.dumps(job['public'], sort_keys=True)}")
+    echo(f"submission {job['id']} scored: {LADDER_LABEL}: {scores_text(job['public'])}")
     return job
 
 
@@ -252,15 +363,17 @@ def submit_plugin(
     params: tuple[str, ...],
     challenge_id: str,
     *,
-    server: str,
+    server: str | None,
     token: str | None,
     wait: bool = True,
     timeout: int = 1800,
+    quiet: bool = False,
 ) -> dict:
     """Upload one plugin file (a .py file, a wheel or an sdist) with its class (and module, for
     an archive) and parameters; the server checks it before queueing it, then runs it on fresh
     hidden releases. With ``wait``, poll until the run ends and return it (NcbenchError when it
-    failed)."""
+    failed). ``quiet`` prints nothing on stdout."""
+    echo = (lambda text: None) if quiet else click.echo
     from ncbench.attacks.plugins.archive import MAX_ARCHIVE_BYTES, MAX_FILE_BYTES, SPEC_FORMS, parse_spec
 
     plugin = parse_spec(spec)
@@ -298,7 +411,7 @@ def submit_plugin(
         },
         timeout=httpx.Timeout(300, connect=10),
     )
-    click.echo(
+    echo(
         f"verified run {run['id']} queued: {run['attack']} {run['attack_version']} on {run['releases']} fresh "
         f"hidden releases (seed commitments: {client.server}/api/v1/challenges/{challenge_id}/commitments)"
     )
@@ -317,10 +430,10 @@ def submit_plugin(
         advance(1)
     if run["state"] != "scored":
         raise NcbenchError(f"verified run {run['id']} {run['state']}: {run['message']}")
-    scores = ", ".join(f"{e['headline']:.4f}" for e in run["evaluations"])
-    spread = f" ± {run['spread']:.4f} (sd)" if run["spread"] is not None else ""
-    click.echo(
-        f"verified run {run['id']} scored: re-identification {run['mean']:.4f}{spread} over "
+    scores = ", ".join(short(e["headline"]) for e in run["evaluations"])
+    spread = f" ± {short(run['spread'])} (sd)" if run["spread"] is not None else ""
+    echo(
+        f"verified run {run['id']} scored: re-identification {short(run['mean'])}{spread} over "
         f"{len(run['evaluations'])} fresh keys ({scores})"
     )
     return run
@@ -329,22 +442,142 @@ def submit_plugin(
 @click.command("submissions")
 @server_option
 @token_option
-def submissions(server: str, token_file: Path | None) -> None:
+@json_option
+def submissions(server: str | None, token_file: Path | None, as_json: bool) -> None:
     """Your team's submissions and verified plugin runs: id, challenge, state, score or reason."""
     client = Client(server, read_token(token_file), need_token=True)
     rows, runs = client.json("GET", "/api/v1/submissions"), client.json("GET", "/api/v1/plugins")
+    if as_json:
+        echo_json({"submissions": rows, "plugin_runs": runs})
+        return
     if not rows and not runs:
         click.echo("no submissions yet")
-    for row in rows:
-        outcome = json.dumps(row["public"], sort_keys=True) if row["public"] else (row["message"] or "")
-        click.echo(f"{row['id']}\t{row['challenge_id']}\t{row['state']}\t{row['created_utc']}\t{outcome}")
-    for run in runs:
-        outcome = (
-            f"mean {run['mean']:.4f} over {run['releases']} hidden releases"
-            if run["mean"] is not None
-            else run["message"] or ""
+        return
+    if rows:
+        echo_table(
+            [
+                [
+                    row["id"],
+                    row["challenge_id"],
+                    row["state"],
+                    _minutes(row["created_utc"]),
+                    scores_text(row["public"]) or row["message"] or "",
+                ]
+                for row in rows
+            ],
+            ["ID", "CHALLENGE", "STATE", "SUBMITTED", f"SCORE ({LADDER_LABEL}) OR REASON"],
         )
-        click.echo(
-            f"plugin {run['id']}\t{run['challenge_id']}\t{run['state']}\t{run['created_utc']}\t"
-            f"{run['attack']} {run['attack_version']}\t{outcome}"
+    if runs:
+        click.echo("" if not rows else "\nverified plugin runs")
+        echo_table(
+            [
+                [
+                    run["id"],
+                    run["challenge_id"],
+                    run["state"],
+                    _minutes(run["created_utc"]),
+                    f"{run['attack']} {run['attack_version']}",
+                    f"mean {short(run['mean'])} over {run['releases']} hidden releases"
+                    if run["mean"] is not None
+                    else run["message"] or "",
+                ]
+                for run in runs
+            ],
+            ["RUN", "CHALLENGE", "STATE", "SUBMITTED", "ATTACK", "RE-IDENTIFICATION OR REASON"],
         )
+
+
+@click.command("status")
+@click.argument("submission_id", type=int)
+@click.option("--wait", is_flag=True, help="Wait until the submission is scored, refused or failed.")
+@click.option("--timeout", type=int, default=1800, show_default=True, help="Seconds to wait, with --wait.")
+@server_option
+@token_option
+@json_option
+def status(
+    submission_id: int, wait: bool, timeout: int, server: str | None, token_file: Path | None, as_json: bool
+) -> None:
+    """One of your submissions: its state and, once scored, its public-half score."""
+    client = Client(server, read_token(token_file), need_token=True)
+    job = client.json("GET", f"/api/v1/submissions/{submission_id}")
+    deadline = time.monotonic() + timeout
+    while wait and job["state"] not in FINAL_STATES:
+        if time.monotonic() > deadline:
+            raise NcbenchError(f"submission {submission_id} is still {job['state']} after {timeout} s")
+        time.sleep(1)
+        job = client.json("GET", f"/api/v1/submissions/{submission_id}")
+    if as_json:
+        echo_json(job)
+        return
+    click.echo(f"submission {job['id']} on {job['challenge_id']}: {job['state']}")
+    if job["public"]:
+        click.echo(f"score ({LADDER_LABEL}): {scores_text(job['public'])}")
+    elif job["message"]:
+        click.echo(f"reason: {job['message']}")
+
+
+@click.command("login")
+@server_option
+def login(server: str | None) -> None:
+    """Save the challenge server and your team token in ~/.config/ncbench/config.json (readable by
+    you only), after checking the token with the server. The token is read from standard input
+    when it is piped, else asked for without echo; $NCBENCH_SERVER and $NCBENCH_TOKEN, when set,
+    still win over the saved values."""
+    if server is None:
+        raise NcbenchError("give the challenge server: ncbench login --server URL")
+    if sys.stdin.isatty():
+        token = click.prompt("team token", hide_input=True, default="", show_default=False)
+    else:
+        token = sys.stdin.readline()
+    token = token.strip()
+    if not token:
+        raise NcbenchError("no token given")
+    team = Client(server, token, need_token=True).json("GET", "/api/v1/whoami")["team"]
+    path = write_config({"server": server.rstrip("/"), "token": token})
+    click.echo(f"logged in to {server.rstrip('/')} as team {team} (saved in {path})")
+
+
+@click.command("whoami")
+@server_option
+@token_option
+@json_option
+def whoami(server: str | None, token_file: Path | None, as_json: bool) -> None:
+    """Your team, the server, and the scored submissions left today (UTC) on each open challenge."""
+    client = Client(server, read_token(token_file), need_token=True)
+    team = client.json("GET", "/api/v1/whoami")["team"]
+    open_challenges = client.json("GET", "/api/v1/challenges")
+    today = dt.datetime.now(dt.UTC).date().isoformat()
+    used: dict[str, int] = {}
+    for job in client.json("GET", "/api/v1/submissions"):
+        if job["state"] in COUNTED_STATES and str(job["created_utc"]).startswith(today):
+            used[job["challenge_id"]] = used.get(job["challenge_id"], 0) + 1
+    usage = [
+        {
+            "challenge_id": row["challenge_id"],
+            "daily_limit": row.get("daily_limit"),
+            "used_today": used.get(row["challenge_id"], 0),
+            "left_today": None
+            if not row.get("daily_limit")
+            else max(0, row["daily_limit"] - used.get(row["challenge_id"], 0)),
+            "deadline_utc": row.get("deadline_utc"),
+        }
+        for row in open_challenges
+    ]
+    if as_json:
+        echo_json({"team": team, "server": client.server, "challenges": usage})
+        return
+    click.echo(f"team {team} on {client.server}")
+    if not usage:
+        click.echo("no open challenges")
+        return
+    echo_table(
+        [
+            [
+                row["challenge_id"],
+                "no limit" if row["left_today"] is None else f"{row['left_today']} of {row['daily_limit']}",
+                _minutes(row["deadline_utc"]) or "none",
+            ]
+            for row in usage
+        ],
+        ["CHALLENGE", "LEFT TODAY (UTC)", "DEADLINE"],
+    )

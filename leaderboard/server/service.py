@@ -120,7 +120,7 @@ def serve(
         signal.signal(sig, _stop)
     try:
         if board_port:  # before any thread starts: preexec_fn is only safe in a single-threaded parent
-            command, env = board_command(url, host=host, port=board_port)
+            command, env = board_command(url, host=host, port=board_port, server_url=f"http://{host}:{port}")
             board = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, preexec_fn=_die_with_parent)
         dispatcher = Dispatcher(url, str(store_root), scheduler=scheduler, workers=workers).start()
         print(

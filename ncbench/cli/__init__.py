@@ -30,9 +30,15 @@ class _Root(click.Group):
         except click.ClickException as error:
             click.echo(f"error: {error.format_message()}", err=True)
             sys.exit(error.exit_code)
-        except click.Abort:
+        except click.Abort as error:
+            if isinstance(error.__context__, KeyboardInterrupt):  # Ctrl-C while click parsed or prompted
+                click.echo("interrupted", err=True)
+                sys.exit(130)
             click.echo("aborted", err=True)
             sys.exit(1)
+        except KeyboardInterrupt:  # Ctrl-C outside a command (while a command's module loads)
+            click.echo("interrupted", err=True)
+            sys.exit(130)
 
     def invoke(self, ctx: click.Context):
         try:
@@ -79,6 +85,9 @@ COMMANDS = (
         None,
     ),
     ("submissions", "ncbench.leaderboard.server.client", "submissions", "Your team's submissions and runs.", None),
+    ("status", "ncbench.leaderboard.server.client", "status", "One submission's state and score (--wait).", None),
+    ("login", "ncbench.leaderboard.server.client", "login", "Save the server and your team token.", None),
+    ("whoami", "ncbench.leaderboard.server.client", "whoami", "Your team, and submissions left today.", None),
 )
 # Distributions of each extra, as imported (pyproject.toml's optional-dependencies).
 EXTRA_MODULES = {

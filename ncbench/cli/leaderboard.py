@@ -271,12 +271,24 @@ def export(db: str, fmt: str, out: Path | None) -> None:
 @group.command("close")
 @click.argument("challenge_id")
 @click.option("--db", required=True, help=DB_HELP)
-def close(challenge_id: str, db: str) -> None:
+@click.option("--yes", is_flag=True, help="Close without asking (scripts); closing cannot be undone.")
+def close(challenge_id: str, db: str, yes: bool) -> None:
     """Close CHALLENGE_ID: its private-half scores become public, and the seeds of its verified
-    runs' evaluation releases are revealed (no way back)."""
+    runs' evaluation releases are revealed (no way back). Asks first, unless --yes."""
+    import sys
+
     from ncbench.leaderboard.verified import runs as verified
 
     with Store(database_url(db), create=False) as store:
+        known = store.challenges().set_index("challenge_id")["closed_utc"]
+        if challenge_id in known.index and known[challenge_id] is None and not yes:
+            if not sys.stdin.isatty():
+                raise NcbenchError(f"closing {challenge_id} cannot be undone: pass --yes to close it without a prompt")
+            click.confirm(
+                f"Close {challenge_id}? Its private-half scores and verified seeds become public; "
+                "this cannot be undone",
+                abort=True,
+            )
         stamp, newly = store.close_challenge(challenge_id)
         revealed = verified.revealed_count(store, challenge_id)
     if newly:
