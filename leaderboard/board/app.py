@@ -65,14 +65,15 @@ def percent(value) -> str:
 
 
 def style_matrix(matrix: pd.DataFrame):
-    """Percentages, each cell coloured by its privacy band; the chance row in grey."""
-
-    def colour(value) -> str:
-        return "" if pd.isna(value) else f"background-color: {BAND_COLOURS[privacy_band(value)]}"
-
-    attacks = [name for name in matrix.index if name != tables.CHANCE_ROW]
-    styler = matrix.style.format(percent, na_rep=NOT_RUN).map(colour, subset=pd.IndexSlice[attacks, :])
-    return styler.map(lambda _: f"background-color: {CHANCE_COLOUR}", subset=pd.IndexSlice[[tables.CHANCE_ROW], :])
+    """Percentages, each cell coloured by its privacy band; the chance row in grey. The cells are
+    text, so that a missing run reads "not run" (Streamlit draws a missing number as None, whatever
+    the styler's na_rep)."""
+    colours = matrix.map(
+        lambda value: "" if pd.isna(value) else f"background-color: {BAND_COLOURS[privacy_band(value)]}"
+    )
+    if tables.CHANCE_ROW in colours.index:
+        colours.loc[tables.CHANCE_ROW] = f"background-color: {CHANCE_COLOUR}"
+    return matrix.map(percent).style.apply(lambda _: colours, axis=None)
 
 
 def band_legend() -> str:
