@@ -12,14 +12,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ncbench.attacks.base import Attack
-from ncbench.attacks.pairing import BOOST_ROUNDS, REFINE_PAIRS, gram_pairing
+from ncbench.attacks.pairing import ASSIGN_MAX, BOOST_ROUNDS, CANDIDATES, REFINE_PAIRS, SCORES_MAX, gram_pairing
 from ncbench.attacks.submission import Submission
 from ncbench.challenge.files import Release
 
 
 class GramHungarian(Attack):
     name = "gram-hungarian"
-    version = "1.0"
+    version = "1.1"
     tasks = ("reid",)
     knowledge = ("architecture", "self-sampled-keys", "plaintext-pool")
     description = "Undo shuffles by assignment, match Gram statistics of a self-keyed encoding, boost."
@@ -42,6 +42,30 @@ class GramHungarian(Attack):
             default=REFINE_PAIRS,
             metadata={"min": 1, "max": 100000, "help": "matched pairs whose Gram matrices refine the slot permutation"},
         )
+        assign_max: int = field(
+            default=ASSIGN_MAX,
+            metadata={
+                "min": 2,
+                "max": 1_000_000,
+                "help": "encodings up to which every matching is a dense assignment; beyond, sampled rounds and a sparse final assignment on candidate shortlists",
+            },
+        )
+        candidates: int = field(
+            default=CANDIDATES,
+            metadata={
+                "min": 1,
+                "max": 1024,
+                "help": "plaintext candidates per encoding in the sparse final assignment",
+            },
+        )
+        scores_max: int = field(
+            default=SCORES_MAX,
+            metadata={
+                "min": 1,
+                "max": 10_000_000,
+                "help": "encodings up to which the full (N, M) score matrix is kept and submitted; beyond, the mapping only",
+            },
+        )
         chunk: int = field(default=32, metadata={"min": 1, "max": 4096, "help": "images per streamed block"})
         insider_key: str = field(
             default="",
@@ -60,6 +84,9 @@ class GramHungarian(Attack):
             refine_pairs=p.refine_pairs,
             chunk=p.chunk,
             insider_key=p.insider_key,
+            assign_max=p.assign_max,
+            candidates=p.candidates,
+            scores_max=p.scores_max,
         )
         plain_ids = release.plain_ids
         return Submission(
@@ -71,5 +98,8 @@ class GramHungarian(Attack):
             scores=pairing.scores,
             plain_ids=plain_ids,
             patch_positions=pairing.patch_positions.astype(np.int16),
-            diagnostics={"mutual_best_fraction_per_round": pairing.mutual_fraction},
+            diagnostics={
+                "mutual_best_fraction_per_round": pairing.mutual_fraction,
+                "unplaced_by_shortlists": pairing.unplaced,
+            },
         )
