@@ -50,7 +50,7 @@ def patch_statistics(blocks, mean: torch.Tensor, n: int) -> PatchStatistics:
 
 def centred_grams(block: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
     """(b, P, P) Gram matrices of ``block`` (b, P, D) centred by ``mean`` (P, D), row by row."""
-    centred = block.float() - mean
+    centred = block.to(mean.device).float() - mean  # self-keyed blocks come back on the CPU
     return torch.bmm(centred, centred.transpose(1, 2))
 
 

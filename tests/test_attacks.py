@@ -504,3 +504,12 @@ def test_case_and_width_variants_of_builtin_names_are_refused(name, upper, width
     Candidate.name = variant
     with pytest.raises(NcbenchError, match="plugin attack name"):
         check_plugin_name(Candidate, all_attacks())
+
+
+def test_attacks_run_on_cuda_when_present_and_refuse_it_when_absent(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve("gram-hungarian")().device == "cuda"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve("gram-hungarian")().device == "cpu"
+    with pytest.raises(NcbenchError, match="no CUDA device"):
+        resolve("gram-hungarian")(device="cuda")
