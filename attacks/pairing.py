@@ -34,6 +34,7 @@ from ncbench.attacks.statistics import (
     aligned_centred_grams,
     collect_statistics,
     patch_statistics,
+    sorted_norm_mutual_best,
     sorted_norm_scores,
 )
 from ncbench.challenge.files import Release, SiteView
@@ -140,7 +141,7 @@ def trusted_pairs(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def boost(
     left: PatchStatistics,
     right: PatchStatistics,
-    scores: np.ndarray,
+    scores: np.ndarray | None,
     *,
     rounds: int,
     refine_pairs: int,
@@ -152,10 +153,12 @@ def boost(
     candidates: int = CANDIDATES,
     scores_max: int = SCORES_MAX,
     device: str = "cpu",
+    first_pairs: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> Boosted:
     """From first-round ``scores`` (L, R), up to ``rounds`` times: recover the slot permutation
     from the pairs ``trusted(scores)`` picks (rows, columns), and compare Gram matrices in that
-    order; stop after two rounds once a round raises the fraction of mutual best pairs by less than
+    order (``first_pairs`` instead of ``trusted(scores)`` in the first round: then ``scores``
+    may be None); stop after two rounds once a round raises the fraction of mutual best pairs by less than
     :data:`CONVERGED`. One assignment on the last round's scores gives the matching.
 
     Beyond ``assign_max`` left items the rounds score a fixed random sample of that many
@@ -167,12 +170,13 @@ def boost(
     """
     slot_positions = np.arange(left.norms.shape[1])
     comparison = GramComparison(left, right, device=device)
-    sample = np.sort(rng.permutation(len(scores))[:assign_max]) if len(scores) > assign_max else None
-    scored = np.arange(len(scores))  # the left items the rows of ``scores`` are
+    n_left = len(left.gram)
+    sample = np.sort(rng.permutation(n_left)[:assign_max]) if n_left > assign_max else None
+    scored = np.arange(n_left)  # the left items the rows of ``scores`` are
     history: list[float] = []
-    for _ in range(rounds):
+    for round_ in range(rounds):
         if shuffle:
-            rows, partners = trusted(scores)
+            rows, partners = first_pairs if round_ == 0 and first_pairs is not None else trusted(scores)
             slot_positions = _slot_positions(left, right, scored[rows], partners, rng, refine_pairs)
         if sample is not None:
             scored = sample
@@ -244,13 +248,18 @@ def gram_pairing(
         view = release.site(site) if release.n_sites > 1 else release
         rows = np.flatnonzero(sites == site)
         aligned = aligned_statistics(view, attack, chunk=chunk)
+        first, first_pairs = None, None
         with attack.stage("match sorted norms"):
-            first = sorted_norm_scores(aligned.statistics, plain)
+            if len(rows) > assign_max:  # the first round keeps mutual best pairs only
+                first_pairs = sorted_norm_mutual_best(aligned.statistics, plain)
+            else:
+                first = sorted_norm_scores(aligned.statistics, plain)
         with attack.stage("boost", boost_rounds) as advance:
             boosted = boost(
                 aligned.statistics,
                 plain,
                 first,
+                first_pairs=first_pairs,
                 rounds=boost_rounds,
                 refine_pairs=refine_pairs,
                 rng=refine_rng,

@@ -103,6 +103,27 @@ def sorted_norm_scores(encoded: PatchStatistics, plain: PatchStatistics) -> np.n
     return (left @ right.T).numpy()
 
 
+def sorted_norm_mutual_best(
+    encoded: PatchStatistics, plain: PatchStatistics, *, chunk: int = 1024
+) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, columns) of the pairs that are each other's best by :func:`sorted_norm_scores`,
+    computed ``chunk`` encoded rows at a time: the (N, M) matrix is never held (40 GB at
+    N = M = 100,000), only each row's best column and each column's best row so far."""
+    left = _standardise_rows(torch.from_numpy(np.sort(encoded.norms, axis=1)))
+    right = _standardise_rows(torch.from_numpy(np.sort(plain.norms, axis=1)))
+    best_column = np.empty(len(left), np.int64)
+    column_best = torch.full((len(right),), -torch.inf)
+    column_best_row = torch.zeros(len(right), dtype=torch.int64)
+    for start in range(0, len(left), chunk):
+        block = left[start : start + chunk] @ right.T
+        best_column[start : start + len(block)] = block.argmax(1).numpy()
+        values, rows = block.max(0)
+        better = values > column_best  # strictly: the first row wins a tie, as argmax does
+        column_best[better], column_best_row[better] = values[better], rows[better] + start
+    rows = np.flatnonzero(column_best_row.numpy()[best_column] == np.arange(len(left)))
+    return rows, best_column[rows]
+
+
 def gram_scores(
     encoded: PatchStatistics, plain: PatchStatistics, slot_positions: np.ndarray, *, device: str = "cpu"
 ) -> np.ndarray:

@@ -513,3 +513,15 @@ def test_attacks_run_on_cuda_when_present_and_refuse_it_when_absent(monkeypatch)
     assert resolve("gram-hungarian")().device == "cpu"
     with pytest.raises(NcbenchError, match="no CUDA device"):
         resolve("gram-hungarian")(device="cuda")
+
+
+def test_chunked_first_round_keeps_the_same_mutual_best_pairs():
+    rng = np.random.default_rng(5)
+    plain_norms = rng.gamma(2.0, size=(70, 16)).astype(np.float32)
+    encoded_norms = (plain_norms[rng.permutation(70)[:60]] + rng.normal(0, 0.3, (60, 16))).astype(np.float32)
+    encoded = statistics.PatchStatistics(encoded_norms, np.zeros((60, 1), np.float16))
+    plain = statistics.PatchStatistics(plain_norms, np.zeros((70, 1), np.float16))
+    rows, columns = statistics.sorted_norm_mutual_best(encoded, plain, chunk=7)
+    expected = pairing.mutual_best(statistics.sorted_norm_scores(encoded, plain))
+    assert len(rows) > 10
+    assert np.array_equal(rows, expected[0]) and np.array_equal(columns, expected[1])
