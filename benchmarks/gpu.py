@@ -5,7 +5,8 @@
 For each precision (fp32, bf16) it times the nc7 encoder on random images (``--encode-n`` on the
 device, ``--cpu-encode-n`` on the CPU; CPU bf16 only where it is native, as emulated bf16 is
 about 64x slower). For each N of ``--sizes`` it builds a nc7 ``reid`` test release on the device
-(fresh key from ``--seed``), attacks it with gram-hungarian's defaults on the device, and on the
+(key from ``--seed``; images from ``--source``: ``sample`` where pydicom-data is installed,
+else ``phantom``), attacks it with gram-hungarian's defaults on the device, and on the
 CPU as well while N <= ``--cpu-max``; accuracy is read from the release's own key. A size whose
 release would not fit on the disk (2 MiB per image at full size: N = 100,000 is 105 GB) is
 skipped with a note. It prints a table and writes everything, with the CPU model and the GPU
@@ -117,6 +118,8 @@ def run(args: argparse.Namespace) -> dict:
             result["encode"].append(_guarded(encode_throughput, config, device=where, n=n))
             _progress(result["encode"][-1])
     config = resolve_config("nc7", precision="auto", **shape)
+    source = args.source if args.source != "auto" else "sample" if _has_sample_images() else "phantom"
+    result["source"] = source
     scratch = Path(args.scratch) if args.scratch else Path(tempfile.gettempdir())
     for n in (int(size) for size in args.sizes.split(",")):
         free = shutil.disk_usage(scratch).free
@@ -133,7 +136,7 @@ def run(args: argparse.Namespace) -> dict:
                 path,
                 config=config,
                 plan=BuildPlan.for_task("reid", n),
-                source="sample",
+                source=source,
                 seed=args.seed,
                 test_release=True,
                 device=device,
@@ -152,6 +155,17 @@ def run(args: argparse.Namespace) -> dict:
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _has_sample_images() -> bool:
+    """Whether the ``sample`` source loads here (it needs pydicom and pydicom-data's files)."""
+    from ncbench.challenge.sources import load_images
+
+    try:
+        load_images("sample", n=1, seed=0, image_size=64)
+    except Exception:  # noqa: BLE001 - any failure means: use the phantoms
+        return False
+    return True
 
 
 def _guarded(step, *args, **kwargs):
@@ -174,7 +188,7 @@ def table(result: dict) -> str:
     lines = [
         f"CPU: {machine['cpu']} ({machine['threads']} threads, torch {machine['torch']})",
         f"GPU: {machine.get('gpu', 'none')}",
-        f"encoder nc7 {result['config']}",
+        f"encoder nc7 {result['config']}; releases from source {result.get('source')}",
         "",
         "| encode | device | precision | images/s |",
         "|---|---|---|---|",
@@ -210,6 +224,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--encode-n", type=int, default=4096, help="images encoded per precision on the device")
     parser.add_argument("--cpu-encode-n", type=int, default=256, help="images encoded per precision on the CPU")
     parser.add_argument("--seed", default="6e6362656e63682d6770752d32303236", help="the releases' seed (hex)")
+    parser.add_argument(
+        "--source",
+        default="auto",
+        help="image source of the releases: sample, phantom, or auto (sample when installed)",
+    )
     parser.add_argument("--scratch", default="", help="folder for the releases (default: the temp folder)")
     defaults = resolve_config_defaults()
     for name in ("width", "image_size", "patch_size", "bn_batch"):
