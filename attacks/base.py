@@ -34,6 +34,7 @@ import torch
 from ncbench.attacks.submission import Submission
 from ncbench.challenge.files import TASKS, Release
 from ncbench.errors import NcbenchError
+from ncbench.hardware import pick_device
 from ncbench.progress import progress
 
 
@@ -91,9 +92,9 @@ class Attack(abc.ABC):
         if not dataclasses.is_dataclass(cls.Params):
             raise TypeError(f"attack {cls.name}: Params must be a dataclass")
 
-    def __init__(self, params=None, *, device: str = "cpu", seed: int = 0):
+    def __init__(self, params=None, *, device: str = "auto", seed: int = 0):
         self.params = self.Params() if params is None else params
-        self.device = device
+        self.device = pick_device(device)  # "auto": CUDA when present
         self.seed = seed
         self.stage_times: dict[str, float] = {}
 

@@ -199,7 +199,7 @@ def plaintext_moments(images: np.ndarray, config: EncoderConfig, *, chunk: int) 
     for block in blocks():
         total += block.sum(0)
     mean = total / max(len(images), 1)
-    return torch.cat([patch_moments(block, mean) for block in blocks()]).numpy()
+    return torch.cat([patch_moments(block, mean) for block in blocks()]).cpu().numpy()
 
 
 def self_keyed_moments(
@@ -296,14 +296,14 @@ def candidate_scores(encoded: torch.Tensor, plain: torch.Tensor, candidates: int
     """
     descriptor_encoded = _unit_rows(encoded.sort(dim=1).values.flatten(1))
     descriptor_plain = _unit_rows(plain.sort(dim=1).values.flatten(1))
-    scores = (descriptor_encoded @ descriptor_plain.T).numpy()
+    scores = (descriptor_encoded @ descriptor_plain.T).cpu().numpy()
     if candidates == 0:
         return scores
     candidates = min(candidates, scores.shape[1])
     shortlist = np.argpartition(-scores, candidates - 1, axis=1)[:, :candidates]
     refined = scores - 4.0  # below any assignment score
     for i, row in enumerate(shortlist):
-        similarity = torch.einsum("sk,mpk->msp", encoded[i], plain[torch.from_numpy(row)]).numpy()
+        similarity = torch.einsum("sk,mpk->msp", encoded[i], plain[torch.from_numpy(row)]).cpu().numpy()
         for j, block in zip(row, similarity):
             rows, cols = linear_sum_assignment(block, maximize=True)
             refined[i, j] = block[rows, cols].mean()
@@ -315,13 +315,13 @@ def recover_permutation(encoded: torch.Tensor, plain: torch.Tensor, matched: np.
     """(P,) position of each slot: the P x P assignment on patch similarities summed over the
     matched pairs (correct pairs add up, wrong ones average out)."""
     agreement = torch.einsum("nsk,npk->sp", encoded, plain[torch.from_numpy(matched)])
-    return match(agreement.numpy())
+    return match(agreement.cpu().numpy())
 
 
 def permuted_scores(encoded: torch.Tensor, plain: torch.Tensor, slot_positions: np.ndarray) -> np.ndarray:
     """(N, M) sum over slots s of cos(encoded[i, s], plain[j, position of s])."""
     in_slot_order = plain[:, torch.from_numpy(slot_positions)]
-    return (encoded.flatten(1) @ in_slot_order.flatten(1).T).numpy()
+    return (encoded.flatten(1) @ in_slot_order.flatten(1).T).cpu().numpy()
 
 
 def _unit_rows(values: torch.Tensor) -> torch.Tensor:
@@ -415,4 +415,4 @@ def clone_scores(
         cloned[rows] = clone(torch.from_numpy(plain_images[rows])).flatten(1)
     encoded = targets.flatten(1).float()
     distance = encoded.square().sum(1, keepdim=True) - 2 * encoded @ cloned.T + cloned.square().sum(1)[None]
-    return (-distance).numpy()
+    return (-distance).cpu().numpy()

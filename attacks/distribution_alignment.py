@@ -192,10 +192,10 @@ class DistributionAlignment(Attack):
             "mmd_aux_vs_release": float(mmd(predicted_aux, encoded_means, _median_width(encoded_means)))
         }
         if release.task == "transfer":
-            submission.encodings = predict(release.target_images).float().numpy()
+            submission.encodings = predict(release.target_images).float().cpu().numpy()
             submission.target_ids = release.target_ids
         else:
-            scores = -torch.cdist(encoded_means, predicted_aux).square().float().numpy()
+            scores = -torch.cdist(encoded_means, predicted_aux).square().float().cpu().numpy()
             submission.scores, submission.plain_ids = scores, release.plain_ids
             submission.mapping = [release.plain_ids[j] for j in match(scores)]
         return submission

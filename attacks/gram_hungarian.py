@@ -12,14 +12,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from ncbench.attacks.base import Attack, param
-from ncbench.attacks.pairing import BOOST_ROUNDS, REFINE_PAIRS, gram_pairing
+from ncbench.attacks.pairing import ASSIGN_MAX, BOOST_ROUNDS, CANDIDATES, REFINE_PAIRS, SCORES_MAX, gram_pairing
 from ncbench.attacks.submission import Submission
 from ncbench.challenge.files import Release
 
 
 class GramHungarian(Attack):
     name = "gram-hungarian"
-    version = "1.0"
+    version = "1.1"
     tasks = ("reid",)
     knowledge = ("architecture", "self-sampled-keys", "plaintext-pool")
     description = "Undo shuffles by assignment, match Gram statistics of a self-keyed encoding, boost."
@@ -35,6 +35,21 @@ class GramHungarian(Attack):
         )
         refine_pairs: int = param(
             REFINE_PAIRS, "matched pairs whose Gram matrices refine the slot permutation", min=1, max=100000
+        )
+        assign_max: int = param(
+            ASSIGN_MAX,
+            "encodings up to which every matching is a dense assignment; beyond, sampled rounds and a sparse final assignment on candidate shortlists",
+            min=2,
+            max=1_000_000,
+        )
+        candidates: int = param(
+            CANDIDATES, "plaintext candidates per encoding in the sparse final assignment", min=1, max=1024
+        )
+        scores_max: int = param(
+            SCORES_MAX,
+            "encodings up to which the full (N, M) score matrix is kept and submitted; beyond, the mapping only",
+            min=1,
+            max=10_000_000,
         )
         chunk: int = param(32, "images per streamed block", min=1, max=4096)
         insider_key: str = param(
@@ -53,6 +68,9 @@ class GramHungarian(Attack):
             refine_pairs=p.refine_pairs,
             chunk=p.chunk,
             insider_key=p.insider_key,
+            assign_max=p.assign_max,
+            candidates=p.candidates,
+            scores_max=p.scores_max,
         )
         plain_ids = release.plain_ids
         return Submission(
@@ -64,5 +82,8 @@ class GramHungarian(Attack):
             scores=pairing.scores,
             plain_ids=plain_ids,
             patch_positions=pairing.patch_positions.astype(np.int16),
-            diagnostics={"mutual_best_fraction_per_round": pairing.mutual_fraction},
+            diagnostics={
+                "mutual_best_fraction_per_round": pairing.mutual_fraction,
+                "unplaced_by_shortlists": pairing.unplaced,
+            },
         )

@@ -82,7 +82,7 @@ def reconstruction_scores(reconstructions: np.ndarray, plain_images: np.ndarray)
     recon = torch.from_numpy(reconstructions.reshape(len(reconstructions), -1)).double()
     plain = torch.from_numpy(plain_images.reshape(len(plain_images), -1).astype(np.float64))
     distances = (recon**2).sum(1, keepdim=True) - 2 * recon @ plain.T + (plain**2).sum(1)
-    return (-distances / recon.shape[1]).float().numpy()
+    return (-distances / recon.shape[1]).float().cpu().numpy()
 
 
 class LinearInversion(Attack):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ncbench.assignment import match
+from ncbench.assignment import match, match_shortlists
 from ncbench.attacks.alignment import (
     align,
     iter_release,
@@ -34,6 +34,7 @@ from ncbench.attacks.statistics import (
     aligned_centred_grams,
     collect_statistics,
     patch_statistics,
+    sorted_norm_mutual_best,
     sorted_norm_scores,
 )
 from ncbench.challenge.files import Release, SiteView
@@ -45,6 +46,11 @@ BOOST_ROUNDS = 8
 CONVERGED = 0.01
 REFINE_PAIRS = 256  # matched pairs whose Gram matrices refine the slot permutation
 ASSIGN_MAX = 2048  # rows up to which a boosting round's pairs come from an assignment
+# Beyond ASSIGN_MAX the final matching is a sparse assignment on each encoding's CANDIDATES best
+# plaintexts; the full (N, M) scores are kept (and submitted) up to SCORES_MAX encodings only
+# (float32: 1.6 GB at 20,000 x 20,000, 40 GB at 100,000).
+CANDIDATES = 8
+SCORES_MAX = 20_000
 # Encodings whose mean (in slot order) is the alignment reference. The mean of the first 256 is
 # as good as that of all (nc7, N = 1,000: 100% either way, patch positions 97.4% vs 97.8%) and
 # makes the first of the two passes over the encodings a fixed cost instead of one per image.
@@ -64,14 +70,17 @@ class Boosted:
     """A boosted matching of left items (rows) to right items (columns).
 
     matched: (L,) right item of each left item; scores: (L, R) Gram correlations of the last
-    round; slot_positions: (P,) right slot (or position) of each left slot; mutual_fraction: per
-    round, the fraction of left items whose best partner has them as its best too.
+    round, or None beyond ``scores_max`` left items; slot_positions: (P,) right slot (or
+    position) of each left slot; mutual_fraction: per round, the fraction of left items whose
+    best partner has them as its best too; unplaced: left items the candidate shortlists could
+    not place, assigned by the dense fallback.
     """
 
     matched: np.ndarray
-    scores: np.ndarray
+    scores: np.ndarray | None
     slot_positions: np.ndarray
     mutual_fraction: list[float]
+    unplaced: int = 0
 
 
 @dataclass(frozen=True)
@@ -79,14 +88,15 @@ class Pairing:
     """A one-to-one pairing of a ``reid`` release's encodings with its plaintext pool.
 
     matched: (N,) plaintext row of each encoding; scores: (N, M) float32 Gram correlations of the
-    last round; patch_positions: (N, P) original position of each encoded row;
+    last round, or None beyond ``scores_max`` encodings (single site); patch_positions: (N, P) original position of each encoded row;
     mutual_fraction: per boosting round (and site), the fraction of mutual best pairs.
     """
 
     matched: np.ndarray
-    scores: np.ndarray
+    scores: np.ndarray | None
     patch_positions: np.ndarray
     mutual_fraction: list[float]
+    unplaced: int = 0
 
 
 def aligned_statistics(view: Release | SiteView, attack: Attack, *, chunk: int) -> Aligned:
@@ -131,7 +141,7 @@ def trusted_pairs(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def boost(
     left: PatchStatistics,
     right: PatchStatistics,
-    scores: np.ndarray,
+    scores: np.ndarray | None,
     *,
     rounds: int,
     refine_pairs: int,
@@ -139,26 +149,34 @@ def boost(
     shuffle: bool = True,
     trusted: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] = trusted_pairs,
     advance: Callable[[int], None] = lambda k: None,
+    assign_max: int = ASSIGN_MAX,
+    candidates: int = CANDIDATES,
+    scores_max: int = SCORES_MAX,
+    device: str = "cpu",
+    first_pairs: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> Boosted:
     """From first-round ``scores`` (L, R), up to ``rounds`` times: recover the slot permutation
     from the pairs ``trusted(scores)`` picks (rows, columns), and compare Gram matrices in that
-    order; stop after two rounds once a round raises the fraction of mutual best pairs by less than
+    order (``first_pairs`` instead of ``trusted(scores)`` in the first round: then ``scores``
+    may be None); stop after two rounds once a round raises the fraction of mutual best pairs by less than
     :data:`CONVERGED`. One assignment on the last round's scores gives the matching.
 
-    Beyond :data:`ASSIGN_MAX` left items the rounds score a fixed random sample of that many
+    Beyond ``assign_max`` left items the rounds score a fixed random sample of that many
     against every right item, in bf16 where it is native (the slot order needs pairs, not all of
-    them, and the mutual fractions are the sample's); only the final comparison is of all L x R,
-    exact for each row's best candidates (:meth:`GramComparison.refined_scores`). At L = 10,000
-    that is one full comparison instead of one per round.
+    them, and the mutual fractions are the sample's); the final comparison keeps each left item's
+    ``candidates`` best right items, exact in fp32 (:meth:`GramComparison.shortlist`), and a
+    sparse assignment on those shortlists gives the matching (:func:`match_shortlists`): no
+    N x N assignment, and the (L, R) scores are kept only up to ``scores_max`` left items.
     """
     slot_positions = np.arange(left.norms.shape[1])
-    comparison = GramComparison(left, right)
-    sample = np.sort(rng.permutation(len(scores))[:ASSIGN_MAX]) if len(scores) > ASSIGN_MAX else None
-    scored = np.arange(len(scores))  # the left items the rows of ``scores`` are
+    comparison = GramComparison(left, right, device=device)
+    n_left = len(left.gram)
+    sample = np.sort(rng.permutation(n_left)[:assign_max]) if n_left > assign_max else None
+    scored = np.arange(n_left)  # the left items the rows of ``scores`` are
     history: list[float] = []
-    for _ in range(rounds):
+    for round_ in range(rounds):
         if shuffle:
-            rows, partners = trusted(scores)
+            rows, partners = first_pairs if round_ == 0 and first_pairs is not None else trusted(scores)
             slot_positions = _slot_positions(left, right, scored[rows], partners, rng, refine_pairs)
         if sample is not None:
             scored = sample
@@ -167,9 +185,19 @@ def boost(
         advance(1)
         if not shuffle or (len(history) >= 2 and history[-1] - history[-2] < CONVERGED):
             break
-    if sample is not None:
-        scores = comparison.refined_scores(slot_positions)
-    return Boosted(match(scores), scores.astype(np.float32, copy=False), slot_positions, history)
+    if sample is None:
+        return Boosted(match(scores), scores.astype(np.float32, copy=False), slot_positions, history)
+    del scores
+    final = comparison.shortlist(slot_positions, candidates=candidates, keep_scores=len(left.gram) <= scores_max)
+    matched = match_shortlists(final.columns, final.values, len(right.gram))
+    unplaced = np.flatnonzero(matched < 0)
+    if len(unplaced):
+        # Exact dense assignment only where the shortlists cannot place everyone: the unplaced
+        # rows against the columns nobody took.
+        free = np.setdiff1d(np.arange(len(right.gram)), matched[matched >= 0])
+        left_over = comparison.scores(slot_positions, subset=unplaced)[:, free]
+        matched[unplaced] = free[match(left_over)]
+    return Boosted(matched, final.scores, slot_positions, history, unplaced=len(unplaced))
 
 
 def gram_pairing(
@@ -181,6 +209,9 @@ def gram_pairing(
     boost_rounds: int = BOOST_ROUNDS,
     refine_pairs: int = REFINE_PAIRS,
     insider_key: str = "",
+    assign_max: int = ASSIGN_MAX,
+    candidates: int = CANDIDATES,
+    scores_max: int = SCORES_MAX,
 ) -> Pairing:
     """Pair every encoding of ``release`` with a plaintext; stages and randomness come from
     ``attack`` (its progress, stage times, device, seed).
@@ -188,7 +219,8 @@ def gram_pairing(
     A release of several sites is attacked site by site (each key has its own slot order), every
     site against the whole pool; one assignment over the stacked scores then keeps the pairing
     one-to-one across sites. ``insider_key``: a site key file (another hospital's key) that
-    encodes the plaintexts instead of a self-sampled key.
+    encodes the plaintexts instead of a self-sampled key. ``assign_max``, ``candidates`` and
+    ``scores_max``: see :func:`boost` (a release of several sites keeps every score, to stack them).
     """
     plain_images = release.plain_images
     insider = insider_encoder(insider_key, release.config, device=attack.device) if insider_key else None
@@ -205,32 +237,46 @@ def gram_pairing(
         plain = patch_statistics(features, mean, len(plain_images))
     del features
     sites = release.sites
-    scores = np.empty((release.n_encoded, len(plain_images)), np.float32)
+    several = release.n_sites > 1
+    keep_scores = several or release.n_encoded <= scores_max
+    scores = np.empty((release.n_encoded, len(plain_images)), np.float32) if keep_scores else None
     positions = np.empty((release.n_encoded, release.config.n_patches), np.int64)
     history: list[float] = []
+    unplaced = 0
     refine_rng = attack.rng("refine")
     for site in range(release.n_sites):
         view = release.site(site) if release.n_sites > 1 else release
         rows = np.flatnonzero(sites == site)
         aligned = aligned_statistics(view, attack, chunk=chunk)
+        first, first_pairs = None, None
         with attack.stage("match sorted norms"):
-            first = sorted_norm_scores(aligned.statistics, plain)
+            if len(rows) > assign_max:  # the first round keeps mutual best pairs only
+                first_pairs = sorted_norm_mutual_best(aligned.statistics, plain)
+            else:
+                first = sorted_norm_scores(aligned.statistics, plain)
         with attack.stage("boost", boost_rounds) as advance:
             boosted = boost(
                 aligned.statistics,
                 plain,
                 first,
+                first_pairs=first_pairs,
                 rounds=boost_rounds,
                 refine_pairs=refine_pairs,
                 rng=refine_rng,
                 shuffle=release.config.shuffle,
                 advance=advance,
+                assign_max=assign_max,
+                candidates=candidates,
+                scores_max=release.n_encoded if several else scores_max,
+                device=attack.device,
             )
-        scores[rows] = boosted.scores
+        if scores is not None:
+            scores[rows] = boosted.scores
         positions[rows] = boosted.slot_positions[aligned.slots]
         history += boosted.mutual_fraction
-    matched = match(scores) if release.n_sites > 1 else boosted.matched
-    return Pairing(matched, scores, positions, history)
+        unplaced += boosted.unplaced
+    matched = match(scores) if several else boosted.matched
+    return Pairing(matched, scores, positions, history, unplaced)
 
 
 def _slot_positions(

@@ -50,7 +50,7 @@ def patch_statistics(blocks, mean: torch.Tensor, n: int) -> PatchStatistics:
 
 def centred_grams(block: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
     """(b, P, P) Gram matrices of ``block`` (b, P, D) centred by ``mean`` (P, D), row by row."""
-    centred = block.float() - mean
+    centred = block.to(mean.device).float() - mean  # self-keyed blocks come back on the CPU
     return torch.bmm(centred, centred.transpose(1, 2))
 
 
@@ -103,23 +103,62 @@ def sorted_norm_scores(encoded: PatchStatistics, plain: PatchStatistics) -> np.n
     return (left @ right.T).numpy()
 
 
-def gram_scores(encoded: PatchStatistics, plain: PatchStatistics, slot_positions: np.ndarray) -> np.ndarray:
+def sorted_norm_mutual_best(
+    encoded: PatchStatistics, plain: PatchStatistics, *, chunk: int = 1024
+) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, columns) of the pairs that are each other's best by :func:`sorted_norm_scores`,
+    computed ``chunk`` encoded rows at a time: the (N, M) matrix is never held (40 GB at
+    N = M = 100,000), only each row's best column and each column's best row so far."""
+    left = _standardise_rows(torch.from_numpy(np.sort(encoded.norms, axis=1)))
+    right = _standardise_rows(torch.from_numpy(np.sort(plain.norms, axis=1)))
+    best_column = np.empty(len(left), np.int64)
+    column_best = torch.full((len(right),), -torch.inf)
+    column_best_row = torch.zeros(len(right), dtype=torch.int64)
+    for start in range(0, len(left), chunk):
+        block = left[start : start + chunk] @ right.T
+        best_column[start : start + len(block)] = block.argmax(1).numpy()
+        values, rows = block.max(0)
+        better = values > column_best  # strictly: the first row wins a tie, as argmax does
+        column_best[better], column_best_row[better] = values[better], rows[better] + start
+    rows = np.flatnonzero(column_best_row.numpy()[best_column] == np.arange(len(left)))
+    return rows, best_column[rows]
+
+
+def gram_scores(
+    encoded: PatchStatistics, plain: PatchStatistics, slot_positions: np.ndarray, *, device: str = "cpu"
+) -> np.ndarray:
     """(N, M) correlation of Gram matrices, with the plaintext's positions put in slot order
     (one exact :meth:`GramComparison.scores`). slot_positions: (P,) position of each encoded slot."""
-    return GramComparison(encoded, plain).scores(slot_positions)
+    return GramComparison(encoded, plain, device=device).scores(slot_positions)
+
+
+@dataclass(frozen=True)
+class Shortlist:
+    """Each encoded image's best plaintext candidates (:meth:`GramComparison.shortlist`).
+
+    columns: (N, k) int64 candidate plaintext rows, best first by the rough product; values:
+    (N, k) float32 their exact fp32 correlations; scores: (N, M) float32 rough correlations of
+    every pair with the candidates' exact values put in, or None when not kept.
+    """
+
+    columns: np.ndarray
+    values: np.ndarray
+    scores: np.ndarray | None
 
 
 class GramComparison:
     """Correlations of encoded Gram matrices (slot order) with plaintext ones (position order),
     for one population of each, compared again and again as the slot order improves.
 
-    The plaintext side is standardised once and kept (1.3 GB in fp32 at M = 10,000); each
-    comparison puts the encoded entries in position order instead, which permutes the P(P-1)/2
-    entries of both sides alike and leaves each correlation as it was.
+    The plaintext side is standardised once and kept on ``device`` (1.3 GB in fp32 at
+    M = 10,000); each comparison puts the encoded entries in position order instead, which
+    permutes the P(P-1)/2 entries of both sides alike and leaves each correlation as it was.
+    Results come back as numpy arrays whatever the device.
     """
 
-    def __init__(self, encoded: PatchStatistics, plain: PatchStatistics, *, chunk: int = 1024):
+    def __init__(self, encoded: PatchStatistics, plain: PatchStatistics, *, chunk: int = 1024, device: str = "cpu"):
         self.encoded, self.plain, self.chunk = encoded, plain, chunk
+        self.device = torch.device(device)
         self._standardised: tuple[torch.dtype, torch.Tensor] | None = None
 
     def scores(
@@ -129,57 +168,74 @@ class GramComparison:
 
         ``rough``: multiply in :func:`matmul_dtype` (bf16 where native: 2.4x faster at 32,640
         entries per pair, but torch's CPU bf16 product rounds its output to bf16 too, steps of
-        0.004 near 1: enough to pick trusted pairs, too coarse to rank; see :meth:`refined_scores`).
+        0.004 near 1: enough to pick trusted pairs, too coarse to rank; see :meth:`shortlist`).
         """
-        dtype = matmul_dtype("cpu") if rough else torch.float32
+        dtype = matmul_dtype(self.device) if rough else torch.float32
         right = self._plain(dtype)
         encoded_gram = self.encoded.gram if subset is None else self.encoded.gram[subset]
         scores = np.empty((len(encoded_gram), len(right)), np.float32)
         for s, left in self._encoded_blocks(encoded_gram, slot_positions, self.chunk):
-            scores[s : s + len(left)] = (left.to(dtype) @ right.T).float().numpy()
+            scores[s : s + len(left)] = (left.to(dtype) @ right.T).float().cpu().numpy()
         return scores
 
-    def refined_scores(self, slot_positions: np.ndarray, *, candidates: int = 8, chunk: int = 128) -> np.ndarray:
-        """(N, M) rough correlations, with each row's ``candidates`` best recomputed in fp32:
-        exact where a matching or a ranking is decided, at the rough product's cost (plain
-        :meth:`scores` where bf16 is not native)."""
-        if matmul_dtype("cpu") == torch.float32:
-            return self.scores(slot_positions)
-        scores = self.scores(slot_positions, rough=True)
-        self._standardised = None  # the rough copy is not needed any more
-        best = torch.from_numpy(scores).topk(min(candidates, scores.shape[1]), dim=1).indices
+    def shortlist(
+        self, slot_positions: np.ndarray, *, candidates: int = 8, keep_scores: bool = True, chunk: int = 256
+    ) -> Shortlist:
+        """Each encoded image's ``candidates`` best plaintexts by the rough product (bf16 where
+        native), their correlations recomputed in fp32: exact where a matching or a ranking is
+        decided, at the rough product's cost. ``chunk`` rows of the (N, M) product exist at a
+        time; the whole matrix only when ``keep_scores`` (10 GB at N = M = 50,000)."""
+        dtype = matmul_dtype(self.device)
+        right = self._plain(dtype)
         # A standardised left row sums to zero, so its correlation with a plaintext row p is
         # <left, p> / |p - mean(p)|: the candidates' raw rows suffice.
-        spread = self._plain_spread()
+        spread = self._plain_spread() if dtype != torch.float32 else None
+        n, m = len(self.encoded.gram), len(right)
+        k = min(candidates, m)
+        columns = np.empty((n, k), np.int64)
+        values = np.empty((n, k), np.float32)
+        scores = np.empty((n, m), np.float32) if keep_scores else None
         for s, left in self._encoded_blocks(self.encoded.gram, slot_positions, chunk):
-            rows = best[s : s + len(left)]
-            right = torch.from_numpy(self.plain.gram[rows.flatten().numpy()]).float().view(*rows.shape, -1)
-            exact = torch.bmm(right, left[:, :, None]).squeeze(-1) / spread[rows]
-            np.put_along_axis(scores[s : s + len(left)], rows.numpy(), exact.numpy(), axis=1)
-        return scores
+            rough = left.to(dtype) @ right.T
+            best = rough.topk(k, dim=1)
+            if spread is None:
+                exact = best.values.float()
+            else:
+                rows = best.indices.cpu().numpy()
+                candidate_rows = torch.from_numpy(self.plain.gram[rows.ravel()]).to(self.device).float()
+                exact = torch.bmm(candidate_rows.view(*rows.shape, -1), left[:, :, None]).squeeze(-1)
+                exact = exact / spread[best.indices]
+            block_columns, block_values = best.indices.cpu().numpy(), exact.cpu().numpy()
+            columns[s : s + len(left)], values[s : s + len(left)] = block_columns, block_values
+            if scores is not None:
+                block = rough.float().cpu().numpy()
+                np.put_along_axis(block, block_columns, block_values, axis=1)
+                scores[s : s + len(left)] = block
+        self._standardised = None  # the standardised copy is not needed any more
+        return Shortlist(columns, values, scores)
 
     def _encoded_blocks(self, encoded_gram: np.ndarray, slot_positions: np.ndarray, chunk: int):
-        """Yield (start, standardised fp32 rows in position order) of ``encoded_gram``."""
-        take = torch.from_numpy(_position_order(slot_positions))
+        """Yield (start, standardised fp32 rows in position order, on the device) of ``encoded_gram``."""
+        take = torch.from_numpy(_position_order(slot_positions)).to(self.device)
         for s in range(0, len(encoded_gram), chunk):
-            yield s, _standardise_rows(torch.from_numpy(encoded_gram[s : s + chunk]).index_select(1, take).float())
+            rows = torch.from_numpy(encoded_gram[s : s + chunk]).to(self.device)
+            yield s, _standardise_rows(rows.index_select(1, take).float())
+
+    def _plain_blocks(self):
+        gram = self.plain.gram
+        for s in range(0, len(gram), self.chunk):
+            yield torch.from_numpy(gram[s : s + self.chunk]).to(self.device).float()
 
     def _plain_spread(self) -> torch.Tensor:
         """(M,) |p - mean(p)| of each plaintext Gram row."""
-        gram = self.plain.gram
-        blocks = (torch.from_numpy(gram[s : s + self.chunk]).float() for s in range(0, len(gram), self.chunk))
-        return torch.cat([(rows - rows.mean(1, keepdim=True)).norm(dim=1).clamp_min(1e-12) for rows in blocks])
+        return torch.cat(
+            [(rows - rows.mean(1, keepdim=True)).norm(dim=1).clamp_min(1e-12) for rows in self._plain_blocks()]
+        )
 
     def _plain(self, dtype: torch.dtype) -> torch.Tensor:
         if self._standardised is None or self._standardised[0] != dtype:
             self._standardised = None  # one copy at a time
-            gram = self.plain.gram
-            standardised = torch.cat(
-                [
-                    _standardise_rows(torch.from_numpy(gram[s : s + self.chunk]).float()).to(dtype)
-                    for s in range(0, len(gram), self.chunk)
-                ]
-            )
+            standardised = torch.cat([_standardise_rows(rows).to(dtype) for rows in self._plain_blocks()])
             self._standardised = (dtype, standardised)
         return self._standardised[1]
 

@@ -26,6 +26,7 @@ import torch
 
 from ncbench.errors import NcbenchError
 from ncbench.hardware import fast_bf16
+from ncbench.hardware import pick_device as pick_device  # re-exported: the CLI and the builder import it here
 
 PIXEL_MEAN = 43.9  # input normalisation of the published code, on the 0-255 scale
 PIXEL_STD = 63.2
@@ -272,14 +273,3 @@ class Encoder:
                 on_batch(len(chunk))
             yield start, encoded
             del encoded
-
-
-def pick_device(device: str | None) -> str:
-    """``auto`` / None -> cuda when present; refuse an unavailable device with one line."""
-    if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise NcbenchError("--device cuda requested but no CUDA device is available")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise NcbenchError(f"unknown device {device!r}; use cpu, cuda or auto")
-    return device

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
 
 def match(scores: np.ndarray) -> np.ndarray:
@@ -18,4 +20,40 @@ def match(scores: np.ndarray) -> np.ndarray:
     rows, cols = linear_sum_assignment(scores, maximize=True)
     matched = np.empty(scores.shape[0], dtype=np.int64)
     matched[rows] = cols
+    return matched
+
+
+def match_shortlists(columns: np.ndarray, values: np.ndarray, n_columns: int) -> np.ndarray:
+    """One-to-one matching that maximises the total score over each row's shortlist only.
+
+    columns: (N, k) int, the candidate columns of each row (distinct within a row); values:
+    (N, k) their scores, higher means more likely; n_columns: M >= N. Returns (N,) int64: the
+    column matched to each row, or -1 for rows the shortlists cannot place. Among matchings of
+    the sparse graph (N * k edges, ``scipy.sparse.csgraph.min_weight_full_bipartite_matching``,
+    a sparse Jonker-Volgenant), it places as many rows as possible, then maximises their total
+    score; no N x M matrix is ever made. The caller assigns the -1 rows among the columns left.
+    """
+    n_rows, k = columns.shape
+    if n_rows > n_columns:
+        raise ValueError(f"more rows ({n_rows}) than columns ({n_columns})")
+    if n_rows == 0:
+        return np.empty(0, np.int64)
+    # Stored entries are edges and weights must be positive: cost 1 for the best score and
+    # 1 + spread for the worst. Each row also gets a private escape column dearer than any set
+    # of real edges, so a matching always exists and escapes are used only where unavoidable.
+    values = np.asarray(values, np.float64)
+    costs = values.max() - values + 1.0
+    escape = (costs.max() + 1.0) * (n_rows + 1)
+    rows = np.arange(n_rows)
+    graph = csr_matrix(
+        (
+            np.concatenate([costs.ravel(), np.full(n_rows, escape)]),
+            (np.concatenate([np.repeat(rows, k), rows]), np.concatenate([columns.ravel(), n_columns + rows])),
+        ),
+        shape=(n_rows, n_columns + n_rows),
+    )
+    matched_rows, matched_columns = min_weight_full_bipartite_matching(graph)
+    matched = np.full(n_rows, -1, np.int64)
+    matched[matched_rows] = matched_columns
+    matched[matched >= n_columns] = -1
     return matched

@@ -108,6 +108,20 @@ def matmul_dtype(device: str | torch.device) -> torch.dtype:
     return torch.bfloat16 if fast_bf16(device) else torch.float32
 
 
+def pick_device(device: str | None) -> str:
+    """``auto`` / None -> ``cuda`` when torch sees a CUDA device, else ``cpu``; refuse an
+    unavailable or unknown device with one line (every attack, encoder and CLI resolves here)."""
+    from ncbench.errors import NcbenchError
+
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise NcbenchError(f"device {device!r} requested but no CUDA device is available")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise NcbenchError(f"unknown device {device!r}; use cpu, cuda or auto")
+    return device
+
+
 def machine_description(device: str | torch.device = "cpu") -> dict[str, str | int]:
     """What a benchmark records next to its numbers: CPU model, torch's CPU capability, whether
     bf16 is fast here, threads, and the GPU when ``device`` is one."""

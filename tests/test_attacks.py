@@ -162,7 +162,7 @@ def test_aligned_grams_equal_grams_of_reordered_centred_encodings():
     assert torch.allclose(fused, expected, atol=1e-4)
 
 
-def test_refined_scores_are_exact_for_each_rows_best_candidates(monkeypatch):
+def test_shortlist_scores_are_exact_for_each_rows_best_candidates(monkeypatch):
     # Forced to bf16 (wherever it runs): the shortlist is rough, the candidates' scores exact.
     monkeypatch.setattr(statistics, "matmul_dtype", lambda device: torch.bfloat16)
     rng = np.random.default_rng(2)
@@ -179,20 +179,60 @@ def test_refined_scores_are_exact_for_each_rows_best_candidates(monkeypatch):
     comparison = statistics.GramComparison(
         statistics.PatchStatistics(norms, encoded_gram), statistics.PatchStatistics(norms, plain_gram)
     )
-    refined = comparison.refined_scores(slot_positions, candidates=3)
     exact = comparison.scores(slot_positions)
+    shortlist = comparison.shortlist(slot_positions, candidates=3, chunk=7)
+    refined = shortlist.scores
     best = np.argsort(-refined, axis=1)[:, :3]
+    assert np.array_equal(np.sort(best, 1), np.sort(shortlist.columns, 1))
+    assert np.allclose(shortlist.values, np.take_along_axis(exact, shortlist.columns, 1), atol=1e-5)
     assert np.allclose(np.take_along_axis(refined, best, 1), np.take_along_axis(exact, best, 1), atol=1e-5)
     assert np.array_equal(refined.argmax(1), np.arange(n)) and np.array_equal(exact.argmax(1), np.arange(n))
     assert np.abs(refined - exact).max() < 0.02
 
 
-def test_boosting_on_a_sample_of_rows_still_reidentifies(releases, monkeypatch):
-    # Beyond ASSIGN_MAX encodings the rounds score a sample in bf16; the final comparison is full.
-    monkeypatch.setattr(pairing, "ASSIGN_MAX", 24)
-    submission = _run("gram-hungarian", releases["nc3", "reid"], self_width=256)
+def test_boosting_on_a_sample_of_rows_still_reidentifies(releases):
+    # Beyond assign_max encodings the rounds score a sample in bf16; the final matching is a
+    # sparse assignment on each encoding's candidates.
+    submission = _run("gram-hungarian", releases["nc3", "reid"], self_width=256, assign_max=24)
     assert _reid_accuracy(releases["nc3", "reid"], submission) >= 0.9
     assert submission.scores.shape == (48, 48)
+
+
+def test_sparse_final_assignment_matches_the_dense_one(releases):
+    dense = _run("gram-hungarian", releases["nc3", "reid"], self_width=256, assign_max=24, candidates=48)
+    sparse = _run("gram-hungarian", releases["nc3", "reid"], self_width=256, assign_max=24, candidates=4)
+    assert sparse.mapping == dense.mapping
+
+
+def test_rows_the_shortlists_cannot_place_are_assigned_densely():
+    # Encoding 1 is a copy of encoding 0: with one candidate each, both list plaintext 0 and the
+    # sparse assignment can place only one of them; the dense fallback places the other.
+    rng = np.random.default_rng(4)
+    n, n_patches = 30, 8
+    plain_gram = rng.normal(size=(n, n_patches * (n_patches - 1) // 2)).astype(np.float16)
+    encoded_gram = plain_gram.copy()
+    encoded_gram[1] = encoded_gram[0]
+    norms = np.ones((n, n_patches), np.float32)
+    boosted = pairing.boost(
+        statistics.PatchStatistics(norms, encoded_gram),
+        statistics.PatchStatistics(norms, plain_gram),
+        np.zeros((n, n), np.float32),
+        rounds=1,
+        refine_pairs=4,
+        rng=rng,
+        shuffle=False,
+        assign_max=10,
+        candidates=1,
+    )
+    assert boosted.unplaced == 1
+    assert sorted(boosted.matched) == list(range(n))
+    assert np.array_equal(boosted.matched[2:], np.arange(2, n))
+
+
+def test_beyond_scores_max_only_the_mapping_is_submitted(releases):
+    submission = _run("gram-hungarian", releases["nc3", "reid"], self_width=256, assign_max=24, scores_max=40)
+    assert submission.scores is None
+    assert _reid_accuracy(releases["nc3", "reid"], submission) >= 0.9
 
 
 def test_linear_inversion_reconstructs_linear_preset_above_40_db(releases):
@@ -464,3 +504,24 @@ def test_case_and_width_variants_of_builtin_names_are_refused(name, upper, width
     Candidate.name = variant
     with pytest.raises(NcbenchError, match="plugin attack name"):
         check_plugin_name(Candidate, all_attacks())
+
+
+def test_attacks_run_on_cuda_when_present_and_refuse_it_when_absent(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve("gram-hungarian")().device == "cuda"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve("gram-hungarian")().device == "cpu"
+    with pytest.raises(NcbenchError, match="no CUDA device"):
+        resolve("gram-hungarian")(device="cuda")
+
+
+def test_chunked_first_round_keeps_the_same_mutual_best_pairs():
+    rng = np.random.default_rng(5)
+    plain_norms = rng.gamma(2.0, size=(70, 16)).astype(np.float32)
+    encoded_norms = (plain_norms[rng.permutation(70)[:60]] + rng.normal(0, 0.3, (60, 16))).astype(np.float32)
+    encoded = statistics.PatchStatistics(encoded_norms, np.zeros((60, 1), np.float16))
+    plain = statistics.PatchStatistics(plain_norms, np.zeros((70, 1), np.float16))
+    rows, columns = statistics.sorted_norm_mutual_best(encoded, plain, chunk=7)
+    expected = pairing.mutual_best(statistics.sorted_norm_scores(encoded, plain))
+    assert len(rows) > 10
+    assert np.array_equal(rows, expected[0]) and np.array_equal(columns, expected[1])

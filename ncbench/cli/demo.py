@@ -145,7 +145,9 @@ def demo(out: Path, n: int, seed: int, device: str) -> None:
     for path in written:
         click.echo(f"  {path}")
     click.echo(f"  {db}")
-    click.echo(f"\nOpen the leaderboard: ncbench leaderboard serve --db {db}")
+    click.echo(
+        f"\nOpen the leaderboard: ncbench leaderboard serve --db {db}  (or make serve), then http://127.0.0.1:8501"
+    )
 
 
 @contextlib.contextmanager
