@@ -49,6 +49,7 @@ from sqlalchemy.engine import Connection, Engine
 from ncbench.errors import NcbenchError
 from ncbench.leaderboard.metrics import HEADLINE_METRIC, PSNR_CAP_DB, SPLIT_NAMES, effective_k_anonymity
 from ncbench.names import fold
+from ncbench.private import create_private_file
 
 DEFAULT_DAILY_LIMIT = 5
 BUSY_TIMEOUT_S = 30
@@ -385,6 +386,9 @@ class Store:
                 raise NcbenchError(f"no leaderboard database at {path}")
             if not path.parent.is_dir():
                 raise NcbenchError(f"cannot create a database in {path.parent}: no such directory")
+            # It holds token hashes and unrevealed evaluation seeds: 0600 from its first byte
+            # (SQLite gives its -wal and -shm files the same mode).
+            create_private_file(path)
         self.engine = self._make_engine()
         try:
             self._migrate()

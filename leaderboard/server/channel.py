@@ -38,6 +38,7 @@ from ncbench.leaderboard.store import (
     teams,
     utc_now,
 )
+from ncbench.private import create_private_file, private_dir
 
 TOKEN_PREFIX = "ncb"
 RATE_LIMIT_PER_MINUTE = 10  # uploads a team may queue per minute, whatever their outcome
@@ -99,13 +100,12 @@ def publish(
     for path in sorted(source.public.iterdir()):
         if path.is_file() and not path.is_symlink():
             files.append({"name": path.name, "size": path.stat().st_size, "sha256": _sha256(path)})
-    for target_dir, sources in (
-        (public_dir, [source.public / f["name"] for f in files]),
-        (key_path.parent, [source.key]),
-    ):
-        target_dir.mkdir(parents=True, exist_ok=True)
-        for path in sources:
-            _copy_atomic(path, target_dir / path.name)
+    public_dir.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        _copy_atomic(source.public / f["name"], public_dir / f["name"])
+    private_dir(key_path.parent.parent)  # keys/ and keys/<id>/ 0700, the key 0600, whatever the umask
+    private_dir(key_path.parent)
+    _copy_atomic(source.key, key_path, private=True)
     now = utc_now()
     with store._write() as conn:
         store._ensure_challenge(conn, info, now)
@@ -376,8 +376,10 @@ def _sha256(path: Path) -> str:
     return sha256_file(path)
 
 
-def _copy_atomic(source: Path, target: Path) -> None:
+def _copy_atomic(source: Path, target: Path, *, private: bool = False) -> None:
     tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+    if private:
+        create_private_file(tmp)  # copyfile keeps the mode of the file it overwrites
     shutil.copyfile(source, tmp)
     os.replace(tmp, target)
 
@@ -387,8 +389,8 @@ class UploadWriter:
     memory), refusing it past ``max_bytes``; nothing is left behind unless :meth:`commit` runs."""
 
     def __init__(self, layout: workqueue.StoreLayout, *, max_bytes: int):
-        layout.incoming.mkdir(parents=True, exist_ok=True)
-        layout.upload("x").parent.mkdir(parents=True, exist_ok=True)
+        private_dir(layout.incoming)  # a team's answers are not for other local users
+        private_dir(layout.upload("x").parent)
         self.layout, self.max_bytes = layout, max_bytes
         self.tmp = layout.incoming / secrets.token_hex(8)
         self.handle = open(self.tmp, "wb")  # noqa: SIM115 - closed by commit() or discard()
