@@ -15,6 +15,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 from dataclasses import dataclass
@@ -41,6 +42,9 @@ from ncbench.leaderboard.store import (
 from ncbench.private import create_private_file, private_dir
 
 TOKEN_PREFIX = "ncb"
+MAX_ROW_ID = 2**31 - 1  # the largest id a row can have (PostgreSQL INTEGER); larger ones name no row
+# ncb_<row id>_<secret>: ASCII digits only (str.isdigit also takes '²' and other digits int() refuses)
+TOKEN = re.compile(rf"{TOKEN_PREFIX}_([0-9]{{1,10}})_([A-Za-z0-9_-]{{1,100}})")
 RATE_LIMIT_PER_MINUTE = 10  # uploads a team may queue per minute, whatever their outcome
 
 
@@ -182,9 +186,10 @@ def authenticate(store: Store, token: str | None) -> str | None:
     """
     from argon2.exceptions import InvalidHashError, VerificationError
 
-    parts = (token or "").split("_", 2)
-    if len(parts) != 3 or parts[0] != TOKEN_PREFIX or not parts[1].isdigit() or len(token) > 200:
+    match = TOKEN.fullmatch(token or "")
+    if match is None or int(match[1]) > MAX_ROW_ID:
         return None
+    parts = (TOKEN_PREFIX, match[1], match[2])
     with store._read() as conn:
         row = conn.execute(
             sa.select(team_tokens.c.token_hash, team_tokens.c.revoked_utc, teams.c.name)

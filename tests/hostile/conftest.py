@@ -19,20 +19,25 @@ def release(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture
-def published(release, tmp_path) -> dict:
-    """A fresh store with the challenge published (umask 000) and the id; no server yet."""
-    store = tmp_path / "store"
+def publish(release: Path, store: Path) -> dict:
+    """Publish ``release`` into a new ``store`` (umask 000, daily limit 3): {store, id}."""
     done = ncbench("challenge", "publish", release, "--store", store, "--daily-limit", 3, umask=0)
     assert done.returncode == 0, done.stderr
     return {"store": store, "id": done.stdout.split()[-1]}
 
 
 @pytest.fixture
-def served(published):
-    """``published`` with a server on 127.0.0.1 (no board) and a token for team alice."""
-    token = token_for(published["store"], "alice")
-    server = Server(published["store"], "--board-port", "0")
-    yield {**published, "server": server, "url": server.url, "token": token}
+def published(release, tmp_path) -> dict:
+    """A fresh store with the challenge published; no server."""
+    return publish(release, tmp_path / "store")
+
+
+@pytest.fixture(scope="module")
+def served(release, tmp_path_factory):
+    """A store of the module's own with a server on 127.0.0.1 (no board) and a token for team alice."""
+    store = publish(release, tmp_path_factory.mktemp("served") / "store")
+    token = token_for(store["store"], "alice")
+    server = Server(store["store"], "--board-port", "0")
+    yield {**store, "server": server, "url": server.url, "token": token}
     if server.process.poll() is None:
         server.stop()
