@@ -48,7 +48,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from ncbench.errors import NcbenchError
 from ncbench.leaderboard.metrics import HEADLINE_METRIC, PSNR_CAP_DB, SPLIT_NAMES, effective_k_anonymity
-from ncbench.names import fold
+from ncbench.names import fold, name_skeleton
 from ncbench.private import create_private_file
 
 DEFAULT_DAILY_LIMIT = 5
@@ -899,6 +899,13 @@ def check_team_name(team: str) -> str:
     return name
 
 
+def check_not_lookalike(team: str) -> None:
+    """NcbenchError when canonical ``team`` is not the organizer's :data:`BUILTIN_TEAM` but looks
+    like it (same :func:`name_skeleton`: 'ncbench_builtin', 'ncbench.bui1tin')."""
+    if team != BUILTIN_TEAM and name_skeleton(team) == name_skeleton(BUILTIN_TEAM):
+        raise NcbenchError(f"team name {team!r} looks like {BUILTIN_TEAM!r}, which is reserved for the organizer")
+
+
 def submission_values(result, *, team: str, origin: str) -> tuple[str, dict[str, str]]:
     """(canonical team, the submission's text columns) for :meth:`Store.record_score`, or the
     NcbenchError it would raise for them: team, origin and attack name, lengths, no control
@@ -934,6 +941,7 @@ def check_origin(origin: str, *, team: str, attack: str | None) -> None:
                 f"only built-in attacks are recorded as the organizer's"
             )
     elif origin == ORIGIN_SELF:
+        check_not_lookalike(team)
         if team == BUILTIN_TEAM:
             raise NcbenchError(
                 f"team name {BUILTIN_TEAM!r} is reserved for the organizer's runs of the built-in "

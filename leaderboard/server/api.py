@@ -124,7 +124,8 @@ def create_app(
             raise HTTPException(429, str(error)) from None
         except workqueue.UnknownChallenge as error:
             raise HTTPException(404, str(error)) from None
-        return {"id": job_id, "state": "queued", "sha256": sha256, "size": size}
+        job = await run_in_threadpool(channel.job, store, job_id)  # queued, or the same bytes' earlier job
+        return {"id": job_id, "state": job.state if job else "queued", "sha256": sha256, "size": size}
 
     def admit_check(team: str) -> None:
         """At most CHECKS_PER_MINUTE plugin checks per team and minute (kept in memory)."""

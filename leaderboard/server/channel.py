@@ -32,6 +32,8 @@ from ncbench.leaderboard.store import (
     ORIGIN_SELF,
     Store,
     _stamp,
+    challenges,
+    check_not_lookalike,
     check_team_name,
     jobs,
     published,
@@ -78,12 +80,15 @@ def publish(
     daily_limit: int = DEFAULT_DAILY_LIMIT,
     deadline: dt.datetime | None = None,
     recompute: bool = True,
+    republish: bool = False,
 ) -> str:
     """Register a built challenge: copy its public files to be served and its key to the store.
 
     The release is verified against its key first (checksums, commitment, release_sha256, and
     with ``recompute`` every encoding recomputed; without it, checksums only, for a release the
-    caller has just built). Returns the challenge id. Publishing again refreshes its limits.
+    caller has just built). Returns the challenge id. Publishing a challenge that is already
+    published is refused unless ``republish``: then its files are copied again and its daily
+    limit and deadline replaced (never silently reset to the defaults).
     """
     from ncbench.challenge.files import ReleaseLayout, open_key, open_release
     from ncbench.challenge.verify import verify
@@ -99,6 +104,11 @@ def publish(
         raise NcbenchError(f"{release_dir} does not verify: {problems[0]}")
     with open_release(source.release) as release, open_key(source.key):
         info = ChallengeInfo.from_release(release)
+    if not republish and public_files(store, info.challenge_id) is not None:
+        raise NcbenchError(
+            f"challenge {info.challenge_id} is already published; give --republish to replace its "
+            "files, daily limit and deadline with the values given now"
+        )
     public_dir, key_path = layout.public_dir(info.challenge_id), layout.key_file(info.challenge_id)
     files = []
     for path in sorted(source.public.iterdir()):
@@ -132,6 +142,7 @@ def add_team(store: Store, name: str) -> tuple[str, str]:
     The token is shown once: only its argon2id hash is stored.
     """
     name = check_team_name(name)
+    check_not_lookalike(name)
     secret = secrets.token_urlsafe(32)
     now = utc_now()
     with store._write() as conn:
@@ -207,7 +218,6 @@ def authenticate(store: Store, token: str | None) -> str | None:
 
 
 def open_challenges(store: Store) -> list[dict]:
-    from ncbench.leaderboard.store import challenges
 
     with store._read() as conn:
         rows = conn.execute(
@@ -236,7 +246,9 @@ def public_files(store: Store, challenge_id: str) -> list[dict] | None:
 def enqueue(
     store: Store, *, team: str, challenge_id: str, sha256: str, size: int, now: dt.datetime | None = None
 ) -> int:
-    """Queue a stored upload for scoring, after the rate limit and the daily limit.
+    """Queue a stored upload for scoring, after the rate limit and the daily limit; returns the
+    job's id, that of the team's earlier job when it sent the same bytes (queued, running or
+    scored), without counting them again. A closed challenge takes no upload.
 
     Jobs that are queued, running or scored count towards the daily limit (refused and failed
     ones do not), so a team cannot queue past its limit and have the excess scored later.
@@ -244,15 +256,34 @@ def enqueue(
     now = now or utc_now()
     with store._write() as conn:
         limit_row = conn.execute(
-            sa.select(published.c.daily_limit, published.c.deadline_utc).where(published.c.challenge_id == challenge_id)
+            sa.select(published.c.daily_limit, published.c.deadline_utc, challenges.c.closed_utc)
+            .join(challenges, challenges.c.challenge_id == published.c.challenge_id)
+            .where(published.c.challenge_id == challenge_id)
         ).one_or_none()
         if limit_row is None:
             raise workqueue.UnknownChallenge(f"no open challenge {challenge_id!r}")
+        if limit_row.closed_utc is not None:
+            raise workqueue.UnknownChallenge(f"challenge {challenge_id} is closed since {limit_row.closed_utc}")
         if limit_row.deadline_utc is not None and _stamp(now) > limit_row.deadline_utc:
             raise workqueue.UnknownChallenge(
                 f"challenge {challenge_id} closed for submissions at {limit_row.deadline_utc}"
             )
         team_id = store._lock_team(conn, team, now)
+        # The same bytes again are the same answer: the job already queued or scored stands,
+        # and nothing new counts against a limit (a failed or refused one may be retried).
+        earlier = conn.execute(
+            sa.select(jobs.c.id)
+            .where(
+                jobs.c.team_id == team_id,
+                jobs.c.challenge_id == challenge_id,
+                jobs.c.sha256 == sha256,
+                jobs.c.state.in_(("queued", "running", "scored")),
+            )
+            .order_by(jobs.c.id)
+            .limit(1)
+        ).scalar()
+        if earlier is not None:
+            return int(earlier)
         if team == BUILTIN_TEAM:  # the organizer's own runs of the built-in attacks: no limits
             return _insert_job(conn, challenge_id, team_id, sha256, size, now)
         recent = workqueue.count_since(conn, jobs, _stamp(now - dt.timedelta(minutes=1)), jobs.c.team_id == team_id)

@@ -113,6 +113,12 @@ def server(
     default=None,
     help="Verified track: plugin runs per team and UTC day [default: 2].",
 )
+@click.option(
+    "--republish",
+    is_flag=True,
+    help="The challenge is already published: copy its files again and replace its daily limit and "
+    "deadline with the values given (the defaults when none is given).",
+)
 def publish(
     release_dir: Path,
     store_dir: Path,
@@ -121,6 +127,7 @@ def publish(
     deadline: str | None,
     eval_source: str | None,
     plugin_daily_limit: int | None,
+    republish: bool,
 ) -> None:
     """Register a built challenge with the server: its public files become downloadable; its
     key goes to the store, which no route serves."""
@@ -130,6 +137,10 @@ def publish(
     from ncbench.leaderboard.verified import runs as verified
 
     verified.evaluation_values(eval_source=eval_source, plugin_daily_limit=plugin_daily_limit)  # refuse first
+    kind, _, where = (eval_source or "").partition(":")
+    if kind in ("folder", "manifest") and not Path(where).expanduser().is_absolute():
+        # The server reads it later from its own working folder, wherever that is.
+        raise NcbenchError(f"--eval-source {kind}:PATH needs an absolute path, got {where!r}")
     when = None
     if deadline:
         try:
@@ -144,6 +155,7 @@ def publish(
             release_dir,
             daily_limit=DEFAULT_DAILY_LIMIT if daily_limit is None else daily_limit,
             deadline=when,
+            republish=republish,
         )
         verified.set_evaluation(store, challenge_id, eval_source=eval_source, plugin_daily_limit=plugin_daily_limit)
     click.echo(f"published {challenge_id}")
