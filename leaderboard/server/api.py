@@ -40,8 +40,12 @@ DEFAULT_MAX_UPLOAD = 1 << 30  # 1 GiB: a reid score matrix at N = 10,000 is 400 
 CHECKS_AT_ONCE = 2  # plugin checks (unpacking, then the sandbox) while the upload waits: a flood queues here
 CHECKS_PER_MINUTE = 10  # per team, whatever their outcome: each check starts a sandboxed interpreter
 PARAMS_QUERY = Query(default=[], description="name=value (repeatable)")
-# A row id past the database's integer range is a 422 here, not an overflow (500) in the driver.
-ROW_ID = PathParam(ge=1, le=channel.MAX_ROW_ID)
+
+
+def row_id():
+    """A row id path parameter: past the database's integer range it is a 422 here, not an
+    overflow (500) in the driver. One object per parameter: FastAPI writes its name into it."""
+    return PathParam(ge=1, le=channel.MAX_ROW_ID)
 
 
 def create_app(
@@ -246,7 +250,7 @@ def create_app(
         return verified.team_runs(store, team)
 
     @app.get("/api/v1/plugins/{run_id}")
-    def plugin_run(run_id: int = ROW_ID, team: str = Depends(team)) -> dict:
+    def plugin_run(run_id: int = row_id(), team: str = Depends(team)) -> dict:
         """One of your verified runs."""
         view = verified.run_view(store, run_id, team=team)
         if view is None:
@@ -281,7 +285,7 @@ def create_app(
         return [_job_view(store, job) for job in channel.team_jobs(store, team)]
 
     @app.get("/api/v1/submissions/{job_id}")
-    def submission(job_id: int = ROW_ID, team: str = Depends(team)) -> dict:
+    def submission(job_id: int = row_id(), team: str = Depends(team)) -> dict:
         """One of your submissions: state, and the public-half score once scored."""
         job = channel.job(store, job_id, team=team)
         if job is None:

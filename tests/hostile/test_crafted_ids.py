@@ -22,6 +22,11 @@ def test_out_of_range_submission_and_plugin_ids_are_4xx(served, row_id):
         assert 400 <= answer.status_code < 500, (route, row_id, answer.status_code, answer.text)
 
 
+def test_in_range_ids_still_reach_their_route(served):
+    assert get(served, "/api/v1/submissions/1").status_code == 404  # none yet: the route's own answer
+    assert get(served, "/api/v1/plugins/1").status_code == 404
+
+
 @pytest.mark.parametrize(
     "token",
     ["ncb_" + "9" * 30 + "_x", "ncb_99999999999_x", "ncb_\u00b2_x", "ncb_1_", "ncb_-1_x", "ncb_1_x\u00e9"],
