@@ -119,17 +119,24 @@ def create_app(
     async def submit(challenge_id: str, request: Request, team: str = Depends(team)) -> dict:
         """Upload a submission file as the request body; returns its id, queued for scoring."""
         await run_in_threadpool(published_files, challenge_id)
-        sha256, size = await receive(request, layout, max_upload, "upload")
+        with queue_errors():  # refused before a byte of the body is read
+            await run_in_threadpool(channel.admit, store, team=team, challenge_id=challenge_id)
+        writer = await receive(request, layout, max_upload, "upload")
         try:
-            job_id = await run_in_threadpool(
-                channel.enqueue, store, team=team, challenge_id=challenge_id, sha256=sha256, size=size
-            )
-        except workqueue.LimitReached as error:
-            raise HTTPException(429, str(error)) from None
-        except workqueue.UnknownChallenge as error:
-            raise HTTPException(404, str(error)) from None
+            with queue_errors():
+                job_id = await run_in_threadpool(
+                    channel.enqueue,
+                    store,
+                    team=team,
+                    challenge_id=challenge_id,
+                    sha256=writer.sha256,
+                    size=writer.size,
+                    stage=writer.commit,
+                )
+        finally:
+            writer.discard()  # refused, or the same bytes as an earlier job: nothing is kept
         job = await run_in_threadpool(channel.job, store, job_id)  # queued, or the same bytes' earlier job
-        return {"id": job_id, "state": job.state if job else "queued", "sha256": sha256, "size": size}
+        return {"id": job_id, "state": job.state if job else "queued", "sha256": writer.sha256, "size": writer.size}
 
     def admit_check(team: str) -> None:
         """At most CHECKS_PER_MINUTE plugin checks per team and minute (kept in memory)."""
@@ -207,13 +214,14 @@ def create_app(
         if await run_in_threadpool(verified.used_today, store, team=team, challenge_id=challenge_id) >= limit:
             raise HTTPException(429, f"team {team!r} has used its {limit} verified runs for {challenge_id} today (UTC)")
         admit_check(team)
-        sha256, size = await receive(request, layout, verified.upload_cap(filename), "plugin")
+        writer = await receive(request, layout, verified.upload_cap(filename), "plugin")
+        sha256 = writer.sha256
         entry = verified.plugin_entry(class_name, module)
         try:
-            report = await run_in_threadpool(
-                check_plugin, layout.upload(sha256), filename, entry, params, challenge["task"]
-            )
+            # Checked where it was received: a plugin that fails its check never enters the store.
+            report = await run_in_threadpool(check_plugin, writer.finish(), filename, entry, params, challenge["task"])
             attack, version = verified.check_report(report, task=challenge["task"])
+            writer.commit()
             run_id = await run_in_threadpool(
                 verified.enqueue,
                 store,
@@ -234,6 +242,8 @@ def create_app(
             raise HTTPException(429, str(error)) from None
         except NcbenchError as error:
             raise HTTPException(422, str(error)) from None
+        finally:
+            writer.discard()
         return {
             "id": run_id,
             "state": "queued",
@@ -295,9 +305,21 @@ def create_app(
     return app
 
 
-async def receive(request: Request, layout: workqueue.StoreLayout, max_bytes: int, what: str) -> tuple[str, int]:
-    """Stream a request body to the store by content hash under ``max_bytes`` (by its declared
-    ``Content-Length`` first, then while reading): (sha256, size), or 413 / 400 and nothing kept."""
+@contextlib.contextmanager
+def queue_errors():
+    """The queue's refusals as HTTP: a limit is 429, a closed or unknown challenge 404."""
+    try:
+        yield
+    except workqueue.LimitReached as error:
+        raise HTTPException(429, str(error)) from None
+    except workqueue.UnknownChallenge as error:
+        raise HTTPException(404, str(error)) from None
+
+
+async def receive(request: Request, layout: workqueue.StoreLayout, max_bytes: int, what: str) -> channel.UploadWriter:
+    """Stream a request body to a private file under ``max_bytes`` (by its declared
+    ``Content-Length`` first, then while reading), not yet in the store: the writer, whose
+    ``commit`` stores it by content hash, or 413 / 400 and nothing kept."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise HTTPException(413, f"{what} larger than the {max_bytes} byte limit")
@@ -310,10 +332,11 @@ async def receive(request: Request, layout: workqueue.StoreLayout, max_bytes: in
     except BaseException:
         writer.discard()
         raise
+    writer.finish()
     if writer.size == 0:
         writer.discard()
         raise HTTPException(400, f"empty {what}")
-    return writer.commit()
+    return writer
 
 
 def _job_view(store: Store, job: channel.Job) -> dict:

@@ -18,6 +18,7 @@ import os
 import re
 import secrets
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -243,31 +244,39 @@ def public_files(store: Store, challenge_id: str) -> list[dict] | None:
     return None if files is None else json.loads(files)
 
 
-def enqueue(
-    store: Store, *, team: str, challenge_id: str, sha256: str, size: int, now: dt.datetime | None = None
-) -> int:
-    """Queue a stored upload for scoring, after the rate limit and the daily limit; returns the
-    job's id, that of the team's earlier job when it sent the same bytes (queued, running or
-    scored), without counting them again. A closed challenge takes no upload.
+def admit(store: Store, *, team: str, challenge_id: str, now: dt.datetime | None = None) -> None:
+    """The checks :func:`enqueue` makes, made before an upload's body is read, so that a refused
+    upload costs no bytes: UnknownChallenge (closed, past its deadline, unknown) or LimitReached."""
+    now = now or utc_now()
+    with store._read() as conn:
+        daily_limit = _open_limit(conn, challenge_id, now)
+        team_id = conn.execute(sa.select(teams.c.id).where(teams.c.name == team)).scalar()
+        if team_id is not None and team != BUILTIN_TEAM:
+            _check_limits(conn, team, team_id, challenge_id, daily_limit, now)
 
-    Jobs that are queued, running or scored count towards the daily limit (refused and failed
-    ones do not), so a team cannot queue past its limit and have the excess scored later.
+
+def enqueue(
+    store: Store,
+    *,
+    team: str,
+    challenge_id: str,
+    sha256: str,
+    size: int,
+    now: dt.datetime | None = None,
+    stage: Callable[[], None] | None = None,
+) -> int:
+    """Queue an upload for scoring, after the rate limit and the daily limit; returns the job's
+    id, that of the team's earlier job when it sent the same bytes (queued, running or scored),
+    without counting them again. A closed challenge takes no upload.
+
+    ``stage`` (moving the upload into the store) runs only once the upload is admitted and
+    before its job can be claimed, so a refused upload is never stored. Jobs that are queued,
+    running or scored count towards the daily limit (refused and failed ones do not), so a team
+    cannot queue past its limit and have the excess scored later.
     """
     now = now or utc_now()
     with store._write() as conn:
-        limit_row = conn.execute(
-            sa.select(published.c.daily_limit, published.c.deadline_utc, challenges.c.closed_utc)
-            .join(challenges, challenges.c.challenge_id == published.c.challenge_id)
-            .where(published.c.challenge_id == challenge_id)
-        ).one_or_none()
-        if limit_row is None:
-            raise workqueue.UnknownChallenge(f"no open challenge {challenge_id!r}")
-        if limit_row.closed_utc is not None:
-            raise workqueue.UnknownChallenge(f"challenge {challenge_id} is closed since {limit_row.closed_utc}")
-        if limit_row.deadline_utc is not None and _stamp(now) > limit_row.deadline_utc:
-            raise workqueue.UnknownChallenge(
-                f"challenge {challenge_id} closed for submissions at {limit_row.deadline_utc}"
-            )
+        daily_limit = _open_limit(conn, challenge_id, now)
         team_id = store._lock_team(conn, team, now)
         # The same bytes again are the same answer: the job already queued or scored stands,
         # and nothing new counts against a limit (a failed or refused one may be retried).
@@ -284,27 +293,48 @@ def enqueue(
         ).scalar()
         if earlier is not None:
             return int(earlier)
-        if team == BUILTIN_TEAM:  # the organizer's own runs of the built-in attacks: no limits
-            return _insert_job(conn, challenge_id, team_id, sha256, size, now)
-        recent = workqueue.count_since(conn, jobs, _stamp(now - dt.timedelta(minutes=1)), jobs.c.team_id == team_id)
-        if recent >= RATE_LIMIT_PER_MINUTE:
-            raise workqueue.LimitReached(
-                f"rate limit: at most {RATE_LIMIT_PER_MINUTE} uploads a minute per team; retry shortly"
-            )
-        used = workqueue.count_since(
-            conn,
-            jobs,
-            workqueue.day_start(now),
-            jobs.c.team_id == team_id,
-            jobs.c.challenge_id == challenge_id,
-            jobs.c.state.in_(("queued", "running", "scored")),
-        )
-        if used >= limit_row.daily_limit:
-            raise workqueue.LimitReached(
-                f"team {team!r} has used its {limit_row.daily_limit} submissions for {challenge_id} "
-                "today (UTC); refused ones do not count, the limit resets at midnight UTC"
-            )
+        if team != BUILTIN_TEAM:  # the organizer's own runs of the built-in attacks: no limits
+            _check_limits(conn, team, team_id, challenge_id, daily_limit, now)
+        if stage is not None:
+            stage()
         return _insert_job(conn, challenge_id, team_id, sha256, size, now)
+
+
+def _open_limit(conn, challenge_id: str, now: dt.datetime) -> int:
+    """The daily limit of a published challenge that takes uploads now, or UnknownChallenge."""
+    row = conn.execute(
+        sa.select(published.c.daily_limit, published.c.deadline_utc, challenges.c.closed_utc)
+        .join(challenges, challenges.c.challenge_id == published.c.challenge_id)
+        .where(published.c.challenge_id == challenge_id)
+    ).one_or_none()
+    if row is None:
+        raise workqueue.UnknownChallenge(f"no open challenge {challenge_id!r}")
+    if row.closed_utc is not None:
+        raise workqueue.UnknownChallenge(f"challenge {challenge_id} is closed since {row.closed_utc}")
+    if row.deadline_utc is not None and _stamp(now) > row.deadline_utc:
+        raise workqueue.UnknownChallenge(f"challenge {challenge_id} closed for submissions at {row.deadline_utc}")
+    return int(row.daily_limit)
+
+
+def _check_limits(conn, team: str, team_id: int, challenge_id: str, daily_limit: int, now: dt.datetime) -> None:
+    recent = workqueue.count_since(conn, jobs, _stamp(now - dt.timedelta(minutes=1)), jobs.c.team_id == team_id)
+    if recent >= RATE_LIMIT_PER_MINUTE:
+        raise workqueue.LimitReached(
+            f"rate limit: at most {RATE_LIMIT_PER_MINUTE} uploads a minute per team; retry shortly"
+        )
+    used = workqueue.count_since(
+        conn,
+        jobs,
+        workqueue.day_start(now),
+        jobs.c.team_id == team_id,
+        jobs.c.challenge_id == challenge_id,
+        jobs.c.state.in_(("queued", "running", "scored")),
+    )
+    if used >= daily_limit:
+        raise workqueue.LimitReached(
+            f"team {team!r} has used its {daily_limit} submissions for {challenge_id} "
+            "today (UTC); refused ones do not count, the limit resets at midnight UTC"
+        )
 
 
 def _insert_job(conn, challenge_id: str, team_id: int, sha256: str, size: int, now: dt.datetime) -> int:
@@ -440,12 +470,20 @@ class UploadWriter:
         self.digest.update(chunk)
         self.handle.write(chunk)
 
-    def commit(self) -> tuple[str, int]:
-        """(sha256, size) of the stored file."""
+    @property
+    def sha256(self) -> str:
+        return self.digest.hexdigest()
+
+    def finish(self) -> Path:
+        """Close the file, still outside the store; returns where it is (for checks)."""
         self.handle.close()
-        sha256 = self.digest.hexdigest()
-        os.replace(self.tmp, self.layout.upload(sha256))
-        return sha256, self.size
+        return self.tmp
+
+    def commit(self) -> tuple[str, int]:
+        """Move the file into the store by content hash; (sha256, size) of the stored file."""
+        self.handle.close()
+        os.replace(self.tmp, self.layout.upload(self.sha256))
+        return self.sha256, self.size
 
     def discard(self) -> None:
         self.handle.close()
