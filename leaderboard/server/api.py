@@ -241,7 +241,7 @@ def create_app(
         except workqueue.LimitReached as error:
             raise HTTPException(429, str(error)) from None
         except NcbenchError as error:
-            raise HTTPException(422, str(error)) from None
+            raise HTTPException(422, channel.redact(str(error), layout, upload=writer.tmp)) from None
         finally:
             writer.discard()
         return {

@@ -424,16 +424,26 @@ def run_job(db_url: str, store_root: str, job_id: int) -> str:
             origin = ORIGIN_ORGANIZER if row.team == BUILTIN_TEAM else ORIGIN_SELF
             recorded = store.record_score(result, team=row.team, daily_limit=None, origin=origin)
         except NcbenchError as error:
-            finish(store, job_id, "refused", message=str(error))
+            finish(store, job_id, "refused", message=redact(str(error), layout, row.sha256))
             return "refused"
         except Exception as error:  # noqa: BLE001 - a scorer bug: recorded, the server keeps serving
-            finish(store, job_id, "failed", message=f"scorer error: {type(error).__name__}: {error}")
+            text = redact(f"scorer error: {type(error).__name__}: {error}", layout, row.sha256)
+            finish(store, job_id, "failed", message=text)
             return "failed"
         finish(store, job_id, "scored", submission_id=recorded.submission_id)
         return "scored"
 
 
 # -- files -------------------------------------------------------------------------------------
+
+
+def redact(message: str, layout: workqueue.StoreLayout, sha256: str | None = None, upload: Path | None = None) -> str:
+    """``message`` for a team to read: the upload's path becomes "your file", anything else in
+    the store "<store>/...", so no server path reaches the API or the team's CLI."""
+    for path, shown in ((upload, "your file"), (layout.upload(sha256) if sha256 else None, "your file")):
+        if path is not None:
+            message = message.replace(str(path), shown)
+    return message.replace(str(layout.root), "<store>")
 
 
 def _sha256(path: Path) -> str:

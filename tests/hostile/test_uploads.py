@@ -1,8 +1,10 @@
 """Refused uploads cost the server nothing it keeps: limits are checked before the body is read,
-and a refused or repeated body is never stored."""
+a refused or repeated body is never stored, and what a team reads back names no server path."""
 
 import socket
+import time
 
+import httpx
 import pytest
 from support import Server, token_for
 
@@ -60,3 +62,25 @@ def test_an_upload_refused_at_enqueue_is_not_stored(published):
     writer.discard()
     assert not layout.upload(writer.sha256).exists()
     assert not any(layout.incoming.iterdir())
+
+
+def test_a_refusal_message_names_no_server_path(served):
+    answer = httpx.post(
+        f"{served['url']}/api/v1/challenges/{served['id']}/submissions",
+        content=b"not an HDF5 file at all",
+        headers={"Authorization": f"Bearer {served['token']}"},
+        timeout=60,
+    )
+    assert answer.status_code == 202, answer.text
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        job = httpx.get(
+            f"{served['url']}/api/v1/submissions/{answer.json()['id']}",
+            headers={"Authorization": f"Bearer {served['token']}"},
+        ).json()
+        assert "state" in job, job
+        if job["state"] not in ("queued", "running"):
+            break
+        time.sleep(0.3)
+    assert job["state"] == "refused" and job["message"]
+    assert str(served["store"]) not in job["message"] and "uploads/" not in job["message"], job["message"]
