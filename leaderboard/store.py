@@ -194,7 +194,8 @@ team_tokens = sa.Table(
     metadata,
     sa.Column("id", sa.Integer, primary_key=True),
     sa.Column("team_id", sa.Integer, sa.ForeignKey("teams.id"), nullable=False),
-    sa.Column("token_hash", sa.String(256), nullable=False),  # argon2id; the token itself is never stored
+    # hmac-sha256:<hex> under the server's secret (argon2id before migration 7); never the token
+    sa.Column("token_hash", sa.String(256), nullable=False),
     sa.Column("created_utc", sa.String(32), nullable=False),
     sa.Column("revoked_utc", sa.String(32)),
 )
@@ -305,6 +306,16 @@ def _in_order(*steps: Callable[[Connection], None]) -> Callable[[Connection], No
     return apply
 
 
+def _revoke_argon2_tokens(conn: Connection) -> None:
+    """Tokens were argon2id hashes, which cannot become HMACs without the token: revoked, so
+    the organizer re-issues them (ncbench team add NAME)."""
+    conn.execute(
+        team_tokens.update()
+        .where(team_tokens.c.token_hash.like("$argon2%"), team_tokens.c.revoked_utc.is_(None))
+        .values(revoked_utc=_stamp(utc_now()))
+    )
+
+
 # Ordered, append-only: a released migration is never edited, a change is a new entry.
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "challenges, teams, submissions, scores", _create(challenges, teams, submissions, scores)),
@@ -332,6 +343,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
         ),
     ),
     (6, "challenges.n_sites", _add_columns((challenges, "n_sites", "INTEGER NOT NULL DEFAULT 1"))),
+    (7, "team tokens hashed with HMAC-SHA256: argon2id tokens revoked, re-issue them", _revoke_argon2_tokens),
 ]
 LATEST_VERSION = MIGRATIONS[-1][0]
 

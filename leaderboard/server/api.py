@@ -2,8 +2,9 @@
 
 What it guarantees: only files listed when a challenge was published are served, from the
 store's public folder (never the key); every write needs a team token (``Authorization: Bearer
-...``), checked against its argon2id hash; an upload is streamed to disk under a size cap and
-queued only after the rate and daily limits; a submission's state is durable in the database.
+...``), checked by one HMAC-SHA256 under the server's secret after a per-client limit on
+refused tokens; an upload is streamed to disk under a size cap and queued only after the rate
+and daily limits; a submission's state is durable in the database.
 A plugin for the verified track (a .py file, a wheel or an sdist) is checked before it is
 queued, an archive's contents on the host and then the plugin in the sandbox
 (:mod:`leaderboard.verified`); the seeds of evaluation releases are served only once their
@@ -39,6 +40,7 @@ CHALLENGE_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 DEFAULT_MAX_UPLOAD = 1 << 30  # 1 GiB: a reid score matrix at N = 10,000 is 400 MB
 CHECKS_AT_ONCE = 2  # plugin checks (unpacking, then the sandbox) while the upload waits: a flood queues here
 CHECKS_PER_MINUTE = 10  # per team, whatever their outcome: each check starts a sandboxed interpreter
+AUTH_FAILURES_PER_MINUTE = 20  # refused tokens per client address, then 429 without verifying
 PARAMS_QUERY = Query(default=[], description="name=value (repeatable)")
 
 
@@ -72,13 +74,32 @@ def create_app(
         description="Fetch challenge releases, submit answers or attack plugins, read your scores.",
     )
     layout = workqueue.StoreLayout(Path(store_root))
+    token_key = channel.token_key(layout)
+    refused_tokens: dict[str, collections.deque] = collections.defaultdict(collections.deque)
+    refused_lock = threading.Lock()
 
-    def team(authorization: str | None = Header(default=None)) -> str:
+    def team(request: Request, authorization: str | None = Header(default=None)) -> str:
+        client = request.client.host if request.client else "?"
+        refused_of(client)  # before any verification: a client that keeps guessing waits
         scheme, _, token = (authorization or "").partition(" ")
-        name = channel.authenticate(store, token.strip()) if scheme.lower() == "bearer" else None
+        name = channel.authenticate(store, token.strip(), key=token_key) if scheme.lower() == "bearer" else None
         if name is None:
+            with refused_lock:
+                refused_tokens[client].append(time.monotonic())
             raise HTTPException(401, "missing, invalid or revoked token", headers={"WWW-Authenticate": "Bearer"})
         return name
+
+    def refused_of(client: str) -> None:
+        """429 for a client refused AUTH_FAILURES_PER_MINUTE tokens in the last minute (in memory)."""
+        now = time.monotonic()
+        with refused_lock:
+            recent = refused_tokens[client]
+            while recent and recent[0] < now - 60:
+                recent.popleft()
+            if not recent:
+                refused_tokens.pop(client, None)
+            elif len(recent) >= AUTH_FAILURES_PER_MINUTE:
+                raise HTTPException(429, f"too many refused tokens: at most {AUTH_FAILURES_PER_MINUTE} a minute")
 
     def published_files(challenge_id: str) -> list[dict]:
         files = channel.public_files(store, challenge_id) if CHALLENGE_ID.match(challenge_id) else None

@@ -11,8 +11,10 @@ PostgreSQL. Files live in a store folder::
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
+import hmac
 import json
 import os
 import re
@@ -51,11 +53,35 @@ TOKEN = re.compile(rf"{TOKEN_PREFIX}_([0-9]{{1,10}})_([A-Za-z0-9_-]{{1,100}})")
 RATE_LIMIT_PER_MINUTE = 10  # uploads a team may queue per minute, whatever their outcome
 
 
-def _hasher():
-    # argon2id (a memory-hard slow hash) through argon2-cffi: a leaked database gives no tokens.
-    from argon2 import PasswordHasher
+HMAC_PREFIX = "hmac-sha256:"  # team_tokens.token_hash of a token issued since migration 7
 
-    return PasswordHasher()
+
+def token_key(layout: workqueue.StoreLayout) -> bytes:
+    """The server's secret that keys token hashes (32 random bytes, hex, in a 0600 file of the
+    store), created on first use. Without it a leaked database cannot even test a token."""
+    path = layout.token_secret
+    if not path.exists():  # written whole, then linked into place: a second server reads all of it or none
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        create_private_file(tmp)
+        tmp.write_text(secrets.token_hex(32) + "\n")
+        with contextlib.suppress(FileExistsError):
+            os.link(tmp, path)
+        tmp.unlink()
+    try:
+        key = bytes.fromhex(path.read_text().strip())
+    except ValueError:
+        key = b""
+    if len(key) < 32:
+        raise NcbenchError(
+            f"{path} does not hold a token secret (64 hex digits); restore it, or remove it and re-issue every token"
+        )
+    return key
+
+
+def _token_hash(key: bytes, secret: str) -> str:
+    # Tokens are 256 random bits: nothing to slow down a guess of, so a keyed hash (microseconds)
+    # replaces a password hash (argon2id: about half a second of CPU per request).
+    return HMAC_PREFIX + hmac.new(key, secret.encode(), hashlib.sha256).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -137,10 +163,11 @@ def publish(
     return info.challenge_id
 
 
-def add_team(store: Store, name: str) -> tuple[str, str]:
+def add_team(store: Store, name: str, *, key: bytes) -> tuple[str, str]:
     """Create ``name`` (or reuse it) and issue a new token. Returns (normalised name, token).
 
-    The token is shown once: only its argon2id hash is stored.
+    The token is shown once: only its HMAC-SHA256 under the server's ``key`` (:func:`token_key`)
+    is stored.
     """
     name = check_team_name(name)
     check_not_lookalike(name)
@@ -152,7 +179,7 @@ def add_team(store: Store, name: str) -> tuple[str, str]:
             team_tokens.insert()
             .values(
                 team_id=team_id,
-                token_hash=_hasher().hash(secret),
+                token_hash=_token_hash(key, secret),
                 created_utc=_stamp(now),
                 revoked_utc=None,
             )
@@ -190,32 +217,25 @@ def list_teams(store: Store) -> list[dict]:
 # -- attacker side -----------------------------------------------------------------------------
 
 
-def authenticate(store: Store, token: str | None) -> str | None:
+def authenticate(store: Store, token: str | None, *, key: bytes) -> str | None:
     """The team a bearer token belongs to, or None (unknown, malformed or revoked).
 
-    The token names its row, so one argon2 verification is done, never a scan; argon2's verify
-    compares in constant time.
+    The token names its row, so one HMAC is computed, never a scan, and compared in constant
+    time. A token issued before migration 7 (an argon2id row) was revoked by it.
     """
-    from argon2.exceptions import InvalidHashError, VerificationError
-
     match = TOKEN.fullmatch(token or "")
     if match is None or int(match[1]) > MAX_ROW_ID:
         return None
-    parts = (TOKEN_PREFIX, match[1], match[2])
     with store._read() as conn:
         row = conn.execute(
             sa.select(team_tokens.c.token_hash, team_tokens.c.revoked_utc, teams.c.name)
             .join(teams, teams.c.id == team_tokens.c.team_id)
-            .where(team_tokens.c.id == int(parts[1]))
+            .where(team_tokens.c.id == int(match[1]))
         ).one_or_none()
+    presented = _token_hash(key, match[2])  # computed whether or not the row exists
     if row is None or row.revoked_utc is not None:
-        _hasher().hash(parts[2])  # same cost whether or not the row exists
         return None
-    try:
-        _hasher().verify(row.token_hash, parts[2])
-    except (VerificationError, InvalidHashError):
-        return None
-    return row.name
+    return row.name if hmac.compare_digest(presented, row.token_hash) else None
 
 
 def open_challenges(store: Store) -> list[dict]:

@@ -181,10 +181,14 @@ def _team_store(store_dir: Path | None, db: str | None):
 @db_option
 def team_add(name: str, store_dir: Path | None, db: str | None) -> None:
     """Create team NAME (or reuse it) and print a new token, once: only its hash is kept."""
-    from ncbench.leaderboard.server import channel
+    from ncbench.leaderboard import workqueue
+    from ncbench.leaderboard.server import channel, service
 
+    if store_dir is None:
+        raise NcbenchError("team add needs --store: the server's token secret lives there")
+    key = channel.token_key(workqueue.StoreLayout(service.store_dir(store_dir)))
     with _team_store(store_dir, db) as store:
-        name, token = channel.add_team(store, name)
+        name, token = channel.add_team(store, name, key=key)
     click.echo(f"team {name}: token (shown once; give it to the team)", err=True)
     click.echo(token)
 
