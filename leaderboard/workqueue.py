@@ -53,9 +53,10 @@ class StoreLayout:
         the uploads (a team's answers) and the server's token secret."""
         keys = self.root / "keys"
         found = [self.root, keys, self.incoming, self.root / "uploads", self.token_secret]
-        if keys.is_dir():
-            for folder in sorted(keys.iterdir()):
-                found += [folder, *sorted(folder.glob("*"))]
+        # Published keys and their folders; the verified track's evaluation releases below
+        # keys/verified/ are private by keys/ itself (and their private/ folders by the build).
+        for key in sorted(keys.glob("*/key.h5")):
+            found += [key.parent, key]
         return found
 
     @property

@@ -3,7 +3,7 @@ in 0700 folders whatever the umask, and the server refuses to start on a store t
 
 import stat
 
-from support import free_port, ncbench
+from support import Server, free_port, ncbench
 
 
 def mode(path) -> int:
@@ -45,3 +45,10 @@ def test_server_refuses_a_store_whose_key_folder_others_can_enter(published):
     (published["store"] / "keys" / published["id"]).chmod(0o755)
     refused = ncbench("server", "--store", published["store"], "--port", free_port(), "--board-port", 0, timeout=60)
     assert refused.returncode == 2 and "refusing to start" in refused.stderr
+
+
+def test_server_starts_beside_the_verified_tracks_evaluation_folders(published):
+    """keys/verified/run-N/ is made by an ordinary mkdir (0755) inside keys/ (0700): no refusal."""
+    (published["store"] / "keys" / "verified" / "run-1").mkdir(parents=True, mode=0o755)
+    server = Server(published["store"], "--board-port", "0")
+    assert server.stop() == 0
