@@ -343,7 +343,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
         ),
     ),
     (6, "challenges.n_sites", _add_columns((challenges, "n_sites", "INTEGER NOT NULL DEFAULT 1"))),
-    (7, "team tokens hashed with HMAC-SHA256: argon2id tokens revoked, re-issue them", _revoke_argon2_tokens),
+    (8, "team tokens hashed with HMAC-SHA256: argon2id tokens revoked, re-issue them", _revoke_argon2_tokens),
 ]
 LATEST_VERSION = MIGRATIONS[-1][0]
 

@@ -53,7 +53,7 @@ TOKEN = re.compile(rf"{TOKEN_PREFIX}_([0-9]{{1,10}})_([A-Za-z0-9_-]{{1,100}})")
 RATE_LIMIT_PER_MINUTE = 10  # uploads a team may queue per minute, whatever their outcome
 
 
-HMAC_PREFIX = "hmac-sha256:"  # team_tokens.token_hash of a token issued since migration 7
+HMAC_PREFIX = "hmac-sha256:"  # team_tokens.token_hash of a token issued since migration 8
 
 
 def token_key(layout: workqueue.StoreLayout) -> bytes:
@@ -221,7 +221,7 @@ def authenticate(store: Store, token: str | None, *, key: bytes) -> str | None:
     """The team a bearer token belongs to, or None (unknown, malformed or revoked).
 
     The token names its row, so one HMAC is computed, never a scan, and compared in constant
-    time. A token issued before migration 7 (an argon2id row) was revoked by it.
+    time. A token issued before migration 8 (an argon2id row) was revoked by it.
     """
     match = TOKEN.fullmatch(token or "")
     if match is None or int(match[1]) > MAX_ROW_ID:
