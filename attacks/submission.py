@@ -103,6 +103,10 @@ class Submission:
         return names + [name for name in ARRAY_PARTS if getattr(self, name) is not None]
 
 
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
 def write_submission(path: str | os.PathLike, submission: Submission, *, force: bool = True) -> Path:
     """Write ``submission`` atomically to ``path`` (HDF5, or CSV when the suffix is .csv)."""
     path = Path(path)
@@ -210,9 +214,11 @@ def _read_h5(path: Path, h5: h5py.File, datasets: dict[str, DatasetInfo], limits
             )
         return value
 
-    def json_attr(name, default):
+    def json_attr(name, default, *, strict=False):
+        # NaN and Infinity are not JSON: params are stored, and would break every strict reader.
+        constant = _refuse_constant if strict else None
         try:
-            return json.loads(text_attr(name, json.dumps(default)))
+            return json.loads(text_attr(name, json.dumps(default)), parse_constant=constant)
         except (TypeError, ValueError, RecursionError):
             raise NcbenchError(f"{path}: attribute {name!r} is not valid JSON") from None
 
@@ -222,7 +228,7 @@ def _read_h5(path: Path, h5: h5py.File, datasets: dict[str, DatasetInfo], limits
         attack=str(text_attr("attack")),
         attack_version=str(text_attr("attack_version")),
         encoded_ids=strings("encoded_ids"),
-        params=json_attr("params", {}),
+        params=json_attr("params", {}, strict=True),
         knowledge=_string_list(path, json_attr("knowledge", [])),
         runtime_s=float(attrs.get("runtime_s", 0.0)),
         team=None if team is None else str(team),

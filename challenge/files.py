@@ -6,6 +6,7 @@ so a format check lives in one place.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -19,6 +20,7 @@ import numpy as np
 from ncbench.challenge.encoders import EncoderConfig, key_tensor_names
 from ncbench.errors import NcbenchError
 from ncbench.h5io import open_checked, read_strings
+from ncbench.private import create_private_file
 
 RELEASE_FORMAT = "ncbench-release"
 KEY_FORMAT = "ncbench-key"
@@ -259,7 +261,7 @@ def write_site_key(key: Key, site: int, out: str | os.PathLike, *, force: bool =
     if not 0 <= site < n_sites:
         raise NcbenchError(f"--site must be between 0 and {n_sites - 1} for challenge {key.challenge_id}")
     out = Path(out)
-    with atomic_path(out, force=force) as tmp, h5py.File(tmp, "w") as h5:
+    with atomic_path(out, force=force) as tmp, _private(tmp), h5py.File(tmp, "w") as h5:
         set_root_attrs(
             h5,
             SITE_KEY_FORMAT,
@@ -272,6 +274,13 @@ def write_site_key(key: Key, site: int, out: str | os.PathLike, *, force: bool =
         for name, values in key.tensors(site).items():
             write_dataset(group, name, values)
     return out
+
+
+@contextlib.contextmanager
+def _private(path: Path) -> Iterator[None]:
+    """Create ``path`` 0600 before h5py truncates it (a site's key is a secret, whatever the umask)."""
+    create_private_file(path)
+    yield
 
 
 DIGEST_CANONICAL = "canonical-json"  # a key's root attribute ``digest``: how its attributes are hashed

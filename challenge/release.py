@@ -48,6 +48,7 @@ from ncbench.h5io import (
     sha256_file,
     write_dataset,
 )
+from ncbench.private import create_private_file, private_dir
 from ncbench.progress import progress
 
 SEED_BYTES = 32  # a fresh build seed: 256 bits from `secrets`
@@ -225,7 +226,7 @@ def build_release(
     with atomic_path(out, force=force) as tmp:
         layout = ReleaseLayout(tmp)
         layout.public.mkdir(parents=True)
-        layout.private.mkdir()
+        private_dir(layout.private)  # 0700 and the key 0600, whatever the umask
         _write(
             tmp,
             config=config,
@@ -316,6 +317,7 @@ def _write(tmp: Path, *, config, plan, roles, build_seed: BuildSeed, test_releas
     layout = ReleaseLayout(tmp)
     release_path, key_path = layout.release, layout.key
 
+    create_private_file(key_path)  # h5py keeps the mode of the file it truncates
     with h5py.File(key_path, "w", track_order=False) as key_h5:
         set_root_attrs(
             key_h5,

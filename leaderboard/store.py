@@ -48,7 +48,8 @@ from sqlalchemy.engine import Connection, Engine
 
 from ncbench.errors import NcbenchError
 from ncbench.leaderboard.metrics import HEADLINE_METRIC, PSNR_CAP_DB, SPLIT_NAMES, effective_k_anonymity
-from ncbench.names import fold
+from ncbench.names import fold, name_skeleton
+from ncbench.private import create_private_file
 
 DEFAULT_DAILY_LIMIT = 5
 BUSY_TIMEOUT_S = 30
@@ -193,7 +194,8 @@ team_tokens = sa.Table(
     metadata,
     sa.Column("id", sa.Integer, primary_key=True),
     sa.Column("team_id", sa.Integer, sa.ForeignKey("teams.id"), nullable=False),
-    sa.Column("token_hash", sa.String(256), nullable=False),  # argon2id; the token itself is never stored
+    # hmac-sha256:<hex> under the server's secret (argon2id before migration 8); never the token
+    sa.Column("token_hash", sa.String(256), nullable=False),
     sa.Column("created_utc", sa.String(32), nullable=False),
     sa.Column("revoked_utc", sa.String(32)),
 )
@@ -305,6 +307,16 @@ def _in_order(*steps: Callable[[Connection], None]) -> Callable[[Connection], No
     return apply
 
 
+def _revoke_argon2_tokens(conn: Connection) -> None:
+    """Tokens were argon2id hashes, which cannot become HMACs without the token: revoked, so
+    the organizer re-issues them (ncbench team add NAME)."""
+    conn.execute(
+        team_tokens.update()
+        .where(team_tokens.c.token_hash.like("$argon2%"), team_tokens.c.revoked_utc.is_(None))
+        .values(revoked_utc=_stamp(utc_now()))
+    )
+
+
 # Ordered, append-only: a released migration is never edited, a change is a new entry.
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "challenges, teams, submissions, scores", _create(challenges, teams, submissions, scores)),
@@ -337,6 +349,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
         "verified_releases.detail (a failure in the plugin's words, for its team)",
         _add_columns((verified_releases, "detail", "TEXT")),
     ),
+    (8, "team tokens hashed with HMAC-SHA256: argon2id tokens revoked, re-issue them", _revoke_argon2_tokens),
 ]
 LATEST_VERSION = MIGRATIONS[-1][0]
 
@@ -391,6 +404,9 @@ class Store:
                 raise NcbenchError(f"no leaderboard database at {path}")
             if not path.parent.is_dir():
                 raise NcbenchError(f"cannot create a database in {path.parent}: no such directory")
+            # It holds token hashes and unrevealed evaluation seeds: 0600 from its first byte
+            # (SQLite gives its -wal and -shm files the same mode).
+            create_private_file(path)
         self.engine = self._make_engine()
         try:
             self._migrate()
@@ -901,6 +917,13 @@ def check_team_name(team: str) -> str:
     return name
 
 
+def check_not_lookalike(team: str) -> None:
+    """NcbenchError when canonical ``team`` is not the organizer's :data:`BUILTIN_TEAM` but looks
+    like it (same :func:`name_skeleton`: 'ncbench_builtin', 'ncbench.bui1tin')."""
+    if team != BUILTIN_TEAM and name_skeleton(team) == name_skeleton(BUILTIN_TEAM):
+        raise NcbenchError(f"team name {team!r} looks like {BUILTIN_TEAM!r}, which is reserved for the organizer")
+
+
 def submission_values(result, *, team: str, origin: str) -> tuple[str, dict[str, str]]:
     """(canonical team, the submission's text columns) for :meth:`Store.record_score`, or the
     NcbenchError it would raise for them: team, origin and attack name, lengths, no control
@@ -936,6 +959,7 @@ def check_origin(origin: str, *, team: str, attack: str | None) -> None:
                 f"only built-in attacks are recorded as the organizer's"
             )
     elif origin == ORIGIN_SELF:
+        check_not_lookalike(team)
         if team == BUILTIN_TEAM:
             raise NcbenchError(
                 f"team name {BUILTIN_TEAM!r} is reserved for the organizer's runs of the built-in "

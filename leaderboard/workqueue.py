@@ -48,6 +48,21 @@ class StoreLayout:
     def incoming(self) -> Path:
         return self.root / "incoming"
 
+    def secret_paths(self) -> list[Path]:
+        """What only the server's user may read: the store folder, every key and its folders,
+        the uploads (a team's answers) and the server's token secret."""
+        keys = self.root / "keys"
+        found = [self.root, keys, self.incoming, self.root / "uploads", self.token_secret]
+        # Published keys and their folders; the verified track's evaluation releases below
+        # keys/verified/ are private by keys/ itself (and their private/ folders by the build).
+        for key in sorted(keys.glob("*/key.h5")):
+            found += [key.parent, key]
+        return found
+
+    @property
+    def token_secret(self) -> Path:
+        return self.root / "token-secret"
+
 
 def day_start(now: dt.datetime) -> str:
     """The stamp of midnight UTC that starts ``now``'s day: daily limits reset there."""

@@ -102,7 +102,7 @@ def test_the_plain_install_declares_everything_it_needs(plain_env):
 
 
 def test_the_plain_install_has_no_organizer_dependencies(plain_env):
-    probe = "import importlib.util as u; print([m for m in ('streamlit', 'fastapi', 'uvicorn', 'distributed', 'argon2', 'sqlalchemy') if u.find_spec(m)])"
+    probe = "import importlib.util as u; print([m for m in ('streamlit', 'fastapi', 'uvicorn', 'distributed', 'pyseccomp', 'sqlalchemy') if u.find_spec(m)])"
     found = subprocess.run([plain_env["python"], "-c", probe], capture_output=True, text=True, timeout=60)
     assert found.returncode == 0 and found.stdout.strip() == "[]", found.stdout + found.stderr
 

@@ -351,7 +351,7 @@ def test_two_servers_on_postgresql_share_one_queue_and_score_each_upload_once(po
         "challenge", "publish", world["root"] / "release", "--store", store, "--db", postgres_url, "--daily-limit", 10
     )
     assert published.returncode == 0, published.stderr
-    token = ncbench("team", "add", "alice", "--db", postgres_url).stdout.strip()
+    token = ncbench("team", "add", "alice", "--db", postgres_url, "--store", store).stdout.strip()
     files = chance_submissions(world, 6, tmp_path / "subs")
     servers = [Server(store, "--db", postgres_url, "--board-port", "0") for _ in range(2)]
     try:

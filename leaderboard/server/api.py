@@ -2,8 +2,9 @@
 
 What it guarantees: only files listed when a challenge was published are served, from the
 store's public folder (never the key); every write needs a team token (``Authorization: Bearer
-...``), checked against its argon2id hash; an upload is streamed to disk under a size cap and
-queued only after the rate and daily limits; a submission's state is durable in the database.
+...``), checked by one HMAC-SHA256 under the server's secret after a per-client limit on
+refused tokens; an upload is streamed to disk under a size cap and queued only after the rate
+and daily limits; a submission's state is durable in the database.
 A plugin for the verified track (a .py file, a wheel or an sdist) is checked before it is
 queued, an archive's contents on the host and then the plugin in the sandbox
 (:mod:`leaderboard.verified`); the seeds of evaluation releases are served only once their
@@ -23,6 +24,7 @@ import time
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
+from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 
@@ -38,7 +40,14 @@ CHALLENGE_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 DEFAULT_MAX_UPLOAD = 1 << 30  # 1 GiB: a reid score matrix at N = 10,000 is 400 MB
 CHECKS_AT_ONCE = 2  # plugin checks (unpacking, then the sandbox) while the upload waits: a flood queues here
 CHECKS_PER_MINUTE = 10  # per team, whatever their outcome: each check starts a sandboxed interpreter
+AUTH_FAILURES_PER_MINUTE = 20  # refused tokens per client address, then 429 without verifying
 PARAMS_QUERY = Query(default=[], description="name=value (repeatable)")
+
+
+def row_id():
+    """A row id path parameter: past the database's integer range it is a 422 here, not an
+    overflow (500) in the driver. One object per parameter: FastAPI writes its name into it."""
+    return PathParam(ge=1, le=channel.MAX_ROW_ID)
 
 
 def create_app(
@@ -65,13 +74,32 @@ def create_app(
         description="Fetch challenge releases, submit answers or attack plugins, read your scores.",
     )
     layout = workqueue.StoreLayout(Path(store_root))
+    token_key = channel.token_key(layout)
+    refused_tokens: dict[str, collections.deque] = collections.defaultdict(collections.deque)
+    refused_lock = threading.Lock()
 
-    def team(authorization: str | None = Header(default=None)) -> str:
+    def team(request: Request, authorization: str | None = Header(default=None)) -> str:
+        client = request.client.host if request.client else "?"
+        refused_of(client)  # before any verification: a client that keeps guessing waits
         scheme, _, token = (authorization or "").partition(" ")
-        name = channel.authenticate(store, token.strip()) if scheme.lower() == "bearer" else None
+        name = channel.authenticate(store, token.strip(), key=token_key) if scheme.lower() == "bearer" else None
         if name is None:
+            with refused_lock:
+                refused_tokens[client].append(time.monotonic())
             raise HTTPException(401, "missing, invalid or revoked token", headers={"WWW-Authenticate": "Bearer"})
         return name
+
+    def refused_of(client: str) -> None:
+        """429 for a client refused AUTH_FAILURES_PER_MINUTE tokens in the last minute (in memory)."""
+        now = time.monotonic()
+        with refused_lock:
+            recent = refused_tokens[client]
+            while recent and recent[0] < now - 60:
+                recent.popleft()
+            if not recent:
+                refused_tokens.pop(client, None)
+            elif len(recent) >= AUTH_FAILURES_PER_MINUTE:
+                raise HTTPException(429, f"too many refused tokens: at most {AUTH_FAILURES_PER_MINUTE} a minute")
 
     def published_files(challenge_id: str) -> list[dict]:
         files = channel.public_files(store, challenge_id) if CHALLENGE_ID.match(challenge_id) else None
@@ -112,16 +140,24 @@ def create_app(
     async def submit(challenge_id: str, request: Request, team: str = Depends(team)) -> dict:
         """Upload a submission file as the request body; returns its id, queued for scoring."""
         await run_in_threadpool(published_files, challenge_id)
-        sha256, size = await receive(request, layout, max_upload, "upload")
+        with queue_errors():  # refused before a byte of the body is read
+            await run_in_threadpool(channel.admit, store, team=team, challenge_id=challenge_id)
+        writer = await receive(request, layout, max_upload, "upload")
         try:
-            job_id = await run_in_threadpool(
-                channel.enqueue, store, team=team, challenge_id=challenge_id, sha256=sha256, size=size
-            )
-        except workqueue.LimitReached as error:
-            raise HTTPException(429, str(error)) from None
-        except workqueue.UnknownChallenge as error:
-            raise HTTPException(404, str(error)) from None
-        return {"id": job_id, "state": "queued", "sha256": sha256, "size": size}
+            with queue_errors():
+                job_id = await run_in_threadpool(
+                    channel.enqueue,
+                    store,
+                    team=team,
+                    challenge_id=challenge_id,
+                    sha256=writer.sha256,
+                    size=writer.size,
+                    stage=writer.commit,
+                )
+        finally:
+            writer.discard()  # refused, or the same bytes as an earlier job: nothing is kept
+        job = await run_in_threadpool(channel.job, store, job_id)  # queued, or the same bytes' earlier job
+        return {"id": job_id, "state": job.state if job else "queued", "sha256": writer.sha256, "size": writer.size}
 
     def admit_check(team: str) -> None:
         """At most CHECKS_PER_MINUTE plugin checks per team and minute (kept in memory)."""
@@ -200,13 +236,14 @@ def create_app(
         if await run_in_threadpool(verified.used_today, store, team=team, challenge_id=challenge_id) >= limit:
             raise HTTPException(429, f"team {team!r} has used its {limit} verified runs for {challenge_id} today (UTC)")
         admit_check(team)
-        sha256, size = await receive(request, layout, verified.upload_cap(filename), "plugin")
+        writer = await receive(request, layout, verified.upload_cap(filename), "plugin")
+        sha256 = writer.sha256
         entry = verified.plugin_entry(class_name, module)
         try:
-            report = await run_in_threadpool(
-                check_plugin, layout.upload(sha256), filename, entry, params, challenge["task"]
-            )
+            # Checked where it was received: a plugin that fails its check never enters the store.
+            report = await run_in_threadpool(check_plugin, writer.finish(), filename, entry, params, challenge["task"])
             attack, version = verified.check_report(report, task=challenge["task"])
+            writer.commit()
             run_id = await run_in_threadpool(
                 verified.enqueue,
                 store,
@@ -226,7 +263,9 @@ def create_app(
         except workqueue.LimitReached as error:
             raise HTTPException(429, str(error)) from None
         except NcbenchError as error:
-            raise HTTPException(422, str(error)) from None
+            raise HTTPException(422, channel.redact(str(error), layout, upload=writer.tmp)) from None
+        finally:
+            writer.discard()
         return {
             "id": run_id,
             "state": "queued",
@@ -243,7 +282,7 @@ def create_app(
         return verified.team_runs(store, team)
 
     @app.get("/api/v1/plugins/{run_id}")
-    def plugin_run(run_id: int, team: str = Depends(team)) -> dict:
+    def plugin_run(run_id: int = row_id(), team: str = Depends(team)) -> dict:
         """One of your verified runs."""
         view = verified.run_view(store, run_id, team=team)
         if view is None:
@@ -278,7 +317,7 @@ def create_app(
         return [_job_view(store, job) for job in channel.team_jobs(store, team)]
 
     @app.get("/api/v1/submissions/{job_id}")
-    def submission(job_id: int, team: str = Depends(team)) -> dict:
+    def submission(job_id: int = row_id(), team: str = Depends(team)) -> dict:
         """One of your submissions: state, and the public-half score once scored."""
         job = channel.job(store, job_id, team=team)
         if job is None:
@@ -288,9 +327,21 @@ def create_app(
     return app
 
 
-async def receive(request: Request, layout: workqueue.StoreLayout, max_bytes: int, what: str) -> tuple[str, int]:
-    """Stream a request body to the store by content hash under ``max_bytes`` (by its declared
-    ``Content-Length`` first, then while reading): (sha256, size), or 413 / 400 and nothing kept."""
+@contextlib.contextmanager
+def queue_errors():
+    """The queue's refusals as HTTP: a limit is 429, a closed or unknown challenge 404."""
+    try:
+        yield
+    except workqueue.LimitReached as error:
+        raise HTTPException(429, str(error)) from None
+    except workqueue.UnknownChallenge as error:
+        raise HTTPException(404, str(error)) from None
+
+
+async def receive(request: Request, layout: workqueue.StoreLayout, max_bytes: int, what: str) -> channel.UploadWriter:
+    """Stream a request body to a private file under ``max_bytes`` (by its declared
+    ``Content-Length`` first, then while reading), not yet in the store: the writer, whose
+    ``commit`` stores it by content hash, or 413 / 400 and nothing kept."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise HTTPException(413, f"{what} larger than the {max_bytes} byte limit")
@@ -303,10 +354,11 @@ async def receive(request: Request, layout: workqueue.StoreLayout, max_bytes: in
     except BaseException:
         writer.discard()
         raise
+    writer.finish()
     if writer.size == 0:
         writer.discard()
         raise HTTPException(400, f"empty {what}")
-    return writer.commit()
+    return writer
 
 
 def _job_view(store: Store, job: channel.Job) -> dict:

@@ -11,12 +11,16 @@ PostgreSQL. Files live in a store folder::
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
+import hmac
 import json
 import os
+import re
 import secrets
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +35,8 @@ from ncbench.leaderboard.store import (
     ORIGIN_SELF,
     Store,
     _stamp,
+    challenges,
+    check_not_lookalike,
     check_team_name,
     jobs,
     published,
@@ -38,16 +44,44 @@ from ncbench.leaderboard.store import (
     teams,
     utc_now,
 )
+from ncbench.private import create_private_file, private_dir
 
 TOKEN_PREFIX = "ncb"
+MAX_ROW_ID = 2**31 - 1  # the largest id a row can have (PostgreSQL INTEGER); larger ones name no row
+# ncb_<row id>_<secret>: ASCII digits only (str.isdigit also takes '²' and other digits int() refuses)
+TOKEN = re.compile(rf"{TOKEN_PREFIX}_([0-9]{{1,10}})_([A-Za-z0-9_-]{{1,100}})")
 RATE_LIMIT_PER_MINUTE = 10  # uploads a team may queue per minute, whatever their outcome
 
 
-def _hasher():
-    # argon2id (a memory-hard slow hash) through argon2-cffi: a leaked database gives no tokens.
-    from argon2 import PasswordHasher
+HMAC_PREFIX = "hmac-sha256:"  # team_tokens.token_hash of a token issued since migration 8
 
-    return PasswordHasher()
+
+def token_key(layout: workqueue.StoreLayout) -> bytes:
+    """The server's secret that keys token hashes (32 random bytes, hex, in a 0600 file of the
+    store), created on first use. Without it a leaked database cannot even test a token."""
+    path = layout.token_secret
+    if not path.exists():  # written whole, then linked into place: a second server reads all of it or none
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        create_private_file(tmp)
+        tmp.write_text(secrets.token_hex(32) + "\n")
+        with contextlib.suppress(FileExistsError):
+            os.link(tmp, path)
+        tmp.unlink()
+    try:
+        key = bytes.fromhex(path.read_text().strip())
+    except ValueError:
+        key = b""
+    if len(key) < 32:
+        raise NcbenchError(
+            f"{path} does not hold a token secret (64 hex digits); restore it, or remove it and re-issue every token"
+        )
+    return key
+
+
+def _token_hash(key: bytes, secret: str) -> str:
+    # Tokens are 256 random bits: nothing to slow down a guess of, so a keyed hash (microseconds)
+    # replaces a password hash (argon2id: about half a second of CPU per request).
+    return HMAC_PREFIX + hmac.new(key, secret.encode(), hashlib.sha256).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -73,12 +107,15 @@ def publish(
     daily_limit: int = DEFAULT_DAILY_LIMIT,
     deadline: dt.datetime | None = None,
     recompute: bool = True,
+    republish: bool = False,
 ) -> str:
     """Register a built challenge: copy its public files to be served and its key to the store.
 
     The release is verified against its key first (checksums, commitment, release_sha256, and
     with ``recompute`` every encoding recomputed; without it, checksums only, for a release the
-    caller has just built). Returns the challenge id. Publishing again refreshes its limits.
+    caller has just built). Returns the challenge id. Publishing a challenge that is already
+    published is refused unless ``republish``: then its files are copied again and its daily
+    limit and deadline replaced (never silently reset to the defaults).
     """
     from ncbench.challenge.files import ReleaseLayout, open_key, open_release
     from ncbench.challenge.verify import verify
@@ -94,18 +131,22 @@ def publish(
         raise NcbenchError(f"{release_dir} does not verify: {problems[0]}")
     with open_release(source.release) as release, open_key(source.key):
         info = ChallengeInfo.from_release(release)
+    if not republish and public_files(store, info.challenge_id) is not None:
+        raise NcbenchError(
+            f"challenge {info.challenge_id} is already published; give --republish to replace its "
+            "files, daily limit and deadline with the values given now"
+        )
     public_dir, key_path = layout.public_dir(info.challenge_id), layout.key_file(info.challenge_id)
     files = []
     for path in sorted(source.public.iterdir()):
         if path.is_file() and not path.is_symlink():
             files.append({"name": path.name, "size": path.stat().st_size, "sha256": _sha256(path)})
-    for target_dir, sources in (
-        (public_dir, [source.public / f["name"] for f in files]),
-        (key_path.parent, [source.key]),
-    ):
-        target_dir.mkdir(parents=True, exist_ok=True)
-        for path in sources:
-            _copy_atomic(path, target_dir / path.name)
+    public_dir.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        _copy_atomic(source.public / f["name"], public_dir / f["name"])
+    private_dir(key_path.parent.parent)  # keys/ and keys/<id>/ 0700, the key 0600, whatever the umask
+    private_dir(key_path.parent)
+    _copy_atomic(source.key, key_path, private=True)
     now = utc_now()
     with store._write() as conn:
         store._ensure_challenge(conn, info, now)
@@ -122,12 +163,14 @@ def publish(
     return info.challenge_id
 
 
-def add_team(store: Store, name: str) -> tuple[str, str]:
+def add_team(store: Store, name: str, *, key: bytes) -> tuple[str, str]:
     """Create ``name`` (or reuse it) and issue a new token. Returns (normalised name, token).
 
-    The token is shown once: only its argon2id hash is stored.
+    The token is shown once: only its HMAC-SHA256 under the server's ``key`` (:func:`token_key`)
+    is stored.
     """
     name = check_team_name(name)
+    check_not_lookalike(name)
     secret = secrets.token_urlsafe(32)
     now = utc_now()
     with store._write() as conn:
@@ -136,7 +179,7 @@ def add_team(store: Store, name: str) -> tuple[str, str]:
             team_tokens.insert()
             .values(
                 team_id=team_id,
-                token_hash=_hasher().hash(secret),
+                token_hash=_token_hash(key, secret),
                 created_utc=_stamp(now),
                 revoked_utc=None,
             )
@@ -174,35 +217,28 @@ def list_teams(store: Store) -> list[dict]:
 # -- attacker side -----------------------------------------------------------------------------
 
 
-def authenticate(store: Store, token: str | None) -> str | None:
+def authenticate(store: Store, token: str | None, *, key: bytes) -> str | None:
     """The team a bearer token belongs to, or None (unknown, malformed or revoked).
 
-    The token names its row, so one argon2 verification is done, never a scan; argon2's verify
-    compares in constant time.
+    The token names its row, so one HMAC is computed, never a scan, and compared in constant
+    time. A token issued before migration 8 (an argon2id row) was revoked by it.
     """
-    from argon2.exceptions import InvalidHashError, VerificationError
-
-    parts = (token or "").split("_", 2)
-    if len(parts) != 3 or parts[0] != TOKEN_PREFIX or not parts[1].isdigit() or len(token) > 200:
+    match = TOKEN.fullmatch(token or "")
+    if match is None or int(match[1]) > MAX_ROW_ID:
         return None
     with store._read() as conn:
         row = conn.execute(
             sa.select(team_tokens.c.token_hash, team_tokens.c.revoked_utc, teams.c.name)
             .join(teams, teams.c.id == team_tokens.c.team_id)
-            .where(team_tokens.c.id == int(parts[1]))
+            .where(team_tokens.c.id == int(match[1]))
         ).one_or_none()
+    presented = _token_hash(key, match[2])  # computed whether or not the row exists
     if row is None or row.revoked_utc is not None:
-        _hasher().hash(parts[2])  # same cost whether or not the row exists
         return None
-    try:
-        _hasher().verify(row.token_hash, parts[2])
-    except (VerificationError, InvalidHashError):
-        return None
-    return row.name
+    return row.name if hmac.compare_digest(presented, row.token_hash) else None
 
 
 def open_challenges(store: Store) -> list[dict]:
-    from ncbench.leaderboard.store import challenges
 
     with store._read() as conn:
         rows = conn.execute(
@@ -228,47 +264,97 @@ def public_files(store: Store, challenge_id: str) -> list[dict] | None:
     return None if files is None else json.loads(files)
 
 
-def enqueue(
-    store: Store, *, team: str, challenge_id: str, sha256: str, size: int, now: dt.datetime | None = None
-) -> int:
-    """Queue a stored upload for scoring, after the rate limit and the daily limit.
+def admit(store: Store, *, team: str, challenge_id: str, now: dt.datetime | None = None) -> None:
+    """The checks :func:`enqueue` makes, made before an upload's body is read, so that a refused
+    upload costs no bytes: UnknownChallenge (closed, past its deadline, unknown) or LimitReached."""
+    now = now or utc_now()
+    with store._read() as conn:
+        daily_limit = _open_limit(conn, challenge_id, now)
+        team_id = conn.execute(sa.select(teams.c.id).where(teams.c.name == team)).scalar()
+        if team_id is not None and team != BUILTIN_TEAM:
+            _check_limits(conn, team, team_id, challenge_id, daily_limit, now)
 
-    Jobs that are queued, running or scored count towards the daily limit (refused and failed
-    ones do not), so a team cannot queue past its limit and have the excess scored later.
+
+def enqueue(
+    store: Store,
+    *,
+    team: str,
+    challenge_id: str,
+    sha256: str,
+    size: int,
+    now: dt.datetime | None = None,
+    stage: Callable[[], None] | None = None,
+) -> int:
+    """Queue an upload for scoring, after the rate limit and the daily limit; returns the job's
+    id, that of the team's earlier job when it sent the same bytes (queued, running or scored),
+    without counting them again. A closed challenge takes no upload.
+
+    ``stage`` (moving the upload into the store) runs only once the upload is admitted and
+    before its job can be claimed, so a refused upload is never stored. Jobs that are queued,
+    running or scored count towards the daily limit (refused and failed ones do not), so a team
+    cannot queue past its limit and have the excess scored later.
     """
     now = now or utc_now()
     with store._write() as conn:
-        limit_row = conn.execute(
-            sa.select(published.c.daily_limit, published.c.deadline_utc).where(published.c.challenge_id == challenge_id)
-        ).one_or_none()
-        if limit_row is None:
-            raise workqueue.UnknownChallenge(f"no open challenge {challenge_id!r}")
-        if limit_row.deadline_utc is not None and _stamp(now) > limit_row.deadline_utc:
-            raise workqueue.UnknownChallenge(
-                f"challenge {challenge_id} closed for submissions at {limit_row.deadline_utc}"
-            )
+        daily_limit = _open_limit(conn, challenge_id, now)
         team_id = store._lock_team(conn, team, now)
-        if team == BUILTIN_TEAM:  # the organizer's own runs of the built-in attacks: no limits
-            return _insert_job(conn, challenge_id, team_id, sha256, size, now)
-        recent = workqueue.count_since(conn, jobs, _stamp(now - dt.timedelta(minutes=1)), jobs.c.team_id == team_id)
-        if recent >= RATE_LIMIT_PER_MINUTE:
-            raise workqueue.LimitReached(
-                f"rate limit: at most {RATE_LIMIT_PER_MINUTE} uploads a minute per team; retry shortly"
+        # The same bytes again are the same answer: the job already queued or scored stands,
+        # and nothing new counts against a limit (a failed or refused one may be retried).
+        earlier = conn.execute(
+            sa.select(jobs.c.id)
+            .where(
+                jobs.c.team_id == team_id,
+                jobs.c.challenge_id == challenge_id,
+                jobs.c.sha256 == sha256,
+                jobs.c.state.in_(("queued", "running", "scored")),
             )
-        used = workqueue.count_since(
-            conn,
-            jobs,
-            workqueue.day_start(now),
-            jobs.c.team_id == team_id,
-            jobs.c.challenge_id == challenge_id,
-            jobs.c.state.in_(("queued", "running", "scored")),
-        )
-        if used >= limit_row.daily_limit:
-            raise workqueue.LimitReached(
-                f"team {team!r} has used its {limit_row.daily_limit} submissions for {challenge_id} "
-                "today (UTC); refused ones do not count, the limit resets at midnight UTC"
-            )
+            .order_by(jobs.c.id)
+            .limit(1)
+        ).scalar()
+        if earlier is not None:
+            return int(earlier)
+        if team != BUILTIN_TEAM:  # the organizer's own runs of the built-in attacks: no limits
+            _check_limits(conn, team, team_id, challenge_id, daily_limit, now)
+        if stage is not None:
+            stage()
         return _insert_job(conn, challenge_id, team_id, sha256, size, now)
+
+
+def _open_limit(conn, challenge_id: str, now: dt.datetime) -> int:
+    """The daily limit of a published challenge that takes uploads now, or UnknownChallenge."""
+    row = conn.execute(
+        sa.select(published.c.daily_limit, published.c.deadline_utc, challenges.c.closed_utc)
+        .join(challenges, challenges.c.challenge_id == published.c.challenge_id)
+        .where(published.c.challenge_id == challenge_id)
+    ).one_or_none()
+    if row is None:
+        raise workqueue.UnknownChallenge(f"no open challenge {challenge_id!r}")
+    if row.closed_utc is not None:
+        raise workqueue.UnknownChallenge(f"challenge {challenge_id} is closed since {row.closed_utc}")
+    if row.deadline_utc is not None and _stamp(now) > row.deadline_utc:
+        raise workqueue.UnknownChallenge(f"challenge {challenge_id} closed for submissions at {row.deadline_utc}")
+    return int(row.daily_limit)
+
+
+def _check_limits(conn, team: str, team_id: int, challenge_id: str, daily_limit: int, now: dt.datetime) -> None:
+    recent = workqueue.count_since(conn, jobs, _stamp(now - dt.timedelta(minutes=1)), jobs.c.team_id == team_id)
+    if recent >= RATE_LIMIT_PER_MINUTE:
+        raise workqueue.LimitReached(
+            f"rate limit: at most {RATE_LIMIT_PER_MINUTE} uploads a minute per team; retry shortly"
+        )
+    used = workqueue.count_since(
+        conn,
+        jobs,
+        workqueue.day_start(now),
+        jobs.c.team_id == team_id,
+        jobs.c.challenge_id == challenge_id,
+        jobs.c.state.in_(("queued", "running", "scored")),
+    )
+    if used >= daily_limit:
+        raise workqueue.LimitReached(
+            f"team {team!r} has used its {daily_limit} submissions for {challenge_id} "
+            "today (UTC); refused ones do not count, the limit resets at midnight UTC"
+        )
 
 
 def _insert_job(conn, challenge_id: str, team_id: int, sha256: str, size: int, now: dt.datetime) -> int:
@@ -358,10 +444,11 @@ def run_job(db_url: str, store_root: str, job_id: int) -> str:
             origin = ORIGIN_ORGANIZER if row.team == BUILTIN_TEAM else ORIGIN_SELF
             recorded = store.record_score(result, team=row.team, daily_limit=None, origin=origin)
         except NcbenchError as error:
-            finish(store, job_id, "refused", message=str(error))
+            finish(store, job_id, "refused", message=redact(str(error), layout, row.sha256))
             return "refused"
         except Exception as error:  # noqa: BLE001 - a scorer bug: recorded, the server keeps serving
-            finish(store, job_id, "failed", message=f"scorer error: {type(error).__name__}: {error}")
+            text = redact(f"scorer error: {type(error).__name__}: {error}", layout, row.sha256)
+            finish(store, job_id, "failed", message=text)
             return "failed"
         finish(store, job_id, "scored", submission_id=recorded.submission_id)
         return "scored"
@@ -370,14 +457,25 @@ def run_job(db_url: str, store_root: str, job_id: int) -> str:
 # -- files -------------------------------------------------------------------------------------
 
 
+def redact(message: str, layout: workqueue.StoreLayout, sha256: str | None = None, upload: Path | None = None) -> str:
+    """``message`` for a team to read: the upload's path becomes "your file", anything else in
+    the store "<store>/...", so no server path reaches the API or the team's CLI."""
+    for path, shown in ((upload, "your file"), (layout.upload(sha256) if sha256 else None, "your file")):
+        if path is not None:
+            message = message.replace(str(path), shown)
+    return message.replace(str(layout.root), "<store>")
+
+
 def _sha256(path: Path) -> str:
     from ncbench.h5io import sha256_file
 
     return sha256_file(path)
 
 
-def _copy_atomic(source: Path, target: Path) -> None:
+def _copy_atomic(source: Path, target: Path, *, private: bool = False) -> None:
     tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+    if private:
+        create_private_file(tmp)  # copyfile keeps the mode of the file it overwrites
     shutil.copyfile(source, tmp)
     os.replace(tmp, target)
 
@@ -387,8 +485,8 @@ class UploadWriter:
     memory), refusing it past ``max_bytes``; nothing is left behind unless :meth:`commit` runs."""
 
     def __init__(self, layout: workqueue.StoreLayout, *, max_bytes: int):
-        layout.incoming.mkdir(parents=True, exist_ok=True)
-        layout.upload("x").parent.mkdir(parents=True, exist_ok=True)
+        private_dir(layout.incoming)  # a team's answers are not for other local users
+        private_dir(layout.upload("x").parent)
         self.layout, self.max_bytes = layout, max_bytes
         self.tmp = layout.incoming / secrets.token_hex(8)
         self.handle = open(self.tmp, "wb")  # noqa: SIM115 - closed by commit() or discard()
@@ -402,12 +500,20 @@ class UploadWriter:
         self.digest.update(chunk)
         self.handle.write(chunk)
 
-    def commit(self) -> tuple[str, int]:
-        """(sha256, size) of the stored file."""
+    @property
+    def sha256(self) -> str:
+        return self.digest.hexdigest()
+
+    def finish(self) -> Path:
+        """Close the file, still outside the store; returns where it is (for checks)."""
         self.handle.close()
-        sha256 = self.digest.hexdigest()
-        os.replace(self.tmp, self.layout.upload(sha256))
-        return sha256, self.size
+        return self.tmp
+
+    def commit(self) -> tuple[str, int]:
+        """Move the file into the store by content hash; (sha256, size) of the stored file."""
+        self.handle.close()
+        os.replace(self.tmp, self.layout.upload(self.sha256))
+        return self.sha256, self.size
 
     def discard(self) -> None:
         self.handle.close()

@@ -14,8 +14,10 @@ import sys
 from pathlib import Path
 
 from ncbench.errors import NcbenchError
+from ncbench.leaderboard import workqueue
 from ncbench.leaderboard.board import board_command
 from ncbench.leaderboard.store import Store, database_url, describe_db
+from ncbench.private import exposed, private_dir
 
 
 def db_url(db: str | None, store_dir: Path) -> str:
@@ -24,10 +26,30 @@ def db_url(db: str | None, store_dir: Path) -> str:
 
 
 def store_dir(path: Path) -> Path:
+    """The store folder, created 0700 (it holds keys and the database) when it is new."""
     if path.exists() and not path.is_dir():
         raise NcbenchError(f"--store {path} is not a folder")
-    path.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        private_dir(path)
     return path.resolve()
+
+
+def check_private(url: str, store_root: Path) -> None:
+    """NcbenchError, saying how to fix it, when group or others can read a secret of the store:
+    a key, the SQLite database (token hashes, unrevealed evaluation seeds), the uploads."""
+    paths = workqueue.StoreLayout(store_root).secret_paths()
+    database = database_url(url)
+    if database.get_backend_name() == "sqlite" and database.database:
+        paths += [Path(database.database + suffix) for suffix in ("", "-wal", "-shm")]
+    found = exposed(paths)
+    if found:
+        outside = sorted({str(p) for p in found if not p.is_relative_to(store_root)})
+        fix = " && ".join([f"chmod -R go= {store_root}", *(f"chmod go= {p}" for p in outside)])
+        raise NcbenchError(
+            f"refusing to start: group or others can read secrets of the store ({found[0]}"
+            + (f" and {len(found) - 1} more" if len(found) > 1 else "")
+            + f"); fix with: {fix}"
+        )
 
 
 class _Stopped(Exception):
@@ -103,6 +125,7 @@ def serve(
     from ncbench.leaderboard.verified import sandbox
 
     Store(url).close()  # create or migrate the database, or refuse a foreign one, before anything starts
+    check_private(url, store_root)
     try:
         sandbox.require_sandbox(unsandboxed=settings.unsandboxed)
     except sandbox.SandboxUnavailable as error:

@@ -17,6 +17,8 @@ from ncbench.leaderboard.server import channel
 from ncbench.leaderboard.store import Store
 from ncbench.leaderboard.verified import runs as verified
 
+LOOPBACK = "127.0.0.1:0"
+
 # Each kind of job: how it is claimed, run, and put back in the queue when its worker died.
 # Scoring jobs are claimed first: they take seconds, a verified run takes minutes.
 KINDS = {
@@ -44,8 +46,16 @@ class Dispatcher:
         if self.scheduler:
             self.client = Client(self.scheduler)
         else:
+            # Threads of this process talking over in-process queues, so no scheduler, worker or
+            # nanny port. The scheduler and each worker still start an HTTP server (health and
+            # metrics routes), on every interface unless told: loopback, on a free port.
             self.cluster = LocalCluster(
-                n_workers=self.workers, threads_per_worker=1, processes=False, dashboard_address=None
+                n_workers=self.workers,
+                threads_per_worker=1,
+                processes=False,
+                protocol="inproc://",
+                dashboard_address=LOOPBACK,
+                worker_dashboard_address=LOOPBACK,
             )
             self.client = Client(self.cluster)
         with Store(self.db_url) as store:

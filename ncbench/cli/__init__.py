@@ -92,7 +92,7 @@ COMMANDS = (
 # Distributions of each extra, as imported (pyproject.toml's optional-dependencies).
 EXTRA_MODULES = {
     "board": ("streamlit", "sqlalchemy"),
-    "server": ("fastapi", "uvicorn", "distributed", "argon2", "streamlit", "sqlalchemy"),
+    "server": ("fastapi", "uvicorn", "distributed", "streamlit", "sqlalchemy"),
 }
 EXTRA_MODULES["all"] = EXTRA_MODULES["board"] + EXTRA_MODULES["server"]
 

@@ -96,7 +96,7 @@ def demo(out: Path, n: int, seed: int, device: str) -> None:
         EmbeddedServer(url, store_dir) as server,
         _utility_beside(store, reid_presets, seed=seed, device=pick_device(device)) as utility,
     ):
-        _, token = channel.add_team(store, TEAM)
+        _, token = channel.add_team(store, TEAM, key=channel.token_key(workqueue.StoreLayout(store_dir)))
         click.echo(f"challenge server on {server.url} (store {store_dir})")
         for k, (preset, task) in enumerate(DEMO_CHALLENGES):
             folder = out / f"{preset}-{task}"

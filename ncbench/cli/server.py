@@ -135,6 +135,12 @@ def _check_sandbox(context: click.Context) -> None:
     default=None,
     help="Verified track: plugin runs per team and UTC day [default: 2].",
 )
+@click.option(
+    "--republish",
+    is_flag=True,
+    help="The challenge is already published: copy its files again and replace its daily limit and "
+    "deadline with the values given (the defaults when none is given).",
+)
 def publish(
     release_dir: Path,
     store_dir: Path,
@@ -143,6 +149,7 @@ def publish(
     deadline: str | None,
     eval_source: str | None,
     plugin_daily_limit: int | None,
+    republish: bool,
 ) -> None:
     """Register a built challenge with the server: its public files become downloadable; its
     key goes to the store, which no route serves."""
@@ -152,6 +159,10 @@ def publish(
     from ncbench.leaderboard.verified import runs as verified
 
     verified.evaluation_values(eval_source=eval_source, plugin_daily_limit=plugin_daily_limit)  # refuse first
+    kind, _, where = (eval_source or "").partition(":")
+    if kind in ("folder", "manifest") and not Path(where).expanduser().is_absolute():
+        # The server reads it later from its own working folder, wherever that is.
+        raise NcbenchError(f"--eval-source {kind}:PATH needs an absolute path, got {where!r}")
     when = None
     if deadline:
         try:
@@ -166,6 +177,7 @@ def publish(
             release_dir,
             daily_limit=DEFAULT_DAILY_LIMIT if daily_limit is None else daily_limit,
             deadline=when,
+            republish=republish,
         )
         verified.set_evaluation(store, challenge_id, eval_source=eval_source, plugin_daily_limit=plugin_daily_limit)
     click.echo(f"published {challenge_id}")
@@ -178,7 +190,7 @@ def team_group() -> None:
 
 def _on_team_store(name: str):
     """A ``team`` subcommand that takes the store by --store or --db and hands the command the
-    open store and the server's channel."""
+    open store, the server's channel and the store folder (None when only --db was given)."""
 
     def wrap(function):
         @team_group.command(name, help=function.__doc__)
@@ -191,9 +203,10 @@ def _on_team_store(name: str):
 
             if store_dir is None and db is None:
                 raise NcbenchError("give --db or --store")
-            url = service.db_url(db, service.store_dir(store_dir)) if store_dir else database_url(db)
+            store_root = service.store_dir(store_dir) if store_dir else None
+            url = service.db_url(db, store_root) if store_root else database_url(db)
             with Store(url) as store:
-                function(store, channel, **kwargs)
+                function(store, channel, store_root, **kwargs)
 
         return command
 
@@ -202,15 +215,19 @@ def _on_team_store(name: str):
 
 @click.argument("name")
 @_on_team_store("add")
-def team_add(store, channel, name: str) -> None:
+def team_add(store, channel, store_root: Path | None, name: str) -> None:
     """Create team NAME (or reuse it) and print a new token, once: only its hash is kept."""
-    name, token = channel.add_team(store, name)
+    if store_root is None:
+        raise NcbenchError("team add needs --store: the server's token secret lives there")
+    from ncbench.leaderboard import workqueue
+
+    name, token = channel.add_team(store, name, key=channel.token_key(workqueue.StoreLayout(store_root)))
     click.echo(f"team {name}: token (shown once; give it to the team)", err=True)
     click.echo(token)
 
 
 @_on_team_store("list")
-def team_list(store, channel) -> None:
+def team_list(store, channel, store_root: Path | None) -> None:
     """Every team, when it was created and how many active tokens it has."""
     for row in channel.list_teams(store):
         click.echo(f"{row['name']}\tcreated {row['created_utc']}\tactive tokens {row['active_tokens']}")
@@ -218,6 +235,6 @@ def team_list(store, channel) -> None:
 
 @click.argument("name")
 @_on_team_store("revoke")
-def team_revoke(store, channel, name: str) -> None:
+def team_revoke(store, channel, store_root: Path | None, name: str) -> None:
     """Revoke every token of team NAME (its results stay on the board)."""
     click.echo(f"revoked {channel.revoke_team(store, name)} token(s) of {name}")
