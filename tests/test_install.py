@@ -10,6 +10,7 @@ proves those declarations are complete. Anything the code imports beyond them fa
 
 import importlib.metadata
 import re
+import shutil
 import subprocess
 import sys
 import venv
@@ -55,8 +56,13 @@ def _link_farm(names: set[str], farm: Path) -> None:
 def plain_env(tmp_path_factory):
     root = tmp_path_factory.mktemp("plain-install")
     wheels = root / "wheels"
+    # Build from a copy: setuptools leaves build/ behind, and a stale build/ leaks into later wheels.
+    source = root / "source"
+    shutil.copytree(
+        REPO, source, ignore=shutil.ignore_patterns(".*", "build", "*.egg-info", "__pycache__", "demo-out", "runs")
+    )
     built = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", wheels, REPO],
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", wheels, source],
         capture_output=True,
         text=True,
         timeout=300,

@@ -786,7 +786,7 @@ def revealed_count(store: Store, challenge_id: str) -> int:
 
 
 # Costs a plugin controls are public only rounded up to a power of two (from these floors), so
-# each tells at most about 4 bits (docs/security-verified.md); its team sees the measured values.
+# each tells at most about 4 bits (docs/security.md); its team sees the measured values.
 COARSE_FLOORS = {"wall_s": 1.0, "cpu_s": 1.0, "peak_rss_bytes": float(1 << 20)}
 
 

@@ -205,7 +205,7 @@ def require_sandbox(*, unsandboxed: bool) -> None:
 @dataclass(frozen=True)
 class Protection:
     """One protection a sandboxed run gets on this host, or not: ``promised`` ones are what
-    docs/security-verified.md promises, and the verified track refuses to run without them."""
+    docs/security.md promises, and the verified track refuses to run without them."""
 
     name: str
     present: bool
@@ -628,7 +628,7 @@ def _kill_group(pid: int) -> None:
 
 # The public vocabulary of failures: a run's reason is one of these, or EXCEPTION_PREFIX and the
 # name of a built-in exception class. Each is one of about 80 choices (about 6 bits) that a plugin
-# can make by raising, printing or exhausting a limit on purpose (docs/security-verified.md).
+# can make by raising, printing or exhausting a limit on purpose (docs/security.md).
 WALL_LIMIT = "wall-clock limit"
 OUTPUT_LIMIT = "output limit"
 MEMORY_LIMIT = "memory limit"
