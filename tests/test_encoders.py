@@ -326,7 +326,8 @@ def test_an_fp32_release_is_the_same_bytes_whatever_the_cpu_computes_with(tmp_pa
         built = subprocess.run(
             [str(Path(sys.executable).with_name("ncbench")), "challenge", "build", "--preset", "nc7", "--task", "reid"]
             + ["--source", "phantom", "--n", "32", "--width", "64", "--image-size", "32", "--patch-size", "8"]
-            + ["--bn-batch", "16", "--seed", "ab" * 32, "--device", "cpu", "--out", str(out)],
+            + ["--bn-batch", "16", "--seed-file", "-", "--device", "cpu", "--out", str(out)],
+            input="ab" * 32,
             capture_output=True,
             text=True,
             env={**os.environ, "SOURCE_DATE_EPOCH": "1700000000", **env},

@@ -49,8 +49,8 @@ def _build(out, **kwargs):
     )
 
 
-def _run(*args, env=None):
-    return CliRunner().invoke(main, [str(a) for a in args], env=env)
+def _run(*args, env=None, input=None):
+    return CliRunner().invoke(main, [str(a) for a in args], env=env, input=input)
 
 
 def _one_line_error(result):
@@ -61,7 +61,7 @@ def _one_line_error(result):
 
 
 def guess_seed(release_dir, candidates) -> int | None:
-    """The attack of the issue: try small seeds against what the release publishes.
+    """The enumeration attack: try small seeds against what the release publishes.
 
     A candidate wins when the public id is the one it would derive, or when a key drawn from it
     encodes a public plaintext into one of the public encodings.
@@ -143,13 +143,17 @@ def test_seed_that_is_not_hex_is_refused_without_echoing_it(tmp_path):
 
 
 def test_cli_weak_seed_is_refused_in_one_line(tmp_path):
-    line = _one_line_error(_run("challenge", "build", *CLI_ARGS, "--seed", 7, "--out", tmp_path / "out"))
+    line = _one_line_error(
+        _run("challenge", "build", *CLI_ARGS, "--seed-file", "-", "--out", tmp_path / "out", input="7")
+    )
     assert "can be guessed" in line and "--test-release" in line
     assert not (tmp_path / "out").exists()
 
 
 def test_cli_seed_of_31_hex_digits_is_refused(tmp_path):
-    _one_line_error(_run("challenge", "build", *CLI_ARGS, "--seed", "f" * 31, "--out", tmp_path / "out"))
+    _one_line_error(
+        _run("challenge", "build", *CLI_ARGS, "--seed-file", "-", "--out", tmp_path / "out", input="f" * 31)
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -160,10 +164,10 @@ def test_cli_seed_file_builds_reproducibly(tmp_path):
     for name in ("a", "b"):
         result = _run("challenge", "build", *CLI_ARGS, "--seed-file", seed_file, "--out", tmp_path / name, env=env)
         assert result.exit_code == 0, result.output
-    same_seed_on_command_line = _run(
-        "challenge", "build", *CLI_ARGS, "--seed", SECRET, "--out", tmp_path / "c", env=env
+    same_seed_on_standard_input = _run(
+        "challenge", "build", *CLI_ARGS, "--seed-file", "-", "--out", tmp_path / "c", env=env, input=SECRET + "\n"
     )
-    assert same_seed_on_command_line.exit_code == 0, same_seed_on_command_line.output
+    assert same_seed_on_standard_input.exit_code == 0, same_seed_on_standard_input.output
     for rel in ("public/release.h5", "private/key.h5"):
         assert (
             (tmp_path / "a" / rel).read_bytes()
@@ -185,6 +189,17 @@ def test_cli_bad_seed_file_is_refused_in_one_line(tmp_path, content):
 
 def test_cli_missing_seed_file_is_one_line(tmp_path):
     _one_line_error(_run("challenge", "build", *CLI_ARGS, "--seed-file", tmp_path / "nope", "--out", tmp_path / "o"))
+
+
+@pytest.mark.parametrize("seed", [SECRET, "0" * 30 + "07", "deadbeef" * 8])
+def test_a_typed_seed_builds_no_real_release(tmp_path, seed):
+    # Digit count is not entropy, and a command line is public: a real key comes from `secrets`
+    # or a seed file; a typed seed is for a test release, which says its key is public.
+    line = _one_line_error(_run("challenge", "build", *CLI_ARGS, "--seed", seed, "--out", tmp_path / "out"))
+    assert "--seed-file" in line and "--test-release" in line
+    assert not (tmp_path / "out").exists()
+    marked = _run("challenge", "build", *CLI_ARGS, "--seed", seed, "--test-release", "--out", tmp_path / "t")
+    assert marked.exit_code == 0, marked.output
 
 
 def test_cli_seed_and_seed_file_together_are_refused(tmp_path):

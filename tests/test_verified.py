@@ -183,9 +183,9 @@ def plugin_source(name: str, body: str = WELL_BEHAVED, module_level: str = "", c
     )
 
 
-def cli(*args, env=None):
+def cli(*args, env=None, input=None):
     """The ncbench command in this process (click's runner): the quick checks need no new interpreter."""
-    return CliRunner().invoke(main, [str(a) for a in args], env=env)
+    return CliRunner().invoke(main, [str(a) for a in args], env=env, input=input)
 
 
 def write_wheel(
@@ -725,12 +725,14 @@ def test_a_revealed_seed_rebuilds_the_evaluation_release_byte_for_byte(world, ba
     commitments = httpx.get(f"{url}/api/v1/challenges/{world['id']}/commitments").json()
     revealed = next(c for c in commitments if c["attack"] == "bob/good-gram")
     assert hashlib.sha256(revealed["seed"].encode()).hexdigest() == revealed["seed_sha256"]
-    words = shlex.split(revealed["rebuild"])
+    echo, command = revealed["rebuild"].split(" | ")
+    assert shlex.split(echo) == ["echo", revealed["seed"]]
+    words = shlex.split(command)
     epoch = words.pop(0).split("=", 1)
-    assert epoch[0] == "SOURCE_DATE_EPOCH" and words[0] == "ncbench"
+    assert epoch[0] == "SOURCE_DATE_EPOCH" and words[0] == "ncbench" and "--seed-file" in words
     out = words.index("--out") + 1
     words[out] = str(tmp_path / words[out])
-    rebuilt = cli(*words[1:], env={"SOURCE_DATE_EPOCH": epoch[1]})
+    rebuilt = cli(*words[1:], env={"SOURCE_DATE_EPOCH": epoch[1]}, input=revealed["seed"] + "\n")
     assert rebuilt.exit_code == 0, rebuilt.output
     release = Path(words[out]) / "public" / "release.h5"
     assert hashlib.sha256(release.read_bytes()).hexdigest() == revealed["release_sha256"]

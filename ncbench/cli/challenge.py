@@ -60,11 +60,13 @@ def group() -> None:
 )
 @click.option(
     "--seed",
-    help="Secret key seed, at least 32 hex digits (128 bits); drawn from `secrets` when "
-    "omitted. Prefer --seed-file: a command line is seen by other users and kept in shell history.",
+    help="Key seed typed on the command line, for a --test-release only: a command line is seen by "
+    "other users and kept in shell history [default: drawn from `secrets`].",
 )
 @click.option(
-    "--seed-file", type=click.Path(path_type=Path), help="File holding the secret key seed as hex digits (at least 32)."
+    "--seed-file",
+    type=click.Path(path_type=Path),
+    help="File holding the secret key seed as hex digits, at least 32 (128 bits); - reads standard input.",
 )
 @click.option(
     "--test-release",
@@ -110,6 +112,11 @@ def build(
     """Encode images with a fresh secret key and write OUT/public (give away) and OUT/private (keep)."""
     if seed is not None and seed_file is not None:
         raise NcbenchError("give --seed or --seed-file, not both")
+    if seed is not None and not test_release:
+        raise NcbenchError(
+            "a seed typed on the command line is seen by other users and kept in shell history: give a "
+            "secret seed with --seed-file FILE (or - for standard input), or mark a --test-release"
+        )
     if seed_file is not None:
         seed = read_seed_file(seed_file)
     config = resolve_config(preset, **overrides)
@@ -134,8 +141,11 @@ def build(
 def read_seed_file(path: Path) -> str:
     """The hex seed held by ``path`` (surrounding whitespace ignored); checked by ``build_release``."""
     try:
-        with open(path, "rb") as handle:
-            raw = handle.read(SEED_FILE_LIMIT + 1)
+        if str(path) == "-":
+            raw = click.get_binary_stream("stdin").read(SEED_FILE_LIMIT + 1)
+        else:
+            with open(path, "rb") as handle:
+                raw = handle.read(SEED_FILE_LIMIT + 1)
     except OSError as error:
         raise NcbenchError(f"--seed-file {path}: {error.strerror or error}") from None
     if len(raw) > SEED_FILE_LIMIT:
