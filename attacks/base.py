@@ -175,6 +175,12 @@ class Attack(abc.ABC):
     def rng(self, purpose: str) -> np.random.Generator:
         return np.random.default_rng([self.seed, *purpose.encode()])
 
+    def answer(self, release: Release, **parts) -> Submission:
+        """This attack's submission for ``release``, holding ``parts`` (``mapping``, ``scores``,
+        ``reconstructions``, ...); the base class adds parameters, knowledge and timings."""
+        parts.setdefault("encoded_ids", release.encoded_ids)
+        return Submission(release.challenge_id, self.name, self.version, **parts)
+
 
 class _Stage:
     def __init__(self, attack: Attack, label: str, total: int):

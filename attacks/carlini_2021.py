@@ -154,11 +154,8 @@ class Carlini2021(Attack):
                     advance(1)
 
         plain_ids = release.plain_ids
-        return Submission(
-            challenge_id=release.challenge_id,
-            attack=self.name,
-            attack_version=self.version,
-            encoded_ids=release.encoded_ids,
+        return self.answer(
+            release,
             mapping=[plain_ids[j] for j in matched],
             scores=scores.astype(np.float32),
             plain_ids=plain_ids,

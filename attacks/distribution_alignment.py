@@ -186,7 +186,7 @@ class DistributionAlignment(Attack):
         def predict(images: np.ndarray) -> torch.Tensor:
             return images_to_patches(torch.from_numpy(images), config).double().mean(1) @ weight + bias
 
-        submission = Submission(release.challenge_id, self.name, self.version, release.encoded_ids)
+        submission = self.answer(release)
         predicted_aux = predict(aux)
         submission.diagnostics = {
             "mmd_aux_vs_release": float(mmd(predicted_aux, encoded_means, _median_width(encoded_means)))

@@ -73,11 +73,8 @@ class GramHungarian(Attack):
             scores_max=p.scores_max,
         )
         plain_ids = release.plain_ids
-        return Submission(
-            challenge_id=release.challenge_id,
-            attack=self.name,
-            attack_version=self.version,
-            encoded_ids=release.encoded_ids,
+        return self.answer(
+            release,
             mapping=[plain_ids[j] for j in pairing.matched],
             scores=pairing.scores,
             plain_ids=plain_ids,

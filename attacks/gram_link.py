@@ -78,10 +78,8 @@ class GramLink(Attack):
             left_ids += [ids[views[a].rows[r]] for r in rows]
             right_ids += [ids[views[b].rows[c]] for c in cols]
             claim_scores.append(values)
-        return Submission(
-            challenge_id=release.challenge_id,
-            attack=self.name,
-            attack_version=self.version,
+        return self.answer(
+            release,
             encoded_ids=ids,
             link_left=left_ids,
             link_right=right_ids,

@@ -126,11 +126,8 @@ class LinearInversion(Attack):
                 ordered = to_slot_order(block, positions[start : start + len(block)])
                 reconstructions[start : start + len(block)] = reconstruct(model, ordered, config)
                 advance(len(block))
-        submission = Submission(
-            release.challenge_id,
-            self.name,
-            self.version,
-            release.encoded_ids,
+        submission = self.answer(
+            release,
             reconstructions=reconstructions,
             patch_positions=positions.astype(np.int16),
         )

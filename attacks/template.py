@@ -46,11 +46,8 @@ class MeanPatchNearest(Attack):
         # Higher score = more likely; one-to-one matching by assignment.
         scores = -np.abs(_rank(encoded_norm)[:, None] - _rank(plain)[None, :])
         matched = match(scores)
-        return Submission(
-            release.challenge_id,
-            self.name,
-            self.version,
-            release.encoded_ids,
+        return self.answer(
+            release,
             mapping=[release.plain_ids[j] for j in matched],
             scores=scores.astype(np.float32),
             plain_ids=release.plain_ids,

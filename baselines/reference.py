@@ -22,7 +22,7 @@ class Chance(Attack):
 
     def run(self, release: Release) -> Submission:
         rng = self.rng("chance")
-        submission = Submission(release.challenge_id, self.name, self.version, release.encoded_ids)
+        submission = self.answer(release)
         if release.task == "reid":
             plain_ids = release.plain_ids
             submission.mapping = [plain_ids[j] for j in rng.permutation(len(plain_ids))[: release.n_encoded]]
@@ -53,7 +53,7 @@ class Oracle(Attack):
     def run(self, release: Release) -> Submission:
         if not self.params.key:
             raise NcbenchError("the oracle needs --param key=PATH/TO/key.h5")
-        submission = Submission(release.challenge_id, self.name, self.version, release.encoded_ids)
+        submission = self.answer(release)
         with open_key(self.params.key) as key:
             if key.challenge_id != release.challenge_id:
                 raise NcbenchError(f"key is for {key.challenge_id}, release is {release.challenge_id}")

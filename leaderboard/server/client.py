@@ -307,6 +307,24 @@ def submit(
         echo_json(outcome)
 
 
+def wait_until_final(client: Client, record: dict, path: str, what: str, timeout: float, every: float) -> dict:
+    """Poll ``path`` until ``record`` (a submission or a verified run) reaches a final state;
+    returns it scored, or raises one line saying how it ended or that it is still going."""
+    deadline = time.monotonic() + timeout
+    with progress(f"waiting for {what}", 1) as advance:
+        while record["state"] not in FINAL_STATES:
+            if time.monotonic() > deadline:
+                raise NcbenchError(
+                    f"{what} is still {record['state']} after {timeout} s; check later with `ncbench submissions`"
+                )
+            time.sleep(every)
+            record = client.json("GET", path)
+        advance(1)
+    if record["state"] != "scored":
+        raise NcbenchError(f"{what} {record['state']}: {record['message']}")
+    return record
+
+
 def submit_file(
     submission: Path,
     challenge_id: str,
@@ -341,19 +359,7 @@ def submit_file(
     echo(f"submission {job['id']} queued")
     if not wait:
         return job
-    deadline = time.monotonic() + timeout
-    with progress(f"waiting for submission {job['id']} to be scored", 1) as advance:
-        while job["state"] not in FINAL_STATES:
-            if time.monotonic() > deadline:
-                raise NcbenchError(
-                    f"submission {job['id']} is still {job['state']} after {timeout} s; "
-                    "check later with `ncbench submissions`"
-                )
-            time.sleep(0.5)
-            job = client.json("GET", f"/api/v1/submissions/{job['id']}")
-        advance(1)
-    if job["state"] != "scored":
-        raise NcbenchError(f"submission {job['id']} {job['state']}: {job['message']}")
+    job = wait_until_final(client, job, f"/api/v1/submissions/{job['id']}", f"submission {job['id']}", timeout, 0.5)
     echo(f"submission {job['id']} scored: {LADDER_LABEL}: {scores_text(job['public'])}")
     return job
 
@@ -417,19 +423,7 @@ def submit_plugin(
     )
     if not wait:
         return run
-    deadline = time.monotonic() + timeout
-    with progress(f"waiting for verified run {run['id']}", 1) as advance:
-        while run["state"] not in FINAL_STATES:
-            if time.monotonic() > deadline:
-                raise NcbenchError(
-                    f"verified run {run['id']} is still {run['state']} after {timeout} s; "
-                    "check later with `ncbench submissions`"
-                )
-            time.sleep(1)
-            run = client.json("GET", f"/api/v1/plugins/{run['id']}")
-        advance(1)
-    if run["state"] != "scored":
-        raise NcbenchError(f"verified run {run['id']} {run['state']}: {run['message']}")
+    run = wait_until_final(client, run, f"/api/v1/plugins/{run['id']}", f"verified run {run['id']}", timeout, 1.0)
     scores = ", ".join(short(e["headline"]) for e in run["evaluations"])
     spread = f" ± {short(run['spread'])} (sd)" if run["spread"] is not None else ""
     echo(
