@@ -73,7 +73,12 @@ def test_every_readme_command_runs(tmp_path):
     for k in range(16):
         Image.fromarray(rng.integers(0, 256, (40, 40), dtype=np.uint8)).save(chexpert / f"view{k}.png")
     template = (REPO / "attacks" / "template.py").read_text()
-    (tmp_path / "my_attack.py").write_text(template + '\n\nclass MyAttack(MeanPatchNearest):\n    name = "my-attack"\n')
+    # A plugin declares itself in literals in its own class body (the server reads them there).
+    (tmp_path / "my_attack.py").write_text(
+        template
+        + '\n\nclass MyAttack(MeanPatchNearest):\n    name = "my-attack"\n    version = "0.1"\n'
+        + '    tasks = ("reid",)\n    knowledge = ("architecture", "plaintext-pool")\n'
+    )
     env = {**os.environ}
     servers: list[subprocess.Popen] = []
     challenge_id = None

@@ -113,8 +113,11 @@ def demo(out: Path, n: int, seed: int, device: str) -> None:
                     force=True,
                 )
             written.append(folder)
-            # Just built or checked against its checksums: no need to recompute every encoding.
-            challenge_id = channel.publish(store, workqueue.StoreLayout(store_dir), folder, recompute=False)
+            # Just built or checked against its checksums: no need to recompute every encoding. A
+            # re-run publishes the same release again, on purpose.
+            challenge_id = channel.publish(
+                store, workqueue.StoreLayout(store_dir), folder, recompute=False, republish=True
+            )
             for name, cls in sorted(attacks.items()):
                 if task not in cls.tasks or name.startswith("template"):
                     continue

@@ -47,7 +47,7 @@ def test_the_same_bytes_again_are_one_job_and_count_once(served, answers):
 
 def test_a_closed_challenge_refuses_answer_files_with_404(published, answers):
     token = token_for(published["store"], "alice")
-    closed = ncbench("leaderboard", "close", published["id"], "--db", published["store"] / "leaderboard.db")
+    closed = ncbench("leaderboard", "close", published["id"], "--db", published["store"] / "leaderboard.db", "--yes")
     assert closed.returncode == 0, closed.stderr
     server = Server(published["store"], "--board-port", "0")
     try:
