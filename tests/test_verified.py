@@ -535,7 +535,8 @@ def test_submit_plugin_runs_on_fresh_hidden_releases_committed_before_the_run(wo
     run = run_of(batch, world, int(good["run_id"].iloc[0]), "bob")
     assert all(c["committed_utc"] < run["finished_utc"] for c in mine)
     listed = cli("submissions", env=batch["bob"])
-    assert f"plugin {run['id']}" in listed.stdout and "scored" in listed.stdout
+    runs_table = listed.stdout.split("verified plugin runs")[1].splitlines()
+    assert any(line.split()[:1] == [str(run["id"])] and "scored" in line for line in runs_table), listed.stdout
 
 
 @pytest.mark.parametrize("form", ["file", "wheel"])

@@ -307,11 +307,12 @@ def submit(
         echo_json(outcome)
 
 
-def wait_until_final(client: Client, record: dict, path: str, what: str, timeout: float, every: float) -> dict:
-    """Poll ``path`` until ``record`` (a submission or a verified run) reaches a final state;
-    returns it scored, or raises one line saying how it ended or that it is still going."""
+def wait_until_final(client: Client, path: str, what: str, timeout: float, every: float) -> dict:
+    """Poll ``path`` (a submission or a verified run) until it reaches a final state; returns it
+    scored, or raises one line saying how it ended or that it is still going."""
     deadline = time.monotonic() + timeout
     with progress(f"waiting for {what}", 1) as advance:
+        record = client.json("GET", path)  # not the upload's answer: that has the state, not the scores
         while record["state"] not in FINAL_STATES:
             if time.monotonic() > deadline:
                 raise NcbenchError(
@@ -359,7 +360,7 @@ def submit_file(
     echo(f"submission {job['id']} queued")
     if not wait:
         return job
-    job = wait_until_final(client, job, f"/api/v1/submissions/{job['id']}", f"submission {job['id']}", timeout, 0.5)
+    job = wait_until_final(client, f"/api/v1/submissions/{job['id']}", f"submission {job['id']}", timeout, 0.5)
     echo(f"submission {job['id']} scored: {LADDER_LABEL}: {scores_text(job['public'])}")
     return job
 
@@ -423,7 +424,7 @@ def submit_plugin(
     )
     if not wait:
         return run
-    run = wait_until_final(client, run, f"/api/v1/plugins/{run['id']}", f"verified run {run['id']}", timeout, 1.0)
+    run = wait_until_final(client, f"/api/v1/plugins/{run['id']}", f"verified run {run['id']}", timeout, 1.0)
     scores = ", ".join(short(e["headline"]) for e in run["evaluations"])
     spread = f" ± {short(run['spread'])} (sd)" if run["spread"] is not None else ""
     echo(
