@@ -10,8 +10,8 @@ plugin machinery (``plugins/``). It may import challenge and the shared infrastr
 imports the leaderboard: the scorer stays the organizer's.
 """
 
-from ncbench.attacks.base import Attack, param
+from ncbench.attacks.base import Attack, chunk_param, param
 from ncbench.attacks.submission import Submission
 from ncbench.challenge.files import Release
 
-__all__ = ["Attack", "Release", "Submission", "param"]
+__all__ = ["Attack", "Release", "Submission", "chunk_param", "param"]

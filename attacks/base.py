@@ -47,6 +47,11 @@ def param(default, help: str, *, min=None, max=None, choices=None) -> dataclasse
     )
 
 
+def chunk_param(default: int = 32) -> dataclasses.Field:
+    """The ``chunk`` parameter of attacks that stream a release: images per block."""
+    return param(default, "images per streamed block", min=1, max=4096)
+
+
 KNOWLEDGE = {
     "architecture": "the public encoder architecture and preset configuration",
     "self-sampled-keys": "encoders with keys the attacker draws itself",

@@ -37,7 +37,7 @@ from torch import nn
 
 from ncbench.assignment import match
 from ncbench.attacks.alignment import iter_aligned, slot_reference
-from ncbench.attacks.base import Attack, param
+from ncbench.attacks.base import Attack, chunk_param, param
 from ncbench.attacks.self_keyed import self_encode
 from ncbench.attacks.submission import Submission
 from ncbench.challenge.encoders import BN_EPS, EncoderConfig, derive_seed, images_to_patches
@@ -75,7 +75,7 @@ class Carlini2021(Attack):
         clone_dims: int = param(128, "output coordinates the clone fits (of D)", min=1, max=8192)
         clone_steps: int = param(40, "L1 fitting steps per round", min=1, max=100000)
         clone_batch: int = param(64, "images per fitting step (drawn from one release batch)", min=2, max=4096)
-        chunk: int = param(32, "images per streamed block", min=1, max=4096)
+        chunk: int = chunk_param()
 
     def run(self, release: Release) -> Submission:
         p, config = self.params, release.config

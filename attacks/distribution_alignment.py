@@ -30,7 +30,7 @@ from ncbench.attacks.alignment import (
     refine_slot_positions,
     slot_reference,
 )
-from ncbench.attacks.base import Attack, param
+from ncbench.attacks.base import Attack, chunk_param, param
 from ncbench.attacks.self_keyed import self_encode
 from ncbench.attacks.statistics import patch_statistics
 from ncbench.attacks.submission import Submission
@@ -139,7 +139,7 @@ class DistributionAlignment(Attack):
         iterations: int = param(60, "Procrustes fixed-point iterations", min=0, max=10000)
         covariance_images: int = param(128, "encodings used for the pooled covariance (D x D)", min=2, max=100000)
         self_width: int = param(512, "self-keyed width for placing slots (shuffled presets)", min=16, max=8192)
-        chunk: int = param(32, "images per streamed block", min=1, max=4096)
+        chunk: int = chunk_param()
 
     def run(self, release: Release) -> Submission:
         p, config = self.params, release.config

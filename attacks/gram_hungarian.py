@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ncbench.attacks.base import Attack, param
+from ncbench.attacks.base import Attack, chunk_param, param
 from ncbench.attacks.pairing import ASSIGN_MAX, BOOST_ROUNDS, CANDIDATES, REFINE_PAIRS, SCORES_MAX, gram_pairing
 from ncbench.attacks.submission import Submission
 from ncbench.challenge.files import Release
@@ -27,34 +27,16 @@ class GramHungarian(Attack):
     @dataclass
     class Params:
         self_width: int = param(512, "width of the self-sampled encoder for the plaintext pool", min=16, max=8192)
-        boost_rounds: int = param(
-            BOOST_ROUNDS,
-            "at most this many rounds of slot recovery + Gram re-matching (fewer once converged)",
-            min=1,
-            max=20,
-        )
-        refine_pairs: int = param(
-            REFINE_PAIRS, "matched pairs whose Gram matrices refine the slot permutation", min=1, max=100000
-        )
+        boost_rounds: int = param(BOOST_ROUNDS, "most rounds of slot recovery + Gram re-matching", min=1, max=20)
+        refine_pairs: int = param(REFINE_PAIRS, "pairs whose Gram matrices refine the slot order", min=1, max=100000)
+        # Beyond assign_max: sampled boosting rounds and a sparse final assignment on shortlists.
         assign_max: int = param(
-            ASSIGN_MAX,
-            "encodings up to which every matching is a dense assignment; beyond, sampled rounds and a sparse final assignment on candidate shortlists",
-            min=2,
-            max=1_000_000,
+            ASSIGN_MAX, "N up to which matching is dense (beyond: sampled, sparse)", min=2, max=1_000_000
         )
-        candidates: int = param(
-            CANDIDATES, "plaintext candidates per encoding in the sparse final assignment", min=1, max=1024
-        )
-        scores_max: int = param(
-            SCORES_MAX,
-            "encodings up to which the full (N, M) score matrix is kept and submitted; beyond, the mapping only",
-            min=1,
-            max=10_000_000,
-        )
-        chunk: int = param(32, "images per streamed block", min=1, max=4096)
-        insider_key: str = param(
-            "", "another site's key file (`ncbench challenge site-key`) to encode the plaintexts with"
-        )
+        candidates: int = param(CANDIDATES, "plaintext candidates per encoding when sparse", min=1, max=1024)
+        scores_max: int = param(SCORES_MAX, "encodings up to which the (N, M) scores are kept", min=1, max=10_000_000)
+        chunk: int = chunk_param()
+        insider_key: str = param("", "another site's key file (`challenge site-key`) to encode the plaintexts with")
 
     def run(self, release: Release) -> Submission:
         p = self.params

@@ -16,7 +16,7 @@ from itertools import combinations
 import numpy as np
 
 from ncbench.assignment import match
-from ncbench.attacks.base import Attack, param
+from ncbench.attacks.base import Attack, chunk_param, param
 from ncbench.attacks.pairing import REFINE_PAIRS, aligned_statistics, boost
 from ncbench.attacks.statistics import sorted_norm_scores
 from ncbench.attacks.submission import Submission
@@ -48,7 +48,7 @@ class GramLink(Attack):
         refine_pairs: int = param(
             REFINE_PAIRS, "trusted pairs whose Gram matrices refine the slot order", min=1, max=100000
         )
-        chunk: int = param(32, "images per streamed block", min=1, max=4096)
+        chunk: int = chunk_param()
 
     def run(self, release: Release) -> Submission:
         if release.n_sites < 2:

@@ -23,7 +23,7 @@ from ncbench.attacks.alignment import (
     slot_reference,
     to_slot_order,
 )
-from ncbench.attacks.base import Attack, param
+from ncbench.attacks.base import Attack, chunk_param, param
 from ncbench.attacks.pairing import gram_pairing
 from ncbench.attacks.self_keyed import self_encode
 from ncbench.attacks.statistics import patch_statistics
@@ -100,7 +100,7 @@ class LinearInversion(Attack):
         )
         max_pairs: int = param(256, "at most this many pairs are used for the fit (memory bound)", min=1, max=100000)
         self_width: int = param(512, "self-keyed width used to place slots (shuffled presets)", min=16, max=8192)
-        chunk: int = param(32, "images per streamed block", min=1, max=4096)
+        chunk: int = chunk_param()
 
     def run(self, release: Release) -> Submission:
         p, config = self.params, release.config

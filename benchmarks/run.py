@@ -304,24 +304,34 @@ def scale(release_dir: str, sizes: str = "250,500,1000,2000,5000,10000") -> dict
     return {"benchmark": "scale gram-hungarian", "release": release_dir, "machine": machine_description(), "runs": rows}
 
 
-def boost(release_dir: str) -> dict:
-    """gram-hungarian's boosting against the reference-style one (see the module docstring) on
-    the same statistics: time and re-identification of each."""
-    from ncbench.assignment import match
+def _gram_statistics(release_dir: str, **options):
+    """gram-hungarian (default parameters, ``options`` for the attack) on ``release_dir``: the
+    attack, the true plaintext index of each encoding, and the encoded and plaintext statistics."""
     from ncbench.attacks import pairing
     from ncbench.attacks.plugins.registry import resolve
     from ncbench.attacks.self_keyed import self_encode
-    from ncbench.attacks.statistics import gram_scores, patch_statistics, sorted_norm_scores
+    from ncbench.attacks.statistics import patch_statistics
     from ncbench.challenge.files import open_key, open_release
 
     cls = resolve("gram-hungarian")
-    attack_ = cls(cls.Params())
+    attack_ = cls(cls.Params(), **options)
     with open_release(release_dir) as release, open_key(release_dir) as key:
         truth = key.read("truth/plain_index")
         features, mean = self_encode(release.plain_images, release.config, width=attack_.params.self_width, seed=0)
         plain = patch_statistics(features, mean, len(release.plain_images))
         del features
         encoded = pairing.aligned_statistics(release, attack_, chunk=attack_.params.chunk).statistics
+    return attack_, truth, encoded, plain
+
+
+def boost(release_dir: str) -> dict:
+    """gram-hungarian's boosting against the reference-style one (see the module docstring) on
+    the same statistics: time and re-identification of each."""
+    from ncbench.assignment import match
+    from ncbench.attacks import pairing
+    from ncbench.attacks.statistics import gram_scores, sorted_norm_scores
+
+    attack_, truth, encoded, plain = _gram_statistics(release_dir)
     first = sorted_norm_scores(encoded, plain)
 
     def reference_boost(rng: np.random.Generator) -> np.ndarray:
@@ -363,24 +373,13 @@ def final(release_dir: str) -> dict:
     """gram-hungarian's final matching, dense against sparse, on the same statistics and slot order."""
     from ncbench.assignment import match, match_shortlists
     from ncbench.attacks import pairing
-    from ncbench.attacks.registry import resolve
-    from ncbench.attacks.self_keyed import self_encode
     from ncbench.attacks.statistics import (
         GramComparison,
-        patch_statistics,
         sorted_norm_mutual_best,
         sorted_norm_scores,
     )
-    from ncbench.challenge.files import open_key, open_release
 
-    cls = resolve("gram-hungarian")
-    attack_ = cls(cls.Params(), device="cpu")
-    with open_release(release_dir) as release, open_key(release_dir) as key:
-        truth = key.read("truth/plain_index")
-        features, mean = self_encode(release.plain_images, release.config, width=attack_.params.self_width, seed=0)
-        plain = patch_statistics(features, mean, len(release.plain_images))
-        del features
-        encoded = pairing.aligned_statistics(release, attack_, chunk=attack_.params.chunk).statistics
+    attack_, truth, encoded, plain = _gram_statistics(release_dir, device="cpu")
     # The attack's own first round and boosting (the rounds' rule depends on N, as in the attack).
     large = len(truth) > pairing.ASSIGN_MAX
     boosted = pairing.boost(

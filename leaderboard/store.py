@@ -7,8 +7,8 @@ migration in :data:`MIGRATIONS` runs once, in order, inside a write transaction.
 Tables: ``challenges``, ``teams``, ``submissions`` (sha256 of the file, attack, version, params,
 runtime, status, error), ``scores`` (submission, split, metric, value) and ``utility_results``
 (written by the utility baseline through :func:`record_utility`); the live challenge's
-``published``, ``team_tokens`` and ``jobs`` (:mod:`leaderboard.channel`) and the verified track's
-``verified_runs`` and ``verified_releases`` (:mod:`leaderboard.verified`).
+``published``, ``team_tokens`` and ``jobs`` (:mod:`leaderboard.server.channel`) and the verified track's
+``verified_runs`` and ``verified_releases`` (:mod:`leaderboard.verified.runs`).
 
 Rules kept here, not in the callers:
 

@@ -493,7 +493,7 @@ def verified_summary(results: pd.DataFrame) -> pd.DataFrame:
     """One row per verified run: mean and spread of re-identification over its K evaluation
     releases (each with a fresh key), and what each release cost.
 
-    results: :func:`leaderboard.verified.results` (one row per run and evaluation release).
+    results: :func:`leaderboard.verified.runs.results` (one row per run and evaluation release).
     ``spread`` is the sample standard deviation over the scored releases (NaN for fewer than
     two); ``wall_s`` and ``cpu_s`` are per release (means); ``peak_memory_mb`` the largest.
     """
@@ -674,7 +674,7 @@ def verified_compute(results: pd.DataFrame) -> pd.DataFrame:
 
 
 def verified_commitments(rows: list[dict]) -> pd.DataFrame:
-    """The commitments of evaluation releases (:func:`leaderboard.verified.commitments`) as a
+    """The commitments of evaluation releases (:func:`leaderboard.verified.runs.commitments`) as a
     table; the seed and the command that rebuilds the release once the challenge has closed."""
     columns = [
         "challenge_id",

@@ -15,7 +15,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from ncbench.errors import NcbenchError
-from ncbench.leaderboard.store import Store, _stamp, utc_now
+from ncbench.leaderboard.store import Store, _stamp, challenges, published, utc_now
 
 ATTEMPTS_BEFORE_FAILED = 3  # a job that crashed its worker this often is marked failed
 FINAL_STATES = ("scored", "refused", "failed")
@@ -64,6 +64,23 @@ class StoreLayout:
         return self.root / "token-secret"
 
 
+def open_challenge(conn, challenge_id: str, now: dt.datetime, *columns):
+    """``columns`` of a published challenge that takes submissions at ``now``; UnknownChallenge
+    when it is unknown, unpublished, closed or past its deadline."""
+    row = conn.execute(
+        sa.select(challenges.c.closed_utc, published.c.deadline_utc, *columns)
+        .join(published, published.c.challenge_id == challenges.c.challenge_id)
+        .where(challenges.c.challenge_id == challenge_id)
+    ).one_or_none()
+    if row is None:
+        raise UnknownChallenge(f"no open challenge {challenge_id!r}")
+    if row.closed_utc is not None:
+        raise UnknownChallenge(f"challenge {challenge_id} is closed since {row.closed_utc}")
+    if row.deadline_utc is not None and _stamp(now) > row.deadline_utc:
+        raise UnknownChallenge(f"challenge {challenge_id} closed for submissions at {row.deadline_utc}")
+    return row
+
+
 def day_start(now: dt.datetime) -> str:
     """The stamp of midnight UTC that starts ``now``'s day: daily limits reset there."""
     return _stamp(now.astimezone(dt.UTC).replace(hour=0, minute=0, second=0, microsecond=0))
@@ -73,6 +90,13 @@ def count_since(conn, table: sa.Table, since: str, *conditions) -> int:
     """Rows of ``table`` created at or after the stamp ``since`` that meet every condition."""
     query = sa.select(sa.func.count()).select_from(table).where(table.c.created_utc >= since, *conditions)
     return int(conn.execute(query).scalar())
+
+
+def used_today(conn, table: sa.Table, team_id: int, challenge_id: str, now: dt.datetime, *conditions) -> int:
+    """Rows ``team_id`` created in ``table`` for ``challenge_id`` since midnight UTC (daily limits)."""
+    return count_since(
+        conn, table, day_start(now), table.c.team_id == team_id, table.c.challenge_id == challenge_id, *conditions
+    )
 
 
 def insert_queued(conn, table: sa.Table, now: dt.datetime, **values) -> int:

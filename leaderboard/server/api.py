@@ -7,7 +7,7 @@ refused tokens; an upload is streamed to disk under a size cap and queued only a
 and daily limits; a submission's state is durable in the database.
 A plugin for the verified track (a .py file, a wheel or an sdist) is checked before it is
 queued, an archive's contents on the host and then the plugin in the sandbox
-(:mod:`leaderboard.verified`); the seeds of evaluation releases are served only once their
+(:mod:`leaderboard.verified.runs`); the seeds of evaluation releases are served only once their
 challenge has closed.
 """
 

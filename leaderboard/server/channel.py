@@ -239,7 +239,6 @@ def authenticate(store: Store, token: str | None, *, key: bytes) -> str | None:
 
 
 def open_challenges(store: Store) -> list[dict]:
-
     with store._read() as conn:
         rows = conn.execute(
             sa.select(
@@ -322,18 +321,7 @@ def enqueue(
 
 def _open_limit(conn, challenge_id: str, now: dt.datetime) -> int:
     """The daily limit of a published challenge that takes uploads now, or UnknownChallenge."""
-    row = conn.execute(
-        sa.select(published.c.daily_limit, published.c.deadline_utc, challenges.c.closed_utc)
-        .join(challenges, challenges.c.challenge_id == published.c.challenge_id)
-        .where(published.c.challenge_id == challenge_id)
-    ).one_or_none()
-    if row is None:
-        raise workqueue.UnknownChallenge(f"no open challenge {challenge_id!r}")
-    if row.closed_utc is not None:
-        raise workqueue.UnknownChallenge(f"challenge {challenge_id} is closed since {row.closed_utc}")
-    if row.deadline_utc is not None and _stamp(now) > row.deadline_utc:
-        raise workqueue.UnknownChallenge(f"challenge {challenge_id} closed for submissions at {row.deadline_utc}")
-    return int(row.daily_limit)
+    return int(workqueue.open_challenge(conn, challenge_id, now, published.c.daily_limit).daily_limit)
 
 
 def _check_limits(conn, team: str, team_id: int, challenge_id: str, daily_limit: int, now: dt.datetime) -> None:
@@ -342,13 +330,8 @@ def _check_limits(conn, team: str, team_id: int, challenge_id: str, daily_limit:
         raise workqueue.LimitReached(
             f"rate limit: at most {RATE_LIMIT_PER_MINUTE} uploads a minute per team; retry shortly"
         )
-    used = workqueue.count_since(
-        conn,
-        jobs,
-        workqueue.day_start(now),
-        jobs.c.team_id == team_id,
-        jobs.c.challenge_id == challenge_id,
-        jobs.c.state.in_(("queued", "running", "scored")),
+    used = workqueue.used_today(
+        conn, jobs, team_id, challenge_id, now, jobs.c.state.in_(("queued", "running", "scored"))
     )
     if used >= daily_limit:
         raise workqueue.LimitReached(

@@ -1,6 +1,6 @@
 """The workers: queued jobs from the database run on Dask distributed. Two kinds share them:
-scoring jobs (an uploaded submission, :func:`leaderboard.channel.run_job`) and verified runs (a
-plugin on fresh hidden releases in the sandbox, :func:`leaderboard.verified.run_verified`).
+scoring jobs (an uploaded submission, :func:`leaderboard.server.channel.run_job`) and verified runs (a
+plugin on fresh hidden releases in the sandbox, :func:`leaderboard.verified.runs.run_verified`).
 
 By default an in-process ``LocalCluster`` (``--workers`` threads); with ``--scheduler
 tcp://HOST:8786`` the jobs run on ``dask worker`` processes elsewhere, which need the same

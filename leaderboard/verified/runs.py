@@ -7,12 +7,12 @@ challenge's preset, task and N from the organizer's held-out image pool, each fr
 256-bit seed, and commits to each before the plugin runs: ``sha256(seed hex)``, the release's
 ``key_commitment`` and its sha256 are stored and served at once. The plugin (a .py file, or a
 wheel or sdist checked and unpacked by :func:`stage_plugin`) then runs in the sandbox
-(:mod:`leaderboard.sandbox`) on each release, and its answer is scored against that
+(:mod:`leaderboard.verified.sandbox`) on each release, and its answer is scored against that
 release's key by the normal scorer. When the challenge closes the seeds are served too, so anyone
 can rebuild every evaluation release byte for byte (same ``SOURCE_DATE_EPOCH``), rerun the plugin
 and check every verified score: commit, then reveal.
 
-Runs are jobs on the scoring dispatcher (:mod:`leaderboard.worker`) with a durable state in
+Runs are jobs on the scoring dispatcher (:mod:`leaderboard.server.worker`) with a durable state in
 ``verified_runs`` (queued, running, scored, failed); each evaluation release is a row of
 ``verified_releases`` with its commitment, measured cost (wall, CPU, peak memory) and scores.
 Evaluation releases are deleted once scored: the seed rebuilds them.
@@ -60,7 +60,7 @@ from ncbench.leaderboard.store import (
 )
 from ncbench.leaderboard.tables import shown_attack
 from ncbench.leaderboard.verified.sandbox import Limits
-from ncbench.leaderboard.workqueue import LimitReached, UnknownChallenge
+from ncbench.leaderboard.workqueue import LimitReached
 
 DEFAULT_RELEASES = 3
 DEFAULT_EVAL_SOURCE = "phantom"
@@ -332,27 +332,16 @@ def stage_plugin(upload: Path, *, plugin_file: str, entry: str, work: Path) -> P
 
 def open_challenge(store: Store, challenge_id: str) -> dict:
     """The published, open challenge's task, preset, N, eval source and plugin daily limit."""
+    columns = (
+        challenges.c.task,
+        challenges.c.preset,
+        challenges.c.n_encoded,
+        published.c.eval_source,
+        published.c.plugin_daily_limit,
+    )
     with store._read() as conn:
-        row = conn.execute(
-            sa.select(
-                challenges.c.task,
-                challenges.c.preset,
-                challenges.c.n_encoded,
-                challenges.c.closed_utc,
-                published.c.deadline_utc,
-                published.c.eval_source,
-                published.c.plugin_daily_limit,
-            )
-            .join(published, published.c.challenge_id == challenges.c.challenge_id)
-            .where(challenges.c.challenge_id == challenge_id)
-        ).one_or_none()
-    if row is None:
-        raise UnknownChallenge(f"no open challenge {challenge_id!r}")
-    if row.closed_utc is not None:
-        raise UnknownChallenge(f"challenge {challenge_id} is closed")
-    if row.deadline_utc is not None and _stamp(utc_now()) > row.deadline_utc:
-        raise UnknownChallenge(f"challenge {challenge_id} closed for submissions at {row.deadline_utc}")
-    return dict(row._mapping)
+        row = workqueue.open_challenge(conn, challenge_id, utc_now(), *columns)
+    return {column.name: row._mapping[column.name] for column in columns}
 
 
 def check_report(report: dict, *, task: str) -> tuple[str, str]:
@@ -406,13 +395,7 @@ def enqueue(
     with store._write() as conn:
         team_id = store._lock_team(conn, team, now)
         if daily_limit is not None:
-            used = workqueue.count_since(
-                conn,
-                verified_runs,
-                workqueue.day_start(now),
-                verified_runs.c.team_id == team_id,
-                verified_runs.c.challenge_id == challenge_id,
-            )
+            used = workqueue.used_today(conn, verified_runs, team_id, challenge_id, now)
             if used >= daily_limit:
                 raise LimitReached(
                     f"team {team!r} has used its {daily_limit} verified runs for {challenge_id} today "
