@@ -69,7 +69,8 @@ class Browser:
                 message = json.loads(await connection.read_message())
                 if message.get("id") == self.calls:
                     connection.close()
-                    return message["result"]["result"].get("value")
+                    # No result while the page navigates (its context is gone): the caller polls.
+                    return message.get("result", {}).get("result", {}).get("value")
 
         return asyncio.run(call())
 

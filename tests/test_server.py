@@ -382,7 +382,10 @@ def test_two_servers_on_postgresql_share_one_queue_and_score_each_upload_once(po
 
 def test_login_whoami_status_and_json_for_scripts(world, tmp_path):
     home = {"XDG_CONFIG_HOME": str(tmp_path / "config"), "NCBENCH_SERVER": "", "NCBENCH_TOKEN": ""}
-    url, token = world["server"].url, world["tokens"]["alice"]
+    # A team of its own: the others have used their daily submissions in the tests above.
+    added = ncbench("team", "add", "frank", "--store", world["store"])
+    assert added.returncode == 0, added.stderr
+    url, token = world["server"].url, added.stdout.strip()
     logged = subprocess.run(
         [NCBENCH, "login", "--server", url],
         input=token + "\n",
@@ -390,13 +393,15 @@ def test_login_whoami_status_and_json_for_scripts(world, tmp_path):
         text=True,
         env={**os.environ, **home},
     )
-    assert logged.returncode == 0 and "as team alice" in logged.stdout, logged.stderr
+    assert logged.returncode == 0 and "as team frank" in logged.stdout, logged.stderr
     config = tmp_path / "config" / "ncbench" / "config.json"
     assert config.stat().st_mode & 0o777 == 0o600 and token not in logged.stdout
     who = ncbench("whoami", env=home)  # no environment variables: the saved server and token
-    assert who.returncode == 0 and "team alice" in who.stdout and world["id"] in who.stdout, who.stderr
+    assert who.returncode == 0 and "team frank" in who.stdout and world["id"] in who.stdout, who.stderr
     sub = chance_submissions(world, 1, tmp_path / "subs")[0]
-    job = json.loads(ncbench("submit", sub, "--challenge", world["id"], "--json", env=home).stdout)
+    submitted = ncbench("submit", sub, "--challenge", world["id"], "--json", env=home)
+    assert submitted.returncode == 0, submitted.stderr
+    job = json.loads(submitted.stdout)
     assert job["state"] == "scored" and "reid_accuracy" in job["public"]
     shown = ncbench("status", job["id"], "--wait", env=home)
     assert shown.returncode == 0 and "scored" in shown.stdout and "Ladder" in shown.stdout, shown.stderr

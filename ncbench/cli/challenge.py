@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import click
@@ -142,7 +143,7 @@ def read_seed_file(path: Path) -> str:
     """The hex seed held by ``path`` (surrounding whitespace ignored); checked by ``build_release``."""
     try:
         if str(path) == "-":
-            raw = click.get_binary_stream("stdin").read(SEED_FILE_LIMIT + 1)
+            raw = sys.stdin.buffer.read(SEED_FILE_LIMIT + 1)
         else:
             with open(path, "rb") as handle:
                 raw = handle.read(SEED_FILE_LIMIT + 1)
