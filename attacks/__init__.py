@@ -10,8 +10,21 @@ plugin machinery (``plugins/``). It may import challenge and the shared infrastr
 imports the leaderboard: the scorer stays the organizer's.
 """
 
-from ncbench.attacks.base import Attack, chunk_param, param
-from ncbench.attacks.submission import Submission
-from ncbench.challenge.files import Release
+import importlib
 
-__all__ = ["Attack", "Release", "Submission", "chunk_param", "param"]
+# Loaded on first use (PEP 562): importing a module of this package, such as the plugin archive
+# checks, must not load torch through the interface.
+_EXPORTS = {
+    "Attack": "ncbench.attacks.base",
+    "param": "ncbench.attacks.base",
+    "chunk_param": "ncbench.attacks.base",
+    "Submission": "ncbench.attacks.submission",
+    "Release": "ncbench.challenge.files",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'ncbench.attacks' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

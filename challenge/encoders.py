@@ -16,100 +16,19 @@ and the stem is a matmul on unfolded patches, so one batch is a handful of large
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import json
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+# The presets and EncoderConfig live in the torch-free config module; imported here for callers.
+from ncbench.challenge.config import OVERRIDABLE, PRECISIONS, PRESETS, STORAGE_DTYPES, EncoderConfig, resolve_config  # noqa: F401
 from ncbench.errors import NcbenchError
-from ncbench.hardware import fast_bf16
 from ncbench.hardware import pick_device as pick_device  # re-exported: the CLI and the builder import it here
 
 PIXEL_MEAN = 43.9  # input normalisation of the published code, on the 0-255 scale
 PIXEL_STD = 63.2
 BN_EPS = 1e-5  # torch.nn.BatchNorm2d default
-PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 where the hardware multiplies it natively
-STORAGE_DTYPES = ("float16", "float32")
-
-
-@dataclass(frozen=True)
-class EncoderConfig:
-    """The public, resolved configuration of an encoder (everything but the key)."""
-
-    preset: str
-    stem_relu: bool  # False only for ``linear``: the stem conv is the whole encoder
-    depth: int  # number of 1x1 conv + BatchNorm + ReLU blocks
-    mix: bool  # positional embedding + ReLU + final Linear
-    shuffle: bool  # per-image random patch permutation
-    width: int = 2048
-    image_size: int = 256
-    patch_size: int = 16
-    bn_batch: int = 256  # the original challenge was exported in batches of 256
-    dtype: str = "float16"  # storage dtype of released encodings
-    precision: str = "fp32"  # compute precision: fp32, bf16 matmuls, or auto (see for_device)
-
-    def __post_init__(self) -> None:
-        if self.image_size % self.patch_size:
-            raise NcbenchError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
-        for name in ("width", "image_size", "patch_size", "bn_batch"):
-            if getattr(self, name) < 1:
-                raise NcbenchError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.depth < 0:
-            raise NcbenchError(f"depth must be >= 0, got {self.depth}")
-        if self.dtype not in STORAGE_DTYPES:
-            raise NcbenchError(f"dtype must be one of {STORAGE_DTYPES}, got {self.dtype!r}")
-        if self.precision not in PRECISIONS:
-            raise NcbenchError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-
-    @property
-    def n_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
-
-    @property
-    def patch_dim(self) -> int:
-        return self.patch_size**2
-
-    def for_device(self, device: str | torch.device) -> EncoderConfig:
-        """This configuration with ``precision = auto`` resolved for ``device``: bf16 where its
-        matmuls pay off there (:func:`ncbench.hardware.fast_bf16`), else fp32. Releases record
-        the resolved value, so a file always says which arithmetic made it."""
-        if self.precision != "auto":
-            return self
-        return dataclasses.replace(self, precision="bf16" if fast_bf16(device) else "fp32")
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> EncoderConfig:
-        try:
-            return cls(**json.loads(text))
-        except (TypeError, ValueError) as error:
-            raise NcbenchError(f"unreadable encoder configuration: {error}") from None
-
-
-PRESETS: dict[str, EncoderConfig] = {
-    "linear": EncoderConfig("linear", stem_relu=False, depth=0, mix=False, shuffle=False),
-    "nc3-noshuffle": EncoderConfig("nc3-noshuffle", stem_relu=True, depth=0, mix=True, shuffle=False),
-    "nc3": EncoderConfig("nc3", stem_relu=True, depth=0, mix=True, shuffle=True),
-    "nc7": EncoderConfig("nc7", stem_relu=True, depth=4, mix=True, shuffle=True),
-    "nc47": EncoderConfig("nc47", stem_relu=True, depth=44, mix=True, shuffle=True),
-}
-OVERRIDABLE = ("width", "image_size", "patch_size", "bn_batch", "dtype", "precision", "depth")
-
-
-def resolve_config(preset: str, **overrides) -> EncoderConfig:
-    """The preset's configuration with ``overrides`` (None values are ignored) applied."""
-    if preset not in PRESETS:
-        raise NcbenchError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-    unknown = set(overrides) - set(OVERRIDABLE)
-    if unknown:
-        raise NcbenchError(f"unknown encoder override(s): {', '.join(sorted(unknown))}")
-    changes = {k: v for k, v in overrides.items() if v is not None}
-    return dataclasses.replace(PRESETS[preset], **changes)
 
 
 def key_tensor_names(config: EncoderConfig) -> list[str]:

@@ -17,6 +17,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from ncbench.challenge.config import SITE_TASKS as SITE_TASKS
+from ncbench.challenge.config import TASKS as TASKS
 from ncbench.challenge.encoders import EncoderConfig, key_tensor_names
 from ncbench.errors import NcbenchError
 from ncbench.h5io import open_checked, read_strings
@@ -26,8 +28,6 @@ RELEASE_FORMAT = "ncbench-release"
 KEY_FORMAT = "ncbench-key"
 SITE_KEY_FORMAT = "ncbench-site-key"
 SCHEMA_VERSION = 1
-TASKS = ("reid", "transfer", "invert", "link")
-SITE_TASKS = ("reid", "link")  # tasks a release with several sites (keys) may have
 
 
 class _H5File:

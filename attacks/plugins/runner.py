@@ -12,12 +12,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ncbench.attacks.base import Attack
+from ncbench.attacks.plugins import CHECK_MARK as CHECK_MARK
 from ncbench.attacks.submission import Submission, write_submission
 from ncbench.challenge.files import open_release
 from ncbench.errors import NcbenchError
 
 MESSAGE_LIMIT = 300  # characters kept of an attack's own error message: it is someone else's text
-CHECK_MARK = "ncbench-check: "  # the line `attack check --json` ends with (the verified track's sandbox reads it)
 
 
 def parse_param_items(items) -> dict[str, str]:

@@ -481,7 +481,7 @@ def check_plugin(
         ]
         return args + [item for name, value in params.items() for item in ("--param", f"{name}={value}")]
 
-    from ncbench.attacks.plugins.runner import CHECK_MARK
+    from ncbench.attacks.plugins import CHECK_MARK
 
     with seccomp.program() as fd:
         if sandboxed:

@@ -5,18 +5,20 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from ncbench.attacks.base import Attack
+# Only light modules here: each command imports the attacks (and torch) it runs, so that
+# `ncbench attack --help` starts in a fraction of a second.
+from ncbench.attacks.plugins import CHECK_MARK
 from ncbench.attacks.plugins.archive import parse_spec
-from ncbench.attacks.plugins.registry import all_attacks, resolve
-from ncbench.attacks.plugins.runner import CHECK_MARK, declaration_problems, failure_of, parse_param_items, run_attack
-from ncbench.challenge.encoders import PRESETS, pick_device, resolve_config
-from ncbench.challenge.files import TASKS
-from ncbench.challenge.release import BuildPlan, build_release
+from ncbench.challenge.config import PRESETS, TASKS, resolve_config
 from ncbench.errors import NcbenchError
 from ncbench.leaderboard.server.client import read_token, server_option, submit_file, token_option
+
+if TYPE_CHECKING:
+    from ncbench.attacks.base import Attack
 
 
 @click.group("attack")
@@ -28,6 +30,8 @@ def group() -> None:
 @click.option("--verbose", "-v", is_flag=True, help="Also list each attack's parameters.")
 def list_command(verbose: bool) -> None:
     """Name, version, tasks, knowledge and a one-line description of every known attack."""
+    from ncbench.attacks.plugins.registry import all_attacks
+
     for name, cls in sorted(all_attacks().items()):
         click.echo(f"{name} {cls.version}  tasks: {','.join(cls.tasks)}  assumes: {','.join(cls.knowledge)}")
         click.echo(f"    {cls.description}")
@@ -65,6 +69,10 @@ def run_command(attack, release_path, out, params, device, seed, team, force, su
     """Run ATTACK (a name from `attack list`, or a plugin: FILE.py:Class, DIST.whl:module:Class,
     DIST.tar.gz:module:Class) on a release and write a submission; with --submit, also send it to
     the challenge server ($NCBENCH_SERVER, $NCBENCH_TOKEN)."""
+    from ncbench.attacks.plugins.registry import resolve
+    from ncbench.attacks.plugins.runner import failure_of, parse_param_items, run_attack
+    from ncbench.hardware import pick_device
+
     cls = resolve(attack)
     with failure_of(cls.name, "failed"):
         params = cls.parse_params(parse_param_items(params))
@@ -115,6 +123,9 @@ def check_command(
     and an allowed name; the parameters parse; it solves the task; and (unless --no-run) it runs
     end to end on a tiny release built on the fly, into a submission the scorer accepts.
     One line per failure, exit status 2."""
+    from ncbench.attacks.plugins.registry import resolve
+    from ncbench.attacks.plugins.runner import declaration_problems, parse_param_items
+
     # archive, import, class, declarations, name: nothing else can be checked without them
     cls = resolve(attack)
     problems = declaration_problems(cls, parse_param_items(params), [task] if task else list(cls.tasks))
@@ -147,6 +158,9 @@ def check_command(
 def run_on_tiny_release(cls: type[Attack], raw_params: dict[str, str], *, task: str, preset: str) -> str:
     """Build a tiny test release of ``task``, run ``cls`` on it and score its submission;
     returns the headline score in words, or raises NcbenchError naming what failed."""
+    from ncbench.attacks.plugins.runner import run_attack
+    from ncbench.challenge.release import BuildPlan, build_release
+
     # The organizer's scorer, imported here only: this check is the server's admission test.
     from ncbench.leaderboard.scoring import score_submission
 

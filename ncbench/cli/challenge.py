@@ -8,15 +8,9 @@ from pathlib import Path
 
 import click
 
-from ncbench.challenge.encoders import (
-    PRECISIONS,
-    PRESETS,
-    STORAGE_DTYPES,
-    resolve_config,
-)
-from ncbench.challenge.files import TASKS, open_key, open_release
-from ncbench.challenge.release import BuildPlan, build_release
-from ncbench.challenge.verify import verify
+# Only the torch-free configuration here: each command imports the encoder, files and builder it
+# runs, so that `ncbench challenge --help` starts in a fraction of a second.
+from ncbench.challenge.config import PRECISIONS, PRESETS, STORAGE_DTYPES, TASKS, resolve_config
 from ncbench.errors import NcbenchError
 
 TEST_RELEASE_WARNING = "warning: TEST RELEASE: its key is public; never run a real challenge on it"
@@ -111,6 +105,8 @@ def build(
     **overrides,
 ) -> None:
     """Encode images with a fresh secret key and write OUT/public (give away) and OUT/private (keep)."""
+    from ncbench.challenge.release import BuildPlan, build_release
+
     if seed is not None and seed_file is not None:
         raise NcbenchError("give --seed or --seed-file, not both")
     if seed is not None and not test_release:
@@ -170,7 +166,7 @@ def site_key_command(key_path: Path, site: int, out: Path, force: bool) -> None:
     KEY_PATH is a private key.h5 or its release directory. Attacks take the file as knowledge,
     e.g. `ncbench attack run gram-hungarian --param insider_key=FILE ...`.
     """
-    from ncbench.challenge.files import write_site_key
+    from ncbench.challenge.files import open_key, write_site_key
 
     with open_key(key_path) as key:
         write_site_key(key, site, out, force=force)
@@ -187,6 +183,9 @@ def site_key_command(key_path: Path, site: int, out: Path, force: bool) -> None:
 )
 def verify_command(release_dir: Path, key_path: Path | None) -> None:
     """Check a release's checksums, and with --key its commitment and every encoding."""
+    from ncbench.challenge.files import open_release
+    from ncbench.challenge.verify import verify
+
     problems = verify(release_dir, key_path)
     if problems:
         for line in problems:
@@ -204,6 +203,8 @@ def verify_command(release_dir: Path, key_path: Path | None) -> None:
 @click.option("--show-secrets", is_flag=True, help="For a key file: also print the seed.")
 def info(path: Path, show_secrets: bool) -> None:
     """Print what a release or key file holds (attributes and dataset shapes)."""
+    from ncbench.challenge.files import open_key, open_release
+
     try:
         handle = open_release(path)
         description = handle.describe()
