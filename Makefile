@@ -19,16 +19,10 @@ install: $(BIN)/ncbench
 demo: install
 	$(BIN)/ncbench demo --out demo-out
 
-# import-linter reads the package where it is installed from; the domain folders live at the
-# repository root, so the check runs on a tree of links that lays them out as installed.
-IMPORT_TREE = build/import-tree
-
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	rm -rf $(IMPORT_TREE) && mkdir -p $(IMPORT_TREE)/ncbench
-	for f in ncbench/* challenge attacks baselines leaderboard data_manifest; do ln -s "$(CURDIR)/$$f" $(IMPORT_TREE)/ncbench/; done
-	cd $(IMPORT_TREE) && PYTHONPATH=. $(CURDIR)/$(BIN)/lint-imports $(CURDIR)/pyproject.toml
+	$(BIN)/lint-imports
 
 test: lint
 	$(BIN)/python -m pytest -q
