@@ -87,6 +87,7 @@ def create_app(
             with refused_lock:
                 refused_tokens[client].append(time.monotonic())
             raise HTTPException(401, "missing, invalid or revoked token", headers={"WWW-Authenticate": "Bearer"})
+        request.state.team = name  # for the request log line
         return name
 
     def refused_of(client: str) -> None:
