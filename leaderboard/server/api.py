@@ -27,6 +27,7 @@ from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
+from starlette.requests import ClientDisconnect
 
 from ncbench import __version__
 from ncbench.errors import NcbenchError
@@ -352,6 +353,9 @@ async def receive(request: Request, layout: workqueue.StoreLayout, max_bytes: in
             writer.write(chunk)
     except NcbenchError as error:
         raise HTTPException(413, str(error)) from None
+    except ClientDisconnect:  # the client left, or was closed for stalling (--body-timeout)
+        writer.discard()
+        raise HTTPException(400, f"{what} cut off before its end") from None
     except BaseException:
         writer.discard()
         raise

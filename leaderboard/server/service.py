@@ -1,8 +1,8 @@
 """The live challenge server: the HTTP API, the job dispatcher and the board, started and stopped together.
 
 One process runs the HTTP API (uvicorn) and the dispatcher (Dask) of scoring jobs and verified
-runs, and starts the Streamlit board as a child on the same database. SIGINT or SIGTERM stops all three; the board
-child also dies with its parent if the parent is killed outright (Linux parent-death signal).
+runs, and starts the Streamlit board as a child on the same database. SIGINT or SIGTERM stops all three within
+STOP_BUDGET_S (:class:`_Shutdown`); the board child also dies with its parent if the parent is killed outright (Linux parent-death signal).
 """
 
 from __future__ import annotations
@@ -62,6 +62,9 @@ def check_private(url: str, store_root: Path) -> None:
 
 
 STOP_BUDGET_S = 8.0  # from the first SIGINT / SIGTERM to the process's end
+# Long enough for the dispatcher to finish a claim under way and stop claiming; closing its cluster
+# would also wait for the jobs it runs, which the next start queues again anyway.
+DISPATCHER_WAIT_S = 2.0
 
 
 class _Shutdown:
@@ -95,9 +98,10 @@ class _Shutdown:
         return max(0.0, STOP_BUDGET_S - (time.monotonic() - self.since))
 
     def wait_dispatcher(self) -> None:
-        """Until the dispatcher has stopped: within the budget after a signal, else as long as it takes."""
+        """Until the dispatcher has stopped, at most DISPATCHER_WAIT_S within the budget after a
+        signal; after an error as long as it takes."""
         if self._stopper is not None:
-            self._stopper.join(self.left_s() if self.signum is not None else None)
+            self._stopper.join(min(DISPATCHER_WAIT_S, self.left_s()) if self.signum is not None else None)
 
 
 def _end(code: int) -> None:

@@ -1,14 +1,20 @@
-"""Slow and greedy clients against a real server on a real port: heads that never end, bodies
-that stop, more connections than the cap, ambiguous framing. The server's bounds are set low here
-(``--header-timeout 1 --body-timeout 1 --max-connections 300``) so each case takes a second."""
+"""A real server on a real port against slow, greedy and ambiguous clients (heads that never end,
+bodies that stop, more connections than the cap, both Content-Length and Transfer-Encoding),
+then stopped and started as an organizer would: a second server on its busy port, and a signal
+with a backlog of jobs. The server's bounds are set low here (``--header-timeout 1
+--body-timeout 1 --max-connections 300``) so each case takes a second. The module's server is
+stopped by its last test."""
 
+import signal
 import socket
+import sqlite3
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 from conftest import publish
-from support import Server, token_for
+from support import Server, free_port, ncbench, token_for
 
 SLOW_CLIENTS = 200
 
@@ -18,8 +24,9 @@ def guarded(release, tmp_path_factory):
     store = publish(release, tmp_path_factory.mktemp("guarded") / "store")
     token = token_for(store["store"], "alice")
     server = Server(
-        store["store"], "--board-port", 0, "--header-timeout", 1, "--body-timeout", 1, "--max-connections", 300
-    )
+        store["store"], "--board-port", 0, "--unsandboxed",
+        "--header-timeout", 1, "--body-timeout", 1, "--max-connections", 300,
+    )  # fmt: skip
     yield {**store, "server": server, "token": token}
     if server.process.poll() is None:
         server.stop()
@@ -73,6 +80,9 @@ def test_a_body_that_stops_arriving_is_closed(guarded):
     with connect(guarded["server"].port, head + b"\x89HDF") as sock:
         assert closed_by_server(sock)
     assert time.monotonic() - started < 5
+    time.sleep(0.3)
+    log = Path(guarded["server"].log.name).read_text()
+    assert f"POST /api/v1/challenges/{guarded['id']}/submissions 400 " in log  # refused, not a 500
 
 
 def test_connections_past_the_cap_are_closed_at_once(guarded):
@@ -123,3 +133,58 @@ def test_each_request_is_one_log_line_without_its_token_or_query(guarded):
     assert lines[0].split()[1:4] == ["GET", "/api/v1/whoami", "200"] and lines[0].endswith(" alice")
     assert lines[1].split()[3] == "401" and lines[1].endswith(" anonymous")
     assert token not in log and "hunter2" not in log and "ncb_1_wrong" not in log
+
+
+def test_a_second_server_on_a_busy_port_refuses_in_one_line_before_starting_anything(guarded, tmp_path):
+    port, board_port = guarded["server"].port, free_port()
+    second = ncbench("server", "--store", tmp_path / "store", "--port", port, "--board-port", board_port)
+    assert second.returncode == 2
+    assert second.stderr.strip().splitlines() == [f"error: cannot listen on 127.0.0.1:{port}: Address already in use"]
+    with pytest.raises(httpx.ConnectError):  # its board never started
+        httpx.get(f"http://127.0.0.1:{board_port}/", timeout=1)
+
+
+def run_states(store: Path) -> dict[int, str]:
+    with sqlite3.connect(store / "leaderboard.db") as conn:
+        return dict(conn.execute("SELECT id, state FROM verified_runs"))
+
+
+def stop_with_a_backlog(store: Path, challenge_id: str, server: Server, sig: int) -> str:
+    """Queue the built-in verified runs, send ``sig`` once one runs, check the server stopped
+    claiming and ended within 10 s; returns its log."""
+    queued = ncbench(
+        "leaderboard", "verify-builtins", "--challenge", challenge_id, "--store", store,
+        "--queue-only", "--unsandboxed", "--releases", 2,
+    )  # fmt: skip
+    assert queued.returncode == 0, queued.stderr
+    deadline = time.monotonic() + 60
+    while "running" not in run_states(store).values():
+        assert time.monotonic() < deadline, run_states(store)
+        time.sleep(0.1)
+    before = run_states(store)
+    started = time.monotonic()
+    server.process.send_signal(sig)
+    server.process.wait(timeout=30)
+    assert time.monotonic() - started < 10
+    server.log.close()
+    after = run_states(store)
+    claimed_since = [run for run, state in after.items() if before[run] == "queued" and state != "queued"]
+    assert len(claimed_since) <= 1, (before, after)  # only a claim already under way as the signal came
+    log = Path(server.log.name).read_text()
+    assert "Traceback" not in log, log
+    return log
+
+
+def test_sigterm_with_a_backlog_stops_claiming_and_ends_the_server_within_10_s(guarded):
+    """Last in the module: it stops the module's server."""
+    server = guarded["server"]
+    stop_with_a_backlog(guarded["store"], guarded["id"], server, signal.SIGTERM)
+    assert server.process.returncode == 0
+
+
+@pytest.mark.slow
+def test_ctrl_c_with_a_backlog_prints_one_line_and_exits_130(published):
+    server = Server(published["store"], "--board-port", 0, "--unsandboxed")
+    log = stop_with_a_backlog(published["store"], published["id"], server, signal.SIGINT)
+    assert server.process.returncode == 130
+    assert log.rstrip().splitlines()[-1] == "interrupted", log
