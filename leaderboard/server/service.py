@@ -108,10 +108,13 @@ def _end(code: int) -> None:
     """End the process now. Jobs still running in this process's workers stay ``running`` in the
     database and are queued again at the next start; waiting for them could take an hour (a
     verified run's wall limit), and Python would wait for them at exit."""
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except RuntimeError:  # a second Ctrl-C arrived while Python was writing: the line below still goes
+        pass
     if code == 130:
-        print("interrupted", file=sys.stderr)
-    sys.stdout.flush()
-    sys.stderr.flush()
+        os.write(2, b"interrupted\n")
     os._exit(code)
 
 
