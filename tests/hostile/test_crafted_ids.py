@@ -55,7 +55,7 @@ def test_nan_in_submission_params_is_refused(tmp_path):
         read_submission(path)
 
 
-EXAMPLES_PER_ROUTE = 12
+EXAMPLES_PER_ROUTE = 8
 # Each plugin upload starts a sandboxed check: its refusals are tested in tests/test_verified.py.
 NOT_PROBED = {"POST /api/v1/challenges/{challenge_id}/plugins"}
 

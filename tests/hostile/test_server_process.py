@@ -16,6 +16,10 @@ import pytest
 from conftest import publish
 from support import Server, free_port, ncbench, token_for
 
+from ncbench.leaderboard.server import service
+from ncbench.leaderboard.store import Store
+from ncbench.leaderboard.verified import runs as verified
+
 SLOW_CLIENTS = 200
 
 
@@ -152,11 +156,9 @@ def run_states(store: Path) -> dict[int, str]:
 def stop_with_a_backlog(store: Path, challenge_id: str, server: Server, sig: int) -> str:
     """Queue the built-in verified runs, send ``sig`` once one runs, check the server stopped
     claiming and ended within 10 s; returns its log."""
-    queued = ncbench(
-        "leaderboard", "verify-builtins", "--challenge", challenge_id, "--store", store,
-        "--queue-only", "--unsandboxed", "--releases", 2,
-    )  # fmt: skip
-    assert queued.returncode == 0, queued.stderr
+    with Store(service.db_url(None, store)) as opened:  # as verify-builtins --queue-only, without its start-up
+        queued = verified.enqueue_builtins(opened, challenge_id, verified.Settings(releases=2, unsandboxed=True))
+    assert len(queued) >= 3
     deadline = time.monotonic() + 60
     while "running" not in run_states(store).values():
         assert time.monotonic() < deadline, run_states(store)
