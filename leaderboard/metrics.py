@@ -143,6 +143,9 @@ def duplicate_count(predicted: np.ndarray) -> int:
     return int(len(predicted) - len(np.unique(predicted)))
 
 
+LINK_RECALL_DEPTH = 16  # link_recall counts the true pairs among the 16 T best-ranked claims
+
+
 def link_ranking(claimed: np.ndarray, scores: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     """Ranking metrics of claimed links (pairs of encodings said to be one image or patient).
 
@@ -154,7 +157,9 @@ def link_ranking(claimed: np.ndarray, scores: np.ndarray, truth: np.ndarray) -> 
       equal to the recall at that rank; a submitter needs no idea of T);
     - ``link_average_precision``: the mean over the T true pairs of the precision at the rank
       where each is claimed (0 for a pair never claimed);
-    - ``link_recall``: the fraction of true pairs claimed at any rank.
+    - ``link_recall``: the fraction of true pairs among the LINK_RECALL_DEPTH * T best ranked
+      claims. Ranked like the others, so a claim of every pair with one score finds none of them
+      (the true ones rank last) once the false pairs outnumber that depth.
     NaN without true pairs.
     """
     n_true = len(truth)
@@ -169,7 +174,7 @@ def link_ranking(claimed: np.ndarray, scores: np.ndarray, truth: np.ndarray) -> 
     return {
         "link_r_precision": float(ranked[:n_true].sum() / n_true),
         "link_average_precision": float((found[ranks - 1] / ranks).sum() / n_true),
-        "link_recall": float(hit.sum() / n_true),
+        "link_recall": float(ranked[: LINK_RECALL_DEPTH * n_true].sum() / n_true),
     }
 
 

@@ -416,6 +416,9 @@ def _link_claims(submission: Submission, release: Release, notes: list[str]) -> 
     pairs.sort(axis=1)
     if (pairs[:, 0] == pairs[:, 1]).any():
         raise NcbenchError("a pair links an encoding with itself")
+    cap = LINK_CLAIMS_PER_ENCODING * release.n_encoded
+    if len(pairs) > cap:
+        raise NcbenchError(f"{len(pairs)} pairs claimed: at most {LINK_CLAIMS_PER_ENCODING} x N = {cap}")
     if len(np.unique(pairs, axis=0)) != len(pairs):
         raise NcbenchError("a pair is claimed more than once (in either order)")
     sites = release.sites
@@ -502,8 +505,12 @@ def _link_metrics(values: dict, answer: Answer, release: Release, key: Key, spli
     for s, out in values.items():
         true_half = truth[split[truth[:, 0]] == s]
         claimed = split[answer.links[:, 0]] == s
-        out["n"] = float(len(true_half))
-        out["chance"] = len(true_half) / max(int(later[split == s].sum()), 1)
+        # n and chance would tell the public half's number of true pairs: n is the half's
+        # encodings, and chance (T / C) is given for the private half only, revealed at the close.
+        out["n"] = float((split == s).sum())
+        out["chance"] = (
+            len(true_half) / max(int(later[split == s].sum()), 1) if metrics.SPLIT_NAMES[s] == "private" else math.nan
+        )
         out.update(metrics.link_ranking(answer.links[claimed], answer.link_scores[claimed], true_half))
 
 

@@ -292,3 +292,20 @@ def test_scalar_string_attributes_and_fixed_strings_are_still_read(tmp_path):
     h5, datasets = open_untrusted(tmp_path / "ok.h5", "test", 1)
     with h5:
         assert h5.attrs["notes"] == "one string" and set(datasets) == {"ids"}
+
+
+def test_an_unknown_10_mb_string_attribute_is_never_read(challenge, tmp_path, monkeypatch):
+    """Only the attributes the format names are read; others cost their bytes on disk, under the
+    metadata bound, and no allocation."""
+    out, good = challenge
+    path = write_submission(tmp_path / "padded.h5", good)
+    with h5py.File(path, "a") as h5:
+        h5.attrs["padding"] = "x" * (10 << 20)  # a scalar variable-length string
+    read = []
+    original = h5py.AttributeManager.__getitem__
+    monkeypatch.setattr(
+        h5py.AttributeManager, "__getitem__", lambda self, name: read.append(name) or original(self, name)
+    )
+    result = score_submission(path, out)
+    assert result.headline() == 1.0
+    assert "padding" not in read and "attack" in read  # the spy saw the reads it should

@@ -27,6 +27,8 @@ from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
+from pydantic import BaseModel
+from starlette.requests import ClientDisconnect
 
 from ncbench import __version__
 from ncbench.errors import NcbenchError
@@ -42,6 +44,28 @@ CHECKS_AT_ONCE = 2  # plugin checks (unpacking, then the sandbox) while the uplo
 CHECKS_PER_MINUTE = 10  # per team, whatever their outcome: each check starts a sandboxed interpreter
 AUTH_FAILURES_PER_MINUTE = 20  # refused tokens per client address, then 429 without verifying
 PARAMS_QUERY = Query(default=[], description="name=value (repeatable)")
+
+
+class Problem(BaseModel):
+    """What every refusal answers: one line."""
+
+    detail: str
+
+
+WHY = {
+    400: "a malformed request (an empty body, a bad range, a body cut off before its end)",
+    401: "a missing, invalid or revoked token",
+    404: "no such published challenge, file, or item of your team",
+    413: "a body over the size cap",
+    416: "a range outside the file",
+    429: "over a rate or daily limit, or too many refused tokens from this address",
+}
+AUTH = (401, 429)  # what the token check may answer on any route that needs one
+
+
+def documented(*codes: int) -> dict:
+    """The OpenAPI ``responses`` of a route's refusals (FastAPI documents its 200 and 422)."""
+    return {code: {"model": Problem, "description": WHY[code]} for code in codes}
 
 
 def row_id():
@@ -87,6 +111,7 @@ def create_app(
             with refused_lock:
                 refused_tokens[client].append(time.monotonic())
             raise HTTPException(401, "missing, invalid or revoked token", headers={"WWW-Authenticate": "Bearer"})
+        request.state.team = name  # for the request log line
         return name
 
     def refused_of(client: str) -> None:
@@ -116,11 +141,22 @@ def create_app(
         """Open challenges: id, task, preset, N, daily limit, deadline and public files."""
         return channel.open_challenges(store)
 
-    @app.get("/api/v1/challenges/{challenge_id}/files")
+    @app.get("/api/v1/challenges/{challenge_id}/files", responses=documented(404))
     def files(challenge_id: str) -> list[dict]:
         return published_files(challenge_id)
 
-    @app.get("/api/v1/challenges/{challenge_id}/files/{name}")
+    @app.get(
+        "/api/v1/challenges/{challenge_id}/files/{name}",
+        response_class=FileResponse,
+        responses={
+            200: {"content": {"application/octet-stream": {}}, "description": "the file's bytes"},
+            206: {"content": {"application/octet-stream": {}}, "description": "the bytes of the range asked for"},
+            **documented(404),
+            # Starlette answers a bad range itself, in plain text.
+            400: {"content": {"text/plain": {}}, "description": WHY[400]},
+            416: {"content": {"text/plain": {}}, "description": WHY[416]},
+        },
+    )
     def download(challenge_id: str, name: str) -> FileResponse:
         """One public file; HTTP Range requests resume an interrupted download."""
         listed = {f["name"]: f for f in published_files(challenge_id)}
@@ -136,7 +172,12 @@ def create_app(
             headers={"X-Content-SHA256": listed[name]["sha256"]},
         )
 
-    @app.post("/api/v1/challenges/{challenge_id}/submissions", status_code=202)
+    @app.post(
+        "/api/v1/challenges/{challenge_id}/submissions",
+        status_code=202,
+        responses=documented(400, 404, 413, *AUTH),
+        openapi_extra={"requestBody": {"required": True, "content": {"application/octet-stream": {"schema": {}}}}},
+    )
     async def submit(challenge_id: str, request: Request, team: str = Depends(team)) -> dict:
         """Upload a submission file as the request body; returns its id, queued for scoring."""
         await run_in_threadpool(published_files, challenge_id)
@@ -276,12 +317,12 @@ def create_app(
             "sandboxed": not settings.unsandboxed,
         }
 
-    @app.get("/api/v1/plugins")
+    @app.get("/api/v1/plugins", responses=documented(*AUTH))
     def plugin_runs(team: str = Depends(team)) -> list[dict]:
         """Your team's verified runs: state, reason, and per evaluation release its cost and score."""
         return verified.team_runs(store, team)
 
-    @app.get("/api/v1/plugins/{run_id}")
+    @app.get("/api/v1/plugins/{run_id}", responses=documented(404, *AUTH))
     def plugin_run(run_id: int = row_id(), team: str = Depends(team)) -> dict:
         """One of your verified runs."""
         view = verified.run_view(store, run_id, team=team)
@@ -289,7 +330,7 @@ def create_app(
             raise HTTPException(404, f"your team has no verified run {run_id}")
         return view
 
-    @app.get("/api/v1/challenges/{challenge_id}/commitments")
+    @app.get("/api/v1/challenges/{challenge_id}/commitments", responses=documented(404))
     def commitments(challenge_id: str) -> list[dict]:
         """Every evaluation release's commitment (sha256 of its seed, key commitment, release
         sha256), published before the plugin ran; its seed and rebuild command once the
@@ -297,7 +338,7 @@ def create_app(
         published_files(challenge_id)
         return verified.commitments(store, challenge_id)
 
-    @app.get("/api/v1/challenges/{challenge_id}/verified")
+    @app.get("/api/v1/challenges/{challenge_id}/verified", responses=documented(404))
     def verified_results(challenge_id: str) -> list[dict]:
         """The challenge's verified runs: attack, state, and per evaluation release its score
         and measured cost."""
@@ -306,17 +347,17 @@ def create_app(
         ids = frame.loc[frame["challenge_id"] == challenge_id, "run_id"].drop_duplicates().tolist()
         return [verified.run_view(store, int(run_id)) for run_id in ids]
 
-    @app.get("/api/v1/whoami")
+    @app.get("/api/v1/whoami", responses=documented(*AUTH))
     def whoami(team: str = Depends(team)) -> dict:
         """The team a token belongs to (clients check a token before a long upload)."""
         return {"team": team}
 
-    @app.get("/api/v1/submissions")
+    @app.get("/api/v1/submissions", responses=documented(*AUTH))
     def submissions(team: str = Depends(team)) -> list[dict]:
         """Your team's submissions and their states."""
         return [_job_view(store, job) for job in channel.team_jobs(store, team)]
 
-    @app.get("/api/v1/submissions/{job_id}")
+    @app.get("/api/v1/submissions/{job_id}", responses=documented(404, *AUTH))
     def submission(job_id: int = row_id(), team: str = Depends(team)) -> dict:
         """One of your submissions: state, and the public-half score once scored."""
         job = channel.job(store, job_id, team=team)
@@ -351,6 +392,9 @@ async def receive(request: Request, layout: workqueue.StoreLayout, max_bytes: in
             writer.write(chunk)
     except NcbenchError as error:
         raise HTTPException(413, str(error)) from None
+    except ClientDisconnect:  # the client left, or was closed for stalling (--body-timeout)
+        writer.discard()
+        raise HTTPException(400, f"{what} cut off before its end") from None
     except BaseException:
         writer.discard()
         raise

@@ -1,23 +1,32 @@
 """The live challenge server: the HTTP API, the job dispatcher and the board, started and stopped together.
 
 One process runs the HTTP API (uvicorn) and the dispatcher (Dask) of scoring jobs and verified
-runs, and starts the Streamlit board as a child on the same database. SIGINT or SIGTERM stops all three; the board
-child also dies with its parent if the parent is killed outright (Linux parent-death signal).
+runs, and starts the Streamlit board as a child on the same database. SIGINT or SIGTERM stops all three within
+STOP_BUDGET_S (:class:`_Shutdown`); the board child also dies with its parent if the parent is killed outright (Linux parent-death signal).
 """
 
 from __future__ import annotations
 
 import ctypes
+import logging
+import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ncbench.errors import NcbenchError
 from ncbench.leaderboard import workqueue
 from ncbench.leaderboard.board import board_command
 from ncbench.leaderboard.store import Store, database_url, describe_db
 from ncbench.private import exposed, private_dir
+
+if TYPE_CHECKING:
+    from ncbench.leaderboard.server.connections import ConnectionLimits
 
 
 def db_url(db: str | None, store_dir: Path) -> str:
@@ -52,12 +61,81 @@ def check_private(url: str, store_root: Path) -> None:
         )
 
 
-class _Stopped(Exception):
-    """SIGINT or SIGTERM asked the server to stop."""
+STOP_BUDGET_S = 8.0  # from the first SIGINT / SIGTERM to the process's end
+# Long enough for the dispatcher to finish a claim under way and stop claiming; closing its cluster
+# would also wait for the jobs it runs, which the next start queues again anyway.
+DISPATCHER_WAIT_S = 2.0
 
 
-def _stop(signum, frame) -> None:
-    raise _Stopped
+class _Shutdown:
+    """What SIGINT and SIGTERM do to a running server. The first: the dispatcher stops claiming
+    jobs at once (in a thread of its own), uvicorn stops accepting and gives the requests in flight
+    their time, and :func:`serve` ends the process within STOP_BUDGET_S. A second Ctrl-C ends it
+    at once; a second SIGTERM changes nothing."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.since = 0.0
+        self.dispatcher = None
+        self._stopper: threading.Thread | None = None
+
+    def request(self, signum: int, frame=None) -> None:
+        if self.signum is not None:
+            if signum == signal.SIGINT:
+                _end(130)
+            return
+        self.signum, self.since = signum, time.monotonic()
+        # Closing the cluster under running work logs the cancelled tasks' tracebacks: not news.
+        logging.getLogger("distributed").setLevel(logging.CRITICAL + 1)
+        self.stop_dispatcher()
+
+    def stop_dispatcher(self) -> None:
+        if self.dispatcher is not None and self._stopper is None:
+            self._stopper = threading.Thread(target=self.dispatcher.stop, name="ncbench-stop", daemon=True)
+            self._stopper.start()
+
+    def left_s(self) -> float:
+        return max(0.0, STOP_BUDGET_S - (time.monotonic() - self.since))
+
+    def wait_dispatcher(self) -> None:
+        """Until the dispatcher has stopped, at most DISPATCHER_WAIT_S within the budget after a
+        signal; after an error as long as it takes."""
+        if self._stopper is not None:
+            self._stopper.join(min(DISPATCHER_WAIT_S, self.left_s()) if self.signum is not None else None)
+
+
+def _end(code: int) -> None:
+    """End the process now. Jobs still running in this process's workers stay ``running`` in the
+    database and are queued again at the next start; waiting for them could take an hour (a
+    verified run's wall limit), and Python would wait for them at exit."""
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except RuntimeError:  # a second Ctrl-C arrived while Python was writing: the line below still goes
+        pass
+    if code == 130:
+        os.write(2, b"interrupted\n")
+    os._exit(code)
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The API's listening socket, bound before anything else starts: a busy port is one line
+    (NcbenchError), not a start-up banner followed by a traceback."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as error:
+        sock.close()
+        raise NcbenchError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+    sock.set_inheritable(False)
+    return sock
+
+
+def check_free(host: str, port: int) -> None:
+    """NcbenchError when ``host:port`` cannot be bound now (the board binds it itself later)."""
+    listen(host, port).close()
 
 
 class EmbeddedServer:
@@ -115,17 +193,30 @@ def serve(
     workers: int,
     max_upload: int,
     settings,
+    limits: ConnectionLimits | None = None,
 ) -> None:
     """Serve the API on ``host:port`` with the dispatcher and (``board_port`` > 0) the board,
-    until SIGINT or SIGTERM; ``settings`` are the verified track's."""
-    import uvicorn
-
+    until SIGINT or SIGTERM, which end the process (:class:`_Shutdown`: status 130 after Ctrl-C,
+    0 after SIGTERM); ``settings`` are the verified track's, ``limits`` the HTTP connections'.
+    Requests still running at the signal get ``limits.shutdown_timeout_s``."""
+    from ncbench.leaderboard.server import connections
     from ncbench.leaderboard.server.api import create_app
     from ncbench.leaderboard.server.worker import Dispatcher
     from ncbench.leaderboard.verified import sandbox
 
-    Store(url).close()  # create or migrate the database, or refuse a foreign one, before anything starts
-    check_private(url, store_root)
+    limits = limits or connections.ConnectionLimits()
+    shutdown = _Shutdown()  # from here on a signal is a request to stop, honoured below
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, shutdown.request)
+    listener = listen(host, port)  # first: a busy port refuses before anything starts or prints
+    try:
+        if board_port:
+            check_free(host, board_port)
+        Store(url).close()  # create or migrate the database, or refuse a foreign one, before anything starts
+        check_private(url, store_root)
+    except BaseException:
+        listener.close()
+        raise
     try:
         sandbox.require_sandbox(unsandboxed=settings.unsandboxed)
     except sandbox.SandboxUnavailable as error:
@@ -135,34 +226,36 @@ def serve(
             "warning: --unsandboxed: plugins run WITHOUT a sandbox; their results are marked unsandboxed",
             file=sys.stderr,
         )
-    app = create_app(url, store_root, max_upload=max_upload, verified_settings=settings)
-    board = dispatcher = None
-    # uvicorn stops serving on SIGINT / SIGTERM, then raises the signal again once it has restored
-    # the handlers it found: ours turn that into an orderly return through the finally below.
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, _stop)
+    connections.log_requests_to_stderr()
+    app = connections.RequestGuard(create_app(url, store_root, max_upload=max_upload, verified_settings=settings))
+    board = None
     try:
-        if board_port:  # before any thread starts: preexec_fn is only safe in a single-threaded parent
+        # The board first, before any thread starts: preexec_fn is only safe in a single-threaded parent.
+        if board_port and shutdown.signum is None:
             command, env = board_command(url, host=host, port=board_port, server_url=f"http://{host}:{port}")
             board = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, preexec_fn=_die_with_parent)
-        dispatcher = Dispatcher(url, str(store_root), scheduler=scheduler, workers=workers).start()
-        print(
-            f"ncbench server on http://{host}:{port} (API docs /docs)"
-            + (f", board on http://{host}:{board_port}" if board else "")
-            + f"; database {describe_db(database_url(url))}",
-            file=sys.stderr,
-        )
-        # uvicorn handles SIGINT and SIGTERM: it stops serving and returns here.
-        uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning")).run()
-    except _Stopped:
-        pass
+        if shutdown.signum is None:
+            shutdown.dispatcher = Dispatcher(url, str(store_root), scheduler=scheduler, workers=workers).start()
+        if shutdown.signum is None:
+            print(
+                f"ncbench server on http://{host}:{port} (API docs /docs)"
+                + (f", board on http://{host}:{board_port}" if board else "")
+                + f"; database {describe_db(database_url(url))}",
+                file=sys.stderr,
+            )
+            config = connections.uvicorn_config(app, limits, log_level="warning")
+            connections.Server(config, on_exit=shutdown.request).run(sockets=[listener])
     finally:
-        if dispatcher is not None:
-            dispatcher.stop()
+        listener.close()
+        shutdown.stop_dispatcher()
+        if shutdown.signum is None:  # an error, not a signal: stop in order and let it show
+            shutdown.wait_dispatcher()
         if board is not None:
             board.terminate()
             try:
-                board.wait(timeout=10)
+                board.wait(timeout=min(2.0, shutdown.left_s()) if shutdown.signum else 10)
             except subprocess.TimeoutExpired:
                 board.kill()
                 board.wait()
+    shutdown.wait_dispatcher()
+    _end(130 if shutdown.signum == signal.SIGINT else 0)

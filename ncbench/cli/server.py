@@ -40,6 +40,34 @@ from ncbench.errors import NcbenchError
     show_default=True,
     help="Largest submission accepted.",
 )
+@click.option(
+    "--header-timeout",
+    type=click.FloatRange(0.5, 600),
+    default=10.0,
+    show_default=True,
+    help="Seconds a client has to send a request's headers (slow clients are closed).",
+)
+@click.option(
+    "--body-timeout",
+    type=click.FloatRange(0.5, 3600),
+    default=30.0,
+    show_default=True,
+    help="Seconds without a byte of a request's body before the connection is closed.",
+)
+@click.option(
+    "--idle-timeout",
+    type=click.IntRange(1, 600),
+    default=5,
+    show_default=True,
+    help="Seconds an idle keep-alive connection stays open.",
+)
+@click.option(
+    "--max-connections",
+    type=click.IntRange(8, 100_000),
+    default=1000,
+    show_default=True,
+    help="Open connections at most; more are closed as soon as they are accepted.",
+)
 @releases_option("--verified-releases", help="Verified track: fresh hidden evaluation releases per plugin run (K).")
 @eval_source_option(
     default="phantom",
@@ -65,13 +93,17 @@ def server(
     scheduler: str | None,
     workers: int,
     max_upload_mb: int,
+    header_timeout: float,
+    body_timeout: float,
+    idle_timeout: int,
+    max_connections: int,
     releases: int,
     eval_source: str,
     sandbox_limits: tuple[str, ...],
     unsandboxed: bool,
 ) -> None:
     """Run the challenge server: HTTP API, scoring workers and the public board (Ctrl-C stops all)."""
-    from ncbench.leaderboard.server import service
+    from ncbench.leaderboard.server import connections, service
     from ncbench.leaderboard.verified import runs as verified
     from ncbench.leaderboard.verified import sandbox
 
@@ -92,6 +124,12 @@ def server(
         workers=workers,
         max_upload=max_upload_mb << 20,
         settings=settings,
+        limits=connections.ConnectionLimits(
+            header_timeout_s=header_timeout,
+            body_timeout_s=body_timeout,
+            idle_timeout_s=idle_timeout,
+            max_connections=max_connections,
+        ),
     )
 
 

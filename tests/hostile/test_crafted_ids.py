@@ -1,10 +1,14 @@
 """Crafted numbers get a 4xx, never a 500: ids past the database's integer range, tokens whose id
-part overflows or is not ASCII digits, NaN where JSON is expected."""
+part overflows or is not ASCII digits, NaN where JSON is expected; and whatever the server's own
+OpenAPI description allows, generated, gets an answer that description documents."""
 
 import math
 
 import httpx
 import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from support import token_for
 
 from ncbench.attacks.submission import Submission, read_submission, write_submission
 from ncbench.errors import NcbenchError
@@ -49,3 +53,31 @@ def test_nan_in_submission_params_is_refused(tmp_path):
     )
     with pytest.raises(NcbenchError, match="'params' is not valid JSON"):
         read_submission(path)
+
+
+EXAMPLES_PER_ROUTE = 8
+# Each plugin upload starts a sandboxed check: its refusals are tested in tests/test_verified.py.
+NOT_PROBED = {"POST /api/v1/challenges/{challenge_id}/plugins"}
+
+
+def test_every_answer_is_documented_and_none_is_a_server_error(served):
+    """Property-based requests from the real server's own OpenAPI description (schemathesis), a
+    few per route, derandomized: each answer's status, content type and shape are documented, and
+    none is a 5xx. Last in the module: its uploads (a team of its own) reach the queue."""
+    api = schemathesis.openapi.from_url(f"{served['url']}/openapi.json")
+    auth = {"Authorization": f"Bearer {token_for(served['store'], 'schema')}"}
+    probed = []
+    for result in api.get_all_operations():
+        operation = result.ok()
+        if operation.label in NOT_PROBED:
+            continue
+        probed.append(operation.label)
+
+        @given(case=operation.as_strategy())
+        @settings(max_examples=EXAMPLES_PER_ROUTE, deadline=None, derandomize=True, database=None,
+                  suppress_health_check=list(HealthCheck))  # fmt: skip
+        def probe(case):
+            case.call_and_validate(headers=auth)
+
+        probe()
+    assert len(probed) == 12, probed

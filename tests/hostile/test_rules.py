@@ -1,13 +1,15 @@
 """The rules hold against a team that pushes them: a closed challenge takes no file, publishing
 again never silently resets limits, the same bytes count once, the organizer's name has no twin."""
 
+import concurrent.futures
+
 import httpx
 import pytest
 import sqlalchemy as sa
 from support import Server, ncbench, token_for
 
 from ncbench.errors import NcbenchError
-from ncbench.leaderboard.store import Store, check_origin, jobs
+from ncbench.leaderboard.store import Store, check_origin, jobs, teams
 from ncbench.leaderboard.store import published as published_table
 
 
@@ -43,6 +45,20 @@ def test_the_same_bytes_again_are_one_job_and_count_once(served, answers):
     assert [upload(served, body, token).status_code for body in answers[1:]] == [202, 202, 429]
     with Store(served["store"] / "leaderboard.db", create=False) as store, store._read() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(jobs)).scalar() == 3
+
+
+def test_the_same_bytes_sent_eight_times_at_once_are_one_job_and_count_once(served, answers):
+    """Eight identical uploads racing each other: one job, and the daily limit still has room for
+    two other files (after the sequential test above, which counts every team's jobs)."""
+    token = token_for(served["store"], "carol")
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        racing = list(pool.map(lambda _: upload(served, answers[0], token), range(8)))
+    assert {r.status_code for r in racing} == {202}, [r.text for r in racing]
+    assert len({r.json()["id"] for r in racing}) == 1
+    assert [upload(served, body, token).status_code for body in answers[1:]] == [202, 202, 429]
+    with Store(served["store"] / "leaderboard.db", create=False) as store, store._read() as conn:
+        carol = sa.select(teams.c.id).where(teams.c.name == "carol").scalar_subquery()
+        assert conn.execute(sa.select(sa.func.count()).select_from(jobs).where(jobs.c.team_id == carol)).scalar() == 3
 
 
 def test_a_closed_challenge_refuses_answer_files_with_404(published, answers):

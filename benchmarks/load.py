@@ -1,0 +1,256 @@
+"""Mixed traffic from C clients for S seconds against a real `ncbench server` on this machine.
+
+    python benchmarks/load.py [--clients=50] [--seconds=30] [--slowloris=100] [--out=DIR]
+
+Builds a tiny challenge, publishes it with a large daily limit, gives each client a team of its
+own, starts the server (no board), holds ``--slowloris`` connections that send a header byte now
+and then, and runs the clients. Each client loops over a fixed mix: the health check, the
+challenge list, a ranged download of the public release, authenticated reads (whoami, its
+submissions), a request with a bad token (10%, from 127.0.0.2), and an upload of fresh bytes (5%). Prints one
+JSON object: requests/s, p50/p99 per route, the count of each status class, 5xx, the server's
+peak RSS (its process tree, sampled every 0.2 s), and the reconciliation of every 202 with the
+jobs table (each accepted upload is exactly one job). Records go in benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import os
+import platform
+import random
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+NCBENCH = str(Path(sys.executable).with_name("ncbench"))
+TINY = ["--width", "32", "--image-size", "32", "--patch-size", "8", "--bn-batch", "8"]
+# (route label, weight): the mix every client draws from.
+MIX = [
+    ("healthz", 15),
+    ("challenges", 15),
+    ("download-range", 15),
+    ("whoami", 20),
+    ("submissions", 20),
+    ("bad-token", 10),
+    ("upload", 5),
+]
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def ncbench(*args) -> str:
+    done = subprocess.run([NCBENCH, *map(str, args)], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"ncbench {' '.join(map(str, args[:2]))} failed: {done.stderr.strip()[-300:]}")
+    return done.stdout
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def prepare(root: Path, clients: int) -> tuple[Path, str, list[str]]:
+    """A published tiny challenge and one token per client (issued in-process: a CLI call each
+    would take seconds)."""
+    from ncbench.leaderboard import workqueue
+    from ncbench.leaderboard.server import channel, service
+    from ncbench.leaderboard.store import Store
+
+    ncbench("challenge", "build", "--preset", "nc3", "--task", "reid", "--source", "phantom", "--n", 16, *TINY,
+            "--out", root / "release")  # fmt: skip
+    store = root / "store"
+    challenge_id = ncbench("challenge", "publish", root / "release", "--store", store, "--daily-limit", 100_000)
+    key = channel.token_key(workqueue.StoreLayout(store))
+    with Store(service.db_url(None, store)) as opened:
+        tokens = [channel.add_team(opened, f"load-{i}", key=key)[1] for i in range(clients)]
+    return store, challenge_id.split()[-1], tokens
+
+
+class PeakRss(threading.Thread):
+    """The largest RSS of a process and its children together, sampled every 0.2 s."""
+
+    def __init__(self, pid: int):
+        super().__init__(daemon=True)
+        self.process, self.peak, self.done = psutil.Process(pid), 0, threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(0.2):
+            try:
+                members = [self.process, *self.process.children(recursive=True)]
+                self.peak = max(self.peak, sum(m.memory_info().rss for m in members if m.is_running()))
+            except psutil.Error:
+                pass
+
+
+async def slowloris(port: int, count: int, stop: asyncio.Event) -> int:
+    """Hold ``count`` connections that never finish their headers, reopening each one the
+    server closes; returns how many the server closed."""
+    closed = 0
+
+    async def one() -> None:
+        nonlocal closed
+        while not stop.is_set():
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+                while not stop.is_set():
+                    await writer.drain()
+                    try:
+                        if await asyncio.wait_for(reader.read(1), 1.0) == b"":
+                            closed += 1
+                            break
+                    except TimeoutError:
+                        writer.write(b"X: y\r\n")
+                writer.close()
+            except OSError:
+                await asyncio.sleep(0.2)
+
+    await asyncio.gather(*(one() for _ in range(count)))
+    return closed
+
+
+async def client(url: str, challenge_id: str, token: str, until: float, record, accepted: list[int]) -> None:
+    routes, weights = zip(*MIX, strict=True)
+    auth = {"Authorization": f"Bearer {token}"}
+    files = f"{url}/api/v1/challenges/{challenge_id}/files"
+    # Bad tokens come from another loopback address: the server's refused-token limit is per address
+    # and would otherwise answer 429 to every client here after 20 of them a minute.
+    guesser = httpx.AsyncClient(timeout=30, transport=httpx.AsyncHTTPTransport(local_address="127.0.0.2"))
+    async with httpx.AsyncClient(timeout=30) as http, guesser:
+        while time.monotonic() < until:
+            route = random.choices(routes, weights)[0]
+            started = time.perf_counter()
+            try:
+                if route == "healthz":
+                    answer = await http.get(f"{url}/healthz")
+                elif route == "challenges":
+                    answer = await http.get(f"{url}/api/v1/challenges")
+                elif route == "download-range":
+                    answer = await http.get(f"{files}/release.h5", headers={"Range": "bytes=0-65535"})
+                elif route == "whoami":
+                    answer = await http.get(f"{url}/api/v1/whoami", headers=auth)
+                elif route == "submissions":
+                    answer = await http.get(f"{url}/api/v1/submissions", headers=auth)
+                elif route == "bad-token":
+                    bad = {"Authorization": "Bearer ncb_1_" + "0" * 43}
+                    answer = await guesser.get(f"{url}/api/v1/whoami", headers=bad)
+                else:
+                    answer = await http.post(
+                        f"{url}/api/v1/challenges/{challenge_id}/submissions", content=os.urandom(4096), headers=auth
+                    )
+                    if answer.status_code == 202:
+                        accepted.append(answer.json()["id"])
+                record(route, answer.status_code, time.perf_counter() - started)
+            except httpx.HTTPError as error:
+                record(route, type(error).__name__, time.perf_counter() - started)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+async def load(url: str, port: int, challenge_id: str, tokens: list[str], seconds: float, held: int) -> dict:
+    latencies: dict[str, list[float]] = collections.defaultdict(list)
+    statuses: collections.Counter = collections.Counter()
+    accepted: list[int] = []
+
+    def record(route: str, status, elapsed: float) -> None:
+        latencies[route].append(elapsed)
+        statuses[f"{route} {status}"] += 1
+
+    stop = asyncio.Event()
+    loris = asyncio.create_task(slowloris(port, held, stop))
+    started = time.monotonic()
+    await asyncio.gather(*(client(url, challenge_id, t, started + seconds, record, accepted) for t in tokens))
+    elapsed = time.monotonic() - started
+    stop.set()
+    closed = await loris
+    total = sum(len(v) for v in latencies.values())
+    return {
+        "requests": total,
+        "requests_per_s": round(total / elapsed, 1),
+        "p50_ms": {r: round(statistics.median(v) * 1000, 1) for r, v in sorted(latencies.items())},
+        "p99_ms": {r: round(percentile(v, 0.99) * 1000, 1) for r, v in sorted(latencies.items())},
+        "statuses": dict(sorted(statuses.items())),
+        "server_errors": sum(c for k, c in statuses.items() if k.split()[-1].startswith("5")),
+        "client_errors": sum(c for k, c in statuses.items() if not k.split()[-1].isdigit()),
+        "slowloris_closed_by_server": closed,
+        "accepted": accepted,
+    }
+
+
+def main() -> None:
+    options = dict(arg.removeprefix("--").split("=", 1) for arg in sys.argv[1:])
+    clients, seconds = int(options.get("clients", 50)), float(options.get("seconds", 30))
+    held = int(options.get("slowloris", 100))
+    root = Path(options.get("out") or tempfile.mkdtemp(prefix="ncbench-load-"))
+    store, challenge_id, tokens = prepare(root, clients)
+    port = free_port()
+    log = open(root / "server.log", "w")  # noqa: SIM115
+    server = subprocess.Popen(
+        [NCBENCH, "server", "--store", store, "--port", str(port), "--board-port", "0"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise SystemExit("the server did not start; see " + log.name) from None
+            time.sleep(0.2)
+    rss = PeakRss(server.pid)
+    rss.start()
+    try:
+        result = asyncio.run(load(url, port, challenge_id, tokens, seconds, held))
+    finally:
+        rss.done.set()
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)
+        log.close()
+    accepted = result.pop("accepted")
+    with sqlite3.connect(store / "leaderboard.db") as conn:
+        jobs = {row[0] for row in conn.execute("SELECT id FROM jobs")}
+    result.update(
+        {
+            "machine": f"{cpu_model()}, {os.cpu_count()} cores",
+            "command": f"python benchmarks/load.py --clients={clients} --seconds={seconds:g} --slowloris={held}",
+            "clients": clients,
+            "seconds": seconds,
+            "server_peak_rss_mb": round(rss.peak / 2**20),
+            "uploads_accepted": len(accepted),
+            "accepted_ids_distinct": len(set(accepted)),
+            "jobs_in_table": len(jobs),
+            "accepted_without_a_job": len(set(accepted) - jobs),
+        }
+    )
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

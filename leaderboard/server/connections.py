@@ -1,0 +1,214 @@
+"""What the HTTP server bounds per connection and per request, beyond what uvicorn bounds itself.
+
+uvicorn closes an idle keep-alive connection (``timeout_keep_alive``) and caps a request head's
+size (h11's incomplete-event limit), but it waits forever for a head or a body to arrive and it
+accepts every connection: a client that opens thousands of sockets and sends a byte now and then
+(slowloris) holds them all until the process runs out of file descriptors. :class:`GuardedH11`
+adds what a reverse proxy would (nginx's ``client_header_timeout``, ``client_body_timeout``):
+
+- a request head must be complete ``header_timeout_s`` after the connection opened or the
+  previous response ended, however slowly its bytes come;
+- while a body is being sent, ``body_timeout_s`` without a byte closes the connection (unless
+  the server itself stopped reading: then the client is not the slow one);
+- past ``max_connections`` open connections, a new one is closed as soon as it is accepted.
+
+:class:`RequestGuard` is the ASGI side: one log line per request, and a 400 for a request that
+declares both ``Content-Length`` and ``Transfer-Encoding`` (proxies and servers that disagree on
+which one frames the body let one request hide another: request smuggling).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import signal
+import sys
+import time
+from collections.abc import Callable
+
+import h11
+import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+log = logging.getLogger("ncbench.server")
+
+
+@dataclasses.dataclass(frozen=True)
+class ConnectionLimits:
+    """The server's per-connection bounds (``ncbench server`` options of the same names)."""
+
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    idle_timeout_s: int = 5  # uvicorn's keep-alive timeout
+    max_connections: int = 1000
+    max_header_bytes: int = 16 * 1024  # h11's default, said out loud
+    shutdown_timeout_s: int = 5  # requests still running at SIGTERM get this long, then are cancelled
+
+
+class GuardedH11(H11Protocol):
+    """uvicorn's h11 protocol with a head timeout, a body timeout and a connection cap
+    (``limits`` is set on the subclass :func:`protocol` makes)."""
+
+    limits = ConnectionLimits()
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._deadline: asyncio.TimerHandle | None = None
+        self._waiting_for_head = False
+        super().connection_made(transport)
+        if len(self.connections) > self.limits.max_connections:
+            transport.abort()
+            return
+        self._watch()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._watch()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._watch()
+
+    def _watch(self) -> None:
+        """Arm the timer the connection's state calls for: the head's (once per request, not
+        reset by the bytes of the head), the body's (reset by each chunk), or none."""
+        if self.transport.is_closing():
+            return
+        state = self.conn.their_state
+        if state is h11.IDLE:
+            if not self._waiting_for_head:
+                self._waiting_for_head = True
+                self._arm(self.limits.header_timeout_s)
+        elif state is h11.SEND_BODY:
+            self._waiting_for_head = False
+            self._arm(self.limits.body_timeout_s)
+        else:
+            self._waiting_for_head = False
+            self._disarm()
+
+    def _arm(self, seconds: float) -> None:
+        self._disarm()
+        self._deadline = self.loop.call_later(seconds, self._expired)
+
+    def _disarm(self) -> None:
+        if getattr(self, "_deadline", None) is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _expired(self) -> None:
+        self._deadline = None
+        if self.flow.read_paused and self.conn.their_state is h11.SEND_BODY:
+            self._arm(self.limits.body_timeout_s)  # the app is not reading: wait for it, not the client
+            return
+        if not self.transport.is_closing():
+            self.transport.close()
+
+
+def protocol(limits: ConnectionLimits) -> type[GuardedH11]:
+    """The protocol class uvicorn builds each connection with, under ``limits``."""
+    return type("GuardedH11", (GuardedH11,), {"limits": limits})
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, which also calls ``on_exit(signum)`` the moment a SIGINT or SIGTERM
+    asks it to stop, while it still finishes the requests in flight."""
+
+    def __init__(self, config: uvicorn.Config, *, on_exit: Callable[[int], None]):
+        super().__init__(config)
+        self.on_exit = on_exit
+
+    def handle_exit(self, sig: int, frame) -> None:
+        super().handle_exit(sig, frame)
+        self.on_exit(sig)
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        """uvicorn's, without raising the signals again on the way out: ``on_exit`` has them."""
+        signals = (signal.SIGINT, signal.SIGTERM)
+        found = {sig: signal.signal(sig, self.handle_exit) for sig in signals}
+        try:
+            yield
+        finally:
+            for sig, handler in found.items():
+                signal.signal(sig, handler)
+
+
+def log_requests_to_stderr() -> None:
+    """Send :class:`RequestGuard`'s lines to stderr, one per request, with a UTC time."""
+    handler = logging.StreamHandler(sys.stderr)
+    formatter = logging.Formatter("%(asctime)sZ %(message)s", "%Y-%m-%dT%H:%M:%S")
+    formatter.converter = time.gmtime
+    handler.setFormatter(formatter)
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+def uvicorn_config(app, limits: ConnectionLimits, **options):
+    """A uvicorn configuration of ``app`` under ``limits``, without uvicorn's access log (it
+    would log query strings; :class:`RequestGuard` logs instead)."""
+    return uvicorn.Config(
+        app,
+        http=protocol(limits),
+        timeout_keep_alive=limits.idle_timeout_s,
+        h11_max_incomplete_event_size=limits.max_header_bytes,
+        timeout_graceful_shutdown=limits.shutdown_timeout_s,
+        access_log=False,
+        **options,
+    )
+
+
+class RequestGuard:
+    """ASGI middleware: refuses ambiguous body framing (400), and logs one line per request:
+    method, path (never the query string), status, milliseconds, and the team the token
+    authenticated (``request.state.team``) or ``anonymous``. A token never reaches the log."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500  # what the client sees when the app ends without a response
+        headers = {name for name, _ in scope["headers"]}
+
+        async def sending(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            if b"content-length" in headers and b"transfer-encoding" in headers:
+                await _refuse(
+                    sending, 400, b"both Content-Length and Transfer-Encoding: the body's length is ambiguous"
+                )
+            else:
+                await self.app(scope, receive, sending)
+        finally:
+            team = scope.get("state", {}).get("team") or "anonymous"
+            path = scope["path"].encode("unicode_escape").decode("ascii")[:200]
+            log.info("%s %s %d %.1fms %s", scope["method"], path, status, (time.perf_counter() - started) * 1000, team)
+
+
+async def _refuse(send, status: int, detail: bytes) -> None:
+    body = b'{"detail":"' + detail + b'"}'
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
