@@ -41,7 +41,7 @@ import sqlalchemy as sa
 
 from ncbench.attacks.plugins import archive as plugin_archive
 from ncbench.errors import NcbenchError
-from ncbench.leaderboard import workqueue
+from ncbench.leaderboard import isolated, workqueue
 from ncbench.leaderboard.metrics import HEADLINE_METRIC
 from ncbench.leaderboard.store import (
     BUILTIN_TEAM,
@@ -87,6 +87,7 @@ CHECK_LIMITS = Limits(
     threads=1,
 )
 BUILD_FAILED = "the evaluation release could not be built or run"
+UNPACK_KILLED = "the plugin archive could not be unpacked within the unpacker's memory or time limit"
 _BUILD_LOCK = threading.Lock()  # SOURCE_DATE_EPOCH is process-wide: one evaluation build at a time
 
 
@@ -318,10 +319,22 @@ def stage_plugin(upload: Path, *, plugin_file: str, entry: str, work: Path) -> P
     """Put an uploaded plugin in ``work`` (a private folder) for the sandbox to mount; returns
     what to mount. A .py file is copied to ``work/plugin/NAME.py``; a wheel or an sdist is
     checked (layout, pure Python, dependencies installed here: :mod:`ncbench.attacks.plugins.archive`)
-    and unpacked into the folder ``work/plugin``, never built and never installed."""
+    and unpacked into the folder ``work/plugin`` by a limited child (:mod:`leaderboard.isolated`),
+    never built and never installed."""
     plugin = work / "plugin"
     if plugin_archive.archive_kind(plugin_file) is not None:
-        plugin_archive.prepare(upload, filename=plugin_file, dest=plugin, module=entry.rpartition(":")[0])
+        # Parsed in a limited child: a crafted header can hold the GIL for minutes (CVE-2024-6232).
+        request = {
+            "archive": str(upload),
+            "filename": plugin_file,
+            "dest": str(plugin),
+            "module": entry.rpartition(":")[0],
+        }
+        try:
+            isolated.call("unpack", request, isolated.UNPACK_LIMITS, died=UNPACK_KILLED)
+        except isolated.ChildKilled:
+            shutil.rmtree(plugin, ignore_errors=True)
+            raise
         return plugin
     plugin.mkdir(mode=0o755)
     plugin.chmod(0o755)
@@ -696,9 +709,11 @@ def _score(submission: Path, release_dir: Path, task: str) -> tuple[float, dict]
     """(headline over the whole release, metrics per half) of a submission: the plugin never saw
     any of the release, so both halves count; the headline is their item-weighted mean."""
     from ncbench.leaderboard.metrics import SPLIT_NAMES
-    from ncbench.leaderboard.scoring import score_submission
 
-    result = score_submission(submission, release_dir)
+    # The plugin wrote the submission: parsed in a limited child, as a team's upload is.
+    result = isolated.score_isolated(
+        submission, release_dir, None, died="the scorer went past its memory or time limit"
+    )
     metric = HEADLINE_METRIC[task]
     weighted = [
         (half[metric], half.get("n", 0.0))
