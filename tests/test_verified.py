@@ -272,7 +272,7 @@ def world(tmp_path_factory):
     assert published.returncode == 0, published.stderr
     teams = ("alice", "bob", "carol")  # carol uploads the hostile archives
     tokens = {team: ncbench("team", "add", team, "--store", store).stdout.strip() for team in teams}
-    server = Server(store, "--workers", 2, "--board-port", 0, "--verified-releases", 2, *LIMIT_ARGS)
+    server = Server(store, "--sandbox-workers", 2, "--board-port", 0, "--verified-releases", 2, *LIMIT_ARGS)
     (root / "plugins").mkdir()
     yield {"root": root, "store": store, "id": published.stdout.split()[-1], "tokens": tokens, "server": server}
     if server.process.poll() is None:
