@@ -1,14 +1,16 @@
-"""The workers: queued jobs from the database run on Dask distributed, in two pools. The
+"""The workers: queued jobs from the database run on Dask distributed, in three pools. The
 ``score`` pool runs scoring jobs (an uploaded submission, :func:`leaderboard.server.channel.run_job`);
+the ``check`` pool runs plugins' admission checks (:func:`leaderboard.verified.runs.run_check`);
 the ``sandbox`` pool runs verified runs (a plugin on fresh hidden releases in the sandbox,
 :func:`leaderboard.verified.runs.run_verified`). An answer file is scored within seconds however
 many plugins run: the pools never lend each other a slot.
 
 The pools are Dask worker resources: each job asks for one unit of its pool's resource, so it
 runs only on a worker that has one free. By default an in-process ``LocalCluster`` of one worker
-with ``--score-workers`` units of ``score`` and ``--sandbox-workers`` units of ``sandbox`` (a thread
-each); with ``--scheduler tcp://HOST:8786`` the jobs run on ``dask worker`` processes elsewhere,
-started with ``--resources score=N`` and/or ``--resources sandbox=N``, which need the same
+with ``--score-workers`` units of ``score``, ``--sandbox-workers`` units of ``sandbox`` and one of
+``check`` (plugins' admission checks), a thread each; with ``--scheduler tcp://HOST:8786`` the
+jobs run on ``dask worker`` processes elsewhere, started with ``--resources`` naming the pools
+they serve (e.g. ``score=2`` on one, ``check=1,sandbox=1`` on another), which need the same
 database URL (PostgreSQL) and the store folder (a shared file system) to reach the files.
 The database holds every job's state, so the cluster can die at any moment: a job it was
 running is queued again at the next start and recorded once.
@@ -23,12 +25,14 @@ from ncbench.leaderboard.store import Store
 from ncbench.leaderboard.verified import runs as verified
 
 LOOPBACK = "127.0.0.1:0"
-SCORE, SANDBOX = "score", "sandbox"
+SCORE, CHECK, SANDBOX = "score", "check", "sandbox"
 
 # Each kind of job: its pool, and how it is claimed, run, and put back in the queue when its
-# worker died.
+# worker died. A plugin's admission check (a sandboxed import, at most two minutes) has a pool
+# of its own, so an upload is checked while long verified runs hold the sandbox pool.
 KINDS = {
     "job": (SCORE, channel.claim, channel.run_job, channel.finish),
+    "check": (CHECK, verified.claim_checks, verified.run_check, verified.finish),
     "run": (SANDBOX, verified.claim, verified.run_verified, verified.finish),
 }
 
@@ -49,7 +53,7 @@ class Dispatcher:
     ):
         self.db_url, self.store_root = db_url, store_root
         self.scheduler, self.poll_s = scheduler, poll_s
-        self.sizes = {SCORE: score_workers, SANDBOX: sandbox_workers}
+        self.sizes = {SCORE: score_workers, CHECK: 1, SANDBOX: sandbox_workers}
         self._stop = threading.Event()
         self._inflight: set[tuple[str, int]] = set()
         self._lock = threading.Lock()

@@ -4,16 +4,21 @@ keep the sandbox pool busy. The server runs in this process (``EmbeddedServer``)
 can lower a child's limits or hold a verified run."""
 
 import dataclasses
+import datetime as dt
+import gzip
+import tarfile
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
+import sqlalchemy as sa
 from support import ncbench, token_for
 
 from ncbench.leaderboard import isolated
 from ncbench.leaderboard.server import channel, service, worker
-from ncbench.leaderboard.store import BUILTIN_TEAM, ORIGIN_ORGANIZER, Store
+from ncbench.leaderboard.store import BUILTIN_TEAM, ORIGIN_ORGANIZER, Store, verified_runs
 from ncbench.leaderboard.verified import runs as verified
 
 FINAL = ("scored", "refused", "failed")
@@ -113,3 +118,98 @@ def test_an_answer_file_is_scored_while_the_sandbox_pool_is_busy(published, answ
             HELD["release"].set()
     finally:
         HELD["release"].set()
+
+
+# -- plugin uploads: checks are jobs, archives are parsed in a child ----------------------------
+
+SLEEPER = """\
+import time
+
+from ncbench.attacks.gram_hungarian import GramHungarian
+
+time.sleep(600)  # at import: the check's wall limit ends it
+
+
+class Plugin(GramHungarian):
+    name = "sleeper"
+    version = "1.0"
+    tasks = ("reid",)
+    knowledge = ("architecture",)
+"""
+
+
+def pax_bomb(path: Path) -> Path:
+    """An sdist whose first member is a pax header of 300,000 digits: tarfile's search for
+    'hdrcharset' in it is quadratic on an unpatched Python (CVE-2024-6232), minutes of GIL."""
+    header = tarfile.TarInfo("././@PaxHeader")
+    header.type, digits = tarfile.XHDTYPE, b"1" * 300_000
+    header.size = len(digits)
+    body = header.tobuf(format=tarfile.USTAR_FORMAT) + digits + bytes(-len(digits) % 512) + bytes(1024)
+    path.write_bytes(gzip.compress(body))
+    return path
+
+
+def upload_plugin(server, challenge_id: str, token: str, path: Path, **query) -> httpx.Response:
+    return httpx.post(
+        f"{server.url}/api/v1/challenges/{challenge_id}/plugins",
+        params={"class": "Plugin", "filename": path.name, **query},
+        content=path.read_bytes(),
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=60,
+    )
+
+
+def checked(server, token: str, run_id: int, *, within_s: float = 120) -> dict:
+    """The run once its admission check has ended (or as it stands after ``within_s``)."""
+    deadline = time.monotonic() + within_s
+    while True:
+        run = httpx.get(
+            f"{server.url}/api/v1/plugins/{run_id}", headers={"Authorization": f"Bearer {token}"}, timeout=30
+        ).json()
+        if run["state"] != "checking" or time.monotonic() > deadline:
+            return run
+        time.sleep(0.2)
+
+
+def test_a_plugin_that_sleeps_at_import_is_checked_as_a_job_that_counts(published, monkeypatch, tmp_path):
+    store, challenge_id = published["store"], published["id"]
+    token = token_for(store, "alice")
+    monkeypatch.setattr(verified, "CHECK_LIMITS", dataclasses.replace(verified.CHECK_LIMITS, wall_s=5))
+    sleeper = tmp_path / "sleeper.py"
+    sleeper.write_text(SLEEPER)
+    settings = verified.Settings(unsandboxed=True)  # the queue is under test here, not the sandbox
+    with service.EmbeddedServer(service.db_url(None, store), store, settings=settings) as server:
+        answer = upload_plugin(server, challenge_id, token, sleeper)
+        assert answer.status_code == 202 and answer.json()["state"] == "checking", answer.text
+        assert checked(server, token, answer.json()["id"], within_s=0)["state"] == "checking"  # answered first
+        assert httpx.get(f"{server.url}/healthz", timeout=10).json()["status"] == "ok"
+        run = checked(server, token, answer.json()["id"])
+        assert run["state"] == "failed" and verified.CHECK_FAILED in run["message"], run
+        assert httpx.get(f"{server.url}/api/v1/challenges/{challenge_id}/verified", timeout=10).json() == []
+        assert upload_plugin(server, challenge_id, token, sleeper).status_code == 202
+        assert upload_plugin(server, challenge_id, token, sleeper).status_code == 429  # both checks counted (2 a day)
+
+
+def test_an_archive_that_would_hold_the_gil_is_refused_within_the_unpackers_wall_limit(
+    published, monkeypatch, tmp_path
+):
+    store, challenge_id = published["store"], published["id"]
+    token = token_for(store, "alice")
+    monkeypatch.setattr(isolated, "UNPACK_LIMITS", dataclasses.replace(isolated.UNPACK_LIMITS, wall_s=3))
+    bomb = pax_bomb(tmp_path / "paxbomb-1.0.tar.gz")
+    settings = verified.Settings(unsandboxed=True)
+    with service.EmbeddedServer(service.db_url(None, store), store, settings=settings) as server:
+        answer = upload_plugin(server, challenge_id, token, bomb, module="paxbomb")
+        assert answer.status_code == 202, answer.text
+        health = []
+        while checked(server, token, answer.json()["id"], within_s=0)["state"] == "checking":
+            health.append(httpx.get(f"{server.url}/healthz", timeout=5).status_code)
+        run = checked(server, token, answer.json()["id"])
+    assert run["state"] == "failed" and verified.CHECK_FAILED in run["message"], run
+    assert health and set(health) == {200}
+    with Store(store / "leaderboard.db", create=False) as db, db._read() as conn:
+        started, finished = conn.execute(
+            sa.select(verified_runs.c.started_utc, verified_runs.c.finished_utc).where(verified_runs.c.id == run["id"])
+        ).one()
+    # Patched or not, the host's Python never parses it for long: the child is stopped at 3 s.
+    assert (dt.datetime.fromisoformat(finished) - dt.datetime.fromisoformat(started)).total_seconds() < 30, run
