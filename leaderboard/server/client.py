@@ -484,7 +484,7 @@ def submissions(server: str | None, token_file: Path | None, as_json: bool) -> N
                     run["challenge_id"],
                     run["state"],
                     _minutes(run["created_utc"]),
-                    f"{run['attack']} {run['attack_version']}",
+                    f"{run['attack']} {run['attack_version']}" if run["attack"] else "(not checked)",
                     f"mean {short(run['mean'])} over {run['releases']} hidden releases"
                     if run["mean"] is not None
                     else run["message"] or "",
