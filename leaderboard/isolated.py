@@ -46,6 +46,11 @@ SCORE_LIMITS = ChildLimits(memory_bytes=4 << 30, cpu_s=600, wall_s=900, file_byt
 UNPACK_LIMITS = ChildLimits(memory_bytes=1 << 30, cpu_s=60, wall_s=60, file_bytes=64 << 20)
 
 
+# The child's whole environment: nothing of the server's (no token, no database URL), and a few
+# math threads, since each thread's buffers count against the address-space limit.
+CHILD_ENV = {"LANG": "C.UTF-8", **dict.fromkeys(("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"), "4")}
+
+
 class ChildKilled(NcbenchError):
     """The child parsing an untrusted file died: killed by a signal, out of memory or time."""
 
@@ -77,7 +82,7 @@ def call(task: str, request: dict, limits: ChildLimits, *, died: str) -> object:
                 stdout=out,
                 stderr=subprocess.DEVNULL,
                 timeout=limits.wall_s,
-                env={},
+                env=CHILD_ENV,
             )
         except subprocess.TimeoutExpired:
             raise ChildKilled(died) from None
