@@ -31,7 +31,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from ncbench.attacks.submission import Submission
+from ncbench.attacks.submission import KNOWLEDGE, Submission
 from ncbench.challenge.files import TASKS, Release
 from ncbench.errors import NcbenchError
 from ncbench.hardware import pick_device
@@ -50,18 +50,6 @@ def param(default, help: str, *, min=None, max=None, choices=None) -> dataclasse
 def chunk_param(default: int = 32) -> dataclasses.Field:
     """The ``chunk`` parameter of attacks that stream a release: images per block."""
     return param(default, "images per streamed block", min=1, max=4096)
-
-
-KNOWLEDGE = {
-    "architecture": "the public encoder architecture and preset configuration",
-    "self-sampled-keys": "encoders with keys the attacker draws itself",
-    "plaintext-pool": "the unordered plaintexts of the encoded images (reid)",
-    "known-pairs": "some (plaintext, encoding) pairs (invert)",
-    "auxiliary-data": "plaintexts from the same distribution, disjoint from the encoded set",
-    "labels": "the public labels of the encodings",
-    "insider-key": "the key of another site of a multi-site release (a colluding hospital)",
-    "key": "the organizer's secret key (oracle only: refused by the leaderboard)",
-}
 
 
 @dataclasses.dataclass

@@ -49,6 +49,19 @@ STRING_PARTS = ("encoded_ids", "mapping", "plain_ids", "target_ids", "link_left"
 ID_BYTES = 256  # the longest id a reader budgets for; release ids are about 10 bytes
 CSV_HEADER_BYTES = 4096
 
+# What an attack may declare it used (the ``knowledge`` attribute of a submission and of an
+# attack class). Here, beside the file format, so that the scorer reads it without torch.
+KNOWLEDGE = {
+    "architecture": "the public encoder architecture and preset configuration",
+    "self-sampled-keys": "encoders with keys the attacker draws itself",
+    "plaintext-pool": "the unordered plaintexts of the encoded images (reid)",
+    "known-pairs": "some (plaintext, encoding) pairs (invert)",
+    "auxiliary-data": "plaintexts from the same distribution, disjoint from the encoded set",
+    "labels": "the public labels of the encodings",
+    "insider-key": "the key of another site of a multi-site release (a colluding hospital)",
+    "key": "the organizer's secret key (oracle only: refused by the leaderboard)",
+}
+
 
 @dataclass(frozen=True)
 class ReadLimits:

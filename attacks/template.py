@@ -27,7 +27,7 @@ class MeanPatchNearest(Attack):
     name = "template-mean-patch"
     version = "0.1"
     tasks = ("reid",)  # the base class refuses other tasks before any work is done
-    knowledge = ("architecture", "plaintext-pool")  # words from attacks.base.KNOWLEDGE
+    knowledge = ("architecture", "plaintext-pool")  # words from attacks.submission.KNOWLEDGE
     description = "Template: match by the norm of each image's mean patch (weak on purpose)."
 
     # Typed parameters; `--param chunk=64` is converted and range-checked by the base class.

@@ -97,3 +97,13 @@ def resolve_config(preset: str, **overrides) -> EncoderConfig:
         raise NcbenchError(f"unknown encoder override(s): {', '.join(sorted(unknown))}")
     changes = {k: v for k, v in overrides.items() if v is not None}
     return dataclasses.replace(PRESETS[preset], **changes)
+
+
+def key_tensor_names(config: EncoderConfig) -> list[str]:
+    """Names of the key's tensors, in the order they are drawn from the key generator."""
+    names = ["stem.weight", "stem.bias"]
+    for k in range(config.depth):
+        names += [f"blocks.{k}.weight", f"blocks.{k}.bias"]
+    if config.mix:
+        names += ["pos", "mix.weight", "mix.bias"]
+    return names

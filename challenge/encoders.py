@@ -22,23 +22,21 @@ import numpy as np
 import torch
 
 # The presets and EncoderConfig live in the torch-free config module; imported here for callers.
-from ncbench.challenge.config import OVERRIDABLE, PRECISIONS, PRESETS, STORAGE_DTYPES, EncoderConfig, resolve_config  # noqa: F401
+from ncbench.challenge.config import (  # noqa: F401
+    OVERRIDABLE,
+    PRECISIONS,
+    PRESETS,
+    STORAGE_DTYPES,
+    EncoderConfig,
+    key_tensor_names,
+    resolve_config,
+)
 from ncbench.errors import NcbenchError
 from ncbench.hardware import pick_device as pick_device  # re-exported: the CLI and the builder import it here
 
 PIXEL_MEAN = 43.9  # input normalisation of the published code, on the 0-255 scale
 PIXEL_STD = 63.2
 BN_EPS = 1e-5  # torch.nn.BatchNorm2d default
-
-
-def key_tensor_names(config: EncoderConfig) -> list[str]:
-    """Names of the key's tensors, in the order they are drawn from the key generator."""
-    names = ["stem.weight", "stem.bias"]
-    for k in range(config.depth):
-        names += [f"blocks.{k}.weight", f"blocks.{k}.bias"]
-    if config.mix:
-        names += ["pos", "mix.weight", "mix.bias"]
-    return names
 
 
 def sample_key(config: EncoderConfig, seed: int | str) -> dict[str, torch.Tensor]:

@@ -19,7 +19,7 @@ import numpy as np
 
 from ncbench.challenge.config import SITE_TASKS as SITE_TASKS
 from ncbench.challenge.config import TASKS as TASKS
-from ncbench.challenge.encoders import EncoderConfig, key_tensor_names
+from ncbench.challenge.config import EncoderConfig, key_tensor_names
 from ncbench.errors import NcbenchError
 from ncbench.h5io import open_checked, read_strings
 from ncbench.private import create_private_file

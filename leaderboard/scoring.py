@@ -21,8 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ncbench.assignment import match
-from ncbench.attacks.base import KNOWLEDGE
-from ncbench.attacks.submission import ID_BYTES, ReadLimits, Submission, read_submission
+from ncbench.attacks.submission import ID_BYTES, KNOWLEDGE, ReadLimits, Submission, read_submission
 from ncbench.challenge.files import Key, Release, ReleaseLayout, key_file, open_key, open_release, release_file
 from ncbench.errors import NcbenchError
 from ncbench.h5io import sha256_file

@@ -121,22 +121,23 @@ def requeue_interrupted(store: Store, table: sa.Table) -> int:
         ).rowcount
 
 
-def claim(store: Store, limit: int, table: sa.Table, **also) -> list[int]:
-    """Move up to ``limit`` queued rows of ``table`` to ``running``, oldest first, counting the
-    attempt and setting ``also`` (e.g. a start time); returns their ids. ``SKIP LOCKED`` lets
-    several servers on one PostgreSQL database claim side by side."""
+def claim(store: Store, limit: int, table: sa.Table, *conditions, one_per=None, **also) -> list[int]:
+    """Move up to ``limit`` queued rows of ``table`` that meet ``conditions`` to ``running``,
+    oldest first, counting the attempt and setting ``also`` (e.g. a start time); returns their
+    ids. With ``one_per`` (a column, e.g. the team), at most one row per value runs at a time.
+    ``SKIP LOCKED`` lets several servers on one PostgreSQL database claim side by side."""
     with store._write() as conn:
-        ids = (
-            conn.execute(
-                sa.select(table.c.id)
-                .where(table.c.state == "queued")
-                .order_by(table.c.id)
-                .limit(limit)
-                .with_for_update(skip_locked=True)
-            )
-            .scalars()
-            .all()
-        )
+        query = sa.select(table.c.id).where(table.c.state == "queued", *conditions).order_by(table.c.id)
+        if one_per is None:
+            ids = conn.execute(query.limit(limit).with_for_update(skip_locked=True)).scalars().all()
+        else:
+            running = sa.select(one_per).where(table.c.state == "running", *conditions)
+            query = query.add_columns(one_per).where(one_per.not_in(running))
+            ids, taken = [], set()
+            for row_id, value in conn.execute(query.with_for_update(skip_locked=True)).all():
+                if value not in taken and len(ids) < limit:
+                    ids.append(row_id)
+                    taken.add(value)
         if ids:
             conn.execute(
                 table.update()

@@ -92,7 +92,7 @@ def world(tmp_path_factory):
         added = ncbench("team", "add", team, "--store", store)
         assert added.returncode == 0, added.stderr
         tokens[team] = added.stdout.strip()
-    server = Server(store, "--workers", "2", "--board-port", "0")
+    server = Server(store, "--score-workers", "2", "--board-port", "0")
     yield {"root": root, "store": store, "id": challenge_id, "tokens": tokens, "server": server}
     if server.process.poll() is None:
         server.stop()

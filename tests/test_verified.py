@@ -272,7 +272,7 @@ def world(tmp_path_factory):
     assert published.returncode == 0, published.stderr
     teams = ("alice", "bob", "carol")  # carol uploads the hostile archives
     tokens = {team: ncbench("team", "add", team, "--store", store).stdout.strip() for team in teams}
-    server = Server(store, "--workers", 2, "--board-port", 0, "--verified-releases", 2, *LIMIT_ARGS)
+    server = Server(store, "--sandbox-workers", 2, "--board-port", 0, "--verified-releases", 2, *LIMIT_ARGS)
     (root / "plugins").mkdir()
     yield {"root": root, "store": store, "id": published.stdout.split()[-1], "tokens": tokens, "server": server}
     if server.process.poll() is None:
@@ -371,7 +371,7 @@ def batch(world):
         timeout=10,
         headers={"Authorization": f"Bearer {world['tokens']['bob']}"},
     ).json()
-    runs = {answer.json()["attack"]: answer.json()["id"] for answer in answers.values()}
+    runs = {name: answer.json()["id"] for name, answer in answers.items()}  # each plugin's attack is its name
     return {
         "hostile": hostile,
         "runs": runs,
@@ -448,17 +448,37 @@ def test_the_server_keeps_serving_and_scoring_while_hostile_plugins_run(batch):
     assert batch["scoring"]["state"] == "scored", batch["scoring"]
 
 
-def test_a_plugin_that_fails_its_check_is_refused_before_queueing(world, batch):
+def run_count(world) -> int:
+    with db(world) as store, store._read() as conn:
+        return conn.execute(sa.select(sa.func.count()).select_from(verified_runs)).scalar()
+
+
+def checked(world, team: str, answer: httpx.Response) -> dict:
+    """The run of an accepted upload (202, ``checking``) once its admission check has ended."""
+    assert answer.status_code == 202 and answer.json()["state"] == "checking", answer.text
+    while True:
+        run = httpx.get(
+            f"{world['server'].url}/api/v1/plugins/{answer.json()['id']}",
+            headers={"Authorization": f"Bearer {world['tokens'][team]}"},
+            timeout=30,
+        ).json()
+        if run["state"] != "checking":
+            return run
+        time.sleep(0.5)
+
+
+def test_a_plugin_that_fails_its_check_ends_its_run_failed_counted_and_unseen(world, batch):
     path = world["root"] / "plugins" / "broken_import.py"
     path.write_text(plugin_source("broken-import", module_level="import ncbench_no_such_module"))
-    with db(world) as store, store._read() as conn:
-        before = conn.execute(sa.select(sa.func.count()).select_from(verified_runs)).scalar()
+    before = run_count(world)
     refused = cli("submit", "--plugin", f"{path}:Plugin", "--challenge", world["id"], env=batch["bob"])
     assert refused.exit_code == 2
-    assert refused.stderr.strip().splitlines()[-1].startswith("error: server answered 422")
-    assert "No module named 'ncbench_no_such_module'" in refused.stderr
-    with db(world) as store, store._read() as conn:
-        assert conn.execute(sa.select(sa.func.count()).select_from(verified_runs)).scalar() == before
+    last = refused.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: verified run ") and verified.CHECK_FAILED in last, refused.stderr
+    assert "No module named 'ncbench_no_such_module'" in last
+    assert run_count(world) == before + 1  # the check counts against the team's plugin runs
+    with db(world) as store:
+        assert len(verified.results(store)["run_id"].unique()) == len(batch["results"]["run_id"].unique())
 
 
 FORGER = """\
@@ -495,16 +515,16 @@ def test_a_plugin_that_prints_its_own_admission_report_is_refused(world, batch, 
         limits=verified.CHECK_LIMITS,
     )
     assert report is None and outcome.reason == sandbox.DECLARATIONS_DIFFER, outcome
-    answer = upload(world, "carol", path)
-    assert answer.status_code == 422 and "forged-name" not in answer.text, answer.text
+    run = checked(world, "carol", upload(world, "carol", path))
+    assert run["state"] == "failed" and "forged-name" not in run["message"] and run["attack"] is None, run
     # The same report printed truthfully admits nothing more than the source declares.
     path.write_text(
         FORGER.replace('"forged-name", "version": "9"', '"real-name", "version": "1.0"').replace(
             '"knowledge": []', '"knowledge": ["architecture", "key"]'
         )
     )
-    answer = upload(world, "carol", path)
-    assert answer.status_code == 422 and "knowledge the leaderboard refuses" in answer.text, answer.text
+    run = checked(world, "carol", upload(world, "carol", path))
+    assert run["state"] == "failed" and "knowledge the leaderboard refuses" in run["message"], run
 
 
 def test_two_verified_runs_execute_at_once_on_a_two_worker_cluster(world, batch):
@@ -637,18 +657,19 @@ def archives(tmp_path_factory):
 
 
 @pytest.mark.parametrize("case", HOSTILE_ARCHIVES)
-def test_a_hostile_plugin_archive_is_refused_in_one_line_before_queueing(world, archives, case):
+def test_a_hostile_plugin_archive_fails_its_check_in_one_line_and_never_runs(world, archives, case):
     path, expected = archives[case]
-    with db(world) as store, store._read() as conn:
-        before = conn.execute(sa.select(sa.func.count()).select_from(verified_runs)).scalar()
+    before = run_count(world)
     carol = {"NCBENCH_SERVER": world["server"].url, "NCBENCH_TOKEN": world["tokens"]["carol"]}
     refused = cli("submit", "--plugin", f"{path}:pkg.attack:Plugin", "--challenge", world["id"], env=carol)
     assert refused.exit_code == 2, refused.output
     errors = [line for line in refused.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and errors[0].startswith("error: server answered 422"), refused.stderr
-    assert expected in errors[0], errors[0]
+    assert len(errors) == 1 and errors[0].startswith("error: verified run "), refused.stderr
+    assert verified.CHECK_FAILED in errors[0] and expected in errors[0], errors[0]
+    assert run_count(world) == before + 1
     with db(world) as store, store._read() as conn:
-        assert conn.execute(sa.select(sa.func.count()).select_from(verified_runs)).scalar() == before
+        newest = conn.execute(sa.select(verified_runs.c.state).order_by(verified_runs.c.id.desc()).limit(1)).scalar()
+    assert newest == "failed"
     assert not list((world["store"] / "work").glob("check-*"))  # nothing unpacked is left behind
     assert not (world["store"] / "work" / "evil.py").exists() and not Path("/tmp/evil.py").exists()
 

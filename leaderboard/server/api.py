@@ -5,9 +5,9 @@ store's public folder (never the key); every write needs a team token (``Authori
 ...``), checked by one HMAC-SHA256 under the server's secret after a per-client limit on
 refused tokens; an upload is streamed to disk under a size cap and queued only after the rate
 and daily limits; a submission's state is durable in the database.
-A plugin for the verified track (a .py file, a wheel or an sdist) is checked before it is
-queued, an archive's contents on the host and then the plugin in the sandbox
-(:mod:`leaderboard.verified.runs`); the seeds of evaluation releases are served only once their
+A plugin for the verified track (a .py file, a wheel or an sdist) is stored and its admission
+check queued, a job of the workers like its runs (:mod:`leaderboard.verified.runs`): no route
+waits on an unpacker or a sandbox. The seeds of evaluation releases are served only once their
 challenge has closed.
 """
 
@@ -17,8 +17,6 @@ import collections
 import contextlib
 import math
 import re
-import secrets
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -40,7 +38,6 @@ from ncbench.leaderboard.verified import sandbox
 
 CHALLENGE_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 DEFAULT_MAX_UPLOAD = 1 << 30  # 1 GiB: a reid score matrix at N = 10,000 is 400 MB
-CHECKS_AT_ONCE = 2  # plugin checks (unpacking, then the sandbox) while the upload waits: a flood queues here
 CHECKS_PER_MINUTE = 10  # per team, whatever their outcome: each check starts a sandboxed interpreter
 AUTH_FAILURES_PER_MINUTE = 20  # refused tokens per client address, then 429 without verifying
 PARAMS_QUERY = Query(default=[], description="name=value (repeatable)")
@@ -83,7 +80,6 @@ def create_app(
 ) -> FastAPI:
     store = Store(db_url)
     settings = verified_settings or verified.Settings()
-    checks = threading.BoundedSemaphore(CHECKS_AT_ONCE)
     recent_checks: dict[str, collections.deque] = collections.defaultdict(collections.deque)
 
     @contextlib.asynccontextmanager
@@ -209,31 +205,6 @@ def create_app(
             raise HTTPException(429, f"rate limit: at most {CHECKS_PER_MINUTE} plugin uploads a minute per team")
         recent.append(now)
 
-    def check_plugin(upload: Path, plugin_file: str, entry: str, params: dict[str, str], task: str) -> dict:
-        """The admission check: an archive's contents and dependencies on the host (nothing of
-        it runs there), then, in the sandbox, the import and declarations (importing runs its code)."""
-        work = Path(store_root) / "work" / f"check-{secrets.token_hex(8)}"
-        try:
-            work.mkdir(parents=True, mode=0o700)
-            work.chmod(0o700)
-            with checks:
-                plugin = verified.stage_plugin(upload, plugin_file=plugin_file, entry=entry, work=work)
-                outcome, report = sandbox.check_plugin(
-                    plugin=plugin,
-                    class_name=entry,
-                    params=params,
-                    task=task,
-                    workdir=work,
-                    limits=settings.check_limits,
-                    sandboxed=not settings.unsandboxed,
-                )
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-        if not outcome.ok:
-            # The uploader's own answer: its plugin's words may be in it.
-            raise NcbenchError(f"the plugin failed its check: {outcome.reason} ({outcome.detail or 'no detail'})")
-        return report
-
     @app.post("/api/v1/challenges/{challenge_id}/plugins", status_code=202)
     async def submit_plugin(
         challenge_id: str,
@@ -247,10 +218,12 @@ def create_app(
         """Upload an attack plugin for the verified track: the request body is one .py file, or
         a pure-Python wheel (.whl) or plain-source sdist (.tar.gz); the class, the file name,
         the module (archives only) and each parameter (``param=name=value``) are query
-        parameters. An archive's layout, contents and declared dependencies are checked on the
-        host (nothing is built or installed), then the plugin is checked in the sandbox
-        (imports, declarations, name, parameters, task) before it is queued to run on fresh
-        hidden releases; returns the run's id."""
+        parameters. Returns the run's id at once, in state ``checking``: a worker then checks
+        an archive's layout, contents and declared dependencies in a limited child (nothing is
+        built or installed), then the plugin in the sandbox (imports, declarations, name,
+        parameters, task); a plugin that passes is queued to run on fresh hidden releases, one
+        that fails ends its run ``failed`` with the reason. Every upload counts against the
+        team's daily plugin runs."""
         params = {}
         for item in param:
             name, sep, value = item.partition("=")
@@ -278,28 +251,25 @@ def create_app(
             raise HTTPException(429, f"team {team!r} has used its {limit} verified runs for {challenge_id} today (UTC)")
         admit_check(team)
         writer = await receive(request, layout, verified.upload_cap(filename), "plugin")
-        sha256 = writer.sha256
-        entry = verified.plugin_entry(class_name, module)
         try:
-            # Checked where it was received: a plugin that fails its check never enters the store.
-            report = await run_in_threadpool(check_plugin, writer.finish(), filename, entry, params, challenge["task"])
-            attack, version = verified.check_report(report, task=challenge["task"])
-            writer.commit()
+            # Stored and queued for its admission check, a job of the workers' check pool: no
+            # API thread ever waits on an unpacker or a sandbox.
             run_id = await run_in_threadpool(
                 verified.enqueue,
                 store,
                 team=team,
                 origin=ORIGIN_SELF,
                 challenge_id=challenge_id,
-                attack=attack,
-                attack_version=version,
+                attack=verified.UNCHECKED,
+                attack_version=verified.UNCHECKED,
                 params=params_json,
                 settings=settings,
                 eval_source=challenge["eval_source"] or settings.eval_source,
-                plugin_sha256=sha256,
+                plugin_sha256=writer.sha256,
                 plugin_file=filename,
-                class_name=entry,
+                class_name=verified.plugin_entry(class_name, module),
                 daily_limit=limit,
+                stage=writer.commit,
             )
         except workqueue.LimitReached as error:
             raise HTTPException(429, str(error)) from None
@@ -309,10 +279,10 @@ def create_app(
             writer.discard()
         return {
             "id": run_id,
-            "state": "queued",
-            "attack": attack,
-            "attack_version": version,
-            "sha256": sha256,
+            "state": "checking",
+            "attack": None,
+            "attack_version": None,
+            "sha256": writer.sha256,
             "releases": settings.releases,
             "sandboxed": not settings.unsandboxed,
         }

@@ -27,7 +27,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from ncbench.errors import NcbenchError
-from ncbench.leaderboard import workqueue
+from ncbench.leaderboard import isolated, workqueue
 from ncbench.leaderboard.store import (
     BUILTIN_TEAM,
     DEFAULT_DAILY_LIMIT,
@@ -51,6 +51,9 @@ MAX_ROW_ID = 2**31 - 1  # the largest id a row can have (PostgreSQL INTEGER); la
 # ncb_<row id>_<secret>: ASCII digits only (str.isdigit also takes '²' and other digits int() refuses)
 TOKEN = re.compile(rf"{TOKEN_PREFIX}_([0-9]{{1,10}})_([A-Za-z0-9_-]{{1,100}})")
 RATE_LIMIT_PER_MINUTE = 10  # uploads a team may queue per minute, whatever their outcome
+# The job of a file whose scorer child died (a signal, its memory or time limit): fixed words, since
+# nothing the child printed is the team's to read; it counts against the daily limit like a score.
+SCORER_KILLED = "scoring this file went past the scorer's memory or time limit; it counts as a submission"
 
 
 HMAC_PREFIX = "hmac-sha256:"  # team_tokens.token_hash of a token issued since migration 8
@@ -330,14 +333,18 @@ def _check_limits(conn, team: str, team_id: int, challenge_id: str, daily_limit:
         raise workqueue.LimitReached(
             f"rate limit: at most {RATE_LIMIT_PER_MINUTE} uploads a minute per team; retry shortly"
         )
-    used = workqueue.used_today(
-        conn, jobs, team_id, challenge_id, now, jobs.c.state.in_(("queued", "running", "scored"))
-    )
+    used = workqueue.used_today(conn, jobs, team_id, challenge_id, now, counted())
     if used >= daily_limit:
         raise workqueue.LimitReached(
             f"team {team!r} has used its {daily_limit} submissions for {challenge_id} "
             "today (UTC); refused ones do not count, the limit resets at midnight UTC"
         )
+
+
+def counted():
+    """The jobs that count against the daily limit: queued, running, scored, and files that
+    killed their scorer (a bomb costs its sender a submission, each time)."""
+    return sa.or_(jobs.c.state.in_(("queued", "running", "scored")), jobs.c.message == SCORER_KILLED)
 
 
 def _insert_job(conn, challenge_id: str, team_id: int, sha256: str, size: int, now: dt.datetime) -> int:
@@ -399,9 +406,8 @@ def finish(
 
 def run_job(db_url: str, store_root: str, job_id: int) -> str:
     """Score one claimed job and record its outcome; runs on a Dask worker (any process that
-    can reach the database and the store folder). Returns the final state."""
-    from ncbench.leaderboard.scoring import score_submission
-
+    can reach the database and the store folder), the file itself parsed in a limited child
+    (:mod:`leaderboard.isolated`). Returns the final state."""
     layout = workqueue.StoreLayout(Path(store_root))
     with Store(db_url, create=False) as store:
         with store._read() as conn:
@@ -415,10 +421,11 @@ def run_job(db_url: str, store_root: str, job_id: int) -> str:
             finish(store, job_id, "failed", message="the scorer crashed on this file repeatedly")
             return "failed"
         try:
-            result = score_submission(
+            result = isolated.score_isolated(
                 layout.upload(row.sha256),
                 layout.key_file(row.challenge_id),
                 layout.public_dir(row.challenge_id) / "release.h5",
+                died=SCORER_KILLED,
             )
             # The limit was checked when the job was queued; the store's own check would count
             # this job's sibling jobs twice.
@@ -426,6 +433,9 @@ def run_job(db_url: str, store_root: str, job_id: int) -> str:
             # attacks as the organizer's rows; every other team's file is self-reported.
             origin = ORIGIN_ORGANIZER if row.team == BUILTIN_TEAM else ORIGIN_SELF
             recorded = store.record_score(result, team=row.team, daily_limit=None, origin=origin)
+        except isolated.ChildKilled:
+            finish(store, job_id, "failed", message=SCORER_KILLED)  # at once: the next try would die too
+            return "failed"
         except NcbenchError as error:
             finish(store, job_id, "refused", message=redact(str(error), layout, row.sha256))
             return "refused"

@@ -307,13 +307,16 @@ def submit(
         echo_json(outcome)
 
 
-def wait_until_final(client: Client, path: str, what: str, timeout: float, every: float) -> dict:
-    """Poll ``path`` (a submission or a verified run) until it reaches a final state; returns it
-    scored, or raises one line saying how it ended or that it is still going."""
+def wait_until_final(
+    client: Client, path: str, what: str, timeout: float, every: float, *, pending: tuple[str, ...] | None = None
+) -> dict:
+    """Poll ``path`` (a submission or a verified run) until it reaches a final state (or, with
+    ``pending``, leaves those states); returns it, or raises one line saying that it was refused
+    or failed, and why, or that it is still going."""
     deadline = time.monotonic() + timeout
     with progress(f"waiting for {what}", 1) as advance:
         record = client.json("GET", path)  # not the upload's answer: that has the state, not the scores
-        while record["state"] not in FINAL_STATES:
+        while record["state"] in pending if pending else record["state"] not in FINAL_STATES:
             if time.monotonic() > deadline:
                 raise NcbenchError(
                     f"{what} is still {record['state']} after {timeout} s; check later with `ncbench submissions`"
@@ -321,7 +324,7 @@ def wait_until_final(client: Client, path: str, what: str, timeout: float, every
             time.sleep(every)
             record = client.json("GET", path)
         advance(1)
-    if record["state"] != "scored":
+    if record["state"] in ("refused", "failed"):
         raise NcbenchError(f"{what} {record['state']}: {record['message']}")
     return record
 
@@ -377,9 +380,10 @@ def submit_plugin(
     quiet: bool = False,
 ) -> dict:
     """Upload one plugin file (a .py file, a wheel or an sdist) with its class (and module, for
-    an archive) and parameters; the server checks it before queueing it, then runs it on fresh
-    hidden releases. With ``wait``, poll until the run ends and return it (NcbenchError when it
-    failed). ``quiet`` prints nothing on stdout."""
+    an archive) and parameters; the server checks it (a job of its workers: this waits for the
+    outcome, and a failed check is an NcbenchError), then runs it on fresh hidden releases.
+    With ``wait``, poll until the run ends and return it (NcbenchError when it failed).
+    ``quiet`` prints nothing on stdout."""
     echo = (lambda text: None) if quiet else click.echo
     from ncbench.attacks.plugins.archive import MAX_ARCHIVE_BYTES, MAX_FILE_BYTES, SPEC_FORMS, parse_spec
 
@@ -406,7 +410,7 @@ def submit_plugin(
     query = [("class", plugin.class_name), ("filename", path.name), *(("param", item) for item in params)]
     if plugin.module is not None:
         query.append(("module", plugin.module))
-    click.echo(f"uploading {path.name}: the server checks it in its sandbox before queueing it", err=True)
+    click.echo(f"uploading {path.name}: the server checks it in its sandbox, then queues it", err=True)
     run = client.json(
         "POST",
         f"/api/v1/challenges/{challenge_id}/plugins",
@@ -417,6 +421,15 @@ def submit_plugin(
             "Content-Type": "text/x-python" if plugin.kind == "file" else "application/octet-stream",
         },
         timeout=httpx.Timeout(300, connect=10),
+    )
+    # The check is a job of the server's: its outcome, or the failure and why, comes by polling.
+    run = wait_until_final(
+        client,
+        f"/api/v1/plugins/{run['id']}",
+        f"verified run {run['id']}",
+        timeout,
+        1.0,
+        pending=("checking",),
     )
     echo(
         f"verified run {run['id']} queued: {run['attack']} {run['attack_version']} on {run['releases']} fresh "
@@ -471,7 +484,7 @@ def submissions(server: str | None, token_file: Path | None, as_json: bool) -> N
                     run["challenge_id"],
                     run["state"],
                     _minutes(run["created_utc"]),
-                    f"{run['attack']} {run['attack_version']}",
+                    f"{run['attack']} {run['attack_version']}" if run["attack"] else "(not checked)",
                     f"mean {short(run['mean'])} over {run['releases']} hidden releases"
                     if run["mean"] is not None
                     else run["message"] or "",

@@ -142,8 +142,9 @@ class EmbeddedServer:
     """The API and the scoring workers in this process, on a free localhost port (``url``), for
     callers that drive the whole loop themselves (``ncbench demo``). No board, no signals."""
 
-    def __init__(self, db_url: str, store_dir: Path, *, workers: int = 1):
-        self.db_url, self.store_dir, self.workers = db_url, Path(store_dir), workers
+    def __init__(self, db_url: str, store_dir: Path, *, settings=None, **pools):
+        self.db_url, self.store_dir = db_url, Path(store_dir)
+        self.settings, self.pools = settings, pools  # verified.Settings; the Dispatcher's pool sizes
 
     def __enter__(self) -> EmbeddedServer:
         import socket
@@ -157,10 +158,11 @@ class EmbeddedServer:
         self.socket = socket.socket()
         self.socket.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(create_app(self.db_url, self.store_dir), log_level="warning"))
+        app = create_app(self.db_url, self.store_dir, verified_settings=self.settings)
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
         self.thread.start()
-        self.dispatcher = Dispatcher(self.db_url, str(self.store_dir), workers=self.workers).start()
+        self.dispatcher = Dispatcher(self.db_url, str(self.store_dir), **self.pools).start()
         while not self.server.started:
             if not self.thread.is_alive():
                 raise NcbenchError("the embedded challenge server did not start")
@@ -190,7 +192,8 @@ def serve(
     port: int,
     board_port: int,
     scheduler: str | None,
-    workers: int,
+    score_workers: int,
+    sandbox_workers: int,
     max_upload: int,
     settings,
     limits: ConnectionLimits | None = None,
@@ -235,7 +238,9 @@ def serve(
             command, env = board_command(url, host=host, port=board_port, server_url=f"http://{host}:{port}")
             board = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, preexec_fn=_die_with_parent)
         if shutdown.signum is None:
-            shutdown.dispatcher = Dispatcher(url, str(store_root), scheduler=scheduler, workers=workers).start()
+            shutdown.dispatcher = Dispatcher(
+                url, str(store_root), scheduler=scheduler, score_workers=score_workers, sandbox_workers=sandbox_workers
+            ).start()
         if shutdown.signum is None:
             print(
                 f"ncbench server on http://{host}:{port} (API docs /docs)"

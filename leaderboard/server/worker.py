@@ -1,9 +1,16 @@
-"""The workers: queued jobs from the database run on Dask distributed. Two kinds share them:
-scoring jobs (an uploaded submission, :func:`leaderboard.server.channel.run_job`) and verified runs (a
-plugin on fresh hidden releases in the sandbox, :func:`leaderboard.verified.runs.run_verified`).
+"""The workers: queued jobs from the database run on Dask distributed, in three pools. The
+``score`` pool runs scoring jobs (an uploaded submission, :func:`leaderboard.server.channel.run_job`);
+the ``check`` pool runs plugins' admission checks (:func:`leaderboard.verified.runs.run_check`);
+the ``sandbox`` pool runs verified runs (a plugin on fresh hidden releases in the sandbox,
+:func:`leaderboard.verified.runs.run_verified`). An answer file is scored within seconds however
+many plugins run: the pools never lend each other a slot.
 
-By default an in-process ``LocalCluster`` (``--workers`` threads); with ``--scheduler
-tcp://HOST:8786`` the jobs run on ``dask worker`` processes elsewhere, which need the same
+The pools are Dask worker resources: each job asks for one unit of its pool's resource, so it
+runs only on a worker that has one free. By default an in-process ``LocalCluster`` of one worker
+with ``--score-workers`` units of ``score``, ``--sandbox-workers`` units of ``sandbox`` and one of
+``check`` (plugins' admission checks), a thread each; with ``--scheduler tcp://HOST:8786`` the
+jobs run on ``dask worker`` processes elsewhere, started with ``--resources`` naming the pools
+they serve (e.g. ``score=2`` on one, ``check=1,sandbox=1`` on another), which need the same
 database URL (PostgreSQL) and the store folder (a shared file system) to reach the files.
 The database holds every job's state, so the cluster can die at any moment: a job it was
 running is queued again at the next start and recorded once.
@@ -18,23 +25,35 @@ from ncbench.leaderboard.store import Store
 from ncbench.leaderboard.verified import runs as verified
 
 LOOPBACK = "127.0.0.1:0"
+SCORE, CHECK, SANDBOX = "score", "check", "sandbox"
 
-# Each kind of job: how it is claimed, run, and put back in the queue when its worker died.
-# Scoring jobs are claimed first: they take seconds, a verified run takes minutes.
+# Each kind of job: its pool, and how it is claimed, run, and put back in the queue when its
+# worker died. A plugin's admission check (a sandboxed import, at most two minutes) has a pool
+# of its own, so an upload is checked while long verified runs hold the sandbox pool.
 KINDS = {
-    "job": (channel.claim, channel.run_job, channel.finish),
-    "run": (verified.claim, verified.run_verified, verified.finish),
+    "job": (SCORE, channel.claim, channel.run_job, channel.finish),
+    "check": (CHECK, verified.claim_checks, verified.run_check, verified.finish),
+    "run": (SANDBOX, verified.claim, verified.run_verified, verified.finish),
 }
 
 
 class Dispatcher:
-    """Moves queued jobs of both kinds to Dask workers, at most ``capacity`` at a time."""
+    """Moves queued jobs to Dask workers, each kind to its pool, at most as many at a time as
+    the pool has units."""
 
     def __init__(
-        self, db_url: str, store_root: str, *, scheduler: str | None = None, workers: int = 1, poll_s: float = 0.3
+        self,
+        db_url: str,
+        store_root: str,
+        *,
+        scheduler: str | None = None,
+        score_workers: int = 1,
+        sandbox_workers: int = 1,
+        poll_s: float = 0.3,
     ):
         self.db_url, self.store_root = db_url, store_root
-        self.scheduler, self.workers, self.poll_s = scheduler, workers, poll_s
+        self.scheduler, self.poll_s = scheduler, poll_s
+        self.sizes = {SCORE: score_workers, CHECK: 1, SANDBOX: sandbox_workers}
         self._stop = threading.Event()
         self._inflight: set[tuple[str, int]] = set()
         self._lock = threading.Lock()
@@ -50,8 +69,9 @@ class Dispatcher:
             # nanny port. The scheduler and each worker still start an HTTP server (health and
             # metrics routes), on every interface unless told: loopback, on a free port.
             self.cluster = LocalCluster(
-                n_workers=self.workers,
-                threads_per_worker=1,
+                n_workers=1,
+                threads_per_worker=sum(self.sizes.values()),
+                resources=dict(self.sizes),
                 processes=False,
                 protocol="inproc://",
                 dashboard_address=LOOPBACK,
@@ -65,16 +85,22 @@ class Dispatcher:
         self._thread.start()
         return self
 
-    @property
-    def capacity(self) -> int:
-        return max(1, sum(info.get("nthreads", 1) for info in self.client.scheduler_info()["workers"].values()))
+    def capacity(self) -> dict[str, int]:
+        """Units of each pool over the cluster's workers (remote workers declare theirs)."""
+        units = dict.fromkeys(self.sizes, 0)
+        for info in self.client.scheduler_info()["workers"].values():
+            for pool in units:
+                units[pool] += int(info.get("resources", {}).get(pool, 0))
+        return units
 
     def _loop(self) -> None:
         with Store(self.db_url) as store:
             while not self._stop.is_set():
-                for kind, (claim, run, _) in KINDS.items():
+                capacity = self.capacity()
+                for kind, (pool, claim, run, _) in KINDS.items():
                     with self._lock:
-                        free = self.capacity - len(self._inflight)
+                        busy = sum(1 for k, _ in self._inflight if KINDS[k][0] == pool)
+                    free = capacity[pool] - busy
                     for job_id in claim(store, free) if free > 0 else []:
                         future = self.client.submit(
                             run,
@@ -83,6 +109,7 @@ class Dispatcher:
                             job_id,
                             pure=False,
                             key=f"ncbench-{kind}-{job_id}-{id(self)}",
+                            resources={pool: 1},
                         )
                         with self._lock:
                             self._inflight.add((kind, job_id))
@@ -96,7 +123,7 @@ class Dispatcher:
             # The worker itself died (run_job and run_verified record every error they can
             # catch): try again later.
             with Store(self.db_url) as store:
-                KINDS[kind][2](store, job_id, "queued")
+                KINDS[kind][3](store, job_id, "queued")
 
     def stop(self) -> None:
         """Stop claiming; jobs still running stay ``running`` and are queued again next start."""

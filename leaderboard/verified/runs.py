@@ -41,7 +41,7 @@ import sqlalchemy as sa
 
 from ncbench.attacks.plugins import archive as plugin_archive
 from ncbench.errors import NcbenchError
-from ncbench.leaderboard import workqueue
+from ncbench.leaderboard import isolated, workqueue
 from ncbench.leaderboard.metrics import HEADLINE_METRIC
 from ncbench.leaderboard.store import (
     BUILTIN_TEAM,
@@ -75,7 +75,7 @@ ARCHIVE_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+!-]{0,127}")
 CLASS_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 ENTRY_MAX = 128  # the class_name column: "Class", or "module:Class" for an archive
 PARAM_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
-# The limits of the check before queueing: an import and the declarations, nothing heavy.
+# The limits of the admission check: an import and the declarations, nothing heavy.
 CHECK_LIMITS = Limits(
     memory_bytes=4 << 30,
     cpu_s=120,
@@ -87,6 +87,10 @@ CHECK_LIMITS = Limits(
     threads=1,
 )
 BUILD_FAILED = "the evaluation release could not be built or run"
+# The attack and version of a run whose plugin awaits its admission check: the check fills them.
+UNCHECKED = ""
+CHECK_FAILED = "the plugin failed its check"
+UNPACK_KILLED = "the plugin archive could not be unpacked within the unpacker's memory or time limit"
 _BUILD_LOCK = threading.Lock()  # SOURCE_DATE_EPOCH is process-wide: one evaluation build at a time
 
 
@@ -98,7 +102,6 @@ class Settings:
     eval_source: str = DEFAULT_EVAL_SOURCE  # for challenges published without --eval-source
     limits: Limits = Limits()
     unsandboxed: bool = False  # organizer-only, local testing: results are marked unsandboxed
-    check_limits: Limits = CHECK_LIMITS
 
     def __post_init__(self) -> None:
         if not 1 <= self.releases <= 100:
@@ -318,10 +321,22 @@ def stage_plugin(upload: Path, *, plugin_file: str, entry: str, work: Path) -> P
     """Put an uploaded plugin in ``work`` (a private folder) for the sandbox to mount; returns
     what to mount. A .py file is copied to ``work/plugin/NAME.py``; a wheel or an sdist is
     checked (layout, pure Python, dependencies installed here: :mod:`ncbench.attacks.plugins.archive`)
-    and unpacked into the folder ``work/plugin``, never built and never installed."""
+    and unpacked into the folder ``work/plugin`` by a limited child (:mod:`leaderboard.isolated`),
+    never built and never installed."""
     plugin = work / "plugin"
     if plugin_archive.archive_kind(plugin_file) is not None:
-        plugin_archive.prepare(upload, filename=plugin_file, dest=plugin, module=entry.rpartition(":")[0])
+        # Parsed in a limited child: a crafted header can hold the GIL for minutes (CVE-2024-6232).
+        request = {
+            "archive": str(upload),
+            "filename": plugin_file,
+            "dest": str(plugin),
+            "module": entry.rpartition(":")[0],
+        }
+        try:
+            isolated.call("unpack", request, isolated.UNPACK_LIMITS, died=UNPACK_KILLED)
+        except isolated.ChildKilled:
+            shutil.rmtree(plugin, ignore_errors=True)
+            raise
         return plugin
     plugin.mkdir(mode=0o755)
     plugin.chmod(0o755)
@@ -385,9 +400,13 @@ def enqueue(
     class_name: str | None = None,
     daily_limit: int | None = None,
     now: dt.datetime | None = None,
+    stage=None,
 ) -> int:
     """Queue a verified run; ``daily_limit`` None: no limit (the organizer's built-ins). Every
-    run counts towards the limit whatever its outcome: each costs K builds and K sandboxed runs."""
+    run counts towards the limit whatever its outcome, a failed admission check included: each
+    costs a sandbox, or K builds and K sandboxed runs. A team's plugin is queued with ``attack``
+    and ``attack_version`` :data:`UNCHECKED`, for :func:`run_check`. ``stage`` (moving the upload
+    into the store) runs once the run is admitted, before it can be claimed."""
     now = now or utc_now()
     team = check_team_name(team)
     # Organizer rows are built-ins under its own team; a team's plugin is never one of them.
@@ -401,6 +420,8 @@ def enqueue(
                     f"team {team!r} has used its {daily_limit} verified runs for {challenge_id} today "
                     "(UTC); the limit resets at midnight UTC"
                 )
+        if stage is not None:
+            stage()
         return workqueue.insert_queued(
             conn,
             verified_runs,
@@ -477,8 +498,82 @@ def requeue_interrupted(store: Store) -> int:
 
 
 def claim(store: Store, limit: int) -> list[int]:
-    """Move up to ``limit`` queued runs to ``running``, oldest first; returns their ids."""
-    return workqueue.claim(store, limit, verified_runs, started_utc=_stamp(utc_now()))
+    """Move up to ``limit`` queued runs whose plugin passed its check to ``running``, oldest
+    first; returns their ids."""
+    return workqueue.claim(
+        store, limit, verified_runs, verified_runs.c.attack_version != UNCHECKED, started_utc=_stamp(utc_now())
+    )
+
+
+def claim_checks(store: Store, limit: int) -> list[int]:
+    """Move up to ``limit`` runs whose plugin awaits its check to ``running`` (checking), oldest
+    first, one per team at a time: a team's uploads wait for each other, not for everyone's."""
+    return workqueue.claim(
+        store,
+        limit,
+        verified_runs,
+        verified_runs.c.attack_version == UNCHECKED,
+        one_per=verified_runs.c.team_id,
+        started_utc=_stamp(utc_now()),
+    )
+
+
+def run_check(db_url: str, store_root: str, run_id: int) -> str:
+    """The admission check of a claimed run's plugin, on a Dask worker: an archive's contents
+    and dependencies, unpacked by a limited child (:func:`stage_plugin`), then, in the sandbox,
+    the import and its declarations (importing runs the plugin's code), checked again here
+    (:func:`check_report`). A plugin that passes is queued to run with the attack and version
+    it declares; one that fails ends its run ``failed``, counted, with the reason in a
+    message only its team reads (:func:`is_admitted`). Returns the state it leaves."""
+    from ncbench.leaderboard.verified import sandbox
+
+    root = Path(store_root)
+    with Store(db_url, create=False) as store:
+        run = _run_row(store, run_id)
+        if run["attempts"] > workqueue.ATTEMPTS_BEFORE_FAILED:
+            finish(store, run_id, "failed", message=f"{CHECK_FAILED}: it crashed the worker repeatedly")
+            return "failed"
+        work = root / "work" / f"check-{run_id}-{secrets.token_hex(4)}"
+        try:
+            work.mkdir(parents=True, mode=0o700)
+            work.chmod(0o700)
+            plugin = stage_plugin(
+                workqueue.StoreLayout(root).upload(run["plugin_sha256"]),
+                plugin_file=run["plugin_file"],
+                entry=run["class_name"],
+                work=work,
+            )
+            outcome, report = sandbox.check_plugin(
+                plugin=plugin,
+                class_name=run["class_name"],
+                params=json.loads(run["params"]),
+                task=run["task"],
+                workdir=work,
+                limits=CHECK_LIMITS,
+                sandboxed=run["sandboxed"],
+            )
+            if not outcome.ok:
+                raise NcbenchError(f"{outcome.reason} ({outcome.detail or 'no detail'})")
+            attack, version = check_report(report, task=run["task"])
+        except NcbenchError as error:
+            # The team's own reason (its plugin's words may be in it): no public view shows a
+            # run that was never admitted.
+            finish(store, run_id, "failed", message=f"{CHECK_FAILED}: {error}".replace(str(root), "<store>"))
+            return "failed"
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        with store._write() as conn:
+            conn.execute(
+                verified_runs.update()
+                .where(verified_runs.c.id == run_id)
+                .values(attack=attack, attack_version=version, state="queued", updated_utc=_stamp(utc_now()))
+            )
+        return "queued"
+
+
+def is_admitted():
+    """The runs anyone may see: the organizer's, and a team's whose plugin passed its check."""
+    return verified_runs.c.attack_version != UNCHECKED
 
 
 def claim_run(store: Store, run_id: int) -> bool:
@@ -696,9 +791,11 @@ def _score(submission: Path, release_dir: Path, task: str) -> tuple[float, dict]
     """(headline over the whole release, metrics per half) of a submission: the plugin never saw
     any of the release, so both halves count; the headline is their item-weighted mean."""
     from ncbench.leaderboard.metrics import SPLIT_NAMES
-    from ncbench.leaderboard.scoring import score_submission
 
-    result = score_submission(submission, release_dir)
+    # The plugin wrote the submission: parsed in a limited child, as a team's upload is.
+    result = isolated.score_isolated(
+        submission, release_dir, None, died="the scorer went past its memory or time limit"
+    )
     metric = HEADLINE_METRIC[task]
     weighted = [
         (half[metric], half.get("n", 0.0))
@@ -814,6 +911,7 @@ def results(store: Store) -> pd.DataFrame:
         .join(teams, teams.c.id == verified_runs.c.team_id)
         .join(challenges, challenges.c.challenge_id == verified_runs.c.challenge_id)
         .outerjoin(verified_releases, verified_releases.c.run_id == verified_runs.c.id)
+        .where(is_admitted())
         .order_by(verified_runs.c.id, verified_releases.c.idx)
     )
     columns = [
@@ -858,7 +956,8 @@ def run_view(store: Store, run_id: int, *, team: str | None = None) -> dict | No
     score. With ``team``, as that team sees it (None for another team's run): each failure's
     ``detail`` in the plugin's own words and the measured costs. Without, as anyone sees it:
     reasons in the fixed vocabulary only, costs rounded up to a power of two (:func:`coarse`),
-    no start or end time."""
+    no start or end time, and nothing of a run whose plugin has not passed its check (None).
+    ``state`` is ``checking`` while the plugin awaits or runs its admission check."""
     with store._read() as conn:
         query = (
             sa.select(verified_runs, teams.c.name.label("team"))
@@ -868,7 +967,7 @@ def run_view(store: Store, run_id: int, *, team: str | None = None) -> dict | No
         if team is not None:
             query = query.where(teams.c.name == team)
         run = conn.execute(query).one_or_none()
-        if run is None:
+        if run is None or (team is None and run.attack_version == UNCHECKED):
             return None
         releases = conn.execute(
             sa.select(
@@ -893,12 +992,14 @@ def run_view(store: Store, run_id: int, *, team: str | None = None) -> dict | No
             del evaluation["detail"]
             for column, floor in COARSE_FLOORS.items():
                 evaluation[column] = coarse(evaluation[column], floor)
+    checking = run.attack_version == UNCHECKED
     return {
         "id": run.id,
         "challenge_id": run.challenge_id,
-        "attack": run.attack,
-        "attack_version": run.attack_version,
-        "state": run.state,
+        "attack": None if checking else run.attack,
+        "attack_version": None if checking else run.attack_version,
+        # A plugin awaiting or in its admission check; a failed check ends the run failed.
+        "state": "checking" if checking and run.state in ("queued", "running") else run.state,
         "message": run.message,
         "releases": run.releases,
         "sandboxed": bool(run.sandboxed),

@@ -27,11 +27,18 @@ from ncbench.errors import NcbenchError
     "--scheduler", default=None, help="Dask scheduler address (tcp://HOST:8786) [default: in-process cluster]."
 )
 @click.option(
-    "--workers",
+    "--score-workers",
     type=click.IntRange(1, 64),
     default=1,
     show_default=True,
-    help="Scoring workers of the in-process cluster.",
+    help="Answer files scored at once by the in-process cluster (each in a limited child process).",
+)
+@click.option(
+    "--sandbox-workers",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="Verified runs at once on the in-process cluster, apart from the scoring workers.",
 )
 @click.option(
     "--max-upload-mb",
@@ -91,7 +98,8 @@ def server(
     port: int,
     board_port: int | None,
     scheduler: str | None,
-    workers: int,
+    score_workers: int,
+    sandbox_workers: int,
     max_upload_mb: int,
     header_timeout: float,
     body_timeout: float,
@@ -121,7 +129,8 @@ def server(
         port=port,
         board_port=port + 1 if board_port is None else board_port,
         scheduler=scheduler,
-        workers=workers,
+        score_workers=score_workers,
+        sandbox_workers=sandbox_workers,
         max_upload=max_upload_mb << 20,
         settings=settings,
         limits=connections.ConnectionLimits(

@@ -6,6 +6,9 @@ from pathlib import Path
 import pytest
 from support import TINY, Server, ncbench, token_for
 
+from ncbench.leaderboard.server import service
+from ncbench.leaderboard.verified import runs as verified
+
 
 @pytest.fixture(scope="session")
 def release(tmp_path_factory) -> Path:
@@ -41,3 +44,13 @@ def served(release, tmp_path_factory):
     yield {**store, "server": server, "url": server.url, "token": token}
     if server.process.poll() is None:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def embedded(release, tmp_path_factory):
+    """A store of the module's own served by the API and workers in this process (so a test can
+    lower a limit or replace a job), the verified track unsandboxed: {store, id, server}."""
+    store = publish(release, tmp_path_factory.mktemp("embedded") / "store")
+    settings = verified.Settings(unsandboxed=True)  # the queues are under test there, not the sandbox
+    with service.EmbeddedServer(service.db_url(None, store["store"]), store["store"], settings=settings) as server:
+        yield {**store, "server": server}

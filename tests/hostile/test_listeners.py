@@ -23,7 +23,7 @@ def listening(pid: int) -> list[tuple[str, int]]:
 
 def test_a_server_on_localhost_listens_on_localhost_only(published):
     board_port = free_port()
-    server = Server(published["store"], "--host", "127.0.0.1", "--board-port", board_port, "--workers", 2)
+    server = Server(published["store"], "--host", "127.0.0.1", "--board-port", board_port, "--score-workers", 2)
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

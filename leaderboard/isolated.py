@@ -1,0 +1,164 @@
+"""Untrusted bytes are parsed in a child process under limits, never in the server.
+
+An uploaded answer file (HDF5), a plugin's answer file and a plugin archive (wheel or sdist) are
+hostile until parsed: a crafted HDF5 file can make libhdf5 allocate gigabytes, a crafted tar
+header can hold the GIL for minutes (CVE-2024-6232). Each is parsed by
+``python -I -m ncbench.leaderboard.isolated TASK`` under ``prlimit`` (address space, CPU
+seconds, largest file) and a wall-clock limit, with the request as JSON on stdin and one JSON
+line out. A child that dies (a signal, an allocation past its limit, the wall limit) raises
+:class:`ChildKilled`, whose message is fixed: nothing of what the child printed reaches a team.
+
+The child runs as the server's user: the limits stop one file from taking the server's memory or
+time, they are no sandbox against a parser exploited into running code (docs/security.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from ncbench.errors import NcbenchError
+
+MODULE = "ncbench.leaderboard.isolated"
+
+
+@dataclass(frozen=True)
+class ChildLimits:
+    """What one child may use: address space (RLIMIT_AS), CPU seconds (RLIMIT_CPU), wall-clock
+    seconds, the largest file it writes (RLIMIT_FSIZE, its answer included)."""
+
+    memory_bytes: int
+    cpu_s: int
+    wall_s: float
+    file_bytes: int
+
+
+# Scoring: the interpreter with torch and h5py maps about 0.8 GB; a legitimate answer file at
+# N = 10,000 peaks under 1 GB more.
+SCORE_LIMITS = ChildLimits(memory_bytes=4 << 30, cpu_s=600, wall_s=900, file_bytes=16 << 20)
+# Unpacking a plugin archive: at most 64 MiB unpacked (attacks.plugins.archive), in seconds.
+UNPACK_LIMITS = ChildLimits(memory_bytes=1 << 30, cpu_s=60, wall_s=60, file_bytes=64 << 20)
+
+
+# The child's whole environment: nothing of the server's (no token, no database URL), and a few
+# math threads, since each thread's buffers count against the address-space limit.
+CHILD_ENV = {"LANG": "C.UTF-8", **dict.fromkeys(("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"), "4")}
+
+
+class ChildKilled(NcbenchError):
+    """The child parsing an untrusted file died: killed by a signal, out of memory or time."""
+
+
+class ChildCrashed(Exception):
+    """The child's code raised something other than NcbenchError: a bug of ours, not a refusal."""
+
+
+def call(task: str, request: dict, limits: ChildLimits, *, died: str) -> object:
+    """The JSON answer of :data:`TASKS` ``[task](**request)`` run in a limited child. Raises
+    NcbenchError with the child's own refusal, or ChildKilled(``died``) when it gave none."""
+    argv = [
+        "prlimit",
+        f"--as={limits.memory_bytes}",
+        f"--cpu={limits.cpu_s}",
+        f"--fsize={limits.file_bytes}",
+        "--",
+        sys.executable,
+        "-I",
+        "-m",
+        MODULE,
+        task,
+    ]
+    with tempfile.TemporaryFile() as out:  # a file, bounded by RLIMIT_FSIZE, not a pipe held in memory
+        try:
+            done = subprocess.run(
+                argv,
+                input=json.dumps(request).encode(),
+                stdout=out,
+                stderr=subprocess.DEVNULL,
+                timeout=limits.wall_s,
+                env=CHILD_ENV,
+            )
+        except subprocess.TimeoutExpired:
+            raise ChildKilled(died) from None
+        out.seek(0)
+        lines = out.read(limits.file_bytes).splitlines()
+    try:
+        answer = json.loads(lines[-1]) if done.returncode == 0 and lines else None
+    except ValueError:
+        answer = None
+    if not isinstance(answer, dict) or not ({"ok", "error", "crash"} & answer.keys()):
+        raise ChildKilled(died)
+    if "error" in answer:
+        raise NcbenchError(str(answer["error"]))
+    if "crash" in answer:
+        raise ChildCrashed(str(answer["crash"]))
+    return answer["ok"]
+
+
+# -- the tasks, run in the child ---------------------------------------------------------------
+
+
+def score(*, submission: str, key: str, release: str | None) -> dict:
+    """:func:`leaderboard.scoring.score_submission`, as JSON (:func:`score_result`)."""
+    from ncbench.leaderboard.scoring import score_submission
+
+    return dataclasses.asdict(score_submission(submission, key, release))
+
+
+def score_isolated(submission: Path, key: Path, release: Path | None, *, died: str):
+    """:func:`leaderboard.scoring.score_submission` in a child under :data:`SCORE_LIMITS`
+    (``key`` a key file or a release folder, ``release`` None to find it beside the key)."""
+    request = {"submission": str(submission), "key": str(key), "release": None if release is None else str(release)}
+    return score_result(call("score", request, SCORE_LIMITS, died=died))
+
+
+def score_result(answer: dict):
+    """The :class:`leaderboard.scoring.ScoreResult` that :func:`score` wrote as JSON."""
+    from ncbench.leaderboard.scoring import ChallengeInfo, ScoreResult
+
+    return ScoreResult(
+        **{
+            **answer,
+            "challenge": ChallengeInfo(**answer["challenge"]),
+            "knowledge": tuple(answer["knowledge"]),
+            "metrics": {int(split): values for split, values in answer["metrics"].items()},
+        }
+    )
+
+
+def unpack(*, archive: str, filename: str, dest: str, module: str) -> None:
+    """:func:`attacks.plugins.archive.prepare`: check and unpack a plugin archive into ``dest``."""
+    from ncbench.attacks.plugins import archive as plugin_archive
+
+    plugin_archive.prepare(Path(archive), filename=filename, dest=Path(dest), module=module)
+
+
+TASKS = {"score": score, "unpack": unpack}
+# Imported before the file is read: a child that cannot even load its code (its limits too small
+# for the interpreter) dies without an answer, rather than reporting a bug of ours.
+PRELOAD = {"score": "ncbench.leaderboard.scoring", "unpack": "ncbench.attacks.plugins.archive"}
+
+
+def _main(argv: list[str]) -> int:
+    importlib.import_module(PRELOAD[argv[0]])
+    request = json.loads(sys.stdin.buffer.read())
+    try:
+        answer = json.dumps({"ok": TASKS[argv[0]](**request)})
+    except MemoryError:
+        raise  # past its address-space limit: no answer, the parent reports its fixed message
+    except NcbenchError as error:
+        answer = json.dumps({"error": str(error)})
+    except Exception as error:  # noqa: BLE001 - reported to the parent, which records it as our bug
+        answer = json.dumps({"crash": f"{type(error).__name__}: {error}"})
+    sys.stdout.write(answer + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
