@@ -1,6 +1,8 @@
 """`ncbench score` and `ncbench leaderboard export|close|serve` through the root command."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -265,3 +267,21 @@ def test_ctrl_c_ends_in_one_line_and_exit_130(monkeypatch, where):
         monkeypatch.setattr("ncbench.leaderboard.server.client.Client.json", interrupted)
     outcome = CliRunner().invoke(main, ["challenges"])
     assert outcome.exit_code == 130 and outcome.stderr == "interrupted\n", outcome.output
+
+
+HEAVY = ("torch", "pandas", "numpy", "scipy", "h5py", "sqlalchemy", "streamlit", "fastapi", "distributed")
+
+
+@pytest.mark.parametrize("group", ["leaderboard", "baseline", "challenge"])
+def test_a_group_s_help_loads_no_heavy_module(group):
+    """--help answers from plain data: none of torch, pandas, SQLAlchemy or Streamlit is imported
+    (a fresh interpreter, since this one has them all)."""
+    script = (
+        "import sys\nfrom ncbench.cli import main\n"
+        f"try:\n    main([{group!r}, '--help'])\nexcept SystemExit as end:\n    assert not end.code, end.code\n"
+        f"print(sorted(m for m in {HEAVY!r} if m in sys.modules), file=sys.stderr)"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "Usage:" in done.stdout
+    assert done.stderr.strip() == "[]", done.stderr
