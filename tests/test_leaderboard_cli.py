@@ -214,9 +214,11 @@ def test_export_formats_hide_the_private_half_until_close(challenge, perfect, tm
     with open_release(challenge) as release:
         challenge_id = release.challenge_id
     rows = json.loads(run("leaderboard", "export", "--db", db, "--format", "json").stdout)
-    assert [(r["split"], r["reidentification"], r["band"]) for r in rows] == [("public", 1.0, "bad")]
+    assert [(r["track"], r["split"], r["reidentification"], r["band"]) for r in rows] == [
+        ("answer file", "public", 1.0, "bad")
+    ]
     markdown = run("leaderboard", "export", "--db", db, "--format", "markdown").stdout
-    assert markdown.startswith("| challenge_id |") and "| public |" in markdown and "private" not in markdown
+    assert markdown.startswith("| track | challenge_id |") and "| public |" in markdown and "private" not in markdown
     unasked = run("leaderboard", "close", challenge_id, "--db", db)  # no terminal to ask on: --yes or nothing
     assert unasked.exit_code == 2 and "--yes" in unasked.stderr and unasked.stderr.count("\n") == 1
     closed = run("leaderboard", "close", challenge_id, "--db", db, "--yes")
@@ -225,8 +227,8 @@ def test_export_formats_hide_the_private_half_until_close(challenge, perfect, tm
     out = tmp_path / "exports" / "board.csv"
     assert run("leaderboard", "export", "--db", db, "--format", "csv", "--out", out).exit_code == 0
     lines = out.read_text().splitlines()
-    assert lines[0].startswith("challenge_id,task,preset,release,split") and len(lines) == 3
-    assert {line.split(",")[4] for line in lines[1:]} == {"public", "private"}
+    assert lines[0].startswith("track,challenge_id,task,preset,release,split") and len(lines) == 3
+    assert {line.split(",")[5] for line in lines[1:]} == {"public", "private"}
 
 
 def test_leaderboard_commands_refuse_a_missing_database(tmp_path):

@@ -245,16 +245,19 @@ def serve(db: str, port: int, host: str) -> None:
 )
 @click.option("--out", type=click.Path(path_type=Path), help="File to write [default: standard output].")
 def export(db: str, fmt: str, out: Path | None) -> None:
-    """Write the public board (one row per submission and visible half) as CSV, JSON or Markdown.
+    """Write every public result as CSV, JSON or Markdown: one row per answer file's submission and
+    visible half (track 'answer file'), then one per verified run (track 'verified': the mean over
+    its fresh hidden releases, their spread, K).
 
     Cells that a spreadsheet would read as a formula are quoted (CSV); markup is escaped (Markdown).
     """
     from ncbench.h5io import atomic_path
     from ncbench.leaderboard.store import Store, database_url
-    from ncbench.leaderboard.tables import board, to_csv, to_markdown, to_records
+    from ncbench.leaderboard.tables import board, export_table, to_csv, to_markdown, to_records, verified_summary
+    from ncbench.leaderboard.verified import runs as verified
 
     with Store(database_url(db), create=False) as store:
-        table = board(store.results())
+        table = export_table(board(store.results()), verified_summary(verified.results(store)))
     if fmt == "csv":
         text = to_csv(table)
     elif fmt == "json":
