@@ -19,6 +19,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 import ncbench.leaderboard as leaderboard
+import ncbench.leaderboard.board as board_package
 from ncbench.leaderboard import tables
 from ncbench.leaderboard.metrics import privacy_band
 from ncbench.leaderboard.scoring import ChallengeInfo, ScoreResult
@@ -532,3 +533,32 @@ def test_the_export_holds_verified_runs_beside_answer_files(tmp_path):
     assert ",7," in csv[2] and ",7.0," not in csv[2]  # ids stay integers beside missing ones
     assert tables.to_records(exported)[1]["submission_id"] is None
     assert list(tables.export_table(table.iloc[:0], tables.verified_summary(pd.DataFrame()))["track"]) == []
+
+
+@pytest.mark.parametrize(
+    ("server", "visitor_host", "shown"),
+    [
+        ("http://0.0.0.0:8000", "board.example.org:8501", "http://board.example.org:8000"),
+        ("http://0.0.0.0:8000", "203.0.113.7", "http://203.0.113.7:8000"),
+        ("http://[::]:8000", "[2001:db8::1]:8501", "http://[2001:db8::1]:8000"),
+        ("https://challenge.example.org", "board.internal:8501", "https://challenge.example.org"),  # configured
+        ("http://0.0.0.0:8000", None, None),
+        ("http://0.0.0.0:8000", "0.0.0.0:8501", None),
+        ("http://0.0.0.0:8000", "evil.example.org/<script>", None),
+        (None, "board.example.org", None),
+    ],
+)
+def test_take_part_names_a_server_an_attacker_can_reach(server, visitor_host, shown):
+    assert board_package.shown_server(server, visitor_host) == shown
+
+
+def test_the_board_reaches_a_server_bound_to_every_interface_on_loopback():
+    assert board_package.reachable_server("http://0.0.0.0:8000") == "http://127.0.0.1:8000"
+    assert board_package.reachable_server("https://challenge.example.org") == "https://challenge.example.org"
+
+
+def test_take_part_never_shows_a_wildcard_address(populated_db, monkeypatch):
+    monkeypatch.setenv(board_package.SERVER_ENV, "http://0.0.0.0:59999")  # nothing answers: the store's list
+    at = go(app(), "Take part")
+    shown = "\n".join(block.value for block in [*at.code, *at.markdown])
+    assert "0.0.0.0" not in shown and "ncbench login --server https://SERVER" in shown
