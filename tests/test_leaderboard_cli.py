@@ -274,7 +274,7 @@ def test_ctrl_c_ends_in_one_line_and_exit_130(monkeypatch, where):
 HEAVY = ("torch", "pandas", "numpy", "scipy", "h5py", "sqlalchemy", "streamlit", "fastapi", "distributed")
 
 
-@pytest.mark.parametrize("group", ["leaderboard", "baseline", "challenge"])
+@pytest.mark.parametrize("group", ["leaderboard", "baseline", "demo", "challenge"])
 def test_a_group_s_help_loads_no_heavy_module(group):
     """--help answers from plain data: none of torch, pandas, SQLAlchemy or Streamlit is imported
     (a fresh interpreter, since this one has them all)."""
