@@ -123,7 +123,7 @@ def page_matrix(store: Store) -> None:
     if tested:
         st.warning(
             f"Some challenges behind this table are test releases (key public) on presets "
-            f"{', '.join(tested)}: their numbers measure the attacks, not the secrecy of a key."
+            f"{'; '.join(tested)}: their numbers measure the attacks, not the secrecy of a key."
         )
 
 
