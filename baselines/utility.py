@@ -41,6 +41,7 @@ import torch
 from scipy.stats import rankdata
 from torch import nn
 
+from ncbench.baselines.settings import DEFAULTS  # noqa: F401  (re-exported: the CPU-sized defaults)
 from ncbench.challenge.encoders import (
     PRESETS,
     Encoder,
@@ -64,9 +65,6 @@ RAW_PRESET = "raw"  # the preset recorded for the reference model on plaintext p
 # it lost to the nc7 model at seed 1 (0.734 against 0.768 mean AUC), with 16 it beat every
 # encoded model at seeds 0 and 1 (benchmarks/RESULTS.md, issue 11 item 4).
 RAW_EPOCHS = 2
-# CPU-sized defaults of `ncbench baseline utility` (and the demo): phantom images carry finding
-# labels; 128 px with 8 px patches gives P = 256 tokens as at full size; encoder width 256.
-DEFAULTS = {"n_train": 1200, "n_test": 400, "width": 256, "image_size": 128, "epochs": 8}
 
 
 def auc(scores: np.ndarray, labels: np.ndarray) -> float:

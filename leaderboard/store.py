@@ -48,18 +48,16 @@ from sqlalchemy.engine import Connection, Engine
 
 from ncbench.errors import NcbenchError
 from ncbench.leaderboard.metrics import HEADLINE_METRIC, PSNR_CAP_DB, SPLIT_NAMES, effective_k_anonymity
+from ncbench.leaderboard.rules import BUILTIN_TEAM, DB_ENV, DEFAULT_DAILY_LIMIT, ORIGIN_ORGANIZER, ORIGIN_SELF  # noqa: F401
 from ncbench.names import fold, name_skeleton
 from ncbench.private import create_private_file
 
-DEFAULT_DAILY_LIMIT = 5
 BUSY_TIMEOUT_S = 30
 STATUS_SCORED, STATUS_FAILED = "scored", "failed"
 MODEL_KINDS = ("encoded", "raw")
 MAX_TEAM_NAME = 64
 TEAM_NAME = re.compile(rf"[a-z0-9][a-z0-9_.-]{{0,{MAX_TEAM_NAME - 1}}}")
-ORIGIN_ORGANIZER, ORIGIN_SELF = "organizer", "self-reported"
 ORIGINS = (ORIGIN_ORGANIZER, ORIGIN_SELF)
-BUILTIN_TEAM = "ncbench-builtin"  # the organizer's own runs of the built-in attacks, and nobody else's
 ATTACK_ENTRY_POINTS = "ncbench.attacks"  # built-ins are the entry points whose target is in ncbench
 # Characters of every stored string (JSON text for params, knowledge and notes). A submission over
 # a limit is refused, not cut: a cut name or JSON would say something the file did not.
@@ -85,7 +83,6 @@ MAX_LENGTHS = {
 LADDER_GRID = 0.01
 METRIC_RANGES = {"psnr": PSNR_CAP_DB, "ssim": 2.0}  # every other scored metric is a fraction in [0, 1]
 UNLADDERED_METRICS = frozenset({"n", "chance", "one_to_one", "k_anonymity"})
-DB_ENV = "NCBENCH_DB"  # how `leaderboard serve` hands the database to the app (not argv: passwords)
 _PG_MIGRATION_LOCK = 0x6E63_6265  # pg_advisory_xact_lock key: "ncbe"
 
 metadata = sa.MetaData()

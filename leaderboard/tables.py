@@ -575,6 +575,49 @@ def verified_matrix(
     return matrix.fillna("not run")
 
 
+EXPORT_TRACKS = ("answer file", "verified")  # the `track` of each exported row
+
+
+def export_table(table: pd.DataFrame, summary: pd.DataFrame) -> pd.DataFrame:
+    """What ``leaderboard export`` writes: every public result, answer files and verified runs.
+
+    table: :func:`board` (one row per scored submission and visible half: track 'answer file');
+    summary: :func:`verified_summary` (one row per verified run: track 'verified', with its
+    ``run_id``, ``state``, ``sandboxed``, ``releases`` K and ``scored``; ``reidentification`` is
+    the mean over its K fresh releases and ``spread`` their sample standard deviation; no
+    ``split``, since each evaluation release is scored whole). Ids and counts are integers with
+    missing values (pandas ``Int64``), so a CSV reads 7, not 7.0.
+    """
+    files = table.assign(track=EXPORT_TRACKS[0])
+    runs = pd.DataFrame(
+        {
+            "track": EXPORT_TRACKS[1],
+            "challenge_id": summary["challenge_id"],
+            "task": summary["task"],
+            "preset": summary["preset"],
+            "run_id": summary["run_id"],
+            "attack": summary["attack"],
+            "origin": summary["origin"],
+            "created_utc": summary["created_utc"],
+            "state": summary["state"],
+            "sandboxed": summary["sandboxed"].astype(bool),
+            "n": summary["n"],
+            "releases": summary["releases"],
+            "scored": summary["scored"],
+            "reidentification": summary["mean"].astype(float),
+            "band": summary["mean"].astype(float).map(privacy_band),
+            "spread": summary["spread"].astype(float),
+        }
+    )
+    parts = [part for part in (files, runs) if not part.empty]
+    columns = [*files.columns, *(c for c in runs.columns if c not in files.columns)]
+    frame = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
+    for column in ("submission_id", "run_id", "releases", "scored"):
+        if column in frame:
+            frame[column] = pd.to_numeric(frame[column]).astype("Int64")
+    return frame[["track", *(c for c in frame.columns if c != "track")]]
+
+
 def sized_preset(preset: str, n) -> str:
     """A preset with the size of its releases: 'nc7, N=100' ('nc7' when the size is unknown)."""
     return preset if pd.isna(n) else f"{preset}, N={int(n)}"
@@ -742,6 +785,8 @@ def to_records(frame: pd.DataFrame) -> list[dict]:
     """JSON-ready rows: NaN becomes null, infinities the strings "inf" / "-inf"."""
 
     def clean(value):
+        if value is pd.NA:
+            return None
         if isinstance(value, (float, np.floating)):
             value = float(value)
             if math.isnan(value):

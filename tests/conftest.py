@@ -87,3 +87,32 @@ def postgres_url():
             timeout=60,
         )
         shutil.rmtree(folder, ignore_errors=True)
+
+
+# -- `ncbench demo` at a small size, shared by its own tests and the board's browser test --------
+
+SMALL_DEMO_UTILITY = {"n_train": 48, "n_test": 48, "width": 32, "image_size": 32, "patch_size": 8, "epochs": 1}
+SMALL_DEMO_SIZE = {"width": 64, "image_size": 64, "patch_size": 4}  # still the presets' 256 patches
+
+
+@pytest.fixture(scope="session")
+def demo_runs(tmp_path_factory):
+    """``ncbench demo --n 8`` twice into one folder (the second run reuses everything), with the
+    encoders and the utility at a tiny size: (folder, first result, the store's counts after it,
+    second result)."""
+    from click.testing import CliRunner
+
+    import ncbench.cli.demo as demo_module
+    from ncbench.cli import main
+    from ncbench.leaderboard.store import Store
+
+    out = tmp_path_factory.mktemp("demo") / "out"
+    command = ["demo", "--out", str(out), "--n", "8", "--device", "cpu"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(demo_module, "UTILITY", SMALL_DEMO_UTILITY)
+        patch.setattr(demo_module, "DEMO_SIZE", SMALL_DEMO_SIZE)
+        first = CliRunner().invoke(main, command)
+        with Store(out / "leaderboard.db") as store:
+            counts = store.counts()
+        again = CliRunner().invoke(main, command)
+    return out, first, counts, again

@@ -13,12 +13,15 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
 import ncbench.leaderboard as leaderboard
+import ncbench.leaderboard.board as board_package
 from ncbench.leaderboard import tables
+from ncbench.leaderboard.metrics import privacy_band
 from ncbench.leaderboard.scoring import ChallengeInfo, ScoreResult
 from ncbench.leaderboard.store import BUILTIN_TEAM, DB_ENV, ORIGIN_ORGANIZER, Store, record_utility
 from ncbench.leaderboard.tables import CHANCE_ROW, TEST_RELEASE
@@ -505,3 +508,57 @@ def test_a_failed_verified_run_shows_its_reason_not_missing_values():
     runs = tables.verified_runs(summary)
     assert runs.loc[0, "result"] == "failed: ran past wall_s" and runs.loc[0, "preset"] == "nc7, N=100"
     assert runs.loc[0, "created"] == "2026-05-01 14:03 UTC" and not runs.isna().any().any()
+
+
+def test_the_export_holds_verified_runs_beside_answer_files(tmp_path):
+    with Store(tmp_path / "board.db") as store:
+        store.record_score(result("nc7-reid-a", "nc7", "my-attack", 0.5, "1"), team="alice")
+        table = tables.board(store.results())
+    releases = [
+        {"challenge_id": "nc7-reid-a", "task": "reid", "preset": "nc7", "precision": "fp32", "n": 20}
+        | {"run_id": 7, "team": "alice", "attack": "alice/mine", "origin": "self-reported", "sandboxed": True}
+        | {"releases": 2, "state": "scored", "message": None, "created_utc": "2026-05-01T14:03:59", "idx": i}
+        | {"release_state": "scored", "reidentification": score, "wall_s": 2.0, "cpu_s": 1.0, "peak_rss_bytes": 1}
+        for i, score in enumerate([0.25, 0.75])
+    ]
+    exported = tables.export_table(table, tables.verified_summary(pd.DataFrame(releases)))
+    assert list(exported["track"]) == ["answer file", "verified"]
+    verified = exported.iloc[1]
+    assert (verified["run_id"], verified["releases"], verified["scored"]) == (7, 2, 2)
+    assert verified["reidentification"] == 0.5 and verified["band"] == privacy_band(0.5)
+    assert verified["spread"] == pytest.approx(np.std([0.25, 0.75], ddof=1))
+    assert pd.isna(verified["submission_id"]) and pd.isna(verified["split"])
+    csv = tables.to_csv(exported).splitlines()
+    assert csv[0].startswith("track,challenge_id,") and csv[2].startswith("verified,nc7-reid-a,")
+    assert ",7," in csv[2] and ",7.0," not in csv[2]  # ids stay integers beside missing ones
+    assert tables.to_records(exported)[1]["submission_id"] is None
+    assert list(tables.export_table(table.iloc[:0], tables.verified_summary(pd.DataFrame()))["track"]) == []
+
+
+@pytest.mark.parametrize(
+    ("server", "visitor_host", "shown"),
+    [
+        ("http://0.0.0.0:8000", "board.example.org:8501", "http://board.example.org:8000"),
+        ("http://0.0.0.0:8000", "203.0.113.7", "http://203.0.113.7:8000"),
+        ("http://[::]:8000", "[2001:db8::1]:8501", "http://[2001:db8::1]:8000"),
+        ("https://challenge.example.org", "board.internal:8501", "https://challenge.example.org"),  # configured
+        ("http://0.0.0.0:8000", None, None),
+        ("http://0.0.0.0:8000", "0.0.0.0:8501", None),
+        ("http://0.0.0.0:8000", "evil.example.org/<script>", None),
+        (None, "board.example.org", None),
+    ],
+)
+def test_take_part_names_a_server_an_attacker_can_reach(server, visitor_host, shown):
+    assert board_package.shown_server(server, visitor_host) == shown
+
+
+def test_the_board_reaches_a_server_bound_to_every_interface_on_loopback():
+    assert board_package.reachable_server("http://0.0.0.0:8000") == "http://127.0.0.1:8000"
+    assert board_package.reachable_server("https://challenge.example.org") == "https://challenge.example.org"
+
+
+def test_take_part_never_shows_a_wildcard_address(populated_db, monkeypatch):
+    monkeypatch.setenv(board_package.SERVER_ENV, "http://0.0.0.0:59999")  # nothing answers: the store's list
+    at = go(app(), "Take part")
+    shown = "\n".join(block.value for block in [*at.code, *at.markdown])
+    assert "0.0.0.0" not in shown and "ncbench login --server https://SERVER" in shown

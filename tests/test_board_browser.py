@@ -1,9 +1,10 @@
 """The public board as a visitor sees it: Debian's headless Chromium loads the page that
 `ncbench server` serves and finds a team scored through the API, and opens every page by its
-link on an empty and on a filled store (driven over the DevTools protocol; skipped where
+link on an empty store and on the one `ncbench demo` fills (driven over the DevTools protocol; skipped where
 Chromium is not installed; .ci/run installs it)."""
 
 import asyncio
+import base64
 import json
 import os
 import shutil
@@ -15,13 +16,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_app import depth_result, result
 from test_server import NCBENCH, Server, build_tiny_release, free_port, ncbench
 from tornado.websocket import websocket_connect
 
-from ncbench.leaderboard.store import BUILTIN_TEAM, ORIGIN_ORGANIZER, Store, record_utility
+from ncbench.leaderboard.store import Store
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+WINDOW = (1280, 900)  # pixels: the width of the screenshots in docs/img
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
 
 
@@ -43,6 +44,8 @@ class Browser:
                 "--disable-sync",
                 f"--user-data-dir={self.profile}",
                 "--remote-debugging-port=0",
+                f"--window-size={WINDOW[0]},{WINDOW[1]}",
+                "--hide-scrollbars",
                 url,
             ],
             stdout=subprocess.DEVNULL,
@@ -58,21 +61,33 @@ class Browser:
         self.endpoint = next(p for p in pages if p["type"] == "page")["webSocketDebuggerUrl"]
         self.calls = 0
 
-    def evaluate(self, expression: str):
-        async def call():
+    def call(self, method: str, params: dict) -> dict:
+        """One DevTools command; its result ({} when the page navigated away meanwhile)."""
+
+        async def send():
             connection = await websocket_connect(self.endpoint)
             self.calls += 1
-            connection.write_message(
-                json.dumps({"id": self.calls, "method": "Runtime.evaluate", "params": {"expression": expression}})
-            )
+            connection.write_message(json.dumps({"id": self.calls, "method": method, "params": params}))
             while True:
                 message = json.loads(await connection.read_message())
                 if message.get("id") == self.calls:
                     connection.close()
-                    # No result while the page navigates (its context is gone): the caller polls.
-                    return message.get("result", {}).get("result", {}).get("value")
+                    return message.get("result", {})
 
-        return asyncio.run(call())
+        return asyncio.run(send())
+
+    def evaluate(self, expression: str):
+        # No result while the page navigates (its context is gone): the caller polls.
+        return self.call("Runtime.evaluate", {"expression": expression}).get("result", {}).get("value")
+
+    def screenshot(self, path: Path, *, timeout: float = 60) -> None:
+        """The window as a PNG, once Streamlit has replaced its loading skeletons."""
+        deadline = time.monotonic() + timeout
+        while self.evaluate("document.querySelectorAll('[data-testid=stSkeleton]').length") != 0:
+            assert time.monotonic() < deadline, "the page kept its loading skeletons"
+            time.sleep(0.5)
+        time.sleep(3)  # the tables draw their canvases after the skeletons go
+        path.write_bytes(base64.b64decode(self.call("Page.captureScreenshot", {"format": "png"})["data"]))
 
     def wait_for_text(self, needle: str, timeout: float = 60, *, then_click: str | None = None) -> str:
         """The page's text once it holds ``needle`` (or at the timeout). ``then_click``: the label
@@ -146,60 +161,91 @@ PAGES = (
 LEAKS = ("Traceback", "Error:", "Exception", "encountered an error", "site-packages", str(Path(__file__).parents[1]))
 
 
-def filled_store(path: Path) -> None:
-    """A small store with something on every page: organizer runs (one by the built-in attack
-    named "chance", at two depths), a team's file, a closed challenge, utility runs."""
-    with Store(path) as store:
-        for score in (
-            result("nc7-reid-a", "nc7", "gram-hungarian", 0.9, "1", positions=0.75),
-            result("nc7-reid-a", "nc7", "chance", 0.05, "2"),
-            result("linear-reid-a", "linear", "gram-hungarian", 0.02, "3", n=50),
-            depth_result("d16", 16, "gram-hungarian", 0.4, "4"),
-            depth_result("d16", 16, "chance", 0.05, "5"),
-        ):
-            store.record_score(score, team=BUILTIN_TEAM, origin=ORIGIN_ORGANIZER)
-        store.record_score(result("nc7-reid-a", "nc7", "my-attack", 0.5, "6"), team="alice")
-        store.close_challenge("linear-reid-a")
-        record_utility(
-            store,
-            [
-                {"preset": "nc7", "label": "effusion", "auc": 0.70, "model_kind": "encoded"},
-                {"preset": "nc7", "label": "effusion", "auc": 0.90, "model_kind": "raw"},
-            ],
+class Board:
+    """``ncbench leaderboard serve`` on ``db`` and a browser on it; ``show(slug, header)`` opens
+    a page by its link and returns its text once it has rendered."""
+
+    def __init__(self, db: Path):
+        self.port = free_port()
+        self.process = subprocess.Popen(
+            [NCBENCH, "leaderboard", "serve", "--db", str(db), "--port", str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
+        self.browser = None
+        try:
+            self.browser = Browser(f"http://127.0.0.1:{self.port}/?page=matrix")
+        except BaseException:
+            self.close()
+            raise
+
+    def show(self, slug: str, header: str) -> str:
+        self.browser.open(f"http://127.0.0.1:{self.port}/?page={slug}")
+        deadline = time.monotonic() + 60
+        while header not in self.browser.headers():
+            assert time.monotonic() < deadline, (slug, self.browser.headers())
+            time.sleep(0.5)
+        time.sleep(2)  # the rest of the page (and any error) renders after its header
+        return self.browser.wait_for_text("", timeout=0)
+
+    def close(self) -> None:
+        if self.browser is not None:
+            self.browser.close()
+        self.process.terminate()
+        self.process.wait(timeout=30)
 
 
-@pytest.mark.parametrize("filled", [False, True], ids=["empty", "filled"])
-def test_every_page_opens_by_its_link_without_an_error(tmp_path, filled):
-    db = tmp_path / "board.db"
-    filled_store(db) if filled else Store(db).close()
-    port = free_port()
-    board = subprocess.Popen(
-        [NCBENCH, "leaderboard", "serve", "--db", str(db), "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    browser = None
+@pytest.mark.parametrize("store", ["empty", "demo"])
+def test_every_page_opens_by_its_link_without_an_error(tmp_path, request, store):
+    """On an empty store and on the one `ncbench demo` fills (every page has something there)."""
+    if store == "demo":
+        out, first, _, _ = request.getfixturevalue("demo_runs")
+        assert first.exit_code == 0, first.output
+        db = out / "leaderboard.db"
+    else:
+        db = tmp_path / "board.db"
+        Store(db).close()
+    board = Board(db)
     try:
-        browser = Browser(f"http://127.0.0.1:{port}/?page=matrix")
         for slug, header in PAGES:
-            browser.open(f"http://127.0.0.1:{port}/?page={slug}")
-            deadline = time.monotonic() + 60
-            while header not in browser.headers():
-                assert time.monotonic() < deadline, (slug, browser.headers())
-                time.sleep(0.5)
-            time.sleep(2)  # the rest of the page (and any error) renders after its header
-            text = browser.wait_for_text("", timeout=0)
+            text = board.show(slug, header)
             leaked = [leak for leak in LEAKS if leak in text]
             assert not leaked, (slug, leaked, text[:2000])
             assert "None" not in text.replace("Nonee", ""), (slug, text[:2000])
+            if store == "demo":
+                assert not any(empty in text for empty in EMPTY_PAGE), (slug, text[:2000])
     finally:
-        if browser is not None:
-            browser.close()
-        board.terminate()
-        board.wait(timeout=30)
+        board.close()
 
 
-if __name__ == "__main__":  # a manual look: python tests/test_board_browser.py URL
-    print(Browser(sys.argv[1]).wait_for_text(os.environ.get("NEEDLE", "ncbench")))
+# What a page says when it has nothing to show: none of it may appear on the demo's board.
+EMPTY_PAGE = (
+    "No organizer runs",
+    "No verified runs",
+    "No self-reported",
+    "No challenge",
+    "No scored",
+    "No utility",
+    "No depth",
+)
+
+
+def screenshots(db: Path, folder: Path) -> None:
+    """One PNG per page of the board on ``db`` into ``folder`` (docs/img: board-SLUG.png)."""
+    board = Board(db)
+    try:
+        for slug, header in PAGES:
+            board.show(slug, header)
+            board.browser.screenshot(folder / f"board-{slug}.png")
+    finally:
+        board.close()
+
+
+if __name__ == "__main__":
+    # python tests/test_board_browser.py URL               the page's text, as a visitor reads it
+    # python tests/test_board_browser.py --shots DB DIR    a screenshot of every page (docs/img)
+    if sys.argv[1] == "--shots":
+        screenshots(Path(sys.argv[2]), Path(sys.argv[3]))
+    else:
+        print(Browser(sys.argv[1]).wait_for_text(os.environ.get("NEEDLE", "ncbench")))

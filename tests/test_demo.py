@@ -1,73 +1,113 @@
-"""`ncbench demo` end to end at a small N: builds, attacks, scores, utility, and reuse on a re-run."""
+"""`ncbench demo` end to end at a small N: builds, attacks, scores, the verified track, a closed
+challenge, utility (depth sweep, two sites), and reuse on a re-run. The run itself is the
+session fixture ``demo_runs`` (conftest.py), which the board's browser test opens too."""
+
+import json
 
 import pytest
-import torch
 from click.testing import CliRunner
 
-import ncbench.baselines.utility as utility_module
 import ncbench.cli.demo as demo_module
 from ncbench.attacks.plugins.registry import all_attacks
 from ncbench.baselines.utility import RAW_PRESET
 from ncbench.cli import main
 from ncbench.errors import NcbenchError
+from ncbench.leaderboard import tables
 from ncbench.leaderboard.store import Store
+from ncbench.leaderboard.verified import runs as verified
+from ncbench.leaderboard.verified.sandbox import sandbox_problem
 
-torch.set_num_threads(2)
 SMALL_UTILITY = {"n_train": 48, "n_test": 32, "width": 32, "image_size": 32, "epochs": 1}
 
 
-@pytest.fixture(scope="module")
-def demo_runs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "out"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(utility_module, "DEFAULTS", SMALL_UTILITY)
-        first = CliRunner().invoke(main, ["demo", "--out", str(out), "--n", "8", "--device", "cpu"])
-        with Store(out / "leaderboard.db") as store:
-            counts = store.counts()
-        again = CliRunner().invoke(main, ["demo", "--out", str(out), "--n", "8", "--device", "cpu"])
-    return out, first, counts, again
+def builtin_submissions() -> int:
+    attacks = [
+        cls for name, cls in all_attacks().items() if "key" not in cls.knowledge and not name.startswith("template")
+    ]
+    return sum(
+        task in cls.tasks and (cls.name, preset) not in demo_module.SKIPPED
+        for preset, task in demo_module.DEMO_CHALLENGES
+        for cls in attacks
+    )
 
 
 def test_demo_scores_every_builtin_attack_on_every_release(demo_runs):
     out, first, counts, _ = demo_runs
     assert first.exit_code == 0, first.output
     assert counts["challenges"] == len(demo_module.DEMO_CHALLENGES)
-    attacks = [
-        cls for name, cls in all_attacks().items() if "key" not in cls.knowledge and not name.startswith("template")
-    ]
-    expected = sum(task in cls.tasks for _, task in demo_module.DEMO_CHALLENGES for cls in attacks)
-    assert expected >= 4 * 3  # at least gram-hungarian, linear-inversion, distribution-alignment on reid
-    assert counts["submissions"] == expected
+    assert builtin_submissions() >= 5 * 3 + 1  # gram-hungarian, linear-inversion, distribution-alignment; gram-link
+    assert counts["submissions"] == builtin_submissions() + 1  # and the demo team's own file
     for preset, task in demo_module.DEMO_CHALLENGES:
         assert (out / f"{preset}-{task}" / "public" / "release.h5").is_file()
-    assert "gram-hungarian" in first.output and "Open the leaderboard" in first.output
-    assert "encoding linear" in first.output  # the progress line the re-run must not show
+    assert "gram-hungarian" in first.output and "encoding linear" in first.output  # a line the re-run must not show
+    assert first.output.rstrip().endswith("then open http://127.0.0.1:8501")
 
 
-def test_demo_records_its_runs_as_the_organizer_s_builtin_rows(demo_runs):
+def test_demo_fills_the_matrix_self_reported_and_link_rows(demo_runs):
     out, _, _, _ = demo_runs
     with Store(out / "leaderboard.db") as store:
-        results = store.results()
-    assert set(results["origin"]) == {"organizer"} and set(results["team"]) == {demo_module.TEAM}
-    assert set(results["attack"]) <= set(all_attacks())  # built-in names, not team/attack
+        board = tables.board(store.results())
+    matrix = tables.attack_preset_matrix(board, task="reid")
+    assert {"linear", "nc3-noshuffle", "nc3", "nc7", "nc47"} <= set(matrix.columns)
+    assert matrix.loc["gram-hungarian", "linear"] == 1.0  # a linear encoding is always broken
+    assert set(tables.self_reported(board)["attack"]) == {f"{demo_module.DEMO_TEAM}/template-mean-patch"}
+    assert "gram-link" in set(board.loc[board["task"] == "link", "attack"])
 
 
-def test_demo_records_utility_for_each_reid_preset_and_raw(demo_runs):
+def test_demo_closes_one_challenge_and_shows_its_private_half(demo_runs):
+    out, _, _, _ = demo_runs
+    with Store(out / "leaderboard.db") as store:
+        challenges = store.challenges().set_index("challenge_id")
+        board = tables.board(store.results())
+    closed = challenges[challenges["closed_utc"].notna()]
+    assert list(zip(closed["preset"], closed["task"])) == [demo_module.VERIFIED_CHALLENGE]
+    private = board[board["split"] == "private"]
+    assert set(private["challenge_id"]) == set(closed.index) and len(private) > 1
+
+
+def test_demo_runs_the_builtins_through_the_verified_track_and_reveals_their_seeds(demo_runs):
     out, first, _, _ = demo_runs
     with Store(out / "leaderboard.db") as store:
-        utility = store.utility()
+        summary = tables.verified_summary(verified.results(store))
+        revealed = verified.commitments(store)
+    assert set(summary["attack"]) == set(demo_module.VERIFIED_ATTACKS)
+    assert set(summary["state"]) == {"scored"} and set(summary["scored"]) == {demo_module.VERIFIED_RELEASES}
+    assert summary["mean"].between(0, 1).all() and summary["sandboxed"].all() == (sandbox_problem() is None)
+    assert len(revealed) == len(demo_module.VERIFIED_ATTACKS) * demo_module.VERIFIED_RELEASES
+    assert all(row["seed"] for row in revealed)  # the challenge is closed: anyone can rebuild them
+    assert "[verified]" in first.output
+
+
+def test_demo_records_utility_for_each_reid_preset_the_depth_sweep_and_two_sites(demo_runs):
+    out, first, _, _ = demo_runs
+    with Store(out / "leaderboard.db") as store:
+        utility, board, challenges = store.utility(), tables.board(store.results()), store.challenges()
     reid_presets = {preset for preset, task in demo_module.DEMO_CHALLENGES if task == "reid"}
-    assert set(utility["preset"]) == reid_presets | {RAW_PRESET}
+    assert set(tables.single_site_utility(utility)["preset"]) == reid_presets | {RAW_PRESET}
+    curve = tables.depth_curve(board, challenges, utility)
+    assert list(curve["depth"]) == [0, 4, 44] and curve["encoded_auc"].notna().all()
+    assert curve["gram-hungarian"].notna().all() and curve["raw_auc"].notna().all()
+    assert not tables.multi_site_summary(utility).empty
     assert "Privacy vs utility" in first.output and "encoded_auc" in first.output
 
 
-def test_demo_rerun_reuses_releases_submissions_and_utility(demo_runs):
+def test_demo_rerun_reuses_releases_submissions_verified_runs_and_utility(demo_runs):
     out, _, counts, again = demo_runs
     assert again.exit_code == 0, again.output
-    assert "reusing recorded results" in again.output
+    assert "reusing recorded results" in again.output and "reusing recorded runs" in again.output
     assert "encoding linear" not in again.output  # no release was rebuilt
     with Store(out / "leaderboard.db") as store:
         assert store.counts() == counts
+
+
+def test_demo_export_holds_answer_files_and_verified_runs(demo_runs):
+    out, _, _, _ = demo_runs
+    exported = CliRunner().invoke(
+        main, ["leaderboard", "export", "--db", str(out / "leaderboard.db"), "--format", "json"]
+    )
+    rows = json.loads(exported.stdout)
+    tracks = [row["track"] for row in rows]
+    assert tracks.count("verified") == len(demo_module.VERIFIED_ATTACKS) and "answer file" in tracks
 
 
 def test_demo_refuses_too_small_n_before_writing_anything(tmp_path):
@@ -81,7 +121,7 @@ def _utility_arguments(**changes):
 
 
 def test_a_failing_utility_process_is_one_line_and_leaves_no_process():
-    job = demo_module._UtilityJob(_utility_arguments(n_train=0))
+    job = demo_module._UtilityJob([_utility_arguments(n_train=0)])
     with pytest.raises(NcbenchError, match="n_train must be a positive integer"):
         job.rows()
     job.stop()
@@ -89,6 +129,6 @@ def test_a_failing_utility_process_is_one_line_and_leaves_no_process():
 
 
 def test_stopping_a_running_utility_process_terminates_it():
-    job = demo_module._UtilityJob(_utility_arguments(n_train=100000, epochs=100))
+    job = demo_module._UtilityJob([_utility_arguments(n_train=100000, epochs=100)])
     job.stop()
     assert job._process.returncode not in (None, 0)

@@ -145,7 +145,11 @@ def test_the_plain_install_builds_attacks_and_checks(plain_env):
 
 @pytest.mark.parametrize(
     ("command", "extra"),
-    [(["server", "--store", "store"], "server"), (["leaderboard", "--help"], "board"), (["demo", "--help"], "all")],
+    [
+        (["server", "--store", "store"], "server"),
+        (["leaderboard", "export", "--db", "board.db"], "board"),
+        (["demo", "--out", "demo-out"], "all"),
+    ],
 )
 def test_organizer_commands_name_the_extra_they_need(plain_env, command, extra):
     refused = _run(plain_env, *command)

@@ -1,6 +1,8 @@
 """`ncbench score` and `ncbench leaderboard export|close|serve` through the root command."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -212,9 +214,11 @@ def test_export_formats_hide_the_private_half_until_close(challenge, perfect, tm
     with open_release(challenge) as release:
         challenge_id = release.challenge_id
     rows = json.loads(run("leaderboard", "export", "--db", db, "--format", "json").stdout)
-    assert [(r["split"], r["reidentification"], r["band"]) for r in rows] == [("public", 1.0, "bad")]
+    assert [(r["track"], r["split"], r["reidentification"], r["band"]) for r in rows] == [
+        ("answer file", "public", 1.0, "bad")
+    ]
     markdown = run("leaderboard", "export", "--db", db, "--format", "markdown").stdout
-    assert markdown.startswith("| challenge_id |") and "| public |" in markdown and "private" not in markdown
+    assert markdown.startswith("| track | challenge_id |") and "| public |" in markdown and "private" not in markdown
     unasked = run("leaderboard", "close", challenge_id, "--db", db)  # no terminal to ask on: --yes or nothing
     assert unasked.exit_code == 2 and "--yes" in unasked.stderr and unasked.stderr.count("\n") == 1
     closed = run("leaderboard", "close", challenge_id, "--db", db, "--yes")
@@ -223,8 +227,8 @@ def test_export_formats_hide_the_private_half_until_close(challenge, perfect, tm
     out = tmp_path / "exports" / "board.csv"
     assert run("leaderboard", "export", "--db", db, "--format", "csv", "--out", out).exit_code == 0
     lines = out.read_text().splitlines()
-    assert lines[0].startswith("challenge_id,task,preset,release,split") and len(lines) == 3
-    assert {line.split(",")[4] for line in lines[1:]} == {"public", "private"}
+    assert lines[0].startswith("track,challenge_id,task,preset,release,split") and len(lines) == 3
+    assert {line.split(",")[5] for line in lines[1:]} == {"public", "private"}
 
 
 def test_leaderboard_commands_refuse_a_missing_database(tmp_path):
@@ -265,3 +269,21 @@ def test_ctrl_c_ends_in_one_line_and_exit_130(monkeypatch, where):
         monkeypatch.setattr("ncbench.leaderboard.server.client.Client.json", interrupted)
     outcome = CliRunner().invoke(main, ["challenges"])
     assert outcome.exit_code == 130 and outcome.stderr == "interrupted\n", outcome.output
+
+
+HEAVY = ("torch", "pandas", "numpy", "scipy", "h5py", "sqlalchemy", "streamlit", "fastapi", "distributed")
+
+
+@pytest.mark.parametrize("group", ["leaderboard", "baseline", "demo", "challenge"])
+def test_a_group_s_help_loads_no_heavy_module(group):
+    """--help answers from plain data: none of torch, pandas, SQLAlchemy or Streamlit is imported
+    (a fresh interpreter, since this one has them all)."""
+    script = (
+        "import sys\nfrom ncbench.cli import main\n"
+        f"try:\n    main([{group!r}, '--help'])\nexcept SystemExit as end:\n    assert not end.code, end.code\n"
+        f"print(sorted(m for m in {HEAVY!r} if m in sys.modules), file=sys.stderr)"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "Usage:" in done.stdout
+    assert done.stderr.strip() == "[]", done.stderr

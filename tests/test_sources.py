@@ -282,3 +282,29 @@ def test_phantom_delegates_to_the_generator():
     assert images.labels.shape == (3, len(phantom.LABEL_NAMES))
     assert images.label_names == tuple(phantom.LABEL_NAMES)
     assert "synthetic" in images.description
+
+
+def test_a_manifest_of_a_chexpert_folder_keeps_its_findings_and_reads_from_root(tmp_path):
+    """docs/format.md#image-sources: `challenge manifest FOLDER --labels train.csv`, then
+    `manifest:FILE?root=FOLDER`, the manifest kept away from the images."""
+    from click.testing import CliRunner
+
+    from ncbench.cli import main
+
+    folder, table = write_chexpert_folder(tmp_path)
+    (tmp_path / "train.csv").write_text(table)
+    out = tmp_path / "elsewhere" / "chexpert.csv"
+    written = CliRunner().invoke(
+        main,
+        ["challenge", "manifest", str(folder), "--out", str(out), "--name", "chexpert-small"]
+        + ["--labels", str(tmp_path / "train.csv")],
+    )
+    assert written.exit_code == 0, written.output
+    images = load_images(f"manifest:{out}?root={folder}", n=3, seed=0, image_size=8)
+    assert images.label_names == ("No Finding", "Cardiomegaly", "Pleural Effusion")
+    by_id = dict(zip(images.ids, images.labels.tolist()))
+    assert by_id["train/patient00001/study1/view1_frontal.jpg"] == [1, 0, -1]
+    assert by_id["train/patient00002/study1/view1_frontal.jpg"] == [-1, -1, 1]
+    assert by_id["train/patient00003/study1/view1_frontal.jpg"] == [-1, -1, -1]  # no row: unknown
+    with pytest.raises(NcbenchError):  # without ?root= the paths are read beside the manifest
+        load_images(f"manifest:{out}", n=3, seed=0, image_size=8)

@@ -22,7 +22,7 @@ import streamlit as st
 
 from ncbench.errors import NcbenchError
 from ncbench.leaderboard import tables
-from ncbench.leaderboard.board import SERVER_ENV
+from ncbench.leaderboard.board import SERVER_ENV, reachable_server, shown_server
 from ncbench.leaderboard.metrics import BAND_BAD_ABOVE, BAND_GOOD_BELOW, privacy_band
 from ncbench.leaderboard.store import DB_ENV, DEFAULT_DAILY_LIMIT, ORIGIN_ORGANIZER, Store, database_url
 
@@ -123,7 +123,7 @@ def page_matrix(store: Store) -> None:
     if tested:
         st.warning(
             f"Some challenges behind this table are test releases (key public) on presets "
-            f"{', '.join(tested)}: their numbers measure the attacks, not the secrecy of a key."
+            f"{'; '.join(tested)}: their numbers measure the attacks, not the secrecy of a key."
         )
 
 
@@ -454,7 +454,7 @@ def live_challenges(server: str) -> list[dict] | None:
     """The server's open challenges (its public ``/api/v1/challenges``), or None when it does not
     answer: the board reads the API like any visitor, it never imports the server."""
     try:
-        response = httpx.get(f"{server.rstrip('/')}/api/v1/challenges", timeout=3)
+        response = httpx.get(f"{reachable_server(server).rstrip('/')}/api/v1/challenges", timeout=3)
         response.raise_for_status()
         rows = response.json()
     except (httpx.HTTPError, ValueError):
@@ -504,9 +504,11 @@ def page_take_part(store: Store) -> None:
     st.header("Take part")
     server = os.environ.get(SERVER_ENV) or None
     live = open_challenge_table(store, server)
-    if server:
+    # A server bound to every interface is named by the host this page was reached at.
+    shown = shown_server(server, st.context.headers.get("Host"))
+    if shown:
         st.markdown("Challenge server:")
-        st.code(server, language=None)
+        st.code(shown, language=None)
     if live.empty:
         st.info("No challenge is open right now. Closed challenges and their results are on the other pages.")
         challenge_id = "CHALLENGE_ID"
@@ -518,7 +520,7 @@ def page_take_part(store: Store) -> None:
             "Deadlines are UTC. When the organizers close a challenge its private-half scores appear."
         )
         challenge_id = st.selectbox("Challenge for the commands below", live["challenge_id"].tolist())
-    server_shown = server or "https://SERVER"
+    server_shown = shown or "https://SERVER"
     st.subheader("1. Install and log in")
     st.markdown(
         "Install the attacker's tools, then log in with the team token the organizers gave you. `login` "

@@ -6,8 +6,9 @@ import math
 
 import click
 
-from ncbench.baselines.utility import DEFAULTS
-from ncbench.challenge.encoders import PRESETS
+# Plain data only at import time: `ncbench baseline --help` loads no torch.
+from ncbench.baselines.settings import DEFAULTS
+from ncbench.challenge.config import PRESETS
 
 
 @click.group("baseline")

@@ -17,21 +17,10 @@ import click
 
 from ncbench.cli.options import db_option, eval_source_option, releases_option, sandbox_options, store_option
 from ncbench.errors import NcbenchError
-from ncbench.h5io import atomic_path
-from ncbench.leaderboard.metrics import privacy_band
-from ncbench.leaderboard.store import (
-    BUILTIN_TEAM,
-    DEFAULT_DAILY_LIMIT,
-    ORIGIN_ORGANIZER,
-    ORIGIN_SELF,
-    Store,
-    check_origin,
-    check_team_name,
-    database_url,
-    describe_db,
-    ladder_step,
-    submission_values,
-)
+
+# Plain data only at import time: `ncbench leaderboard --help` loads no pandas, SQLAlchemy or
+# torch; each command imports what it runs.
+from ncbench.leaderboard.rules import BUILTIN_TEAM, DEFAULT_DAILY_LIMIT, ORIGIN_ORGANIZER, ORIGIN_SELF
 
 DB_HELP = "Results database: an SQLite file path, or an SQLAlchemy URL (postgresql+psycopg://...)."
 SHOWN_METRICS = (
@@ -93,8 +82,16 @@ def score(
     knowledge are its own claims, shown under the team's name. The private half's scores are
     stored but stay hidden until `ncbench leaderboard close`.
     """
-    from ncbench.leaderboard.scoring import (
-        score_submission,  # heavy imports (torch) only when scoring
+    from ncbench.leaderboard.metrics import privacy_band
+    from ncbench.leaderboard.scoring import score_submission
+    from ncbench.leaderboard.store import (
+        Store,
+        check_origin,
+        check_team_name,
+        database_url,
+        describe_db,
+        ladder_step,
+        submission_values,
     )
     from ncbench.leaderboard.tables import shown_attack
 
@@ -165,6 +162,7 @@ def _check_admission(url, submission: Path, key_path: Path, release_path, team: 
     from ncbench.challenge.files import open_key, open_release
     from ncbench.h5io import sha256_file
     from ncbench.leaderboard.scoring import check_release_digest, locate_release, submission_limits
+    from ncbench.leaderboard.store import Store
 
     key_file, release_file = locate_release(key_path, release_path)
     with open_key(key_file) as key:
@@ -191,6 +189,7 @@ def _record_crash(url, submission: Path, key_path: Path, release_path, team: str
         from ncbench.challenge.files import open_release
         from ncbench.h5io import sha256_file
         from ncbench.leaderboard.scoring import ChallengeInfo, locate_release
+        from ncbench.leaderboard.store import Store
 
         _, release_file = locate_release(key_path, release_path)
         with open_release(release_file) as release:
@@ -217,6 +216,8 @@ def serve(db: str, port: int, host: str) -> None:
 
     The command replaces itself with the Streamlit server (exec): stopping it stops the server.
     """
+    from ncbench.leaderboard.store import Store, database_url, describe_db
+
     if not 1 <= port <= 65535:
         raise NcbenchError(f"--port must be between 1 and 65535, got {port}")
     url = database_url(db)
@@ -244,14 +245,19 @@ def serve(db: str, port: int, host: str) -> None:
 )
 @click.option("--out", type=click.Path(path_type=Path), help="File to write [default: standard output].")
 def export(db: str, fmt: str, out: Path | None) -> None:
-    """Write the public board (one row per submission and visible half) as CSV, JSON or Markdown.
+    """Write every public result as CSV, JSON or Markdown: one row per answer file's submission and
+    visible half (track 'answer file'), then one per verified run (track 'verified': the mean over
+    its fresh hidden releases, their spread, K).
 
     Cells that a spreadsheet would read as a formula are quoted (CSV); markup is escaped (Markdown).
     """
-    from ncbench.leaderboard.tables import board, to_csv, to_markdown, to_records
+    from ncbench.h5io import atomic_path
+    from ncbench.leaderboard.store import Store, database_url
+    from ncbench.leaderboard.tables import board, export_table, to_csv, to_markdown, to_records, verified_summary
+    from ncbench.leaderboard.verified import runs as verified
 
     with Store(database_url(db), create=False) as store:
-        table = board(store.results())
+        table = export_table(board(store.results()), verified_summary(verified.results(store)))
     if fmt == "csv":
         text = to_csv(table)
     elif fmt == "json":
@@ -275,8 +281,7 @@ def export(db: str, fmt: str, out: Path | None) -> None:
 def close(challenge_id: str, db: str, yes: bool) -> None:
     """Close CHALLENGE_ID: its private-half scores become public, and the seeds of its verified
     runs' evaluation releases are revealed (no way back). Asks first, unless --yes."""
-    import sys
-
+    from ncbench.leaderboard.store import Store, database_url
     from ncbench.leaderboard.verified import runs as verified
 
     with Store(database_url(db), create=False) as store:
@@ -326,6 +331,7 @@ def verify_builtins(
     linear-inversion, distribution-alignment, chance) through the verified track: sandboxed, on fresh hidden
     releases with committed seeds. They are the verified matrix's reference rows."""
     from ncbench.leaderboard.server.service import db_url
+    from ncbench.leaderboard.store import Store, database_url
     from ncbench.leaderboard.verified import runs as verified
     from ncbench.leaderboard.verified import sandbox
 
