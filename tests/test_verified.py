@@ -16,6 +16,7 @@ import shlex
 import subprocess
 import sys
 import tarfile
+import tempfile
 import textwrap
 import time
 import zipfile
@@ -766,6 +767,46 @@ def test_the_sandbox_shows_nothing_of_the_host_but_the_environment_release_and_p
         assert remounted == ["/dev", "/"]
         assert ("--disable-userns" in argv) == (uid is None) and (f"--reuid={uid}" in argv) == (uid is not None)
         assert any(word.startswith("--nproc=") for word in argv) and any(word.startswith("--as=") for word in argv)
+
+
+MOUNTINFO_PROBE = "print(open('/proc/self/mountinfo').read(), flush=True)"
+
+
+@pytest.mark.parametrize("step", ["check", "run"])
+def test_mountinfo_inside_names_no_folder_of_the_store_or_the_work_dir(tmp_path, tmp_path_factory, monkeypatch, step):
+    """A bind mount's source shows in /proc/self/mountinfo: the release, the plugin and the
+    submission are bound from neutral hard links, so the host's store paths never appear."""
+    if sandbox.sandbox_problem():
+        pytest.skip("no bubblewrap sandbox here")
+    store = tmp_path / "store-a81c"
+    release = store / "keys/verified/run-7/release-0/public/release.h5"
+    release.parent.mkdir(parents=True)
+    release.write_bytes(b"not a release")
+    release.chmod(0o644)
+    work = store / "work/run-7-release-0"
+    (work / "plugin").mkdir(parents=True)
+    plugin = work / "plugin/probe.py"
+    plugin.write_text(plugin_source("probe", module_level=MOUNTINFO_PROBE))
+    limits = sandbox.parse_limits(["wall_s=60"])
+    neutral = tmp_path_factory.mktemp("neutral")
+    monkeypatch.setattr(tempfile, "tempdir", str(neutral))  # the server's TMPDIR
+    if step == "check":
+        outcome, _ = sandbox.check_plugin(
+            plugin=plugin, class_name="Plugin", params={}, task="reid", workdir=work, limits=limits
+        )
+    else:
+        outcome, _ = sandbox.run_attack(
+            attack="Plugin", params={}, release=release, workdir=work, limits=limits, plugin=plugin
+        )
+    mountinfo = [line for line in outcome.output.splitlines() if " - " in line and line[:1].isdigit()]
+    assert any(" /plugin" in line for line in mountinfo), outcome.output
+    if step == "run":
+        assert any(f" {sandbox.RELEASE_INSIDE} " in line for line in mountinfo), outcome.output
+        assert any(f" {sandbox.OUT_INSIDE} " in line for line in mountinfo), outcome.output
+    for host in (str(store), "store-a81c", "keys/verified", "run-7", str(tmp_path)):
+        assert not any(host in line for line in mountinfo), (host, mountinfo)
+    assert any(str(neutral) in line for line in mountinfo)  # bound from there
+    assert not list(neutral.iterdir())  # and removed after the run
 
 
 def test_the_host_reads_declarations_from_literal_class_attributes(tmp_path):

@@ -14,7 +14,10 @@ Python environment and the ncbench packages at their own paths, all read-only; t
 :data:`PLUGIN_DIR_INSIDE`), read-only; a private tmpfs ``/tmp`` of ``scratch_bytes``; one writable
 host file, :data:`OUT_INSIDE`. The root, ``/dev`` and everything else are read-only. No network
 (an empty network namespace), no ``/etc/passwd``, and nothing else of the host: not the store,
-the keys or the database.
+the keys or the database. The release, the plugin and the submission are bound from hard links in
+a fresh folder of the system's temporary directory (:func:`neutral_sources`), so that
+``/proc/self/mountinfo``, which shows each bind's source path on its file system, names no folder
+of the store.
 
 Limits are set by ``prlimit(1)`` inside the sandbox, just before the runner starts. Inside,
 because RLIMIT_NPROC counts a user's processes: outside, a non-root server's own threads would
@@ -30,7 +33,9 @@ the host killed has none: only the wall time is known).
 from __future__ import annotations
 
 import builtins
+import contextlib
 import dataclasses
+import errno
 import functools
 import json
 import os
@@ -41,7 +46,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
@@ -415,11 +422,11 @@ def run_attack(
         return _execute(prlimit_argv(limits, processes=False) + argv, limits, sandboxed=False, workdir=workdir), out
     uid = _sandbox_uid()
     _writable_file(out, uid)
-    mounts = [*environment_mounts(), Mount(release, RELEASE_INSIDE), Mount(out, OUT_INSIDE, writable=True)]
+    run_mounts = [Mount(release, RELEASE_INSIDE), Mount(out, OUT_INSIDE, writable=True)]
     spec = attack
     if plugin is not None:
         inside = plugin_inside(plugin)
-        mounts.append(Mount(plugin, inside))
+        run_mounts.append(Mount(plugin, inside))
         spec = f"{inside}:{attack}"
     inner = [
         "sh",
@@ -430,7 +437,8 @@ def run_attack(
         *RUNNER,
         *_run_args(spec, params, Path(RELEASE_INSIDE), Path(SCRATCH_INSIDE) / "submission.h5"),
     ]
-    with seccomp.program() as fd:
+    with seccomp.program() as fd, neutral_sources(run_mounts) as staged:
+        mounts = [*environment_mounts(), *staged]
         outcome = _execute(
             bwrap_argv(inner, mounts=mounts, limits=limits, bwrap=_bwrap(), uid=uid, seccomp_fd=fd),
             limits,
@@ -483,12 +491,14 @@ def check_plugin(
 
     from ncbench.attacks.plugins import CHECK_MARK
 
-    with seccomp.program() as fd:
+    with (
+        seccomp.program() as fd,
+        neutral_sources([Mount(plugin, plugin_inside(plugin))] if sandboxed else []) as staged,
+    ):
         if sandboxed:
-            inside = plugin_inside(plugin)
             argv = bwrap_argv(
-                command(inside),
-                mounts=[*environment_mounts(), Mount(plugin, inside)],
+                command(plugin_inside(plugin)),
+                mounts=[*environment_mounts(), *staged],
                 limits=limits,
                 bwrap=_bwrap(),
                 uid=_sandbox_uid(),
@@ -510,6 +520,52 @@ def check_plugin(
                 return outcome, declared
             return dataclasses.replace(outcome, reason=DECLARATIONS_DIFFER, detail=DECLARATIONS_DIFFER), None
     return dataclasses.replace(outcome, reason=NO_REPORT), None
+
+
+@contextlib.contextmanager
+def neutral_sources(mounts: list[Mount]) -> Iterator[list[Mount]]:
+    """The same mounts, their host sources hard-linked into a fresh folder of the system's
+    temporary directory (``TMPDIR``), removed afterwards.
+
+    A bind mount's source shows in the sandbox's ``/proc/self/mountinfo`` as its path on its file
+    system, and the store's paths (``keys/verified/run-7/...``) say where the store is and what
+    it holds. A hard link is the same file under a neutral name, written through in place; where
+    the temporary directory is another file system the source is copied instead (a release as
+    large as it is: put ``TMPDIR`` on the store's file system to avoid that), and a writable file
+    is copied back when the run ends.
+    """
+    staging = Path(tempfile.mkdtemp(prefix="ncbench-sandbox-"))
+    copied_back: list[tuple[Path, Path]] = []
+    try:
+        staged = []
+        for index, mount in enumerate(mounts):
+            target = staging / f"{index}-{Path(mount.inside).name}"
+            if mount.host.is_dir():
+                shutil.copytree(mount.host, target, copy_function=_link_or_copy)
+            elif not _link_or_copy(mount.host, target) and mount.writable:
+                copied_back.append((target, mount.host))
+            staged.append(dataclasses.replace(mount, host=target))
+        yield staged
+    finally:
+        for target, host in copied_back:
+            shutil.copyfile(target, host)
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _link_or_copy(source: str | os.PathLike, target: str | os.PathLike) -> bool:
+    """Hard-link ``source`` at ``target``, or copy it (with its owner and mode) where they are on
+    different file systems. True when linked."""
+    try:
+        os.link(source, target)
+        return True
+    except OSError as error:
+        if error.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):  # another file system, or no link allowed
+            raise
+        shutil.copy2(source, target)
+        stat = os.stat(source)
+        if os.geteuid() == 0:
+            os.chown(target, stat.st_uid, stat.st_gid)
+        return False
 
 
 def plugin_inside(plugin: Path) -> str:
