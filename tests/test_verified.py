@@ -1058,6 +1058,63 @@ def test_check_sandbox_says_which_protections_this_host_gives(cgroups):
     assert any("control group" in line and line.startswith("yes") for line in lines)
 
 
+def test_without_control_groups_check_sandbox_says_per_process_limits_only():
+    """A non-root server without a delegated cgroup (the usual deployment on cgroup v1) still
+    runs the verified track, and says what it lacks."""
+    if sandbox.sandbox_problem():
+        pytest.skip("no bubblewrap sandbox here")
+    if cgroup.available() is not None:
+        pytest.skip("this server may create control groups (tests/test_unprivileged.py runs this as nobody)")
+    checked = cli("server", "--check-sandbox")
+    assert checked.exit_code == 0, checked.output
+    (line,) = [line for line in checked.output.splitlines() if "control group" in line]
+    assert line.startswith("NO") and "per-process limits only" in line
+
+
+LIMITS_PROBE = """\
+import os, signal
+try:
+    bytearray(1 << 30)
+except MemoryError:
+    print("address space refused")
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+try:
+    open("/tmp/big", "wb").write(bytes(2 << 20))
+except OSError:
+    print("file size refused")
+children = []
+try:
+    for _ in range(64):
+        pid = os.fork()
+        if pid == 0:
+            signal.pause()
+        children.append(pid)
+except OSError:
+    print("processes refused after", len(children))
+for pid in children:
+    os.kill(pid, signal.SIGKILL)
+"""
+
+
+def test_per_process_limits_hold_in_the_sandbox(tmp_path):
+    """Address space, file size and process count: the limits every sandbox has, with or without
+    a control group, as root or not."""
+    if sandbox.sandbox_problem():
+        pytest.skip("no bubblewrap sandbox here")
+    limits = sandbox.parse_limits(["memory_bytes=512M", "file_bytes=1M", "processes=24", "threads=2", "wall_s=60"])
+    argv = sandbox.bwrap_argv(
+        [sys.executable, "-c", LIMITS_PROBE],
+        mounts=sandbox.environment_mounts(),
+        limits=limits,
+        uid=sandbox._sandbox_uid(),
+    )
+    outcome = sandbox._execute(argv, limits, sandboxed=True, workdir=tmp_path)
+    assert outcome.ok, outcome.output
+    assert "address space refused" in outcome.output and "file size refused" in outcome.output
+    (forks,) = [line for line in outcome.output.splitlines() if line.startswith("processes refused after")]
+    assert int(forks.split()[-1]) < 24
+
+
 SYSCALL_PROBE = """\
 import ctypes, threading, multiprocessing
 libc = ctypes.CDLL(None, use_errno=True)
