@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path("/sys/fs/cgroup")
+SELF = Path("/proc/self/cgroup")  # the server's own groups: "ID:CONTROLLERS:PATH" lines
 PARENT = "ncbench-sandbox"
 KILL_ROUNDS = 50
 
@@ -137,7 +138,7 @@ def _parents() -> list[tuple[int, list[Path]]]:
     """(version, the ``ncbench-sandbox`` folders a run's group goes under), v2 first."""
     own: dict[str, str] = {}
     try:
-        for line in Path("/proc/self/cgroup").read_text().splitlines():
+        for line in SELF.read_text().splitlines():
             _, controllers, path = line.split(":", 2)
             for controller in controllers.split(",") if controllers else [""]:
                 own[controller] = path
