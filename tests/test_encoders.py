@@ -382,17 +382,25 @@ def test_a_larger_release_is_the_same_bytes_whatever_the_cpu_computes_with(tmp_p
     assert digests["baseline"] == digests["avx2"] == digests["native"], digests
 
 
+# Phantom images, and decoded images resized as folder and manifest sources do (noise in [0, 1],
+# as windowed DICOM values are).
 _RENDER = """
 import hashlib, sys
+import numpy as np
+from ncbench.challenge.images import resized_uint8
 from ncbench.challenge.phantom import render_phantoms
 images, labels = render_phantoms(int(sys.argv[1]), seed=5, image_size=int(sys.argv[2]))
-print(hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest())
+noise = np.random.default_rng(0).random((8, 390, 320), dtype=np.float32)
+resized = np.stack([resized_uint8(unit, 256) for unit in noise])
+print(hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest(), hashlib.sha256(resized.tobytes()).hexdigest())
 """
 
 
-def test_phantom_images_are_the_same_bytes_whatever_simd_numpy_dispatches():
+def test_source_images_are_the_same_bytes_whatever_simd_numpy_and_torch_dispatch():
     """numpy's exp, sin, cos, arctan2 and power differ in the last bit between its AVX-512, AVX2
-    and baseline loops; the phantom source uses none of them."""
+    and baseline loops, and torch's float32 antialiased resizing between its vectorised and
+    scalar kernels; the phantom source uses none of the former, and decoded files are resized in
+    float64."""
     digests = {
         name: subprocess.run(
             [sys.executable, "-c", _RENDER, "64", "64"],
