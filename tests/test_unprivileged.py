@@ -49,6 +49,8 @@ sys.exit(problem is not None)
 def as_nobody(*argv: str, home: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     command = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--", *argv]
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "TMPDIR": str(home), "LANG": "C.UTF-8"}
+    if "LD_LIBRARY_PATH" in os.environ:  # a copied interpreter may need its own libpython
+        env["LD_LIBRARY_PATH"] = os.environ["LD_LIBRARY_PATH"]
     return subprocess.run(command, capture_output=True, text=True, cwd=home, env=env, timeout=timeout)
 
 
@@ -77,23 +79,19 @@ def nobody_python() -> Iterator[tuple[str, Path]]:
         shutil.rmtree(home, ignore_errors=True)
 
 
+def pytest_as_nobody(python: str, home: Path, *args: str) -> subprocess.CompletedProcess:
+    return as_nobody(
+        python,
+        *("-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", f"--rootdir={REPO}", f"--basetemp={home / 'pytest'}"),
+        *args,
+        home=home,
+        timeout=600,
+    )
+
+
 def test_the_sandbox_tests_pass_as_an_unprivileged_user(nobody_python):
     python, home = nobody_python
-    ran = as_nobody(
-        python,
-        "-m",
-        "pytest",
-        "-q",
-        "-rs",
-        "-p",
-        "no:cacheprovider",
-        f"--rootdir={REPO}",
-        f"--basetemp={home / 'pytest'}",
-        str(REPO / "tests" / "test_verified.py"),
-        "-k",
-        SUBSET,
-        home=home,
-    )
+    ran = pytest_as_nobody(python, home, str(REPO / "tests" / "test_verified.py"), "-k", SUBSET)
     summary = ran.stdout.strip().splitlines()[-1] if ran.stdout.strip() else ran.stderr
     assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-2000:]
     passed = int(re.search(r"(\d+) passed", summary).group(1))
@@ -101,3 +99,12 @@ def test_the_sandbox_tests_pass_as_an_unprivileged_user(nobody_python):
     # --check-sandbox line where no cgroup is delegated: none of them may skip for lack of root.
     assert passed >= 4, ran.stdout[-3000:]
     assert "root" not in " ".join(line for line in ran.stdout.splitlines() if line.startswith("SKIPPED")), ran.stdout
+
+
+@pytest.mark.slow
+def test_a_non_root_servers_sandbox_dies_with_it(nobody_python):
+    """tests/test_verified_crash.py as nobody: --die-with-parent holds, so the sandbox dies with
+    the killed server, before any restart."""
+    python, home = nobody_python
+    ran = pytest_as_nobody(python, home, "-m", "slow", str(REPO / "tests" / "test_verified_crash.py"))
+    assert ran.returncode == 0 and "1 passed" in ran.stdout, ran.stdout[-3000:] + ran.stderr[-2000:]
