@@ -339,29 +339,43 @@ CPU_ENVIRONMENTS = {
     "native": {},
 }
 
-# One evaluation release as the verified track builds it (its recipe, build_evaluation) and one
-# two-site link release with second acquisitions (reacquire's noise), then their digests.
-_BUILD_BOTH = """
+# In one interpreter per CPU environment: 64 phantom images of 64 pixels, eight noise images in
+# [0, 1] (as windowed DICOM values are) resized as folder and manifest sources resize, one
+# evaluation release as the verified track builds it (its recipe, build_evaluation) and one
+# two-site link release with second acquisitions (reacquire's noise); then their digests.
+_BUILD_ALL = """
 import hashlib, json, sys
 from pathlib import Path
+import numpy as np
 from ncbench.challenge.encoders import resolve_config
+from ncbench.challenge.images import resized_uint8
+from ncbench.challenge.phantom import render_phantoms
 from ncbench.challenge.release import BuildPlan, build_release
 from ncbench.leaderboard.verified.runs import Recipe, build_evaluation
 out, n, size, width = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+digest = lambda data: hashlib.sha256(data).hexdigest()
+images, labels = render_phantoms(64, seed=5, image_size=64)
+noise = np.random.default_rng(0).random((8, 390, 320), dtype=np.float32)
+found = {
+    "phantom": digest(images.tobytes() + labels.tobytes()),
+    "resized": digest(np.stack([resized_uint8(unit, 256) for unit in noise]).tobytes()),
+}
 config = resolve_config("nc7", width=width, image_size=size, patch_size=8, bn_batch=16)
 build_evaluation(out / "evaluation", Recipe(config.to_json(), "reid", n, 0, 0, 0, "phantom", 1700000000), "ab" * 32)
 plan = BuildPlan.for_task("link", n // 2, sites=2, overlap=0.25, overlap_kind="patient")
 build_release(out / "link", config=config, plan=plan, source="phantom", seed="cd" * 32, device="cpu")
-print(json.dumps({f"{name}/{part}": hashlib.sha256((out / name / part).read_bytes()).hexdigest()
-    for name in ("evaluation", "link") for part in ("public/release.h5", "private/key.h5")}))
+for name in ("evaluation", "link"):
+    for part in ("public/release.h5", "private/key.h5"):
+        found[f"{name}/{part}"] = digest((out / name / part).read_bytes())
+print(json.dumps(found))
 """
 
 
-def _digests_per_cpu(tmp_path: Path, *, n: int, image_size: int, width: int) -> dict[str, dict]:
+def _digests_per_cpu(folder: Path, *, n: int, image_size: int, width: int) -> dict[str, dict]:
     digests = {}
     for name, env in CPU_ENVIRONMENTS.items():
         built = subprocess.run(
-            [sys.executable, "-c", _BUILD_BOTH, str(tmp_path / name), str(n), str(image_size), str(width)],
+            [sys.executable, "-c", _BUILD_ALL, str(folder / name), str(n), str(image_size), str(width)],
             capture_output=True,
             text=True,
             env={**os.environ, "SOURCE_DATE_EPOCH": "1700000000", **env},
@@ -371,44 +385,35 @@ def _digests_per_cpu(tmp_path: Path, *, n: int, image_size: int, width: int) -> 
     return digests
 
 
-def test_an_fp32_release_is_the_same_bytes_whatever_the_cpu_computes_with(tmp_path):
-    digests = _digests_per_cpu(tmp_path, n=32, image_size=64, width=64)
-    assert digests["baseline"] == digests["avx2"] == digests["native"], digests
+@pytest.fixture(scope="module")
+def per_cpu(tmp_path_factory) -> dict[str, dict]:
+    return _digests_per_cpu(tmp_path_factory.mktemp("per-cpu"), n=32, image_size=64, width=64)
 
 
-@pytest.mark.slow
-def test_a_larger_release_is_the_same_bytes_whatever_the_cpu_computes_with(tmp_path):
-    digests = _digests_per_cpu(tmp_path, n=512, image_size=128, width=256)
-    assert digests["baseline"] == digests["avx2"] == digests["native"], digests
+def _parts(digests: dict[str, dict], *names: str) -> dict[str, dict]:
+    return {cpu: {name: found[name] for name in names} for cpu, found in digests.items()}
 
 
-# Phantom images, and decoded images resized as folder and manifest sources do (noise in [0, 1],
-# as windowed DICOM values are).
-_RENDER = """
-import hashlib, sys
-import numpy as np
-from ncbench.challenge.images import resized_uint8
-from ncbench.challenge.phantom import render_phantoms
-images, labels = render_phantoms(int(sys.argv[1]), seed=5, image_size=int(sys.argv[2]))
-noise = np.random.default_rng(0).random((8, 390, 320), dtype=np.float32)
-resized = np.stack([resized_uint8(unit, 256) for unit in noise])
-print(hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest(), hashlib.sha256(resized.tobytes()).hexdigest())
-"""
+RELEASE_PARTS = [
+    f"{name}/{part}" for name in ("evaluation", "link") for part in ("public/release.h5", "private/key.h5")
+]
 
 
-def test_source_images_are_the_same_bytes_whatever_simd_numpy_and_torch_dispatch():
+def test_an_fp32_release_is_the_same_bytes_whatever_the_cpu_computes_with(per_cpu):
+    releases = _parts(per_cpu, *RELEASE_PARTS)
+    assert releases["baseline"] == releases["avx2"] == releases["native"], releases
+
+
+def test_source_images_are_the_same_bytes_whatever_simd_numpy_and_torch_dispatch(per_cpu):
     """numpy's exp, sin, cos, arctan2 and power differ in the last bit between its AVX-512, AVX2
     and baseline loops, and torch's float32 antialiased resizing between its vectorised and
     scalar kernels; the phantom source uses none of the former, and decoded files are resized in
     float64."""
-    digests = {
-        name: subprocess.run(
-            [sys.executable, "-c", _RENDER, "64", "64"],
-            capture_output=True,
-            text=True,
-            check=True,
-            env={**os.environ, **env},
-        ).stdout
-        for name, env in CPU_ENVIRONMENTS.items()
-    }
-    assert digests["baseline"] == digests["avx2"] == digests["native"], digests
+    images = _parts(per_cpu, "phantom", "resized")
+    assert images["baseline"] == images["avx2"] == images["native"], images
+
+
+@pytest.mark.slow
+def test_a_larger_release_is_the_same_bytes_whatever_the_cpu_computes_with(tmp_path):
+    releases = _parts(_digests_per_cpu(tmp_path, n=512, image_size=128, width=256), *RELEASE_PARTS)
+    assert releases["baseline"] == releases["avx2"] == releases["native"], releases
