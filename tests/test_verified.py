@@ -903,6 +903,18 @@ def test_without_bubblewrap_the_verified_track_refuses_in_one_line(tmp_path):
     assert "bubblewrap" in refused.stderr and "--unsandboxed" in refused.stderr
 
 
+def test_a_sandbox_that_cannot_start_is_refused_without_host_paths(monkeypatch):
+    """The refusal is the API's public 503 answer: bubblewrap's own words (which name the
+    environment's path) go to the organizer's --check-sandbox only."""
+    printed = "prlimit: failed to execute /srv/secret-store/venv/bin/python: No such file or directory"
+    monkeypatch.setattr(sandbox.shutil, "which", lambda name: "/usr/bin/bwrap")
+    monkeypatch.setattr(sandbox, "_probe", lambda bwrap: ("bubblewrap cannot create a sandbox here", printed))
+    with pytest.raises(sandbox.SandboxUnavailable) as refused:
+        sandbox.require_sandbox(unsandboxed=False)
+    assert "/srv" not in str(refused.value) and "--check-sandbox" in str(refused.value)
+    assert printed in sandbox.sandbox_problem()
+
+
 @pytest.mark.parametrize("form", ["file", "wheel", "sdist"])
 def test_attack_check_runs_a_plugin_end_to_end_on_a_tiny_release(tmp_path, form):
     path = tmp_path / "mine.py"

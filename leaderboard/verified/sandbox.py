@@ -174,38 +174,53 @@ class Outcome:
 # -- is there a sandbox? -----------------------------------------------------------------------
 
 
-def sandbox_problem() -> str | None:
-    """None when bubblewrap works here; otherwise why not, in one line."""
+def sandbox_problem(*, detail: bool = True) -> str | None:
+    """None when bubblewrap works here; otherwise why not, in one line. With ``detail``, what
+    bubblewrap printed too, which may name host paths: for the organizer (``--check-sandbox``),
+    never for an API answer."""
     path = shutil.which("bwrap")
     if path is None:
         return "bubblewrap (bwrap) is not installed (Debian: apt-get install bubblewrap)"
-    return _probe(path)
+    failure = _probe(path)
+    if failure is None:
+        return None
+    reason, printed = failure
+    return f"{reason}: {printed}" if detail and printed else reason
 
 
 @functools.cache
-def _probe(bwrap: str) -> str | None:
+def _probe(bwrap: str) -> tuple[str, str] | None:
+    """None when a sandbox runs this interpreter; else (why, in fixed words; what bwrap printed)."""
     command = bwrap_argv(
         [sys.executable, "-c", "pass"], mounts=environment_mounts(), limits=Limits(), bwrap=bwrap, uid=_sandbox_uid()
     )
     try:
         probe = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as error:
-        return f"bubblewrap cannot start here ({error})"
+        return "bubblewrap cannot start here", str(error)
     if probe.returncode != 0:
-        detail = " ".join(probe.stderr.decode(errors="replace").split())[:200]
-        return f"bubblewrap cannot create a sandbox here (user namespaces disabled?): {detail}"
+        printed = " ".join(probe.stderr.decode(errors="replace").split())[:200]
+        # The two usual causes: no user namespaces, or an environment the sandbox's user cannot run.
+        reason = (
+            "bubblewrap cannot create a sandbox here (user namespaces disabled, or a Python environment "
+            "that other users cannot read?)"
+        )
+        return reason, printed
     return None
 
 
 def require_sandbox(*, unsandboxed: bool) -> None:
-    """Refuse, in one line, to run plugins without a sandbox unless the organizer asked to."""
+    """Refuse, in one line, to run plugins without a sandbox unless the organizer asked to. The
+    message is public (the API answers 503 with it), so it names no host path; ``ncbench server
+    --check-sandbox`` shows the organizer what bubblewrap printed."""
     if unsandboxed:
         return
-    problem = sandbox_problem()
+    problem = sandbox_problem(detail=False)
     if problem:
         raise SandboxUnavailable(
-            f"the verified track runs plugins only in a sandbox, and {problem}; organizers "
-            "testing locally may pass --unsandboxed (results are marked unsandboxed)"
+            f"the verified track runs plugins only in a sandbox, and {problem} (ncbench server "
+            "--check-sandbox says more); organizers testing locally may pass --unsandboxed (results "
+            "are marked unsandboxed)"
         )
 
 
