@@ -772,7 +772,7 @@ def test_the_sandbox_shows_nothing_of_the_host_but_the_environment_release_and_p
 MOUNTINFO_PROBE = "print(open('/proc/self/mountinfo').read(), flush=True)"
 
 
-@pytest.mark.parametrize("step", ["check", "run"])
+@pytest.mark.parametrize("step", [pytest.param("check", marks=pytest.mark.slow), "run"])  # one staging function
 def test_mountinfo_inside_names_no_folder_of_the_store_or_the_work_dir(tmp_path, tmp_path_factory, monkeypatch, step):
     """A bind mount's source shows in /proc/self/mountinfo: the release, the plugin and the
     submission are bound from neutral hard links, so the host's store paths never appear."""
