@@ -8,6 +8,7 @@ evaluation release from its revealed seed.
 
 import concurrent.futures
 import dataclasses
+import errno
 import hashlib
 import io
 import math
@@ -807,6 +808,34 @@ def test_mountinfo_inside_names_no_folder_of_the_store_or_the_work_dir(tmp_path,
         assert not any(host in line for line in mountinfo), (host, mountinfo)
     assert any(str(neutral) in line for line in mountinfo)  # bound from there
     assert not list(neutral.iterdir())  # and removed after the run
+
+
+def test_staging_keeps_a_plugins_symlinks_as_links_and_copies_a_submission_back(tmp_path, monkeypatch):
+    """An unpacked plugin's symlink stays a link (resolved inside the sandbox, as a bind of the
+    folder showed it), never a copy of the host file it names; across file systems (no hard
+    link) the submission written in the staging folder comes back to the work folder."""
+    host_file = tmp_path / "host-secret.txt"
+    host_file.write_text("host only")
+    plugin = tmp_path / "plugin"
+    plugin.mkdir()
+    (plugin / "p.py").write_text("x = 1")
+    (plugin / "link").symlink_to(host_file)
+    out = tmp_path / "submission.h5"
+    out.write_bytes(b"")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with sandbox.neutral_sources([sandbox.Mount(plugin, "/plugin")]) as (staged,):
+        assert (staged.host / "link").is_symlink() and (staged.host / "p.py").read_text() == "x = 1"
+
+    def no_link(source, target):
+        raise OSError(errno.EXDEV, "cross-device link")
+
+    monkeypatch.setattr(sandbox.os, "link", no_link)
+    with sandbox.neutral_sources([sandbox.Mount(plugin, "/plugin")]) as (staged,):
+        assert (staged.host / "link").is_symlink() and (staged.host / "p.py").read_text() == "x = 1"
+    with sandbox.neutral_sources([sandbox.Mount(out, sandbox.OUT_INSIDE, writable=True)]) as (staged,):
+        staged.host.write_bytes(b"written inside")
+    assert out.read_bytes() == b"written inside"
+    assert not list(tmp_path.glob("ncbench-sandbox-*"))
 
 
 def test_the_host_reads_declarations_from_literal_class_attributes(tmp_path):

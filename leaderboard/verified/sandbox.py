@@ -556,7 +556,8 @@ def neutral_sources(mounts: list[Mount]) -> Iterator[list[Mount]]:
         for index, mount in enumerate(mounts):
             target = staging / f"{index}-{Path(mount.inside).name}"
             if mount.host.is_dir():
-                shutil.copytree(mount.host, target, copy_function=_link_or_copy)
+                # symlinks stay links (resolved inside, as before): never a copy of what they point to
+                shutil.copytree(mount.host, target, symlinks=True, copy_function=_link_or_copy)
             elif not _link_or_copy(mount.host, target) and mount.writable:
                 copied_back.append((target, mount.host))
             staged.append(dataclasses.replace(mount, host=target))
