@@ -838,6 +838,21 @@ def test_staging_keeps_a_plugins_symlinks_as_links_and_copies_a_submission_back(
     assert not list(tmp_path.glob("ncbench-sandbox-*"))
 
 
+def test_a_killed_servers_staging_folder_goes_at_the_next_run(tmp_path, monkeypatch):
+    """A server killed mid-run leaves its staging folder, whose hard links would keep a deleted
+    evaluation release on disk: the next staging removes the folders of dead servers only."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    left = tmp_path / f"{sandbox.STAGING_PREFIX}{int(dead.stdout)}-abc"
+    live = tmp_path / f"{sandbox.STAGING_PREFIX}{os.getpid()}-def"
+    for folder in (left, live):
+        folder.mkdir()
+        (folder / "0-release.h5").write_bytes(b"held")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with sandbox.neutral_sources([]):
+        pass
+    assert not left.exists() and (live / "0-release.h5").exists()
+
+
 def test_the_host_reads_declarations_from_literal_class_attributes(tmp_path):
     path = tmp_path / "plugin.py"
     path.write_text(plugin_source("my-gram"))

@@ -112,7 +112,7 @@ def reap_leftovers() -> int:
                 continue
             for folder in parent.iterdir():
                 owner = folder.name.partition("-")[0]
-                if folder.is_dir() and owner.isdigit() and not _alive(int(owner)):
+                if folder.is_dir() and owner.isdigit() and not process_alive(int(owner)):
                     kill_and_remove(folder, version)
                     reaped += 1
     return reaped
@@ -168,7 +168,7 @@ def _pids(folder: Path) -> list[int]:
     return [int(word) for word in _read(folder / "cgroup.procs").split() if word.isdigit()]
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

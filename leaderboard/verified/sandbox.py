@@ -60,6 +60,7 @@ RELEASE_INSIDE = "/challenge/release.h5"
 PLUGIN_DIR_INSIDE = "/plugin"
 OUT_INSIDE = "/out/submission.h5"
 SCRATCH_INSIDE = "/tmp"
+STAGING_PREFIX = "ncbench-sandbox-"  # + the server's pid: the neutral folder a run's files are bound from
 # The runner: `ncbench attack ...` through its sandbox entry point (ncbench/cli/sandboxed.py); -P keeps the
 # working folder, the plugin's writable /tmp, off sys.path.
 RUNNER = ["-P", "-m", "ncbench.cli.sandboxed"]
@@ -544,12 +545,14 @@ def neutral_sources(mounts: list[Mount]) -> Iterator[list[Mount]]:
 
     A bind mount's source shows in the sandbox's ``/proc/self/mountinfo`` as its path on its file
     system, and the store's paths (``keys/verified/run-7/...``) say where the store is and what
-    it holds. A hard link is the same file under a neutral name, written through in place; where
+    it holds. The folder is named after the server's pid, so a later run removes what a killed
+    server left. A hard link is the same file under a neutral name, written through in place; where
     the temporary directory is another file system the source is copied instead (a release as
     large as it is: put ``TMPDIR`` on the store's file system to avoid that), and a writable file
     is copied back when the run ends.
     """
-    staging = Path(tempfile.mkdtemp(prefix="ncbench-sandbox-"))
+    _remove_dead_staging()
+    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-"))
     copied_back: list[tuple[Path, Path]] = []
     try:
         staged = []
@@ -566,6 +569,15 @@ def neutral_sources(mounts: list[Mount]) -> Iterator[list[Mount]]:
         for target, host in copied_back:
             shutil.copyfile(target, host)
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _remove_dead_staging() -> None:
+    """Remove the staging folders of servers that died mid-run (their ``finally`` never ran):
+    their hard links would keep deleted evaluation releases on disk."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{STAGING_PREFIX}*-*"):
+        owner = folder.name.removeprefix(STAGING_PREFIX).partition("-")[0]
+        if owner.isdigit() and not cgroup.process_alive(int(owner)):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _link_or_copy(source: str | os.PathLike, target: str | os.PathLike) -> bool:
