@@ -99,8 +99,14 @@ def to_uint8(unit: torch.Tensor | np.ndarray) -> np.ndarray:
 
 
 def decode_resized(content: bytes, name: str, size: int) -> np.ndarray:
-    unit = torch.from_numpy(decode_image(content, name))
-    return to_uint8(resize_unit(unit[None], size)[0])
+    return resized_uint8(decode_image(content, name), size)
+
+
+def resized_uint8(unit: np.ndarray, size: int) -> np.ndarray:
+    """(H, W) floats in [0, 1] -> (size, size) uint8, resized in float64: in float32, torch's
+    vectorised and scalar resampling kernels round windowed DICOM values to different grey levels
+    now and then; in float64 their last-bit differences stay far from a grey level's edge."""
+    return to_uint8(resize_unit(torch.from_numpy(np.asarray(unit, dtype=np.float64))[None], size)[0])
 
 
 def read_image_bytes(path: Path) -> bytes:

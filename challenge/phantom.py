@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ncbench.challenge import portable
 from ncbench.errors import NcbenchError
 
 LABEL_NAMES: tuple[str, ...] = ("cardiomegaly", "effusion", "nodule")
@@ -184,7 +185,7 @@ def _render_batch(p: dict[str, np.ndarray], mottle: np.ndarray, vessels: np.ndar
     axis = (np.arange(work, dtype=np.float32) + 0.5) / work * 2.0 - 1.0
     # Image grid -> body coordinates: undo the per-image shift, zoom and rotation.
     gx, gy = axis[None, None, :] - b["shift_x"], axis[None, :, None] - b["shift_y"]
-    cos, sin = np.cos(b["angle"]) / b["zoom"], np.sin(b["angle"]) / b["zoom"]
+    cos, sin = portable.cos(b["angle"]) / b["zoom"], portable.sin(b["angle"]) / b["zoom"]
     x = cos * gx + sin * gy
     y = cos * gy - sin * gx
     q = np.abs(x)
@@ -217,7 +218,7 @@ def _render_batch(p: dict[str, np.ndarray], mottle: np.ndarray, vessels: np.ndar
     heart_w = b["ctr"] * 2.0 * thorax
     heart_cy = b["dome_right"] - 0.08
     hx, hy = x - b["heart_shift"] * heart_w, y - heart_cy
-    ct, st = np.cos(b["heart_tilt"]), np.sin(b["heart_tilt"])
+    ct, st = portable.cos(b["heart_tilt"]), portable.sin(b["heart_tilt"])
     height = b["heart_height"] * (0.85 + 0.3 * b["ctr"])  # big hearts are a little taller too
     # A tilted ellipse with semi-axes (a, h) spans sqrt(a^2 cos^2 + h^2 sin^2) either side.
     semi_w = np.sqrt(np.maximum((heart_w / 2) ** 2 - (st * height) ** 2, 1e-4)) / ct
@@ -252,7 +253,7 @@ def _render_batch(p: dict[str, np.ndarray], mottle: np.ndarray, vessels: np.ndar
     # texture that varies fast across angle and slowly along radius), thinning outward.
     dx, dy = q - (0.17 + 0.1 * right), y + 0.1
     r = _norm(dx, dy)
-    theta = np.arctan2(dy, dx) / np.pi  # -1 .. 1 around each hilum
+    theta = portable.arctan2(dy, dx) / np.pi  # -1 .. 1 around each hilum
     tex_x = (theta - 1.0) / 2.0 + right  # each side samples its own texture half
     tex_y = np.clip(r / 0.8, 0.0, 1.0) * 2.0 - 1.0
     # torch's resampling kernels are vectorised per CPU (ATEN_CPU_CAPABILITY): in float64 the
@@ -269,7 +270,7 @@ def _render_batch(p: dict[str, np.ndarray], mottle: np.ndarray, vessels: np.ndar
         .float()
         .numpy()
     )
-    ridges = np.clip(1.0 - np.abs(texture) / (0.5 * np.exp(-r / 0.3)), 0.0, 1.0)
+    ridges = np.clip(1.0 - np.abs(texture) / (0.5 * portable.exp(-r / 0.3)), 0.0, 1.0)
     blobs = (
         F.interpolate(
             torch.from_numpy(mottle).double()[:, None], size=(work, work), mode="bicubic", align_corners=False
@@ -277,11 +278,11 @@ def _render_batch(p: dict[str, np.ndarray], mottle: np.ndarray, vessels: np.ndar
         .float()
         .numpy()
     )
-    hilum = np.exp(-((r / 0.1) ** 2))
-    density += lung * b["vessel_density"] * (ridges * np.exp(-r / 0.4) + 0.35 * blobs + 1.5 * hilum)
+    hilum = portable.exp(-((r / 0.1) ** 2))
+    density += lung * b["vessel_density"] * (ridges * portable.exp(-r / 0.4) + 0.35 * blobs + 1.5 * hilum)
 
     # Spine: vertebral bodies with darker disc spaces, seen faintly through the mediastinum.
-    disc = 0.5 + 0.5 * np.cos(2 * np.pi * (y / 0.105))
+    disc = 0.5 + 0.5 * portable.cos(2 * np.pi * (y / 0.105))
     density += 0.07 * _ramp((b["spine_half_width"] - q) / 0.015 + 0.5) * (0.75 + 0.25 * disc) * body
 
     # Posterior ribs: one phase field draws them all; rib k lies where the phase is in [k, k + w].
@@ -303,7 +304,7 @@ def _render_batch(p: dict[str, np.ndarray], mottle: np.ndarray, vessels: np.ndar
 
     # Clavicles: a gentle S from the sternal notch up to the shoulder.
     sc = np.maximum(q - 0.06, 0.0)
-    clav_y = b["clavicle_y"] - b["clavicle_rise"] * sc + 0.025 * np.sin(2 * np.pi * sc / 0.6)
+    clav_y = b["clavicle_y"] - b["clavicle_rise"] * sc + 0.025 * portable.sin(2 * np.pi * sc / 0.6)
     density += 0.16 * (_ramp((0.04 - np.abs(y - clav_y)) / 0.015) * _ramp((q - 0.04) / 0.03) * _ramp((0.7 - q) / 0.05))
     # Arms beside the chest wall, past a dark axillary gap, with the humerus inside.
     arm_q = b["body_half_width"] + 0.2
@@ -329,7 +330,7 @@ def _render_batch(p: dict[str, np.ndarray], mottle: np.ndarray, vessels: np.ndar
     shown = np.clip(b["brightness"] + b["contrast"] * (0.06 + 1.2 * density), 0.0, 1.0)
     shown = (
         F.interpolate(
-            torch.from_numpy(shown ** b["gamma"]).double()[:, None],
+            torch.from_numpy(portable.power(shown, b["gamma"])).double()[:, None],
             size=(size, size),
             mode="bilinear",
             align_corners=False,

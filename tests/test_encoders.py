@@ -1,7 +1,7 @@
 """The encoder against docs/tasks.md#encoder, written out layer by layer with torch.nn modules."""
 
 import dataclasses
-import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -305,11 +305,32 @@ def test_cuda_fp32_equals_cpu(tiny_images):
 
 # -- the same bytes on any CPU ---------------------------------------------------------------------
 
-# What a CPU without AVX, and one with AVX2 only, would compute: torch's vectorised kernels
+
+def _numpy_targets(*, keep_avx2: bool) -> str:
+    """numpy's optional SIMD targets that this CPU runs, as NPY_DISABLE_CPU_FEATURES names: all of
+    them (numpy then runs its baseline, SSE4.2 here) or only those beyond AVX2 (X86_V4,
+    AVX512_*: what an AVX2-only CPU runs)."""
+    from numpy._core._multiarray_umath import __cpu_dispatch__, __cpu_features__
+
+    on = [name for name in __cpu_dispatch__ if __cpu_features__.get(name)]
+    return " ".join(name for name in on if not keep_avx2 or "512" in name or name == "X86_V4")
+
+
+# What a CPU without AVX, and one with AVX2 only, would compute: numpy's SIMD loops, the C
+# library's FMA and AVX2 variants (glibc.cpu.hwcaps), torch's vectorised kernels
 # (ATEN_CPU_CAPABILITY), oneDNN's and MKL's instruction sets, and one thread or two.
 CPU_ENVIRONMENTS = {
-    "default": {"ATEN_CPU_CAPABILITY": "default", "OMP_NUM_THREADS": "1"},
+    "baseline": {
+        "NPY_DISABLE_CPU_FEATURES": _numpy_targets(keep_avx2=False),
+        "GLIBC_TUNABLES": "glibc.cpu.hwcaps=-AVX2,-FMA,-AVX512F",
+        "ATEN_CPU_CAPABILITY": "default",
+        "ONEDNN_MAX_CPU_ISA": "SSE41",
+        "MKL_ENABLE_INSTRUCTIONS": "SSE4_2",
+        "OMP_NUM_THREADS": "1",
+    },
     "avx2": {
+        "NPY_DISABLE_CPU_FEATURES": _numpy_targets(keep_avx2=True),
+        "GLIBC_TUNABLES": "glibc.cpu.hwcaps=-AVX512F",
         "ATEN_CPU_CAPABILITY": "avx2",
         "ONEDNN_MAX_CPU_ISA": "AVX2",
         "MKL_ENABLE_INSTRUCTIONS": "AVX2",
@@ -318,23 +339,81 @@ CPU_ENVIRONMENTS = {
     "native": {},
 }
 
+# In one interpreter per CPU environment: 64 phantom images of 64 pixels, eight noise images in
+# [0, 1] (as windowed DICOM values are) resized as folder and manifest sources resize, one
+# evaluation release as the verified track builds it (its recipe, build_evaluation) and one
+# two-site link release with second acquisitions (reacquire's noise); then their digests.
+_BUILD_ALL = """
+import hashlib, json, sys
+from pathlib import Path
+import numpy as np
+from ncbench.challenge.encoders import resolve_config
+from ncbench.challenge.images import resized_uint8
+from ncbench.challenge.phantom import render_phantoms
+from ncbench.challenge.release import BuildPlan, build_release
+from ncbench.leaderboard.verified.runs import Recipe, build_evaluation
+out, n, size, width = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+digest = lambda data: hashlib.sha256(data).hexdigest()
+images, labels = render_phantoms(64, seed=5, image_size=64)
+noise = np.random.default_rng(0).random((8, 390, 320), dtype=np.float32)
+found = {
+    "phantom": digest(images.tobytes() + labels.tobytes()),
+    "resized": digest(np.stack([resized_uint8(unit, 256) for unit in noise]).tobytes()),
+}
+config = resolve_config("nc7", width=width, image_size=size, patch_size=8, bn_batch=16)
+build_evaluation(out / "evaluation", Recipe(config.to_json(), "reid", n, 0, 0, 0, "phantom", 1700000000), "ab" * 32)
+plan = BuildPlan.for_task("link", n // 2, sites=2, overlap=0.25, overlap_kind="patient")
+build_release(out / "link", config=config, plan=plan, source="phantom", seed="cd" * 32, device="cpu")
+for name in ("evaluation", "link"):
+    for part in ("public/release.h5", "private/key.h5"):
+        found[f"{name}/{part}"] = digest((out / name / part).read_bytes())
+print(json.dumps(found))
+"""
 
-def test_an_fp32_release_is_the_same_bytes_whatever_the_cpu_computes_with(tmp_path):
+
+def _digests_per_cpu(folder: Path, *, n: int, image_size: int, width: int) -> dict[str, dict]:
     digests = {}
     for name, env in CPU_ENVIRONMENTS.items():
-        out = tmp_path / name
         built = subprocess.run(
-            [str(Path(sys.executable).with_name("ncbench")), "challenge", "build", "--preset", "nc7", "--task", "reid"]
-            + ["--source", "phantom", "--n", "32", "--width", "64", "--image-size", "32", "--patch-size", "8"]
-            + ["--bn-batch", "16", "--seed-file", "-", "--device", "cpu", "--out", str(out)],
-            input="ab" * 32,
+            [sys.executable, "-c", _BUILD_ALL, str(folder / name), str(n), str(image_size), str(width)],
             capture_output=True,
             text=True,
             env={**os.environ, "SOURCE_DATE_EPOCH": "1700000000", **env},
         )
         assert built.returncode == 0, built.stderr
-        digests[name] = {
-            part: hashlib.sha256((out / part).read_bytes()).hexdigest()
-            for part in ("public/release.h5", "private/key.h5")
-        }
-    assert digests["default"] == digests["avx2"] == digests["native"], digests
+        digests[name] = json.loads(built.stdout.splitlines()[-1])
+    return digests
+
+
+@pytest.fixture(scope="module")
+def per_cpu(tmp_path_factory) -> dict[str, dict]:
+    return _digests_per_cpu(tmp_path_factory.mktemp("per-cpu"), n=32, image_size=64, width=64)
+
+
+def _parts(digests: dict[str, dict], *names: str) -> dict[str, dict]:
+    return {cpu: {name: found[name] for name in names} for cpu, found in digests.items()}
+
+
+RELEASE_PARTS = [
+    f"{name}/{part}" for name in ("evaluation", "link") for part in ("public/release.h5", "private/key.h5")
+]
+
+
+def test_an_fp32_release_is_the_same_bytes_whatever_the_cpu_computes_with(per_cpu):
+    releases = _parts(per_cpu, *RELEASE_PARTS)
+    assert releases["baseline"] == releases["avx2"] == releases["native"], releases
+
+
+def test_source_images_are_the_same_bytes_whatever_simd_numpy_and_torch_dispatch(per_cpu):
+    """numpy's exp, sin, cos, arctan2 and power differ in the last bit between its AVX-512, AVX2
+    and baseline loops, and torch's float32 antialiased resizing between its vectorised and
+    scalar kernels; the phantom source uses none of the former, and decoded files are resized in
+    float64."""
+    images = _parts(per_cpu, "phantom", "resized")
+    assert images["baseline"] == images["avx2"] == images["native"], images
+
+
+@pytest.mark.slow
+def test_a_larger_release_is_the_same_bytes_whatever_the_cpu_computes_with(tmp_path):
+    releases = _parts(_digests_per_cpu(tmp_path, n=512, image_size=128, width=256), *RELEASE_PARTS)
+    assert releases["baseline"] == releases["avx2"] == releases["native"], releases

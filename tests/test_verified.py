@@ -8,6 +8,7 @@ evaluation release from its revealed seed.
 
 import concurrent.futures
 import dataclasses
+import errno
 import hashlib
 import io
 import math
@@ -16,6 +17,7 @@ import shlex
 import subprocess
 import sys
 import tarfile
+import tempfile
 import textwrap
 import time
 import zipfile
@@ -789,6 +791,89 @@ def test_the_sandbox_shows_nothing_of_the_host_but_the_environment_release_and_p
         assert any(word.startswith("--nproc=") for word in argv) and any(word.startswith("--as=") for word in argv)
 
 
+MOUNTINFO_PROBE = "print(open('/proc/self/mountinfo').read(), flush=True)"
+
+
+@pytest.mark.parametrize("step", [pytest.param("check", marks=pytest.mark.slow), "run"])  # one staging function
+def test_mountinfo_inside_names_no_folder_of_the_store_or_the_work_dir(tmp_path, tmp_path_factory, monkeypatch, step):
+    """A bind mount's source shows in /proc/self/mountinfo: the release, the plugin and the
+    submission are bound from neutral hard links, so the host's store paths never appear."""
+    if sandbox.sandbox_problem():
+        pytest.skip("no bubblewrap sandbox here")
+    store = tmp_path / "store-a81c"
+    release = store / "keys/verified/run-7/release-0/public/release.h5"
+    release.parent.mkdir(parents=True)
+    release.write_bytes(b"not a release")
+    release.chmod(0o644)
+    work = store / "work/run-7-release-0"
+    (work / "plugin").mkdir(parents=True)
+    plugin = work / "plugin/probe.py"
+    plugin.write_text(plugin_source("probe", module_level=MOUNTINFO_PROBE))
+    limits = sandbox.parse_limits(["wall_s=60"])
+    neutral = tmp_path_factory.mktemp("neutral")
+    monkeypatch.setattr(tempfile, "tempdir", str(neutral))  # the server's TMPDIR
+    if step == "check":
+        outcome, _ = sandbox.check_plugin(
+            plugin=plugin, class_name="Plugin", params={}, task="reid", workdir=work, limits=limits
+        )
+    else:
+        outcome, _ = sandbox.run_attack(
+            attack="Plugin", params={}, release=release, workdir=work, limits=limits, plugin=plugin
+        )
+    mountinfo = [line for line in outcome.output.splitlines() if " - " in line and line[:1].isdigit()]
+    assert any(" /plugin" in line for line in mountinfo), outcome.output
+    if step == "run":
+        assert any(f" {sandbox.RELEASE_INSIDE} " in line for line in mountinfo), outcome.output
+        assert any(f" {sandbox.OUT_INSIDE} " in line for line in mountinfo), outcome.output
+    for host in (str(store), "store-a81c", "keys/verified", "run-7", str(tmp_path)):
+        assert not any(host in line for line in mountinfo), (host, mountinfo)
+    assert any(str(neutral) in line for line in mountinfo)  # bound from there
+    assert not list(neutral.iterdir())  # and removed after the run
+
+
+def test_staging_keeps_a_plugins_symlinks_as_links_and_copies_a_submission_back(tmp_path, monkeypatch):
+    """An unpacked plugin's symlink stays a link (resolved inside the sandbox, as a bind of the
+    folder showed it), never a copy of the host file it names; across file systems (no hard
+    link) the submission written in the staging folder comes back to the work folder."""
+    host_file = tmp_path / "host-secret.txt"
+    host_file.write_text("host only")
+    plugin = tmp_path / "plugin"
+    plugin.mkdir()
+    (plugin / "p.py").write_text("x = 1")
+    (plugin / "link").symlink_to(host_file)
+    out = tmp_path / "submission.h5"
+    out.write_bytes(b"")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with sandbox.neutral_sources([sandbox.Mount(plugin, "/plugin")]) as (staged,):
+        assert (staged.host / "link").is_symlink() and (staged.host / "p.py").read_text() == "x = 1"
+
+    def no_link(source, target):
+        raise OSError(errno.EXDEV, "cross-device link")
+
+    monkeypatch.setattr(sandbox.os, "link", no_link)
+    with sandbox.neutral_sources([sandbox.Mount(plugin, "/plugin")]) as (staged,):
+        assert (staged.host / "link").is_symlink() and (staged.host / "p.py").read_text() == "x = 1"
+    with sandbox.neutral_sources([sandbox.Mount(out, sandbox.OUT_INSIDE, writable=True)]) as (staged,):
+        staged.host.write_bytes(b"written inside")
+    assert out.read_bytes() == b"written inside"
+    assert not list(tmp_path.glob("ncbench-sandbox-*"))
+
+
+def test_a_killed_servers_staging_folder_goes_at_the_next_run(tmp_path, monkeypatch):
+    """A server killed mid-run leaves its staging folder, whose hard links would keep a deleted
+    evaluation release on disk: the next staging removes the folders of dead servers only."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    left = tmp_path / f"{sandbox.STAGING_PREFIX}{int(dead.stdout)}-abc"
+    live = tmp_path / f"{sandbox.STAGING_PREFIX}{os.getpid()}-def"
+    for folder in (left, live):
+        folder.mkdir()
+        (folder / "0-release.h5").write_bytes(b"held")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with sandbox.neutral_sources([]):
+        pass
+    assert not left.exists() and (live / "0-release.h5").exists()
+
+
 def test_the_host_reads_declarations_from_literal_class_attributes(tmp_path):
     path = tmp_path / "plugin.py"
     path.write_text(plugin_source("my-gram"))
@@ -881,6 +966,18 @@ def test_without_bubblewrap_the_verified_track_refuses_in_one_line(tmp_path):
     )
     assert refused.exit_code == 2 and refused.stderr.count("\n") == 1, refused.output
     assert "bubblewrap" in refused.stderr and "--unsandboxed" in refused.stderr
+
+
+def test_a_sandbox_that_cannot_start_is_refused_without_host_paths(monkeypatch):
+    """The refusal is the API's public 503 answer: bubblewrap's own words (which name the
+    environment's path) go to the organizer's --check-sandbox only."""
+    printed = "prlimit: failed to execute /srv/secret-store/venv/bin/python: No such file or directory"
+    monkeypatch.setattr(sandbox.shutil, "which", lambda name: "/usr/bin/bwrap")
+    monkeypatch.setattr(sandbox, "_probe", lambda bwrap: ("bubblewrap cannot create a sandbox here", printed))
+    with pytest.raises(sandbox.SandboxUnavailable) as refused:
+        sandbox.require_sandbox(unsandboxed=False)
+    assert "/srv" not in str(refused.value) and "--check-sandbox" in str(refused.value)
+    assert printed in sandbox.sandbox_problem()
 
 
 @pytest.mark.parametrize("form", ["file", "wheel", "sdist"])
@@ -1036,6 +1133,63 @@ def test_check_sandbox_says_which_protections_this_host_gives(cgroups):
     lines = checked.output.splitlines()
     assert all(line.startswith("yes promised") for line in lines if "promised" in line)
     assert any("control group" in line and line.startswith("yes") for line in lines)
+
+
+def test_without_control_groups_check_sandbox_says_per_process_limits_only():
+    """A non-root server without a delegated cgroup (the usual deployment on cgroup v1) still
+    runs the verified track, and says what it lacks."""
+    if sandbox.sandbox_problem():
+        pytest.skip("no bubblewrap sandbox here")
+    if cgroup.available() is not None:
+        pytest.skip("this server may create control groups (tests/test_unprivileged.py runs this as nobody)")
+    checked = cli("server", "--check-sandbox")
+    assert checked.exit_code == 0, checked.output
+    (line,) = [line for line in checked.output.splitlines() if "control group" in line]
+    assert line.startswith("NO") and "per-process limits only" in line
+
+
+LIMITS_PROBE = """\
+import os, signal
+try:
+    bytearray(1 << 30)
+except MemoryError:
+    print("address space refused")
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+try:
+    open("/tmp/big", "wb").write(bytes(2 << 20))
+except OSError:
+    print("file size refused")
+children = []
+try:
+    for _ in range(64):
+        pid = os.fork()
+        if pid == 0:
+            signal.pause()
+        children.append(pid)
+except OSError:
+    print("processes refused after", len(children))
+for pid in children:
+    os.kill(pid, signal.SIGKILL)
+"""
+
+
+def test_per_process_limits_hold_in_the_sandbox(tmp_path):
+    """Address space, file size and process count: the limits every sandbox has, with or without
+    a control group, as root or not."""
+    if sandbox.sandbox_problem():
+        pytest.skip("no bubblewrap sandbox here")
+    limits = sandbox.parse_limits(["memory_bytes=512M", "file_bytes=1M", "processes=24", "threads=2", "wall_s=60"])
+    argv = sandbox.bwrap_argv(
+        [sys.executable, "-c", LIMITS_PROBE],
+        mounts=sandbox.environment_mounts(),
+        limits=limits,
+        uid=sandbox._sandbox_uid(),
+    )
+    outcome = sandbox._execute(argv, limits, sandboxed=True, workdir=tmp_path)
+    assert outcome.ok, outcome.output
+    assert "address space refused" in outcome.output and "file size refused" in outcome.output
+    (forks,) = [line for line in outcome.output.splitlines() if line.startswith("processes refused after")]
+    assert int(forks.split()[-1]) < 24
 
 
 SYSCALL_PROBE = """\

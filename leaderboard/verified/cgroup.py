@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path("/sys/fs/cgroup")
+SELF = Path("/proc/self/cgroup")  # the server's own groups: "ID:CONTROLLERS:PATH" lines
 PARENT = "ncbench-sandbox"
 KILL_ROUNDS = 50
 
@@ -111,7 +112,7 @@ def reap_leftovers() -> int:
                 continue
             for folder in parent.iterdir():
                 owner = folder.name.partition("-")[0]
-                if folder.is_dir() and owner.isdigit() and not _alive(int(owner)):
+                if folder.is_dir() and owner.isdigit() and not process_alive(int(owner)):
                     kill_and_remove(folder, version)
                     reaped += 1
     return reaped
@@ -137,7 +138,7 @@ def _parents() -> list[tuple[int, list[Path]]]:
     """(version, the ``ncbench-sandbox`` folders a run's group goes under), v2 first."""
     own: dict[str, str] = {}
     try:
-        for line in Path("/proc/self/cgroup").read_text().splitlines():
+        for line in SELF.read_text().splitlines():
             _, controllers, path = line.split(":", 2)
             for controller in controllers.split(",") if controllers else [""]:
                 own[controller] = path
@@ -167,7 +168,7 @@ def _pids(folder: Path) -> list[int]:
     return [int(word) for word in _read(folder / "cgroup.procs").split() if word.isdigit()]
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

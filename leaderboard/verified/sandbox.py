@@ -14,7 +14,10 @@ Python environment and the ncbench packages at their own paths, all read-only; t
 :data:`PLUGIN_DIR_INSIDE`), read-only; a private tmpfs ``/tmp`` of ``scratch_bytes``; one writable
 host file, :data:`OUT_INSIDE`. The root, ``/dev`` and everything else are read-only. No network
 (an empty network namespace), no ``/etc/passwd``, and nothing else of the host: not the store,
-the keys or the database.
+the keys or the database. The release, the plugin and the submission are bound from hard links in
+a fresh folder of the system's temporary directory (:func:`neutral_sources`), so that
+``/proc/self/mountinfo``, which shows each bind's source path on its file system, names no folder
+of the store.
 
 Limits are set by ``prlimit(1)`` inside the sandbox, just before the runner starts. Inside,
 because RLIMIT_NPROC counts a user's processes: outside, a non-root server's own threads would
@@ -30,7 +33,9 @@ the host killed has none: only the wall time is known).
 from __future__ import annotations
 
 import builtins
+import contextlib
 import dataclasses
+import errno
 import functools
 import json
 import os
@@ -41,7 +46,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
@@ -53,6 +60,7 @@ RELEASE_INSIDE = "/challenge/release.h5"
 PLUGIN_DIR_INSIDE = "/plugin"
 OUT_INSIDE = "/out/submission.h5"
 SCRATCH_INSIDE = "/tmp"
+STAGING_PREFIX = "ncbench-sandbox-"  # + the server's pid: the neutral folder a run's files are bound from
 # The runner: `ncbench attack ...` through its sandbox entry point (ncbench/cli/sandboxed.py); -P keeps the
 # working folder, the plugin's writable /tmp, off sys.path.
 RUNNER = ["-P", "-m", "ncbench.cli.sandboxed"]
@@ -167,38 +175,53 @@ class Outcome:
 # -- is there a sandbox? -----------------------------------------------------------------------
 
 
-def sandbox_problem() -> str | None:
-    """None when bubblewrap works here; otherwise why not, in one line."""
+def sandbox_problem(*, detail: bool = True) -> str | None:
+    """None when bubblewrap works here; otherwise why not, in one line. With ``detail``, what
+    bubblewrap printed too, which may name host paths: for the organizer (``--check-sandbox``),
+    never for an API answer."""
     path = shutil.which("bwrap")
     if path is None:
         return "bubblewrap (bwrap) is not installed (Debian: apt-get install bubblewrap)"
-    return _probe(path)
+    failure = _probe(path)
+    if failure is None:
+        return None
+    reason, printed = failure
+    return f"{reason}: {printed}" if detail and printed else reason
 
 
 @functools.cache
-def _probe(bwrap: str) -> str | None:
+def _probe(bwrap: str) -> tuple[str, str] | None:
+    """None when a sandbox runs this interpreter; else (why, in fixed words; what bwrap printed)."""
     command = bwrap_argv(
         [sys.executable, "-c", "pass"], mounts=environment_mounts(), limits=Limits(), bwrap=bwrap, uid=_sandbox_uid()
     )
     try:
         probe = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as error:
-        return f"bubblewrap cannot start here ({error})"
+        return "bubblewrap cannot start here", str(error)
     if probe.returncode != 0:
-        detail = " ".join(probe.stderr.decode(errors="replace").split())[:200]
-        return f"bubblewrap cannot create a sandbox here (user namespaces disabled?): {detail}"
+        printed = " ".join(probe.stderr.decode(errors="replace").split())[:200]
+        # The two usual causes: no user namespaces, or an environment the sandbox's user cannot run.
+        reason = (
+            "bubblewrap cannot create a sandbox here (user namespaces disabled, or a Python environment "
+            "that other users cannot read?)"
+        )
+        return reason, printed
     return None
 
 
 def require_sandbox(*, unsandboxed: bool) -> None:
-    """Refuse, in one line, to run plugins without a sandbox unless the organizer asked to."""
+    """Refuse, in one line, to run plugins without a sandbox unless the organizer asked to. The
+    message is public (the API answers 503 with it), so it names no host path; ``ncbench server
+    --check-sandbox`` shows the organizer what bubblewrap printed."""
     if unsandboxed:
         return
-    problem = sandbox_problem()
+    problem = sandbox_problem(detail=False)
     if problem:
         raise SandboxUnavailable(
-            f"the verified track runs plugins only in a sandbox, and {problem}; organizers "
-            "testing locally may pass --unsandboxed (results are marked unsandboxed)"
+            f"the verified track runs plugins only in a sandbox, and {problem} (ncbench server "
+            "--check-sandbox says more); organizers testing locally may pass --unsandboxed (results "
+            "are marked unsandboxed)"
         )
 
 
@@ -415,11 +438,11 @@ def run_attack(
         return _execute(prlimit_argv(limits, processes=False) + argv, limits, sandboxed=False, workdir=workdir), out
     uid = _sandbox_uid()
     _writable_file(out, uid)
-    mounts = [*environment_mounts(), Mount(release, RELEASE_INSIDE), Mount(out, OUT_INSIDE, writable=True)]
+    run_mounts = [Mount(release, RELEASE_INSIDE), Mount(out, OUT_INSIDE, writable=True)]
     spec = attack
     if plugin is not None:
         inside = plugin_inside(plugin)
-        mounts.append(Mount(plugin, inside))
+        run_mounts.append(Mount(plugin, inside))
         spec = f"{inside}:{attack}"
     inner = [
         "sh",
@@ -430,7 +453,8 @@ def run_attack(
         *RUNNER,
         *_run_args(spec, params, Path(RELEASE_INSIDE), Path(SCRATCH_INSIDE) / "submission.h5"),
     ]
-    with seccomp.program() as fd:
+    with seccomp.program() as fd, neutral_sources(run_mounts) as staged:
+        mounts = [*environment_mounts(), *staged]
         outcome = _execute(
             bwrap_argv(inner, mounts=mounts, limits=limits, bwrap=_bwrap(), uid=uid, seccomp_fd=fd),
             limits,
@@ -483,12 +507,14 @@ def check_plugin(
 
     from ncbench.attacks.plugins import CHECK_MARK
 
-    with seccomp.program() as fd:
+    with (
+        seccomp.program() as fd,
+        neutral_sources([Mount(plugin, plugin_inside(plugin))] if sandboxed else []) as staged,
+    ):
         if sandboxed:
-            inside = plugin_inside(plugin)
             argv = bwrap_argv(
-                command(inside),
-                mounts=[*environment_mounts(), Mount(plugin, inside)],
+                command(plugin_inside(plugin)),
+                mounts=[*environment_mounts(), *staged],
                 limits=limits,
                 bwrap=_bwrap(),
                 uid=_sandbox_uid(),
@@ -510,6 +536,64 @@ def check_plugin(
                 return outcome, declared
             return dataclasses.replace(outcome, reason=DECLARATIONS_DIFFER, detail=DECLARATIONS_DIFFER), None
     return dataclasses.replace(outcome, reason=NO_REPORT), None
+
+
+@contextlib.contextmanager
+def neutral_sources(mounts: list[Mount]) -> Iterator[list[Mount]]:
+    """The same mounts, their host sources hard-linked into a fresh folder of the system's
+    temporary directory (``TMPDIR``), removed afterwards.
+
+    A bind mount's source shows in the sandbox's ``/proc/self/mountinfo`` as its path on its file
+    system, and the store's paths (``keys/verified/run-7/...``) say where the store is and what
+    it holds. The folder is named after the server's pid, so a later run removes what a killed
+    server left. A hard link is the same file under a neutral name, written through in place; where
+    the temporary directory is another file system the source is copied instead (a release as
+    large as it is: put ``TMPDIR`` on the store's file system to avoid that), and a writable file
+    is copied back when the run ends.
+    """
+    _remove_dead_staging()
+    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-"))
+    copied_back: list[tuple[Path, Path]] = []
+    try:
+        staged = []
+        for index, mount in enumerate(mounts):
+            target = staging / f"{index}-{Path(mount.inside).name}"
+            if mount.host.is_dir():
+                # symlinks stay links (resolved inside, as before): never a copy of what they point to
+                shutil.copytree(mount.host, target, symlinks=True, copy_function=_link_or_copy)
+            elif not _link_or_copy(mount.host, target) and mount.writable:
+                copied_back.append((target, mount.host))
+            staged.append(dataclasses.replace(mount, host=target))
+        yield staged
+    finally:
+        for target, host in copied_back:
+            shutil.copyfile(target, host)
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _remove_dead_staging() -> None:
+    """Remove the staging folders of servers that died mid-run (their ``finally`` never ran):
+    their hard links would keep deleted evaluation releases on disk."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{STAGING_PREFIX}*-*"):
+        owner = folder.name.removeprefix(STAGING_PREFIX).partition("-")[0]
+        if owner.isdigit() and not cgroup.process_alive(int(owner)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _link_or_copy(source: str | os.PathLike, target: str | os.PathLike) -> bool:
+    """Hard-link ``source`` at ``target``, or copy it (with its owner and mode) where they are on
+    different file systems. True when linked."""
+    try:
+        os.link(source, target)
+        return True
+    except OSError as error:
+        if error.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):  # another file system, or no link allowed
+            raise
+        shutil.copy2(source, target)
+        stat = os.stat(source)
+        if os.geteuid() == 0:
+            os.chown(target, stat.st_uid, stat.st_gid)
+        return False
 
 
 def plugin_inside(plugin: Path) -> str:
