@@ -36,6 +36,8 @@ from ncbench.challenge.encoders import (
 )
 from ncbench.challenge.files import Release
 
+CONTINUITY_SAMPLE = 256  # encodings whose reconstructed seams place the slots
+
 
 def fit_ridge(encoded: torch.Tensor, pixels: torch.Tensor, *, ridge: float, per_position: bool) -> dict:
     """Fit pixels ~ encoded patches.
@@ -62,6 +64,97 @@ def fit_ridge(encoded: torch.Tensor, pixels: torch.Tensor, *, ridge: float, per_
             covariance + scale * torch.eye(width, dtype=enc.dtype), rows.T @ pix.reshape(k * n_patches, -1)
         )  # (D, Q)
     return {"weights": weights.float(), "enc_mean": enc_mean, "pix_mean": pix_mean, "per_position": per_position}
+
+
+def predict_patches(
+    known: torch.Tensor,
+    pixels: torch.Tensor,
+    slot_positions: np.ndarray,
+    encoded: torch.Tensor,
+    *,
+    ridge: float,
+    centred: bool = False,
+) -> torch.Tensor:
+    """(M, P, Q) normalised pixel patches of ``encoded`` (M, P, D), both in slot order, from the
+    shared ridge map fitted on ``known`` (K, P, D, slot order) and ``pixels`` (K, P, Q, position
+    order) with slots placed at ``slot_positions`` (P,). ``centred``: without the per-position
+    mean pixels (so that no placement is favoured by its own offsets)."""
+    in_position_order = torch.empty_like(known)
+    in_position_order[:, torch.from_numpy(slot_positions)] = known
+    model = fit_ridge(in_position_order, pixels, ridge=ridge, per_position=False)
+    index = torch.from_numpy(slot_positions)
+    predicted = (encoded - model["enc_mean"][index]) @ model["weights"]
+    return predicted if centred else predicted + model["pix_mean"][index]
+
+
+def place_slots_by_inversion(
+    known: torch.Tensor, pixels: torch.Tensor, slot_positions: np.ndarray, *, ridge: float, rounds: int
+) -> np.ndarray:
+    """Improve a slot -> position permutation with the inverse map itself.
+
+    known: (K, P, D) known encodings in slot order; pixels: (K, P, Q) their normalised pixel
+    patches by position; slot_positions: (P,) the current position of each slot. Each round fits
+    the shared ridge map under the current placement, predicts every slot's pixels, and solves
+    the P x P assignment of slots to the positions whose known pixels they reproduce best (summed
+    over the K pairs). Both sides are centred (per slot, per position), so the placement the map
+    was fitted under adds no offset in its own favour.
+    """
+    centred_pixels = pixels - pixels.mean(0)
+    for _ in range(rounds):
+        predicted = predict_patches(known, pixels, slot_positions, known, ridge=ridge, centred=True)
+        # (P slots, P positions) summed squared error, as a similarity for the assignment
+        cross = torch.einsum("ksq,kpq->sp", predicted.double(), centred_pixels.double())
+        error = (predicted.double() ** 2).sum((0, 2))[:, None] - 2 * cross + (centred_pixels.double() ** 2).sum((0, 2))
+        placed = match(-error.numpy())
+        if np.array_equal(placed, slot_positions):
+            break
+        slot_positions = placed
+    return slot_positions
+
+
+def place_slots_by_continuity(patches: torch.Tensor, slot_positions: np.ndarray, *, rounds: int) -> np.ndarray:
+    """Improve a slot -> position permutation so that reconstructed images have no seams.
+
+    patches: (M, P, S, S) predicted pixel patches of M encodings in slot order (the grid is
+    square); slot_positions: (P,) the current position of each slot. Positions whose known pairs
+    all hold the same pixels (a black border) cannot be told apart from the known pairs; across
+    many encodings, the slot that belongs at a position continues its neighbours' edges. Each
+    round scores every slot at every position by the mean squared difference between its border
+    pixels and the facing border pixels of the position's neighbours under the current placement,
+    summed over the M encodings, and solves the P x P assignment.
+    """
+    m, n_patches, size, _ = patches.shape
+    grid = round(n_patches**0.5)
+    patches = patches.double()
+    # (side of the slot's own patch, side of the neighbour facing it, neighbour offset)
+    sides = (
+        (lambda x: x[..., :, 0], lambda x: x[..., :, -1], (0, -1)),
+        (lambda x: x[..., :, -1], lambda x: x[..., :, 0], (0, 1)),
+        (lambda x: x[..., 0, :], lambda x: x[..., -1, :], (-1, 0)),
+        (lambda x: x[..., -1, :], lambda x: x[..., 0, :], (1, 0)),
+    )
+    rows, cols = np.divmod(np.arange(n_patches), grid)
+    for _ in range(rounds):
+        by_position = torch.empty_like(patches)
+        by_position[:, torch.from_numpy(slot_positions)] = patches
+        error = torch.zeros(n_patches, n_patches, dtype=torch.float64)
+        count = np.zeros(n_patches)
+        for own_edge, facing_edge, (dr, dc) in sides:
+            r, c = rows + dr, cols + dc
+            present = (r >= 0) & (r < grid) & (c >= 0) & (c < grid)
+            neighbour = np.where(present, r * grid + c, 0)
+            own = own_edge(patches)  # (M, P slots, S)
+            facing = facing_edge(by_position[:, neighbour])  # (M, P positions, S)
+            side = (
+                (own**2).sum((0, 2))[:, None] - 2 * torch.einsum("msk,mqk->sq", own, facing) + (facing**2).sum((0, 2))
+            )
+            error += side * torch.from_numpy(present)
+            count += present
+        placed = match(-(error / torch.from_numpy(count)).numpy())
+        if np.array_equal(placed, slot_positions):
+            break
+        slot_positions = placed
+    return slot_positions
 
 
 def reconstruct(model: dict, encoded: torch.Tensor, config: EncoderConfig) -> np.ndarray:
@@ -100,6 +193,9 @@ class LinearInversion(Attack):
         )
         max_pairs: int = param(256, "at most this many pairs are used for the fit (memory bound)", min=1, max=100000)
         self_width: int = param(512, "self-keyed width used to place slots (shuffled presets)", min=16, max=8192)
+        placement_rounds: int = param(
+            3, "rounds placing slots where the inverse map reproduces the known pairs best", min=0, max=20
+        )
         chunk: int = chunk_param()
 
     def run(self, release: Release) -> Submission:
@@ -159,4 +255,16 @@ class LinearInversion(Attack):
             plain = patch_statistics(features, mean, len(pair_rows))
             slot_positions = recover_slot_positions(encoded.norms, plain.norms)
             slot_positions = refine_slot_positions(encoded.full_grams(), plain.full_grams(), slot_positions)
+        if p.placement_rounds:
+            with self.stage("place slots by inversion"):
+                pixels = images_to_patches(torch.from_numpy(release.plain_images), release.config)
+                slot_positions = place_slots_by_inversion(
+                    known.float(), pixels.float(), slot_positions, ridge=p.ridge, rounds=p.placement_rounds
+                )
+                sample = np.sort(self.rng("continuity").permutation(n)[:CONTINUITY_SAMPLE])
+                in_slot_order = to_slot_order(torch.from_numpy(release.encoded_rows(sample)), slots[sample]).float()
+                patches = predict_patches(known.float(), pixels.float(), slot_positions, in_slot_order, ridge=p.ridge)
+                size = release.config.patch_size
+                patches = patches.reshape(len(sample), release.config.n_patches, size, size)
+                slot_positions = place_slots_by_continuity(patches, slot_positions, rounds=p.placement_rounds)
         return slot_positions[slots]
