@@ -4,7 +4,7 @@
 
 Runs ``linear-inversion`` on each release (built with ``ncbench challenge build --task invert``)
 and scores it with the release's key: one Markdown row per release with the preset, N, the known
-pairs K, the patch-position accuracy, PSNR, SSIM and re-identification by nearest reconstruction
+pairs K, the ridge used, the patch-position accuracy, PSNR, SSIM and re-identification by nearest reconstruction
 (both halves together: the mean over scored rows), and the attack's time.
 """
 
@@ -35,8 +35,8 @@ def main() -> None:
     raw = dict(item.split("=", 1) for item in args.params.split(",") if item)
     cls = resolve("linear-inversion")
     print(f"machine: {machine_description()}; linear-inversion {raw or 'defaults'}")
-    print("| preset | N | known pairs | patch positions | PSNR dB | SSIM | re-identified | chance | attack s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| preset | N | known pairs | ridge | patch positions | PSNR dB | SSIM | re-identified | chance | attack s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for release_dir in args.releases:
         attack = cls(cls.parse_params(raw))
         with open_release(release_dir) as release:
@@ -45,7 +45,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             metrics = score_submission(write_submission(Path(tmp) / "inv.h5", submission), release_dir).metrics
         print(
-            f"| {preset} | {n} | {known} | {mean_over_halves(metrics, 'patch_position_accuracy'):.2%} | "
+            f"| {preset} | {n} | {known} | {submission.diagnostics['ridge']:g} | {mean_over_halves(metrics, 'patch_position_accuracy'):.2%} | "
             f"{mean_over_halves(metrics, 'psnr'):.2f} | {mean_over_halves(metrics, 'ssim'):.3f} | "
             f"{mean_over_halves(metrics, 'reid_accuracy'):.2%} | {metrics[0]['chance']:.2%} | "
             f"{submission.runtime_s:.1f} |",

@@ -16,7 +16,7 @@ from ncbench.attacks import pairing, statistics
 from ncbench.attacks.alignment import to_slot_order
 from ncbench.attacks.base import Attack
 from ncbench.attacks.carlini_2021 import CloneEncoder, permuted_scores, recover_permutation
-from ncbench.attacks.linear_inversion import place_slots_by_continuity, place_slots_by_inversion
+from ncbench.attacks.linear_inversion import choose_ridge, place_slots_by_continuity, place_slots_by_inversion
 from ncbench.attacks.plugins.registry import (
     all_attacks,
     check_plugin_name,
@@ -248,7 +248,7 @@ def test_linear_inversion_reconstructs_linear_preset_above_40_db(releases):
 
 def test_linear_inversion_reidentifies_nc7_and_places_its_patches(releases):
     path = releases["nc7", "invert"]
-    submission = _run("linear-inversion", path, ridge=0.1)
+    submission = _run("linear-inversion", path, ridge=0.1, ridge_search=False)
     with open_release(path) as release, open_key(path) as key:
         known = np.isin(release.encoded_ids, release.pair_encoded_ids)
         truth, perm = key.read("truth/images").astype(np.float32)[~known], key.read("truth/patch_perm")[~known]
@@ -258,6 +258,16 @@ def test_linear_inversion_reidentifies_nc7_and_places_its_patches(releases):
     assert (distances.argmin(1) == np.arange(len(recon))).mean() > 0.9  # chance 1/72
     # Without placing slots by inversion and seams, 83% of the patches land where they belong.
     assert (submission.patch_positions[~known] == perm).mean() > 0.93
+
+
+def test_cross_validation_picks_no_ridge_for_an_exact_map_and_some_for_a_noisy_one():
+    rng = np.random.default_rng(3)
+    pixels = torch.from_numpy(rng.normal(size=(8, 4, 16))).float()
+    encoded = pixels @ torch.from_numpy(rng.normal(size=(16, 64))).float()
+    ridges = (1e-6, 1e-3, 0.1, 1.0)
+    assert choose_ridge(encoded, pixels, ridges=ridges, folds=4) == 1e-6
+    noisy = encoded + 10 * torch.from_numpy(rng.normal(size=encoded.shape)).float()
+    assert choose_ridge(noisy, pixels, ridges=ridges, folds=4) >= 0.1
 
 
 def _smooth_patches(n_images=30, grid=6, size=4, seed=0):
