@@ -16,6 +16,7 @@ from ncbench.attacks import pairing, statistics
 from ncbench.attacks.alignment import to_slot_order
 from ncbench.attacks.base import Attack
 from ncbench.attacks.carlini_2021 import CloneEncoder, permuted_scores, recover_permutation
+from ncbench.attacks.linear_inversion import choose_ridge, place_slots_by_continuity, place_slots_by_inversion
 from ncbench.attacks.plugins.registry import (
     all_attacks,
     check_plugin_name,
@@ -43,6 +44,7 @@ def releases(tmp_path_factory):
         ("nc3", "reid", 48),
         ("nc7", "reid", 48),
         ("linear", "invert", 48),
+        ("nc7", "invert", 80),
         ("linear", "transfer", 64),
     ]:
         out = root / f"{preset}-{task}"
@@ -242,6 +244,62 @@ def test_linear_inversion_reconstructs_linear_preset_above_40_db(releases):
         truth = key.read("truth/images").astype(np.float64)
     mse = ((submission.reconstructions - truth) ** 2).mean()
     assert 10 * np.log10(255**2 / mse) > 40
+
+
+def test_linear_inversion_reidentifies_nc7_and_places_its_patches(releases):
+    path = releases["nc7", "invert"]
+    submission = _run("linear-inversion", path, ridge=0.1, ridge_search=False)
+    with open_release(path) as release, open_key(path) as key:
+        known = np.isin(release.encoded_ids, release.pair_encoded_ids)
+        truth, perm = key.read("truth/images").astype(np.float32)[~known], key.read("truth/patch_perm")[~known]
+    recon = submission.reconstructions[~known].reshape(int((~known).sum()), -1)
+    flat = truth.reshape(len(truth), -1)
+    distances = (recon**2).sum(1)[:, None] - 2 * recon @ flat.T + (flat**2).sum(1)
+    assert (distances.argmin(1) == np.arange(len(recon))).mean() > 0.9  # chance 1/72
+    # Without placing slots by inversion and seams, 83% of the patches land where they belong.
+    assert (submission.patch_positions[~known] == perm).mean() > 0.93
+
+
+def test_cross_validation_picks_no_ridge_for_an_exact_map_and_some_for_a_noisy_one():
+    rng = np.random.default_rng(3)
+    pixels = torch.from_numpy(rng.normal(size=(8, 4, 16))).float()
+    encoded = pixels @ torch.from_numpy(rng.normal(size=(16, 64))).float()
+    ridges = (1e-6, 1e-3, 0.1, 1.0)
+    assert choose_ridge(encoded, pixels, ridges=ridges, folds=4) == 1e-6
+    noisy = encoded + 10 * torch.from_numpy(rng.normal(size=encoded.shape)).float()
+    assert choose_ridge(noisy, pixels, ridges=ridges, folds=4) >= 0.1
+
+
+def _smooth_patches(n_images=30, grid=6, size=4, seed=0):
+    """(M, P, S, S) patches of smooth random images, by position."""
+    rng = np.random.default_rng(seed)
+    coarse = torch.from_numpy(rng.normal(size=(n_images, 1, 4, 4)))
+    images = torch.nn.functional.interpolate(coarse, size=grid * size, mode="bicubic", align_corners=True)[:, 0]
+    return (
+        images.reshape(n_images, grid, size, grid, size)
+        .permute(0, 1, 3, 2, 4)
+        .reshape(n_images, grid * grid, size, size)
+    )
+
+
+def test_seams_of_smooth_images_put_swapped_slots_back():
+    by_position = _smooth_patches()
+    truth = np.random.default_rng(1).permutation(36)  # position of each slot
+    in_slot_order = by_position[:, truth]
+    start = truth.copy()
+    start[[3, 17]], start[[5, 30]] = start[[17, 3]], start[[30, 5]]
+    assert np.array_equal(place_slots_by_continuity(in_slot_order, start, rounds=3), truth)
+
+
+def test_inverse_map_puts_swapped_slots_back_on_known_pairs():
+    pixels = _smooth_patches(n_images=20).reshape(20, 36, 16).float()
+    rng = np.random.default_rng(2)
+    truth = rng.permutation(36)
+    mixing = torch.from_numpy(rng.normal(size=(16, 64))).float()
+    known = (pixels[:, truth] @ mixing) + torch.from_numpy(rng.normal(size=(36, 64))).float()  # slot order
+    start = truth.copy()
+    start[[0, 9]] = start[[9, 0]]
+    assert np.array_equal(place_slots_by_inversion(known, pixels, start, ridge=1e-6, rounds=3), truth)
 
 
 def test_distribution_alignment_predicts_linear_targets(releases):
