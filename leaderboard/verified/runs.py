@@ -345,6 +345,16 @@ def stage_plugin(upload: Path, *, plugin_file: str, entry: str, work: Path) -> P
     return plugin / plugin_file
 
 
+def _stage_run_plugin(root: Path, run: dict, work: Path) -> Path:
+    """:func:`stage_plugin` for a queued run: its stored upload, file name and class."""
+    return stage_plugin(
+        workqueue.StoreLayout(root).upload(run["plugin_sha256"]),
+        plugin_file=run["plugin_file"],
+        entry=run["class_name"],
+        work=work,
+    )
+
+
 def open_challenge(store: Store, challenge_id: str) -> dict:
     """The published, open challenge's task, preset, N, eval source and plugin daily limit."""
     columns = (
@@ -537,12 +547,7 @@ def run_check(db_url: str, store_root: str, run_id: int) -> str:
         try:
             work.mkdir(parents=True, mode=0o700)
             work.chmod(0o700)
-            plugin = stage_plugin(
-                workqueue.StoreLayout(root).upload(run["plugin_sha256"]),
-                plugin_file=run["plugin_file"],
-                entry=run["class_name"],
-                work=work,
-            )
+            plugin = _stage_run_plugin(root, run, work)
             outcome, report = sandbox.check_plugin(
                 plugin=plugin,
                 class_name=run["class_name"],
@@ -702,14 +707,7 @@ def _evaluate(store: Store, root: Path, run: dict, recipe: Recipe, index: int) -
         work.mkdir(parents=True, mode=0o700)
         release_file = release_dir / "public" / "release.h5"
         release_file.chmod(0o644)  # read by the sandbox's own unprivileged uid; the folders above stay private
-        plugin = None
-        if run["plugin_sha256"]:
-            plugin = stage_plugin(
-                workqueue.StoreLayout(root).upload(run["plugin_sha256"]),
-                plugin_file=run["plugin_file"],
-                entry=run["class_name"],
-                work=work,
-            )
+        plugin = _stage_run_plugin(root, run, work) if run["plugin_sha256"] else None
         outcome, submission = sandbox.run_attack(
             attack=run["class_name"] or run["attack"],
             params=json.loads(run["params"]),
