@@ -185,6 +185,8 @@ published = sa.Table(
     # pool for evaluation releases (NULL: the server's --eval-source) and plugin runs per team and day.
     sa.Column("eval_source", sa.String(512)),
     sa.Column("plugin_daily_limit", sa.Integer),
+    # Since migration 9: a blind challenge hides its public-half scores too until it closes.
+    sa.Column("blind", sa.Boolean, nullable=False, server_default=sa.false()),
 )
 team_tokens = sa.Table(
     "team_tokens",
@@ -347,6 +349,11 @@ MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
         _add_columns((verified_releases, "detail", "TEXT")),
     ),
     (8, "team tokens hashed with HMAC-SHA256: argon2id tokens revoked, re-issue them", _revoke_argon2_tokens),
+    (
+        9,
+        "published.blind (public-half scores hidden until the close)",
+        _add_columns((published, "blind", "BOOLEAN NOT NULL DEFAULT FALSE")),
+    ),
 ]
 LATEST_VERSION = MIGRATIONS[-1][0]
 
@@ -713,25 +720,31 @@ class Store:
     def challenges(self) -> pd.DataFrame:
         """One row per challenge: id, task, preset, n_encoded, encoder_config (JSON), created_utc,
         closed_utc (None while open), test_release (its key is public), n_sites (hospitals, each
-        with its own key) and the number of scored submissions."""
+        with its own key), blind (published with every score hidden until the close) and the number
+        of scored submissions."""
         count = (
             sa.select(sa.func.count())
             .select_from(submissions)
             .where(submissions.c.challenge_id == challenges.c.challenge_id, submissions.c.status == STATUS_SCORED)
             .scalar_subquery()
         )
-        query = sa.select(
-            challenges.c.challenge_id,
-            challenges.c.task,
-            challenges.c.preset,
-            challenges.c.n_encoded,
-            challenges.c.encoder_config,
-            challenges.c.created_utc,
-            challenges.c.closed_utc,
-            challenges.c.test_release,
-            challenges.c.n_sites,
-            count.label("submissions"),
-        ).order_by(challenges.c.challenge_id)
+        query = (
+            sa.select(
+                challenges.c.challenge_id,
+                challenges.c.task,
+                challenges.c.preset,
+                challenges.c.n_encoded,
+                challenges.c.encoder_config,
+                challenges.c.created_utc,
+                challenges.c.closed_utc,
+                challenges.c.test_release,
+                challenges.c.n_sites,
+                _blind().label("blind"),
+                count.label("submissions"),
+            )
+            .outerjoin(published, published.c.challenge_id == challenges.c.challenge_id)
+            .order_by(challenges.c.challenge_id)
+        )
         with self._read() as conn:
             frame = pd.DataFrame(
                 conn.execute(query).mappings().all(),
@@ -745,10 +758,12 @@ class Store:
                     "closed_utc",
                     "test_release",
                     "n_sites",
+                    "blind",
                     "submissions",
                 ],
             )
         frame["test_release"] = frame["test_release"].astype(bool)
+        frame["blind"] = frame["blind"].astype(bool)
         return frame
 
     def results(self, *, include_private: bool = False, challenge_id: str | None = None) -> pd.DataFrame:
@@ -756,7 +771,8 @@ class Store:
 
         Columns: submission_id, challenge_id, task, preset, test_release, n_sites, team, attack,
         attack_version, origin, runtime_s, created_utc, split ('public' / 'private'), then the
-        metrics. The private half appears only for closed challenges, and public-half scores of
+        metrics. The private half appears only for closed challenges, a blind challenge's public
+        half only once it is closed too, and public-half scores of
         self-reported rows are the Ladder's (:func:`shown_public_scores`), unless
         ``include_private``: the organizer's view, every value exact.
         """
@@ -793,7 +809,8 @@ class Store:
 
     def submission(self, submission_id: int, *, include_private: bool = False) -> dict | None:
         """A scored submission's details: attributes, params, notes, origin and metrics per
-        visible split (public half as :meth:`results` shows it; exact with ``include_private``)."""
+        visible split (public half as :meth:`results` shows it; exact with ``include_private``).
+        ``scores_hidden``: a blind challenge still open, whose metrics show no half at all."""
         query = (
             sa.select(
                 submissions,
@@ -804,9 +821,11 @@ class Store:
                 challenges.c.n_encoded,
                 challenges.c.test_release,
                 challenges.c.n_sites,
+                _blind().label("blind"),
             )
             .join(teams, teams.c.id == submissions.c.team_id)
             .join(challenges, challenges.c.challenge_id == submissions.c.challenge_id)
+            .outerjoin(published, published.c.challenge_id == submissions.c.challenge_id)
             .where(submissions.c.id == int(submission_id), submissions.c.status == STATUS_SCORED)
         )
         with self._read() as conn:
@@ -818,9 +837,12 @@ class Store:
                 submissions.c.team_id == row["team_id"], submissions.c.id <= int(submission_id)
             )
             long = pd.DataFrame(conn.execute(metrics_query).mappings().all())
-        visible = [0, 1] if include_private or row["closed_utc"] is not None else [0]
+        closed = row["closed_utc"] is not None
+        visible = [0, 1] if include_private or closed else [] if row["blind"] else [0]
         details = dict(row)
         details["test_release"] = bool(details["test_release"])
+        details["blind"] = bool(details["blind"])
+        details["scores_hidden"] = not (include_private or closed) and details["blind"]
         for name in ("params", "knowledge", "notes"):
             details[name] = json.loads(details[name])
         details["metrics"] = {SPLIT_NAMES[s]: {} for s in visible}
@@ -831,6 +853,25 @@ class Store:
             for split, metric, value in own[["split", "metric", "value"]].itertuples(index=False):
                 details["metrics"][SPLIT_NAMES[int(split)]][metric] = float(value)
         return details
+
+    def entries(self, challenge_id: str) -> pd.DataFrame:
+        """A challenge's scored submissions without their scores: submission_id, team, attack,
+        origin, created_utc. What the board lists for a blind challenge before its close."""
+        columns = ["submission_id", "team", "attack", "origin", "created_utc"]
+        query = (
+            sa.select(
+                submissions.c.id.label("submission_id"),
+                teams.c.name.label("team"),
+                submissions.c.attack,
+                submissions.c.origin,
+                submissions.c.created_utc,
+            )
+            .join(teams, teams.c.id == submissions.c.team_id)
+            .where(submissions.c.challenge_id == challenge_id, submissions.c.status == STATUS_SCORED)
+            .order_by(submissions.c.id)
+        )
+        with self._read() as conn:
+            return pd.DataFrame(conn.execute(query).mappings().all(), columns=columns)
 
     def utility(self) -> pd.DataFrame:
         """Every utility result: preset, label, auc, model_kind, settings (dict), created_utc."""
@@ -875,11 +916,26 @@ class Store:
             .where(submissions.c.status == STATUS_SCORED)
         )
         if not include_private:
-            # The private half stays hidden until the organizer closes the challenge.
-            query = query.where(sa.or_(scores.c.split == 0, challenges.c.closed_utc.is_not(None)))
+            # The private half stays hidden until the organizer closes the challenge; a blind
+            # challenge's public half too.
+            closed = challenges.c.closed_utc.is_not(None)
+            query = query.outerjoin(published, published.c.challenge_id == submissions.c.challenge_id).where(
+                sa.or_(closed, sa.and_(scores.c.split == 0, sa.not_(scores_hidden())))
+            )
         if challenge_id is not None:
             query = query.where(submissions.c.challenge_id == challenge_id)
         return query
+
+
+def _blind() -> sa.ColumnElement[bool]:
+    """Published blind (a challenge recorded without being published is not)."""
+    return sa.func.coalesce(published.c.blind, sa.false())
+
+
+def scores_hidden() -> sa.ColumnElement[bool]:
+    """A blind challenge not yet closed: none of its scores is shown. The query joins
+    ``challenges`` and outer-joins ``published``."""
+    return sa.and_(challenges.c.closed_utc.is_(None), _blind())
 
 
 def record_utility(db: Store | str | os.PathLike, rows: Iterable[Mapping]) -> int:

@@ -34,6 +34,7 @@ INFO_COLUMNS = [
     "runtime_s",
 ]
 TEST_RELEASE = "test release (key public)"  # the `release` cell of a challenge built with a public seed
+BLIND = "blind: scores hidden until the close"  # the `state` cell of a blind challenge still open
 SELF_REPORTED_COLUMNS = [
     "challenge_id",
     "task",
@@ -683,8 +684,9 @@ def readable_times(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def challenge_listing(challenges: pd.DataFrame) -> pd.DataFrame:
-    """The challenges as the board lists them: state ('open', or 'closed' and when), release
-    ('secret key', or :data:`TEST_RELEASE`), hospitals, times in UTC minutes.
+    """The challenges as the board lists them: state ('open', 'open' and :data:`BLIND`, or
+    'closed' and when), release ('secret key', or :data:`TEST_RELEASE`), hospitals, times in
+    UTC minutes.
 
     challenges: :meth:`Store.challenges`."""
     columns = ["challenge_id", "task", "preset", "n_encoded", "sites", "release", "state", "submissions", "created"]
@@ -692,6 +694,7 @@ def challenge_listing(challenges: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame(columns=columns)
     sites = challenges["n_sites"] if "n_sites" in challenges else pd.Series(1, index=challenges.index)
     closed = challenges["closed_utc"]
+    blinds = challenges["blind"] if "blind" in challenges else pd.Series(False, index=challenges.index)
     return pd.DataFrame(
         {
             "challenge_id": challenges["challenge_id"],
@@ -700,7 +703,10 @@ def challenge_listing(challenges: pd.DataFrame) -> pd.DataFrame:
             "n_encoded": challenges["n_encoded"],
             "sites": sites.fillna(1).astype(int),
             "release": [TEST_RELEASE if test else "secret key" for test in challenges["test_release"]],
-            "state": ["open" if pd.isna(c) or not c else f"closed {utc_minutes(c)}" for c in closed],
+            "state": [
+                (f"open, {BLIND}" if blind else "open") if pd.isna(c) or not c else f"closed {utc_minutes(c)}"
+                for c, blind in zip(closed, blinds, strict=True)
+            ],
             "submissions": challenges["submissions"],
             "created": challenges["created_utc"].map(utc_minutes),
         }

@@ -23,7 +23,7 @@ import ncbench.leaderboard.board as board_package
 from ncbench.leaderboard import tables
 from ncbench.leaderboard.metrics import privacy_band
 from ncbench.leaderboard.scoring import ChallengeInfo, ScoreResult
-from ncbench.leaderboard.store import BUILTIN_TEAM, DB_ENV, ORIGIN_ORGANIZER, Store, record_utility
+from ncbench.leaderboard.store import BUILTIN_TEAM, DB_ENV, ORIGIN_ORGANIZER, Store, published, record_utility
 from ncbench.leaderboard.tables import CHANCE_ROW, TEST_RELEASE
 
 APP = str(Path(leaderboard.__file__).parent / "board" / "app.py")
@@ -244,6 +244,28 @@ def test_challenges_show_open_and_the_release_kind(populated_db):
     listing = go(app(), "Challenges").dataframe[0].value
     assert set(listing["state"]) == {"open"} and set(listing["release"]) == {"secret key"}
     assert listing["created"].str.endswith(" UTC").all()
+
+
+def test_a_blind_challenge_lists_its_submissions_without_scores_until_the_close(populated_db):
+    with Store(populated_db) as store, store.engine.begin() as conn:
+        conn.execute(
+            published.insert().values(
+                challenge_id="nc3-reid-a", files="[]", daily_limit=5, published_utc="x", blind=True
+            )
+        )
+    at = go(app(), "Challenges")
+    listing = at.dataframe[0].value.set_index("challenge_id")
+    assert listing.loc["nc3-reid-a", "state"] == f"open, {tables.BLIND}"
+    at.selectbox[0].set_value("nc3-reid-a").run()
+    assert tables.BLIND in at.info[0].value
+    entries = at.dataframe[1].value
+    assert sorted(entries["team"]) == sorted([BUILTIN_TEAM, "bob"]) and set(entries["state"]) == {"scored"}
+    assert "reid_accuracy" not in entries and "reidentification" not in entries
+    with Store(populated_db) as store:
+        store.close_challenge("nc3-reid-a")
+    at = go(app(), "Challenges")
+    at.selectbox[0].set_value("nc3-reid-a").run()
+    assert set(at.dataframe[1].value["split"]) == {"public", "private"}
 
 
 EVIL_ATTACK = '<script>alert(1)</script>=HYPERLINK("http://x","win")'

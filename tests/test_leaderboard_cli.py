@@ -231,6 +231,24 @@ def test_export_formats_hide_the_private_half_until_close(challenge, perfect, tm
     assert {line.split(",")[5] for line in lines[1:]} == {"public", "private"}
 
 
+def test_blind_challenge_is_left_out_of_exports_until_close_and_republish_sets_blind(challenge, perfect, tmp_path):
+    db, store = tmp_path / "board.db", tmp_path / "store"
+    published = run("challenge", "publish", challenge, "--store", store, "--db", db, "--blind")
+    assert published.exit_code == 0 and "blind" in published.stdout, published.output
+    score(perfect, challenge, db)
+    assert json.loads(run("leaderboard", "export", "--db", db, "--format", "json").stdout) == []
+    with open_release(challenge) as release:
+        challenge_id = release.challenge_id
+    # --republish replaces blind with what is given now, as it does the daily limit and deadline.
+    assert run("challenge", "publish", challenge, "--store", store, "--db", db, "--republish").exit_code == 0
+    assert len(json.loads(run("leaderboard", "export", "--db", db, "--format", "json").stdout)) == 1
+    assert run("challenge", "publish", challenge, "--store", store, "--db", db, "--republish", "--blind").exit_code == 0
+    assert json.loads(run("leaderboard", "export", "--db", db, "--format", "json").stdout) == []
+    assert run("leaderboard", "close", challenge_id, "--db", db, "--yes").exit_code == 0
+    rows = json.loads(run("leaderboard", "export", "--db", db, "--format", "json").stdout)
+    assert {(r["split"], r["reidentification"]) for r in rows} == {("public", 1.0), ("private", 1.0)}
+
+
 def test_leaderboard_commands_refuse_a_missing_database(tmp_path):
     db = tmp_path / "absent.db"
     assert_one_line_error(run("leaderboard", "export", "--db", db), "no leaderboard database")

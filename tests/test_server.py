@@ -13,9 +13,12 @@ from pathlib import Path
 import httpx
 import pytest
 import sqlalchemy as sa
+from test_store import publish_blind
+from test_store import result as store_result
 
 from ncbench.leaderboard import workqueue
 from ncbench.leaderboard.server import channel
+from ncbench.leaderboard.server.api import _job_view
 from ncbench.leaderboard.store import Store, jobs, submissions
 
 NCBENCH = str(Path(sys.executable).with_name("ncbench"))
@@ -117,6 +120,19 @@ def chance_submissions(world, count: int, folder: Path) -> list[Path]:
 
 def db(world) -> Store:
     return Store(world["store"] / "leaderboard.db", create=False)
+
+
+def test_a_blind_challenge_tells_the_submitter_scored_but_no_score_until_the_close(tmp_path):
+    with Store(tmp_path / "board.db") as store:
+        recorded = store.record_score(store_result("a"), team="alice")
+        job = channel.Job(1, "nc7-reid-00000001", "alice", "a" * 64, "scored", None, recorded.submission_id, "x")
+        assert _job_view(store, job)["public"]["reid_accuracy"] == 0.5
+        publish_blind(store)
+        hidden = _job_view(store, job)
+        assert hidden["state"] == "scored" and hidden["scores_hidden"] and hidden["public"] is None
+        store.close_challenge("nc7-reid-00000001")
+        shown = _job_view(store, job)
+        assert not shown["scores_hidden"] and shown["public"]["reid_accuracy"] == 0.5
 
 
 def test_fetch_attack_submit_and_score_end_to_end(world, tmp_path):

@@ -119,6 +119,39 @@ def test_private_half_hidden_until_the_challenge_is_closed(db):
     assert db.submission(recorded.submission_id)["metrics"]["private"]["reid_accuracy"] == 0.25
 
 
+def publish_blind(db, challenge_id="nc7-reid-00000001"):
+    """A published row as ``ncbench challenge publish --blind`` writes it (no release files needed here)."""
+    with db.engine.begin() as conn:
+        conn.execute(
+            store_module.published.insert().values(
+                challenge_id=challenge_id, files="[]", daily_limit=5, published_utc="x", blind=True
+            )
+        )
+
+
+def test_blind_challenge_hides_its_public_half_until_the_close(db):
+    recorded = db.record_score(result("a"), team="alice")
+    publish_blind(db)
+    assert db.challenges()["blind"].tolist() == [True]
+    assert db.results().empty
+    hidden = db.submission(recorded.submission_id)
+    assert hidden["scores_hidden"] and hidden["metrics"] == {}
+    assert db.entries("nc7-reid-00000001")[["team", "attack"]].values.tolist() == [["alice", "alices-attack"]]
+    assert set(db.results(include_private=True)["split"]) == {"public", "private"}
+    db.close_challenge("nc7-reid-00000001")
+    shown = db.results()
+    assert shown.set_index("split")["reid_accuracy"].to_dict() == {"public": 0.5, "private": 0.25}
+    assert not db.submission(recorded.submission_id)["scores_hidden"]
+
+
+def test_a_challenge_that_is_not_blind_shows_its_public_half_beside_a_blind_one(db):
+    db.record_score(result("a"), team="alice")
+    db.record_score(result("b", info=challenge("nc7-reid-00000002")), team="alice")
+    publish_blind(db, "nc7-reid-00000002")
+    assert db.results()["challenge_id"].tolist() == ["nc7-reid-00000001"]
+    assert db.challenges()["blind"].tolist() == [False, True]
+
+
 def test_closing_an_unknown_challenge_fails(db):
     with pytest.raises(NcbenchError, match="no challenge"):
         db.close_challenge("nope")
@@ -294,6 +327,30 @@ def test_version_2_database_gains_origin_test_release_and_sites(tmp_path):
         )
         assert again.duplicate and again.submission_id == 1
         assert opened.results()["origin"].tolist() == ["organizer"]
+
+
+def test_version_8_database_gains_published_blind_off(tmp_path):
+    """A challenge published before migration 9 stays as it was: not blind, its public half shown."""
+    path = tmp_path / "v8.db"
+    old = sa.MetaData()
+    for table in store_module.metadata.sorted_tables:
+        sa.Table(table.name, old, *[c._copy() for c in table.columns if (table.name, c.name) != ("published", "blind")])
+    engine = sa.create_engine(f"sqlite:///{path}")
+    with engine.begin() as conn:
+        old.create_all(conn)
+        for version in range(1, 9):
+            conn.execute(store_module.schema_version.insert().values(version=version, description="", applied_utc="x"))
+        conn.execute(
+            old.tables["published"]
+            .insert()
+            .values(challenge_id="nc7-reid-00000001", files="[]", daily_limit=5, published_utc="x")
+        )
+    engine.dispose()
+    with Store(path) as opened:
+        assert opened.schema_version() == store_module.LATEST_VERSION
+        opened.record_score(result("a"), team="alice")
+        assert opened.challenges()["blind"].tolist() == [False]
+        assert opened.results()["split"].tolist() == ["public"]
 
 
 @pytest.mark.parametrize(

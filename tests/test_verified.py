@@ -33,6 +33,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from streamlit.testing.v1 import AppTest
 from test_server import Server, ncbench
+from test_store import publish_blind
+from test_store import result as store_result
 
 from ncbench.attacks.gram_hungarian import GramHungarian
 from ncbench.attacks.plugins import archive as plugin_archive
@@ -40,7 +42,7 @@ from ncbench.cli import main
 from ncbench.errors import NcbenchError
 from ncbench.leaderboard import tables
 from ncbench.leaderboard.scoring import score_submission
-from ncbench.leaderboard.store import BUILTIN_TEAM, DB_ENV, Store, verified_runs
+from ncbench.leaderboard.store import BUILTIN_TEAM, DB_ENV, Store, verified_releases, verified_runs
 from ncbench.leaderboard.verified import cgroup, sandbox, seccomp
 from ncbench.leaderboard.verified import runs as verified
 from ncbench.leaderboard.verified.declarations import literal_declarations, read_declarations
@@ -958,6 +960,55 @@ def test_verified_matrix_shows_mean_and_spread_over_keys_and_marks_unsandboxed_a
     bigger = summary.assign(n=[16, 64])  # runs on releases of different sizes stay apart
     assert list(tables.verified_matrix(bigger, task="reid").columns) == ["nc3, N=16", "nc3, N=64"]
     assert tables.verified_compute(pd.DataFrame(rows))["cpu_s"].tolist() == [1.0] * 5
+
+
+def test_a_blind_challenges_verified_scores_are_hidden_until_the_close(tmp_path):
+    with Store(tmp_path / "board.db") as store:
+        store.record_score(store_result("a"), team="alice")  # creates the challenge and the team
+        publish_blind(store)
+        stamp = "2026-12-01T00:00:00+00:00"
+        with store.engine.begin() as conn:
+            run_id = conn.execute(
+                verified_runs.insert().values(
+                    challenge_id="nc7-reid-00000001",
+                    team_id=1,
+                    origin="self-reported",
+                    attack="alices-plugin",
+                    attack_version="1.0",
+                    params="{}",
+                    releases=1,
+                    eval_source="phantom",
+                    limits="{}",
+                    sandboxed=True,
+                    state="scored",
+                    attempts=1,
+                    created_utc=stamp,
+                    updated_utc=stamp,
+                )
+            ).inserted_primary_key[0]
+            conn.execute(
+                verified_releases.insert().values(
+                    run_id=run_id,
+                    idx=0,
+                    eval_challenge_id="e",
+                    seed_sha256="s" * 64,
+                    key_commitment="k" * 64,
+                    release_sha256="r" * 64,
+                    recipe="{}",
+                    seed="0" * 64,
+                    committed_utc=stamp,
+                    state="scored",
+                    headline=0.75,
+                    metrics="{}",
+                )
+            )
+        hidden = verified.run_view(store, run_id, team="alice")
+        assert hidden["scores_hidden"] and hidden["mean"] is None and hidden["evaluations"][0]["headline"] is None
+        assert "hidden until the close" in verified.summary_line(hidden)
+        assert verified.results(store)["reidentification"].isna().all()
+        store.close_challenge("nc7-reid-00000001")
+        assert verified.run_view(store, run_id)["mean"] == 0.75
+        assert verified.results(store)["reidentification"].tolist() == [0.75]
 
 
 def test_without_bubblewrap_the_verified_track_refuses_in_one_line(tmp_path):

@@ -249,13 +249,20 @@ def page_challenges(store: Store) -> None:
         return
     labels = {
         row.challenge_id: f"{row.challenge_id} ({row.task}, {row.preset}, n={row.n_encoded}, "
-        f"{'closed' if row.closed_utc else 'open'}, {row.submissions} submissions"
+        f"{'closed' if row.closed_utc else 'open, blind' if row.blind else 'open'}, {row.submissions} submissions"
         f"{', ' + tables.TEST_RELEASE if row.test_release else ''})"
         for row in challenges.itertuples()
     }
     st.dataframe(tables.challenge_listing(challenges), hide_index=True)
     st.caption("release: *secret key* for a real challenge, or a test release whose key is public. Times are UTC.")
     choice = st.selectbox("Challenge", list(labels), format_func=labels.get)
+    chosen = challenges.set_index("challenge_id").loc[choice]
+    if chosen["blind"] and pd.isna(chosen["closed_utc"]):
+        st.info(f"A {tables.BLIND}. Its scored submissions so far:")
+        entries = store.entries(choice).assign(state="scored")
+        entries["attack"] = [tables.shown_attack(*row) for row in entries[["team", "attack", "origin"]].values]
+        st.dataframe(tables.readable_times(entries), hide_index=True)
+        return
     board = tables.board(store.results(challenge_id=choice))
     if board.empty:
         st.info("No scored submissions for this challenge yet.")

@@ -383,9 +383,13 @@ def _job_view(store: Store, job: channel.Job) -> dict:
         "message": job.message,
         "created_utc": job.created_utc,
         "public": None,
+        "scores_hidden": False,
     }
     if job.state == "scored" and job.submission_id is not None:
         details = store.submission(job.submission_id) or {}
+        if details.get("scores_hidden"):
+            view["scores_hidden"] = True  # a blind challenge, still open: scored, score unseen
+            return view
         public = details.get("metrics", {}).get("public") or {}
         # JSON has no infinity (k-anonymity at zero accuracy): such values travel as strings.
         view["public"] = {k: v if math.isfinite(v) else str(v) for k, v in public.items()}

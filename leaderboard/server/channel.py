@@ -111,6 +111,7 @@ def publish(
     deadline: dt.datetime | None = None,
     recompute: bool = True,
     republish: bool = False,
+    blind: bool = False,
 ) -> str:
     """Register a built challenge: copy its public files to be served and its key to the store.
 
@@ -118,7 +119,8 @@ def publish(
     with ``recompute`` every encoding recomputed; without it, checksums only, for a release the
     caller has just built). Returns the challenge id. Publishing a challenge that is already
     published is refused unless ``republish``: then its files are copied again and its daily
-    limit and deadline replaced (never silently reset to the defaults).
+    limit, deadline and ``blind`` replaced (never silently reset to the defaults). A ``blind``
+    challenge hides its public-half scores too, from every reader, until it is closed.
     """
     from ncbench.challenge.files import ReleaseLayout, open_key, open_release
     from ncbench.challenge.verify import verify
@@ -137,7 +139,7 @@ def publish(
     if not republish and public_files(store, info.challenge_id) is not None:
         raise NcbenchError(
             f"challenge {info.challenge_id} is already published; give --republish to replace its "
-            "files, daily limit and deadline with the values given now"
+            "files, daily limit, deadline and blindness with the values given now"
         )
     public_dir, key_path = layout.public_dir(info.challenge_id), layout.key_file(info.challenge_id)
     files = []
@@ -157,6 +159,7 @@ def publish(
             "files": json.dumps(files),
             "daily_limit": daily_limit,
             "deadline_utc": _stamp(deadline) if deadline else None,
+            "blind": blind,
         }
         updated = conn.execute(
             published.update().where(published.c.challenge_id == info.challenge_id).values(**values)
@@ -251,13 +254,14 @@ def open_challenges(store: Store) -> list[dict]:
                 challenges.c.n_encoded,
                 published.c.daily_limit,
                 published.c.deadline_utc,
+                published.c.blind,
                 published.c.files,
             )
             .join(published, published.c.challenge_id == challenges.c.challenge_id)
             .where(challenges.c.closed_utc.is_(None))
             .order_by(challenges.c.challenge_id)
         ).all()
-    return [{**dict(row._mapping), "files": json.loads(row.files)} for row in rows]
+    return [{**dict(row._mapping), "blind": bool(row.blind), "files": json.loads(row.files)} for row in rows]
 
 
 def public_files(store: Store, challenge_id: str) -> list[dict] | None:

@@ -32,6 +32,7 @@ CHUNK = 1 << 20
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 COUNTED_STATES = ("queued", "running", "scored")  # the states the server counts towards a daily limit
 LADDER_LABEL = "public half, as the Ladder shows it"
+HIDDEN = "hidden until the close (a blind challenge)"
 
 server_option = click.option(
     "--server",
@@ -120,6 +121,15 @@ def short(value) -> str:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return str(value)
     return str(value) if isinstance(value, int) or math.isinf(value) else f"{value:.3g}"
+
+
+def score_or_reason(job: dict) -> str:
+    """A submission's public-half score, :data:`HIDDEN` on a blind challenge, or why it has none."""
+    if job.get("scores_hidden"):
+        return HIDDEN
+    if job["public"]:
+        return f"{LADDER_LABEL}: {scores_text(job['public'])}"
+    return job["message"] or ""
 
 
 def scores_text(public: dict | None) -> str:
@@ -364,7 +374,7 @@ def submit_file(
     if not wait:
         return job
     job = wait_until_final(client, f"/api/v1/submissions/{job['id']}", f"submission {job['id']}", timeout, 0.5)
-    echo(f"submission {job['id']} scored: {LADDER_LABEL}: {scores_text(job['public'])}")
+    echo(f"submission {job['id']} {job['state']}: {score_or_reason(job)}")
     return job
 
 
@@ -469,11 +479,11 @@ def submissions(server: str | None, token_file: Path | None, as_json: bool) -> N
                     row["challenge_id"],
                     row["state"],
                     _minutes(row["created_utc"]),
-                    scores_text(row["public"]) or row["message"] or "",
+                    score_or_reason(row),
                 ]
                 for row in rows
             ],
-            ["ID", "CHALLENGE", "STATE", "SUBMITTED", f"SCORE ({LADDER_LABEL}) OR REASON"],
+            ["ID", "CHALLENGE", "STATE", "SUBMITTED", "SCORE OR REASON"],
         )
     if runs:
         click.echo("" if not rows else "\nverified plugin runs")
@@ -485,7 +495,9 @@ def submissions(server: str | None, token_file: Path | None, as_json: bool) -> N
                     run["state"],
                     _minutes(run["created_utc"]),
                     f"{run['attack']} {run['attack_version']}" if run["attack"] else "(not checked)",
-                    f"mean {short(run['mean'])} over {run['releases']} hidden releases"
+                    HIDDEN
+                    if run.get("scores_hidden")
+                    else f"mean {short(run['mean'])} over {run['releases']} hidden releases"
                     if run["mean"] is not None
                     else run["message"] or "",
                 ]
@@ -518,7 +530,9 @@ def status(
         echo_json(job)
         return
     click.echo(f"submission {job['id']} on {job['challenge_id']}: {job['state']}")
-    if job["public"]:
+    if job.get("scores_hidden"):
+        click.echo(f"score: {HIDDEN}")
+    elif job["public"]:
         click.echo(f"score ({LADDER_LABEL}): {scores_text(job['public'])}")
     elif job["message"]:
         click.echo(f"reason: {job['message']}")

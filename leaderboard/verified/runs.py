@@ -53,6 +53,7 @@ from ncbench.leaderboard.store import (
     check_origin,
     check_team_name,
     published,
+    scores_hidden,
     teams,
     utc_now,
     verified_releases,
@@ -881,7 +882,7 @@ def results(store: Store) -> pd.DataFrame:
     challenge_id, task, preset, n, encoder_config, precision (the encoder's arithmetic: fp32
     unless the organizer chose bf16), run_id, team, attack (as shown), origin, sandboxed, state (of
     the run), message (a fixed vocabulary), idx, release_state, reidentification (the headline
-    over the whole release), wall_s, cpu_s, peak_rss_bytes (each rounded up to a power of two,
+    over the whole release; NaN on a blind challenge until its close), wall_s, cpu_s, peak_rss_bytes (each rounded up to a power of two,
     :func:`coarse`), created_utc."""
     query = (
         sa.select(
@@ -901,13 +902,14 @@ def results(store: Store) -> pd.DataFrame:
             verified_runs.c.created_utc,
             verified_releases.c.idx,
             verified_releases.c.state.label("release_state"),
-            verified_releases.c.headline.label("reidentification"),
+            sa.case((scores_hidden(), sa.null()), else_=verified_releases.c.headline).label("reidentification"),
             verified_releases.c.wall_s,
             verified_releases.c.cpu_s,
             verified_releases.c.peak_rss_bytes,
         )
         .join(teams, teams.c.id == verified_runs.c.team_id)
         .join(challenges, challenges.c.challenge_id == verified_runs.c.challenge_id)
+        .outerjoin(published, published.c.challenge_id == verified_runs.c.challenge_id)
         .outerjoin(verified_releases, verified_releases.c.run_id == verified_runs.c.id)
         .where(is_admitted())
         .order_by(verified_runs.c.id, verified_releases.c.idx)
@@ -951,15 +953,17 @@ def results(store: Store) -> pd.DataFrame:
 
 def run_view(store: Store, run_id: int, *, team: str | None = None) -> dict | None:
     """One run: state, reason, and per evaluation release its commitment, cost and headline
-    score. With ``team``, as that team sees it (None for another team's run): each failure's
+    score (none, and ``scores_hidden``, on a blind challenge until its close). With ``team``, as that team sees it (None for another team's run): each failure's
     ``detail`` in the plugin's own words and the measured costs. Without, as anyone sees it:
     reasons in the fixed vocabulary only, costs rounded up to a power of two (:func:`coarse`),
     no start or end time, and nothing of a run whose plugin has not passed its check (None).
     ``state`` is ``checking`` while the plugin awaits or runs its admission check."""
     with store._read() as conn:
         query = (
-            sa.select(verified_runs, teams.c.name.label("team"))
+            sa.select(verified_runs, teams.c.name.label("team"), scores_hidden().label("scores_hidden"))
             .join(teams, teams.c.id == verified_runs.c.team_id)
+            .join(challenges, challenges.c.challenge_id == verified_runs.c.challenge_id)
+            .outerjoin(published, published.c.challenge_id == verified_runs.c.challenge_id)
             .where(verified_runs.c.id == run_id)
         )
         if team is not None:
@@ -983,8 +987,9 @@ def run_view(store: Store, run_id: int, *, team: str | None = None) -> dict | No
             .where(verified_releases.c.run_id == run_id)
             .order_by(verified_releases.c.idx)
         ).all()
-    scores = [r.headline for r in releases if r.state == "scored" and r.headline is not None]
-    evaluations = [dict(r._mapping) for r in releases]
+    hidden = bool(run.scores_hidden)
+    scores = [r.headline for r in releases if r.state == "scored" and r.headline is not None and not hidden]
+    evaluations = [dict(r._mapping) | ({"headline": None} if hidden else {}) for r in releases]
     if team is None:
         for evaluation in evaluations:
             del evaluation["detail"]
@@ -1005,6 +1010,7 @@ def run_view(store: Store, run_id: int, *, team: str | None = None) -> dict | No
         # When a run ended is a cost the plugin controls to the second: its team's only.
         "started_utc": run.started_utc if team is not None else None,
         "finished_utc": run.finished_utc if team is not None else None,
+        "scores_hidden": hidden,  # a blind challenge, still open: scored, no score shown
         "mean": _finite(sum(scores) / len(scores)) if scores else None,
         "spread": _finite(pd.Series(scores).std(ddof=1)) if len(scores) > 1 else None,
         "evaluations": [{k: (_finite(v) if isinstance(v, float) else v) for k, v in e.items()} for e in evaluations],
@@ -1013,6 +1019,8 @@ def run_view(store: Store, run_id: int, *, team: str | None = None) -> dict | No
 
 def summary_line(view: dict) -> str:
     """A run's outcome in one line, from :func:`run_view`."""
+    if view["scores_hidden"]:
+        return f"{view['state']}; the score is hidden until the close (a blind challenge)"
     if view["state"] != "scored" or view["mean"] is None:
         return view["message"] or view["state"]
     spread = f" ± {view['spread']:.3f}" if isinstance(view["spread"], float) else ""

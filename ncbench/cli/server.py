@@ -183,10 +183,16 @@ def _check_sandbox(context: click.Context) -> None:
     help="Verified track: plugin runs per team and UTC day [default: 2].",
 )
 @click.option(
+    "--blind",
+    is_flag=True,
+    help="Hide the public-half scores too, from the board, the API and exports, until the challenge "
+    "is closed (a final phase).",
+)
+@click.option(
     "--republish",
     is_flag=True,
-    help="The challenge is already published: copy its files again and replace its daily limit and "
-    "deadline with the values given (the defaults when none is given).",
+    help="The challenge is already published: copy its files again and replace its daily limit, "
+    "deadline and --blind with the values given (the defaults when none is given).",
 )
 def publish(
     release_dir: Path,
@@ -196,6 +202,7 @@ def publish(
     deadline: str | None,
     eval_source: str | None,
     plugin_daily_limit: int | None,
+    blind: bool,
     republish: bool,
 ) -> None:
     """Register a built challenge with the server: its public files become downloadable; its
@@ -225,9 +232,10 @@ def publish(
             daily_limit=DEFAULT_DAILY_LIMIT if daily_limit is None else daily_limit,
             deadline=when,
             republish=republish,
+            blind=blind,
         )
         verified.set_evaluation(store, challenge_id, eval_source=eval_source, plugin_daily_limit=plugin_daily_limit)
-    click.echo(f"published {challenge_id}")
+    click.echo(f"published {challenge_id}{' (blind: scores hidden until the close)' if blind else ''}")
 
 
 @click.group("team")
