@@ -34,16 +34,19 @@ def submit(server, challenge_id: str, token: str, body: bytes) -> httpx.Response
     )
 
 
-def outcome(server, job_id: int, token: str, *, within_s: float = 120) -> dict:
-    """The job once it is final (or as it stands after ``within_s``)."""
+def poll(server, route: str, token: str, ended, within_s: float) -> dict:
+    """GET ``route`` until ``ended(answer)`` (or as it stands after ``within_s``)."""
     deadline = time.monotonic() + within_s
     while True:
-        job = httpx.get(
-            f"{server.url}/api/v1/submissions/{job_id}", headers={"Authorization": f"Bearer {token}"}, timeout=30
-        ).json()
-        if job["state"] in FINAL or time.monotonic() > deadline:
-            return job
+        answer = httpx.get(f"{server.url}{route}", headers={"Authorization": f"Bearer {token}"}, timeout=30).json()
+        if ended(answer) or time.monotonic() > deadline:
+            return answer
         time.sleep(0.2)
+
+
+def outcome(server, job_id: int, token: str, *, within_s: float = 120) -> dict:
+    """The job once it is final (or as it stands after ``within_s``)."""
+    return poll(server, f"/api/v1/submissions/{job_id}", token, lambda job: job["state"] in FINAL, within_s)
 
 
 def team(embedded, name: str) -> str:
@@ -166,14 +169,7 @@ def upload_plugin(server, challenge_id: str, token: str, path: Path, **query) ->
 
 def checked(server, token: str, run_id: int, *, within_s: float = 120) -> dict:
     """The run once its admission check has ended (or as it stands after ``within_s``)."""
-    deadline = time.monotonic() + within_s
-    while True:
-        run = httpx.get(
-            f"{server.url}/api/v1/plugins/{run_id}", headers={"Authorization": f"Bearer {token}"}, timeout=30
-        ).json()
-        if run["state"] != "checking" or time.monotonic() > deadline:
-            return run
-        time.sleep(0.2)
+    return poll(server, f"/api/v1/plugins/{run_id}", token, lambda run: run["state"] != "checking", within_s)
 
 
 def test_a_plugin_that_sleeps_at_import_is_checked_as_a_job_that_counts(embedded, monkeypatch, tmp_path):
