@@ -116,6 +116,16 @@ def test_demo_refuses_too_small_n_before_writing_anything(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_demo_into_a_folder_it_cannot_create_is_one_line_and_exit_2(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = CliRunner().invoke(main, ["demo", "--out", str(blocker / "out")])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.strip().splitlines() == [
+        f"error: cannot create the demo's folder {blocker / 'out'}: Not a directory"
+    ]
+
+
 def _utility_arguments(**changes):
     return {"presets": [], "raw": True, "seed": 0, "device": "cpu", "patch_size": 8, **SMALL_UTILITY, **changes}
 

@@ -107,10 +107,12 @@ def demo(out: Path, n: int, full_size: bool, seed: int, device: str) -> None:
     from ncbench.leaderboard.tables import attack_preset_matrix, board, privacy_utility, to_markdown
 
     started = time.monotonic()
-    out.mkdir(parents=True, exist_ok=True)
     db = out / "leaderboard.db"
     store_dir = out / "server"
-    store_dir.mkdir(exist_ok=True)
+    try:
+        store_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise NcbenchError(f"cannot create the demo's folder {out}: {error.strerror or error}") from None
     size = {} if full_size else DEMO_SIZE
     written: list[Path] = []
     with (
