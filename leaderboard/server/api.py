@@ -378,6 +378,9 @@ async def receive(request: Request, layout: workqueue.StoreLayout, max_bytes: in
 def _job_view(store: Store, job: channel.Job) -> dict:
     view = {
         "id": job.id,
+        # The board's id of the scored submission: the same as ``id`` (one id per submission),
+        # except for submissions the server scored before the store's migration 10.
+        "submission_id": job.submission_id,
         "challenge_id": job.challenge_id,
         "state": job.state,
         "message": job.message,

@@ -436,7 +436,10 @@ def run_job(db_url: str, store_root: str, job_id: int) -> str:
             # The organizer's token (team ncbench-builtin) records its runs of the built-in
             # attacks as the organizer's rows; every other team's file is self-reported.
             origin = ORIGIN_ORGANIZER if row.team == BUILTIN_TEAM else ORIGIN_SELF
-            recorded = store.record_score(result, team=row.team, daily_limit=None, origin=origin)
+            # The submission takes this job's id: one id for the API, the CLI and the board.
+            recorded = store.record_score(
+                result, team=row.team, daily_limit=None, origin=origin, job_id=job_id, size=row.size
+            )
         except isolated.ChildKilled:
             finish(store, job_id, "failed", message=SCORER_KILLED)  # at once: the next try would die too
             return "failed"
@@ -447,8 +450,16 @@ def run_job(db_url: str, store_root: str, job_id: int) -> str:
             text = redact(f"scorer error: {type(error).__name__}: {error}", layout, row.sha256)
             finish(store, job_id, "failed", message=text)
             return "failed"
+        if recorded.submission_id != job_id:  # the team's file was already scored under another id
+            finish(store, job_id, "refused", message=already_scored(recorded.submission_id))
+            return "refused"
         finish(store, job_id, "scored", submission_id=recorded.submission_id)
         return "scored"
+
+
+def already_scored(submission_id: int) -> str:
+    """Why a job was not scored again: its file is the team's submission ``submission_id``."""
+    return f"the same file as your submission {submission_id}, already scored: not counted again"
 
 
 # -- files -------------------------------------------------------------------------------------
