@@ -8,17 +8,19 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import httpx
 import pytest
 import sqlalchemy as sa
+from test_store import challenge as store_challenge
 from test_store import publish_blind
 from test_store import result as store_result
 
-from ncbench.leaderboard import workqueue
+from ncbench.leaderboard import store as store_module
+from ncbench.leaderboard import tables, workqueue
 from ncbench.leaderboard.server import channel
-from ncbench.leaderboard.server.api import _job_view
 from ncbench.leaderboard.store import Store, jobs, submissions
 
 NCBENCH = str(Path(sys.executable).with_name("ncbench"))
@@ -122,17 +124,39 @@ def db(world) -> Store:
     return Store(world["store"] / "leaderboard.db", create=False)
 
 
+def api_client(db_path: Path, store_root: Path):
+    """The API app over HTTP in this process (Starlette's test client), no workers."""
+    from ncbench.leaderboard.server.api import create_app
+
+    with warnings.catch_warnings():  # the test client's own notice about its httpx dependency
+        warnings.simplefilter("ignore")
+        from fastapi.testclient import TestClient
+    return TestClient(create_app(str(db_path), store_root))
+
+
 def test_a_blind_challenge_tells_the_submitter_scored_but_no_score_until_the_close(tmp_path):
-    with Store(tmp_path / "board.db") as store:
-        recorded = store.record_score(store_result("a"), team="alice")
-        job = channel.Job(1, "nc7-reid-00000001", "alice", "a" * 64, "scored", None, recorded.submission_id, "x")
-        assert _job_view(store, job)["public"]["reid_accuracy"] == 0.5
+    db_path, layout = tmp_path / "board.db", workqueue.StoreLayout(tmp_path / "store")
+    layout.root.mkdir()
+    with Store(db_path) as store:
+        with store._write() as conn:
+            store._ensure_challenge(conn, store_challenge(), store_module.utc_now())
         publish_blind(store)
-        hidden = _job_view(store, job)
-        assert hidden["state"] == "scored" and hidden["scores_hidden"] and hidden["public"] is None
-        store.close_challenge("nc7-reid-00000001")
-        shown = _job_view(store, job)
-        assert not shown["scores_hidden"] and shown["public"]["reid_accuracy"] == 0.5
+        _, token = channel.add_team(store, "alice", key=channel.token_key(layout))
+        answer = store_result("a")
+        job_id = channel.enqueue(
+            store, team="alice", challenge_id=answer.challenge.challenge_id, sha256=answer.sha256, size=9
+        )
+        store.record_score(answer, team="alice", daily_limit=None, job_id=job_id)
+        channel.finish(store, job_id, "scored", submission_id=job_id)
+        with api_client(db_path, layout.root) as client:
+            client.headers["Authorization"] = f"Bearer {token}"
+            hidden = client.get(f"/api/v1/submissions/{job_id}").json()
+            assert hidden["state"] == "scored" and hidden["scores_hidden"] and hidden["public"] is None
+            assert (hidden["id"], hidden["submission_id"]) == (job_id, job_id)
+            assert client.get("/api/v1/submissions").json() == [hidden]
+            store.close_challenge(answer.challenge.challenge_id)
+            shown = client.get(f"/api/v1/submissions/{job_id}").json()
+            assert not shown["scores_hidden"] and shown["public"]["reid_accuracy"] == 0.5
 
 
 def test_fetch_attack_submit_and_score_end_to_end(world, tmp_path):
@@ -427,6 +451,42 @@ def test_login_whoami_status_and_json_for_scripts(world, tmp_path):
     assert [row["challenge_id"] for row in listing] == [world["id"]]
     left = json.loads(ncbench("whoami", "--json", env=home).stdout)["challenges"][0]
     assert left["used_today"] >= 1 and left["left_today"] == left["daily_limit"] - left["used_today"]
+
+
+def test_one_id_for_a_submission_from_submit_to_status_submissions_the_board_and_the_export(world, tmp_path):
+    """A newcomer's submission is named by one number everywhere, even after the organizer
+    recorded a file for the team without the server (which used to advance only the board's ids)."""
+    added = ncbench("team", "add", "gina", "--store", world["store"])
+    assert added.returncode == 0, added.stderr
+    env = {"NCBENCH_SERVER": world["server"].url, "NCBENCH_TOKEN": added.stdout.strip()}
+    local, uploaded = chance_submissions(world, 2, tmp_path / "subs")
+    database = world["store"] / "leaderboard.db"
+    key = world["root"] / "release" / "private" / "key.h5"
+    scored = ncbench("score", local, "--key", key, "--db", database, "--team", "gina")
+    assert scored.returncode == 0, scored.stderr
+    submitted = ncbench("submit", uploaded, "--challenge", world["id"], env=env)
+    assert submitted.returncode == 0, submitted.stderr
+    sub_id = int(submitted.stdout.split()[1])  # "submission N queued"
+    assert f"submission {sub_id} scored" in submitted.stdout
+    status = ncbench("status", sub_id, "--wait", env=env)
+    assert status.stdout.startswith(f"submission {sub_id} on {world['id']}: scored"), status.stderr
+    assert "on the board" not in status.stdout
+    viewed = json.loads(ncbench("status", sub_id, "--json", env=env).stdout)
+    assert (viewed["id"], viewed["submission_id"]) == (sub_id, sub_id)
+    listed = ncbench("submissions", env=env)
+    assert listed.stdout.splitlines()[0].split()[0] == "SUBMISSION"
+    rows = json.loads(ncbench("submissions", "--json", env=env).stdout)["submissions"]
+    # The organizer's local record is the team's submission too, under its own single id.
+    local_id = int(scored.stdout.split("recorded as submission ")[1].split()[0])
+    assert sorted((row["id"], row["submission_id"]) for row in rows) == [(local_id, local_id), (sub_id, sub_id)]
+    with db(world) as store:
+        board = tables.board(store.results(challenge_id=world["id"]))
+    assert {local_id, sub_id} <= set(board.loc[board["team"] == "gina", "submission_id"])
+    exported = json.loads(ncbench("leaderboard", "export", "--db", database, "--format", "json").stdout)
+    assert {local_id, sub_id} <= {row["submission_id"] for row in exported if row["team"] == "gina"}
+    # A run id is not a submission id: status says which it looked up.
+    missing = ncbench("status", 99999, "--run", env=env)
+    assert missing.returncode == 2 and "verified run 99999" in missing.stderr and "leave out --run" in missing.stderr
 
 
 def test_a_bad_status_id_or_missing_login_is_one_line(world, tmp_path):
