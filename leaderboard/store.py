@@ -326,6 +326,14 @@ def _one_id_per_submission(conn: Connection) -> None:
     Submissions the API scored before keep the two ids they had (the job's and the board's);
     the job's ``submission_id`` links them."""
     linked = sa.select(jobs.c.submission_id).where(jobs.c.submission_id.is_not(None))
+    # A job of this numbering that recorded its submission and has not yet said so (its worker
+    # stopped in between): the submission is already its job's.
+    own_job = sa.exists().where(
+        jobs.c.id == submissions.c.id,
+        jobs.c.submission_id.is_(None),
+        jobs.c.team_id == submissions.c.team_id,
+        jobs.c.sha256 == submissions.c.sha256,
+    )
     orphans = conn.execute(
         sa.select(
             submissions.c.id,
@@ -336,7 +344,7 @@ def _one_id_per_submission(conn: Connection) -> None:
             submissions.c.error,
             submissions.c.created_utc,
         )
-        .where(submissions.c.id.not_in(linked))
+        .where(submissions.c.id.not_in(linked), sa.not_(own_job))
         .order_by(submissions.c.id)
     ).all()
     taken = set(conn.execute(sa.select(jobs.c.id)).scalars())

@@ -769,6 +769,17 @@ def check_migration_10(url):
         assert queue_job(opened, sha="e") == 6
 
 
+def test_migration_10_run_again_adds_no_job_for_a_submission_its_job_has_not_yet_marked(db):
+    """A worker that recorded a submission and stopped before marking its job: running the
+    migration again (a store rewound to version 9) leaves the job its submission's."""
+    queued = queue_job(db)
+    db.record_score(result("q"), team="bob", job_id=queued)
+    with db.engine.begin() as conn:
+        conn.execute(store_module.schema_version.delete().where(store_module.schema_version.c.version >= 10))
+    with Store(db.url) as reopened:
+        assert jobs_of(reopened) == {queued: ("queued", None)}
+
+
 def test_migration_10_gives_every_older_submission_a_job_and_new_ids_collide_with_none(tmp_path):
     path = tmp_path / "v9.db"
     with Store(path) as opened:
