@@ -57,6 +57,9 @@ from ncbench.private import create_private_file
 
 BUSY_TIMEOUT_S = 30
 STATUS_SCORED, STATUS_FAILED = "scored", "failed"
+# What the team reads (its job's message) of a failure the organizer's scorer logged: the error
+# itself, which may name the organizer's files, stays in the submissions row.
+SCORER_FAILED = "the organizer's scorer failed on this file (logged for the organizer); it does not count"
 MODEL_KINDS = ("encoded", "raw")
 MAX_TEAM_NAME = 64
 TEAM_NAME = re.compile(rf"[a-z0-9][a-z0-9_.-]{{0,{MAX_TEAM_NAME - 1}}}")
@@ -362,7 +365,7 @@ def _one_id_per_submission(conn: Connection) -> None:
                 sha256=row.sha256,
                 size=0,  # not known for rows recorded before this migration
                 state=row.status,
-                message=row.error,
+                message=None if row.status == STATUS_SCORED else SCORER_FAILED,
                 submission_id=row.id,
                 attempts=0,
                 created_utc=row.created_utc,
@@ -716,7 +719,7 @@ class Store:
             self._ensure_challenge(conn, challenge, now)
             team_id = self._lock_team(conn, team, now)
             submission_id = self._job_for(
-                conn, None, challenge.challenge_id, team_id, sha256, size, STATUS_FAILED, values["error"], now
+                conn, None, challenge.challenge_id, team_id, sha256, size, STATUS_FAILED, SCORER_FAILED, now
             )
             conn.execute(
                 submissions.insert().values(

@@ -695,6 +695,9 @@ def check_one_id_per_submission(opened):
     assert uploaded.submission_id == queued
     assert jobs_of(opened) == {1: ("scored", 1), 2: ("queued", None), 3: ("failed", 3)}
     assert sorted(opened.results()["submission_id"]) == [1, 2]
+    with opened._read() as conn:  # the team reads fixed words, never the organizer's error text
+        message = conn.execute(sa.select(store_module.jobs.c.message).where(store_module.jobs.c.id == 3)).scalar()
+    assert message == store_module.SCORER_FAILED
 
 
 def test_every_submission_has_the_id_of_its_job(db):
