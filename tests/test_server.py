@@ -11,13 +11,16 @@ import time
 import warnings
 from pathlib import Path
 
+import h5py
 import httpx
 import pytest
 import sqlalchemy as sa
+from click.testing import CliRunner
 from test_store import challenge as store_challenge
 from test_store import publish_blind
 from test_store import result as store_result
 
+from ncbench.cli import main
 from ncbench.leaderboard import store as store_module
 from ncbench.leaderboard import tables, workqueue
 from ncbench.leaderboard.server import channel
@@ -453,40 +456,57 @@ def test_login_whoami_status_and_json_for_scripts(world, tmp_path):
     assert left["used_today"] >= 1 and left["left_today"] == left["daily_limit"] - left["used_today"]
 
 
+def csv_answers(world, folder: Path, shift: int) -> Path:
+    """A reid answer as the two-column CSV (docs/format.md; the organizer's `ncbench score` takes
+    one, the server HDF5 only): encoded row i -> plain row i + shift."""
+    with h5py.File(world["root"] / "release" / "public" / "release.h5", "r") as release:
+        encoded = [v.decode() for v in release["encoded/ids"][()]]
+        plain = [v.decode() for v in release["plain/ids"][()]]
+    path = folder / f"answer-{shift}.csv"
+    rows = [f"{e},{plain[(i + shift) % len(plain)]}" for i, e in enumerate(encoded)]
+    path.write_text("\r\n".join(["encoded_id,plain_id", *rows]) + "\r\n")
+    return path
+
+
+def cli(*args, env=None):
+    """An ncbench command in this process (the server it talks to is the real one)."""
+    return CliRunner().invoke(main, [str(a) for a in args], env=env)
+
+
 def test_one_id_for_a_submission_from_submit_to_status_submissions_the_board_and_the_export(world, tmp_path):
     """A newcomer's submission is named by one number everywhere, even after the organizer
     recorded a file for the team without the server (which used to advance only the board's ids)."""
-    added = ncbench("team", "add", "gina", "--store", world["store"])
-    assert added.returncode == 0, added.stderr
-    env = {"NCBENCH_SERVER": world["server"].url, "NCBENCH_TOKEN": added.stdout.strip()}
-    local, uploaded = chance_submissions(world, 2, tmp_path / "subs")
+    with db(world) as store:
+        _, token = channel.add_team(store, "gina", key=channel.token_key(workqueue.StoreLayout(world["store"])))
+    env = {"NCBENCH_SERVER": world["server"].url, "NCBENCH_TOKEN": token}
     database = world["store"] / "leaderboard.db"
     key = world["root"] / "release" / "private" / "key.h5"
-    scored = ncbench("score", local, "--key", key, "--db", database, "--team", "gina")
-    assert scored.returncode == 0, scored.stderr
+    scored = cli("score", csv_answers(world, tmp_path, 0), "--key", key, "--db", database, "--team", "gina")
+    assert scored.exit_code == 0, scored.output
+    local_id = int(scored.stdout.split("recorded as submission ")[1].split()[0])
+    uploaded, release = tmp_path / "chance.h5", world["root"] / "release" / "public" / "release.h5"
+    assert cli("attack", "run", "chance", "--release", release, "--out", uploaded).exit_code == 0
     submitted = ncbench("submit", uploaded, "--challenge", world["id"], env=env)
     assert submitted.returncode == 0, submitted.stderr
     sub_id = int(submitted.stdout.split()[1])  # "submission N queued"
-    assert f"submission {sub_id} scored" in submitted.stdout
-    status = ncbench("status", sub_id, "--wait", env=env)
-    assert status.stdout.startswith(f"submission {sub_id} on {world['id']}: scored"), status.stderr
+    assert f"submission {sub_id} scored" in submitted.stdout and sub_id != local_id
+    status = cli("status", sub_id, "--wait", env=env)
+    assert status.stdout.startswith(f"submission {sub_id} on {world['id']}: scored"), status.output
     assert "on the board" not in status.stdout
-    viewed = json.loads(ncbench("status", sub_id, "--json", env=env).stdout)
+    viewed = json.loads(cli("status", sub_id, "--json", env=env).stdout)
     assert (viewed["id"], viewed["submission_id"]) == (sub_id, sub_id)
-    listed = ncbench("submissions", env=env)
-    assert listed.stdout.splitlines()[0].split()[0] == "SUBMISSION"
-    rows = json.loads(ncbench("submissions", "--json", env=env).stdout)["submissions"]
+    assert cli("submissions", env=env).stdout.splitlines()[0].split()[0] == "SUBMISSION"
+    rows = json.loads(cli("submissions", "--json", env=env).stdout)["submissions"]
     # The organizer's local record is the team's submission too, under its own single id.
-    local_id = int(scored.stdout.split("recorded as submission ")[1].split()[0])
     assert sorted((row["id"], row["submission_id"]) for row in rows) == [(local_id, local_id), (sub_id, sub_id)]
     with db(world) as store:
         board = tables.board(store.results(challenge_id=world["id"]))
-    assert {local_id, sub_id} <= set(board.loc[board["team"] == "gina", "submission_id"])
-    exported = json.loads(ncbench("leaderboard", "export", "--db", database, "--format", "json").stdout)
-    assert {local_id, sub_id} <= {row["submission_id"] for row in exported if row["team"] == "gina"}
+    assert set(board.loc[board["team"] == "gina", "submission_id"]) == {local_id, sub_id}
+    exported = json.loads(cli("leaderboard", "export", "--db", database, "--format", "json").stdout)
+    assert {row["submission_id"] for row in exported if row["team"] == "gina"} == {local_id, sub_id}
     # A run id is not a submission id: status says which it looked up.
-    missing = ncbench("status", 99999, "--run", env=env)
-    assert missing.returncode == 2 and "verified run 99999" in missing.stderr and "leave out --run" in missing.stderr
+    missing = cli("status", 99999, "--run", env=env)
+    assert missing.exit_code == 2 and "verified run 99999" in missing.stderr and "leave out --run" in missing.stderr
 
 
 def test_a_bad_status_id_or_missing_login_is_one_line(world, tmp_path):
