@@ -175,7 +175,8 @@ def create_app(
         openapi_extra={"requestBody": {"required": True, "content": {"application/octet-stream": {"schema": {}}}}},
     )
     async def submit(challenge_id: str, request: Request, team: str = Depends(team)) -> dict:
-        """Upload a submission file as the request body; returns its id, queued for scoring."""
+        """Upload a submission file as the request body; returns its id, queued for scoring: the
+        submission's one id, which the board and the export show too."""
         await run_in_threadpool(published_files, challenge_id)
         with queue_errors():  # refused before a byte of the body is read
             await run_in_threadpool(channel.admit, store, team=team, challenge_id=challenge_id)

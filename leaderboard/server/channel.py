@@ -292,8 +292,8 @@ def enqueue(
     stage: Callable[[], None] | None = None,
 ) -> int:
     """Queue an upload for scoring, after the rate limit and the daily limit; returns the job's
-    id, that of the team's earlier job when it sent the same bytes (queued, running or scored),
-    without counting them again. A closed challenge takes no upload.
+    id (the submission's too, once scored), that of the team's earlier job when it sent the same
+    bytes (queued, running or scored), without counting them again. A closed challenge takes no upload.
 
     ``stage`` (moving the upload into the store) runs only once the upload is admitted and
     before its job can be claimed, so a refused upload is never stored. Jobs that are queued,
