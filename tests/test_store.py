@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from ncbench.errors import NcbenchError
 from ncbench.leaderboard import store as store_module
 from ncbench.leaderboard.scoring import ChallengeInfo, ScoreResult
+from ncbench.leaderboard.server import channel
 from ncbench.leaderboard.store import Store, record_utility
 
 NOON = dt.datetime(2026, 11, 27, 12, 0, tzinfo=dt.UTC)
@@ -788,3 +789,22 @@ def test_migration_10_gives_every_older_submission_a_job_and_new_ids_collide_wit
     with Store(path) as opened:
         make_store_before_one_id(opened)
     check_migration_10(path)
+
+
+def test_files_recorded_without_the_server_count_against_the_daily_limit_not_the_upload_rate(db):
+    db.record_score(result("0"), team="alice")  # creates the challenge
+    with db.engine.begin() as conn:
+        conn.execute(
+            store_module.published.insert().values(
+                challenge_id="nc7-reid-00000001",
+                files="[]",
+                daily_limit=channel.RATE_LIMIT_PER_MINUTE + 2,
+                published_utc="x",
+            )
+        )
+    for k in range(1, channel.RATE_LIMIT_PER_MINUTE + 1):
+        db.record_score(result(f"{k}x"), team="alice", daily_limit=None)
+    upload = channel.enqueue(db, team="alice", challenge_id="nc7-reid-00000001", sha256="u" * 64, size=5)
+    assert upload == channel.RATE_LIMIT_PER_MINUTE + 2  # admitted: the recordings are not uploads
+    with pytest.raises(NcbenchError, match="used its 12 submissions"):
+        channel.enqueue(db, team="alice", challenge_id="nc7-reid-00000001", sha256="v" * 64, size=5)
