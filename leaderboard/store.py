@@ -12,6 +12,9 @@ runtime, status, error), ``scores`` (submission, split, metric, value) and ``uti
 
 Rules kept here, not in the callers:
 
+- one id per submission: a submission's id is the id of its ``jobs`` row (the server's upload, or a
+  row created with it for a submission recorded without the server), so the API, the CLI, the
+  board and the export all name it by one number;
 - one transaction per submission; an identical file from the same team for the same challenge is
   recognised and not counted again;
 - at most ``daily_limit`` scored submissions per team, challenge and UTC day (failed ones do not
@@ -54,6 +57,9 @@ from ncbench.private import create_private_file
 
 BUSY_TIMEOUT_S = 30
 STATUS_SCORED, STATUS_FAILED = "scored", "failed"
+# What the team reads (its job's message) of a failure the organizer's scorer logged: the error
+# itself, which may name the organizer's files, stays in the submissions row.
+SCORER_FAILED = "the organizer's scorer failed on this file (logged for the organizer); it does not count"
 MODEL_KINDS = ("encoded", "raw")
 MAX_TEAM_NAME = 64
 TEAM_NAME = re.compile(rf"[a-z0-9][a-z0-9_.-]{{0,{MAX_TEAM_NAME - 1}}}")
@@ -316,6 +322,66 @@ def _revoke_argon2_tokens(conn: Connection) -> None:
     )
 
 
+def _one_id_per_submission(conn: Connection) -> None:
+    """Give every submission recorded without a job (the organizer's local runs, scorer
+    crashes) a jobs row, so that job ids, which new submissions take as their own, never meet an
+    existing submission's id. Such a row takes the submission's id where no job has it yet.
+    Submissions the API scored before keep the two ids they had (the job's and the board's);
+    the job's ``submission_id`` links them."""
+    linked = sa.select(jobs.c.submission_id).where(jobs.c.submission_id.is_not(None))
+    # A job of this numbering that recorded its submission and has not yet said so (its worker
+    # stopped in between): the submission is already its job's.
+    own_job = sa.exists().where(
+        jobs.c.id == submissions.c.id,
+        jobs.c.submission_id.is_(None),
+        jobs.c.team_id == submissions.c.team_id,
+        jobs.c.sha256 == submissions.c.sha256,
+    )
+    orphans = conn.execute(
+        sa.select(
+            submissions.c.id,
+            submissions.c.challenge_id,
+            submissions.c.team_id,
+            submissions.c.sha256,
+            submissions.c.status,
+            submissions.c.error,
+            submissions.c.created_utc,
+        )
+        .where(submissions.c.id.not_in(linked), sa.not_(own_job))
+        .order_by(submissions.c.id)
+    ).all()
+    taken = set(conn.execute(sa.select(jobs.c.id)).scalars())
+    highest = conn.execute(sa.select(sa.func.max(submissions.c.id))).scalar() or 0
+    fresh = max([highest, *taken]) + 1
+    for row in orphans:
+        job_id = row.id
+        if job_id in taken:
+            job_id, fresh = fresh, fresh + 1
+        conn.execute(
+            jobs.insert().values(
+                id=job_id,
+                challenge_id=row.challenge_id,
+                team_id=row.team_id,
+                sha256=row.sha256,
+                size=0,  # not known for rows recorded before this migration
+                state=row.status,
+                message=None if row.status == STATUS_SCORED else SCORER_FAILED,
+                submission_id=row.id,
+                attempts=0,
+                created_utc=row.created_utc,
+                updated_utc=row.created_utc,
+            )
+        )
+    if conn.dialect.name == "postgresql":  # explicit ids do not advance the sequence: move it past them
+        conn.execute(
+            sa.text(
+                "SELECT setval(pg_get_serial_sequence('jobs', 'id'), "
+                "GREATEST(:jobs, :submissions, 1), GREATEST(:jobs, :submissions) > 0)"
+            ),
+            {"jobs": max(taken | {0, fresh - 1}), "submissions": highest},
+        )
+
+
 # Ordered, append-only: a released migration is never edited, a change is a new entry.
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "challenges, teams, submissions, scores", _create(challenges, teams, submissions, scores)),
@@ -354,6 +420,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
         "published.blind (public-half scores hidden until the close)",
         _add_columns((published, "blind", "BOOLEAN NOT NULL DEFAULT FALSE")),
     ),
+    (10, "one id per submission: a job for every submission, whose id the submission takes", _one_id_per_submission),
 ]
 LATEST_VERSION = MIGRATIONS[-1][0]
 
@@ -500,6 +567,8 @@ class Store:
         daily_limit: int | None = DEFAULT_DAILY_LIMIT,
         origin: str = ORIGIN_SELF,
         now: dt.datetime | None = None,
+        job_id: int | None = None,
+        size: int = 0,
     ) -> Recorded:
         """Record a :class:`leaderboard.scoring.ScoreResult` for ``team`` in one transaction.
 
@@ -510,6 +579,10 @@ class Store:
         ``origin``: :data:`ORIGIN_SELF` for a team's file (it may not take a built-in attack's
         name, nor the organizer's team name); :data:`ORIGIN_ORGANIZER` for a built-in attack the
         organizer ran, recorded under :data:`BUILTIN_TEAM` only.
+
+        One id per submission: the submission takes the id of its job, ``job_id`` (the server's
+        upload); without one (the organizer's local run) a job row in state scored is created in
+        the same transaction, of ``size`` bytes, and its id taken.
         """
         team, values = submission_values(result, team=team, origin=origin)
         if daily_limit is not None and daily_limit < 1:
@@ -532,9 +605,12 @@ class Store:
                 return Recorded(existing, duplicate=True)
             if daily_limit is not None:
                 self._check_daily_limit(conn, challenge.challenge_id, team, team_id, daily_limit, now)
-            submission_id = conn.execute(
-                submissions.insert()
-                .values(
+            submission_id = self._job_for(
+                conn, job_id, challenge.challenge_id, team_id, result.sha256, size, STATUS_SCORED, None, now
+            )
+            conn.execute(
+                submissions.insert().values(
+                    id=submission_id,
                     challenge_id=challenge.challenge_id,
                     team_id=team_id,
                     sha256=result.sha256,
@@ -545,11 +621,48 @@ class Store:
                     created_utc=_stamp(now),
                     **values,
                 )
-                .returning(submissions.c.id)
-            ).scalar_one()
+            )
+            if job_id is None:
+                conn.execute(jobs.update().where(jobs.c.id == submission_id).values(submission_id=submission_id))
             if rows:
                 conn.execute(scores.insert(), [{"submission_id": submission_id, **row} for row in rows])
-            return Recorded(int(submission_id), duplicate=False)
+            return Recorded(submission_id, duplicate=False)
+
+    def _job_for(
+        self,
+        conn: Connection,
+        job_id: int | None,
+        challenge_id: str,
+        team_id: int,
+        sha256: str,
+        size: int,
+        state: str,
+        message: str | None,
+        now: dt.datetime,
+    ) -> int:
+        """``job_id``, or the id of a new job row in its final ``state`` for a submission recorded
+        without one: a submission's id is always a job's, so the two counters never collide."""
+        if job_id is not None:
+            return int(job_id)
+        stamp = _stamp(now)
+        return int(
+            conn.execute(
+                jobs.insert()
+                .values(
+                    challenge_id=challenge_id,
+                    team_id=team_id,
+                    sha256=sha256,
+                    size=int(size),
+                    state=state,
+                    message=message,
+                    submission_id=None,  # set once the submission exists (a foreign key)
+                    attempts=0,
+                    created_utc=stamp,
+                    updated_utc=stamp,
+                )
+                .returning(jobs.c.id)
+            ).scalar_one()
+        )
 
     def check_admission(
         self,
@@ -586,10 +699,12 @@ class Store:
         error: str,
         attack: str = "unknown",
         attack_version: str = "",
+        size: int = 0,
         now: dt.datetime | None = None,
     ) -> int:
         """Record that scoring a valid-looking submission failed inside the scorer (a bug, not the
-        submitter's mistake); such rows never count towards the daily limit. Returns the row id.
+        submitter's mistake); such rows never count towards the daily limit. Returns the row id,
+        that of a new job row in state failed (one id per submission, as :meth:`record_score`).
         """
         team = check_team_name(team)
         now = now or utc_now()
@@ -603,24 +718,26 @@ class Store:
         with self._write() as conn:
             self._ensure_challenge(conn, challenge, now)
             team_id = self._lock_team(conn, team, now)
-            return int(
-                conn.execute(
-                    submissions.insert()
-                    .values(
-                        challenge_id=challenge.challenge_id,
-                        team_id=team_id,
-                        sha256=sha256,
-                        params="{}",
-                        knowledge="[]",
-                        runtime_s=None,
-                        status=STATUS_FAILED,
-                        notes="[]",
-                        created_utc=_stamp(now),
-                        **values,
-                    )
-                    .returning(submissions.c.id)
-                ).scalar_one()
+            submission_id = self._job_for(
+                conn, None, challenge.challenge_id, team_id, sha256, size, STATUS_FAILED, SCORER_FAILED, now
             )
+            conn.execute(
+                submissions.insert().values(
+                    id=submission_id,
+                    challenge_id=challenge.challenge_id,
+                    team_id=team_id,
+                    sha256=sha256,
+                    params="{}",
+                    knowledge="[]",
+                    runtime_s=None,
+                    status=STATUS_FAILED,
+                    notes="[]",
+                    created_utc=_stamp(now),
+                    **values,
+                )
+            )
+            conn.execute(jobs.update().where(jobs.c.id == submission_id).values(submission_id=submission_id))
+            return submission_id
 
     def _scored_file(self, conn: Connection, challenge_id: str, team_id: int, sha256: str) -> int | None:
         """The id of this team's scored submission of the file with ``sha256``, if any."""

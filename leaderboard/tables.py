@@ -474,6 +474,7 @@ VERIFIED_SUMMARY_COLUMNS = [
     "origin",
     "sandboxed",
     "state",
+    "scores_hidden",
     "releases",
     "scored",
     "mean",
@@ -497,9 +498,13 @@ def verified_summary(results: pd.DataFrame) -> pd.DataFrame:
     results: :func:`leaderboard.verified.runs.results` (one row per run and evaluation release).
     ``spread`` is the sample standard deviation over the scored releases (NaN for fewer than
     two); ``wall_s`` and ``cpu_s`` are per release (means); ``peak_memory_mb`` the largest.
+    ``scored`` (releases scored) is missing, like the scores, while ``scores_hidden`` (a blind
+    challenge still open): a count of 0 would read as data.
     """
     if results.empty:
         return pd.DataFrame(columns=VERIFIED_SUMMARY_COLUMNS)
+    if "scores_hidden" not in results:  # a table without the column hides nothing
+        results = results.assign(scores_hidden=False)
     scored = results[results["release_state"] == "scored"]
     by_run = scored.groupby("run_id")["reidentification"]
     first = results.drop_duplicates("run_id").set_index("run_id")[
@@ -513,6 +518,7 @@ def verified_summary(results: pd.DataFrame) -> pd.DataFrame:
             "origin",
             "sandboxed",
             "state",
+            "scores_hidden",
             "releases",
             "message",
             "created_utc",
@@ -531,8 +537,10 @@ def verified_summary(results: pd.DataFrame) -> pd.DataFrame:
         },
         index=first.index,
     )
-    frame["scored"] = frame["scored"].fillna(0).astype(int)
+    frame["scored"] = frame["scored"].fillna(0).astype("Int64")
     frame = first.join(frame).reset_index()
+    frame["scores_hidden"] = frame["scores_hidden"].astype(bool)
+    frame.loc[frame["scores_hidden"], "scored"] = pd.NA
     return frame.reindex(columns=VERIFIED_SUMMARY_COLUMNS).sort_values("run_id", kind="stable").reset_index(drop=True)
 
 
@@ -585,7 +593,9 @@ def export_table(table: pd.DataFrame, summary: pd.DataFrame) -> pd.DataFrame:
     table: :func:`board` (one row per scored submission and visible half: track 'answer file');
     summary: :func:`verified_summary` (one row per verified run: track 'verified', with its
     ``run_id``, ``state``, ``sandboxed``, ``releases`` K and ``scored``; ``reidentification`` is
-    the mean over its K fresh releases and ``spread`` their sample standard deviation; no
+    the mean over its K fresh releases and ``spread`` their sample standard deviation; a run of a
+    blind challenge still open has none of ``scored``, ``reidentification`` and ``spread``, and
+    its ``band`` says :data:`BLIND`; no
     ``split``, since each evaluation release is scored whole). Ids and counts are integers with
     missing values (pandas ``Int64``), so a CSV reads 7, not 7.0.
     """
@@ -606,7 +616,11 @@ def export_table(table: pd.DataFrame, summary: pd.DataFrame) -> pd.DataFrame:
             "releases": summary["releases"],
             "scored": summary["scored"],
             "reidentification": summary["mean"].astype(float),
-            "band": summary["mean"].astype(float).map(privacy_band),
+            # A blind challenge still open: its verified scores (and how many there are) say hidden.
+            "band": [
+                BLIND if hidden else privacy_band(mean)
+                for hidden, mean in zip(summary["scores_hidden"], summary["mean"].astype(float), strict=True)
+            ],
             "spread": summary["spread"].astype(float),
         }
     )
@@ -640,6 +654,8 @@ def verified_runs(summary: pd.DataFrame) -> pd.DataFrame:
             spread = "" if pd.isna(row.spread) else f" ± {100 * row.spread:.1f}%"
             mark = "" if row.sandboxed else f" {UNSANDBOXED}"
             return f"{100 * row.mean:.1f}%{spread} over K={row.scored} keys{mark}"
+        if row.scores_hidden and row.state == "scored":
+            return f"scored; {BLIND}"
         return f"{row.state}: {row.message}" if isinstance(row.message, str) and row.message else str(row.state)
 
     return pd.DataFrame(

@@ -200,6 +200,7 @@ def test_challenge_table_filters_by_team_and_attack(populated_db):
 def test_submission_details_show_metrics_and_patch_positions(populated_db):
     at = go(app(), "Submission")
     at.selectbox[0].set_value(1).run()
+    assert at.selectbox[0].format_func(1).startswith("submission 1: ")  # the id the CLI prints
     values = {m.label: m.value for m in at.metric}
     assert values["Re-identification (public)"] == "90.0%"
     assert values["Patch-position accuracy"] == "75.0%"
@@ -228,6 +229,19 @@ def test_take_part_page_gives_the_commands(populated_db):
     for step in ("ncbench login --server", "ncbench attack check", "ncbench submit submission.h5", "--plugin"):
         assert step in code, step
     assert "Ladder" in "\n".join(block.value for block in at.markdown)
+
+
+def test_take_part_marks_a_blind_challenge_and_says_its_scores_stay_hidden(populated_db):
+    with Store(populated_db) as store, store.engine.begin() as conn:
+        conn.execute(
+            published.insert().values(
+                challenge_id="nc3-reid-a", files="[]", daily_limit=5, published_utc="x", blind=True
+            )
+        )
+    at = go(app(), "Take part")
+    phases = at.dataframe[0].value.set_index("challenge_id")["phase"]
+    assert phases["nc3-reid-a"] == f"open, {tables.BLIND}" and "Ladder" in phases["nc7-reid-a"]
+    assert any("appears when the organizers close" in box.value for box in at.info)
 
 
 def test_a_page_is_opened_by_its_link(populated_db):

@@ -292,13 +292,29 @@ def test_ctrl_c_ends_in_one_line_and_exit_130(monkeypatch, where):
 HEAVY = ("torch", "pandas", "numpy", "scipy", "h5py", "sqlalchemy", "streamlit", "fastapi", "distributed")
 
 
-@pytest.mark.parametrize("group", ["leaderboard", "baseline", "demo", "challenge"])
-def test_a_group_s_help_loads_no_heavy_module(group):
-    """--help answers from plain data: none of torch, pandas, SQLAlchemy or Streamlit is imported
-    (a fresh interpreter, since this one has them all)."""
+@pytest.mark.parametrize(
+    "command",
+    [
+        "leaderboard",
+        "baseline",
+        "demo",
+        "challenge",
+        "attack",
+        "attack run",
+        "attack check",
+        "attack list",
+        "submit",
+        "fetch",
+        "status",
+    ],
+)
+def test_a_group_s_help_loads_no_heavy_module(command):
+    """--help answers from plain data: none of torch, numpy, h5py, pandas, SQLAlchemy or Streamlit
+    is imported (a fresh interpreter, since this one has them all)."""
+    words = command.split()
     script = (
         "import sys\nfrom ncbench.cli import main\n"
-        f"try:\n    main([{group!r}, '--help'])\nexcept SystemExit as end:\n    assert not end.code, end.code\n"
+        f"try:\n    main([*{words!r}, '--help'])\nexcept SystemExit as end:\n    assert not end.code, end.code\n"
         f"print(sorted(m for m in {HEAVY!r} if m in sys.modules), file=sys.stderr)"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)

@@ -8,17 +8,22 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
+import h5py
 import httpx
 import pytest
 import sqlalchemy as sa
+from click.testing import CliRunner
+from test_store import challenge as store_challenge
 from test_store import publish_blind
 from test_store import result as store_result
 
-from ncbench.leaderboard import workqueue
+from ncbench.cli import main
+from ncbench.leaderboard import store as store_module
+from ncbench.leaderboard import tables, workqueue
 from ncbench.leaderboard.server import channel
-from ncbench.leaderboard.server.api import _job_view
 from ncbench.leaderboard.store import Store, jobs, submissions
 
 NCBENCH = str(Path(sys.executable).with_name("ncbench"))
@@ -122,17 +127,39 @@ def db(world) -> Store:
     return Store(world["store"] / "leaderboard.db", create=False)
 
 
+def api_client(db_path: Path, store_root: Path):
+    """The API app over HTTP in this process (Starlette's test client), no workers."""
+    from ncbench.leaderboard.server.api import create_app
+
+    with warnings.catch_warnings():  # the test client's own notice about its httpx dependency
+        warnings.simplefilter("ignore")
+        from fastapi.testclient import TestClient
+    return TestClient(create_app(str(db_path), store_root))
+
+
 def test_a_blind_challenge_tells_the_submitter_scored_but_no_score_until_the_close(tmp_path):
-    with Store(tmp_path / "board.db") as store:
-        recorded = store.record_score(store_result("a"), team="alice")
-        job = channel.Job(1, "nc7-reid-00000001", "alice", "a" * 64, "scored", None, recorded.submission_id, "x")
-        assert _job_view(store, job)["public"]["reid_accuracy"] == 0.5
+    db_path, layout = tmp_path / "board.db", workqueue.StoreLayout(tmp_path / "store")
+    layout.root.mkdir()
+    with Store(db_path) as store:
+        with store._write() as conn:
+            store._ensure_challenge(conn, store_challenge(), store_module.utc_now())
         publish_blind(store)
-        hidden = _job_view(store, job)
-        assert hidden["state"] == "scored" and hidden["scores_hidden"] and hidden["public"] is None
-        store.close_challenge("nc7-reid-00000001")
-        shown = _job_view(store, job)
-        assert not shown["scores_hidden"] and shown["public"]["reid_accuracy"] == 0.5
+        _, token = channel.add_team(store, "alice", key=channel.token_key(layout))
+        answer = store_result("a")
+        job_id = channel.enqueue(
+            store, team="alice", challenge_id=answer.challenge.challenge_id, sha256=answer.sha256, size=9
+        )
+        store.record_score(answer, team="alice", daily_limit=None, job_id=job_id)
+        channel.finish(store, job_id, "scored", submission_id=job_id)
+        with api_client(db_path, layout.root) as client:
+            client.headers["Authorization"] = f"Bearer {token}"
+            hidden = client.get(f"/api/v1/submissions/{job_id}").json()
+            assert hidden["state"] == "scored" and hidden["scores_hidden"] and hidden["public"] is None
+            assert (hidden["id"], hidden["submission_id"]) == (job_id, job_id)
+            assert client.get("/api/v1/submissions").json() == [hidden]
+            store.close_challenge(answer.challenge.challenge_id)
+            shown = client.get(f"/api/v1/submissions/{job_id}").json()
+            assert not shown["scores_hidden"] and shown["public"]["reid_accuracy"] == 0.5
 
 
 def test_fetch_attack_submit_and_score_end_to_end(world, tmp_path):
@@ -427,6 +454,59 @@ def test_login_whoami_status_and_json_for_scripts(world, tmp_path):
     assert [row["challenge_id"] for row in listing] == [world["id"]]
     left = json.loads(ncbench("whoami", "--json", env=home).stdout)["challenges"][0]
     assert left["used_today"] >= 1 and left["left_today"] == left["daily_limit"] - left["used_today"]
+
+
+def csv_answers(world, folder: Path, shift: int) -> Path:
+    """A reid answer as the two-column CSV (docs/format.md; the organizer's `ncbench score` takes
+    one, the server HDF5 only): encoded row i -> plain row i + shift."""
+    with h5py.File(world["root"] / "release" / "public" / "release.h5", "r") as release:
+        encoded = [v.decode() for v in release["encoded/ids"][()]]
+        plain = [v.decode() for v in release["plain/ids"][()]]
+    path = folder / f"answer-{shift}.csv"
+    rows = [f"{e},{plain[(i + shift) % len(plain)]}" for i, e in enumerate(encoded)]
+    path.write_text("\r\n".join(["encoded_id,plain_id", *rows]) + "\r\n")
+    return path
+
+
+def cli(*args, env=None):
+    """An ncbench command in this process (the server it talks to is the real one)."""
+    return CliRunner().invoke(main, [str(a) for a in args], env=env)
+
+
+def test_one_id_for_a_submission_from_submit_to_status_submissions_the_board_and_the_export(world, tmp_path):
+    """A newcomer's submission is named by one number everywhere, even after the organizer
+    recorded a file for the team without the server (which used to advance only the board's ids)."""
+    with db(world) as store:
+        _, token = channel.add_team(store, "gina", key=channel.token_key(workqueue.StoreLayout(world["store"])))
+    env = {"NCBENCH_SERVER": world["server"].url, "NCBENCH_TOKEN": token}
+    database = world["store"] / "leaderboard.db"
+    key = world["root"] / "release" / "private" / "key.h5"
+    scored = cli("score", csv_answers(world, tmp_path, 0), "--key", key, "--db", database, "--team", "gina")
+    assert scored.exit_code == 0, scored.output
+    local_id = int(scored.stdout.split("recorded as submission ")[1].split()[0])
+    uploaded, release = tmp_path / "chance.h5", world["root"] / "release" / "public" / "release.h5"
+    assert cli("attack", "run", "chance", "--release", release, "--out", uploaded).exit_code == 0
+    submitted = ncbench("submit", uploaded, "--challenge", world["id"], env=env)
+    assert submitted.returncode == 0, submitted.stderr
+    sub_id = int(submitted.stdout.split()[1])  # "submission N queued"
+    assert f"submission {sub_id} scored" in submitted.stdout and sub_id != local_id
+    status = cli("status", sub_id, "--wait", env=env)
+    assert status.stdout.startswith(f"submission {sub_id} on {world['id']}: scored"), status.output
+    assert "on the board" not in status.stdout
+    viewed = json.loads(cli("status", sub_id, "--json", env=env).stdout)
+    assert (viewed["id"], viewed["submission_id"]) == (sub_id, sub_id)
+    assert cli("submissions", env=env).stdout.splitlines()[0].split()[0] == "SUBMISSION"
+    rows = json.loads(cli("submissions", "--json", env=env).stdout)["submissions"]
+    # The organizer's local record is the team's submission too, under its own single id.
+    assert sorted((row["id"], row["submission_id"]) for row in rows) == [(local_id, local_id), (sub_id, sub_id)]
+    with db(world) as store:
+        board = tables.board(store.results(challenge_id=world["id"]))
+    assert set(board.loc[board["team"] == "gina", "submission_id"]) == {local_id, sub_id}
+    exported = json.loads(cli("leaderboard", "export", "--db", database, "--format", "json").stdout)
+    assert {row["submission_id"] for row in exported if row["team"] == "gina"} == {local_id, sub_id}
+    # A run id is not a submission id: status says which it looked up.
+    missing = cli("status", 99999, "--run", env=env)
+    assert missing.exit_code == 2 and "verified run 99999" in missing.stderr and "leave out --run" in missing.stderr
 
 
 def test_a_bad_status_id_or_missing_login_is_one_line(world, tmp_path):

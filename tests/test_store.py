@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from ncbench.errors import NcbenchError
 from ncbench.leaderboard import store as store_module
 from ncbench.leaderboard.scoring import ChallengeInfo, ScoreResult
+from ncbench.leaderboard.server import channel
 from ncbench.leaderboard.store import Store, record_utility
 
 NOON = dt.datetime(2026, 11, 27, 12, 0, tzinfo=dt.UTC)
@@ -615,6 +616,17 @@ def test_postgres_store_rules(pg_db):
 
 
 @pytest.mark.postgres
+def test_postgres_every_submission_has_the_id_of_its_job(pg_db):
+    check_one_id_per_submission(pg_db)
+
+
+@pytest.mark.postgres
+def test_postgres_migration_10_moves_the_job_sequence_past_every_id(pg_db, postgres_url):
+    make_store_before_one_id(pg_db)
+    check_migration_10(postgres_url)
+
+
+@pytest.mark.postgres
 def test_postgres_concurrent_writers(pg_db, postgres_url):
     run_concurrently(postgres_url)
     check_concurrent_rows(pg_db)
@@ -639,3 +651,160 @@ def test_postgres_migration_3_adds_origin_and_test_release(pg_db):
     with pytest.raises(sa.exc.IntegrityError):  # the origin vocabulary is a constraint
         with pg_db.engine.begin() as conn:
             conn.exec_driver_sql("UPDATE submissions SET origin = 'trusted'")
+
+
+# -- one id per submission -----------------------------------------------------------------------
+
+
+def queue_job(opened, team="bob", sha="q"):
+    """A job as the server's upload queues it (what ``channel.enqueue`` writes)."""
+    with opened._write() as conn:
+        opened._ensure_challenge(conn, challenge(), NOON)
+        team_id = opened._lock_team(conn, team, NOON)
+        return int(
+            conn.execute(
+                store_module.jobs.insert()
+                .values(
+                    challenge_id="nc7-reid-00000001",
+                    team_id=team_id,
+                    sha256=sha.ljust(64, "0"),
+                    size=10,
+                    state="queued",
+                    attempts=0,
+                    created_utc="x",
+                    updated_utc="x",
+                )
+                .returning(store_module.jobs.c.id)
+            ).scalar_one()
+        )
+
+
+def jobs_of(opened) -> dict[int, tuple[str, int | None]]:
+    with opened._read() as conn:
+        rows = conn.execute(
+            sa.select(store_module.jobs.c.id, store_module.jobs.c.state, store_module.jobs.c.submission_id)
+        )
+        return {row.id: (row.state, row.submission_id) for row in rows}
+
+
+def check_one_id_per_submission(opened):
+    local = opened.record_score(result("a"), team="alice", size=123)
+    queued = queue_job(opened)
+    crashed = opened.record_failure(challenge(), team="carol", sha256="c" * 64, error="scorer bug")
+    uploaded = opened.record_score(result("q"), team="bob", job_id=queued)
+    assert [local.submission_id, queued, crashed] == [1, 2, 3]
+    assert uploaded.submission_id == queued
+    assert jobs_of(opened) == {1: ("scored", 1), 2: ("queued", None), 3: ("failed", 3)}
+    assert sorted(opened.results()["submission_id"]) == [1, 2]
+    with opened._read() as conn:  # the team reads fixed words, never the organizer's error text
+        message = conn.execute(sa.select(store_module.jobs.c.message).where(store_module.jobs.c.id == 3)).scalar()
+    assert message == store_module.SCORER_FAILED
+
+
+def test_every_submission_has_the_id_of_its_job(db):
+    check_one_id_per_submission(db)
+
+
+def test_a_job_already_recorded_is_a_duplicate_under_its_own_id(db):
+    """A worker that died after recording and is run again finds its own row, not a new one."""
+    queued = queue_job(db)
+    first = db.record_score(result("q"), team="bob", job_id=queued)
+    again = db.record_score(result("q"), team="bob", job_id=queued)
+    assert (again.submission_id, again.duplicate, first.duplicate) == (queued, True, False)
+
+
+def make_store_before_one_id(opened):
+    """Rows as a store before migration 10 held them: submissions 1 and 2 recorded locally
+    (no job), submission 3 scored through the API as job 1; schema version 9."""
+    stamp = "2026-11-27T12:00:00.000000Z"
+    with opened.engine.begin() as conn:
+        conn.execute(
+            store_module.challenges.insert().values(
+                challenge_id="nc7-reid-00000001",
+                task="reid",
+                preset="nc7",
+                n_encoded=20,
+                key_commitment="c" * 64,
+                encoder_config="{}",
+                created_utc=stamp,
+            )
+        )
+        conn.execute(store_module.teams.insert().values(id=1, name="alice", created_utc=stamp))
+        for sub_id, sha in ((1, "a"), (2, "b"), (3, "c")):
+            conn.execute(
+                store_module.submissions.insert().values(
+                    id=sub_id,
+                    challenge_id="nc7-reid-00000001",
+                    team_id=1,
+                    sha256=sha.ljust(64, "0"),
+                    attack="x",
+                    attack_version="1",
+                    params="{}",
+                    knowledge="[]",
+                    status="scored",
+                    notes="[]",
+                    created_utc=stamp,
+                )
+            )
+        conn.execute(
+            store_module.jobs.insert().values(
+                id=1,
+                challenge_id="nc7-reid-00000001",
+                team_id=1,
+                sha256="c".ljust(64, "0"),
+                size=5,
+                state="scored",
+                submission_id=3,
+                attempts=1,
+                created_utc=stamp,
+                updated_utc=stamp,
+            )
+        )
+        conn.execute(store_module.schema_version.delete().where(store_module.schema_version.c.version >= 10))
+
+
+def check_migration_10(url):
+    with Store(url) as opened:
+        assert opened.schema_version() == store_module.LATEST_VERSION
+        # Submission 2 takes job id 2; job 1 was taken, so submission 1 gets a fresh job (4);
+        # the API's submission keeps the two ids it had (job 1, submission 3).
+        assert jobs_of(opened) == {1: ("scored", 3), 2: ("scored", 2), 4: ("scored", 1)}
+        assert opened.record_score(result("d"), team="alice").submission_id == 5
+        assert queue_job(opened, sha="e") == 6
+
+
+def test_migration_10_run_again_adds_no_job_for_a_submission_its_job_has_not_yet_marked(db):
+    """A worker that recorded a submission and stopped before marking its job: running the
+    migration again (a store rewound to version 9) leaves the job its submission's."""
+    queued = queue_job(db)
+    db.record_score(result("q"), team="bob", job_id=queued)
+    with db.engine.begin() as conn:
+        conn.execute(store_module.schema_version.delete().where(store_module.schema_version.c.version >= 10))
+    with Store(db.url) as reopened:
+        assert jobs_of(reopened) == {queued: ("queued", None)}
+
+
+def test_migration_10_gives_every_older_submission_a_job_and_new_ids_collide_with_none(tmp_path):
+    path = tmp_path / "v9.db"
+    with Store(path) as opened:
+        make_store_before_one_id(opened)
+    check_migration_10(path)
+
+
+def test_files_recorded_without_the_server_count_against_the_daily_limit_not_the_upload_rate(db):
+    db.record_score(result("0"), team="alice")  # creates the challenge
+    with db.engine.begin() as conn:
+        conn.execute(
+            store_module.published.insert().values(
+                challenge_id="nc7-reid-00000001",
+                files="[]",
+                daily_limit=channel.RATE_LIMIT_PER_MINUTE + 2,
+                published_utc="x",
+            )
+        )
+    for k in range(1, channel.RATE_LIMIT_PER_MINUTE + 1):
+        db.record_score(result(f"{k}x"), team="alice", daily_limit=None)
+    upload = channel.enqueue(db, team="alice", challenge_id="nc7-reid-00000001", sha256="u" * 64, size=5)
+    assert upload == channel.RATE_LIMIT_PER_MINUTE + 2  # admitted: the recordings are not uploads
+    with pytest.raises(NcbenchError, match="used its 12 submissions"):
+        channel.enqueue(db, team="alice", challenge_id="nc7-reid-00000001", sha256="v" * 64, size=5)

@@ -962,52 +962,88 @@ def test_verified_matrix_shows_mean_and_spread_over_keys_and_marks_unsandboxed_a
     assert tables.verified_compute(pd.DataFrame(rows))["cpu_s"].tolist() == [1.0] * 5
 
 
+def insert_scored_run(store, *, headline: float) -> int:
+    """A verified run of alice's, scored on one evaluation release, written as the worker writes it."""
+    stamp = "2026-12-01T00:00:00+00:00"
+    with store.engine.begin() as conn:
+        run_id = conn.execute(
+            verified_runs.insert().values(
+                challenge_id="nc7-reid-00000001",
+                team_id=1,
+                origin="self-reported",
+                attack="alices-plugin",
+                attack_version="1.0",
+                params="{}",
+                releases=1,
+                eval_source="phantom",
+                limits="{}",
+                sandboxed=True,
+                state="scored",
+                attempts=1,
+                created_utc=stamp,
+                updated_utc=stamp,
+            )
+        ).inserted_primary_key[0]
+        conn.execute(
+            verified_releases.insert().values(
+                run_id=run_id,
+                idx=0,
+                eval_challenge_id="e",
+                seed_sha256="s" * 64,
+                key_commitment="k" * 64,
+                release_sha256="r" * 64,
+                recipe="{}",
+                seed="0" * 64,
+                committed_utc=stamp,
+                state="scored",
+                headline=headline,
+                metrics="{}",
+            )
+        )
+    return int(run_id)
+
+
 def test_a_blind_challenges_verified_scores_are_hidden_until_the_close(tmp_path):
     with Store(tmp_path / "board.db") as store:
         store.record_score(store_result("a"), team="alice")  # creates the challenge and the team
         publish_blind(store)
-        stamp = "2026-12-01T00:00:00+00:00"
-        with store.engine.begin() as conn:
-            run_id = conn.execute(
-                verified_runs.insert().values(
-                    challenge_id="nc7-reid-00000001",
-                    team_id=1,
-                    origin="self-reported",
-                    attack="alices-plugin",
-                    attack_version="1.0",
-                    params="{}",
-                    releases=1,
-                    eval_source="phantom",
-                    limits="{}",
-                    sandboxed=True,
-                    state="scored",
-                    attempts=1,
-                    created_utc=stamp,
-                    updated_utc=stamp,
-                )
-            ).inserted_primary_key[0]
-            conn.execute(
-                verified_releases.insert().values(
-                    run_id=run_id,
-                    idx=0,
-                    eval_challenge_id="e",
-                    seed_sha256="s" * 64,
-                    key_commitment="k" * 64,
-                    release_sha256="r" * 64,
-                    recipe="{}",
-                    seed="0" * 64,
-                    committed_utc=stamp,
-                    state="scored",
-                    headline=0.75,
-                    metrics="{}",
-                )
-            )
+        run_id = insert_scored_run(store, headline=0.75)
         hidden = verified.run_view(store, run_id, team="alice")
         assert hidden["scores_hidden"] and hidden["mean"] is None and hidden["evaluations"][0]["headline"] is None
         assert "hidden until the close" in verified.summary_line(hidden)
         assert verified.results(store)["reidentification"].isna().all()
         store.close_challenge("nc7-reid-00000001")
         assert verified.run_view(store, run_id)["mean"] == 0.75
+
+
+def test_a_hidden_verified_run_says_hidden_in_the_export_and_on_the_board_not_zero_scored(tmp_path):
+    with Store(tmp_path / "board.db") as store:
+        store.record_score(store_result("a"), team="alice")
+        publish_blind(store)
+        run_id = insert_scored_run(store, headline=0.75)
+
+        def exported():
+            table = tables.export_table(tables.board(store.results()), tables.verified_summary(verified.results(store)))
+            return table[table["track"] == "verified"].iloc[0]
+
+        hidden = exported()
+        assert pd.isna(hidden["scored"]) and pd.isna(hidden["reidentification"]) and hidden["band"] == tables.BLIND
+        shown = tables.verified_runs(tables.verified_summary(verified.results(store)))
+        assert shown["result"].tolist() == [f"scored; {tables.BLIND}"]
+        assert (
+            tables.to_records(
+                tables.export_table(tables.board(store.results()), tables.verified_summary(verified.results(store)))
+            )[-1]["scored"]
+            is None
+        )
+        store.close_challenge("nc7-reid-00000001")
+        closed = exported()
+        assert (closed["run_id"], closed["scored"], closed["reidentification"], closed["band"]) == (
+            run_id,
+            1,
+            0.75,
+            "bad",
+        )
         assert verified.results(store)["reidentification"].tolist() == [0.75]
 
 

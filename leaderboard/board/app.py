@@ -293,10 +293,16 @@ def page_submission(store: Store) -> None:
         return
     first = board.drop_duplicates("submission_id").set_index("submission_id")
     labels = {
-        int(i): f"#{i} {row.team} - {row.attack} {row.attack_version} on {row.challenge_id}"
+        int(i): f"submission {i}: {row.team} - {row.attack} {row.attack_version} on {row.challenge_id}"
         for i, row in first.iterrows()
     }
-    chosen = st.selectbox("Submission", sorted(labels, reverse=True), format_func=labels.get)
+    chosen = st.selectbox(
+        "Submission",
+        sorted(labels, reverse=True),
+        format_func=labels.get,
+        help="The id `ncbench submit` printed (`ncbench status ID` looks it up); verified runs have run ids of "
+        "their own, on the Verified page.",
+    )
     details = store.submission(chosen)
     public = details["metrics"].get("public", {})
     headline = public.get("nn_accuracy" if details["task"] == "transfer" else "reid_accuracy", float("nan"))
@@ -469,11 +475,15 @@ def live_challenges(server: str) -> list[dict] | None:
     return rows if isinstance(rows, list) else None
 
 
+def phase(blind: bool) -> str:
+    """What an open challenge shows while it runs: public-half scores, or none (a blind one)."""
+    return f"open, {tables.BLIND}" if blind else "open: public-half scores shown (Ladder)"
+
+
 def open_challenge_table(store: Store, server: str | None) -> pd.DataFrame:
     """Open challenges with their limits: from the live server when it answers, else from the
     store (the default daily limit, no deadline known)."""
     columns = ["challenge_id", "task", "preset", "n_encoded", "daily_limit", "deadline", "phase"]
-    phase = "open: public-half scores shown (Ladder)"
     rows = live_challenges(server) if server else None
     if rows is not None:
         return pd.DataFrame(
@@ -485,7 +495,7 @@ def open_challenge_table(store: Store, server: str | None) -> pd.DataFrame:
                     "n_encoded": row.get("n_encoded"),
                     "daily_limit": f"{row['daily_limit']} a day" if row.get("daily_limit") else "none",
                     "deadline": tables.utc_minutes(row.get("deadline_utc")) or "none",
-                    "phase": phase,
+                    "phase": phase(bool(row.get("blind"))),
                 }
                 for row in rows
             ],
@@ -501,7 +511,7 @@ def open_challenge_table(store: Store, server: str | None) -> pd.DataFrame:
             "n_encoded": challenges["n_encoded"],
             "daily_limit": f"{DEFAULT_DAILY_LIMIT} a day",
             "deadline": "set by the organizers",
-            "phase": phase,
+            "phase": [phase(bool(blind)) for blind in challenges["blind"]],
         },
         columns=columns,
     )
@@ -526,6 +536,13 @@ def page_take_part(store: Store) -> None:
             "daily_limit: scored submissions per team and UTC day (refused or failed ones do not count). "
             "Deadlines are UTC. When the organizers close a challenge its private-half scores appear."
         )
+        if live["phase"].str.contains(tables.BLIND, regex=False).any():
+            st.info(
+                "A blind challenge shows no score while it runs: not yours, not anyone's, neither the public "
+                "nor the private half, for answer files and verified runs alike. `ncbench submit` and "
+                "`ncbench status` say *scored* and hold the number back; every score appears when the "
+                "organizers close the challenge."
+            )
         challenge_id = st.selectbox("Challenge for the commands below", live["challenge_id"].tolist())
     server_shown = shown or "https://SERVER"
     st.subheader("1. Install and log in")

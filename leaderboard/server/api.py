@@ -175,7 +175,8 @@ def create_app(
         openapi_extra={"requestBody": {"required": True, "content": {"application/octet-stream": {"schema": {}}}}},
     )
     async def submit(challenge_id: str, request: Request, team: str = Depends(team)) -> dict:
-        """Upload a submission file as the request body; returns its id, queued for scoring."""
+        """Upload a submission file as the request body; returns its id, queued for scoring: the
+        submission's one id, which the board and the export show too."""
         await run_in_threadpool(published_files, challenge_id)
         with queue_errors():  # refused before a byte of the body is read
             await run_in_threadpool(channel.admit, store, team=team, challenge_id=challenge_id)
@@ -378,6 +379,9 @@ async def receive(request: Request, layout: workqueue.StoreLayout, max_bytes: in
 def _job_view(store: Store, job: channel.Job) -> dict:
     view = {
         "id": job.id,
+        # The board's id of the scored submission: the same as ``id`` (one id per submission),
+        # except for submissions the server scored before the store's migration 10.
+        "submission_id": job.submission_id,
         "challenge_id": job.challenge_id,
         "state": job.state,
         "message": job.message,

@@ -292,8 +292,8 @@ def enqueue(
     stage: Callable[[], None] | None = None,
 ) -> int:
     """Queue an upload for scoring, after the rate limit and the daily limit; returns the job's
-    id, that of the team's earlier job when it sent the same bytes (queued, running or scored),
-    without counting them again. A closed challenge takes no upload.
+    id (the submission's too, once scored), that of the team's earlier job when it sent the same
+    bytes (queued, running or scored), without counting them again. A closed challenge takes no upload.
 
     ``stage`` (moving the upload into the store) runs only once the upload is admitted and
     before its job can be claimed, so a refused upload is never stored. Jobs that are queued,
@@ -332,7 +332,9 @@ def _open_limit(conn, challenge_id: str, now: dt.datetime) -> int:
 
 
 def _check_limits(conn, team: str, team_id: int, challenge_id: str, daily_limit: int, now: dt.datetime) -> None:
-    recent = workqueue.count_since(conn, jobs, _stamp(now - dt.timedelta(minutes=1)), jobs.c.team_id == team_id)
+    recent = workqueue.count_since(
+        conn, jobs, _stamp(now - dt.timedelta(minutes=1)), jobs.c.team_id == team_id, uploads()
+    )
     if recent >= RATE_LIMIT_PER_MINUTE:
         raise workqueue.LimitReached(
             f"rate limit: at most {RATE_LIMIT_PER_MINUTE} uploads a minute per team; retry shortly"
@@ -343,6 +345,13 @@ def _check_limits(conn, team: str, team_id: int, challenge_id: str, daily_limit:
             f"team {team!r} has used its {daily_limit} submissions for {challenge_id} "
             "today (UTC); refused ones do not count, the limit resets at midnight UTC"
         )
+
+
+def uploads():
+    """The jobs that are uploads: queued, or claimed by a worker at least once. A job the store
+    wrote for a submission recorded without the server (the organizer's ``ncbench score``) is
+    born final and never claimed; it counts against the daily limit, not the upload rate."""
+    return sa.or_(jobs.c.state == "queued", jobs.c.attempts > 0)
 
 
 def counted():
@@ -436,7 +445,10 @@ def run_job(db_url: str, store_root: str, job_id: int) -> str:
             # The organizer's token (team ncbench-builtin) records its runs of the built-in
             # attacks as the organizer's rows; every other team's file is self-reported.
             origin = ORIGIN_ORGANIZER if row.team == BUILTIN_TEAM else ORIGIN_SELF
-            recorded = store.record_score(result, team=row.team, daily_limit=None, origin=origin)
+            # The submission takes this job's id: one id for the API, the CLI and the board.
+            recorded = store.record_score(
+                result, team=row.team, daily_limit=None, origin=origin, job_id=job_id, size=row.size
+            )
         except isolated.ChildKilled:
             finish(store, job_id, "failed", message=SCORER_KILLED)  # at once: the next try would die too
             return "failed"
@@ -447,8 +459,16 @@ def run_job(db_url: str, store_root: str, job_id: int) -> str:
             text = redact(f"scorer error: {type(error).__name__}: {error}", layout, row.sha256)
             finish(store, job_id, "failed", message=text)
             return "failed"
+        if recorded.submission_id != job_id:  # the team's file was already scored under another id
+            finish(store, job_id, "refused", message=already_scored(recorded.submission_id))
+            return "refused"
         finish(store, job_id, "scored", submission_id=recorded.submission_id)
         return "scored"
+
+
+def already_scored(submission_id: int) -> str:
+    """Why a job was not scored again: its file is the team's submission ``submission_id``."""
+    return f"the same file as your submission {submission_id}, already scored: not counted again"
 
 
 # -- files -------------------------------------------------------------------------------------

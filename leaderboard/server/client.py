@@ -22,7 +22,6 @@ import click
 import httpx
 
 from ncbench.errors import NcbenchError
-from ncbench.h5io import sha256_file as _sha256
 from ncbench.progress import progress
 
 SERVER_ENV, TOKEN_ENV = "NCBENCH_SERVER", "NCBENCH_TOKEN"
@@ -82,6 +81,10 @@ def write_config(config: dict) -> Path:
 def server_url(server: str | None) -> str:
     """``--server`` (or ``$NCBENCH_SERVER``, which click reads), else the saved one, else the default."""
     return server or read_config().get("server") or DEFAULT_SERVER
+
+
+class NotFound(NcbenchError):
+    """The server has no such challenge, file, or item of the team (HTTP 404)."""
 
 
 class Client:
@@ -160,6 +163,8 @@ def _check(response: httpx.Response) -> None:
         detail = response.text[:200]
     if response.status_code == 401:
         raise NcbenchError(f"the server refused the token ({detail})")
+    if response.status_code == 404:
+        raise NotFound(f"server answered 404: {detail}")
     raise NcbenchError(f"server answered {response.status_code}: {detail}")
 
 
@@ -212,6 +217,8 @@ def _minutes(stamp: str | None) -> str:
 def fetch(challenge_id: str, out: Path | None, server: str) -> None:
     """Download a challenge's public files, resuming interrupted downloads; every sha256 is
     checked before it says done."""
+    from ncbench.h5io import sha256_file  # h5py and numpy: here, not in every command's --help
+
     client = Client(server)
     listed = client.json("GET", f"/api/v1/challenges/{challenge_id}/files")
     out = Path(out or challenge_id)
@@ -221,11 +228,11 @@ def fetch(challenge_id: str, out: Path | None, server: str) -> None:
         if Path(name).name != name or name.startswith("."):
             raise NcbenchError(f"the server listed an unsafe file name {name!r}")
         target, partial = out / name, out / f".{name}.part"
-        if target.is_file() and _sha256(target) == entry["sha256"]:
+        if target.is_file() and sha256_file(target) == entry["sha256"]:
             click.echo(f"{target} already complete", err=True)
             continue
         _download(client, f"/api/v1/challenges/{challenge_id}/files/{name}", partial, entry["size"])
-        digest = _sha256(partial)
+        digest = sha256_file(partial)
         if digest != entry["sha256"]:
             partial.unlink()
             raise NcbenchError(f"{name}: sha256 {digest} does not match the server's {entry['sha256']}; fetch again")
@@ -483,7 +490,7 @@ def submissions(server: str | None, token_file: Path | None, as_json: bool) -> N
                 ]
                 for row in rows
             ],
-            ["ID", "CHALLENGE", "STATE", "SUBMITTED", "SCORE OR REASON"],
+            ["SUBMISSION", "CHALLENGE", "STATE", "SUBMITTED", "SCORE OR REASON"],
         )
     if runs:
         click.echo("" if not rows else "\nverified plugin runs")
@@ -495,11 +502,7 @@ def submissions(server: str | None, token_file: Path | None, as_json: bool) -> N
                     run["state"],
                     _minutes(run["created_utc"]),
                     f"{run['attack']} {run['attack_version']}" if run["attack"] else "(not checked)",
-                    HIDDEN
-                    if run.get("scores_hidden")
-                    else f"mean {short(run['mean'])} over {run['releases']} hidden releases"
-                    if run["mean"] is not None
-                    else run["message"] or "",
+                    _run_result(run),
                 ]
                 for run in runs
             ],
@@ -508,34 +511,62 @@ def submissions(server: str | None, token_file: Path | None, as_json: bool) -> N
 
 
 @click.command("status")
-@click.argument("submission_id", type=int)
-@click.option("--wait", is_flag=True, help="Wait until the submission is scored, refused or failed.")
+@click.argument("item_id", metavar="ID", type=int)
+@click.option(
+    "--run",
+    "is_run",
+    is_flag=True,
+    help="ID is a verified plugin run's id (RUN in `ncbench submissions`), not a submission's.",
+)
+@click.option("--wait", is_flag=True, help="Wait until it is scored, refused or failed.")
 @click.option("--timeout", type=int, default=1800, show_default=True, help="Seconds to wait, with --wait.")
 @server_option
 @token_option
 @json_option
 def status(
-    submission_id: int, wait: bool, timeout: int, server: str | None, token_file: Path | None, as_json: bool
+    item_id: int, is_run: bool, wait: bool, timeout: int, server: str | None, token_file: Path | None, as_json: bool
 ) -> None:
-    """One of your submissions: its state and, once scored, its public-half score."""
+    """One of your submissions (the id `ncbench submit` printed, the board's id), or with --run one of
+    your verified plugin runs: its state and, once scored, its score."""
     client = Client(server, read_token(token_file), need_token=True)
-    job = client.json("GET", f"/api/v1/submissions/{submission_id}")
-    deadline = time.monotonic() + timeout
-    while wait and job["state"] not in FINAL_STATES:
-        if time.monotonic() > deadline:
-            raise NcbenchError(f"submission {submission_id} is still {job['state']} after {timeout} s")
-        time.sleep(1)
-        job = client.json("GET", f"/api/v1/submissions/{submission_id}")
+    what = f"verified run {item_id}" if is_run else f"submission {item_id}"
+    path = f"/api/v1/plugins/{item_id}" if is_run else f"/api/v1/submissions/{item_id}"
+    try:
+        record = client.json("GET", path)
+        deadline = time.monotonic() + timeout
+        while wait and record["state"] not in FINAL_STATES:
+            if time.monotonic() > deadline:
+                raise NcbenchError(f"{what} is still {record['state']} after {timeout} s")
+            time.sleep(1)
+            record = client.json("GET", path)
+    except NotFound as error:
+        other = "a submission: leave out --run" if is_run else "a verified plugin run: add --run"
+        raise NcbenchError(f"{error}; if {item_id} is the id of {other}") from None
     if as_json:
-        echo_json(job)
+        echo_json(record)
         return
-    click.echo(f"submission {job['id']} on {job['challenge_id']}: {job['state']}")
-    if job.get("scores_hidden"):
+    click.echo(f"{what} on {record['challenge_id']}: {record['state']}")
+    if is_run:
+        click.echo(_run_result(record))
+        return
+    board_id = record.get("submission_id")
+    if board_id is not None and board_id != record["id"]:  # scored before ids were one
+        click.echo(f"on the board: submission {board_id}")
+    if record.get("scores_hidden"):
         click.echo(f"score: {HIDDEN}")
-    elif job["public"]:
-        click.echo(f"score ({LADDER_LABEL}): {scores_text(job['public'])}")
-    elif job["message"]:
-        click.echo(f"reason: {job['message']}")
+    elif record["public"]:
+        click.echo(f"score ({LADDER_LABEL}): {scores_text(record['public'])}")
+    elif record["message"]:
+        click.echo(f"reason: {record['message']}")
+
+
+def _run_result(run: dict) -> str:
+    """A verified run's score, or why it has none, on one line."""
+    if run.get("scores_hidden"):
+        return HIDDEN
+    if run["mean"] is not None:
+        return f"re-identification: mean {short(run['mean'])} over {run['releases']} hidden releases"
+    return run["message"] or ""
 
 
 @click.command("login")

@@ -882,7 +882,8 @@ def results(store: Store) -> pd.DataFrame:
     challenge_id, task, preset, n, encoder_config, precision (the encoder's arithmetic: fp32
     unless the organizer chose bf16), run_id, team, attack (as shown), origin, sandboxed, state (of
     the run), message (a fixed vocabulary), idx, release_state, reidentification (the headline
-    over the whole release; NaN on a blind challenge until its close), wall_s, cpu_s, peak_rss_bytes (each rounded up to a power of two,
+    over the whole release; NaN on a blind challenge until its close), scores_hidden (that blind
+    challenge still open), wall_s, cpu_s, peak_rss_bytes (each rounded up to a power of two,
     :func:`coarse`), created_utc."""
     query = (
         sa.select(
@@ -903,6 +904,7 @@ def results(store: Store) -> pd.DataFrame:
             verified_releases.c.idx,
             verified_releases.c.state.label("release_state"),
             sa.case((scores_hidden(), sa.null()), else_=verified_releases.c.headline).label("reidentification"),
+            scores_hidden().label("scores_hidden"),
             verified_releases.c.wall_s,
             verified_releases.c.cpu_s,
             verified_releases.c.peak_rss_bytes,
@@ -932,6 +934,7 @@ def results(store: Store) -> pd.DataFrame:
         "idx",
         "release_state",
         "reidentification",
+        "scores_hidden",
         "wall_s",
         "cpu_s",
         "peak_rss_bytes",
@@ -942,6 +945,7 @@ def results(store: Store) -> pd.DataFrame:
     if not frame.empty:
         frame["attack"] = [shown_attack(t, a, o) for t, a, o in zip(frame["team"], frame["attack"], frame["origin"])]
         frame["sandboxed"] = frame["sandboxed"].astype(bool)
+        frame["scores_hidden"] = frame["scores_hidden"].astype(bool)
         frame["precision"] = [json.loads(text).get("precision", "fp32") for text in frame["encoder_config"]]
         for column in ("reidentification", "wall_s", "cpu_s", "peak_rss_bytes"):
             frame[column] = frame[column].astype(float)

@@ -85,7 +85,7 @@ COMMANDS = (
         None,
     ),
     ("submissions", "ncbench.leaderboard.server.client", "submissions", "Your team's submissions and runs.", None),
-    ("status", "ncbench.leaderboard.server.client", "status", "One submission's state and score (--wait).", None),
+    ("status", "ncbench.leaderboard.server.client", "status", "One submission or run: state and score (--wait).", None),
     ("login", "ncbench.leaderboard.server.client", "login", "Save the server and your team token.", None),
     ("whoami", "ncbench.leaderboard.server.client", "whoami", "Your team, and submissions left today.", None),
 )

@@ -117,7 +117,9 @@ def score(
         raise
     submission_values(result, team=team, origin=origin)  # refuse before the database is opened
     with Store(url) as store:
-        recorded = store.record_score(result, team=team, daily_limit=limit, origin=origin)
+        recorded = store.record_score(
+            result, team=team, daily_limit=limit, origin=origin, size=submission.stat().st_size
+        )
         shown = store.submission(recorded.submission_id)
     info = result.challenge
     click.echo(
@@ -196,7 +198,11 @@ def _record_crash(url, submission: Path, key_path: Path, release_path, team: str
             info = ChallengeInfo.from_release(release)
         with Store(url) as store:
             store.record_failure(
-                info, team=team, sha256=sha256_file(submission), error=f"{type(error).__name__}: {error}"
+                info,
+                team=team,
+                sha256=sha256_file(submission),
+                error=f"{type(error).__name__}: {error}",
+                size=submission.stat().st_size,
             )
     except Exception:  # the original error is what matters; it is re-raised by the caller
         pass
