@@ -91,8 +91,18 @@ class _Shutdown:
 
     def stop_dispatcher(self) -> None:
         if self.dispatcher is not None and self._stopper is None:
-            self._stopper = threading.Thread(target=self.dispatcher.stop, name="ncbench-stop", daemon=True)
+            self._stopper = threading.Thread(target=self._stop_work, name="ncbench-stop", daemon=True)
             self._stopper.start()
+
+    def _stop_work(self) -> None:
+        """Stop claiming, end the sandboxes this process runs (a root server's would outlive it:
+        they change uid, which clears their parent-death signal), then close the cluster. The
+        runs and checks they held stay ``running`` and are queued again at the next start."""
+        from ncbench.leaderboard.verified import sandbox
+
+        self.dispatcher.stop_claiming()
+        sandbox.end_all()
+        self.dispatcher.stop()
 
     def left_s(self) -> float:
         return max(0.0, STOP_BUDGET_S - (time.monotonic() - self.since))
