@@ -8,7 +8,7 @@ own, starts the server (no board), holds ``--slowloris`` connections that send a
 and then, and runs the clients. Each client loops over a fixed mix: the health check, the
 challenge list, a ranged download of the public release, authenticated reads (whoami, its
 submissions), a request with a bad token (10%, from 127.0.0.2), and an upload of fresh bytes
-(5%). A team of its own uploads a vlen bomb every ``--bomb-every`` seconds, the first 5 s in: an
+(5%). A team of its own uploads a vlen bomb every ``--bomb-every`` seconds, the first at the start: an
 answer file whose variable-length string attribute has 3,000 elements that all point at one
 15 MB heap object (read naively, 45 GB). Prints one JSON object: requests/s, p50/p99 per route,
 the count of each status class, 5xx, the server's peak RSS (its process tree, sampled every
@@ -230,10 +230,10 @@ def percentile(values: list[float], q: float) -> float:
 
 async def bomber(url: str, challenge_id: str, token: str, bomb: bytes, every: float, since: float, until: float,
                  record, bombs):  # fmt: skip
-    """Upload ``bomb`` 5 s after ``since``, then every ``every`` seconds until ``until``."""
+    """Upload ``bomb`` at ``since``, then every ``every`` seconds until ``until``."""
     auth = {"Authorization": f"Bearer {token}"}
     async with httpx.AsyncClient(timeout=60) as http:
-        at = since + 5
+        at = since
         while at < until:
             await asyncio.sleep(max(0.0, at - time.monotonic()))
             started = time.perf_counter()
