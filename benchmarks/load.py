@@ -1,15 +1,25 @@
 """Mixed traffic from C clients for S seconds against a real `ncbench server` on this machine.
 
-    python benchmarks/load.py [--clients=50] [--seconds=30] [--slowloris=100] [--out=DIR]
+    python benchmarks/load.py [--clients=50] [--seconds=30] [--slowloris=100] [--bomb-every=60]
+                              [--max-connections=N] [--profile=FILE] [--out=DIR]
 
 Builds a tiny challenge, publishes it with a large daily limit, gives each client a team of its
 own, starts the server (no board), holds ``--slowloris`` connections that send a header byte now
 and then, and runs the clients. Each client loops over a fixed mix: the health check, the
 challenge list, a ranged download of the public release, authenticated reads (whoami, its
-submissions), a request with a bad token (10%, from 127.0.0.2), and an upload of fresh bytes (5%). Prints one
-JSON object: requests/s, p50/p99 per route, the count of each status class, 5xx, the server's
-peak RSS (its process tree, sampled every 0.2 s), and the reconciliation of every 202 with the
-jobs table (each accepted upload is exactly one job). Records go in benchmarks/RESULTS.md.
+submissions), a request with a bad token (10%, from 127.0.0.2), and an upload of fresh bytes
+(5%). A team of its own uploads a vlen bomb every ``--bomb-every`` seconds, the first at the start: an
+answer file whose variable-length string attribute has 3,000 elements that all point at one
+15 MB heap object (read naively, 45 GB). Prints one JSON object: requests/s, p50/p99 per route,
+the count of each status class, 5xx, the server's peak RSS (its process tree, sampled every
+0.2 s), the reconciliation of every 202 with the jobs table (each accepted upload is exactly one
+job) and the states of the bombs' jobs. Records go in benchmarks/RESULTS.md.
+
+The benchmark raises its soft limit of open files as the server does (the server inherits it) and
+starts the server with ``--max-connections`` above what the clients open (two connections each:
+their own and the bad-token one, plus the slowloris ones), unless told. ``--profile=FILE``
+records the server with py-spy (installed beside this Python) for the whole load, all threads,
+idle ones too, as collapsed stacks.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ import signal
 import socket
 import sqlite3
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -72,8 +83,8 @@ def free_port() -> int:
 
 
 def prepare(root: Path, clients: int) -> tuple[Path, str, list[str]]:
-    """A published tiny challenge and one token per client (issued in-process: a CLI call each
-    would take seconds)."""
+    """A published tiny challenge and one token per client, then the bomber's (issued in-process:
+    a CLI call each would take seconds)."""
     from ncbench.leaderboard import workqueue
     from ncbench.leaderboard.server import channel, service
     from ncbench.leaderboard.store import Store
@@ -85,7 +96,38 @@ def prepare(root: Path, clients: int) -> tuple[Path, str, list[str]]:
     key = channel.token_key(workqueue.StoreLayout(store))
     with Store(service.db_url(None, store)) as opened:
         tokens = [channel.add_team(opened, f"load-{i}", key=key)[1] for i in range(clients)]
+        tokens.append(channel.add_team(opened, "bomber", key=key)[1])
     return store, challenge_id.split()[-1], tokens
+
+
+def vlen_bomb(path: Path, challenge_id: str, *, elements: int = 3000, element_bytes: int = 15 << 20) -> bytes:
+    """An answer file whose ``diagnostics`` attribute is ``elements`` variable-length strings that
+    all point at one heap object of ``element_bytes``: a reader that allocates each element
+    allocates ``elements * element_bytes``. Written with distinct strings (one large, the others
+    one byte), then each element's heap reference is overwritten with the large one's (the
+    default HDF5 object header has no checksum to update)."""
+    import h5py
+    import numpy as np
+
+    from ncbench.attacks.submission import Submission, write_submission
+
+    write_submission(path, Submission(challenge_id=challenge_id, attack="bomb", attack_version="1",
+                                      encoded_ids=["e0"], mapping=["p0"]))  # fmt: skip
+    with h5py.File(path, "a") as h5:
+        del h5.attrs["diagnostics"]
+        values = np.array(["x" * element_bytes] + ["a"] * (elements - 1), dtype=object)
+        h5.attrs.create("diagnostics", values, dtype=h5py.string_dtype())
+    data = bytearray(path.read_bytes())
+    # Each element is (length uint32, heap collection address uint64, object index uint32).
+    large, small = struct.pack("<I", element_bytes), struct.pack("<I", 1)
+    at = data.find(large)
+    while at >= 0 and data[at + 16 : at + 20] != small:
+        at = data.find(large, at + 1)
+    if at < 0:
+        raise SystemExit("could not find the vlen attribute's elements in the file")
+    for index in range(1, elements):
+        data[at + 16 * index : at + 16 * (index + 1)] = data[at : at + 16]
+    return bytes(data)
 
 
 class PeakRss(threading.Thread):
@@ -131,40 +173,54 @@ async def slowloris(port: int, count: int, stop: asyncio.Event) -> int:
     return closed
 
 
-async def client(url: str, challenge_id: str, token: str, until: float, record, accepted: list[int]) -> None:
+def http_clients(clients: int) -> tuple[httpx.AsyncClient, httpx.AsyncClient]:
+    """The connection pools the clients share: one connection each at most in each (a client
+    sends one request at a time). Bad tokens come from another loopback address: the server's
+    refused-token limit is per address and would otherwise answer 429 to every client here after
+    20 of them a minute. Shared, not one pair per client: each httpx client builds an SSL context
+    (even for http://), which took the load generator tens of seconds of CPU at 200 clients."""
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    guesser = httpx.AsyncHTTPTransport(local_address="127.0.0.2", limits=limits)
+    return httpx.AsyncClient(timeout=30, limits=limits), httpx.AsyncClient(timeout=30, transport=guesser)
+
+
+async def client(url: str, challenge_id: str, token: str, until: float, record, accepted: list[int], pools) -> None:
     routes, weights = zip(*MIX, strict=True)
     auth = {"Authorization": f"Bearer {token}"}
     files = f"{url}/api/v1/challenges/{challenge_id}/files"
-    # Bad tokens come from another loopback address: the server's refused-token limit is per address
-    # and would otherwise answer 429 to every client here after 20 of them a minute.
-    guesser = httpx.AsyncClient(timeout=30, transport=httpx.AsyncHTTPTransport(local_address="127.0.0.2"))
-    async with httpx.AsyncClient(timeout=30) as http, guesser:
-        while time.monotonic() < until:
-            route = random.choices(routes, weights)[0]
-            started = time.perf_counter()
-            try:
-                if route == "healthz":
-                    answer = await http.get(f"{url}/healthz")
-                elif route == "challenges":
-                    answer = await http.get(f"{url}/api/v1/challenges")
-                elif route == "download-range":
-                    answer = await http.get(f"{files}/release.h5", headers={"Range": "bytes=0-65535"})
-                elif route == "whoami":
-                    answer = await http.get(f"{url}/api/v1/whoami", headers=auth)
-                elif route == "submissions":
-                    answer = await http.get(f"{url}/api/v1/submissions", headers=auth)
-                elif route == "bad-token":
-                    bad = {"Authorization": "Bearer ncb_1_" + "0" * 43}
-                    answer = await guesser.get(f"{url}/api/v1/whoami", headers=bad)
-                else:
-                    answer = await http.post(
-                        f"{url}/api/v1/challenges/{challenge_id}/submissions", content=os.urandom(4096), headers=auth
-                    )
-                    if answer.status_code == 202:
-                        accepted.append(answer.json()["id"])
-                record(route, answer.status_code, time.perf_counter() - started)
-            except httpx.HTTPError as error:
-                record(route, type(error).__name__, time.perf_counter() - started)
+    http, guesser = pools
+    while time.monotonic() < until:
+        route = random.choices(routes, weights)[0]
+        started = time.perf_counter()
+        try:
+            if route == "healthz":
+                answer = await http.get(f"{url}/healthz")
+            elif route == "challenges":
+                answer = await http.get(f"{url}/api/v1/challenges")
+            elif route == "download-range":
+                answer = await http.get(f"{files}/release.h5", headers={"Range": "bytes=0-65535"})
+            elif route == "whoami":
+                answer = await http.get(f"{url}/api/v1/whoami", headers=auth)
+            elif route == "submissions":
+                answer = await http.get(f"{url}/api/v1/submissions", headers=auth)
+            elif route == "bad-token":
+                bad = {"Authorization": "Bearer ncb_1_" + "0" * 43}
+                answer = await guesser.get(f"{url}/api/v1/whoami", headers=bad)
+            else:
+                answer = await http.post(
+                    f"{url}/api/v1/challenges/{challenge_id}/submissions", content=os.urandom(4096), headers=auth
+                )
+                if answer.status_code == 202:
+                    accepted.append(answer.json()["id"])
+            record(route, answer.status_code, time.perf_counter() - started)
+        except httpx.HTTPError as error:
+            record(route, type(error).__name__, time.perf_counter() - started)
+
+
+def cpu_s(process: psutil.Process) -> float:
+    """CPU seconds a process has used, its reaped children's included."""
+    times = process.cpu_times()
+    return times.user + times.system + times.children_user + times.children_system
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -172,10 +228,34 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-async def load(url: str, port: int, challenge_id: str, tokens: list[str], seconds: float, held: int) -> dict:
+async def bomber(url: str, challenge_id: str, token: str, bomb: bytes, every: float, since: float, until: float,
+                 record, bombs):  # fmt: skip
+    """Upload ``bomb`` at ``since``, then every ``every`` seconds until ``until``."""
+    auth = {"Authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(timeout=60) as http:
+        at = since
+        while at < until:
+            await asyncio.sleep(max(0.0, at - time.monotonic()))
+            started = time.perf_counter()
+            try:
+                answer = await http.post(
+                    f"{url}/api/v1/challenges/{challenge_id}/submissions", content=bomb, headers=auth
+                )
+                if answer.status_code == 202:
+                    bombs.append(answer.json()["id"])
+                record("vlen-bomb", answer.status_code, time.perf_counter() - started)
+            except httpx.HTTPError as error:
+                record("vlen-bomb", type(error).__name__, time.perf_counter() - started)
+            at += every
+
+
+async def load(
+    url: str, port: int, challenge_id: str, tokens: list[str], seconds: float, held: int, bomb: bytes, every: float
+) -> dict:
     latencies: dict[str, list[float]] = collections.defaultdict(list)
     statuses: collections.Counter = collections.Counter()
     accepted: list[int] = []
+    bombs: list[int] = []
 
     def record(route: str, status, elapsed: float) -> None:
         latencies[route].append(elapsed)
@@ -183,9 +263,14 @@ async def load(url: str, port: int, challenge_id: str, tokens: list[str], second
 
     stop = asyncio.Event()
     loris = asyncio.create_task(slowloris(port, held, stop))
+    pools = http_clients(len(tokens))
     started = time.monotonic()
-    await asyncio.gather(*(client(url, challenge_id, t, started + seconds, record, accepted) for t in tokens))
+    clients = [client(url, challenge_id, t, started + seconds, record, accepted, pools) for t in tokens[:-1]]
+    bombing = bomber(url, challenge_id, tokens[-1], bomb, every, started, started + seconds, record, bombs)
+    await asyncio.gather(*clients, bombing)
     elapsed = time.monotonic() - started
+    for pool in pools:
+        await pool.aclose()
     stop.set()
     closed = await loris
     total = sum(len(v) for v in latencies.values())
@@ -199,6 +284,7 @@ async def load(url: str, port: int, challenge_id: str, tokens: list[str], second
         "client_errors": sum(c for k, c in statuses.items() if not k.split()[-1].isdigit()),
         "slowloris_closed_by_server": closed,
         "accepted": accepted,
+        "bombs": bombs,
     }
 
 
@@ -206,12 +292,19 @@ def main() -> None:
     options = dict(arg.removeprefix("--").split("=", 1) for arg in sys.argv[1:])
     clients, seconds = int(options.get("clients", 50)), float(options.get("seconds", 30))
     held = int(options.get("slowloris", 100))
+    every = float(options.get("bomb-every", 60))
+    # Each client holds its own connection and a bad-token one; the slowloris ones come on top.
+    cap = int(options.get("max-connections", max(1000, 2 * clients + held + 100)))
+    from ncbench.leaderboard.server.connections import raise_open_files
+
+    open_files = raise_open_files(cap + 2 * clients + held + 256)  # the server's and the clients' ends
     root = Path(options.get("out") or tempfile.mkdtemp(prefix="ncbench-load-"))
     store, challenge_id, tokens = prepare(root, clients)
+    bomb = vlen_bomb(root / "bomb.h5", challenge_id)
     port = free_port()
     log = open(root / "server.log", "w")  # noqa: SIM115
     server = subprocess.Popen(
-        [NCBENCH, "server", "--store", store, "--port", str(port), "--board-port", "0"],
+        [NCBENCH, "server", "--store", store, "--port", str(port), "--board-port", "0", "--max-connections", str(cap)],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
@@ -226,20 +319,39 @@ def main() -> None:
             time.sleep(0.2)
     rss = PeakRss(server.pid)
     rss.start()
+    profiler = None
+    if options.get("profile"):
+        profiler = subprocess.Popen(
+            [str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(server.pid), "--rate", "20",
+             "--idle", "--threads", "--format", "raw", "--duration", str(int(seconds)), "--output", options["profile"]],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+    server_cpu, own_cpu = cpu_s(psutil.Process(server.pid)), cpu_s(psutil.Process())
     try:
-        result = asyncio.run(load(url, port, challenge_id, tokens, seconds, held))
+        result = asyncio.run(load(url, port, challenge_id, tokens, seconds, held, bomb, every))
+        result["server_cpu_s"] = round(cpu_s(psutil.Process(server.pid)) - server_cpu, 1)
+        result["load_generator_cpu_s"] = round(cpu_s(psutil.Process()) - own_cpu, 1)
     finally:
         rss.done.set()
+        if profiler is not None:
+            profiler.wait(timeout=60)
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=30)
         log.close()
-    accepted = result.pop("accepted")
+    accepted, bombs = result.pop("accepted"), result.pop("bombs")
     with sqlite3.connect(store / "leaderboard.db") as conn:
         jobs = {row[0] for row in conn.execute("SELECT id FROM jobs")}
+        states = dict(conn.execute("SELECT id, state FROM jobs"))
+    accepted += bombs
     result.update(
         {
             "machine": f"{cpu_model()}, {os.cpu_count()} cores",
-            "command": f"python benchmarks/load.py --clients={clients} --seconds={seconds:g} --slowloris={held}",
+            "command": (
+                f"python benchmarks/load.py --clients={clients} --seconds={seconds:g} --slowloris={held} "
+                f"--bomb-every={every:g} --max-connections={cap}"
+            ),
+            "open_files_limit": open_files,
+            "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
             "clients": clients,
             "seconds": seconds,
             "server_peak_rss_mb": round(rss.peak / 2**20),
@@ -247,6 +359,7 @@ def main() -> None:
             "accepted_ids_distinct": len(set(accepted)),
             "jobs_in_table": len(jobs),
             "accepted_without_a_job": len(set(accepted) - jobs),
+            "bomb_jobs": collections.Counter(states.get(job, "missing") for job in bombs),
         }
     )
     print(json.dumps(result, indent=1))

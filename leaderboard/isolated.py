@@ -46,6 +46,8 @@ SCORE_LIMITS = ChildLimits(memory_bytes=4 << 30, cpu_s=600, wall_s=900, file_byt
 UNPACK_LIMITS = ChildLimits(memory_bytes=1 << 30, cpu_s=60, wall_s=60, file_bytes=64 << 20)
 
 
+CHILD_NICENESS = 10  # added to the server's: the API's threads get the CPU first
+
 # The child's whole environment: nothing of the server's (no token, no database URL), and a few
 # math threads, since each thread's buffers count against the address-space limit.
 CHILD_ENV = {"LANG": "C.UTF-8", **dict.fromkeys(("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"), "4")}
@@ -59,21 +61,18 @@ class ChildCrashed(Exception):
     """The child's code raised something other than NcbenchError: a bug of ours, not a refusal."""
 
 
+def child_command(limits: ChildLimits) -> list[str]:
+    """What a child's command line starts with: a lower CPU priority than the server's (nice
+    CHILD_NICENESS), then its limits (prlimit). Scoring is batch work; without it, a backlog of
+    uploads kept a scorer child on a core and the API's answers waited behind it."""
+    limit = ["prlimit", f"--as={limits.memory_bytes}", f"--cpu={limits.cpu_s}", f"--fsize={limits.file_bytes}", "--"]
+    return ["nice", "-n", str(CHILD_NICENESS), *limit]
+
+
 def call(task: str, request: dict, limits: ChildLimits, *, died: str) -> object:
     """The JSON answer of :data:`TASKS` ``[task](**request)`` run in a limited child. Raises
     NcbenchError with the child's own refusal, or ChildKilled(``died``) when it gave none."""
-    argv = [
-        "prlimit",
-        f"--as={limits.memory_bytes}",
-        f"--cpu={limits.cpu_s}",
-        f"--fsize={limits.file_bytes}",
-        "--",
-        sys.executable,
-        "-I",
-        "-m",
-        MODULE,
-        task,
-    ]
+    argv = [*child_command(limits), sys.executable, "-I", "-m", MODULE, task]
     with tempfile.TemporaryFile() as out:  # a file, bounded by RLIMIT_FSIZE, not a pipe held in memory
         try:
             done = subprocess.run(

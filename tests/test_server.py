@@ -380,6 +380,47 @@ def test_sigterm_stops_the_server_and_its_board_with_no_orphan(tmp_path, world):
     assert not alive, "a process of the server's group outlived it"
 
 
+def test_the_api_socket_answers_without_waiting_for_the_clients_delayed_acknowledgement():
+    """Connections accepted on the API's socket have Nagle's algorithm off. asyncio turns it off
+    only where the socket names its protocol (TCP); with it on, every response's body waited for
+    the client's delayed acknowledgement of the head, 40 ms a request."""
+    import asyncio
+
+    from ncbench.leaderboard.server import service
+
+    listener = service.listen("127.0.0.1", 0)
+    nodelay = []
+
+    class Accepted(asyncio.Protocol):
+        def connection_made(self, transport):
+            nodelay.append(transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            transport.close()
+
+    async def connect_once():
+        server = await asyncio.get_running_loop().create_server(Accepted, sock=listener)
+        async with server:
+            reader, writer = await asyncio.open_connection(*listener.getsockname())
+            await reader.read()  # until the server closes it
+            writer.close()
+
+    asyncio.run(connect_once())
+    assert nodelay and nodelay[0] != 0
+
+
+@pytest.mark.parametrize(("limits", "soft_after"), [("256:4096", 1256), ("256:512", 512), ("2048:4096", 2048)])
+def test_the_server_raises_its_open_file_limit_for_its_connection_cap(limits, soft_after):
+    """A server capped at 1000 connections needs more files than the usual soft limit of 1024:
+    it raises its soft limit as far as needed, within the hard limit (prlimit sets both here)."""
+    code = (
+        "import resource; from ncbench.leaderboard.server.connections import raise_open_files; "
+        "print(raise_open_files(1256), resource.getrlimit(resource.RLIMIT_NOFILE)[0])"
+    )
+    done = subprocess.run(
+        ["prlimit", f"--nofile={limits}", "--", sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert done.stdout.split() == [str(soft_after)] * 2
+
+
 def test_openapi_description_is_served(world):
     spec = httpx.get(f"{world['server'].url}/openapi.json").json()
     assert "/api/v1/challenges/{challenge_id}/submissions" in spec["paths"]

@@ -1,10 +1,11 @@
-"""A server killed with SIGKILL while a verified run is in its sandbox, then started again.
+"""A server killed with SIGKILL, or stopped with SIGTERM, while a verified run is in its
+sandbox, then started again.
 
 The sandbox must not outlive the crash unchecked: it dies with the server (a non-root server's
 bubblewrap has --die-with-parent) or the next start kills it (a root server's runs change uid,
 which clears that signal; their control group, named after the dead server, is found and
-killed). The restarted server runs the interrupted run again, never beside its old copy, and the
-run finishes once.
+killed). A SIGTERM ends the sandbox, root's too, before the server exits. The restarted server
+runs the interrupted run again, never beside its old copy, and the run finishes once.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import httpx
 import pytest
 from test_server import Server, ncbench
 
+from ncbench.leaderboard.server import service
 from ncbench.leaderboard.store import Store
 from ncbench.leaderboard.verified import runs as verified
 from ncbench.leaderboard.verified import sandbox
@@ -77,11 +79,8 @@ def wait_for(condition, timeout: float, what: str, step: float = 0.1):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-@pytest.mark.slow
-def test_a_run_killed_with_its_server_is_never_left_behind_or_run_twice_and_finishes_once(tmp_path):
-    problem = sandbox.sandbox_problem()
-    if problem:
-        pytest.skip(problem)
+def published_store(tmp_path: Path) -> tuple[Path, str, str]:
+    """A tiny reid challenge published in a fresh store, and a token of team dora: (store, id, token)."""
     built = ncbench(
         "challenge", "build", "--preset", "nc3", "--task", "reid", "--source", "phantom", "--n", 16, *TINY,
         "--out", tmp_path / "release",
@@ -90,23 +89,64 @@ def test_a_run_killed_with_its_server_is_never_left_behind_or_run_twice_and_fini
     store = tmp_path / "store"
     published = ncbench("challenge", "publish", tmp_path / "release", "--store", store)
     assert published.returncode == 0, published.stderr
-    challenge_id = published.stdout.split()[-1]
     token = ncbench("team", "add", "dora", "--store", store).stdout.strip()
-    options = ["--workers", 2, "--board-port", 0, "--verified-releases", 1, *LIMITS]
+    return store, published.stdout.split()[-1], token
+
+
+def upload_sleeper(server: Server, challenge_id: str, token: str, plugin: Path, until: float) -> int:
+    """Upload the plugin that sleeps until ``until``; returns its run's id."""
+    plugin.write_text(SLEEPER.format(until=until))
+    queued = httpx.post(
+        f"{server.url}/api/v1/challenges/{challenge_id}/plugins",
+        params={"class": "Plugin", "filename": plugin.name},
+        content=plugin.read_bytes(),
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=300,
+    )
+    assert queued.status_code == 202, queued.text
+    return queued.json()["id"]
+
+
+def run_view(store: Path, run_id: int) -> dict:
+    opened = Store(store / "leaderboard.db", create=False)
+    try:
+        return verified.run_view(opened, run_id, team="dora")
+    finally:
+        opened.close()
+
+
+def sandbox_uid_processes() -> set[int]:
+    """Pids of every live process running as a sandbox's uid (a root server's runs): a whole
+    run's tree. A zombie (killed, not yet reaped by the init it was handed to) is not live."""
+    found = set()
+    low, high = sandbox.SANDBOX_UID_BASE, sandbox.SANDBOX_UID_BASE + sandbox.SANDBOX_UID_SPAN
+    for entry in Path("/proc").iterdir():
+        try:
+            status = (entry / "status").read_text() if entry.name.isdigit() else ""
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        uids, state = fields.get("Uid", "").split(), fields.get("State", "").strip()
+        if uids and low <= int(uids[0]) < high and not state.startswith("Z"):
+            found.add(int(entry.name))
+    return found
+
+
+OPTIONS = ["--board-port", 0, "--verified-releases", 1, *LIMITS]
+
+
+@pytest.mark.slow
+def test_a_run_killed_with_its_server_is_never_left_behind_or_run_twice_and_finishes_once(tmp_path):
+    problem = sandbox.sandbox_problem()
+    if problem:
+        pytest.skip(problem)
+    store, challenge_id, token = published_store(tmp_path)
+    options = OPTIONS
     server = Server(store, *options)
     plugin = tmp_path / PLUGIN_FILE
     until = time.time() + SLEEP_UNTIL_S
-    plugin.write_text(SLEEPER.format(until=until))
     try:
-        queued = httpx.post(
-            f"{server.url}/api/v1/challenges/{challenge_id}/plugins",
-            params={"class": "Plugin", "filename": plugin.name},
-            content=plugin.read_bytes(),
-            headers={"Authorization": f"Bearer {token}"},
-            timeout=300,
-        )
-        assert queued.status_code == 202, queued.text
-        run_id = queued.json()["id"]
+        run_id = upload_sleeper(server, challenge_id, token, plugin, until)
         first = wait_for(sandboxed_runs, 120, "the run's sandbox")
         server.process.send_signal(signal.SIGKILL)  # the server process only: its sandboxes are in their own session
         server.process.wait(timeout=30)
@@ -124,9 +164,7 @@ def test_a_run_killed_with_its_server_is_never_left_behind_or_run_twice_and_fini
             if now - first and not after:
                 assert time.time() < until, "the restart took longer than the plugin sleeps: nothing to compare"
             after |= now - first
-            state = Store(store / "leaderboard.db", create=False)
-            view = verified.run_view(state, run_id, team="dora")
-            state.close()
+            view = run_view(store, run_id)
             if view["state"] in ("scored", "failed"):
                 break
             time.sleep(0.1)
@@ -135,6 +173,41 @@ def test_a_run_killed_with_its_server_is_never_left_behind_or_run_twice_and_fini
         assert view["state"] == "scored", view
         assert len(after) == 1, f"the run ran {len(after)} times after the restart"
         assert [e["idx"] for e in view["evaluations"]] == [0]
+    finally:
+        if server.process.poll() is None:
+            server.stop()
+
+
+@pytest.mark.slow
+def test_sigterm_ends_a_runs_sandbox_with_the_server_and_the_restart_scores_it_once(tmp_path):
+    """A root server's sandbox changes uid, so nothing of the kernel's ends it with the server:
+    the server ends it itself on SIGTERM, within its stop budget, and leaves the run ``running``
+    for the next start."""
+    problem = sandbox.sandbox_problem()
+    if problem:
+        pytest.skip(problem)
+    store, challenge_id, token = published_store(tmp_path)
+    server = Server(store, *OPTIONS)
+    try:
+        run_id = upload_sleeper(server, challenge_id, token, tmp_path / PLUGIN_FILE, time.time() + SLEEP_UNTIL_S)
+        first = wait_for(sandboxed_runs, 120, "the run's sandbox")
+        tree = sandbox_uid_processes() if os.geteuid() == 0 else set()
+        assert os.geteuid() != 0 or first <= tree
+        started = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        server.process.wait(timeout=30)
+        server.log.close()
+        assert time.monotonic() - started < service.STOP_BUDGET_S
+        assert server.process.returncode == 0
+        assert not sandboxed_runs() and not (sandbox_uid_processes() & tree), "a sandbox outlived its server"
+        assert "Traceback" not in Path(server.log.name).read_text()
+        assert run_view(store, run_id)["state"] == "running"  # not failed: queued again at the next start
+
+        server = Server(store, *OPTIONS)
+        again = wait_for(sandboxed_runs, 60, "the run's sandbox after the restart")
+        view = wait_for(lambda: (v := run_view(store, run_id))["state"] in ("scored", "failed") and v, 180, "the run")
+        assert view["state"] == "scored", view
+        assert len(again) == 1 and [e["idx"] for e in view["evaluations"]] == [0]
     finally:
         if server.process.poll() is None:
             server.stop()

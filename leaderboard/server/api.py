@@ -29,6 +29,7 @@ from pydantic import BaseModel
 from starlette.requests import ClientDisconnect
 
 from ncbench import __version__
+from ncbench.attacks.plugins import archive as plugin_archive
 from ncbench.errors import NcbenchError
 from ncbench.leaderboard import workqueue
 from ncbench.leaderboard.server import channel
@@ -41,6 +42,9 @@ DEFAULT_MAX_UPLOAD = 1 << 30  # 1 GiB: a reid score matrix at N = 10,000 is 400 
 CHECKS_PER_MINUTE = 10  # per team, whatever their outcome: each check starts a sandboxed interpreter
 AUTH_FAILURES_PER_MINUTE = 20  # refused tokens per client address, then 429 without verifying
 PARAMS_QUERY = Query(default=[], description="name=value (repeatable)")
+# What the plugin route's fields look like, said in its OpenAPI description; the route checks
+# them itself (and what no pattern says: a module only with an archive, a wheel's name), with a 400.
+PLUGIN_FILENAME = f"^({verified.PLUGIN_FILE.pattern}|{verified.ARCHIVE_FILE.pattern}\\.(whl|tar\\.gz))$"
 
 
 class Problem(BaseModel):
@@ -56,6 +60,7 @@ WHY = {
     413: "a body over the size cap",
     416: "a range outside the file",
     429: "over a rate or daily limit, or too many refused tokens from this address",
+    503: "the verified track is off on this server: no sandbox here",
 }
 AUTH = (401, 429)  # what the token check may answer on any route that needs one
 
@@ -129,7 +134,7 @@ def create_app(
         return files
 
     @app.get("/healthz")
-    def health() -> dict:
+    async def health() -> dict:  # on the event loop: it answers while every thread waits on the database
         return {"status": "ok", "version": __version__}
 
     @app.get("/api/v1/challenges")
@@ -206,13 +211,27 @@ def create_app(
             raise HTTPException(429, f"rate limit: at most {CHECKS_PER_MINUTE} plugin uploads a minute per team")
         recent.append(now)
 
-    @app.post("/api/v1/challenges/{challenge_id}/plugins", status_code=202)
+    @app.post(
+        "/api/v1/challenges/{challenge_id}/plugins",
+        status_code=202,
+        responses=documented(400, 404, 413, 503, *AUTH),
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"text/x-python": {"schema": {}}, "application/octet-stream": {"schema": {}}},
+            }
+        },
+    )
     async def submit_plugin(
         challenge_id: str,
         request: Request,
-        class_name: str = Query(..., alias="class"),
-        filename: str = Query(...),
-        module: str | None = Query(default=None, description="With a wheel or an sdist: the module of the class"),
+        class_name: str = Query(..., alias="class", json_schema_extra={"pattern": f"^{verified.CLASS_NAME.pattern}$"}),
+        filename: str = Query(..., json_schema_extra={"pattern": PLUGIN_FILENAME}),
+        module: str | None = Query(
+            default=None,
+            description="With a wheel or an sdist: the module of the class",
+            json_schema_extra={"pattern": f"^{plugin_archive.MODULE_NAME.pattern}$"},
+        ),
         param: list[str] = PARAMS_QUERY,
         team: str = Depends(team),
     ) -> dict:
@@ -275,7 +294,7 @@ def create_app(
         except workqueue.LimitReached as error:
             raise HTTPException(429, str(error)) from None
         except NcbenchError as error:
-            raise HTTPException(422, channel.redact(str(error), layout, upload=writer.tmp)) from None
+            raise HTTPException(400, channel.redact(str(error), layout, upload=writer.tmp)) from None
         finally:
             writer.discard()
         return {
@@ -319,7 +338,7 @@ def create_app(
         return [verified.run_view(store, int(run_id)) for run_id in ids]
 
     @app.get("/api/v1/whoami", responses=documented(*AUTH))
-    def whoami(team: str = Depends(team)) -> dict:
+    async def whoami(team: str = Depends(team)) -> dict:  # async: the token check is its only thread hop
         """The team a token belongs to (clients check a token before a long upload)."""
         return {"team": team}
 

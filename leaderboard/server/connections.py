@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import resource
 import signal
 import sys
 import time
@@ -107,6 +108,20 @@ class GuardedH11(H11Protocol):
             return
         if not self.transport.is_closing():
             self.transport.close()
+
+
+def raise_open_files(needed: int) -> int:
+    """Raise this process's soft limit of open files towards its hard limit, to at least
+    ``needed`` where the hard limit allows (children inherit it); returns the soft limit now. A
+    server capped at ``--max-connections`` 1000 needs more than the usual soft limit of 1024
+    (its database, its workers' pipes and files come on top)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return soft
+    target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    if target > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return target
 
 
 def protocol(limits: ConnectionLimits) -> type[GuardedH11]:

@@ -61,6 +61,7 @@ def check_private(url: str, store_root: Path) -> None:
         )
 
 
+OPEN_FILES_BESIDES_CONNECTIONS = 256  # the database, the workers' pipes and files, the board's child
 STOP_BUDGET_S = 8.0  # from the first SIGINT / SIGTERM to the process's end
 # Long enough for the dispatcher to finish a claim under way and stop claiming; closing its cluster
 # would also wait for the jobs it runs, which the next start queues again anyway.
@@ -91,8 +92,18 @@ class _Shutdown:
 
     def stop_dispatcher(self) -> None:
         if self.dispatcher is not None and self._stopper is None:
-            self._stopper = threading.Thread(target=self.dispatcher.stop, name="ncbench-stop", daemon=True)
+            self._stopper = threading.Thread(target=self._stop_work, name="ncbench-stop", daemon=True)
             self._stopper.start()
+
+    def _stop_work(self) -> None:
+        """Stop claiming, end the sandboxes this process runs (a root server's would outlive it:
+        they change uid, which clears their parent-death signal), then close the cluster. The
+        runs and checks they held stay ``running`` and are queued again at the next start."""
+        from ncbench.leaderboard.verified import sandbox
+
+        self.dispatcher.stop_claiming()
+        sandbox.end_all()
+        self.dispatcher.stop()
 
     def left_s(self) -> float:
         return max(0.0, STOP_BUDGET_S - (time.monotonic() - self.since))
@@ -120,8 +131,12 @@ def _end(code: int) -> None:
 
 def listen(host: str, port: int) -> socket.socket:
     """The API's listening socket, bound before anything else starts: a busy port is one line
-    (NcbenchError), not a start-up banner followed by a traceback."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    (NcbenchError), not a start-up banner followed by a traceback.
+
+    Its protocol is said (IPPROTO_TCP, not 0): asyncio turns Nagle's algorithm off only on
+    connections whose socket says so, and the connections accepted here inherit it. With Nagle on,
+    a response's body waited for the client's delayed acknowledgement of its head: 40 ms a request."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
@@ -147,7 +162,6 @@ class EmbeddedServer:
         self.settings, self.pools = settings, pools  # verified.Settings; the Dispatcher's pool sizes
 
     def __enter__(self) -> EmbeddedServer:
-        import socket
         import threading
 
         import uvicorn
@@ -155,8 +169,7 @@ class EmbeddedServer:
         from ncbench.leaderboard.server.api import create_app
         from ncbench.leaderboard.server.worker import Dispatcher
 
-        self.socket = socket.socket()
-        self.socket.bind(("127.0.0.1", 0))
+        self.socket = listen("127.0.0.1", 0)
         self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
         app = create_app(self.db_url, self.store_dir, verified_settings=self.settings)
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
@@ -227,6 +240,14 @@ def serve(
     if settings.unsandboxed:
         print(
             "warning: --unsandboxed: plugins run WITHOUT a sandbox; their results are marked unsandboxed",
+            file=sys.stderr,
+        )
+    needed = limits.max_connections + OPEN_FILES_BESIDES_CONNECTIONS
+    open_files = connections.raise_open_files(needed)
+    if open_files < needed:
+        print(
+            f"warning: this process may open {open_files} files (ulimit -Hn), --max-connections "
+            f"{limits.max_connections} needs about {needed}: connections past that are refused by the system",
             file=sys.stderr,
         )
     connections.log_requests_to_stderr()

@@ -125,9 +125,13 @@ class Dispatcher:
             with Store(self.db_url) as store:
                 KINDS[kind][3](store, job_id, "queued")
 
+    def stop_claiming(self) -> None:
+        """Claim no more jobs, at once; a job that ends in error from now on is not requeued."""
+        self._stop.set()
+
     def stop(self) -> None:
         """Stop claiming; jobs still running stay ``running`` and are queued again next start."""
-        self._stop.set()
+        self.stop_claiming()
         if self._thread is not None:
             self._thread.join(timeout=10)
         for closer in (self.client, self.cluster):

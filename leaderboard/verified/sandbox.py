@@ -47,6 +47,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -87,6 +88,19 @@ CPU_GRACE_S = 5
 
 class SandboxUnavailable(NcbenchError):
     """bubblewrap is missing or cannot create namespaces here: the verified track refuses to run."""
+
+
+class SandboxEnded(Exception):  # noqa: N818 - a state, not a mistake: nothing records it as one
+    """The server is stopping (:func:`end_all`): this sandbox was ended, or never started. Not
+    an NcbenchError, so no job records it: its run or check stays ``running`` in the database
+    and is queued again at the next start."""
+
+
+# The sandboxes this process runs, by the pid of their first process (the leader of their
+# session), with their control group; and whether the process is ending them all.
+_running: dict[int, cgroup.Cgroup | None] = {}
+_running_lock = threading.Lock()
+_ending = threading.Event()
 
 
 @dataclass(frozen=True)
@@ -642,39 +656,53 @@ def _execute(
     if group is not None:
         argv = group.enter_command() + argv
     started = time.monotonic()
-    process = subprocess.Popen(
-        argv,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        cwd=workdir,
-        env=env,
-        pass_fds=pass_fds,
-    )
-    output, killed_for = bytearray(), None
-    with selectors.DefaultSelector() as selector:
-        selector.register(process.stdout, selectors.EVENT_READ)
-        while True:
-            left = started + limits.wall_s - time.monotonic()
-            if left <= 0:
-                killed_for = WALL_LIMIT
-                break
-            if not selector.select(timeout=min(left, 1.0)):
-                continue
-            chunk = os.read(process.stdout.fileno(), READ_CHUNK)
-            if not chunk:
-                break
-            if len(output) + len(chunk) > limits.output_bytes:
-                output += chunk[: limits.output_bytes - len(output)]
-                killed_for = OUTPUT_LIMIT
-                break
-            output += chunk
-    if killed_for:
-        _kill_group(process.pid)
-    process.stdout.close()
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
+    with _running_lock:  # end_all() either sees this sandbox or keeps it from starting
+        if _ending.is_set():
+            if group is not None:
+                group.kill_and_remove()
+            raise SandboxEnded("the server is stopping")
+        process = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=workdir,
+            env=env,
+            pass_fds=pass_fds,
+        )
+        _running[process.pid] = group
+    try:
+        output, killed_for = bytearray(), None
+        with selectors.DefaultSelector() as selector:
+            selector.register(process.stdout, selectors.EVENT_READ)
+            while True:
+                left = started + limits.wall_s - time.monotonic()
+                if left <= 0:
+                    killed_for = WALL_LIMIT
+                    break
+                if not selector.select(timeout=min(left, 1.0)):
+                    continue
+                chunk = os.read(process.stdout.fileno(), READ_CHUNK)
+                if not chunk:
+                    break
+                if len(output) + len(chunk) > limits.output_bytes:
+                    output += chunk[: limits.output_bytes - len(output)]
+                    killed_for = OUTPUT_LIMIT
+                    break
+                output += chunk
+        if killed_for:
+            _kill_group(process.pid)
+        process.stdout.close()
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
+    finally:
+        with _running_lock:
+            _running.pop(process.pid, None)
+    if _ending.is_set():  # set before end_all() killed anything: a run it ended never looks like a failure
+        if group is not None:
+            group.kill_and_remove()
+        raise SandboxEnded("the server is stopping")
     wall = time.monotonic() - started
     text = output.decode(errors="replace")
     measured = killed_for is None
@@ -708,6 +736,24 @@ def _kill_group(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def end_all() -> int:
+    """End every sandbox this process runs, and start none from now on: the server is stopping
+    (``ncbench server``'s first SIGTERM or Ctrl-C). Each one's process group and control group
+    get SIGKILL (the pid namespace dies with its first process, so nothing of it survives,
+    whatever uid it runs as); :func:`_execute` then raises :class:`SandboxEnded` in the job that
+    started it, which records nothing, so the run or check is queued again at the next start.
+    Returns how many were ended. Irreversible: only for a process about to end."""
+    _ending.set()
+    with _running_lock:  # held while killing: a pid is forgotten only once reaped
+        running = list(_running.items())
+        for pid, _ in running:
+            _kill_group(pid)
+    for _, group in running:
+        if group is not None:
+            group.kill_and_remove()  # what left the process group (setsid) but not the control group
+    return len(running)
 
 
 # The public vocabulary of failures: a run's reason is one of these, or EXCEPTION_PREFIX and the

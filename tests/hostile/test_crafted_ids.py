@@ -8,10 +8,14 @@ import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
+from schemathesis.specs.openapi.checks import positive_data_acceptance
 from support import token_for
 
 from ncbench.attacks.submission import Submission, read_submission, write_submission
 from ncbench.errors import NcbenchError
+from ncbench.leaderboard.server import service
+from ncbench.leaderboard.store import Store
+from ncbench.leaderboard.verified import runs as verified
 
 
 def get(served, path, token=None):
@@ -56,28 +60,62 @@ def test_nan_in_submission_params_is_refused(tmp_path):
 
 
 EXAMPLES_PER_ROUTE = 8
-# Each plugin upload starts a sandboxed check: its refusals are tested in tests/test_verified.py.
-NOT_PROBED = {"POST /api/v1/challenges/{challenge_id}/plugins"}
+PLUGIN_ROUTE = "POST /api/v1/challenges/{challenge_id}/plugins"
+# Plugin uploads aimed at the served challenge: the schema's own strings for the rest, so nearly
+# all are refused before anything is stored; those that pass are queued as admission checks.
+PLUGIN_EXAMPLES_ON_THE_CHALLENGE = 8
+# A plugin the host refuses from its source before any sandbox starts (its check fails reading
+# its declarations): a bounded number of them reach the check queue.
+JUNK_PLUGIN = b"this is not Python(\n"
+
+
+# The plugin route's fields depend on each other (a module only with an archive, a wheel's name
+# tags) beyond what an OpenAPI pattern says: a schema-valid request may get its documented 400.
+NOT_CHECKED = {PLUGIN_ROUTE: [positive_data_acceptance]}
+
+
+def probe(operation, auth, strategy, examples):
+    @given(case=strategy)
+    @settings(max_examples=examples, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))  # fmt: skip
+    def call(case):
+        case.call_and_validate(headers=auth, excluded_checks=NOT_CHECKED.get(operation.label))
+
+    call()
 
 
 def test_every_answer_is_documented_and_none_is_a_server_error(served):
     """Property-based requests from the real server's own OpenAPI description (schemathesis), a
     few per route, derandomized: each answer's status, content type and shape are documented, and
-    none is a 5xx. Last in the module: its uploads (a team of its own) reach the queue."""
+    none is a 5xx. Last in the module: its uploads (a team of its own) reach the queue.
+
+    The plugin route is probed on any challenge id the schema allows, then on the served
+    challenge, then with a plugin file until the team's daily plugin runs are spent: each upload
+    that gets through is an admission check, so their number is bounded by the daily limit, not by
+    the examples, and the last answer is the documented 429."""
     api = schemathesis.openapi.from_url(f"{served['url']}/openapi.json")
-    auth = {"Authorization": f"Bearer {token_for(served['store'], 'schema')}"}
+    team = "schema"
+    auth = {"Authorization": f"Bearer {token_for(served['store'], team)}"}
     probed = []
     for result in api.get_all_operations():
         operation = result.ok()
-        if operation.label in NOT_PROBED:
-            continue
         probed.append(operation.label)
-
-        @given(case=operation.as_strategy())
-        @settings(max_examples=EXAMPLES_PER_ROUTE, deadline=None, derandomize=True, database=None,
-                  suppress_health_check=list(HealthCheck))  # fmt: skip
-        def probe(case):
-            case.call_and_validate(headers=auth)
-
-        probe()
-    assert len(probed) == 12, probed
+        probe(operation, auth, operation.as_strategy(), EXAMPLES_PER_ROUTE)
+        if operation.label != PLUGIN_ROUTE:
+            continue
+        on_the_challenge = operation.as_strategy(path_parameters={"challenge_id": served["id"]})
+        probe(operation, auth, on_the_challenge, PLUGIN_EXAMPLES_ON_THE_CHALLENGE)
+        answers = []
+        for _ in range(verified.DEFAULT_PLUGIN_DAILY_LIMIT + 1):
+            case = operation.Case(
+                path_parameters={"challenge_id": served["id"]},
+                query={"class": "Plugin", "filename": "junk.py"},
+                body=JUNK_PLUGIN,
+                media_type="text/x-python",
+            )
+            answers.append(case.call_and_validate(headers=auth, excluded_checks=NOT_CHECKED[PLUGIN_ROUTE]).status_code)
+        assert answers[-1] == 429, answers  # the daily plugin runs bound what the probe can queue
+    assert len(probed) == 13 and PLUGIN_ROUTE in probed, probed
+    with Store(service.db_url(None, served["store"]), create=False) as store:
+        runs = verified.team_runs(store, team)
+    assert 1 <= len(runs) <= verified.DEFAULT_PLUGIN_DAILY_LIMIT, runs

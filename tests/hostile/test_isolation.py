@@ -7,6 +7,9 @@ that a test can lower a child's limits or hold a verified run; each test has tea
 import dataclasses
 import datetime as dt
 import gzip
+import os
+import subprocess
+import sys
 import tarfile
 import threading
 import time
@@ -213,3 +216,11 @@ def test_an_archive_that_would_hold_the_gil_is_refused_within_the_unpackers_wall
         ).one()
     # Patched or not, the host's Python never parses it for long: the child is stopped at 3 s.
     assert (dt.datetime.fromisoformat(finished) - dt.datetime.fromisoformat(started)).total_seconds() < 30, run
+
+
+def test_a_child_that_parses_an_upload_runs_below_the_servers_cpu_priority():
+    """Scoring is batch work: a backlog of uploads keeps a scorer child busy, and the API's
+    answers must not wait behind it for the CPU."""
+    command = [*isolated.child_command(isolated.SCORE_LIMITS), sys.executable, "-c", "import os; print(os.nice(0))"]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    assert int(done.stdout) == min(19, os.nice(0) + isolated.CHILD_NICENESS)
