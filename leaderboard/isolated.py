@@ -14,9 +14,12 @@ time, they are no sandbox against a parser exploited into running code (docs/sec
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import importlib
 import json
+import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -51,6 +54,8 @@ CHILD_NICENESS = 10  # added to the server's: the API's threads get the CPU firs
 # The child's whole environment: nothing of the server's (no token, no database URL), and a few
 # math threads, since each thread's buffers count against the address-space limit.
 CHILD_ENV = {"LANG": "C.UTF-8", **dict.fromkeys(("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"), "4")}
+PARENT_ENV = "NCBENCH_PARENT_PID"  # the process the child must not outlive (die_with_parent)
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class ChildKilled(NcbenchError):
@@ -81,7 +86,7 @@ def call(task: str, request: dict, limits: ChildLimits, *, died: str) -> object:
                 stdout=out,
                 stderr=subprocess.DEVNULL,
                 timeout=limits.wall_s,
-                env=CHILD_ENV,
+                env={**CHILD_ENV, PARENT_ENV: str(os.getpid())},
             )
         except subprocess.TimeoutExpired:
             raise ChildKilled(died) from None
@@ -144,7 +149,21 @@ TASKS = {"score": score, "unpack": unpack}
 PRELOAD = {"score": "ncbench.leaderboard.scoring", "unpack": "ncbench.attacks.plugins.archive"}
 
 
+def die_with_parent() -> None:
+    """Have the kernel kill this process (SIGKILL) when the thread that started it ends, as when
+    the server is stopped or killed: a child left behind would go on parsing for up to its wall
+    limit with nobody to read its answer. Exits at once if that parent is already gone. Linux only;
+    elsewhere the wall and CPU limits remain the bound."""
+    expected = os.environ.get(PARENT_ENV)
+    if not sys.platform.startswith("linux") or expected is None:
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != int(expected):  # the parent died before the request above took effect
+        os._exit(1)
+
+
 def _main(argv: list[str]) -> int:
+    die_with_parent()
     importlib.import_module(PRELOAD[argv[0]])
     request = json.loads(sys.stdin.buffer.read())
     try:

@@ -224,3 +224,45 @@ def test_a_child_that_parses_an_upload_runs_below_the_servers_cpu_priority():
     command = [*isolated.child_command(isolated.SCORE_LIMITS), sys.executable, "-c", "import os; print(os.nice(0))"]
     done = subprocess.run(command, capture_output=True, text=True, check=True)
     assert int(done.stdout) == min(19, os.nice(0) + isolated.CHILD_NICENESS)
+
+
+_PARENT = """
+import os, subprocess, sys, time
+child = subprocess.Popen(
+    [*sys.argv[1:], sys.executable, "-I", "-c",
+     "from ncbench.leaderboard.isolated import die_with_parent; die_with_parent(); "
+     "import time; print('ready', flush=True); time.sleep(120)"],
+    env={**os.environ, "%s": str(os.getpid())}, stdout=subprocess.PIPE, text=True)
+assert child.stdout.readline() == "ready\\n"
+print(child.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def _gone(pid: int) -> bool:
+    """No such process, or a zombie nobody reaped yet (it no longer runs)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_a_child_does_not_outlive_the_server_that_started_it():
+    """A server stopped, or killed, while a child parses an upload: the child goes too, through
+    its limits' command line (nice, prlimit), instead of parsing on for up to its wall limit."""
+    code = _PARENT % isolated.PARENT_ENV
+    parent = subprocess.Popen(
+        [sys.executable, "-c", code, *isolated.child_command(isolated.SCORE_LIMITS)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        child = int(parent.stdout.readline())
+        assert not _gone(child)
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while not _gone(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _gone(child), "the child outlived its parent"
+    finally:
+        parent.kill()
