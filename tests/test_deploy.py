@@ -17,6 +17,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -437,6 +438,20 @@ def listeners(process: subprocess.Popen) -> set[str]:
     return found
 
 
+def answers_tcp(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def score_slots(argv: list[str]) -> int:
+    """The ``score`` units a ``dask worker`` command line declares."""
+    resources = dict(item.split("=") for item in argv[argv.index("--resources") + 1].split(","))
+    return int(resources.get("score", 0))
+
+
 def answer_files(release: Path, folder: Path, count: int) -> list[Path]:
     """``count`` distinct answer files (the chance attack at different seeds), in this process."""
     from ncbench.attacks.plugins.registry import resolve
@@ -488,11 +503,7 @@ def test_two_servers_behind_nginx_score_every_job_once_across_a_killed_server_an
             worker_argv.append(
                 [DASK, *on_loopback(argv, port=None, values={**values, GUIDE_SCRATCH: str(scratch)})[1:]]
             )
-        workers = [run.start(f"worker-{k}", argv) for k, argv in enumerate(worker_argv)]
-        from distributed import Client
-
-        with Client(f"tcp://127.0.0.1:{scheduler_port}", timeout=60) as client:
-            client.wait_for_workers(2, timeout=90)
+        wait_until(lambda: answers_tcp(scheduler_port), "dask scheduler", 60, [scheduler])
         servers = []
         for k, ((env, argv), port) in enumerate(zip(commands["server"], server_ports)):
             env = {name: values.get(value, value) for name, value in env.items()}
@@ -511,10 +522,6 @@ def test_two_servers_behind_nginx_score_every_job_once_across_a_killed_server_an
         wait_until(lambda: answers(f"{proxy}/healthz", verify=tls), "nginx", 60, [nginx])
         with pytest.raises(httpx.ConnectError):  # the client does verify: without the CA it refuses
             httpx.get(f"{proxy}/healthz", timeout=5)
-
-        # Nothing listens beyond loopback: the scheduler's and workers' HTTP servers included.
-        for process in [scheduler, *workers, *servers, nginx]:
-            assert listeners(process) <= {"127.0.0.1"}, (process.args[:3], listeners(process))
 
         accepted: dict[int, int] = {}  # job id -> team index, from every 202
         refused: list[int] = []  # statuses other than 202 (a 502 when a server dies under a request)
@@ -547,20 +554,36 @@ def test_two_servers_behind_nginx_score_every_job_once_across_a_killed_server_an
             with Store(postgres_url) as store:
                 return states(store, jobs)
 
+        # The first half is uploaded before any worker runs, so that a backlog waits; then the
+        # workers start and each server claims as many jobs as the cluster has score slots.
         half = FILES_PER_TEAM // 2
         upload_round(0, half)
-        # Mid-run: a backlog is queued and both servers hold claimed jobs. SIGKILL server 0 and
-        # worker 0 (the one with the check and sandbox pools); the worker comes back at once, as
-        # its supervisor would start it; the server stays dead.
-        before_kill = job_states()
-        assert sum(state == "queued" for state in before_kill.values()) > 0, before_kill
-        os.killpg(servers[0].pid, signal.SIGKILL)
-        os.killpg(workers[0].pid, signal.SIGKILL)
-        killed_at = time.monotonic()
-        servers[0].wait(timeout=30)
-        workers[0].wait(timeout=30)
-        workers[0] = run.start("worker-0-again", worker_argv[0])
-        upload_round(half, FILES_PER_TEAM)
+        assert set(job_states().values()) == {"queued"}
+        workers = [run.start(f"worker-{k}", argv) for k, argv in enumerate(worker_argv)]
+        slots = sum(score_slots(argv) for argv in worker_argv)
+        wait_until(
+            lambda: sum(state == "running" for state in job_states().values()) >= 2 * slots,
+            "both servers holding claimed jobs",
+            90,
+            [scheduler, *workers, *servers],
+        )
+        # Nothing listens beyond loopback: the scheduler's and workers' HTTP servers included.
+        for process in [scheduler, *workers, *servers, nginx]:
+            assert listeners(process) <= {"127.0.0.1"}, (process.args[:3], listeners(process))
+        # Mid-run, server 0 holds as many jobs as there are slots, some of them waiting or on
+        # worker 0, and the second half is being uploaded: SIGKILL server 0 and worker 0 (the one
+        # with the check and sandbox pools). The worker comes back at once, as its supervisor
+        # would start it; the server stays dead.
+        with concurrent.futures.ThreadPoolExecutor(1) as background:
+            second_half = background.submit(upload_round, half, FILES_PER_TEAM)
+            time.sleep(0.3)  # uploads under way through both servers
+            os.killpg(servers[0].pid, signal.SIGKILL)
+            os.killpg(workers[0].pid, signal.SIGKILL)
+            killed_at = time.monotonic()
+            servers[0].wait(timeout=30)
+            workers[0].wait(timeout=30)
+            workers[0] = run.start("worker-0-again", worker_argv[0])
+            second_half.result()
         wait_until(
             lambda: all(state in workqueue.FINAL_STATES for state in job_states().values()),
             "every job final",
