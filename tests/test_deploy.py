@@ -257,6 +257,62 @@ def test_a_dispatcher_knows_whether_others_share_the_database(postgres_url):
         second.leave()
 
 
+def updated(store: Store, job_id: int) -> str:
+    with store._read() as conn:
+        return conn.execute(sa.select(jobs.c.updated_utc).where(jobs.c.id == job_id)).scalar_one()
+
+
+def test_a_job_renews_its_lease_while_it_runs_on_a_worker(tmp_path, monkeypatch):
+    from ncbench.leaderboard.server import worker
+
+    url = str(tmp_path / "board.db")
+    with Store(url) as store:
+        (job_id,) = queued_jobs(store, 1)
+        channel.claim(store, 1)
+        claimed = updated(store, job_id)
+        seen = []
+
+        def slow_scorer(db_url, store_root, run_id):  # a scorer that outlasts two beats
+            time.sleep(0.5)
+            seen.append(updated(store, run_id))
+            return "scored"
+
+        monkeypatch.setattr(workqueue, "HEARTBEAT_S", 0.1)
+        monkeypatch.setitem(worker.KINDS, "job", (*worker.KINDS["job"][:2], slow_scorer, worker.KINDS["job"][3]))
+        assert worker.run_held("job", url, str(tmp_path), job_id) == "scored"
+        assert seen[0] > claimed  # renewed while it ran: no other server takes it meanwhile
+        assert workqueue.requeue_stale(store, jobs, lease_s=0.3) == 0
+
+
+@pytest.mark.postgres
+def test_a_server_starting_beside_a_live_one_leaves_its_running_jobs_alone(postgres_url, tmp_path):
+    from ncbench.leaderboard.server.worker import Dispatcher
+
+    with Store(postgres_url) as store:
+        (job_id,) = queued_jobs(store, 1)
+        assert job_id in channel.claim(store, 10)  # held by a live server
+        live = workqueue.Presence(postgres_url)
+        live.join()
+        try:
+            dispatcher = Dispatcher(postgres_url, str(tmp_path))
+            dispatcher._loop = lambda: None  # what start() does, not what it runs after
+            dispatcher.start()
+            try:
+                assert states(store, jobs)[job_id] == "running"
+            finally:
+                dispatcher.stop()
+        finally:
+            live.leave()
+        # Alone, a starting server takes every job left running as its dead predecessors'.
+        dispatcher = Dispatcher(postgres_url, str(tmp_path))
+        dispatcher._loop = lambda: None
+        dispatcher.start()
+        try:
+            assert states(store, jobs)[job_id] == "queued"
+        finally:
+            dispatcher.stop()
+
+
 def uncheck_plugin_runs(store: Store, team: str, count: int) -> list[int]:
     """``count`` uploaded plugins of ``team`` waiting for their admission check."""
     store.record_score(store_result("a"), team=team)
@@ -349,6 +405,9 @@ def test_the_guides_commands_use_options_the_tools_have():
                 assert {"--host", "--scheduler", "--db", "--store"} <= options, argv
     resources = [argv[argv.index("--resources") + 1] for _, argv in commands["worker"]]
     pools = {item.partition("=")[0] for spec in resources for item in spec.split(",")}
+    for spec, (_, argv) in zip(resources, commands["worker"]):  # a thread for every unit: no pool waits on another
+        units = sum(int(item.partition("=")[2]) for item in spec.split(","))
+        assert int(argv[argv.index("--nthreads") + 1]) >= units, argv
     from ncbench.leaderboard.server.worker import CHECK, SANDBOX, SCORE
 
     assert pools == {SCORE, CHECK, SANDBOX}  # every pool is served by some worker

@@ -52,12 +52,17 @@ def run_held(kind: str, db_url: str, store_root: str, job_id: int) -> str:
     stop = threading.Event()
 
     def beat() -> None:
-        with Store(db_url, create=False) as store:
+        store = None  # opened at the first beat: most answer files are scored before it
+        try:
             while not stop.wait(workqueue.HEARTBEAT_S):
                 try:
+                    store = store or Store(db_url, create=False)
                     workqueue.touch(store, TABLES[kind], [job_id])
                 except NcbenchError:  # the database is away for a moment: the next beat may pass
                     pass
+        finally:
+            if store is not None:
+                store.close()
 
     beater = threading.Thread(target=beat, name=f"ncbench-lease-{kind}-{job_id}", daemon=True)
     beater.start()
