@@ -284,6 +284,38 @@ def test_a_job_renews_its_lease_while_it_runs_on_a_worker(tmp_path, monkeypatch)
         assert workqueue.requeue_stale(store, jobs, lease_s=0.3) == 0
 
 
+def test_the_dispatcher_outlives_a_database_outage_and_claims_again(tmp_path, monkeypatch, capfd):
+    from ncbench.errors import NcbenchError
+    from ncbench.leaderboard.server import worker
+    from ncbench.leaderboard.server.worker import Dispatcher
+
+    url = str(tmp_path / "board.db")
+    with Store(url) as store:
+        (job_id,) = queued_jobs(store, 1)
+    tries, ran = [], threading.Event()
+    pool, claim, _, finish = worker.KINDS["job"]
+
+    def claim_after_an_outage(store, limit):
+        tries.append(limit)
+        if len(tries) == 1:
+            raise NcbenchError("database db.example.org unavailable: connection refused")
+        return claim(store, limit)
+
+    def scorer(db_url, store_root, run_id):
+        ran.set()
+        return "scored"
+
+    monkeypatch.setattr(workqueue, "HEARTBEAT_S", 0.1)
+    monkeypatch.setitem(worker.KINDS, "job", (pool, claim_after_an_outage, scorer, finish))
+    dispatcher = Dispatcher(url, str(tmp_path)).start()
+    try:
+        assert ran.wait(30), "the dispatcher stopped at the outage"
+    finally:
+        dispatcher.stop()
+    assert len(tries) >= 2
+    assert "warning: job dispatcher: database db.example.org unavailable" in capfd.readouterr().err
+
+
 @pytest.mark.postgres
 def test_a_server_starting_beside_a_live_one_leaves_its_running_jobs_alone(postgres_url, tmp_path):
     from ncbench.leaderboard.server.worker import Dispatcher

@@ -22,6 +22,7 @@ leases while it holds them, and queues again the jobs of a server that died
 from __future__ import annotations
 
 import secrets
+import sys
 import threading
 import time
 
@@ -151,29 +152,39 @@ class Dispatcher:
         with Store(self.db_url) as store:
             renewed = time.monotonic()
             while not self._stop.is_set():
-                if time.monotonic() - renewed >= workqueue.HEARTBEAT_S:
-                    self._renew(store)
-                    renewed = time.monotonic()
-                capacity = self.capacity()
-                for kind, (pool, claim, _, _) in KINDS.items():
-                    with self._lock:
-                        busy = sum(1 for k, _ in self._inflight if KINDS[k][0] == pool)
-                    free = capacity[pool] - busy
-                    for job_id in claim(store, free) if free > 0 else []:
-                        future = self.client.submit(
-                            run_held,
-                            kind,
-                            self.db_url,
-                            self.store_root,
-                            job_id,
-                            pure=False,
-                            key=f"ncbench-{kind}-{job_id}-{self.token}",
-                            resources={pool: 1},
-                        )
-                        with self._lock:
-                            self._inflight.add((kind, job_id))
-                        future.add_done_callback(lambda f, k=kind, j=job_id: self._done(k, j, f))
+                try:
+                    if time.monotonic() - renewed >= workqueue.HEARTBEAT_S:
+                        self._renew(store)
+                        renewed = time.monotonic()
+                    self._dispatch(store)
+                except (NcbenchError, OSError) as error:
+                    # The database or the scheduler is away for a moment (another machine, in a
+                    # deployment of several): the jobs wait in the database; try again.
+                    print(f"warning: job dispatcher: {error}", file=sys.stderr)
+                    self._stop.wait(workqueue.HEARTBEAT_S)
                 self._stop.wait(self.poll_s)
+
+    def _dispatch(self, store: Store) -> None:
+        """Claim as many jobs of each kind as its pool has free units, and send them to Dask."""
+        capacity = self.capacity()
+        for kind, (pool, claim, _, _) in KINDS.items():
+            with self._lock:
+                busy = sum(1 for k, _ in self._inflight if KINDS[k][0] == pool)
+            free = capacity[pool] - busy
+            for job_id in claim(store, free) if free > 0 else []:
+                future = self.client.submit(
+                    run_held,
+                    kind,
+                    self.db_url,
+                    self.store_root,
+                    job_id,
+                    pure=False,
+                    key=f"ncbench-{kind}-{job_id}-{self.token}",
+                    resources={pool: 1},
+                )
+                with self._lock:
+                    self._inflight.add((kind, job_id))
+                future.add_done_callback(lambda f, k=kind, j=job_id: self._done(k, j, f))
 
     def _done(self, kind: str, job_id: int, future) -> None:
         with self._lock:
