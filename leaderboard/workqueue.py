@@ -13,7 +13,9 @@ that dies is not needed back for its jobs to be scored.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,6 +155,33 @@ def touch(store: Store, table: sa.Table, row_ids) -> None:
                 .where(table.c.id.in_(list(row_ids)), table.c.state == "running")
                 .values(updated_utc=_stamp(utc_now()))
             )
+
+
+@contextlib.contextmanager
+def leased(db_url: str, table: sa.Table, row_id: int):
+    """While the block runs, a thread renews the lease of row ``row_id`` of ``table`` every
+    HEARTBEAT_S, so that no server takes the job for one whose holder died."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        store = None  # opened at the first beat: most answer files are scored before it
+        try:
+            while not stop.wait(HEARTBEAT_S):
+                try:
+                    store = store or Store(db_url, create=False)
+                    touch(store, table, [row_id])
+                except NcbenchError:  # the database is away for a moment: the next beat may pass
+                    pass
+        finally:
+            if store is not None:
+                store.close()
+
+    beater = threading.Thread(target=beat, name=f"ncbench-lease-{table.name}-{row_id}", daemon=True)
+    beater.start()
+    try:
+        yield
+    finally:
+        stop.set()
 
 
 class Presence:

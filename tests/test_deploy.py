@@ -572,7 +572,9 @@ def test_two_servers_behind_nginx_score_every_job_once_across_a_killed_server_an
     key = channel.token_key(workqueue.StoreLayout(store_dir))
     with Store(postgres_url) as store:
         tokens = [channel.add_team(store, f"team-{k}", key=key)[1] for k in range(TEAMS)]
-    files = answer_files(tmp_path / "release" / "public" / "release.h5", tmp_path / "answers", TEAMS * FILES_PER_TEAM)
+    files = answer_files(
+        tmp_path / "release" / "public" / "release.h5", tmp_path / "answers", TEAMS * FILES_PER_TEAM + 1
+    )
     ca, cert, cert_key = throwaway_tls(tmp_path / "tls")
 
     scheduler_port, proxy_port = free_port(), free_port()
@@ -595,10 +597,11 @@ def test_two_servers_behind_nginx_score_every_job_once_across_a_killed_server_an
                 [DASK, *on_loopback(argv, port=None, values={**values, GUIDE_SCRATCH: str(scratch)})[1:]]
             )
         wait_until(lambda: answers_tcp(scheduler_port), "dask scheduler", 60, [scheduler])
-        servers = []
-        for k, ((env, argv), port) in enumerate(zip(commands["server"], server_ports)):
-            env = {name: values.get(value, value) for name, value in env.items()}
-            servers.append(run.start(f"server-{k}", [NCBENCH, *on_loopback(argv, port=port, values=values)[1:]], env))
+        server_runs = [
+            ([NCBENCH, *on_loopback(argv, port=port, values=values)[1:]], {k: values.get(v, v) for k, v in env.items()})
+            for (env, argv), port in zip(commands["server"], server_ports)
+        ]
+        servers = [run.start(f"server-{k}", argv, env) for k, (argv, env) in enumerate(server_runs)]
         for k, port in enumerate(server_ports):
             wait_until(lambda: answers(f"http://127.0.0.1:{port}/healthz"), f"server {k}", 90, servers)
         proxy_conf = nginx_main(
@@ -682,6 +685,18 @@ def test_two_servers_behind_nginx_score_every_job_once_across_a_killed_server_an
             [servers[1], scheduler, nginx],
         )
         finished_at = time.monotonic()
+        # Server 0 comes back beside server 1 and takes its share again: one more upload is scored.
+        servers[0] = run.start("server-0-again", *server_runs[0])
+        wait_until(lambda: answers(f"http://127.0.0.1:{server_ports[0]}/healthz"), "server 0 again", 90, servers)
+        before = len(accepted)
+        upload(0, files[-1:])
+        assert len(accepted) == before + 1, refused
+        wait_until(
+            lambda: all(state in workqueue.FINAL_STATES for state in job_states().values()),
+            "the upload after the restart scored",
+            60,
+            [*servers, scheduler, nginx],
+        )
 
         with Store(postgres_url) as store, store._read() as conn:
             rows = conn.execute(
@@ -704,7 +719,7 @@ def test_two_servers_behind_nginx_score_every_job_once_across_a_killed_server_an
         submission_of = {(row.team_id, row.sha256): row.id for row in scored}
         assert all(row.submission_id == submission_of[(row.team_id, row.sha256)] for row in rows)
         assert {row.id for row in scored} <= with_scores
-        assert len(accepted) + len(refused) == TEAMS * FILES_PER_TEAM
+        assert len(accepted) + len(refused) == TEAMS * FILES_PER_TEAM + 1
         assert set(refused) <= {502}, refused
         # The killed server held claimed jobs that the surviving one queued again (a second attempt).
         requeued = sorted(row.id for row in rows if row.attempts > 1)

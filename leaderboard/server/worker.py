@@ -50,27 +50,8 @@ TABLES = {"job": jobs, "check": verified_runs, "run": verified_runs}  # each kin
 def run_held(kind: str, db_url: str, store_root: str, job_id: int) -> str:
     """Run a claimed job of ``kind`` on a Dask worker, renewing its lease while it runs: a job
     still running here when the server that claimed it dies is not queued again elsewhere."""
-    stop = threading.Event()
-
-    def beat() -> None:
-        store = None  # opened at the first beat: most answer files are scored before it
-        try:
-            while not stop.wait(workqueue.HEARTBEAT_S):
-                try:
-                    store = store or Store(db_url, create=False)
-                    workqueue.touch(store, TABLES[kind], [job_id])
-                except NcbenchError:  # the database is away for a moment: the next beat may pass
-                    pass
-        finally:
-            if store is not None:
-                store.close()
-
-    beater = threading.Thread(target=beat, name=f"ncbench-lease-{kind}-{job_id}", daemon=True)
-    beater.start()
-    try:
+    with workqueue.leased(db_url, TABLES[kind], job_id):
         return KINDS[kind][2](db_url, store_root, job_id)
-    finally:
-        stop.set()
 
 
 class Dispatcher:
