@@ -316,6 +316,33 @@ def test_the_dispatcher_outlives_a_database_outage_and_claims_again(tmp_path, mo
     assert "warning: job dispatcher: database db.example.org unavailable" in capfd.readouterr().err
 
 
+def test_a_server_on_an_external_cluster_says_what_its_workers_lack(tmp_path, capfd):
+    from distributed import LocalCluster
+
+    from ncbench.leaderboard.server.worker import Dispatcher
+
+    url = str(tmp_path / "board.db")
+    Store(url).close()
+    store_dir = tmp_path / "store"
+    loopback = {
+        "protocol": "tcp://",
+        "host": "127.0.0.1",
+        "dashboard_address": "127.0.0.1:0",
+        "worker_dashboard_address": "127.0.0.1:0",
+    }
+    with LocalCluster(n_workers=1, processes=False, resources={"score": 2}, **loopback) as cluster:
+        for _ in range(2):  # the store folder missing, then there
+            dispatcher = Dispatcher(url, str(store_dir), scheduler=cluster.scheduler_address)
+            dispatcher._loop = lambda: None
+            dispatcher.start()
+            dispatcher.stop()
+            store_dir.mkdir(mode=0o700, exist_ok=True)
+    missing, there = capfd.readouterr().err.split("no dask worker declares the pool 'check'")[1:]
+    assert "no dask worker declares the pool 'sandbox'" in missing and "pool 'score'" not in missing
+    assert f"cannot read the store folder {store_dir}: the jobs it runs fail" in missing
+    assert "cannot read the store folder" not in there and "cannot open the database" not in there
+
+
 @pytest.mark.postgres
 def test_a_server_starting_beside_a_live_one_leaves_its_running_jobs_alone(postgres_url, tmp_path):
     from ncbench.leaderboard.server.worker import Dispatcher

@@ -21,10 +21,12 @@ leases while it holds them, and queues again the jobs of a server that died
 
 from __future__ import annotations
 
+import os
 import secrets
 import sys
 import threading
 import time
+from pathlib import Path
 
 from ncbench.errors import NcbenchError
 from ncbench.leaderboard import workqueue
@@ -52,6 +54,18 @@ def run_held(kind: str, db_url: str, store_root: str, job_id: int) -> str:
     still running here when the server that claimed it dies is not queued again elsewhere."""
     with workqueue.leased(db_url, TABLES[kind], job_id):
         return KINDS[kind][2](db_url, store_root, job_id)
+
+
+def reach(db_url: str, store_root: str) -> str | None:
+    """On a Dask worker: what of the database and the store folder it cannot reach, or None."""
+    root = Path(store_root)
+    if not root.is_dir() or not os.access(root, os.R_OK | os.X_OK):
+        return f"cannot read the store folder {root}"
+    try:
+        Store(db_url, create=False).close()
+    except NcbenchError as error:
+        return f"cannot open the database: {error}"
+    return None
 
 
 class Dispatcher:
@@ -83,6 +97,8 @@ class Dispatcher:
 
         if self.scheduler:
             self.client = Client(self.scheduler)
+            for problem in self.check_workers():
+                print(f"warning: {problem}", file=sys.stderr)
         else:
             # Threads of this process talking over in-process queues, so no scheduler, worker or
             # nanny port. The scheduler and each worker still start an HTTP server (health and
@@ -108,6 +124,20 @@ class Dispatcher:
         self._thread = threading.Thread(target=self._loop, name="ncbench-dispatcher", daemon=True)
         self._thread.start()
         return self
+
+    def check_workers(self) -> list[str]:
+        """What the external cluster's workers lack, one line each: a pool no worker declares
+        (its jobs would wait), the database or the store folder out of a worker's reach (its jobs
+        would fail). Workers that join later are not checked."""
+        problems = [
+            f"no dask worker declares the pool {pool!r} (--resources {pool}=N): its jobs wait"
+            for pool, units in self.capacity().items()
+            if units == 0
+        ]
+        for address, problem in sorted(self.client.run(reach, self.db_url, self.store_root).items()):
+            if problem:
+                problems.append(f"dask worker {address} {problem}: the jobs it runs fail")
+        return problems
 
     def capacity(self) -> dict[str, int]:
         """Units of each pool over the cluster's workers (remote workers declare theirs)."""
