@@ -40,6 +40,9 @@ GUIDE = Path(__file__).resolve().parents[1] / "docs" / "deploy.md"
 SECTION = "## Several machines"
 DASK = str(Path(sys.executable).with_name("dask"))
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+needs_nginx = pytest.mark.skipif(
+    NGINX is None or shutil.which("openssl") is None, reason="nginx or openssl is not installed"
+)
 # What the guide names, and what the loopback run puts in its place.
 GUIDE_DB = "postgresql+psycopg://ncbench@10.0.0.5/ncbench"
 GUIDE_STORE = "/srv/ncbench/store"
@@ -472,7 +475,7 @@ def test_the_guides_commands_use_options_the_tools_have():
     assert pools == {SCORE, CHECK, SANDBOX}  # every pool is served by some worker
 
 
-@pytest.mark.skipif(NGINX is None, reason="nginx is not installed")
+@needs_nginx
 def test_the_guides_nginx_configuration_is_valid(tmp_path):
     ca, cert, key = throwaway_tls(tmp_path / "tls")
     config = nginx_main(
@@ -585,7 +588,7 @@ def answer_files(release: Path, folder: Path, count: int) -> list[Path]:
 
 @pytest.mark.deploy
 @pytest.mark.postgres
-@pytest.mark.skipif(NGINX is None, reason="nginx is not installed")
+@needs_nginx
 def test_two_servers_behind_nginx_score_every_job_once_across_a_killed_server_and_worker(postgres_url, tmp_path):
     began = time.monotonic()
     commands = guide_commands()
