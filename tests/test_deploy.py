@@ -69,9 +69,9 @@ def fenced(language: str) -> list[str]:
 
 
 def guide_commands() -> dict[str, list[tuple[dict[str, str], list[str]]]]:
-    """The guide's ``dask scheduler``, ``dask worker`` and ``ncbench server`` lines: for each,
-    (environment, argv) in the guide's order."""
-    found: dict[str, list] = {"scheduler": [], "worker": [], "server": []}
+    """The guide's ``dask scheduler``, ``dask worker`` and ``ncbench server`` lines, and the
+    organizer's (``challenge publish``, ``team add``): for each, (environment, argv) in order."""
+    found: dict[str, list] = {"scheduler": [], "worker": [], "server": [], "organizer": []}
     for block in fenced("sh"):
         for line in block.splitlines():
             if not line.strip() or line.lstrip().startswith("#"):
@@ -86,6 +86,8 @@ def guide_commands() -> dict[str, list[tuple[dict[str, str], list[str]]]]:
                     found[kind].append((env, words))
             if words[:2] == ["ncbench", "server"]:
                 found["server"].append((env, words))
+            if words[:3] in (["ncbench", "challenge", "publish"], ["ncbench", "team", "add"]):
+                found["organizer"].append((env, words))
     return found
 
 
@@ -465,6 +467,11 @@ def test_the_guides_commands_use_options_the_tools_have():
                 assert argv[argv.index("--dashboard-address") + 1].startswith("127.0.0.1:")
             else:
                 assert {"--host", "--scheduler", "--db", "--store"} <= options, argv
+    from ncbench.cli.server import publish, team_add
+
+    for (_, argv), command in zip(commands["organizer"], (publish, team_add), strict=True):
+        known = {name for param in command.params for name in param.opts}
+        assert {word for word in argv if word.startswith("--")} <= known, argv
     resources = [argv[argv.index("--resources") + 1] for _, argv in commands["worker"]]
     pools = {item.partition("=")[0] for spec in resources for item in spec.split(",")}
     for spec, (_, argv) in zip(resources, commands["worker"]):  # a thread for every unit: no pool waits on another
