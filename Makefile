@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
 
-.PHONY: install demo test lint test-slow bench serve clean
+.PHONY: install demo test lint test-slow test-deploy bench serve clean
 
 $(BIN)/ncbench: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ test: lint
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow
+
+# The several-machine deployment of docs/deploy.md on loopback: PostgreSQL, a Dask scheduler and two
+# workers, two servers behind nginx with TLS, a server and a worker killed mid-run (a few minutes).
+test-deploy: install
+	$(BIN)/python -m pytest -q -s -m deploy tests/test_deploy.py
 
 bench: install
 	$(BIN)/python benchmarks/run.py

@@ -4,11 +4,18 @@ Rows of a queue table (``jobs`` or ``verified_runs`` in :mod:`ncbench.leaderboar
 ``queued -> running -> scored | refused | failed``; the server's workers claim them, a restart
 requeues what a dead server left ``running``. Only the table differs between the two kinds, so
 the state changes and the daily counts live here once.
+
+Several servers may share one PostgreSQL database. A ``running`` row is then leased: whoever
+holds it (the dispatcher that claimed it, the worker that runs it) touches its ``updated_utc``
+every HEARTBEAT_S, and any server queues again a row nobody touched for LEASE_S, so a server
+that dies is not needed back for its jobs to be scored.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +25,12 @@ from ncbench.errors import NcbenchError
 from ncbench.leaderboard.store import Store, _stamp, challenges, published, utc_now
 
 ATTEMPTS_BEFORE_FAILED = 3  # a job that crashed its worker this often is marked failed
+HEARTBEAT_S = 5.0  # how often the holder of a running row touches it
+LEASE_S = 30.0  # a running row untouched this long has lost its holder: it is queued again
+# pg_advisory_xact_lock key ("ncbq") serialising claims of one-per-value queues across servers
+_PG_ONE_PER_LOCK = 0x6E63_6271
+# pg_advisory_lock key ("ncbd") every live dispatcher holds shared; exclusive means alone
+_PG_DISPATCHER_LOCK = 0x6E63_6264
 FINAL_STATES = ("scored", "refused", "failed")
 
 
@@ -121,6 +134,85 @@ def requeue_interrupted(store: Store, table: sa.Table) -> int:
         ).rowcount
 
 
+def requeue_stale(store: Store, table: sa.Table, *, lease_s: float = LEASE_S, now: dt.datetime | None = None) -> int:
+    """Rows of ``table`` left ``running`` and untouched for ``lease_s`` (their server and worker
+    died) are queued again; returns how many."""
+    now = now or utc_now()
+    with store._write() as conn:
+        return conn.execute(
+            table.update()
+            .where(table.c.state == "running", table.c.updated_utc < _stamp(now - dt.timedelta(seconds=lease_s)))
+            .values(state="queued", updated_utc=_stamp(now))
+        ).rowcount
+
+
+def touch(store: Store, table: sa.Table, row_ids) -> None:
+    """Renew the lease of the rows ``row_ids`` of ``table`` that are still ``running``."""
+    if row_ids:
+        with store._write() as conn:
+            conn.execute(
+                table.update()
+                .where(table.c.id.in_(list(row_ids)), table.c.state == "running")
+                .values(updated_utc=_stamp(utc_now()))
+            )
+
+
+@contextlib.contextmanager
+def leased(db_url: str, table: sa.Table, row_id: int):
+    """While the block runs, a thread renews the lease of row ``row_id`` of ``table`` every
+    HEARTBEAT_S, so that no server takes the job for one whose holder died."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        store = None  # opened at the first beat: most answer files are scored before it
+        try:
+            while not stop.wait(HEARTBEAT_S):
+                try:
+                    store = store or Store(db_url, create=False)
+                    touch(store, table, [row_id])
+                except NcbenchError:  # the database is away for a moment: the next beat may pass
+                    pass
+        finally:
+            if store is not None:
+                store.close()
+
+    beater = threading.Thread(target=beat, name=f"ncbench-lease-{table.name}-{row_id}", daemon=True)
+    beater.start()
+    try:
+        yield
+    finally:
+        stop.set()
+
+
+class Presence:
+    """Whether other dispatchers share the database. On PostgreSQL each live dispatcher holds a
+    shared advisory lock on a connection of its own, released by PostgreSQL when its process
+    dies; one that gets the lock exclusively is alone. A SQLite store serves one server."""
+
+    def __init__(self, db_url: str):
+        self.store = Store(db_url, create=False)
+        self.connection = None
+        if self.store.url.get_backend_name() == "postgresql":
+            self.connection = self.store.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+
+    def join(self) -> bool:
+        """Announce this dispatcher; True when no other one is alive (nothing else runs jobs)."""
+        if self.connection is None:
+            return True
+        lock = sa.text("SELECT pg_try_advisory_lock(:key)")
+        alone = bool(self.connection.execute(lock, {"key": _PG_DISPATCHER_LOCK}).scalar())
+        self.connection.execute(sa.text("SELECT pg_advisory_lock_shared(:key)"), {"key": _PG_DISPATCHER_LOCK})
+        if alone:
+            self.connection.execute(sa.text("SELECT pg_advisory_unlock(:key)"), {"key": _PG_DISPATCHER_LOCK})
+        return alone
+
+    def leave(self) -> None:
+        if self.connection is not None:
+            self.connection.close()  # the session ends, and its locks with it
+            self.connection = None
+        self.store.close()
+
+
 def claim(store: Store, limit: int, table: sa.Table, *conditions, one_per=None, **also) -> list[int]:
     """Move up to ``limit`` queued rows of ``table`` that meet ``conditions`` to ``running``,
     oldest first, counting the attempt and setting ``also`` (e.g. a start time); returns their
@@ -131,6 +223,10 @@ def claim(store: Store, limit: int, table: sa.Table, *conditions, one_per=None, 
         if one_per is None:
             ids = conn.execute(query.limit(limit).with_for_update(skip_locked=True)).scalars().all()
         else:
+            if store.url.get_backend_name() == "postgresql":
+                # Row locks cannot see a value another server is claiming in a transaction not yet
+                # committed: one claimer at a time, which then sees every committed ``running`` row.
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_ONE_PER_LOCK})
             running = sa.select(one_per).where(table.c.state == "running", *conditions)
             query = query.add_columns(one_per).where(one_per.not_in(running))
             ids, taken = [], set()

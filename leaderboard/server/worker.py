@@ -13,15 +13,26 @@ jobs run on ``dask worker`` processes elsewhere, started with ``--resources`` na
 they serve (e.g. ``score=2`` on one, ``check=1,sandbox=1`` on another), which need the same
 database URL (PostgreSQL) and the store folder (a shared file system) to reach the files.
 The database holds every job's state, so the cluster can die at any moment: a job it was
-running is queued again at the next start and recorded once.
+running is queued again at the next start and recorded once. Several servers may share one
+PostgreSQL database and one scheduler (docs/deploy.md): each claims its own jobs, renews their
+leases while it holds them, and queues again the jobs of a server that died
+(:mod:`leaderboard.workqueue`); a server that starts while others run leaves their jobs alone.
 """
 
 from __future__ import annotations
 
+import os
+import secrets
+import sys
 import threading
+import time
+from pathlib import Path
 
+from ncbench.errors import NcbenchError
+from ncbench.leaderboard import workqueue
 from ncbench.leaderboard.server import channel
-from ncbench.leaderboard.store import Store
+from ncbench.leaderboard.store import Store, jobs, verified_runs
+from ncbench.leaderboard.verified import cgroup
 from ncbench.leaderboard.verified import runs as verified
 
 LOOPBACK = "127.0.0.1:0"
@@ -35,6 +46,26 @@ KINDS = {
     "check": (CHECK, verified.claim_checks, verified.run_check, verified.finish),
     "run": (SANDBOX, verified.claim, verified.run_verified, verified.finish),
 }
+TABLES = {"job": jobs, "check": verified_runs, "run": verified_runs}  # each kind's queue
+
+
+def run_held(kind: str, db_url: str, store_root: str, job_id: int) -> str:
+    """Run a claimed job of ``kind`` on a Dask worker, renewing its lease while it runs: a job
+    still running here when the server that claimed it dies is not queued again elsewhere."""
+    with workqueue.leased(db_url, TABLES[kind], job_id):
+        return KINDS[kind][2](db_url, store_root, job_id)
+
+
+def reach(db_url: str, store_root: str) -> str | None:
+    """On a Dask worker: what of the database and the store folder it cannot reach, or None."""
+    root = Path(store_root)
+    if not root.is_dir() or not os.access(root, os.R_OK | os.X_OK):
+        return f"cannot read the store folder {root}"
+    try:
+        Store(db_url, create=False).close()
+    except NcbenchError as error:
+        return f"cannot open the database: {error}"
+    return None
 
 
 class Dispatcher:
@@ -57,13 +88,17 @@ class Dispatcher:
         self._stop = threading.Event()
         self._inflight: set[tuple[str, int]] = set()
         self._lock = threading.Lock()
-        self.cluster = self.client = self._thread = None
+        # Task keys unique across servers sharing a scheduler (a job may pass from one to another).
+        self.token = secrets.token_hex(8)
+        self.cluster = self.client = self._thread = self.presence = None
 
     def start(self) -> Dispatcher:
         from distributed import Client, LocalCluster
 
         if self.scheduler:
             self.client = Client(self.scheduler)
+            for problem in self.check_workers():
+                print(f"warning: {problem}", file=sys.stderr)
         else:
             # Threads of this process talking over in-process queues, so no scheduler, worker or
             # nanny port. The scheduler and each worker still start an HTTP server (health and
@@ -79,11 +114,30 @@ class Dispatcher:
             )
             self.client = Client(self.cluster)
         with Store(self.db_url) as store:
-            channel.requeue_interrupted(store)
-            verified.requeue_interrupted(store)
+            self.presence = workqueue.Presence(self.db_url)
+            if self.presence.join():  # alone: every running job was left by a server that died
+                channel.requeue_interrupted(store)
+                verified.requeue_interrupted(store)
+            else:  # other servers run theirs: only jobs nobody holds
+                cgroup.reap_leftovers()  # sandboxes of servers of this machine that died
+                self._requeue_stale(store)
         self._thread = threading.Thread(target=self._loop, name="ncbench-dispatcher", daemon=True)
         self._thread.start()
         return self
+
+    def check_workers(self) -> list[str]:
+        """What the external cluster's workers lack, one line each: a pool no worker declares
+        (its jobs would wait), the database or the store folder out of a worker's reach (its jobs
+        would fail). Workers that join later are not checked."""
+        problems = [
+            f"no dask worker declares the pool {pool!r} (--resources {pool}=N): its jobs wait"
+            for pool, units in self.capacity().items()
+            if units == 0
+        ]
+        for address, problem in sorted(self.client.run(reach, self.db_url, self.store_root).items()):
+            if problem:
+                problems.append(f"dask worker {address} {problem}: the jobs it runs fail")
+        return problems
 
     def capacity(self) -> dict[str, int]:
         """Units of each pool over the cluster's workers (remote workers declare theirs)."""
@@ -93,28 +147,55 @@ class Dispatcher:
                 units[pool] += int(info.get("resources", {}).get(pool, 0))
         return units
 
+    def _requeue_stale(self, store: Store) -> None:
+        for table in (jobs, verified_runs):
+            workqueue.requeue_stale(store, table)
+
+    def _renew(self, store: Store) -> None:
+        """Renew the leases of the jobs this dispatcher holds; queue again those nobody holds."""
+        with self._lock:
+            held = set(self._inflight)
+        for kind, table in TABLES.items():
+            workqueue.touch(store, table, [job_id for k, job_id in held if k == kind])
+        self._requeue_stale(store)
+
     def _loop(self) -> None:
         with Store(self.db_url) as store:
+            renewed = time.monotonic()
             while not self._stop.is_set():
-                capacity = self.capacity()
-                for kind, (pool, claim, run, _) in KINDS.items():
-                    with self._lock:
-                        busy = sum(1 for k, _ in self._inflight if KINDS[k][0] == pool)
-                    free = capacity[pool] - busy
-                    for job_id in claim(store, free) if free > 0 else []:
-                        future = self.client.submit(
-                            run,
-                            self.db_url,
-                            self.store_root,
-                            job_id,
-                            pure=False,
-                            key=f"ncbench-{kind}-{job_id}-{id(self)}",
-                            resources={pool: 1},
-                        )
-                        with self._lock:
-                            self._inflight.add((kind, job_id))
-                        future.add_done_callback(lambda f, k=kind, j=job_id: self._done(k, j, f))
+                try:
+                    if time.monotonic() - renewed >= workqueue.HEARTBEAT_S:
+                        self._renew(store)
+                        renewed = time.monotonic()
+                    self._dispatch(store)
+                except (NcbenchError, OSError) as error:
+                    # The database or the scheduler is away for a moment (another machine, in a
+                    # deployment of several): the jobs wait in the database; try again.
+                    print(f"warning: job dispatcher: {error}", file=sys.stderr)
+                    self._stop.wait(workqueue.HEARTBEAT_S)
                 self._stop.wait(self.poll_s)
+
+    def _dispatch(self, store: Store) -> None:
+        """Claim as many jobs of each kind as its pool has free units, and send them to Dask."""
+        capacity = self.capacity()
+        for kind, (pool, claim, _, _) in KINDS.items():
+            with self._lock:
+                busy = sum(1 for k, _ in self._inflight if KINDS[k][0] == pool)
+            free = capacity[pool] - busy
+            for job_id in claim(store, free) if free > 0 else []:
+                future = self.client.submit(
+                    run_held,
+                    kind,
+                    self.db_url,
+                    self.store_root,
+                    job_id,
+                    pure=False,
+                    key=f"ncbench-{kind}-{job_id}-{self.token}",
+                    resources={pool: 1},
+                )
+                with self._lock:
+                    self._inflight.add((kind, job_id))
+                future.add_done_callback(lambda f, k=kind, j=job_id: self._done(k, j, f))
 
     def _done(self, kind: str, job_id: int, future) -> None:
         with self._lock:
@@ -134,6 +215,8 @@ class Dispatcher:
         self.stop_claiming()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        if self.presence is not None:
+            self.presence.leave()
         for closer in (self.client, self.cluster):
             if closer is not None:
                 try:

@@ -336,8 +336,9 @@ def verify_builtins(
     """Run the built-in attacks that solve CHALLENGE's task (gram-hungarian, carlini-2021,
     linear-inversion, distribution-alignment, chance) through the verified track: sandboxed, on fresh hidden
     releases with committed seeds. They are the verified matrix's reference rows."""
+    from ncbench.leaderboard import workqueue
     from ncbench.leaderboard.server.service import db_url
-    from ncbench.leaderboard.store import Store, database_url
+    from ncbench.leaderboard.store import Store, database_url, verified_runs
     from ncbench.leaderboard.verified import runs as verified
     from ncbench.leaderboard.verified import sandbox
 
@@ -355,7 +356,8 @@ def verify_builtins(
             if queue_only or not verified.claim_run(store, run_id):
                 click.echo(f"{name}: verified run {run_id} queued for the server's workers")
                 continue
-            state = verified.run_verified(url, str(store_dir), run_id)
+            with workqueue.leased(url, verified_runs, run_id):  # a server on this database leaves it to us
+                state = verified.run_verified(url, str(store_dir), run_id)
             view = verified.run_view(store, run_id)
             click.echo(f"{name}: verified run {run_id} {state}: {verified.summary_line(view)}")
 
