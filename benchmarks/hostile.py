@@ -1,4 +1,4 @@
-"""Peak RSS of `ncbench score` on hostile submissions, next to a legitimate one (issue 10).
+"""Peak RSS of `ncbench score` on hostile submissions, next to a legitimate one.
 
     python benchmarks/hostile.py [--preset=nc3] [--n=32] [--out=DIR]
 
@@ -332,6 +332,9 @@ def table(result: dict) -> str:
 
 
 if __name__ == "__main__":
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        print(__doc__)
+        sys.exit(0)
     options = {a.split("=")[0].lstrip("-"): a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--")}
     outcome = main(options.get("preset", "nc3"), int(options.get("n", 32)), options.get("out"))
     print(json.dumps(outcome))

@@ -24,6 +24,7 @@ idle ones too, as collapsed stacks.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import collections
 import json
@@ -289,12 +290,19 @@ async def load(
 
 
 def main() -> None:
-    options = dict(arg.removeprefix("--").split("=", 1) for arg in sys.argv[1:])
-    clients, seconds = int(options.get("clients", 50)), float(options.get("seconds", 30))
-    held = int(options.get("slowloris", 100))
-    every = float(options.get("bomb-every", 60))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], usage=__doc__.split("\n\n")[1].strip())
+    parser.add_argument("--clients", type=int, default=50)
+    parser.add_argument("--seconds", type=float, default=30)
+    parser.add_argument("--slowloris", type=int, default=100, help="connections that never finish their head")
+    parser.add_argument("--bomb-every", type=float, default=60, help="seconds between two vlen bombs")
+    parser.add_argument("--max-connections", type=int, help="the server's cap (default: above what the clients open)")
+    parser.add_argument("--profile", help="record the server with py-spy into this file")
+    parser.add_argument("--out", help="folder for the store and the server's log (default: a fresh temporary one)")
+    args = parser.parse_args()
+    clients, seconds, held, every = args.clients, args.seconds, args.slowloris, args.bomb_every
     # Each client holds its own connection and a bad-token one; the slowloris ones come on top.
-    cap = int(options.get("max-connections", max(1000, 2 * clients + held + 100)))
+    cap = args.max_connections or max(1000, 2 * clients + held + 100)
+    options = {"profile": args.profile, "out": args.out}
     from ncbench.leaderboard.server.connections import raise_open_files
 
     open_files = raise_open_files(cap + 2 * clients + held + 256)  # the server's and the clients' ends

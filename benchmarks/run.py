@@ -423,6 +423,9 @@ def final(release_dir: str) -> dict:
 
 
 if __name__ == "__main__":
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        print(__doc__)
+        sys.exit(0)
     torch.set_num_threads(torch.get_num_threads())
     command, *args = sys.argv[1:] or ["encode"]
     options = {a.split("=")[0].lstrip("-"): a.split("=")[1] for a in args if a.startswith("--")}

@@ -112,6 +112,9 @@ def table(result: dict) -> str:
 
 
 if __name__ == "__main__":
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        print(__doc__)
+        sys.exit(0)
     options = {a.split("=")[0].lstrip("-"): a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--")}
     outcome = main(int(options.get("repeats", 5)), int(options.get("n", 64)), options.get("attack", "gram-hungarian"))
     print(json.dumps(outcome))

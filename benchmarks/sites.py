@@ -1,4 +1,4 @@
-"""Several hospitals, independent keys (issue 14): linkage against depth, and the insider.
+"""Several hospitals, independent keys: linkage against depth, and the insider.
 
     python benchmarks/sites.py link-depth [--n 100] [--depths 0,1,2,4,8,16,44] [--kind image]
     python benchmarks/sites.py insider [--n 250] [--preset nc7]
