@@ -146,6 +146,15 @@ def requeue_stale(store: Store, table: sa.Table, *, lease_s: float = LEASE_S, no
         ).rowcount
 
 
+def ahead(store: Store, table: sa.Table, row_id: int, *conditions) -> int:
+    """How many queued rows of ``table`` that meet ``conditions`` come before ``row_id``: claims
+    take the oldest first, so this is the row's place in its queue (0: next)."""
+    with store._read() as conn:
+        return conn.execute(
+            sa.select(sa.func.count()).where(table.c.state == "queued", table.c.id < row_id, *conditions)
+        ).scalar_one()
+
+
 def touch(store: Store, table: sa.Table, row_ids) -> None:
     """Renew the lease of the rows ``row_ids`` of ``table`` that are still ``running``."""
     if row_ids:

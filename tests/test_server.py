@@ -24,6 +24,7 @@ from ncbench.cli import main
 from ncbench.leaderboard import store as store_module
 from ncbench.leaderboard import tables, workqueue
 from ncbench.leaderboard.server import channel
+from ncbench.leaderboard.server import client as client_module
 from ncbench.leaderboard.store import Store, jobs, submissions
 
 NCBENCH = str(Path(sys.executable).with_name("ncbench"))
@@ -160,6 +161,37 @@ def test_a_blind_challenge_tells_the_submitter_scored_but_no_score_until_the_clo
             store.close_challenge(answer.challenge.challenge_id)
             shown = client.get(f"/api/v1/submissions/{job_id}").json()
             assert not shown["scores_hidden"] and shown["public"]["reid_accuracy"] == 0.5
+
+
+def test_a_queued_submission_says_how_many_jobs_are_ahead_of_it(tmp_path):
+    """A sign of life for a submission that waits: its place in the queue, every team's jobs
+    counted, which moves as the workers claim the ones before it."""
+    db_path, layout = tmp_path / "board.db", workqueue.StoreLayout(tmp_path / "store")
+    layout.root.mkdir()
+    with Store(db_path) as store:
+        with store._write() as conn:
+            store._ensure_challenge(conn, store_challenge(), store_module.utc_now())
+        publish_blind(store)  # any published challenge will do
+        tokens = {team: channel.add_team(store, team, key=channel.token_key(layout))[1] for team in ("alice", "bob")}
+        challenge_id = store_challenge().challenge_id
+        queued = [
+            channel.enqueue(store, team=team, challenge_id=challenge_id, sha256=f"{k:064x}", size=9)
+            for k, team in enumerate(("bob", "alice", "bob", "alice"))
+        ]
+        with api_client(db_path, layout.root) as client:
+
+            def ahead(job_id: int, team: str) -> int | None:
+                answer = client.get(
+                    f"/api/v1/submissions/{job_id}", headers={"Authorization": f"Bearer {tokens[team]}"}
+                )
+                return answer.json()["queue_ahead"]
+
+            assert [ahead(queued[1], "alice"), ahead(queued[3], "alice")] == [1, 3]
+            assert channel.claim(store, 2) == queued[:2]
+            assert [ahead(queued[1], "alice"), ahead(queued[3], "alice")] == [None, 1]  # running: no place
+    assert client_module.wait_line({"state": "queued", "queue_ahead": 0}) == "queued, next in the queue"
+    assert client_module.wait_line({"state": "checking", "queue_ahead": 2}) == "checking, 2 ahead in the queue"
+    assert client_module.wait_line({"state": "running", "queue_ahead": None}) == "running"
 
 
 def test_fetch_attack_submit_and_score_end_to_end(world, tmp_path):

@@ -407,6 +407,8 @@ def _job_view(store: Store, job: channel.Job) -> dict:
         "created_utc": job.created_utc,
         "public": None,
         "scores_hidden": False,
+        # A queued job's place in the queue: how many jobs, any team's, will be scored first.
+        "queue_ahead": channel.ahead(store, job.id) if job.state == "queued" else None,
     }
     if job.state == "scored" and job.submission_id is not None:
         details = store.submission(job.submission_id) or {}

@@ -372,6 +372,11 @@ def job(store: Store, job_id: int, *, team: str | None = None) -> Job | None:
     return found[0] if found else None
 
 
+def ahead(store: Store, job_id: int) -> int:
+    """Queued jobs, every team's, that will be scored before this one (0: it is next)."""
+    return workqueue.ahead(store, jobs, job_id)
+
+
 def team_jobs(store: Store, team: str) -> list[Job]:
     return _jobs(store, sa.true(), team)
 

@@ -330,7 +330,7 @@ def wait_until_final(
     """Poll ``path`` (a submission or a verified run) until it reaches a final state (or, with
     ``pending``, leaves those states); returns it, or raises one line saying that it was refused
     or failed, and why, or that it is still going."""
-    deadline = time.monotonic() + timeout
+    deadline, shown = time.monotonic() + timeout, None
     with progress(f"waiting for {what}", 1) as advance:
         record = client.json("GET", path)  # not the upload's answer: that has the state, not the scores
         while record["state"] in pending if pending else record["state"] not in FINAL_STATES:
@@ -338,6 +338,9 @@ def wait_until_final(
                 raise NcbenchError(
                     f"{what} is still {record['state']} after {timeout} s; check later with `ncbench submissions`"
                 )
+            if wait_line(record) != shown:
+                shown = wait_line(record)
+                click.echo(f"{what}: {shown}", err=True)  # a sign of life: its place in the queue, then running
             time.sleep(every)
             record = client.json("GET", path)
         advance(1)
@@ -484,7 +487,7 @@ def submissions(server: str | None, token_file: Path | None, as_json: bool) -> N
                 [
                     row["id"],
                     row["challenge_id"],
-                    row["state"],
+                    wait_line(row),
                     _minutes(row["created_utc"]),
                     score_or_reason(row),
                 ]
@@ -499,7 +502,7 @@ def submissions(server: str | None, token_file: Path | None, as_json: bool) -> N
                 [
                     run["id"],
                     run["challenge_id"],
-                    run["state"],
+                    wait_line(run),
                     _minutes(run["created_utc"]),
                     f"{run['attack']} {run['attack_version']}" if run["attack"] else "(not checked)",
                     _run_result(run),
@@ -533,10 +536,13 @@ def status(
     path = f"/api/v1/plugins/{item_id}" if is_run else f"/api/v1/submissions/{item_id}"
     try:
         record = client.json("GET", path)
-        deadline = time.monotonic() + timeout
+        deadline, shown = time.monotonic() + timeout, None
         while wait and record["state"] not in FINAL_STATES:
             if time.monotonic() > deadline:
                 raise NcbenchError(f"{what} is still {record['state']} after {timeout} s")
+            if wait_line(record) != shown:
+                shown = wait_line(record)
+                click.echo(f"{what}: {shown}", err=True)  # a sign of life while it waits
             time.sleep(1)
             record = client.json("GET", path)
     except NotFound as error:
@@ -545,7 +551,7 @@ def status(
     if as_json:
         echo_json(record)
         return
-    click.echo(f"{what} on {record['challenge_id']}: {record['state']}")
+    click.echo(f"{what} on {record['challenge_id']}: {wait_line(record)}")
     if is_run:
         click.echo(_run_result(record))
         return
@@ -558,6 +564,14 @@ def status(
         click.echo(f"score ({LADDER_LABEL}): {scores_text(record['public'])}")
     elif record["message"]:
         click.echo(f"reason: {record['message']}")
+
+
+def wait_line(record: dict) -> str:
+    """A submission's or a run's state, with its place in the queue while it is queued."""
+    ahead = record.get("queue_ahead")
+    if ahead is None or record["state"] not in ("queued", "checking"):
+        return record["state"]
+    return f"{record['state']}, next in the queue" if ahead == 0 else f"{record['state']}, {ahead} ahead in the queue"
 
 
 def _run_result(run: dict) -> str:

@@ -1000,6 +1000,10 @@ def run_view(store: Store, run_id: int, *, team: str | None = None) -> dict | No
             for column, floor in COARSE_FLOORS.items():
                 evaluation[column] = coarse(evaluation[column], floor)
     checking = run.attack_version == UNCHECKED
+    # Checks and runs are two queues: a run waits behind the queued ones of its own kind.
+    same_queue = (
+        (verified_runs.c.attack_version == UNCHECKED) if checking else (verified_runs.c.attack_version != UNCHECKED)
+    )
     return {
         "id": run.id,
         "challenge_id": run.challenge_id,
@@ -1015,6 +1019,7 @@ def run_view(store: Store, run_id: int, *, team: str | None = None) -> dict | No
         "started_utc": run.started_utc if team is not None else None,
         "finished_utc": run.finished_utc if team is not None else None,
         "scores_hidden": hidden,  # a blind challenge, still open: scored, no score shown
+        "queue_ahead": workqueue.ahead(store, verified_runs, run.id, same_queue) if run.state == "queued" else None,
         "mean": _finite(sum(scores) / len(scores)) if scores else None,
         "spread": _finite(pd.Series(scores).std(ddof=1)) if len(scores) > 1 else None,
         "evaluations": [{k: (_finite(v) if isinstance(v, float) else v) for k, v in e.items()} for e in evaluations],
