@@ -409,9 +409,10 @@ def page_depth(store: Store) -> None:
             "blocks), attacks each release and trains the utility model at each depth."
         )
         return
-    attacks = [
-        c for c in curve.columns if c not in ("depth", tables.CHANCE_ROW, "encoded_auc", "utility_runs", "raw_auc")
-    ]
+    utility_columns = ("encoded_auc", "utility_runs", "raw_auc")
+    intervals = {"encoded_auc": ("encoded_auc_low", "encoded_auc_high"), "raw_auc": ("raw_auc_low", "raw_auc_high")}
+    not_attacks = {"depth", tables.CHANCE_ROW, *utility_columns, *(c for pair in intervals.values() for c in pair)}
+    attacks = [c for c in curve.columns if c not in not_attacks]
     # Depths 0 ... 44 are near geometric: an ordinal axis keeps the shallow ones apart.
     depth_axis = alt.X("depth:O", title="private blocks (depth)")
     reid = curve.melt(id_vars="depth", value_vars=[*attacks, tables.CHANCE_ROW], var_name="attack", value_name="value")
@@ -421,38 +422,56 @@ def page_depth(store: Store) -> None:
         alt.Y("value:Q", title="best re-identification (public half)", axis=alt.Axis(format="%")),
         "attack",
     )
-    auc = curve.melt(id_vars="depth", value_vars=["encoded_auc", "raw_auc"], var_name="model", value_name="auc")
+    auc = pd.concat(
+        [
+            curve[["depth", model, low, high]].set_axis(["depth", "auc", "low", "high"], axis=1).assign(model=model)
+            for model, (low, high) in intervals.items()
+        ]
+    )
     _depth_chart(
         auc.dropna(subset=["auc"]),
         depth_axis,
-        alt.Y("auc:Q", title="mean AUC over findings", scale=alt.Scale(domain=[0.4, 1])),
+        alt.Y("auc:Q", title="mean AUC over findings (95% interval over seeds)", scale=alt.Scale(domain=[0.4, 1])),
         "model",
+        interval=("low", "high"),
     )
     # Text cells: a depth without a run of an attack, or without a utility run, reads "not run".
     shown = curve.assign(
         **{c: curve[c].map(percent) for c in [*attacks, tables.CHANCE_ROW]},
         **{c: curve[c].map(lambda v: NOT_RUN if pd.isna(v) else f"{v:.3f}") for c in ("encoded_auc", "raw_auc")},
+        **{
+            f"{c}_95ci": [tables.interval_text(low, high) for low, high in zip(curve[pair[0]], curve[pair[1]])]
+            for c, pair in intervals.items()
+        },
     )
-    st.dataframe(shown, hide_index=True)
+    order = ["depth", *attacks, tables.CHANCE_ROW, "encoded_auc", "encoded_auc_95ci", "utility_runs"]
+    st.dataframe(shown[[*order, "raw_auc", "raw_auc_95ci"]], hide_index=True)
     st.caption(
         "One row per number of private blocks (nc3 = 0, nc7 = 4, nc47 = 44). Attack columns: the best "
         "re-identification of each built-in attack as the organizers ran it, on single-site reid challenges "
         "of that depth. `encoded_auc`: mean AUC over findings and runs of the utility model on encodings of "
-        "that depth (`utility_runs` runs of a depth sweep); `raw_auc`: the same images as plaintext patches, "
-        "the utility an encoding can at best keep; 0.5 is chance."
+        "that depth (`utility_runs` runs of a depth sweep, one per seed); `raw_auc`: the same images as "
+        "plaintext patches, the utility an encoding can at best keep; 0.5 is chance. `_95ci`: the 95% "
+        "t-interval of the mean over runs (blank with one run); the chart draws it as error bars."
     )
 
 
-def _depth_chart(frame, x, y, series: str) -> None:
-    """One line per ``series`` value of ``frame`` (long form) against depth; nothing when empty."""
+def _depth_chart(frame, x, y, series: str, *, interval: tuple[str, str] | None = None) -> None:
+    """One line per ``series`` value of ``frame`` (long form) against depth, with error bars
+    from the ``interval`` (low, high) columns where they are not NaN; nothing when empty."""
     if frame.empty:
         return
-    tooltip = ["depth", series, y.shorthand.split(":")[0]]
-    chart = (
-        alt.Chart(frame)
-        .mark_line(point=True)
-        .encode(x=x, y=y, color=alt.Color(f"{series}:N", title=None), tooltip=tooltip)
-    )
+    tooltip = ["depth", series, y.shorthand.split(":")[0], *(interval or ())]
+    colour = alt.Color(f"{series}:N", title=None)
+    chart = alt.Chart(frame).mark_line(point=True).encode(x=x, y=y, color=colour, tooltip=tooltip)
+    if interval is not None and frame[list(interval)].notna().all(axis=1).any():
+        low, high = interval
+        bars = (
+            alt.Chart(frame.dropna(subset=[low, high]))
+            .mark_errorbar(ticks=True)
+            .encode(x=x, y=alt.Y(f"{low}:Q", title=y.to_dict().get("title")), y2=f"{high}:Q", color=colour)
+        )
+        chart = chart + bars
     st.altair_chart(chart, width="stretch")
 
 
