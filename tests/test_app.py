@@ -521,6 +521,18 @@ def test_depth_page_shows_the_curve(depth_db):
     assert shown.loc[16, "encoded_auc_95ci"] == "[0.015, 1.285]" and shown.loc[44, "encoded_auc_95ci"] == ""
 
 
+def test_utility_page_shows_intervals_over_seeds_and_the_paired_cost(depth_db):
+    at = go(app(), "Privacy vs utility")
+    assert not at.exception, at.exception
+    over_seeds = next(frame.value for frame in at.dataframe if "auc_95ci" in frame.value.columns)
+    depth16 = over_seeds.set_index("preset").loc["nc7-depth16"]
+    assert depth16["seeds"] == 2 and depth16["auc_95ci"] == "[0.015, 1.285]"
+    # encoded 0.7 / 0.6 against raw 0.85 / 0.75 at seeds 0 / 1: -0.15 at each seed
+    assert depth16["vs_raw"] == "-0.150" and depth16["vs_raw_95ci"] == "[-0.150, -0.150]"
+    raw = over_seeds[over_seeds["model_kind"] == "raw"]
+    assert set(raw["vs_raw"]) == {""} and set(raw["depth"]) == {""}  # blank, never "None"
+
+
 def test_depth_page_on_an_empty_database_says_how_to_fill_it(empty_db):
     at = go(app(), "Privacy vs depth")
     assert "benchmarks/depth.py" in at.info[0].value

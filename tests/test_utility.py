@@ -486,9 +486,17 @@ def test_board_shows_several_sites_after_the_single_site_summary(tiny_rows, two_
     assert not at.exception, at.exception
     assert [s.value for s in at.subheader][-1] == "Several sites"
     assert list(at.dataframe[0].value["preset"]) == ["nc7"]  # the single-site summary: nc3 ran on 2 sites only
-    several = at.dataframe[2].value
+    over_seeds = at.dataframe[2].value  # one seed of nc7 and of raw: means without intervals
+    assert sorted(over_seeds["preset"]) == ["nc7", "raw"] and set(over_seeds["auc_95ci"]) == {""}
+    several = at.dataframe[3].value
     assert list(several["preset"]) == ["nc3"] and list(several["sites"]) == [2]
-    assert at.dataframe[3].value["eval_site"].tolist() == ["0", "1", "mean"]
+    assert at.dataframe[4].value["eval_site"].tolist() == ["0", "1", "mean"]
+    sites_over_seeds = at.dataframe[5].value
+    assert sites_over_seeds[["sites", "images_per_site", "seeds"]].values.tolist() == [[2, 48, 1]]
+    gain = several["union_auc"].iloc[0] - several["per_site_auc"].iloc[0]
+    assert (
+        sites_over_seeds["union_gain"].iloc[0] == f"{gain:+.3f}" and sites_over_seeds["union_gain_95ci"].iloc[0] == ""
+    )
 
 
 CHEXPERT_HEADER = (

@@ -383,6 +383,16 @@ def page_privacy_utility(store: Store) -> None:
     with st.expander("Settings of these runs"):
         latest = tables.latest_utility(utility).drop_duplicates("preset")
         st.json({row.preset: row.settings for row in latest.itertuples()})
+    intervals = tables.utility_intervals(utility)
+    if not intervals.empty:
+        st.subheader("Over seeds")
+        st.dataframe(_with_interval_text(intervals, {"auc": False, "vs_raw": True}), hide_index=True)
+        st.caption(
+            "One row per model and setting, every recorded seed (`ncbench baseline utility --seeds S`). `auc`: mean "
+            "over seeds of each seed's mean AUC over findings, with its 95% t-interval (`auc_95ci`, blank with one "
+            "seed). `vs_raw`: the paired difference encoded - raw over the `vs_raw_seeds` seeds where the raw model "
+            "was trained on the same images; an interval below 0 is a utility cost beyond the seed-to-seed noise."
+        )
     several = tables.multi_site_summary(utility)
     if several.empty:
         return
@@ -398,6 +408,43 @@ def page_privacy_utility(store: Store) -> None:
     )
     st.dataframe(several, hide_index=True)
     st.dataframe(tables.multi_site_table(tables.latest_multi_site(utility)), hide_index=True)
+    over_seeds = tables.multi_site_intervals(utility)
+    st.markdown("**Several sites, over seeds**")
+    st.dataframe(
+        _with_interval_text(over_seeds, {"site": False, "union": False, "union_gain": True, "key_cost": True}),
+        hide_index=True,
+    )
+    st.caption(
+        "One row per preset, number of sites and training images per site, every recorded seed. `union_gain`: the "
+        "paired difference union - per-site over seeds (each seed's mean over sites and findings), with its 95% "
+        "t-interval: collaboration helps beyond the noise where the interval lies above 0. `key_cost`: one-key - "
+        "union, where the one-key model was trained."
+    )
+
+
+def _with_interval_text(frame: pd.DataFrame, columns: dict[str, bool]) -> pd.DataFrame:
+    """``frame`` as text: each ``{column}_low`` / ``_high`` pair replaced by one column
+    ``{column}_95ci`` (signed for differences: ``columns[column]`` True) after ``column``, the
+    other AUCs to three decimals, and a missing value (no raw model to pair with, a run without
+    a depth) blank, since Streamlit draws a missing number as None."""
+    shown = frame.copy()
+    aucs = {*columns, "one-key"}
+    for column in frame.columns:
+        if column.endswith(("_low", "_high")) or frame[column].dtype.kind in "iu":
+            continue
+        form = ("+.3f" if columns.get(column) else ".3f") if column in aucs else ".0f"  # else counts, depths
+        shown[column] = [
+            "" if pd.isna(value) else f"{value:{form}}" if isinstance(value, float) else str(value)
+            for value in frame[column]
+        ]
+    for column, signed in columns.items():
+        text = [
+            tables.interval_text(low, high, signed=signed)
+            for low, high in zip(frame[f"{column}_low"], frame[f"{column}_high"])
+        ]
+        shown.insert(shown.columns.get_loc(column) + 1, f"{column}_95ci", text)
+        shown = shown.drop(columns=[f"{column}_low", f"{column}_high"])
+    return shown
 
 
 def page_depth(store: Store) -> None:
