@@ -52,7 +52,7 @@ def group() -> None:
     show_default=True,
     type=int,
     help="Repeat every model with S seeds (--seed, --seed + 1, ...: new images, split, keys and training each) "
-    "and report mean AUC with a 95%% t-interval over seeds, and paired differences (encoded - raw; "
+    "and report mean AUC with a 95% t-interval over seeds, and paired differences (encoded - raw; "
     "union - per-site) with theirs.",
 )
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
