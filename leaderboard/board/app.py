@@ -406,8 +406,9 @@ def page_privacy_utility(store: Store) -> None:
         "(does collaboration help), `key_cost` = one-key - union (what independent keys cost). Latest run of each "
         "preset; below, the same per held-out site (`eval_site`) and the mean over sites."
     )
-    st.dataframe(several, hide_index=True)
-    st.dataframe(tables.multi_site_table(tables.latest_multi_site(utility)), hide_index=True)
+    # A model no run trained (`--no-raw`, `--no-one-key`) leaves a column without a value: not shown.
+    st.dataframe(several.dropna(axis=1, how="all"), hide_index=True)
+    st.dataframe(tables.multi_site_table(tables.latest_multi_site(utility)).dropna(axis=1, how="all"), hide_index=True)
     over_seeds = tables.multi_site_intervals(utility)
     st.markdown("**Several sites, over seeds**")
     st.dataframe(
