@@ -318,6 +318,7 @@ def run_utility(
     source: str = "phantom",
     sites: int = 1,
     depth: int | None = None,
+    one_key: bool = True,
 ) -> list[dict]:
     """Train and score the downstream model on each preset's encodings of labelled images, and
     (``raw``) once on the plaintext patches as the non-private reference.
@@ -340,7 +341,8 @@ def run_utility(
     trained on every site's training encodings, each under its site's key: the paper's
     collaboration), ``one-key`` (``encoded``, the same images all under one key, the model of a
     single-site run: the upper bound of collaboration) or ``raw`` (model_kind ``raw``, the same
-    images as plaintext patches). Means over sites are left to the reader
+    images as plaintext patches). ``one_key`` False skips the one-key model (a third of a
+    multi-site run's training, when only per-site against union is measured). Means over sites are left to the reader
     (``leaderboard.tables.multi_site_table``). With K = 1 rows carry none of these keys and mean
     what they always meant.
     """
@@ -435,6 +437,8 @@ def run_utility(
                     sites=scored_sites,
                 )
             del tokens
+            if not one_key:
+                continue
         if kind == "raw":
             tokens = images_to_patches(torch.from_numpy(data.images), config)
         else:

@@ -35,6 +35,7 @@ database: each release's attacks run again through ``ncbench attack run`` and ar
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -44,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from ncbench.hardware import machine_description
+from ncbench.leaderboard.metrics import paired_interval, t_interval
 
 PRESET = "nc7"  # with the depth overridden; nc3, nc7 and nc47 differ from it in depth (and name) only
 DEPTHS = (0, 1, 2, 4, 8, 16, 32, 44)
@@ -172,7 +174,8 @@ def merge_utility(old: list[dict], new: list[dict]) -> list[dict]:
 def summary(results: dict) -> list[dict]:
     """One row per depth: its preset name, the best reid of each attack (default parameters),
     the best over every parameter set tried, chance, and the utility (mean AUC over labels, then
-    mean and spread over seeds) of the encoded model and of the raw reference."""
+    mean and 95% t-interval over seeds) of the encoded model and of the raw reference, and the
+    paired difference encoded - raw over the seeds both were trained at."""
     raw_by_seed: dict[int, list[dict]] = {}
     encoded_by_depth: dict[int, dict[int, list[dict]]] = {}
     for row in results["utility"]:
@@ -181,13 +184,15 @@ def summary(results: dict) -> list[dict]:
             raw_by_seed.setdefault(seed, []).append(row)
         else:
             encoded_by_depth.setdefault(row["settings"]["depth"], {}).setdefault(seed, []).append(row)
-    raw = [mean_auc(rows) for rows in raw_by_seed.values()]
+    raw_by_seed_mean = {seed: mean_auc(rows) for seed, rows in raw_by_seed.items()}
+    raw = list(raw_by_seed_mean.values())
     depths = sorted({int(d) for d in results["releases"]} | set(encoded_by_depth))
     table = []
     for depth in depths:
         attacks = [a for a in results["attacks"] if a["depth"] == depth and a.get("reid_accuracy") is not None]
         release = results["releases"].get(str(depth), {})
-        encoded = [mean_auc(rows) for rows in encoded_by_depth.get(depth, {}).values()]
+        encoded_by_seed = {seed: mean_auc(rows) for seed, rows in encoded_by_depth.get(depth, {}).items()}
+        encoded = list(encoded_by_seed.values())
         row = {"depth": depth, "preset": NAMED.get(depth, f"{PRESET}-depth{depth}")}
         row["build_seconds"] = release.get("build_seconds")
         for name in sorted({a["attack"] for a in attacks}):
@@ -195,12 +200,27 @@ def summary(results: dict) -> list[dict]:
             row[name] = max(default) if default else None
         row["best_reid_any"] = max((a["reid_accuracy"] for a in attacks), default=None)
         row["chance"] = 1 / release["n"] if release.get("n") else None
-        row["encoded_auc"] = float(np.mean(encoded)) if encoded else None
-        row["encoded_auc_sd"] = float(np.std(encoded)) if len(encoded) > 1 else None
+        # 95% t-intervals over seeds; the paired difference encoded - raw over the seeds both have.
+        mean, low, high = t_interval(encoded)
+        row["encoded_auc"] = mean if encoded else None
+        row["encoded_auc_ci"] = None if math.isnan(low) else (low, high)
         row["utility_seeds"] = len(encoded)
-        row["raw_auc"] = float(np.mean(raw)) if raw else None
+        mean, low, high = t_interval(raw)
+        row["raw_auc"] = mean if raw else None
+        row["raw_auc_ci"] = None if math.isnan(low) else (low, high)
+        paired = sorted(set(encoded_by_seed) & set(raw_by_seed_mean))
+        mean, low, high = paired_interval(
+            [encoded_by_seed[seed] for seed in paired], [raw_by_seed_mean[seed] for seed in paired]
+        )
+        row["vs_raw"] = mean if paired else None
+        row["vs_raw_ci"] = None if math.isnan(low) else (low, high)
+        row["paired_seeds"] = len(paired)
         table.append(row)
     return table
+
+
+def raw_seeds(results: dict) -> set:
+    return {row["settings"]["seed"] for row in results["utility"] if row["model_kind"] == "raw"}
 
 
 def markdown(results: dict) -> str:
@@ -221,8 +241,9 @@ def markdown(results: dict) -> str:
         *attacks,
         "best (any params)",
         "chance",
-        "encoded AUC (mean, sd)",
-        "raw AUC",
+        "encoded AUC (mean, 95% CI)",
+        "raw AUC (mean, 95% CI)",
+        "encoded - raw (paired, 95% CI)",
     ]
     lines = [
         f"machine: {json.dumps(machine)}",
@@ -230,8 +251,15 @@ def markdown(results: dict) -> str:
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
     ]
+
+    def interval(mean, ci, seeds, signed=False) -> str:
+        if mean is None:
+            return ""
+        form = "+.3f" if signed else ".3f"
+        bounds = f" [{ci[0]:{form}}, {ci[1]:{form}}]" if ci else ""
+        return f"{mean:{form}}{bounds} ({seeds} seed{'s' * (seeds > 1)})"
+
     for row in rows:
-        sd = f" +- {row['encoded_auc_sd']:.3f}" if row["encoded_auc_sd"] is not None else ""
         cells = [
             str(row["depth"]),
             row["preset"],
@@ -239,10 +267,9 @@ def markdown(results: dict) -> str:
             *(pct(row.get(name)) for name in attacks),
             pct(row["best_reid_any"]),
             pct(row["chance"]),
-            (num(row["encoded_auc"]) + sd + f" ({row['utility_seeds']} seed{'s' * (row['utility_seeds'] > 1)})")
-            if row["encoded_auc"]
-            else "",
-            num(row["raw_auc"]),
+            interval(row["encoded_auc"], row["encoded_auc_ci"], row["utility_seeds"]),
+            interval(row["raw_auc"], row["raw_auc_ci"], len(raw_seeds(results))),
+            interval(row["vs_raw"], row["vs_raw_ci"], row["paired_seeds"], signed=True),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -274,13 +301,17 @@ def plot(results: dict, png: str) -> str | None:
         left.plot(*zip(*chance), linestyle="--", color="grey", label="chance (1/N)")
     left.set(xlabel="private blocks (depth)", ylabel="re-identification (top-1)", ylim=(-0.02, 1.02))
     left.set_title(f"Re-identification, full width, N = {_n(results)}")
-    points = [(i, row["encoded_auc"], row["encoded_auc_sd"] or 0) for i, row in zip(x, rows) if row["encoded_auc"]]
+    points = [(i, row["encoded_auc"], row["encoded_auc_ci"]) for i, row in zip(x, rows) if row["encoded_auc"]]
     if points:
-        xs, ys, sds = zip(*points)
-        right.errorbar(xs, ys, yerr=sds, marker="o", capsize=3, label="model on encodings")
-    raw = [row["raw_auc"] for row in rows if row["raw_auc"] is not None]
+        xs, ys, cis = zip(*points)
+        # Error bars: the 95% t-interval over seeds (none with one seed).
+        errors = np.array([[y - ci[0], ci[1] - y] if ci else [0, 0] for y, ci in zip(ys, cis)]).T
+        right.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label="model on encodings (95% CI)")
+    raw = [row for row in rows if row["raw_auc"] is not None]
     if raw:
-        right.axhline(raw[0], color="tab:green", label="raw reference (plaintext)")
+        right.axhline(raw[0]["raw_auc"], color="tab:green", label="raw reference (plaintext)")
+        if raw[0]["raw_auc_ci"]:
+            right.axhspan(*raw[0]["raw_auc_ci"], color="tab:green", alpha=0.15)
     right.axhline(0.5, color="grey", linestyle="--", label="chance")
     right.set(xlabel="private blocks (depth)", ylabel="mean AUC over findings", ylim=(0.4, 1.0))
     right.set_title("Utility (CPU-sized: 128 px, width 256)")

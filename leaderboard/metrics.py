@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, stats
 
 # Bands of the original NeuraCrypt challenge: < 5% good, 5-20% moderate, > 20% bad.
 BAND_GOOD_BELOW = 0.05
@@ -269,6 +269,40 @@ def transfer_nearest_predictions(predicted: np.ndarray, true_encodings: np.ndarr
     Distance: squared Euclidean between mean patch vectors.
     """
     return nearest_candidates(mean_patch_vectors(predicted), mean_patch_vectors(true_encodings))
+
+
+# -- intervals over seeds (the utility baseline: one AUC per seed) --------------------------------
+
+CONFIDENCE = 0.95  # two-sided level of every interval the board and the CLI print
+
+
+def t_interval(values, *, confidence: float = CONFIDENCE) -> tuple[float, float, float]:
+    """(mean, low, high): the mean of the S ``values`` ((S,) floats, NaN ignored) and its
+    two-sided Student-t confidence interval, mean -+ t_{S-1, (1+confidence)/2} * sd / sqrt(S)
+    with the sample standard deviation (ddof 1). Seeds are few, so t, not the normal quantile:
+    with 5 seeds the half-width is 2.78 standard errors, not 1.96. (mean, nan, nan) for one
+    value, all NaN for none.
+    """
+    finite = np.asarray(values, dtype=np.float64).ravel()
+    finite = finite[~np.isnan(finite)]
+    if finite.size == 0:
+        return math.nan, math.nan, math.nan
+    mean = float(finite.mean())
+    if finite.size == 1:
+        return mean, math.nan, math.nan
+    half = float(stats.t.ppf((1 + confidence) / 2, finite.size - 1) * finite.std(ddof=1) / math.sqrt(finite.size))
+    return mean, mean - half, mean + half
+
+
+def paired_interval(treated, reference, *, confidence: float = CONFIDENCE) -> tuple[float, float, float]:
+    """:func:`t_interval` of the per-seed differences ``treated - reference`` ((S,) each, entry s
+    of both from seed s). Pairing removes what the two models share at a seed (the images, the
+    split, the test set), which is most of the spread: a difference whose interval excludes 0
+    is significant at ``1 - confidence`` even when the two unpaired intervals overlap."""
+    treated, reference = np.asarray(treated, dtype=np.float64), np.asarray(reference, dtype=np.float64)
+    if treated.shape != reference.shape:
+        raise ValueError(f"paired values need one shape, got {treated.shape} and {reference.shape}")
+    return t_interval(treated - reference, confidence=confidence)
 
 
 def _as_float_pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -16,7 +16,7 @@ import re
 import numpy as np
 import pandas as pd
 
-from ncbench.leaderboard.metrics import HEADLINE_METRIC, privacy_band
+from ncbench.leaderboard.metrics import CONFIDENCE, HEADLINE_METRIC, paired_interval, privacy_band, t_interval
 from ncbench.leaderboard.store import ORIGIN_ORGANIZER, ORIGIN_SELF
 
 INFO_COLUMNS = [
@@ -295,10 +295,14 @@ def depth_curve(table: pd.DataFrame, challenges: pd.DataFrame, utility: pd.DataF
     of the single-site utility runs whose settings carry this ``depth`` (a depth sweep), with
     ``utility_runs`` their number; ``raw_auc``: the mean AUC of the raw references trained on the
     same images and settings (:data:`DEPTH_RUN_SETTINGS`) as any of those runs, latest raw model
-    version only, the same in every row. NaN where a side has nothing. Empty (columns depth,
-    :data:`CHANCE_ROW`, encoded_auc, utility_runs, raw_auc) when neither side has anything.
+    version only, the same in every row. ``encoded_auc_low`` / ``_high`` and ``raw_auc_low`` /
+    ``_high``: 95% t-intervals over runs (seeds), each run's mean over labels one sample
+    (:func:`metrics.t_interval`; NaN with one run). NaN where a side has nothing. Empty (columns
+    depth, :data:`CHANCE_ROW`, encoded_auc, utility_runs, raw_auc and the interval columns) when
+    neither side has anything.
     """
-    base = ["depth", CHANCE_ROW, "encoded_auc", "utility_runs", "raw_auc"]
+    intervals = ["encoded_auc_low", "encoded_auc_high", "raw_auc_low", "raw_auc_high"]
+    base = ["depth", CHANCE_ROW, "encoded_auc", "utility_runs", "raw_auc", *intervals]
     reid = _organizer(table)
     if not reid.empty:
         reid = reid[(reid["split"] == "public") & (reid["task"] == "reid")].dropna(subset=["reidentification"])
@@ -314,7 +318,7 @@ def depth_curve(table: pd.DataFrame, challenges: pd.DataFrame, utility: pd.DataF
 
     runs = single_site_utility(utility)
     swept = pd.DataFrame(columns=["depth", "auc", "run"])
-    raw_auc = math.nan
+    raw_auc = raw_low = raw_high = math.nan
     if not runs.empty:
         settings = runs["settings"]
         depth = settings.map(lambda s: s.get("depth") if isinstance(s, dict) else None)
@@ -334,20 +338,32 @@ def depth_curve(table: pd.DataFrame, challenges: pd.DataFrame, utility: pd.DataF
         raw = runs[(runs["model_kind"] == "raw") & settings.map(same_images).isin(keys)]
         if not raw.empty:
             version = raw["settings"].map(lambda s: s.get("model_version", 0))
-            raw_auc = float(raw.loc[version == version.max(), "auc"].mean())
+            raw = raw[version == version.max()]
+            # One sample per raw run: a run is its time, settings and seed (one call may record several seeds).
+            run = raw["created_utc"] + "|" + raw["settings"].map(lambda s: f"{_setting(s)}|{s.get('seed')}")
+            raw_auc, raw_low, raw_high = t_interval(raw.groupby(run)["auc"].mean())
     if best.empty and swept.empty:
         return pd.DataFrame(columns=base)
-    utility_by_depth = swept.groupby("depth").agg(encoded_auc=("auc", "mean"), utility_runs=("run", "nunique"))
+    # Each run's mean over labels is one sample; the interval is over runs (seeds) at that depth.
+    per_run = swept.groupby(["depth", "run"])["auc"].mean()
+    utility_by_depth = pd.DataFrame(
+        [
+            dict(zip(("encoded_auc", "encoded_auc_low", "encoded_auc_high"), t_interval(runs)), utility_runs=len(runs))
+            for _, runs in per_run.groupby(level="depth")
+        ],
+        index=per_run.index.get_level_values("depth").unique(),
+        columns=["encoded_auc", "encoded_auc_low", "encoded_auc_high", "utility_runs"],
+    )
     depths = sorted(set(best.index) | set(utility_by_depth.index))
     frame = best.reindex(depths).rename_axis(index="depth", columns=None)
     frame[CHANCE_ROW] = chance.reindex(depths)
     frame = frame.join(utility_by_depth.reindex(depths))
     frame["utility_runs"] = frame["utility_runs"].fillna(0).astype(int)
-    frame["raw_auc"] = raw_auc
+    frame["raw_auc"], frame["raw_auc_low"], frame["raw_auc_high"] = raw_auc, raw_low, raw_high
     frame = frame.reset_index()
     frame["depth"] = frame["depth"].astype(int)
     attacks = [c for c in best.columns]
-    return frame[["depth", *attacks, CHANCE_ROW, "encoded_auc", "utility_runs", "raw_auc"]]
+    return frame[["depth", *attacks, CHANCE_ROW, "encoded_auc", "utility_runs", "raw_auc", *intervals]]
 
 
 # -- utility across several sites (baselines/utility.py, ``--sites K``) ---------------------------
@@ -459,6 +475,195 @@ def multi_site_summary(utility: pd.DataFrame) -> pd.DataFrame:
     frame["union_gain"] = frame["union_auc"] - frame["per_site_auc"]
     frame["key_cost"] = frame["one_key_auc"] - frame["union_auc"]
     return frame.rename_axis("preset").reset_index()[columns]
+
+
+# -- utility over seeds: means with confidence intervals, and paired differences --------------------
+
+# Settings that do not define a utility setting: a row differing from another only in these is the same
+# setting measured again (another seed; another machine, thread count or resolved precision, which move
+# AUCs by arithmetic order only, about 0.02) or another site's score of the same model.
+NOT_A_SETTING = ("seed", "threads", "device", "precision", "eval_site")
+
+
+def _setting(settings, leave_out: tuple[str, ...] = ()) -> str:
+    """The canonical JSON of a row's settings without :data:`NOT_A_SETTING` and ``leave_out``."""
+    if not isinstance(settings, dict):
+        return "{}"
+    kept = {k: v for k, v in settings.items() if k not in NOT_A_SETTING and k not in leave_out}
+    return json.dumps(kept, sort_keys=True, default=str)
+
+
+def seed_means(utility: pd.DataFrame, *, split_by: tuple[str, ...] = ()) -> pd.DataFrame:
+    """One row per (model, setting, seed): ``auc`` is the mean over labels (and, in a run across
+    several sites, over the sites each model was scored on) of one seed's run; ``setting`` the
+    canonical JSON of its settings without :data:`NOT_A_SETTING`. Each settings key in
+    ``split_by`` (e.g. ``training``) becomes a column of its own and leaves the setting, so the
+    models of one run share a setting. A seed recorded more than once for a setting keeps its
+    latest run, so a rerun replaces a seed instead of counting twice. Columns
+    :data:`SEED_MEAN_COLUMNS`, with ``split_by`` after ``model_kind``."""
+    keys = ["preset", "model_kind", *split_by, "setting", "seed"]
+    if utility.empty:
+        return pd.DataFrame(columns=[*keys, "auc", "created_utc"])
+    settings = utility["settings"]
+    rows = utility.assign(
+        **{key: settings.map(lambda s, key=key: s.get(key)) for key in split_by},
+        setting=settings.map(lambda s: _setting(s, split_by)),
+        seed=settings.map(lambda s: s.get("seed") if isinstance(s, dict) else None),
+    ).dropna(subset=["seed"])
+    rows = rows[rows["created_utc"] == rows.groupby(keys)["created_utc"].transform("max")]
+    means = rows.groupby([*keys, "created_utc"], as_index=False)["auc"].mean()
+    return means[[*keys, "auc", "created_utc"]].reset_index(drop=True)
+
+
+def interval_text(low: float, high: float, *, signed: bool = False) -> str:
+    """``[low, high]`` to three decimals (with signs for differences); empty when NaN (one seed)."""
+    if pd.isna(low) or pd.isna(high):
+        return ""
+    form = "+.3f" if signed else ".3f"
+    return f"[{low:{form}}, {high:{form}}]"
+
+
+def _interval_columns(prefix: str, values, confidence: float) -> dict[str, float]:
+    mean, low, high = t_interval(values, confidence=confidence)
+    return {prefix: mean, f"{prefix}_low": low, f"{prefix}_high": high}
+
+
+def _paired_columns(prefix: str, treated: pd.Series, reference: pd.Series, confidence: float) -> dict:
+    """Interval of ``treated - reference`` over the seeds (index) both have; ``{prefix}_seeds`` counts them."""
+    both = treated.index.intersection(reference.index)
+    mean, low, high = paired_interval(treated[both].to_numpy(), reference[both].to_numpy(), confidence=confidence)
+    return {prefix: mean, f"{prefix}_low": low, f"{prefix}_high": high, f"{prefix}_seeds": len(both)}
+
+
+UTILITY_INTERVAL_COLUMNS = [
+    "preset",
+    "model_kind",
+    "depth",
+    "n_train",
+    "n_test",
+    "width",
+    "epochs",
+    "seeds",
+    "auc",
+    "auc_low",
+    "auc_high",
+    "vs_raw",
+    "vs_raw_low",
+    "vs_raw_high",
+    "vs_raw_seeds",
+    "seed_list",
+]
+
+
+def utility_intervals(utility: pd.DataFrame, *, confidence: float = CONFIDENCE) -> pd.DataFrame:
+    """Single-site utility over seeds: one row per (preset, model kind, setting).
+
+    ``auc`` is the mean over ``seeds`` seeds of each seed's mean AUC over labels
+    (:func:`seed_means`), ``auc_low`` / ``auc_high`` its t-interval at ``confidence``
+    (:func:`metrics.t_interval`; NaN with one seed). For a model on encodings, ``vs_raw`` is the
+    mean paired difference encoded - raw over the ``vs_raw_seeds`` seeds where the raw reference
+    was trained on the same images (:data:`DEPTH_RUN_SETTINGS`, latest raw model version), with
+    its interval ``vs_raw_low`` / ``vs_raw_high`` (:func:`metrics.paired_interval`): an interval
+    below 0 means the encoding costs utility beyond the seed-to-seed noise. ``seed_list``: the
+    seeds, comma-separated. Empty frame with :data:`UTILITY_INTERVAL_COLUMNS` when nothing is recorded.
+    """
+    means = seed_means(single_site_utility(utility))
+    if means.empty:
+        return pd.DataFrame(columns=UTILITY_INTERVAL_COLUMNS)
+    settings = means["setting"].map(json.loads)
+    means = means.assign(images=[tuple(s.get(k) for k in DEPTH_RUN_SETTINGS[1:]) for s in settings])
+    raw = means[means["model_kind"] == "raw"]
+    if not raw.empty:  # the latest raw model version of each image set
+        version = raw["setting"].map(lambda s: json.loads(s).get("model_version", 0))
+        raw = raw[version == version.groupby(raw["images"]).transform("max")]
+    rows = []
+    for (preset, kind, setting), own in means.groupby(["preset", "model_kind", "setting"], sort=False):
+        settings = json.loads(setting)
+        by_seed = own.set_index("seed")["auc"]
+        row = {
+            "preset": preset,
+            "model_kind": kind,
+            **{k: settings.get(k) for k in ("depth", "n_train", "n_test", "width", "epochs")},
+            "seeds": len(by_seed),
+            **_interval_columns("auc", by_seed.to_numpy(), confidence),
+            "seed_list": ",".join(str(int(seed)) for seed in sorted(by_seed.index)),
+        }
+        if kind == "encoded":
+            reference = raw[raw["images"] == own["images"].iloc[0]].groupby("seed")["auc"].mean()
+            row.update(_paired_columns("vs_raw", by_seed, reference, confidence))
+        rows.append(row)
+    frame = pd.DataFrame(rows).reindex(columns=UTILITY_INTERVAL_COLUMNS)
+    frame["vs_raw_seeds"] = frame["vs_raw_seeds"].fillna(0).astype(int)
+    return frame
+
+
+MULTI_SITE_INTERVAL_COLUMNS = [
+    "preset",
+    "sites",
+    "images_per_site",
+    "n_test",
+    "width",
+    "epochs",
+    "seeds",
+    "site",
+    "site_low",
+    "site_high",
+    "union",
+    "union_low",
+    "union_high",
+    "one-key",
+    "union_gain",
+    "union_gain_low",
+    "union_gain_high",
+    "union_gain_seeds",
+    "key_cost",
+    "key_cost_low",
+    "key_cost_high",
+    "key_cost_seeds",
+    "seed_list",
+]
+
+
+def multi_site_intervals(utility: pd.DataFrame, *, confidence: float = CONFIDENCE) -> pd.DataFrame:
+    """Runs across several sites over seeds: one row per (preset, number of sites, setting).
+
+    Each seed's run gives each training (:data:`SITE_TRAININGS`) one mean AUC over labels and
+    evaluated sites (the per-site models each on its own site). ``site`` / ``union`` (with
+    t-intervals at ``confidence``) and ``one-key`` are means over ``seeds`` seeds of those;
+    ``union_gain`` is the paired difference union - site (the paper's claim that hospitals
+    with independent keys train better together: significant where the interval excludes 0)
+    and ``key_cost`` one-key - union, each with its interval and the seeds paired
+    (0 when the run trained no such model). ``images_per_site``: training images of each site.
+    """
+    rows = multi_site_utility(utility)
+    encoded = rows[rows["model_kind"] == "encoded"] if not rows.empty else rows
+    if encoded.empty:
+        return pd.DataFrame(columns=MULTI_SITE_INTERVAL_COLUMNS)
+    means = seed_means(encoded, split_by=("training",))
+    out = []
+    for (preset, setting), own in means.groupby(["preset", "setting"], sort=False):
+        settings = json.loads(setting)
+        by_training = {t: part.set_index("seed")["auc"] for t, part in own.groupby("training")}
+        empty = pd.Series(dtype=float)
+        site, union, one_key = (by_training.get(t, empty) for t in ("site", "union", "one-key"))
+        seeds = sorted(set(own["seed"]))
+        out.append(
+            {
+                "preset": preset,
+                "sites": settings.get("sites"),
+                "images_per_site": settings.get("n_train", 0) // max(1, settings.get("sites", 1)),
+                **{k: settings.get(k) for k in ("n_test", "width", "epochs")},
+                "seeds": len(seeds),
+                **_interval_columns("site", site.to_numpy(), confidence),
+                **_interval_columns("union", union.to_numpy(), confidence),
+                "one-key": float(one_key.mean()) if len(one_key) else math.nan,
+                **_paired_columns("union_gain", union, site, confidence),
+                **_paired_columns("key_cost", one_key, union, confidence),
+                "seed_list": ",".join(str(int(seed)) for seed in seeds),
+            }
+        )
+    frame = pd.DataFrame(out).reindex(columns=MULTI_SITE_INTERVAL_COLUMNS)
+    return frame.sort_values(["preset", "sites", "images_per_site"], kind="stable").reset_index(drop=True)
 
 
 # -- the verified track (leaderboard/verified/runs.py) -----------------------------------------------

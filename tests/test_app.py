@@ -507,6 +507,18 @@ def test_depth_curve_has_each_attacks_best_and_the_utility_per_depth(depth_db):
     assert curve["raw_auc"].tolist() == pytest.approx([0.8] * 3)  # same images and settings, latest raw model
 
 
+def test_depth_curve_gives_t_intervals_over_runs(depth_db):
+    with Store(depth_db) as store:
+        curve = tables.depth_curve(tables.board(store.results()), store.challenges(), store.utility())
+    curve = curve.set_index("depth")
+    # Depth 16: run means 0.7 and 0.6, sd 0.0707, standard error 0.05, t(0.975, 1 df) = 12.706.
+    assert curve.loc[16, "encoded_auc_low"] == pytest.approx(0.65 - 0.6353, abs=1e-4)
+    assert curve.loc[16, "encoded_auc_high"] == pytest.approx(0.65 + 0.6353, abs=1e-4)
+    assert math.isnan(curve.loc[44, "encoded_auc_low"])  # one run: no interval
+    # The raw runs of seeds 0 and 1 were recorded at one time: still two samples (means 0.85 and 0.75).
+    assert curve.loc[0, "raw_auc_low"] == pytest.approx(0.8 - 0.6353, abs=1e-4)
+
+
 def test_depth_curve_is_empty_without_results():
     empty = pd.DataFrame(columns=["settings"])
     curve = tables.depth_curve(pd.DataFrame(), pd.DataFrame(), empty)
@@ -519,6 +531,20 @@ def test_depth_page_shows_the_curve(depth_db):
     shown = at.dataframe[0].value.set_index("depth")
     assert shown.loc[16, "gram-hungarian"] == "60.0%" and shown.loc[44, "encoded_auc"] == "0.500"
     assert shown.loc[0, "encoded_auc"] == "not run"
+    # Two runs at depth 16 (mean 0.65, half-width 0.635); one at 44 has no interval.
+    assert shown.loc[16, "encoded_auc_95ci"] == "[0.015, 1.285]" and shown.loc[44, "encoded_auc_95ci"] == ""
+
+
+def test_utility_page_shows_intervals_over_seeds_and_the_paired_cost(depth_db):
+    at = go(app(), "Privacy vs utility")
+    assert not at.exception, at.exception
+    over_seeds = next(frame.value for frame in at.dataframe if "auc_95ci" in frame.value.columns)
+    depth16 = over_seeds.set_index("preset").loc["nc7-depth16"]
+    assert depth16["seeds"] == 2 and depth16["auc_95ci"] == "[0.015, 1.285]"
+    # encoded 0.7 / 0.6 against raw 0.85 / 0.75 at seeds 0 / 1: -0.15 at each seed
+    assert depth16["vs_raw"] == "-0.150" and depth16["vs_raw_95ci"] == "[-0.150, -0.150]"
+    raw = over_seeds[over_seeds["model_kind"] == "raw"]
+    assert set(raw["vs_raw"]) == {""} and set(raw["depth"]) == {""}  # blank, never "None"
 
 
 def test_depth_page_on_an_empty_database_says_how_to_fill_it(empty_db):

@@ -223,3 +223,39 @@ def test_transfer_accuracy_on_a_subset_of_targets():
     predicted = np.array([[5.0, 5.0]])
     nearest = metrics.transfer_nearest_predictions(predicted, _true_targets())
     assert metrics.reid_accuracy(nearest, np.array([1])) == 1.0
+
+
+# -- intervals over seeds ---------------------------------------------------------------------------
+
+
+def test_t_interval_of_five_values_uses_student_t_with_four_degrees_of_freedom():
+    # mean 3, sample sd sqrt(2.5), standard error 0.7071; t(0.975, 4) = 2.7764 -> half-width 1.9632.
+    mean, low, high = metrics.t_interval([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert mean == 3.0 and (low, high) == pytest.approx((3 - 1.9632, 3 + 1.9632), abs=1e-4)
+    # 90%: t(0.95, 4) = 2.1318 -> half-width 1.5074
+    assert metrics.t_interval([1, 2, 3, 4, 5], confidence=0.9)[2] == pytest.approx(3 + 1.5074, abs=1e-4)
+
+
+def test_t_interval_ignores_nan_and_has_no_width_from_one_value():
+    assert metrics.t_interval([0.7, math.nan, 0.5])[0] == pytest.approx(0.6)
+    mean, low, high = metrics.t_interval([0.7])
+    assert mean == 0.7 and math.isnan(low) and math.isnan(high)
+    assert all(math.isnan(v) for v in metrics.t_interval([]))
+
+
+def test_paired_interval_excludes_zero_where_unpaired_intervals_overlap():
+    # Each seed moves both models together; the encoded one is 0.05-0.10 worse at every seed.
+    raw = np.array([0.70, 0.80, 0.90])
+    encoded = raw - np.array([0.10, 0.05, 0.10])
+    _, raw_low, _ = metrics.t_interval(raw)
+    _, _, encoded_high = metrics.t_interval(encoded)
+    assert encoded_high > raw_low  # unpaired: the intervals overlap
+    # differences -0.1, -0.05, -0.1: mean -0.0833, sd 0.02887, t(0.975, 2) = 4.3027 -> half-width 0.0717
+    mean, low, high = metrics.paired_interval(encoded, raw)
+    assert mean == pytest.approx(-0.0833, abs=1e-4)
+    assert (low, high) == pytest.approx((-0.0833 - 0.0717, -0.0833 + 0.0717), abs=1e-4) and high < 0
+
+
+def test_paired_interval_refuses_unpaired_lengths():
+    with pytest.raises(ValueError):
+        metrics.paired_interval([0.1, 0.2], [0.1])

@@ -1,6 +1,7 @@
 """The utility baseline: downstream AUC on encoded vs raw phantom images, on one site or several."""
 
 import datetime as dt
+import json
 import math
 from pathlib import Path
 
@@ -485,9 +486,17 @@ def test_board_shows_several_sites_after_the_single_site_summary(tiny_rows, two_
     assert not at.exception, at.exception
     assert [s.value for s in at.subheader][-1] == "Several sites"
     assert list(at.dataframe[0].value["preset"]) == ["nc7"]  # the single-site summary: nc3 ran on 2 sites only
-    several = at.dataframe[2].value
+    over_seeds = at.dataframe[2].value  # one seed of nc7 and of raw: means without intervals
+    assert sorted(over_seeds["preset"]) == ["nc7", "raw"] and set(over_seeds["auc_95ci"]) == {""}
+    several = at.dataframe[3].value
     assert list(several["preset"]) == ["nc3"] and list(several["sites"]) == [2]
-    assert at.dataframe[3].value["eval_site"].tolist() == ["0", "1", "mean"]
+    assert at.dataframe[4].value["eval_site"].tolist() == ["0", "1", "mean"]
+    sites_over_seeds = at.dataframe[5].value
+    assert sites_over_seeds[["sites", "images_per_site", "seeds"]].values.tolist() == [[2, 48, 1]]
+    gain = several["union_auc"].iloc[0] - several["per_site_auc"].iloc[0]
+    assert (
+        sites_over_seeds["union_gain"].iloc[0] == f"{gain:+.3f}" and sites_over_seeds["union_gain_95ci"].iloc[0] == ""
+    )
 
 
 CHEXPERT_HEADER = (
@@ -519,3 +528,108 @@ def test_baseline_utility_reads_a_chexpert_train_csv(tmp_path):
     result = CliRunner().invoke(main, [*args, "--source", f"folder:{root}?labels={root / 'train.csv'}"])
     assert result.exit_code == 0, result.output
     assert "Cardiomegaly" in result.output and "Support Devices" in result.output and "Sex" not in result.output
+
+
+# -- seeds and intervals -------------------------------------------------------------------------
+
+
+def seed_rows(preset, kind, seed, aucs, *, created="2026-12-01T00:00:00Z", **settings):
+    """One run's rows (two findings) as the store returns them."""
+    shown = {"seed": seed, "n_train": 96, "n_test": 48, "width": 64, "image_size": 64, "patch_size": 16}
+    shown |= {"epochs": 1, "source": "phantom", "model_version": 3, "threads": 1} | settings
+    return [
+        {"preset": preset, "label": label, "auc": value, "model_kind": kind, "settings": shown, "created_utc": created}
+        for label, value in zip(("cardiomegaly", "effusion"), aucs)
+    ]
+
+
+def test_utility_intervals_pair_each_encoded_seed_with_the_raw_model_of_that_seed():
+    encoded = {0: 0.6, 1: 0.7, 2: 0.8, 3: 0.75}  # seed -> mean AUC over the two findings
+    raw = {2: 0.9, 1: 0.8, 0: 0.7}  # recorded in another order; no raw run at seed 3
+    rows = [r for seed, v in encoded.items() for r in seed_rows("nc7", "encoded", seed, (v + 0.05, v - 0.05))]
+    rows += [r for seed, v in raw.items() for r in seed_rows(RAW_PRESET, "raw", seed, (v, v))]
+    rows += seed_rows(RAW_PRESET, "raw", 0, (0.1, 0.1), n_train=500)  # other images: never paired
+    table = tables.utility_intervals(pd.DataFrame(rows)).set_index("preset")
+    nc7 = table.loc["nc7"]
+    assert nc7["seeds"] == 4 and nc7["seed_list"] == "0,1,2,3"
+    # seeds 0-3: mean 0.7125, sd 0.0854, t(0.975, 3) = 3.1824 -> half-width 0.1359
+    assert nc7["auc"] == pytest.approx(0.7125) and nc7["auc_high"] == pytest.approx(0.7125 + 0.1359, abs=1e-4)
+    # Paired by seed (0, 1, 2): every difference is -0.1, so the interval has no width; paired by
+    # position it would be -0.3, -0.1, +0.1.
+    assert nc7["vs_raw_seeds"] == 3
+    assert (nc7["vs_raw"], nc7["vs_raw_low"], nc7["vs_raw_high"]) == pytest.approx((-0.1, -0.1, -0.1))
+    raw_rows = table[table["model_kind"] == "raw"]
+    assert sorted(raw_rows["seeds"]) == [1, 3] and math.isnan(raw_rows["vs_raw"].iloc[0])
+
+
+def test_a_rerun_seed_replaces_the_earlier_one_and_machines_do_not_split_a_setting():
+    rows = seed_rows("nc3", "encoded", 0, (0.5, 0.5), created="2026-12-01T00:00:00Z")
+    rows += seed_rows("nc3", "encoded", 0, (0.7, 0.7), created="2026-12-02T00:00:00Z")  # the same seed again
+    rows += seed_rows("nc3", "encoded", 1, (0.9, 0.9), threads=2, device="cuda", precision="bf16")
+    table = tables.utility_intervals(pd.DataFrame(rows))
+    assert table["seeds"].tolist() == [2] and table["auc"].tolist() == pytest.approx([0.8])
+
+
+def test_utility_intervals_of_an_empty_store_are_empty():
+    assert tables.utility_intervals(pd.DataFrame(columns=["settings"])).empty
+    assert tables.multi_site_intervals(pd.DataFrame(columns=["settings"])).empty
+
+
+def test_multi_site_intervals_pair_union_and_per_site_models_of_one_run():
+    rows = []
+    gains = {0: 0.02, 1: 0.04, 2: 0.03}
+    for seed, gain in gains.items():
+        base = 0.6 + 0.05 * seed  # seeds differ far more than the gain
+        for site in (0, 1):
+            common = {"sites": 2, "eval_site": site, "n_train": 400}
+            rows += seed_rows("nc7", "encoded", seed, (base, base), training="site", **common)
+            rows += seed_rows("nc7", "encoded", seed, (base + gain, base + gain), training="union", **common)
+    rows += seed_rows("nc7", "encoded", 0, (0.5, 0.5), n_train=1200)  # a single-site run: not here
+    table = tables.multi_site_intervals(pd.DataFrame(rows))
+    assert len(table) == 1
+    row = table.iloc[0]
+    assert (row["sites"], row["images_per_site"], row["seeds"]) == (2, 200, 3)
+    # gains 0.02, 0.04, 0.03: mean 0.03, sd 0.01, t(0.975, 2) = 4.3027 -> 0.03 +- 0.0248
+    assert row["union_gain"] == pytest.approx(0.03)
+    assert (row["union_gain_low"], row["union_gain_high"]) == pytest.approx((0.0052, 0.0548), abs=1e-4)
+    assert row["site_low"] < row["union"] < row["site_high"]  # unpaired, the gain hides in the spread
+    assert row["key_cost_seeds"] == 0 and math.isnan(row["key_cost"])  # no one-key model trained
+
+
+def test_union_without_one_key_trains_no_one_key_model(monkeypatch):
+    trained = []
+    real = utility_module.train_model
+
+    def spy(tokens, labels, **kwargs):
+        trained.append(kwargs["label"])
+        return real(tokens, labels, **kwargs)
+
+    monkeypatch.setattr(utility_module, "train_model", spy)
+    rows = run_utility(presets=["nc3"], sites=2, raw=False, one_key=False, **{**TINY, "epochs": 1})
+    assert trained == ["utility nc3 site 0", "utility nc3 site 1", "utility nc3 union of 2 keys"]
+    assert {row["settings"]["training"] for row in rows} == {"site", "union"}
+
+
+def test_cli_seeds_record_every_seed_and_print_intervals_as_json(tmp_path):
+    db = tmp_path / "lb.db"
+    args = ["baseline", "utility", "--preset", "nc3", "--n-test", "32", "--epochs", "1", *SMALL_CLI]
+    result = CliRunner().invoke(main, [*args, "--seed", "5", "--seeds", "2", "--json", "--db", str(db)])
+    assert result.exit_code == 0, result.output
+    found = json.loads(result.stdout)
+    assert found["seeds"] == [5, 6]
+    assert {row["settings"]["seed"] for row in found["rows"]} == {5, 6}
+    by_model = {row["model_kind"]: row for row in found["intervals"]}
+    assert by_model["encoded"]["seeds"] == by_model["encoded"]["vs_raw_seeds"] == 2
+    assert by_model["encoded"]["seed_list"] == "5,6"
+    low, mean, high = (by_model["encoded"][k] for k in ("auc_low", "auc", "auc_high"))
+    assert low < mean < high
+    with Store(db) as store:
+        recorded = store.utility()
+    assert len(recorded) == 2 * 2 * len(LABEL_NAMES)  # nc3 and raw at each seed
+    assert tables.utility_intervals(recorded)["seeds"].tolist() == [2, 2]
+
+
+def test_cli_zero_seeds_is_one_line_with_exit_2():
+    result = CliRunner().invoke(main, ["baseline", "utility", "--preset", "nc3", "--seeds", "0", *SMALL_CLI])
+    assert result.exit_code == 2 and "--seeds must be a positive integer" in result.output
+    assert result.output.strip().splitlines() == [result.output.strip()]

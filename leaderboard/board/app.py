@@ -389,6 +389,16 @@ def page_privacy_utility(store: Store) -> None:
     with st.expander("Settings of these runs"):
         latest = tables.latest_utility(utility).drop_duplicates("preset")
         st.json({row.preset: row.settings for row in latest.itertuples()})
+    intervals = tables.utility_intervals(utility)
+    if not intervals.empty:
+        st.subheader("Over seeds")
+        st.dataframe(_with_interval_text(intervals, {"auc": False, "vs_raw": True}), hide_index=True)
+        st.caption(
+            "One row per model and setting, every recorded seed (`ncbench baseline utility --seeds S`). `auc`: mean "
+            "over seeds of each seed's mean AUC over findings, with its 95% t-interval (`auc_95ci`, blank with one "
+            "seed). `vs_raw`: the paired difference encoded - raw over the `vs_raw_seeds` seeds where the raw model "
+            "was trained on the same images; an interval below 0 is a utility cost beyond the seed-to-seed noise."
+        )
     several = tables.multi_site_summary(utility)
     if several.empty:
         return
@@ -402,8 +412,46 @@ def page_privacy_utility(store: Store) -> None:
         "(does collaboration help), `key_cost` = one-key - union (what independent keys cost). Latest run of each "
         "preset; below, the same per held-out site (`eval_site`) and the mean over sites."
     )
-    st.dataframe(several, hide_index=True)
-    st.dataframe(tables.multi_site_table(tables.latest_multi_site(utility)), hide_index=True)
+    # A model no run trained (`--no-raw`, `--no-one-key`) leaves a column without a value: not shown.
+    st.dataframe(several.dropna(axis=1, how="all"), hide_index=True)
+    st.dataframe(tables.multi_site_table(tables.latest_multi_site(utility)).dropna(axis=1, how="all"), hide_index=True)
+    over_seeds = tables.multi_site_intervals(utility)
+    st.markdown("**Several sites, over seeds**")
+    st.dataframe(
+        _with_interval_text(over_seeds, {"site": False, "union": False, "union_gain": True, "key_cost": True}),
+        hide_index=True,
+    )
+    st.caption(
+        "One row per preset, number of sites and training images per site, every recorded seed. `union_gain`: the "
+        "paired difference union - per-site over seeds (each seed's mean over sites and findings), with its 95% "
+        "t-interval: collaboration helps beyond the noise where the interval lies above 0. `key_cost`: one-key - "
+        "union, where the one-key model was trained."
+    )
+
+
+def _with_interval_text(frame: pd.DataFrame, columns: dict[str, bool]) -> pd.DataFrame:
+    """``frame`` as text: each ``{column}_low`` / ``_high`` pair replaced by one column
+    ``{column}_95ci`` (signed for differences: ``columns[column]`` True) after ``column``, the
+    other AUCs to three decimals, and a missing value (no raw model to pair with, a run without
+    a depth) blank, since Streamlit draws a missing number as None."""
+    shown = frame.copy()
+    aucs = {*columns, "one-key"}
+    for column in frame.columns:
+        if column.endswith(("_low", "_high")) or frame[column].dtype.kind in "iu":
+            continue
+        form = ("+.3f" if columns.get(column) else ".3f") if column in aucs else ".0f"  # else counts, depths
+        shown[column] = [
+            "" if pd.isna(value) else f"{value:{form}}" if isinstance(value, float) else str(value)
+            for value in frame[column]
+        ]
+    for column, signed in columns.items():
+        text = [
+            tables.interval_text(low, high, signed=signed)
+            for low, high in zip(frame[f"{column}_low"], frame[f"{column}_high"])
+        ]
+        shown.insert(shown.columns.get_loc(column) + 1, f"{column}_95ci", text)
+        shown = shown.drop(columns=[f"{column}_low", f"{column}_high"])
+    return shown
 
 
 def page_depth(store: Store) -> None:
@@ -415,9 +463,10 @@ def page_depth(store: Store) -> None:
             "blocks), attacks each release and trains the utility model at each depth."
         )
         return
-    attacks = [
-        c for c in curve.columns if c not in ("depth", tables.CHANCE_ROW, "encoded_auc", "utility_runs", "raw_auc")
-    ]
+    utility_columns = ("encoded_auc", "utility_runs", "raw_auc")
+    intervals = {"encoded_auc": ("encoded_auc_low", "encoded_auc_high"), "raw_auc": ("raw_auc_low", "raw_auc_high")}
+    not_attacks = {"depth", tables.CHANCE_ROW, *utility_columns, *(c for pair in intervals.values() for c in pair)}
+    attacks = [c for c in curve.columns if c not in not_attacks]
     # Depths 0 ... 44 are near geometric: an ordinal axis keeps the shallow ones apart.
     depth_axis = alt.X("depth:O", title="private blocks (depth)")
     reid = curve.melt(id_vars="depth", value_vars=[*attacks, tables.CHANCE_ROW], var_name="attack", value_name="value")
@@ -427,38 +476,56 @@ def page_depth(store: Store) -> None:
         alt.Y("value:Q", title="best re-identification (public half)", axis=alt.Axis(format="%")),
         "attack",
     )
-    auc = curve.melt(id_vars="depth", value_vars=["encoded_auc", "raw_auc"], var_name="model", value_name="auc")
+    auc = pd.concat(
+        [
+            curve[["depth", model, low, high]].set_axis(["depth", "auc", "low", "high"], axis=1).assign(model=model)
+            for model, (low, high) in intervals.items()
+        ]
+    )
     _depth_chart(
         auc.dropna(subset=["auc"]),
         depth_axis,
-        alt.Y("auc:Q", title="mean AUC over findings", scale=alt.Scale(domain=[0.4, 1])),
+        alt.Y("auc:Q", title="mean AUC over findings (95% interval over seeds)", scale=alt.Scale(domain=[0.4, 1])),
         "model",
+        interval=("low", "high"),
     )
     # Text cells: a depth without a run of an attack, or without a utility run, reads "not run".
     shown = curve.assign(
         **{c: curve[c].map(percent) for c in [*attacks, tables.CHANCE_ROW]},
         **{c: curve[c].map(lambda v: NOT_RUN if pd.isna(v) else f"{v:.3f}") for c in ("encoded_auc", "raw_auc")},
+        **{
+            f"{c}_95ci": [tables.interval_text(low, high) for low, high in zip(curve[pair[0]], curve[pair[1]])]
+            for c, pair in intervals.items()
+        },
     )
-    st.dataframe(shown, hide_index=True)
+    order = ["depth", *attacks, tables.CHANCE_ROW, "encoded_auc", "encoded_auc_95ci", "utility_runs"]
+    st.dataframe(shown[[*order, "raw_auc", "raw_auc_95ci"]], hide_index=True)
     st.caption(
         "One row per number of private blocks (nc3 = 0, nc7 = 4, nc47 = 44). Attack columns: the best "
         "re-identification of each built-in attack as the organizers ran it, on single-site reid challenges "
         "of that depth. `encoded_auc`: mean AUC over findings and runs of the utility model on encodings of "
-        "that depth (`utility_runs` runs of a depth sweep); `raw_auc`: the same images as plaintext patches, "
-        "the utility an encoding can at best keep; 0.5 is chance."
+        "that depth (`utility_runs` runs of a depth sweep, one per seed); `raw_auc`: the same images as "
+        "plaintext patches, the utility an encoding can at best keep; 0.5 is chance. `_95ci`: the 95% "
+        "t-interval of the mean over runs (blank with one run); the chart draws it as error bars."
     )
 
 
-def _depth_chart(frame, x, y, series: str) -> None:
-    """One line per ``series`` value of ``frame`` (long form) against depth; nothing when empty."""
+def _depth_chart(frame, x, y, series: str, *, interval: tuple[str, str] | None = None) -> None:
+    """One line per ``series`` value of ``frame`` (long form) against depth, with error bars
+    from the ``interval`` (low, high) columns where they are not NaN; nothing when empty."""
     if frame.empty:
         return
-    tooltip = ["depth", series, y.shorthand.split(":")[0]]
-    chart = (
-        alt.Chart(frame)
-        .mark_line(point=True)
-        .encode(x=x, y=y, color=alt.Color(f"{series}:N", title=None), tooltip=tooltip)
-    )
+    tooltip = ["depth", series, y.shorthand.split(":")[0], *(interval or ())]
+    colour = alt.Color(f"{series}:N", title=None)
+    chart = alt.Chart(frame).mark_line(point=True).encode(x=x, y=y, color=colour, tooltip=tooltip)
+    if interval is not None and frame[list(interval)].notna().all(axis=1).any():
+        low, high = interval
+        bars = (
+            alt.Chart(frame.dropna(subset=[low, high]))
+            .mark_errorbar(ticks=True)
+            .encode(x=x, y=alt.Y(f"{low}:Q", title=y.to_dict().get("title")), y2=f"{high}:Q", color=colour)
+        )
+        chart = chart + bars
     st.altair_chart(chart, width="stretch")
 
 

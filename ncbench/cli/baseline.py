@@ -46,6 +46,15 @@ def group() -> None:
 )
 @click.option("--epochs", default=DEFAULTS["epochs"], show_default=True, type=int, help="Training epochs per model.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for images, key, shuffles, models.")
+@click.option(
+    "--seeds",
+    default=1,
+    show_default=True,
+    type=int,
+    help="Repeat every model with S seeds (--seed, --seed + 1, ...: new images, split, keys and training each) "
+    "and report mean AUC with a 95% t-interval over seeds, and paired differences (encoded - raw; "
+    "union - per-site) with theirs.",
+)
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
 @click.option(
     "--sites",
@@ -55,9 +64,36 @@ def group() -> None:
     help="Split the images into K sites (hospitals), each with its own key: compare per-site models, one model "
     "on the union of the sites' encodings and the union under one key (K >= 2; 1 = one site).",
 )
-@click.option("--db", default=None, help="Record the rows in this leaderboard database (path or URL).")
+@click.option(
+    "--one-key/--no-one-key",
+    default=True,
+    show_default=True,
+    help="With --sites: also train the union under one key (the upper bound of collaboration).",
+)
+@click.option("--db", default=None, help="Record the rows in this leaderboard database (path or URL), seed by seed.")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print one JSON object: every seed's rows, and the intervals over seeds, instead of tables.",
+)
 def utility(
-    presets, raw, source, n_train, n_test, width, image_size, patch_size, epochs, seed, device, sites, db
+    presets,
+    raw,
+    source,
+    n_train,
+    n_test,
+    width,
+    image_size,
+    patch_size,
+    epochs,
+    seed,
+    seeds,
+    device,
+    sites,
+    one_key,
+    db,
+    as_json,
 ) -> None:
     """Downstream AUC per label of a model trained on encodings vs on raw patches (labelled images)."""
     from ncbench.baselines.utility import run_utility
@@ -68,30 +104,113 @@ def utility(
         if image_size < 16 or image_size % 16:
             raise NcbenchError(f"--image-size {image_size} is not a multiple of 16; give --patch-size")
         patch_size = image_size // 16
-    rows = run_utility(
-        presets=list(dict.fromkeys(presets)),
-        n_train=n_train,
-        n_test=n_test,
-        width=width,
-        image_size=image_size,
-        patch_size=patch_size,
-        epochs=epochs,
-        seed=seed,
-        device=pick_device(device),
-        raw=raw,
-        source=source,
-        sites=sites,
-    )
-    click.echo(utility_table(rows) if sites == 1 else sites_report(rows))
-    click.echo(
-        f"({n_train} train / {n_test} test images from {source}, {image_size} px, encoder width {width}, "
-        f"{epochs} epochs" + (f"; {sites} sites, contiguous equal shares)" if sites > 1 else ")")
-    )
-    if db:
-        from ncbench.leaderboard.store import record_utility
+    if seeds < 1:
+        raise NcbenchError(f"--seeds must be a positive integer, got {seeds}")
+    # Text goes to stderr with --json, so stdout holds the JSON object alone.
+    say = (lambda text: click.echo(text, err=True)) if as_json else click.echo
+    rows: list[dict] = []
+    for run_seed in range(seed, seed + seeds):
+        found = run_utility(
+            presets=list(dict.fromkeys(presets)),
+            n_train=n_train,
+            n_test=n_test,
+            width=width,
+            image_size=image_size,
+            patch_size=patch_size,
+            epochs=epochs,
+            seed=run_seed,
+            device=pick_device(device),
+            raw=raw,
+            source=source,
+            sites=sites,
+            one_key=one_key,
+        )
+        rows += found
+        if seeds > 1:
+            say(f"seed {run_seed}:")
+        if not as_json or seeds > 1:
+            say(utility_table(found) if sites == 1 else sites_report(found))
+        if db:  # seed by seed, so an interrupted run keeps the seeds it finished
+            from ncbench.leaderboard.store import record_utility
 
-        written = record_utility(db, rows)
-        click.echo(f"recorded {written} rows in {db}")
+            say(f"recorded {record_utility(db, found)} rows in {db}")
+    described = (
+        f"({n_train} train / {n_test} test images from {source}, {image_size} px, encoder width {width}, "
+        f"{epochs} epochs" + (f"; {sites} sites, contiguous equal shares" if sites > 1 else "")
+    )
+    described += f"; seeds {seed}-{seed + seeds - 1})" if seeds > 1 else ")"
+    intervals, by_sites = seed_intervals(rows)
+    if as_json:
+        import json
+
+        click.echo(
+            json.dumps(
+                {
+                    "seeds": list(range(seed, seed + seeds)),
+                    "rows": [{**row, "auc": None if math.isnan(row["auc"]) else row["auc"]} for row in rows],
+                    "intervals": _records(intervals),
+                    "sites": _records(by_sites),
+                },
+                allow_nan=False,
+                default=str,
+            )
+        )
+        return
+    if seeds > 1:
+        click.echo(intervals_report(intervals, by_sites))
+    click.echo(described)
+
+
+def seed_intervals(rows: list[dict]):
+    """(:func:`tables.utility_intervals`, :func:`tables.multi_site_intervals`) of one run's rows."""
+    import pandas as pd
+
+    from ncbench.leaderboard import tables
+
+    frame = pd.DataFrame(rows).assign(created_utc="")  # one call: a seed is one run
+    return tables.utility_intervals(frame), tables.multi_site_intervals(frame)
+
+
+def _records(frame) -> list[dict]:
+    """JSON-ready rows of a frame: NaN (no interval with one seed) becomes null."""
+    return [
+        {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
+        for row in frame.to_dict("records")
+    ]
+
+
+def intervals_report(intervals, by_sites) -> str:
+    """Mean AUC over labels with its 95% t-interval over seeds, per model; the paired
+    difference against raw (single site) or union - per-site (several sites) with its interval."""
+    from ncbench.leaderboard.tables import interval_text
+
+    lines = []
+    if not intervals.empty:
+        lines.append(f"{'model':<16}{'seeds':>6}{'mean AUC':>10}  {'95% CI':<18}{'vs raw':>8}  95% CI (paired)")
+        for row in intervals.itertuples():
+            name = row.preset if row.model_kind == "encoded" else "raw"
+            paired = (
+                ""
+                if math.isnan(row.vs_raw)
+                else f"{row.vs_raw:>+8.3f}  " + interval_text(row.vs_raw_low, row.vs_raw_high, signed=True)
+            )
+            lines.append(
+                f"{name:<16}{row.seeds:>6}{row.auc:>10.3f}  {interval_text(row.auc_low, row.auc_high):<18}{paired}"
+            )
+    for row in by_sites.to_dict("records"):
+        lines.append(
+            f"{row['preset']} on {row['sites']} sites ({row['images_per_site']} training images each), "
+            f"{row['seeds']} seeds: per-site {row['site']:.3f} {interval_text(row['site_low'], row['site_high'])}, "
+            f"union {row['union']:.3f} {interval_text(row['union_low'], row['union_high'])}; union - per-site "
+            f"{row['union_gain']:+.3f} {interval_text(row['union_gain_low'], row['union_gain_high'], signed=True)}"
+            + (
+                ""
+                if math.isnan(row["key_cost"])
+                else f"; one key - union {row['key_cost']:+.3f} "
+                + interval_text(row["key_cost_low"], row["key_cost_high"], signed=True)
+            )
+        )
+    return "\n".join(lines)
 
 
 def utility_table(rows: list[dict]) -> str:
