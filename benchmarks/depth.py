@@ -1,4 +1,4 @@
-"""Privacy and utility against encoder depth (issue 11 item 4; results in benchmarks/RESULTS.md).
+"""Privacy and utility against encoder depth (results in benchmarks/RESULTS.md).
 
     python benchmarks/depth.py [all] [--depths=0,1,2,4,8,16,32,44] [--n=200] [--seed=11] [--runs=runs]
         [--carlini-depths=16,44] [--boost-depths=32,44] [--utility-seeds=0,1] [--threads=T]
@@ -495,4 +495,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        print(__doc__)
+        sys.exit(0)
     main(sys.argv[1:])
