@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from script_options import script_options
 
 from ncbench.hardware import machine_description
 from ncbench.leaderboard.metrics import paired_interval, t_interval
@@ -415,17 +416,13 @@ def _n(results: dict) -> str:
     return ", ".join(str(n) for n in sorted(n for n in ns if n))
 
 
-def _options(args: list[str]) -> dict[str, str]:
-    return {a.split("=")[0].lstrip("-"): a.partition("=")[2] for a in args if a.startswith("--")}
-
-
 def _ints(text: str) -> list[int]:
     return [int(part) for part in text.split(",") if part]
 
 
 def main(argv: list[str]) -> None:
     command, *args = argv if argv[:1] and not argv[0].startswith("--") else ["all", *argv]
-    options = _options(args)
+    options = script_options(args, __doc__)
     depths = _ints(options.get("depths", ",".join(map(str, DEPTHS))))
     n, seed, runs = int(options.get("n", 200)), int(options.get("seed", 11)), options.get("runs", "runs")
     path, png = options.get("json", "runs/depth.json"), options.get("png", "benchmarks/depth.png")
@@ -495,7 +492,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    if {"-h", "--help"} & set(sys.argv[1:]):
-        print(__doc__)
-        sys.exit(0)
     main(sys.argv[1:])

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+from script_options import script_options
 
 from ncbench.attacks.submission import Submission, write_submission
 from ncbench.challenge.encoders import resolve_config
@@ -332,10 +333,7 @@ def table(result: dict) -> str:
 
 
 if __name__ == "__main__":
-    if {"-h", "--help"} & set(sys.argv[1:]):
-        print(__doc__)
-        sys.exit(0)
-    options = {a.split("=")[0].lstrip("-"): a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--")}
+    options = script_options(sys.argv[1:], __doc__)
     outcome = main(options.get("preset", "nc3"), int(options.get("n", 32)), options.get("out"))
     print(json.dumps(outcome))
     print(table(outcome))

@@ -38,6 +38,7 @@ import time
 
 import numpy as np
 import torch
+from script_options import script_options
 
 from ncbench.hardware import machine_description
 
@@ -423,12 +424,9 @@ def final(release_dir: str) -> dict:
 
 
 if __name__ == "__main__":
-    if {"-h", "--help"} & set(sys.argv[1:]):
-        print(__doc__)
-        sys.exit(0)
     torch.set_num_threads(torch.get_num_threads())
+    options = script_options(sys.argv[1:], __doc__)
     command, *args = sys.argv[1:] or ["encode"]
-    options = {a.split("=")[0].lstrip("-"): a.split("=")[1] for a in args if a.startswith("--")}
     positional = [a for a in args if not a.startswith("--")]
     if command == "encode":
         result = encode(

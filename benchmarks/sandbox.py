@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from script_options import script_options
+
 from ncbench.challenge.encoders import resolve_config
 from ncbench.challenge.release import BuildPlan, build_release
 from ncbench.hardware import cpu_model
@@ -112,10 +114,7 @@ def table(result: dict) -> str:
 
 
 if __name__ == "__main__":
-    if {"-h", "--help"} & set(sys.argv[1:]):
-        print(__doc__)
-        sys.exit(0)
-    options = {a.split("=")[0].lstrip("-"): a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--")}
+    options = script_options(sys.argv[1:], __doc__)
     outcome = main(int(options.get("repeats", 5)), int(options.get("n", 64)), options.get("attack", "gram-hungarian"))
     print(json.dumps(outcome))
     print(table(outcome))
