@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy import ndimage, stats
 
 # Bands of the original NeuraCrypt challenge: < 5% good, 5-20% moderate, > 20% bad.
 BAND_GOOD_BELOW = 0.05
@@ -211,6 +210,8 @@ def ssim(
     population statistics); C1 = (0.01 range)^2, C2 = (0.03 range)^2; the SSIM map is averaged
     away from a border of the window's radius, as scikit-image does.
     """
+    from scipy import ndimage  # here, not at the top: the scorer's child loads this module for every upload
+
     x, y = _as_float_pair(reconstructed, truth)
     c1, c2 = (SSIM_K1 * data_range) ** 2, (SSIM_K2 * data_range) ** 2
 
@@ -290,6 +291,8 @@ def t_interval(values, *, confidence: float = CONFIDENCE) -> tuple[float, float,
     mean = float(finite.mean())
     if finite.size == 1:
         return mean, math.nan, math.nan
+    from scipy import stats
+
     half = float(stats.t.ppf((1 + confidence) / 2, finite.size - 1) * finite.std(ddof=1) / math.sqrt(finite.size))
     return mean, mean - half, mean + half
 
