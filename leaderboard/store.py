@@ -56,6 +56,12 @@ from ncbench.names import fold, name_skeleton
 from ncbench.private import create_private_file
 
 BUSY_TIMEOUT_S = 30
+# SQLite connections kept open for reuse: one per thread that can hold one at once (the API's 40
+# request threads, the dispatcher's and the board's few). SQLAlchemy's default keeps 5 and
+# closes every connection past them on return, so under load most requests opened a new
+# connection and ran its PRAGMAs: a third of the API's CPU at 200 clients. An idle SQLite
+# connection costs a file descriptor and a few hundred KB.
+SQLITE_POOL_SIZE = 48
 STATUS_SCORED, STATUS_FAILED = "scored", "failed"
 # What the team reads (its job's message) of a failure the organizer's scorer logged: the error
 # itself, which may name the organizer's files, stays in the submissions row.
@@ -499,7 +505,9 @@ class Store:
     def _make_engine(self) -> Engine:
         try:
             if self.is_sqlite:
-                engine = sa.create_engine(self.url, connect_args={"timeout": BUSY_TIMEOUT_S})
+                engine = sa.create_engine(
+                    self.url, connect_args={"timeout": BUSY_TIMEOUT_S}, pool_size=SQLITE_POOL_SIZE, max_overflow=16
+                )
                 _configure_sqlite(engine)
             else:
                 engine = sa.create_engine(self.url, pool_pre_ping=True)
@@ -970,6 +978,30 @@ class Store:
             for split, metric, value in own[["split", "metric", "value"]].itertuples(index=False):
                 details["metrics"][SPLIT_NAMES[int(split)]][metric] = float(value)
         return details
+
+    def shown_to_team(self, team: str) -> dict[int, dict]:
+        """What ``team`` is shown of each of its scored submissions, in two queries however many
+        there are: {submission_id: {"scores_hidden": bool, "public": {metric: value}}}, the
+        public half as :meth:`submission` shows it (the Ladder's values; none, and
+        ``scores_hidden``, while a blind challenge is open)."""
+        hidden = sa.and_(challenges.c.closed_utc.is_(None), _blind())
+        query = (
+            sa.select(submissions.c.id, hidden.label("hidden"))
+            .join(teams, teams.c.id == submissions.c.team_id)
+            .join(challenges, challenges.c.challenge_id == submissions.c.challenge_id)
+            .outerjoin(published, published.c.challenge_id == submissions.c.challenge_id)
+            .where(teams.c.name == team, submissions.c.status == STATUS_SCORED)
+        )
+        with self._read() as conn:
+            shown = {row.id: {"scores_hidden": bool(row.hidden), "public": {}} for row in conn.execute(query)}
+            long = pd.DataFrame(
+                conn.execute(self._visible_scores(False, None).where(teams.c.name == team)).mappings().all()
+            )
+        if not long.empty:
+            public = shown_public_scores(long).query("split == 0")
+            for submission_id, metric, value in public[["submission_id", "metric", "value"]].itertuples(index=False):
+                shown[int(submission_id)]["public"][metric] = float(value)
+        return shown
 
     def entries(self, challenge_id: str) -> pd.DataFrame:
         """A challenge's scored submissions without their scores: submission_id, team, attack,

@@ -13,6 +13,7 @@ that dies is not needed back for its jobs to be scored.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import datetime as dt
 import threading
@@ -149,10 +150,25 @@ def requeue_stale(store: Store, table: sa.Table, *, lease_s: float = LEASE_S, no
 def ahead(store: Store, table: sa.Table, row_id: int, *conditions) -> int:
     """How many queued rows of ``table`` that meet ``conditions`` come before ``row_id``: claims
     take the oldest first, so this is the row's place in its queue (0: next)."""
+    return places(store, table, [row_id], *conditions)[row_id]
+
+
+def places(store: Store, table: sa.Table, row_ids, *conditions) -> dict[int, int]:
+    """:func:`ahead` of each of ``row_ids``, in one query however many they are."""
+    row_ids = list(row_ids)
+    if not row_ids:
+        return {}
     with store._read() as conn:
-        return conn.execute(
-            sa.select(sa.func.count()).where(table.c.state == "queued", table.c.id < row_id, *conditions)
-        ).scalar_one()
+        queued = (
+            conn.execute(
+                sa.select(table.c.id)
+                .where(table.c.state == "queued", table.c.id < max(row_ids), *conditions)
+                .order_by(table.c.id)
+            )
+            .scalars()
+            .all()
+        )
+    return {row_id: bisect.bisect_left(queued, row_id) for row_id in row_ids}
 
 
 def touch(store: Store, table: sa.Table, row_ids) -> None:

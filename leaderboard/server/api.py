@@ -345,7 +345,7 @@ def create_app(
     @app.get("/api/v1/submissions", responses=documented(*AUTH))
     def submissions(team: str = Depends(team)) -> list[dict]:
         """Your team's submissions and their states."""
-        return [_job_view(store, job) for job in channel.team_jobs(store, team)]
+        return _job_views(store, team, channel.team_jobs(store, team))
 
     @app.get("/api/v1/submissions/{job_id}", responses=documented(404, *AUTH))
     def submission(job_id: int = row_id(), team: str = Depends(team)) -> dict:
@@ -353,7 +353,7 @@ def create_app(
         job = channel.job(store, job_id, team=team)
         if job is None:
             raise HTTPException(404, f"your team has no submission {job_id}")
-        return _job_view(store, job)
+        return _job_views(store, team, [job])[0]
 
     return app
 
@@ -395,7 +395,17 @@ async def receive(request: Request, layout: workqueue.StoreLayout, max_bytes: in
     return writer
 
 
-def _job_view(store: Store, job: channel.Job) -> dict:
+def _job_views(store: Store, team: str, team_jobs: list[channel.Job]) -> list[dict]:
+    """What ``team`` is shown of its jobs ``team_jobs``, in three queries however many they are
+    (one per job and one per earlier submission, as it was, took 11 s for a team with 400)."""
+    places = channel.places(store, [job.id for job in team_jobs if job.state == "queued"])
+    shown = store.shown_to_team(team) if any(job.state == "scored" for job in team_jobs) else {}
+    return [_job_view(job, places.get(job.id), shown.get(job.submission_id)) for job in team_jobs]
+
+
+def _job_view(job: channel.Job, ahead: int | None, shown: dict | None) -> dict:
+    """One job as its team sees it: ``ahead`` its place in the queue (queued jobs), ``shown``
+    what :meth:`Store.shown_to_team` shows of its submission (scored ones)."""
     view = {
         "id": job.id,
         # The board's id of the scored submission: the same as ``id`` (one id per submission),
@@ -408,14 +418,13 @@ def _job_view(store: Store, job: channel.Job) -> dict:
         "public": None,
         "scores_hidden": False,
         # A queued job's place in the queue: how many jobs, any team's, will be scored first.
-        "queue_ahead": channel.ahead(store, job.id) if job.state == "queued" else None,
+        "queue_ahead": ahead,
     }
     if job.state == "scored" and job.submission_id is not None:
-        details = store.submission(job.submission_id) or {}
-        if details.get("scores_hidden"):
+        if shown is not None and shown["scores_hidden"]:
             view["scores_hidden"] = True  # a blind challenge, still open: scored, score unseen
             return view
-        public = details.get("metrics", {}).get("public") or {}
+        public = shown["public"] if shown is not None else {}
         # JSON has no infinity (k-anonymity at zero accuracy): such values travel as strings.
         view["public"] = {k: v if math.isfinite(v) else str(v) for k, v in public.items()}
     return view

@@ -372,9 +372,10 @@ def job(store: Store, job_id: int, *, team: str | None = None) -> Job | None:
     return found[0] if found else None
 
 
-def ahead(store: Store, job_id: int) -> int:
-    """Queued jobs, every team's, that will be scored before this one (0: it is next)."""
-    return workqueue.ahead(store, jobs, job_id)
+def places(store: Store, job_ids) -> dict[int, int]:
+    """For each of ``job_ids``: the queued jobs, every team's, that will be scored before it (0:
+    it is next)."""
+    return workqueue.places(store, jobs, job_ids)
 
 
 def team_jobs(store: Store, team: str) -> list[Job]:

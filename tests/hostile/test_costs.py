@@ -1,0 +1,107 @@
+"""What one team's history costs the server: a listing is a fixed number of queries, however
+many submissions the team has made (one query per submission and one per earlier submission of
+each made a team with 400 scored files cost 11 s of the server's CPU per listing)."""
+
+import random
+import sys
+import warnings
+from pathlib import Path
+
+import sqlalchemy as sa
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from test_store import challenge, result  # noqa: E402
+
+from ncbench.leaderboard import store as store_module  # noqa: E402
+from ncbench.leaderboard import workqueue  # noqa: E402
+from ncbench.leaderboard.server import channel  # noqa: E402
+from ncbench.leaderboard.server.api import create_app  # noqa: E402
+from ncbench.leaderboard.store import Store  # noqa: E402
+
+CHALLENGES = {"nc7-reid-00000001": False, "nc7-reid-00000002": True, "nc7-reid-00000003": False}  # id: blind
+
+
+def published_store(tmp_path: Path) -> tuple[Path, workqueue.StoreLayout]:
+    db_path, layout = tmp_path / "board.db", workqueue.StoreLayout(tmp_path / "store")
+    layout.root.mkdir()
+    with Store(db_path) as store:
+        for challenge_id, blind in CHALLENGES.items():
+            with store._write() as conn:
+                store._ensure_challenge(conn, challenge(challenge_id), store_module.utc_now())
+                conn.execute(
+                    store_module.published.insert().values(
+                        challenge_id=challenge_id, files="[]", daily_limit=10**6, published_utc="x", blind=blind
+                    )
+                )
+    return db_path, layout
+
+
+def submit_scored(store: Store, team: str, count: int, rng: random.Random) -> None:
+    """``count`` uploads of ``team``, scored, spread over the challenges, with random scores."""
+    for index in range(count):
+        info = challenge(rng.choice(list(CHALLENGES)))
+        answer = result(f"{team}-{index}-", accuracy=rng.random(), private=rng.random(), info=info)
+        job_id = channel.enqueue(store, team=team, challenge_id=info.challenge_id, sha256=answer.sha256, size=9)
+        store.record_score(answer, team=team, daily_limit=None, job_id=job_id)
+        channel.finish(store, job_id, "scored", submission_id=job_id)
+
+
+def listing_statements(db_path: Path, layout: workqueue.StoreLayout, token: str) -> tuple[int, list[dict]]:
+    """The SQL statements one ``GET /api/v1/submissions`` runs, and its answer."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from fastapi.testclient import TestClient
+    executed = []
+
+    def count(*_args) -> None:
+        executed.append(1)
+
+    with TestClient(create_app(str(db_path), layout.root)) as client:
+        client.headers["Authorization"] = f"Bearer {token}"
+        client.get("/api/v1/whoami")  # the connection's set-up is not the listing's
+        sa.event.listen(sa.engine.Engine, "before_cursor_execute", count)
+        try:
+            answer = client.get("/api/v1/submissions")
+        finally:
+            sa.event.remove(sa.engine.Engine, "before_cursor_execute", count)
+    assert answer.status_code == 200, answer.text
+    return len(executed), answer.json()
+
+
+def test_a_listing_runs_as_many_queries_for_sixty_submissions_as_for_three(tmp_path, monkeypatch):
+    monkeypatch.setattr(channel, "RATE_LIMIT_PER_MINUTE", 10**6)
+    db_path, layout = published_store(tmp_path)
+    rng = random.Random(5)
+    with Store(db_path) as store:
+        tokens = {team: channel.add_team(store, team, key=channel.token_key(layout))[1] for team in ("few", "many")}
+        submit_scored(store, "few", 3, rng)
+        submit_scored(store, "many", 60, rng)
+        for team in ("few", "many"):  # and one queued each, which shows its place in the queue
+            channel.enqueue(store, team=team, challenge_id="nc7-reid-00000001", sha256=f"{team}".ljust(64, "0"), size=9)
+    few, few_views = listing_statements(db_path, layout, tokens["few"])
+    many, many_views = listing_statements(db_path, layout, tokens["many"])
+    assert (len(few_views), len(many_views)) == (4, 61)
+    assert many == few, (few, many)
+    assert [v["queue_ahead"] for v in many_views if v["state"] == "queued"] == [1]  # behind few's
+
+
+def test_the_listing_shows_each_submission_as_the_board_s_details_do(tmp_path, monkeypatch):
+    """The batched listing shows what :meth:`Store.submission` shows of each submission, one by
+    one: the Ladder's public half (which depends on the team's earlier submissions), nothing of
+    a blind challenge until its close, and a closed challenge's public half."""
+    monkeypatch.setattr(channel, "RATE_LIMIT_PER_MINUTE", 10**6)
+    db_path, layout = published_store(tmp_path)
+    with Store(db_path) as store:
+        _, token = channel.add_team(store, "alice", key=channel.token_key(layout))
+        submit_scored(store, "alice", 30, random.Random(7))
+        store.close_challenge("nc7-reid-00000003")
+        _, listed = listing_statements(db_path, layout, token)
+        details = [store.submission(view["submission_id"]) for view in listed]
+    for view, detail in zip(listed, details, strict=True):
+        assert view["scores_hidden"] == detail["scores_hidden"]
+        assert view["public"] == (None if detail["scores_hidden"] else detail["metrics"]["public"])
+    hidden = [view["scores_hidden"] for view in listed]
+    assert any(hidden) and not all(hidden)
+    assert len({view["public"]["reid_accuracy"] for view in listed if view["public"]}) > 1
+    assert any(detail["closed_utc"] for detail in details)
