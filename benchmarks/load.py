@@ -174,54 +174,99 @@ async def slowloris(port: int, count: int, stop: asyncio.Event) -> int:
     return closed
 
 
-def http_clients(clients: int) -> tuple[httpx.AsyncClient, httpx.AsyncClient]:
-    """The connection pools the clients share: one connection each at most in each (a client
-    sends one request at a time). Bad tokens come from another loopback address: the server's
-    refused-token limit is per address and would otherwise answer 429 to every client here after
-    20 of them a minute. Shared, not one pair per client: each httpx client builds an SSL context
-    (even for http://), which took the load generator tens of seconds of CPU at 200 clients."""
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    guesser = httpx.AsyncHTTPTransport(local_address="127.0.0.2", limits=limits)
-    return httpx.AsyncClient(timeout=30, limits=limits), httpx.AsyncClient(timeout=30, transport=guesser)
+class Connection:
+    """One kept-alive HTTP/1.1 connection, written for this benchmark: a request is a few
+    bytes out and a status line, headers and a Content-Length body in. httpx spent 5-10 ms of
+    CPU a request, so at 200 clients the generator filled a core of the two and its own queue
+    showed up in every latency; this costs a fraction of a millisecond. A request that finds
+    its kept-alive connection closed by the server (idle timeout) reopens it and is sent again
+    once, as browsers and HTTP libraries do; such reconnects are counted."""
+
+    def __init__(self, port: int, local: str | None = None):
+        self.port, self.local = port, local
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.reconnects = 0
+
+    async def request(self, method: str, path: str, headers: dict[str, str], body: bytes = b"") -> tuple[int, bytes]:
+        for attempt in (0, 1):
+            fresh = self.writer is None
+            if fresh:
+                local = (self.local, 0) if self.local else None
+                self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port, local_addr=local)
+            head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+            self.writer.write(
+                f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(body)}\r\n{head}\r\n".encode()
+                + body
+            )
+            try:
+                await self.writer.drain()
+                lines = (await self.reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+            except (ConnectionError, asyncio.IncompleteReadError):
+                self.close()
+                if fresh or attempt:
+                    raise
+                self.reconnects += 1
+                continue
+            fields = dict(line.lower().split(": ", 1) for line in lines[1:] if ": " in line)
+            if "transfer-encoding" in fields:  # no route here streams; a chunked body would desynchronise us
+                raise ConnectionError("a chunked response")
+            answer = await self.reader.readexactly(int(fields.get("content-length", 0)))
+            if fields.get("connection") == "close":
+                self.close()
+            return int(lines[0].split()[1]), answer
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
 
 
-async def client(url: str, challenge_id: str, token: str, until: float, record, accepted: list[int], pools) -> None:
+async def client(port: int, challenge_id: str, token: str, until: float, record, accepted: list[int],
+                 connections: list[Connection]) -> None:  # fmt: skip
+    """Requests one after the other, each route drawn from MIX, on a kept-alive connection of
+    its own (bad tokens on a second one, from 127.0.0.2: the server's refused-token limit is per
+    address and would otherwise answer 429 to every client here after 20 of them a minute)."""
     routes, weights = zip(*MIX, strict=True)
     auth = {"Authorization": f"Bearer {token}"}
-    files = f"{url}/api/v1/challenges/{challenge_id}/files"
-    http, guesser = pools
+    files = f"/api/v1/challenges/{challenge_id}/files"
+    own, guesser = Connection(port), Connection(port, local="127.0.0.2")
+    connections += [own, guesser]
     while time.monotonic() < until:
         route = random.choices(routes, weights)[0]
         started = time.perf_counter()
         try:
             if route == "healthz":
-                answer = await http.get(f"{url}/healthz")
+                status, _ = await own.request("GET", "/healthz", {})
             elif route == "challenges":
-                answer = await http.get(f"{url}/api/v1/challenges")
+                status, _ = await own.request("GET", "/api/v1/challenges", {})
             elif route == "download-range":
-                answer = await http.get(f"{files}/release.h5", headers={"Range": "bytes=0-65535"})
+                status, _ = await own.request("GET", f"{files}/release.h5", {"Range": "bytes=0-65535"})
             elif route == "whoami":
-                answer = await http.get(f"{url}/api/v1/whoami", headers=auth)
+                status, _ = await own.request("GET", "/api/v1/whoami", auth)
             elif route == "submissions":
-                answer = await http.get(f"{url}/api/v1/submissions", headers=auth)
+                status, _ = await own.request("GET", "/api/v1/submissions", auth)
             elif route == "bad-token":
-                bad = {"Authorization": "Bearer ncb_1_" + "0" * 43}
-                answer = await guesser.get(f"{url}/api/v1/whoami", headers=bad)
-            else:
-                answer = await http.post(
-                    f"{url}/api/v1/challenges/{challenge_id}/submissions", content=os.urandom(4096), headers=auth
+                status, _ = await guesser.request(
+                    "GET", "/api/v1/whoami", {"Authorization": "Bearer ncb_1_" + "0" * 43}
                 )
-                if answer.status_code == 202:
-                    accepted.append(answer.json()["id"])
-            record(route, answer.status_code, time.perf_counter() - started)
-        except httpx.HTTPError as error:
+            else:
+                path = f"/api/v1/challenges/{challenge_id}/submissions"
+                status, answer = await own.request("POST", path, auth, os.urandom(4096))
+                if status == 202:
+                    accepted.append(json.loads(answer)["id"])
+            record(route, status, time.perf_counter() - started)
+        except (OSError, asyncio.IncompleteReadError) as error:
             record(route, type(error).__name__, time.perf_counter() - started)
+    own.close()
+    guesser.close()
 
 
-def cpu_s(process: psutil.Process) -> float:
-    """CPU seconds a process has used, its reaped children's included."""
+def cpu_s(process: psutil.Process) -> tuple[float, float]:
+    """CPU seconds a process has used: its own, and its reaped children's."""
     times = process.cpu_times()
-    return times.user + times.system + times.children_user + times.children_system
+    return times.user + times.system, times.children_user + times.children_system
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -229,29 +274,28 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-async def bomber(url: str, challenge_id: str, token: str, bomb: bytes, every: float, since: float, until: float,
+async def bomber(port: int, challenge_id: str, token: str, bomb: bytes, every: float, since: float, until: float,
                  record, bombs):  # fmt: skip
     """Upload ``bomb`` at ``since``, then every ``every`` seconds until ``until``."""
     auth = {"Authorization": f"Bearer {token}"}
-    async with httpx.AsyncClient(timeout=60) as http:
-        at = since
-        while at < until:
-            await asyncio.sleep(max(0.0, at - time.monotonic()))
-            started = time.perf_counter()
-            try:
-                answer = await http.post(
-                    f"{url}/api/v1/challenges/{challenge_id}/submissions", content=bomb, headers=auth
-                )
-                if answer.status_code == 202:
-                    bombs.append(answer.json()["id"])
-                record("vlen-bomb", answer.status_code, time.perf_counter() - started)
-            except httpx.HTTPError as error:
-                record("vlen-bomb", type(error).__name__, time.perf_counter() - started)
-            at += every
+    connection, at = Connection(port), since
+    while at < until:
+        await asyncio.sleep(max(0.0, at - time.monotonic()))
+        started = time.perf_counter()
+        try:
+            path = f"/api/v1/challenges/{challenge_id}/submissions"
+            status, answer = await connection.request("POST", path, auth, bomb)
+            if status == 202:
+                bombs.append(json.loads(answer)["id"])
+            record("vlen-bomb", status, time.perf_counter() - started)
+        except (OSError, asyncio.IncompleteReadError) as error:
+            record("vlen-bomb", type(error).__name__, time.perf_counter() - started)
+        at += every
+    connection.close()
 
 
 async def load(
-    url: str, port: int, challenge_id: str, tokens: list[str], seconds: float, held: int, bomb: bytes, every: float
+    port: int, challenge_id: str, tokens: list[str], seconds: float, held: int, bomb: bytes, every: float
 ) -> dict:
     latencies: dict[str, list[float]] = collections.defaultdict(list)
     statuses: collections.Counter = collections.Counter()
@@ -264,14 +308,12 @@ async def load(
 
     stop = asyncio.Event()
     loris = asyncio.create_task(slowloris(port, held, stop))
-    pools = http_clients(len(tokens))
+    connections: list[Connection] = []
     started = time.monotonic()
-    clients = [client(url, challenge_id, t, started + seconds, record, accepted, pools) for t in tokens[:-1]]
-    bombing = bomber(url, challenge_id, tokens[-1], bomb, every, started, started + seconds, record, bombs)
+    clients = [client(port, challenge_id, t, started + seconds, record, accepted, connections) for t in tokens[:-1]]
+    bombing = bomber(port, challenge_id, tokens[-1], bomb, every, started, started + seconds, record, bombs)
     await asyncio.gather(*clients, bombing)
     elapsed = time.monotonic() - started
-    for pool in pools:
-        await pool.aclose()
     stop.set()
     closed = await loris
     total = sum(len(v) for v in latencies.values())
@@ -284,6 +326,7 @@ async def load(
         "server_errors": sum(c for k, c in statuses.items() if k.split()[-1].startswith("5")),
         "client_errors": sum(c for k, c in statuses.items() if not k.split()[-1].isdigit()),
         "slowloris_closed_by_server": closed,
+        "kept_alive_connections_reopened": sum(c.reconnects for c in connections),
         "accepted": accepted,
         "bombs": bombs,
     }
@@ -305,6 +348,9 @@ def main() -> None:
     options = {"profile": args.profile, "out": args.out}
     from ncbench.leaderboard.server.connections import raise_open_files
 
+    spy = Path(sys.executable).with_name("py-spy")
+    if options["profile"] and not spy.exists():
+        raise SystemExit(f"--profile needs py-spy beside this Python: {Path(sys.executable).parent}/pip install py-spy")
     open_files = raise_open_files(cap + 2 * clients + held + 256)  # the server's and the clients' ends
     root = Path(options.get("out") or tempfile.mkdtemp(prefix="ncbench-load-"))
     store, challenge_id, tokens = prepare(root, clients)
@@ -323,6 +369,7 @@ def main() -> None:
                 break
         except httpx.HTTPError:
             if time.monotonic() > deadline or server.poll() is not None:
+                server.kill()
                 raise SystemExit("the server did not start; see " + log.name) from None
             time.sleep(0.2)
     rss = PeakRss(server.pid)
@@ -330,15 +377,16 @@ def main() -> None:
     profiler = None
     if options.get("profile"):
         profiler = subprocess.Popen(
-            [str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(server.pid), "--rate", "20",
+            [str(spy), "record", "--pid", str(server.pid), "--rate", "20",
              "--idle", "--threads", "--format", "raw", "--duration", str(int(seconds)), "--output", options["profile"]],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
-    server_cpu, own_cpu = cpu_s(psutil.Process(server.pid)), cpu_s(psutil.Process())
+    server_cpu, own_cpu = cpu_s(psutil.Process(server.pid)), sum(cpu_s(psutil.Process()))
     try:
-        result = asyncio.run(load(url, port, challenge_id, tokens, seconds, held, bomb, every))
-        result["server_cpu_s"] = round(cpu_s(psutil.Process(server.pid)) - server_cpu, 1)
-        result["load_generator_cpu_s"] = round(cpu_s(psutil.Process()) - own_cpu, 1)
+        result = asyncio.run(load(port, challenge_id, tokens, seconds, held, bomb, every))
+        api, children = (after - before for after, before in zip(cpu_s(psutil.Process(server.pid)), server_cpu))
+        result["server_cpu_s"] = {"api": round(api, 1), "scorer_children": round(children, 1)}
+        result["load_generator_cpu_s"] = round(sum(cpu_s(psutil.Process())) - own_cpu, 1)
     finally:
         rss.done.set()
         if profiler is not None:
