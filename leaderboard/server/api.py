@@ -333,9 +333,7 @@ def create_app(
         """The challenge's verified runs: attack, state, and per evaluation release its score
         and measured cost."""
         published_files(challenge_id)
-        frame = verified.results(store)
-        ids = frame.loc[frame["challenge_id"] == challenge_id, "run_id"].drop_duplicates().tolist()
-        return [verified.run_view(store, int(run_id)) for run_id in ids]
+        return verified.challenge_runs(store, challenge_id)
 
     @app.get("/api/v1/whoami", responses=documented(*AUTH))
     async def whoami(team: str = Depends(team)) -> dict:  # async: the token check is its only thread hop

@@ -20,6 +20,7 @@ Evaluation releases are deleted once scored: the seed rebuilds them.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import datetime as dt
@@ -962,48 +963,71 @@ def run_view(store: Store, run_id: int, *, team: str | None = None) -> dict | No
     reasons in the fixed vocabulary only, costs rounded up to a power of two (:func:`coarse`),
     no start or end time, and nothing of a run whose plugin has not passed its check (None).
     ``state`` is ``checking`` while the plugin awaits or runs its admission check."""
-    with store._read() as conn:
-        query = (
-            sa.select(verified_runs, teams.c.name.label("team"), scores_hidden().label("scores_hidden"))
-            .join(teams, teams.c.id == verified_runs.c.team_id)
-            .join(challenges, challenges.c.challenge_id == verified_runs.c.challenge_id)
-            .outerjoin(published, published.c.challenge_id == verified_runs.c.challenge_id)
-            .where(verified_runs.c.id == run_id)
+    views = run_views(store, verified_runs.c.id == run_id, team=team)
+    return views[0] if views else None
+
+
+def run_views(store: Store, condition, *, team: str | None = None) -> list[dict]:
+    """:func:`run_view` of every run that meets ``condition`` (of ``team``'s only, and as it sees
+    them, when given), oldest first, in four queries however many runs there are: a listing of
+    a thousand runs took 1.3 s at three queries a run."""
+    runs_query = (
+        sa.select(verified_runs, teams.c.name.label("team"), scores_hidden().label("scores_hidden"))
+        .join(teams, teams.c.id == verified_runs.c.team_id)
+        .join(challenges, challenges.c.challenge_id == verified_runs.c.challenge_id)
+        .outerjoin(published, published.c.challenge_id == verified_runs.c.challenge_id)
+        .where(condition, sa.true() if team is None else teams.c.name == team)
+        .where(is_admitted() if team is None else sa.true())
+        .order_by(verified_runs.c.id)
+    )
+    releases_query = (
+        sa.select(
+            verified_releases.c.run_id,
+            verified_releases.c.idx,
+            verified_releases.c.seed_sha256,
+            verified_releases.c.key_commitment,
+            verified_releases.c.state,
+            verified_releases.c.message,
+            verified_releases.c.detail,
+            verified_releases.c.headline,
+            verified_releases.c.wall_s,
+            verified_releases.c.cpu_s,
+            verified_releases.c.peak_rss_bytes,
         )
-        if team is not None:
-            query = query.where(teams.c.name == team)
-        run = conn.execute(query).one_or_none()
-        if run is None or (team is None and run.attack_version == UNCHECKED):
-            return None
-        releases = conn.execute(
-            sa.select(
-                verified_releases.c.idx,
-                verified_releases.c.seed_sha256,
-                verified_releases.c.key_commitment,
-                verified_releases.c.state,
-                verified_releases.c.message,
-                verified_releases.c.detail,
-                verified_releases.c.headline,
-                verified_releases.c.wall_s,
-                verified_releases.c.cpu_s,
-                verified_releases.c.peak_rss_bytes,
-            )
-            .where(verified_releases.c.run_id == run_id)
-            .order_by(verified_releases.c.idx)
-        ).all()
+        .join(verified_runs, verified_runs.c.id == verified_releases.c.run_id)
+        .join(teams, teams.c.id == verified_runs.c.team_id)
+        .where(condition, sa.true() if team is None else teams.c.name == team)
+        .order_by(verified_releases.c.run_id, verified_releases.c.idx)
+    )
+    with store._read() as conn:
+        runs = conn.execute(runs_query).all()
+        releases = collections.defaultdict(list)
+        for row in conn.execute(releases_query):
+            releases[row.run_id].append(row)
+    # Checks and runs are two queues: a run waits behind the queued ones of its own kind.
+    checks = verified_runs.c.attack_version == UNCHECKED
+    queued = [run for run in runs if run.state == "queued"]
+    places = {
+        **workqueue.places(store, verified_runs, [r.id for r in queued if r.attack_version == UNCHECKED], checks),
+        **workqueue.places(store, verified_runs, [r.id for r in queued if r.attack_version != UNCHECKED], ~checks),
+    }
+    return [_run_view(run, releases[run.id], places.get(run.id), own=team is not None) for run in runs]
+
+
+def _run_view(run, releases: list, ahead: int | None, *, own: bool) -> dict:
+    """:func:`run_view` of the row ``run``, its ``releases`` rows and its place in its queue."""
     hidden = bool(run.scores_hidden)
     scores = [r.headline for r in releases if r.state == "scored" and r.headline is not None and not hidden]
-    evaluations = [dict(r._mapping) | ({"headline": None} if hidden else {}) for r in releases]
-    if team is None:
+    evaluations = [
+        {k: v for k, v in r._mapping.items() if k != "run_id"} | ({"headline": None} if hidden else {})
+        for r in releases
+    ]
+    if not own:
         for evaluation in evaluations:
             del evaluation["detail"]
             for column, floor in COARSE_FLOORS.items():
                 evaluation[column] = coarse(evaluation[column], floor)
     checking = run.attack_version == UNCHECKED
-    # Checks and runs are two queues: a run waits behind the queued ones of its own kind.
-    same_queue = (
-        (verified_runs.c.attack_version == UNCHECKED) if checking else (verified_runs.c.attack_version != UNCHECKED)
-    )
     return {
         "id": run.id,
         "challenge_id": run.challenge_id,
@@ -1016,10 +1040,10 @@ def run_view(store: Store, run_id: int, *, team: str | None = None) -> dict | No
         "sandboxed": bool(run.sandboxed),
         "created_utc": run.created_utc,
         # When a run ended is a cost the plugin controls to the second: its team's only.
-        "started_utc": run.started_utc if team is not None else None,
-        "finished_utc": run.finished_utc if team is not None else None,
+        "started_utc": run.started_utc if own else None,
+        "finished_utc": run.finished_utc if own else None,
         "scores_hidden": hidden,  # a blind challenge, still open: scored, no score shown
-        "queue_ahead": workqueue.ahead(store, verified_runs, run.id, same_queue) if run.state == "queued" else None,
+        "queue_ahead": ahead,
         "mean": _finite(sum(scores) / len(scores)) if scores else None,
         "spread": _finite(pd.Series(scores).std(ddof=1)) if len(scores) > 1 else None,
         "evaluations": [{k: (_finite(v) if isinstance(v, float) else v) for k, v in e.items()} for e in evaluations],
@@ -1042,18 +1066,12 @@ def summary_line(view: dict) -> str:
 
 
 def team_runs(store: Store, team: str) -> list[dict]:
-    with store._read() as conn:
-        ids = (
-            conn.execute(
-                sa.select(verified_runs.c.id)
-                .join(teams, teams.c.id == verified_runs.c.team_id)
-                .where(teams.c.name == team)
-                .order_by(verified_runs.c.id)
-            )
-            .scalars()
-            .all()
-        )
-    return [run_view(store, run_id, team=team) for run_id in ids]
+    return run_views(store, sa.true(), team=team)
+
+
+def challenge_runs(store: Store, challenge_id: str) -> list[dict]:
+    """The challenge's runs as anyone sees them (admitted ones only)."""
+    return run_views(store, verified_runs.c.challenge_id == challenge_id)
 
 
 def _finite(value: float | None):

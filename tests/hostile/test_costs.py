@@ -18,6 +18,8 @@ from ncbench.leaderboard import workqueue  # noqa: E402
 from ncbench.leaderboard.server import channel  # noqa: E402
 from ncbench.leaderboard.server.api import create_app  # noqa: E402
 from ncbench.leaderboard.store import Store  # noqa: E402
+from ncbench.leaderboard.verified import runs as verified  # noqa: E402
+from ncbench.leaderboard.verified.runs import UNCHECKED  # noqa: E402
 
 CHALLENGES = {"nc7-reid-00000001": False, "nc7-reid-00000002": True, "nc7-reid-00000003": False}  # id: blind
 
@@ -105,3 +107,101 @@ def test_the_listing_shows_each_submission_as_the_board_s_details_do(tmp_path, m
     assert any(hidden) and not all(hidden)
     assert len({view["public"]["reid_accuracy"] for view in listed if view["public"]}) > 1
     assert any(detail["closed_utc"] for detail in details)
+
+
+def add_runs(store: Store, team: str, count: int) -> None:
+    """``count`` verified runs of ``team`` on the first challenge, written as the workers leave
+    them: scored ones with three evaluation releases, a failed one, queued runs and checks."""
+    stamp = "2026-12-04T00:00:00"
+    with store.engine.begin() as conn:
+        team_id = conn.execute(sa.select(store_module.teams.c.id).where(store_module.teams.c.name == team)).scalar_one()
+        for index in range(count):
+            state = ("scored", "failed", "queued", "queued")[index % 4]
+            version = UNCHECKED if index % 8 == 3 else "1"  # every other queued one awaits its check
+            run_id = conn.execute(
+                store_module.verified_runs.insert().values(
+                    challenge_id="nc7-reid-00000001",
+                    team_id=team_id,
+                    origin="self-reported",
+                    attack=f"a{index}",
+                    attack_version=version,
+                    params="{}",
+                    releases=3,
+                    eval_source="pool",
+                    limits="{}",
+                    sandboxed=True,
+                    state=state,
+                    attempts=1,
+                    created_utc=stamp,
+                    updated_utc=stamp,
+                )  # fmt: skip
+            ).inserted_primary_key[0]
+            for idx in range(3 if state != "queued" else 0):
+                conn.execute(
+                    store_module.verified_releases.insert().values(
+                        run_id=run_id,
+                        idx=idx,
+                        eval_challenge_id=f"e{run_id}-{idx}",
+                        seed_sha256="s" * 64,
+                        key_commitment="k" * 64,
+                        release_sha256="r" * 64,
+                        recipe="{}",
+                        seed="0" * 64,
+                        committed_utc=stamp,
+                        state=state,
+                        detail=f"run {run_id} release {idx}",
+                        headline=(run_id * 7 + idx) % 10 / 10 if state == "scored" else None,
+                        wall_s=1.0 + idx,
+                        cpu_s=1.0,
+                        peak_rss_bytes=1000,
+                    )  # fmt: skip
+                )
+
+
+def statements(client, path: str) -> tuple[int, list[dict]]:
+    executed = []
+
+    def count(*_args) -> None:
+        executed.append(1)
+
+    sa.event.listen(sa.engine.Engine, "before_cursor_execute", count)
+    try:
+        answer = client.get(path)
+    finally:
+        sa.event.remove(sa.engine.Engine, "before_cursor_execute", count)
+    assert answer.status_code == 200, answer.text
+    return len(executed), answer.json()
+
+
+def test_run_listings_run_as_many_queries_for_forty_runs_as_for_four(tmp_path):
+    """A team's runs (``/plugins``) and a challenge's (``/verified``, anyone's to call) cost a
+    fixed number of queries; each run shows its own evaluations and its place in its own queue."""
+    db_path, layout = published_store(tmp_path)
+    with Store(db_path) as store:
+        tokens = {team: channel.add_team(store, team, key=channel.token_key(layout))[1] for team in ("few", "many")}
+        add_runs(store, "few", 4)
+        add_runs(store, "many", 40)
+        one_by_one = {team: [verified.run_view(store, view["id"], team=team) for view in verified.team_runs(store, team)]
+                      for team in tokens}  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from fastapi.testclient import TestClient
+    with TestClient(create_app(str(db_path), layout.root)) as client:
+        client.get("/healthz")
+        counts, listed = {}, {}
+        for team, token in tokens.items():
+            client.headers["Authorization"] = f"Bearer {token}"
+            client.get("/api/v1/whoami")
+            counts[team], listed[team] = statements(client, "/api/v1/plugins")
+        client.headers.pop("Authorization")
+        public_count, public = statements(client, "/api/v1/challenges/nc7-reid-00000001/verified")
+    assert counts["few"] == counts["many"], counts
+    assert public_count <= counts["few"] + 2, (public_count, counts)
+    assert listed == one_by_one
+    assert len(listed["many"]) == 40 and len(public) == 44 - 6  # 6 runs still await their check: nobody sees them
+    checks = [v["queue_ahead"] for team in ("few", "many") for v in listed[team] if v["state"] == "checking"]
+    runs = [v["queue_ahead"] for team in ("few", "many") for v in listed[team] if v["state"] == "queued"]
+    assert (checks, runs) == (list(range(6)), list(range(len(runs))))
+    scored = [v for v in listed["many"] if v["state"] == "scored"]
+    assert all(v["evaluations"][0]["detail"].startswith(f"run {v['id']} ") for v in scored)
+    assert all("detail" not in e for v in public for e in v["evaluations"])
