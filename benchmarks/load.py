@@ -58,6 +58,7 @@ MIX = [
     ("bad-token", 10),
     ("upload", 5),
 ]
+ERROR_PAUSE_S = 0.5  # a client whose request failed waits this long before its next one
 
 
 def cpu_model() -> str:
@@ -259,6 +260,7 @@ async def client(port: int, challenge_id: str, token: str, until: float, record,
             record(route, status, time.perf_counter() - started)
         except (OSError, asyncio.IncompleteReadError) as error:
             record(route, type(error).__name__, time.perf_counter() - started)
+            await asyncio.sleep(ERROR_PAUSE_S)
     own.close()
     guesser.close()
 
@@ -387,6 +389,7 @@ def main() -> None:
         api, children = (after - before for after, before in zip(cpu_s(psutil.Process(server.pid)), server_cpu))
         result["server_cpu_s"] = {"api": round(api, 1), "scorer_children": round(children, 1)}
         result["load_generator_cpu_s"] = round(sum(cpu_s(psutil.Process())) - own_cpu, 1)
+        result["server_exit_code_during_run"] = server.poll()  # None: it was still running
     finally:
         rss.done.set()
         if profiler is not None:
