@@ -115,6 +115,12 @@ def create_app(
         request.state.team = name  # for the request log line
         return name
 
+    async def team_reads(request: Request, authorization: str | None, read):
+        """``read(team)`` after the token check, both in one thread: under load each hop between
+        the event loop and a thread waits its turn in the loop's queue, so an authenticated read
+        answers sooner as one hop than as a dependency's hop followed by the route's."""
+        return await run_in_threadpool(lambda: read(team(request, authorization)))
+
     def refused_of(client: str) -> None:
         """429 for a client refused AUTH_FAILURES_PER_MINUTE tokens in the last minute (in memory)."""
         now = time.monotonic()
@@ -308,17 +314,23 @@ def create_app(
         }
 
     @app.get("/api/v1/plugins", responses=documented(*AUTH))
-    def plugin_runs(team: str = Depends(team)) -> list[dict]:
+    async def plugin_runs(request: Request, authorization: str | None = Header(default=None)) -> list[dict]:
         """Your team's verified runs: state, reason, and per evaluation release its cost and score."""
-        return verified.team_runs(store, team)
+        return await team_reads(request, authorization, lambda team: verified.team_runs(store, team))
 
     @app.get("/api/v1/plugins/{run_id}", responses=documented(404, *AUTH))
-    def plugin_run(run_id: int = row_id(), team: str = Depends(team)) -> dict:
+    async def plugin_run(
+        request: Request, run_id: int = row_id(), authorization: str | None = Header(default=None)
+    ) -> dict:
         """One of your verified runs."""
-        view = verified.run_view(store, run_id, team=team)
-        if view is None:
-            raise HTTPException(404, f"your team has no verified run {run_id}")
-        return view
+
+        def read(team: str) -> dict:
+            view = verified.run_view(store, run_id, team=team)
+            if view is None:
+                raise HTTPException(404, f"your team has no verified run {run_id}")
+            return view
+
+        return await team_reads(request, authorization, read)
 
     @app.get("/api/v1/challenges/{challenge_id}/commitments", responses=documented(404))
     def commitments(challenge_id: str) -> list[dict]:
@@ -341,17 +353,25 @@ def create_app(
         return {"team": team}
 
     @app.get("/api/v1/submissions", responses=documented(*AUTH))
-    def submissions(team: str = Depends(team)) -> list[dict]:
+    async def submissions(request: Request, authorization: str | None = Header(default=None)) -> list[dict]:
         """Your team's submissions and their states."""
-        return _job_views(store, team, channel.team_jobs(store, team))
+        return await team_reads(
+            request, authorization, lambda team: _job_views(store, team, channel.team_jobs(store, team))
+        )
 
     @app.get("/api/v1/submissions/{job_id}", responses=documented(404, *AUTH))
-    def submission(job_id: int = row_id(), team: str = Depends(team)) -> dict:
+    async def submission(
+        request: Request, job_id: int = row_id(), authorization: str | None = Header(default=None)
+    ) -> dict:
         """One of your submissions: state, and the public-half score once scored."""
-        job = channel.job(store, job_id, team=team)
-        if job is None:
-            raise HTTPException(404, f"your team has no submission {job_id}")
-        return _job_views(store, team, [job])[0]
+
+        def read(team: str) -> dict:
+            job = channel.job(store, job_id, team=team)
+            if job is None:
+                raise HTTPException(404, f"your team has no submission {job_id}")
+            return _job_views(store, team, [job])[0]
+
+        return await team_reads(request, authorization, read)
 
     return app
 
