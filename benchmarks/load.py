@@ -353,7 +353,7 @@ def main() -> None:
     spy = Path(sys.executable).with_name("py-spy")
     if options["profile"] and not spy.exists():
         raise SystemExit(f"--profile needs py-spy beside this Python: {Path(sys.executable).parent}/pip install py-spy")
-    open_files = raise_open_files(cap + 2 * clients + held + 256)  # the server's and the clients' ends
+    open_files = raise_open_files(cap + 2 * clients + held + 512)  # the server's and the clients' ends
     root = Path(options.get("out") or tempfile.mkdtemp(prefix="ncbench-load-"))
     store, challenge_id, tokens = prepare(root, clients)
     bomb = vlen_bomb(root / "bomb.h5", challenge_id)

@@ -61,7 +61,9 @@ def check_private(url: str, store_root: Path) -> None:
         )
 
 
-OPEN_FILES_BESIDES_CONNECTIONS = 256  # the database, the workers' pipes and files, the board's child
+# The database (up to 64 pooled SQLite connections, two files each), the workers' pipes and files,
+# the board's child.
+OPEN_FILES_BESIDES_CONNECTIONS = 512
 STOP_BUDGET_S = 8.0  # from the first SIGINT / SIGTERM to the process's end
 # Long enough for the dispatcher to finish a claim under way and stop claiming; closing its cluster
 # would also wait for the jobs it runs, which the next start queues again anyway.
