@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import math
 import re
 import threading
@@ -120,6 +121,17 @@ def create_app(
         the event loop and a thread waits its turn in the loop's queue, so an authenticated read
         answers sooner as one hop than as a dependency's hop followed by the route's."""
         return await run_in_threadpool(lambda: read(team(request, authorization)))
+
+    async def one_of_team(request: Request, authorization: str | None, find, missing: str):
+        """:func:`team_reads` of ``find(team=...)``, 404 ``missing`` when it finds nothing."""
+
+        def read(name: str):
+            found = find(team=name)
+            if found is None:
+                raise HTTPException(404, missing)
+            return found
+
+        return await team_reads(request, authorization, read)
 
     def refused_of(client: str) -> None:
         """429 for a client refused AUTH_FAILURES_PER_MINUTE tokens in the last minute (in memory)."""
@@ -323,14 +335,8 @@ def create_app(
         request: Request, run_id: int = row_id(), authorization: str | None = Header(default=None)
     ) -> dict:
         """One of your verified runs."""
-
-        def read(team: str) -> dict:
-            view = verified.run_view(store, run_id, team=team)
-            if view is None:
-                raise HTTPException(404, f"your team has no verified run {run_id}")
-            return view
-
-        return await team_reads(request, authorization, read)
+        find = functools.partial(verified.run_view, store, run_id)
+        return await one_of_team(request, authorization, find, f"your team has no verified run {run_id}")
 
     @app.get("/api/v1/challenges/{challenge_id}/commitments", responses=documented(404))
     def commitments(challenge_id: str) -> list[dict]:
@@ -365,13 +371,11 @@ def create_app(
     ) -> dict:
         """One of your submissions: state, and the public-half score once scored."""
 
-        def read(team: str) -> dict:
+        def find(team: str) -> dict | None:
             job = channel.job(store, job_id, team=team)
-            if job is None:
-                raise HTTPException(404, f"your team has no submission {job_id}")
-            return _job_views(store, team, [job])[0]
+            return None if job is None else _job_views(store, team, [job])[0]
 
-        return await team_reads(request, authorization, read)
+        return await one_of_team(request, authorization, find, f"your team has no submission {job_id}")
 
     return app
 
