@@ -147,14 +147,10 @@ def requeue_stale(store: Store, table: sa.Table, *, lease_s: float = LEASE_S, no
         ).rowcount
 
 
-def ahead(store: Store, table: sa.Table, row_id: int, *conditions) -> int:
-    """How many queued rows of ``table`` that meet ``conditions`` come before ``row_id``: claims
-    take the oldest first, so this is the row's place in its queue (0: next)."""
-    return places(store, table, [row_id], *conditions)[row_id]
-
-
 def places(store: Store, table: sa.Table, row_ids, *conditions) -> dict[int, int]:
-    """:func:`ahead` of each of ``row_ids``, in one query however many they are."""
+    """For each of ``row_ids``: how many queued rows of ``table`` that meet ``conditions`` come
+    before it. Claims take the oldest first, so this is the row's place in its queue (0: next).
+    One query however many rows are asked about."""
     row_ids = list(row_ids)
     if not row_ids:
         return {}

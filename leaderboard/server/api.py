@@ -418,8 +418,9 @@ async def receive(request: Request, layout: workqueue.StoreLayout, max_bytes: in
 
 
 def _job_views(store: Store, team: str, team_jobs: list[channel.Job]) -> list[dict]:
-    """What ``team`` is shown of its jobs ``team_jobs``, in three queries however many they are
-    (one per job and one per earlier submission, as it was, took 11 s for a team with 400)."""
+    """What ``team`` is shown of its jobs ``team_jobs``, in three queries however many they are:
+    a query per job, each reading the team's earlier submissions for the Ladder, would cost
+    seconds of the server's CPU per listing for a team with hundreds."""
     places = channel.places(store, [job.id for job in team_jobs if job.state == "queued"])
     shown = store.shown_to_team(team) if any(job.state == "scored" for job in team_jobs) else {}
     return [_job_view(job, places.get(job.id), shown.get(job.submission_id)) for job in team_jobs]
