@@ -5,7 +5,10 @@
 
 Builds a tiny challenge, publishes it with a large daily limit, gives each client a team of its
 own, starts the server (no board), holds ``--slowloris`` connections that send a header byte now
-and then, and runs the clients. Each client loops over a fixed mix: the health check, the
+and then, and runs the clients. Each client sends one request after the other, without pause (a failed one
+is followed by a 0.5 s wait), on a kept-alive connection of its own, through a minimal HTTP/1.1
+client that costs the generator a fraction of a millisecond a request, so that the server, not
+the generator, takes the CPU. Each client loops over a fixed mix: the health check, the
 challenge list, a ranged download of the public release, authenticated reads (whoami, its
 submissions), a request with a bad token (10%, from 127.0.0.2), and an upload of fresh bytes
 (5%). A team of its own uploads a vlen bomb every ``--bomb-every`` seconds, the first at the start: an
@@ -13,7 +16,9 @@ answer file whose variable-length string attribute has 3,000 elements that all p
 15 MB heap object (read naively, 45 GB). Prints one JSON object: requests/s, p50/p99 per route,
 the count of each status class, 5xx, the server's peak RSS (its process tree, sampled every
 0.2 s), the reconciliation of every 202 with the jobs table (each accepted upload is exactly one
-job) and the states of the bombs' jobs. Records go in benchmarks/RESULTS.md.
+job), the states of the bombs' jobs, the CPU seconds of the API process, of its scorer children and
+of the generator, and whether the server was still running at the end. Records go in
+benchmarks/RESULTS.md.
 
 The benchmark raises its soft limit of open files as the server does (the server inherits it) and
 starts the server with ``--max-connections`` above what the clients open (two connections each:
