@@ -1,7 +1,7 @@
 """Mixed traffic from C clients for S seconds against a real `ncbench server` on this machine.
 
     python benchmarks/load.py [--clients=50] [--seconds=30] [--slowloris=100] [--bomb-every=60]
-                              [--max-connections=N] [--profile=FILE] [--out=DIR]
+                              [--max-connections=N] [--profile=FILE] [--out=DIR] [--db=URL]
 
 Builds a tiny challenge, publishes it with a large daily limit, gives each client a team of its
 own, starts the server (no board), holds ``--slowloris`` connections that send a header byte now
@@ -38,7 +38,6 @@ import platform
 import random
 import signal
 import socket
-import sqlite3
 import statistics
 import struct
 import subprocess
@@ -89,9 +88,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def prepare(root: Path, clients: int) -> tuple[Path, str, list[str]]:
+def prepare(root: Path, clients: int, db: str | None) -> tuple[Path, str, list[str]]:
     """A published tiny challenge and one token per client, then the bomber's (issued in-process:
-    a CLI call each would take seconds)."""
+    a CLI call each would take seconds); ``db`` the results database (default: the store's SQLite)."""
     from ncbench.leaderboard import workqueue
     from ncbench.leaderboard.server import channel, service
     from ncbench.leaderboard.store import Store
@@ -99,9 +98,12 @@ def prepare(root: Path, clients: int) -> tuple[Path, str, list[str]]:
     ncbench("challenge", "build", "--preset", "nc3", "--task", "reid", "--source", "phantom", "--n", 16, *TINY,
             "--out", root / "release")  # fmt: skip
     store = root / "store"
-    challenge_id = ncbench("challenge", "publish", root / "release", "--store", store, "--daily-limit", 100_000)
+    database = ["--db", db] if db else []
+    challenge_id = ncbench(
+        "challenge", "publish", root / "release", "--store", store, *database, "--daily-limit", 100_000
+    )
     key = channel.token_key(workqueue.StoreLayout(store))
-    with Store(service.db_url(None, store)) as opened:
+    with Store(service.db_url(db, store)) as opened:
         tokens = [channel.add_team(opened, f"load-{i}", key=key)[1] for i in range(clients)]
         tokens.append(channel.add_team(opened, "bomber", key=key)[1])
     return store, challenge_id.split()[-1], tokens
@@ -348,6 +350,9 @@ def main() -> None:
     parser.add_argument("--max-connections", type=int, help="the server's cap (default: above what the clients open)")
     parser.add_argument("--profile", help="record the server with py-spy into this file")
     parser.add_argument("--out", help="folder for the store and the server's log (default: a fresh temporary one)")
+    parser.add_argument(
+        "--db", help="results database URL for the server, an empty one (default: the store's SQLite file)"
+    )
     args = parser.parse_args()
     clients, seconds, held, every = args.clients, args.seconds, args.slowloris, args.bomb_every
     # Each client holds its own connection and a bad-token one; the slowloris ones come on top.
@@ -360,12 +365,13 @@ def main() -> None:
         raise SystemExit(f"--profile needs py-spy beside this Python: {Path(sys.executable).parent}/pip install py-spy")
     open_files = raise_open_files(cap + 2 * clients + held + 512)  # the server's and the clients' ends
     root = Path(options.get("out") or tempfile.mkdtemp(prefix="ncbench-load-"))
-    store, challenge_id, tokens = prepare(root, clients)
+    store, challenge_id, tokens = prepare(root, clients, args.db)
     bomb = vlen_bomb(root / "bomb.h5", challenge_id)
     port = free_port()
     log = open(root / "server.log", "w")  # noqa: SIM115
     server = subprocess.Popen(
-        [NCBENCH, "server", "--store", store, "--port", str(port), "--board-port", "0", "--max-connections", str(cap)],
+        [NCBENCH, "server", "--store", store, *(["--db", args.db] if args.db else []), "--port", str(port),
+         "--board-port", "0", "--max-connections", str(cap)],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
@@ -403,17 +409,25 @@ def main() -> None:
         server.wait(timeout=30)
         log.close()
     accepted, bombs = result.pop("accepted"), result.pop("bombs")
-    with sqlite3.connect(store / "leaderboard.db") as conn:
-        jobs = {row[0] for row in conn.execute("SELECT id FROM jobs")}
-        states = dict(conn.execute("SELECT id, state FROM jobs"))
+    from ncbench.leaderboard.server import service
+    from ncbench.leaderboard.store import Store
+
+    with Store(service.db_url(args.db, store)) as opened, opened.engine.connect() as conn:
+        states = dict(conn.exec_driver_sql("SELECT id, state FROM jobs").all())
+    jobs = set(states)
     accepted += bombs
     result.update(
         {
             "machine": f"{cpu_model()}, {os.cpu_count()} cores",
             "command": (
                 f"python benchmarks/load.py --clients={clients} --seconds={seconds:g} --slowloris={held} "
-                f"--bomb-every={every:g} --max-connections={cap}"
+                f"--bomb-every={every:g} --max-connections={cap}" + (" --db=URL" if args.db else "")
             ),
+            "database": "PostgreSQL"
+            if args.db and args.db.startswith("postgresql")
+            else "SQLite"
+            if not args.db
+            else "other",
             "open_files_limit": open_files,
             "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
             "clients": clients,
