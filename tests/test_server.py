@@ -1,6 +1,7 @@
 """The live challenge: a real `ncbench server` on a free localhost port, driven by the CLI and HTTP."""
 
 import concurrent.futures
+import hashlib
 import json
 import os
 import signal
@@ -259,6 +260,26 @@ def test_the_key_is_never_served(world):
         "/api/v1/challenges/..%2Fkeys/files/key.h5",
     ):
         assert httpx.get(url + path).status_code == 404
+
+
+def test_a_published_file_is_served_only_as_a_regular_file(world):
+    """A range of the real file is 206 with its published sha256; a symbolic link put in its place
+    in the store (to a key, say) is 404, not followed."""
+    url = f"{world['server'].url}/api/v1/challenges/{world['id']}/files/release.h5"
+    served = world["store"] / "public" / world["id"] / "release.h5"
+    assert served == workqueue.StoreLayout(world["store"]).public_dir(world["id"]) / "release.h5"
+    answer = httpx.get(url, headers={"Range": "bytes=0-9"})
+    assert answer.status_code == 206 and answer.content == served.read_bytes()[:10]
+    assert answer.headers["x-content-sha256"] == hashlib.sha256(served.read_bytes()).hexdigest()
+    moved = served.with_name("moved.h5")
+    served.rename(moved)
+    try:
+        served.symlink_to(moved)
+        assert httpx.get(url).status_code == 404
+    finally:
+        served.unlink(missing_ok=True)
+        moved.rename(served)
+    assert httpx.get(url, headers={"Range": "bytes=0-9"}).status_code == 206
 
 
 def test_wrong_missing_and_revoked_tokens_get_401_and_one_line(world, tmp_path):
