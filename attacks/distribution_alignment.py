@@ -6,10 +6,14 @@ population moments, as NeuraCrypt's own MMD attack aligns distributions:
 
 1. undo the shuffle up to one global slot permutation (:mod:`attacks.alignment`), and place slots
    on positions by matching the population's mean Gram matrix with that of self-keyed plaintexts;
-2. model each encoded patch as an affine map of its pixel patch, ``e = W x + b`` (exact for the
-   ``linear`` preset). Whitening both sides with their pooled within-position covariances leaves
-   ``W`` unknown up to one orthogonal matrix R; R is found by a joint orthogonal Procrustes fit of
-   every position's mean and covariance (a fixed-point iteration on the polar factor);
+2. model each encoded patch as an affine map ``e = W x + b`` of its plaintext patch's features
+   x: by default its encoding under a self-sampled key of the architecture (random features of
+   one architecture share their kernel's leading eigenfunctions, so the leading whitened
+   components of two keys' encoders differ by about a rotation), or its pixels (exact for the
+   ``linear`` preset). Whitening both sides in their top ``rank`` components of the pooled
+   within-position covariances leaves ``W`` unknown up to one orthogonal matrix R; R is found by
+   a joint orthogonal Procrustes fit of every position's mean and covariance (a fixed-point
+   iteration on the polar factor);
 3. predict each target's mean patch vector (``transfer``, scored on exactly that) or match the
    pool's predictions to the encodings (``reid``). The MMD between predicted and released mean
    vectors is reported as a diagnostic.
@@ -93,21 +97,22 @@ def joint_procrustes(encoded: Moments, pixels: Moments, *, mean_weight: float, i
     return rotation.double()
 
 
-def pixel_moments(patches: torch.Tensor) -> tuple[Moments, torch.Tensor, torch.Tensor]:
-    """Whitened per-position moments of pixel patches (A, P, Q).
+def plaintext_moments(blocks: list[torch.Tensor], rank: int) -> tuple[Moments, torch.Tensor, torch.Tensor]:
+    """Whitened per-position moments of plaintext patch features, given as blocks (b, P, Q) of
+    images (pixel patches, or their self-keyed encodings), in the top ``rank`` principal
+    components of the pooled within-position covariance C.
 
-    Returns the moments, the whitening matrix (Q, Q) = C^{-1/2} of the pooled within-position
-    covariance C, and the grand mean patch (Q,).
+    Returns the moments, the whitening map (Q, rank) (C's top eigenvectors over the square roots
+    of their eigenvalues) and the grand mean patch (Q,).
     """
-    means = patches.mean(0)
-    centred = patches - means
-    rows = centred.reshape(-1, centred.shape[-1])
-    vectors, values = whitening(rows.T @ rows / len(rows), centred.shape[-1])
-    inverse_sqrt = vectors @ torch.diag(values.rsqrt()) @ vectors.T
+    count = sum(len(block) for block in blocks)
+    means = sum(block.double().sum(0) for block in blocks) / count
+    covariance = sum(torch.einsum("bpq,bpr->qr", c, c) for c in (block.double() - means for block in blocks))
+    vectors, values = whitening(covariance / (count * means.shape[0]), rank)
+    white_map = vectors / values.sqrt()
+    covariances = sum(torch.einsum("bpq,bpr->pqr", w, w) for w in ((b.double() - means) @ white_map for b in blocks))
     grand = means.mean(0)
-    white = centred @ inverse_sqrt
-    covariances = torch.einsum("apq,apr->pqr", white, white) / len(patches)
-    return Moments((means - grand) @ inverse_sqrt, covariances), inverse_sqrt, grand
+    return Moments((means - grand) @ white_map, covariances / count), white_map, grand
 
 
 def mmd(left: torch.Tensor, right: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
@@ -128,7 +133,7 @@ def _median_width(samples: torch.Tensor) -> torch.Tensor:
 
 class DistributionAlignment(Attack):
     name = "distribution-alignment"
-    version = "1.0"
+    version = "1.1"
     tasks = ("transfer", "reid")
     knowledge = ("architecture", "self-sampled-keys", "auxiliary-data")
     description = "No pairs: whiten and Procrustes-align per-position moments of plaintexts and encodings; predict."
@@ -138,12 +143,20 @@ class DistributionAlignment(Attack):
         mean_weight: float = param(30.0, "weight of the per-position means against the covariances", min=0.0, max=1e6)
         iterations: int = param(60, "Procrustes fixed-point iterations", min=0, max=10000)
         covariance_images: int = param(128, "encodings used for the pooled covariance (D x D)", min=2, max=100000)
-        self_width: int = param(512, "self-keyed width for placing slots (shuffled presets)", min=16, max=8192)
+        self_width: int = param(512, "self-keyed width (slot placement, self-keyed features)", min=16, max=8192)
+        features: str = param(
+            "self-keyed",
+            "a plaintext patch as its encoding under a self-sampled key, or as its pixels (exact for linear)",
+            choices=("self-keyed", "pixels"),
+        )
+        rank: int = param(0, "principal components aligned; 0: the patch dimension", min=0, max=8192)
         chunk: int = chunk_param()
 
     def run(self, release: Release) -> Submission:
         p, config = self.params, release.config
-        n, rank = release.n_encoded, config.patch_dim
+        self_keyed = p.features == "self-keyed"
+        n = release.n_encoded
+        rank = min(p.rank or config.patch_dim, config.width, p.self_width if self_keyed else config.patch_dim)
         aux = release.plain_images
         with self.stage("slot reference", n) as advance:
             reference = slot_reference(release, chunk=p.chunk, device=self.device, advance=advance).double()
@@ -167,32 +180,44 @@ class DistributionAlignment(Attack):
         with self.stage("encoded moments", n):
             encoded_stats = patch_statistics(aligned(), reference.float(), n)
         slot_positions = np.arange(config.n_patches)
-        if config.shuffle:
-            with self.stage("place slots", len(aux)) as advance:
-                features, mean = self_encode(
+
+        def features(images: np.ndarray) -> list[torch.Tensor]:
+            """Blocks (b, P, Q) of plaintext patch features in position order."""
+            if not self_keyed:
+                return [images_to_patches(torch.from_numpy(images), config)]
+            blocks, _ = self_encode(images, config, width=p.self_width, seed=self.seed, device=self.device)
+            return [block.cpu() for _, block in blocks]
+
+        aux_features = None
+        if config.shuffle or self_keyed:
+            with self.stage("self-keyed plaintexts", len(aux)) as advance:
+                blocks, mean = self_encode(
                     aux, config, width=p.self_width, seed=self.seed, device=self.device, advance=advance
                 )
-                slot_positions = self._place_slots(encoded_stats, patch_statistics(features, mean, len(aux)))
+            if config.shuffle:
+                with self.stage("place slots"):
+                    slot_positions = self._place_slots(encoded_stats, patch_statistics(blocks, mean, len(aux)))
+            if self_keyed:
+                aux_features = [block.cpu() for _, block in blocks]
+            del blocks
         by_position = np.argsort(slot_positions)  # slot held at each position
         encoded = Moments(((reference - grand) @ project)[by_position], (sums / n)[by_position])
         with self.stage("joint Procrustes", p.iterations):
-            pixels, pixel_whitening, pixel_grand = pixel_moments(
-                images_to_patches(torch.from_numpy(aux), config).double()
-            )
-            rotation = joint_procrustes(encoded, pixels, mean_weight=p.mean_weight, iterations=p.iterations)
-            weight = pixel_whitening @ rotation.T @ (basis * scales.sqrt()).T  # (Q, D): e = x W + b
-            bias = grand - pixel_grand @ weight
+            plain, plain_whitening, plain_grand = plaintext_moments(aux_features or features(aux), rank)
+            rotation = joint_procrustes(encoded, plain, mean_weight=p.mean_weight, iterations=p.iterations)
+            weight = plain_whitening @ rotation.T @ (basis * scales.sqrt()).T  # (Q, D): e = x W + b
+            bias = grand - plain_grand @ weight
 
-        def predict(images: np.ndarray) -> torch.Tensor:
-            return images_to_patches(torch.from_numpy(images), config).double().mean(1) @ weight + bias
+        def predict(blocks: list[torch.Tensor]) -> torch.Tensor:
+            return torch.cat([block.double().mean(1) for block in blocks]) @ weight + bias
 
         submission = self.answer(release)
-        predicted_aux = predict(aux)
+        predicted_aux = predict(aux_features or features(aux))
         submission.diagnostics = {
             "mmd_aux_vs_release": float(mmd(predicted_aux, encoded_means, _median_width(encoded_means)))
         }
         if release.task == "transfer":
-            submission.encodings = predict(release.target_images).float().cpu().numpy()
+            submission.encodings = predict(features(release.target_images)).float().cpu().numpy()
             submission.target_ids = release.target_ids
         else:
             scores = -torch.cdist(encoded_means, predicted_aux).square().float().cpu().numpy()

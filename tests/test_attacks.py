@@ -302,9 +302,12 @@ def test_inverse_map_puts_swapped_slots_back_on_known_pairs():
     assert np.array_equal(place_slots_by_inversion(known, pixels, start, ridge=1e-6, rounds=3), truth)
 
 
-def test_distribution_alignment_predicts_linear_targets(releases):
+@pytest.mark.parametrize("features", ["self-keyed", "pixels"])
+def test_distribution_alignment_predicts_linear_targets(releases, features):
+    """Either feature of a plaintext patch carries a linear encoder: its pixels exactly, its
+    self-keyed encoding (a linear map of them) as well."""
     path = releases["linear", "transfer"]
-    submission = _run("distribution-alignment", path)
+    submission = _run("distribution-alignment", path, features=features)
     with open_key(path) as key:
         true = key.read("truth/target_encodings").astype(np.float64).mean(1)
     distances = ((submission.encodings[:, None, :] - true[None]) ** 2).sum(-1)
