@@ -202,8 +202,9 @@ class DistributionAlignment(Attack):
             del blocks
         by_position = np.argsort(slot_positions)  # slot held at each position
         encoded = Moments(((reference - grand) @ project)[by_position], (sums / n)[by_position])
+        aux_features = aux_features or features(aux)
         with self.stage("joint Procrustes", p.iterations):
-            plain, plain_whitening, plain_grand = plaintext_moments(aux_features or features(aux), rank)
+            plain, plain_whitening, plain_grand = plaintext_moments(aux_features, rank)
             rotation = joint_procrustes(encoded, plain, mean_weight=p.mean_weight, iterations=p.iterations)
             weight = plain_whitening @ rotation.T @ (basis * scales.sqrt()).T  # (Q, D): e = x W + b
             bias = grand - plain_grand @ weight
@@ -212,7 +213,7 @@ class DistributionAlignment(Attack):
             return torch.cat([block.double().mean(1) for block in blocks]) @ weight + bias
 
         submission = self.answer(release)
-        predicted_aux = predict(aux_features or features(aux))
+        predicted_aux = predict(aux_features)
         submission.diagnostics = {
             "mmd_aux_vs_release": float(mmd(predicted_aux, encoded_means, _median_width(encoded_means)))
         }

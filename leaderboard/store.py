@@ -979,11 +979,12 @@ class Store:
                 details["metrics"][SPLIT_NAMES[int(split)]][metric] = float(value)
         return details
 
-    def shown_to_team(self, team: str) -> dict[int, dict]:
-        """What ``team`` is shown of each of its scored submissions, in two queries however many
-        there are: {submission_id: {"scores_hidden": bool, "public": {metric: value}}}, the
-        public half as :meth:`submission` shows it (the Ladder's values; none, and
-        ``scores_hidden``, while a blind challenge is open)."""
+    def shown_to_team(self, team: str, challenge_id: str | None = None) -> dict[int, dict]:
+        """What ``team`` is shown of each of its scored submissions (to ``challenge_id`` only, when
+        given: a Ladder needs no other challenge's), in two queries however many there are:
+        {submission_id: {"scores_hidden": bool, "public": {metric: value}}}, the public half as
+        :meth:`submission` shows it (the Ladder's values; none, and ``scores_hidden``, while a
+        blind challenge is open)."""
         hidden = sa.and_(challenges.c.closed_utc.is_(None), _blind())
         query = (
             sa.select(submissions.c.id, hidden.label("hidden"))
@@ -992,11 +993,12 @@ class Store:
             .outerjoin(published, published.c.challenge_id == submissions.c.challenge_id)
             .where(teams.c.name == team, submissions.c.status == STATUS_SCORED)
         )
+        if challenge_id is not None:
+            query = query.where(submissions.c.challenge_id == challenge_id)
+        scores_query = self._visible_scores(False, challenge_id).where(teams.c.name == team)
         with self._read() as conn:
             shown = {row.id: {"scores_hidden": bool(row.hidden), "public": {}} for row in conn.execute(query)}
-            long = pd.DataFrame(
-                conn.execute(self._visible_scores(False, None).where(teams.c.name == team)).mappings().all()
-            )
+            long = pd.DataFrame(conn.execute(scores_query).mappings().all())
         if not long.empty:
             public = shown_public_scores(long).query("split == 0")
             for submission_id, metric, value in public[["submission_id", "metric", "value"]].itertuples(index=False):

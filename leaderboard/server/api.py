@@ -428,7 +428,10 @@ def _job_views(store: Store, team: str, team_jobs: list[channel.Job]) -> list[di
     a query per job, each reading the team's earlier submissions for the Ladder, would cost
     seconds of the server's CPU per listing for a team with hundreds."""
     places = channel.places(store, [job.id for job in team_jobs if job.state == "queued"])
-    shown = store.shown_to_team(team) if any(job.state == "scored" for job in team_jobs) else {}
+    scored_in = {job.challenge_id for job in team_jobs if job.state == "scored"}
+    # One challenge (a single job, as `status --wait` polls it): read that challenge's scores only.
+    only = next(iter(scored_in)) if len(scored_in) == 1 else None
+    shown = store.shown_to_team(team, only) if scored_in else {}
     return [_job_view(job, places.get(job.id), shown.get(job.submission_id)) for job in team_jobs]
 
 

@@ -103,6 +103,12 @@ def test_the_listing_shows_each_submission_as_the_board_s_details_do(tmp_path, m
     for view, detail in zip(listed, details, strict=True):
         assert view["scores_hidden"] == detail["scores_hidden"]
         assert view["public"] == (None if detail["scores_hidden"] else detail["metrics"]["public"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from fastapi.testclient import TestClient
+    with TestClient(create_app(str(db_path), layout.root)) as client:  # one job: its challenge's scores only
+        client.headers["Authorization"] = f"Bearer {token}"
+        assert [client.get(f"/api/v1/submissions/{view['id']}").json() for view in listed] == listed
     hidden = [view["scores_hidden"] for view in listed]
     assert any(hidden) and not all(hidden)
     assert len({view["public"]["reid_accuracy"] for view in listed if view["public"]}) > 1
