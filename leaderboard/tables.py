@@ -303,18 +303,7 @@ def depth_curve(table: pd.DataFrame, challenges: pd.DataFrame, utility: pd.DataF
     """
     intervals = ["encoded_auc_low", "encoded_auc_high", "raw_auc_low", "raw_auc_high"]
     base = ["depth", CHANCE_ROW, "encoded_auc", "utility_runs", "raw_auc", *intervals]
-    reid = _organizer(table)
-    if not reid.empty:
-        reid = reid[(reid["split"] == "public") & (reid["task"] == "reid")].dropna(subset=["reidentification"])
-    if not reid.empty and not challenges.empty:
-        sites = challenges["n_sites"].fillna(1) if "n_sites" in challenges else pd.Series(1, index=challenges.index)
-        single = challenges[sites.astype(int) == 1]
-        depth_of = dict(zip(single["challenge_id"], single["encoder_config"].map(_shuffling_depth)))
-        reid = reid.assign(depth=reid["challenge_id"].map(depth_of)).dropna(subset=["depth"])
-    else:
-        reid = pd.DataFrame(columns=["depth", "attack", "reidentification", "chance"])
-    best = reid.pivot_table(index="depth", columns="attack", values="reidentification", aggfunc="max")
-    chance = reid.groupby("depth")["chance"].max()
+    privacy = _best_per_depth(table, challenges, task="reid")
 
     runs = single_site_utility(utility)
     swept = pd.DataFrame(columns=["depth", "auc", "run"])
@@ -342,7 +331,7 @@ def depth_curve(table: pd.DataFrame, challenges: pd.DataFrame, utility: pd.DataF
             # One sample per raw run: a run is its time, settings and seed (one call may record several seeds).
             run = raw["created_utc"] + "|" + raw["settings"].map(lambda s: f"{_setting(s)}|{s.get('seed')}")
             raw_auc, raw_low, raw_high = t_interval(raw.groupby(run)["auc"].mean())
-    if best.empty and swept.empty:
+    if privacy.empty and swept.empty:
         return pd.DataFrame(columns=base)
     # Each run's mean over labels is one sample; the interval is over runs (seeds) at that depth.
     per_run = swept.groupby(["depth", "run"])["auc"].mean()
@@ -354,16 +343,34 @@ def depth_curve(table: pd.DataFrame, challenges: pd.DataFrame, utility: pd.DataF
         index=per_run.index.get_level_values("depth").unique(),
         columns=["encoded_auc", "encoded_auc_low", "encoded_auc_high", "utility_runs"],
     )
-    depths = sorted(set(best.index) | set(utility_by_depth.index))
-    frame = best.reindex(depths).rename_axis(index="depth", columns=None)
-    frame[CHANCE_ROW] = chance.reindex(depths)
-    frame = frame.join(utility_by_depth.reindex(depths))
+    depths = sorted(set(privacy.index) | set(utility_by_depth.index))
+    frame = privacy.reindex(depths).rename_axis(index="depth").join(utility_by_depth.reindex(depths))
     frame["utility_runs"] = frame["utility_runs"].fillna(0).astype(int)
     frame["raw_auc"], frame["raw_auc_low"], frame["raw_auc_high"] = raw_auc, raw_low, raw_high
     frame = frame.reset_index()
     frame["depth"] = frame["depth"].astype(int)
-    attacks = [c for c in best.columns]
+    attacks = [c for c in privacy.columns if c != CHANCE_ROW]
     return frame[["depth", *attacks, CHANCE_ROW, "encoded_auc", "utility_runs", "raw_auc", *intervals]]
+
+
+def _best_per_depth(table: pd.DataFrame, challenges: pd.DataFrame, *, task: str) -> pd.DataFrame:
+    """The privacy side of the depth curves: index ``depth`` (float, ascending), one column per
+    built-in attack with its best headline metric (public half, the organizer's own runs) on the
+    single-site ``task`` challenges of that depth (:func:`_shuffling_depth`), and
+    :data:`CHANCE_ROW`, the largest of their chance levels. No rows when nothing matches."""
+    rows = _organizer(table)
+    if not rows.empty:
+        rows = rows[(rows["split"] == "public") & (rows["task"] == task)].dropna(subset=["reidentification"])
+    if not rows.empty and not challenges.empty:
+        sites = challenges["n_sites"].fillna(1) if "n_sites" in challenges else pd.Series(1, index=challenges.index)
+        single = challenges[sites.astype(int) == 1]
+        depth_of = dict(zip(single["challenge_id"], single["encoder_config"].map(_shuffling_depth)))
+        rows = rows.assign(depth=rows["challenge_id"].map(depth_of)).dropna(subset=["depth"])
+    else:
+        rows = pd.DataFrame(columns=["depth", "attack", "reidentification", "chance"])
+    best = rows.pivot_table(index="depth", columns="attack", values="reidentification", aggfunc="max")
+    best[CHANCE_ROW] = rows.groupby("depth")["chance"].max()
+    return best.rename_axis(index="depth", columns=None)
 
 
 # -- utility across several sites (baselines/utility.py, ``--sites K``) ---------------------------
