@@ -353,6 +353,25 @@ def depth_curve(table: pd.DataFrame, challenges: pd.DataFrame, utility: pd.DataF
     return frame[["depth", *attacks, CHANCE_ROW, "encoded_auc", "utility_runs", "raw_auc", *intervals]]
 
 
+def transfer_depth_curve(table: pd.DataFrame, challenges: pd.DataFrame) -> pd.DataFrame:
+    """The transfer challenge against the encoder's number of private blocks.
+
+    table: :func:`board`; challenges: :meth:`Store.challenges`. One row per depth (ascending).
+    Columns: ``depth``; one column per built-in attack, its best nearest-neighbour accuracy
+    (``nn_accuracy``, fraction, public half, the organizer's own runs) on single-site
+    ``transfer`` challenges whose recorded encoder configuration has that depth
+    (:func:`_shuffling_depth`); :data:`CHANCE_ROW` (the chance level 1 / targets, the largest of
+    those challenges'). Empty (columns depth and :data:`CHANCE_ROW`) when no such challenge has a
+    result.
+    """
+    best = _best_per_depth(table, challenges, task="transfer")
+    if best.empty:
+        return pd.DataFrame(columns=["depth", CHANCE_ROW])
+    frame = best.reset_index()
+    frame["depth"] = frame["depth"].astype(int)
+    return frame
+
+
 def _best_per_depth(table: pd.DataFrame, challenges: pd.DataFrame, *, task: str) -> pd.DataFrame:
     """The privacy side of the depth curves: index ``depth`` (float, ascending), one column per
     built-in attack with its best headline metric (public half, the organizer's own runs) on the

@@ -560,6 +560,86 @@ def test_depth_page_keeps_the_chance_attack_apart_from_the_chance_level(depth_db
     assert shown.loc[16, "chance"] == "5.0%" and shown.loc[16, CHANCE_ROW] == "5.0%"
 
 
+# -- the transfer challenge against depth ----------------------------------------------------------
+
+
+def transfer_result(challenge_id, config, attack, public, sha, *, private=None, targets=20, n_sites=1):
+    """An nn_accuracy score on a transfer challenge of encoder ``config`` (mix, shuffle, depth)
+    with ``targets`` targets in each half; ``private`` defaults to ``public``."""
+    config = json.dumps(dict(zip(("mix", "shuffle", "depth"), config)))
+    info = ChallengeInfo(challenge_id, "transfer", "nc7", 40, "e" * 64, config, n_sites=n_sites)
+    metrics = {
+        split: {"nn_accuracy": value, "chance": 1 / targets, "n": targets}
+        for split, value in ((0, public), (1, public if private is None else private))
+    }
+    return ScoreResult(info, attack, "1.1", {}, ("architecture",), 1.0, sha.ljust(64, "0"), metrics)
+
+
+NC3, NC7, NC47 = (True, True, 0), (True, True, 4), (True, True, 44)
+
+
+@pytest.fixture
+def transfer_db(tmp_path, monkeypatch):
+    path = tmp_path / "transfer.db"
+    with Store(path) as store:
+
+        def organizer(score):
+            store.record_score(score, team=BUILTIN_TEAM, origin=ORIGIN_ORGANIZER)
+
+        organizer(transfer_result("t0", NC3, "distribution-alignment", 0.1, "1", private=0.7))  # closed below
+        organizer(transfer_result("t4", NC7, "distribution-alignment", 0.3, "2"))
+        organizer(transfer_result("t4", NC7, "distribution-alignment", 0.5, "3"))  # best of two
+        organizer(transfer_result("t4", NC7, "chance", 0.05, "4"))
+        organizer(transfer_result("t44", NC47, "chance", 0.0, "5", targets=40))
+        # Not the NeuraCrypt family, or not one site: none of these reaches the curve.
+        organizer(transfer_result("linear", (False, False, 0), "distribution-alignment", 0.9, "6"))
+        organizer(transfer_result("noshuffle", (True, False, 0), "distribution-alignment", 0.8, "7"))
+        organizer(transfer_result("sites", NC7, "distribution-alignment", 0.95, "8", n_sites=2))
+        store.record_score(transfer_result("t4", NC7, "claimed-transfer", 1.0, "9"), team="eve")
+        store.close_challenge("t0")
+    monkeypatch.setenv(DB_ENV, str(path))
+    return path
+
+
+def transfer_curve(path):
+    with Store(path) as store:
+        curve = tables.transfer_depth_curve(tables.board(store.results()), store.challenges())
+    return curve.set_index("depth")
+
+
+def test_transfer_curve_has_each_attacks_best_per_depth(transfer_db):
+    curve = transfer_curve(transfer_db)
+    assert list(curve.index) == [0, 4, 44] and list(curve.columns) == ["chance", "distribution-alignment", CHANCE_ROW]
+    assert curve.loc[4, "distribution-alignment"] == 0.5 and curve.loc[4, "chance"] == 0.05
+    assert math.isnan(curve.loc[44, "distribution-alignment"])
+    assert curve.loc[4, CHANCE_ROW] == pytest.approx(1 / 20) and curve.loc[44, CHANCE_ROW] == pytest.approx(1 / 40)
+
+
+def test_transfer_curve_reads_the_public_half_of_a_closed_challenge(transfer_db):
+    assert transfer_curve(transfer_db).loc[0, "distribution-alignment"] == 0.1  # its private half scored 0.7
+
+
+def test_transfer_curve_holds_the_organizers_runs_only(transfer_db):
+    assert not any("claimed-transfer" in column for column in transfer_curve(transfer_db).columns)
+
+
+def test_transfer_curve_leaves_out_other_encoders_and_several_sites(transfer_db):
+    curve = transfer_curve(transfer_db)
+    # linear and nc3-noshuffle are depth 0 too (0.9, 0.8); the two-site nc7 challenge scored 0.95.
+    assert curve.loc[0, "distribution-alignment"] == 0.1 and curve.loc[4, "distribution-alignment"] == 0.5
+
+
+def test_transfer_and_reid_curves_keep_to_their_own_task(transfer_db, depth_db):
+    assert transfer_curve(depth_db).empty  # reid runs only
+    with Store(transfer_db) as store:
+        assert tables.depth_curve(tables.board(store.results()), store.challenges(), store.utility()).empty
+
+
+def test_transfer_curve_is_empty_without_results():
+    curve = tables.transfer_depth_curve(pd.DataFrame(), pd.DataFrame())
+    assert curve.empty and list(curve.columns) == ["depth", CHANCE_ROW]
+
+
 def test_a_failed_verified_run_shows_its_reason_not_missing_values():
     summary = pd.DataFrame(
         [
