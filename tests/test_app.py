@@ -640,6 +640,23 @@ def test_transfer_curve_is_empty_without_results():
     assert curve.empty and list(curve.columns) == ["depth", CHANCE_ROW]
 
 
+def test_depth_page_shows_the_transfer_curve_without_a_reid_curve(transfer_db):
+    at = go(app(), "Privacy vs depth")
+    assert not at.error
+    assert "benchmarks/depth.py" in at.info[0].value  # no reid sweep: the page still goes on
+    assert [header.value for header in at.subheader] == ["Transfer against depth"]
+    shown = at.dataframe[0].value.set_index("depth")
+    assert shown.loc[4, "distribution-alignment"] == "50.0%" and shown.loc[44, "distribution-alignment"] == "not run"
+    assert shown.loc[44, CHANCE_ROW] == "2.5%"
+    assert "nearest true target encoding" in at.caption[0].value
+
+
+def test_depth_page_on_an_empty_database_says_how_to_get_a_transfer_curve(empty_db):
+    at = go(app(), "Privacy vs depth")
+    assert [header.value for header in at.subheader] == ["Transfer against depth"]
+    assert "ncbench demo" in at.info[1].value and "ncbench score answer.h5" in at.info[1].value
+
+
 def test_a_failed_verified_run_shows_its_reason_not_missing_values():
     summary = pd.DataFrame(
         [

@@ -213,6 +213,7 @@ def test_every_page_opens_by_its_link_without_an_error(tmp_path, request, store)
             leaked = [leak for leak in LEAKS if leak in text]
             assert not leaked, (slug, leaked, text[:2000])
             assert "None" not in text.replace("Nonee", ""), (slug, text[:2000])
+            assert all(section in text for section in SECTIONS.get(slug, ())), (slug, text[:2000])
             if store == "demo":
                 assert not any(empty in text for empty in EMPTY_PAGE), (slug, text[:2000])
     finally:
@@ -228,7 +229,10 @@ EMPTY_PAGE = (
     "No scored",
     "No utility",
     "No depth",
+    "No transfer",
 )
+# Sections a page shows on any store, empty or not (below its header).
+SECTIONS = {"privacy-depth": ("Transfer against depth",)}
 
 
 def screenshots(db: Path, folder: Path) -> None:

@@ -41,6 +41,8 @@ BAND_COLOURS = {"good": "#c8e6c9", "moderate": "#ffe0b2", "bad": "#ffcdd2"}
 CHANCE_COLOUR = "#eeeeee"
 WIDE = st.column_config.TextColumn(width="large")  # names and results are read whole, never cut
 PERCENT = st.column_config.NumberColumn(format="percent")
+# Depths 0 ... 44 are near geometric: an ordinal axis keeps the shallow ones apart.
+DEPTH_AXIS = alt.X("depth:O", title="private blocks (depth)")
 
 
 def database_argument() -> str | None:
@@ -456,7 +458,14 @@ def _with_interval_text(frame: pd.DataFrame, columns: dict[str, bool]) -> pd.Dat
 
 def page_depth(store: Store) -> None:
     st.header("Privacy vs depth")
-    curve = tables.depth_curve(tables.board(store.results()), store.challenges(), store.utility())
+    table, challenges = tables.board(store.results()), store.challenges()
+    # One colour domain for both attack charts: an attack keeps its colour from one to the other.
+    names = [tables.CHANCE_ROW, *sorted(set(table.loc[table["origin"] == ORIGIN_ORGANIZER, "attack"]))]
+    _reid_and_utility_against_depth(tables.depth_curve(table, challenges, store.utility()), names)
+    _transfer_against_depth(tables.transfer_depth_curve(table, challenges), names)
+
+
+def _reid_and_utility_against_depth(curve: pd.DataFrame, names: list[str]) -> None:
     if curve.empty:
         st.info(
             "No depth sweep recorded yet: `python benchmarks/depth.py` builds nc3 ... nc47 (0 to 44 private "
@@ -467,15 +476,7 @@ def page_depth(store: Store) -> None:
     intervals = {"encoded_auc": ("encoded_auc_low", "encoded_auc_high"), "raw_auc": ("raw_auc_low", "raw_auc_high")}
     not_attacks = {"depth", tables.CHANCE_ROW, *utility_columns, *(c for pair in intervals.values() for c in pair)}
     attacks = [c for c in curve.columns if c not in not_attacks]
-    # Depths 0 ... 44 are near geometric: an ordinal axis keeps the shallow ones apart.
-    depth_axis = alt.X("depth:O", title="private blocks (depth)")
-    reid = curve.melt(id_vars="depth", value_vars=[*attacks, tables.CHANCE_ROW], var_name="attack", value_name="value")
-    _depth_chart(
-        reid.dropna(subset=["value"]),
-        depth_axis,
-        alt.Y("value:Q", title="best re-identification (public half)", axis=alt.Axis(format="%")),
-        "attack",
-    )
+    _attack_chart(curve, attacks, "best re-identification (public half)", names)
     auc = pd.concat(
         [
             curve[["depth", model, low, high]].set_axis(["depth", "auc", "low", "high"], axis=1).assign(model=model)
@@ -484,7 +485,7 @@ def page_depth(store: Store) -> None:
     )
     _depth_chart(
         auc.dropna(subset=["auc"]),
-        depth_axis,
+        DEPTH_AXIS,
         alt.Y("auc:Q", title="mean AUC over findings (95% interval over seeds)", scale=alt.Scale(domain=[0.4, 1])),
         "model",
         interval=("low", "high"),
@@ -510,13 +511,54 @@ def page_depth(store: Store) -> None:
     )
 
 
-def _depth_chart(frame, x, y, series: str, *, interval: tuple[str, str] | None = None) -> None:
+def _transfer_against_depth(curve: pd.DataFrame, names: list[str]) -> None:
+    st.subheader("Transfer against depth")
+    if curve.empty:
+        st.info(
+            "No transfer challenge at a NeuraCrypt depth (nc3, nc7, nc47) has an organizer run yet: "
+            "`ncbench demo` fills this section (nc3 and nc7). Or build one, "
+            "`ncbench challenge build --preset nc7 --task transfer --n 100 --out nc7-transfer`, run a built-in "
+            "attack on it, `ncbench attack run distribution-alignment --release nc7-transfer --out answer.h5`, and "
+            "record its score: `ncbench score answer.h5 --key nc7-transfer --db DB --builtin`."
+        )
+        return
+    attacks = [c for c in curve.columns if c not in ("depth", tables.CHANCE_ROW)]
+    _attack_chart(curve, attacks, "best nearest-neighbour accuracy (public half)", names)
+    # Text cells: a depth without a run of an attack reads "not run".
+    st.dataframe(curve.assign(**{c: curve[c].map(percent) for c in [*attacks, tables.CHANCE_ROW]}), hide_index=True)
+    st.caption(
+        "One row per number of private blocks. A transfer challenge gives N encodings without their plaintexts, "
+        "auxiliary plaintexts from the same distribution and T target plaintexts; for each target, the attack "
+        "predicts its encoding under the release's secret key. Attack columns: the best nearest-neighbour accuracy "
+        "of each built-in attack as the organizers ran it, on single-site transfer challenges of that depth: the "
+        "fraction of predictions whose nearest true target encoding (compared as mean patch vectors) is the right "
+        "one. Chance is 1 / T."
+    )
+
+
+def _attack_chart(curve: pd.DataFrame, attacks: list[str], title: str, names: list[str]) -> None:
+    """One line per attack of a depth ``curve`` (fractions), and the chance level; coloured by
+    their places in ``names``."""
+    long = curve.melt(id_vars="depth", value_vars=[*attacks, tables.CHANCE_ROW], var_name="attack", value_name="value")
+    y = alt.Y("value:Q", title=title, axis=alt.Axis(format="%"))
+    _depth_chart(long.dropna(subset=["value"]), DEPTH_AXIS, y, "attack", names=names)
+
+
+def _depth_chart(
+    frame, x, y, series: str, *, interval: tuple[str, str] | None = None, names: list[str] | None = None
+) -> None:
     """One line per ``series`` value of ``frame`` (long form) against depth, with error bars
-    from the ``interval`` (low, high) columns where they are not NaN; nothing when empty."""
+    from the ``interval`` (low, high) columns where they are not NaN; nothing when empty. With
+    ``names``, each value takes the colour of its place there, and the legend lists the values
+    drawn."""
     if frame.empty:
         return
     tooltip = ["depth", series, y.shorthand.split(":")[0], *(interval or ())]
     colour = alt.Color(f"{series}:N", title=None)
+    if names is not None:
+        drawn = set(frame[series])
+        legend = alt.Legend(values=[name for name in names if name in drawn])
+        colour = alt.Color(f"{series}:N", title=None, scale=alt.Scale(domain=names), legend=legend)
     chart = alt.Chart(frame).mark_line(point=True).encode(x=x, y=y, color=colour, tooltip=tooltip)
     if interval is not None and frame[list(interval)].notna().all(axis=1).any():
         low, high = interval
