@@ -100,6 +100,12 @@ def test_demo_rerun_reuses_releases_submissions_verified_runs_and_utility(demo_r
         assert store.counts() == counts
 
 
+def test_demo_rerun_gives_an_open_challenges_files_their_earlier_scores(demo_runs):
+    # A challenge added to the demo since the first run (an open one) must get its files scored.
+    _, _, _, again = demo_runs
+    assert "distribution-alignment: nn_accuracy" in again.output
+
+
 def test_demo_export_holds_answer_files_and_verified_runs(demo_runs):
     out, _, _, _ = demo_runs
     exported = CliRunner().invoke(

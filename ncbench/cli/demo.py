@@ -173,8 +173,11 @@ def _attack_and_submit(
 ) -> list[Path]:
     """Run each built-in attack that solves ``task`` on the release in ``folder`` (once: a re-run
     reuses the files) and submit its answer as the organizer's; on the verified challenge, the
-    demo team's file too. A closed challenge (a re-run) takes no submission: its scores are
-    recorded. Returns the submission files."""
+    demo team's file too. A closed challenge takes no submission: its scores are recorded; an
+    open one given the same file again (a re-run) answers with its earlier score, counted once.
+    Returns the submission files."""
+    import pandas as pd
+
     from ncbench.attacks.plugins.registry import all_attacks
     from ncbench.attacks.submission import write_submission
     from ncbench.challenge.encoders import pick_device
@@ -182,7 +185,8 @@ def _attack_and_submit(
     from ncbench.leaderboard.metrics import HEADLINE_METRIC
     from ncbench.leaderboard.server.client import submit_file
 
-    closed = store.challenges().set_index("challenge_id")["closed_utc"].get(challenge_id)
+    # Once any challenge is closed, an open one's closed_utc reads NaN (true), not None.
+    closed = pd.notna(store.challenges().set_index("challenge_id")["closed_utc"].get(challenge_id))
     runs = [
         (name, cls, TEAM)
         for name, cls in sorted(all_attacks().items())
