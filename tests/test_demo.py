@@ -91,6 +91,14 @@ def test_demo_records_utility_for_each_reid_preset_the_depth_sweep_and_two_sites
     assert "Privacy vs utility" in first.output and "encoded_auc" in first.output
 
 
+def test_demo_draws_the_transfer_curve_at_nc3_and_nc7(demo_runs):
+    out, _, _, _ = demo_runs
+    with Store(out / "leaderboard.db") as store:
+        curve = tables.transfer_depth_curve(tables.board(store.results()), store.challenges())
+    assert list(curve["depth"]) == [0, 4]  # linear's transfer challenge is another encoder
+    assert curve["distribution-alignment"].notna().all() and curve["chance"].notna().all()
+
+
 def test_demo_rerun_reuses_releases_submissions_verified_runs_and_utility(demo_runs):
     out, _, counts, again = demo_runs
     assert again.exit_code == 0, again.output

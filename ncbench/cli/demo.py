@@ -7,13 +7,14 @@ images cut into the presets' 256 patches: the presets' structure at a fraction o
 API and scoring workers of ``ncbench server``, on a free localhost port) and runs every built-in
 attack that supports each task, submitting each answer through the API with the organizer's
 token, so the results land in a SQLite leaderboard the way every team's do. The reid
-challenges on nc3, nc7 and nc47 (0, 4 and 44 private blocks) are the depth sweep; the link
-challenge is two hospitals' keys. A team's own file makes a self-reported row; the built-in
-attacks also run through the verified track (sandboxed where bubblewrap runs, else marked
-unsandboxed) on fresh hidden releases; then the nc7 reid challenge is closed, which reveals its
-private half and its verified seeds. Beside the attacks, a second process measures the utility
-of the encodings (each reid preset, the depth sweep, two sites). Re-running reuses every
-release, submission, verified run and utility result that is already there and valid.
+challenges on nc3, nc7 and nc47 (0, 4 and 44 private blocks) are the depth sweep, the transfer
+challenges on nc3 and nc7 its transfer curve; the link challenge is two hospitals' keys. A
+team's own file makes a self-reported row; the built-in attacks also run through the verified
+track (sandboxed where bubblewrap runs, else marked unsandboxed) on fresh hidden releases; then
+the nc7 reid challenge is closed, which reveals its private half and its verified seeds.
+Beside the attacks, a second process measures the utility of the encodings (each reid preset,
+the depth sweep, two sites). Re-running reuses every release, submission, verified run and
+utility result that is already there and valid.
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ from ncbench.errors import NcbenchError
 from ncbench.leaderboard.rules import BUILTIN_TEAM
 
 # (preset, task): reid on the four presets of the original challenge and on nc47 (with nc3 and
-# nc7, the depth sweep), invert and transfer, and link across two hospitals' keys.
+# nc7, the depth sweep), invert and transfer, link across two hospitals' keys, and transfer at
+# nc3 and nc7 (the transfer curve against depth; its attack is skipped at nc47, see SKIPPED).
+# Release k is keyed by seed + k: a challenge is added last, so the others keep their keys.
 DEMO_CHALLENGES = [
     ("linear", "reid"),
     ("nc3-noshuffle", "reid"),
@@ -44,6 +47,8 @@ DEMO_CHALLENGES = [
     ("linear", "invert"),
     ("linear", "transfer"),
     ("nc7", "link"),
+    ("nc3", "transfer"),
+    ("nc7", "transfer"),
 ]
 SITES = {"link": 2}  # hospitals, each with its own key
 # The presets' structure (256 patches of an image) at a sixteenth of the encoder's arithmetic.
