@@ -887,6 +887,8 @@ class Store:
                     "submissions",
                 ],
             )
+        # pandas reads a None beside strings as NaN (true); an open challenge's closed_utc stays None.
+        frame["closed_utc"] = frame["closed_utc"].astype(object).where(frame["closed_utc"].notna(), None)
         frame["test_release"] = frame["test_release"].astype(bool)
         frame["blind"] = frame["blind"].astype(bool)
         return frame

@@ -120,6 +120,16 @@ def test_private_half_hidden_until_the_challenge_is_closed(db):
     assert db.submission(recorded.submission_id)["metrics"]["private"]["reid_accuracy"] == 0.25
 
 
+def test_an_open_challenge_reads_as_open_beside_a_closed_one(db):
+    """closed_utc is None while open, also when another challenge's is a time (pandas would read NaN)."""
+    db.record_score(result("a"), team="alice")
+    db.record_score(result("b", info=challenge("nc3-reid-00000002", preset="nc3")), team="alice")
+    stamp, _ = db.close_challenge("nc7-reid-00000001")
+    closed = db.challenges().set_index("challenge_id")["closed_utc"]
+    assert closed["nc7-reid-00000001"] == stamp
+    assert closed["nc3-reid-00000002"] is None
+
+
 def publish_blind(db, challenge_id="nc7-reid-00000001"):
     """A published row as ``ncbench challenge publish --blind`` writes it (no release files needed here)."""
     with db.engine.begin() as conn:

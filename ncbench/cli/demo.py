@@ -181,8 +181,6 @@ def _attack_and_submit(
     demo team's file too. A closed challenge takes no submission: its scores are recorded; an
     open one given the same file again (a re-run) answers with its earlier score, counted once.
     Returns the submission files."""
-    import pandas as pd
-
     from ncbench.attacks.plugins.registry import all_attacks
     from ncbench.attacks.submission import write_submission
     from ncbench.challenge.encoders import pick_device
@@ -190,8 +188,7 @@ def _attack_and_submit(
     from ncbench.leaderboard.metrics import HEADLINE_METRIC
     from ncbench.leaderboard.server.client import submit_file
 
-    # Once any challenge is closed, an open one's closed_utc reads NaN (true), not None.
-    closed = pd.notna(store.challenges().set_index("challenge_id")["closed_utc"].get(challenge_id))
+    closed = store.challenges().set_index("challenge_id")["closed_utc"].get(challenge_id) is not None
     runs = [
         (name, cls, TEAM)
         for name, cls in sorted(all_attacks().items())
