@@ -6,6 +6,7 @@
     python benchmarks/depth.py build   [--depths=...] [--n=200] [--seed=11] [--runs=runs]
     python benchmarks/depth.py attack  [--depths=...] [--attacks=gram-hungarian,carlini-2021] [--params=K=V,K=V]
     python benchmarks/depth.py utility [--depths=...] [--utility-seeds=0,1] [--no-raw]
+    python benchmarks/depth.py transfer [--depths=...] [--n=400] [--transfer-seeds=7401,7402]
     python benchmarks/depth.py report  [--json=runs/depth.json] [--png=benchmarks/depth.png]
     python benchmarks/depth.py record  --db=PATH [--attacks=gram-hungarian]   (the board's depth page)
     python benchmarks/depth.py probe RELEASE_DIR [--self_width=512] [--rounds=2,4,8]
@@ -13,7 +14,10 @@
 ``all`` builds, runs gram-hungarian at every depth, carlini-2021 at ``--carlini-depths`` and
 gram-hungarian with six boosting rounds at ``--boost-depths``, the utility at every depth and seed, then reports. Each step merges its results into the JSON (a
 rerun of one attack with the same parameters, or of one utility model, replaces the old entry),
-so steps can be run, interrupted and repeated one by one.
+so steps can be run, interrupted and repeated one by one. ``transfer`` (not part of ``all``)
+builds a transfer test release of ``n`` phantoms per depth and seed, runs distribution-alignment
+on each in a fresh process and takes the challenge's nearest-neighbour accuracy over every
+target (chance: one in the number of targets).
 
 Every depth is the nc7 preset with its number of private blocks overridden (depth 0 is nc3,
 4 is nc7, 44 is nc47), at full width (2048, 256 px, 16 px patches). One test release of ``n``
@@ -29,7 +33,8 @@ seed, and the raw reference once per seed.
 extra, matplotlib: ``pip install -e '.[bench]'``; without it the PNG is skipped with a note).
 Chance re-identification is 1/n; chance AUC 0.5. ``record`` puts the sweep on a leaderboard
 database: each release's attacks run again through ``ncbench attack run`` and are scored with
-``ncbench score --builtin`` (organizer rows), and the JSON's utility rows are recorded as they are.
+``ncbench score --builtin`` (organizer rows), so are the transfer runs' releases, and the JSON's
+utility rows are recorded as they are.
 """
 
 from __future__ import annotations
@@ -53,19 +58,25 @@ DEPTHS = (0, 1, 2, 4, 8, 16, 32, 44)
 DEEP_BOOST = {"boost_rounds": "6"}  # what re-identifies nc47 (benchmarks/RESULTS.md); `all` runs it at --boost-depths
 NAMED = {0: "nc3", 4: "nc7", 44: "nc47"}
 RUN_PY = str(Path(__file__).with_name("run.py"))
+# The second challenge against depth: one transfer release per depth and seed, its attack's accuracy.
+TRANSFER_ATTACK = "distribution-alignment"
+TRANSFER_N = 400
+TRANSFER_SEEDS = (7401, 7402)
 
 
-def release_dir(runs: str, depth: int, n: int, seed: int) -> Path:
-    return Path(runs) / f"depth-d{depth}-n{n}-s{seed}"
+def release_dir(runs: str, depth: int, n: int, seed: int, task: str = "reid") -> Path:
+    return Path(runs) / f"depth-{'' if task == 'reid' else task + '-'}d{depth}-n{n}-s{seed}"
 
 
-def build(depth: int, *, n: int, seed: int, runs: str) -> dict:
-    """The reid test release of ``n`` sample images at ``depth`` (reused when it exists)."""
+def build(depth: int, *, n: int, seed: int, runs: str, task: str = "reid") -> dict:
+    """The test release of ``task`` with ``n`` encodings at ``depth`` (reused when it exists): reid
+    on sample images, transfer on phantoms (400 encodings and 400 auxiliary plaintexts by default;
+    sample images are views of two radiographs, so their targets would be near-duplicates)."""
     from ncbench.challenge.encoders import resolve_config
     from ncbench.challenge.files import open_release
     from ncbench.challenge.release import BuildPlan, build_release
 
-    out = release_dir(runs, depth, n, seed)
+    out = release_dir(runs, depth, n, seed, task)
     preset = NAMED.get(depth, PRESET)  # a named preset's own name, so a store never files nc47 under nc7
     started = time.perf_counter()
     reused = out.exists()
@@ -73,8 +84,8 @@ def build(depth: int, *, n: int, seed: int, runs: str) -> dict:
         build_release(
             out,
             config=resolve_config(preset, depth=depth),
-            plan=BuildPlan.for_task("reid", n),
-            source="sample",
+            plan=BuildPlan.for_task(task, n),
+            source="sample" if task == "reid" else "phantom",
             seed=seed,
             test_release=True,
         )
@@ -108,6 +119,28 @@ def run_attacks(depth: int, names: list[str], *, n: int, seed: int, runs: str, p
         found.append({"depth": depth, "attack": name, "params": params, **{k: result.get(k) for k in keep}})
         print(json.dumps(found[-1]), flush=True)
     return found
+
+
+def run_transfer(depth: int, seed: int, *, n: int, runs: str) -> dict:
+    """The transfer release at ``depth`` built from ``seed`` (reused when it exists) and
+    :data:`TRANSFER_ATTACK`'s nearest-neighbour accuracy on it over every target."""
+    release = build(depth, n=n, seed=seed, runs=runs, task="transfer")
+    result = attack(release["release"], TRANSFER_ATTACK)
+    keep = ("nn_accuracy", "targets", "seconds", "peak_rss_gb", "date")
+    found = {"depth": depth, "seed": seed, "n": n, **release, "attack": TRANSFER_ATTACK, "params": {}}
+    found.update({k: result.get(k) for k in keep})
+    print(json.dumps(found), flush=True)
+    return found
+
+
+def merge_transfer(old: list[dict], new: list[dict]) -> list[dict]:
+    """``old`` without the entries a ``new`` one replaces (same depth, seed, n and attack)."""
+
+    def run(row: dict) -> tuple:
+        return row["depth"], row["seed"], row["n"], row["attack"]
+
+    replaced = {run(row) for row in new}
+    return [row for row in old if run(row) not in replaced] + new
 
 
 def run_depth_utility(depth: int, seed: int) -> list[dict]:
@@ -273,7 +306,34 @@ def markdown(results: dict) -> str:
             interval(row["vs_raw"], row["vs_raw_ci"], row["paired_seeds"], signed=True),
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines + transfer_markdown(results.get("transfer", [])))
+
+
+def transfer_markdown(runs: list[dict]) -> list[str]:
+    """Lines of the transfer table: per depth, each seed's nearest-neighbour accuracy and the mean."""
+    if not runs:
+        return []
+    seeds = sorted({row["seed"] for row in runs})
+    lines = [
+        "",
+        f"Transfer ({TRANSFER_ATTACK}, phantoms): nearest-neighbour accuracy over every target, per release seed",
+        "",
+        "| depth | preset | N | " + " | ".join(f"seed {seed}" for seed in seeds) + " | mean | chance | attack s |",
+        "|" + "---|" * (len(seeds) + 6),
+    ]
+    for depth in sorted({row["depth"] for row in runs}):
+        rows = [row for row in runs if row["depth"] == depth and row.get("nn_accuracy") is not None]
+        by_seed = {row["seed"]: row["nn_accuracy"] for row in rows}
+        mean = np.mean(list(by_seed.values())) if by_seed else None
+        cells = [f"{100 * by_seed[seed]:.0f}%" if seed in by_seed else "" for seed in seeds]
+        seconds = "-".join(f"{s:.0f}" for s in sorted({row["seconds"] for row in rows}))
+        targets = max((row["targets"] for row in rows), default=0)
+        n = ", ".join(str(v) for v in sorted({row["n"] for row in rows}))
+        lines.append(
+            f"| {depth} | {NAMED.get(depth, f'{PRESET}-depth{depth}')} | {n} | {' | '.join(cells)} | "
+            f"{'' if mean is None else f'{100 * mean:.1f}%'} | {f'{100 / targets:.0f}%' if targets else ''} | {seconds} |"
+        )
+    return lines
 
 
 def plot(results: dict, png: str) -> str | None:
@@ -401,14 +461,22 @@ def record(results: dict, db: str, names: list[str]) -> None:
 
     for depth, release in sorted(results["releases"].items(), key=lambda item: int(item[0])):
         for name in names:
-            submission = Path(release["release"]) / f"depth-{name}.h5"
-            ncbench = [sys.executable, "-c", "from ncbench.cli import main; main()"]
-            run = ["attack", "run", name, "--release", release["release"], "--out", str(submission), "--force"]
-            subprocess.run([*ncbench, *run], check=True, capture_output=True)
-            score = ["score", str(submission), "--key", release["release"], "--db", db, "--builtin"]
-            subprocess.run([*ncbench, *score], check=True, capture_output=True)
+            record_attack(release["release"], name, db)
             print(f"recorded {name} at depth {depth}", flush=True)
+    for run in sorted(results.get("transfer", []), key=lambda row: (row["depth"], row["seed"])):
+        record_attack(run["release"], run["attack"], db)
+        print(f"recorded {run['attack']} on transfer at depth {run['depth']}, seed {run['seed']}", flush=True)
     print(f"recorded {record_utility(db, results['utility'])} utility rows", flush=True)
+
+
+def record_attack(release: str, name: str, db: str) -> None:
+    """``ncbench attack run`` on ``release``, then ``ncbench score --builtin`` into ``db``."""
+    submission = Path(release) / f"depth-{name}.h5"
+    ncbench = [sys.executable, "-c", "from ncbench.cli import main; main()"]
+    run = ["attack", "run", name, "--release", release, "--out", str(submission), "--force"]
+    subprocess.run([*ncbench, *run], check=True, capture_output=True)
+    score = ["score", str(submission), "--key", release, "--db", db, "--builtin"]
+    subprocess.run([*ncbench, *score], check=True, capture_output=True)
 
 
 def _n(results: dict) -> str:
@@ -468,6 +536,12 @@ def main(argv: list[str]) -> None:
                 print(json.dumps({"seed": utility_seed, "depth": depth, "encoded_auc": mean_auc(rows)}), flush=True)
                 results["utility"] = merge_utility(results["utility"], rows)
                 save(path, results)
+    if command == "transfer":
+        for transfer_seed in _ints(options.get("transfer-seeds", ",".join(map(str, TRANSFER_SEEDS)))):
+            for depth in depths:
+                found = run_transfer(depth, transfer_seed, n=int(options.get("n", TRANSFER_N)), runs=runs)
+                results["transfer"] = merge_transfer(results.get("transfer", []), [found])
+                save(path, results)
     if command == "probe":
         release = [a for a in args if not a.startswith("--")][0]
         found = probe(
@@ -481,7 +555,7 @@ def main(argv: list[str]) -> None:
     if command == "record":
         record(results, options["db"], options.get("attacks", "gram-hungarian").split(","))
         return
-    if command not in ("build", "attack", "utility", "all", "report"):
+    if command not in ("build", "attack", "utility", "transfer", "all", "report"):
         raise SystemExit(f"unknown command {command!r}")
     save(path, results)
     print(markdown(results))

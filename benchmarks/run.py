@@ -113,7 +113,8 @@ def encode(n: int = 256, device: str = "cpu", precision: str = "auto", preset: s
 
 def attack(release_dir: str, name: str = "gram-hungarian", device: str = "cpu", **params: str) -> dict:
     """Run one attack on a release; time, peak RSS, stage times, and (when the release directory
-    holds its key, as a test release does) re-identification and patch-position accuracy.
+    holds its key, as a test release does) re-identification and patch-position accuracy, or a
+    transfer release's nearest-neighbour accuracy.
     ``params``: the attack's parameters as text (``--self_width=256``)."""
     from ncbench.attacks.plugins.registry import resolve
     from ncbench.challenge.files import open_release
@@ -124,6 +125,7 @@ def attack(release_dir: str, name: str = "gram-hungarian", device: str = "cpu", 
         submission = cls(cls.parse_params(params), device=device)(release)
         elapsed = time.perf_counter() - started
         n, encoded_ids, plain_ids = release.n_encoded, release.encoded_ids, release.plain_ids
+        target_ids = release.target_ids if submission.encodings is not None else []
     return {
         "benchmark": f"attack {name}",
         "release": release_dir,
@@ -131,20 +133,24 @@ def attack(release_dir: str, name: str = "gram-hungarian", device: str = "cpu", 
         "params": params,
         "seconds": round(elapsed, 1),
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2),
-        **_accuracy(release_dir, submission, encoded_ids, plain_ids),
+        **_accuracy(release_dir, submission, encoded_ids, plain_ids, target_ids),
         "stage_seconds": submission.diagnostics.get("stage_seconds"),
         "date": time.strftime("%Y-%m-%d"),
         "machine": machine_description(device),
     }
 
 
-def _accuracy(release_dir: str, submission, encoded_ids: list[str], plain_ids: list[str]) -> dict:
+def _accuracy(
+    release_dir: str, submission, encoded_ids: list[str], plain_ids: list[str], target_ids: list[str]
+) -> dict:
     """reid accuracy and patch-position accuracy over all rows, read from the release's own key."""
     from pathlib import Path
 
     from ncbench.challenge.files import open_key
 
     key_path = Path(release_dir) / "private" / "key.h5"
+    if key_path.is_file() and submission.encodings is not None:
+        return _transfer_accuracy(key_path, submission, target_ids)
     if not key_path.is_file() or submission.mapping is None:
         return {}
     column = {pid: j for j, pid in enumerate(plain_ids)}
@@ -158,6 +164,20 @@ def _accuracy(release_dir: str, submission, encoded_ids: list[str], plain_ids: l
     if submission.patch_positions is not None:
         found["patch_position_accuracy"] = round(float(np.mean(submission.patch_positions == perm)), 4)
     return found
+
+
+def _transfer_accuracy(key_path, submission, target_ids: list[str]) -> dict:
+    """The challenge's nearest-neighbour accuracy over every predicted target (both halves), the
+    candidates being all targets' true encodings (release order), read from the key."""
+    from ncbench.challenge.files import open_key
+    from ncbench.leaderboard.metrics import transfer_nearest_predictions
+
+    with open_key(key_path) as key:
+        true_encodings = key.read("truth/target_encodings")
+    nearest = transfer_nearest_predictions(submission.encodings, true_encodings)
+    row_of = {tid: r for r, tid in enumerate(target_ids)}
+    right = np.array([row_of[tid] for tid in submission.target_ids])
+    return {"nn_accuracy": round(float(np.mean(nearest == right)), 4), "targets": len(right)}
 
 
 def compare(release_dir: str, *names: str) -> dict:

@@ -1,0 +1,60 @@
+"""benchmarks/run.py scores a transfer attack with the challenge's metric, and benchmarks/depth.py
+tabulates and merges transfer runs (the full-size sweep itself is the lead's, in RESULTS.md)."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from ncbench.challenge.encoders import resolve_config
+from ncbench.challenge.release import BuildPlan, build_release
+
+BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+
+
+def _script(name: str):
+    sys.path.insert(0, str(BENCHMARKS))  # the scripts import their shared option parser
+    try:
+        spec = importlib.util.spec_from_file_location(f"{name}_benchmark", BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+@pytest.fixture(scope="module")
+def linear_transfer(tmp_path_factory):
+    out = tmp_path_factory.mktemp("transfer") / "linear-transfer"
+    tiny = resolve_config("linear", width=256, image_size=64, patch_size=8, bn_batch=32)
+    build_release(
+        out, config=tiny, plan=BuildPlan.for_task("transfer", 64), source="phantom", seed=5, test_release=True
+    )
+    return out
+
+
+def test_run_attack_scores_transfer_by_nearest_neighbour_accuracy(linear_transfer):
+    result = _script("run").attack(str(linear_transfer), "distribution-alignment")
+    assert result["targets"] > 4
+    # A linear encoder is predicted almost exactly; chance is one target in `targets`.
+    assert result["nn_accuracy"] > 4 / result["targets"]
+    assert "reid_accuracy" not in result
+
+
+def test_depth_transfer_runs_merge_and_tabulate():
+    depth = _script("depth")
+
+    def row(at_depth, seed, accuracy, seconds=30.0):
+        run = {"depth": at_depth, "seed": seed, "n": 400, "attack": depth.TRANSFER_ATTACK, "params": {}}
+        return {**run, "nn_accuracy": accuracy, "targets": 100, "seconds": seconds}
+
+    runs = depth.merge_transfer([row(4, 1, 0.1), row(4, 2, 0.3)], [row(4, 1, 0.2)])  # a rerun replaces its entry
+    runs = depth.merge_transfer(runs, [row(44, 1, 0.02, 90.0)])
+    assert sorted((r["depth"], r["seed"], r["nn_accuracy"]) for r in runs) == [(4, 1, 0.2), (4, 2, 0.3), (44, 1, 0.02)]
+    lines = depth.transfer_markdown(runs)
+    nc7 = next(line for line in lines if line.startswith("| 4 |"))
+    assert "| nc7 | 400 | 20% | 30% | 25.0% | 1% | 30 |" in nc7
+    nc47 = next(line for line in lines if line.startswith("| 44 |"))
+    assert "| nc47 | 400 | 2% |  | 2.0% |" in nc47  # seed 2 not run at depth 44: an empty cell
+    assert depth.transfer_markdown([]) == []
