@@ -485,14 +485,27 @@ def _n(results: dict) -> str:
 
 
 def _ints(text: str) -> list[int]:
-    return [int(part) for part in text.split(",") if part]
+    """Comma-separated integers; anything else is a one-line error (exit 2), not a traceback."""
+    try:
+        return [int(part) for part in text.split(",") if part]
+    except ValueError:
+        print(f"error: expected whole numbers separated by commas, got {text!r}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _int(options: dict[str, str], name: str, default: int) -> int:
+    found = _ints(options.get(name, str(default)))
+    if len(found) != 1:
+        print(f"error: --{name} takes one whole number", file=sys.stderr)
+        raise SystemExit(2)
+    return found[0]
 
 
 def main(argv: list[str]) -> None:
     command, *args = argv if argv[:1] and not argv[0].startswith("--") else ["all", *argv]
     options = script_options(args, __doc__)
     depths = _ints(options.get("depths", ",".join(map(str, DEPTHS))))
-    n, seed, runs = int(options.get("n", 200)), int(options.get("seed", 11)), options.get("runs", "runs")
+    n, seed, runs = _int(options, "n", 200), _int(options, "seed", 11), options.get("runs", "runs")
     path, png = options.get("json", "runs/depth.json"), options.get("png", "benchmarks/depth.png")
     if "threads" in options:
         # On a shared machine one thread per process wins: the utility model's small matrices make
@@ -500,7 +513,7 @@ def main(argv: list[str]) -> None:
         # 2 threads at load 10, under 2 min with 1).
         import torch
 
-        torch.set_num_threads(int(options["threads"]))
+        torch.set_num_threads(_int(options, "threads", 1))
     results = load(path)
     results.setdefault("load_average_at_start", []).append([command, round(os.getloadavg()[0], 2)])
     if command in ("build", "all"):
@@ -539,14 +552,14 @@ def main(argv: list[str]) -> None:
     if command == "transfer":
         for transfer_seed in _ints(options.get("transfer-seeds", ",".join(map(str, TRANSFER_SEEDS)))):
             for depth in depths:
-                found = run_transfer(depth, transfer_seed, n=int(options.get("n", TRANSFER_N)), runs=runs)
+                found = run_transfer(depth, transfer_seed, n=_int(options, "n", TRANSFER_N), runs=runs)
                 results["transfer"] = merge_transfer(results.get("transfer", []), [found])
                 save(path, results)
     if command == "probe":
         release = [a for a in args if not a.startswith("--")][0]
         found = probe(
             release,
-            self_width=int(options.get("self_width", 512)),
+            self_width=_int(options, "self_width", 512),
             rounds=tuple(_ints(options.get("rounds", "2,4,8"))),
         )
         results.setdefault("probes", []).extend(found)

@@ -2,6 +2,7 @@
 tabulates and merges transfer runs (the full-size sweep itself is the lead's, in RESULTS.md)."""
 
 import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 
@@ -58,3 +59,16 @@ def test_depth_transfer_runs_merge_and_tabulate():
     nc47 = next(line for line in lines if line.startswith("| 44 |"))
     assert "| nc47 | 400 | 2% |  | 2.0% |" in nc47  # seed 2 not run at depth 44: an empty cell
     assert depth.transfer_markdown([]) == []
+
+
+@pytest.mark.parametrize("option", ["--depths=4,x", "--n=many", "--seed=1,2"])
+def test_depth_script_bad_numbers_are_one_line_errors(option, tmp_path):
+    json_path = tmp_path / "depth.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "depth.py"), "transfer", option, f"--json={json_path}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and done.stderr.startswith("error: ") and done.stderr.count("\n") == 1
+    assert not json_path.exists()
