@@ -326,7 +326,8 @@ def transfer_markdown(runs: list[dict]) -> list[str]:
         by_seed = {row["seed"]: row["nn_accuracy"] for row in rows}
         mean = np.mean(list(by_seed.values())) if by_seed else None
         cells = [f"{100 * by_seed[seed]:.0f}%" if seed in by_seed else "" for seed in seeds]
-        seconds = "-".join(f"{s:.0f}" for s in sorted({row["seconds"] for row in rows}))
+        low, high = (f"{bound(r['seconds'] for r in rows):.0f}" if rows else "" for bound in (min, max))
+        seconds = low if low == high else f"{low}-{high}"  # the range over seeds
         targets = max((row["targets"] for row in rows), default=0)
         n = ", ".join(str(v) for v in sorted({row["n"] for row in rows}))
         lines.append(

@@ -51,13 +51,23 @@ def test_depth_transfer_runs_merge_and_tabulate():
         return {**run, "nn_accuracy": accuracy, "targets": 100, "seconds": seconds}
 
     runs = depth.merge_transfer([row(4, 1, 0.1), row(4, 2, 0.3)], [row(4, 1, 0.2)])  # a rerun replaces its entry
-    runs = depth.merge_transfer(runs, [row(44, 1, 0.02, 90.0)])
-    assert sorted((r["depth"], r["seed"], r["nn_accuracy"]) for r in runs) == [(4, 1, 0.2), (4, 2, 0.3), (44, 1, 0.02)]
+    runs = depth.merge_transfer(runs, [row(44, 1, 0.02, 90.0), row(8, 1, 0.1, 40.0), row(8, 2, 0.1, 60.0)])
+    runs = depth.merge_transfer(runs, [row(8, 3, 0.4, 50.0)])
+    assert sorted((r["depth"], r["seed"], r["nn_accuracy"]) for r in runs) == [
+        (4, 1, 0.2),
+        (4, 2, 0.3),
+        (8, 1, 0.1),
+        (8, 2, 0.1),
+        (8, 3, 0.4),
+        (44, 1, 0.02),
+    ]
     lines = depth.transfer_markdown(runs)
     nc7 = next(line for line in lines if line.startswith("| 4 |"))
-    assert "| nc7 | 400 | 20% | 30% | 25.0% | 1% | 30 |" in nc7
+    assert "| nc7 | 400 | 20% | 30% |  | 25.0% | 1% | 30 |" in nc7
+    depth8 = next(line for line in lines if line.startswith("| 8 |"))
+    assert "| 10% | 10% | 40% | 20.0% | 1% | 40-60 |" in depth8  # seconds: the range over seeds
     nc47 = next(line for line in lines if line.startswith("| 44 |"))
-    assert "| nc47 | 400 | 2% |  | 2.0% |" in nc47  # seed 2 not run at depth 44: an empty cell
+    assert "| nc47 | 400 | 2% |  |  | 2.0% |" in nc47  # seeds 2 and 3 not run at depth 44: empty cells
     assert depth.transfer_markdown([]) == []
 
 
