@@ -315,6 +315,16 @@ def test_distribution_alignment_predicts_linear_targets(releases, features):
     assert accuracy > 5 / len(true)  # far above chance (1/M) even at this tiny size
 
 
+def test_distribution_alignment_self_keys_at_the_release_width_by_default(releases):
+    path = releases["linear", "transfer"]
+    default = _run("distribution-alignment", path)
+    with open_release(path) as release:
+        width = release.config.width
+    assert width != 512  # the old fixed default: the test tells the two apart
+    assert np.array_equal(default.encodings, _run("distribution-alignment", path, self_width=width).encodings)
+    assert not np.array_equal(default.encodings, _run("distribution-alignment", path, self_width=512).encodings)
+
+
 def test_attack_refuses_a_task_it_does_not_solve(releases):
     with open_release(releases["linear", "invert"]) as release:
         with pytest.raises(NcbenchError, match="solves reid"):
