@@ -414,6 +414,7 @@ def main() -> None:
 
     with Store(service.db_url(args.db, store)) as opened, opened.engine.connect() as conn:
         states = dict(conn.exec_driver_sql("SELECT id, state FROM jobs").all())
+        database = opened.engine.dialect.name  # sqlite or postgresql: what the server really used
     jobs = set(states)
     accepted += bombs
     result.update(
@@ -423,11 +424,7 @@ def main() -> None:
                 f"python benchmarks/load.py --clients={clients} --seconds={seconds:g} --slowloris={held} "
                 f"--bomb-every={every:g} --max-connections={cap}" + (" --db=URL" if args.db else "")
             ),
-            "database": "PostgreSQL"
-            if args.db and args.db.startswith("postgresql")
-            else "SQLite"
-            if not args.db
-            else "other",
+            "database": database,
             "open_files_limit": open_files,
             "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
             "clients": clients,

@@ -23,3 +23,4 @@ def test_the_load_benchmark_runs_and_reconciles_every_accepted_upload(tmp_path):
     assert result["uploads_accepted"] == result["accepted_ids_distinct"] >= 1  # the bomb at least
     assert sum(result["bomb_jobs"].values()) == 1
     assert {"healthz", "whoami", "submissions"} <= set(result["p99_ms"])
+    assert result["database"] == "sqlite"  # the store's own file, read back from the engine
