@@ -21,7 +21,7 @@ from ncbench.challenge.config import SITE_TASKS as SITE_TASKS
 from ncbench.challenge.config import TASKS as TASKS
 from ncbench.challenge.config import EncoderConfig, key_tensor_names
 from ncbench.errors import NcbenchError
-from ncbench.h5io import open_checked, read_strings
+from ncbench.h5io import open_checked, read_rows, read_strings
 from ncbench.private import create_private_file
 
 RELEASE_FORMAT = "ncbench-release"
@@ -55,8 +55,11 @@ class _H5File:
 
     def read(self, name: str) -> np.ndarray:
         """A whole dataset, with corrupt chunks reported as one line."""
+        dataset = self._require(name)
         try:
-            return self._require(name)[()]
+            if dataset.ndim and dataset.shape[0] > 1:
+                return read_rows(dataset, np.arange(dataset.shape[0]), dtype=dataset.dtype)
+            return dataset[()]
         except OSError as error:
             raise NcbenchError(f"{self.path}: {name} is corrupt ({error})") from None
 
@@ -154,24 +157,17 @@ class Release(_H5File):
 
     def encoded_rows(self, rows, *, dtype=np.float32) -> np.ndarray:
         """Encodings (len(rows), P, D) at ``rows``, in the order given (any order, repeats allowed)."""
-        rows = np.asarray(rows, dtype=np.int64)
-        unique, inverse = np.unique(rows, return_inverse=True)
-        # A run of consecutive rows (a site's block) is one slice: h5py's point selection is slower.
-        contiguous = len(unique) > 0 and unique[-1] - unique[0] + 1 == len(unique)
-        selection = slice(int(unique[0]), int(unique[-1]) + 1) if contiguous else unique
+        unique, inverse = np.unique(np.asarray(rows, dtype=np.int64), return_inverse=True)
         try:
-            return self.encoded[selection].astype(dtype, copy=False)[inverse]
+            encoded = read_rows(self.encoded, unique, dtype=dtype)
         except OSError as error:
             raise NcbenchError(f"{self.path}: encoded/data is corrupt ({error})") from None
+        return encoded if np.array_equal(inverse, np.arange(len(unique))) else encoded[inverse]
 
     def iter_encoded(self, chunk: int = 64, *, dtype=np.float32) -> Iterator[tuple[int, np.ndarray]]:
         """Yield (start, encodings (b, P, D)) in row order, ``chunk`` items at a time."""
         for start in range(0, self.n_encoded, chunk):
-            try:
-                block = self.encoded[start : start + chunk]
-            except OSError as error:
-                raise NcbenchError(f"{self.path}: encoded/data is corrupt ({error})") from None
-            yield start, block.astype(dtype, copy=False)
+            yield start, self.encoded_rows(np.arange(start, min(start + chunk, self.n_encoded)), dtype=dtype)
 
     def describe(self) -> dict:
         """What ``ncbench challenge info`` prints: attributes and dataset shapes."""

@@ -150,6 +150,18 @@ def test_flipped_byte_in_data_region_detected(built, tmp_path):
     assert "corrupt" in text or "differ" in text
 
 
+def test_attack_reading_a_damaged_chunk_gets_one_line(built, tmp_path):
+    out = _copy(built["reid"], tmp_path)
+    with h5py.File(out / "public/release.h5", "r+") as h5:
+        dataset = h5["encoded/data"]
+        stored = bytearray(dataset.id.read_direct_chunk((1, 0, 0))[1])
+        stored[10] ^= 0x01
+        dataset.id.write_direct_chunk((1, 0, 0), bytes(stored))
+    with open_release(out) as release:
+        with pytest.raises(NcbenchError, match=r"encoded/data is corrupt \(chunk 1 fails its fletcher32"):
+            list(release.iter_encoded(4))
+
+
 def test_rewritten_encoding_with_regenerated_sums_detected(built, tmp_path):
     out = _copy(built["reid"], tmp_path)
     with h5py.File(out / "public/release.h5", "r+") as h5:

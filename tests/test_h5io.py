@@ -1,0 +1,76 @@
+"""The parallel row reader: the same values as HDF5 reads, and the same refusals of damaged chunks."""
+
+import zlib
+
+import h5py
+import numpy as np
+import pytest
+
+from ncbench.h5io import FILTERS, fletcher32, read_rows, write_dataset
+
+
+@pytest.fixture
+def h5(tmp_path):
+    with h5py.File(tmp_path / "rows.h5", "w") as handle:
+        yield handle
+
+
+def _stored(dataset: h5py.Dataset, row: int) -> bytes:
+    return dataset.id.read_direct_chunk((row,) + (0,) * (dataset.ndim - 1))[1]
+
+
+def _with_checksum(body: bytes) -> bytes:
+    first, second = fletcher32(body)
+    return body + ((second << 16) | first).to_bytes(4, "little")
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.uint8, np.int64])
+def test_rows_match_hdf5(h5, dtype):
+    values = (np.random.default_rng(0).standard_normal((9, 5, 7)) * 50).astype(dtype)
+    dataset = write_dataset(h5, "values", values)
+    rows = np.array([0, 2, 3, 8])
+    for out_dtype in (dtype, np.float32):
+        read = read_rows(dataset, rows, dtype=out_dtype)
+        assert read.dtype == out_dtype
+        np.testing.assert_array_equal(read, values[rows].astype(out_dtype))
+
+
+def test_fletcher32_is_hdf5s_for_odd_and_even_lengths(h5):
+    """The sums HDF5 stored beside each chunk it wrote are the sums of the chunk's stored bytes."""
+    parities = set()
+    for length in (1, 2, 3, 100, 999, 1000, 4097):
+        values = np.random.default_rng(length).integers(0, 4, (6, length), dtype=np.uint8)
+        dataset = write_dataset(h5, f"d{length}", values)
+        for row in range(6):
+            stored = _stored(dataset, row)
+            checksum = int.from_bytes(stored[-4:], "little")
+            assert fletcher32(stored[:-4]) == ((checksum & 0xFFFF) % 65535, (checksum >> 16) % 65535)
+            parities.add(len(stored) % 2)
+        np.testing.assert_array_equal(read_rows(dataset, np.arange(6), dtype=np.uint8), values)
+    assert parities == {0, 1}
+
+
+def test_layouts_without_our_filters_are_read_by_hdf5(h5):
+    values = np.arange(60, dtype=np.float32).reshape(4, 3, 5)
+    for name, options in {"plain": {}, "wide chunks": dict(chunks=(2, 3, 5), **FILTERS)}.items():
+        dataset = h5.create_dataset(name, data=values, **options)
+        np.testing.assert_array_equal(read_rows(dataset, np.array([1, 3])), values[[1, 3]])
+
+
+def test_flipped_stored_byte_fails_the_checksum(h5):
+    dataset = write_dataset(h5, "values", np.ones((3, 64, 64), np.float16))
+    stored = bytearray(_stored(dataset, 1))
+    stored[len(stored) // 2] ^= 0xFF
+    dataset.id.write_direct_chunk((1, 0, 0), bytes(stored))
+    with pytest.raises(OSError, match="fletcher32"):
+        read_rows(dataset, np.array([0, 1]))
+    with pytest.raises(OSError):  # HDF5 agrees
+        dataset[0:2]
+
+
+def test_chunk_inflating_past_its_row_is_refused(h5):
+    dataset = write_dataset(h5, "values", np.zeros((3, 64, 64), np.float16))
+    dataset.id.write_direct_chunk((2, 0, 0), _with_checksum(zlib.compress(bytes(64 * 64 * 2 * 1000))))
+    with pytest.raises(OSError, match="does not inflate to the 8192 bytes"):
+        read_rows(dataset, np.array([1, 2]))
+
