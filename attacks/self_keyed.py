@@ -8,14 +8,14 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from ncbench.challenge.encoders import Encoder, EncoderConfig
+from ncbench.challenge.encoders import Encoder, EncoderConfig, sample_key
 
 
 def self_keyed_encoder(config: EncoderConfig, *, width: int, seed: int, device: str) -> Encoder:
     """The public architecture at ``width`` with a fresh key, in the precision the hardware does
     well (bf16 suffices for statistics; emulated bf16 on an AVX2 CPU is 64x slower than fp32)."""
     own = dataclasses.replace(config, width=width, precision="auto", shuffle=False)
-    return Encoder.from_seed(own, seed, device)
+    return Encoder(own, sample_key(own, seed), device, bf16_activations=True)
 
 
 def insider_encoder(path: str, config: EncoderConfig, *, device: str) -> Encoder:
@@ -53,6 +53,6 @@ def self_encode(
     width = encoder.config.width
     blocks, total = [], torch.zeros(config.n_patches, width, device=device)
     for start, encoded in encoder.encode_stream(images, None, on_batch=advance):
-        total += encoded.sum(0).to(device)
+        total += encoded.sum(0, dtype=torch.float32).to(device)
         blocks.append((start, encoded.to(torch.float16)))
     return blocks, total / max(len(images), 1)

@@ -146,6 +146,9 @@ class Shortlist:
     scores: np.ndarray | None
 
 
+ROUGH_ENTRIES = 4096  # Gram entries a rough product samples (of 32,640 at 256 patches)
+
+
 class GramComparison:
     """Correlations of encoded Gram matrices (slot order) with plaintext ones (position order),
     for one population of each, compared again and again as the slot order improves.
@@ -153,50 +156,70 @@ class GramComparison:
     The plaintext side is standardised once and kept on ``device`` (1.3 GB in fp32 at
     M = 10,000); each comparison puts the encoded entries in position order instead, which
     permutes the P(P-1)/2 entries of both sides alike and leaves each correlation as it was.
+    Rough products (trusted pairs, shortlists) estimate each correlation from ``rough_entries``
+    entries drawn once at random, scaled to the whole: the error is about 1 / sqrt(rough_entries)
+    for unit rows, and the product costs that fraction of the exact one.
     Results come back as numpy arrays whatever the device.
     """
 
-    def __init__(self, encoded: PatchStatistics, plain: PatchStatistics, *, chunk: int = 1024, device: str = "cpu"):
+    def __init__(
+        self,
+        encoded: PatchStatistics,
+        plain: PatchStatistics,
+        *,
+        chunk: int = 1024,
+        device: str = "cpu",
+        rough_entries: int = ROUGH_ENTRIES,
+    ):
         self.encoded, self.plain, self.chunk = encoded, plain, chunk
         self.device = torch.device(device)
-        self._standardised: tuple[torch.dtype, torch.Tensor] | None = None
+        self._standardised: tuple[tuple[torch.dtype, bool], torch.Tensor] | None = None
+        n_entries = plain.gram.shape[1]
+        self._entries = None
+        if rough_entries < n_entries:
+            drawn = np.random.default_rng(0).permutation(n_entries)[:rough_entries]
+            self._entries = torch.from_numpy(np.sort(drawn)).to(self.device)
+        self._entry_scale = n_entries / rough_entries if self._entries is not None else 1.0
 
     def scores(
         self, slot_positions: np.ndarray, *, subset: np.ndarray | None = None, rough: bool = False
     ) -> np.ndarray:
         """(N, M) correlations, or (len(subset), M) for the encoded rows ``subset``.
 
-        ``rough``: multiply in :func:`matmul_dtype` (bf16 where native: 2.4x faster at 32,640
-        entries per pair, but torch's CPU bf16 product rounds its output to bf16 too, steps of
-        0.004 near 1: enough to pick trusted pairs, too coarse to rank; see :meth:`shortlist`).
+        ``rough``: estimate from the sampled entries and multiply in :func:`matmul_dtype` (bf16
+        where native: 2.4x faster, but torch's CPU bf16 product rounds its output to bf16 too,
+        steps of 0.004 near 1): enough to pick trusted pairs, too coarse to rank (see
+        :meth:`shortlist`).
         """
         dtype = matmul_dtype(self.device) if rough else torch.float32
-        right = self._plain(dtype)
+        right = self._plain(dtype, rough=rough)
         encoded_gram = self.encoded.gram if subset is None else self.encoded.gram[subset]
         scores = np.empty((len(encoded_gram), len(right)), np.float32)
         for s, left in self._encoded_blocks(encoded_gram, slot_positions, self.chunk):
-            scores[s : s + len(left)] = (left.to(dtype) @ right.T).float().cpu().numpy()
+            left = self._rough_rows(left, dtype) if rough else left
+            scores[s : s + len(left)] = (left @ right.T).float().cpu().numpy()
         return scores
 
     def shortlist(
         self, slot_positions: np.ndarray, *, candidates: int = 8, keep_scores: bool = True, chunk: int = 256
     ) -> Shortlist:
-        """Each encoded image's ``candidates`` best plaintexts by the rough product (bf16 where
-        native), their correlations recomputed in fp32: exact where a matching or a ranking is
+        """Each encoded image's ``candidates`` best plaintexts by the rough product (sampled
+        entries, bf16 where native), their correlations recomputed in fp32 on every entry: exact
+        where a matching or a ranking is
         decided, at the rough product's cost. ``chunk`` rows of the (N, M) product exist at a
         time; the whole matrix only when ``keep_scores`` (10 GB at N = M = 50,000)."""
         dtype = matmul_dtype(self.device)
-        right = self._plain(dtype)
+        right = self._plain(dtype, rough=True)
         # A standardised left row sums to zero, so its correlation with a plaintext row p is
         # <left, p> / |p - mean(p)|: the candidates' raw rows suffice.
-        spread = self._plain_spread() if dtype != torch.float32 else None
+        spread = self._plain_spread() if dtype != torch.float32 or self._entries is not None else None
         n, m = len(self.encoded.gram), len(right)
         k = min(candidates, m)
         columns = np.empty((n, k), np.int64)
         values = np.empty((n, k), np.float32)
         scores = np.empty((n, m), np.float32) if keep_scores else None
         for s, left in self._encoded_blocks(self.encoded.gram, slot_positions, chunk):
-            rough = left.to(dtype) @ right.T
+            rough = self._rough_rows(left, dtype) @ right.T
             best = rough.topk(k, dim=1)
             if spread is None:
                 exact = best.values.float()
@@ -232,11 +255,22 @@ class GramComparison:
             [(rows - rows.mean(1, keepdim=True)).norm(dim=1).clamp_min(1e-12) for rows in self._plain_blocks()]
         )
 
-    def _plain(self, dtype: torch.dtype) -> torch.Tensor:
-        if self._standardised is None or self._standardised[0] != dtype:
+    def _rough_rows(self, left: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Standardised encoded rows as a rough product takes them: the sampled entries, scaled."""
+        if self._entries is None:
+            return left.to(dtype)
+        return (left.index_select(1, self._entries) * self._entry_scale).to(dtype)
+
+    def _plain(self, dtype: torch.dtype, *, rough: bool = False) -> torch.Tensor:
+        """(M, entries) standardised plaintext rows in ``dtype``: every entry, or a rough product's."""
+        entries = self._entries if rough else None
+        if self._standardised is None or self._standardised[0] != (dtype, entries is not None):
             self._standardised = None  # one copy at a time
-            standardised = torch.cat([_standardise_rows(rows).to(dtype) for rows in self._plain_blocks()])
-            self._standardised = (dtype, standardised)
+            blocks = (_standardise_rows(rows) for rows in self._plain_blocks())
+            standardised = torch.cat(
+                [(rows if entries is None else rows.index_select(1, entries)).to(dtype) for rows in blocks]
+            )
+            self._standardised = ((dtype, entries is not None), standardised)
         return self._standardised[1]
 
 

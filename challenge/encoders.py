@@ -122,7 +122,14 @@ class Encoder:
     (``encode_stream`` uses consecutive chunks of ``config.bn_batch``).
     """
 
-    def __init__(self, config: EncoderConfig, key: dict[str, torch.Tensor], device: str = "cpu"):
+    def __init__(
+        self,
+        config: EncoderConfig,
+        key: dict[str, torch.Tensor],
+        device: str = "cpu",
+        *,
+        bf16_activations: bool = False,
+    ):
         self.device = torch.device(device)
         self.config = config.for_device(self.device)
         self.key = {name: tensor.to(self.device, torch.float32) for name, tensor in key.items()}
@@ -131,6 +138,11 @@ class Encoder:
         self._weight_t = {
             name: t.t().contiguous().to(self._matmul_dtype) for name, t in self.key.items() if name.endswith(".weight")
         }
+        # An attacker's own key feeds statistics only: with bf16 products, bf16 activations save
+        # two casts per layer and half the memory traffic of BatchNorm (1.6x faster at width 512).
+        # Never for a release: its encodings are computed in fp32 or with fp32 activations.
+        self._activation_dtype = self._matmul_dtype if bf16_activations else torch.float32
+        self._low = {name: t.to(self._activation_dtype) for name, t in self.key.items() if not name.endswith(".weight")}
 
     @classmethod
     def from_seed(cls, config: EncoderConfig, seed: int | str, device: str = "cpu") -> Encoder:
@@ -141,14 +153,30 @@ class Encoder:
         bias = self.key[f"{name}.bias"]
         if self._matmul_dtype == torch.float32:
             return torch.addmm(bias, rows, weight)
+        if self._activation_dtype == self._matmul_dtype:
+            return torch.addmm(self._low[f"{name}.bias"], rows.to(self._matmul_dtype), weight)
         return (rows.to(self._matmul_dtype) @ weight).float().add_(bias)
+
+    def _batch_norm_relu(self, rows: torch.Tensor) -> torch.Tensor:
+        """BatchNorm2d in training mode: per-channel mean and biased variance over the whole batch
+        (all images, all positions); affine weight 1 and bias 0; then ReLU, in place."""
+        if rows.dtype == torch.float32:
+            # Two-pass mean / variance in place: torch.var_mean over dim 0 is 6x slower here.
+            rows = rows.sub_(_column_mean(rows))
+            var = _column_mean(rows.square())
+        else:
+            # bf16 sums accumulate in fp32 inside; asking for an fp32 result copies the batch first.
+            rows = rows.sub_(rows.sum(0) / rows.shape[0])
+            var = rows.square().sum(0).float() / rows.shape[0]
+        return rows.mul_(torch.rsqrt(var + BN_EPS).to(rows.dtype)).relu_()
 
     @torch.no_grad()
     def encode_batch(self, images: torch.Tensor, perms: torch.Tensor | None = None) -> torch.Tensor:
         """Encode one batch.
 
         images: (B, S, S) uint8; perms: (B, P) int64 patch permutation per image or None for no
-        shuffle. Returns (B, P, D) float32 where ``out[b, r] = unshuffled[b, perms[b, r]]``.
+        shuffle. Returns (B, P, D) float32 (bf16 with ``bf16_activations``) where
+        ``out[b, r] = unshuffled[b, perms[b, r]]``.
         """
         config = self.config
         patches = images_to_patches(images.to(self.device), config)
@@ -157,16 +185,10 @@ class Encoder:
         if config.stem_relu:
             rows = torch.relu_(rows)
         for k in range(config.depth):
-            rows = self._linear(rows, f"blocks.{k}")
-            # BatchNorm2d in training mode: per-channel mean and biased variance over the whole
-            # batch (all images, all positions); affine weight 1 and bias 0.
-            # (Two-pass mean / variance in place: torch.var_mean over dim 0 is 6x slower here.)
-            rows = rows.sub_(_column_mean(rows))
-            var = _column_mean(rows.square())
-            rows = rows.mul_(torch.rsqrt(var + BN_EPS)).relu_()
+            rows = self._batch_norm_relu(self._linear(rows, f"blocks.{k}"))
         if config.mix:
             # In place: a batch of 256 full-width rows is 512 MB, and peak memory is a few of them.
-            rows = rows.reshape(batch, n_patches, -1).add_(self.key["pos"])
+            rows = rows.reshape(batch, n_patches, -1).add_(self._low["pos"])
             rows = self._linear(torch.relu_(rows).reshape(batch * n_patches, -1), "mix")
         encoded = rows.reshape(batch, n_patches, -1)
         if perms is not None:

@@ -156,7 +156,8 @@ class Release(_H5File):
         return self.strings("pairs/encoded_ids")
 
     def encoded_rows(self, rows, *, dtype=np.float32) -> np.ndarray:
-        """Encodings (len(rows), P, D) at ``rows``, in the order given (any order, repeats allowed)."""
+        """Encodings (len(rows), P, D) at ``rows``, in the order given (any order, repeats allowed),
+        as ``dtype`` (None: as stored)."""
         unique, inverse = np.unique(np.asarray(rows, dtype=np.int64), return_inverse=True)
         try:
             encoded = read_rows(self.encoded, unique, dtype=dtype)

@@ -100,7 +100,7 @@ _FLETCHER_BYTES = 4
 
 
 def read_rows(dataset: h5py.Dataset, rows: np.ndarray, *, dtype=np.float32) -> np.ndarray:
-    """``dataset[rows]`` as ``dtype``, for sorted unique ``rows`` (n,) int64.
+    """``dataset[rows]`` as ``dtype`` (None: as stored), for sorted unique ``rows`` (n,) int64.
 
     A dataset written with :data:`FILTERS`, one row per chunk, is read chunk by chunk on a pool
     of threads: each fetches its chunk's stored bytes, checks the fletcher32 sums, inflates at
@@ -108,7 +108,7 @@ def read_rows(dataset: h5py.Dataset, rows: np.ndarray, *, dtype=np.float32) -> n
     lock, one chunk at a time, and inflating then takes most of an attack's reading time (6.9 s
     for 1,000 full-size nc7 encodings on one core of a Zen 4). Any other layout is read by h5py.
     """
-    rows = np.asarray(rows, np.int64)
+    rows, dtype = np.asarray(rows, np.int64), dataset.dtype if dtype is None else dtype
     if len(rows) == 0:
         return np.empty((0, *dataset.shape[1:]), dtype)
     if len(rows) == 1 or not _rows_pipeline(dataset):

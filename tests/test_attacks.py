@@ -164,11 +164,9 @@ def test_aligned_grams_equal_grams_of_reordered_centred_encodings():
     assert torch.allclose(fused, expected, atol=1e-4)
 
 
-def test_shortlist_scores_are_exact_for_each_rows_best_candidates(monkeypatch):
-    # Forced to bf16 (wherever it runs): the shortlist is rough, the candidates' scores exact.
-    monkeypatch.setattr(statistics, "matmul_dtype", lambda device: torch.bfloat16)
-    rng = np.random.default_rng(2)
-    n_patches, n = 16, 40
+def _noisy_gram_comparison(rng, *, n: int = 40, n_patches: int = 16, **options):
+    """A GramComparison of ``n`` random plaintext Gram rows with noisy copies in a random slot
+    order (encoding i is plaintext i), and that slot order."""
     upper = np.triu_indices(n_patches, 1)
     plain_gram = rng.normal(size=(n, len(upper[0]))).astype(np.float16)
     slot_positions = rng.permutation(n_patches)
@@ -179,9 +177,17 @@ def test_shortlist_scores_are_exact_for_each_rows_best_candidates(monkeypatch):
     encoded_gram += (0.5 * rng.normal(size=encoded_gram.shape)).astype(np.float16)
     norms = np.ones((n, n_patches), np.float32)
     comparison = statistics.GramComparison(
-        statistics.PatchStatistics(norms, encoded_gram), statistics.PatchStatistics(norms, plain_gram)
+        statistics.PatchStatistics(norms, encoded_gram), statistics.PatchStatistics(norms, plain_gram), **options
     )
+    return comparison, slot_positions
+
+
+def test_shortlist_scores_are_exact_for_each_rows_best_candidates(monkeypatch):
+    # Forced to bf16 (wherever it runs): the shortlist is rough, the candidates' scores exact.
+    monkeypatch.setattr(statistics, "matmul_dtype", lambda device: torch.bfloat16)
+    comparison, slot_positions = _noisy_gram_comparison(np.random.default_rng(2))
     exact = comparison.scores(slot_positions)
+    n = len(exact)
     shortlist = comparison.shortlist(slot_positions, candidates=3, chunk=7)
     refined = shortlist.scores
     best = np.argsort(-refined, axis=1)[:, :3]
@@ -190,6 +196,17 @@ def test_shortlist_scores_are_exact_for_each_rows_best_candidates(monkeypatch):
     assert np.allclose(np.take_along_axis(refined, best, 1), np.take_along_axis(exact, best, 1), atol=1e-5)
     assert np.array_equal(refined.argmax(1), np.arange(n)) and np.array_equal(exact.argmax(1), np.arange(n))
     assert np.abs(refined - exact).max() < 0.02
+
+
+def test_rough_products_estimate_from_sampled_entries_and_shortlists_stay_exact():
+    comparison, slot_positions = _noisy_gram_comparison(np.random.default_rng(3), rough_entries=60)  # of 120
+    exact = comparison.scores(slot_positions)
+    rough = comparison.scores(slot_positions, rough=True)
+    assert np.abs(rough - exact).max() > 1e-2  # an estimate from half the entries, not the product
+    assert np.corrcoef(rough.ravel(), exact.ravel())[0, 1] > 0.8
+    shortlist = comparison.shortlist(slot_positions, candidates=3)
+    assert (shortlist.columns == np.arange(len(exact))[:, None]).any(1).all()
+    assert np.allclose(shortlist.values, np.take_along_axis(exact, shortlist.columns, 1), atol=1e-5)
 
 
 def test_boosting_on_a_sample_of_rows_still_reidentifies(releases):

@@ -73,4 +73,3 @@ def test_chunk_inflating_past_its_row_is_refused(h5):
     dataset.id.write_direct_chunk((2, 0, 0), _with_checksum(zlib.compress(bytes(64 * 64 * 2 * 1000))))
     with pytest.raises(OSError, match="does not inflate to the 8192 bytes"):
         read_rows(dataset, np.array([1, 2]))
-
