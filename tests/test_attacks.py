@@ -11,9 +11,10 @@ from click.testing import CliRunner
 from helpers import encode_all
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scipy.optimize import linear_sum_assignment
 
 from ncbench.attacks import pairing, statistics
-from ncbench.attacks.alignment import to_slot_order
+from ncbench.attacks.alignment import assign_rows, to_slot_order
 from ncbench.attacks.base import Attack
 from ncbench.attacks.carlini_2021 import CloneEncoder, permuted_scores, recover_permutation
 from ncbench.attacks.linear_inversion import choose_ridge, place_slots_by_continuity, place_slots_by_inversion
@@ -162,6 +163,18 @@ def test_aligned_grams_equal_grams_of_reordered_centred_encodings():
     fused = aligned_centred_grams(encoded, products, slots, mean @ mean.T)
     expected = centred_grams(to_slot_order(encoded, slots), mean)
     assert torch.allclose(fused, expected, atol=1e-4)
+
+
+def test_slot_assignment_is_the_optimal_assignment_with_or_without_conflicts():
+    rng = np.random.default_rng(5)
+    separated = torch.eye(12).repeat(3, 1, 1)[:, rng.permutation(12)] + 0.1 * torch.rand(3, 12, 12)
+    conflicting = torch.rand(4, 12, 12)
+    for similarity in (separated, conflicting, torch.cat([separated, conflicting])):
+        expected = np.empty(similarity.shape[:2], np.int64)
+        for b, values in enumerate(similarity.numpy()):
+            rows, cols = linear_sum_assignment(values, maximize=True)
+            expected[b, rows] = cols
+        assert np.array_equal(assign_rows(similarity), expected)
 
 
 def _noisy_gram_comparison(rng, *, n: int = 40, n_patches: int = 16, **options):
