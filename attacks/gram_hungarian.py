@@ -19,7 +19,7 @@ from ncbench.challenge.files import Release
 
 class GramHungarian(Attack):
     name = "gram-hungarian"
-    version = "1.1"
+    version = "1.2"
     tasks = ("reid",)
     knowledge = ("architecture", "self-sampled-keys", "plaintext-pool")
     description = "Undo shuffles by assignment, match Gram statistics of a self-keyed encoding, boost."

@@ -179,6 +179,17 @@ def test_bf16_precision_stays_close_to_fp32(tiny_images):
     assert np.corrcoef(fp32.ravel(), bf16.ravel())[0, 1] > 0.99
 
 
+def test_bf16_activations_stay_close_to_fp32_and_are_off_by_default(tiny_images):
+    config = dataclasses.replace(resolve_config("nc7", **TINY), precision="bf16")
+    key = sample_key(config, 4)
+    assert Encoder(config, key).encode_batch(torch.from_numpy(tiny_images[:6])).dtype == torch.float32
+    fast = Encoder(config, key, bf16_activations=True)
+    assert fast.encode_batch(torch.from_numpy(tiny_images[:6])).dtype == torch.bfloat16
+    fp32 = encode_all(Encoder(dataclasses.replace(config, precision="fp32"), key), tiny_images, None)
+    bf16 = encode_all(fast, tiny_images, None)
+    assert np.corrcoef(fp32.ravel(), bf16.ravel())[0, 1] > 0.99
+
+
 def test_bad_overrides_are_refused():
     with pytest.raises(NcbenchError, match="unknown preset"):
         resolve_config("nc9")
