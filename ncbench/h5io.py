@@ -97,6 +97,7 @@ def create_streamed(group: h5py.Group, name: str, shape: tuple[int, ...], dtype)
 # :func:`read_rows` without HDF5's filters.
 _ROW_PIPELINE = (h5py.h5z.FILTER_SHUFFLE, h5py.h5z.FILTER_DEFLATE, h5py.h5z.FILTER_FLETCHER32)
 _FLETCHER_BYTES = 4
+_ROW_BYTES_MIN = 4096  # smaller rows (ids, indices) cost more in threads than they inflate
 
 
 def read_rows(dataset: h5py.Dataset, rows: np.ndarray, *, dtype=np.float32) -> np.ndarray:
@@ -112,7 +113,7 @@ def read_rows(dataset: h5py.Dataset, rows: np.ndarray, *, dtype=np.float32) -> n
     if len(rows) == 0:
         return np.empty((0, *dataset.shape[1:]), dtype)
     if len(rows) == 1 or not _rows_pipeline(dataset):
-        contiguous = len(rows) > 0 and rows[-1] - rows[0] + 1 == len(rows)
+        contiguous = rows[-1] - rows[0] + 1 == len(rows)
         selection = slice(int(rows[0]), int(rows[-1]) + 1) if contiguous else rows
         return dataset[selection].astype(dtype, copy=False)
     out = np.empty((len(rows), *dataset.shape[1:]), dtype)
@@ -127,6 +128,7 @@ def _rows_pipeline(dataset: h5py.Dataset) -> bool:
     return (
         plist.get_layout() == h5py.h5d.CHUNKED
         and dataset.chunks == (1, *dataset.shape[1:])
+        and math.prod(dataset.shape[1:]) * dataset.dtype.itemsize >= _ROW_BYTES_MIN
         and tuple(plist.get_filter(i)[0] for i in range(plist.get_nfilters())) == _ROW_PIPELINE
         and dataset.dtype.kind in "fiu"
         and dataset.dtype.byteorder in "<=|"
@@ -147,7 +149,8 @@ def _read_row(dataset: h5py.Dataset, out: np.ndarray, k: int, row: int) -> None:
     body, checksum = stored[:-_FLETCHER_BYTES], int.from_bytes(stored[-_FLETCHER_BYTES:], "little")
     if fletcher32(body) != ((checksum & 0xFFFF) % 65535, (checksum >> 16) % 65535):
         raise OSError(f"chunk {row} fails its fletcher32 checksum")
-    itemsize, row_bytes = dataset.dtype.itemsize, out[k].size * dataset.dtype.itemsize
+    row_out = out[k : k + 1]  # a view even where a row is one element (out[k] would be a copy)
+    itemsize, row_bytes = dataset.dtype.itemsize, row_out.size * dataset.dtype.itemsize
     inflater = inflate_library.decompressobj()
     try:
         shuffled = inflater.decompress(body, row_bytes + 1)
@@ -158,12 +161,13 @@ def _read_row(dataset: h5py.Dataset, out: np.ndarray, k: int, row: int) -> None:
     # The shuffle filter stores byte j of every element together, plane after plane. One strided
     # copy per plane is 6x faster than one transposed copy.
     planes = np.frombuffer(shuffled, np.uint8).reshape(itemsize, -1)
-    values = out[k].reshape(-1) if out.dtype == dataset.dtype else np.empty(out[k].size, dataset.dtype)
+    as_stored = out.dtype == dataset.dtype
+    values = row_out.reshape(-1) if as_stored else np.empty(row_out.size, dataset.dtype)
     element_bytes = values.view(np.uint8)
     for j in range(itemsize):
         element_bytes[j::itemsize] = planes[j]
-    if values.base is not out:
-        out[k] = values.reshape(out[k].shape)
+    if not as_stored:
+        row_out[...] = values.reshape(row_out.shape)
 
 
 @functools.cache

@@ -6,6 +6,7 @@ import h5py
 import numpy as np
 import pytest
 
+from ncbench import h5io
 from ncbench.h5io import FILTERS, fletcher32, read_rows, write_dataset
 
 
@@ -33,6 +34,18 @@ def test_rows_match_hdf5(h5, dtype):
         read = read_rows(dataset, rows, dtype=out_dtype)
         assert read.dtype == out_dtype
         np.testing.assert_array_equal(read, values[rows].astype(out_dtype))
+
+
+@pytest.mark.parametrize("threaded", [False, True])
+@pytest.mark.parametrize("shape", [(9,), (9, 3), (9, 2048)])
+def test_rows_of_one_element_or_few_bytes_match_hdf5(h5, shape, threaded, monkeypatch):
+    if threaded:  # small rows are h5py's unless forced
+        monkeypatch.setattr(h5io, "_ROW_BYTES_MIN", 0)
+    values = np.random.default_rng(1).integers(-(2**31), 2**31, shape).astype(np.int32)
+    dataset = write_dataset(h5, "values", values)
+    rows = np.arange(1, 9)
+    np.testing.assert_array_equal(read_rows(dataset, rows, dtype=None), values[rows])
+    np.testing.assert_array_equal(read_rows(dataset, rows, dtype=np.int64), values[rows])
 
 
 def test_fletcher32_is_hdf5s_for_odd_and_even_lengths(h5):
