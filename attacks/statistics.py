@@ -205,9 +205,9 @@ class GramComparison:
     ) -> Shortlist:
         """Each encoded image's ``candidates`` best plaintexts by the rough product (sampled
         entries, bf16 where native), their correlations recomputed in fp32 on every entry: exact
-        where a matching or a ranking is
-        decided, at the rough product's cost. ``chunk`` rows of the (N, M) product exist at a
-        time; the whole matrix only when ``keep_scores`` (10 GB at N = M = 50,000)."""
+        where a matching or a ranking is decided, at the rough product's cost. ``chunk`` rows of
+        the (N, M) product exist at a time; the whole matrix only when ``keep_scores`` (10 GB at
+        N = M = 50,000)."""
         dtype = matmul_dtype(self.device)
         right = self._plain(dtype, rough=True)
         # A standardised left row sums to zero, so its correlation with a plaintext row p is
