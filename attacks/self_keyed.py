@@ -8,7 +8,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from ncbench.challenge.encoders import Encoder, EncoderConfig, sample_key
+from ncbench.challenge.encoders import Encoder, EncoderConfig
 
 
 def self_keyed_encoder(
@@ -21,7 +21,7 @@ def self_keyed_encoder(
     faster, enough for Gram statistics of a shallow encoder, not for whitened features (nc7
     transfer by distribution-alignment fell from 46-48% to 24-37% with them)."""
     own = dataclasses.replace(config, width=width, precision="auto", shuffle=False)
-    return Encoder(own, sample_key(own, seed), device, bf16_activations=bf16_activations)
+    return Encoder.from_seed(own, seed, device, bf16_activations=bf16_activations)
 
 
 def insider_encoder(path: str, config: EncoderConfig, *, device: str) -> Encoder:
