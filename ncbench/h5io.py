@@ -151,12 +151,11 @@ def _read_row(dataset: h5py.Dataset, out: np.ndarray, k: int, row: int) -> None:
         raise OSError(f"chunk {row} fails its fletcher32 checksum")
     row_out = out[k : k + 1]  # a view even where a row is one element (out[k] would be a copy)
     itemsize, row_bytes = dataset.dtype.itemsize, row_out.size * dataset.dtype.itemsize
-    inflater = inflate_library.decompressobj()
     try:
-        shuffled = inflater.decompress(body, row_bytes + 1)
+        shuffled = _inflate_at_most(body, row_bytes)
     except inflate_library.error as error:
         raise OSError(f"chunk {row} does not inflate ({error})") from None
-    if len(shuffled) != row_bytes or inflater.unconsumed_tail:
+    if shuffled is None or len(shuffled) != row_bytes:
         raise OSError(f"chunk {row} does not inflate to the {row_bytes} bytes of a row")
     # The shuffle filter stores byte j of every element together, plane after plane. One strided
     # copy per plane is 6x faster than one transposed copy.
@@ -168,6 +167,15 @@ def _read_row(dataset: h5py.Dataset, out: np.ndarray, k: int, row: int) -> None:
         element_bytes[j::itemsize] = planes[j]
     if not as_stored:
         row_out[...] = values.reshape(row_out.shape)
+
+
+def _inflate_at_most(deflated: bytes, limit: int) -> bytes | None:
+    """``deflated`` (a zlib stream) inflated, or None if it holds more than ``limit`` bytes:
+    inflating stops one byte past the limit, so a compression bomb never inflates. A broken
+    stream raises ``inflate_library.error``."""
+    inflater = inflate_library.decompressobj()
+    inflated = inflater.decompress(deflated, limit + 1)
+    return None if len(inflated) > limit or inflater.unconsumed_tail else inflated
 
 
 @functools.cache
@@ -487,12 +495,11 @@ def check_chunks(dataset: h5py.Dataset, info: DatasetInfo, path: str | os.PathLi
         _, raw = dataset.id.read_direct_chunk(chunk.chunk_offset)
         if checksum_bit and not chunk.filter_mask & checksum_bit:
             raw = raw[:-4]  # fletcher32 runs after gzip and appends its 4 bytes
-        inflater = zlib.decompressobj()
         try:
-            inflated = len(inflater.decompress(raw, chunk_bytes + 1))
-        except zlib.error as error:
+            inflated = _inflate_at_most(raw, chunk_bytes)
+        except inflate_library.error as error:
             raise NcbenchError(f"{path}: {info.name} is corrupt (chunk at {chunk.chunk_offset}: {error})") from None
-        if inflated > chunk_bytes or inflater.unconsumed_tail:
+        if inflated is None:
             raise NcbenchError(
                 f"{path}: {info.name} has a chunk that inflates beyond its declared "
                 f"{format_bytes(chunk_bytes)} (a compression bomb?); refused without inflating it further"
