@@ -143,7 +143,8 @@ def attack(release_dir: str, name: str = "gram-hungarian", device: str = "cpu", 
 def _accuracy(
     release_dir: str, submission, encoded_ids: list[str], plain_ids: list[str], target_ids: list[str]
 ) -> dict:
-    """reid accuracy and patch-position accuracy over all rows, read from the release's own key."""
+    """reid accuracy and patch-position accuracy over all rows, or a transfer answer's
+    nearest-neighbour accuracy, read from the release's own key."""
     from pathlib import Path
 
     from ncbench.challenge.files import open_key
