@@ -444,10 +444,9 @@ def final(release_dir: str) -> dict:
     }
 
 
-if __name__ == "__main__":
-    torch.set_num_threads(torch.get_num_threads())
-    options = script_options(sys.argv[1:], __doc__)
-    command, *args = sys.argv[1:] or ["encode"]
+def main(argv: list[str]) -> dict:
+    options = script_options(argv, __doc__)
+    command, *args = argv or ["encode"]
     positional = [a for a in args if not a.startswith("--")]
     if command == "encode":
         result = encode(
@@ -468,4 +467,15 @@ if __name__ == "__main__":
         result = build_memory(options.get("preset", "nc3"), options.get("sizes", "256,1024,2048"))
     else:
         result = attack(*positional, **options)
-    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    from ncbench.errors import NcbenchError
+
+    torch.set_num_threads(torch.get_num_threads())
+    try:
+        print(json.dumps(main(sys.argv[1:])))
+    except NcbenchError as error:  # a missing or damaged release: one line, as the CLI says it
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

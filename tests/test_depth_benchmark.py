@@ -82,3 +82,13 @@ def test_depth_script_bad_numbers_are_one_line_errors(option, tmp_path):
     )
     assert done.returncode == 2 and done.stderr.startswith("error: ") and done.stderr.count("\n") == 1
     assert not json_path.exists()
+
+
+def test_run_script_on_a_missing_release_is_a_one_line_error(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "run.py"), "attack", str(tmp_path / "nowhere")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and done.stderr.startswith("error: ") and done.stderr.count("\n") == 1
