@@ -55,9 +55,10 @@ SCORES_MAX = 20_000
 # as good as that of all (nc7, N = 1,000: 100% either way, patch positions 97.4% vs 97.8%) and
 # makes the first of the two passes over the encodings a fixed cost instead of one per image.
 REFERENCE_IMAGES = 256
-# The self-keyed encoder keeps bf16 activations (1.6x faster where bf16 is native) up to this
-# depth: nc7 N = 10,000 re-identifies 100% with them; rounding compounds over nc47's 44 blocks
-# (its Gram statistic with the true slot order fell from 87.5% to 86.0% on one release).
+# The self-keyed encoder keeps bf16 activations where bf16 is native (nc7, N = 1,000: the stage took
+# 5.7 s instead of 9.0 s) up to this depth: nc7 N = 10,000 re-identifies 100% with them; rounding
+# compounds over nc47's 44 blocks (its Gram statistic with the true slot order fell from 87.5% to
+# 86.0% on one release).
 BF16_ACTIVATIONS_MAX_DEPTH = 8
 
 

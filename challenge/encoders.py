@@ -139,7 +139,7 @@ class Encoder:
             name: t.t().contiguous().to(self._matmul_dtype) for name, t in self.key.items() if name.endswith(".weight")
         }
         # An attacker's own key feeds statistics only: with bf16 products, bf16 activations save
-        # two casts per layer and half the memory traffic of BatchNorm (1.6x faster at width 512).
+        # two casts per layer and half the memory traffic of BatchNorm (512 images at width 512: 2.2 s, not 2.9 s).
         # Never for a release: its encodings are computed in fp32 or with fp32 activations.
         self._activation_dtype = self._matmul_dtype if bf16_activations else torch.float32
         # Biases and the positional embedding, added to activations, in their dtype (the same
