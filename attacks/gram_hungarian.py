@@ -3,6 +3,8 @@
 Carlini et al. (2021) broke the challenge with learned patch similarity networks; here plain
 statistics suffice (:mod:`attacks.pairing` has the steps): undo the shuffles by assignment, match
 Gram statistics of the encodings with those of the plaintexts under a self-sampled key, boost.
+Where the release is one BatchNorm batch, exact pairs from repeated patches start the boosting
+and anchor the final comparison (:mod:`attacks.duplicates`).
 """
 
 from __future__ import annotations
@@ -12,14 +14,22 @@ from dataclasses import dataclass
 import numpy as np
 
 from ncbench.attacks.base import Attack, chunk_param, param
-from ncbench.attacks.pairing import ASSIGN_MAX, BOOST_ROUNDS, CANDIDATES, REFINE_PAIRS, SCORES_MAX, gram_pairing
+from ncbench.attacks.pairing import (
+    ANCHOR_KEYS,
+    ASSIGN_MAX,
+    BOOST_ROUNDS,
+    CANDIDATES,
+    REFINE_PAIRS,
+    SCORES_MAX,
+    gram_pairing,
+)
 from ncbench.attacks.submission import Submission
 from ncbench.challenge.files import Release
 
 
 class GramHungarian(Attack):
     name = "gram-hungarian"
-    version = "1.2"
+    version = "1.3"
     tasks = ("reid",)
     knowledge = ("architecture", "self-sampled-keys", "plaintext-pool")
     description = "Undo shuffles by assignment, match Gram statistics of a self-keyed encoding, boost."
@@ -37,6 +47,10 @@ class GramHungarian(Attack):
         scores_max: int = param(SCORES_MAX, "encodings up to which the (N, M) scores are kept", min=1, max=10_000_000)
         chunk: int = chunk_param()
         insider_key: str = param("", "another site's key file (`challenge site-key`) to encode the plaintexts with")
+        duplicates: bool = param(True, "start from exact pairs of repeated patches (one BatchNorm batch)")
+        anchor_keys: int = param(
+            ANCHOR_KEYS, "self-sampled keys averaged when comparing with exact pairs", min=1, max=16
+        )
 
     def run(self, release: Release) -> Submission:
         p = self.params
@@ -53,6 +67,8 @@ class GramHungarian(Attack):
             assign_max=p.assign_max,
             candidates=p.candidates,
             scores_max=p.scores_max,
+            duplicates=p.duplicates,
+            anchor_keys=p.anchor_keys,
         )
         plain_ids = release.plain_ids
         return self.answer(
@@ -64,5 +80,6 @@ class GramHungarian(Attack):
             diagnostics={
                 "mutual_best_fraction_per_round": pairing.mutual_fraction,
                 "unplaced_by_shortlists": pairing.unplaced,
+                "exact_pairs": pairing.exact,
             },
         )

@@ -9,14 +9,19 @@
 3. first matching on a shuffle-invariant statistic (each image's sorted patch norms);
 4. boost: recover the global slot -> position permutation from the matched pairs, compare the
    Gram matrices in that order, re-solve the assignment; repeat.
+
+Where one BatchNorm batch holds every encoding, exact pairs from repeated patches
+(:mod:`attacks.duplicates`) replace the first matching, and the final comparison is each image's
+similarity to those pairs, slot by slot (:func:`anchored_scores`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 
 import numpy as np
+import torch
 
 from ncbench.assignment import match, match_shortlists
 from ncbench.attacks.alignment import (
@@ -25,8 +30,10 @@ from ncbench.attacks.alignment import (
     recover_slot_positions,
     refine_slot_positions,
     slot_reference,
+    to_slot_order,
 )
 from ncbench.attacks.base import Attack
+from ncbench.attacks.duplicates import exact_pairs, patch_hashes, row_hashes, shared_groups
 from ncbench.attacks.self_keyed import insider_encoder, self_encode
 from ncbench.attacks.statistics import (
     GramComparison,
@@ -36,6 +43,7 @@ from ncbench.attacks.statistics import (
     patch_statistics,
     sorted_norm_mutual_best,
     sorted_norm_scores,
+    standardise_rows,
 )
 from ncbench.challenge.files import Release, SiteView
 
@@ -60,6 +68,13 @@ REFERENCE_IMAGES = 256
 # compounds over nc47's 44 blocks (its Gram statistic with the true slot order fell from 87.5% to
 # 86.0% on one release).
 BF16_ACTIVATIONS_MAX_DEPTH = 8
+# Exact pairs from repeated patches replace the first matching from this many on. On a fresh nc47
+# key (N = 200: 45 exact pairs) gram-hungarian went from 1.0% to about 90% with them.
+MIN_EXACT_PAIRS = 8
+# Self-sampled keys whose plaintext similarities are averaged in the comparison with exact pairs:
+# each key's own noise averages out (nc47, N = 200: 89.5-93% with one key at width 512, 96% with
+# four at 512 and one at 1,024).
+ANCHOR_KEYS = 4
 
 
 @dataclass(frozen=True)
@@ -68,6 +83,8 @@ class Aligned:
 
     statistics: PatchStatistics
     slots: np.ndarray  # (N, P) int64: the slot each encoded row was assigned to
+    reference: torch.Tensor  # (P, D) the mean encoding in slot order (first REFERENCE_IMAGES)
+    hashes: np.ndarray | None = None  # (N, P, 2) int64 hashes of the encoded rows, when asked
 
 
 @dataclass(frozen=True)
@@ -94,7 +111,8 @@ class Pairing:
 
     matched: (N,) plaintext row of each encoding; scores: (N, M) float32 Gram correlations of the
     last round, or None beyond ``scores_max`` encodings (single site); patch_positions: (N, P) original position of each encoded row;
-    mutual_fraction: per boosting round (and site), the fraction of mutual best pairs.
+    mutual_fraction: per boosting round (and site), the fraction of mutual best pairs;
+    exact: pairs found from repeated patches (they start the boosting and anchor the final scores).
     """
 
     matched: np.ndarray
@@ -102,26 +120,84 @@ class Pairing:
     patch_positions: np.ndarray
     mutual_fraction: list[float]
     unplaced: int = 0
+    exact: int = 0
 
 
-def aligned_statistics(view: Release | SiteView, attack: Attack, *, chunk: int) -> Aligned:
-    """Undo the shuffles of one key's encodings and take their patch statistics (two passes)."""
+def aligned_statistics(view: Release | SiteView, attack: Attack, *, chunk: int, hashes: bool = False) -> Aligned:
+    """Undo the shuffles of one key's encodings and take their patch statistics (two passes);
+    ``hashes``: also hash every encoded row (:func:`attacks.duplicates.row_hashes`)."""
     n = view.n_encoded
     with attack.stage("slot reference", min(n, REFERENCE_IMAGES)) as advance:
         reference = slot_reference(view, chunk=chunk, device=attack.device, advance=advance, limit=REFERENCE_IMAGES)
     n_patches = view.config.n_patches
     slots = np.empty((n, n_patches), np.int64)
+    row_hash = np.empty((n, n_patches, 2), np.int64) if hashes else None
     mean_gram = reference @ reference.T
 
     def aligned_grams():
         for start, block in iter_release(view, chunk, attack.device):
             block_slots, products = align(block, reference, shuffle=view.config.shuffle)
             slots[start : start + len(block)] = block_slots
+            if row_hash is not None:
+                row_hash[start : start + len(block)] = row_hashes(block.cpu())
             yield start, aligned_centred_grams(block, products, block_slots, mean_gram)
 
     with attack.stage("align + encoded statistics", n):
         statistics = collect_statistics(aligned_grams(), n, n_patches)
-    return Aligned(statistics, slots)
+    return Aligned(statistics, slots, reference, row_hash)
+
+
+def anchored_scores(
+    view: Release | SiteView,
+    aligned: Aligned,
+    plain_features: Callable[[], Iterator[tuple[list[tuple[int, torch.Tensor]], torch.Tensor]]],
+    anchors: tuple[np.ndarray, np.ndarray],
+    slot_positions: np.ndarray,
+    *,
+    chunk: int,
+    device: str,
+) -> np.ndarray:
+    """(N, M) correlation of each encoding's similarities to the anchor encodings with each
+    plaintext's similarities to the anchor plaintexts.
+
+    For encoding n, slot s and anchor pair (a, b): the cosine of n's and a's slot-centred rows in
+    slot s; for plaintext m: the cosine of m's and b's self-keyed patches at slot s's position,
+    averaged over the self-sampled keys ``plain_features()`` yields (blocks as from
+    :func:`self_encode`, and their mean). Unlike the Gram matrix of one image, this compares
+    patches across images, where a deep encoder's kernel still tells similar patches apart. One
+    streamed pass over the encodings; an anchor is never compared with itself.
+    """
+    rows, partners = anchors
+    anchor_rows = torch.from_numpy(view.encoded_rows(rows)).to(device)
+    anchor_rows = _unit_rows(to_slot_order(anchor_rows, aligned.slots[rows]), aligned.reference)
+    encoded = torch.empty(view.n_encoded, anchor_rows.shape[1], len(rows))
+    for start, block in iter_release(view, chunk, device):
+        block = _unit_rows(to_slot_order(block, aligned.slots[start : start + len(block)]), aligned.reference)
+        encoded[start : start + len(block)] = torch.einsum("bsd,asd->bsa", block, anchor_rows).cpu()
+    plain = 0
+    for blocks, mean in plain_features():
+        features = _unit_rows(torch.cat([block for _, block in blocks]).to(device), mean)
+        plain = plain + torch.einsum("mpd,apd->mpa", features, features[torch.as_tensor(partners)]).cpu()
+    plain = plain[:, slot_positions]
+    anchor = torch.arange(len(rows))
+    encoded[torch.as_tensor(rows), :, anchor] = 0
+    plain[torch.as_tensor(partners), :, anchor] = 0
+    return (standardise_rows(encoded.flatten(1)) @ standardise_rows(plain.flatten(1)).T).numpy()
+
+
+def _unit_rows(block: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """(b, P, D) rows centred by ``mean`` (P, D) and scaled to unit length."""
+    block = block.float() - mean
+    return block / block.norm(dim=2, keepdim=True).clamp_min(1e-12)
+
+
+def find_exact_pairs(release: Release, aligned: Aligned) -> tuple[np.ndarray, np.ndarray]:
+    """Exact (encoding, plaintext) pairs from the rows repeated within the release
+    (:mod:`attacks.duplicates`)."""
+    plain = release.plain_images
+    left = shared_groups(aligned.hashes)
+    right = shared_groups(patch_hashes(plain, release.config.patch_size))
+    return exact_pairs(left, right, release.n_encoded, len(plain))
 
 
 def mutual_best(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -217,9 +293,16 @@ def gram_pairing(
     assign_max: int = ASSIGN_MAX,
     candidates: int = CANDIDATES,
     scores_max: int = SCORES_MAX,
+    duplicates: bool = True,
+    anchor_keys: int = ANCHOR_KEYS,
 ) -> Pairing:
     """Pair every encoding of ``release`` with a plaintext; stages and randomness come from
     ``attack`` (its progress, stage times, device, seed).
+
+    ``duplicates``: on a release of one site and one BatchNorm batch whose pool is its encoded
+    set, start from the exact pairs of repeated patches and compare by similarity to them
+    (:func:`find_exact_pairs`, :func:`anchored_scores`, with ``anchor_keys`` self-sampled keys)
+    when there are at least :data:`MIN_EXACT_PAIRS`.
 
     A release of several sites is attacked site by site (each key has its own slot order), every
     site against the whole pool; one assignment over the stacked scores then keeps the pairing
@@ -229,19 +312,30 @@ def gram_pairing(
     """
     plain_images = release.plain_images
     insider = insider_encoder(insider_key, release.config, device=attack.device) if insider_key else None
-    with attack.stage("self-keyed plaintext statistics", len(plain_images)) as advance:
-        features, mean = self_encode(
+
+    def encode_plain(seed: int, encoder=None, advance=lambda k: None):
+        return self_encode(
             plain_images,
             release.config,
             width=self_width,
-            seed=attack.seed,
+            seed=seed,
             device=attack.device,
             advance=advance,
-            encoder=insider,
+            encoder=encoder,
             bf16_activations=release.config.depth <= BF16_ACTIVATIONS_MAX_DEPTH,
         )
+
+    with attack.stage("self-keyed plaintext statistics", len(plain_images)) as advance:
+        features, mean = encode_plain(attack.seed, insider, advance)
         plain = patch_statistics(features, mean, len(plain_images))
-    del features
+    one_batch = (
+        duplicates
+        and release.n_sites == 1
+        and release.config.shuffle
+        and release.n_encoded == len(plain_images) <= release.config.bn_batch
+    )
+    if not one_batch:
+        del features
     sites = release.sites
     several = release.n_sites > 1
     keep_scores = several or release.n_encoded <= scores_max
@@ -250,16 +344,23 @@ def gram_pairing(
     history: list[float] = []
     unplaced = 0
     refine_rng = attack.rng("refine")
+    exact = (np.empty(0, np.int64),) * 2
     for site in range(release.n_sites):
         view = release.site(site) if release.n_sites > 1 else release
         rows = np.flatnonzero(sites == site)
-        aligned = aligned_statistics(view, attack, chunk=chunk)
+        aligned = aligned_statistics(view, attack, chunk=chunk, hashes=one_batch)
         first, first_pairs = None, None
-        with attack.stage("match sorted norms"):
-            if len(rows) > assign_max:  # the first round keeps mutual best pairs only
-                first_pairs = sorted_norm_mutual_best(aligned.statistics, plain)
-            else:
-                first = sorted_norm_scores(aligned.statistics, plain)
+        if one_batch:
+            with attack.stage("exact pairs from repeated patches"):
+                exact = find_exact_pairs(release, aligned)
+        if len(exact[0]) >= MIN_EXACT_PAIRS:
+            first_pairs = exact
+        else:
+            with attack.stage("match sorted norms"):
+                if len(rows) > assign_max:  # the first round keeps mutual best pairs only
+                    first_pairs = sorted_norm_mutual_best(aligned.statistics, plain)
+                else:
+                    first = sorted_norm_scores(aligned.statistics, plain)
         with attack.stage("boost", boost_rounds) as advance:
             boosted = boost(
                 aligned.statistics,
@@ -276,13 +377,38 @@ def gram_pairing(
                 scores_max=release.n_encoded if several else scores_max,
                 device=attack.device,
             )
+        if len(exact[0]) >= MIN_EXACT_PAIRS:
+            with attack.stage("compare by similarity to the exact pairs", anchor_keys) as advance:
+
+                def keys():  # the boosting's key, then more self-sampled ones
+                    yield features, mean
+                    for key in range(1, anchor_keys):
+                        advance(1)
+                        yield encode_plain(attack.seed + key)
+                    advance(1)
+
+                anchored = anchored_scores(
+                    view, aligned, keys, exact, boosted.slot_positions, chunk=chunk, device=attack.device
+                )
+            boosted = replace(boosted, matched=match_with_pairs(anchored, exact), scores=anchored)
         if scores is not None:
             scores[rows] = boosted.scores
         positions[rows] = boosted.slot_positions[aligned.slots]
         history += boosted.mutual_fraction
         unplaced += boosted.unplaced
     matched = match(scores) if several else boosted.matched
-    return Pairing(matched, scores, positions, history, unplaced)
+    return Pairing(matched, scores, positions, history, unplaced, exact=len(exact[0]))
+
+
+def match_with_pairs(scores: np.ndarray, pairs: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """:func:`match` on ``scores`` with the given (rows, columns) pairs held."""
+    held = np.asarray(scores, np.float64).copy()
+    rows, columns = pairs
+    held[rows] = -np.inf
+    held[:, columns] = -np.inf
+    held[rows, columns] = 0
+    held[~np.isfinite(held)] = np.nanmin(held[np.isfinite(held)], initial=0) - 1e6
+    return match(held)
 
 
 def _slot_positions(

@@ -90,7 +90,8 @@ def collect_statistics(blocks, n: int, n_patches: int) -> PatchStatistics:
     return PatchStatistics(norms, gram)
 
 
-def _standardise_rows(values: torch.Tensor) -> torch.Tensor:
+def standardise_rows(values: torch.Tensor) -> torch.Tensor:
+    """Rows centred and scaled to unit length: their products are Pearson correlations."""
     values = values - values.mean(1, keepdim=True)
     return values / values.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
@@ -98,8 +99,8 @@ def _standardise_rows(values: torch.Tensor) -> torch.Tensor:
 def sorted_norm_scores(encoded: PatchStatistics, plain: PatchStatistics) -> np.ndarray:
     """(N, M) correlation of sorted patch norms: blind to the patch order, so usable before any
     slot -> position permutation is known."""
-    left = _standardise_rows(torch.from_numpy(np.sort(encoded.norms, axis=1)))
-    right = _standardise_rows(torch.from_numpy(np.sort(plain.norms, axis=1)))
+    left = standardise_rows(torch.from_numpy(np.sort(encoded.norms, axis=1)))
+    right = standardise_rows(torch.from_numpy(np.sort(plain.norms, axis=1)))
     return (left @ right.T).numpy()
 
 
@@ -109,8 +110,8 @@ def sorted_norm_mutual_best(
     """(rows, columns) of the pairs that are each other's best by :func:`sorted_norm_scores`,
     computed ``chunk`` encoded rows at a time: the (N, M) matrix is never held (40 GB at
     N = M = 100,000), only each row's best column and each column's best row so far."""
-    left = _standardise_rows(torch.from_numpy(np.sort(encoded.norms, axis=1)))
-    right = _standardise_rows(torch.from_numpy(np.sort(plain.norms, axis=1)))
+    left = standardise_rows(torch.from_numpy(np.sort(encoded.norms, axis=1)))
+    right = standardise_rows(torch.from_numpy(np.sort(plain.norms, axis=1)))
     best_column = np.empty(len(left), np.int64)
     column_best = torch.full((len(right),), -torch.inf)
     column_best_row = torch.zeros(len(right), dtype=torch.int64)
@@ -242,7 +243,7 @@ class GramComparison:
         take = torch.from_numpy(_position_order(slot_positions)).to(self.device)
         for s in range(0, len(encoded_gram), chunk):
             rows = torch.from_numpy(encoded_gram[s : s + chunk]).to(self.device)
-            yield s, _standardise_rows(rows.index_select(1, take).float())
+            yield s, standardise_rows(rows.index_select(1, take).float())
 
     def _plain_blocks(self):
         gram = self.plain.gram
@@ -266,7 +267,7 @@ class GramComparison:
         entries = self._entries if rough else None
         if self._standardised is None or self._standardised[0] != (dtype, entries is not None):
             self._standardised = None  # one copy at a time
-            blocks = (_standardise_rows(rows) for rows in self._plain_blocks())
+            blocks = (standardise_rows(rows) for rows in self._plain_blocks())
             standardised = torch.cat(
                 [(rows if entries is None else rows.index_select(1, entries)).to(dtype) for rows in blocks]
             )

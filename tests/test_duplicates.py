@@ -1,0 +1,106 @@
+"""Exact pairs from repeated patches (attacks/duplicates.py) and their use by gram-hungarian."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from ncbench.attacks.duplicates import exact_pairs, patch_hashes, row_hashes, shared_groups
+from ncbench.attacks.plugins.registry import resolve
+from ncbench.challenge.encoders import resolve_config
+from ncbench.challenge.files import open_key, open_release
+from ncbench.challenge.release import BuildPlan, build_release
+
+
+def test_row_hashes_tell_rows_apart_by_every_bit():
+    rows = torch.randn(3, 5, 100).to(torch.float16)
+    rows[1, 2] = rows[0, 4]
+    hashes = row_hashes(rows)
+    assert hashes.shape == (3, 5, 2)
+    assert (hashes[1, 2] == hashes[0, 4]).all()
+    changed = rows.clone()
+    changed.view(torch.int16)[0, 0, 99] ^= 1  # the last bit of the last value
+    assert (row_hashes(changed)[0, 0] != hashes[0, 0]).any()
+    assert len(np.unique(hashes.reshape(-1, 2), axis=0)) == 14
+
+
+def test_patch_hashes_separate_positions():
+    images = np.zeros((2, 16, 16), np.uint8)  # every patch blank: equal content, 4 positions
+    images[1, :8, :8] = 7
+    groups = shared_groups(patch_hashes(images, 8))
+    assert sorted(len(g) for g in groups) == [2, 2, 2]  # positions 1, 2, 3 shared; position 0 not
+
+
+def test_shared_groups_drop_an_image_repeated_within_a_group():
+    hashes = np.zeros((3, 2, 2), np.int64)
+    hashes[0, 1] = hashes[1, 0] = 5  # one group of images 0 and 1
+    hashes[2] = 9  # image 2 twice: not a group of two images
+    hashes[0, 0], hashes[1, 1] = 1, 2
+    groups = shared_groups(hashes)
+    assert [sorted(g.tolist()) for g in groups] == [[0, 1]]
+
+
+def _relabelled(groups, permutation, rng):
+    """The same structure with items renamed by ``permutation`` and groups in another order."""
+    return [np.sort(permutation[g]) for g in (groups[k] for k in rng.permutation(len(groups)))]
+
+
+def test_exact_pairs_recover_the_hidden_pairing_and_only_where_it_is_unique():
+    rng = np.random.default_rng(0)
+    n = 60
+    groups = [np.sort(rng.choice(n - 2, size=rng.integers(2, 6), replace=False)) for _ in range(40)]
+    groups.append(np.array([58, 59]))  # 58 and 59 share one group and nothing else: interchangeable
+    permutation = rng.permutation(n)
+    rows, columns = exact_pairs(groups, _relabelled(groups, permutation, rng), n, n)
+    assert len(rows) > 20
+    assert (permutation[rows] == columns).all()
+    assert not np.isin(rows, [58, 59]).any()
+    in_some_group = np.unique(np.concatenate(groups))
+    assert np.isin(rows, in_some_group).all()
+
+
+def test_exact_pairs_of_unrelated_structures_are_few_and_of_nothing_are_none():
+    rng = np.random.default_rng(1)
+    left = [np.sort(rng.choice(50, 3, replace=False)) for _ in range(30)]
+    right = [np.sort(rng.choice(50, 4, replace=False)) for _ in range(30)]  # other sizes: no colour in common
+    assert len(exact_pairs(left, right, 50, 50)[0]) == 0
+    assert len(exact_pairs([], right, 50, 50)[0]) == 0
+
+
+@pytest.fixture(scope="module")
+def deep_one_batch(tmp_path_factory):
+    """44 private blocks (nc47's depth) at a tiny size, one BatchNorm batch of sample views."""
+    out = tmp_path_factory.mktemp("deep") / "nc47"
+    config = resolve_config("nc47", width=256, image_size=64, patch_size=8, bn_batch=64)
+    build_release(out, config=config, plan=BuildPlan.for_task("reid", 64), source="sample", seed=3, test_release=True)
+    return out
+
+
+def _attack(path, **params):
+    cls = resolve("gram-hungarian")
+    with open_release(path) as release, open_key(path) as key:
+        submission = cls(dataclasses.replace(cls.Params(), self_width=256, **params))(release)
+        truth = [release.plain_ids[j] for j in key.read("truth/plain_index")]
+    return submission, float(np.mean([a == b for a, b in zip(truth, submission.mapping)]))
+
+
+def test_gram_hungarian_starts_from_exact_pairs_at_depth(deep_one_batch):
+    with_pairs, accuracy = _attack(deep_one_batch)
+    without, accuracy_without = _attack(deep_one_batch, duplicates=False)
+    assert with_pairs.diagnostics["exact_pairs"] >= 8
+    assert without.diagnostics["exact_pairs"] == 0
+    assert accuracy >= accuracy_without + 0.2
+
+
+def test_exact_pairs_of_a_deep_release_are_right(deep_one_batch):
+    from ncbench.attacks import pairing
+
+    cls = resolve("gram-hungarian")
+    attack = cls(dataclasses.replace(cls.Params(), self_width=256))
+    with open_release(deep_one_batch) as release, open_key(deep_one_batch) as key:
+        aligned = pairing.aligned_statistics(release, attack, chunk=16, hashes=True)
+        rows, columns = pairing.find_exact_pairs(release, aligned)
+        truth = key.read("truth/plain_index")
+    assert len(rows) >= 8
+    assert (truth[rows] == columns).all()
