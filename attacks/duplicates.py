@@ -4,24 +4,21 @@ identical rows, at any depth.
 NeuraCrypt's blocks see one patch at a time, and the shared positional embedding is added after
 them (docs/tasks.md#encoder), so two images of one BatchNorm batch with the same patch at the same
 position get bit-identical encoded rows, whatever the key. Radiographs have such patches
-(saturated or black regions). The encodings show which images share a row; the plaintext pool
-shows which images share a patch at a position; through the unknown pairing the two structures are
-the same. Colour refinement (one-dimensional Weisfeiler-Leman) on both at once names every image
-whose pattern of shared patches is unique: exact pairs without the key, and the anchors of
-:func:`attacks.pairing.anchored_scores`.
-
-Only a release of one BatchNorm batch is paired this way: across batches the same patch encodes to
-nearby but different rows, so the encodings show each batch's share of a repeated patch, and the
-plaintext pool does not say which plaintexts were encoded together.
+(saturated or black regions). The encodings show how many rows two images of one batch share;
+the plaintext pool shows how many (position, patch) pairs two plaintexts share; under the unknown
+pairing the first is the second restricted to pairs inside a batch (across batches the same patch
+encodes to nearby but different rows, often no nearer than another patch). Constraint propagation
+on those counts names the images only one plaintext can be (:func:`exact_pairs`): exact pairs
+without the key, the anchors of :func:`attacks.pairing.anchored_scores`.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+from scipy import sparse
 
 _HASH_SEED = 0x6E63_6265_6E63_6821  # fixed: a hash collision only costs the attack a pair
-_MIX = np.uint64(0x9E37_79B9_7F4A_7C15)
 
 
 def row_hashes(rows: torch.Tensor) -> np.ndarray:
@@ -62,72 +59,76 @@ def patch_hashes(images: np.ndarray, patch_size: int) -> np.ndarray:
 
 
 def exact_pairs(
-    left_groups: list[np.ndarray], right_groups: list[np.ndarray], n_left: int, n_right: int
+    left_groups: list[np.ndarray], right_groups: list[np.ndarray], n_left: int, n_right: int, *, rounds: int = 32
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(rows, columns): the left items (encodings) and right items (plaintexts) whose colour after
-    joint colour refinement of the two group structures is held by exactly one item on each side.
+    """(rows, columns): the left items (encodings) that only one right item (plaintext) can be.
 
-    Items start with one colour, groups with their size; each round an item's colour becomes a
-    hash of its own and of the multiset of its groups' colours, a group's of its own and its
-    items'; rounds stop when the colours stop splitting. Equal colours mean equal refined
-    structure, so a colour unique on both sides names one pair."""
+    Two encodings of one batch share as many rows as their plaintexts share (position, patch)
+    pairs, and encodings of two batches share none; so under the pairing, the left graph of shared
+    counts is the right one's restriction to the pairs inside each batch. A right item is a
+    candidate for a left one while it has, at every count, at least as many neighbours; arc
+    consistency then keeps a candidate only if, for each left neighbour at count w, it has a
+    neighbour at count w among that neighbour's candidates; a left item down to one candidate takes
+    it from everyone else. Rounds stop when nothing changes. A left item without candidates, or
+    two that need the same one, mean the structures disagree (a hash collision, or a file that is
+    not what it claims): then no pairs at all.
+    """
+    none = (np.empty(0, np.int64), np.empty(0, np.int64))
     if not left_groups or not right_groups:
-        return np.empty(0, np.int64), np.empty(0, np.int64)
-    sides = [_incidence(left_groups, n_left), _incidence(right_groups, n_right)]
-    item_colours = [np.zeros(n, np.int64) for n in (n_left, n_right)]
-    group_colours = [np.array([len(g) for g in groups], np.int64) for groups in (left_groups, right_groups)]
-    distinct = 0
-    for _ in range(n_left + n_right):
-        items = [
-            _refine(item_colours[k], group_colours[k], sides[k][1], sides[k][0], len(item_colours[k])) for k in (0, 1)
-        ]
-        item_colours = _relabel(items)
-        groups = [
-            _refine(group_colours[k], item_colours[k], sides[k][0], sides[k][1], len(group_colours[k])) for k in (0, 1)
-        ]
-        group_colours = _relabel(groups)
-        now = len(np.unique(np.concatenate(item_colours))) + len(np.unique(np.concatenate(group_colours)))
-        if now == distinct:
+        return none
+    left, right = _shared_counts(left_groups, n_left), _shared_counts(right_groups, n_right)
+    counts = np.unique(left.data)
+    candidates = np.ones((n_left, n_right), bool)
+    for w in counts:
+        candidates &= _neighbours_at(left, w)[:, None] <= _neighbours_at(right, w)[None, :]
+    sources, targets = left.nonzero()
+    weights = np.asarray(left[sources, targets]).ravel()
+    at_count = {w: (right == w).astype(np.float32).tocsr() for w in counts}
+    for _ in range(rounds):
+        before = candidates.sum()
+        for w, right_at_w in at_count.items():
+            edges = np.flatnonzero(weights == w)
+            for chunk in np.array_split(edges, -(-len(edges) // _EDGES_PER_PRODUCT)):
+                # supported[e, m]: m has a neighbour at count w among the candidates of targets[e]
+                supported = (right_at_w @ candidates[targets[chunk]].T.astype(np.float32)).T > 0
+                _and_rows(candidates, sources[chunk], supported)
+        single = np.flatnonzero(candidates.sum(1) == 1)
+        taken = candidates[single].argmax(1)
+        if len(np.unique(taken)) < len(taken):
+            return none
+        keep = candidates[single]
+        candidates[:, taken] = False
+        candidates[single] = keep
+        if not candidates.any(1).all():
+            return none
+        if candidates.sum() == before:
             break
-        distinct = now
-    left, right = item_colours
-    size = max(left.max(), right.max()) + 1
-    left_count, right_count = np.bincount(left, minlength=size), np.bincount(right, minlength=size)
-    rows = np.flatnonzero((left_count[left] == 1) & (right_count[left] == 1))
-    # A left item in a group is never paired with a right item in none (and vice versa): colour 0
-    # of the untouched items is never unique unless one item is left out on each side.
-    in_group = np.zeros(n_left, bool)
-    in_group[sides[0][1]] = True
-    rows = rows[in_group[rows]]
-    position = {colour: j for j, colour in enumerate(right)}
-    return rows, np.array([position[c] for c in left[rows]], np.int64)
+    rows = np.flatnonzero(candidates.sum(1) == 1)
+    return rows, candidates[rows].argmax(1)
 
 
-def _incidence(groups: list[np.ndarray], n_items: int) -> tuple[np.ndarray, np.ndarray]:
-    """(group of each membership, item of each membership)."""
-    return np.repeat(np.arange(len(groups)), [len(g) for g in groups]), np.concatenate(groups).astype(np.int64)
+# Edges whose candidate rows are multiplied at once: (right items x this) float32 per product.
+_EDGES_PER_PRODUCT = 4096
 
 
-def _refine(own: np.ndarray, other: np.ndarray, own_index: np.ndarray, other_index: np.ndarray, n: int) -> np.ndarray:
-    """(n, 2) signature of each element: its colour, and the wrapped sum of a mixed hash of its
-    neighbours' colours (a multiset hash)."""
-    with np.errstate(over="ignore"):
-        mixed = _splitmix(other[other_index].astype(np.uint64))
-        total = np.zeros(n, np.uint64)
-        np.add.at(total, own_index, mixed)
-    return np.stack([own, total.view(np.int64)], 1)
+def _shared_counts(groups: list[np.ndarray], n: int) -> sparse.csr_matrix:
+    """(n, n) int32: how many groups hold both items (zero diagonal)."""
+    members = np.concatenate(groups)
+    group = np.repeat(np.arange(len(groups)), [len(g) for g in groups])
+    incidence = sparse.csr_matrix((np.ones(len(members), np.int32), (members, group)), shape=(n, len(groups)))
+    shared = (incidence @ incidence.T).tocsr()
+    shared.setdiag(0)
+    shared.eliminate_zeros()
+    return shared
 
 
-def _relabel(signatures: list[np.ndarray]) -> list[np.ndarray]:
-    """Dense colours shared by both sides: equal signatures, equal colour."""
-    _, inverse = np.unique(np.concatenate(signatures), axis=0, return_inverse=True)
-    inverse = inverse.ravel()
-    return [inverse[: len(signatures[0])], inverse[len(signatures[0]) :]]
+def _neighbours_at(shared: sparse.csr_matrix, w: int) -> np.ndarray:
+    """(n,) how many neighbours each item has at shared count ``w``."""
+    return np.asarray((shared == w).sum(1)).ravel()
 
 
-def _splitmix(values: np.ndarray) -> np.ndarray:
-    with np.errstate(over="ignore"):
-        z = values + _MIX
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58_476D_1CE4_E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D0_49BB_1331_11EB)
-        return z ^ (z >> np.uint64(31))
+def _and_rows(candidates: np.ndarray, rows: np.ndarray, values: np.ndarray) -> None:
+    """candidates[rows[e]] &= values[e] for every e (rows may repeat)."""
+    order = np.argsort(rows, kind="stable")
+    starts = np.r_[0, np.flatnonzero(np.diff(rows[order])) + 1]
+    candidates[rows[order[starts]]] &= np.minimum.reduceat(values[order].view(np.uint8), starts, axis=0).astype(bool)

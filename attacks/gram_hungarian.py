@@ -3,8 +3,8 @@
 Carlini et al. (2021) broke the challenge with learned patch similarity networks; here plain
 statistics suffice (:mod:`attacks.pairing` has the steps): undo the shuffles by assignment, match
 Gram statistics of the encodings with those of the plaintexts under a self-sampled key, boost.
-Where the release is one BatchNorm batch, exact pairs from repeated patches start the boosting
-and anchor the final comparison (:mod:`attacks.duplicates`).
+Where repeated patches give exact pairs (:mod:`attacks.duplicates`), they start the boosting and
+anchor the final comparison.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class GramHungarian(Attack):
         scores_max: int = param(SCORES_MAX, "encodings up to which the (N, M) scores are kept", min=1, max=10_000_000)
         chunk: int = chunk_param()
         insider_key: str = param("", "another site's key file (`challenge site-key`) to encode the plaintexts with")
-        duplicates: bool = param(True, "start from exact pairs of repeated patches (one BatchNorm batch)")
+        duplicates: bool = param(True, "start from exact pairs of repeated patches (one site, up to assign_max)")
         anchor_keys: int = param(
             ANCHOR_KEYS, "self-sampled keys averaged when comparing with exact pairs", min=1, max=16
         )

@@ -10,9 +10,9 @@
 4. boost: recover the global slot -> position permutation from the matched pairs, compare the
    Gram matrices in that order, re-solve the assignment; repeat.
 
-Where one BatchNorm batch holds every encoding, exact pairs from repeated patches
-(:mod:`attacks.duplicates`) replace the first matching, and the final comparison is each image's
-similarity to those pairs, slot by slot (:func:`anchored_scores`).
+Where repeated patches give exact pairs (:mod:`attacks.duplicates`), they replace the first
+matching, and the final comparison is each image's similarity to those pairs, slot by slot
+(:func:`anchored_scores`).
 """
 
 from __future__ import annotations
@@ -71,6 +71,13 @@ BF16_ACTIVATIONS_MAX_DEPTH = 8
 # Exact pairs from repeated patches replace the first matching from this many on. On a fresh nc47
 # key (N = 200: 45 exact pairs) gram-hungarian went from 1.0% to about 90% with them.
 MIN_EXACT_PAIRS = 8
+# The comparison with exact pairs replaces the Gram scores only where boosting ended with fewer
+# mutual best pairs than this: nc47 ended at 0.375-0.5 on two fresh keys, nc7 at 0.998 (N = 1,000),
+# where the Gram scores re-identify everything and the comparison would only cost time.
+ANCHORED_BELOW = 0.9
+# Exact pairs that anchor the final comparison, at most (a random subset beyond): the
+# similarities take N x P x ANCHORS_MAX float32 (537 MB at N = 2,048).
+ANCHORS_MAX = 256
 # Self-sampled keys whose plaintext similarities are averaged in the comparison with exact pairs:
 # each key's own noise averages out (nc47, N = 200: 89.5-93% with one key at width 512, 96% with
 # four at 512 and one at 1,024).
@@ -176,13 +183,25 @@ def anchored_scores(
         encoded[start : start + len(block)] = torch.einsum("bsd,asd->bsa", block, anchor_rows).cpu()
     plain = 0
     for blocks, mean in plain_features():
-        features = _unit_rows(torch.cat([block for _, block in blocks]).to(device), mean)
-        plain = plain + torch.einsum("mpd,apd->mpa", features, features[torch.as_tensor(partners)]).cpu()
+        anchor_plain = _unit_rows(_rows_of(blocks, partners).to(device), mean)
+        plain = plain + torch.cat(
+            [
+                torch.einsum("bpd,apd->bpa", _unit_rows(block.to(device), mean), anchor_plain).cpu()
+                for _, block in blocks
+            ]
+        )
     plain = plain[:, slot_positions]
     anchor = torch.arange(len(rows))
     encoded[torch.as_tensor(rows), :, anchor] = 0
     plain[torch.as_tensor(partners), :, anchor] = 0
     return (standardise_rows(encoded.flatten(1)) @ standardise_rows(plain.flatten(1)).T).numpy()
+
+
+def _rows_of(blocks: list[tuple[int, torch.Tensor]], rows: np.ndarray) -> torch.Tensor:
+    """The given rows of consecutive blocks [(start, (b, ...))], stacked."""
+    starts = np.array([start for start, _ in blocks])
+    block_of = np.searchsorted(starts, rows, side="right") - 1
+    return torch.stack([blocks[b][1][row - starts[b]] for b, row in zip(block_of, rows)])
 
 
 def _unit_rows(block: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
@@ -299,10 +318,11 @@ def gram_pairing(
     """Pair every encoding of ``release`` with a plaintext; stages and randomness come from
     ``attack`` (its progress, stage times, device, seed).
 
-    ``duplicates``: on a release of one site and one BatchNorm batch whose pool is its encoded
-    set, start from the exact pairs of repeated patches and compare by similarity to them
-    (:func:`find_exact_pairs`, :func:`anchored_scores`, with ``anchor_keys`` self-sampled keys)
-    when there are at least :data:`MIN_EXACT_PAIRS`.
+    ``duplicates``: on a release of one site and at most ``assign_max`` encodings, when there are
+    at least :data:`MIN_EXACT_PAIRS` exact pairs of repeated patches (:func:`find_exact_pairs`):
+    start from them, hold them in the final assignment, and where boosting ends under
+    :data:`ANCHORED_BELOW` mutual best pairs, compare by similarity to (at most
+    :data:`ANCHORS_MAX` of) them instead (:func:`anchored_scores`, ``anchor_keys`` self-sampled keys).
 
     A release of several sites is attacked site by site (each key has its own slot order), every
     site against the whole pool; one assignment over the stacked scores then keeps the pairing
@@ -328,13 +348,8 @@ def gram_pairing(
     with attack.stage("self-keyed plaintext statistics", len(plain_images)) as advance:
         features, mean = encode_plain(attack.seed, insider, advance)
         plain = patch_statistics(features, mean, len(plain_images))
-    one_batch = (
-        duplicates
-        and release.n_sites == 1
-        and release.config.shuffle
-        and release.n_encoded == len(plain_images) <= release.config.bn_batch
-    )
-    if not one_batch:
+    look_for_pairs = duplicates and release.n_sites == 1 and release.n_encoded <= assign_max
+    if not look_for_pairs:
         del features
     sites = release.sites
     several = release.n_sites > 1
@@ -348,9 +363,9 @@ def gram_pairing(
     for site in range(release.n_sites):
         view = release.site(site) if release.n_sites > 1 else release
         rows = np.flatnonzero(sites == site)
-        aligned = aligned_statistics(view, attack, chunk=chunk, hashes=one_batch)
+        aligned = aligned_statistics(view, attack, chunk=chunk, hashes=look_for_pairs)
         first, first_pairs = None, None
-        if one_batch:
+        if look_for_pairs:
             with attack.stage("exact pairs from repeated patches"):
                 exact = find_exact_pairs(release, aligned)
         if len(exact[0]) >= MIN_EXACT_PAIRS:
@@ -377,7 +392,9 @@ def gram_pairing(
                 scores_max=release.n_encoded if several else scores_max,
                 device=attack.device,
             )
-        if len(exact[0]) >= MIN_EXACT_PAIRS:
+        if len(exact[0]) >= MIN_EXACT_PAIRS and boosted.mutual_fraction[-1] >= ANCHORED_BELOW:
+            boosted = replace(boosted, matched=match_with_pairs(boosted.scores, exact))
+        elif len(exact[0]) >= MIN_EXACT_PAIRS:
             with attack.stage("compare by similarity to the exact pairs", anchor_keys) as advance:
 
                 def keys():  # the boosting's key, then more self-sampled ones
@@ -387,8 +404,12 @@ def gram_pairing(
                         yield encode_plain(attack.seed + key)
                     advance(1)
 
+                anchors = exact
+                if len(exact[0]) > ANCHORS_MAX:
+                    pick = np.sort(attack.rng("anchors").permutation(len(exact[0]))[:ANCHORS_MAX])
+                    anchors = (exact[0][pick], exact[1][pick])
                 anchored = anchored_scores(
-                    view, aligned, keys, exact, boosted.slot_positions, chunk=chunk, device=attack.device
+                    view, aligned, keys, anchors, boosted.slot_positions, chunk=chunk, device=attack.device
                 )
             boosted = replace(boosted, matched=match_with_pairs(anchored, exact), scores=anchored)
         if scores is not None:

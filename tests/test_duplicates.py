@@ -46,26 +46,58 @@ def _relabelled(groups, permutation, rng):
     return [np.sort(permutation[g]) for g in (groups[k] for k in rng.permutation(len(groups)))]
 
 
+def _structure(rng, n, grid=8):
+    """Groups of the (position, patch) pairs n images share: about half of them have a saturated
+    rectangle, about half a black one, as radiographs do. The last two images are the same."""
+    groups = []
+    for _ in ("saturated", "black"):
+        mask = np.zeros((n, grid, grid), bool)
+        for i in np.flatnonzero(rng.random(n - 1) < 0.5):
+            h, w = rng.integers(1, 5, 2)
+            y, x = rng.integers(0, grid - h + 1), rng.integers(0, grid - w + 1)
+            mask[i, y : y + h, x : x + w] = True
+        mask[n - 1] = mask[n - 2]
+        groups += [np.flatnonzero(column) for column in mask.reshape(n, -1).T if column.sum() > 1]
+    return groups
+
+
 def test_exact_pairs_recover_the_hidden_pairing_and_only_where_it_is_unique():
     rng = np.random.default_rng(0)
-    n = 60
-    groups = [np.sort(rng.choice(n - 2, size=rng.integers(2, 6), replace=False)) for _ in range(40)]
-    groups.append(np.array([58, 59]))  # 58 and 59 share one group and nothing else: interchangeable
+    n = 120
+    groups = _structure(rng, n)
     permutation = rng.permutation(n)
     rows, columns = exact_pairs(groups, _relabelled(groups, permutation, rng), n, n)
-    assert len(rows) > 20
+    assert len(rows) > 60
     assert (permutation[rows] == columns).all()
-    assert not np.isin(rows, [58, 59]).any()
-    in_some_group = np.unique(np.concatenate(groups))
-    assert np.isin(rows, in_some_group).all()
+    assert not np.isin(rows, [n - 2, n - 1]).any()  # interchangeable: never paired
 
 
-def test_exact_pairs_of_unrelated_structures_are_few_and_of_nothing_are_none():
+def test_exact_pairs_across_batches_see_each_batch_share_of_a_group():
+    """Encoded in batches, a repeated patch shows as one group per batch (and not at all in a batch
+    that holds one of its images): the plaintext structure restricted to pairs inside a batch."""
+    rng = np.random.default_rng(2)
+    n, batch = 120, 40
+    plain_groups = _structure(rng, n)
+    permutation = rng.permutation(n)  # encoding e is plaintext permutation[e]
+    batch_of_plain = np.empty(n, np.int64)
+    batch_of_plain[permutation] = np.arange(n) // batch
+    encoded_of = np.argsort(permutation)
+    encoded_groups = []
+    for group in plain_groups:
+        for b in np.unique(batch_of_plain[group]):
+            inside = group[batch_of_plain[group] == b]
+            if len(inside) > 1:
+                encoded_groups.append(np.sort(encoded_of[inside]))
+    rows, columns = exact_pairs(encoded_groups, plain_groups, n, n)
+    assert len(rows) > 50
+    assert (permutation[rows] == columns).all()
+
+
+def test_exact_pairs_give_up_when_the_structures_disagree():
     rng = np.random.default_rng(1)
-    left = [np.sort(rng.choice(50, 3, replace=False)) for _ in range(30)]
-    right = [np.sort(rng.choice(50, 4, replace=False)) for _ in range(30)]  # other sizes: no colour in common
-    assert len(exact_pairs(left, right, 50, 50)[0]) == 0
-    assert len(exact_pairs([], right, 50, 50)[0]) == 0
+    groups = _structure(rng, 50)
+    assert len(exact_pairs(groups, [g[:2] for g in groups], 50, 50)[0]) == 0  # counts the pool cannot hold
+    assert len(exact_pairs([], groups, 50, 50)[0]) == 0
 
 
 @pytest.fixture(scope="module")
