@@ -24,8 +24,7 @@ _HASH_SEED = 0x6E63_6265_6E63_6821  # fixed: a hash collision only costs the att
 def row_hashes(rows: torch.Tensor) -> np.ndarray:
     """(..., 2) int64 hashes of each row of ``rows`` (..., D) by its bytes: equal rows, equal
     hashes; two random 64-bit linear hashes, so unequal rows collide with probability ~2^-64."""
-    raw = rows.contiguous()
-    words = raw.view(torch.uint8).flatten(-1)
+    words = rows.contiguous().view(torch.uint8)
     pad = (-words.shape[-1]) % 8
     if pad:
         words = torch.nn.functional.pad(words, (0, pad))

@@ -17,7 +17,7 @@ matching, and the final comparison is each image's similarity to those pairs, sl
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -69,12 +69,16 @@ REFERENCE_IMAGES = 256
 # 86.0% on one release).
 BF16_ACTIVATIONS_MAX_DEPTH = 8
 # Exact pairs from repeated patches replace the first matching from this many on. On a fresh nc47
-# key (N = 200: 45 exact pairs) gram-hungarian went from 1.0% to about 90% with them.
+# key (N = 200: 45 exact pairs) gram-hungarian went from 1.0% to 96.0% with them.
 MIN_EXACT_PAIRS = 8
 # The comparison with exact pairs replaces the Gram scores only where boosting ended with fewer
 # mutual best pairs than this: nc47 ended at 0.375-0.5 on two fresh keys, nc7 at 0.998 (N = 1,000),
 # where the Gram scores re-identify everything and the comparison would only cost time.
 ANCHORED_BELOW = 0.9
+# Rows are compared by their first this many channels (a tenth of the hashing time at width 2,048):
+# two different encodings that agree on 128 channels to the bit would disagree with the plaintext
+# structure, and exact_pairs gives no pairs when the structures disagree.
+HASHED_CHANNELS = 128
 # Exact pairs that anchor the final comparison, at most (a random subset beyond): the
 # similarities take N x P x ANCHORS_MAX float32 (537 MB at N = 2,048).
 ANCHORS_MAX = 256
@@ -117,7 +121,8 @@ class Pairing:
     """A one-to-one pairing of a ``reid`` release's encodings with its plaintext pool.
 
     matched: (N,) plaintext row of each encoding; scores: (N, M) float32 Gram correlations of the
-    last round, or None beyond ``scores_max`` encodings (single site); patch_positions: (N, P) original position of each encoded row;
+    last round (or the comparison with exact pairs, :func:`anchored_scores`), or None beyond
+    ``scores_max`` encodings (single site); patch_positions: (N, P) original position of each encoded row;
     mutual_fraction: per boosting round (and site), the fraction of mutual best pairs;
     exact: pairs found from repeated patches (they start the boosting and anchor the final scores).
     """
@@ -132,7 +137,8 @@ class Pairing:
 
 def aligned_statistics(view: Release | SiteView, attack: Attack, *, chunk: int, hashes: bool = False) -> Aligned:
     """Undo the shuffles of one key's encodings and take their patch statistics (two passes);
-    ``hashes``: also hash every encoded row (:func:`attacks.duplicates.row_hashes`)."""
+    ``hashes``: also hash every encoded row's first :data:`HASHED_CHANNELS` channels
+    (:func:`attacks.duplicates.row_hashes`)."""
     n = view.n_encoded
     with attack.stage("slot reference", min(n, REFERENCE_IMAGES)) as advance:
         reference = slot_reference(view, chunk=chunk, device=attack.device, advance=advance, limit=REFERENCE_IMAGES)
@@ -146,7 +152,7 @@ def aligned_statistics(view: Release | SiteView, attack: Attack, *, chunk: int, 
             block_slots, products = align(block, reference, shuffle=view.config.shuffle)
             slots[start : start + len(block)] = block_slots
             if row_hash is not None:
-                row_hash[start : start + len(block)] = row_hashes(block.cpu())
+                row_hash[start : start + len(block)] = row_hashes(block[..., :HASHED_CHANNELS].cpu())
             yield start, aligned_centred_grams(block, products, block_slots, mean_gram)
 
     with attack.stage("align + encoded statistics", n):
@@ -157,7 +163,7 @@ def aligned_statistics(view: Release | SiteView, attack: Attack, *, chunk: int, 
 def anchored_scores(
     view: Release | SiteView,
     aligned: Aligned,
-    plain_features: Callable[[], Iterator[tuple[list[tuple[int, torch.Tensor]], torch.Tensor]]],
+    plain_keys: Iterable[tuple[list[tuple[int, torch.Tensor]], torch.Tensor]],
     anchors: tuple[np.ndarray, np.ndarray],
     slot_positions: np.ndarray,
     *,
@@ -169,8 +175,8 @@ def anchored_scores(
 
     For encoding n, slot s and anchor pair (a, b): the cosine of n's and a's slot-centred rows in
     slot s; for plaintext m: the cosine of m's and b's self-keyed patches at slot s's position,
-    averaged over the self-sampled keys ``plain_features()`` yields (blocks as from
-    :func:`self_encode`, and their mean). Unlike the Gram matrix of one image, this compares
+    summed over the self-sampled keys in ``plain_keys`` (each: blocks as from :func:`self_encode`,
+    and their mean). Unlike the Gram matrix of one image, this compares
     patches across images, where a deep encoder's kernel still tells similar patches apart. One
     streamed pass over the encodings; an anchor is never compared with itself.
     """
@@ -182,7 +188,7 @@ def anchored_scores(
         block = _unit_rows(to_slot_order(block, aligned.slots[start : start + len(block)]), aligned.reference)
         encoded[start : start + len(block)] = torch.einsum("bsd,asd->bsa", block, anchor_rows).cpu()
     plain = 0
-    for blocks, mean in plain_features():
+    for blocks, mean in plain_keys:
         anchor_plain = _unit_rows(_rows_of(blocks, partners).to(device), mean)
         plain = plain + torch.cat(
             [
@@ -195,6 +201,16 @@ def anchored_scores(
     encoded[torch.as_tensor(rows), :, anchor] = 0
     plain[torch.as_tensor(partners), :, anchor] = 0
     return (standardise_rows(encoded.flatten(1)) @ standardise_rows(plain.flatten(1)).T).numpy()
+
+
+def _at_most(
+    pairs: tuple[np.ndarray, np.ndarray], limit: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """``pairs`` (rows, columns), or a random ``limit`` of them in row order."""
+    if len(pairs[0]) <= limit:
+        return pairs
+    pick = np.sort(rng.permutation(len(pairs[0]))[:limit])
+    return pairs[0][pick], pairs[1][pick]
 
 
 def _rows_of(blocks: list[tuple[int, torch.Tensor]], rows: np.ndarray) -> torch.Tensor:
@@ -345,10 +361,19 @@ def gram_pairing(
             bf16_activations=release.config.depth <= BF16_ACTIVATIONS_MAX_DEPTH,
         )
 
+    def plain_keys(advance):  # the boosting's key, then more self-sampled ones
+        yield features, mean
+        for key in range(1, anchor_keys):
+            advance(1)
+            yield encode_plain(attack.seed + key)
+        advance(1)
+
     with attack.stage("self-keyed plaintext statistics", len(plain_images)) as advance:
         features, mean = encode_plain(attack.seed, insider, advance)
         plain = patch_statistics(features, mean, len(plain_images))
-    look_for_pairs = duplicates and release.n_sites == 1 and release.n_encoded <= assign_max
+    # Without the positional embedding (``mix``) a patch encodes alike at every position, so
+    # repeated rows would not say where: no exact pairs there.
+    look_for_pairs = duplicates and release.config.mix and release.n_sites == 1 and release.n_encoded <= assign_max
     if not look_for_pairs:
         del features
     sites = release.sites
@@ -392,26 +417,21 @@ def gram_pairing(
                 scores_max=release.n_encoded if several else scores_max,
                 device=attack.device,
             )
-        if len(exact[0]) >= MIN_EXACT_PAIRS and boosted.mutual_fraction[-1] >= ANCHORED_BELOW:
-            boosted = replace(boosted, matched=match_with_pairs(boosted.scores, exact))
-        elif len(exact[0]) >= MIN_EXACT_PAIRS:
-            with attack.stage("compare by similarity to the exact pairs", anchor_keys) as advance:
-
-                def keys():  # the boosting's key, then more self-sampled ones
-                    yield features, mean
-                    for key in range(1, anchor_keys):
-                        advance(1)
-                        yield encode_plain(attack.seed + key)
-                    advance(1)
-
-                anchors = exact
-                if len(exact[0]) > ANCHORS_MAX:
-                    pick = np.sort(attack.rng("anchors").permutation(len(exact[0]))[:ANCHORS_MAX])
-                    anchors = (exact[0][pick], exact[1][pick])
-                anchored = anchored_scores(
-                    view, aligned, keys, anchors, boosted.slot_positions, chunk=chunk, device=attack.device
-                )
-            boosted = replace(boosted, matched=match_with_pairs(anchored, exact), scores=anchored)
+        if len(exact[0]) >= MIN_EXACT_PAIRS:
+            final = boosted.scores
+            if boosted.mutual_fraction[-1] < ANCHORED_BELOW:
+                with attack.stage("compare by similarity to the exact pairs", anchor_keys) as advance:
+                    anchors = _at_most(exact, ANCHORS_MAX, attack.rng("anchors"))
+                    final = anchored_scores(
+                        view,
+                        aligned,
+                        plain_keys(advance),
+                        anchors,
+                        boosted.slot_positions,
+                        chunk=chunk,
+                        device=attack.device,
+                    )
+            boosted = replace(boosted, matched=match_with_pairs(final, exact), scores=final)
         if scores is not None:
             scores[rows] = boosted.scores
         positions[rows] = boosted.slot_positions[aligned.slots]

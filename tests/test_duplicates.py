@@ -136,3 +136,13 @@ def test_exact_pairs_of_a_deep_release_are_right(deep_one_batch):
         truth = key.read("truth/plain_index")
     assert len(rows) >= 8
     assert (truth[rows] == columns).all()
+
+
+def test_no_exact_pairs_without_the_positional_embedding(tmp_path):
+    """`linear` encodes a patch alike at every position: repeated rows would not say where."""
+    out = tmp_path / "linear"
+    config = resolve_config("linear", width=256, image_size=64, patch_size=8, bn_batch=64)
+    build_release(out, config=config, plan=BuildPlan.for_task("reid", 64), source="sample", seed=3, test_release=True)
+    submission, accuracy = _attack(out)
+    assert submission.diagnostics["exact_pairs"] == 0
+    assert accuracy > 0.9
