@@ -32,7 +32,7 @@ class GramHungarian(Attack):
     version = "1.3"
     tasks = ("reid",)
     knowledge = ("architecture", "self-sampled-keys", "plaintext-pool")
-    description = "Exact pairs from repeated patches; undo shuffles, match Gram statistics of a self-keyed encoding, boost."
+    description = "Exact pairs from repeated patches; undo shuffles, match self-keyed Gram statistics, boost."
 
     @dataclass
     class Params:
