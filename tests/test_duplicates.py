@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from ncbench.attacks import pairing
 from ncbench.attacks.duplicates import exact_pairs, patch_hashes, row_hashes, shared_groups
 from ncbench.attacks.plugins.registry import resolve
 from ncbench.challenge.encoders import resolve_config
@@ -126,8 +127,6 @@ def test_gram_hungarian_starts_from_exact_pairs_at_depth(deep_one_batch):
 
 
 def test_exact_pairs_of_a_deep_release_are_right(deep_one_batch):
-    from ncbench.attacks import pairing
-
     cls = resolve("gram-hungarian")
     attack = cls(dataclasses.replace(cls.Params(), self_width=256))
     with open_release(deep_one_batch) as release, open_key(deep_one_batch) as key:
