@@ -84,7 +84,7 @@ HASHED_CHANNELS = 128
 ANCHORS_MAX = 256
 # Self-sampled keys whose plaintext similarities are averaged in the comparison with exact pairs:
 # each key's own noise averages out (nc47, N = 200: 89.5-93% with one key at width 512, 96% with
-# four at 512 and one at 1,024).
+# four, 95.5% with eight).
 ANCHOR_KEYS = 4
 
 
