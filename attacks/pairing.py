@@ -226,13 +226,13 @@ def _unit_rows(block: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
     return block / block.norm(dim=2, keepdim=True).clamp_min(1e-12)
 
 
-def find_exact_pairs(release: Release, aligned: Aligned) -> tuple[np.ndarray, np.ndarray]:
-    """Exact (encoding, plaintext) pairs from the rows repeated within the release
+def find_exact_pairs(aligned: Aligned, plain_images: np.ndarray, patch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact (encoding, plaintext) pairs from the rows repeated within the encodings (hashed in
+    ``aligned``) and the (position, patch) pairs repeated within ``plain_images``
     (:mod:`attacks.duplicates`)."""
-    plain = release.plain_images
     left = shared_groups(aligned.hashes)
-    right = shared_groups(patch_hashes(plain, release.config.patch_size))
-    return exact_pairs(left, right, release.n_encoded, len(plain))
+    right = shared_groups(patch_hashes(plain_images, patch_size))
+    return exact_pairs(left, right, len(aligned.slots), len(plain_images))
 
 
 def mutual_best(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -392,7 +392,7 @@ def gram_pairing(
         first, first_pairs = None, None
         if look_for_pairs:
             with attack.stage("exact pairs from repeated patches"):
-                exact = find_exact_pairs(release, aligned)
+                exact = find_exact_pairs(aligned, plain_images, release.config.patch_size)
         if len(exact[0]) >= MIN_EXACT_PAIRS:
             first_pairs = exact
         else:

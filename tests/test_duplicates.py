@@ -131,7 +131,7 @@ def test_exact_pairs_of_a_deep_release_are_right(deep_one_batch):
     attack = cls(dataclasses.replace(cls.Params(), self_width=256))
     with open_release(deep_one_batch) as release, open_key(deep_one_batch) as key:
         aligned = pairing.aligned_statistics(release, attack, chunk=16, hashes=True)
-        rows, columns = pairing.find_exact_pairs(release, aligned)
+        rows, columns = pairing.find_exact_pairs(aligned, release.plain_images, release.config.patch_size)
         truth = key.read("truth/plain_index")
     assert len(rows) >= 8
     assert (truth[rows] == columns).all()
