@@ -9,6 +9,7 @@ import torch
 from ncbench.attacks import pairing
 from ncbench.attacks.duplicates import exact_pairs, patch_hashes, row_hashes, shared_groups
 from ncbench.attacks.plugins.registry import resolve
+from ncbench.attacks.self_keyed import self_encode
 from ncbench.challenge.encoders import resolve_config
 from ncbench.challenge.files import open_key, open_release
 from ncbench.challenge.release import BuildPlan, build_release
@@ -145,3 +146,17 @@ def test_no_exact_pairs_without_the_positional_embedding(tmp_path):
     submission, accuracy = _attack(out)
     assert submission.diagnostics["exact_pairs"] == 0
     assert accuracy > 0.9
+
+
+def test_only_the_averaged_keys_of_a_deep_release_keep_bf16_activations(deep_one_batch, monkeypatch):
+    """The boosting's key keeps fp32 activations beyond BF16_ACTIVATIONS_MAX_DEPTH; the keys
+    averaged in the comparison with exact pairs may round (their rounding averages out)."""
+    asked = []
+
+    def recording(*args, bf16_activations=False, **kwargs):
+        asked.append(bf16_activations)
+        return self_encode(*args, bf16_activations=bf16_activations, **kwargs)
+
+    monkeypatch.setattr(pairing, "self_encode", recording)
+    _attack(deep_one_batch, anchor_keys=3)
+    assert asked == [False, True, True]
