@@ -49,24 +49,29 @@ def to_slot_order(encoded: torch.Tensor, slots: np.ndarray) -> torch.Tensor:
     return torch.empty_like(encoded).scatter_(1, index, encoded)
 
 
-def align(encoded: torch.Tensor, reference: torch.Tensor, *, shuffle: bool = True) -> tuple[np.ndarray, torch.Tensor]:
+def align(
+    encoded: torch.Tensor, reference: torch.Tensor, *, shuffle: bool = True, dtype: torch.dtype = torch.float32
+) -> tuple[np.ndarray, torch.Tensor]:
     """Assign each row of ``encoded`` (b, P, D), in release order, to a slot of ``reference`` (P, D).
 
-    Returns the slots (b, P) int64 and the products (b, P, P) ``<e_r, ref_s>`` they came from.
-    Maximising ``<e_r, ref_s> - |ref_s|^2 / 2`` is minimising ``|e_r - ref_s|^2`` (``|e_r|`` is
-    fixed per row). Without shuffle every row keeps its own slot.
+    Returns the slots (b, P) int64 and the float32 products (b, P, P) ``<e_r, ref_s>`` they came
+    from, multiplied in ``dtype``. Maximising ``<e_r, ref_s> - |ref_s|^2 / 2`` is minimising
+    ``|e_r - ref_s|^2`` (``|e_r|`` is fixed per row). Without shuffle every row keeps its own slot.
     """
-    products = torch.einsum("bpd,sd->bps", encoded, reference)
+    products = torch.einsum("bpd,sd->bps", encoded.to(dtype), reference.to(dtype)).float()
     if not shuffle:
         return np.tile(np.arange(encoded.shape[1]), (len(encoded), 1)), products
     return assign_rows(products - 0.5 * (reference * reference).sum(1)), products
 
 
-def iter_release(release: Release | SiteView, chunk: int, device: str) -> Iterator[tuple[int, torch.Tensor]]:
+def iter_release(
+    release: Release | SiteView, chunk: int, device: str, *, channels: int | None = None
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield (start, encodings (b, P, D) float32), or only their first ``channels`` channels."""
     # Read as stored (float16) and widened by torch: numpy's float16 cast is 2x slower. (Reading
     # the next block on a thread while this one is worked on saved nothing on 2 cores.)
     for start, block in release.iter_encoded(chunk, dtype=None):
-        yield start, torch.from_numpy(block).to(device).float()
+        yield start, torch.from_numpy(block[..., :channels]).to(device).float()
 
 
 def slot_reference(
@@ -76,17 +81,18 @@ def slot_reference(
     device: str = "cpu",
     advance: Callable[[int], None] = lambda k: None,
     limit: int | None = None,
+    channels: int | None = None,
 ) -> torch.Tensor:
     """The mean encoding in slot order (P, D) float32, over the first ``limit`` encodings (all
-    when None): one streamed pass.
+    when None): one streamed pass. ``channels``: of the first that many channels only.
 
     Rows are assigned to the first encoding's slots; the mean of that alignment is a far less noisy
     reference for the final alignment (:func:`iter_aligned`). Releases without shuffle keep row order.
     """
     n = release.n_encoded if limit is None else min(limit, release.n_encoded)
-    first = torch.from_numpy(release.encoded_rows([0])[0]).to(device)
-    total = torch.zeros(release.config.n_patches, release.config.width, device=device)
-    for start, block in iter_release(release, chunk, device):
+    first = torch.from_numpy(release.encoded_rows([0])[0, :, :channels]).to(device)
+    total = torch.zeros_like(first)
+    for start, block in iter_release(release, chunk, device, channels=channels):
         block = block[: n - start]
         if release.config.shuffle:
             block = to_slot_order(block, align(block, first)[0])

@@ -29,14 +29,25 @@ from ncbench.challenge.files import Release
 
 class GramHungarian(Attack):
     name = "gram-hungarian"
-    version = "1.4"
+    version = "1.5"
     tasks = ("reid",)
     knowledge = ("architecture", "self-sampled-keys", "plaintext-pool")
     description = "Exact pairs from repeated patches; undo shuffles, match self-keyed Gram statistics, boost."
 
     @dataclass
     class Params:
-        self_width: int = param(512, "width of the self-sampled encoder for the plaintext pool", min=16, max=8192)
+        self_width: int = param(
+            0,
+            "width of the self-sampled encoder for the plaintext pool; 0: 128 up to 8 blocks (256+ patches), else 512",
+            min=0,
+            max=8192,
+        )
+        channels: int = param(
+            0,
+            "encoding channels the alignment and Gram statistics use; 0: 512 up to 8 blocks (256+ patches), else all",
+            min=0,
+            max=8192,
+        )
         boost_rounds: int = param(BOOST_ROUNDS, "most rounds of slot recovery + Gram re-matching", min=1, max=20)
         refine_pairs: int = param(REFINE_PAIRS, "pairs whose Gram matrices refine the slot order", min=1, max=100000)
         # Beyond assign_max: sampled boosting rounds and a sparse final assignment on shortlists.
@@ -60,6 +71,7 @@ class GramHungarian(Attack):
             release,
             self,
             self_width=p.self_width,
+            channels=p.channels,
             boost_rounds=p.boost_rounds,
             refine_pairs=p.refine_pairs,
             chunk=p.chunk,

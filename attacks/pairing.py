@@ -38,14 +38,16 @@ from ncbench.attacks.self_keyed import insider_encoder, self_encode
 from ncbench.attacks.statistics import (
     GramComparison,
     PatchStatistics,
-    aligned_centred_grams,
+    centred_grams,
     collect_statistics,
     patch_statistics,
     sorted_norm_mutual_best,
     sorted_norm_scores,
     standardise_rows,
 )
+from ncbench.challenge.config import EncoderConfig
 from ncbench.challenge.files import Release, SiteView
+from ncbench.hardware import matmul_dtype
 
 # Boosting stops once a round adds under CONVERGED of mutual best pairs, after at most
 # BOOST_ROUNDS rounds: nc3 / nc7 converge in 2 (about 90% mutual), nc47 needs about 6 (93.0% at
@@ -63,11 +65,27 @@ SCORES_MAX = 20_000
 # as good as that of all (nc7, N = 1,000: 100% either way, patch positions 97.4% vs 97.8%) and
 # makes the first of the two passes over the encodings a fixed cost instead of one per image.
 REFERENCE_IMAGES = 256
-# The self-keyed encoder keeps bf16 activations where bf16 is native (nc7, N = 1,000: the stage took
-# 5.7 s instead of 9.0 s) up to this depth: nc7 N = 10,000 re-identifies 100% with them; rounding
-# compounds over nc47's 44 blocks (its Gram statistic with the true slot order fell from 87.5% to
-# 86.0% on one release).
-BF16_ACTIVATIONS_MAX_DEPTH = 8
+# Up to this depth (nc7 and shallower) the statistics survive cheaper arithmetic; over nc47's 44
+# blocks every error compounds. There the self-keyed encoder keeps bf16 activations where bf16 is
+# native (nc7, N = 1,000: 5.7 s instead of 9.0 s; nc47's Gram statistic with the true slot order
+# fell from 87.5% to 86.0%). Where the images also have at least SHALLOW_MIN_PATCHES patches, each
+# Gram statistic averages over enough entries (32,640 at 256) for more:
+# - the self-keyed encoder is SHALLOW_SELF_WIDTH wide instead of DEEP_SELF_WIDTH: at nc7 one key's
+#   kernel is close enough even that narrow (N = 1,000: 100% with widths 64, 128 and 512, and
+#   not with 32);
+# - the alignment and the encoded Gram statistics use the first SHALLOW_CHANNELS channels of each
+#   encoding. The final linear layer is random, so any of its channels are random projections of
+#   the same hidden patches and keep their geometry (nc7, N = 1,000: 100% with 128, 256, 512 and
+#   all 2,048; N = 10,000: 100% with 512, 99.97% with 256), for a quarter of the products;
+# - those products (the final alignment's and the Gram matrices') are in bf16 where it is native
+#   (nc7, N = 10,000: still 100%, and the stage took 27.3 s instead of 31-33 s).
+# With 64 patches (2,016 entries; nc3, 2 sites x 40 images) the narrow key and the bf16 products
+# each left the sites at 58-80% where the full arithmetic placed all.
+SHALLOW_DEPTH = 8
+SHALLOW_MIN_PATCHES = 256
+SHALLOW_SELF_WIDTH = 128
+DEEP_SELF_WIDTH = 512
+SHALLOW_CHANNELS = 512
 # Exact pairs from repeated patches replace the first matching from this many on. On a fresh nc47
 # key (N = 200: 45 exact pairs) gram-hungarian went from 1.0% to 96.0% with them.
 MIN_EXACT_PAIRS = 8
@@ -138,25 +156,36 @@ class Pairing:
     exact: int = 0
 
 
-def aligned_statistics(view: Release | SiteView, attack: Attack, *, chunk: int, hashes: bool = False) -> Aligned:
-    """Undo the shuffles of one key's encodings and take their patch statistics (two passes);
-    ``hashes``: also hash every encoded row's first :data:`HASHED_CHANNELS` channels
-    (:func:`attacks.duplicates.row_hashes`)."""
+def aligned_statistics(
+    view: Release | SiteView,
+    attack: Attack,
+    *,
+    chunk: int,
+    hashes: bool = False,
+    channels: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Aligned:
+    """Undo the shuffles of one key's encodings and take their patch statistics (two passes), on
+    their first ``channels`` channels (all when None), with the products of the final alignment
+    and of the Gram matrices in ``dtype``; ``hashes``: also hash every encoded row's first
+    :data:`HASHED_CHANNELS` channels (:func:`attacks.duplicates.row_hashes`)."""
     n = view.n_encoded
     with attack.stage("slot reference", min(n, REFERENCE_IMAGES)) as advance:
-        reference = slot_reference(view, chunk=chunk, device=attack.device, advance=advance, limit=REFERENCE_IMAGES)
+        reference = slot_reference(
+            view, chunk=chunk, device=attack.device, advance=advance, limit=REFERENCE_IMAGES, channels=channels
+        )
     n_patches = view.config.n_patches
     slots = np.empty((n, n_patches), np.int64)
     row_hash = np.empty((n, n_patches, 2), np.int64) if hashes else None
-    mean_gram = reference @ reference.T
 
     def aligned_grams():
-        for start, block in iter_release(view, chunk, attack.device):
-            block_slots, products = align(block, reference, shuffle=view.config.shuffle)
+        for start, block in iter_release(view, chunk, attack.device, channels=channels):
+            block_slots, _ = align(block, reference, shuffle=view.config.shuffle, dtype=dtype)
             slots[start : start + len(block)] = block_slots
             if row_hash is not None:
                 row_hash[start : start + len(block)] = row_hashes(block[..., :HASHED_CHANNELS].cpu())
-            yield start, aligned_centred_grams(block, products, block_slots, mean_gram)
+            in_slot_order = to_slot_order(block, block_slots) if view.config.shuffle else block
+            yield start, centred_grams(in_slot_order, reference, dtype=dtype)
 
     with attack.stage("align + encoded statistics", n):
         statistics = collect_statistics(aligned_grams(), n, n_patches)
@@ -184,10 +213,11 @@ def anchored_scores(
     streamed pass over the encodings; an anchor is never compared with itself.
     """
     rows, partners = anchors
-    anchor_rows = torch.from_numpy(view.encoded_rows(rows)).to(device)
+    channels = aligned.reference.shape[1]  # those the alignment used
+    anchor_rows = torch.from_numpy(view.encoded_rows(rows)[..., :channels]).to(device)
     anchor_rows = _unit_rows(to_slot_order(anchor_rows, aligned.slots[rows]), aligned.reference)
     encoded = torch.empty(view.n_encoded, anchor_rows.shape[1], len(rows))
-    for start, block in iter_release(view, chunk, device):
+    for start, block in iter_release(view, chunk, device, channels=channels):
         block = _unit_rows(to_slot_order(block, aligned.slots[start : start + len(block)]), aligned.reference)
         encoded[start : start + len(block)] = torch.einsum("bsd,asd->bsa", block, anchor_rows).cpu()
     plain = 0
@@ -314,17 +344,33 @@ def boost(
         # Exact dense assignment only where the shortlists cannot place everyone: the unplaced
         # rows against the columns nobody took.
         free = np.setdiff1d(np.arange(len(right.gram)), matched[matched >= 0])
-        left_over = comparison.scores(slot_positions, subset=unplaced)[:, free]
+        left_over = comparison.scores(slot_positions, subset=unplaced, columns=free)
         matched[unplaced] = free[match(left_over)]
     return Boosted(matched, final.scores, slot_positions, history, unplaced=len(unplaced))
+
+
+def cheap_statistics(config: EncoderConfig) -> bool:
+    """Whether a release's Gram statistics survive a narrow self-keyed encoder, a subset of the
+    channels and bf16 products (:data:`SHALLOW_DEPTH`, :data:`SHALLOW_MIN_PATCHES`)."""
+    return config.depth <= SHALLOW_DEPTH and config.n_patches >= SHALLOW_MIN_PATCHES
+
+
+def statistics_widths(config: EncoderConfig, *, self_width: int = 0, channels: int = 0) -> tuple[int, int]:
+    """(self-keyed width, encoding channels) of the Gram statistics for a release of ``config``:
+    those given, or where 0, what it affords (:func:`cheap_statistics`)."""
+    cheap = cheap_statistics(config)
+    self_width = self_width or (SHALLOW_SELF_WIDTH if cheap else DEEP_SELF_WIDTH)
+    channels = channels or (SHALLOW_CHANNELS if cheap else config.width)
+    return self_width, min(channels, config.width)
 
 
 def gram_pairing(
     release: Release,
     attack: Attack,
     *,
-    self_width: int,
     chunk: int,
+    self_width: int = 0,
+    channels: int = 0,
     boost_rounds: int = BOOST_ROUNDS,
     refine_pairs: int = REFINE_PAIRS,
     insider_key: str = "",
@@ -346,10 +392,14 @@ def gram_pairing(
     A release of several sites is attacked site by site (each key has its own slot order), every
     site against the whole pool; one assignment over the stacked scores then keeps the pairing
     one-to-one across sites. ``insider_key``: a site key file (another hospital's key) that
-    encodes the plaintexts instead of a self-sampled key. ``assign_max``, ``candidates`` and
-    ``scores_max``: see :func:`boost` (a release of several sites keeps every score, to stack them).
+    encodes the plaintexts instead of a self-sampled key. ``self_width`` and ``channels``: see
+    :func:`statistics_widths`. ``assign_max``, ``candidates`` and ``scores_max``: see
+    :func:`boost` (a release of several sites keeps every score, to stack them).
     """
     plain_images = release.plain_images
+    shallow = release.config.depth <= SHALLOW_DEPTH
+    self_width, channels = statistics_widths(release.config, self_width=self_width, channels=channels)
+    products_dtype = matmul_dtype(attack.device) if cheap_statistics(release.config) else torch.float32
     insider = insider_encoder(insider_key, release.config, device=attack.device) if insider_key else None
 
     def encode_plain(seed: int, encoder=None, advance=lambda k: None, *, averaged: bool = False):
@@ -361,7 +411,7 @@ def gram_pairing(
             device=attack.device,
             advance=advance,
             encoder=encoder,
-            bf16_activations=averaged or release.config.depth <= BF16_ACTIVATIONS_MAX_DEPTH,
+            bf16_activations=averaged or shallow,
         )
 
     def plain_keys(advance):  # the boosting's key, then more self-sampled ones
@@ -373,7 +423,7 @@ def gram_pairing(
 
     with attack.stage("self-keyed plaintext statistics", len(plain_images)) as advance:
         features, mean = encode_plain(attack.seed, insider, advance)
-        plain = patch_statistics(features, mean, len(plain_images))
+        plain = patch_statistics(features, mean, len(plain_images), dtype=products_dtype)
     # Without the positional embedding (``mix``) a patch encodes alike at every position, so
     # repeated rows would not say where: no exact pairs there.
     look_for_pairs = duplicates and release.config.mix and release.n_sites == 1 and release.n_encoded <= assign_max
@@ -391,7 +441,9 @@ def gram_pairing(
     for site in range(release.n_sites):
         view = release.site(site) if release.n_sites > 1 else release
         rows = np.flatnonzero(sites == site)
-        aligned = aligned_statistics(view, attack, chunk=chunk, hashes=look_for_pairs)
+        aligned = aligned_statistics(
+            view, attack, chunk=chunk, hashes=look_for_pairs, channels=channels, dtype=products_dtype
+        )
         first, first_pairs = None, None
         if look_for_pairs:
             with attack.stage("exact pairs from repeated patches"):

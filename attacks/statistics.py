@@ -43,36 +43,19 @@ class PatchStatistics:
         return full
 
 
-def patch_statistics(blocks, mean: torch.Tensor, n: int) -> PatchStatistics:
-    """Statistics of ``n`` images given as blocks (start, (b, P, D) in slot/position order)."""
-    return collect_statistics(((start, centred_grams(block, mean)) for start, block in blocks), n, mean.shape[0])
+def patch_statistics(blocks, mean: torch.Tensor, n: int, *, dtype: torch.dtype = torch.float32) -> PatchStatistics:
+    """Statistics of ``n`` images given as blocks (start, (b, P, D) in slot/position order), the
+    Gram products in ``dtype``."""
+    grams = ((start, centred_grams(block, mean, dtype=dtype)) for start, block in blocks)
+    return collect_statistics(grams, n, mean.shape[0])
 
 
-def centred_grams(block: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-    """(b, P, P) Gram matrices of ``block`` (b, P, D) centred by ``mean`` (P, D), row by row."""
-    centred = block.to(mean.device).float() - mean  # self-keyed blocks come back on the CPU
-    return torch.bmm(centred, centred.transpose(1, 2))
-
-
-def aligned_centred_grams(
-    encoded: torch.Tensor, products: torch.Tensor, slots: np.ndarray, mean_gram: torch.Tensor
-) -> torch.Tensor:
-    """:func:`centred_grams` of encodings put in slot order and centred by the slot means, from
-    the encodings in release order without reordering or centring them.
-
-    encoded: (b, P, D) rows in release order; products: (b, P, P) ``<e_r, m_s>`` of each row with
-    each slot mean (what the alignment computed anyway); slots: (b, P) slot of each row;
-    mean_gram: (P, P) ``<m_s, m_t>``. With s(r) the slot of row r,
-    ``<e_r - m_s(r), e_q - m_s(q)> = <e_r, e_q> - <e_r, m_s(q)> - <e_q, m_s(r)> + <m_s(r), m_s(q)>``:
-    P x P work per image after one Gram product, instead of a reorder and a centring of P x D.
-    """
-    index = torch.as_tensor(slots, device=encoded.device)
-    cross = products.gather(2, index[:, None, :].expand_as(products))  # [r, q] = <e_r, m_s(q)>
-    centred = torch.bmm(encoded, encoded.transpose(1, 2)) - cross - cross.transpose(1, 2)
-    centred += mean_gram[index[:, :, None], index[:, None, :]]
-    rows = torch.argsort(index, dim=1)  # [s] = the row holding slot s
-    centred = centred.gather(1, rows[:, :, None].expand_as(centred))
-    return centred.gather(2, rows[:, None, :].expand_as(centred))
+def centred_grams(block: torch.Tensor, mean: torch.Tensor, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(b, P, P) float32 Gram matrices of ``block`` (b, P, D) centred by ``mean`` (P, D), row by
+    row; the product in ``dtype`` (centred first, so a bf16 product rounds the deviations, not
+    the means they would cancel)."""
+    centred = (block.to(mean.device).float() - mean).to(dtype)  # self-keyed blocks come back on the CPU
+    return torch.bmm(centred, centred.transpose(1, 2)).float()
 
 
 def collect_statistics(blocks, n: int, n_patches: int) -> PatchStatistics:
@@ -84,9 +67,11 @@ def collect_statistics(blocks, n: int, n_patches: int) -> PatchStatistics:
     for start, grams in blocks:
         block_norms = grams.diagonal(dim1=1, dim2=2).clamp_min(0).sqrt()
         inverse = 1 / block_norms.clamp_min(1e-12)
-        unit = grams * inverse[:, :, None] * inverse[:, None, :]
+        unit = (grams * inverse[:, :, None]).mul_(inverse[:, None, :])
         norms[start : start + len(grams)] = block_norms.cpu().numpy()
-        gram[start : start + len(grams)] = unit.flatten(1).index_select(1, upper_flat.to(grams.device)).cpu().numpy()
+        # Cast by torch straight into the float16 array: numpy's float16 cast is not vectorised.
+        entries = unit.flatten(1).index_select(1, upper_flat.to(grams.device)).cpu()
+        torch.from_numpy(gram[start : start + len(grams)]).copy_(entries)
     return PatchStatistics(norms, gram)
 
 
@@ -175,6 +160,7 @@ class GramComparison:
         self.encoded, self.plain, self.chunk = encoded, plain, chunk
         self.device = torch.device(device)
         self._standardised: tuple[tuple[torch.dtype, bool], torch.Tensor] | None = None
+        self._spread: torch.Tensor | None = None  # (M,) set with the standardised copy
         n_entries = plain.gram.shape[1]
         self._entries = None
         if rough_entries < n_entries:
@@ -183,9 +169,15 @@ class GramComparison:
         self._entry_scale = n_entries / rough_entries if self._entries is not None else 1.0
 
     def scores(
-        self, slot_positions: np.ndarray, *, subset: np.ndarray | None = None, rough: bool = False
+        self,
+        slot_positions: np.ndarray,
+        *,
+        subset: np.ndarray | None = None,
+        columns: np.ndarray | None = None,
+        rough: bool = False,
     ) -> np.ndarray:
-        """(N, M) correlations, or (len(subset), M) for the encoded rows ``subset``.
+        """(N, M) correlations, or (len(subset), len(columns)) for the encoded rows ``subset`` and
+        the plaintext rows ``columns`` (exact; standardised for this call only).
 
         ``rough``: estimate from the sampled entries and multiply in :func:`matmul_dtype` (bf16
         where native: 2.4x faster, but torch's CPU bf16 product rounds its output to bf16 too,
@@ -193,7 +185,10 @@ class GramComparison:
         :meth:`shortlist`).
         """
         dtype = matmul_dtype(self.device) if rough else torch.float32
-        right = self._plain(dtype, rough=rough)
+        if columns is None:
+            right = self._plain(dtype, rough=rough)
+        else:
+            right = _standardise_plain(torch.from_numpy(self.plain.gram[columns]).to(self.device).float())[0]
         encoded_gram = self.encoded.gram if subset is None else self.encoded.gram[subset]
         scores = np.empty((len(encoded_gram), len(right)), np.float32)
         for s, left in self._encoded_blocks(encoded_gram, slot_positions, self.chunk):
@@ -213,7 +208,7 @@ class GramComparison:
         right = self._plain(dtype, rough=True)
         # A standardised left row sums to zero, so its correlation with a plaintext row p is
         # <left, p> / |p - mean(p)|: the candidates' raw rows suffice.
-        spread = self._plain_spread() if dtype != torch.float32 or self._entries is not None else None
+        spread = self._spread if dtype != torch.float32 or self._entries is not None else None
         n, m = len(self.encoded.gram), len(right)
         k = min(candidates, m)
         columns = np.empty((n, k), np.int64)
@@ -222,13 +217,7 @@ class GramComparison:
         for s, left in self._encoded_blocks(self.encoded.gram, slot_positions, chunk):
             rough = self._rough_rows(left, dtype) @ right.T
             best = rough.topk(k, dim=1)
-            if spread is None:
-                exact = best.values.float()
-            else:
-                rows = best.indices.cpu().numpy()
-                candidate_rows = torch.from_numpy(self.plain.gram[rows.ravel()]).to(self.device).float()
-                exact = torch.bmm(candidate_rows.view(*rows.shape, -1), left[:, :, None]).squeeze(-1)
-                exact = exact / spread[best.indices]
+            exact = best.values.float() if spread is None else self._exact(left, best.indices) / spread[best.indices]
             block_columns, block_values = best.indices.cpu().numpy(), exact.cpu().numpy()
             columns[s : s + len(left)], values[s : s + len(left)] = block_columns, block_values
             if scores is not None:
@@ -237,6 +226,21 @@ class GramComparison:
                 scores[s : s + len(left)] = block
         self._standardised = None  # the standardised copy is not needed any more
         return Shortlist(columns, values, scores)
+
+    def _exact(self, left: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+        """(b, k) fp32 products of ``left`` (b, entries) with the raw plaintext rows ``columns``
+        (b, k). On a CPU 8 left rows at a time: their candidates widened to fp32 (8 MB at k = 8)
+        stay in cache for the product (all at once: 2.3x slower, at the memory's pace)."""
+        plain = torch.from_numpy(self.plain.gram)
+        rows_at_once = 8 if self.device.type == "cpu" else len(left)
+        exact = torch.empty(columns.shape, dtype=torch.float32, device=self.device)
+        for s in range(0, len(left), rows_at_once):
+            block = columns[s : s + rows_at_once]
+            candidates = plain.index_select(0, block.cpu().reshape(-1)).to(self.device).float()
+            exact[s : s + len(block)] = torch.bmm(
+                candidates.view(*block.shape, -1), left[s : s + len(block), :, None]
+            ).squeeze(-1)
+        return exact
 
     def _encoded_blocks(self, encoded_gram: np.ndarray, slot_positions: np.ndarray, chunk: int):
         """Yield (start, standardised fp32 rows in position order, on the device) of ``encoded_gram``."""
@@ -250,12 +254,6 @@ class GramComparison:
         for s in range(0, len(gram), self.chunk):
             yield torch.from_numpy(gram[s : s + self.chunk]).to(self.device).float()
 
-    def _plain_spread(self) -> torch.Tensor:
-        """(M,) |p - mean(p)| of each plaintext Gram row."""
-        return torch.cat(
-            [(rows - rows.mean(1, keepdim=True)).norm(dim=1).clamp_min(1e-12) for rows in self._plain_blocks()]
-        )
-
     def _rough_rows(self, left: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Standardised encoded rows as a rough product takes them: the sampled entries, scaled."""
         if self._entries is None:
@@ -263,16 +261,31 @@ class GramComparison:
         return (left.index_select(1, self._entries) * self._entry_scale).to(dtype)
 
     def _plain(self, dtype: torch.dtype, *, rough: bool = False) -> torch.Tensor:
-        """(M, entries) standardised plaintext rows in ``dtype``: every entry, or a rough product's."""
+        """(M, entries) standardised plaintext rows in ``dtype``: every entry, or a rough product's.
+        Sets ``_spread`` (M,): each raw row's |p - mean(p)|."""
         entries = self._entries if rough else None
         if self._standardised is None or self._standardised[0] != (dtype, entries is not None):
             self._standardised = None  # one copy at a time
-            blocks = (standardise_rows(rows) for rows in self._plain_blocks())
-            standardised = torch.cat(
-                [(rows if entries is None else rows.index_select(1, entries)).to(dtype) for rows in blocks]
-            )
+            n, n_entries = self.plain.gram.shape
+            n_entries = n_entries if entries is None else len(entries)
+            standardised = torch.empty(n, n_entries, dtype=dtype, device=self.device)  # filled: no second copy
+            self._spread = torch.empty(n, device=self.device)
+            for s, rows in enumerate(self._plain_blocks()):
+                block = slice(s * self.chunk, s * self.chunk + len(rows))
+                standardised[block], self._spread[block] = _standardise_plain(rows, entries)
             self._standardised = ((dtype, entries is not None), standardised)
         return self._standardised[1]
+
+
+def _standardise_plain(rows: torch.Tensor, entries: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plaintext Gram rows (b, E) fp32 standardised over every entry, keeping ``entries`` only
+    (all when None), and each row's spread (b,) |p - mean(p)|. Uses |p - mean|^2 = |p|^2 -
+    E mean^2: no centred copy of every entry where a rough product needs only the sampled ones."""
+    mean = rows.mean(1, keepdim=True)
+    square = torch.linalg.vector_norm(rows, dim=1, keepdim=True).square() - rows.shape[1] * mean.square()
+    spread = square.clamp_min(1e-24).sqrt()
+    kept = rows if entries is None else rows.index_select(1, entries)
+    return (kept - mean) / spread, spread[:, 0]
 
 
 def _position_order(slot_positions: np.ndarray) -> np.ndarray:

@@ -339,10 +339,13 @@ def _gram_statistics(release_dir: str, **options):
     attack_ = cls(cls.Params(), **options)
     with open_release(release_dir) as release, open_key(release_dir) as key:
         truth = key.read("truth/plain_index")
-        features, mean = self_encode(release.plain_images, release.config, width=attack_.params.self_width, seed=0)
+        self_width, channels = pairing.statistics_widths(
+            release.config, self_width=attack_.params.self_width, channels=attack_.params.channels
+        )
+        features, mean = self_encode(release.plain_images, release.config, width=self_width, seed=0)
         plain = patch_statistics(features, mean, len(release.plain_images))
         del features
-        encoded = pairing.aligned_statistics(release, attack_, chunk=attack_.params.chunk).statistics
+        encoded = pairing.aligned_statistics(release, attack_, chunk=attack_.params.chunk, channels=channels).statistics
     return attack_, truth, encoded, plain
 
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from scipy.optimize import linear_sum_assignment
 
 from ncbench.attacks import pairing, statistics
-from ncbench.attacks.alignment import assign_rows, to_slot_order
+from ncbench.attacks.alignment import assign_rows
 from ncbench.attacks.base import Attack
 from ncbench.attacks.carlini_2021 import CloneEncoder, permuted_scores, recover_permutation
 from ncbench.attacks.linear_inversion import choose_ridge, place_slots_by_continuity, place_slots_by_inversion
@@ -25,7 +25,7 @@ from ncbench.attacks.plugins.registry import (
     register,
     resolve,
 )
-from ncbench.attacks.statistics import aligned_centred_grams, centred_grams
+from ncbench.attacks.statistics import centred_grams
 from ncbench.attacks.submission import read_submission
 from ncbench.challenge.encoders import Encoder, resolve_config, sample_key
 from ncbench.challenge.files import open_key, open_release
@@ -104,6 +104,38 @@ def test_gram_hungarian_predicts_patch_positions(releases):
 FAST_CARLINI = dict(train_steps=100, clone_steps=10)
 
 
+def test_gram_statistics_read_only_the_channels_asked_for(releases, monkeypatch):
+    from ncbench.challenge.files import Release
+
+    attack = resolve("gram-hungarian")()
+    with open_release(releases["nc3", "reid"]) as release:
+        clean = pairing.aligned_statistics(release, attack, chunk=16, channels=64).statistics
+        read = Release.encoded_rows
+
+        def noisy_beyond_64(self, rows, **kwargs):
+            encoded = read(self, rows, **kwargs)
+            encoded[..., 64:] = np.random.default_rng(0).normal(size=encoded[..., 64:].shape)
+            return encoded
+
+        monkeypatch.setattr(Release, "encoded_rows", noisy_beyond_64)
+        noisy = pairing.aligned_statistics(release, attack, chunk=16, channels=64).statistics
+        every_channel = pairing.aligned_statistics(release, attack, chunk=16).statistics
+    assert np.array_equal(clean.gram, noisy.gram) and np.array_equal(clean.norms, noisy.norms)
+    assert not np.allclose(clean.norms, every_channel.norms)
+
+
+def test_gram_hungarian_reidentifies_nc3_from_a_quarter_of_the_channels(releases):
+    submission = _run("gram-hungarian", releases["nc3", "reid"], self_width=256, channels=64)
+    assert _reid_accuracy(releases["nc3", "reid"], submission) >= 0.9
+
+
+def test_shallow_full_size_releases_get_a_narrow_self_key_and_fewer_channels():
+    assert pairing.statistics_widths(resolve_config("nc7")) == (128, 512)
+    assert pairing.statistics_widths(resolve_config("nc47")) == (512, 2048)
+    assert pairing.statistics_widths(resolve_config("nc7", width=256), self_width=64, channels=1024) == (64, 256)
+    assert pairing.statistics_widths(resolve_config("nc7", **TINY)) == (512, 256)  # 64 patches: too few entries
+
+
 def test_carlini_2021_reidentifies_nc3(releases):
     assert _reid_accuracy(releases["nc3", "reid"], _run("carlini-2021", releases["nc3", "reid"], **FAST_CARLINI)) >= 0.9
 
@@ -154,15 +186,14 @@ def test_slot_permutation_is_recovered_from_a_half_right_matching():
     assert np.array_equal(permuted_scores(encoded, plain, recovered).argmax(1), truth)
 
 
-def test_aligned_grams_equal_grams_of_reordered_centred_encodings():
+def test_bf16_grams_round_the_deviations_not_the_means():
     rng = np.random.default_rng(1)
-    encoded = torch.from_numpy(rng.normal(size=(5, 12, 32)) + 3.0)
-    mean = torch.from_numpy(rng.normal(size=(12, 32)) + 3.0)
-    slots = np.stack([rng.permutation(12) for _ in range(5)])
-    products = torch.einsum("bpd,sd->bps", encoded, mean)
-    fused = aligned_centred_grams(encoded, products, slots, mean @ mean.T)
-    expected = centred_grams(to_slot_order(encoded, slots), mean)
-    assert torch.allclose(fused, expected, atol=1e-4)
+    mean = torch.from_numpy(rng.normal(size=(12, 32)) * 100).float()  # means far above the deviations
+    encoded = mean + torch.from_numpy(rng.normal(size=(5, 12, 32))).float()
+    exact = centred_grams(encoded.double(), mean.double(), dtype=torch.float64)
+    rounded = centred_grams(encoded, mean, dtype=torch.bfloat16)
+    assert rounded.dtype == torch.float32
+    assert (rounded - exact).abs().max() < 0.02 * exact.abs().max()
 
 
 def test_slot_assignment_is_the_optimal_assignment_with_or_without_conflicts():
@@ -366,7 +397,7 @@ def test_unknown_or_out_of_range_parameters_are_refused():
     with pytest.raises(NcbenchError, match="no parameter 'widht'"):
         cls.parse_params({"widht": "3"})
     with pytest.raises(NcbenchError, match="out of range"):
-        cls.parse_params({"self_width": "1"})
+        cls.parse_params({"self_width": "-1"})
     with pytest.raises(NcbenchError, match="not a valid int"):
         cls.parse_params({"self_width": "wide"})
     assert cls.parse_params({"self_width": "128"}).self_width == 128

@@ -149,7 +149,7 @@ def test_no_exact_pairs_without_the_positional_embedding(tmp_path):
 
 
 def test_only_the_averaged_keys_of_a_deep_release_keep_bf16_activations(deep_one_batch, monkeypatch):
-    """The boosting's key keeps fp32 activations beyond BF16_ACTIVATIONS_MAX_DEPTH; the keys
+    """The boosting's key keeps fp32 activations beyond SHALLOW_DEPTH; the keys
     averaged in the comparison with exact pairs may round (their rounding averages out)."""
     asked = []
 
