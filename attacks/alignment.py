@@ -89,18 +89,40 @@ def slot_reference(
     Rows are assigned to the first encoding's slots; the mean of that alignment is a far less noisy
     reference for the final alignment (:func:`iter_aligned`). Releases without shuffle keep row order.
     """
+    return slot_moments(release, chunk=chunk, device=device, advance=advance, limit=limit, channels=channels)[0]
+
+
+def slot_moments(
+    release: Release | SiteView,
+    *,
+    chunk: int = 64,
+    device: str = "cpu",
+    advance: Callable[[int], None] = lambda k: None,
+    limit: int | None = None,
+    channels: int | None = None,
+    against: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`slot_reference` (P, D), and how far each channel spreads around the slot means (D,)
+    float32: the within-slot standard deviation, pooled over the slots (float64 sums). Rows are
+    assigned to the slots of ``against`` (P, D) where given, else of the first encoding."""
     n = release.n_encoded if limit is None else min(limit, release.n_encoded)
-    first = torch.from_numpy(release.encoded_rows([0])[0, :, :channels]).to(device)
-    total = torch.zeros_like(first)
+    if against is None:
+        against = torch.from_numpy(release.encoded_rows([0])[0, :, :channels]).to(device)
+    total = torch.zeros_like(against, dtype=torch.float64)
+    squares = torch.zeros_like(total)
     for start, block in iter_release(release, chunk, device, channels=channels):
         block = block[: n - start]
         if release.config.shuffle:
-            block = to_slot_order(block, align(block, first)[0])
+            block = to_slot_order(block, align(block, against)[0])
+        block = block.double()
         total += block.sum(0)
+        squares += (block * block).sum(0)
         advance(len(block))
         if start + len(block) >= n:
             break
-    return total / n
+    mean = total / n
+    spread = (squares / n - mean * mean).clamp_min(0).mean(0).sqrt()
+    return mean.float(), spread.float()
 
 
 def iter_aligned(

@@ -29,6 +29,7 @@ from ncbench.attacks.alignment import (
     iter_release,
     recover_slot_positions,
     refine_slot_positions,
+    slot_moments,
     slot_reference,
     to_slot_order,
 )
@@ -47,6 +48,7 @@ from ncbench.attacks.statistics import (
 )
 from ncbench.challenge.config import EncoderConfig
 from ncbench.challenge.files import Release, SiteView
+from ncbench.h5io import prefetch
 from ncbench.hardware import matmul_dtype
 
 # Boosting stops once a round adds under CONVERGED of mutual best pairs, after at most
@@ -167,23 +169,33 @@ def aligned_statistics(
     hashes: bool = False,
     channels: int | None = None,
     dtype: torch.dtype = torch.float32,
+    weighted: bool = False,
 ) -> Aligned:
     """Undo the shuffles of one key's encodings and take their patch statistics (two passes), on
     their first ``channels`` channels (all when None), with the products of the final alignment
     and of the Gram matrices in ``dtype``; ``hashes``: also hash every encoded row's first
-    :data:`HASHED_CHANNELS` channels (:func:`attacks.duplicates.row_hashes`)."""
+    :data:`HASHED_CHANNELS` channels (:func:`attacks.duplicates.row_hashes`).
+
+    ``weighted``: the final alignment divides each channel by its spread around the slot means,
+    so a row goes to the nearest slot mean under a pooled diagonal covariance (linear discriminant
+    analysis) instead of the plain Euclidean distance."""
     n = view.n_encoded
-    with attack.stage("slot reference", min(n, REFERENCE_IMAGES)) as advance:
-        reference = slot_reference(
-            view, chunk=chunk, device=attack.device, advance=advance, limit=REFERENCE_IMAGES, channels=channels
-        )
+    moments = dict(chunk=chunk, device=attack.device, limit=REFERENCE_IMAGES, channels=channels)
+    with attack.stage("slot reference", min(n, REFERENCE_IMAGES) * (1 + weighted)) as advance:
+        reference = slot_reference(view, advance=advance, **moments)
+        weight = torch.ones(reference.shape[1], device=reference.device)
+        if weighted:  # the spread around slots assigned by the reference, far less noisy than one encoding
+            spread = slot_moments(view, advance=advance, against=reference, **moments)[1]
+            weight = 1 / spread.clamp_min(1e-3 * spread.mean())
+    weighted_reference = reference * weight
     n_patches = view.config.n_patches
     slots = np.empty((n, n_patches), np.int64)
     row_hash = np.empty((n, n_patches, 2), np.int64) if hashes else None
 
     def aligned_grams():
         for start, block in iter_release(view, chunk, attack.device, channels=channels):
-            block_slots, _ = align(block, reference, shuffle=view.config.shuffle, dtype=dtype)
+            scaled = block * weight if weighted else block
+            block_slots, _ = align(scaled, weighted_reference, shuffle=view.config.shuffle, dtype=dtype)
             slots[start : start + len(block)] = block_slots
             if row_hash is not None:
                 row_hash[start : start + len(block)] = row_hashes(block[..., :HASHED_CHANNELS].cpu())
@@ -399,6 +411,7 @@ def gram_pairing(
     :func:`statistics_widths`. ``assign_max``, ``candidates`` and ``scores_max``: see
     :func:`boost` (a release of several sites keeps every score, to stack them).
     """
+    prefetch(release.path)  # the encodings reach the page cache while the pool is encoded
     plain_images = release.plain_images
     shallow = release.config.depth <= SHALLOW_DEPTH
     self_width, channels = statistics_widths(release.config, self_width=self_width, channels=channels)
@@ -445,7 +458,13 @@ def gram_pairing(
         view = release.site(site) if release.n_sites > 1 else release
         rows = np.flatnonzero(sites == site)
         aligned = aligned_statistics(
-            view, attack, chunk=chunk, hashes=look_for_pairs, channels=channels, dtype=products_dtype
+            view,
+            attack,
+            chunk=chunk,
+            hashes=look_for_pairs,
+            channels=channels,
+            dtype=products_dtype,
+            weighted=cheap_statistics(release.config) and release.config.shuffle,
         )
         first, first_pairs = None, None
         if look_for_pairs:

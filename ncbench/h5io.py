@@ -20,6 +20,7 @@ import math
 import os
 import shutil
 import tempfile
+import threading
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -167,6 +168,41 @@ def _read_row(dataset: h5py.Dataset, out: np.ndarray, k: int, row: int) -> None:
         element_bytes[j::itemsize] = planes[j]
     if not as_stored:
         row_out[...] = values.reshape(row_out.shape)
+
+
+PREFETCH_SHARE = 0.5  # of the memory available now, at most, that a prefetched file may take
+_PREFETCH_BLOCK = 16 << 20
+
+
+def prefetch(path: str | os.PathLike) -> threading.Thread | None:
+    """Read ``path`` once from start to end on a daemon thread, so that a later pass over its
+    chunks finds them in the page cache instead of waiting on the disk one chunk at a time (nc7,
+    N = 10,000, caches dropped first: 65.5 s without, 53.6 s with the 9.7 GB read during the
+    attack's first stage). Nothing happens where the file would take more than
+    :data:`PREFETCH_SHARE` of the available memory: its first chunks would be evicted before use."""
+    size = Path(path).stat().st_size
+    available = _available_memory()
+    if available is None or size > PREFETCH_SHARE * available:
+        return None
+
+    def read() -> None:
+        with contextlib.suppress(OSError), open(path, "rb", buffering=0) as handle:
+            block = bytearray(_PREFETCH_BLOCK)
+            while handle.readinto(block):
+                pass
+
+    thread = threading.Thread(target=read, name="ncbench-prefetch", daemon=True)
+    thread.start()
+    return thread
+
+
+def _available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes, or None where there is none to read."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return None
 
 
 def _inflate_at_most(deflated: bytes, limit: int) -> bytes | None:

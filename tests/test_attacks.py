@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from scipy.optimize import linear_sum_assignment
 
 from ncbench.attacks import pairing, statistics
-from ncbench.attacks.alignment import assign_rows
+from ncbench.attacks.alignment import assign_rows, slot_moments
 from ncbench.attacks.base import Attack
 from ncbench.attacks.carlini_2021 import CloneEncoder, permuted_scores, recover_permutation
 from ncbench.attacks.linear_inversion import choose_ridge, place_slots_by_continuity, place_slots_by_inversion
@@ -122,6 +122,15 @@ def test_gram_statistics_read_only_the_channels_asked_for(releases, monkeypatch)
         every_channel = pairing.aligned_statistics(release, attack, chunk=16).statistics
     assert np.array_equal(clean.gram, noisy.gram) and np.array_equal(clean.norms, noisy.norms)
     assert not np.allclose(clean.norms, every_channel.norms)
+
+
+def test_slot_moments_give_the_mean_and_the_pooled_within_slot_spread(releases):
+    with open_release(releases["linear", "invert"]) as release:  # unshuffled: every row is its slot
+        encoded = release.encoded_rows(np.arange(release.n_encoded)).astype(np.float64)
+        mean, spread = slot_moments(release, chunk=16, channels=40)
+    encoded = encoded[..., :40]
+    np.testing.assert_allclose(mean.numpy(), encoded.mean(0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(spread.numpy(), np.sqrt(encoded.var(0).mean(0)), rtol=1e-4)
 
 
 def test_gram_hungarian_reidentifies_nc3_from_a_quarter_of_the_channels(releases):

@@ -1,6 +1,7 @@
 """The parallel row reader: the same values as HDF5 reads, and the same refusals of damaged chunks."""
 
 import zlib
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -86,3 +87,23 @@ def test_chunk_inflating_past_its_row_is_refused(h5):
     dataset.id.write_direct_chunk((2, 0, 0), _with_checksum(zlib.compress(bytes(64 * 64 * 2 * 1000))))
     with pytest.raises(OSError, match="does not inflate to the 8192 bytes"):
         read_rows(dataset, np.array([1, 2]))
+
+
+def test_prefetch_reads_a_file_that_fits_and_skips_one_that_does_not(tmp_path, monkeypatch):
+    path = tmp_path / "release.h5"
+    path.write_bytes(bytes(1 << 20))
+    read = []
+    real_open = open
+
+    def recording_open(file, *args, **kwargs):
+        read.append(Path(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", recording_open)
+    monkeypatch.setattr(h5io, "_available_memory", lambda: 8 << 20)
+    h5io.prefetch(path).join(timeout=10)
+    assert path in read
+    monkeypatch.setattr(h5io, "_available_memory", lambda: 1 << 20)  # the file would take all of it
+    assert h5io.prefetch(path) is None
+    monkeypatch.setattr(h5io, "_available_memory", lambda: None)
+    assert h5io.prefetch(path) is None
