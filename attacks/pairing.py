@@ -184,18 +184,18 @@ def aligned_statistics(
     moments = dict(chunk=chunk, device=attack.device, limit=REFERENCE_IMAGES, channels=channels)
     with attack.stage("slot reference", min(n, REFERENCE_IMAGES) * (1 + weighted)) as advance:
         reference = slot_reference(view, advance=advance, **moments)
-        weight = torch.ones(reference.shape[1], device=reference.device)
+        weight = None
         if weighted:  # the spread around slots assigned by the reference, far less noisy than one encoding
             spread = slot_moments(view, advance=advance, against=reference, **moments)[1]
             weight = 1 / spread.clamp_min(1e-3 * spread.mean())
-    weighted_reference = reference * weight
+    weighted_reference = reference if weight is None else reference * weight
     n_patches = view.config.n_patches
     slots = np.empty((n, n_patches), np.int64)
     row_hash = np.empty((n, n_patches, 2), np.int64) if hashes else None
 
     def aligned_grams():
         for start, block in iter_release(view, chunk, attack.device, channels=channels):
-            scaled = block * weight if weighted else block
+            scaled = block if weight is None else block * weight
             block_slots, _ = align(scaled, weighted_reference, shuffle=view.config.shuffle, dtype=dtype)
             slots[start : start + len(block)] = block_slots
             if row_hash is not None:
@@ -416,7 +416,8 @@ def gram_pairing(
     plain_images = release.plain_images
     shallow = release.config.depth <= SHALLOW_DEPTH
     self_width, channels = statistics_widths(release.config, self_width=self_width, channels=channels)
-    products_dtype = matmul_dtype(attack.device) if cheap_statistics(release.config) else torch.float32
+    cheap = cheap_statistics(release.config)
+    products_dtype = matmul_dtype(attack.device) if cheap else torch.float32
     insider = insider_encoder(insider_key, release.config, device=attack.device) if insider_key else None
 
     def encode_plain(seed: int, encoder=None, advance=lambda k: None, *, averaged: bool = False):
@@ -465,7 +466,7 @@ def gram_pairing(
             hashes=look_for_pairs,
             channels=channels,
             dtype=products_dtype,
-            weighted=cheap_statistics(release.config) and release.config.shuffle,
+            weighted=cheap and release.config.shuffle,
         )
         first, first_pairs = None, None
         if look_for_pairs:
