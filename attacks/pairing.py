@@ -67,6 +67,10 @@ SCORES_MAX = 20_000
 # as good as that of all (nc7, N = 1,000: 100% either way, patch positions 97.4% vs 97.8%) and
 # makes the first of the two passes over the encodings a fixed cost instead of one per image.
 REFERENCE_IMAGES = 256
+# Likewise the self-keyed pool is centred by the mean of its first 2,048 images (all of a smaller
+# pool), so the rest can be encoded and reduced a batch at a time: no pool of M images, nor their
+# encodings, is held (6.5 GB and 1.6 GB at M = 100,000, width 64).
+POOL_MEAN_IMAGES = 2048
 # Up to this depth (nc7 and shallower) the statistics survive cheaper arithmetic; over nc47's 44
 # blocks every error compounds. There the self-keyed encoder keeps bf16 activations where bf16 is
 # native (nc7, N = 1,000: 5.7 s instead of 9.0 s; nc47's Gram statistic with the true slot order
@@ -84,7 +88,10 @@ REFERENCE_IMAGES = 256
 #   100% with 512), and 1,024 channels took N = 10,000 from 52 s to 68.5 s. Weighting each
 #   channel by its spread in the alignment (:func:`aligned_statistics`) gives 98.4% and 98.8%;
 # - those products (the final alignment's and the Gram matrices') are in bf16 where it is native
-#   (nc7, N = 10,000: still 100%, and the stage took 27.3 s instead of 31-33 s).
+#   (nc7, N = 10,000: still 100%, and the stage took 27.3 s instead of 31-33 s);
+# - the Gram entries of both sides are kept as int8 (:func:`collect_statistics`): half the
+#   memory, the largest share per image (nc7, N = 1,000: 100% and the same patch positions; on
+#   nc47's N = 200 release the positions fell from 59.4% to 57.3%, so nc47 keeps float16).
 # With 64 patches (2,016 entries; nc3, 2 sites x 40 images) the narrow key and the bf16 products
 # each left the sites at 58-80% where the full arithmetic placed all.
 SHALLOW_DEPTH = 8
@@ -171,10 +178,12 @@ def aligned_statistics(
     channels: int | None = None,
     dtype: torch.dtype = torch.float32,
     weighted: bool = False,
+    storage=np.float16,
 ) -> Aligned:
     """Undo the shuffles of one key's encodings and take their patch statistics (two passes), on
     their first ``channels`` channels (all when None), with the products of the final alignment
-    and of the Gram matrices in ``dtype``; ``hashes``: also hash every encoded row's first
+    and of the Gram matrices in ``dtype``, the Gram entries stored as ``storage``
+    (:func:`collect_statistics`); ``hashes``: also hash every encoded row's first
     :data:`HASHED_CHANNELS` channels (:func:`attacks.duplicates.row_hashes`).
 
     ``weighted``: the final alignment divides each channel by its spread around the slot means,
@@ -204,7 +213,7 @@ def aligned_statistics(
             yield start, centred_grams(in_slot_order, reference, dtype=dtype)
 
     with attack.stage("align + encoded statistics", n):
-        statistics = collect_statistics(aligned_grams(), n, n_patches)
+        statistics = collect_statistics(aligned_grams(), n, n_patches, storage=storage)
     return Aligned(statistics, slots, reference, row_hash)
 
 
@@ -413,14 +422,20 @@ def gram_pairing(
     :func:`boost` (a release of several sites keeps every score, to stack them).
     """
     prefetch(release.path)  # the encodings reach the page cache while the pool is encoded
-    plain_images = release.plain_images
+    # Without the positional embedding (``mix``) a patch encodes alike at every position, so
+    # repeated rows would not say where: no exact pairs there.
+    look_for_pairs = duplicates and release.config.mix and release.n_sites == 1 and release.n_encoded <= assign_max
+    # The pairs and the comparison with them need the pool and its self-keyed encodings again;
+    # otherwise the pool is read, encoded and reduced to statistics a batch at a time.
+    plain_images = release.plain_pool[:] if look_for_pairs else release.plain_pool
     shallow = release.config.depth <= SHALLOW_DEPTH
     self_width, channels = statistics_widths(release.config, self_width=self_width, channels=channels)
     cheap = cheap_statistics(release.config)
     products_dtype = matmul_dtype(attack.device) if cheap else torch.float32
+    storage = np.int8 if cheap else np.float16
     insider = insider_encoder(insider_key, release.config, device=attack.device) if insider_key else None
 
-    def encode_plain(seed: int, encoder=None, advance=lambda k: None, *, averaged: bool = False):
+    def encode_plain(seed: int, encoder=None, advance=lambda k: None, *, averaged: bool = False, held: bool = True):
         return self_encode(
             plain_images,
             release.config,
@@ -430,6 +445,7 @@ def gram_pairing(
             advance=advance,
             encoder=encoder,
             bf16_activations=averaged or shallow,
+            mean_images=None if held else POOL_MEAN_IMAGES,
         )
 
     def plain_keys(advance):  # the boosting's key, then more self-sampled ones
@@ -440,11 +456,8 @@ def gram_pairing(
         advance(1)
 
     with attack.stage("self-keyed plaintext statistics", len(plain_images)) as advance:
-        features, mean = encode_plain(attack.seed, insider, advance)
-        plain = patch_statistics(features, mean, len(plain_images), dtype=products_dtype)
-    # Without the positional embedding (``mix``) a patch encodes alike at every position, so
-    # repeated rows would not say where: no exact pairs there.
-    look_for_pairs = duplicates and release.config.mix and release.n_sites == 1 and release.n_encoded <= assign_max
+        features, mean = encode_plain(attack.seed, insider, advance, held=look_for_pairs)
+        plain = patch_statistics(features, mean, len(plain_images), dtype=products_dtype, storage=storage)
     if not look_for_pairs:
         del features
     sites = release.sites
@@ -467,6 +480,7 @@ def gram_pairing(
             channels=channels,
             dtype=products_dtype,
             weighted=cheap and release.config.shuffle,
+            storage=storage,
         )
         first, first_pairs = None, None
         if look_for_pairs:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -49,18 +50,28 @@ def self_encode(
     advance: Callable[[int], None] = lambda k: None,
     encoder: Encoder | None = None,
     bf16_activations: bool = False,
-) -> tuple[list[tuple[int, torch.Tensor]], torch.Tensor]:
+    mean_images: int | None = None,
+) -> tuple[list[tuple[int, torch.Tensor]] | Iterator[tuple[int, torch.Tensor]], torch.Tensor]:
     """Encode ``images`` (M, S, S) uint8 unshuffled with a self-sampled key (or ``encoder``: an
     insider's), in the release's BatchNorm batch size so batch statistics behave alike.
 
     Returns blocks [(start, (b, P, width) float16)] in position order and the mean (P, width).
-    Memory: M * P * width * 2 bytes.
+    Memory: M * P * width * 2 bytes. ``mean_images``: hold only the first that many images (whole
+    batches) and take the mean over them; the blocks are then an iterator that encodes the rest
+    as it is consumed, so a consumer that reduces each block holds a fixed amount whatever M is
+    (``images`` may then be a :class:`~ncbench.challenge.files.RowReader`).
     """
     if encoder is None:
         encoder = self_keyed_encoder(config, width=width, seed=seed, device=device, bf16_activations=bf16_activations)
     width = encoder.config.width
-    blocks, total = [], torch.zeros(config.n_patches, width, device=device)
-    for start, encoded in encoder.encode_stream(images, None, on_batch=advance):
+    stream = encoder.encode_stream(images, None, on_batch=advance)
+    held, total = [], torch.zeros(config.n_patches, width, device=device)
+    for start, encoded in stream:
         total += encoded.sum(0, dtype=torch.float32).to(device)
-        blocks.append((start, encoded.to(torch.float16)))
-    return blocks, total / max(len(images), 1)
+        held.append((start, encoded.to(torch.float16)))
+        if mean_images is not None and start + len(encoded) >= mean_images:
+            break
+    mean = total / max(sum(len(block) for _, block in held), 1)
+    if mean_images is None:
+        return held, mean
+    return itertools.chain(held, ((start, encoded.to(torch.float16)) for start, encoded in stream)), mean

@@ -205,6 +205,39 @@ def test_bf16_grams_round_the_deviations_not_the_means():
     assert (rounded - exact).abs().max() < 0.02 * exact.abs().max()
 
 
+def test_int8_gram_entries_keep_the_cosines_and_the_correlations():
+    rng = np.random.default_rng(6)
+    rows = torch.from_numpy(rng.normal(size=(40, 16, 24))).float()
+    grams = torch.bmm(rows, rows.transpose(1, 2))
+    half = statistics.collect_statistics(iter([(0, grams)]), 40, 16)
+    small = statistics.collect_statistics(iter([(0, grams)]), 40, 16, storage=np.int8)
+    assert small.gram.dtype == np.int8 and small.gram.nbytes * 2 == half.gram.nbytes
+    assert np.array_equal(small.norms, half.norms)
+    assert (small.full_grams() - half.full_grams()).abs().max() <= statistics.INT8_UNIT / 2 + 1e-3
+    slot_positions = np.arange(16)
+    both = statistics.GramComparison(small, half).scores(slot_positions)
+    assert np.abs(both - statistics.GramComparison(half, half).scores(slot_positions)).max() < 0.01
+    assert np.array_equal(both.argmax(1), np.arange(40))
+
+
+def test_a_streamed_self_encoding_holds_only_the_head_and_gives_the_same_blocks(releases):
+    with open_release(releases["nc3", "reid"]) as release:
+        config, pool = release.config, release.plain_pool
+        assert np.array_equal(pool[5:17], release.plain_images[5:17])
+        options = dict(width=64, seed=0)
+        held, mean = pairing.self_encode(release.plain_images, config, **options)
+        assert len(pool) > config.bn_batch
+        # Rounded up to whole batches: the first one.
+        streamed, head_mean = pairing.self_encode(pool, config, mean_images=config.bn_batch - 1, **options)
+        assert not isinstance(streamed, list)
+        streamed = list(streamed)
+    assert [start for start, _ in streamed] == [start for start, _ in held]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(held, streamed))
+    head = held[0][1].float()
+    torch.testing.assert_close(head_mean, head.mean(0), rtol=1e-3, atol=1e-3)
+    assert not torch.allclose(head_mean, mean)
+
+
 def test_slot_assignment_is_the_optimal_assignment_with_or_without_conflicts():
     rng = np.random.default_rng(5)
     separated = torch.eye(12).repeat(3, 1, 1)[:, rng.permutation(12)] + 0.1 * torch.rand(3, 12, 12)
