@@ -45,7 +45,7 @@ def assign_rows(similarity: torch.Tensor) -> np.ndarray:
 
 def to_slot_order(encoded: torch.Tensor, slots: np.ndarray) -> torch.Tensor:
     """(B, P, D) rows in release order -> (B, P, D) rows in slot order (one batched scatter)."""
-    index = torch.as_tensor(slots, device=encoded.device).unsqueeze(-1).expand_as(encoded)
+    index = torch.as_tensor(slots, dtype=torch.int64, device=encoded.device).unsqueeze(-1).expand_as(encoded)
     return torch.empty_like(encoded).scatter_(1, index, encoded)
 
 

@@ -19,6 +19,7 @@ from ncbench.attacks.pairing import (
     ASSIGN_MAX,
     BOOST_ROUNDS,
     CANDIDATES,
+    HELD_MAX,
     REFINE_PAIRS,
     SCORES_MAX,
     gram_pairing,
@@ -56,6 +57,12 @@ class GramHungarian(Attack):
         )
         candidates: int = param(CANDIDATES, "plaintext candidates per encoding when sparse", min=1, max=1024)
         scores_max: int = param(SCORES_MAX, "encodings up to which the (N, M) scores are kept", min=1, max=10_000_000)
+        held_max: int = param(
+            HELD_MAX,
+            "plaintexts up to which their Gram matrices are held when sparse (beyond: encoded again for the final scores)",
+            min=1,
+            max=10_000_000,
+        )
         chunk: int = chunk_param()
         insider_key: str = param("", "another site's key file (`challenge site-key`) to encode the plaintexts with")
         duplicates: bool = param(True, "start from exact pairs of repeated patches (one site, up to assign_max)")
@@ -79,6 +86,7 @@ class GramHungarian(Attack):
             assign_max=p.assign_max,
             candidates=p.candidates,
             scores_max=p.scores_max,
+            held_max=p.held_max,
             duplicates=p.duplicates,
             anchor_keys=p.anchor_keys,
         )

@@ -39,12 +39,15 @@ from ncbench.attacks.self_keyed import insider_encoder, self_encode
 from ncbench.attacks.statistics import (
     GramComparison,
     PatchStatistics,
+    SampledStatistics,
     centred_grams,
     collect_statistics,
     patch_statistics,
+    sampled_statistics,
     sorted_norm_mutual_best,
     sorted_norm_scores,
     standardise_rows,
+    unit_entries,
 )
 from ncbench.challenge.config import EncoderConfig
 from ncbench.challenge.files import Release, SiteView
@@ -71,6 +74,10 @@ REFERENCE_IMAGES = 256
 # pool), so the rest can be encoded and reduced a batch at a time: no pool of M images, nor their
 # encodings, is held (6.5 GB and 1.6 GB at M = 100,000, width 64).
 POOL_MEAN_IMAGES = 2048
+# Up to this many plaintexts their Gram matrices are held (32 KB each in int8 at 256 patches);
+# beyond, only what the rough products need (8.7 KB), and the exact correlations of the final
+# candidates come from encoding the pool a second time (:class:`SampledStatistics`).
+HELD_MAX = 20_000
 # Up to this depth (nc7 and shallower) the statistics survive cheaper arithmetic; over nc47's 44
 # blocks every error compounds. There the self-keyed encoder keeps bf16 activations where bf16 is
 # native (nc7, N = 1,000: 5.7 s instead of 9.0 s; nc47's Gram statistic with the true slot order
@@ -127,7 +134,7 @@ class Aligned:
     """One key's encodings in a common slot order: their statistics and the slot of each row."""
 
     statistics: PatchStatistics
-    slots: np.ndarray  # (N, P) int64: the slot each encoded row was assigned to
+    slots: np.ndarray  # (N, P) int16: the slot each encoded row was assigned to
     reference: torch.Tensor  # (P, D) the mean encoding in slot order (first REFERENCE_IMAGES)
     hashes: np.ndarray | None = None  # (N, P, 2) int64 hashes of the encoded rows, when asked
 
@@ -199,7 +206,7 @@ def aligned_statistics(
             weight = 1 / spread.clamp_min(1e-3 * spread.mean())
     weighted_reference = reference if weight is None else reference * weight
     n_patches = view.config.n_patches
-    slots = np.empty((n, n_patches), np.int64)
+    slots = np.empty((n, n_patches), np.int16)  # 512 bytes an image
     row_hash = np.empty((n, n_patches, 2), np.int64) if hashes else None
 
     def aligned_grams():
@@ -314,7 +321,7 @@ def trusted_pairs(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def boost(
     left: PatchStatistics,
-    right: PatchStatistics,
+    right: PatchStatistics | SampledStatistics,
     scores: np.ndarray | None,
     *,
     rounds: int,
@@ -341,10 +348,11 @@ def boost(
     ``candidates`` best right items, exact in fp32 (:meth:`GramComparison.shortlist`), and a
     sparse assignment on those shortlists gives the matching (:func:`match_shortlists`): no
     N x N assignment, and the (L, R) scores are kept only up to ``scores_max`` left items.
+    ``right`` may be :class:`SampledStatistics` only beyond ``assign_max`` left items.
     """
     slot_positions = np.arange(left.norms.shape[1])
     comparison = GramComparison(left, right, device=device)
-    n_left = len(left.gram)
+    n_left = len(left.norms)
     sample = np.sort(rng.permutation(n_left)[:assign_max]) if n_left > assign_max else None
     scored = np.arange(n_left)  # the left items the rows of ``scores`` are
     history: list[float] = []
@@ -362,14 +370,15 @@ def boost(
     if sample is None:
         return Boosted(match(scores), scores.astype(np.float32, copy=False), slot_positions, history)
     del scores
-    final = comparison.shortlist(slot_positions, candidates=candidates, keep_scores=len(left.gram) <= scores_max)
-    matched = match_shortlists(final.columns, final.values, len(right.gram))
+    final = comparison.shortlist(slot_positions, candidates=candidates, keep_scores=n_left <= scores_max)
+    matched = match_shortlists(final.columns, final.values, len(right.norms))
     unplaced = np.flatnonzero(matched < 0)
     if len(unplaced):
         # Exact dense assignment only where the shortlists cannot place everyone: the unplaced
         # rows against the columns nobody took.
-        free = np.setdiff1d(np.arange(len(right.gram)), matched[matched >= 0])
-        left_over = comparison.scores(slot_positions, subset=unplaced, columns=free)
+        # (Rough against sampled plaintext statistics, which hold no whole Gram rows.)
+        free = np.setdiff1d(np.arange(len(right.norms)), matched[matched >= 0])
+        left_over = comparison.scores(slot_positions, subset=unplaced, columns=free, rough=comparison.sampled)
         matched[unplaced] = free[match(left_over)]
     return Boosted(matched, final.scores, slot_positions, history, unplaced=len(unplaced))
 
@@ -404,6 +413,7 @@ def gram_pairing(
     scores_max: int = SCORES_MAX,
     duplicates: bool = True,
     anchor_keys: int = ANCHOR_KEYS,
+    held_max: int = HELD_MAX,
 ) -> Pairing:
     """Pair every encoding of ``release`` with a plaintext; stages and randomness come from
     ``attack`` (its progress, stage times, device, seed).
@@ -419,7 +429,9 @@ def gram_pairing(
     one-to-one across sites. ``insider_key``: a site key file (another hospital's key) that
     encodes the plaintexts instead of a self-sampled key. ``self_width`` and ``channels``: see
     :func:`statistics_widths`. ``assign_max``, ``candidates`` and ``scores_max``: see
-    :func:`boost` (a release of several sites keeps every score, to stack them).
+    :func:`boost` (a release of several sites keeps every score, to stack them). ``held_max``:
+    beyond that many plaintexts (one site, beyond ``assign_max`` encodings) the plaintexts' Gram
+    matrices are not held but computed again where they are needed (:class:`SampledStatistics`).
     """
     prefetch(release.path)  # the encodings reach the page cache while the pool is encoded
     # Without the positional embedding (``mix``) a patch encodes alike at every position, so
@@ -428,6 +440,7 @@ def gram_pairing(
     # The pairs and the comparison with them need the pool and its self-keyed encodings again;
     # otherwise the pool is read, encoded and reduced to statistics a batch at a time.
     plain_images = release.plain_pool[:] if look_for_pairs else release.plain_pool
+    sampled = release.n_sites == 1 and release.n_encoded > assign_max and len(plain_images) > held_max
     shallow = release.config.depth <= SHALLOW_DEPTH
     self_width, channels = statistics_widths(release.config, self_width=self_width, channels=channels)
     cheap = cheap_statistics(release.config)
@@ -435,9 +448,11 @@ def gram_pairing(
     storage = np.int8 if cheap else np.float16
     insider = insider_encoder(insider_key, release.config, device=attack.device) if insider_key else None
 
-    def encode_plain(seed: int, encoder=None, advance=lambda k: None, *, averaged: bool = False, held: bool = True):
+    def encode_plain(
+        seed: int, encoder=None, advance=lambda k: None, *, averaged: bool = False, held: bool = True, images=None
+    ):
         return self_encode(
-            plain_images,
+            plain_images if images is None else images,
             release.config,
             width=self_width,
             seed=seed,
@@ -455,16 +470,27 @@ def gram_pairing(
             yield encode_plain(attack.seed + key, averaged=True)
         advance(1)
 
+    def recompute_plain(rows: np.ndarray | None):  # see SampledStatistics
+        images = plain_images if rows is None else plain_images.take(rows)
+        blocks, _ = encode_plain(attack.seed, insider, images=images, held=False)
+        for start, block in blocks:
+            yield start, unit_entries(centred_grams(block, mean, dtype=products_dtype))[1]
+
     with attack.stage("self-keyed plaintext statistics", len(plain_images)) as advance:
         features, mean = encode_plain(attack.seed, insider, advance, held=look_for_pairs)
-        plain = patch_statistics(features, mean, len(plain_images), dtype=products_dtype, storage=storage)
+        if sampled:
+            grams = ((start, centred_grams(block, mean, dtype=products_dtype)) for start, block in features)
+            size = (len(plain_images), release.config.n_patches)
+            plain = sampled_statistics(grams, *size, dtype=matmul_dtype(attack.device), recompute=recompute_plain)
+        else:
+            plain = patch_statistics(features, mean, len(plain_images), dtype=products_dtype, storage=storage)
     if not look_for_pairs:
         del features
     sites = release.sites
     several = release.n_sites > 1
     keep_scores = several or release.n_encoded <= scores_max
     scores = np.empty((release.n_encoded, len(plain_images)), np.float32) if keep_scores else None
-    positions = np.empty((release.n_encoded, release.config.n_patches), np.int64)
+    positions = np.empty((release.n_encoded, release.config.n_patches), np.int16)
     history: list[float] = []
     unplaced = 0
     refine_rng = attack.rng("refine")
@@ -547,7 +573,7 @@ def match_with_pairs(scores: np.ndarray, pairs: tuple[np.ndarray, np.ndarray]) -
 
 def _slot_positions(
     left: PatchStatistics,
-    right: PatchStatistics,
+    right: PatchStatistics | SampledStatistics,
     rows: np.ndarray,
     partners: np.ndarray,
     rng: np.random.Generator,

@@ -7,6 +7,8 @@ so these statistics of an encoding resemble those of its plaintext encoded with 
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +17,8 @@ import torch
 from ncbench.hardware import matmul_dtype
 
 INT8_UNIT = 1 / 127  # the cosine of one step of int8 Gram entries
+ROUGH_ENTRIES = 4096  # Gram entries a rough product samples (of 32,640 at 256 patches)
+EXACT_PAIRS = 512  # (encoding, candidate) pairs whose exact correlations are taken at once: 67 MB
 
 
 @dataclass(frozen=True)
@@ -37,19 +41,46 @@ class PatchStatistics:
 
     def full_grams(self, rows=slice(None)) -> torch.Tensor:
         """(K, P, P) symmetric Gram matrices of the selected images, rebuilt from the upper triangle."""
-        return self._symmetric(torch.from_numpy(self.gram[rows]).float() * self.unit)
+        return symmetric_grams(torch.from_numpy(self.gram[rows]).float() * self.unit)
 
     def mean_gram(self) -> torch.Tensor:
         """(1, P, P) the population's mean Gram matrix."""
-        return self._symmetric(torch.from_numpy(self.gram.mean(0, dtype=np.float32) * self.unit)[None])
+        return symmetric_grams(torch.from_numpy(self.gram.mean(0, dtype=np.float32) * self.unit)[None])
 
-    def _symmetric(self, values: torch.Tensor) -> torch.Tensor:
-        n_patches = self.norms.shape[1]
-        upper = torch.triu_indices(n_patches, n_patches, 1)
-        full = torch.zeros(len(values), n_patches, n_patches)
-        full[:, upper[0], upper[1]] = values
-        full[:, upper[1], upper[0]] = values
-        return full
+
+@dataclass(frozen=True)
+class SampledStatistics:
+    """Plaintext statistics of a pool too large to hold its Gram matrices.
+
+    norms: (M, P) float32 centred patch norms; rough: (M, R) each image's Gram row standardised
+    over every entry, kept at the R entries a rough product samples (:data:`ROUGH_ENTRIES`), in
+    the rough product's dtype; spread: (M,) float32 each row's |g - mean(g)| over every entry;
+    recompute(rows): yields (offset into ``rows``, (b, P(P-1)/2) float32 Gram entries) for the
+    images ``rows`` (sorted; None: the whole pool, in the BatchNorm batches of its statistics),
+    encoding them again. A pool of M images holds about M * (2P + 2R + 4) bytes with bf16 rough
+    rows: 8.7 KB per image where its full Gram rows take 32 KB in int8.
+    """
+
+    norms: np.ndarray
+    rough: torch.Tensor
+    spread: torch.Tensor
+    recompute: Callable[[np.ndarray | None], Iterator[tuple[int, torch.Tensor]]]
+
+    def full_grams(self, rows) -> torch.Tensor:
+        """(K, P, P) Gram matrices of the images ``rows`` (any order), computed again as one batch."""
+        unique, inverse = np.unique(np.asarray(rows, np.int64), return_inverse=True)
+        entries = torch.cat([block for _, block in self.recompute(unique)])
+        return symmetric_grams(entries[torch.from_numpy(inverse)])
+
+
+def symmetric_grams(values: torch.Tensor) -> torch.Tensor:
+    """(K, P, P) symmetric matrices with a zero diagonal from their upper triangles (K, P(P-1)/2)."""
+    n_patches = round((1 + math.sqrt(1 + 8 * values.shape[1])) / 2)
+    upper = torch.triu_indices(n_patches, n_patches, 1)
+    full = torch.zeros(len(values), n_patches, n_patches)
+    full[:, upper[0], upper[1]] = values
+    full[:, upper[1], upper[0]] = values
+    return full
 
 
 def patch_statistics(
@@ -75,22 +106,52 @@ def collect_statistics(blocks, n: int, n_patches: int, *, storage=np.float16) ->
     ``storage``: float16, or int8 (cosines rounded to steps of :data:`INT8_UNIT`: half the memory,
     64 KB instead of 128 KB per image with 256 patches; the rounding error is uniform, about
     0.002 root mean square, where the entries of a shallow release spread far wider)."""
-    upper = torch.triu_indices(n_patches, n_patches, 1)
-    upper_flat = upper[0] * n_patches + upper[1]
     norms = np.empty((n, n_patches), np.float32)
-    gram = np.empty((n, len(upper_flat)), storage)
+    gram = np.empty((n, n_patches * (n_patches - 1) // 2), storage)
     int8 = gram.dtype == np.int8
     for start, grams in blocks:
-        block_norms = grams.diagonal(dim1=1, dim2=2).clamp_min(0).sqrt()
-        inverse = 1 / block_norms.clamp_min(1e-12)
-        unit = (grams * inverse[:, :, None]).mul_(inverse[:, None, :])
+        block_norms, entries = unit_entries(grams)
         norms[start : start + len(grams)] = block_norms.cpu().numpy()
-        # Cast by torch straight into the float16 array: numpy's float16 cast is not vectorised.
-        entries = unit.flatten(1).index_select(1, upper_flat.to(grams.device)).cpu()
+        entries = entries.cpu()
         if int8:
             entries = entries.div_(INT8_UNIT).round_().clamp_(-127, 127)
+        # Cast by torch straight into the array: numpy's float16 cast is not vectorised.
         torch.from_numpy(gram[start : start + len(grams)]).copy_(entries)
     return PatchStatistics(norms, gram)
+
+
+def sampled_statistics(blocks, n: int, n_patches: int, *, dtype: torch.dtype, recompute) -> SampledStatistics:
+    """:class:`SampledStatistics` of ``n`` images from blocks (start, centred Gram matrices (b, P, P)),
+    the rough rows in ``dtype``; ``recompute`` as that class takes it."""
+    entries = _sampled_entries(n_patches * (n_patches - 1) // 2)
+    norms = np.empty((n, n_patches), np.float32)
+    rough = torch.empty(n, n_patches * (n_patches - 1) // 2 if entries is None else len(entries), dtype=dtype)
+    spread = torch.empty(n)
+    for start, grams in blocks:
+        block_norms, values = unit_entries(grams)
+        norms[start : start + len(grams)] = block_norms.cpu().numpy()
+        kept, block_spread = _standardise_plain(values.cpu(), entries)
+        rough[start : start + len(grams)], spread[start : start + len(grams)] = kept, block_spread
+    return SampledStatistics(norms, rough, spread, recompute)
+
+
+def unit_entries(grams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centred Gram matrices (b, P, P) -> the patches' norms (b, P) and the upper triangles
+    (b, P(P-1)/2) of the matrices of the unit-normalised patches (cosines)."""
+    n_patches = grams.shape[1]
+    upper = torch.triu_indices(n_patches, n_patches, 1, device=grams.device)
+    norms = grams.diagonal(dim1=1, dim2=2).clamp_min(0).sqrt()
+    inverse = 1 / norms.clamp_min(1e-12)
+    unit = (grams * inverse[:, :, None]).mul_(inverse[:, None, :])
+    return norms, unit.flatten(1).index_select(1, upper[0] * n_patches + upper[1])
+
+
+def _sampled_entries(n_entries: int, sampled: int = ROUGH_ENTRIES) -> torch.Tensor | None:
+    """The Gram entries a rough product estimates from (sorted, drawn once with a fixed seed), or
+    None where there are no more than ``sampled``."""
+    if sampled >= n_entries:
+        return None
+    return torch.from_numpy(np.sort(np.random.default_rng(0).permutation(n_entries)[:sampled]))
 
 
 def standardise_rows(values: torch.Tensor) -> torch.Tensor:
@@ -150,9 +211,6 @@ class Shortlist:
     scores: np.ndarray | None
 
 
-ROUGH_ENTRIES = 4096  # Gram entries a rough product samples (of 32,640 at 256 patches)
-
-
 class GramComparison:
     """Correlations of encoded Gram matrices (slot order) with plaintext ones (position order),
     for one population of each, compared again and again as the slot order improves.
@@ -176,15 +234,17 @@ class GramComparison:
         rough_entries: int = ROUGH_ENTRIES,
     ):
         self.encoded, self.plain, self.chunk = encoded, plain, chunk
+        self.sampled = isinstance(plain, SampledStatistics)  # rough products only, exact ones recomputed
         self.device = torch.device(device)
         self._standardised: tuple[tuple[torch.dtype, bool], torch.Tensor] | None = None
         self._spread: torch.Tensor | None = None  # (M,) set with the standardised copy
-        n_entries = plain.gram.shape[1]
-        self._entries = None
-        if rough_entries < n_entries:
-            drawn = np.random.default_rng(0).permutation(n_entries)[:rough_entries]
-            self._entries = torch.from_numpy(np.sort(drawn)).to(self.device)
+        n_entries = encoded.gram.shape[1]
+        self._entries = _sampled_entries(n_entries, rough_entries)
+        if self._entries is not None:
+            self._entries = self._entries.to(self.device)
         self._entry_scale = n_entries / rough_entries if self._entries is not None else 1.0
+        if self.sampled and plain.rough.shape[1] != (n_entries if self._entries is None else len(self._entries)):
+            raise ValueError("sampled plaintext statistics hold other entries than this comparison samples")
 
     def scores(
         self,
@@ -195,16 +255,20 @@ class GramComparison:
         rough: bool = False,
     ) -> np.ndarray:
         """(N, M) correlations, or (len(subset), len(columns)) for the encoded rows ``subset`` and
-        the plaintext rows ``columns`` (exact; standardised for this call only).
+        the plaintext rows ``columns`` (exact ones standardised for this call only; rough only
+        against :class:`SampledStatistics`).
 
         ``rough``: estimate from the sampled entries and multiply in :func:`matmul_dtype` (bf16
         where native: 2.4x faster, but torch's CPU bf16 product rounds its output to bf16 too,
         steps of 0.004 near 1): enough to pick trusted pairs, too coarse to rank (see
         :meth:`shortlist`).
         """
+        if self.sampled and not rough:
+            raise ValueError("sampled plaintext statistics give rough products only")
         dtype = matmul_dtype(self.device) if rough else torch.float32
-        if columns is None:
+        if columns is None or rough:
             right = self._plain(dtype, rough=rough)
+            right = right if columns is None else right[torch.as_tensor(columns, device=self.device)]
         else:
             right = _standardise_plain(torch.from_numpy(self.plain.gram[columns]).to(self.device).float())[0]
         encoded_gram = self.encoded.gram if subset is None else self.encoded.gram[subset]
@@ -221,12 +285,14 @@ class GramComparison:
         entries, bf16 where native), their correlations recomputed in fp32 on every entry: exact
         where a matching or a ranking is decided, at the rough product's cost. ``chunk`` rows of
         the (N, M) product exist at a time; the whole matrix only when ``keep_scores`` (10 GB at
-        N = M = 50,000)."""
+        N = M = 50,000). Against :class:`SampledStatistics` the exact correlations come from one
+        more pass that encodes the pool again (:meth:`_recomputed_exact`)."""
         dtype = matmul_dtype(self.device)
         right = self._plain(dtype, rough=True)
         # A standardised left row sums to zero, so its correlation with a plaintext row p is
         # <left, p> / |p - mean(p)|: the candidates' raw rows suffice.
         spread = self._spread if dtype != torch.float32 or self._entries is not None else None
+        later = self.sampled and spread is not None  # exact values after the loop
         n, m = len(self.encoded.gram), len(right)
         k = min(candidates, m)
         columns = np.empty((n, k), np.int64)
@@ -235,15 +301,43 @@ class GramComparison:
         for s, left in self._encoded_blocks(self.encoded.gram, slot_positions, chunk):
             rough = self._rough_rows(left, dtype) @ right.T
             best = rough.topk(k, dim=1)
-            exact = best.values.float() if spread is None else self._exact(left, best.indices) / spread[best.indices]
-            block_columns, block_values = best.indices.cpu().numpy(), exact.cpu().numpy()
-            columns[s : s + len(left)], values[s : s + len(left)] = block_columns, block_values
+            block_columns = best.indices.cpu().numpy()
+            columns[s : s + len(left)] = block_columns
             if scores is not None:
-                block = rough.float().cpu().numpy()
-                np.put_along_axis(block, block_columns, block_values, axis=1)
-                scores[s : s + len(left)] = block
+                scores[s : s + len(left)] = rough.float().cpu().numpy()
+            if later:
+                continue
+            exact = best.values.float() if spread is None else self._exact(left, best.indices) / spread[best.indices]
+            values[s : s + len(left)] = exact.cpu().numpy()
         self._standardised = None  # the standardised copy is not needed any more
+        if later:
+            values = self._recomputed_exact(slot_positions, columns)
+        if scores is not None:
+            np.put_along_axis(scores, columns, values, axis=1)
         return Shortlist(columns, values, scores)
+
+    def _recomputed_exact(self, slot_positions: np.ndarray, columns: np.ndarray) -> np.ndarray:
+        """(N, k) fp32 correlations of each encoded row with its candidate plaintexts ``columns``
+        (N, k), the plaintexts' Gram rows computed again a batch at a time (:class:`SampledStatistics`)
+        and put in slot order, where the encoded rows are as stored; :data:`EXACT_PAIRS` at a time."""
+        to_slot_order = torch.from_numpy(np.argsort(_position_order(slot_positions))).to(self.device)
+        spread = torch.cat([_row_spread(rows.float()) for _, rows in self._encoded_rows(self.encoded.gram, self.chunk)])
+        flat = columns.ravel()
+        order = np.argsort(flat, kind="stable")
+        by_column = flat[order]
+        values = np.empty(len(flat), np.float32)
+        for start, block in self.plain.recompute(None):
+            block = block.to(self.device).index_select(1, to_slot_order)
+            block = (block - block.mean(1, keepdim=True)) / _row_spread(block)[:, None]
+            first, stop = np.searchsorted(by_column, [start, start + len(block)])
+            for at in range(first, stop, EXACT_PAIRS):
+                pairs = order[at : min(at + EXACT_PAIRS, stop)]
+                rows = pairs // columns.shape[1]
+                left = torch.from_numpy(self.encoded.gram[rows]).to(self.device).float()
+                right = block[torch.from_numpy(flat[pairs] - start).to(self.device)]
+                # The right rows sum to zero: the left rows' means drop out of the product.
+                values[pairs] = ((left * right).sum(1) / spread[rows]).cpu().numpy()
+        return values.reshape(columns.shape)
 
     def _exact(self, left: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
         """(b, k) fp32 products of ``left`` (b, entries) with the raw plaintext rows ``columns``
@@ -263,9 +357,13 @@ class GramComparison:
     def _encoded_blocks(self, encoded_gram: np.ndarray, slot_positions: np.ndarray, chunk: int):
         """Yield (start, standardised fp32 rows in position order, on the device) of ``encoded_gram``."""
         take = torch.from_numpy(_position_order(slot_positions)).to(self.device)
-        for s in range(0, len(encoded_gram), chunk):
-            rows = torch.from_numpy(encoded_gram[s : s + chunk]).to(self.device)
+        for s, rows in self._encoded_rows(encoded_gram, chunk):
             yield s, standardise_rows(rows.index_select(1, take).float())
+
+    def _encoded_rows(self, encoded_gram: np.ndarray, chunk: int):
+        """Yield (start, rows as stored, on the device) of ``encoded_gram``."""
+        for s in range(0, len(encoded_gram), chunk):
+            yield s, torch.from_numpy(encoded_gram[s : s + chunk]).to(self.device)
 
     def _plain_blocks(self):
         gram = self.plain.gram
@@ -281,6 +379,9 @@ class GramComparison:
     def _plain(self, dtype: torch.dtype, *, rough: bool = False) -> torch.Tensor:
         """(M, entries) standardised plaintext rows in ``dtype``: every entry, or a rough product's.
         Sets ``_spread`` (M,): each raw row's |p - mean(p)|."""
+        if self.sampled:
+            self._spread = self.plain.spread.to(self.device)
+            return self.plain.rough.to(self.device, dtype)
         entries = self._entries if rough else None
         if self._standardised is None or self._standardised[0] != (dtype, entries is not None):
             self._standardised = None  # one copy at a time
@@ -304,6 +405,11 @@ def _standardise_plain(rows: torch.Tensor, entries: torch.Tensor | None = None) 
     spread = square.clamp_min(1e-24).sqrt()
     kept = rows if entries is None else rows.index_select(1, entries)
     return (kept - mean) / spread, spread[:, 0]
+
+
+def _row_spread(rows: torch.Tensor) -> torch.Tensor:
+    """(b,) |r - mean(r)| of each row of ``rows`` (b, E)."""
+    return (rows - rows.mean(1, keepdim=True)).norm(dim=1).clamp_min(1e-12)
 
 
 def _position_order(slot_positions: np.ndarray) -> np.ndarray:

@@ -90,8 +90,12 @@ class RowReader:
     def __getitem__(self, index: slice) -> np.ndarray:
         if not isinstance(index, slice) or index.step not in (None, 1):
             raise TypeError("RowReader takes slices of consecutive rows")
+        return self.take(np.arange(*index.indices(len(self))))
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """The rows ``rows`` (sorted, unique)."""
         try:
-            return read_rows(self.dataset, np.arange(*index.indices(len(self))), dtype=self.dataset.dtype)
+            return read_rows(self.dataset, rows, dtype=self.dataset.dtype)
         except OSError as error:
             raise NcbenchError(f"{self.owner.path}: {self.name} is corrupt ({error})") from None
 

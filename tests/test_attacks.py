@@ -334,6 +334,27 @@ def test_rows_the_shortlists_cannot_place_are_assigned_densely():
     assert np.array_equal(boosted.matched[2:], np.arange(2, n))
 
 
+def test_plaintext_grams_computed_again_give_the_matching_of_held_ones(releases, monkeypatch):
+    # bf16 rough products, as where bf16 is native: the candidates' exact scores need the
+    # plaintexts' whole Gram rows, which a sampled pool no longer holds.
+    monkeypatch.setattr(statistics, "matmul_dtype", lambda device: torch.bfloat16)
+    built = []
+
+    def recording(*args, **kwargs):
+        built.append(statistics.sampled_statistics(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(pairing, "sampled_statistics", recording)
+    options = dict(self_width=256, assign_max=24)
+    held = _run("gram-hungarian", releases["nc3", "reid"], **options)
+    assert not built
+    sampled = _run("gram-hungarian", releases["nc3", "reid"], held_max=47, **options)
+    assert len(built) == 1 and not hasattr(built[0], "gram")
+    assert sampled.mapping == held.mapping
+    assert _reid_accuracy(releases["nc3", "reid"], sampled) >= 0.9
+    assert np.abs(sampled.scores - held.scores).max() < 0.01
+
+
 def test_beyond_scores_max_only_the_mapping_is_submitted(releases):
     submission = _run("gram-hungarian", releases["nc3", "reid"], self_width=256, assign_max=24, scores_max=40)
     assert submission.scores is None
