@@ -18,6 +18,13 @@ from ncbench.hardware import matmul_dtype
 
 INT8_UNIT = 1 / 127  # the cosine of one step of int8 Gram entries
 ROUGH_ENTRIES = 4096  # Gram entries a rough product samples (of 32,640 at 256 patches)
+# The shortlist's first, coarsest product: every step-th sampled entry, PRUNED_ENTRIES in all
+# (its error about 1 / sqrt(512) = 0.044), keeps PRUNED_CANDIDATES per row for the finer one.
+# Gathering those candidates' rows costs a fixed 76 ms per 256 rows on 2 Zen 4 cores (bf16),
+# the product it spares 4.6 ms per 1,000 plaintexts: pruning pays from about 17,000 on.
+PRUNED_ENTRIES = 512
+PRUNED_CANDIDATES = 64
+PRUNED_FROM = 20_000
 EXACT_PAIRS = 512  # (encoding, candidate) pairs whose exact correlations are taken at once: 67 MB
 
 
@@ -298,16 +305,29 @@ class GramComparison:
         columns = np.empty((n, k), np.int64)
         values = np.empty((n, k), np.float32)
         scores = np.empty((n, m), np.float32) if keep_scores else None
+        # Beyond PRUNED_FROM plaintexts a first product on every step-th sampled entry keeps each
+        # row's PRUNED_CANDIDATES best, and only those get the product on every sampled entry.
+        step = right.shape[1] // PRUNED_ENTRIES if m > max(PRUNED_FROM, PRUNED_CANDIDATES) else 0
+        coarse = right[:, ::step].contiguous() if step > 1 else None
         for s, left in self._encoded_blocks(self.encoded.gram, slot_positions, chunk):
-            rough = self._rough_rows(left, dtype) @ right.T
-            best = rough.topk(k, dim=1)
-            block_columns = best.indices.cpu().numpy()
-            columns[s : s + len(left)] = block_columns
+            rough_left = self._rough_rows(left, dtype)
+            if coarse is None:
+                rough = rough_left @ right.T
+                best = rough.topk(k, dim=1)
+                best_columns, best_values = best.indices, best.values
+            else:
+                rough = (rough_left[:, ::step] @ coarse.T) * step
+                kept = rough.topk(PRUNED_CANDIDATES, dim=1).indices
+                finer = torch.bmm(right[kept], rough_left[:, :, None]).squeeze(-1)
+                rough.scatter_(1, kept, finer)
+                best = finer.topk(k, dim=1)
+                best_columns, best_values = kept.gather(1, best.indices), best.values
+            columns[s : s + len(left)] = best_columns.cpu().numpy()
             if scores is not None:
                 scores[s : s + len(left)] = rough.float().cpu().numpy()
             if later:
                 continue
-            exact = best.values.float() if spread is None else self._exact(left, best.indices) / spread[best.indices]
+            exact = best_values.float() if spread is None else self._exact(left, best_columns) / spread[best_columns]
             values[s : s + len(left)] = exact.cpu().numpy()
         self._standardised = None  # the standardised copy is not needed any more
         if later:

@@ -295,6 +295,23 @@ def test_rough_products_estimate_from_sampled_entries_and_shortlists_stay_exact(
     assert np.allclose(shortlist.values, np.take_along_axis(exact, shortlist.columns, 1), atol=1e-5)
 
 
+def test_a_coarse_first_product_prunes_the_shortlists_without_losing_the_best(monkeypatch):
+    comparison, slot_positions = _noisy_gram_comparison(np.random.default_rng(7), n=120)
+    exact = comparison.scores(slot_positions)
+    full = comparison.shortlist(slot_positions, candidates=3)
+    calls = []
+    bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda *args: calls.append(args[0].shape) or bmm(*args))
+    monkeypatch.setattr(statistics, "PRUNED_ENTRIES", 30)  # every 4th of the 120 entries
+    monkeypatch.setattr(statistics, "PRUNED_CANDIDATES", 12)
+    monkeypatch.setattr(statistics, "PRUNED_FROM", 100)
+    pruned = comparison.shortlist(slot_positions, candidates=3)
+    assert calls[0] == (120, 12, 120)  # the finer product: 12 candidates per row, every entry
+    assert np.array_equal(pruned.columns[:, 0], np.arange(120)) and np.array_equal(full.columns[:, 0], np.arange(120))
+    assert np.allclose(pruned.values, np.take_along_axis(exact, pruned.columns, 1), atol=1e-5)
+    assert np.corrcoef(pruned.scores.ravel(), exact.ravel())[0, 1] > 0.5  # the coarse estimate elsewhere
+
+
 def test_boosting_on_a_sample_of_rows_still_reidentifies(releases):
     # Beyond assign_max encodings the rounds score a sample in bf16; the final matching is a
     # sparse assignment on each encoding's candidates.
