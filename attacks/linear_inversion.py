@@ -210,7 +210,7 @@ def reconstruction_scores(reconstructions: np.ndarray, plain_images: np.ndarray)
 
 class LinearInversion(Attack):
     name = "linear-inversion"
-    version = "1.2"
+    version = "1.3"
     tasks = ("invert", "reid")
     knowledge = ("architecture", "self-sampled-keys", "known-pairs", "plaintext-pool")
     description = "Ridge map from encoded to pixel patches fitted on known (or matched) pairs; reconstruct all."
