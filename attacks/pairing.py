@@ -72,10 +72,10 @@ SCORES_MAX = 20_000
 REFERENCE_IMAGES = 256
 # Likewise the self-keyed pool is centred by the mean of its first 2,048 images (all of a smaller
 # pool), so the rest can be encoded and reduced a batch at a time: no pool of M images, nor their
-# encodings, is held (6.5 GB and 1.6 GB at M = 100,000, width 64).
+# encodings, is held (6.5 GB each at M = 100,000: the images, and their encodings at width 128).
 POOL_MEAN_IMAGES = 2048
 # Up to this many plaintexts their Gram matrices are held (32 KB each in int8 at 256 patches);
-# beyond, only what the rough products need (8.7 KB), and the exact correlations of the final
+# beyond, only what the rough products need (9.2 KB), and the exact correlations of the final
 # candidates come from encoding the pool a second time (:class:`SampledStatistics`).
 HELD_MAX = 20_000
 # Up to this depth (nc7 and shallower) the statistics survive cheaper arithmetic; over nc47's 44

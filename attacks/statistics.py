@@ -64,8 +64,8 @@ class SampledStatistics:
     the rough product's dtype; spread: (M,) float32 each row's |g - mean(g)| over every entry;
     recompute(rows): yields (offset into ``rows``, (b, P(P-1)/2) float32 Gram entries) for the
     images ``rows`` (sorted; None: the whole pool, in the BatchNorm batches of its statistics),
-    encoding them again. A pool of M images holds about M * (2P + 2R + 4) bytes with bf16 rough
-    rows: 8.7 KB per image where its full Gram rows take 32 KB in int8.
+    encoding them again. An image takes 4P + 2R + 4 bytes with bf16 rough rows (9.2 KB at 256
+    patches; 17 KB with fp32 ones), where its whole Gram row takes 32 KB in int8.
     """
 
     norms: np.ndarray
