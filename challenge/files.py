@@ -56,10 +56,18 @@ class _H5File:
     def read(self, name: str) -> np.ndarray:
         """A whole dataset, with corrupt chunks reported as one line."""
         dataset = self._require(name)
+        if dataset.ndim and dataset.shape[0] > 1:
+            return self._rows(name, np.arange(dataset.shape[0]))
         try:
-            if dataset.ndim and dataset.shape[0] > 1:
-                return read_rows(dataset, np.arange(dataset.shape[0]), dtype=dataset.dtype)
             return dataset[()]
+        except OSError as error:
+            raise NcbenchError(f"{self.path}: {name} is corrupt ({error})") from None
+
+    def _rows(self, name: str, rows: np.ndarray, *, dtype=None) -> np.ndarray:
+        """Rows ``rows`` (sorted, unique) of a dataset as ``dtype`` (None: as stored), with
+        corrupt chunks reported as one line."""
+        try:
+            return read_rows(self._require(name), rows, dtype=dtype)
         except OSError as error:
             raise NcbenchError(f"{self.path}: {name} is corrupt ({error})") from None
 
@@ -94,10 +102,7 @@ class RowReader:
 
     def take(self, rows: np.ndarray) -> np.ndarray:
         """The rows ``rows`` (sorted, unique)."""
-        try:
-            return read_rows(self.dataset, rows, dtype=self.dataset.dtype)
-        except OSError as error:
-            raise NcbenchError(f"{self.owner.path}: {self.name} is corrupt ({error})") from None
+        return self.owner._rows(self.name, rows)
 
 
 class Release(_H5File):
@@ -189,10 +194,7 @@ class Release(_H5File):
         """Encodings (len(rows), P, D) at ``rows``, in the order given (any order, repeats allowed),
         as ``dtype`` (None: as stored)."""
         unique, inverse = np.unique(np.asarray(rows, dtype=np.int64), return_inverse=True)
-        try:
-            encoded = read_rows(self.encoded, unique, dtype=dtype)
-        except OSError as error:
-            raise NcbenchError(f"{self.path}: encoded/data is corrupt ({error})") from None
+        encoded = self._rows("encoded/data", unique, dtype=dtype)
         return encoded if np.array_equal(inverse, np.arange(len(unique))) else encoded[inverse]
 
     def iter_encoded(self, chunk: int = 64, *, dtype=np.float32) -> Iterator[tuple[int, np.ndarray]]:
