@@ -14,6 +14,7 @@ import os
 import re
 import secrets
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,9 +45,11 @@ from ncbench.errors import NcbenchError
 from ncbench.h5io import (
     atomic_path,
     create_streamed,
+    read_rows,
     set_root_attrs,
     sha256_file,
     write_dataset,
+    write_rows,
 )
 from ncbench.private import create_private_file, private_dir
 from ncbench.progress import progress
@@ -435,7 +438,7 @@ class RowView:
         rows = self.index[window]
         order = np.argsort(rows)
         out = np.empty((len(rows), *self.dataset.shape[1:]), self.dataset.dtype)
-        out[order] = self.dataset[rows[order]]  # h5py reads increasing indices only
+        out[order] = read_rows(self.dataset, rows[order], dtype=None)  # increasing indices only
         return out
 
 
@@ -443,7 +446,7 @@ def _write_rows(group: h5py.Group, name: str, images: np.ndarray, rows: np.ndarr
     """``images[rows]`` written block by block, without a second full copy in memory."""
     dataset = create_streamed(group, name, (len(rows), *images.shape[1:]), images.dtype)
     for start in range(0, len(rows), block):
-        dataset[start : start + block] = images[rows[start : start + block]]
+        write_rows(dataset, start, images[rows[start : start + block]])
 
 
 def _halves(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -457,12 +460,21 @@ def _encode_into(
     dataset: h5py.Dataset, encoder: Encoder, images: RowView, perms: np.ndarray, label: str, *, rows: slice
 ) -> None:
     """Stream the encodings of ``rows`` batch by batch into the same rows of ``dataset``: memory
-    never holds more than one batch. BatchNorm batches start at ``rows.start``."""
+    holds the batch being encoded and the one being written. BatchNorm batches start at ``rows.start``."""
     block = RowView(images.dataset, images.index[rows])
-    with progress(f"{label} {encoder.config.preset}", len(block)) as advance:
+    # One batch is written (its rows deflated on the CPU's threads) while the next is encoded: on
+    # a GPU the two overlap; on a CPU they share its cores, in the same time as one after the other.
+    with progress(f"{label} {encoder.config.preset}", len(block)) as advance, ThreadPoolExecutor(1) as writer:
+        written = None
         for start, encoded in encoder.encode_stream(block, perms[rows], on_batch=advance):
-            dataset[rows.start + start : rows.start + start + len(encoded)] = encoded.numpy().astype(dataset.dtype)
+            values = encoded.numpy().astype(dataset.dtype)
             del encoded  # before the next batch is computed, or two batches are alive at once
+            if written is not None:
+                written.result()  # batches reach the file in order: a build gives the same bytes each time
+            written = writer.submit(write_rows, dataset, rows.start + start, values)
+            del values
+        if written is not None:
+            written.result()
 
 
 def _batches(plan: BuildPlan, bn_batch: int) -> np.ndarray:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ncbench import h5io
-from ncbench.h5io import FILTERS, fletcher32, read_rows, write_dataset
+from ncbench.h5io import FILTERS, create_streamed, fletcher32, fletcher32_checksum, read_rows, write_dataset, write_rows
 
 
 @pytest.fixture
@@ -22,8 +22,7 @@ def _stored(dataset: h5py.Dataset, row: int) -> bytes:
 
 
 def _with_checksum(body: bytes) -> bytes:
-    first, second = fletcher32(body)
-    return body + ((second << 16) | first).to_bytes(4, "little")
+    return body + fletcher32_checksum(body).to_bytes(4, "little")
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.uint8, np.int64])
@@ -62,6 +61,51 @@ def test_fletcher32_is_hdf5s_for_odd_and_even_lengths(h5):
             parities.add(len(stored) % 2)
         np.testing.assert_array_equal(read_rows(dataset, np.arange(6), dtype=np.uint8), values)
     assert parities == {0, 1}
+
+
+def test_fletcher32_checksum_is_the_value_hdf5_stores(h5):
+    """Bit for bit, where the sums mod 65535 leave a choice: all-zero words (0, not 65535), words
+    of 0xFFFF (sums of 65535, not 0) and data of odd length."""
+    rng = np.random.default_rng(3)
+    cases = {
+        "zeros": np.zeros((2, 5000), np.uint8),
+        "ones": np.full((2, 5001), 0xFF, np.uint8),
+        "few values": rng.integers(254, 256, (4, 4097), dtype=np.uint8),
+        "random odd": rng.integers(0, 256, (4, 999), dtype=np.uint8),
+        "floats": rng.standard_normal((4, 64, 130)).astype(np.float32),
+    }
+    for name, values in cases.items():
+        h5.create_dataset(name, data=values, chunks=(1, *values.shape[1:]), **FILTERS)
+        for row in range(len(values)):
+            stored = _stored(h5[name], row)
+            assert fletcher32_checksum(stored[:-4]) == int.from_bytes(stored[-4:], "little"), name
+    assert fletcher32_checksum(b"") == 0 and fletcher32_checksum(bytes(6)) == 0
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.uint8])
+def test_written_rows_are_the_chunks_hdf5_writes(h5, dtype):
+    """write_rows stores, row by row, the bytes HDF5's own filters store; HDF5 reads them back
+    (checking their sums) and so does the row reader."""
+    values = (np.random.default_rng(4).standard_normal((7, 33, 64)) * 40).astype(dtype)
+    by_hdf5 = write_dataset(h5, "by_hdf5", values)
+    ours = create_streamed(h5, "ours", values.shape, values.dtype)
+    write_rows(ours, 0, values[:3])
+    write_rows(ours, 3, values[3:])
+    for row in range(len(values)):
+        assert ours.id.get_chunk_info(row).filter_mask == 0
+        assert _stored(ours, row) == _stored(by_hdf5, row)
+    np.testing.assert_array_equal(ours[()], values)
+    np.testing.assert_array_equal(read_rows(ours, np.arange(7), dtype=None), values)
+
+
+def test_written_rows_of_other_layouts_go_through_hdf5(h5):
+    values = np.arange(40, dtype=np.int32).reshape(10, 4)  # rows too small for the pool
+    for dataset in (
+        create_streamed(h5, "small", values.shape, values.dtype),
+        h5.create_dataset("plain", (10, 4), np.int32),
+    ):
+        write_rows(dataset, 2, values[2:9])
+        np.testing.assert_array_equal(dataset[2:9], values[2:9])
 
 
 def test_layouts_without_our_filters_are_read_by_hdf5(h5):
