@@ -14,7 +14,10 @@ Spec strings::
 
 from __future__ import annotations
 
+import os
 import urllib.parse
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +86,27 @@ def _choose(available: int, n: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(available, size=n, replace=False))
 
 
+DECODE_THREADS_MAX = 8  # a full-size radiograph takes about 80 MB while it is decoded and resized
+
+
+def _decoded(label: str, records: list, decode: Callable[[object], np.ndarray], image_size: int) -> np.ndarray:
+    """``decode(record)`` of every record, stacked in order, on a pool of threads: the decoders
+    and the resizing release the GIL (full-size 2320 x 2828 JPEGs, on 2 cores: 46 ms an image
+    one at a time, 21 ms on two threads). The first bad file (in order) raises; on an error or
+    Ctrl-C the images not yet started are dropped, not decoded."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    pool = ThreadPoolExecutor(min(DECODE_THREADS_MAX, cores), thread_name_prefix="ncbench-decode")
+    try:
+        images = np.empty((len(records), image_size, image_size), dtype=np.uint8)
+        with progress(label, len(records)) as advance:
+            for row, image in enumerate(pool.map(decode, records)):
+                images[row] = image
+                advance(1)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return images
+
+
 def _load_folder(folder: Path, labels_csv: str | None, n: int, seed: int, image_size: int) -> ImageSet:
     if not folder.is_dir():
         raise NcbenchError(f"folder {folder} does not exist")
@@ -93,11 +117,11 @@ def _load_folder(folder: Path, labels_csv: str | None, n: int, seed: int, image_
         raise NcbenchError(f"folder {folder} holds {len(files)} images, {n} requested")
     chosen = [files[i] for i in _choose(len(files), n, seed)]
     ids = [image_id for image_id, _ in chosen]
-    images = np.empty((n, image_size, image_size), dtype=np.uint8)
-    with progress(f"reading images from {folder.name or folder}", n) as advance:
-        for row, (_, path) in enumerate(chosen):
-            images[row] = decode_resized(read_image_bytes(path), str(path), image_size)
-            advance(1)
+
+    def decode(path: Path) -> np.ndarray:
+        return decode_resized(read_image_bytes(path), str(path), image_size)
+
+    images = _decoded(f"reading images from {folder.name or folder}", [path for _, path in chosen], decode, image_size)
     csv_path = Path(labels_csv) if labels_csv else folder / "labels.csv"
     if labels_csv or csv_path.is_file():
         labels, names = read_labels_csv(csv_path, ids)
@@ -129,13 +153,15 @@ def _load_manifest(csv_path: Path, root: str | None, split: str | None, n: int, 
     if n > len(frame):
         raise NcbenchError(f"{where} holds {len(frame)} images, {n} requested")
     frame = frame.iloc[_choose(len(frame), n, seed)]
-    images = np.empty((n, image_size, image_size), dtype=np.uint8)
-    with progress(f"reading images of manifest {sidecar['name']}", n) as advance:
-        for row, record in enumerate(frame.itertuples(index=False)):
-            content = read_image_bytes(Path(record.file))
-            verify_content(content, record.sha256, record.file, csv_path)
-            images[row] = decode_resized(content, record.file, image_size)
-            advance(1)
+
+    def decode(record) -> np.ndarray:
+        content = read_image_bytes(Path(record.file))
+        verify_content(content, record.sha256, record.file, csv_path)
+        return decode_resized(content, record.file, image_size)
+
+    images = _decoded(
+        f"reading images of manifest {sidecar['name']}", list(frame.itertuples(index=False)), decode, image_size
+    )
     labels = frame[list(label_names)].to_numpy(dtype=np.int8).reshape(n, len(label_names))
     chosen_from = f" split {split}" if split else ""
     description = (

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -191,6 +192,39 @@ def test_corrupt_image_names_the_file(tmp_path):
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     with pytest.raises(NcbenchError, match=re.escape(str(tmp_path / "broken.png"))):
         load_images(f"folder:{tmp_path}", n=2, seed=0, image_size=8)
+
+
+def test_images_decoded_on_threads_are_those_decoded_one_at_a_time_in_order(tmp_path):
+    from ncbench.challenge.images import decode_resized
+
+    rng = np.random.default_rng(7)
+    for k in range(24):  # sizes differ, so fast and slow decodes finish out of order
+        write_image(tmp_path / f"img{k:02d}.png", rng.integers(0, 256, (8 + 9 * k, 40), dtype=np.uint8))
+    images = load_images(f"folder:{tmp_path}", n=24, seed=0, image_size=16)
+    one_at_a_time = [decode_resized((tmp_path / name).read_bytes(), name, 16) for name in images.ids]
+    np.testing.assert_array_equal(images.images, np.stack(one_at_a_time))
+
+
+def test_a_bad_image_stops_the_decoding_of_the_rest(tmp_path, monkeypatch):
+    """The first bad file is named and the images queued behind it are not decoded."""
+    import ncbench.challenge.sources as sources
+
+    for k in range(40):
+        write_image(tmp_path / f"img{k:02d}.png", np.zeros((4, 4), dtype=np.uint8))
+    (tmp_path / "img03.png").write_bytes(b"not a png")
+    decoded = []
+    real = sources.decode_resized
+
+    def counting(content, name, size):
+        decoded.append(name)
+        if name > str(tmp_path / "img03.png"):
+            time.sleep(0.05)  # the rest would otherwise all be done before the error is seen
+        return real(content, name, size)
+
+    monkeypatch.setattr(sources, "decode_resized", counting)
+    with pytest.raises(NcbenchError, match="img03.png"):
+        load_images(f"folder:{tmp_path}", n=40, seed=0, image_size=8)
+    assert len(decoded) < 40
 
 
 def test_more_images_than_the_folder_holds(tmp_path):
