@@ -21,6 +21,11 @@ def _stored(dataset: h5py.Dataset, row: int) -> bytes:
     return dataset.id.read_direct_chunk((row,) + (0,) * (dataset.ndim - 1))[1]
 
 
+def _by_hdf5(h5: h5py.File, name: str, values: np.ndarray) -> h5py.Dataset:
+    """``values`` written through HDF5's own filters, one row per chunk (not :func:`write_rows`)."""
+    return h5.create_dataset(name, data=values, chunks=(1, *values.shape[1:]), track_times=False, **FILTERS)
+
+
 def _with_checksum(body: bytes) -> bytes:
     return body + fletcher32_checksum(body).to_bytes(4, "little")
 
@@ -53,7 +58,7 @@ def test_fletcher32_is_hdf5s_for_odd_and_even_lengths(h5):
     parities = set()
     for length in (1, 2, 3, 100, 999, 1000, 4097):
         values = np.random.default_rng(length).integers(0, 4, (6, length), dtype=np.uint8)
-        dataset = write_dataset(h5, f"d{length}", values)
+        dataset = _by_hdf5(h5, f"d{length}", values)
         for row in range(6):
             stored = _stored(dataset, row)
             checksum = int.from_bytes(stored[-4:], "little")
@@ -63,23 +68,44 @@ def test_fletcher32_is_hdf5s_for_odd_and_even_lengths(h5):
     assert parities == {0, 1}
 
 
+def _hdf5_fletcher32(data: bytes) -> int:
+    """H5_checksum_fletcher32 of HDF5's H5checksum.c, line by line (slow: small inputs only)."""
+    sum1 = sum2 = 0
+    words = len(data) // 2
+    position = 0
+    while words:
+        block = min(words, 360)
+        words -= block
+        for _ in range(block):
+            sum1 = (sum1 + ((data[position] << 8) | data[position + 1])) & 0xFFFFFFFF
+            sum2 = (sum2 + sum1) & 0xFFFFFFFF
+            position += 2
+        sum1 = (sum1 & 0xFFFF) + (sum1 >> 16)
+        sum2 = (sum2 & 0xFFFF) + (sum2 >> 16)
+    if len(data) % 2:
+        sum1 += data[position] << 8
+        sum2 += sum1
+        sum1 = (sum1 & 0xFFFF) + (sum1 >> 16)
+        sum2 = (sum2 & 0xFFFF) + (sum2 >> 16)
+    sum1 = (sum1 & 0xFFFF) + (sum1 >> 16)
+    sum2 = (sum2 & 0xFFFF) + (sum2 >> 16)
+    return (sum2 << 16) | sum1
+
+
 def test_fletcher32_checksum_is_the_value_hdf5_stores(h5):
-    """Bit for bit, where the sums mod 65535 leave a choice: all-zero words (0, not 65535), words
-    of 0xFFFF (sums of 65535, not 0) and data of odd length."""
+    """Bit for bit, where the sums mod 65535 leave a choice (all-zero data: 0; words of 0xFFFF:
+    sums of 65535, not 0), against HDF5's code and against the values HDF5 stored."""
     rng = np.random.default_rng(3)
-    cases = {
-        "zeros": np.zeros((2, 5000), np.uint8),
-        "ones": np.full((2, 5001), 0xFF, np.uint8),
-        "few values": rng.integers(254, 256, (4, 4097), dtype=np.uint8),
-        "random odd": rng.integers(0, 256, (4, 999), dtype=np.uint8),
-        "floats": rng.standard_normal((4, 64, 130)).astype(np.float32),
-    }
-    for name, values in cases.items():
-        h5.create_dataset(name, data=values, chunks=(1, *values.shape[1:]), **FILTERS)
-        for row in range(len(values)):
-            stored = _stored(h5[name], row)
-            assert fletcher32_checksum(stored[:-4]) == int.from_bytes(stored[-4:], "little"), name
-    assert fletcher32_checksum(b"") == 0 and fletcher32_checksum(bytes(6)) == 0
+    crafted = [b"", bytes(6), bytes(7), b"\xff" * 2000, b"\xff" * 2001, b"\x00\x01" * 900, rng.bytes(999)]
+    crafted += [rng.integers(254, 256, n, dtype=np.uint8).tobytes() for n in (720, 721, 5000)]
+    for data in crafted:
+        assert fletcher32_checksum(data) == _hdf5_fletcher32(data), data[:8]
+    assert {fletcher32_checksum(b"\xff" * 2000), fletcher32_checksum(bytes(6))} == {0xFFFFFFFF, 0}
+    values = rng.standard_normal((4, 64, 130)).astype(np.float32)
+    dataset = _by_hdf5(h5, "floats", values)
+    for row in range(len(values)):
+        stored = _stored(dataset, row)
+        assert fletcher32_checksum(stored[:-4]) == int.from_bytes(stored[-4:], "little")
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.uint8])
@@ -87,7 +113,7 @@ def test_written_rows_are_the_chunks_hdf5_writes(h5, dtype):
     """write_rows stores, row by row, the bytes HDF5's own filters store; HDF5 reads them back
     (checking their sums) and so does the row reader."""
     values = (np.random.default_rng(4).standard_normal((7, 33, 64)) * 40).astype(dtype)
-    by_hdf5 = write_dataset(h5, "by_hdf5", values)
+    by_hdf5 = _by_hdf5(h5, "by_hdf5", values)
     ours = create_streamed(h5, "ours", values.shape, values.dtype)
     write_rows(ours, 0, values[:3])
     write_rows(ours, 3, values[3:])
@@ -96,6 +122,8 @@ def test_written_rows_are_the_chunks_hdf5_writes(h5, dtype):
         assert _stored(ours, row) == _stored(by_hdf5, row)
     np.testing.assert_array_equal(ours[()], values)
     np.testing.assert_array_equal(read_rows(ours, np.arange(7), dtype=None), values)
+    through_write_dataset = write_dataset(h5, "write_dataset", values)
+    assert [_stored(through_write_dataset, row) for row in range(7)] == [_stored(by_hdf5, row) for row in range(7)]
 
 
 def test_written_rows_of_other_layouts_go_through_hdf5(h5):
