@@ -8,6 +8,7 @@ Layout written atomically (a temporary sibling directory renamed into place)::
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -45,6 +46,7 @@ from ncbench.errors import NcbenchError
 from ncbench.h5io import (
     atomic_path,
     create_streamed,
+    format_bytes,
     read_rows,
     set_root_attrs,
     sha256_file,
@@ -226,21 +228,43 @@ def build_release(
     description = images.description
     del images  # _write drops the only copy once the plaintexts are on disk, before encoding
     out = Path(out)
-    with atomic_path(out, force=force) as tmp:
-        layout = ReleaseLayout(tmp)
-        layout.public.mkdir(parents=True)
-        private_dir(layout.private)  # 0700 and the key 0600, whatever the umask
-        _write(
-            tmp,
-            config=config,
-            plan=plan,
-            roles=roles,
-            build_seed=build_seed,
-            test_release=test_release,
-            device=device,
-            source_description=description,
-        )
+    try:
+        with atomic_path(out, force=force) as tmp:
+            layout = ReleaseLayout(tmp)
+            layout.public.mkdir(parents=True)
+            private_dir(layout.private)  # 0700 and the key 0600, whatever the umask
+            _write(
+                tmp,
+                config=config,
+                plan=plan,
+                roles=roles,
+                build_seed=build_seed,
+                test_release=test_release,
+                device=device,
+                source_description=description,
+            )
+    except (OSError, RuntimeError) as error:  # h5py raises either, with the errno or in its text
+        if getattr(error, "errno", None) not in (errno.ENOSPC, errno.EDQUOT) and not DISK_FULL.search(str(error)):
+            raise
+        raise NcbenchError(
+            f"{out}: the disk filled up while the release was written; nothing was kept "
+            f"(the release and its key take about {format_bytes(_written_bytes(config, plan))})"
+        ) from None
     return out
+
+
+DISK_FULL = re.compile(r"No space left on device|Disk quota exceeded|errno = (28|122)\b")
+
+
+def _written_bytes(config: EncoderConfig, plan: BuildPlan) -> int:
+    """Bytes a build writes before deflate (which barely shrinks encodings and weights): the
+    encodings (and a transfer task's targets), each site's key and the 8-bit images."""
+    width, depth = config.width, config.depth
+    encoded = (plan.n + plan.n_targets) * config.n_patches * width * np.dtype(config.dtype).itemsize
+    weights = width * (config.patch_dim + 1) + depth * width * (width + 1)
+    if config.mix:
+        weights += config.n_patches * width + width * (width + 1)
+    return encoded + plan.sites * 4 * weights + plan.n_images * config.image_size**2
 
 
 def _assign_roles(n_images: int, plan: BuildPlan, rng: np.random.Generator) -> dict[str, np.ndarray]:

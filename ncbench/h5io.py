@@ -141,7 +141,7 @@ def write_rows(dataset: h5py.Dataset, start: int, values: np.ndarray) -> None:
         return
     origin = (0,) * (dataset.ndim - 1)
     # map() keeps the rows' order; list() re-raises a worker's error here.
-    for k, chunk in enumerate(list(_row_pool().map(_filtered_row, values))):
+    for k, chunk in enumerate(list(_row_pool("write").map(_filtered_row, values))):
         dataset.id.write_direct_chunk((start + k, *origin), chunk)
 
 
@@ -169,9 +169,11 @@ def _rows_pipeline(dataset: h5py.Dataset) -> bool:
 
 
 @functools.cache
-def _row_pool() -> ThreadPoolExecutor:
+def _row_pool(purpose: str = "read") -> ThreadPoolExecutor:
+    """Threads that inflate rows (``read``) or deflate them (``write``): two pools, so that a
+    builder's reads of the next batch's images do not queue behind the deflating of the last one."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return ThreadPoolExecutor(min(8, cores), thread_name_prefix="ncbench-rows")
+    return ThreadPoolExecutor(min(8, cores), thread_name_prefix=f"ncbench-{purpose}")
 
 
 def _read_row(dataset: h5py.Dataset, out: np.ndarray, k: int, row: int) -> None:

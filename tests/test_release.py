@@ -353,6 +353,43 @@ def test_cli_build_too_many_images_for_folder(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_cli_build_on_a_full_disk_is_one_line_and_keeps_nothing(tmp_path, monkeypatch):
+    import errno
+
+    import ncbench.challenge.release as release_module
+
+    calls = []
+
+    def full_disk(dataset, start, values):
+        calls.append(start)
+        if len(calls) > 2:  # the key and the plaintexts are written; the encodings are not
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(dataset, start, values)
+
+    real = release_module.write_rows
+    monkeypatch.setattr(release_module, "write_rows", full_disk)
+    result = _run(
+        "challenge",
+        "build",
+        "--preset",
+        "nc7",
+        "--source",
+        "phantom",
+        "--n",
+        16,
+        "--test-release",
+        "--seed",
+        3,
+        "--out",
+        tmp_path / "out",
+        *TINY_ARGS,
+    )
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    last = result.output.strip().splitlines()[-1]  # after the progress lines
+    assert last.startswith("error:") and "the disk filled up" in last and "nothing was kept" in last
+    assert list(tmp_path.iterdir()) == []  # neither the release nor its temporary folder
+
+
 def test_cli_build_missing_folder(tmp_path):
     result = _run(
         "challenge",
