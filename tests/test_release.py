@@ -390,6 +390,20 @@ def test_cli_build_on_a_full_disk_is_one_line_and_keeps_nothing(tmp_path, monkey
     assert list(tmp_path.iterdir()) == []  # neither the release nor its temporary folder
 
 
+def test_any_command_on_a_full_disk_is_one_line(tmp_path, monkeypatch):
+    import errno
+
+    import ncbench.challenge.release as release_module
+
+    def full_disk(out, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(out))
+
+    monkeypatch.setattr(release_module, "build_release", full_disk)
+    result = _run("challenge", "build", "--preset", "nc7", "--n", 4, "--test-release", "--out", tmp_path / "out")
+    _assert_one_line_error(result)
+    assert result.exit_code == 2 and f"no space left on the device writing {tmp_path / 'out'}" in result.output
+
+
 def test_cli_build_missing_folder(tmp_path):
     result = _run(
         "challenge",

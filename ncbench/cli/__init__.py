@@ -5,6 +5,7 @@ becomes one line and exit status 2."""
 
 from __future__ import annotations
 
+import errno
 import sys
 
 import click
@@ -49,6 +50,12 @@ class _Root(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+        except OSError as error:
+            if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            where = f" writing {error.filename}" if error.filename else ""
+            click.echo(f"error: no space left on the device{where}", err=True)
+            sys.exit(2)
         except ModuleNotFoundError as error:  # an organizer's command in the attacker's plain install
             extra = _extra_for(error, ctx.invoked_subcommand)
             if extra is None:
