@@ -1,5 +1,6 @@
 """Challenge releases (docs/format.md): build, verify, tamper detection, role discipline, secrecy, CLI."""
 
+import errno
 import json
 import re
 import shutil
@@ -330,34 +331,22 @@ def _assert_one_line_error(result):
     assert len(lines) == 1 and lines[0].startswith("error:"), result.output
 
 
+def _build_tiny(out, *args):
+    return _run("challenge", "build", "--preset", "nc7", *args, "--out", out, *TINY_ARGS)
+
+
 def test_cli_build_too_many_images_for_folder(tmp_path):
     pil = pytest.importorskip("PIL.Image")
     folder = tmp_path / "imgs"
     folder.mkdir()
     for i in range(2):
         pil.fromarray(np.full((32, 32), 40 * i, np.uint8)).save(folder / f"{i}.png")
-    result = _run(
-        "challenge",
-        "build",
-        "--preset",
-        "nc7",
-        "--source",
-        f"folder:{folder}",
-        "--n",
-        5,
-        "--out",
-        tmp_path / "out",
-        *TINY_ARGS,
-    )
+    result = _build_tiny(tmp_path / "out", "--source", f"folder:{folder}", "--n", 5)
     _assert_one_line_error(result)
     assert not (tmp_path / "out").exists()
 
 
 def test_cli_build_on_a_full_disk_is_one_line_and_keeps_nothing(tmp_path, monkeypatch):
-    import errno
-
-    import ncbench.challenge.release as release_module
-
     calls = []
 
     def full_disk(dataset, start, values):
@@ -368,22 +357,7 @@ def test_cli_build_on_a_full_disk_is_one_line_and_keeps_nothing(tmp_path, monkey
 
     real = release_module.write_rows
     monkeypatch.setattr(release_module, "write_rows", full_disk)
-    result = _run(
-        "challenge",
-        "build",
-        "--preset",
-        "nc7",
-        "--source",
-        "phantom",
-        "--n",
-        16,
-        "--test-release",
-        "--seed",
-        3,
-        "--out",
-        tmp_path / "out",
-        *TINY_ARGS,
-    )
+    result = _build_tiny(tmp_path / "out", "--source", "phantom", "--n", 16, "--test-release", "--seed", 3)
     assert result.exit_code == 2 and "Traceback" not in result.output
     last = result.output.strip().splitlines()[-1]  # after the progress lines
     assert last.startswith("error:") and "the disk filled up" in last and "nothing was kept" in last
@@ -391,10 +365,6 @@ def test_cli_build_on_a_full_disk_is_one_line_and_keeps_nothing(tmp_path, monkey
 
 
 def test_any_command_on_a_full_disk_is_one_line(tmp_path, monkeypatch):
-    import errno
-
-    import ncbench.challenge.release as release_module
-
     def full_disk(out, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(out))
 
