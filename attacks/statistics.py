@@ -319,7 +319,8 @@ class GramComparison:
                 rough = (rough_left[:, ::step] @ coarse.T) * step
                 kept = rough.topk(PRUNED_CANDIDATES, dim=1).indices
                 finer = torch.bmm(right[kept], rough_left[:, :, None]).squeeze(-1)
-                rough.scatter_(1, kept, finer)
+                if scores is not None:  # the submitted scores: the finer values where there are any
+                    rough.scatter_(1, kept, finer)
                 best = finer.topk(k, dim=1)
                 best_columns, best_values = kept.gather(1, best.indices), best.values
             columns[s : s + len(left)] = best_columns.cpu().numpy()
