@@ -4,6 +4,7 @@ DICOM) to resized grayscale that the folder, manifest and sample sources share."
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +63,9 @@ def _pillow_to_unit(image) -> np.ndarray:
     return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
 
 
+IN_MEMORY_FILE = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
+
+
 def decode_image(content: bytes, name: str) -> np.ndarray:
     """Encoded file bytes -> (H, W) float32 grayscale in [0, 1].
 
@@ -81,7 +85,8 @@ def decode_image(content: bytes, name: str) -> np.ndarray:
     except NcbenchError:
         raise
     except Exception as error:  # noqa: BLE001 - any decoder failure is a bad file
-        reason = " ".join(str(error).split()) or type(error).__name__
+        # Pillow names the in-memory file it was given ("<_io.BytesIO object at 0x7f...>"): not for users.
+        reason = " ".join(IN_MEMORY_FILE.sub("", str(error)).split()) or type(error).__name__
         raise NcbenchError(f"cannot read image {name}: {reason}") from None
 
 
