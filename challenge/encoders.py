@@ -117,7 +117,7 @@ def _power_of_two_steps(values: torch.Tensor, bits: int, dim: int) -> torch.Tens
 
 
 def exact_linear(rows: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """(R, K) float32 rows @ (K, D) float32 weight_t + bias, the same bits on every CPU and GPU.
+    """(R, K) float32 rows @ (K, D) float32 weight_t + bias, the same bits whatever the BLAS and the instruction set.
 
     A float32 matrix product sums in an order, and with or without fused multiply-adds, that
     depend on the BLAS and the instruction set (MKL gives other bits with AVX2 than with SSE4, and
