@@ -14,7 +14,6 @@ Spec strings::
 
 from __future__ import annotations
 
-import os
 import urllib.parse
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +25,7 @@ from ncbench.challenge.images import ImageSet, decode_resized, read_image_bytes
 from ncbench.challenge.sample import load_sample
 from ncbench.data_manifest.folders import find_image_files, read_labels_csv
 from ncbench.errors import NcbenchError
+from ncbench.h5io import usable_cores
 from ncbench.progress import progress
 
 VALID_FORMS = "sample, phantom, folder:PATH[?labels=FILE.csv], manifest:FILE[?root=DIR&split=NAME]"
@@ -94,8 +94,7 @@ def _decoded(label: str, records: list, decode: Callable[[object], np.ndarray], 
     and the resizing release the GIL (full-size 2320 x 2828 JPEGs, on 2 cores: 46 ms an image
     one at a time, 21 ms on two threads). The first bad file (in order) raises; on an error or
     Ctrl-C the images not yet started are dropped, not decoded."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    pool = ThreadPoolExecutor(min(DECODE_THREADS_MAX, cores), thread_name_prefix="ncbench-decode")
+    pool = ThreadPoolExecutor(min(DECODE_THREADS_MAX, usable_cores()), thread_name_prefix="ncbench-decode")
     try:
         images = np.empty((len(records), image_size, image_size), dtype=np.uint8)
         with progress(label, len(records)) as advance:

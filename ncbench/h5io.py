@@ -168,12 +168,16 @@ def _rows_pipeline(dataset: h5py.Dataset) -> bool:
     )
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity where the system tells it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 @functools.cache
 def _row_pool(purpose: str = "read") -> ThreadPoolExecutor:
     """Threads that inflate rows (``read``) or deflate them (``write``): two pools, so that a
     builder's reads of the next batch's images do not queue behind the deflating of the last one."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return ThreadPoolExecutor(min(8, cores), thread_name_prefix=f"ncbench-{purpose}")
+    return ThreadPoolExecutor(min(8, usable_cores()), thread_name_prefix=f"ncbench-{purpose}")
 
 
 def _read_row(dataset: h5py.Dataset, out: np.ndarray, k: int, row: int) -> None:
