@@ -128,10 +128,10 @@ def exact_linear(rows: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor)
     exact in any order. Scaling back is exact; adding the bias and the cast round once each.
     Error against float64: about 3 times float32's (rms relative 7e-7 at K = 2,048), far under
     float16 storage; about 3x a float32 product's time."""
-    depth = rows.shape[1]
-    row_bits = 53 - EXACT_WEIGHT_BITS - max(depth - 1, 1).bit_length()
+    inner = rows.shape[1]
+    row_bits = 53 - EXACT_WEIGHT_BITS - max(inner - 1, 1).bit_length()
     if row_bits < 12:
-        raise NcbenchError(f"width {depth} is too large for exact float32 products")
+        raise NcbenchError(f"width {inner} is too large for exact float32 products")
     weight_steps = _power_of_two_steps(weight_t, EXACT_WEIGHT_BITS, 0)
     weight = weight_t.double().div_(weight_steps).round_()
     out = torch.empty(rows.shape[0], weight_t.shape[1], device=rows.device)

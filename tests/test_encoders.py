@@ -107,16 +107,16 @@ def test_encoding_is_reproduced_exactly_from_seed_config_and_batch(tiny_images):
     assert not np.allclose(first, other_key)
 
 
-def _linear_operands(rows: int, depth: int, width: int, seed: int = 0):
+def _linear_operands(rows: int, inner: int, width: int, seed: int = 0):
     generator = torch.Generator().manual_seed(seed)
-    values = torch.relu(torch.randn(rows, depth, generator=generator))
-    weight_t = (torch.rand(depth, width, generator=generator) * 2 - 1) / depth**0.5
-    return values, weight_t, (torch.rand(width, generator=generator) * 2 - 1) / depth**0.5
+    values = torch.relu(torch.randn(rows, inner, generator=generator))
+    weight_t = (torch.rand(inner, width, generator=generator) * 2 - 1) / inner**0.5
+    return values, weight_t, (torch.rand(width, generator=generator) * 2 - 1) / inner**0.5
 
 
-@pytest.mark.parametrize("depth", [256, 2048])
-def test_exact_products_are_as_close_as_float32_and_the_same_bits_in_any_summation_order(depth):
-    values, weight_t, bias = _linear_operands(300, depth, 96)
+@pytest.mark.parametrize("inner", [256, 2048])
+def test_exact_products_are_as_close_as_float32_and_the_same_bits_in_any_summation_order(inner):
+    values, weight_t, bias = _linear_operands(300, inner, 96)
     exact = exact_linear(values, weight_t, bias)
     truth = values.double() @ weight_t.double() + bias.double()
     error = (exact.double() - truth).square().mean().sqrt() / truth.square().mean().sqrt()
