@@ -53,28 +53,37 @@ def cpu_model() -> str:
 
 
 def bf16_matmul_is_faster(*, rows: int = 256, inner: int = 512, repeats: int = 3) -> bool:
-    """Time one (rows, inner) @ (inner, inner) matmul in fp32 and in bf16; True when bf16 takes
-    at most ``BF16_GAIN`` of the fp32 time. About 10 ms where bf16 is native, well under a
-    second where it is emulated (the first slow bf16 call ends the test)."""
+    """Time one (rows, inner) @ (inner, inner) matmul in fp32 and in bf16; True when bf16's best
+    time is at most ``BF16_GAIN`` of fp32's. About 10 ms where bf16 is native, well under a second
+    where it is emulated (the first slow bf16 call ends the test).
+
+    On one thread, in that thread's CPU time: wall time on all threads counted the waits for a
+    core as well (nc47, N = 1,000, on 2 cores: the release's prefetch thread held one, both
+    products took about 8 ms instead of 0.4 and 0.1 ms, and 1 process in 8 resolved to fp32)."""
     generator = torch.Generator().manual_seed(0)
     left = torch.randn(rows, inner, generator=generator)
     right = torch.randn(inner, inner, generator=generator)
 
     def timed(a: torch.Tensor, b: torch.Tensor) -> float:
-        started = time.perf_counter()
+        started = time.thread_time()
         torch.mm(a, b)
-        return time.perf_counter() - started
+        return time.thread_time() - started
 
     left16, right16 = left.bfloat16(), right.bfloat16()
-    # Warm-up: first calls pick and build kernels. oneDNN compiles its bf16 kernel on the first
-    # call, which alone can exceed the emulation threshold below (measured: a wrong "emulated"
-    # verdict on Zen 4 in one process of ten without this).
-    timed(left, right)
-    timed(left16, right16)
-    fp32 = min(timed(left, right) for _ in range(repeats))
-    if timed(left16, right16) > 10 * fp32 / BF16_GAIN:
-        return False  # emulated: no need to time it again
-    bf16 = min(timed(left16, right16) for _ in range(repeats))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        # Warm-up: first calls pick and build kernels. oneDNN compiles its bf16 kernel on the
+        # first call, which alone can exceed the emulation threshold below (measured: a wrong
+        # "emulated" verdict on Zen 4 in one process of ten without this).
+        timed(left, right)
+        timed(left16, right16)
+        fp32 = min(timed(left, right) for _ in range(repeats))
+        if timed(left16, right16) > 10 * fp32 / BF16_GAIN:
+            return False  # emulated: no need to time it again
+        bf16 = min(timed(left16, right16) for _ in range(repeats))
+    finally:
+        torch.set_num_threads(threads)
     return bf16 <= BF16_GAIN * fp32
 
 

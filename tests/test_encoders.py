@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import weakref
 from pathlib import Path
 
@@ -279,6 +280,29 @@ def test_cpu_probe_runs_once_per_process(cpu_probe):
     for _ in range(3):
         resolve_config("nc7", precision="auto").for_device("cpu")
     assert calibrations == [1]
+
+
+def test_bf16_timing_keeps_its_verdict_while_another_thread_holds_a_core():
+    """The release's prefetch thread copies pages on one of two cores while the attack's first
+    encoder resolves ``auto``: the timing must not read that wait as slow bf16."""
+    quiet = hardware.bf16_matmul_is_faster()
+    threads = torch.get_num_threads()
+    stop = threading.Event()
+
+    def copy_pages() -> None:  # numpy copies release the GIL, as the prefetch's reads do
+        source, target = np.ones(1 << 23), np.empty(1 << 23)
+        while not stop.is_set():
+            np.copyto(target, source)
+
+    busy = threading.Thread(target=copy_pages, daemon=True)
+    busy.start()
+    try:
+        verdicts = [hardware.bf16_matmul_is_faster() for _ in range(8)]
+    finally:
+        stop.set()
+        busy.join()
+    assert verdicts == [quiet] * 8
+    assert torch.get_num_threads() == threads
 
 
 def test_explicit_precision_is_never_overridden(cpu_probe):
