@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import threading
+import types
 import weakref
 from pathlib import Path
 
@@ -303,6 +304,13 @@ def test_bf16_timing_keeps_its_verdict_while_another_thread_holds_a_core():
         busy.join()
     assert verdicts == [quiet] * 8
     assert torch.get_num_threads() == threads
+
+
+def test_bf16_timing_uses_wall_time_where_thread_time_is_coarse(monkeypatch):
+    """Windows counts a thread's CPU time in 15.6 ms steps: every product would time as 0."""
+    monkeypatch.setattr(hardware.time, "get_clock_info", lambda name: types.SimpleNamespace(resolution=0.0156))
+    monkeypatch.setattr(hardware.time, "thread_time", lambda: pytest.fail("coarse thread time was used"))
+    assert hardware.bf16_matmul_is_faster() in (True, False)
 
 
 def test_explicit_precision_is_never_overridden(cpu_probe):
