@@ -20,6 +20,13 @@ from ncbench.progress import progress
 
 # float16 storage keeps 11 significant bits; recomputation may round the other way.
 RTOL = 2e-3
+# The first ncbench version (major, minor) whose fp32 releases hold exact products, the same on every
+# CPU; earlier ones hold their builder's float32 products (docs/tasks.md#precision-and-storage).
+EXACT_PRODUCTS_SINCE = (0, 2)
+EARLIER_PRODUCTS = (
+    "; the release was written before ncbench 0.2.0, with float32 products that other CPUs round"
+    " otherwise, which a deep encoder carries beyond the tolerance: recompute it on a CPU like its builder's"
+)
 
 
 def verify(release_dir: str | os.PathLike, key_path: str | os.PathLike | None = None) -> list[str]:
@@ -73,7 +80,10 @@ def _check_against_key(release: Release, key: Key) -> list[str]:
     if any(len(np.unique(sites[batch == b])) > 1 for b in np.unique(batch)):
         problems.append("truth/batch mixes sites: a BatchNorm batch holds one site's images")
         return problems
-    problems += _compare(encoders, sites, plain, key.read("truth/patch_perm"), batch, release.encoded, "encoded/data")
+    note = EARLIER_PRODUCTS if key.config.precision == "fp32" and _before_exact_products(release) else ""
+    problems += _compare(
+        encoders, sites, plain, key.read("truth/patch_perm"), batch, release.encoded, "encoded/data", note
+    )
     if release.task == "link":
         kind = str(key.h5["truth/link_pairs"].attrs.get("overlap_kind", ""))
         problems += _check_link_pairs(key.read("truth/link_pairs"), sites, plain, kind)
@@ -87,12 +97,23 @@ def _check_against_key(release: Release, key: Key) -> list[str]:
             np.arange(n_targets) // key.config.bn_batch,
             key.h5["truth/target_encodings"],
             "truth/target_encodings",
+            note,
         )
     if release.task == "invert":
         rows = [release.encoded_ids.index(i) for i in release.pair_encoded_ids]
         if not np.array_equal(key.read("truth/images")[rows], release.plain_images):
             problems.append("known-pair plaintexts differ from the key's truth images")
     return problems
+
+
+def _before_exact_products(release: Release) -> bool:
+    """Whether the release says an ncbench before :data:`EXACT_PRODUCTS_SINCE` wrote it (an
+    unreadable version says nothing)."""
+    version = str(release.h5.attrs.get("ncbench_version", ""))
+    try:
+        return tuple(int(part) for part in version.split(".")[:2]) < EXACT_PRODUCTS_SINCE
+    except ValueError:
+        return False
 
 
 def _tensor(values: np.ndarray):
@@ -119,9 +140,11 @@ def _check_link_pairs(pairs: np.ndarray, sites: np.ndarray, images: np.ndarray, 
     return []
 
 
-def _compare(encoders: list[Encoder], sites: np.ndarray, images, perms, batch, stored, name: str) -> list[str]:
+def _compare(
+    encoders: list[Encoder], sites: np.ndarray, images, perms, batch, stored, name: str, note: str = ""
+) -> list[str]:
     """Recompute encodings batch by batch (same batch composition, each with its site's key) and
-    compare with ``stored``."""
+    compare with ``stored``; ``note`` ends the message when they differ."""
     worst = 0.0
     with progress(f"verifying {name}", len(images)) as advance:
         for b in np.unique(batch):
@@ -136,5 +159,5 @@ def _compare(encoders: list[Encoder], sites: np.ndarray, images, perms, batch, s
             worst = max(worst, float((np.abs(found - recomputed) / scale).max()))
             advance(len(rows))
     if worst > RTOL:
-        return [f"{name}: encodings differ from the key's recomputation (max relative error {worst:.2g})"]
+        return [f"{name}: encodings differ from the key's recomputation (max relative error {worst:.2g}){note}"]
     return []

@@ -175,6 +175,18 @@ def test_rewritten_encoding_with_regenerated_sums_detected(built, tmp_path):
     assert "encoded/data: encodings differ" in text
 
 
+@pytest.mark.parametrize("version, explained", [("0.1.0", True), ("0.2.0", False), ("not a version", False)])
+def test_differing_encodings_of_a_release_before_exact_products_say_why(built, tmp_path, version, explained):
+    out = _copy(built["reid"], tmp_path)
+    with h5py.File(out / "public/release.h5", "r+") as h5:
+        h5["encoded/data"][5, 2, 7] = h5["encoded/data"][5, 2, 7] + np.float16(1.0)
+        h5.attrs["ncbench_version"] = version
+    text = "\n".join(verify(out, out))
+    assert "encoded/data: encodings differ" in text
+    assert ("written before ncbench 0.2.0" in text) == explained
+    assert version not in text
+
+
 def test_modified_key_tensor_breaks_commitment(built, tmp_path):
     out = _copy(built["invert"], tmp_path)
     with h5py.File(out / "private/key.h5", "r+") as h5:
