@@ -8,7 +8,6 @@ Layout written atomically (a temporary sibling directory renamed into place)::
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -42,7 +41,7 @@ from ncbench.challenge.files import (
     canonical_digest,
 )
 from ncbench.challenge.sources import ImageSet, load_images
-from ncbench.errors import NcbenchError
+from ncbench.errors import NcbenchError, disk_full
 from ncbench.h5io import (
     atomic_path,
     create_streamed,
@@ -244,16 +243,13 @@ def build_release(
                 source_description=description,
             )
     except (OSError, RuntimeError) as error:  # h5py raises either, with the errno or in its text
-        if getattr(error, "errno", None) not in (errno.ENOSPC, errno.EDQUOT) and not DISK_FULL.search(str(error)):
+        if not disk_full(error):
             raise
         raise NcbenchError(
             f"{out}: the disk filled up while the release was written; nothing was kept "
             f"(the release and its key take about {format_bytes(_written_bytes(config, plan))})"
         ) from None
     return out
-
-
-DISK_FULL = re.compile(r"No space left on device|Disk quota exceeded|errno = (28|122)\b")
 
 
 def _written_bytes(config: EncoderConfig, plan: BuildPlan) -> int:

@@ -11,6 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import ncbench.attacks.plugins.runner as runner_module
 import ncbench.challenge.release as release_module
 from ncbench.challenge.encoders import Encoder, key_tensor_names, resolve_config
 from ncbench.challenge.files import (
@@ -384,6 +385,22 @@ def test_any_command_on_a_full_disk_is_one_line(tmp_path, monkeypatch):
     result = _run("challenge", "build", "--preset", "nc7", "--n", 4, "--test-release", "--out", tmp_path / "out")
     _assert_one_line_error(result)
     assert result.exit_code == 2 and f"no space left on the device writing {tmp_path / 'out'}" in result.output
+
+
+def test_a_submission_written_to_a_full_disk_says_so_in_one_line(built, tmp_path, monkeypatch):
+    def full_disk(path, submission, **kwargs):  # what h5py raises, HDF5's internals in its text
+        raise RuntimeError(
+            f"Can't write data (file write failed: filename = '{path}.tmp', errno = 28, "
+            "error message = 'No space left on device', buf = 0x55d0c0ffee00)"
+        )
+
+    monkeypatch.setattr(runner_module, "write_submission", full_disk)
+    out = tmp_path / "sub.h5"
+    result = _run("attack", "run", "chance", "--release", built["reid"], "--out", out)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("error:") and last.endswith("RuntimeError: no space left on the device")
+    assert "0x" not in last and ".tmp" not in last and not out.exists()
 
 
 def test_cli_build_missing_folder(tmp_path):

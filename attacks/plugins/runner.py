@@ -15,7 +15,7 @@ from ncbench.attacks.base import Attack
 from ncbench.attacks.plugins import CHECK_MARK as CHECK_MARK
 from ncbench.attacks.submission import Submission, write_submission
 from ncbench.challenge.files import open_release
-from ncbench.errors import NcbenchError
+from ncbench.errors import NcbenchError, disk_full
 
 MESSAGE_LIMIT = 300  # characters kept of an attack's own error message: it is someone else's text
 
@@ -83,7 +83,9 @@ def failure_of(attack: str, what: str) -> Iterator[None]:
     except NcbenchError as error:
         raise NcbenchError(_one_line(error)) from None
     except (Exception, SystemExit) as error:  # noqa: BLE001 - any failure of an attack's code
-        raise NcbenchError(f"attack {attack} {what}: {type(error).__name__}: {_one_line(error)}") from None
+        # A full disk in HDF5's words would name temporary files and buffer addresses.
+        reason = "no space left on the device" if disk_full(error) else _one_line(error)
+        raise NcbenchError(f"attack {attack} {what}: {type(error).__name__}: {reason}") from None
 
 
 def _one_line(error: BaseException) -> str:

@@ -5,12 +5,11 @@ becomes one line and exit status 2."""
 
 from __future__ import annotations
 
-import errno
 import sys
 
 import click
 
-from ncbench.errors import NcbenchError
+from ncbench.errors import NcbenchError, disk_full
 
 
 class _Root(click.Group):
@@ -50,10 +49,10 @@ class _Root(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
-        except OSError as error:
-            if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+        except (OSError, RuntimeError) as error:
+            if not disk_full(error):
                 raise
-            where = f" writing {error.filename}" if error.filename else ""
+            where = f" writing {error.filename}" if getattr(error, "filename", None) else ""
             click.echo(f"error: no space left on the device{where}", err=True)
             sys.exit(2)
         except ModuleNotFoundError as error:  # an organizer's command in the attacker's plain install
