@@ -44,6 +44,7 @@ from ncbench.challenge.sources import ImageSet, load_images
 from ncbench.errors import NcbenchError, disk_full
 from ncbench.h5io import (
     atomic_path,
+    available_memory,
     create_streamed,
     format_bytes,
     read_rows,
@@ -217,6 +218,12 @@ def build_release(
     build_seed = BuildSeed.of(seed, test_release=test_release)
     device = pick_device(device)
     config = config.for_device(device)  # the file records the precision used, never "auto"
+    weights, available = 2 * _key_bytes(config), available_memory()  # a key and the encoder's copy of it
+    if available is not None and weights > available:
+        raise NcbenchError(
+            f"the {config.preset} key of width {config.width} and the encoder's copy of it take "
+            f"{format_bytes(weights)}; this machine has {format_bytes(available)} of memory available"
+        )
     images = load_images(
         source, n=plan.n_images, seed=derive_seed(build_seed.text, "images"), image_size=config.image_size
     )
@@ -255,12 +262,17 @@ def build_release(
 def _written_bytes(config: EncoderConfig, plan: BuildPlan) -> int:
     """Bytes a build writes before deflate (which barely shrinks encodings and weights): the
     encodings (and a transfer task's targets), each site's key and the 8-bit images."""
-    width, depth = config.width, config.depth
-    encoded = (plan.n + plan.n_targets) * config.n_patches * width * np.dtype(config.dtype).itemsize
-    weights = width * (config.patch_dim + 1) + depth * width * (width + 1)
+    encoded = (plan.n + plan.n_targets) * config.n_patches * config.width * np.dtype(config.dtype).itemsize
+    return encoded + plan.sites * _key_bytes(config) + plan.n_images * config.image_size**2
+
+
+def _key_bytes(config: EncoderConfig) -> int:
+    """Bytes of one key's float32 tensors."""
+    width = config.width
+    values = width * (config.patch_dim + 1) + config.depth * width * (width + 1)
     if config.mix:
-        weights += config.n_patches * width + width * (width + 1)
-    return encoded + plan.sites * 4 * weights + plan.n_images * config.image_size**2
+        values += config.n_patches * width + width * (width + 1)
+    return 4 * values
 
 
 def _assign_roles(n_images: int, plan: BuildPlan, rng: np.random.Generator) -> dict[str, np.ndarray]:

@@ -219,7 +219,7 @@ def prefetch(path: str | os.PathLike) -> threading.Thread | None:
     attack's first stage). Nothing happens where the file would take more than
     :data:`PREFETCH_SHARE` of the available memory: its first chunks would be evicted before use."""
     size = Path(path).stat().st_size
-    available = _available_memory()
+    available = available_memory()
     if available is None or size > PREFETCH_SHARE * available:
         return None
 
@@ -234,7 +234,7 @@ def prefetch(path: str | os.PathLike) -> threading.Thread | None:
     return thread
 
 
-def _available_memory() -> int | None:
+def available_memory() -> int | None:
     """MemAvailable of /proc/meminfo in bytes, or None where there is none to read."""
     with contextlib.suppress(OSError, ValueError):
         for line in Path("/proc/meminfo").read_text().splitlines():

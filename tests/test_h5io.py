@@ -172,10 +172,10 @@ def test_prefetch_reads_a_file_that_fits_and_skips_one_that_does_not(tmp_path, m
         return real_open(file, *args, **kwargs)
 
     monkeypatch.setattr("builtins.open", recording_open)
-    monkeypatch.setattr(h5io, "_available_memory", lambda: 8 << 20)
+    monkeypatch.setattr(h5io, "available_memory", lambda: 8 << 20)
     h5io.prefetch(path).join(timeout=10)
     assert path in read
-    monkeypatch.setattr(h5io, "_available_memory", lambda: 1 << 20)  # the file would take all of it
+    monkeypatch.setattr(h5io, "available_memory", lambda: 1 << 20)  # the file would take all of it
     assert h5io.prefetch(path) is None
-    monkeypatch.setattr(h5io, "_available_memory", lambda: None)
+    monkeypatch.setattr(h5io, "available_memory", lambda: None)
     assert h5io.prefetch(path) is None

@@ -403,6 +403,15 @@ def test_a_submission_written_to_a_full_disk_says_so_in_one_line(built, tmp_path
     assert "0x" not in last and ".tmp" not in last and not out.exists()
 
 
+def test_cli_build_refuses_a_key_wider_than_memory_before_drawing_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(release_module, "available_memory", lambda: 1 << 30)
+    result = _run("challenge", "build", "--preset", "nc7", "--width", 8192, "--n", 4, "--test-release", "--seed", 1,
+                  "--out", tmp_path / "out")  # fmt: skip
+    _assert_one_line_error(result)
+    assert "the nc7 key of width 8192 and the encoder's copy of it take 2.7 GB" in result.output
+    assert "1.1 GB of memory available" in result.output and not (tmp_path / "out").exists()
+
+
 def test_cli_build_missing_folder(tmp_path):
     result = _run(
         "challenge",
