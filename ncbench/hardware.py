@@ -57,9 +57,9 @@ def bf16_matmul_is_faster(*, rows: int = 256, inner: int = 512, repeats: int = 3
     time is at most ``BF16_GAIN`` of fp32's. About 10 ms where bf16 is native, well under a second
     where it is emulated (the first slow bf16 call ends the test).
 
-    On one thread, in that thread's CPU time: wall time on all threads counted the waits for a
-    core as well (nc47, N = 1,000, on 2 cores: the release's prefetch thread held one, both
-    products took about 8 ms instead of 0.4 and 0.1 ms, and 1 process in 8 resolved to fp32)."""
+    On one thread, in that thread's CPU time: wall time on all threads also counts the waits for a
+    core that another thread of the process holds (an attack's file prefetch, say), which can make
+    a native bf16 product look no faster than fp32."""
     generator = torch.Generator().manual_seed(0)
     left = torch.randn(rows, inner, generator=generator)
     right = torch.randn(inner, inner, generator=generator)
