@@ -1,14 +1,17 @@
-"""benchmarks/run.py scores a transfer attack with the challenge's metric, and benchmarks/depth.py
-tabulates and merges transfer runs (the full-size sweep itself is the lead's, in RESULTS.md)."""
+"""benchmarks/run.py scores a transfer attack with the challenge's metric and cuts reid releases
+into smaller ones for its scale runs, and benchmarks/depth.py tabulates and merges transfer runs
+(the full-size sweep itself is the lead's, in RESULTS.md)."""
 
 import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from ncbench.challenge.encoders import resolve_config
+from ncbench.challenge.files import open_key, open_release
 from ncbench.challenge.release import BuildPlan, build_release
 
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
@@ -41,6 +44,26 @@ def test_run_attack_scores_transfer_by_nearest_neighbour_accuracy(linear_transfe
     # A linear encoder is predicted almost exactly; chance is one target in `targets`.
     assert result["nn_accuracy"] > 4 / result["targets"]
     assert "reid_accuracy" not in result
+
+
+def test_run_subset_keeps_the_first_encodings_with_their_own_plaintexts(tmp_path):
+    release_dir = tmp_path / "reid"
+    # 64 x 64 images of 8-pixel patches: rows large enough for the row-parallel reader and writer
+    tiny = resolve_config("nc3", width=64, image_size=64, patch_size=8, bn_batch=16)
+    build_release(
+        release_dir, config=tiny, plan=BuildPlan.for_task("reid", 48), source="phantom", seed=3, test_release=True
+    )
+    out = _script("run").subset(str(release_dir), 20, str(tmp_path / "n20"))
+    with open_release(release_dir) as full, open_key(release_dir) as full_key:
+        truth = full_key.read("truth/plain_index")[:20]
+        encoded, plain = full.encoded[:20], full.plain_images[truth]
+        ids = full.encoded_ids[:20]
+    with open_release(out) as part, open_key(out) as part_key:
+        part_truth = part_key.read("truth/plain_index")
+        assert part.n_encoded == 20 and part.encoded_ids == ids
+        np.testing.assert_array_equal(part.encoded[:], encoded)
+        assert len(part.plain_ids) == 20  # only the subset's own plaintexts are its pool
+        np.testing.assert_array_equal(part.plain_images[part_truth], plain)
 
 
 def test_depth_transfer_runs_merge_and_tabulate():
