@@ -4,7 +4,8 @@ Carlini et al. (2021) broke the challenge with learned patch similarity networks
 statistics suffice (:mod:`attacks.pairing` has the steps): undo the shuffles by assignment, match
 Gram statistics of the encodings with those of the plaintexts under a self-sampled key, boost.
 Where repeated patches give exact pairs (:mod:`attacks.duplicates`), they start the boosting and
-anchor the final comparison.
+anchor the final comparison. From 20,000 encodings, thumbnails decoded with the matching's own
+pairs re-match the encodings (:mod:`attacks.decoding`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ncbench.attacks.base import Attack, chunk_param, param
+from ncbench.attacks.decoding import DECODE_FROM, DECODE_PAIRS
 from ncbench.attacks.pairing import (
     ANCHOR_KEYS,
     ASSIGN_MAX,
@@ -30,7 +32,7 @@ from ncbench.challenge.files import Release
 
 class GramHungarian(Attack):
     name = "gram-hungarian"
-    version = "1.6"
+    version = "1.7"
     tasks = ("reid",)
     knowledge = ("architecture", "self-sampled-keys", "plaintext-pool")
     description = "Exact pairs from repeated patches; undo shuffles, match self-keyed Gram statistics, boost."
@@ -69,6 +71,15 @@ class GramHungarian(Attack):
         anchor_keys: int = param(
             ANCHOR_KEYS, "self-sampled keys averaged when comparing with exact pairs", min=1, max=16
         )
+        decode_pairs: int = param(
+            DECODE_PAIRS,
+            "matched pairs a pixel decoder is fitted on to re-match by decoded thumbnails (0: off)",
+            min=0,
+            max=100_000,
+        )
+        decode_from: int = param(
+            DECODE_FROM, "encodings from which to re-match by decoded thumbnails", min=1, max=10_000_000
+        )
 
     def run(self, release: Release) -> Submission:
         p = self.params
@@ -89,6 +100,8 @@ class GramHungarian(Attack):
             held_max=p.held_max,
             duplicates=p.duplicates,
             anchor_keys=p.anchor_keys,
+            decode_pairs=p.decode_pairs,
+            decode_from=p.decode_from,
         )
         plain_ids = release.plain_ids
         return self.answer(
@@ -101,5 +114,6 @@ class GramHungarian(Attack):
                 "mutual_best_fraction_per_round": pairing.mutual_fraction,
                 "unplaced_by_shortlists": pairing.unplaced,
                 "exact_pairs": pairing.exact,
+                "rematched_by_decoding": pairing.rematched,
             },
         )

@@ -26,6 +26,7 @@ from ncbench.attacks.alignment import (
     to_slot_order,
 )
 from ncbench.attacks.base import Attack, chunk_param, param
+from ncbench.attacks.decoding import fit_ridge
 from ncbench.attacks.pairing import gram_pairing
 from ncbench.attacks.self_keyed import self_encode
 from ncbench.attacks.statistics import patch_statistics
@@ -42,33 +43,6 @@ CONTINUITY_SAMPLE = 256  # encodings whose reconstructed seams place the slots
 RIDGES = (1e-6, 1e-4, 1e-3, 1e-2, 0.1, 1.0)  # the candidates of ``ridge_search``
 RIDGE_FOLDS = 4
 RIDGE_IMAGES = 32  # pairs the choice is made on (a reid matching offers hundreds; each fold costs D x D work)
-
-
-def fit_ridge(encoded: torch.Tensor, pixels: torch.Tensor, *, ridge: float, per_position: bool) -> dict:
-    """Fit pixels ~ encoded patches.
-
-    encoded: (K, P, D) paired encodings in position order; pixels: (K, P, Q) normalised pixel
-    patches. Both are centred per position first (the positional embedding makes each position's
-    offset its own). Shared: one (D, Q) map for all positions, solved in the primal. Per position:
-    one map per position, solved in the dual (K x K systems, batched), since K << D.
-    ``ridge`` is relative to the mean feature energy, so it is scale-free.
-    """
-    enc_mean, pix_mean = encoded.mean(0), pixels.mean(0)
-    enc, pix = (encoded - enc_mean).double(), (pixels - pix_mean).double()
-    k, n_patches, width = enc.shape
-    if per_position:
-        kernel = torch.einsum("kpd,lpd->pkl", enc, enc)  # (P, K, K)
-        scale = kernel.diagonal(dim1=1, dim2=2).mean() * ridge + 1e-12
-        alpha = torch.linalg.solve(kernel + scale * torch.eye(k, dtype=enc.dtype), pix.transpose(0, 1))
-        weights = torch.einsum("kpd,pkq->pdq", enc, alpha)  # (P, D, Q)
-    else:
-        rows = enc.reshape(k * n_patches, width)
-        covariance = rows.T @ rows
-        scale = covariance.diagonal().mean() * ridge + 1e-12
-        weights = torch.linalg.solve(
-            covariance + scale * torch.eye(width, dtype=enc.dtype), rows.T @ pix.reshape(k * n_patches, -1)
-        )  # (D, Q)
-    return {"weights": weights.float(), "enc_mean": enc_mean, "pix_mean": pix_mean, "per_position": per_position}
 
 
 def choose_ridge(encoded: torch.Tensor, pixels: torch.Tensor, *, ridges: tuple[float, ...], folds: int) -> float:

@@ -8,7 +8,9 @@
    width: the kernel, not the key, is what matters);
 3. first matching on a shuffle-invariant statistic (each image's sorted patch norms);
 4. boost: recover the global slot -> position permutation from the matched pairs, compare the
-   Gram matrices in that order, re-solve the assignment; repeat.
+   Gram matrices in that order, re-solve the assignment; repeat;
+5. from 20,000 encodings, up to nc7's depth: re-match by thumbnails decoded with a ridge map
+   fitted on the matching's own pairs (:mod:`attacks.decoding`).
 
 Where repeated patches give exact pairs (:mod:`attacks.duplicates`), they replace the first
 matching, and the final comparison is each image's similarity to those pairs, slot by slot
@@ -34,6 +36,7 @@ from ncbench.attacks.alignment import (
     to_slot_order,
 )
 from ncbench.attacks.base import Attack
+from ncbench.attacks.decoding import DECODE_FROM, DECODE_PAIRS, rematch_by_decoding
 from ncbench.attacks.duplicates import exact_pairs, patch_hashes, row_hashes, shared_groups
 from ncbench.attacks.self_keyed import insider_encoder, self_encode
 from ncbench.attacks.statistics import (
@@ -165,7 +168,9 @@ class Pairing:
     last round (or the comparison with exact pairs, :func:`anchored_scores`), or None beyond
     ``scores_max`` encodings (single site); patch_positions: (N, P) original position of each encoded row;
     mutual_fraction: per boosting round (and site), the fraction of mutual best pairs;
-    exact: pairs found from repeated patches (they start the boosting and anchor the final scores).
+    exact: pairs found from repeated patches (they start the boosting and anchor the final scores);
+    rematched: encodings whose plaintext the decoded thumbnails changed (then ``matched`` is no
+    longer the assignment of ``scores``).
     """
 
     matched: np.ndarray
@@ -174,6 +179,7 @@ class Pairing:
     mutual_fraction: list[float]
     unplaced: int = 0
     exact: int = 0
+    rematched: int = 0
 
 
 def aligned_statistics(
@@ -414,6 +420,8 @@ def gram_pairing(
     duplicates: bool = True,
     anchor_keys: int = ANCHOR_KEYS,
     held_max: int = HELD_MAX,
+    decode_pairs: int = DECODE_PAIRS,
+    decode_from: int = DECODE_FROM,
 ) -> Pairing:
     """Pair every encoding of ``release`` with a plaintext; stages and randomness come from
     ``attack`` (its progress, stage times, device, seed).
@@ -432,6 +440,10 @@ def gram_pairing(
     :func:`boost` (a release of several sites keeps every score, to stack them). ``held_max``:
     beyond that many plaintexts (one site, beyond ``assign_max`` encodings) the plaintexts' Gram
     matrices are not held but computed again where they are needed (:class:`SampledStatistics`).
+    ``decode_pairs``: on one site of at least ``decode_from`` encodings, up to
+    :data:`SHALLOW_DEPTH` blocks (where a ridge map still decodes), re-match by thumbnails decoded
+    with a ridge map fitted on that many of the matching's pairs (:func:`rematch_by_decoding`);
+    0: never.
     """
     prefetch(release.path)  # the encodings reach the page cache while the pool is encoded
     # Without the positional embedding (``mix``) a patch encodes alike at every position, so
@@ -557,7 +569,25 @@ def gram_pairing(
         history += boosted.mutual_fraction
         unplaced += boosted.unplaced
     matched = match(scores) if several else boosted.matched
-    return Pairing(matched, scores, positions, history, unplaced, exact=len(exact[0]))
+    rematched = 0
+    if decode_pairs and not several and release.n_encoded >= decode_from and shallow:
+        del aligned, plain  # the Gram statistics: 3.2 GB and 0.9 GB at N = 100,000
+        with attack.stage("re-match by decoded thumbnails", release.n_encoded) as advance:
+            decoded = rematch_by_decoding(
+                release,
+                plain_images,
+                matched,
+                positions,
+                channels=channels,
+                chunk=chunk,
+                device=attack.device,
+                rng=attack.rng("decode"),
+                pairs=decode_pairs,
+                advance=advance,
+            )
+        rematched = int(np.sum(decoded != matched))
+        matched = decoded
+    return Pairing(matched, scores, positions, history, unplaced, exact=len(exact[0]), rematched=rematched)
 
 
 def match_with_pairs(scores: np.ndarray, pairs: tuple[np.ndarray, np.ndarray]) -> np.ndarray:

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.optimize import linear_sum_assignment
 
-from ncbench.attacks import pairing, statistics
+from ncbench.attacks import decoding, pairing, statistics
 from ncbench.attacks.alignment import assign_rows, slot_moments
 from ncbench.attacks.base import Attack
 from ncbench.attacks.carlini_2021 import CloneEncoder, permuted_scores, recover_permutation
@@ -737,3 +737,54 @@ def test_chunked_first_round_keeps_the_same_mutual_best_pairs():
     expected = pairing.mutual_best(statistics.sorted_norm_scores(encoded, plain))
     assert len(rows) > 10
     assert np.array_equal(rows, expected[0]) and np.array_equal(columns, expected[1])
+
+
+def test_decoded_thumbnails_undo_swaps_in_a_mostly_right_matching(releases):
+    path = releases["nc7", "reid"]
+    with open_release(path) as release, open_key(path) as key:
+        truth, positions = key.read("truth/plain_index"), key.read("truth/patch_perm")
+        swapped = truth.copy()
+        for a, b in [(0, 1), (10, 20), (30, 47)]:
+            swapped[[a, b]] = swapped[[b, a]]
+        rematched = decoding.rematch_by_decoding(
+            release,
+            release.plain_images,
+            swapped,
+            positions,
+            channels=release.config.width,
+            chunk=16,
+            device="cpu",
+            rng=np.random.default_rng(0),
+        )
+    assert np.array_equal(rematched, truth)
+
+
+def test_gram_hungarian_rematches_by_decoding_from_decode_from_encodings(releases):
+    path = releases["nc3", "reid"]
+    rematched = _run("gram-hungarian", path, self_width=256, assign_max=24, decode_from=48)
+    assert "re-match by decoded thumbnails" in rematched.diagnostics["stage_seconds"]
+    assert _reid_accuracy(path, rematched) >= 0.9
+    off = _run("gram-hungarian", path, self_width=256, assign_max=24, decode_from=48, decode_pairs=0)
+    fewer = _run("gram-hungarian", path, self_width=256, assign_max=24, decode_from=49)
+    for submission in (off, fewer):
+        assert "re-match by decoded thumbnails" not in submission.diagnostics["stage_seconds"]
+        assert submission.diagnostics["rematched_by_decoding"] == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_decoded_thumbnails_find_their_nearest_plaintexts_in_either_precision(dtype, monkeypatch):
+    monkeypatch.setattr(decoding, "matmul_dtype", lambda device: dtype)
+    rng = np.random.default_rng(2)
+    # Near-identical views: one shared image plus small differences, as views of one film are.
+    thumbs = torch.from_numpy(100 + rng.normal(size=64) + 0.05 * rng.normal(size=(300, 64))).float()
+    source = rng.permutation(300)[:120]
+    decoded = thumbs[source] + 0.005 * torch.randn(120, 64, generator=torch.Generator().manual_seed(0))
+    current = rng.permutation(300)[:120]
+    columns, distances = decoding.nearest_plaintexts(decoded, thumbs, current=current, device="cpu")
+    k = decoding.DECODE_CANDIDATES
+    assert columns.shape == (120, k + 1) and all(len(set(row)) == k + 1 for row in columns)
+    assert np.array_equal(columns[:, 0], source)
+    assert (np.diff(distances[:, :k], axis=1) >= 0).all()
+    assert all(c in row for c, row in zip(current, columns))
+    exact = ((decoded[:, None] - thumbs[torch.from_numpy(columns)]) ** 2).sum(2).numpy()
+    np.testing.assert_allclose(distances, exact, rtol=1e-4)

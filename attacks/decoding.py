@@ -1,0 +1,177 @@
+"""Decoding encodings back to pixels: the ridge map ``linear-inversion`` fits, and the re-matching
+by decoded thumbnails that ``gram-hungarian`` ends with at large N.
+
+Gram statistics compare an image with itself, under two different keys; at large N many views
+of the same film have nearly the same statistics (nc7 at width 512: 4 wrong at N = 10,000, 123
+at 30,000, 2,652 at 100,000). Once a matching is mostly right, its own pairs are known pairs: a
+ridge map fitted on a sample of them decodes every encoding, and each decoded thumbnail is
+compared with the plaintexts' thumbnails directly, pixel by pixel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from ncbench.assignment import match_shortlists
+from ncbench.attacks.alignment import iter_release, to_slot_order
+from ncbench.challenge.encoders import EncoderConfig, images_to_patches
+from ncbench.challenge.files import Release, RowReader, SiteView
+from ncbench.hardware import matmul_dtype
+
+# Matched pairs the decoder is fitted on (0.4% of them wrong at nc7 width 512, N = 30,000): 1,024
+# left 6 of the 30,000 wrong, 512 left 7-15 and 2,048 left 5-6; :func:`fit_ridge` holds them in
+# float64 (1.1 GB at 1,024 pairs of 512 channels).
+DECODE_PAIRS = 1024
+# Encodings from which gram-hungarian re-matches by default: at nc7 N = 10,000 the Gram matching
+# left 0-4 wrong and the extra pass over the encodings took 39 s of 101 s at full width.
+DECODE_FROM = 20_000
+DECODE_RIDGE = 0.1  # linear-inversion's cross-validation picks 0.1 at nc7
+# Thumbnails: means of SUBPATCH x SUBPATCH pixel blocks (32 x 32 of a 256 x 256 image: 2 x 2 values
+# per 16-pixel patch). The ridge solution is linear in its targets, so fitting to block means is
+# the full decoder followed by the pooling, for (patch / SUBPATCH)^2 outputs instead of patch^2.
+SUBPATCH = 8
+# Each encoding's DECODE_CANDIDATES nearest plaintext thumbnails (and its current match) are the
+# assignment's candidates; where products are in bf16 they are the nearest in fp32 among the
+# ROUGH_CANDIDATES nearest in bf16.
+DECODE_CANDIDATES = 8
+ROUGH_CANDIDATES = 32
+_QUERY_BLOCK = 1024
+
+
+def fit_ridge(encoded: torch.Tensor, pixels: torch.Tensor, *, ridge: float, per_position: bool) -> dict:
+    """Fit pixels ~ encoded patches.
+
+    encoded: (K, P, D) paired encodings in position order; pixels: (K, P, Q) normalised pixel
+    patches. Both are centred per position first (the positional embedding makes each position's
+    offset its own). Shared: one (D, Q) map for all positions, solved in the primal. Per position:
+    one map per position, solved in the dual (K x K systems, batched), since K << D.
+    ``ridge`` is relative to the mean feature energy, so it is scale-free.
+    """
+    enc_mean, pix_mean = encoded.mean(0), pixels.mean(0)
+    enc, pix = (encoded - enc_mean).double(), (pixels - pix_mean).double()
+    k, n_patches, width = enc.shape
+    if per_position:
+        kernel = torch.einsum("kpd,lpd->pkl", enc, enc)  # (P, K, K)
+        scale = kernel.diagonal(dim1=1, dim2=2).mean() * ridge + 1e-12
+        alpha = torch.linalg.solve(kernel + scale * torch.eye(k, dtype=enc.dtype), pix.transpose(0, 1))
+        weights = torch.einsum("kpd,pkq->pdq", enc, alpha)  # (P, D, Q)
+    else:
+        rows = enc.reshape(k * n_patches, width)
+        covariance = rows.T @ rows
+        scale = covariance.diagonal().mean() * ridge + 1e-12
+        weights = torch.linalg.solve(
+            covariance + scale * torch.eye(width, dtype=enc.dtype), rows.T @ pix.reshape(k * n_patches, -1)
+        )  # (D, Q)
+    return {"weights": weights.float(), "enc_mean": enc_mean, "pix_mean": pix_mean, "per_position": per_position}
+
+
+def thumbnail_patches(images: torch.Tensor, config: EncoderConfig) -> torch.Tensor:
+    """(B, S, S) uint8 images -> (B, P, (patch / SUBPATCH)^2): the normalised pixels' means over
+    SUBPATCH x SUBPATCH blocks of each patch, by position (the whole patch where it is smaller)."""
+    patches = images_to_patches(images, config)
+    size = config.patch_size
+    sub = min(SUBPATCH, size)
+    blocks = patches.reshape(len(patches), config.n_patches, size // sub, sub, size // sub, sub)
+    return blocks.mean((3, 5)).flatten(2)
+
+
+def plain_thumbnails(plain_images: np.ndarray | RowReader, config: EncoderConfig, *, block: int = 4096) -> torch.Tensor:
+    """(M, P * q) float32 thumbnails (:func:`thumbnail_patches`) of the plaintext pool, read
+    ``block`` images at a time."""
+    return torch.cat(
+        [
+            thumbnail_patches(torch.from_numpy(np.asarray(plain_images[start : start + block])), config).flatten(1)
+            for start in range(0, len(plain_images), block)
+        ]
+    )
+
+
+def rematch_by_decoding(
+    view: Release | SiteView,
+    plain_images: np.ndarray | RowReader,
+    matched: np.ndarray,
+    positions: np.ndarray,
+    *,
+    channels: int,
+    chunk: int,
+    device: str,
+    rng: np.random.Generator,
+    pairs: int = DECODE_PAIRS,
+    advance: Callable[[int], None] = lambda k: None,
+) -> np.ndarray:
+    """A new matching of ``view``'s encodings with ``plain_images`` by decoded thumbnails.
+
+    matched: (N,) plaintext row of each encoding, mostly right; positions: (N, P) original
+    position of each encoded row. The shared ridge map from an encoded row's first ``channels``
+    channels to its thumbnail values is fitted on ``pairs`` random matched pairs, every encoding
+    is decoded in one streamed pass, and a sparse assignment (:func:`match_shortlists`) over
+    each encoding's :data:`DECODE_CANDIDATES` nearest plaintext thumbnails plus its current
+    match maximises the negative squared distances: the current matching is among the
+    assignments it chooses from, so every encoding is placed. ``advance``: called with the
+    number of encodings decoded.
+    """
+    config = view.config
+    thumbs = plain_thumbnails(plain_images, config)
+    sample = np.sort(rng.permutation(len(matched))[:pairs])
+    partners, inverse = np.unique(matched[sample], return_inverse=True)
+    known = torch.cat(  # a block at a time: whole rows of a full-width release are 4x the channels kept
+        [
+            torch.from_numpy(view.encoded_rows(sample[start : start + _QUERY_BLOCK // 4])[..., :channels].copy())
+            for start in range(0, len(sample), _QUERY_BLOCK // 4)
+        ]
+    )
+    targets = thumbnail_patches(torch.from_numpy(_plain_rows(plain_images, partners)[inverse]), config)
+    model = fit_ridge(to_slot_order(known, positions[sample]), targets, ridge=DECODE_RIDGE, per_position=False)
+    weights, enc_mean = model["weights"].to(device), model["enc_mean"].to(device)
+    pix_mean = model["pix_mean"].to(device)
+    decoded = torch.empty(len(matched), thumbs.shape[1])
+    for start, block in iter_release(view, chunk, device, channels=channels):
+        ordered = to_slot_order(block, positions[start : start + len(block)])
+        decoded[start : start + len(block)] = ((ordered - enc_mean) @ weights + pix_mean).flatten(1).cpu()
+        advance(len(block))
+    columns, distances = nearest_plaintexts(decoded, thumbs, current=matched, device=device)
+    return match_shortlists(columns, -distances, len(thumbs))
+
+
+def nearest_plaintexts(
+    decoded: torch.Tensor, thumbs: torch.Tensor, *, current: np.ndarray, device: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Candidates for each decoded thumbnail (N, T) among the plaintexts' (M, T): (N, k + 1)
+    distinct plaintext rows, its k = :data:`DECODE_CANDIDATES` nearest with ``current`` (N,) in
+    the last column where it is not among them, and (N, k + 1) float64 their squared distances.
+
+    The nearest are found among :data:`ROUGH_CANDIDATES` from products in bf16 where it is native
+    (on thumbnails centred by the plaintexts' mean, so that rounding hides less of the small
+    distances between near-identical views), then ranked by fp32 distances."""
+    dtype = matmul_dtype(device)
+    centre = thumbs.mean(0)
+    keys = (thumbs - centre).to(device)
+    key_norms = (keys**2).sum(1)
+    rough_keys = keys.to(dtype)
+    k = min(DECODE_CANDIDATES, len(thumbs) - 1)
+    rough_k = min(max(ROUGH_CANDIDATES, k + 1), len(thumbs)) if dtype != torch.float32 else k + 1
+    columns = np.empty((len(decoded), k + 1), np.int64)
+    distances = np.empty((len(decoded), k + 1))
+    for start in range(0, len(decoded), _QUERY_BLOCK):
+        queries = (decoded[start : start + _QUERY_BLOCK] - centre).to(device)
+        rough = key_norms - 2 * (queries.to(dtype) @ rough_keys.T).float()
+        shortlist = rough.topk(rough_k, dim=1, largest=False).indices
+        exact = ((queries[:, None] - keys[shortlist]) ** 2).sum(2)
+        order = exact.topk(k + 1, dim=1, largest=False).indices
+        nearest = shortlist.gather(1, order).cpu().numpy()
+        found = exact.gather(1, order).double().cpu().numpy()
+        own = current[start : start + len(queries)]
+        own_distance = ((queries - keys[torch.from_numpy(own).to(device)]) ** 2).sum(1).double().cpu().numpy()
+        missing = ~(nearest[:, :k] == own[:, None]).any(1)
+        nearest[missing, k], found[missing, k] = own[missing], own_distance[missing]
+        columns[start : start + len(queries)] = nearest
+        distances[start : start + len(queries)] = found
+    return columns, distances
+
+
+def _plain_rows(plain_images: np.ndarray | RowReader, rows: np.ndarray) -> np.ndarray:
+    """The plaintexts at sorted unique ``rows``, from an array or a :class:`RowReader`."""
+    return plain_images.take(rows) if isinstance(plain_images, RowReader) else plain_images[rows]
