@@ -39,6 +39,7 @@ SUBPATCH = 8
 DECODE_CANDIDATES = 8
 ROUGH_CANDIDATES = 32
 _QUERY_BLOCK = 1024
+_PAIR_BLOCK = 256
 
 
 def fit_ridge(encoded: torch.Tensor, pixels: torch.Tensor, *, ridge: float, per_position: bool) -> dict:
@@ -78,12 +79,12 @@ def thumbnail_patches(images: torch.Tensor, config: EncoderConfig) -> torch.Tens
     return blocks.mean((3, 5)).flatten(2)
 
 
-def plain_thumbnails(plain_images: np.ndarray | RowReader, config: EncoderConfig, *, block: int = 4096) -> torch.Tensor:
+def plain_thumbnails(plain_images: RowReader, config: EncoderConfig, *, block: int = 4096) -> torch.Tensor:
     """(M, P * q) float32 thumbnails (:func:`thumbnail_patches`) of the plaintext pool, read
     ``block`` images at a time."""
     return torch.cat(
         [
-            thumbnail_patches(torch.from_numpy(np.asarray(plain_images[start : start + block])), config).flatten(1)
+            thumbnail_patches(torch.from_numpy(plain_images[start : start + block]), config).flatten(1)
             for start in range(0, len(plain_images), block)
         ]
     )
@@ -91,7 +92,7 @@ def plain_thumbnails(plain_images: np.ndarray | RowReader, config: EncoderConfig
 
 def rematch_by_decoding(
     view: Release | SiteView,
-    plain_images: np.ndarray | RowReader,
+    plain_images: RowReader,
     matched: np.ndarray,
     positions: np.ndarray,
     *,
@@ -102,7 +103,7 @@ def rematch_by_decoding(
     pairs: int = DECODE_PAIRS,
     advance: Callable[[int], None] = lambda k: None,
 ) -> np.ndarray:
-    """A new matching of ``view``'s encodings with ``plain_images`` by decoded thumbnails.
+    """A new matching of ``view``'s encodings with the plaintext pool by decoded thumbnails.
 
     matched: (N,) plaintext row of each encoding, mostly right; positions: (N, P) original
     position of each encoded row. The shared ridge map from an encoded row's first ``channels``
@@ -119,11 +120,11 @@ def rematch_by_decoding(
     partners, inverse = np.unique(matched[sample], return_inverse=True)
     known = torch.cat(  # a block at a time: whole rows of a full-width release are 4x the channels kept
         [
-            torch.from_numpy(view.encoded_rows(sample[start : start + _QUERY_BLOCK // 4])[..., :channels].copy())
-            for start in range(0, len(sample), _QUERY_BLOCK // 4)
+            torch.from_numpy(view.encoded_rows(sample[start : start + _PAIR_BLOCK])[..., :channels].copy())
+            for start in range(0, len(sample), _PAIR_BLOCK)
         ]
     )
-    targets = thumbnail_patches(torch.from_numpy(_plain_rows(plain_images, partners)[inverse]), config)
+    targets = thumbnail_patches(torch.from_numpy(plain_images.take(partners)[inverse]), config)
     model = fit_ridge(to_slot_order(known, positions[sample]), targets, ridge=DECODE_RIDGE, per_position=False)
     weights, enc_mean = model["weights"].to(device), model["enc_mean"].to(device)
     pix_mean = model["pix_mean"].to(device)
@@ -170,8 +171,3 @@ def nearest_plaintexts(
         columns[start : start + len(queries)] = nearest
         distances[start : start + len(queries)] = found
     return columns, distances
-
-
-def _plain_rows(plain_images: np.ndarray | RowReader, rows: np.ndarray) -> np.ndarray:
-    """The plaintexts at sorted unique ``rows``, from an array or a :class:`RowReader`."""
-    return plain_images.take(rows) if isinstance(plain_images, RowReader) else plain_images[rows]

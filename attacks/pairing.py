@@ -575,7 +575,7 @@ def gram_pairing(
         with attack.stage("re-match by decoded thumbnails", release.n_encoded) as advance:
             decoded = rematch_by_decoding(
                 release,
-                plain_images,
+                release.plain_pool,
                 matched,
                 positions,
                 channels=channels,

@@ -381,7 +381,7 @@ def _write(tmp: Path, *, config, plan, roles, build_seed: BuildSeed, test_releas
         elif plan.task == "link":
             _write_link_truth(truth, image_set.images, encoded_rows, roles["link_pairs"], plan, seed)
         else:
-            _write_rows(truth, "images", image_set.images, encoded_rows)
+            write_selected_rows(truth, "images", image_set.images, encoded_rows)
         if plan.task == "transfer":
             target_perms = sample_permutations(config, seed, plan.n_targets, "target-permutations")
             write_dataset(truth, "target_patch_perm", target_perms)
@@ -415,19 +415,19 @@ def _write(tmp: Path, *, config, plan, roles, build_seed: BuildSeed, test_releas
         plain = None if plan.task == "link" else rel.create_group("plain")  # link: sites hold no plaintext
         if plan.task == "reid":
             pool_rows = np.argsort(roles["plain_index"])  # encoded row held by each plain row
-            _write_rows(plain, "images", image_set.images, encoded_rows[pool_rows])
+            write_selected_rows(plain, "images", image_set.images, encoded_rows[pool_rows])
             write_dataset(plain, "ids", [f"img-{j:05d}" for j in range(n)])
             encoded_images = RowView(plain["images"], roles["plain_index"])
         else:
             if plan.task == "transfer":
-                _write_rows(plain, "images", image_set.images, roles["aux"])
+                write_selected_rows(plain, "images", image_set.images, roles["aux"])
                 write_dataset(plain, "ids", [f"aux-{j:05d}" for j in range(plan.n_aux)])
                 target = rel.create_group("target")
-                _write_rows(target, "images", image_set.images, roles["targets"])
+                write_selected_rows(target, "images", image_set.images, roles["targets"])
                 write_dataset(target, "ids", [f"tgt-{j:05d}" for j in range(plan.n_targets)])
             elif plan.task == "invert":
                 known = roles["known"]
-                _write_rows(plain, "images", image_set.images, encoded_rows[known])
+                write_selected_rows(plain, "images", image_set.images, encoded_rows[known])
                 write_dataset(plain, "ids", [f"img-{j:05d}" for j in range(len(known))])
                 write_dataset(rel.create_group("pairs"), "encoded_ids", [encoded_ids[i] for i in known])
             encoded_images = RowView(key_h5["truth/images"], np.arange(n))
@@ -458,7 +458,8 @@ def _write(tmp: Path, *, config, plan, roles, build_seed: BuildSeed, test_releas
 
 
 class RowView:
-    """Rows ``index`` (N,) of an (M, ...) HDF5 dataset, read on demand by slice: ``view[a:b]``."""
+    """Rows ``index`` (N,) of an (M, ...) HDF5 dataset, read on demand: ``view[a:b]``, or
+    ``view[positions]`` for an array of positions in ``index``."""
 
     def __init__(self, dataset: h5py.Dataset, index: np.ndarray):
         self.dataset, self.index = dataset, np.asarray(index)
@@ -466,7 +467,15 @@ class RowView:
     def __len__(self) -> int:
         return len(self.index)
 
-    def __getitem__(self, window: slice) -> np.ndarray:
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.index), *self.dataset.shape[1:])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.dataset.dtype
+
+    def __getitem__(self, window: slice | np.ndarray) -> np.ndarray:
         rows = self.index[window]
         order = np.argsort(rows)
         out = np.empty((len(rows), *self.dataset.shape[1:]), self.dataset.dtype)
@@ -474,8 +483,11 @@ class RowView:
         return out
 
 
-def _write_rows(group: h5py.Group, name: str, images: np.ndarray, rows: np.ndarray, block: int = 256) -> None:
-    """``images[rows]`` written block by block, without a second full copy in memory."""
+def write_selected_rows(
+    group: h5py.Group, name: str, images: np.ndarray | RowView, rows: np.ndarray, block: int = 256
+) -> None:
+    """``images[rows]`` written as dataset ``name`` of ``group``, block by block, without a second
+    full copy in memory (``images`` a :class:`RowView` of another file: read block by block too)."""
     dataset = create_streamed(group, name, (len(rows), *images.shape[1:]), images.dtype)
     for start in range(0, len(rows), block):
         write_rows(dataset, start, images[rows[start : start + block]])
@@ -534,7 +546,7 @@ def _write_link_truth(truth, images: np.ndarray, encoded_rows: np.ndarray, pairs
     if plan.overlap_kind == "patient":
         later = pairs[:, 1]
         encoded_images[later] = reacquire(encoded_images[later], np.random.default_rng(derive_seed(seed, "reacquire")))
-    _write_rows(truth, "images", encoded_images, np.arange(len(encoded_images)))
+    write_selected_rows(truth, "images", encoded_images, np.arange(len(encoded_images)))
     dataset = write_dataset(truth, "link_pairs", pairs)
     dataset.attrs["overlap_kind"] = plan.overlap_kind
 

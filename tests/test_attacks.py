@@ -748,7 +748,7 @@ def test_decoded_thumbnails_undo_swaps_in_a_mostly_right_matching(releases):
             swapped[[a, b]] = swapped[[b, a]]
         rematched = decoding.rematch_by_decoding(
             release,
-            release.plain_images,
+            release.plain_pool,
             swapped,
             positions,
             channels=release.config.width,
