@@ -48,7 +48,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from script_options import script_options
+from script_options import int_list, script_options
 
 from ncbench.hardware import machine_description
 from ncbench.leaderboard.metrics import paired_interval, t_interval
@@ -485,17 +485,8 @@ def _n(results: dict) -> str:
     return ", ".join(str(n) for n in sorted(n for n in ns if n))
 
 
-def _ints(text: str) -> list[int]:
-    """Comma-separated integers; anything else is a one-line error (exit 2), not a traceback."""
-    try:
-        return [int(part) for part in text.split(",") if part]
-    except ValueError:
-        print(f"error: expected whole numbers separated by commas, got {text!r}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
 def _int(options: dict[str, str], name: str, default: int) -> int:
-    found = _ints(options.get(name, str(default)))
+    found = int_list(options.get(name, str(default)))
     if len(found) != 1:
         print(f"error: --{name} takes one whole number", file=sys.stderr)
         raise SystemExit(2)
@@ -505,7 +496,7 @@ def _int(options: dict[str, str], name: str, default: int) -> int:
 def main(argv: list[str]) -> None:
     command, *args = argv if argv[:1] and not argv[0].startswith("--") else ["all", *argv]
     options = script_options(args, __doc__)
-    depths = _ints(options.get("depths", ",".join(map(str, DEPTHS))))
+    depths = int_list(options.get("depths", ",".join(map(str, DEPTHS))))
     n, seed, runs = _int(options, "n", 200), _int(options, "seed", 11), options.get("runs", "runs")
     path, png = options.get("json", "runs/depth.json"), options.get("png", "benchmarks/depth.png")
     if "threads" in options:
@@ -527,19 +518,19 @@ def main(argv: list[str]) -> None:
             save(path, results)
     if command in ("attack", "all"):
         params = dict(item.split("=", 1) for item in options.get("params", "").split(",") if item)
-        carlini = _ints(options.get("carlini-depths", "16,44"))
+        carlini = int_list(options.get("carlini-depths", "16,44"))
         default = "gram-hungarian" if command == "all" else "gram-hungarian,carlini-2021"
         for depth in depths:
             names = [a for a in options.get("attacks", default).split(",") if a]
             if command == "all" and depth in carlini:
                 names.append("carlini-2021")
             found = run_attacks(depth, names, n=n, seed=seed, runs=runs, params=params)
-            if command == "all" and depth in _ints(options.get("boost-depths", "32,44")):
+            if command == "all" and depth in int_list(options.get("boost-depths", "32,44")):
                 found += run_attacks(depth, ["gram-hungarian"], n=n, seed=seed, runs=runs, params=DEEP_BOOST)
             results["attacks"] = merge_attacks(results["attacks"], found)
             save(path, results)
     if command in ("utility", "all"):
-        for utility_seed in _ints(options.get("utility-seeds", "0,1")):
+        for utility_seed in int_list(options.get("utility-seeds", "0,1")):
             if "no-raw" not in options:
                 rows = run_raw_utility(utility_seed)
                 print(json.dumps({"seed": utility_seed, "raw_auc": mean_auc(rows)}), flush=True)
@@ -551,7 +542,7 @@ def main(argv: list[str]) -> None:
                 results["utility"] = merge_utility(results["utility"], rows)
                 save(path, results)
     if command == "transfer":
-        for transfer_seed in _ints(options.get("transfer-seeds", ",".join(map(str, TRANSFER_SEEDS)))):
+        for transfer_seed in int_list(options.get("transfer-seeds", ",".join(map(str, TRANSFER_SEEDS)))):
             for depth in depths:
                 found = run_transfer(depth, transfer_seed, n=_int(options, "n", TRANSFER_N), runs=runs)
                 results["transfer"] = merge_transfer(results.get("transfer", []), [found])
@@ -561,7 +552,7 @@ def main(argv: list[str]) -> None:
         found = probe(
             release,
             self_width=_int(options, "self_width", 512),
-            rounds=tuple(_ints(options.get("rounds", "2,4,8"))),
+            rounds=tuple(int_list(options.get("rounds", "2,4,8"))),
         )
         results.setdefault("probes", []).extend(found)
         save(path, results)

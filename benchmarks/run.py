@@ -38,8 +38,9 @@ import time
 
 import numpy as np
 import torch
-from script_options import script_options
+from script_options import int_list, script_options
 
+from ncbench.errors import NcbenchError
 from ncbench.hardware import machine_description
 
 
@@ -225,7 +226,7 @@ def build_memory(preset: str = "nc3", sizes: str = "256,1024,2048") -> dict:
     import tempfile
 
     rows = []
-    for n in (int(s) for s in sizes.split(",")):
+    for n in int_list(sizes):
         with tempfile.TemporaryDirectory() as tmp:
             started = time.perf_counter()
             build = subprocess.Popen(
@@ -317,7 +318,10 @@ def scale(release_dir: str, sizes: str = "250,500,1000,2000,5000,10000") -> dict
     with tempfile.TemporaryDirectory(dir=".") as folder:
         with open_release(release_dir) as release:
             n_full = release.n_encoded
-        for n in (int(s) for s in sizes.split(",")):
+        sizes_n = int_list(sizes)
+        if not all(0 < n <= n_full for n in sizes_n):
+            raise NcbenchError(f"--sizes must lie between 1 and the release's {n_full} encodings, got {sizes}")
+        for n in sizes_n:
             sub = release_dir if n == n_full else subset(release_dir, n, f"{folder}/n{n}")
             done = subprocess.run([sys.executable, __file__, "attack", sub], capture_output=True, text=True, check=True)
             found = json.loads(done.stdout.strip().splitlines()[-1])
@@ -476,8 +480,6 @@ def main(argv: list[str]) -> dict:
 
 
 if __name__ == "__main__":
-    from ncbench.errors import NcbenchError
-
     torch.set_num_threads(torch.get_num_threads())
     try:
         print(json.dumps(main(sys.argv[1:])))

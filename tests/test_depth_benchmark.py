@@ -46,13 +46,17 @@ def test_run_attack_scores_transfer_by_nearest_neighbour_accuracy(linear_transfe
     assert "reid_accuracy" not in result
 
 
-def test_run_subset_keeps_the_first_encodings_with_their_own_plaintexts(tmp_path):
-    release_dir = tmp_path / "reid"
+@pytest.fixture(scope="module")
+def small_reid(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reid") / "nc3-reid"
     # 64 x 64 images of 8-pixel patches: rows large enough for the row-parallel reader and writer
     tiny = resolve_config("nc3", width=64, image_size=64, patch_size=8, bn_batch=16)
-    build_release(
-        release_dir, config=tiny, plan=BuildPlan.for_task("reid", 48), source="phantom", seed=3, test_release=True
-    )
+    build_release(out, config=tiny, plan=BuildPlan.for_task("reid", 48), source="phantom", seed=3, test_release=True)
+    return out
+
+
+def test_run_subset_keeps_the_first_encodings_with_their_own_plaintexts(small_reid, tmp_path):
+    release_dir = small_reid
     out = _script("run").subset(str(release_dir), 20, str(tmp_path / "n20"))
     with open_release(release_dir) as full, open_key(release_dir) as full_key:
         truth = full_key.read("truth/plain_index")[:20]
@@ -110,6 +114,17 @@ def test_depth_script_bad_numbers_are_one_line_errors(option, tmp_path):
 def test_run_script_on_a_missing_release_is_a_one_line_error(tmp_path):
     done = subprocess.run(
         [sys.executable, str(BENCHMARKS / "run.py"), "attack", str(tmp_path / "nowhere")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and done.stderr.startswith("error: ") and done.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("sizes", ["--sizes=10,x", "--sizes=10,49", "--sizes=0"])
+def test_run_scale_bad_sizes_are_one_line_errors(small_reid, sizes):
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "run.py"), "scale", str(small_reid), sizes],
         capture_output=True,
         text=True,
         timeout=120,
