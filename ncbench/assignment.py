@@ -35,29 +35,37 @@ def match_shortlists(columns: np.ndarray, values: np.ndarray, n_columns: int) ->
     the sparse graph (N * k edges, ``scipy.sparse.csgraph.min_weight_full_bipartite_matching``,
     a sparse Jonker-Volgenant), it places as many rows as possible, then maximises their total
     score; no N x M matrix is ever made. The caller assigns the -1 rows among the columns left.
+
+    Where N = M and the shortlists place every row (a maximum matching by Hopcroft-Karp says
+    so first), the graph goes to scipy as it is: on a square graph its Jonker-Volgenant starts
+    from a greedy reduction instead of augmenting every row from nothing (decoded thumbnails at
+    N = 100,000: 35 s instead of 104 s). Otherwise each row gets a private escape column, dearer
+    than any set of real edges, so a full matching always exists and escapes are used only
+    where unavoidable.
     """
     from scipy.sparse import csr_matrix
-    from scipy.sparse.csgraph import min_weight_full_bipartite_matching
+    from scipy.sparse.csgraph import maximum_bipartite_matching, min_weight_full_bipartite_matching
 
     n_rows, k = columns.shape
     if n_rows > n_columns:
         raise ValueError(f"more rows ({n_rows}) than columns ({n_columns})")
     if n_rows == 0:
         return np.empty(0, np.int64)
-    # Stored entries are edges and weights must be positive: cost 1 for the best score and
-    # 1 + spread for the worst. Each row also gets a private escape column dearer than any set
-    # of real edges, so a matching always exists and escapes are used only where unavoidable.
+    # Weights must be positive: cost 1 for the best score and 1 + spread for the worst.
     values = np.asarray(values, np.float64)
-    costs = values.max() - values + 1.0
-    escape = (costs.max() + 1.0) * (n_rows + 1)
-    rows = np.arange(n_rows)
-    graph = csr_matrix(
-        (
-            np.concatenate([costs.ravel(), np.full(n_rows, escape)]),
-            (np.concatenate([np.repeat(rows, k), rows]), np.concatenate([columns.ravel(), n_columns + rows])),
-        ),
-        shape=(n_rows, n_columns + n_rows),
-    )
+    costs = (values.max() - values + 1.0).ravel()
+    rows, targets = np.repeat(np.arange(n_rows), k), columns.ravel()
+    graph = csr_matrix((costs, (rows, targets)), shape=(n_rows, n_columns))
+    if n_rows < n_columns or (maximum_bipartite_matching(graph, perm_type="column") < 0).any():
+        escape = (costs.max() + 1.0) * (n_rows + 1)
+        own = np.arange(n_rows)
+        graph = csr_matrix(
+            (
+                np.concatenate([costs, np.full(n_rows, escape)]),
+                (np.concatenate([rows, own]), np.concatenate([targets, n_columns + own])),
+            ),
+            shape=(n_rows, n_columns + n_rows),
+        )
     matched_rows, matched_columns = min_weight_full_bipartite_matching(graph)
     matched = np.full(n_rows, -1, np.int64)
     matched[matched_rows] = matched_columns
