@@ -65,12 +65,13 @@ def align(
 
 
 def iter_release(
-    release: Release | SiteView, chunk: int, device: str, *, channels: int | None = None
+    release: Release | SiteView, chunk: int, device: str, *, channels: int | None = None, reverse: bool = False
 ) -> Iterator[tuple[int, torch.Tensor]]:
-    """Yield (start, encodings (b, P, D) float32), or only their first ``channels`` channels."""
+    """Yield (start, encodings (b, P, D) float32), or only their first ``channels`` channels;
+    ``reverse``: last block first (see :meth:`~ncbench.challenge.files.Release.iter_encoded`)."""
     # Read as stored (float16) and widened by torch: numpy's float16 cast is 2x slower. (Reading
     # the next block on a thread while this one is worked on saved nothing on 2 cores.)
-    for start, block in release.iter_encoded(chunk, dtype=None):
+    for start, block in release.iter_encoded(chunk, dtype=None, reverse=reverse):
         yield start, torch.from_numpy(block[..., :channels]).to(device).float()
 
 

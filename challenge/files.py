@@ -197,10 +197,14 @@ class Release(_H5File):
         encoded = self._rows("encoded/data", unique, dtype=dtype)
         return encoded if np.array_equal(inverse, np.arange(len(unique))) else encoded[inverse]
 
-    def iter_encoded(self, chunk: int = 64, *, dtype=np.float32) -> Iterator[tuple[int, np.ndarray]]:
-        """Yield (start, encodings (b, P, D)) in row order, ``chunk`` items at a time."""
-        for start in range(0, self.n_encoded, chunk):
-            yield start, self.encoded_rows(np.arange(start, min(start + chunk, self.n_encoded)), dtype=dtype)
+    def iter_encoded(
+        self, chunk: int = 64, *, dtype=np.float32, reverse: bool = False
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield (start, encodings (b, P, D)), ``chunk`` items at a time, in row order or, with
+        ``reverse``, last block first: a second pass over a release larger than the page cache
+        then finds the end of the first pass still cached (in row order it would evict each page
+        just before reading it)."""
+        return _iter_blocks(self, chunk, dtype, reverse)
 
     def describe(self) -> dict:
         """What ``ncbench challenge info`` prints: attributes and dataset shapes."""
@@ -231,9 +235,16 @@ class SiteView:
     def encoded_rows(self, rows, *, dtype=np.float32) -> np.ndarray:
         return self.release.encoded_rows(self.rows[np.asarray(rows, np.int64)], dtype=dtype)
 
-    def iter_encoded(self, chunk: int = 64, *, dtype=np.float32) -> Iterator[tuple[int, np.ndarray]]:
-        for start in range(0, self.n_encoded, chunk):
-            yield start, self.encoded_rows(np.arange(start, min(start + chunk, self.n_encoded)), dtype=dtype)
+    def iter_encoded(
+        self, chunk: int = 64, *, dtype=np.float32, reverse: bool = False
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        return _iter_blocks(self, chunk, dtype, reverse)
+
+
+def _iter_blocks(view: Release | SiteView, chunk: int, dtype, reverse: bool) -> Iterator[tuple[int, np.ndarray]]:
+    starts = range(0, view.n_encoded, chunk)
+    for start in reversed(starts) if reverse else starts:
+        yield start, view.encoded_rows(np.arange(start, min(start + chunk, view.n_encoded)), dtype=dtype)
 
 
 class Key(_H5File):

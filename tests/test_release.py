@@ -152,6 +152,19 @@ def test_flipped_byte_in_data_region_detected(built, tmp_path):
     assert "corrupt" in text or "differ" in text
 
 
+def test_encodings_read_last_block_first_are_the_same_blocks(built):
+    with open_release(built["reid"]) as release:
+        forward = list(release.iter_encoded(5))
+        backward = list(release.iter_encoded(5, reverse=True))
+        site = release.site(0)
+        site_backward = list(site.iter_encoded(5, reverse=True))
+    assert [start for start, _ in backward] == [start for start, _ in forward][::-1]
+    assert len(forward) > 2 and len(forward[-1][1]) < 5  # a short last block, read first
+    for (_, block), (_, again) in zip(forward[::-1], backward):
+        np.testing.assert_array_equal(block, again)
+    assert [start for start, _ in site_backward] == [start for start, _ in backward]
+
+
 def test_attack_reading_a_damaged_chunk_gets_one_line(built, tmp_path):
     out = _copy(built["reid"], tmp_path)
     with h5py.File(out / "public/release.h5", "r+") as h5:
