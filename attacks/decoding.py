@@ -17,7 +17,7 @@ import torch
 
 from ncbench.assignment import match_shortlists
 from ncbench.attacks.alignment import iter_release, to_slot_order
-from ncbench.challenge.encoders import EncoderConfig, images_to_patches
+from ncbench.challenge.encoders import PIXEL_MEAN, PIXEL_STD, EncoderConfig
 from ncbench.challenge.files import Release, RowReader, SiteView
 from ncbench.hardware import matmul_dtype
 
@@ -40,6 +40,7 @@ DECODE_CANDIDATES = 8
 ROUGH_CANDIDATES = 32
 _QUERY_BLOCK = 1024
 _PAIR_BLOCK = 256
+_EXACT_ROWS = 16
 
 
 def fit_ridge(encoded: torch.Tensor, pixels: torch.Tensor, *, ridge: float, per_position: bool) -> dict:
@@ -70,29 +71,64 @@ def fit_ridge(encoded: torch.Tensor, pixels: torch.Tensor, *, ridge: float, per_
 
 
 def thumbnail_patches(images: torch.Tensor, config: EncoderConfig) -> torch.Tensor:
-    """(B, S, S) uint8 images -> (B, P, (patch / SUBPATCH)^2): the normalised pixels' means over
-    SUBPATCH x SUBPATCH blocks of each patch, by position (the whole patch where it is smaller)."""
-    patches = images_to_patches(images, config)
-    size = config.patch_size
-    sub = min(SUBPATCH, size)
-    blocks = patches.reshape(len(patches), config.n_patches, size // sub, sub, size // sub, sub)
-    return blocks.mean((3, 5)).flatten(2)
+    """(B, S, S) uint8 images -> (B, P, (patch / SUBPATCH)^2) float32: the normalised pixels' means
+    over SUBPATCH x SUBPATCH blocks of each patch, by position, row-major within the patch (the
+    whole patch where it is smaller)."""
+    return _normalised(_block_sums(images, config), config)
+
+
+def _block_sums(images: torch.Tensor, config: EncoderConfig) -> torch.Tensor:
+    """(B, S, S) uint8 -> (B, P, q) int32 pixel sums of the blocks :func:`thumbnail_patches` averages
+    (summed as integers, then normalised: the same values as normalising every pixel first, in
+    a third of the time)."""
+    batch, size, patch = len(images), config.image_size, config.patch_size
+    sub = min(SUBPATCH, patch)
+    sums = images.reshape(batch, size // sub, sub, size // sub, sub).sum((2, 4), dtype=torch.int32)
+    grid, per = size // patch, patch // sub
+    return sums.reshape(batch, grid, per, grid, per).permute(0, 1, 3, 2, 4).reshape(batch, grid * grid, per * per)
+
+
+def _normalised(sums: torch.Tensor, config: EncoderConfig) -> torch.Tensor:
+    block = min(SUBPATCH, config.patch_size) ** 2
+    return sums.float().div_(block).sub_(PIXEL_MEAN).div_(PIXEL_STD)
+
+
+class PoolThumbnails:
+    """The plaintext pool's thumbnails (:func:`thumbnail_patches`), taken from its batches of
+    images while another pass reads them: :meth:`add` is an ``on_images`` callback
+    (:func:`~ncbench.attacks.self_keyed.self_encode`), so the pool is not read a second time for
+    them (6.5 GB at M = 100,000). Held as uint16 pixel sums, exact, 2 bytes a value: 205 MB at
+    100,000 images of 256 x 256."""
+
+    def __init__(self, n_images: int, config: EncoderConfig):
+        per = config.patch_size // min(SUBPATCH, config.patch_size)
+        self.config = config
+        self.sums = np.empty((n_images, config.n_patches * per * per), np.uint16)
+        self.added = 0
+
+    def add(self, start: int, images: torch.Tensor) -> None:
+        self.sums[start : start + len(images)] = _block_sums(images, self.config).flatten(1).numpy()
+        self.added += len(images)
+
+    def thumbnails(self) -> torch.Tensor:
+        """(M, P * q) float32, once every image was added."""
+        if self.added != len(self.sums):
+            raise RuntimeError(f"thumbnails of {self.added} of {len(self.sums)} pool images")
+        return _normalised(torch.from_numpy(self.sums.astype(np.float32)), self.config)
 
 
 def plain_thumbnails(plain_images: RowReader, config: EncoderConfig, *, block: int = 4096) -> torch.Tensor:
     """(M, P * q) float32 thumbnails (:func:`thumbnail_patches`) of the plaintext pool, read
     ``block`` images at a time."""
-    return torch.cat(
-        [
-            thumbnail_patches(torch.from_numpy(plain_images[start : start + block]), config).flatten(1)
-            for start in range(0, len(plain_images), block)
-        ]
-    )
+    pool = PoolThumbnails(len(plain_images), config)
+    for start in range(0, len(plain_images), block):
+        pool.add(start, torch.from_numpy(plain_images[start : start + block]))
+    return pool.thumbnails()
 
 
 def rematch_by_decoding(
     view: Release | SiteView,
-    plain_images: RowReader,
+    thumbs: torch.Tensor,
     matched: np.ndarray,
     positions: np.ndarray,
     *,
@@ -105,6 +141,7 @@ def rematch_by_decoding(
 ) -> np.ndarray:
     """A new matching of ``view``'s encodings with the plaintext pool by decoded thumbnails.
 
+    thumbs: (M, P * q) the pool's thumbnails (:class:`PoolThumbnails`, :func:`plain_thumbnails`);
     matched: (N,) plaintext row of each encoding, mostly right; positions: (N, P) original
     position of each encoded row. The shared ridge map from an encoded row's first ``channels``
     channels to its thumbnail values is fitted on ``pairs`` random matched pairs, every encoding
@@ -114,22 +151,21 @@ def rematch_by_decoding(
     assignments it chooses from, so every encoding is placed. ``advance``: called with the
     number of encodings decoded.
     """
-    config = view.config
-    thumbs = plain_thumbnails(plain_images, config)
+    n_patches = view.config.n_patches
     sample = np.sort(rng.permutation(len(matched))[:pairs])
-    partners, inverse = np.unique(matched[sample], return_inverse=True)
     known = torch.cat(  # a block at a time: whole rows of a full-width release are 4x the channels kept
         [
             torch.from_numpy(view.encoded_rows(sample[start : start + _PAIR_BLOCK])[..., :channels].copy())
             for start in range(0, len(sample), _PAIR_BLOCK)
         ]
     )
-    targets = thumbnail_patches(torch.from_numpy(plain_images.take(partners)[inverse]), config)
+    targets = thumbs[torch.from_numpy(matched[sample])].reshape(len(sample), n_patches, -1)
     model = fit_ridge(to_slot_order(known, positions[sample]), targets, ridge=DECODE_RIDGE, per_position=False)
     weights, enc_mean = model["weights"].to(device), model["enc_mean"].to(device)
     pix_mean = model["pix_mean"].to(device)
     decoded = torch.empty(len(matched), thumbs.shape[1])
-    for start, block in iter_release(view, chunk, device, channels=channels):
+    # Last block first: the end of the alignment's pass may still be in the page cache.
+    for start, block in iter_release(view, chunk, device, channels=channels, reverse=True):
         ordered = to_slot_order(block, positions[start : start + len(block)])
         decoded[start : start + len(block)] = ((ordered - enc_mean) @ weights + pix_mean).flatten(1).cpu()
         advance(len(block))
@@ -150,24 +186,37 @@ def nearest_plaintexts(
     dtype = matmul_dtype(device)
     centre = thumbs.mean(0)
     keys = (thumbs - centre).to(device)
-    key_norms = (keys**2).sum(1)
-    rough_keys = keys.to(dtype)
+    # 2 <query, key> - |key|^2 = |query|^2 - |query - key|^2: the nearest keys have the largest
+    # values of one product, with the queries extended by a column of ones.
+    rough_keys = torch.cat([2 * keys, -(keys**2).sum(1, keepdim=True)], 1).to(dtype)
     k = min(DECODE_CANDIDATES, len(thumbs) - 1)
     rough_k = min(max(ROUGH_CANDIDATES, k + 1), len(thumbs)) if dtype != torch.float32 else k + 1
     columns = np.empty((len(decoded), k + 1), np.int64)
     distances = np.empty((len(decoded), k + 1))
     for start in range(0, len(decoded), _QUERY_BLOCK):
         queries = (decoded[start : start + _QUERY_BLOCK] - centre).to(device)
-        rough = key_norms - 2 * (queries.to(dtype) @ rough_keys.T).float()
-        shortlist = rough.topk(rough_k, dim=1, largest=False).indices
-        exact = ((queries[:, None] - keys[shortlist]) ** 2).sum(2)
+        extended = torch.cat([queries, torch.ones(len(queries), 1, device=device)], 1).to(dtype)
+        shortlist = (extended @ rough_keys.T).topk(rough_k, dim=1).indices
+        exact = _squared_distances(queries, keys, shortlist)
         order = exact.topk(k + 1, dim=1, largest=False).indices
         nearest = shortlist.gather(1, order).cpu().numpy()
         found = exact.gather(1, order).double().cpu().numpy()
         own = current[start : start + len(queries)]
-        own_distance = ((queries - keys[torch.from_numpy(own).to(device)]) ** 2).sum(1).double().cpu().numpy()
+        own_distance = _squared_distances(queries, keys, torch.from_numpy(own[:, None]).to(device))
         missing = ~(nearest[:, :k] == own[:, None]).any(1)
-        nearest[missing, k], found[missing, k] = own[missing], own_distance[missing]
+        nearest[missing, k], found[missing, k] = own[missing], own_distance[missing, 0].double().cpu().numpy()
         columns[start : start + len(queries)] = nearest
         distances[start : start + len(queries)] = found
     return columns, distances
+
+
+def _squared_distances(queries: torch.Tensor, keys: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """(b, c) fp32 squared distances of ``queries`` (b, T) to their ``keys`` rows ``columns`` (b, c).
+    On a CPU :data:`_EXACT_ROWS` queries at a time, so that their gathered keys stay in cache (all
+    1,024 at once: 4x slower, at the memory's pace)."""
+    rows_at_once = _EXACT_ROWS if queries.device.type == "cpu" else len(queries)
+    out = torch.empty(columns.shape, device=queries.device)
+    for s in range(0, len(queries), rows_at_once):
+        block = columns[s : s + rows_at_once]
+        out[s : s + len(block)] = ((queries[s : s + len(block), None] - keys[block]) ** 2).sum(2)
+    return out

@@ -36,7 +36,7 @@ from ncbench.attacks.alignment import (
     to_slot_order,
 )
 from ncbench.attacks.base import Attack
-from ncbench.attacks.decoding import DECODE_FROM, DECODE_PAIRS, rematch_by_decoding
+from ncbench.attacks.decoding import DECODE_FROM, DECODE_PAIRS, PoolThumbnails, rematch_by_decoding
 from ncbench.attacks.duplicates import exact_pairs, patch_hashes, row_hashes, shared_groups
 from ncbench.attacks.self_keyed import insider_encoder, self_encode
 from ncbench.attacks.statistics import (
@@ -341,6 +341,7 @@ def boost(
     scores_max: int = SCORES_MAX,
     device: str = "cpu",
     first_pairs: tuple[np.ndarray, np.ndarray] | None = None,
+    exact_final: bool = True,
 ) -> Boosted:
     """From first-round ``scores`` (L, R), up to ``rounds`` times: recover the slot permutation
     from the pairs ``trusted(scores)`` picks (rows, columns), and compare Gram matrices in that
@@ -355,6 +356,7 @@ def boost(
     sparse assignment on those shortlists gives the matching (:func:`match_shortlists`): no
     N x N assignment, and the (L, R) scores are kept only up to ``scores_max`` left items.
     ``right`` may be :class:`SampledStatistics` only beyond ``assign_max`` left items.
+    ``exact_final=False``: the final shortlists keep their rough values (:meth:`GramComparison.shortlist`).
     """
     slot_positions = np.arange(left.norms.shape[1])
     comparison = GramComparison(left, right, device=device)
@@ -376,7 +378,9 @@ def boost(
     if sample is None:
         return Boosted(match(scores), scores.astype(np.float32, copy=False), slot_positions, history)
     del scores
-    final = comparison.shortlist(slot_positions, candidates=candidates, keep_scores=n_left <= scores_max)
+    final = comparison.shortlist(
+        slot_positions, candidates=candidates, keep_scores=n_left <= scores_max, exact=exact_final
+    )
     matched = match_shortlists(final.columns, final.values, len(right.norms))
     unplaced = np.flatnonzero(matched < 0)
     if len(unplaced):
@@ -454,6 +458,8 @@ def gram_pairing(
     plain_images = release.plain_pool[:] if look_for_pairs else release.plain_pool
     sampled = release.n_sites == 1 and release.n_encoded > assign_max and len(plain_images) > held_max
     shallow = release.config.depth <= SHALLOW_DEPTH
+    decoding = decode_pairs > 0 and release.n_sites == 1 and release.n_encoded >= decode_from and shallow
+    pool_thumbnails = PoolThumbnails(len(plain_images), release.config) if decoding else None
     self_width, channels = statistics_widths(release.config, self_width=self_width, channels=channels)
     cheap = cheap_statistics(release.config)
     products_dtype = matmul_dtype(attack.device) if cheap else torch.float32
@@ -461,7 +467,14 @@ def gram_pairing(
     insider = insider_encoder(insider_key, release.config, device=attack.device) if insider_key else None
 
     def encode_plain(
-        seed: int, encoder=None, advance=lambda k: None, *, averaged: bool = False, held: bool = True, images=None
+        seed: int,
+        encoder=None,
+        advance=lambda k: None,
+        *,
+        averaged: bool = False,
+        held: bool = True,
+        images=None,
+        on_images=None,
     ):
         return self_encode(
             plain_images if images is None else images,
@@ -473,6 +486,7 @@ def gram_pairing(
             encoder=encoder,
             bf16_activations=averaged or shallow,
             mean_images=None if held else POOL_MEAN_IMAGES,
+            on_images=on_images,
         )
 
     def plain_keys(advance):  # the boosting's key, then more self-sampled ones
@@ -489,7 +503,8 @@ def gram_pairing(
             yield start, unit_entries(centred_grams(block, mean, dtype=products_dtype))[1]
 
     with attack.stage("self-keyed plaintext statistics", len(plain_images)) as advance:
-        features, mean = encode_plain(attack.seed, insider, advance, held=look_for_pairs)
+        on_images = pool_thumbnails.add if pool_thumbnails is not None else None  # the decoding's, from this read
+        features, mean = encode_plain(attack.seed, insider, advance, held=look_for_pairs, on_images=on_images)
         if sampled:
             grams = ((start, centred_grams(block, mean, dtype=products_dtype)) for start, block in features)
             size = (len(plain_images), release.config.n_patches)
@@ -547,6 +562,7 @@ def gram_pairing(
                 candidates=candidates,
                 scores_max=release.n_encoded if several else scores_max,
                 device=attack.device,
+                exact_final=not decoding,  # the decoded thumbnails decide the matching then
             )
         if len(exact[0]) >= MIN_EXACT_PAIRS:
             final = boosted.scores
@@ -570,12 +586,12 @@ def gram_pairing(
         unplaced += boosted.unplaced
     matched = match(scores) if several else boosted.matched
     rematched = 0
-    if decode_pairs and not several and release.n_encoded >= decode_from and shallow:
+    if decoding:
         del aligned, plain  # the Gram statistics: 3.2 GB and 0.9 GB at N = 100,000
         with attack.stage("re-match by decoded thumbnails", release.n_encoded) as advance:
             decoded = rematch_by_decoding(
                 release,
-                release.plain_pool,
+                pool_thumbnails.thumbnails(),
                 matched,
                 positions,
                 channels=channels,

@@ -51,6 +51,7 @@ def self_encode(
     encoder: Encoder | None = None,
     bf16_activations: bool = False,
     mean_images: int | None = None,
+    on_images: Callable[[int, torch.Tensor], None] | None = None,
 ) -> tuple[list[tuple[int, torch.Tensor]] | Iterator[tuple[int, torch.Tensor]], torch.Tensor]:
     """Encode ``images`` (M, S, S) uint8 unshuffled with a self-sampled key (or ``encoder``: an
     insider's), in the release's BatchNorm batch size so batch statistics behave alike.
@@ -59,12 +60,13 @@ def self_encode(
     Memory: M * P * width * 2 bytes. ``mean_images``: hold only the first that many images (whole
     batches) and take the mean over them; the blocks are then an iterator that encodes the rest
     as it is consumed, so a consumer that reduces each block holds a fixed amount whatever M is
-    (``images`` may then be a :class:`~ncbench.challenge.files.RowReader`).
+    (``images`` may then be a :class:`~ncbench.challenge.files.RowReader`). ``on_images``: see
+    :meth:`~ncbench.challenge.encoders.Encoder.encode_stream`.
     """
     if encoder is None:
         encoder = self_keyed_encoder(config, width=width, seed=seed, device=device, bf16_activations=bf16_activations)
     width = encoder.config.width
-    stream = encoder.encode_stream(images, None, on_batch=advance)
+    stream = encoder.encode_stream(images, None, on_batch=advance, on_images=on_images)
     held, total = [], torch.zeros(config.n_patches, width, device=device)
     for start, encoded in stream:
         total += encoded.sum(0, dtype=torch.float32).to(device)

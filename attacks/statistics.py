@@ -286,20 +286,27 @@ class GramComparison:
         return scores
 
     def shortlist(
-        self, slot_positions: np.ndarray, *, candidates: int = 8, keep_scores: bool = True, chunk: int = 256
+        self,
+        slot_positions: np.ndarray,
+        *,
+        candidates: int = 8,
+        keep_scores: bool = True,
+        chunk: int = 256,
+        exact: bool = True,
     ) -> Shortlist:
         """Each encoded image's ``candidates`` best plaintexts by the rough product (sampled
         entries, bf16 where native), their correlations recomputed in fp32 on every entry: exact
         where a matching or a ranking is decided, at the rough product's cost. ``chunk`` rows of
         the (N, M) product exist at a time; the whole matrix only when ``keep_scores`` (10 GB at
         N = M = 50,000). Against :class:`SampledStatistics` the exact correlations come from one
-        more pass that encodes the pool again (:meth:`_recomputed_exact`)."""
+        more pass that encodes the pool again (:meth:`_recomputed_exact`). ``exact=False``: the
+        rough values stay (for a matching that only seeds another step)."""
         dtype = matmul_dtype(self.device)
         right = self._plain(dtype, rough=True)
         # A standardised left row sums to zero, so its correlation with a plaintext row p is
         # <left, p> / |p - mean(p)|: the candidates' raw rows suffice.
         spread = self._spread if dtype != torch.float32 or self._entries is not None else None
-        later = self.sampled and spread is not None  # exact values after the loop
+        later = self.sampled and spread is not None and exact  # exact values after the loop
         n, m = len(self.encoded.gram), len(right)
         k = min(candidates, m)
         columns = np.empty((n, k), np.int64)
@@ -328,8 +335,10 @@ class GramComparison:
                 scores[s : s + len(left)] = rough.float().cpu().numpy()
             if later:
                 continue
-            exact = best_values.float() if spread is None else self._exact(left, best_columns) / spread[best_columns]
-            values[s : s + len(left)] = exact.cpu().numpy()
+            if spread is None or not exact:
+                values[s : s + len(left)] = best_values.float().cpu().numpy()
+            else:
+                values[s : s + len(left)] = (self._exact(left, best_columns) / spread[best_columns]).cpu().numpy()
         self._standardised = None  # the standardised copy is not needed any more
         if later:
             values = self._recomputed_exact(slot_positions, columns)

@@ -245,16 +245,19 @@ class Encoder:
             encoded = torch.gather(encoded, 1, index)
         return encoded
 
-    def encode_stream(self, images: np.ndarray, perms: np.ndarray | None, on_batch=None):
+    def encode_stream(self, images: np.ndarray, perms: np.ndarray | None, on_batch=None, on_images=None):
         """Yield (start, encoded (b, P, D) float32 on CPU) for consecutive BatchNorm batches.
 
-        images: (N, S, S) uint8; perms: (N, P) or None. ``on_batch(b)`` is called after each batch.
+        images: (N, S, S) uint8; perms: (N, P) or None. ``on_batch(b)`` is called after each batch,
+        ``on_images(start, images)`` with each batch's (b, S, S) uint8 images as they are read.
         Holds no reference to a batch once it is yielded, so a consumer that drops its own
         (``del``) keeps peak memory at one batch whatever N is.
         """
         size = self.config.bn_batch
         for start in range(0, len(images), size):
             chunk = torch.from_numpy(np.ascontiguousarray(images[start : start + size]))
+            if on_images is not None:
+                on_images(start, chunk)
             chunk_perms = None if perms is None else torch.from_numpy(perms[start : start + size].astype(np.int64))
             encoded = self.encode_batch(chunk, chunk_perms).cpu()
             if on_batch is not None:

@@ -27,7 +27,7 @@ from ncbench.attacks.plugins.registry import (
 )
 from ncbench.attacks.statistics import centred_grams
 from ncbench.attacks.submission import read_submission
-from ncbench.challenge.encoders import Encoder, resolve_config, sample_key
+from ncbench.challenge.encoders import Encoder, images_to_patches, resolve_config, sample_key
 from ncbench.challenge.files import open_key, open_release
 from ncbench.challenge.release import BuildPlan, build_release
 from ncbench.cli import main
@@ -282,6 +282,9 @@ def test_shortlist_scores_are_exact_for_each_rows_best_candidates(monkeypatch):
     assert np.allclose(np.take_along_axis(refined, best, 1), np.take_along_axis(exact, best, 1), atol=1e-5)
     assert np.array_equal(refined.argmax(1), np.arange(n)) and np.array_equal(exact.argmax(1), np.arange(n))
     assert np.abs(refined - exact).max() < 0.02
+    rough = comparison.shortlist(slot_positions, candidates=3, chunk=7, exact=False)
+    assert np.array_equal(rough.columns, shortlist.columns)
+    assert 1e-4 < np.abs(rough.values - shortlist.values).max() < 0.02  # the bf16 products as they are
 
 
 def test_rough_products_estimate_from_sampled_entries_and_shortlists_stay_exact():
@@ -370,6 +373,22 @@ def test_plaintext_grams_computed_again_give_the_matching_of_held_ones(releases,
     assert sampled.mapping == held.mapping
     assert _reid_accuracy(releases["nc3", "reid"], sampled) >= 0.9
     assert np.abs(sampled.scores - held.scores).max() < 0.01
+
+
+def test_when_decoded_thumbnails_decide_the_sampled_pool_is_not_encoded_again(releases, monkeypatch):
+    monkeypatch.setattr(statistics, "matmul_dtype", lambda device: torch.bfloat16)  # rough shortlists
+    recomputed = []
+    exact = statistics.GramComparison._recomputed_exact
+    monkeypatch.setattr(
+        statistics.GramComparison, "_recomputed_exact", lambda *args: recomputed.append(1) or exact(*args)
+    )
+    path = releases["nc3", "reid"]
+    options = dict(self_width=256, assign_max=24, held_max=47)
+    decoded = _run("gram-hungarian", path, decode_from=48, **options)
+    assert not recomputed and "re-match by decoded thumbnails" in decoded.diagnostics["stage_seconds"]
+    assert _reid_accuracy(path, decoded) >= 0.9
+    _run("gram-hungarian", path, decode_from=49, **options)
+    assert recomputed  # the Gram matching decides: its candidates' exact values
 
 
 def test_beyond_scores_max_only_the_mapping_is_submitted(releases):
@@ -748,7 +767,7 @@ def test_decoded_thumbnails_undo_swaps_in_a_mostly_right_matching(releases):
             swapped[[a, b]] = swapped[[b, a]]
         rematched = decoding.rematch_by_decoding(
             release,
-            release.plain_pool,
+            decoding.plain_thumbnails(release.plain_pool, release.config),
             swapped,
             positions,
             channels=release.config.width,
@@ -769,6 +788,22 @@ def test_gram_hungarian_rematches_by_decoding_from_decode_from_encodings(release
     for submission in (off, fewer):
         assert "re-match by decoded thumbnails" not in submission.diagnostics["stage_seconds"]
         assert submission.diagnostics["rematched_by_decoding"] == 0
+
+
+@pytest.mark.parametrize("patch", [16, 4])  # 2 x 2 blocks of 8 pixels, and one block of the whole patch
+def test_thumbnails_are_block_means_of_the_normalised_patches_also_when_taken_batch_by_batch(patch):
+    config = resolve_config("nc3", image_size=32, patch_size=patch)
+    images = torch.from_numpy(np.random.default_rng(3).integers(0, 256, (10, 32, 32), dtype=np.uint8))
+    sub = min(decoding.SUBPATCH, patch)
+    patches = images_to_patches(images, config).reshape(10, config.n_patches, patch // sub, sub, patch // sub, sub)
+    expected = patches.mean((3, 5)).flatten(2)
+    torch.testing.assert_close(decoding.thumbnail_patches(images, config), expected)
+    pool = decoding.PoolThumbnails(10, config)
+    pool.add(0, images[:6])
+    with pytest.raises(RuntimeError, match="6 of 10"):
+        pool.thumbnails()
+    pool.add(6, images[6:])
+    torch.testing.assert_close(pool.thumbnails(), expected.flatten(1))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
