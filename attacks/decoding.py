@@ -22,12 +22,16 @@ from ncbench.challenge.files import Release, RowReader, SiteView
 from ncbench.hardware import matmul_dtype
 
 # Matched pairs the decoder is fitted on (0.4% of them wrong at nc7 width 512, N = 30,000): 1,024
-# left 6 of the 30,000 wrong, 512 left 7-15 and 2,048 left 5-6; :func:`fit_ridge` holds them in
-# float64 (1.1 GB at 1,024 pairs of 512 channels).
+# left 6 of the 30,000 wrong, 512 left 7-15 and 2,048 left 5-6.
 DECODE_PAIRS = 1024
-# Encodings from which gram-hungarian re-matches by default: at nc7 N = 10,000 the Gram matching
-# left 0-4 wrong and the extra pass over the encodings took 39 s of 101 s at full width.
-DECODE_FROM = 20_000
+# Encodings from which gram-hungarian re-matches by default. At nc7 N = 10,000 the Gram matching
+# alone leaves 0-7 wrong (fresh keys); the decoding placed all on an AMD Zen 5 (2 cores), in 37 s
+# -> 60 s with a second pass over the release, 45 s with the alignment's rows held.
+DECODE_FROM = 10_000
+# The alignment's rows (the channels it reads, float16 as stored) are kept for the decoding up
+# to this size (N = 12,288 at 512 channels of 256 patches), so it does not read the release
+# again; beyond, it streams a second pass (a full-width row is inflated whole, 4x the channels kept).
+HELD_ROWS_BYTES = 3 << 30
 DECODE_RIDGE = 0.1  # linear-inversion's cross-validation picks 0.1 at nc7
 # Thumbnails: means of SUBPATCH x SUBPATCH pixel blocks (32 x 32 of a 256 x 256 image: 2 x 2 values
 # per 16-pixel patch). The ridge solution is linear in its targets, so fitting to block means is
@@ -41,6 +45,7 @@ ROUGH_CANDIDATES = 32
 _QUERY_BLOCK = 1024
 _PAIR_BLOCK = 256
 _EXACT_ROWS = 16
+_FIT_BLOCK = 64
 
 
 def fit_ridge(encoded: torch.Tensor, pixels: torch.Tensor, *, ridge: float, per_position: bool) -> dict:
@@ -53,19 +58,25 @@ def fit_ridge(encoded: torch.Tensor, pixels: torch.Tensor, *, ridge: float, per_
     ``ridge`` is relative to the mean feature energy, so it is scale-free.
     """
     enc_mean, pix_mean = encoded.mean(0), pixels.mean(0)
-    enc, pix = (encoded - enc_mean).double(), (pixels - pix_mean).double()
-    k, n_patches, width = enc.shape
+    k, n_patches, width = encoded.shape
     if per_position:
+        enc, pix = (encoded - enc_mean).double(), (pixels - pix_mean).double()
         kernel = torch.einsum("kpd,lpd->pkl", enc, enc)  # (P, K, K)
         scale = kernel.diagonal(dim1=1, dim2=2).mean() * ridge + 1e-12
         alpha = torch.linalg.solve(kernel + scale * torch.eye(k, dtype=enc.dtype), pix.transpose(0, 1))
         weights = torch.einsum("kpd,pkq->pdq", enc, alpha)  # (P, D, Q)
     else:
-        rows = enc.reshape(k * n_patches, width)
-        covariance = rows.T @ rows
+        # The normal equations summed _FIT_BLOCK pairs at a time: no float64 copy of all the
+        # pairs (2.1 GB at 1,024 pairs of 512 channels), the same sums.
+        covariance = torch.zeros(width, width, dtype=torch.float64, device=encoded.device)
+        cross = torch.zeros(width, pixels.shape[-1], dtype=torch.float64, device=encoded.device)
+        for start in range(0, k, _FIT_BLOCK):
+            rows = (encoded[start : start + _FIT_BLOCK] - enc_mean).double().reshape(-1, width)
+            covariance += rows.T @ rows
+            cross += rows.T @ (pixels[start : start + _FIT_BLOCK] - pix_mean).double().reshape(len(rows), -1)
         scale = covariance.diagonal().mean() * ridge + 1e-12
         weights = torch.linalg.solve(
-            covariance + scale * torch.eye(width, dtype=enc.dtype), rows.T @ pix.reshape(k * n_patches, -1)
+            covariance + scale * torch.eye(width, dtype=covariance.dtype, device=covariance.device), cross
         )  # (D, Q)
     return {"weights": weights.float(), "enc_mean": enc_mean, "pix_mean": pix_mean, "per_position": per_position}
 
@@ -117,6 +128,33 @@ class PoolThumbnails:
         return _normalised(torch.from_numpy(self.sums.astype(np.float32)), self.config)
 
 
+class HeldRows:
+    """An encoded view's rows as the alignment's pass reads them: their first ``channels``
+    channels, float16 as stored (widened from float16, so narrowed back exactly). :meth:`add` is
+    that pass's ``on_rows`` callback (:func:`~ncbench.attacks.pairing.aligned_statistics`); it
+    then reads like the view (``encoded_rows``, ``iter_encoded``) without touching the file."""
+
+    def __init__(self, view: Release | SiteView, channels: int):
+        self.config, self.n_encoded = view.config, view.n_encoded
+        self.rows = np.empty((view.n_encoded, view.config.n_patches, channels), np.float16)
+
+    @staticmethod
+    def fits(view: Release | SiteView, channels: int) -> bool:
+        """Whether ``view``'s rows at ``channels`` channels fit :data:`HELD_ROWS_BYTES`."""
+        return view.n_encoded * view.config.n_patches * channels * 2 <= HELD_ROWS_BYTES
+
+    def add(self, start: int, block: torch.Tensor) -> None:
+        self.rows[start : start + len(block)] = block.to(torch.float16).cpu().numpy()
+
+    def encoded_rows(self, rows, *, dtype=np.float32) -> np.ndarray:
+        return self.rows[np.asarray(rows, np.int64)].astype(dtype or self.rows.dtype, copy=False)
+
+    def iter_encoded(self, chunk: int = 64, *, dtype=np.float32, reverse: bool = False):
+        starts = range(0, self.n_encoded, chunk)
+        for start in reversed(starts) if reverse else starts:
+            yield start, self.rows[start : start + chunk].astype(dtype or self.rows.dtype, copy=False)
+
+
 def plain_thumbnails(plain_images: RowReader, config: EncoderConfig, *, block: int = 4096) -> torch.Tensor:
     """(M, P * q) float32 thumbnails (:func:`thumbnail_patches`) of the plaintext pool, read
     ``block`` images at a time."""
@@ -127,7 +165,7 @@ def plain_thumbnails(plain_images: RowReader, config: EncoderConfig, *, block: i
 
 
 def rematch_by_decoding(
-    view: Release | SiteView,
+    view: Release | SiteView | HeldRows,
     thumbs: torch.Tensor,
     matched: np.ndarray,
     positions: np.ndarray,
@@ -141,6 +179,7 @@ def rematch_by_decoding(
 ) -> np.ndarray:
     """A new matching of ``view``'s encodings with the plaintext pool by decoded thumbnails.
 
+    view: the encodings, or their rows held from the alignment (:class:`HeldRows`);
     thumbs: (M, P * q) the pool's thumbnails (:class:`PoolThumbnails`, :func:`plain_thumbnails`);
     matched: (N,) plaintext row of each encoding, mostly right; positions: (N, P) original
     position of each encoded row. The shared ridge map from an encoded row's first ``channels``

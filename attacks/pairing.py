@@ -9,7 +9,7 @@
 3. first matching on a shuffle-invariant statistic (each image's sorted patch norms);
 4. boost: recover the global slot -> position permutation from the matched pairs, compare the
    Gram matrices in that order, re-solve the assignment; repeat;
-5. from 20,000 encodings, up to nc7's depth: re-match by thumbnails decoded with a ridge map
+5. from 10,000 encodings, up to nc7's depth: re-match by thumbnails decoded with a ridge map
    fitted on the matching's own pairs (:mod:`attacks.decoding`).
 
 Where repeated patches give exact pairs (:mod:`attacks.duplicates`), they replace the first
@@ -36,7 +36,7 @@ from ncbench.attacks.alignment import (
     to_slot_order,
 )
 from ncbench.attacks.base import Attack
-from ncbench.attacks.decoding import DECODE_FROM, DECODE_PAIRS, PoolThumbnails, rematch_by_decoding
+from ncbench.attacks.decoding import DECODE_FROM, DECODE_PAIRS, HeldRows, PoolThumbnails, rematch_by_decoding
 from ncbench.attacks.duplicates import exact_pairs, patch_hashes, row_hashes, shared_groups
 from ncbench.attacks.self_keyed import insider_encoder, self_encode
 from ncbench.attacks.statistics import (
@@ -192,6 +192,7 @@ def aligned_statistics(
     dtype: torch.dtype = torch.float32,
     weighted: bool = False,
     storage=np.float16,
+    on_rows: Callable[[int, torch.Tensor], None] | None = None,
 ) -> Aligned:
     """Undo the shuffles of one key's encodings and take their patch statistics (two passes), on
     their first ``channels`` channels (all when None), with the products of the final alignment
@@ -201,7 +202,8 @@ def aligned_statistics(
 
     ``weighted``: the final alignment divides each channel by its spread around the slot means,
     so a row goes to the nearest slot mean under a pooled diagonal covariance (linear discriminant
-    analysis) instead of the plain Euclidean distance."""
+    analysis) instead of the plain Euclidean distance. ``on_rows(start, rows)``: called with each
+    block of rows the final pass reads ((b, P, channels) float32, release order)."""
     n = view.n_encoded
     moments = dict(chunk=chunk, device=attack.device, limit=REFERENCE_IMAGES, channels=channels)
     with attack.stage("slot reference", min(n, REFERENCE_IMAGES) * (1 + weighted)) as advance:
@@ -217,6 +219,8 @@ def aligned_statistics(
 
     def aligned_grams():
         for start, block in iter_release(view, chunk, attack.device, channels=channels):
+            if on_rows is not None:
+                on_rows(start, block)
             scaled = block if weight is None else block * weight
             block_slots, _ = align(scaled, weighted_reference, shuffle=view.config.shuffle, dtype=dtype)
             slots[start : start + len(block)] = block_slots
@@ -446,8 +450,9 @@ def gram_pairing(
     matrices are not held but computed again where they are needed (:class:`SampledStatistics`).
     ``decode_pairs``: on one site of at least ``decode_from`` encodings, up to
     :data:`SHALLOW_DEPTH` blocks (where a ridge map still decodes), re-match by thumbnails decoded
-    with a ridge map fitted on that many of the matching's pairs (:func:`rematch_by_decoding`);
-    0: never.
+    with a ridge map fitted on that many of the matching's pairs (:func:`rematch_by_decoding`),
+    from the alignment's rows where they fit :data:`~ncbench.attacks.decoding.HELD_ROWS_BYTES`
+    (:class:`~ncbench.attacks.decoding.HeldRows`), else from a second pass; 0: never.
     """
     prefetch(release.path)  # the encodings reach the page cache while the pool is encoded
     # Without the positional embedding (``mix``) a patch encodes alike at every position, so
@@ -461,6 +466,7 @@ def gram_pairing(
     decoding = decode_pairs > 0 and release.n_sites == 1 and release.n_encoded >= decode_from and shallow
     pool_thumbnails = PoolThumbnails(len(plain_images), release.config) if decoding else None
     self_width, channels = statistics_widths(release.config, self_width=self_width, channels=channels)
+    held_rows = HeldRows(release, channels) if decoding and HeldRows.fits(release, channels) else None
     cheap = cheap_statistics(release.config)
     products_dtype = matmul_dtype(attack.device) if cheap else torch.float32
     storage = np.int8 if cheap else np.float16
@@ -534,6 +540,7 @@ def gram_pairing(
             dtype=products_dtype,
             weighted=cheap and release.config.shuffle,
             storage=storage,
+            on_rows=held_rows.add if held_rows is not None else None,  # the decoding's, from this read
         )
         first, first_pairs = None, None
         if look_for_pairs:
@@ -590,7 +597,7 @@ def gram_pairing(
         del aligned, plain  # the Gram statistics: 3.2 GB and 0.9 GB at N = 100,000
         with attack.stage("re-match by decoded thumbnails", release.n_encoded) as advance:
             decoded = rematch_by_decoding(
-                release,
+                release if held_rows is None else held_rows,
                 pool_thumbnails.thumbnails(),
                 matched,
                 positions,

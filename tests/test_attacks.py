@@ -28,7 +28,7 @@ from ncbench.attacks.plugins.registry import (
 from ncbench.attacks.statistics import centred_grams
 from ncbench.attacks.submission import read_submission
 from ncbench.challenge.encoders import Encoder, images_to_patches, resolve_config, sample_key
-from ncbench.challenge.files import open_key, open_release
+from ncbench.challenge.files import Release, open_key, open_release
 from ncbench.challenge.release import BuildPlan, build_release
 from ncbench.cli import main
 from ncbench.errors import NcbenchError
@@ -778,11 +778,19 @@ def test_decoded_thumbnails_undo_swaps_in_a_mostly_right_matching(releases):
     assert np.array_equal(rematched, truth)
 
 
-def test_gram_hungarian_rematches_by_decoding_from_decode_from_encodings(releases):
+def test_gram_hungarian_rematches_by_decoding_from_decode_from_encodings(releases, monkeypatch):
     path = releases["nc3", "reid"]
+    passes = []
+    iter_encoded = Release.iter_encoded
+    monkeypatch.setattr(Release, "iter_encoded", lambda *a, **k: passes.append(1) or iter_encoded(*a, **k))
     rematched = _run("gram-hungarian", path, self_width=256, assign_max=24, decode_from=48)
     assert "re-match by decoded thumbnails" in rematched.diagnostics["stage_seconds"]
     assert _reid_accuracy(path, rematched) >= 0.9
+    held_passes = len(passes)
+    monkeypatch.setattr(decoding, "HELD_ROWS_BYTES", 0)  # rows too large to hold: a second pass
+    streamed = _run("gram-hungarian", path, self_width=256, assign_max=24, decode_from=48)
+    assert len(passes) == 2 * held_passes + 1  # the same passes, and one more over the release
+    assert streamed.mapping == rematched.mapping
     off = _run("gram-hungarian", path, self_width=256, assign_max=24, decode_from=48, decode_pairs=0)
     fewer = _run("gram-hungarian", path, self_width=256, assign_max=24, decode_from=49)
     for submission in (off, fewer):
