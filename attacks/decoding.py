@@ -28,7 +28,7 @@ DECODE_PAIRS = 1024
 # alone leaves 0-7 wrong (fresh keys); the decoding placed all on an AMD Zen 5 (2 cores), in 37 s
 # -> 60 s with a second pass over the release, 45 s with the alignment's rows held.
 DECODE_FROM = 10_000
-# The alignment's rows (the channels it reads, float16 as stored) are kept for the decoding up
+# The alignment's rows (the channels it reads, as stored) are kept for the decoding up
 # to this size (N = 12,288 at 512 channels of 256 patches), so it does not read the release
 # again; beyond, it streams a second pass (a full-width row is inflated whole, 4x the channels kept).
 HELD_ROWS_BYTES = 3 << 30
@@ -130,21 +130,24 @@ class PoolThumbnails:
 
 class HeldRows:
     """An encoded view's rows as the alignment's pass reads them: their first ``channels``
-    channels, float16 as stored (widened from float16, so narrowed back exactly). :meth:`add` is
-    that pass's ``on_rows`` callback (:func:`~ncbench.attacks.pairing.aligned_statistics`); it
-    then reads like the view (``encoded_rows``, ``iter_encoded``) without touching the file."""
+    channels, in the release's storage dtype (widened from it, so narrowed back exactly).
+    :meth:`add` is that pass's ``on_rows`` callback
+    (:func:`~ncbench.attacks.pairing.aligned_statistics`); it then reads like the view
+    (``encoded_rows``, ``iter_encoded``) without touching the file."""
 
     def __init__(self, view: Release | SiteView, channels: int):
         self.config, self.n_encoded = view.config, view.n_encoded
-        self.rows = np.empty((view.n_encoded, view.config.n_patches, channels), np.float16)
+        shape = (view.n_encoded, view.config.n_patches, channels)
+        self.rows = np.empty(shape, np.dtype(view.config.dtype))
 
     @staticmethod
     def fits(view: Release | SiteView, channels: int) -> bool:
         """Whether ``view``'s rows at ``channels`` channels fit :data:`HELD_ROWS_BYTES`."""
-        return view.n_encoded * view.config.n_patches * channels * 2 <= HELD_ROWS_BYTES
+        itemsize = np.dtype(view.config.dtype).itemsize
+        return view.n_encoded * view.config.n_patches * channels * itemsize <= HELD_ROWS_BYTES
 
     def add(self, start: int, block: torch.Tensor) -> None:
-        self.rows[start : start + len(block)] = block.to(torch.float16).cpu().numpy()
+        self.rows[start : start + len(block)] = block.cpu().numpy()
 
     def encoded_rows(self, rows, *, dtype=np.float32) -> np.ndarray:
         return self.rows[np.asarray(rows, np.int64)].astype(dtype or self.rows.dtype, copy=False)
