@@ -26,7 +26,7 @@ from ncbench.hardware import matmul_dtype
 DECODE_PAIRS = 1024
 # Encodings from which gram-hungarian re-matches by default. At nc7 N = 10,000 the Gram matching
 # alone leaves 0-7 wrong (fresh keys); the decoding placed all on an AMD Zen 5 (2 cores), in 37 s
-# -> 60 s with a second pass over the release, 45 s with the alignment's rows held.
+# -> 60 s with a second pass over the release, 43-48 s with the alignment's rows held.
 DECODE_FROM = 10_000
 # The alignment's rows (the channels it reads, as stored) are kept for the decoding up
 # to this size (N = 12,288 at 512 channels of 256 patches), so it does not read the release
