@@ -18,7 +18,7 @@ import torch
 from ncbench.assignment import match_shortlists
 from ncbench.attacks.alignment import iter_release, to_slot_order
 from ncbench.challenge.encoders import PIXEL_MEAN, PIXEL_STD, EncoderConfig
-from ncbench.challenge.files import Release, RowReader, SiteView
+from ncbench.challenge.files import Release, RowReader, SiteView, iter_blocks
 from ncbench.hardware import matmul_dtype
 
 # Matched pairs the decoder is fitted on (0.4% of them wrong at nc7 width 512, N = 30,000): 1,024
@@ -153,9 +153,7 @@ class HeldRows:
         return self.rows[np.asarray(rows, np.int64)].astype(dtype or self.rows.dtype, copy=False)
 
     def iter_encoded(self, chunk: int = 64, *, dtype=np.float32, reverse: bool = False):
-        starts = range(0, self.n_encoded, chunk)
-        for start in reversed(starts) if reverse else starts:
-            yield start, self.rows[start : start + chunk].astype(dtype or self.rows.dtype, copy=False)
+        return iter_blocks(self, chunk, dtype, reverse)
 
 
 def plain_thumbnails(plain_images: RowReader, config: EncoderConfig, *, block: int = 4096) -> torch.Tensor:

@@ -204,7 +204,7 @@ class Release(_H5File):
         ``reverse``, last block first: a second pass over a release larger than the page cache
         then finds the end of the first pass still cached (in row order it would evict each page
         just before reading it)."""
-        return _iter_blocks(self, chunk, dtype, reverse)
+        return iter_blocks(self, chunk, dtype, reverse)
 
     def describe(self) -> dict:
         """What ``ncbench challenge info`` prints: attributes and dataset shapes."""
@@ -238,10 +238,11 @@ class SiteView:
     def iter_encoded(
         self, chunk: int = 64, *, dtype=np.float32, reverse: bool = False
     ) -> Iterator[tuple[int, np.ndarray]]:
-        return _iter_blocks(self, chunk, dtype, reverse)
+        return iter_blocks(self, chunk, dtype, reverse)
 
 
-def _iter_blocks(view: Release | SiteView, chunk: int, dtype, reverse: bool) -> Iterator[tuple[int, np.ndarray]]:
+def iter_blocks(view, chunk: int, dtype, reverse: bool) -> Iterator[tuple[int, np.ndarray]]:
+    """``view.iter_encoded`` for anything with ``n_encoded`` and ``encoded_rows(rows, dtype=)``."""
     starts = range(0, view.n_encoded, chunk)
     for start in reversed(starts) if reverse else starts:
         yield start, view.encoded_rows(np.arange(start, min(start + chunk, view.n_encoded)), dtype=dtype)
