@@ -162,7 +162,10 @@ def _accuracy(
         truth = key.read("truth/plain_index")[row]
         perm = key.read("truth/patch_perm")[row]
     predicted = np.array([column[pid] for pid in submission.mapping])
-    found = {"reid_accuracy": round(float(np.mean(predicted == truth)), 4)}
+    found = {
+        "reid_accuracy": round(float(np.mean(predicted == truth)), 4),
+        "reid_wrong": int(np.sum(predicted != truth)),
+    }
     if submission.patch_positions is not None:
         found["patch_position_accuracy"] = round(float(np.mean(submission.patch_positions == perm)), 4)
     return found
@@ -209,6 +212,7 @@ def compare(release_dir: str, *names: str) -> dict:
                     "seconds",
                     "peak_rss_gb",
                     "reid_accuracy",
+                    "reid_wrong",
                     "patch_position_accuracy",
                     "stage_seconds",
                 )

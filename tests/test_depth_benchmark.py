@@ -70,6 +70,12 @@ def test_run_subset_keeps_the_first_encodings_with_their_own_plaintexts(small_re
         np.testing.assert_array_equal(part.plain_images[part_truth], plain)
 
 
+def test_run_attack_counts_the_wrong_encodings_beside_the_rounded_accuracy(small_reid):
+    result = _script("run").attack(str(small_reid), "gram-hungarian", self_width="64")
+    assert result["n"] == 48 and 0 <= result["reid_wrong"] <= 48
+    assert result["reid_accuracy"] == round(1 - result["reid_wrong"] / 48, 4)
+
+
 def test_depth_transfer_runs_merge_and_tabulate():
     depth = _script("depth")
 
