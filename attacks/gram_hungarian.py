@@ -32,7 +32,7 @@ from ncbench.challenge.files import Release
 
 class GramHungarian(Attack):
     name = "gram-hungarian"
-    version = "1.9"
+    version = "2.0"
     tasks = ("reid",)
     knowledge = ("architecture", "self-sampled-keys", "plaintext-pool")
     description = "Exact pairs from repeated patches; undo shuffles, match self-keyed Gram statistics, boost."

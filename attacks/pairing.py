@@ -595,10 +595,12 @@ def gram_pairing(
     rematched = 0
     if decoding:
         del aligned, plain  # the Gram statistics: 3.2 GB and 0.9 GB at N = 100,000
+        thumbs = pool_thumbnails.thumbnails()
+        del pool_thumbnails, on_images  # their pixel sums: 820 MB at 100,000
         with attack.stage("re-match by decoded thumbnails", release.n_encoded) as advance:
             decoded = rematch_by_decoding(
                 release if held_rows is None else held_rows,
-                pool_thumbnails.thumbnails(),
+                thumbs,
                 matched,
                 positions,
                 channels=channels,

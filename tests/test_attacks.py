@@ -798,30 +798,43 @@ def test_gram_hungarian_rematches_by_decoding_from_decode_from_encodings(release
         assert submission.diagnostics["rematched_by_decoding"] == 0
 
 
-@pytest.mark.parametrize("patch", [16, 4])  # 2 x 2 blocks of 8 pixels, and one block of the whole patch
+@pytest.mark.parametrize("patch", [16, 4])  # blocks of 8 and 4 pixels, and one block of the whole patch
 def test_thumbnails_are_block_means_of_the_normalised_patches_also_when_taken_batch_by_batch(patch):
     config = resolve_config("nc3", image_size=32, patch_size=patch)
     images = torch.from_numpy(np.random.default_rng(3).integers(0, 256, (10, 32, 32), dtype=np.uint8))
-    sub = min(decoding.SUBPATCH, patch)
-    patches = images_to_patches(images, config).reshape(10, config.n_patches, patch // sub, sub, patch // sub, sub)
-    expected = patches.mean((3, 5)).flatten(2)
-    torch.testing.assert_close(decoding.thumbnail_patches(images, config), expected)
+
+    def block_means(sub):
+        sub = min(sub, patch)
+        patches = images_to_patches(images, config).reshape(10, config.n_patches, patch // sub, sub, patch // sub, sub)
+        return patches.mean((3, 5)).flatten(2)
+
+    coarse, fine = block_means(decoding.SUBPATCH), block_means(decoding.FINE_SUBPATCH)
+    torch.testing.assert_close(decoding.thumbnail_patches(images, config), coarse)
+    torch.testing.assert_close(decoding.thumbnail_patches(images, config, decoding.FINE_SUBPATCH), fine)
+    torch.testing.assert_close(decoding.coarsened(fine, config), coarse)
     pool = decoding.PoolThumbnails(10, config)
     pool.add(0, images[:6])
     with pytest.raises(RuntimeError, match="6 of 10"):
         pool.thumbnails()
     pool.add(6, images[6:])
-    torch.testing.assert_close(pool.thumbnails(), expected.flatten(1))
+    thumbs = pool.thumbnails()
+    torch.testing.assert_close(thumbs.coarse, coarse.flatten(1))
+    torch.testing.assert_close(thumbs.fine, fine.flatten(1).half())
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_decoded_thumbnails_find_their_nearest_plaintexts_in_either_precision(dtype, monkeypatch):
     monkeypatch.setattr(decoding, "matmul_dtype", lambda device: dtype)
+    config = resolve_config("nc3", image_size=32, patch_size=16)  # 4 patches of 2 x 2 coarse, 4 x 4 fine values
     rng = np.random.default_rng(2)
     # Near-identical views: one shared image plus small differences, as views of one film are.
-    thumbs = torch.from_numpy(100 + rng.normal(size=64) + 0.05 * rng.normal(size=(300, 64))).float()
+    fine = torch.from_numpy(1 + rng.normal(size=64) + 0.05 * rng.normal(size=(300, 64))).float()
+    thumbs = decoding.Thumbnails(decoding.coarsened(fine.reshape(300, 4, 16), config).flatten(1), fine.half())
     source = rng.permutation(300)[:120]
-    decoded = thumbs[source] + 0.005 * torch.randn(120, 64, generator=torch.Generator().manual_seed(0))
+    decoded_fine = fine[source] + 0.005 * torch.randn(120, 64, generator=torch.Generator().manual_seed(0))
+    decoded = decoding.Thumbnails(
+        decoding.coarsened(decoded_fine.reshape(120, 4, 16), config).flatten(1), decoded_fine.half()
+    )
     current = rng.permutation(300)[:120]
     columns, distances = decoding.nearest_plaintexts(decoded, thumbs, current=current, device="cpu")
     k = decoding.DECODE_CANDIDATES
@@ -829,5 +842,41 @@ def test_decoded_thumbnails_find_their_nearest_plaintexts_in_either_precision(dt
     assert np.array_equal(columns[:, 0], source)
     assert (np.diff(distances[:, :k], axis=1) >= 0).all()
     assert all(c in row for c, row in zip(current, columns))
-    exact = ((decoded[:, None] - thumbs[torch.from_numpy(columns)]) ** 2).sum(2).numpy()
+    exact = ((decoded.fine.float()[:, None] - thumbs.fine.float()[torch.from_numpy(columns)]) ** 2).sum(2).numpy()
     np.testing.assert_allclose(distances, exact, rtol=1e-4)
+
+
+def test_views_that_coarse_thumbnails_cannot_tell_apart_are_ranked_by_fine_ones():
+    config = resolve_config("nc3", image_size=32, patch_size=16)
+    rng = np.random.default_rng(4)
+    base = torch.from_numpy(rng.normal(size=(50, 4, 4, 4))).float()  # (image, patch, 4 x 4 fine values)
+    # A twin of each image: a checkerboard within every 2 x 2 block, so its coarse thumbnail is the same.
+    twin = base + 0.3 * torch.tensor([[1.0, -1, 1, -1], [-1, 1, -1, 1]] * 2)
+    fine = torch.cat([base, twin]).reshape(100, 4, 16)
+    thumbs = decoding.Thumbnails(decoding.coarsened(fine, config).flatten(1), fine.flatten(1).half())
+    torch.testing.assert_close(thumbs.coarse[:50], thumbs.coarse[50:])
+    decoded = decoding.Thumbnails(thumbs.coarse[50:], thumbs.fine[50:])  # the twins, decoded exactly
+    columns, _ = decoding.nearest_plaintexts(decoded, thumbs, current=np.arange(50), device="cpu")
+    assert np.array_equal(columns[:, 0], np.arange(50, 100))
+
+
+def test_a_chain_of_displaced_matches_is_assigned_again_densely():
+    rng = np.random.default_rng(5)
+    thumbs = torch.from_numpy(rng.normal(size=(40, 12))).float()
+    decoded = thumbs + 0.01 * torch.from_numpy(rng.normal(size=(40, 12))).float()  # encoding i is plaintext i
+    truth = np.arange(40)
+    # Encoding 0 misses its plaintext among its candidates and takes 1's, 1 takes 2's, ... 4 takes 0's.
+    matched = truth.copy()
+    matched[:5] = [1, 2, 3, 4, 0]
+
+    def candidates(row):
+        chosen = list(dict.fromkeys([matched[row]] + ([row] if row else [])))
+        return chosen + [c for c in rng.permutation(40) if c not in chosen and c != 0][: 4 - len(chosen)]
+
+    columns = np.array([candidates(row) for row in range(40)])
+    distances = ((decoded[:, None] - thumbs[torch.from_numpy(columns)]) ** 2).sum(2).double().numpy()
+    order = np.argsort(distances, 1)  # nearest first, as nearest_plaintexts gives them
+    columns, distances = np.take_along_axis(columns, order, 1), np.take_along_axis(distances, order, 1)
+    assert (columns[:5, 0] != matched[:5]).all() and (columns[5:, 0] == matched[5:]).all()
+    resolved = decoding.resolve_displaced(matched, columns, distances, decoded, thumbs, device="cpu")
+    assert np.array_equal(resolved, truth)
