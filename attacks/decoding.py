@@ -280,8 +280,9 @@ def resolve_displaced(
     if len(rows) == 0:
         return matched
     held = matched[rows]
-    centre = thumbs[held].float().mean(0)
-    queries, keys = (decoded[rows].float() - centre).to(device), (thumbs[held].float() - centre).to(device)
+    keys = thumbs[held].float()
+    centre = keys.mean(0)
+    queries, keys = (decoded[rows].float() - centre).to(device), (keys - centre).to(device)
     dense = (queries**2).sum(1, keepdim=True) - 2 * queries @ keys.T + (keys**2).sum(1)
     order, assigned = linear_sum_assignment(dense.cpu().numpy())
     resolved = matched.copy()
