@@ -4,8 +4,9 @@ Carlini et al. (2021) broke the challenge with learned patch similarity networks
 statistics suffice (:mod:`attacks.pairing` has the steps): undo the shuffles by assignment, match
 Gram statistics of the encodings with those of the plaintexts under a self-sampled key, boost.
 Where repeated patches give exact pairs (:mod:`attacks.duplicates`), they start the boosting and
-anchor the final comparison. From 10,000 encodings, thumbnails decoded with the matching's own
-pairs re-match the encodings (:mod:`attacks.decoding`).
+anchor the final comparison, which places the slots again from its own matching. From 10,000
+encodings, thumbnails decoded with the matching's own pairs re-match the encodings
+(:mod:`attacks.decoding`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from ncbench.challenge.files import Release
 
 class GramHungarian(Attack):
     name = "gram-hungarian"
-    version = "2.0"
+    version = "2.1"
     tasks = ("reid",)
     knowledge = ("architecture", "self-sampled-keys", "plaintext-pool")
     description = "Exact pairs from repeated patches; undo shuffles, match self-keyed Gram statistics, boost."

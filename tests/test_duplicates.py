@@ -160,3 +160,29 @@ def test_only_the_averaged_keys_of_a_deep_release_keep_bf16_activations(deep_one
     monkeypatch.setattr(pairing, "self_encode", recording)
     _attack(deep_one_batch, anchor_keys=3)
     assert asked == [False, True, True]
+
+
+def test_reposition_slots_recovers_the_slot_order_from_similarities_to_anchors():
+    rng = np.random.default_rng(5)
+    n, patches, anchors = 40, 16, 12
+    plain = torch.from_numpy(rng.standard_normal((n, patches, anchors)).astype(np.float32))
+    positions = rng.permutation(patches)  # slot s holds position positions[s]
+    encoded = plain[:, positions] + 0.5 * torch.from_numpy(rng.standard_normal(plain.shape).astype(np.float32))
+    assert (pairing.reposition_slots(encoded, plain) == positions).all()
+    unrelated = torch.from_numpy(rng.standard_normal(plain.shape).astype(np.float32))
+    assert sorted(pairing.reposition_slots(unrelated, plain)) == list(range(patches))  # still a permutation
+
+
+def test_the_comparison_with_exact_pairs_places_the_slots_again(deep_one_batch, monkeypatch):
+    """Re-placing the slots from the comparison's own matching: more rows at their positions, and
+    more encodings re-identified, than with the boosting's slot order."""
+
+    def positions_right(submission):
+        with open_key(deep_one_batch) as key:
+            return float(np.mean(submission.patch_positions == key.read("truth/patch_perm")))
+
+    placed, accuracy = _attack(deep_one_batch)
+    monkeypatch.setattr(pairing, "REPOSITION_ROUNDS", 0)
+    kept, accuracy_kept = _attack(deep_one_batch)
+    assert positions_right(placed) >= positions_right(kept) + 0.1
+    assert accuracy >= accuracy_kept + 0.1
