@@ -8,6 +8,7 @@ recovered later from matched pairs (:func:`recover_slot_positions`).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -124,6 +125,29 @@ def slot_moments(
     mean = total / n
     spread = (squares / n - mean * mean).clamp_min(0).mean(0).sqrt()
     return mean.float(), spread.float()
+
+
+def consensus_start(
+    release: Release | SiteView, *, candidates: int, sample: int, channels: int | None = None, device: str = "cpu"
+) -> int:
+    """Which of the first ``candidates`` encodings to start the slot reference from: the one whose
+    alignment of the first ``sample`` encodings agrees most (rows in the same slots, under the best
+    relabelling) with the alignments the other candidates give.
+
+    A reference is the mean of encodings aligned to one encoding; where that encoding's rows are
+    atypical, rows of other positions join their slots. On a fresh nc47 key (N = 1,000) the first
+    encoding gave 92.5% of rows in a slot of one position, the candidate chosen this way 99.7%."""
+    rows = torch.from_numpy(release.encoded_rows(np.arange(min(sample, release.n_encoded)))[..., :channels])
+    rows = rows.to(device).float()
+    starts = range(min(candidates, len(rows)))
+    alignments = [align(rows, rows[start])[0] for start in starts]
+    n_slots = rows.shape[1]
+    agreement = np.zeros((len(starts), len(starts)))
+    for i, j in itertools.combinations(starts, 2):
+        counts = np.zeros((n_slots, n_slots))
+        np.add.at(counts, (alignments[i].ravel(), alignments[j].ravel()), 1)
+        agreement[i, j] = agreement[j, i] = counts[np.arange(n_slots), match(counts)].sum()
+    return int(agreement.sum(1).argmax())
 
 
 def iter_aligned(

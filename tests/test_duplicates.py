@@ -5,8 +5,9 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from scipy.optimize import linear_sum_assignment
 
-from ncbench.attacks import pairing
+from ncbench.attacks import alignment, pairing
 from ncbench.attacks.duplicates import exact_pairs, patch_hashes, row_hashes, shared_groups
 from ncbench.attacks.plugins.registry import resolve
 from ncbench.attacks.self_keyed import self_encode
@@ -186,3 +187,33 @@ def test_the_comparison_with_exact_pairs_places_the_slots_again(deep_one_batch, 
     kept, accuracy_kept = _attack(deep_one_batch)
     assert positions_right(placed) >= positions_right(kept) + 0.1
     assert accuracy >= accuracy_kept + 0.1
+
+
+class _Encodings:
+    """The two things the alignment's start reads from a release."""
+
+    def __init__(self, rows: np.ndarray):
+        self.rows, self.n_encoded = rows, len(rows)
+
+    def encoded_rows(self, index):
+        return self.rows[np.asarray(index)]
+
+
+def test_the_alignment_starts_from_the_encoding_the_others_agree_with():
+    rng = np.random.default_rng(8)
+    n, patches, width = 40, 16, 24
+    means = rng.standard_normal((patches, width))
+    order = np.stack([rng.permutation(patches) for _ in range(n)])  # row r of encoding i: position order[i, r]
+    rows = means[order] + 0.6 * rng.standard_normal((n, patches, width))
+    rows[0] = 3 * rng.standard_normal((patches, width))  # an atypical first encoding
+    encodings = _Encodings(rows.astype(np.float32))
+    start = alignment.consensus_start(encodings, candidates=6, sample=n)
+    assert start != 0
+
+    def placed(start):  # rows in a slot of one position, under the best relabelling
+        slots = alignment.align(torch.from_numpy(encodings.rows), torch.from_numpy(encodings.rows[start]))[0]
+        counts = np.zeros((patches, patches))
+        np.add.at(counts, (slots.ravel(), order.ravel()), 1)
+        return counts[np.arange(patches), linear_sum_assignment(-counts)[1]].sum() / counts.sum()
+
+    assert placed(start) >= 0.95 > placed(0) + 0.2
