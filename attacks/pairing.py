@@ -321,6 +321,10 @@ def reposition_slots(encoded: torch.Tensor, partners: torch.Tensor) -> np.ndarra
     keeps the least of; across images its kernel still tells patches apart (on a fresh nc47 key,
     N = 1,000, before the alignment's consensus start: rows at their positions 51% -> 80%,
     re-identified 88.0% -> 90.1%).
+
+    The same column correlation as :func:`~ncbench.attacks.alignment.recover_slot_positions` with
+    every (encoding, anchor) as a row, summed chunk by chunk: that layout would copy both sides
+    (537 MB each at N = 2,048 and 256 anchors).
     """
     count = encoded.shape[0] * encoded.shape[2]
     product = torch.zeros(encoded.shape[1], partners.shape[1], dtype=torch.float64)
