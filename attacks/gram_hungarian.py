@@ -18,7 +18,7 @@ import numpy as np
 from ncbench.attacks.base import Attack, chunk_param, param
 from ncbench.attacks.decoding import DECODE_FROM, DECODE_PAIRS
 from ncbench.attacks.pairing import (
-    ANCHOR_KEYS,
+    ANCHOR_WIDTH,
     ASSIGN_MAX,
     BOOST_ROUNDS,
     CANDIDATES,
@@ -33,7 +33,7 @@ from ncbench.challenge.files import Release
 
 class GramHungarian(Attack):
     name = "gram-hungarian"
-    version = "2.2"
+    version = "2.3"
     tasks = ("reid",)
     knowledge = ("architecture", "self-sampled-keys", "plaintext-pool")
     description = "Exact pairs from repeated patches; undo shuffles, match self-keyed Gram statistics, boost."
@@ -70,7 +70,13 @@ class GramHungarian(Attack):
         insider_key: str = param("", "another site's key file (`challenge site-key`) to encode the plaintexts with")
         duplicates: bool = param(True, "start from exact pairs of repeated patches (one site, up to assign_max)")
         anchor_keys: int = param(
-            ANCHOR_KEYS, "self-sampled keys averaged when comparing with exact pairs", min=1, max=16
+            0,
+            "self-sampled keys averaged when comparing with exact pairs; 0: 64,000 images' worth, 32 to 128",
+            min=0,
+            max=1024,
+        )
+        anchor_width: int = param(
+            ANCHOR_WIDTH, "width of the self-sampled keys averaged after the first", min=8, max=8192
         )
         decode_pairs: int = param(
             DECODE_PAIRS,
@@ -101,6 +107,7 @@ class GramHungarian(Attack):
             held_max=p.held_max,
             duplicates=p.duplicates,
             anchor_keys=p.anchor_keys,
+            anchor_width=p.anchor_width,
             decode_pairs=p.decode_pairs,
             decode_from=p.decode_from,
         )

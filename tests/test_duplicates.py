@@ -149,18 +149,26 @@ def test_no_exact_pairs_without_the_positional_embedding(tmp_path):
     assert accuracy > 0.9
 
 
-def test_only_the_averaged_keys_of_a_deep_release_keep_bf16_activations(deep_one_batch, monkeypatch):
-    """The boosting's key keeps fp32 activations beyond SHALLOW_DEPTH; the keys
-    averaged in the comparison with exact pairs may round (their rounding averages out)."""
+def test_only_the_averaged_keys_of_a_deep_release_are_narrow_and_keep_bf16_activations(deep_one_batch, monkeypatch):
+    """The boosting's key keeps fp32 activations beyond SHALLOW_DEPTH and its width; the keys
+    averaged in the comparison with exact pairs may round (their rounding averages out) and are
+    ``anchor_width`` wide."""
     asked = []
 
-    def recording(*args, bf16_activations=False, **kwargs):
-        asked.append(bf16_activations)
-        return self_encode(*args, bf16_activations=bf16_activations, **kwargs)
+    def recording(*args, bf16_activations=False, width, **kwargs):
+        asked.append((bf16_activations, width))
+        return self_encode(*args, bf16_activations=bf16_activations, width=width, **kwargs)
 
     monkeypatch.setattr(pairing, "self_encode", recording)
-    _attack(deep_one_batch, anchor_keys=3)
-    assert asked == [False, True, True]
+    _attack(deep_one_batch, anchor_keys=3, anchor_width=32)
+    assert asked == [(False, 256), (True, 32), (True, 32)]
+
+
+def test_smaller_pools_average_more_keys_within_bounds():
+    counts = [pairing.averaged_keys(n) for n in (1, 100, 200, 500, 1000, 2000, 10**6)]
+    assert counts == sorted(counts, reverse=True)
+    assert counts[0] == pairing.ANCHOR_KEYS_MAX and counts[-1] == pairing.ANCHOR_KEYS_MIN
+    assert pairing.ANCHOR_KEYS_MIN < pairing.averaged_keys(1000) < pairing.ANCHOR_KEYS_MAX
 
 
 def test_reposition_slots_recovers_the_slot_order_from_similarities_to_anchors():
