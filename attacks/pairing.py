@@ -271,11 +271,11 @@ def anchored_scores(
     held: tuple[np.ndarray, np.ndarray],
     chunk: int,
     device: str,
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(N, M) correlation of each encoding's similarities to the anchor encodings with each
-    plaintext's similarities to the anchor plaintexts, and the slot -> position permutation
-    they were compared under (:func:`reposition_slots`, from ``slot_positions``; ``held``: the
-    pairs held in each matching).
+    plaintext's similarities to the anchor plaintexts, the slot -> position permutation they were
+    compared under (:func:`reposition_slots`, from ``slot_positions``) and the matching of those
+    scores with the pairs ``held``.
 
     For encoding n, slot s and anchor pair (a, b): the cosine of n's and a's slot-centred rows in
     slot s; for plaintext m: the cosine of m's and b's self-keyed patches at slot s's position,
@@ -292,15 +292,14 @@ def anchored_scores(
     for start, block in iter_release(view, chunk, device, channels=channels):
         block = _unit_rows(to_slot_order(block, aligned.slots[start : start + len(block)]), aligned.reference)
         encoded[start : start + len(block)] = torch.einsum("bsd,asd->bsa", block, anchor_rows).cpu()
-    plain = 0
+    plain = None
     for blocks, mean in plain_keys:
         anchor_plain = _unit_rows(_rows_of(blocks, partners).to(device), mean)
-        plain = plain + torch.cat(
-            [
-                torch.einsum("bpd,apd->bpa", _unit_rows(block.to(device), mean), anchor_plain).cpu()
-                for _, block in blocks
-            ]
-        )
+        if plain is None:  # summed in place, block by block: no (M, P, A) copy per key
+            plain = torch.zeros(blocks[-1][0] + len(blocks[-1][1]), anchor_plain.shape[1], len(rows))
+        for start, block in blocks:
+            similarity = torch.einsum("bpd,apd->bpa", _unit_rows(block.to(device), mean), anchor_plain)
+            plain[start : start + len(block)] += similarity.cpu()
     anchor = torch.arange(len(rows))
     encoded[torch.as_tensor(rows), :, anchor] = 0
     plain[torch.as_tensor(partners), :, anchor] = 0
@@ -308,15 +307,16 @@ def anchored_scores(
     left = standardise_rows(encoded.flatten(1)).view(encoded.shape)
     right = standardise_rows(plain.flatten(1)).view(plain.shape)
     del encoded, plain
-    for _ in range(REPOSITION_ROUNDS):
+    for round_ in range(REPOSITION_ROUNDS + 1):
         scores = (left.flatten(1) @ right[:, slot_positions].flatten(1).T).numpy()
-        moved = reposition_slots(left, right[match_with_pairs(scores, held)])
+        matched = match_with_pairs(scores, held)
+        if round_ == REPOSITION_ROUNDS:
+            break
+        moved = reposition_slots(left, right[matched])
         if np.array_equal(moved, slot_positions):
             break
         slot_positions = moved
-    else:
-        scores = (left.flatten(1) @ right[:, slot_positions].flatten(1).T).numpy()
-    return scores, slot_positions
+    return scores, slot_positions, matched
 
 
 def reposition_slots(encoded: torch.Tensor, partners: torch.Tensor) -> np.ndarray:
@@ -650,23 +650,22 @@ def gram_pairing(
                 device=attack.device,
                 exact_final=not decoding,  # the decoded thumbnails decide the matching then
             )
-        if len(exact[0]) >= MIN_EXACT_PAIRS:
-            final = boosted.scores
-            if boosted.mutual_fraction[-1] < ANCHORED_BELOW:
-                with attack.stage("compare by similarity to the exact pairs", anchor_keys) as advance:
-                    anchors = _at_most(exact, ANCHORS_MAX, attack.rng("anchors"))
-                    final, slot_positions = anchored_scores(
-                        view,
-                        aligned,
-                        plain_keys(advance),
-                        anchors,
-                        boosted.slot_positions,
-                        held=exact,
-                        chunk=chunk,
-                        device=attack.device,
-                    )
-                boosted = replace(boosted, slot_positions=slot_positions)
-            boosted = replace(boosted, matched=match_with_pairs(final, exact), scores=final)
+        if len(exact[0]) >= MIN_EXACT_PAIRS and boosted.mutual_fraction[-1] < ANCHORED_BELOW:
+            with attack.stage("compare by similarity to the exact pairs", anchor_keys) as advance:
+                anchors = _at_most(exact, ANCHORS_MAX, attack.rng("anchors"))
+                final, slot_positions, matched = anchored_scores(
+                    view,
+                    aligned,
+                    plain_keys(advance),
+                    anchors,
+                    boosted.slot_positions,
+                    held=exact,
+                    chunk=chunk,
+                    device=attack.device,
+                )
+            boosted = replace(boosted, matched=matched, scores=final, slot_positions=slot_positions)
+        elif len(exact[0]) >= MIN_EXACT_PAIRS:
+            boosted = replace(boosted, matched=match_with_pairs(boosted.scores, exact))
         if scores is not None:
             scores[rows] = boosted.scores
         positions[rows] = boosted.slot_positions[aligned.slots]
