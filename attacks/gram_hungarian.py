@@ -3,9 +3,10 @@
 Carlini et al. (2021) broke the challenge with learned patch similarity networks; here plain
 statistics suffice (:mod:`attacks.pairing` has the steps): undo the shuffles by assignment, match
 Gram statistics of the encodings with those of the plaintexts under a self-sampled key, boost.
-Where repeated patches give exact pairs (:mod:`attacks.duplicates`), they start the boosting and
-anchor the final comparison, which places the slots again from its own matching. From 10,000
-encodings, thumbnails decoded with the matching's own pairs re-match the encodings
+Where repeated patches give exact pairs (:mod:`attacks.duplicates`), they start the boosting; where
+boosting stalls (deep presets), a function of each plaintext patch's mean and spread, fitted on
+them, predicts each slot's first principal component, and the final matching compares those.
+From 10,000 encodings, thumbnails decoded with the matching's own pairs re-match the encodings
 (:mod:`attacks.decoding`).
 """
 
@@ -18,7 +19,6 @@ import numpy as np
 from ncbench.attacks.base import Attack, chunk_param, param
 from ncbench.attacks.decoding import DECODE_FROM, DECODE_PAIRS
 from ncbench.attacks.pairing import (
-    ANCHOR_WIDTH,
     ASSIGN_MAX,
     BOOST_ROUNDS,
     CANDIDATES,
@@ -33,7 +33,7 @@ from ncbench.challenge.files import Release
 
 class GramHungarian(Attack):
     name = "gram-hungarian"
-    version = "2.3"
+    version = "2.4"
     tasks = ("reid",)
     knowledge = ("architecture", "self-sampled-keys", "plaintext-pool")
     description = "Exact pairs from repeated patches; undo shuffles, match self-keyed Gram statistics, boost."
@@ -69,15 +69,6 @@ class GramHungarian(Attack):
         chunk: int = chunk_param()
         insider_key: str = param("", "another site's key file (`challenge site-key`) to encode the plaintexts with")
         duplicates: bool = param(True, "start from exact pairs of repeated patches (one site, up to assign_max)")
-        anchor_keys: int = param(
-            0,
-            "self-sampled keys averaged when comparing with exact pairs; 0: 64,000 images' worth, 32 to 128",
-            min=0,
-            max=1024,
-        )
-        anchor_width: int = param(
-            ANCHOR_WIDTH, "width of the self-sampled keys averaged after the first", min=8, max=8192
-        )
         decode_pairs: int = param(
             DECODE_PAIRS,
             "matched pairs a pixel decoder is fitted on to re-match by decoded thumbnails (0: off)",
@@ -106,8 +97,6 @@ class GramHungarian(Attack):
             scores_max=p.scores_max,
             held_max=p.held_max,
             duplicates=p.duplicates,
-            anchor_keys=p.anchor_keys,
-            anchor_width=p.anchor_width,
             decode_pairs=p.decode_pairs,
             decode_from=p.decode_from,
         )

@@ -13,13 +13,14 @@
    fitted on the matching's own pairs (:mod:`attacks.decoding`).
 
 Where repeated patches give exact pairs (:mod:`attacks.duplicates`), they replace the first
-matching, and the final comparison is each image's similarity to those pairs, slot by slot
-(:func:`anchored_scores`).
+matching; where boosting then stalls (deep presets), the final comparison is each slot's first
+principal component against a function of the plaintext patch fitted on those pairs
+(:func:`principal_scores`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -53,6 +54,7 @@ from ncbench.attacks.statistics import (
     unit_entries,
 )
 from ncbench.challenge.config import EncoderConfig
+from ncbench.challenge.encoders import images_to_patches
 from ncbench.challenge.files import Release, SiteView
 from ncbench.h5io import prefetch
 from ncbench.hardware import matmul_dtype
@@ -126,28 +128,21 @@ ANCHORED_BELOW = 0.9
 # two different encodings that agree on 128 channels to the bit would disagree with the plaintext
 # structure, and exact_pairs gives no pairs when the structures disagree.
 HASHED_CHANNELS = 128
-# Exact pairs that anchor the final comparison, at most (a random subset beyond): the
-# similarities take N x P x ANCHORS_MAX float32 (537 MB at N = 2,048).
-ANCHORS_MAX = 256
-# Self-sampled keys whose plaintext similarities are averaged in the comparison with exact pairs:
-# each key's own noise averages out, and more keys help more than wider ones. After the boosting's
-# own key they are ANCHOR_WIDTH wide, with bf16 activations where bf16 is native (their rounding
-# averages out with their noise). A key of width 128 takes a tenth of the time of one of width 512
-# (N = 200: 0.25 s against 2.9 s) and 64 of them re-identify more than 8 of width 512 (nc47,
-# N = 1,000, one slot order: 8 of width 512 93.9%; 16 / 32 of width 256 94.9% / 96.3%; 32 / 64 of
-# width 128 94.6% / 95.7%; 64 / 128 of width 64 94.3% / 95.1%).
-# As many keys as ANCHOR_KEY_IMAGES images encoded allow, within [ANCHOR_KEYS_MIN, ANCHOR_KEYS_MAX]:
-# 64 at N = 1,000 (about 100 s here), 128 at N = 200 (where 64 keys of width 128 re-identified
-# 95.5-99.0% over six draws of keys, 97.2% on average, and 128 keys 97.5-100%, 98.4%).
-ANCHOR_WIDTH = 128
-ANCHOR_KEY_IMAGES = 64_000
-ANCHOR_KEYS_MIN = 32
-ANCHOR_KEYS_MAX = 128
-# Rounds of the comparison with exact pairs that re-place the slots from its own matching
-# (:func:`reposition_slots`); they stop early once the permutation holds. The slot-by-position
-# products take this many encodings at a time.
-REPOSITION_ROUNDS = 4
-REPOSITION_CHUNK = 128
+# The comparison with exact pairs (:func:`principal_matching`). Past 44 blocks an encoded row still
+# says about one number about its patch: its score on the slot's first principal component (nc47,
+# N = 1,000: each slot's similarities to the exact pairs cut to their leading direction
+# re-identified as many as the whole profiles, 95.8% against 95.7%), and a quadratic in the
+# patch's mean and spread predicts it (R^2 0.96 of what 64 self-sampled keys averaged to). Fitted
+# on the matching instead of predicted by self-sampled keys, it re-identified 96.4-99.1% on four
+# fresh keys at N = 1,000 where 64 averaged keys gave 93.6-97.1%, in 47 s instead of 137 s.
+# COMPONENT_PROBES random directions and POWER_ITERATIONS find each slot's first component,
+# SLOT_CHUNK slots at a time; the fit is ridge-regularised by COMPARISON_RIDGE of its mean
+# diagonal and done again REFITS times on its own matching.
+COMPONENT_PROBES = 32
+POWER_ITERATIONS = 3
+SLOT_CHUNK = 16
+COMPARISON_RIDGE = 1e-4
+REFITS = 1
 
 
 @dataclass(frozen=True)
@@ -183,10 +178,10 @@ class Pairing:
     """A one-to-one pairing of a ``reid`` release's encodings with its plaintext pool.
 
     matched: (N,) plaintext row of each encoding; scores: (N, M) float32 Gram correlations of the
-    last round (or the comparison with exact pairs, :func:`anchored_scores`), or None beyond
+    last round (or the comparison with exact pairs, :func:`principal_scores`), or None beyond
     ``scores_max`` encodings (single site); patch_positions: (N, P) original position of each encoded row;
     mutual_fraction: per boosting round (and site), the fraction of mutual best pairs;
-    exact: pairs found from repeated patches (they start the boosting and anchor the final scores);
+    exact: pairs found from repeated patches (they start the boosting and fit the final comparison);
     rematched: encodings whose plaintext the decoded thumbnails changed (then ``matched`` is no
     longer the assignment of ``scores``).
     """
@@ -261,106 +256,114 @@ def aligned_statistics(
     return Aligned(statistics, slots, reference, row_hash)
 
 
-def anchored_scores(
+def slot_components(
+    view: Release | SiteView, aligned: Aligned, *, chunk: int, device: str, rng: np.random.Generator
+) -> torch.Tensor:
+    """(N, P) each encoding's score on the first principal component of its slot: the rows in
+    slot order, centred by the reference and scaled to unit length, then centred over the
+    encodings (one principal direction per slot, its sign arbitrary).
+
+    The unit rows are held (float16, slot-major: N * P * D * 2 bytes, 1 GB at N = 1,000 and width
+    2,048) and each slot's component found by subspace iteration (Halko et al. 2011):
+    :data:`COMPONENT_PROBES` random directions, :data:`POWER_ITERATIONS` products with the rows
+    and their transpose, then the first singular pair of the rows projected on that basis. The
+    first component holds only a few percent of a slot's variance at nc47, so a single random
+    sketch (or a random projection of the channels) would not find it; the iterations do.
+    """
+    channels = aligned.reference.shape[1]  # those the alignment used
+    n_slots, n = aligned.reference.shape[0], view.n_encoded
+    rows = torch.empty(n_slots, n, channels, dtype=torch.float16)
+    total = torch.zeros(n_slots, channels, dtype=torch.float64)
+    for start, block in iter_release(view, chunk, device, channels=channels):
+        unit = _unit_rows(to_slot_order(block, aligned.slots[start : start + len(block)]), aligned.reference)
+        rows[:, start : start + len(block)] = unit.transpose(0, 1).cpu().to(torch.float16)
+        total += unit.sum(0, dtype=torch.float64).cpu()
+    mean = (total / n).float()  # (P, D)
+
+    def slot_blocks():  # (slots, (s, N, D) float32 centred rows)
+        for first in range(0, n_slots, SLOT_CHUNK):
+            slots = slice(first, first + SLOT_CHUNK)
+            yield slots, rows[slots].float().sub_(mean[slots, None]).to(device)
+
+    def times(directions: torch.Tensor) -> torch.Tensor:  # (P, D, k) -> (P, N, k)
+        return torch.cat([(block @ directions[slots].to(device)).cpu() for slots, block in slot_blocks()])
+
+    def transposed_times(basis: torch.Tensor) -> torch.Tensor:  # (P, N, k) -> (P, D, k)
+        return torch.cat([(block.transpose(1, 2) @ basis[slots].to(device)).cpu() for slots, block in slot_blocks()])
+
+    probes = torch.from_numpy(rng.standard_normal((channels, COMPONENT_PROBES), dtype=np.float32))
+    basis = torch.linalg.qr(times(probes.expand(n_slots, -1, -1))).Q
+    for _ in range(POWER_ITERATIONS):
+        basis = torch.linalg.qr(times(transposed_times(basis))).Q
+    # The rows ~ basis (basis^T rows) = basis W S V^T: the first component's scores are basis W[:, 0] s_0.
+    left, singular, _ = torch.linalg.svd(transposed_times(basis).transpose(1, 2), full_matrices=False)
+    return (basis @ (left[:, :, 0] * singular[:, :1]).unsqueeze(-1)).squeeze(-1).T
+
+
+def patch_moments(images: np.ndarray, config: EncoderConfig, *, chunk: int = 256) -> torch.Tensor:
+    """(M, P, 6) a quadratic in each plaintext patch's mean a and spread b (each standardised over
+    all patches): 1, a, b, a^2, b^2, ab. Normalised as the encoder's input, ``chunk`` images at a time."""
+    moments = torch.empty(len(images), config.n_patches, 2)
+    for start in range(0, len(images), chunk):
+        patches = images_to_patches(torch.from_numpy(np.asarray(images[start : start + chunk])), config)
+        moments[start : start + len(patches)] = torch.stack([patches.mean(2), patches.std(2)], -1)
+    moments = (moments - moments.mean((0, 1))) / moments.std((0, 1)).clamp_min(1e-12)
+    mean, spread = moments.unbind(-1)
+    return torch.stack([torch.ones_like(mean), mean, spread, mean * mean, spread * spread, mean * spread], -1)
+
+
+def principal_scores(
+    components: torch.Tensor,
+    moments: torch.Tensor,
+    slot_positions: np.ndarray,
+    pairs: tuple[np.ndarray, np.ndarray],
+    *,
+    ridge: float = COMPARISON_RIDGE,
+) -> np.ndarray:
+    """(N, M) correlation, over the slots, of each encoding's ``components`` (N, P) with each
+    plaintext's prediction of them: per slot s, a ridge regression of the encodings' components
+    on the ``moments`` (M, P, F) of their partners' patch at s's position (``slot_positions``
+    (P,)), fitted on ``pairs`` (encodings, plaintexts), ``ridge`` times the mean diagonal."""
+    rows, columns = (torch.as_tensor(np.asarray(side, np.int64)) for side in pairs)
+    in_slot_order = moments[:, torch.as_tensor(np.asarray(slot_positions, np.int64))]  # (M, P, F)
+    features = in_slot_order[columns].transpose(0, 1)  # (P, pairs, F)
+    targets = components[rows].T.unsqueeze(-1)  # (P, pairs, 1)
+    gram = features.transpose(1, 2) @ features
+    penalty = ridge * gram.diagonal(dim1=1, dim2=2).mean(1)[:, None, None] * torch.eye(gram.shape[-1])
+    coefficients = torch.linalg.solve(gram + penalty, features.transpose(1, 2) @ targets).squeeze(-1)  # (P, F)
+    predicted = torch.einsum("mpf,pf->mp", in_slot_order, coefficients)
+    return (standardise_rows(components) @ standardise_rows(predicted).T).numpy()
+
+
+def principal_matching(
     view: Release | SiteView,
     aligned: Aligned,
-    plain_keys: Iterable[tuple[list[tuple[int, torch.Tensor]], torch.Tensor]],
-    anchors: tuple[np.ndarray, np.ndarray],
+    moments: torch.Tensor,
     slot_positions: np.ndarray,
+    start: np.ndarray,
+    exact: tuple[np.ndarray, np.ndarray],
     *,
-    held: tuple[np.ndarray, np.ndarray],
     chunk: int,
     device: str,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(N, M) correlation of each encoding's similarities to the anchor encodings with each
-    plaintext's similarities to the anchor plaintexts, the slot -> position permutation they were
-    compared under (:func:`reposition_slots`, from ``slot_positions``) and the matching of those
-    scores with the pairs ``held``.
-
-    For encoding n, slot s and anchor pair (a, b): the cosine of n's and a's slot-centred rows in
-    slot s; for plaintext m: the cosine of m's and b's self-keyed patches at slot s's position,
-    summed over the self-sampled keys in ``plain_keys`` (each: blocks as from :func:`self_encode`,
-    and their mean). Unlike the Gram matrix of one image, this compares
-    patches across images, where a deep encoder's kernel still tells similar patches apart. One
-    streamed pass over the encodings; an anchor is never compared with itself.
-    """
-    rows, partners = anchors
-    channels = aligned.reference.shape[1]  # those the alignment used
-    anchor_rows = torch.from_numpy(view.encoded_rows(rows)[..., :channels]).to(device)
-    anchor_rows = _unit_rows(to_slot_order(anchor_rows, aligned.slots[rows]), aligned.reference)
-    encoded = torch.empty(view.n_encoded, anchor_rows.shape[1], len(rows))
-    for start, block in iter_release(view, chunk, device, channels=channels):
-        block = _unit_rows(to_slot_order(block, aligned.slots[start : start + len(block)]), aligned.reference)
-        encoded[start : start + len(block)] = torch.einsum("bsd,asd->bsa", block, anchor_rows).cpu()
-    plain = None
-    for blocks, mean in plain_keys:
-        anchor_plain = _unit_rows(_rows_of(blocks, partners).to(device), mean)
-        if plain is None:  # summed in place, block by block: no (M, P, A) copy per key
-            plain = torch.zeros(blocks[-1][0] + len(blocks[-1][1]), anchor_plain.shape[1], len(rows))
-        for start, block in blocks:
-            similarity = torch.einsum("bpd,apd->bpa", _unit_rows(block.to(device), mean), anchor_plain)
-            plain[start : start + len(block)] += similarity.cpu()
-    anchor = torch.arange(len(rows))
-    encoded[torch.as_tensor(rows), :, anchor] = 0
-    plain[torch.as_tensor(partners), :, anchor] = 0
-    # Standardising a row is blind to the order of its entries: once for every permutation.
-    left = standardise_rows(encoded.flatten(1)).view(encoded.shape)
-    right = standardise_rows(plain.flatten(1)).view(plain.shape)
-    del encoded, plain
-    for round_ in range(REPOSITION_ROUNDS + 1):
-        scores = (left.flatten(1) @ right[:, slot_positions].flatten(1).T).numpy()
-        matched = match_with_pairs(scores, held)
-        if round_ == REPOSITION_ROUNDS:
-            break
-        moved = reposition_slots(left, right[matched])
-        if np.array_equal(moved, slot_positions):
-            break
-        slot_positions = moved
-    return scores, slot_positions, matched
-
-
-def reposition_slots(encoded: torch.Tensor, partners: torch.Tensor) -> np.ndarray:
-    """Slot -> position permutation from similarities to anchors: one assignment on the (P, P)
-    correlation, over every encoding n and anchor a, of n's similarities in slot s
-    (``encoded`` (N, P, A)) with its matched plaintext's at position p (``partners`` (N, P, A)).
-
-    The boosting's permutation comes from Gram matrices within images, which a deep encoder
-    keeps the least of; across images its kernel still tells patches apart (on a fresh nc47 key,
-    N = 1,000, before the alignment's consensus start: rows at their positions 51% -> 80%,
-    re-identified 88.0% -> 90.1%).
-
-    The same column correlation as :func:`~ncbench.attacks.alignment.recover_slot_positions` with
-    every (encoding, anchor) as a row, summed chunk by chunk: that layout would copy both sides
-    (537 MB each at N = 2,048 and 256 anchors).
-    """
-    count = encoded.shape[0] * encoded.shape[2]
-    product = torch.zeros(encoded.shape[1], partners.shape[1], dtype=torch.float64)
-    for start in range(0, len(encoded), REPOSITION_CHUNK):
-        product += torch.einsum(
-            "nsa,npa->sp", encoded[start : start + REPOSITION_CHUNK], partners[start : start + REPOSITION_CHUNK]
-        ).double()
-    sums = [side.sum((0, 2), dtype=torch.float64) for side in (encoded, partners)]
-    squares = [side.square().sum((0, 2), dtype=torch.float64) for side in (encoded, partners)]
-    spread = [(square - total.square() / count).clamp_min(1e-12).sqrt() for total, square in zip(sums, squares)]
-    correlation = (product - torch.outer(sums[0], sums[1]) / count) / torch.outer(*spread)
-    return match(correlation.numpy())
-
-
-def _at_most(
-    pairs: tuple[np.ndarray, np.ndarray], limit: int, rng: np.random.Generator
+    rng: np.random.Generator,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``pairs`` (rows, columns), or a random ``limit`` of them in row order."""
-    if len(pairs[0]) <= limit:
-        return pairs
-    pick = np.sort(rng.permutation(len(pairs[0]))[:limit])
-    return pairs[0][pick], pairs[1][pick]
+    """The comparison with exact pairs: (N, M) :func:`principal_scores` of the encodings'
+    :func:`slot_components` and the plaintexts' ``moments``, fitted first on the matching
+    ``start`` (N,) with the ``exact`` pairs put in, then :data:`REFITS` times on its own matching;
+    returns the last scores and their matching, the exact pairs held.
 
-
-def _rows_of(blocks: list[tuple[int, torch.Tensor]], rows: np.ndarray) -> torch.Tensor:
-    """The given rows of consecutive blocks [(start, (b, ...))], stacked."""
-    starts = np.array([start for start, _ in blocks])
-    block_of = np.searchsorted(starts, rows, side="right") - 1
-    return torch.stack([blocks[b][1][row - starts[b]] for b, row in zip(block_of, rows)])
+    The whole boosted matching, though partly wrong, fits six coefficients per slot better than
+    a few exact pairs alone (a 64-image release with 8 exact pairs: 37.5% against 18.8%
+    re-identified; nc47, N = 1,000: 96.8% against 96.4%)."""
+    components = slot_components(view, aligned, chunk=chunk, device=device, rng=rng)
+    partners = np.array(start, copy=True)
+    partners[exact[0]] = exact[1]
+    pairs = (np.arange(len(partners)), partners)
+    for _ in range(REFITS + 1):
+        scores = principal_scores(components, moments, slot_positions, pairs)
+        matched = match_with_pairs(scores, exact)
+        pairs = (np.arange(len(matched)), matched)
+    return scores, matched
 
 
 def _unit_rows(block: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
@@ -471,12 +474,6 @@ def cheap_statistics(config: EncoderConfig) -> bool:
     return config.depth <= SHALLOW_DEPTH and config.n_patches >= SHALLOW_MIN_PATCHES
 
 
-def averaged_keys(n_plain: int) -> int:
-    """Self-sampled keys the comparison with exact pairs averages over a pool of ``n_plain``
-    plaintexts (:data:`ANCHOR_KEY_IMAGES`)."""
-    return int(np.clip(ANCHOR_KEY_IMAGES // max(n_plain, 1), ANCHOR_KEYS_MIN, ANCHOR_KEYS_MAX))
-
-
 def statistics_widths(config: EncoderConfig, *, self_width: int = 0, channels: int = 0) -> tuple[int, int]:
     """(self-keyed width, encoding channels) of the Gram statistics for a release of ``config``:
     those given, or where 0, what it affords (:func:`cheap_statistics`)."""
@@ -500,8 +497,6 @@ def gram_pairing(
     candidates: int = CANDIDATES,
     scores_max: int = SCORES_MAX,
     duplicates: bool = True,
-    anchor_keys: int = 0,
-    anchor_width: int = ANCHOR_WIDTH,
     held_max: int = HELD_MAX,
     decode_pairs: int = DECODE_PAIRS,
     decode_from: int = DECODE_FROM,
@@ -512,9 +507,8 @@ def gram_pairing(
     ``duplicates``: on a release of one site and at most ``assign_max`` encodings, when there are
     at least :data:`MIN_EXACT_PAIRS` exact pairs of repeated patches (:func:`find_exact_pairs`):
     start from them, hold them in the final assignment, and where boosting ends under
-    :data:`ANCHORED_BELOW` mutual best pairs, compare by similarity to (at most
-    :data:`ANCHORS_MAX` of) them instead (:func:`anchored_scores`, ``anchor_keys`` self-sampled keys,
-    ``anchor_width`` wide after the first; 0: :func:`averaged_keys`).
+    :data:`ANCHORED_BELOW` mutual best pairs, compare each slot's first principal component with
+    its prediction from the plaintexts' patches, fitted on them (:func:`principal_scores`), instead.
 
     A release of several sites is attacked site by site (each key has its own slot order), every
     site against the whole pool; one assignment over the stacked scores then keeps the pairing
@@ -537,7 +531,6 @@ def gram_pairing(
     # The pairs and the comparison with them need the pool and its self-keyed encodings again;
     # otherwise the pool is read, encoded and reduced to statistics a batch at a time.
     plain_images = release.plain_pool[:] if look_for_pairs else release.plain_pool
-    anchor_keys = anchor_keys or averaged_keys(len(plain_images))
     sampled = release.n_sites == 1 and release.n_encoded > assign_max and len(plain_images) > held_max
     shallow = release.config.depth <= SHALLOW_DEPTH
     decoding = decode_pairs > 0 and release.n_sites == 1 and release.n_encoded >= decode_from and shallow
@@ -554,31 +547,22 @@ def gram_pairing(
         encoder=None,
         advance=lambda k: None,
         *,
-        averaged: bool = False,
         held: bool = True,
         images=None,
         on_images=None,
-        width: int = self_width,
     ):
         return self_encode(
             plain_images if images is None else images,
             release.config,
-            width=width,
+            width=self_width,
             seed=seed,
             device=attack.device,
             advance=advance,
             encoder=encoder,
-            bf16_activations=averaged or shallow,
+            bf16_activations=shallow,
             mean_images=None if held else POOL_MEAN_IMAGES,
             on_images=on_images,
         )
-
-    def plain_keys(advance):  # the boosting's key, then more self-sampled ones
-        yield features, mean
-        for key in range(1, anchor_keys):
-            advance(1)
-            yield encode_plain(attack.seed + key, averaged=True, width=anchor_width)
-        advance(1)
 
     def recompute_plain(rows: np.ndarray | None):  # see SampledStatistics
         images = plain_images if rows is None else plain_images.take(rows)
@@ -651,19 +635,19 @@ def gram_pairing(
                 exact_final=not decoding,  # the decoded thumbnails decide the matching then
             )
         if len(exact[0]) >= MIN_EXACT_PAIRS and boosted.mutual_fraction[-1] < ANCHORED_BELOW:
-            with attack.stage("compare by similarity to the exact pairs", anchor_keys) as advance:
-                anchors = _at_most(exact, ANCHORS_MAX, attack.rng("anchors"))
-                final, slot_positions, matched = anchored_scores(
+            with attack.stage("compare principal components fitted on the matching"):
+                final, matched = principal_matching(
                     view,
                     aligned,
-                    plain_keys(advance),
-                    anchors,
+                    patch_moments(plain_images, release.config),
                     boosted.slot_positions,
-                    held=exact,
+                    boosted.matched,
+                    exact,
                     chunk=chunk,
                     device=attack.device,
+                    rng=attack.rng("components"),
                 )
-            boosted = replace(boosted, matched=matched, scores=final, slot_positions=slot_positions)
+            boosted = replace(boosted, matched=matched, scores=final)
         elif len(exact[0]) >= MIN_EXACT_PAIRS:
             boosted = replace(boosted, matched=match_with_pairs(boosted.scores, exact))
         if scores is not None:

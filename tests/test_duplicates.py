@@ -10,7 +10,6 @@ from scipy.optimize import linear_sum_assignment
 from ncbench.attacks import alignment, pairing
 from ncbench.attacks.duplicates import exact_pairs, patch_hashes, row_hashes, shared_groups
 from ncbench.attacks.plugins.registry import resolve
-from ncbench.attacks.self_keyed import self_encode
 from ncbench.challenge.encoders import resolve_config
 from ncbench.challenge.files import open_key, open_release
 from ncbench.challenge.release import BuildPlan, build_release
@@ -149,52 +148,24 @@ def test_no_exact_pairs_without_the_positional_embedding(tmp_path):
     assert accuracy > 0.9
 
 
-def test_only_the_averaged_keys_of_a_deep_release_are_narrow_and_keep_bf16_activations(deep_one_batch, monkeypatch):
-    """The boosting's key keeps fp32 activations beyond SHALLOW_DEPTH and its width; the keys
-    averaged in the comparison with exact pairs may round (their rounding averages out) and are
-    ``anchor_width`` wide."""
-    asked = []
-
-    def recording(*args, bf16_activations=False, width, **kwargs):
-        asked.append((bf16_activations, width))
-        return self_encode(*args, bf16_activations=bf16_activations, width=width, **kwargs)
-
-    monkeypatch.setattr(pairing, "self_encode", recording)
-    _attack(deep_one_batch, anchor_keys=3, anchor_width=32)
-    assert asked == [(False, 256), (True, 32), (True, 32)]
+@pytest.fixture(scope="module")
+def deep_four_batches(tmp_path_factory):
+    """As ``deep_one_batch``, 256 images in four BatchNorm batches: enough encodings for each
+    slot's principal component."""
+    out = tmp_path_factory.mktemp("deep4") / "nc47"
+    config = resolve_config("nc47", width=256, image_size=64, patch_size=8, bn_batch=64)
+    build_release(out, config=config, plan=BuildPlan.for_task("reid", 256), source="sample", seed=3, test_release=True)
+    return out
 
 
-def test_smaller_pools_average_more_keys_within_bounds():
-    counts = [pairing.averaged_keys(n) for n in (1, 100, 200, 500, 1000, 2000, 10**6)]
-    assert counts == sorted(counts, reverse=True)
-    assert counts[0] == pairing.ANCHOR_KEYS_MAX and counts[-1] == pairing.ANCHOR_KEYS_MIN
-    assert pairing.ANCHOR_KEYS_MIN < pairing.averaged_keys(1000) < pairing.ANCHOR_KEYS_MAX
-
-
-def test_reposition_slots_recovers_the_slot_order_from_similarities_to_anchors():
-    rng = np.random.default_rng(5)
-    n, patches, anchors = 40, 16, 12
-    plain = torch.from_numpy(rng.standard_normal((n, patches, anchors)).astype(np.float32))
-    positions = rng.permutation(patches)  # slot s holds position positions[s]
-    encoded = plain[:, positions] + 0.5 * torch.from_numpy(rng.standard_normal(plain.shape).astype(np.float32))
-    assert (pairing.reposition_slots(encoded, plain) == positions).all()
-    unrelated = torch.from_numpy(rng.standard_normal(plain.shape).astype(np.float32))
-    assert sorted(pairing.reposition_slots(unrelated, plain)) == list(range(patches))  # still a permutation
-
-
-def test_the_comparison_with_exact_pairs_places_the_slots_again(deep_one_batch, monkeypatch):
-    """Re-placing the slots from the comparison's own matching: more rows at their positions, and
-    more encodings re-identified, than with the boosting's slot order."""
-
-    def positions_right(submission):
-        with open_key(deep_one_batch) as key:
-            return float(np.mean(submission.patch_positions == key.read("truth/patch_perm")))
-
-    placed, accuracy = _attack(deep_one_batch)
-    monkeypatch.setattr(pairing, "REPOSITION_ROUNDS", 0)
-    kept, accuracy_kept = _attack(deep_one_batch)
-    assert positions_right(placed) >= positions_right(kept) + 0.1
-    assert accuracy >= accuracy_kept + 0.1
+def test_the_principal_comparison_re_identifies_more_than_the_boostings_gram_scores_at_depth(
+    deep_four_batches, monkeypatch
+):
+    compared, accuracy = _attack(deep_four_batches)
+    monkeypatch.setattr(pairing, "ANCHORED_BELOW", -1.0)  # never: the boosting's own scores decide
+    _, accuracy_boosted = _attack(deep_four_batches)
+    assert compared.diagnostics["exact_pairs"] >= 8
+    assert accuracy >= accuracy_boosted + 0.08
 
 
 class _Encodings:

@@ -1,0 +1,119 @@
+"""gram-hungarian's comparison with exact pairs (attacks/pairing.py): each slot's first principal
+component against a quadratic in the plaintext patch's mean and spread, fitted on known pairs."""
+
+import numpy as np
+import torch
+
+from ncbench.attacks import pairing
+from ncbench.challenge.encoders import PIXEL_MEAN, resolve_config
+
+
+class _Shuffled:
+    """What the comparison reads from a release: its encodings, streamed in blocks."""
+
+    def __init__(self, rows: np.ndarray):
+        self.rows, self.n_encoded = rows.astype(np.float16), len(rows)
+
+    def iter_encoded(self, chunk, *, dtype=None, reverse=False):
+        for start in range(0, self.n_encoded, chunk):
+            yield start, self.rows[start : start + chunk]
+
+
+def _first_components(unit: np.ndarray) -> np.ndarray:
+    """(N, P) scores on each slot's first principal component, by a full SVD (the reference)."""
+    centred = unit - unit.mean(0)
+    return np.stack(
+        [centred[:, s] @ np.linalg.svd(centred[:, s], full_matrices=False)[2][0] for s in range(unit.shape[1])], 1
+    )
+
+
+def test_slot_components_are_each_slots_first_principal_component_in_slot_order():
+    rng = np.random.default_rng(0)
+    n, patches, width = 80, 6, 96
+    means = 3 * rng.standard_normal((patches, width))
+    directions = rng.standard_normal((patches, width))
+    # A leading component a little above many weaker ones, as at nc47 (a few percent of the variance).
+    in_slot_order = (
+        means + rng.standard_normal((n, patches, 1)) * directions + 0.5 * rng.standard_normal((n, patches, width))
+    )
+    in_slot_order = in_slot_order.astype(np.float16).astype(np.float32)
+    slots = np.stack([rng.permutation(patches) for _ in range(n)])  # row r of encoding i sits in slot slots[i, r]
+    released = np.empty_like(in_slot_order)
+    for i in range(n):
+        released[i] = in_slot_order[i, slots[i]]
+    reference = torch.from_numpy(in_slot_order.mean(0))
+    aligned = pairing.Aligned(statistics=None, slots=slots, reference=reference)
+    found = pairing.slot_components(
+        _Shuffled(released), aligned, chunk=16, device="cpu", rng=np.random.default_rng(1)
+    ).numpy()
+    centred = in_slot_order - reference.numpy()
+    expected = _first_components(centred / np.linalg.norm(centred, axis=2, keepdims=True))
+    assert found.shape == (n, patches)
+    for s in range(patches):  # the same scores, up to the component's sign
+        assert abs(np.corrcoef(found[:, s], expected[:, s])[0, 1]) > 0.999
+        assert np.isclose(np.abs(found[:, s]).sum(), np.abs(expected[:, s]).sum(), rtol=1e-3)
+
+
+def test_patch_moments_are_a_quadratic_in_each_patchs_standardised_mean_and_spread():
+    config = resolve_config("nc3", image_size=16, patch_size=8)
+    images = np.zeros((2, 16, 16), np.uint8)
+    images[0, :8, :8] = 200  # a bright patch, no spread
+    images[1, 8:, 8:] = np.arange(64, dtype=np.uint8).reshape(8, 8)  # a ramp: spread
+    moments = pairing.patch_moments(images, config, chunk=1)
+    assert moments.shape == (2, 4, 6)
+    raw_mean = np.array([[200, 0, 0, 0], [0, 0, 0, 31.5]]) - PIXEL_MEAN
+    mean, spread = moments[..., 1].numpy(), moments[..., 2].numpy()
+    assert np.allclose(mean, (raw_mean - raw_mean.mean()) / raw_mean.std(ddof=1), atol=1e-4)
+    assert spread[1, 3] > 2 and np.allclose(np.delete(spread.ravel(), 7), spread[0, 0])  # only the ramp spreads
+    assert np.allclose(moments[..., 0], 1)
+    assert np.allclose(moments[..., 3:].numpy(), np.stack([mean**2, spread**2, mean * spread], -1), atol=1e-5)
+
+
+def _predictable(rng, n, patches, noise=0.3):
+    """Plaintext moments, a slot -> position permutation, and encodings whose components are a
+    different quadratic of their plaintext's moments at each slot's position, plus noise."""
+    mean, spread = rng.standard_normal((2, n, patches))
+    moments = torch.from_numpy(
+        np.stack([np.ones_like(mean), mean, spread, mean**2, spread**2, mean * spread], -1).astype(np.float32)
+    )
+    positions = rng.permutation(patches)
+    coefficients = rng.standard_normal((patches, 6))
+    truth = rng.permutation(n)  # encoding i holds plaintext truth[i]
+    components = np.einsum("npf,pf->np", moments.numpy()[truth][:, positions], coefficients)
+    components += noise * components.std() * rng.standard_normal(components.shape)
+    return moments, positions, truth, torch.from_numpy(components.astype(np.float32))
+
+
+def test_principal_scores_pair_encodings_with_the_plaintexts_whose_moments_predict_them():
+    rng = np.random.default_rng(2)
+    moments, positions, truth, components = _predictable(rng, 200, 64)
+    known = (np.arange(40), truth[:40])
+    scores = pairing.principal_scores(components, moments, positions, known)
+    assert scores.shape == (200, 200)
+    assert np.mean(pairing.match_with_pairs(scores, known) == truth) >= 0.95
+    # Fitted at the wrong positions, the same pairs predict nothing: the slot order matters.
+    wrong = pairing.principal_scores(components, moments, np.roll(positions, 1), known)
+    assert np.mean(pairing.match_with_pairs(wrong, known)[40:] == truth[40:]) < 0.2
+
+
+def test_principal_matching_starts_from_a_rough_matching_and_refits_on_its_own(monkeypatch):
+    """Fitted first on a matching that is mostly wrong (the exact pairs put in), then again on its
+    own matching: more encodings right each time, the exact pairs held throughout."""
+    rng = np.random.default_rng(0)
+    moments, positions, truth, components = _predictable(rng, 300, 32, noise=1.0)
+    monkeypatch.setattr(pairing, "slot_components", lambda *args, **kwargs: components)
+    rough = truth.copy()
+    wrong = rng.permutation(300)[:270]
+    rough[wrong] = rng.permutation(rough[wrong])  # 10% right, about
+    exact = (np.arange(9), truth[:9])
+
+    def right(refits):
+        monkeypatch.setattr(pairing, "REFITS", refits)
+        _, matched = pairing.principal_matching(
+            None, None, moments, positions, rough, exact, chunk=1, device="cpu", rng=None
+        )
+        assert (matched[exact[0]] == exact[1]).all()
+        return np.mean(matched == truth)
+
+    assert right(0) >= np.mean(rough == truth) + 0.1
+    assert right(1) >= right(0) + 0.1
