@@ -4,8 +4,9 @@ Carlini et al. (2021) broke the challenge with learned patch similarity networks
 statistics suffice (:mod:`attacks.pairing` has the steps): undo the shuffles by assignment, match
 Gram statistics of the encodings with those of the plaintexts under a self-sampled key, boost.
 Where repeated patches give exact pairs (:mod:`attacks.duplicates`), they start the boosting; where
-boosting stalls (deep presets), a function of each plaintext patch's mean and spread, fitted on
-them, predicts each slot's first principal component, and the final matching compares those.
+boosting stalls (deep presets), a function of each plaintext patch's mean and spread, fitted on the
+boosted matching with them put in, predicts each slot's first principal component, and the final
+matching compares those.
 From 10,000 encodings, thumbnails decoded with the matching's own pairs re-match the encodings
 (:mod:`attacks.decoding`).
 """

@@ -14,8 +14,8 @@
 
 Where repeated patches give exact pairs (:mod:`attacks.duplicates`), they replace the first
 matching; where boosting then stalls (deep presets), the final comparison is each slot's first
-principal component against a function of the plaintext patch fitted on those pairs
-(:func:`principal_scores`).
+principal component against a function of the plaintext patch, fitted on the boosted matching with
+those pairs put in (:func:`principal_matching`).
 """
 
 from __future__ import annotations
@@ -133,8 +133,8 @@ HASHED_CHANNELS = 128
 # N = 1,000: each slot's similarities to the exact pairs cut to their leading direction
 # re-identified as many as the whole profiles, 95.8% against 95.7%), and a quadratic in the
 # patch's mean and spread predicts it (R^2 0.96 of what 64 self-sampled keys averaged to). Fitted
-# on the matching instead of predicted by self-sampled keys, it re-identified 96.4-99.1% on four
-# fresh keys at N = 1,000 where 64 averaged keys gave 93.6-97.1%, in 47 s instead of 137 s.
+# on the matching instead of predicted by self-sampled keys, it re-identified 96.5-99.1% on four
+# fresh keys at N = 1,000 where 64 averaged keys gave 93.6-97.1%, in 47-49 s instead of 136-140 s.
 # COMPONENT_PROBES random directions and POWER_ITERATIONS find each slot's first component,
 # SLOT_CHUNK slots at a time; the fit is ridge-regularised by COMPARISON_RIDGE of its mean
 # diagonal and done again REFITS times on its own matching.
@@ -181,7 +181,7 @@ class Pairing:
     last round (or the comparison with exact pairs, :func:`principal_scores`), or None beyond
     ``scores_max`` encodings (single site); patch_positions: (N, P) original position of each encoded row;
     mutual_fraction: per boosting round (and site), the fraction of mutual best pairs;
-    exact: pairs found from repeated patches (they start the boosting and fit the final comparison);
+    exact: pairs found from repeated patches (they start the boosting and are held in the final assignment);
     rematched: encodings whose plaintext the decoded thumbnails changed (then ``matched`` is no
     longer the assignment of ``scores``).
     """
@@ -508,7 +508,8 @@ def gram_pairing(
     at least :data:`MIN_EXACT_PAIRS` exact pairs of repeated patches (:func:`find_exact_pairs`):
     start from them, hold them in the final assignment, and where boosting ends under
     :data:`ANCHORED_BELOW` mutual best pairs, compare each slot's first principal component with
-    its prediction from the plaintexts' patches, fitted on them (:func:`principal_scores`), instead.
+    its prediction from the plaintexts' patches instead, fitted on the boosted matching with the
+    exact pairs put in (:func:`principal_matching`).
 
     A release of several sites is attacked site by site (each key has its own slot order), every
     site against the whole pool; one assignment over the stacked scores then keeps the pairing
