@@ -124,6 +124,18 @@ MIN_EXACT_PAIRS = 8
 # mutual best pairs than this: nc47 ended at 0.375-0.5 on two fresh keys, nc7 at 0.998 (N = 1,000),
 # where the Gram scores re-identify everything and the comparison would only cost time.
 ANCHORED_BELOW = 0.9
+# Beyond COMPARE_FIRST_BEYOND blocks and from COMPARE_FIRST_WIDTH channels, enough exact pairs
+# start the comparison themselves, with no self-keyed Gram statistics and no boosting (nc47,
+# N = 1,000: those took 29 s of 47 s). At width 2,048 it re-identified as many or more: 16 and 28
+# blocks, N = 200: 100% either way; nc47, N = 128: 100% against 98.4%. At widths 256 and 512 the
+# boosted matching was the better start (nc47, N = 128-256: 1-7 points more).
+COMPARE_FIRST_BEYOND = SHALLOW_DEPTH
+COMPARE_FIRST_WIDTH = 2048
+# The comparison started from the exact pairs stands where at least COMPARED_FIRST_ENOUGH of its
+# pairs are mutual best (nc47: 0.78-0.89 at N = 1,000, 0.90-0.95 at N = 200); below, boosting
+# goes on from the exact pairs (nc47 at 64 x 64 pixels and width 256: 0.19-0.5, where the
+# comparison from the exact pairs alone re-identified 7-16% and from the boosted matching 27-47%).
+COMPARED_FIRST_ENOUGH = 0.6
 # Rows are compared by their first this many channels (a tenth of the hashing time at width 2,048):
 # two different encodings that agree on 128 channels to the bit would disagree with the plaintext
 # structure, and exact_pairs gives no pairs when the structures disagree.
@@ -335,35 +347,41 @@ def principal_scores(
     return (standardise_rows(components) @ standardise_rows(predicted).T).numpy()
 
 
-def principal_matching(
-    view: Release | SiteView,
-    aligned: Aligned,
-    moments: torch.Tensor,
-    slot_positions: np.ndarray,
-    start: np.ndarray,
-    exact: tuple[np.ndarray, np.ndarray],
-    *,
-    chunk: int,
-    device: str,
-    rng: np.random.Generator,
-) -> tuple[np.ndarray, np.ndarray]:
-    """The comparison with exact pairs: (N, M) :func:`principal_scores` of the encodings'
-    :func:`slot_components` and the plaintexts' ``moments``, fitted first on the matching
-    ``start`` (N,) with the ``exact`` pairs put in, then :data:`REFITS` times on its own matching;
-    returns the last scores and their matching, the exact pairs held.
+def place_slots(components: torch.Tensor, moments: torch.Tensor, pairs: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """(P,) the position of each slot: the one whose plaintext ``moments`` (M, P, F) best fit
+    (R^2 of a least-squares fit) the slot's ``components`` (N, P) over ``pairs`` (encodings,
+    plaintexts), one assignment of slots to positions maximising the total."""
+    rows, columns = (torch.as_tensor(np.asarray(side, np.int64)) for side in pairs)
+    basis = torch.linalg.qr(moments[columns].transpose(0, 1).double()).Q  # (positions, pairs, F)
+    targets = components[rows].double()
+    targets = targets - targets.mean(0)
+    explained = torch.einsum("qnf,ns->sqf", basis, targets).square().sum(-1)  # (slots, positions)
+    return match((explained / targets.square().sum(0).clamp_min(1e-30)[:, None]).numpy())
 
-    The whole boosted matching, though partly wrong, fits six coefficients per slot better than
-    a few exact pairs alone (a 64-image release with 8 exact pairs: 37.5% against 18.8%
-    re-identified; nc47, N = 1,000: 96.8% against 96.4%)."""
-    components = slot_components(view, aligned, chunk=chunk, device=device, rng=rng)
-    partners = np.array(start, copy=True)
-    partners[exact[0]] = exact[1]
-    pairs = (np.arange(len(partners)), partners)
+
+def principal_matching(
+    components: torch.Tensor,
+    moments: torch.Tensor,
+    exact: tuple[np.ndarray, np.ndarray],
+    start: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The comparison with exact pairs: (N, M) :func:`principal_scores` of the encodings'
+    ``components`` (:func:`slot_components`) and the plaintexts' ``moments``
+    (:func:`patch_moments`), with each slot placed by :func:`place_slots`; placed and fitted
+    first on the ``exact`` pairs (put into the matching ``start`` (N,) when given), then
+    :data:`REFITS` times on its own matching. Returns the last scores, their matching (the exact
+    pairs held) and the slot positions (P,) it was fitted at."""
+    pairs = exact
+    if start is not None:
+        partners = np.array(start, copy=True)
+        partners[exact[0]] = exact[1]
+        pairs = (np.arange(len(partners)), partners)
     for _ in range(REFITS + 1):
-        scores = principal_scores(components, moments, slot_positions, pairs)
+        positions = place_slots(components, moments, pairs)
+        scores = principal_scores(components, moments, positions, pairs)
         matched = match_with_pairs(scores, exact)
         pairs = (np.arange(len(matched)), matched)
-    return scores, matched
+    return scores, matched, positions
 
 
 def _unit_rows(block: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
@@ -571,17 +589,29 @@ def gram_pairing(
         for start, block in blocks:
             yield start, unit_entries(centred_grams(block, mean, dtype=products_dtype))[1]
 
-    with attack.stage("self-keyed plaintext statistics", len(plain_images)) as advance:
-        on_images = pool_thumbnails.add if pool_thumbnails is not None else None  # the decoding's, from this read
-        features, mean = encode_plain(attack.seed, insider, advance, held=look_for_pairs, on_images=on_images)
-        if sampled:
-            grams = ((start, centred_grams(block, mean, dtype=products_dtype)) for start, block in features)
-            size = (len(plain_images), release.config.n_patches)
-            plain = sampled_statistics(grams, *size, dtype=matmul_dtype(attack.device), recompute=recompute_plain)
-        else:
-            plain = patch_statistics(features, mean, len(plain_images), dtype=products_dtype, storage=storage)
-    if not look_for_pairs:
-        del features
+    def plaintext_statistics() -> PatchStatistics | SampledStatistics:
+        nonlocal mean
+        with attack.stage("self-keyed plaintext statistics", len(plain_images)) as advance:
+            on_images = pool_thumbnails.add if pool_thumbnails is not None else None  # the decoding's, from this read
+            features, mean = encode_plain(attack.seed, insider, advance, held=look_for_pairs, on_images=on_images)
+            if sampled:
+                grams = ((start, centred_grams(block, mean, dtype=products_dtype)) for start, block in features)
+                size = (len(plain_images), release.config.n_patches)
+                return sampled_statistics(grams, *size, dtype=matmul_dtype(attack.device), recompute=recompute_plain)
+            return patch_statistics(features, mean, len(plain_images), dtype=products_dtype, storage=storage)
+
+    compare_first = (
+        look_for_pairs and release.config.depth > COMPARE_FIRST_BEYOND and release.config.width >= COMPARE_FIRST_WIDTH
+    )
+
+    def principal_inputs(view: Release | SiteView, aligned: Aligned) -> tuple[torch.Tensor, torch.Tensor]:
+        with attack.stage("slot principal components"):
+            rng = attack.rng("components")
+            components = slot_components(view, aligned, chunk=chunk, device=attack.device, rng=rng)
+            return components, patch_moments(plain_images, release.config)
+
+    mean = None
+    plain = None if compare_first else plaintext_statistics()
     sites = release.sites
     several = release.n_sites > 1
     keep_scores = several or release.n_encoded <= scores_max
@@ -610,47 +640,50 @@ def gram_pairing(
         if look_for_pairs:
             with attack.stage("exact pairs from repeated patches"):
                 exact = find_exact_pairs(aligned, plain_images, release.config.patch_size)
-        if len(exact[0]) >= MIN_EXACT_PAIRS:
-            first_pairs = exact
-        else:
-            with attack.stage("match sorted norms"):
-                if len(rows) > assign_max:  # the first round keeps mutual best pairs only
-                    first_pairs = sorted_norm_mutual_best(aligned.statistics, plain)
-                else:
-                    first = sorted_norm_scores(aligned.statistics, plain)
-        with attack.stage("boost", boost_rounds) as advance:
-            boosted = boost(
-                aligned.statistics,
-                plain,
-                first,
-                first_pairs=first_pairs,
-                rounds=boost_rounds,
-                refine_pairs=refine_pairs,
-                rng=refine_rng,
-                shuffle=release.config.shuffle,
-                advance=advance,
-                assign_max=assign_max,
-                candidates=candidates,
-                scores_max=release.n_encoded if several else scores_max,
-                device=attack.device,
-                exact_final=not decoding,  # the decoded thumbnails decide the matching then
-            )
-        if len(exact[0]) >= MIN_EXACT_PAIRS and boosted.mutual_fraction[-1] < ANCHORED_BELOW:
-            with attack.stage("compare principal components fitted on the matching"):
-                final, matched = principal_matching(
-                    view,
-                    aligned,
-                    patch_moments(plain_images, release.config),
-                    boosted.slot_positions,
-                    boosted.matched,
-                    exact,
-                    chunk=chunk,
+        enough_pairs = len(exact[0]) >= MIN_EXACT_PAIRS
+        boosted, principal = None, None
+        if enough_pairs and compare_first:
+            principal = principal_inputs(view, aligned)
+            with attack.stage("compare principal components fitted on exact pairs"):
+                final, matched, slot_positions = principal_matching(*principal, exact)
+            if len(mutual_best(final)[0]) >= COMPARED_FIRST_ENOUGH * len(final):
+                boosted = Boosted(matched, final, slot_positions, [])
+        if boosted is None:
+            if plain is None:
+                plain = plaintext_statistics()
+            if enough_pairs:
+                first_pairs = exact
+            else:
+                with attack.stage("match sorted norms"):
+                    if len(rows) > assign_max:  # the first round keeps mutual best pairs only
+                        first_pairs = sorted_norm_mutual_best(aligned.statistics, plain)
+                    else:
+                        first = sorted_norm_scores(aligned.statistics, plain)
+            with attack.stage("boost", boost_rounds) as advance:
+                boosted = boost(
+                    aligned.statistics,
+                    plain,
+                    first,
+                    first_pairs=first_pairs,
+                    rounds=boost_rounds,
+                    refine_pairs=refine_pairs,
+                    rng=refine_rng,
+                    shuffle=release.config.shuffle,
+                    advance=advance,
+                    assign_max=assign_max,
+                    candidates=candidates,
+                    scores_max=release.n_encoded if several else scores_max,
                     device=attack.device,
-                    rng=attack.rng("components"),
+                    exact_final=not decoding,  # the decoded thumbnails decide the matching then
                 )
-            boosted = replace(boosted, matched=matched, scores=final)
-        elif len(exact[0]) >= MIN_EXACT_PAIRS:
-            boosted = replace(boosted, matched=match_with_pairs(boosted.scores, exact))
+            if enough_pairs and boosted.mutual_fraction[-1] < ANCHORED_BELOW:
+                if principal is None:
+                    principal = principal_inputs(view, aligned)
+                with attack.stage("compare principal components fitted on the matching"):
+                    final, matched, slot_positions = principal_matching(*principal, exact, boosted.matched)
+                boosted = replace(boosted, matched=matched, scores=final, slot_positions=slot_positions)
+            elif enough_pairs:
+                boosted = replace(boosted, matched=match_with_pairs(boosted.scores, exact))
         if scores is not None:
             scores[rows] = boosted.scores
         positions[rows] = boosted.slot_positions[aligned.slots]
@@ -661,7 +694,7 @@ def gram_pairing(
     if decoding:
         del aligned, plain  # the Gram statistics: 3.2 GB and 0.9 GB at N = 100,000
         thumbs = pool_thumbnails.thumbnails()
-        del pool_thumbnails, on_images  # their pixel sums: 820 MB at 100,000
+        del pool_thumbnails  # their pixel sums: 820 MB at 100,000
         with attack.stage("re-match by decoded thumbnails", release.n_encoded) as advance:
             decoded = rematch_by_decoding(
                 release if held_rows is None else held_rows,
