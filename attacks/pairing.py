@@ -20,7 +20,8 @@ those pairs put in (:func:`principal_matching`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import collections
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -161,10 +162,55 @@ REFITS = 1
 class Aligned:
     """One key's encodings in a common slot order: their statistics and the slot of each row."""
 
-    statistics: PatchStatistics
+    statistics: PatchStatistics | None  # None when not asked
     slots: np.ndarray  # (N, P) int16: the slot each encoded row was assigned to
     reference: torch.Tensor  # (P, D) the mean encoding in slot order (first REFERENCE_IMAGES)
     hashes: np.ndarray | None = None  # (N, P, 2) int64 hashes of the encoded rows, when asked
+    rows: SlotRows | None = None  # the rows themselves, when asked
+
+
+class SlotRows:
+    """Every encoding's rows in slot order, centred by the slot reference and scaled to unit
+    length, held slot-major: (P, N, D) in ``dtype`` (16 bits: 1 GB at N = 1,000 and width 2,048),
+    with their norms before scaling (N, P) and their sum over the encodings (P, D)."""
+
+    def __init__(self, reference: torch.Tensor, n: int, dtype: torch.dtype):
+        self.reference = reference
+        n_slots, channels = reference.shape
+        self.rows = torch.empty(n_slots, n, channels, dtype=dtype)
+        self.norms = torch.empty(n, n_slots)
+        self.total = torch.zeros(n_slots, channels, dtype=torch.float64)
+
+    @classmethod
+    def read(
+        cls, view: Release | SiteView, aligned: Aligned, *, chunk: int, device: str, dtype: torch.dtype
+    ) -> SlotRows:
+        """A pass over ``view``'s encodings in ``aligned``'s slot order."""
+        held = cls(aligned.reference, view.n_encoded, dtype)
+        for start, block in iter_release(view, chunk, device, channels=aligned.reference.shape[1]):
+            held.add(start, to_slot_order(block, aligned.slots[start : start + len(block)]))
+        return held
+
+    def add(self, start: int, in_slot_order: torch.Tensor) -> None:
+        """Hold the encodings ``start``, ... given as (b, P, D) rows in slot order."""
+        centred = in_slot_order.float() - self.reference
+        norms = centred.norm(dim=2, keepdim=True).clamp_min(1e-12)
+        unit = centred.div_(norms)
+        self.rows[:, start : start + len(unit)] = unit.transpose(0, 1).cpu().to(self.rows.dtype)
+        self.norms[start : start + len(unit)] = norms.squeeze(-1).cpu()
+        self.total += unit.sum(0).cpu()
+
+    def mean(self) -> torch.Tensor:
+        """(P, D) the unit rows' mean over the encodings."""
+        return (self.total / self.rows.shape[1]).float()
+
+    def grams(self, chunk: int, device: str) -> Iterator[tuple[int, torch.Tensor]]:
+        """(start, (b, P, P)) the rows' Gram matrices, centred by the reference, as
+        :func:`~ncbench.attacks.statistics.centred_grams` gives them from the encodings."""
+        for start in range(0, self.rows.shape[1], chunk):
+            unit = self.rows[:, start : start + chunk].to(device).float().transpose(0, 1)
+            centred = unit * self.norms[start : start + chunk, :, None].to(device)
+            yield start, torch.bmm(centred, centred.transpose(1, 2))
 
 
 @dataclass(frozen=True)
@@ -219,6 +265,8 @@ def aligned_statistics(
     starts: int = 1,
     storage=np.float16,
     on_rows: Callable[[int, torch.Tensor], None] | None = None,
+    grams: bool = True,
+    hold: torch.dtype | None = None,
 ) -> Aligned:
     """Undo the shuffles of one key's encodings and take their patch statistics (two passes), on
     their first ``channels`` channels (all when None), with the products of the final alignment
@@ -231,7 +279,8 @@ def aligned_statistics(
     analysis) instead of the plain Euclidean distance. ``starts``: the reference starts from the
     one of the first that many encodings that the others agree with most (:func:`consensus_start`),
     else from the first. ``on_rows(start, rows)``: called with each block of rows the final pass
-    reads ((b, P, channels) float32, release order)."""
+    reads ((b, P, channels) float32, release order). ``grams``: take the statistics (else
+    ``statistics`` is None); ``hold``: also hold the rows in slot order as :class:`SlotRows` of that dtype."""
     n = view.n_encoded
     moments = dict(chunk=chunk, device=attack.device, limit=REFERENCE_IMAGES, channels=channels)
     with attack.stage("slot reference", min(n, REFERENCE_IMAGES) * (1 + weighted)) as advance:
@@ -250,8 +299,9 @@ def aligned_statistics(
     n_patches = view.config.n_patches
     slots = np.empty((n, n_patches), np.int16)  # 512 bytes an image
     row_hash = np.empty((n, n_patches, 2), np.int64) if hashes else None
+    held = SlotRows(reference, n, hold) if hold is not None else None
 
-    def aligned_grams():
+    def aligned_blocks():
         for start, block in iter_release(view, chunk, attack.device, channels=channels):
             if on_rows is not None:
                 on_rows(start, block)
@@ -261,47 +311,49 @@ def aligned_statistics(
             if row_hash is not None:
                 row_hash[start : start + len(block)] = row_hashes(block[..., :HASHED_CHANNELS].cpu())
             in_slot_order = to_slot_order(block, block_slots) if view.config.shuffle else block
-            yield start, centred_grams(in_slot_order, reference, dtype=dtype)
+            if held is not None:
+                held.add(start, in_slot_order)
+            yield start, in_slot_order
 
-    with attack.stage("align + encoded statistics", n):
-        statistics = collect_statistics(aligned_grams(), n, n_patches, storage=storage)
-    return Aligned(statistics, slots, reference, row_hash)
+    statistics = None
+    with attack.stage("align + encoded statistics" if grams else "align", n):
+        if grams:
+            blocks = ((start, centred_grams(block, reference, dtype=dtype)) for start, block in aligned_blocks())
+            statistics = collect_statistics(blocks, n, n_patches, storage=storage)
+        else:
+            collections.deque(aligned_blocks(), maxlen=0)
+    return Aligned(statistics, slots, reference, row_hash, held)
 
 
-def slot_components(
-    view: Release | SiteView, aligned: Aligned, *, chunk: int, device: str, rng: np.random.Generator
-) -> torch.Tensor:
-    """(N, P) each encoding's score on the first principal component of its slot: the rows in
-    slot order, centred by the reference and scaled to unit length, then centred over the
-    encodings (one principal direction per slot, its sign arbitrary).
+def slot_components(held: SlotRows, *, device: str, rng: np.random.Generator) -> torch.Tensor:
+    """(N, P) each encoding's score on the first principal component of its slot: the ``held``
+    unit rows, centred over the encodings (one principal direction per slot, its sign arbitrary).
 
-    The unit rows are held (float16, slot-major: N * P * D * 2 bytes, 1 GB at N = 1,000 and width
-    2,048) and each slot's component found by subspace iteration (Halko et al. 2011):
+    Each slot's component is found by subspace iteration (Halko et al. 2011):
     :data:`COMPONENT_PROBES` random directions, :data:`POWER_ITERATIONS` products with the rows
     and their transpose, then the first singular pair of the rows projected on that basis. The
     first component holds only a few percent of a slot's variance at nc47, so a single random
-    sketch (or a random projection of the channels) would not find it; the iterations do.
+    sketch (or a random projection of the channels) would not find it; the iterations do. The
+    rows are centred inside the products ((X - 1 m^T) V = X V - 1 m^T V), which run in bf16
+    where the rows are held so, else in fp32, :data:`SLOT_CHUNK` slots at a time.
     """
-    channels = aligned.reference.shape[1]  # those the alignment used
-    n_slots, n = aligned.reference.shape[0], view.n_encoded
-    rows = torch.empty(n_slots, n, channels, dtype=torch.float16)
-    total = torch.zeros(n_slots, channels, dtype=torch.float64)
-    for start, block in iter_release(view, chunk, device, channels=channels):
-        unit = _unit_rows(to_slot_order(block, aligned.slots[start : start + len(block)]), aligned.reference)
-        rows[:, start : start + len(block)] = unit.transpose(0, 1).cpu().to(torch.float16)
-        total += unit.sum(0, dtype=torch.float64).cpu()
-    mean = (total / n).float()  # (P, D)
+    rows, mean = held.rows, held.mean()
+    n_slots, _, channels = rows.shape
+    dtype = rows.dtype if rows.dtype == torch.bfloat16 else torch.float32
 
-    def slot_blocks():  # (slots, (s, N, D) float32 centred rows)
+    def products(right: torch.Tensor, transposed: bool) -> torch.Tensor:
+        out = []
         for first in range(0, n_slots, SLOT_CHUNK):
-            slots = slice(first, first + SLOT_CHUNK)
-            yield slots, rows[slots].float().sub_(mean[slots, None]).to(device)
+            block = rows[first : first + SLOT_CHUNK].to(device=device, dtype=dtype)
+            block = block.transpose(1, 2) if transposed else block
+            out.append((block @ right[first : first + SLOT_CHUNK].to(device=device, dtype=dtype)).float().cpu())
+        return torch.cat(out)
 
     def times(directions: torch.Tensor) -> torch.Tensor:  # (P, D, k) -> (P, N, k)
-        return torch.cat([(block @ directions[slots].to(device)).cpu() for slots, block in slot_blocks()])
+        return products(directions, False) - mean.unsqueeze(1) @ directions
 
     def transposed_times(basis: torch.Tensor) -> torch.Tensor:  # (P, N, k) -> (P, D, k)
-        return torch.cat([(block.transpose(1, 2) @ basis[slots].to(device)).cpu() for slots, block in slot_blocks()])
+        return products(basis, True) - mean.unsqueeze(2) * basis.sum(1, keepdim=True)
 
     probes = torch.from_numpy(rng.standard_normal((channels, COMPONENT_PROBES), dtype=np.float32))
     basis = torch.linalg.qr(times(probes.expand(n_slots, -1, -1))).Q
@@ -382,12 +434,6 @@ def principal_matching(
         matched = match_with_pairs(scores, exact)
         pairs = (np.arange(len(matched)), matched)
     return scores, matched, positions
-
-
-def _unit_rows(block: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-    """(b, P, D) rows centred by ``mean`` (P, D) and scaled to unit length."""
-    block = block.float() - mean
-    return block / block.norm(dim=2, keepdim=True).clamp_min(1e-12)
 
 
 def find_exact_pairs(aligned: Aligned, plain_images: np.ndarray, patch_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -604,10 +650,16 @@ def gram_pairing(
         look_for_pairs and release.config.depth > COMPARE_FIRST_BEYOND and release.config.width >= COMPARE_FIRST_WIDTH
     )
 
+    # At depth the comparison will run: the alignment holds the rows it needs, 16 bits each.
+    held_dtype = torch.bfloat16 if matmul_dtype(attack.device) == torch.bfloat16 else torch.float16
+    hold = held_dtype if look_for_pairs and not shallow else None
+
     def principal_inputs(view: Release | SiteView, aligned: Aligned) -> tuple[torch.Tensor, torch.Tensor]:
         with attack.stage("slot principal components"):
-            rng = attack.rng("components")
-            components = slot_components(view, aligned, chunk=chunk, device=attack.device, rng=rng)
+            held = aligned.rows
+            if held is None:
+                held = SlotRows.read(view, aligned, chunk=chunk, device=attack.device, dtype=held_dtype)
+            components = slot_components(held, device=attack.device, rng=attack.rng("components"))
             return components, patch_moments(plain_images, release.config)
 
     mean = None
@@ -635,6 +687,8 @@ def gram_pairing(
             starts=1 if shallow else ALIGNMENT_STARTS,
             storage=storage,
             on_rows=held_rows.add if held_rows is not None else None,  # the decoding's, from this read
+            grams=not compare_first,
+            hold=hold,
         )
         first, first_pairs = None, None
         if look_for_pairs:
@@ -651,6 +705,12 @@ def gram_pairing(
         if boosted is None:
             if plain is None:
                 plain = plaintext_statistics()
+            if aligned.statistics is None:  # the comparison did not stand: the Gram statistics from the held rows
+                grams = aligned.rows.grams(chunk, attack.device)
+                aligned = replace(
+                    aligned,
+                    statistics=collect_statistics(grams, view.n_encoded, release.config.n_patches, storage=storage),
+                )
             if enough_pairs:
                 first_pairs = exact
             else:
