@@ -3,10 +3,11 @@
 Carlini et al. (2021) broke the challenge with learned patch similarity networks; here plain
 statistics suffice (:mod:`attacks.pairing` has the steps): undo the shuffles by assignment, match
 Gram statistics of the encodings with those of the plaintexts under a self-sampled key, boost.
-Where repeated patches give exact pairs (:mod:`attacks.duplicates`), they start the boosting; where
-boosting stalls (deep presets), a function of each plaintext patch's mean and spread, fitted on the
-boosted matching with them put in, predicts each slot's first principal component, and the final
-matching compares those.
+Where repeated patches give exact pairs (:mod:`attacks.duplicates`), they start the boosting; at
+depth (full width, more than 8 blocks) they start, instead of any Gram statistics, a comparison of
+each slot's first principal component with a function of each plaintext patch's mean and spread,
+fitted on those pairs and then on its own matching, the slots placed by the same fit; where
+boosting stalls on narrower keys, the same comparison starts from the boosted matching.
 From 10,000 encodings, thumbnails decoded with the matching's own pairs re-match the encodings
 (:mod:`attacks.decoding`).
 """
@@ -34,7 +35,7 @@ from ncbench.challenge.files import Release
 
 class GramHungarian(Attack):
     name = "gram-hungarian"
-    version = "2.4"
+    version = "2.5"
     tasks = ("reid",)
     knowledge = ("architecture", "self-sampled-keys", "plaintext-pool")
     description = "Exact pairs from repeated patches; undo shuffles, match self-keyed Gram statistics, boost."

@@ -13,9 +13,11 @@
    fitted on the matching's own pairs (:mod:`attacks.decoding`).
 
 Where repeated patches give exact pairs (:mod:`attacks.duplicates`), they replace the first
-matching; where boosting then stalls (deep presets), the final comparison is each slot's first
-principal component against a function of the plaintext patch, fitted on the boosted matching with
-those pairs put in (:func:`principal_matching`).
+matching. At depth and full width they start instead, with no Gram statistics at all, the
+comparison of each slot's first principal component against a function of the plaintext patch
+(:func:`principal_matching`), on rows the alignment's pass holds (:class:`SlotRows`). Where that
+comparison finds too few mutual best pairs, and on narrower or shallower keys, boosting runs, and
+where it stalls the comparison starts from its matching.
 """
 
 from __future__ import annotations
@@ -127,9 +129,9 @@ MIN_EXACT_PAIRS = 8
 ANCHORED_BELOW = 0.9
 # Beyond COMPARE_FIRST_BEYOND blocks and from COMPARE_FIRST_WIDTH channels, enough exact pairs
 # start the comparison themselves, with no self-keyed Gram statistics and no boosting (nc47,
-# N = 1,000: those took 29 s of 47 s). At width 2,048 it re-identified as many or more: 16 and 28
-# blocks, N = 200: 100% either way; nc47, N = 128: 100% against 98.4%. At widths 256 and 512 the
-# boosted matching was the better start (nc47, N = 128-256: 1-7 points more).
+# N = 1,000: those took 29 s of 47 s). At width 2,048 it re-identified as many: 16 and 28 blocks at
+# N = 200 and nc47 at N = 128, 100% either way, in 3.2-4.4 s instead of 6.1-7.8 s. At widths 256
+# and 512 the boosted matching was the better start (nc47, N = 128-256: 1-7 points more).
 COMPARE_FIRST_BEYOND = SHALLOW_DEPTH
 COMPARE_FIRST_WIDTH = 2048
 # The comparison started from the exact pairs stands where at least COMPARED_FIRST_ENOUGH of its
@@ -147,10 +149,11 @@ HASHED_CHANNELS = 128
 # re-identified as many as the whole profiles, 95.8% against 95.7%), and a quadratic in the
 # patch's mean and spread predicts it (R^2 0.96 of what 64 self-sampled keys averaged to). Fitted
 # on the matching instead of predicted by self-sampled keys, it re-identified 96.5-99.1% on four
-# fresh keys at N = 1,000 where 64 averaged keys gave 93.6-97.1%, in 47-49 s instead of 136-140 s.
+# fresh keys at N = 1,000 where 64 averaged keys gave 93.6-97.1%; with each slot placed by the
+# fit itself instead of the boosting, 97.0-99.3% on five.
 # COMPONENT_PROBES random directions and POWER_ITERATIONS find each slot's first component,
 # SLOT_CHUNK slots at a time; the fit is ridge-regularised by COMPARISON_RIDGE of its mean
-# diagonal and done again REFITS times on its own matching.
+# diagonal and done again REFITS times on its own matching, the slots placed again each time.
 COMPONENT_PROBES = 32
 POWER_ITERATIONS = 3
 SLOT_CHUNK = 16
@@ -570,10 +573,13 @@ def gram_pairing(
 
     ``duplicates``: on a release of one site and at most ``assign_max`` encodings, when there are
     at least :data:`MIN_EXACT_PAIRS` exact pairs of repeated patches (:func:`find_exact_pairs`):
-    start from them, hold them in the final assignment, and where boosting ends under
-    :data:`ANCHORED_BELOW` mutual best pairs, compare each slot's first principal component with
-    its prediction from the plaintexts' patches instead, fitted on the boosted matching with the
-    exact pairs put in (:func:`principal_matching`).
+    start from them and hold them in the final assignment. Beyond :data:`COMPARE_FIRST_BEYOND`
+    blocks and from :data:`COMPARE_FIRST_WIDTH` channels, they start the comparison of each slot's
+    first principal component with its prediction from the plaintexts' patches
+    (:func:`principal_matching`), with no self-keyed statistics and no boosting, unless under
+    :data:`COMPARED_FIRST_ENOUGH` of its pairs are mutual best; otherwise they start the boosting,
+    and where it ends under :data:`ANCHORED_BELOW` mutual best pairs the comparison starts from
+    its matching with the exact pairs put in.
 
     A release of several sites is attacked site by site (each key has its own slot order), every
     site against the whole pool; one assignment over the stacked scores then keeps the pairing
