@@ -22,7 +22,6 @@ where it stalls the comparison starts from its matching.
 
 from __future__ import annotations
 
-import collections
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
@@ -331,7 +330,8 @@ def aligned_statistics(
             blocks = ((start, centred_grams(block, reference, dtype=dtype)) for start, block in aligned_blocks())
             statistics = collect_statistics(blocks, n, n_patches, storage=storage)
         else:
-            collections.deque(aligned_blocks(), maxlen=0)
+            for _ in aligned_blocks():  # the slots, hashes and held rows only
+                pass
     return Aligned(statistics, slots, reference, row_hash, held)
 
 
@@ -613,8 +613,8 @@ def gram_pairing(
     # Without the positional embedding (``mix``) a patch encodes alike at every position, so
     # repeated rows would not say where: no exact pairs there.
     look_for_pairs = duplicates and release.config.mix and release.n_sites == 1 and release.n_encoded <= assign_max
-    # The pairs and the comparison with them need the pool and its self-keyed encodings again;
-    # otherwise the pool is read, encoded and reduced to statistics a batch at a time.
+    # The exact pairs and the comparison read the pool's images again: held then. Where the pool's
+    # self-keyed statistics are taken, it is encoded and reduced a batch at a time.
     plain_images = release.plain_pool[:] if look_for_pairs else release.plain_pool
     sampled = release.n_sites == 1 and release.n_encoded > assign_max and len(plain_images) > held_max
     shallow = release.config.depth <= SHALLOW_DEPTH
@@ -632,7 +632,6 @@ def gram_pairing(
         encoder=None,
         advance=lambda k: None,
         *,
-        held: bool = True,
         images=None,
         on_images=None,
     ):
@@ -645,13 +644,13 @@ def gram_pairing(
             advance=advance,
             encoder=encoder,
             bf16_activations=shallow,
-            mean_images=None if held else POOL_MEAN_IMAGES,
+            mean_images=POOL_MEAN_IMAGES,
             on_images=on_images,
         )
 
     def recompute_plain(rows: np.ndarray | None):  # see SampledStatistics
         images = plain_images if rows is None else plain_images.take(rows)
-        blocks, _ = encode_plain(attack.seed, insider, images=images, held=False)
+        blocks, _ = encode_plain(attack.seed, insider, images=images)
         for start, block in blocks:
             yield start, unit_entries(centred_grams(block, mean, dtype=products_dtype))[1]
 
@@ -659,7 +658,7 @@ def gram_pairing(
         nonlocal mean
         with attack.stage("self-keyed plaintext statistics", len(plain_images)) as advance:
             on_images = pool_thumbnails.add if pool_thumbnails is not None else None  # the decoding's, from this read
-            features, mean = encode_plain(attack.seed, insider, advance, held=look_for_pairs, on_images=on_images)
+            features, mean = encode_plain(attack.seed, insider, advance, on_images=on_images)
             if sampled:
                 grams = ((start, centred_grams(block, mean, dtype=products_dtype)) for start, block in features)
                 size = (len(plain_images), release.config.n_patches)
