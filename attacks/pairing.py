@@ -345,33 +345,31 @@ def slot_components(held: SlotRows, *, device: str, rng: np.random.Generator) ->
     first component holds only a few percent of a slot's variance at nc47, so a single random
     sketch (or a random projection of the channels) would not find it; the iterations do. The
     rows are centred inside the products ((X - 1 m^T) V = X V - 1 m^T V), which run in bf16
-    where the rows are held so, else in fp32, :data:`SLOT_CHUNK` slots at a time.
+    where the rows are held so, else in fp32. :data:`SLOT_CHUNK` slots at a time go through every
+    iteration, so 16-bit rows are converted to fp32 once, not once per product.
     """
-    rows, mean = held.rows, held.mean()
+    rows, means = held.rows, held.mean()
     n_slots, _, channels = rows.shape
     dtype = rows.dtype if rows.dtype == torch.bfloat16 else torch.float32
-
-    def products(right: torch.Tensor, transposed: bool) -> torch.Tensor:
-        out = []
-        for first in range(0, n_slots, SLOT_CHUNK):
-            block = rows[first : first + SLOT_CHUNK].to(device=device, dtype=dtype)
-            block = block.transpose(1, 2) if transposed else block
-            out.append((block @ right[first : first + SLOT_CHUNK].to(device=device, dtype=dtype)).float().cpu())
-        return torch.cat(out)
-
-    def times(directions: torch.Tensor) -> torch.Tensor:  # (P, D, k) -> (P, N, k)
-        return products(directions, False) - mean.unsqueeze(1) @ directions
-
-    def transposed_times(basis: torch.Tensor) -> torch.Tensor:  # (P, N, k) -> (P, D, k)
-        return products(basis, True) - mean.unsqueeze(2) * basis.sum(1, keepdim=True)
-
     probes = torch.from_numpy(rng.standard_normal((channels, COMPONENT_PROBES), dtype=np.float32))
-    basis = torch.linalg.qr(times(probes.expand(n_slots, -1, -1))).Q
-    for _ in range(POWER_ITERATIONS):
-        basis = torch.linalg.qr(times(transposed_times(basis))).Q
-    # The rows ~ basis (basis^T rows) = basis W S V^T: the first component's scores are basis W[:, 0] s_0.
-    left, singular, _ = torch.linalg.svd(transposed_times(basis).transpose(1, 2), full_matrices=False)
-    return (basis @ (left[:, :, 0] * singular[:, :1]).unsqueeze(-1)).squeeze(-1).T
+    scores = []
+    for first in range(0, n_slots, SLOT_CHUNK):
+        block = rows[first : first + SLOT_CHUNK].to(device=device, dtype=dtype)
+        mean = means[first : first + SLOT_CHUNK].to(device)
+
+        def times(directions: torch.Tensor) -> torch.Tensor:  # (p, D, k) -> (p, N, k)
+            return (block @ directions.to(dtype)).float() - mean.unsqueeze(1) @ directions
+
+        def transposed_times(basis: torch.Tensor) -> torch.Tensor:  # (p, N, k) -> (p, D, k)
+            return (block.transpose(1, 2) @ basis.to(dtype)).float() - mean.unsqueeze(2) * basis.sum(1, keepdim=True)
+
+        basis = torch.linalg.qr(times(probes.to(device).expand(len(block), -1, -1))).Q
+        for _ in range(POWER_ITERATIONS):
+            basis = torch.linalg.qr(times(transposed_times(basis))).Q
+        # The rows ~ basis (basis^T rows) = basis W S V^T: the first component's scores are basis W[:, 0] s_0.
+        left, singular, _ = torch.linalg.svd(transposed_times(basis).transpose(1, 2), full_matrices=False)
+        scores.append((basis @ (left[:, :, 0] * singular[:, :1]).unsqueeze(-1)).squeeze(-1).cpu())
+    return torch.cat(scores).T
 
 
 def patch_moments(images: np.ndarray, config: EncoderConfig, *, chunk: int = 256) -> torch.Tensor:
