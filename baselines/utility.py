@@ -16,7 +16,7 @@ positional embedding: raw patches know neither where they are nor what surrounds
 the model learns it. Since model version 3 the raw reference embeds its tokens with a
 convolutional stem (two 3x3 convolutions over the 16 x 16 grid of patches: each raw token sees
 its neighbours and the border) and trains :data:`RAW_EPOCHS` times as many epochs; with both it
-is the best model at every seed and depth measured (benchmarks/RESULTS.md, issue 11 item 4). The
+is the best model at every seed and depth measured (benchmarks/RESULTS.md). The
 encoded model is unchanged: a shuffled patch has no neighbours to convolve. Tokens are standardised per feature with
 training-set statistics, since encodings of different presets differ in scale by orders of
 magnitude.
@@ -63,7 +63,7 @@ MODEL_VERSION = 3  # bump when training changes, so recorded results are not mis
 RAW_PRESET = "raw"  # the preset recorded for the reference model on plaintext patches
 # The raw reference trains this many times ``epochs`` (settings ``trained_epochs``): with 8 epochs
 # it lost to the nc7 model at seed 1 (0.734 against 0.768 mean AUC), with 16 it beat every
-# encoded model at seeds 0 and 1 (benchmarks/RESULTS.md, issue 11 item 4).
+# encoded model at seeds 0 and 1 (benchmarks/RESULTS.md).
 RAW_EPOCHS = 2
 
 

@@ -76,7 +76,7 @@ class BuildSeed:
     def of(cls, seed: bytes | str | int | None, *, test_release: bool = False) -> BuildSeed:
         """``None`` draws 32 bytes from `secrets`; bytes or a hex string are secret when they hold at
         least 128 bits (32 hex digits). Anything weaker, an integer included, is found by trying
-        seeds against the public release (issue 10), so only a test release, whose key is public
+        seeds against the public release, so only a test release, whose key is public
         by declaration, accepts it."""
         if seed is None:
             return cls(secrets.token_bytes(SEED_BYTES).hex(), secret=True)

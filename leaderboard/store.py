@@ -1206,7 +1206,7 @@ def ladder(values: Sequence[float], *, margin: float, grid: float) -> list[float
     ``grid``, only when it beats the best one shown so far by more than ``margin``; otherwise
     the best shown so far is repeated. However many submissions a team makes, the shown scores
     change at most ``1 + range / (margin - grid / 2)`` times, which bounds what they reveal about
-    the hidden split (e.g. the swap probe of issue 10 learns nothing).
+    the hidden split (e.g. a probe that swaps two rows of a perfect mapping learns nothing).
     """
     shown: list[float] = []
     best = math.nan

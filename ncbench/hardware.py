@@ -2,7 +2,7 @@
 
 torch's CPU bf16 matmul is fast only where the CPU multiplies bf16 natively (Intel AMX, or the
 AVX-512 BF16 extension of Cooper Lake and AMD Zen 4). Elsewhere oneDNN emulates it: on an
-AVX2-only AMD EPYC the nc7 encoder ran 64x slower in bf16 than in fp32 (issue 11).
+AVX2-only AMD EPYC the nc7 encoder ran 64x slower in bf16 than in fp32.
 ``torch.backends.cpu.get_cpu_capability()`` does not tell (it says AVX512 on both Zen 4 and
 Sapphire Rapids, and oneDNN can be capped below what the CPU has), so a CPU that claims bf16 is
 confirmed by timing one small matmul in each precision.

@@ -433,7 +433,7 @@ def test_sigterm_to_serve_leaves_no_server_behind(populated_db):
         _stop_group(process)
 
 
-# -- privacy vs depth (issue 11 item 4) ----------------------------------------------------------
+# -- privacy vs depth -------------------------------------------------------------------------------
 
 
 def depth_result(challenge_id, depth, attack, accuracy, sha, *, n=20, preset="nc7", mix=True):

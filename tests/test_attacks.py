@@ -605,7 +605,7 @@ def test_gram_hungarian_full_size_nc7(tmp_path):
     assert _reid_accuracy(out, _run("gram-hungarian", out)) >= 0.99
 
 
-# -- hostile plugins (issue 10, item 9) ----------------------------------------------------------
+# -- hostile plugins -----------------------------------------------------------------------------
 
 PLUGIN = """
 from ncbench.attacks import Attack, Submission

@@ -1,4 +1,4 @@
-"""Property tests of the board's rules against hostile strings and repeated probing (issue 10):
+"""Property tests of the board's rules against hostile strings and repeated probing:
 team-name folding, built-in attack names, length limits, CSV and Markdown exports, and the
 Ladder that bounds what the public half reveals about the hidden split."""
 
@@ -212,7 +212,7 @@ def test_ladder_changes_its_shown_score_a_bounded_number_of_times(values, n_publ
     assert changes <= math.floor(1 / (margin - grid / 2))  # however many submissions
 
 
-# -- the swap probe of issue 10, through the store ---------------------------------------------
+# -- the swap probe, through the store ------------------------------------------------------
 
 
 def probe_results(split, start_correct, pairs, team="mallory"):

@@ -1,4 +1,4 @@
-"""Issue 10, items 5-8, end to end through `ncbench score` and `ncbench leaderboard export` on a
+"""The board's rules against hostile teams, end to end through `ncbench score` and `ncbench leaderboard export` on a
 tiny real release: relabelled oracle output, built-in names, look-alike teams, huge attributes,
 hostile names in exports, and the swap probe against the hidden split. Every refusal is one line,
 exit code 2, and leaves the database as it was."""
@@ -235,7 +235,7 @@ def test_exports_defuse_formulas_and_escape_markup(challenge, truth, tmp_path):
 
 
 def test_swap_probe_through_score_reveals_nothing_about_the_split(challenge, truth, tmp_path):
-    """Issue 10: a perfect mapping, then six submissions that each swap two of its rows. On exact
+    """A perfect mapping, then six submissions that each swap two of its rows. On exact
     public scores the drop of each swap gives the halves of its rows away; on the scores that
     `ncbench score` prints and the board shows, every swap scores the same."""
     _, _, _, _, split = truth

@@ -1,4 +1,4 @@
-"""Hostile input (issue 10): what the generated cases of test_leaderboard_malformed.py do not show.
+"""Hostile input: what the generated cases of test_leaderboard_malformed.py do not show.
 
 Declared-huge submissions scored in a real process under an address-space limit; tampered
 releases refused by the CLI; the untrusted HDF5 reader still accepting every legitimate layout.

@@ -1,7 +1,7 @@
 """Property test: every malformed or hostile submission is refused by `ncbench score` with one
 clean line, exit code 2, no other exception, and the database left exactly as it was.
 
-Hostile files (issue 10): declared-huge datasets, compression bombs, links, virtual datasets and
+Hostile files: declared-huge datasets, compression bombs, links, virtual datasets and
 external storage reaching the private key, odd filters and chunks, oversized attributes and CSVs.
 """
 
@@ -281,7 +281,7 @@ def bad_column_ids(draw, world, part, kind):
     return task, lambda d: write_h5(d / "sub.h5", world.attrs(task), datasets)
 
 
-# -- hostile files (issue 10) ------------------------------------------------------------------------
+# -- hostile files ----------------------------------------------------------------------------------
 
 USED = {"reid": ("mapping", "scores", "patch_positions"), "invert": ("reconstructions",), "transfer": ("encodings",)}
 IGNORED = {

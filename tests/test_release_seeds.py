@@ -1,4 +1,4 @@
-"""Key material comes from at least 128 bits of secret entropy (issue 10, item 1).
+"""Key material comes from at least 128 bits of secret entropy.
 
 A guessable seed is refused unless the organizer asks for a test release, which then says in its
 attributes and in `challenge info` that its key is public. No public value is a function of the

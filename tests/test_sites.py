@@ -1,4 +1,4 @@
-"""Several hospitals with independent keys (issue 14): multi-site releases, the link task and
+"""Several hospitals with independent keys: multi-site releases, the link task and
 its scoring, gram-link, multi-site reid, and the site dimension in the store and on the board."""
 
 import numpy as np

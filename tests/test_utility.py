@@ -252,7 +252,7 @@ def test_source_without_labels_is_refused_in_one_line():
     assert "has no labels" in result.output and "Traceback" not in result.output
 
 
-# -- several sites (issue 14: hospitals with independent keys collaborating) ----------------------
+# -- several sites (hospitals with independent keys collaborating) -------------------------------
 
 
 def test_site_slices_are_contiguous_near_equal_shares():

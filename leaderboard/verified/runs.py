@@ -122,7 +122,7 @@ class Recipe:
     n_known: int
     source: str
     source_date_epoch: int
-    sites: int = 1  # hospitals with independent keys (recipes before issue 14 have one)
+    sites: int = 1  # hospitals with independent keys (older recipes have one)
     n_overlap: int = 0  # link: encodings of each later site shared with an earlier one
     overlap_kind: str = "image"
 
