@@ -6,7 +6,8 @@ Gram statistics of the encodings with those of the plaintexts under a self-sampl
 Where repeated patches give exact pairs (:mod:`attacks.duplicates`), they start the boosting; at
 depth (full width, more than 8 blocks) they start, instead of any Gram statistics, a comparison of
 each slot's first principal component with a function of each plaintext patch's mean and spread,
-fitted on those pairs and then on its own matching, the slots placed by the same fit; where
+fitted on those pairs and then on its own matching, the slots placed by the same fit; then of each
+slot's 8 leading components together, whitened by the residual covariance of their fit; where
 boosting stalls on narrower keys, the same comparison starts from the boosted matching.
 From 10,000 encodings, thumbnails decoded with the matching's own pairs re-match the encodings
 (:mod:`attacks.decoding`).
@@ -35,7 +36,7 @@ from ncbench.challenge.files import Release
 
 class GramHungarian(Attack):
     name = "gram-hungarian"
-    version = "2.5"
+    version = "2.6"
     tasks = ("reid",)
     knowledge = ("architecture", "self-sampled-keys", "plaintext-pool")
     description = "Exact pairs from repeated patches; undo shuffles, match self-keyed Gram statistics, boost."

@@ -14,7 +14,7 @@
 
 Where repeated patches give exact pairs (:mod:`attacks.duplicates`), they replace the first
 matching. At depth and full width they start instead, with no Gram statistics at all, the
-comparison of each slot's first principal component against a function of the plaintext patch
+comparison of each slot's leading principal components against a function of the plaintext patch
 (:func:`principal_matching`), on rows the alignment's pass holds (:class:`SlotRows`). Where that
 comparison finds too few mutual best pairs, and on narrower or shallower keys, boosting runs, and
 where it stalls the comparison starts from its matching.
@@ -152,15 +152,26 @@ HASHED_CHANNELS = 128
 # patch's mean and spread predicts it (R^2 0.96 of what 64 self-sampled keys averaged to). Fitted
 # on the matching instead of predicted by self-sampled keys, it re-identified 96.5-99.1% on four
 # fresh keys at N = 1,000 where 64 averaged keys gave 93.6-97.1%; with each slot placed by the
-# fit itself instead of the boosting, 97.0-99.3% on five.
-# COMPONENT_PROBES random directions and POWER_ITERATIONS find each slot's first component,
+# fit itself instead of the boosting, 97.0-99.3% on five. Fitted on the true pairs, the same one
+# number left as many wrong (nc47-1000p 30, k 13, q 10): the fit was not what stopped it. A slot's
+# next components carry the same patch with errors of their own; regressed on the same quadratic
+# and whitened by their residual covariance within the slot (the correlated errors count once, a
+# noisy component little), COMPARED_COMPONENTS = 8 took eight keys at N = 1,000 from 114 wrong to
+# 67, two fresh ones from 16 and 21 to 8 each (on six keys' saved components, 8: 42 wrong against
+# 77; 4: 55; 12 and 16: 58-59; the first component alone so weighted: 86).
+# COMPONENT_PROBES random directions and POWER_ITERATIONS find each slot's leading components,
 # SLOT_CHUNK slots at a time; the fit is ridge-regularised by COMPARISON_RIDGE of its mean
-# diagonal and done again REFITS times on its own matching, the slots placed again each time.
+# diagonal and done again REFITS times on its own matching on the first component, then
+# WHITENED_FITS times on all of them, the slots placed again each time. From the exact pairs
+# straight to the whitened fit, 8 x 6 coefficients and an 8 x 8 covariance per slot from a few
+# hundred pairs, left more wrong (nc47-1000k 21 against 8).
 COMPONENT_PROBES = 32
 POWER_ITERATIONS = 3
 SLOT_CHUNK = 16
+COMPARED_COMPONENTS = 8
 COMPARISON_RIDGE = 1e-4
 REFITS = 1
+WHITENED_FITS = 2
 
 
 @dataclass(frozen=True)
@@ -336,12 +347,13 @@ def aligned_statistics(
 
 
 def slot_components(held: SlotRows, *, device: str, rng: np.random.Generator) -> torch.Tensor:
-    """(N, P) each encoding's score on the first principal component of its slot: the ``held``
-    unit rows, centred over the encodings (one principal direction per slot, its sign arbitrary).
+    """(N, P, K) each encoding's scores on the :data:`COMPARED_COMPONENTS` leading principal
+    components of its slot, largest first: the ``held`` unit rows, centred over the encodings (K
+    principal directions per slot, their signs arbitrary).
 
-    Each slot's component is found by subspace iteration (Halko et al. 2011):
+    Each slot's components are found by subspace iteration (Halko et al. 2011):
     :data:`COMPONENT_PROBES` random directions, :data:`POWER_ITERATIONS` products with the rows
-    and their transpose, then the first singular pair of the rows projected on that basis. The
+    and their transpose, then the leading singular pairs of the rows projected on that basis. The
     first component holds only a few percent of a slot's variance at nc47, so a single random
     sketch (or a random projection of the channels) would not find it; the iterations do. The
     rows are centred inside the products ((X - 1 m^T) V = X V - 1 m^T V), which run in bf16
@@ -349,27 +361,35 @@ def slot_components(held: SlotRows, *, device: str, rng: np.random.Generator) ->
     iteration, so 16-bit rows are converted to fp32 once, not once per product.
     """
     rows, means = held.rows, held.mean()
-    n_slots, _, channels = rows.shape
     dtype = rows.dtype if rows.dtype == torch.bfloat16 else torch.float32
-    probes = torch.from_numpy(rng.standard_normal((channels, COMPONENT_PROBES), dtype=np.float32))
-    scores = []
-    for first in range(0, n_slots, SLOT_CHUNK):
-        block = rows[first : first + SLOT_CHUNK].to(device=device, dtype=dtype)
-        mean = means[first : first + SLOT_CHUNK].to(device)
+    probes = torch.from_numpy(rng.standard_normal((rows.shape[2], COMPONENT_PROBES), dtype=np.float32)).to(device)
+    scores = [
+        _leading_scores(
+            rows[first : first + SLOT_CHUNK].to(device=device, dtype=dtype),
+            means[first : first + SLOT_CHUNK].to(device),
+            probes,
+        ).cpu()
+        for first in range(0, rows.shape[0], SLOT_CHUNK)
+    ]
+    return torch.cat(scores).transpose(0, 1)
 
-        def times(directions: torch.Tensor) -> torch.Tensor:  # (p, D, k) -> (p, N, k)
-            return (block @ directions.to(dtype)).float() - mean.unsqueeze(1) @ directions
 
-        def transposed_times(basis: torch.Tensor) -> torch.Tensor:  # (p, N, k) -> (p, D, k)
-            return (block.transpose(1, 2) @ basis.to(dtype)).float() - mean.unsqueeze(2) * basis.sum(1, keepdim=True)
+def _leading_scores(rows: torch.Tensor, mean: torch.Tensor, probes: torch.Tensor) -> torch.Tensor:
+    """(p, N, K) scores of ``rows`` (p, N, D) minus their ``mean`` (p, D) on their K leading
+    principal components, from the random ``probes`` (D, k) (:func:`slot_components`)."""
 
-        basis = torch.linalg.qr(times(probes.to(device).expand(len(block), -1, -1))).Q
-        for _ in range(POWER_ITERATIONS):
-            basis = torch.linalg.qr(times(transposed_times(basis))).Q
-        # The rows ~ basis (basis^T rows) = basis W S V^T: the first component's scores are basis W[:, 0] s_0.
-        left, singular, _ = torch.linalg.svd(transposed_times(basis).transpose(1, 2), full_matrices=False)
-        scores.append((basis @ (left[:, :, 0] * singular[:, :1]).unsqueeze(-1)).squeeze(-1).cpu())
-    return torch.cat(scores).T
+    def times(directions: torch.Tensor) -> torch.Tensor:  # (p, D, k) -> (p, N, k)
+        return (rows @ directions.to(rows.dtype)).float() - mean.unsqueeze(1) @ directions
+
+    def transposed_times(basis: torch.Tensor) -> torch.Tensor:  # (p, N, k) -> (p, D, k)
+        return (rows.transpose(1, 2) @ basis.to(rows.dtype)).float() - mean.unsqueeze(2) * basis.sum(1, keepdim=True)
+
+    basis = torch.linalg.qr(times(probes.expand(len(rows), -1, -1))).Q
+    for _ in range(POWER_ITERATIONS):
+        basis = torch.linalg.qr(times(transposed_times(basis))).Q
+    # The rows ~ basis (basis^T rows) = basis W S V^T: the leading components' scores are basis W[:, :K] S[:K].
+    left, singular, _ = torch.linalg.svd(transposed_times(basis).transpose(1, 2), full_matrices=False)
+    return basis @ (left[:, :, :COMPARED_COMPONENTS] * singular[:, None, :COMPARED_COMPONENTS])
 
 
 def patch_moments(images: np.ndarray, config: EncoderConfig, *, chunk: int = 256) -> torch.Tensor:
@@ -391,29 +411,43 @@ def principal_scores(
     pairs: tuple[np.ndarray, np.ndarray],
     *,
     ridge: float = COMPARISON_RIDGE,
+    whiten: bool = True,
 ) -> np.ndarray:
-    """(N, M) correlation, over the slots, of each encoding's ``components`` (N, P) with each
-    plaintext's prediction of them: per slot s, a ridge regression of the encodings' components
-    on the ``moments`` (M, P, F) of their partners' patch at s's position (``slot_positions``
-    (P,)), fitted on ``pairs`` (encodings, plaintexts), ``ridge`` times the mean diagonal."""
+    """(N, M) correlation, over the slots and their components, of each encoding's whitened
+    ``components`` (N, P, K) with each plaintext's whitened prediction of them (as they are where
+    not ``whiten``).
+
+    Per slot s, a ridge regression of the encodings' K components on the ``moments`` (M, P, F) of
+    their partners' patch at s's position (``slot_positions`` (P,)), fitted on ``pairs``
+    (encodings, plaintexts), ``ridge`` times the mean diagonal; the components and their
+    predictions are then multiplied by a square root of the inverse of the fit's K x K residual
+    covariance over the pairs, so that each slot counts as a Gaussian likelihood would weigh it
+    and the components' correlated errors count once."""
     rows, columns = (torch.as_tensor(np.asarray(side, np.int64)) for side in pairs)
-    in_slot_order = moments[:, torch.as_tensor(np.asarray(slot_positions, np.int64))]  # (M, P, F)
+    in_slot_order = moments[:, torch.as_tensor(np.asarray(slot_positions, np.int64))].double()  # (M, P, F)
     features = in_slot_order[columns].transpose(0, 1)  # (P, pairs, F)
-    targets = components[rows].T.unsqueeze(-1)  # (P, pairs, 1)
+    targets = components[rows].transpose(0, 1).double()  # (P, pairs, K)
     gram = features.transpose(1, 2) @ features
     penalty = ridge * gram.diagonal(dim1=1, dim2=2).mean(1)[:, None, None] * torch.eye(gram.shape[-1])
-    coefficients = torch.linalg.solve(gram + penalty, features.transpose(1, 2) @ targets).squeeze(-1)  # (P, F)
-    predicted = torch.einsum("mpf,pf->mp", in_slot_order, coefficients)
-    return (standardise_rows(components) @ standardise_rows(predicted).T).numpy()
+    coefficients = torch.linalg.solve(gram + penalty, features.transpose(1, 2) @ targets)  # (P, F, K)
+    whitening = torch.eye(targets.shape[-1], dtype=torch.float64).expand(len(targets), -1, -1)
+    if whiten:
+        residuals = targets - features @ coefficients
+        covariance = residuals.transpose(1, 2) @ residuals / len(rows)
+        floor = 1e-9 * covariance.diagonal(dim1=1, dim2=2).mean().clamp_min(1e-30)
+        whitening = torch.linalg.cholesky(torch.linalg.inv(covariance + floor * torch.eye(covariance.shape[-1])))
+    encoded = torch.einsum("npk,pkl->npl", components.double(), whitening).flatten(1)
+    predicted = torch.einsum("mpf,pfk,pkl->mpl", in_slot_order, coefficients, whitening).flatten(1)
+    return (standardise_rows(encoded) @ standardise_rows(predicted).T).float().numpy()
 
 
 def place_slots(components: torch.Tensor, moments: torch.Tensor, pairs: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
     """(P,) the position of each slot: the one whose plaintext ``moments`` (M, P, F) best fit
-    (R^2 of a least-squares fit) the slot's ``components`` (N, P) over ``pairs`` (encodings,
-    plaintexts), one assignment of slots to positions maximising the total."""
+    (R^2 of a least-squares fit) the slot's first component (``components`` (N, P, K)) over
+    ``pairs`` (encodings, plaintexts), one assignment of slots to positions maximising the total."""
     rows, columns = (torch.as_tensor(np.asarray(side, np.int64)) for side in pairs)
     basis = torch.linalg.qr(moments[columns].transpose(0, 1).double()).Q  # (positions, pairs, F)
-    targets = components[rows].double()
+    targets = components[rows, :, 0].double()
     targets = targets - targets.mean(0)
     explained = torch.einsum("qnf,ns->sqf", basis, targets).square().sum(-1)  # (slots, positions)
     return match((explained / targets.square().sum(0).clamp_min(1e-30)[:, None]).numpy())
@@ -429,10 +463,11 @@ def principal_matching(
     """The comparison with exact pairs: (N, M) :func:`principal_scores` of the encodings'
     ``components`` (:func:`slot_components`) and the plaintexts' ``moments``
     (:func:`patch_moments`); fitted first on the ``exact`` pairs (put into the matching ``start``
-    (N,) when given), then :data:`REFITS` times on its own matching, each time with the slots
-    placed by :func:`place_slots` on the pairs it is fitted on, or for the first fit at the given
-    slot ``positions`` (P,). Returns the last scores, their matching (the exact pairs held) and
-    the slot positions it was fitted at.
+    (N,) when given), then :data:`REFITS` times on its own matching, on each slot's first
+    component as it is; then :data:`WHITENED_FITS` times on its own matching, on all of them
+    whitened. Each fit places the slots by :func:`place_slots` on the pairs it is fitted on,
+    except the first where slot ``positions`` (P,) are given. Returns the last scores, their
+    matching (the exact pairs held) and the slot positions it was fitted at.
 
     After boosting, its slot positions start the fit: on nine small nc47 test releases (48-512
     images, widths 256-512) 2.2 points more on average than placing the slots on the boosted
@@ -442,10 +477,13 @@ def principal_matching(
         partners = np.array(start, copy=True)
         partners[exact[0]] = exact[1]
         pairs = (np.arange(len(partners)), partners)
-    for fit in range(REFITS + 1):
+    for fit in range(REFITS + 1 + WHITENED_FITS):
         if positions is None or fit > 0:
             positions = place_slots(components, moments, pairs)
-        scores = principal_scores(components, moments, positions, pairs)
+        whiten = fit > REFITS
+        scores = principal_scores(
+            components if whiten else components[..., :1], moments, positions, pairs, whiten=whiten
+        )
         matched = match_with_pairs(scores, exact)
         pairs = (np.arange(len(matched)), matched)
     return scores, matched, positions
@@ -587,7 +625,7 @@ def gram_pairing(
     at least :data:`MIN_EXACT_PAIRS` exact pairs of repeated patches (:func:`find_exact_pairs`):
     start from them and hold them in the final assignment. Beyond :data:`COMPARE_FIRST_BEYOND`
     blocks and from :data:`COMPARE_FIRST_WIDTH` channels, they start the comparison of each slot's
-    first principal component with its prediction from the plaintexts' patches
+    leading principal components with their prediction from the plaintexts' patches
     (:func:`principal_matching`), with no self-keyed statistics and no boosting, unless under
     :data:`COMPARED_FIRST_ENOUGH` of its pairs are mutual best; otherwise they start the boosting,
     and where it ends under :data:`ANCHORED_BELOW` mutual best pairs the comparison starts from

@@ -1,5 +1,5 @@
-"""gram-hungarian's comparison with exact pairs (attacks/pairing.py): each slot's first principal
-component against a quadratic in the plaintext patch's mean and spread, fitted on known pairs."""
+"""gram-hungarian's comparison with exact pairs (attacks/pairing.py): each slot's leading principal
+components against a quadratic in the plaintext patch's mean and spread, fitted on known pairs."""
 
 import numpy as np
 import pytest
@@ -21,22 +21,24 @@ class _Shuffled:
             yield start, self.rows[start : start + chunk]
 
 
-def _first_components(unit: np.ndarray) -> np.ndarray:
-    """(N, P) scores on each slot's first principal component, by a full SVD (the reference)."""
+def _leading_components(unit: np.ndarray, k: int) -> np.ndarray:
+    """(N, P, k) scores on each slot's k leading principal components, by a full SVD (the reference)."""
     centred = unit - unit.mean(0)
     return np.stack(
-        [centred[:, s] @ np.linalg.svd(centred[:, s], full_matrices=False)[2][0] for s in range(unit.shape[1])], 1
+        [centred[:, s] @ np.linalg.svd(centred[:, s], full_matrices=False)[2][:k].T for s in range(unit.shape[1])], 1
     )
 
 
-def _released_slots(rng, n=80, patches=6, width=96):
-    """Encodings with a leading component per slot a little above many weaker ones (as at nc47: a
-    few percent of the variance), each encoding's rows shuffled: (rows in slot order, the release,
-    its Aligned)."""
+def _released_slots(rng, n=80, patches=6, width=96, leading=pairing.COMPARED_COMPONENTS):
+    """Encodings with ``leading`` components per slot, each a fifth stronger than the next, a
+    little above many weaker ones (as at nc47: the first holds a few percent of the variance),
+    each encoding's rows shuffled: (rows in slot order, the release, its Aligned)."""
     means = 3 * rng.standard_normal((patches, width))
-    directions = rng.standard_normal((patches, width))
+    directions = rng.standard_normal((patches, leading, width)) * 1.2 ** -np.arange(leading)[:, None]
     in_slot_order = (
-        means + rng.standard_normal((n, patches, 1)) * directions + 0.5 * rng.standard_normal((n, patches, width))
+        means
+        + np.einsum("npk,pkd->npd", rng.standard_normal((n, patches, leading)), directions)
+        + 0.3 * rng.standard_normal((n, patches, width))
     )
     in_slot_order = in_slot_order.astype(np.float16).astype(np.float32)
     slots = np.stack([rng.permutation(patches) for _ in range(n)])  # row r of encoding i sits in slot slots[i, r]
@@ -48,16 +50,18 @@ def _released_slots(rng, n=80, patches=6, width=96):
 
 
 @pytest.mark.parametrize("dtype, agreement", [(torch.float16, 0.999), (torch.bfloat16, 0.99)])
-def test_slot_components_are_each_slots_first_principal_component_in_slot_order(dtype, agreement):
+def test_slot_components_are_each_slots_leading_principal_components_in_slot_order(dtype, agreement):
     in_slot_order, release, aligned = _released_slots(np.random.default_rng(0))
     held = pairing.SlotRows.read(release, aligned, chunk=16, device="cpu", dtype=dtype)
     found = pairing.slot_components(held, device="cpu", rng=np.random.default_rng(1)).numpy()
     centred = in_slot_order - aligned.reference.numpy()
-    expected = _first_components(centred / np.linalg.norm(centred, axis=2, keepdims=True))
-    assert found.shape == expected.shape == (80, 6)
-    for s in range(6):  # the same scores, up to the component's sign
-        assert abs(np.corrcoef(found[:, s], expected[:, s])[0, 1]) > agreement
-        assert np.isclose(np.abs(found[:, s]).sum(), np.abs(expected[:, s]).sum(), rtol=1 - agreement)
+    k = pairing.COMPARED_COMPONENTS
+    expected = _leading_components(centred / np.linalg.norm(centred, axis=2, keepdims=True), k)
+    assert found.shape == expected.shape == (80, 6, k)
+    for s in range(6):  # the same scores, largest first, each up to its component's sign
+        for c in range(k):
+            assert abs(np.corrcoef(found[:, s, c], expected[:, s, c])[0, 1]) > agreement
+            assert np.isclose(np.abs(found[:, s, c]).sum(), np.abs(expected[:, s, c]).sum(), rtol=1 - agreement)
 
 
 def test_held_rows_give_the_gram_matrices_the_encodings_give():
@@ -83,18 +87,25 @@ def test_patch_moments_are_a_quadratic_in_each_patchs_standardised_mean_and_spre
     assert np.allclose(moments[..., 3:].numpy(), np.stack([mean**2, spread**2, mean * spread], -1), atol=1e-5)
 
 
-def _predictable(rng, n, patches, noise=0.3):
-    """Plaintext moments, a slot -> position permutation, and encodings whose components are a
-    different quadratic of their plaintext's moments at each slot's position, plus noise."""
+def _predictable(rng, n, patches, noise=0.3, shared=0.0):
+    """Plaintext moments, a slot -> position permutation, and encodings whose components (N, P, K)
+    are each a different quadratic of their plaintext's moments at the slot's position, plus
+    noise: ``noise`` times their spread, one number or one per (slot, component) (P, K), and
+    ``shared`` of it the same for all of a slot's components."""
     mean, spread = rng.standard_normal((2, n, patches))
     moments = torch.from_numpy(
         np.stack([np.ones_like(mean), mean, spread, mean**2, spread**2, mean * spread], -1).astype(np.float32)
     )
     positions = rng.permutation(patches)
-    coefficients = rng.standard_normal((patches, 6))
+    noise = np.asarray(noise, np.float64)
+    noise = noise if noise.ndim == 2 else np.full((patches, 1), noise)
+    coefficients = rng.standard_normal((patches, 6, noise.shape[1]))
     truth = rng.permutation(n)  # encoding i holds plaintext truth[i]
-    components = np.einsum("npf,pf->np", moments.numpy()[truth][:, positions], coefficients)
-    components += noise * components.std() * rng.standard_normal(components.shape)
+    components = np.einsum("npf,pfk->npk", moments.numpy()[truth][:, positions], coefficients)
+    unit_noise = rng.standard_normal(components.shape)
+    if shared:
+        unit_noise = (1 - shared) * unit_noise + shared * rng.standard_normal((n, patches, 1))
+    components += noise * components.std() * unit_noise
     return moments, positions, truth, torch.from_numpy(components.astype(np.float32))
 
 
@@ -120,8 +131,11 @@ def test_slots_are_placed_where_the_plaintexts_moments_fit_their_components():
     assert np.mean(pairing.place_slots(components, moments, unrelated) == positions) < 0.2
 
 
-def _principal_matching(monkeypatch, components, moments, exact, start=None, refits=pairing.REFITS, positions=None):
+def _principal_matching(
+    monkeypatch, components, moments, exact, start=None, refits=pairing.REFITS, positions=None, whitened=0
+):
     monkeypatch.setattr(pairing, "REFITS", refits)
+    monkeypatch.setattr(pairing, "WHITENED_FITS", whitened)
     _, matched, positions = pairing.principal_matching(components, moments, exact, start, positions)
     assert (matched[exact[0]] == exact[1]).all()
     return matched, positions
@@ -175,3 +189,37 @@ def test_given_slot_positions_start_the_fit_where_the_matching_could_not_place_t
     )
     assert np.mean(refitted == truth) >= np.mean(placed == truth) + 0.1
     assert np.mean(refitted_at == positions) >= 0.9
+
+
+def _heteroscedastic(rng, n=300, patches=32, components=4):
+    """Encodings whose components are noisy to very different degrees, the first the least, their
+    noise partly shared within a slot (as the leading components of one slot's rows at nc47)."""
+    noise = rng.uniform(1, 6, (patches, components))
+    noise[:, 0] = rng.uniform(1.5, 2, patches)
+    return _predictable(rng, n, patches, noise=noise, shared=0.5)
+
+
+def test_whitened_components_pair_more_encodings_than_the_first_alone_or_unweighted():
+    """About 68% and 53% right from the first components alone and from all unweighted; all whitened."""
+    rng = np.random.default_rng(6)
+    moments, positions, truth, components = _heteroscedastic(rng)
+    known = (np.arange(100), truth[:100])
+
+    def right(scores):
+        return np.mean(pairing.match_with_pairs(scores, known)[100:] == truth[100:])
+
+    first = right(pairing.principal_scores(components[..., :1], moments, positions, known, whiten=False))
+    unweighted = right(pairing.principal_scores(components, moments, positions, known, whiten=False))
+    whitened = right(pairing.principal_scores(components, moments, positions, known))
+    assert whitened >= max(first, unweighted) + 0.1
+
+
+def test_principal_matching_ends_with_whitened_fits_on_its_own_matching(monkeypatch):
+    """From a matching of the first components about 44% right, the whitened fits pair all."""
+    rng = np.random.default_rng(8)
+    moments, positions, truth, components = _heteroscedastic(rng)
+    exact = (np.arange(40), truth[:40])
+    first_only, _ = _principal_matching(monkeypatch, components, moments, exact, refits=1)
+    whitened, placed = _principal_matching(monkeypatch, components, moments, exact, refits=1, whitened=2)
+    assert np.mean(whitened == truth) >= np.mean(first_only == truth) + 0.1
+    assert np.mean(placed == positions) >= 0.9
