@@ -150,6 +150,38 @@ def consensus_start(
     return int(agreement.sum(1).argmax())
 
 
+CONTENT_ITERATIONS = 10
+
+
+def content_direction(
+    release: Release | SiteView,
+    reference: torch.Tensor,
+    *,
+    sample: int,
+    channels: int | None = None,
+    device: str = "cpu",
+) -> torch.Tensor:
+    """(D,) unit vector: the leading direction of the first ``sample`` encodings' rows around the
+    slot means of ``reference`` (P, D) they are aligned to, pooled over the slots (power iteration,
+    :data:`CONTENT_ITERATIONS` steps from a fixed start).
+
+    Every position shares the blocks and the final layer, so what a patch holds moves its row the
+    same way in every slot; at depth that one direction outweighs what tells two slots apart. With
+    it projected out of rows and reference, the alignment put 100% of an nc47 key's rows (N =
+    1,000) in their position's slot, against 97.8% in the full space."""
+    rows = torch.from_numpy(release.encoded_rows(np.arange(min(sample, release.n_encoded)))[..., :channels])
+    rows = rows.to(device).float()
+    if release.config.shuffle:
+        rows = to_slot_order(rows, align(rows, reference)[0])
+    around = (rows - reference).reshape(-1, rows.shape[-1])
+    generator = torch.Generator().manual_seed(0)
+    direction = torch.randn(rows.shape[-1], generator=generator).to(device)
+    for _ in range(CONTENT_ITERATIONS):
+        direction = around.T @ (around @ direction)
+        direction = direction / direction.norm().clamp_min(1e-30)
+    return direction
+
+
 def iter_aligned(
     release: Release | SiteView, reference: torch.Tensor, *, chunk: int = 64, device: str = "cpu"
 ) -> Iterator[tuple[int, np.ndarray, torch.Tensor]]:

@@ -1,7 +1,8 @@
 """``gram-hungarian``: re-identify NeuraCrypt encodings by Gram statistics and assignment solvers.
 
 Carlini et al. (2021) broke the challenge with learned patch similarity networks; here plain
-statistics suffice (:mod:`attacks.pairing` has the steps): undo the shuffles by assignment, match
+statistics suffice (:mod:`attacks.pairing` has the steps): undo the shuffles by assignment (beyond 8
+blocks blind to the direction along which a patch's content moves its row in every slot), match
 Gram statistics of the encodings with those of the plaintexts under a self-sampled key, boost.
 Where repeated patches give exact pairs (:mod:`attacks.duplicates`), they start the boosting; at
 depth (full width, more than 8 blocks) they start, instead of any Gram statistics, a comparison of
@@ -36,7 +37,7 @@ from ncbench.challenge.files import Release
 
 class GramHungarian(Attack):
     name = "gram-hungarian"
-    version = "2.6"
+    version = "2.7"
     tasks = ("reid",)
     knowledge = ("architecture", "self-sampled-keys", "plaintext-pool")
     description = "Exact pairs from repeated patches; undo shuffles, match self-keyed Gram statistics, boost."
