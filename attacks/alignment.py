@@ -182,6 +182,11 @@ def content_direction(
     return direction
 
 
+def without(rows: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+    """``rows`` (..., D) with their component along the unit ``direction`` (D,) removed."""
+    return rows - (rows @ direction).unsqueeze(-1) * direction
+
+
 def iter_aligned(
     release: Release | SiteView, reference: torch.Tensor, *, chunk: int = 64, device: str = "cpu"
 ) -> Iterator[tuple[int, np.ndarray, torch.Tensor]]:

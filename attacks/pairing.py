@@ -39,6 +39,7 @@ from ncbench.attacks.alignment import (
     refine_slot_positions,
     slot_moments,
     to_slot_order,
+    without,
 )
 from ncbench.attacks.base import Attack
 from ncbench.attacks.decoding import DECODE_FROM, DECODE_PAIRS, HeldRows, PoolThumbnails, rematch_by_decoding
@@ -277,11 +278,6 @@ class Pairing:
     rematched: int = 0
 
 
-def without(rows: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
-    """``rows`` (..., D) with their component along the unit ``direction`` (D,) removed."""
-    return rows - (rows @ direction).unsqueeze(-1) * direction
-
-
 def aligned_statistics(
     view: Release | SiteView,
     attack: Attack,
@@ -455,15 +451,16 @@ def principal_scores(
     gram = features.transpose(1, 2) @ features
     penalty = ridge * gram.diagonal(dim1=1, dim2=2).mean(1)[:, None, None] * torch.eye(gram.shape[-1])
     coefficients = torch.linalg.solve(gram + penalty, features.transpose(1, 2) @ targets)  # (P, F, K)
-    whitening = torch.eye(targets.shape[-1], dtype=torch.float64).expand(len(targets), -1, -1)
+    encoded = components.double()  # (N, P, K)
+    predicted = torch.einsum("mpf,pfk->mpk", in_slot_order, coefficients)  # (M, P, K)
     if whiten:
         residuals = targets - features @ coefficients
         covariance = residuals.transpose(1, 2) @ residuals / len(rows)
         floor = 1e-9 * covariance.diagonal(dim1=1, dim2=2).mean().clamp_min(1e-30)
         whitening = torch.linalg.cholesky(torch.linalg.inv(covariance + floor * torch.eye(covariance.shape[-1])))
-    encoded = torch.einsum("npk,pkl->npl", components.double(), whitening).flatten(1)
-    predicted = torch.einsum("mpf,pfk,pkl->mpl", in_slot_order, coefficients, whitening).flatten(1)
-    return (standardise_rows(encoded) @ standardise_rows(predicted).T).float().numpy()
+        encoded = torch.einsum("npk,pkl->npl", encoded, whitening)
+        predicted = torch.einsum("mpk,pkl->mpl", predicted, whitening)
+    return (standardise_rows(encoded.flatten(1)) @ standardise_rows(predicted.flatten(1)).T).float().numpy()
 
 
 def place_slots(components: torch.Tensor, moments: torch.Tensor, pairs: tuple[np.ndarray, np.ndarray]) -> np.ndarray:

@@ -249,7 +249,7 @@ def test_the_alignment_at_depth_looks_past_what_the_patch_holds():
     def right(projected: bool) -> float:
         encoded, slots_of = torch.from_numpy(rows), reference
         if projected:
-            encoded, slots_of = pairing.without(encoded, direction), pairing.without(reference, direction)
+            encoded, slots_of = alignment.without(encoded, direction), alignment.without(reference, direction)
         return float(np.mean(alignment.align(encoded, slots_of)[0] == order))
 
     assert right(projected=True) == 1.0
