@@ -6,11 +6,15 @@ nearly the same under two keys, up to the two keys' slot orders. Per pair of sit
 shuffles per site (:mod:`attacks.pairing`), match sorted patch norms (blind to slot order),
 recover the slot -> slot permutation from the surest pairs, compare Gram matrices in that order.
 Most encodings have no partner, so each claim carries a score that ranks it against all others.
+
+``gram-label-link`` adds the encodings' public labels: a patient's two acquisitions mostly carry
+the same findings, two patients' agree only as often as the findings' frequencies allow.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from itertools import combinations
 
 import numpy as np
@@ -20,13 +24,18 @@ from ncbench.attacks.base import Attack, chunk_param, param
 from ncbench.attacks.pairing import REFINE_PAIRS, aligned_statistics, boost
 from ncbench.attacks.statistics import sorted_norm_scores
 from ncbench.attacks.submission import Submission
-from ncbench.challenge.files import Release
+from ncbench.challenge.files import Release, SiteView
 from ncbench.errors import NcbenchError
 
 NEIGHBOURS = 10  # CSLS neighbourhood
 # Two rounds: most encodings have no partner, so the share of mutual best pairs that stops
 # gram-hungarian's boosting says little here (more rounds lowered R-precision on tiny releases).
 BOOST_ROUNDS = 2
+# With the labels' evidence the trusted pairs grow more right each round, up to the fourth (nc7,
+# 2 x 200 phantom images, second acquisitions: 7, 20, 30, 37% right; eight rounds end there too).
+LABEL_BOOST_ROUNDS = 4
+LABEL_AGREEMENT = 0.95
+LABEL_WEIGHT = 3.0
 
 
 class GramLink(Attack):
@@ -56,10 +65,12 @@ class GramLink(Attack):
         p = self.params
         ids = release.encoded_ids
         views = [release.site(site) for site in range(release.n_sites)]
+        site_pairs = list(combinations(range(release.n_sites), 2))
+        priors = [self.prior(release, views[a], views[b]) for a, b in site_pairs]  # before the long part
         statistics = [aligned_statistics(view, self, chunk=p.chunk).statistics for view in views]
         rng = self.rng("refine")
         left_ids, right_ids, claim_scores = [], [], []
-        for a, b in combinations(range(release.n_sites), 2):
+        for (a, b), prior in zip(site_pairs, priors, strict=True):
             with self.stage("match sorted norms"):
                 first = sorted_norm_scores(statistics[a], statistics[b])
             with self.stage("boost", p.boost_rounds) as advance:
@@ -71,10 +82,10 @@ class GramLink(Attack):
                     refine_pairs=p.refine_pairs,
                     rng=rng,
                     shuffle=release.config.shuffle,
-                    trusted=lambda scores: surest(scores, p.trusted),
+                    trusted=partial(surest, fraction=p.trusted, prior=prior),
                     advance=advance,
                 )
-            rows, cols, values = claims(boosted.scores, p.candidates)
+            rows, cols, values = claims(boosted.scores, p.candidates, prior)
             left_ids += [ids[views[a].rows[r]] for r in rows]
             right_ids += [ids[views[b].rows[c]] for c in cols]
             claim_scores.append(values)
@@ -85,6 +96,41 @@ class GramLink(Attack):
             link_right=right_ids,
             link_scores=np.concatenate(claim_scores).astype(np.float32),
         )
+
+    def prior(self, release: Release, left: SiteView, right: SiteView) -> np.ndarray | None:
+        """(L, R) evidence for each pair of the two sites' encodings besides their Gram statistics,
+        added to their standardised CSLS scores (:func:`evidence`); None: the scores alone."""
+        return None
+
+
+class GramLabelLink(GramLink):
+    name = "gram-label-link"
+    version = "1.0"
+    tasks = ("link",)
+    knowledge = ("architecture", "labels")
+    description = "gram-link, with the public labels' agreement as evidence for every pair it weighs."
+
+    @dataclass
+    class Params(GramLink.Params):
+        boost_rounds: int = param(
+            LABEL_BOOST_ROUNDS, "at most this many rounds of slot recovery + Gram re-matching", min=1, max=20
+        )
+        label_agreement: float = param(
+            LABEL_AGREEMENT, "chance that a label is the same on two acquisitions of one patient", min=0.5, max=0.999
+        )
+        label_weight: float = param(
+            LABEL_WEIGHT,
+            "weight of the labels' log-likelihood ratio against the standardised scores",
+            min=0.0,
+            max=100.0,
+        )
+
+    def prior(self, release: Release, left: SiteView, right: SiteView) -> np.ndarray:
+        labels = release.labels
+        if labels.ndim != 2 or labels.shape[1] == 0:
+            raise NcbenchError("gram-label-link needs labels; this release has none")
+        p = self.params
+        return p.label_weight * label_evidence(labels[left.rows], labels[right.rows], p.label_agreement)
 
 
 def standing(scores: np.ndarray, neighbours: int = NEIGHBOURS) -> np.ndarray:
@@ -100,23 +146,55 @@ def standing(scores: np.ndarray, neighbours: int = NEIGHBOURS) -> np.ndarray:
     return 2 * scores - rows - cols
 
 
-def surest(scores: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    """The ``fraction`` of assigned pairs (rows, columns) that stand out most (at least 8).
+def evidence(scores: np.ndarray, prior: np.ndarray) -> np.ndarray:
+    """(L, R) the CSLS scores (:func:`standing`) standardised over all pairs (median and
+    normal-consistent median absolute deviation: true pairs are few and far out), plus ``prior``."""
+    surety = standing(scores)
+    centre = np.median(surety)
+    spread = 1.4826 * np.median(np.abs(surety - centre))
+    return (surety - centre) / max(spread, 1e-12) + prior
+
+
+def label_evidence(left: np.ndarray, right: np.ndarray, agreement: float) -> np.ndarray:
+    """(L, R) float32 log-likelihood ratio of two encodings' labels (L, K) and (R, K) under "one
+    patient" against "two patients": per label, one patient keeps its value with probability
+    ``agreement`` (and changes it otherwise), two patients agree as the value's frequency among
+    the ``right`` encodings says."""
+    total = np.zeros((len(left), len(right)), np.float32)
+    for column in range(left.shape[1]):
+        values, counts = np.unique(right[:, column], return_counts=True)
+        chance = (counts / len(right))[np.searchsorted(values, right[:, column])]  # (R,)
+        same = left[:, column, None] == right[None, :, column]
+        total += np.log(np.where(same, agreement, 1 - agreement) / chance).astype(np.float32)
+    return total
+
+
+def surest(scores: np.ndarray, fraction: float, prior: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The ``fraction`` of assigned pairs (rows, columns) that stand out most (at least 8); with a
+    ``prior``, assigned and ranked by :func:`evidence`.
 
     An assignment, not mutual best pairs as for reid: a site holds hundreds to a few thousand
     encodings, and on second acquisitions (``patient`` overlap) the assignment's pairs recover the
     slot order better (R-precision 0.12 against 0.02, nc7, 2 x 200 phantom images). Keeping the
     surest 30% rather than all matters where few pairs are right: nc47, R-precision 8% against 0%
     (2 x 100 phantom images); with second acquisitions at nc7 all would do better (0.20)."""
-    matched = match(scores)
-    surety = standing(scores)[np.arange(len(matched)), matched]
+    if prior is None:
+        matched = match(scores)
+        surety = standing(scores)[np.arange(len(matched)), matched]
+    else:
+        weighed = evidence(scores, prior)
+        matched = match(weighed)
+        surety = weighed[np.arange(len(matched)), matched]
     keep = np.sort(np.argsort(-surety)[: max(8, int(round(fraction * len(matched))))])
     return keep, matched[keep]
 
 
-def claims(scores: np.ndarray, candidates: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The ``candidates`` best partners of each left row: (rows, columns, CSLS scores) flat."""
-    surety = standing(scores)
+def claims(
+    scores: np.ndarray, candidates: int, prior: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ``candidates`` best partners of each left row: (rows, columns, CSLS scores) flat; with a
+    ``prior``, by :func:`evidence`."""
+    surety = standing(scores) if prior is None else evidence(scores, prior)
     k = min(candidates, scores.shape[1])
     cols = np.argsort(-surety, axis=1)[:, :k].ravel()
     rows = np.repeat(np.arange(len(scores)), k)
