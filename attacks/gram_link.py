@@ -31,11 +31,13 @@ NEIGHBOURS = 10  # CSLS neighbourhood
 # Two rounds: most encodings have no partner, so the share of mutual best pairs that stops
 # gram-hungarian's boosting says little here (more rounds lowered R-precision on tiny releases).
 BOOST_ROUNDS = 2
-# With the labels' evidence the trusted pairs grow more right each round, up to the fourth (nc7,
-# 2 x 200 phantom images, second acquisitions: 7, 20, 30, 37% right; eight rounds end there too).
+# With the labels in the trusted pairs, these grew more right each round up to the fourth on one
+# nc7 release of second acquisitions (2 x 200 phantom images: 7, 20, 30, 37% right; eight rounds
+# ended there too). Weights: log-likelihood ratios against CSLS scores in robust standard units.
 LABEL_BOOST_ROUNDS = 4
 LABEL_AGREEMENT = 0.95
-LABEL_WEIGHT = 3.0
+LABEL_WEIGHT = 1.0
+TRUSTED_LABEL_WEIGHT = 3.0
 
 
 class GramLink(Attack):
@@ -69,23 +71,15 @@ class GramLink(Attack):
         priors = [self.prior(release, views[a], views[b]) for a, b in site_pairs]  # before the long part
         statistics = [aligned_statistics(view, self, chunk=p.chunk).statistics for view in views]
         rng = self.rng("refine")
-        left_ids, right_ids, claim_scores = [], [], []
+        left_ids, right_ids, claim_scores, kept = [], [], [], []
         for (a, b), prior in zip(site_pairs, priors, strict=True):
             with self.stage("match sorted norms"):
                 first = sorted_norm_scores(statistics[a], statistics[b])
-            with self.stage("boost", p.boost_rounds) as advance:
-                boosted = boost(
-                    statistics[a],
-                    statistics[b],
-                    first,
-                    rounds=p.boost_rounds,
-                    refine_pairs=p.refine_pairs,
-                    rng=rng,
-                    shuffle=release.config.shuffle,
-                    trusted=partial(surest, fraction=p.trusted, prior=prior),
-                    advance=advance,
-                )
-            rows, cols, values = claims(boosted.scores, p.candidates, prior)
+            scores, claim_prior, labels_kept = self.linked(
+                statistics[a], statistics[b], first, prior, rng, release.config.shuffle
+            )
+            kept.append(labels_kept)
+            rows, cols, values = claims(scores, p.candidates, claim_prior)
             left_ids += [ids[views[a].rows[r]] for r in rows]
             right_ids += [ids[views[b].rows[c]] for c in cols]
             claim_scores.append(values)
@@ -95,42 +89,81 @@ class GramLink(Attack):
             link_left=left_ids,
             link_right=right_ids,
             link_scores=np.concatenate(claim_scores).astype(np.float32),
+            diagnostics={"label_boost_kept": kept} if any(k is not None for k in kept) else {},
         )
 
     def prior(self, release: Release, left: SiteView, right: SiteView) -> np.ndarray | None:
-        """(L, R) evidence for each pair of the two sites' encodings besides their Gram statistics,
-        added to their standardised CSLS scores (:func:`evidence`); None: the scores alone."""
+        """(L, R) evidence for each pair of the two sites' encodings besides their Gram statistics
+        (a log-likelihood ratio); None: none."""
         return None
+
+    def linked(
+        self, left, right, first: np.ndarray, prior: np.ndarray | None, rng: np.random.Generator, shuffle: bool
+    ) -> tuple[np.ndarray, np.ndarray | None, bool | None]:
+        """The two sites' Gram scores after the boosting, the evidence the claims add to them, and
+        whether the labels' boosting was kept (None: no labels)."""
+        return self.boosted(left, right, first, self.params.boost_rounds, None, rng, shuffle), None, None
+
+    def boosted(
+        self, left, right, first, rounds: int, prior: np.ndarray | None, rng: np.random.Generator, shuffle: bool
+    ) -> np.ndarray:
+        """Gram scores after ``rounds`` of boosting: the slot -> slot order recovered from each
+        round's trusted pairs (:func:`surest`, ``prior`` added to their scores)."""
+        label = "boost" if prior is None else "boost with labels"
+        with self.stage(label, rounds) as advance:
+            return boost(
+                left,
+                right,
+                first,
+                rounds=rounds,
+                refine_pairs=self.params.refine_pairs,
+                rng=rng,
+                shuffle=shuffle,
+                trusted=partial(surest, fraction=self.params.trusted, prior=prior),
+                advance=advance,
+            ).scores
 
 
 class GramLabelLink(GramLink):
     name = "gram-label-link"
-    version = "1.0"
+    version = "1.1"
     tasks = ("link",)
     knowledge = ("architecture", "labels")
     description = "gram-link, with the public labels' agreement as evidence for every pair it weighs."
 
     @dataclass
     class Params(GramLink.Params):
-        boost_rounds: int = param(
-            LABEL_BOOST_ROUNDS, "at most this many rounds of slot recovery + Gram re-matching", min=1, max=20
+        label_boost_rounds: int = param(
+            LABEL_BOOST_ROUNDS, "rounds of the second boosting, with the labels in its trusted pairs", min=1, max=20
         )
         label_agreement: float = param(
             LABEL_AGREEMENT, "chance that a label is the same on two acquisitions of one patient", min=0.5, max=0.999
         )
         label_weight: float = param(
-            LABEL_WEIGHT,
-            "weight of the labels' log-likelihood ratio against the standardised scores",
-            min=0.0,
-            max=100.0,
+            LABEL_WEIGHT, "weight of the labels' log-likelihood ratio in the claims", min=0.0, max=100.0
+        )
+        trusted_label_weight: float = param(
+            TRUSTED_LABEL_WEIGHT, "weight of the labels' log-likelihood ratio in the trusted pairs", min=0.0, max=100.0
         )
 
     def prior(self, release: Release, left: SiteView, right: SiteView) -> np.ndarray:
         labels = release.labels
         if labels.ndim != 2 or labels.shape[1] == 0:
             raise NcbenchError("gram-label-link needs labels; this release has none")
+        return label_evidence(labels[left.rows], labels[right.rows], self.params.label_agreement)
+
+    def linked(
+        self, left, right, first: np.ndarray, prior: np.ndarray | None, rng: np.random.Generator, shuffle: bool
+    ) -> tuple[np.ndarray, np.ndarray | None, bool | None]:
+        """Boosted twice: as gram-link does, and with the labels in the trusted pairs; the slot
+        order whose Gram scores stand out more (:func:`standout`) is kept. The labels make the first
+        trusted pairs more right, but their coincidences can also lead the slot order astray, which
+        the Gram scores then show."""
         p = self.params
-        return p.label_weight * label_evidence(labels[left.rows], labels[right.rows], p.label_agreement)
+        plain = self.boosted(left, right, first, p.boost_rounds, None, rng, shuffle)
+        labelled = self.boosted(left, right, first, p.label_boost_rounds, p.trusted_label_weight * prior, rng, shuffle)
+        kept = standout(labelled, p.trusted) > standout(plain, p.trusted)
+        return (labelled if kept else plain), p.label_weight * prior, kept
 
 
 def standing(scores: np.ndarray, neighbours: int = NEIGHBOURS) -> np.ndarray:
@@ -153,6 +186,15 @@ def evidence(scores: np.ndarray, prior: np.ndarray) -> np.ndarray:
     centre = np.median(surety)
     spread = 1.4826 * np.median(np.abs(surety - centre))
     return (surety - centre) / max(spread, 1e-12) + prior
+
+
+def standout(scores: np.ndarray, fraction: float) -> float:
+    """How far the assigned pairs of ``scores`` stand out: the mean standardised CSLS score
+    (:func:`evidence`) of the ``fraction`` of them that stand out most (at least 8)."""
+    weighed = evidence(scores, 0.0)
+    matched = match(weighed)
+    assigned = np.sort(weighed[np.arange(len(matched)), matched])[::-1]
+    return float(assigned[: max(8, int(round(fraction * len(matched))))].mean())
 
 
 def label_evidence(left: np.ndarray, right: np.ndarray, agreement: float) -> np.ndarray:
