@@ -179,7 +179,7 @@ def standing(scores: np.ndarray, neighbours: int = NEIGHBOURS) -> np.ndarray:
     return 2 * scores - rows - cols
 
 
-def evidence(scores: np.ndarray, prior: np.ndarray) -> np.ndarray:
+def evidence(scores: np.ndarray, prior: np.ndarray | float) -> np.ndarray:
     """(L, R) the CSLS scores (:func:`standing`) standardised over all pairs (median and
     normal-consistent median absolute deviation: true pairs are few and far out), plus ``prior``."""
     surety = standing(scores)
