@@ -190,11 +190,9 @@ def evidence(scores: np.ndarray, prior: np.ndarray | float) -> np.ndarray:
 
 def standout(scores: np.ndarray, fraction: float) -> float:
     """How far the assigned pairs of ``scores`` stand out: the mean standardised CSLS score
-    (:func:`evidence`) of the ``fraction`` of them that stand out most (at least 8)."""
-    weighed = evidence(scores, 0.0)
-    matched = match(weighed)
-    assigned = np.sort(weighed[np.arange(len(matched)), matched])[::-1]
-    return float(assigned[: max(8, int(round(fraction * len(matched))))].mean())
+    (:func:`evidence`) of the :func:`surest` ``fraction`` of them."""
+    rows, columns = surest(scores, fraction, prior=0.0)
+    return float(evidence(scores, 0.0)[rows, columns].mean())
 
 
 def label_evidence(left: np.ndarray, right: np.ndarray, agreement: float) -> np.ndarray:
@@ -211,7 +209,9 @@ def label_evidence(left: np.ndarray, right: np.ndarray, agreement: float) -> np.
     return total
 
 
-def surest(scores: np.ndarray, fraction: float, prior: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def surest(
+    scores: np.ndarray, fraction: float, prior: np.ndarray | float | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """The ``fraction`` of assigned pairs (rows, columns) that stand out most (at least 8); with a
     ``prior``, assigned and ranked by :func:`evidence`.
 
@@ -220,13 +220,9 @@ def surest(scores: np.ndarray, fraction: float, prior: np.ndarray | None = None)
     slot order better (R-precision 0.12 against 0.02, nc7, 2 x 200 phantom images). Keeping the
     surest 30% rather than all matters where few pairs are right: nc47, R-precision 8% against 0%
     (2 x 100 phantom images); with second acquisitions at nc7 all would do better (0.20)."""
-    if prior is None:
-        matched = match(scores)
-        surety = standing(scores)[np.arange(len(matched)), matched]
-    else:
-        weighed = evidence(scores, prior)
-        matched = match(weighed)
-        surety = weighed[np.arange(len(matched)), matched]
+    ranked = standing(scores) if prior is None else evidence(scores, prior)
+    matched = match(scores if prior is None else ranked)
+    surety = ranked[np.arange(len(matched)), matched]
     keep = np.sort(np.argsort(-surety)[: max(8, int(round(fraction * len(matched))))])
     return keep, matched[keep]
 
