@@ -287,8 +287,9 @@ def test_gram_label_link_finds_second_acquisitions_that_gram_link_misses(built, 
         metrics = score_submission(tmp_path / f"{name}.h5", built["patient"]).metrics
         found[name] = {key: np.mean([metrics[s][key] for s in (0, 1)]) for key in ("link_r_precision", "link_recall")}
     assert set(resolve("gram-label-link").knowledge) == {"architecture", "labels"}
-    # Measured on this release: R-precision 0.05 -> 0.19, recall 0.18 -> 0.84 (build seeds 15 and
-    # 16: 0.05 -> 0.15 and 0.26, 0.24 -> 0.54 and 0.16 -> 0.85).
+    # Measured on this release: R-precision 0.05 -> 0.50, recall 0.18 -> 0.95 (0.19 and 0.84 without
+    # the acquisition comparison; build seeds 15 and 16: 0.05 -> 0.15 and 0.15, 0.24 -> 0.70 and
+    # 0.16 -> 0.60: on releases this tiny the comparison does not always help).
     assert found["gram-label-link"]["link_r_precision"] >= found["gram-link"]["link_r_precision"] + 0.1, found
     assert found["gram-label-link"]["link_recall"] >= found["gram-link"]["link_recall"] + 0.3, found
 
