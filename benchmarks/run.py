@@ -115,7 +115,7 @@ def encode(n: int = 256, device: str = "cpu", precision: str = "auto", preset: s
 def attack(release_dir: str, name: str = "gram-hungarian", device: str = "cpu", **params: str) -> dict:
     """Run one attack on a release; time, peak RSS, stage times, and (when the release directory
     holds its key, as a test release does) re-identification and patch-position accuracy, or a
-    transfer release's nearest-neighbour accuracy.
+    transfer release's nearest-neighbour accuracy, or a link release's R-precision and recall per half.
     ``params``: the attack's parameters as text (``--self_width=256``)."""
     from ncbench.attacks.plugins.registry import resolve
     from ncbench.challenge.files import open_release
@@ -125,7 +125,8 @@ def attack(release_dir: str, name: str = "gram-hungarian", device: str = "cpu", 
         started = time.perf_counter()
         submission = cls(cls.parse_params(params), device=device)(release)
         elapsed = time.perf_counter() - started
-        n, encoded_ids, plain_ids = release.n_encoded, release.encoded_ids, release.plain_ids
+        n, encoded_ids = release.n_encoded, release.encoded_ids
+        plain_ids = release.plain_ids if submission.mapping is not None else []
         target_ids = release.target_ids if submission.encodings is not None else []
     return {
         "benchmark": f"attack {name}",
@@ -153,6 +154,8 @@ def _accuracy(
     key_path = Path(release_dir) / "private" / "key.h5"
     if key_path.is_file() and submission.encodings is not None:
         return _transfer_accuracy(key_path, submission, target_ids)
+    if key_path.is_file() and submission.link_left is not None:
+        return _link_accuracy(release_dir, submission)
     if not key_path.is_file() or submission.mapping is None:
         return {}
     column = {pid: j for j, pid in enumerate(plain_ids)}
@@ -169,6 +172,25 @@ def _accuracy(
     if submission.patch_positions is not None:
         found["patch_position_accuracy"] = round(float(np.mean(submission.patch_positions == perm)), 4)
     return found
+
+
+def _link_accuracy(release_dir: str, submission) -> dict:
+    """A link answer's R-precision and recall on the public and private halves, as the scorer
+    gives them from the release's own key."""
+    import tempfile
+    from pathlib import Path
+
+    from ncbench.attacks.submission import write_submission
+    from ncbench.leaderboard.scoring import score_submission
+
+    with tempfile.TemporaryDirectory() as scratch:
+        answer = write_submission(Path(scratch) / "answer.h5", submission)
+        metrics = score_submission(answer, release_dir).metrics
+    return {
+        f"link_{name}_{half}": round(float(metrics[split][f"link_{name}"]), 4)
+        for name in ("r_precision", "recall")
+        for split, half in ((0, "public"), (1, "private"))
+    }
 
 
 def _transfer_accuracy(key_path, submission, target_ids: list[str]) -> dict:

@@ -1,4 +1,4 @@
-"""benchmarks/run.py scores a transfer attack with the challenge's metric and cuts reid releases
+"""benchmarks/run.py scores a transfer or link attack with the challenge's metric and cuts reid releases
 into smaller ones for its scale runs, and benchmarks/depth.py tabulates and merges transfer runs
 (the full-size sweep itself is the lead's, in RESULTS.md)."""
 
@@ -43,6 +43,18 @@ def test_run_attack_scores_transfer_by_nearest_neighbour_accuracy(linear_transfe
     assert result["targets"] > 4
     # A linear encoder is predicted almost exactly; chance is one target in `targets`.
     assert result["nn_accuracy"] > 4 / result["targets"]
+    assert "reid_accuracy" not in result
+
+
+def test_run_attack_scores_link_by_r_precision_on_both_halves(tmp_path):
+    out = tmp_path / "nc3-link"
+    tiny = resolve_config("nc3", width=64, image_size=64, patch_size=8, bn_batch=16)
+    build_release(
+        out, config=tiny, plan=BuildPlan.for_task("link", 24, sites=2), source="phantom", seed=4, test_release=True
+    )
+    result = _script("run").attack(str(out), "gram-link")
+    halves = {f"link_{name}_{half}" for name in ("r_precision", "recall") for half in ("public", "private")}
+    assert halves <= set(result) and all(0 <= result[key] <= 1 for key in halves)
     assert "reid_accuracy" not in result
 
 
