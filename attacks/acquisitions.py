@@ -40,17 +40,22 @@ PAIR_ENTRIES = 1 << 24  # (left, right, column) products per chunk of left encod
 
 
 class RowMoments:
-    """The second moment (D, D) of every row of a site's encodings, gathered while they are read
-    (as ``on_rows`` of :func:`~ncbench.attacks.pairing.aligned_statistics`): the order of the
-    rows does not matter to it. The products run in bf16 where it is native (the directions it
-    gives, not their last bits, matter)."""
+    """The second moment (D, D) of the rows of a site's first ``images`` encodings, gathered while
+    they are read (as ``on_rows`` of :func:`~ncbench.attacks.pairing.aligned_statistics`): the
+    order of the rows does not matter to it, and the leading directions need no more images (the
+    slot reference is taken from as many). The products run in bf16 where it is native (the
+    directions it gives, not their last bits, matter)."""
 
-    def __init__(self, device: str):
+    def __init__(self, device: str, images: int):
         self.dtype = matmul_dtype(device)
+        self.images = images
         self.total: torch.Tensor | None = None
         self.rows = 0
 
     def add(self, start: int, block: torch.Tensor) -> None:
+        block = block[: max(0, self.images - start)]
+        if not len(block):
+            return
         rows = block.reshape(-1, block.shape[-1]).to(self.dtype)
         product = (rows.T @ rows).double()
         self.total = product if self.total is None else self.total + product

@@ -31,7 +31,7 @@ from ncbench.attacks.acquisitions import (
     site_components,
 )
 from ncbench.attacks.base import Attack, chunk_param, param
-from ncbench.attacks.pairing import REFINE_PAIRS, Boosted, aligned_statistics, boost
+from ncbench.attacks.pairing import REFERENCE_IMAGES, REFINE_PAIRS, Boosted, aligned_statistics, boost
 from ncbench.attacks.statistics import PatchStatistics, sorted_norm_scores
 from ncbench.attacks.submission import Submission
 from ncbench.challenge.files import Release, SiteView
@@ -210,7 +210,7 @@ class GramLabelLink(GramLink):
         p = self.params
         if p.acquisition_weight == 0:
             return super().site(view)
-        moments = RowMoments(self.device)
+        moments = RowMoments(self.device, REFERENCE_IMAGES)
         aligned = aligned_statistics(view, self, chunk=p.chunk, on_rows=moments.add)
         with self.stage("site components"):
             components = site_components(
