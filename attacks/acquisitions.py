@@ -14,7 +14,8 @@ site's leading principal directions (:func:`site_components`): two wide random R
 give nearly the same components up to a rotation, and they carry a patch's 2 x 2 sub-means
 linearly (R^2 0.97 with 32 components, nc7). The targets are the directions of a few leading
 components whose maps over the slots the population's modes explain best
-(:func:`smooth_directions`): brightness varies smoothly over an image, texture does not.
+(:func:`smooth_directions`): a patch's sub-means vary over a site's images in a few shared patterns
+(the anatomy, where it lies, the exposure), its texture does not.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ TARGET_COMPONENTS = 12  # the targets are directions in the span of this many le
 TARGETS = 4
 # On one nc7 release of second acquisitions (2 x 200 phantom images, true slot order), targets
 # along these directions gave R-precision 0.54-0.60 against 0.40 for the leading components
-# themselves and 0.72-0.80 for the sub-means decoded with the plaintexts (a bound).
+# themselves and 0.74-0.80 for the sub-means decoded with the plaintexts (a bound).
 DIRECTION_MODES = 32
 TARGET_MODES = 8
 DIRECTION_ITERATIONS = 40
@@ -108,7 +109,7 @@ def smooth_directions(
     n, n_slots, k = components.shape
     directions = min(directions, k)
     total = np.einsum("npk,npl->kl", components, components, dtype=np.float64)
-    inverse = np.linalg.inv(np.linalg.cholesky(total + 1e-9 * np.trace(total) * np.eye(k)))
+    inverse = np.linalg.inv(np.linalg.cholesky(total + (1e-9 * np.trace(total) + 1e-12) * np.eye(k)))
     chosen = np.linalg.qr(rng.standard_normal((k, directions)))[0]
     for _ in range(iterations):
         maps = (components @ chosen).transpose(0, 2, 1).reshape(-1, n_slots)
