@@ -106,7 +106,7 @@ def smooth_directions(
 
     Alternating: the modes of the current directions' maps, then the generalised eigenvectors
     of the variance they explain against the total variance."""
-    n, n_slots, k = components.shape
+    _, n_slots, k = components.shape
     directions = min(directions, k)
     total = np.einsum("npk,npl->kl", components, components, dtype=np.float64)
     inverse = np.linalg.inv(np.linalg.cholesky(total + (1e-9 * np.trace(total) + 1e-12) * np.eye(k)))

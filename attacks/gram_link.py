@@ -149,6 +149,7 @@ class GramLink(Attack):
         prior: np.ndarray | None,
         rng: np.random.Generator,
         shuffle: bool,
+        *,
         label: str = "",
         first_pairs: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> Boosted:
@@ -257,7 +258,9 @@ class GramLabelLink(GramLink):
             if round_ == p.acquisition_rounds or not shuffle:
                 break
             trusted = surest(chosen.scores, p.trusted, prior=weighed)
-            chosen = self.boosted(left, right, None, 1, None, rng, shuffle, "slot order again", first_pairs=trusted)
+            chosen = self.boosted(
+                left, right, None, 1, None, rng, shuffle, label="slot order again", first_pairs=trusted
+            )
         return chosen.scores, weighed, kept
 
 

@@ -1,5 +1,5 @@
 """Comparing a patient's two acquisitions without the slot -> position layout: the per-pair fits,
-the smooth target directions, and the whole comparison on features a shift moves."""
+the smooth target directions, and the per-pair fits on features a shift moves."""
 
 import numpy as np
 
@@ -58,12 +58,6 @@ def _sub_means(images: np.ndarray, cells: int) -> np.ndarray:
     n, side = images.shape[0], 16 // cells
     grid = images.astype(np.float64).reshape(n, 16, cells, side, 16, cells, side).mean((3, 6))
     return grid.transpose(0, 1, 3, 2, 4).reshape(n, 256, cells * cells)
-
-
-def _r_precision(scores: np.ndarray, true_pairs: int) -> float:
-    """Share of true pairs (row i with column i, i < true_pairs) among the true_pairs best scores."""
-    rows, columns = np.unravel_index(np.argsort(-scores, axis=None)[:true_pairs], scores.shape)
-    return float(np.mean((rows == columns) & (rows < true_pairs)))
 
 
 def test_second_acquisitions_are_found_from_patch_contents_at_their_own_slots():
