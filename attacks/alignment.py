@@ -103,10 +103,13 @@ def slot_moments(
     limit: int | None = None,
     channels: int | None = None,
     against: torch.Tensor | None = None,
+    on_block: Callable[[int, torch.Tensor], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`slot_reference` (P, D), and how far each channel spreads around the slot means (D,)
     float32: the within-slot standard deviation, pooled over the slots (float64 sums). Rows are
-    assigned to the slots of ``against`` (P, D) where given, else of the first encoding."""
+    assigned to the slots of ``against`` (P, D) where given, else of the first encoding.
+    ``on_block(start, rows)``: called with each block the means are taken from ((b, P, D) float32,
+    in slot order)."""
     n = release.n_encoded if limit is None else min(limit, release.n_encoded)
     if against is None:
         against = torch.from_numpy(release.encoded_rows([0])[0, :, :channels]).to(device)
@@ -116,6 +119,8 @@ def slot_moments(
         block = block[: n - start]
         if release.config.shuffle:
             block = to_slot_order(block, align(block, against)[0])
+        if on_block is not None:
+            on_block(start, block)
         block = block.double()
         total += block.sum(0)
         squares += (block * block).sum(0)

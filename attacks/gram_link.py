@@ -23,15 +23,9 @@ from itertools import combinations
 import numpy as np
 
 from ncbench.assignment import match
-from ncbench.attacks.acquisitions import (
-    COMPONENTS,
-    RowMoments,
-    acquisition_scores,
-    acquisition_targets,
-    site_components,
-)
+from ncbench.attacks.acquisitions import COMPONENTS, SiteComponents, acquisition_scores, acquisition_targets
 from ncbench.attacks.base import Attack, chunk_param, param
-from ncbench.attacks.pairing import REFERENCE_IMAGES, REFINE_PAIRS, Boosted, aligned_statistics, boost
+from ncbench.attacks.pairing import REFINE_PAIRS, Boosted, aligned_statistics, boost
 from ncbench.attacks.statistics import PatchStatistics, sorted_norm_scores
 from ncbench.attacks.submission import Submission
 from ncbench.challenge.files import Release, SiteView
@@ -60,7 +54,7 @@ class LinkSite:
     """One site's encodings as the link attacks compare them."""
 
     statistics: PatchStatistics
-    # (N, P, K) and (N, P, q): :func:`~ncbench.attacks.acquisitions.site_components` and their
+    # (N, P, K) and (N, P, q): :class:`~ncbench.attacks.acquisitions.SiteComponents` and their
     # targets, when the attack compares acquisitions
     components: np.ndarray | None = None
     targets: np.ndarray | None = None
@@ -173,7 +167,7 @@ class GramLink(Attack):
 
 class GramLabelLink(GramLink):
     name = "gram-label-link"
-    version = "1.2"
+    version = "1.3"
     tasks = ("link",)
     knowledge = ("architecture", "labels")
     description = (
@@ -211,12 +205,16 @@ class GramLabelLink(GramLink):
         p = self.params
         if p.acquisition_weight == 0:
             return super().site(view)
-        moments = RowMoments(self.device, REFERENCE_IMAGES)
-        aligned = aligned_statistics(view, self, chunk=p.chunk, on_rows=moments.add)
+        sketch = SiteComponents(COMPONENTS, self.device)
+        aligned = aligned_statistics(
+            view,
+            self,
+            chunk=p.chunk,
+            on_reference_rows=sketch.gather,
+            on_rows=partial(sketch.project, n_encoded=view.n_encoded),
+        )
         with self.stage("site components"):
-            components = site_components(
-                view, aligned.slots, aligned.reference, moments, count=COMPONENTS, chunk=p.chunk, device=self.device
-            )
+            components = sketch.values(aligned.slots)
             targets = acquisition_targets(components, rng=self.rng("acquisition targets"))
         return LinkSite(aligned.statistics, components, targets)
 

@@ -290,6 +290,7 @@ def aligned_statistics(
     starts: int = 1,
     storage=np.float16,
     on_rows: Callable[[int, torch.Tensor], None] | None = None,
+    on_reference_rows: Callable[[int, torch.Tensor], None] | None = None,
     grams: bool = True,
     hold: torch.dtype | None = None,
     content_out: bool = False,
@@ -305,7 +306,9 @@ def aligned_statistics(
     analysis) instead of the plain Euclidean distance. ``starts``: the reference starts from the
     one of the first that many encodings that the others agree with most (:func:`consensus_start`),
     else from the first. ``on_rows(start, rows)``: called with each block of rows the final pass
-    reads ((b, P, channels) float32, release order). ``grams``: take the statistics (else
+    reads ((b, P, channels) float32, release order); ``on_reference_rows(start, rows)``: with each
+    block of the first encodings the slot reference is the mean of (the same, in the reference's
+    slot order). ``grams``: take the statistics (else
     ``statistics`` is None); ``hold``: also hold the rows in slot order as :class:`SlotRows` of that dtype.
     ``content_out``: the final alignment compares rows and reference with their leading direction
     around the slot means projected out (:func:`~ncbench.attacks.alignment.content_direction`)."""
@@ -322,7 +325,7 @@ def aligned_statistics(
                 device=attack.device,
             )
         against = torch.from_numpy(view.encoded_rows([start])[0, :, :channels]).to(attack.device)
-        reference = slot_moments(view, advance=advance, against=against, **moments)[0]
+        reference = slot_moments(view, advance=advance, against=against, on_block=on_reference_rows, **moments)[0]
         weight = None
         if weighted:  # the spread around slots assigned by the reference, far less noisy than one encoding
             spread = slot_moments(view, advance=advance, against=reference, **moments)[1]

@@ -24,6 +24,17 @@ def test_a_target_linear_in_the_design_is_explained_and_noise_is_not():
     assert left_over[[0, 2], 0].min() > 0.8 and left_over[:, 1].min() > 0.9
 
 
+def test_the_fits_in_float32_leave_what_they_leave_in_float64():
+    rng = np.random.default_rng(3)
+    design = rng.standard_normal((6, 256, 40))
+    target = design[:4, :, :3].sum(2) + 0.3 * rng.standard_normal((4, 256))  # partners 0-3 of lefts 0-3
+    exact = unexplained(design, target)
+    single = unexplained(design.astype(np.float32), target)
+    assert single.dtype == np.float64
+    np.testing.assert_allclose(single, exact, atol=1e-5)
+    assert exact[np.arange(4), np.arange(4)].max() < 0.1 < exact[4:].min()
+
+
 def test_population_modes_are_the_maps_leading_directions():
     rng = np.random.default_rng(1)
     pattern = rng.standard_normal(64)

@@ -1,11 +1,17 @@
 """Several hospitals with independent keys: multi-site releases, the link task and
 its scoring, gram-link, multi-site reid, and the site dimension in the store and on the board."""
 
+from functools import partial
+
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
+from ncbench.attacks.acquisitions import SiteComponents
+from ncbench.attacks.alignment import to_slot_order
 from ncbench.attacks.gram_link import label_evidence, standout
+from ncbench.attacks.pairing import REFERENCE_IMAGES, aligned_statistics
 from ncbench.attacks.plugins.registry import resolve
 from ncbench.attacks.submission import Submission, write_submission
 from ncbench.challenge.encoders import resolve_config
@@ -380,3 +386,31 @@ def test_attack_check_runs_a_link_plugin_on_a_tiny_two_site_release():
     result = CliRunner().invoke(main, ["attack", "check", "gram-link"])
     assert result.exit_code == 0, result.output
     assert "link_r_precision" in result.output
+
+
+def test_site_components_are_the_slot_centred_rows_on_their_leading_directions(built):
+    """Gathered while the slot reference is taken and projected while the alignment reads, without
+    a pass of their own: the same as every row put in slot order, centred and projected."""
+    with open_release(built["patient"]) as release:
+        view = release.site(1)
+        sketch = SiteComponents(6, "cpu")
+        aligned = aligned_statistics(
+            view,
+            resolve("gram-label-link")(),
+            chunk=16,
+            grams=False,
+            on_reference_rows=sketch.gather,
+            on_rows=partial(sketch.project, n_encoded=view.n_encoded),
+        )
+        rows = torch.from_numpy(view.encoded_rows(np.arange(view.n_encoded))).float()
+    assert view.n_encoded < REFERENCE_IMAGES  # so every encoding is among the reference's
+    in_slot_order = to_slot_order(rows, aligned.slots).double()
+    centred = in_slot_order - in_slot_order.mean(0)
+    flat = centred.reshape(-1, rows.shape[-1])
+    leading = torch.linalg.eigh(flat.T @ flat)[1][:, -3:]
+    directions = sketch.directions.double()
+    assert torch.linalg.svdvals(leading.T @ directions).min() > 0.99  # bf16 products where native
+    values = sketch.values(aligned.slots)
+    assert values.shape == (view.n_encoded, view.config.n_patches, 6)
+    expected = (centred @ directions).numpy()
+    assert np.abs(values - expected).max() < 1e-3 * np.abs(expected).max()
