@@ -280,6 +280,7 @@ class GramLabelLink(GramLink):
         p = self.params
         compares = left.components is not None and right.components is not None
         fractions = [p.trusted, *RESTART_FRACTIONS[: p.restarts]] if compares and shuffle else [p.trusted]
+        fractions = list(dict.fromkeys(fractions))  # a start once, where ``trusted`` is a restart's
         starts = [self._linked_from(left, right, first, prior, rng, shuffle, fraction) for fraction in fractions]
         scores, weighed, kept, _ = max(starts, key=lambda start: start[3])
         return scores, weighed, kept
