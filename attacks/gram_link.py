@@ -188,7 +188,7 @@ class GramLink(Attack):
 
 class GramLabelLink(GramLink):
     name = "gram-label-link"
-    version = "1.4"
+    version = "1.5"
     tasks = ("link",)
     knowledge = ("architecture", "labels")
     description = (
@@ -273,45 +273,22 @@ class GramLabelLink(GramLink):
         (:func:`~ncbench.attacks.acquisitions.acquisition_scores`), and the slot order is recovered
         again from the pairs the Gram, label and acquisition evidence trust most together.
 
-        Where the contents are compared, all of this runs from the surest ``trusted`` fraction of
-        pairs and from ``restarts`` more (:data:`RESTART_FRACTIONS`), and the start whose
-        acquisition comparison stands out most is kept: a slot order that came out wrong leaves
+        Where the contents are compared, the boosting and the first comparison run from the surest
+        ``trusted`` fraction of pairs and from ``restarts`` more (:data:`RESTART_FRACTIONS`), and
+        the start whose comparison stands out most goes on: a slot order that came out wrong leaves
         that comparison noise."""
         p = self.params
         compares = left.components is not None and right.components is not None
         fractions = [p.trusted, *RESTART_FRACTIONS[: p.restarts]] if compares and shuffle else [p.trusted]
         fractions = list(dict.fromkeys(fractions))  # a start once, where ``trusted`` is a restart's
-        starts = [self._linked_from(left, right, first, prior, rng, shuffle, fraction) for fraction in fractions]
-        scores, weighed, kept, _ = max(starts, key=lambda start: start[3])
-        return scores, weighed, kept
-
-    def _linked_from(
-        self,
-        left: LinkSite,
-        right: LinkSite,
-        first: np.ndarray,
-        prior: np.ndarray,
-        rng: np.random.Generator,
-        shuffle: bool,
-        fraction: float,
-    ) -> tuple[np.ndarray, np.ndarray, bool, float]:
-        """:meth:`linked` from the surest ``fraction`` of pairs, and how far the acquisition
-        comparison's surest pairs stand out (0 where it does not run)."""
-        p = self.params
-        plain = self.boosted(left, right, first, p.boost_rounds, None, rng, shuffle, fraction=fraction)
-        labelled = self.boosted(
-            left, right, first, p.label_boost_rounds, p.trusted_label_weight * prior, rng, shuffle, fraction=fraction
-        )
-        kept = standout(labelled.scores, fraction) > standout(plain.scores, fraction)
-        chosen, claim_prior = (labelled if kept else plain), p.label_weight * prior
-        if left.components is None or right.components is None:
-            return chosen.scores, claim_prior, kept, 0.0
+        starts = [self._started(left, right, first, prior, rng, shuffle, fraction) for fraction in fractions]
+        fraction, chosen, kept, acquisitions = max(starts, key=lambda start: start[4])[:4]
+        claim_prior = p.label_weight * prior
+        if acquisitions is None:
+            return chosen.scores, claim_prior, kept
         for round_ in range(p.acquisition_rounds + 1):
-            with self.stage("compare acquisitions"):
-                order = chosen.slot_positions
-                acquisitions = acquisition_scores(
-                    left.components, left.targets, right.components[:, order], right.targets[:, order]
-                )
+            if round_:
+                acquisitions = self._compared(left, right, chosen)
             weighed = claim_prior + p.acquisition_weight * evidence(acquisitions, 0.0)
             if round_ == p.acquisition_rounds or not shuffle:
                 break
@@ -328,7 +305,40 @@ class GramLabelLink(GramLink):
                 first_pairs=trusted,
                 fraction=fraction,
             )
-        return chosen.scores, weighed, kept, standout(acquisitions, p.trusted)
+        return chosen.scores, weighed, kept
+
+    def _started(
+        self,
+        left: LinkSite,
+        right: LinkSite,
+        first: np.ndarray,
+        prior: np.ndarray,
+        rng: np.random.Generator,
+        shuffle: bool,
+        fraction: float,
+    ) -> tuple[float, Boosted, bool, np.ndarray | None, float]:
+        """The boosting from the surest ``fraction`` of pairs: (``fraction``, the slot order kept,
+        whether it is the labels', its acquisition scores, how far their surest pairs stand out),
+        without the comparison where it does not run (None, 0)."""
+        p = self.params
+        plain = self.boosted(left, right, first, p.boost_rounds, None, rng, shuffle, fraction=fraction)
+        labelled = self.boosted(
+            left, right, first, p.label_boost_rounds, p.trusted_label_weight * prior, rng, shuffle, fraction=fraction
+        )
+        kept = standout(labelled.scores, fraction) > standout(plain.scores, fraction)
+        chosen = labelled if kept else plain
+        if left.components is None or right.components is None:
+            return fraction, chosen, kept, None, 0.0
+        acquisitions = self._compared(left, right, chosen)
+        return fraction, chosen, kept, acquisitions, standout(acquisitions, p.trusted)
+
+    def _compared(self, left: LinkSite, right: LinkSite, chosen: Boosted) -> np.ndarray:
+        """The acquisition scores in ``chosen``'s slot order."""
+        with self.stage("compare acquisitions"):
+            order = chosen.slot_positions
+            return acquisition_scores(
+                left.components, left.targets, right.components[:, order], right.targets[:, order]
+            )
 
     def surety(self, scores: np.ndarray, prior: np.ndarray | None) -> np.ndarray:
         """The evidence, balanced (:func:`balanced`) unless ``claim_temperature`` is 0."""
