@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import partial
 from itertools import combinations
+from typing import NamedTuple
 
 import numpy as np
 from scipy.special import logsumexp
@@ -61,6 +62,18 @@ RESTART_FRACTIONS = (0.1, 0.5)
 # (1.0: 66.0%, 2.0: 66.3%, 3.0: 65.0%; the CSLS score of the evidence instead: 64.2%).
 CLAIM_TEMPERATURE = 1.5
 SINKHORN_ITERATIONS = 50
+
+
+class Start(NamedTuple):
+    """The boosting from the surest ``fraction`` of pairs: the slot order ``chosen`` (the labels'
+    where ``kept``), its ``acquisitions`` scores (None where they are not compared) and how far
+    their surest pairs stand out (:func:`standout`, 0 without them)."""
+
+    fraction: float
+    chosen: Boosted
+    kept: bool
+    acquisitions: np.ndarray | None
+    standout: float
 
 
 @dataclass(frozen=True)
@@ -282,7 +295,7 @@ class GramLabelLink(GramLink):
         fractions = [p.trusted, *RESTART_FRACTIONS[: p.restarts]] if compares and shuffle else [p.trusted]
         fractions = list(dict.fromkeys(fractions))  # a start once, where ``trusted`` is a restart's
         starts = [self._started(left, right, first, prior, rng, shuffle, fraction) for fraction in fractions]
-        fraction, chosen, kept, acquisitions = max(starts, key=lambda start: start[4])[:4]
+        fraction, chosen, kept, acquisitions, _ = max(starts, key=lambda start: start.standout)
         claim_prior = p.label_weight * prior
         if acquisitions is None:
             return chosen.scores, claim_prior, kept
@@ -316,10 +329,9 @@ class GramLabelLink(GramLink):
         rng: np.random.Generator,
         shuffle: bool,
         fraction: float,
-    ) -> tuple[float, Boosted, bool, np.ndarray | None, float]:
-        """The boosting from the surest ``fraction`` of pairs: (``fraction``, the slot order kept,
-        whether it is the labels', its acquisition scores, how far their surest pairs stand out),
-        without the comparison where it does not run (None, 0)."""
+    ) -> Start:
+        """The boosting, as gram-link does and with the labels, from the surest ``fraction`` of
+        pairs, and the first acquisition comparison in the slot order kept."""
         p = self.params
         plain = self.boosted(left, right, first, p.boost_rounds, None, rng, shuffle, fraction=fraction)
         labelled = self.boosted(
@@ -328,9 +340,9 @@ class GramLabelLink(GramLink):
         kept = standout(labelled.scores, fraction) > standout(plain.scores, fraction)
         chosen = labelled if kept else plain
         if left.components is None or right.components is None:
-            return fraction, chosen, kept, None, 0.0
+            return Start(fraction, chosen, kept, None, 0.0)
         acquisitions = self._compared(left, right, chosen)
-        return fraction, chosen, kept, acquisitions, standout(acquisitions, p.trusted)
+        return Start(fraction, chosen, kept, acquisitions, standout(acquisitions, p.trusted))
 
     def _compared(self, left: LinkSite, right: LinkSite, chosen: Boosted) -> np.ndarray:
         """The acquisition scores in ``chosen``'s slot order."""
