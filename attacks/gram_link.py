@@ -333,20 +333,33 @@ class GramLabelLink(GramLink):
         """The boosting, as gram-link does and with the labels, from the surest ``fraction`` of
         pairs, and the first acquisition comparison in the slot order kept."""
         p = self.params
-        plain = self.boosted(left, right, first, p.boost_rounds, None, rng, shuffle, fraction=fraction)
+        start = f"from the surest {fraction:.0%}"
+        plain = self.boosted(
+            left, right, first, p.boost_rounds, None, rng, shuffle, label=f"boost {start}", fraction=fraction
+        )
         labelled = self.boosted(
-            left, right, first, p.label_boost_rounds, p.trusted_label_weight * prior, rng, shuffle, fraction=fraction
+            left,
+            right,
+            first,
+            p.label_boost_rounds,
+            p.trusted_label_weight * prior,
+            rng,
+            shuffle,
+            label=f"boost with labels {start}",
+            fraction=fraction,
         )
         kept = standout(labelled.scores, fraction) > standout(plain.scores, fraction)
         chosen = labelled if kept else plain
         if left.components is None or right.components is None:
             return Start(fraction, chosen, kept, None, 0.0)
-        acquisitions = self._compared(left, right, chosen)
+        acquisitions = self._compared(left, right, chosen, f"compare acquisitions {start}")
         return Start(fraction, chosen, kept, acquisitions, standout(acquisitions, p.trusted))
 
-    def _compared(self, left: LinkSite, right: LinkSite, chosen: Boosted) -> np.ndarray:
+    def _compared(
+        self, left: LinkSite, right: LinkSite, chosen: Boosted, label: str = "compare acquisitions"
+    ) -> np.ndarray:
         """The acquisition scores in ``chosen``'s slot order."""
-        with self.stage("compare acquisitions"):
+        with self.stage(label):
             order = chosen.slot_positions
             return acquisition_scores(
                 left.components, left.targets, right.components[:, order], right.targets[:, order]

@@ -306,6 +306,10 @@ def test_gram_label_link_finds_second_acquisitions_that_gram_link_misses(built, 
             submission = attack(release)
         if name == "gram-label-link":  # which slot order it kept, for the one pair of sites
             assert [type(kept) for kept in submission.diagnostics["label_boost_kept"]] == [bool]
+            stages = submission.diagnostics["stage_seconds"]  # each start's stages under their own names
+            for start in ("30%", "10%", "50%"):
+                named = {f"boost from the surest {start}", f"compare acquisitions from the surest {start}"}
+                assert named <= set(stages), stages
         write_submission(tmp_path / f"{name}.h5", submission)
         metrics = score_submission(tmp_path / f"{name}.h5", built["patient"]).metrics
         found[name] = {key: np.mean([metrics[s][key] for s in (0, 1)]) for key in ("link_r_precision", "link_recall")}
