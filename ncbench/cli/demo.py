@@ -8,13 +8,14 @@ API and scoring workers of ``ncbench server``, on a free localhost port) and run
 attack that supports each task, submitting each answer through the API with the organizer's
 token, so the results land in a SQLite leaderboard the way every team's do. The reid
 challenges on nc3, nc7 and nc47 (0, 4 and 44 private blocks) are the depth sweep, the transfer
-challenges on nc3 and nc7 its transfer curve; the link challenge is two hospitals' keys. A
-team's own file makes a self-reported row; the built-in attacks also run through the verified
-track (sandboxed where bubblewrap runs, else marked unsandboxed) on fresh hidden releases; then
-the nc7 reid challenge is closed, which reveals its private half and its verified seeds.
-Beside the attacks, a second process measures the utility of the encodings (each reid preset,
-the depth sweep, two sites). Re-running reuses every release, submission, verified run and
-utility result that is already there and valid.
+challenges on nc3 and nc7 its transfer curve; the link challenge is two hospitals' keys, some of
+whose x-rays are second acquisitions of one patient (phantoms: the radiographs have neither
+second acquisitions nor finding labels). A team's own file makes a self-reported row; the
+built-in attacks also run through the verified track (sandboxed where bubblewrap runs, else
+marked unsandboxed) on fresh hidden releases; then the nc7 reid challenge is closed, which
+reveals its private half and its verified seeds. Beside the attacks, a second process measures
+the utility of the encodings (each reid preset, the depth sweep, two sites). Re-running reuses
+every release, submission, verified run and utility result that is already there and valid.
 """
 
 from __future__ import annotations
@@ -51,6 +52,10 @@ DEMO_CHALLENGES = [
     ("nc7", "transfer"),
 ]
 SITES = {"link": 2}  # hospitals, each with its own key
+# The link challenge holds second acquisitions of some patients (shifted, another gain, noise) and
+# the findings' labels, which the embedded radiographs do not have: its images are phantoms.
+SOURCES = {"link": "phantom"}
+OVERLAP_KINDS = {"link": "patient"}
 # The presets' structure (256 patches of an image) at a sixteenth of the encoder's arithmetic.
 DEMO_SIZE = {"width": 512, "image_size": 128, "patch_size": 8}
 DEPTH_PRESETS = ("nc3", "nc7", "nc47")  # 0, 4 and 44 private blocks
@@ -136,8 +141,10 @@ def demo(out: Path, n: int, full_size: bool, seed: int, device: str) -> None:
                 build_release(
                     folder,
                     config=resolve_config(preset, **size),
-                    plan=BuildPlan.for_task(task, n, sites=SITES.get(task, 1)),
-                    source="sample",
+                    plan=BuildPlan.for_task(
+                        task, n, sites=SITES.get(task, 1), overlap_kind=OVERLAP_KINDS.get(task, "image")
+                    ),
+                    source=SOURCES.get(task, "sample"),
                     seed=seed + k,
                     test_release=True,
                     device=device,
