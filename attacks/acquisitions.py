@@ -79,9 +79,12 @@ class SiteComponents:
     def values(self, slots: np.ndarray) -> np.ndarray:
         """(N, P, K) float32 the projected rows in slot order (``slots`` (N, P): the slot of each
         row), less their slot means."""
-        means = (self.sums.cpu() / self.images).float() @ self.directions.cpu()  # (P, K)
         in_slot_order = to_slot_order(torch.from_numpy(self.projected), slots)
-        return (in_slot_order - means).numpy()
+        return (in_slot_order - torch.from_numpy(self.slot_means()).float()).numpy()
+
+    def slot_means(self) -> np.ndarray:
+        """(P, K) float64 the slot means of the gathered rows, projected."""
+        return ((self.sums.cpu() / self.images).float() @ self.directions.cpu()).double().numpy()
 
     def _fit(self) -> torch.Tensor:
         means = self.sums.cpu() / self.images
