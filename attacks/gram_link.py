@@ -126,9 +126,9 @@ class GramLink(Attack):
                 sites[a], sites[b], first, prior, rng, release.config.shuffle
             )
             kept.append(labels_kept)
-            rows, cols, values = claims(self.surety(scores, claim_prior), p.candidates)
-            left_ids += [ids[views[a].rows[r]] for r in rows]
-            right_ids += [ids[views[b].rows[c]] for c in cols]
+            left, right, values = claimed(ids, views[a], views[b], self.surety(scores, claim_prior), p.candidates)
+            left_ids += left
+            right_ids += right
             claim_scores.append(values)
         return self.answer(
             release,
@@ -445,6 +445,15 @@ def balanced(surety: np.ndarray, temperature: float, iterations: int = SINKHORN_
         rows = -np.log(n_left) - logsumexp(kernel + columns, axis=1)
         columns = -np.log(n_right) - logsumexp(kernel + rows[:, None], axis=0)
     return kernel + rows[:, None] + columns
+
+
+def claimed(
+    ids: list[str], left: SiteView, right: SiteView, surety: np.ndarray, candidates: int
+) -> tuple[list[str], list[str], np.ndarray]:
+    """The :func:`claims` of two sites' encodings by ``surety`` (L, R): (left ids, right ids,
+    sureties), ``ids`` the release's."""
+    rows, cols, values = claims(surety, candidates)
+    return [ids[left.rows[r]] for r in rows], [ids[right.rows[c]] for c in cols], values
 
 
 def claims(surety: np.ndarray, candidates: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
