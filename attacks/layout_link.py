@@ -25,7 +25,7 @@ import torch
 from ncbench.attacks.acquisitions import SiteComponents
 from ncbench.attacks.base import Attack, chunk_param, param
 from ncbench.attacks.decoding import thumbnail_patches
-from ncbench.attacks.gram_link import claimed, evidence, label_evidence
+from ncbench.attacks.gram_link import LABEL_AGREEMENT, claimed, evidence, label_evidence
 from ncbench.attacks.layout import oriented_similarity, placed_thumbnails, slot_covariances, slot_layout
 from ncbench.attacks.pairing import aligned_statistics
 from ncbench.attacks.self_keyed import self_encode
@@ -116,7 +116,7 @@ class LayoutLink(Attack):
             mirrored.append(flip)
             prior = 0.0
             if p.label_weight and labels.ndim == 2 and labels.shape[1]:
-                prior = p.label_weight * label_evidence(labels[views[a].rows], labels[views[b].rows], 0.95)
+                prior = p.label_weight * label_evidence(labels[views[a].rows], labels[views[b].rows], LABEL_AGREEMENT)
             left, right, values = claimed(ids, views[a], views[b], evidence(scores, prior), p.candidates)
             left_ids += left
             right_ids += right
