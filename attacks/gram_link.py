@@ -394,6 +394,20 @@ def evidence(scores: np.ndarray, prior: np.ndarray | float) -> np.ndarray:
     return (surety - centre) / max(spread, 1e-12) + prior
 
 
+def lead(surety: np.ndarray) -> np.ndarray:
+    """(L, R) how far each pair's ``surety`` stands above the best other pair of its row and of its
+    column (Lowe's ratio test, as a difference, both ways). A partner-less encoding's best pair is
+    only the top of its noise, with others close behind; one-to-one partners stand out of both
+    their row and their column."""
+    rivals = np.full(surety.shape, -np.inf)
+    for values, transpose in ((surety, False), (surety.T, True)):
+        if values.shape[1] > 1:
+            top = np.partition(values, values.shape[1] - 2, axis=1)[:, -2:]  # (n, 2) second best, best
+            other = np.where(values >= top[:, 1:], top[:, :1], top[:, 1:])
+            rivals = np.maximum(rivals, other.T if transpose else other)
+    return surety - np.where(np.isfinite(rivals), rivals, surety)
+
+
 def standout(scores: np.ndarray, fraction: float) -> float:
     """How far the assigned pairs of ``scores`` stand out: the mean standardised CSLS score
     (:func:`evidence`) of the :func:`surest` ``fraction`` of them."""

@@ -2,11 +2,14 @@
 (attacks/layout.py)."""
 
 import numpy as np
+import pytest
 from scipy.ndimage import gaussian_filter
 from scipy.ndimage import shift as shifted
 
+from ncbench.attacks.gram_link import lead
 from ncbench.attacks.layout import (
     layout_fit,
+    moment_decoder,
     oriented_similarity,
     placed_thumbnails,
     shift_operators,
@@ -62,12 +65,47 @@ def test_slot_covariances_are_mean_inner_products_of_two_slots():
     assert np.isclose(covariances[1, 2], np.mean([components[n, 1] @ components[n, 2] for n in range(5)]))
 
 
-def test_placed_thumbnails_put_each_slot_at_its_position():
-    decoded = np.arange(2 * GRID * GRID * 4, dtype=float).reshape(2, GRID * GRID, 4)
+@pytest.mark.parametrize("fine", [2, 4])
+def test_placed_thumbnails_put_each_slot_at_its_position(fine):
+    decoded = np.arange(2 * GRID * GRID * fine**2, dtype=float).reshape(2, GRID * GRID, fine**2)
     positions = np.random.default_rng(4).permutation(GRID * GRID)
     thumbnails = placed_thumbnails(decoded, positions, GRID)
+    assert thumbnails.shape == (2, fine * GRID, fine * GRID)
     row, column = divmod(positions[5], GRID)
-    assert np.array_equal(thumbnails[1, 2 * row : 2 * row + 2, 2 * column : 2 * column + 2].ravel(), decoded[1, 5])
+    cell = thumbnails[1, fine * row : fine * (row + 1), fine * column : fine * (column + 1)]
+    assert np.array_equal(cell.ravel(), decoded[1, 5])
+
+
+def test_moment_decoder_recovers_contents_the_slots_means_alone_cannot():
+    """Contents (N, P, 4) whose means differ between positions along one direction only, seen
+    through an unknown affine map to 8 components plus noise: fitted on the means, the decoder
+    recovers that direction alone; the covariances by position pin down the rest."""
+    rng = np.random.default_rng(8)
+    n, slots, q, k = 400, GRID * GRID, 4, 8
+    means = rng.uniform(-1, 1, (slots, 1)) * rng.standard_normal(q)  # (P, q), of rank one
+    mixing = rng.standard_normal((slots, q, q)) * rng.uniform(0.2, 1.0, (slots, 1, q))
+    covariances = mixing @ mixing.transpose(0, 2, 1)  # (P, q, q), another shape at every position
+    contents = means + np.einsum("pab,npb->npa", mixing, rng.standard_normal((n, slots, q)))
+    seen = contents @ rng.standard_normal((q, k)) + rng.standard_normal(k) + 0.05 * rng.standard_normal((n, slots, k))
+    slot_means = seen.mean(0)
+    truth = contents - contents.mean(0)
+
+    def recovered(decoder: np.ndarray) -> float:
+        decoded = seen @ decoder[:-1] + decoder[-1]
+        return np.corrcoef((decoded - decoded.mean(0)).ravel(), truth.ravel())[0, 1]
+
+    # Measured with seeds 8-11: 0.98-0.99 against 0.42-0.51 with the means alone
+    assert recovered(moment_decoder(seen - slot_means, slot_means, means, covariances)) >= 0.95
+    assert recovered(moment_decoder(seen - slot_means, slot_means, means, covariances, weight=0.0)) <= 0.6
+
+
+def test_lead_is_how_far_a_pair_stands_above_its_row_and_column():
+    surety = np.array([[5.0, 1.0, 0.0], [0.0, 3.0, 2.9], [0.5, 0.0, 1.0]])
+    gained = lead(surety)
+    assert gained[0, 0] == 4.0  # its row's and column's runners-up score 1.0 and 0.5
+    assert np.isclose(gained[1, 1], 0.1) and np.isclose(gained[1, 2], -0.1)  # a near tie: neither stands out
+    assert np.isclose(gained[2, 2], -1.9)  # the best of its row, but not of its column (2.9)
+    assert lead(np.array([[2.0]]))[0, 0] == 0.0
 
 
 def test_shift_operators_shift_an_image_as_scipy_does():
