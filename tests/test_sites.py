@@ -364,6 +364,19 @@ def test_layout_link_links_second_acquisitions_at_least_as_gram_link_does_on_a_t
     assert found["layout-link"]["link_recall"] >= found["gram-link"]["link_recall"], found
 
 
+def test_layout_link_refuses_patches_it_cannot_cut_in_four_by_four(tmp_path):
+    path = build_release(
+        tmp_path / "odd",
+        config=resolve_config("nc3", width=16, image_size=36, patch_size=6, bn_batch=8),
+        plan=BuildPlan.for_task("link", 8, sites=2, overlap_kind="patient"),
+        source="phantom",
+        seed=3,
+        test_release=True,
+    )
+    with open_release(path) as release, pytest.raises(NcbenchError, match="multiple of 4, not 6"):
+        resolve("layout-link")()(release)
+
+
 @pytest.mark.slow
 def test_layout_link_links_most_second_acquisitions_at_nc7(tmp_path):
     """The setting of the linking challenge: nc7 at full width, 2 x 200 phantom x-rays, a quarter of
