@@ -109,16 +109,12 @@ class GramLink(Attack):
         chunk: int = chunk_param()
 
     def run(self, release: Release) -> Submission:
-        if release.n_sites < 2:
-            raise NcbenchError(f"{release.path}: gram-link needs a release with two or more sites")
-        p = self.params
-        ids = release.encoded_ids
+        site_pairs = sites_to_link(release, self.name)
         views = [release.site(site) for site in range(release.n_sites)]
-        site_pairs = list(combinations(range(release.n_sites), 2))
         priors = [self.prior(release, views[a], views[b]) for a, b in site_pairs]  # before the long part
         sites = [self.site(view) for view in views]
         rng = self.rng("refine")
-        left_ids, right_ids, claim_scores, kept = [], [], [], []
+        claims, kept = LinkClaims(release, self.params.candidates), []
         for (a, b), prior in zip(site_pairs, priors, strict=True):
             with self.stage("match sorted norms"):
                 first = sorted_norm_scores(sites[a].statistics, sites[b].statistics)
@@ -126,18 +122,9 @@ class GramLink(Attack):
                 sites[a], sites[b], first, prior, rng, release.config.shuffle
             )
             kept.append(labels_kept)
-            left, right, values = claimed(ids, views[a], views[b], self.surety(scores, claim_prior), p.candidates)
-            left_ids += left
-            right_ids += right
-            claim_scores.append(values)
-        return self.answer(
-            release,
-            encoded_ids=ids,
-            link_left=left_ids,
-            link_right=right_ids,
-            link_scores=np.concatenate(claim_scores).astype(np.float32),
-            diagnostics={"label_boost_kept": kept} if any(k is not None for k in kept) else {},
-        )
+            claims.add(views[a], views[b], self.surety(scores, claim_prior))
+        diagnostics = {"label_boost_kept": kept} if any(k is not None for k in kept) else {}
+        return claims.answer(self, diagnostics)
 
     def site(self, view: SiteView) -> LinkSite:
         """One site's statistics, in its own slot order."""
@@ -461,13 +448,41 @@ def balanced(surety: np.ndarray, temperature: float, iterations: int = SINKHORN_
     return kernel + rows[:, None] + columns
 
 
-def claimed(
-    ids: list[str], left: SiteView, right: SiteView, surety: np.ndarray, candidates: int
-) -> tuple[list[str], list[str], np.ndarray]:
-    """The :func:`claims` of two sites' encodings by ``surety`` (L, R): (left ids, right ids,
-    sureties), ``ids`` the release's."""
-    rows, cols, values = claims(surety, candidates)
-    return [ids[left.rows[r]] for r in rows], [ids[right.rows[c]] for c in cols], values
+def sites_to_link(release: Release, attack: str) -> list[tuple[int, int]]:
+    """Every pair of ``release``'s sites, refused (for ``attack``) below two sites."""
+    if release.n_sites < 2:
+        raise NcbenchError(f"{release.path}: {attack} needs a release with two or more sites")
+    return list(combinations(range(release.n_sites), 2))
+
+
+class LinkClaims:
+    """A link answer gathered one pair of sites at a time: each left encoding's ``candidates``
+    best partners by the pair's surety (:func:`claims`), named by the release's ids."""
+
+    def __init__(self, release: Release, candidates: int):
+        self.release, self.candidates = release, candidates
+        self.ids = release.encoded_ids
+        self.left: list[str] = []
+        self.right: list[str] = []
+        self.scores: list[np.ndarray] = []
+
+    def add(self, left: SiteView, right: SiteView, surety: np.ndarray) -> None:
+        """The claims between two sites' encodings by ``surety`` (L, R)."""
+        rows, cols, values = claims(surety, self.candidates)
+        self.left += [self.ids[left.rows[r]] for r in rows]
+        self.right += [self.ids[right.rows[c]] for c in cols]
+        self.scores.append(values)
+
+    def answer(self, attack: Attack, diagnostics: dict) -> Submission:
+        """``attack``'s answer: every claim gathered."""
+        return attack.answer(
+            self.release,
+            encoded_ids=self.ids,
+            link_left=self.left,
+            link_right=self.right,
+            link_scores=np.concatenate(self.scores).astype(np.float32),
+            diagnostics=diagnostics,
+        )
 
 
 def claims(surety: np.ndarray, candidates: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

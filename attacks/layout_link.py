@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from itertools import combinations
 from typing import NamedTuple
 
 import numpy as np
@@ -26,7 +25,14 @@ import torch
 from ncbench.attacks.acquisitions import SiteComponents
 from ncbench.attacks.base import Attack, chunk_param, param
 from ncbench.attacks.decoding import thumbnail_patches
-from ncbench.attacks.gram_link import LABEL_AGREEMENT, claimed, evidence, label_evidence, lead
+from ncbench.attacks.gram_link import (
+    LABEL_AGREEMENT,
+    LinkClaims,
+    evidence,
+    label_evidence,
+    lead,
+    sites_to_link,
+)
 from ncbench.attacks.layout import (
     moment_decoder,
     oriented_similarity,
@@ -107,8 +113,7 @@ class LayoutLink(Attack):
         chunk: int = chunk_param()
 
     def run(self, release: Release) -> Submission:
-        if release.n_sites < 2:
-            raise NcbenchError(f"{release.path}: layout-link needs a release with two or more sites")
+        site_pairs = sites_to_link(release, self.name)
         config = release.config
         grid = int(round(np.sqrt(config.n_patches)))
         if config.patch_size % FINE:
@@ -116,13 +121,12 @@ class LayoutLink(Attack):
                 f"{release.path}: layout-link needs a patch size that is a multiple of {FINE}, not {config.patch_size}"
             )
         p = self.params
-        ids = release.encoded_ids
         labels = release.labels
         views = [release.site(site) for site in range(release.n_sites)]
         reference = self.reference(config)
         thumbnails = [self.thumbnails(view, reference, grid) for view in views]
-        left_ids, right_ids, claim_scores, mirrored = [], [], [], []
-        for a, b in combinations(range(release.n_sites), 2):
+        claims, mirrored = LinkClaims(release, p.candidates), []
+        for a, b in site_pairs:
             with self.stage("compare at shifts"):
                 scores, flip = oriented_similarity(
                     thumbnails[a],
@@ -135,19 +139,8 @@ class LayoutLink(Attack):
             prior = 0.0
             if p.label_weight and labels.ndim == 2 and labels.shape[1]:
                 prior = p.label_weight * label_evidence(labels[views[a].rows], labels[views[b].rows], LABEL_AGREEMENT)
-            surety = lead(evidence(scores, 0.0)) + prior
-            left, right, values = claimed(ids, views[a], views[b], surety, p.candidates)
-            left_ids += left
-            right_ids += right
-            claim_scores.append(values)
-        return self.answer(
-            release,
-            encoded_ids=ids,
-            link_left=left_ids,
-            link_right=right_ids,
-            link_scores=np.concatenate(claim_scores).astype(np.float32),
-            diagnostics={"mirrored_layouts": mirrored},
-        )
+            claims.add(views[a], views[b], lead(evidence(scores, 0.0)) + prior)
+        return claims.answer(self, {"mirrored_layouts": mirrored})
 
     def reference(self, config: EncoderConfig) -> Reference:
         """The attacker's phantoms under a key it samples, at the release's width: their slot

@@ -2,6 +2,7 @@
 its scoring, gram-link, multi-site reid, and the site dimension in the store and on the board."""
 
 from functools import partial
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from click.testing import CliRunner
 
 from ncbench.attacks.acquisitions import SiteComponents
 from ncbench.attacks.alignment import to_slot_order
-from ncbench.attacks.gram_link import balanced, evidence, label_evidence, standout
+from ncbench.attacks.gram_link import balanced, evidence, label_evidence, sites_to_link, standout
 from ncbench.attacks.pairing import REFERENCE_IMAGES, aligned_statistics
 from ncbench.attacks.plugins.registry import resolve
 from ncbench.attacks.submission import Submission, write_submission
@@ -392,6 +393,13 @@ def test_layout_link_refuses_patches_it_cannot_cut_in_four_by_four(tmp_path):
     )
     with open_release(path) as release, pytest.raises(NcbenchError, match="multiple of 4, not 6"):
         resolve("layout-link")()(release)
+
+
+def test_link_attacks_pair_every_two_sites_and_refuse_one_by_name():
+    # A link release of one site cannot be built, but a crafted file can claim to be one.
+    assert sites_to_link(SimpleNamespace(n_sites=3, path="r"), "layout-link") == [(0, 1), (0, 2), (1, 2)]
+    with pytest.raises(NcbenchError, match="^r: gram-label-link needs a release with two or more sites$"):
+        sites_to_link(SimpleNamespace(n_sites=1, path="r"), "gram-label-link")
 
 
 @pytest.mark.slow
