@@ -395,11 +395,15 @@ def test_layout_link_refuses_patches_it_cannot_cut_in_four_by_four(tmp_path):
         resolve("layout-link")()(release)
 
 
-def test_link_attacks_pair_every_two_sites_and_refuse_one_by_name():
-    # A link release of one site cannot be built, but a crafted file can claim to be one.
+def test_link_attacks_pair_every_two_sites():
     assert sites_to_link(SimpleNamespace(n_sites=3, path="r"), "layout-link") == [(0, 1), (0, 2), (1, 2)]
-    with pytest.raises(NcbenchError, match="^r: gram-label-link needs a release with two or more sites$"):
-        sites_to_link(SimpleNamespace(n_sites=1, path="r"), "gram-label-link")
+
+
+@pytest.mark.parametrize("name", ["gram-link", "gram-label-link", "layout-link"])
+def test_link_attacks_refuse_a_one_site_release_by_their_own_name(name):
+    # A link release of one site cannot be built, but a crafted file can claim to be one.
+    with pytest.raises(NcbenchError, match=f"^r: {name} needs a release with two or more sites$"):
+        resolve(name)().run(SimpleNamespace(n_sites=1, path="r"))
 
 
 @pytest.mark.slow
