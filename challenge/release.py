@@ -45,6 +45,7 @@ from ncbench.errors import NcbenchError, disk_full
 from ncbench.h5io import (
     atomic_path,
     available_memory,
+    check_output,
     create_streamed,
     format_bytes,
     read_rows,
@@ -215,6 +216,7 @@ def build_release(
     (the same seed rebuilds the same files). ``test_release=True`` marks the release as one whose
     key is public, and only then is a weaker seed (a small integer) accepted.
     """
+    check_output(out, force=force, directory=True, replaceable=_built_release)  # before any work
     build_seed = BuildSeed.of(seed, test_release=test_release)
     device = pick_device(device)
     config = config.for_device(device)  # the file records the precision used, never "auto"
@@ -235,7 +237,7 @@ def build_release(
     del images  # _write drops the only copy once the plaintexts are on disk, before encoding
     out = Path(out)
     try:
-        with atomic_path(out, force=force) as tmp:
+        with atomic_path(out, force=force, directory=True, replaceable=_built_release) as tmp:
             layout = ReleaseLayout(tmp)
             layout.public.mkdir(parents=True)
             private_dir(layout.private)  # 0700 and the key 0600, whatever the umask
@@ -273,6 +275,12 @@ def _key_bytes(config: EncoderConfig) -> int:
     if config.mix:
         values += config.n_patches * width + width * (width + 1)
     return 4 * values
+
+
+def _built_release(path: Path) -> bool:
+    """Whether ``--force`` may replace the directory ``path``: a release (nothing in it but its
+    public and private halves) or an empty directory, never a folder of other files."""
+    return {entry.name for entry in path.iterdir()} <= {"public", "private"}
 
 
 def _assign_roles(n_images: int, plan: BuildPlan, rng: np.random.Generator) -> dict[str, np.ndarray]:

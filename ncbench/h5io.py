@@ -13,6 +13,7 @@ before HDF5 reads it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import json
@@ -22,7 +23,7 @@ import shutil
 import tempfile
 import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -600,21 +601,83 @@ def format_bytes(n_bytes: int) -> str:
     return f"{n_bytes:.2g} bytes"
 
 
+# Errors that mean "this output cannot be written here": the user's path, not a bug of ours.
+UNWRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENAMETOOLONG, errno.ENOTDIR, errno.EISDIR, errno.EEXIST)
+TEMP_PREFIX_CHARS = 64  # of the output's name in its temporary sibling's: the sibling fits the name limit
+
+
+def check_output(
+    final: str | os.PathLike,
+    *,
+    force: bool = False,
+    directory: bool = False,
+    replaceable: Callable[[Path], bool] | None = None,
+    inputs: Iterable[str | os.PathLike] = (),
+) -> Path:
+    """Refuse in one line an output that cannot or must not be written, before any work: an
+    existing one without ``force``; with it, the current directory or a folder above it, a
+    directory in place of a file, a directory that ``replaceable`` does not recognise as one of
+    ours (``directory`` artefacts), one of the ``inputs``, a folder holding one or a file in one;
+    a name too long or a folder that cannot be written."""
+    final = Path(final)
+    try:
+        exists = final.exists() or final.is_symlink()
+        if exists and not force:
+            raise NcbenchError(f"{final} already exists (use --force to replace it)")
+        resolved = final.resolve()
+        for item in inputs:  # the input itself, a folder holding it, or a file in an input folder
+            source = Path(item).resolve()
+            if source == resolved or resolved in source.parents or exists and source in resolved.parents:
+                raise NcbenchError(f"{final} would replace the input {item}")
+        if exists:
+            here = Path.cwd().resolve()
+            if resolved == here or resolved in here.parents:
+                raise NcbenchError(f"{final} holds the current directory; not replacing it")
+            is_dir = final.is_dir() and not final.is_symlink()
+            if is_dir and not directory:
+                raise NcbenchError(f"{final} is a directory; not replacing it with a file")
+            if is_dir and not (replaceable is not None and replaceable(final)):
+                raise NcbenchError(f"{final} is a directory this command did not write; not replacing it")
+            if directory and not is_dir:
+                raise NcbenchError(f"{final} is a file; not replacing it with a directory")
+        folder = next(parent for parent in final.absolute().parents if parent.exists())
+        if len(os.fsencode(final.name)) > os.pathconf(folder, "PC_NAME_MAX"):
+            raise NcbenchError(f"cannot write {final}: the name is too long")
+        if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+            raise NcbenchError(f"cannot write {final}: its folder is not one this user can write")
+    except OSError as error:
+        raise NcbenchError(f"cannot write {final}: {error.strerror}") from None
+    return final
+
+
 @contextlib.contextmanager
-def atomic_path(final: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
+def atomic_path(
+    final: str | os.PathLike,
+    *,
+    force: bool = False,
+    directory: bool = False,
+    replaceable: Callable[[Path], bool] | None = None,
+) -> Iterator[Path]:
     """Yield a temporary sibling path; move it onto ``final`` only if the block succeeds.
 
-    Works for files and directories, so a crash never leaves a half-written artefact.
+    Works for files and ``directory`` artefacts, so a crash never leaves a half-written one;
+    :func:`check_output` decides first what may be replaced.
     """
-    final = Path(final)
-    if final.exists() and not force:
-        raise NcbenchError(f"{final} already exists (use --force to replace it)")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    final = check_output(final, force=force, directory=directory, replaceable=replaceable)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name[:TEMP_PREFIX_CHARS]}.", dir=final.parent))
+    except OSError as error:
+        raise NcbenchError(f"cannot write {final}: {error.strerror}") from None
     target = tmp / final.name
     try:
-        yield target
-        if final.exists():
+        try:
+            yield target
+        except OSError as error:  # the folder refused what was written into it: say where, not the sibling
+            if error.errno not in UNWRITABLE or not str(error.filename or "").startswith(str(tmp)):
+                raise
+            raise NcbenchError(f"cannot write {final}: {error.strerror}") from None
+        if final.exists() or final.is_symlink():
             _remove(final)
         os.replace(target, final)
     finally:

@@ -8,7 +8,18 @@ import numpy as np
 import pytest
 
 from ncbench import h5io
-from ncbench.h5io import FILTERS, create_streamed, fletcher32, fletcher32_checksum, read_rows, write_dataset, write_rows
+from ncbench.errors import NcbenchError
+from ncbench.h5io import (
+    FILTERS,
+    atomic_path,
+    check_output,
+    create_streamed,
+    fletcher32,
+    fletcher32_checksum,
+    read_rows,
+    write_dataset,
+    write_rows,
+)
 
 
 @pytest.fixture
@@ -179,3 +190,16 @@ def test_prefetch_reads_a_file_that_fits_and_skips_one_that_does_not(tmp_path, m
     assert h5io.prefetch(path) is None
     monkeypatch.setattr(h5io, "available_memory", lambda: None)
     assert h5io.prefetch(path) is None
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_any_work(tmp_path):
+    (tmp_path / "plain").write_text("x")
+    for out, reason in [(tmp_path / ("a" * 300), "(?i)too long"), (tmp_path / "plain" / "x.h5", "cannot write")]:
+        with pytest.raises(NcbenchError, match=reason):
+            check_output(out)
+    longest = tmp_path / ("b" * 250)  # its temporary sibling's name stays within the limit too
+    with atomic_path(longest) as tmp:
+        tmp.write_text("done")
+    assert longest.read_text() == "done" and sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["plain", longest.name]
+    )

@@ -4,6 +4,7 @@ import errno
 import json
 import re
 import shutil
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -284,13 +285,25 @@ def test_existing_output_refused_without_force(tmp_path):
     assert (out / "marker").exists()
 
 
-def test_existing_output_replaced_with_force(tmp_path):
+def test_an_earlier_release_is_replaced_with_force(tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "marker").write_text("old")
+    _build(out, n=4)
+    (out / "public" / "marker").write_text("old")
     _build(out, n=4, force=True)
-    assert not (out / "marker").exists()
+    assert not (out / "public" / "marker").exists()
     assert verify(out, out) == []
+
+
+@pytest.mark.parametrize("where", ["foreign folder", "current directory", "folder above", "file"])
+def test_force_never_replaces_what_a_build_did_not_write(tmp_path, monkeypatch, where):
+    work = tmp_path / "work"
+    (work / "keep").mkdir(parents=True)
+    (work / "keep" / "file").write_text("mine")
+    monkeypatch.chdir(work / "keep")
+    out = {"foreign folder": work, "current directory": Path("."), "folder above": Path(".."), "file": Path("file")}
+    with pytest.raises(NcbenchError, match="not replacing it"):
+        _build(out[where], n=4, force=True)
+    assert (work / "keep" / "file").read_text() == "mine"
 
 
 def test_failure_mid_build_leaves_nothing(tmp_path, monkeypatch):

@@ -71,14 +71,14 @@ def run_command(attack, release_path, out, params, device, seed, team, force, su
     the challenge server ($NCBENCH_SERVER, $NCBENCH_TOKEN)."""
     from ncbench.attacks.plugins.registry import resolve
     from ncbench.attacks.plugins.runner import failure_of, parse_param_items, run_attack
+    from ncbench.h5io import check_output
     from ncbench.hardware import pick_device
 
     cls = resolve(attack)
     with failure_of(cls.name, "failed"):
         params = cls.parse_params(parse_param_items(params))
     device = pick_device(device)
-    if out.exists() and not force:
-        raise NcbenchError(f"{out} already exists (use --force to replace it)")
+    check_output(out, force=force, inputs=[release_path])  # before the attack runs, not after
     token = read_token(token_file) if submit else None
     if submit and not token:  # before the attack runs, not after
         raise NcbenchError("--submit needs a team token: set $NCBENCH_TOKEN or pass --token-file")
