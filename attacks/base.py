@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import math
 import time
 import typing
 from collections.abc import Callable
@@ -119,14 +120,32 @@ class Attack(abc.ABC):
         return params
 
     @classmethod
-    def param_help(cls) -> list[str]:
+    def declaration(cls) -> dict:
+        """What ``attack list --json`` shows: the declarations and each parameter's type,
+        default, range or choices and help."""
         hints = typing.get_type_hints(cls.Params)
+        params = [
+            {"name": f.name, "type": _type_name(hints[f.name]), "default": f.default}
+            | {key: list(value) if key == "choices" else value for key, value in f.metadata.items()}
+            for f in dataclasses.fields(cls.Params)
+        ]
+        return {
+            "name": cls.name,
+            "version": cls.version,
+            "description": cls.description,
+            "tasks": list(cls.tasks),
+            "knowledge": list(cls.knowledge),
+            "params": params,
+        }
+
+    @classmethod
+    def param_help(cls) -> list[str]:
         lines = []
-        for f in dataclasses.fields(cls.Params):
-            rng = f" in [{f.metadata['min']}, {f.metadata['max']}]" if "min" in f.metadata else ""
-            choices = f" one of {list(f.metadata['choices'])}" if "choices" in f.metadata else ""
+        for each in cls.declaration()["params"]:
+            rng = f" in [{each['min']}, {each['max']}]" if "min" in each else ""
+            choices = f" one of {each['choices']}" if "choices" in each else ""
             lines.append(
-                f"{f.name} ({_type_name(hints[f.name])}, default {f.default!r}{rng}{choices}): {f.metadata.get('help', '')}"
+                f"{each['name']} ({each['type']}, default {each['default']!r}{rng}{choices}): {each.get('help', '')}"
             )
         return lines
 
@@ -197,7 +216,10 @@ def _convert(attack: str, name: str, text: str, kind) -> object:
             if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
                 raise ValueError(text)
             return text.lower() in ("1", "true", "yes")
-        return kind(text)
+        value = kind(text)
+        if isinstance(value, float) and not math.isfinite(value):  # NaN passes every range check
+            raise ValueError(text)
+        return value
     except (TypeError, ValueError):
         raise NcbenchError(f"attack {attack}: {name}={text!r} is not a valid {_type_name(kind)}") from None
 

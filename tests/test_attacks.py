@@ -1,7 +1,9 @@
 """Attacks on tiny presets (the same code paths as full size) and the plugin interface."""
 
 import dataclasses
+import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -500,6 +502,9 @@ def test_unknown_or_out_of_range_parameters_are_refused():
     with pytest.raises(NcbenchError, match="not a valid int"):
         cls.parse_params({"self_width": "wide"})
     assert cls.parse_params({"self_width": "128"}).self_width == 128
+    for text in ("nan", "inf", "-inf"):  # NaN would pass every range check
+        with pytest.raises(NcbenchError, match="not a valid float"):
+            resolve("distribution-alignment").parse_params({"mean_weight": text})
 
 
 def test_registry_refuses_a_duplicate_name():
@@ -541,9 +546,10 @@ def test_template_plugin_loads_from_file_and_runs(releases, tmp_path):
     assert read_submission(out).attack == cls.name
 
 
-def test_plugin_file_that_fails_to_import_is_one_line(tmp_path):
+@pytest.mark.parametrize("line", ["import does_not_exist", "raise SystemExit(0)", "raise BaseException('x')"])
+def test_plugin_file_that_fails_to_import_is_one_line(tmp_path, line):
     plugin = tmp_path / "bad.py"
-    plugin.write_text("import does_not_exist\n")
+    plugin.write_text(line + "\n")
     result = CliRunner().invoke(
         main, ["attack", "run", f"{plugin}:X", "--release", "x", "--out", str(tmp_path / "s.h5")]
     )
@@ -589,6 +595,32 @@ def test_attack_list_names_every_builtin():
     result = CliRunner().invoke(main, ["attack", "list"])
     for name in ("gram-hungarian", "linear-inversion", "distribution-alignment", "carlini-2021", "chance", "oracle"):
         assert name in result.output
+
+
+def test_attack_list_json_declares_every_attack_and_parameter():
+    listed = json.loads(CliRunner().invoke(main, ["attack", "list", "--json"]).output)
+    assert {each["name"] for each in listed} == set(all_attacks())
+    gram = next(each for each in listed if each["name"] == "gram-hungarian")
+    width = next(p for p in gram["params"] if p["name"] == "self_width")
+    assert width["type"] == "int" and width["min"] <= width["default"] <= width["max"]
+    assert gram["tasks"] == ["reid"] and "plaintext-pool" in gram["knowledge"]
+
+
+@pytest.mark.parametrize("out", ["release", "release file", "folder", "seed"])
+def test_attack_run_refuses_its_own_input_a_folder_or_a_bad_seed_before_running(releases, tmp_path, out):
+    release = tmp_path / "release"
+    shutil.copytree(releases["nc3", "reid"], release)
+    folder = tmp_path / "folder"
+    (folder / "sub").mkdir(parents=True)
+    target = {"release": release, "release file": release / "public" / "release.h5", "folder": folder}
+    args = ["--force"] if out != "seed" else ["--seed", "-1"]
+    result = CliRunner().invoke(
+        main,
+        ["attack", "run", "chance", "--release", str(release), "--out", str(target.get(out, tmp_path / "s.h5")), *args],
+    )
+    _assert_one_line(result)
+    assert (release / "public" / "release.h5").is_file() and (folder / "sub").is_dir()
+    assert not (tmp_path / "s.h5").exists()
 
 
 @pytest.mark.slow
@@ -656,10 +688,11 @@ def test_plugin_whose_run_returns_no_submission_fails_in_one_line(releases, tmp_
     assert not out.exists()
 
 
-def test_plugin_whose_run_exits_fails_in_one_line(releases, tmp_path):
+@pytest.mark.parametrize("body", ["raise SystemExit(0)", "raise BaseException('x')"])
+def test_plugin_whose_run_exits_fails_in_one_line(releases, tmp_path, body):
     out = tmp_path / "sub.h5"
-    result = _run_plugin(f"{_plugin(tmp_path, body='raise SystemExit(0)')}:Plugin", releases["nc3", "reid"], out)
-    _assert_one_line(result, "failed: SystemExit")
+    result = _run_plugin(f"{_plugin(tmp_path, body=body)}:Plugin", releases["nc3", "reid"], out)
+    _assert_one_line(result, f"failed: {body.split()[1].split('(')[0]}")
     assert not out.exists()
 
 

@@ -109,7 +109,9 @@ def load_from_file(spec: str) -> type[Attack]:
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[module_name] = module
         module_spec.loader.exec_module(module)
-    except Exception as error:  # noqa: BLE001 - any failure of a user's file is a user mistake
+    except KeyboardInterrupt:
+        raise
+    except BaseException as error:  # noqa: BLE001 - any failure of a user's file (an exit too) is a user mistake
         raise NcbenchError(f"plugin file {path} failed to import: {type(error).__name__}: {error}") from None
     return _attack_class(getattr(module, class_name, None), class_name, where=str(path))
 
@@ -135,7 +137,9 @@ def load_from_folder(folder: Path, module_name: str, class_name: str) -> type[At
         importlib.invalidate_caches()
     try:
         module = importlib.import_module(module_name)
-    except Exception as error:  # noqa: BLE001 - any failure of a user's package is a user mistake
+    except KeyboardInterrupt:
+        raise
+    except BaseException as error:  # noqa: BLE001 - any failure of a user's package (an exit too) is a user mistake
         raise NcbenchError(f"plugin module {module_name} failed to import: {type(error).__name__}: {error}") from None
     origin = getattr(module, "__file__", None)
     if origin is None or folder not in Path(origin).resolve().parents:

@@ -82,7 +82,9 @@ def failure_of(attack: str, what: str) -> Iterator[None]:
         yield
     except NcbenchError as error:
         raise NcbenchError(_one_line(error)) from None
-    except (Exception, SystemExit) as error:  # noqa: BLE001 - any failure of an attack's code
+    except KeyboardInterrupt:
+        raise
+    except BaseException as error:  # noqa: BLE001 - any failure of an attack's code, an exit included
         # A full disk in HDF5's words would name temporary files and buffer addresses.
         reason = "no space left on the device" if disk_full(error) else _one_line(error)
         raise NcbenchError(f"attack {attack} {what}: {type(error).__name__}: {reason}") from None

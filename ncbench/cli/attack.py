@@ -28,10 +28,14 @@ def group() -> None:
 
 @group.command("list")
 @click.option("--verbose", "-v", is_flag=True, help="Also list each attack's parameters.")
-def list_command(verbose: bool) -> None:
+@click.option("--json", "as_json", is_flag=True, help="One JSON list of the attacks, their parameters included.")
+def list_command(verbose: bool, as_json: bool) -> None:
     """Name, version, tasks, knowledge and a one-line description of every known attack."""
     from ncbench.attacks.plugins.registry import all_attacks
 
+    if as_json:
+        click.echo(json.dumps([cls.declaration() for _, cls in sorted(all_attacks().items())], indent=2))
+        return
     for name, cls in sorted(all_attacks().items()):
         click.echo(f"{name} {cls.version}  tasks: {','.join(cls.tasks)}  assumes: {','.join(cls.knowledge)}")
         click.echo(f"    {cls.description}")
@@ -59,7 +63,13 @@ def list_command(verbose: bool) -> None:
     "--param", "params", multiple=True, metavar="K=V", help="Attack parameter (repeatable); see `attack list -v`."
 )
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of every random choice the attack makes.")
+@click.option(
+    "--seed",
+    type=click.IntRange(0, 2**63 - 1),
+    default=0,
+    show_default=True,
+    help="Seed of every random choice the attack makes.",
+)
 @click.option("--team", help="Team name recorded in the submission.")
 @click.option("--force", is_flag=True, help="Replace an existing submission file.")
 @click.option("--submit", is_flag=True, help="Then submit the file to the challenge server and wait for its score.")
