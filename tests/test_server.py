@@ -1,13 +1,16 @@
 """The live challenge: a real `ncbench server` on a free localhost port, driven by the CLI and HTTP."""
 
 import concurrent.futures
+import functools
 import hashlib
+import http.server
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -297,6 +300,34 @@ def test_wrong_missing_and_revoked_tokens_get_401_and_one_line(world, tmp_path):
     assert ncbench("team", "revoke", "mallory", "--store", world["store"]).returncode == 0
     revoked = ncbench("submissions", env={"NCBENCH_SERVER": url, "NCBENCH_TOKEN": token})
     assert revoked.returncode == 2 and "refused the token" in revoked.stderr
+
+
+def test_team_list_takes_json(world):
+    listed = ncbench("team", "list", "--store", world["store"], "--json")
+    assert listed.returncode == 0, listed.stderr
+    teams = {row["name"]: row for row in json.loads(listed.stdout)}
+    assert set(TEAMS) <= set(teams) and all(teams[name]["active_tokens"] == 1 for name in TEAMS)
+
+
+def test_a_scheduler_that_does_not_answer_is_one_line(tmp_path):
+    quick = {"DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "2s"}
+    args = ("server", "--store", tmp_path / "store", "--port", free_port(), "--board-port", "0")
+    started = ncbench(*args, "--scheduler", "tcp://127.0.0.1:1", env=quick, timeout=60)
+    assert started.returncode == 2 and started.stderr.count("\n") == 1, started.stderr
+    assert "cannot reach the Dask scheduler at tcp://127.0.0.1:1" in started.stderr
+
+
+def test_a_client_pointed_at_a_web_page_says_so_in_one_line(tmp_path):
+    page = tmp_path / "api" / "v1" / "challenges"
+    page.parent.mkdir(parents=True)
+    page.write_text("<html><body>a board, not the API</body></html>")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as site:
+        threading.Thread(target=site.serve_forever, daemon=True).start()
+        listed = ncbench("challenges", env={"NCBENCH_SERVER": f"http://127.0.0.1:{site.server_port}"})
+        site.shutdown()
+    assert listed.returncode == 2 and listed.stderr.count("\n") == 1, listed.stderr
+    assert "did not answer as a challenge server's API" in listed.stderr
 
 
 def test_concurrent_submissions_respect_limits_none_lost_none_twice(world, tmp_path):

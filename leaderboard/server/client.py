@@ -106,7 +106,13 @@ class Client:
         return response
 
     def json(self, method: str, path: str, **kwargs):
-        return self.request(method, path, **kwargs).json()
+        try:
+            data = self.request(method, path, **kwargs).json()
+        except ValueError:
+            data = None
+        if not isinstance(data, (dict, list)):  # a web page: the board's address, or another site
+            raise NcbenchError(f"{self.server} did not answer as a challenge server's API (is it the board's address?)")
+        return data
 
 
 def read_token(token_file: Path | None) -> str | None:

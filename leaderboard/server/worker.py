@@ -117,7 +117,10 @@ class Dispatcher:
         from distributed import Client, LocalCluster
 
         if self.scheduler:
-            self.client = Client(self.scheduler)
+            try:
+                self.client = Client(self.scheduler)
+            except OSError as error:  # nothing there, or not a scheduler: the organizer's address
+                raise NcbenchError(f"cannot reach the Dask scheduler at {self.scheduler}: {error}") from None
             for problem in self.check_workers():
                 print(f"warning: {problem}", file=sys.stderr)
         else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import json
 from pathlib import Path
 
 import click
@@ -281,9 +282,13 @@ def team_add(store, channel, store_root: Path | None, name: str) -> None:
     click.echo(token)
 
 
+@click.option("--json", "as_json", is_flag=True, help="One JSON list of the teams.")
 @_on_team_store("list")
-def team_list(store, channel, store_root: Path | None) -> None:
+def team_list(store, channel, store_root: Path | None, as_json: bool) -> None:
     """Every team, when it was created and how many active tokens it has."""
+    if as_json:
+        click.echo(json.dumps([dict(row) for row in channel.list_teams(store)], indent=2, default=str))
+        return
     for row in channel.list_teams(store):
         click.echo(f"{row['name']}\tcreated {row['created_utc']}\tactive tokens {row['active_tokens']}")
 
