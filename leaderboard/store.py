@@ -483,7 +483,10 @@ class Store:
                 raise NcbenchError(f"cannot create a database in {path.parent}: no such directory")
             # It holds token hashes and unrevealed evaluation seeds: 0600 from its first byte
             # (SQLite gives its -wal and -shm files the same mode).
-            create_private_file(path)
+            try:
+                create_private_file(path)
+            except OSError as error:
+                raise NcbenchError(f"cannot create a database at {path}: {error.strerror}") from None
         self.engine = self._make_engine()
         try:
             self._migrate()

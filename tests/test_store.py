@@ -278,6 +278,11 @@ def test_file_that_is_not_a_database_is_refused(tmp_path):
         Store(path)
 
 
+def test_a_database_that_cannot_be_created_is_one_line():
+    with pytest.raises(NcbenchError, match="cannot create a database at /proc/ncbench.db"):
+        Store("/proc/ncbench.db")
+
+
 def test_missing_database_is_not_created_for_readers(tmp_path):
     with pytest.raises(NcbenchError, match="no leaderboard database"):
         Store(tmp_path / "absent.db", create=False)
