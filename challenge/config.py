@@ -18,6 +18,10 @@ SITE_TASKS = ("reid", "link")  # tasks a release with several sites (keys) may h
 
 PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 where the hardware multiplies it natively
 STORAGE_DTYPES = ("float16", "float32")
+# The most a size (width, image or patch side, BatchNorm batch) or an image count of a build may be:
+# far beyond any array a machine holds, far below the 2**63 where numpy's integers overflow.
+MAX_SIZE = 2**31 - 1
+MAX_PATCHES = 2**15 - 1  # patches per image: truth/patch_perm is int16 (docs/format.md#group-truth)
 
 
 @dataclass(frozen=True)
@@ -37,11 +41,19 @@ class EncoderConfig:
     precision: str = "fp32"  # compute precision: fp32, bf16 matmuls, or auto (see for_device)
 
     def __post_init__(self) -> None:
+        for name in ("width", "image_size", "patch_size", "bn_batch"):
+            value = getattr(self, name)
+            if value < 1:
+                raise NcbenchError(f"{name} must be positive, got {value}")
+            if value > MAX_SIZE:
+                raise NcbenchError(f"{name} must be at most {MAX_SIZE:,}, got {value}")
         if self.image_size % self.patch_size:
             raise NcbenchError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
-        for name in ("width", "image_size", "patch_size", "bn_batch"):
-            if getattr(self, name) < 1:
-                raise NcbenchError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.n_patches > MAX_PATCHES:
+            raise NcbenchError(
+                f"image_size {self.image_size} and patch_size {self.patch_size} make {self.n_patches:,} patches "
+                f"per image; patch permutations are stored as int16, which holds at most {MAX_PATCHES:,}"
+            )
         if self.depth < 0:
             raise NcbenchError(f"depth must be >= 0, got {self.depth}")
         if self.dtype not in STORAGE_DTYPES:

@@ -21,6 +21,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from ncbench.challenge.config import MAX_SIZE
 from ncbench.challenge.encoders import (
     Encoder,
     EncoderConfig,
@@ -148,6 +149,9 @@ class BuildPlan:
             raise NcbenchError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
         if n < 2:
             raise NcbenchError(f"--n must be at least 2, got {n}")
+        for flag, count in (("--n", n), ("--n-aux", n_aux), ("--n-targets", n_targets)):  # --n-known is below --n
+            if count is not None and count > MAX_SIZE:
+                raise NcbenchError(f"{flag} must be at most {MAX_SIZE:,}, got {count}")
         if not 1 <= sites <= MAX_SITES:
             raise NcbenchError(f"--sites must be between 1 and {MAX_SITES}, got {sites}")
         if sites > 1 and task not in SITE_TASKS:
@@ -161,8 +165,8 @@ class BuildPlan:
         if overlap_kind not in OVERLAP_KINDS:
             raise NcbenchError(f"--overlap-kind must be one of {', '.join(OVERLAP_KINDS)}, got {overlap_kind!r}")
         overlap = DEFAULT_OVERLAP if overlap is None else overlap
-        n_overlap = round(overlap * n)
-        if not 0 < overlap <= 0.5 or n_overlap < 1:
+        n_overlap = round(overlap * n) if 0 < overlap <= 0.5 else 0  # NaN and infinities are out of range
+        if n_overlap < 1:
             raise NcbenchError(
                 f"--overlap must leave 1 to n/2 shared images per site (0 < overlap <= 0.5), got {overlap}"
             )
@@ -220,15 +224,18 @@ def build_release(
     build_seed = BuildSeed.of(seed, test_release=test_release)
     device = pick_device(device)
     config = config.for_device(device)  # the file records the precision used, never "auto"
-    weights, available = 2 * _key_bytes(config), available_memory()  # a key and the encoder's copy of it
-    if available is not None and weights > available:
-        raise NcbenchError(
-            f"the {config.preset} key of width {config.width} and the encoder's copy of it take "
-            f"{format_bytes(weights)}; this machine has {format_bytes(available)} of memory available"
+    _check_memory(config, plan)
+    try:
+        images = load_images(
+            source, n=plan.n_images, seed=derive_seed(build_seed.text, "images"), image_size=config.image_size
         )
-    images = load_images(
-        source, n=plan.n_images, seed=derive_seed(build_seed.text, "images"), image_size=config.image_size
-    )
+    except (MemoryError, RuntimeError) as error:  # a source that needs more than _check_memory counts
+        if not _out_of_memory(error):
+            raise
+        raise NcbenchError(
+            f"loading {plan.n_images:,} images of {config.image_size}x{config.image_size} pixels ran out of "
+            "memory; ask for fewer or smaller images"
+        ) from None
     if len(images) != plan.n_images:
         raise NcbenchError(f"source {source!r} gave {len(images)} images, {plan.n_images} needed")
     roles: dict = _assign_roles(len(images), plan, np.random.default_rng(derive_seed(build_seed.text, "roles")))
@@ -266,6 +273,48 @@ def _written_bytes(config: EncoderConfig, plan: BuildPlan) -> int:
     encodings (and a transfer task's targets), each site's key and the 8-bit images."""
     encoded = (plan.n + plan.n_targets) * config.n_patches * config.width * np.dtype(config.dtype).itemsize
     return encoded + plan.sites * _key_bytes(config) + plan.n_images * config.image_size**2
+
+
+# A source renders, decodes or resizes each image in floating point, a few float32 copies of it at
+# least (measured per pixel of an image in the making: phantom about 90 bytes, sample 90 to 200, folder 25).
+MIN_WORK_BYTES_PER_PIXEL = 16
+
+
+def _check_memory(config: EncoderConfig, plan: BuildPlan) -> None:
+    """Refuse, before any work, a build whose key, images or batch of encodings cannot fit in the
+    memory available. Each phase is counted at the least it holds, so a build that fits is never
+    refused. Loading: the images (uint8) and one image in the making; then the patch permutations
+    (int16, kept to the end) and, for link, each site's images gathered in one copy. Encoding: the
+    key and the encoder's copy of it, and one BatchNorm batch of encodings as computed (float32)
+    and as stored; the encodings themselves stream to disk."""
+    available = available_memory()
+    if available is None:
+        return
+    side, n_patches = config.image_size, config.n_patches
+    rows = min(config.bn_batch, max(plan.n // plan.sites, plan.n_targets))  # a batch stays in a site, or the targets
+    weights = 2 * _key_bytes(config)
+    perms = 2 * (plan.n + plan.n_targets) * n_patches
+    gathered = plan.n * side**2 if plan.task == "link" else 0
+    loading = plan.n_images * side**2 + max(MIN_WORK_BYTES_PER_PIXEL * side**2, perms + gathered)
+    encoding = weights + perms + rows * n_patches * config.width * (4 + np.dtype(config.dtype).itemsize)
+    for needed, what in (
+        (weights, f"the {config.preset} key of width {config.width} and the encoder's copy of it take"),
+        (loading, f"loading {plan.n_images:,} images of {side}x{side} pixels takes at least"),
+        (
+            encoding,
+            f"encoding a batch of {rows:,} images ({n_patches:,} patches of width {config.width:,} each) "
+            "with its key takes at least",
+        ),
+    ):
+        if needed > available:
+            raise NcbenchError(
+                f"{what} {format_bytes(needed)}; this machine has {format_bytes(available)} of memory available"
+            )
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is numpy's or torch's report of an allocation that failed."""
+    return isinstance(error, MemoryError) or "DefaultCPUAllocator: can't allocate memory" in str(error)
 
 
 def _key_bytes(config: EncoderConfig) -> int:

@@ -236,12 +236,13 @@ def info(path: Path, show_secrets: bool) -> None:
     "--splits",
     help="Split fractions: train,val,test as 0.7,0.1,0.2, or named as train=0.8,test=0.2 (default: all test).",
 )
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split assignment.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the split assignment.")
 def manifest(folder, out, name, licence, labels, splits, seed) -> None:
     """Write a data manifest (paths, sha256, splits, labels) for an image folder."""
-    from ncbench.data_manifest.manifest import write_manifest
+    from ncbench.data_manifest.manifest import assign_splits, write_manifest
 
     fractions = parse_split_fractions(splits) if splits else None
+    assign_splits(0, fractions, seed)  # checks the fractions now, not after hashing every image
     path = write_manifest(
         folder, out, name=name, licence=licence, split_fractions=fractions, labels_csv=labels, seed=seed
     )
