@@ -321,3 +321,12 @@ def test_a_group_s_help_loads_no_heavy_module(command):
     assert done.returncode == 0, done.stderr
     assert "Usage:" in done.stdout
     assert done.stderr.strip() == "[]", done.stderr
+
+
+def test_a_daily_limit_beyond_any_sensible_one_is_refused_before_anything_is_written(challenge, tmp_path):
+    huge = str(10**20)  # more than the database's integers hold
+    published = run("challenge", "publish", challenge, "--store", tmp_path / "store", "--daily-limit", huge)
+    assert_one_line_error(published, "--daily-limit")
+    scored = run("score", tmp_path / "absent.h5", "--key", challenge, "--db", tmp_path / "x.db", "--daily-limit", huge)
+    assert_one_line_error(scored, "--daily-limit")
+    assert not (tmp_path / "store").exists() and not (tmp_path / "x.db").exists()

@@ -20,7 +20,7 @@ from ncbench.errors import NcbenchError
 
 # Plain data only at import time: `ncbench leaderboard --help` loads no pandas, SQLAlchemy or
 # torch; each command imports what it runs.
-from ncbench.leaderboard.rules import BUILTIN_TEAM, DEFAULT_DAILY_LIMIT, ORIGIN_ORGANIZER, ORIGIN_SELF
+from ncbench.leaderboard.rules import BUILTIN_TEAM, DEFAULT_DAILY_LIMIT, MAX_DAILY_LIMIT, ORIGIN_ORGANIZER, ORIGIN_SELF
 
 DB_HELP = "Results database: an SQLite file path, or an SQLAlchemy URL (postgresql+psycopg://...)."
 SHOWN_METRICS = (
@@ -55,7 +55,7 @@ SHOWN_METRICS = (
 )
 @click.option(
     "--daily-limit",
-    type=int,
+    type=click.IntRange(max=MAX_DAILY_LIMIT),
     default=DEFAULT_DAILY_LIMIT,
     show_default=True,
     help="Scored submissions allowed per team, challenge and UTC day (failed ones do not count).",

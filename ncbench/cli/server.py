@@ -11,6 +11,7 @@ import click
 
 from ncbench.cli.options import db_option, eval_source_option, releases_option, sandbox_options, store_option
 from ncbench.errors import NcbenchError
+from ncbench.leaderboard.rules import MAX_DAILY_LIMIT
 
 
 @click.command("server")
@@ -167,7 +168,7 @@ def _check_sandbox(context: click.Context) -> None:
 @db_option
 @click.option(
     "--daily-limit",
-    type=int,
+    type=click.IntRange(max=MAX_DAILY_LIMIT),
     default=None,
     help="Submissions per team and UTC day (refused ones do not count) [default: 5].",
 )
@@ -179,7 +180,7 @@ def _check_sandbox(context: click.Context) -> None:
 )
 @click.option(
     "--plugin-daily-limit",
-    type=int,
+    type=click.IntRange(max=MAX_DAILY_LIMIT),
     default=None,
     help="Verified track: plugin runs per team and UTC day [default: 2].",
 )
