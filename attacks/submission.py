@@ -12,7 +12,9 @@ HDF5 (``format = "ncbench-submission"``) with attrs ``challenge_id``, ``attack``
 - ``link_scores`` (L,) float with ``link_left`` and ``link_right`` (L,): candidate pairs of
   encodings (of two sites) claimed to be the same image or patient, higher meaning surer.
 
-A two-column CSV ``encoded_id,plain_id`` is accepted as a ``reid`` mapping.
+A two-column CSV ``encoded_id,plain_id`` is accepted as a ``reid`` mapping. The writer picks the
+form by the file name's suffix; the reader by the content, since the server keeps uploads under
+their sha256, with no suffix.
 
 A submission comes from outside: the reader checks its size, layout and declared shapes before
 reading, and reads only the parts it is asked for (:class:`ReadLimits`, set by the scorer).
@@ -20,6 +22,7 @@ reading, and reads only the parts it is asked for (:class:`ReadLimits`, set by t
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 import os
@@ -48,6 +51,10 @@ ARRAY_PARTS = ("scores", "patch_positions", "reconstructions", "encodings", "lin
 STRING_PARTS = ("encoded_ids", "mapping", "plain_ids", "target_ids", "link_left", "link_right")
 ID_BYTES = 256  # the longest id a reader budgets for; release ids are about 10 bytes
 CSV_HEADER_BYTES = 4096
+# HDF5's format signature; the library looks for it at byte 0, then at 512, 1024, 2048, ... (after
+# a user block), and nowhere else.
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+HDF5_FIRST_USER_BLOCK = 512
 
 # What an attack may declare it used (the ``knowledge`` attribute of a submission and of an
 # attack class). Here, beside the file format, so that the scorer reads it without torch.
@@ -164,6 +171,8 @@ def read_submission(
 ) -> Submission:
     """Read a submission file; structural problems raise NcbenchError with one precise line.
 
+    The form is told by the content: a file with HDF5's signature is read as HDF5; any other is
+    read as CSV when it is named .csv or its first bytes are UTF-8 text, and refused otherwise.
     ``challenge_id`` is needed for the CSV form, which does not carry one. ``limits``: what may be
     read (the scorer's); without them every part is read, whatever its size. Either way the file's
     layout is checked before anything is read (:func:`ncbench.h5io.inspect_untrusted`: no links to
@@ -171,7 +180,7 @@ def read_submission(
     (:func:`ncbench.h5io.check_chunks`: none inflating past its declared size).
     """
     path = Path(path)
-    if path.suffix.lower() == ".csv":
+    if _form(path) == "csv":
         return _read_csv(path, challenge_id, limits)
     handle, datasets = open_untrusted(
         path, SUBMISSION_FORMAT, SCHEMA_VERSION, max_bytes=None if limits is None else limits.file_bytes
@@ -298,9 +307,49 @@ def _string_list(path: Path, value) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _read_csv(path: Path, challenge_id: str | None, limits: ReadLimits | None) -> Submission:
+def _form(path: Path) -> str:
+    """``"hdf5"`` or ``"csv"``: HDF5 when the file carries HDF5's signature, else CSV when it is
+    named .csv or starts as UTF-8 text; anything else is refused in one line."""
     if not path.is_file():
         raise NcbenchError(f"{path}: no such file")
+    try:
+        if _has_hdf5_signature(path):
+            return "hdf5"
+        if path.suffix.lower() == ".csv" or _starts_as_text(path):
+            return "csv"
+    except OSError as error:
+        raise NcbenchError(f"{path}: cannot be read ({error.strerror or error})") from None
+    raise NcbenchError(f"{path}: not a submission (neither an HDF5 file nor a UTF-8 CSV)")
+
+
+def _has_hdf5_signature(path: Path) -> bool:
+    """Whether ``path`` holds HDF5's signature where the library would look for it. Reads 8 bytes
+    at each of those places (about 30 for a 100 GB file) and parses nothing; ``h5py.is_hdf5``
+    would have libhdf5 open the file before its size is checked."""
+    size = path.stat().st_size
+    offset = 0
+    with open(path, "rb") as handle:
+        while offset + len(HDF5_SIGNATURE) <= size:
+            handle.seek(offset)
+            if handle.read(len(HDF5_SIGNATURE)) == HDF5_SIGNATURE:
+                return True
+            offset = max(HDF5_FIRST_USER_BLOCK, 2 * offset)
+    return False
+
+
+def _starts_as_text(path: Path) -> bool:
+    """Whether the first :data:`CSV_HEADER_BYTES` of ``path`` are UTF-8 text (a character cut at
+    the end of the sample allowed) with no control characters but tab and line ends."""
+    with open(path, "rb") as handle:
+        head = handle.read(CSV_HEADER_BYTES)
+    try:
+        text = codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except UnicodeDecodeError:
+        return False
+    return bool(text) and not any(char < " " and char not in "\t\r\n" for char in text)
+
+
+def _read_csv(path: Path, challenge_id: str | None, limits: ReadLimits | None) -> Submission:
     if limits is not None and path.stat().st_size > limits.csv_bytes:
         raise NcbenchError(
             f"{path}: file is {format_bytes(path.stat().st_size)}; a CSV for this challenge "

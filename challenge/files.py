@@ -21,7 +21,7 @@ from ncbench.challenge.config import SITE_TASKS as SITE_TASKS
 from ncbench.challenge.config import TASKS as TASKS
 from ncbench.challenge.config import EncoderConfig, key_tensor_names
 from ncbench.errors import NcbenchError
-from ncbench.h5io import open_checked, read_rows, read_strings
+from ncbench.h5io import open_checked, read_rows, read_strings, unreadable_layout
 from ncbench.private import create_private_file
 
 RELEASE_FORMAT = "ncbench-release"
@@ -31,13 +31,30 @@ SCHEMA_VERSION = 1
 
 
 class _H5File:
-    """Shared plumbing: an open, format-checked HDF5 file used as a context manager."""
+    """Shared plumbing: an open, format-checked HDF5 file used as a context manager.
+
+    Releases travel to attackers and may arrive damaged: every read of metadata (attributes, the
+    link table, object headers) goes through :meth:`_layout`, so a corrupt file is one NcbenchError
+    line, as :func:`ncbench.h5io.inspect_untrusted` reports a submission's."""
 
     FORMAT = ""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self.h5 = open_checked(self.path, self.FORMAT, SCHEMA_VERSION)
+        with self._layout():
+            self.h5 = open_checked(self.path, self.FORMAT, SCHEMA_VERSION)
+        try:
+            with self._layout():
+                self._check()
+        except BaseException:
+            self.close()
+            raise
+
+    def _check(self) -> None:
+        """Refuse, once opened, a file whose attributes or datasets this class cannot use."""
+
+    def _layout(self) -> contextlib.AbstractContextManager[None]:
+        return unreadable_layout(self.path)
 
     def __enter__(self):
         return self
@@ -49,9 +66,10 @@ class _H5File:
         self.h5.close()
 
     def _require(self, name: str) -> h5py.Dataset:
-        if name not in self.h5:
-            raise NcbenchError(f"{self.path}: missing dataset {name!r}")
-        return self.h5[name]
+        with self._layout():
+            if name not in self.h5:
+                raise NcbenchError(f"{self.path}: missing dataset {name!r}")
+            return self.h5[name]
 
     def read(self, name: str) -> np.ndarray:
         """A whole dataset, with corrupt chunks reported as one line."""
@@ -72,16 +90,22 @@ class _H5File:
             raise NcbenchError(f"{self.path}: {name} is corrupt ({error})") from None
 
     def strings(self, name: str) -> list[str]:
-        return read_strings(self._require(name))
+        dataset = self._require(name)
+        try:
+            return read_strings(dataset)
+        except OSError as error:
+            raise NcbenchError(f"{self.path}: {name} is corrupt ({error})") from None
 
     @property
     def config(self) -> EncoderConfig:
-        return EncoderConfig.from_json(self.h5.attrs["encoder_config"])
+        with self._layout():
+            return EncoderConfig.from_json(self.h5.attrs["encoder_config"])
 
     @property
     def test_release(self) -> bool:
         """True for a test release: built from a guessable seed or marked so, its key is public."""
-        return bool(self.h5.attrs.get("test_release", 0))
+        with self._layout():
+            return bool(self.h5.attrs.get("test_release", 0))
 
 
 class RowReader:
@@ -114,22 +138,18 @@ class Release(_H5File):
 
     FORMAT = RELEASE_FORMAT
 
-    def __init__(self, path: str | os.PathLike):
-        super().__init__(path)
+    def _check(self) -> None:
         attrs = self.h5.attrs
         for name in ("challenge_id", "task", "encoder_config", "n_encoded", "key_commitment"):
             if name not in attrs:
-                self.close()
                 raise NcbenchError(f"{self.path}: missing attribute {name!r}")
         self.challenge_id: str = str(attrs["challenge_id"])
         self.task: str = str(attrs["task"])
         if self.task not in TASKS:
-            self.close()
             raise NcbenchError(f"{self.path}: unknown task {self.task!r}")
         self.encoded: h5py.Dataset = self._require("encoded/data")
         self.n_sites: int = int(attrs.get("n_sites", 1))
         if self.n_sites < 1 or (self.n_sites > 1) != ("encoded/site" in self.h5):
-            self.close()
             raise NcbenchError(f"{self.path}: n_sites and encoded/site disagree")
 
     @property
@@ -171,7 +191,9 @@ class Release(_H5File):
 
     @property
     def label_names(self) -> list[str]:
-        return json.loads(self._require("encoded/labels").attrs.get("label_names", "[]"))
+        labels = self._require("encoded/labels")
+        with self._layout():
+            return json.loads(labels.attrs.get("label_names", "[]"))
 
     @property
     def labels(self) -> np.ndarray:
@@ -208,7 +230,8 @@ class Release(_H5File):
 
     def describe(self) -> dict:
         """What ``ncbench challenge info`` prints: attributes and dataset shapes."""
-        return _describe(self.h5)
+        with self._layout():
+            return _describe(self.h5)
 
 
 class SiteView:
@@ -255,16 +278,21 @@ class Key(_H5File):
 
     @property
     def challenge_id(self) -> str:
-        return str(self.h5.attrs["challenge_id"])
+        with self._layout():
+            return str(self.h5.attrs["challenge_id"])
 
     @property
     def config(self) -> EncoderConfig:
-        return EncoderConfig.from_json(self._require("encoder").attrs["encoder_config"])
+        encoder = self._require("encoder")
+        with self._layout():
+            return EncoderConfig.from_json(encoder.attrs["encoder_config"])
 
     @property
     def seed(self) -> str:
         """The build seed as text: lowercase hex, or decimal for an integer test seed."""
-        return str(self._require("encoder").attrs["seed"])
+        encoder = self._require("encoder")
+        with self._layout():
+            return str(encoder.attrs["seed"])
 
     def tensors(self, site: int = 0) -> dict[str, np.ndarray]:
         """The key tensors of ``site``: site 0 in ``encoder/``, site k > 0 in ``sites/k/``."""
@@ -277,7 +305,8 @@ class Key(_H5File):
         return hashlib.sha256(salt + canonical_digest(self.h5)).hexdigest()
 
     def describe(self, *, secrets: bool = False) -> dict:
-        info = _describe(self.h5)
+        with self._layout():
+            info = _describe(self.h5)
         if not secrets:
             info["attrs"] = {k: v for k, v in info["attrs"].items() if k != "seed"}
             info.get("encoder", {}).get("attrs", {}).pop("seed", None)
@@ -362,7 +391,7 @@ def canonical_digest(handle: h5py.File) -> bytes:
 
 def _describe(handle: h5py.File) -> dict:
     def attrs_of(obj) -> dict:
-        return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in obj.attrs.items()}
+        return {_text(k): (v.item() if isinstance(v, np.generic) else v) for k, v in obj.attrs.items()}
 
     info: dict = {"attrs": attrs_of(handle)}
 
@@ -370,10 +399,15 @@ def _describe(handle: h5py.File) -> dict:
         entry = {"attrs": attrs_of(obj)} if obj.attrs else {}
         if isinstance(obj, h5py.Dataset):
             entry.update(shape=list(obj.shape), dtype=str(obj.dtype))
-        info[name] = entry
+        info[_text(name)] = entry
 
     handle.visititems(visit)
     return info
+
+
+def _text(name: str | bytes) -> str:
+    """An HDF5 name as text: h5py hands back bytes for a name that is not UTF-8 (a damaged file)."""
+    return name.decode("utf-8", "replace") if isinstance(name, bytes) else name
 
 
 @dataclass(frozen=True)

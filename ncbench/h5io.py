@@ -392,8 +392,17 @@ def inspect_untrusted(handle: h5py.File, path: str | os.PathLike, *, file_bytes:
     there, and HDF5 reads each one whole).
     """
     path = Path(path)
-    try:
+    with unreadable_layout(path):
         return _inspect(handle, path, file_bytes)
+
+
+@contextlib.contextmanager
+def unreadable_layout(path: Path) -> Iterator[None]:
+    """Damaged metadata as one NcbenchError line naming ``path``: HDF5 reports a corrupt object
+    header, attribute message or chunk index as TypeError, ValueError, KeyError, OSError or
+    RuntimeError, depending on the call that reads it."""
+    try:
+        yield
     except (TypeError, ValueError, KeyError, OSError, RuntimeError) as error:
         raise NcbenchError(f"{path}: unreadable HDF5 layout ({type(error).__name__}: {error})") from None
 

@@ -1,9 +1,13 @@
 """Hostile input: what the generated cases of test_leaderboard_malformed.py do not show.
 
 Declared-huge submissions scored in a real process under an address-space limit; tampered
-releases refused by the CLI; the untrusted HDF5 reader still accepting every legitimate layout.
+releases refused by the CLI; the untrusted HDF5 reader still accepting every legitimate layout;
+uploads stored without a suffix read by their content; damaged releases refused in one line.
 """
 
+import dataclasses
+import hashlib
+import json
 import shutil
 import subprocess
 import sys
@@ -22,7 +26,9 @@ from ncbench.challenge.release import BuildPlan, build_release
 from ncbench.cli import main
 from ncbench.errors import NcbenchError
 from ncbench.h5io import MAX_METADATA_BYTES, check_chunks, format_bytes, open_untrusted
+from ncbench.leaderboard import isolated, workqueue
 from ncbench.leaderboard.scoring import score_submission
+from ncbench.leaderboard.server import channel
 from ncbench.leaderboard.store import Store
 
 torch.set_num_threads(1)
@@ -309,3 +315,104 @@ def test_an_unknown_10_mb_string_attribute_is_never_read(challenge, tmp_path, mo
     result = score_submission(path, out)
     assert result.headline() == 1.0
     assert "padding" not in read and "attack" in read  # the spy saw the reads it should
+
+
+# -- uploads as the server stores them: under their sha256, with no suffix ----------------------------
+
+
+def test_a_csv_stored_without_a_suffix_is_scored_like_the_same_csv_named_csv(challenge, tmp_path):
+    out, good = challenge
+    mapping = [good.mapping[1], good.mapping[0], *good.mapping[2:]]  # two answers swapped
+    named = write_submission(tmp_path / "answer.csv", dataclasses.replace(good, mapping=mapping))
+    stored = workqueue.StoreLayout(tmp_path / "store").upload(hashlib.sha256(named.read_bytes()).hexdigest())
+    stored.parent.mkdir(parents=True)
+    shutil.copyfile(named, stored)
+    as_named, as_stored = score_submission(named, key_of(out)), score_submission(stored, key_of(out))
+    assert as_stored.attack == "csv" and as_stored.headline() < 1.0
+    assert dataclasses.asdict(as_stored) == dataclasses.asdict(as_named)
+
+
+def test_random_bytes_without_a_suffix_are_refused_in_one_line_naming_no_server_path(challenge, tmp_path):
+    out, _ = challenge
+    layout = workqueue.StoreLayout(tmp_path / "store")
+    junk = np.random.default_rng(0).bytes(4096)
+    sha256 = hashlib.sha256(junk).hexdigest()
+    layout.upload(sha256).parent.mkdir(parents=True)
+    layout.upload(sha256).write_bytes(junk)
+    with pytest.raises(NcbenchError) as refused:  # the scorer's child, as the server runs it
+        isolated.score_isolated(layout.upload(sha256), key_of(out), None, died="the scorer died")
+    assert channel.redact(str(refused.value), layout, sha256) == (
+        "your file: not a submission (neither an HDF5 file nor a UTF-8 CSV)"
+    )
+
+
+def test_hdf5_is_told_by_its_signature_after_a_user_block_and_under_a_csv_name(challenge, tmp_path):
+    out, good = challenge
+    source_path = write_submission(tmp_path / "answer.h5", good)
+    shifted = tmp_path / "answer.csv"
+    with h5py.File(source_path, "r") as source, h5py.File(shifted, "w", userblock_size=512) as target:
+        target.attrs.update(source.attrs)
+        for name in source:
+            source.copy(source[name], target, name)
+    assert shifted.read_bytes()[512:520] == b"\x89HDF\r\n\x1a\n"
+    result = score_submission(shifted, key_of(out))
+    assert result.attack == "test-attack" and result.headline() == 1.0
+
+
+# -- releases whose metadata is damaged ---------------------------------------------------------------
+
+
+def damaged(release, path, marker: bytes, shift: int, length: int = 16):
+    """A copy of ``release`` at ``path`` with ``length`` bytes of 0xff written ``shift`` bytes after
+    the first ``marker`` (a signature of HDF5's structures, or a name), wherever the layout put it."""
+    content = bytearray(release.read_bytes())
+    at = content.index(marker) + shift
+    content[at : at + length] = b"\xff" * length
+    path.write_bytes(bytes(content))
+    return path
+
+
+# (marker, shift, what the damage hits, the commands that read it)
+DAMAGE = [
+    (b"challenge_id", -8, "root-attribute-message", ("info", "attack run")),
+    (b"label_names", -8, "attribute-only-info-lists", ("info",)),
+    (b"GCOL", 0, "global-heap-of-attribute-strings", ("info", "attack run")),
+    (b"HEAP", 0, "local-heap-of-link-names", ("info", "attack run")),
+    (b"SNOD", 0, "symbol-table-node", ("info", "attack run")),
+    (b"TREE", 0, "group-b-tree", ("info", "attack run")),
+    (b"TREE\x01", 64, "chunk-index-keys", ("info", "attack run")),  # node type 1; "bad coordinate offset"
+]
+
+
+@pytest.mark.parametrize(
+    "command, marker, shift",
+    [
+        pytest.param(command, marker, shift, id=f"{hit}-{command.replace(' ', '-')}")
+        for marker, shift, hit, commands in DAMAGE
+        for command in commands
+    ],
+)
+def test_a_release_with_damaged_metadata_is_one_error_line_never_a_traceback(
+    challenge, tmp_path, command, marker, shift
+):
+    out, _ = challenge
+    release = damaged(out / "public" / "release.h5", tmp_path / "release.h5", marker, shift)
+    submission = tmp_path / "answer.h5"
+    arguments = {
+        "info": ["challenge", "info", str(release)],
+        "attack run": ["attack", "run", "chance", "--release", str(release), "--out", str(submission)],
+    }[command]
+    result = CliRunner().invoke(main, arguments)
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2, result.output
+    assert len(lines) == 1 and lines[0].startswith(f"error: {release}: "), lines
+    assert "Traceback" not in result.output
+    assert not submission.exists()
+
+
+def test_info_shows_a_name_that_is_not_utf8_as_text(challenge, tmp_path):
+    out, _ = challenge
+    release = damaged(out / "public" / "release.h5", tmp_path / "release.h5", b"plain\0", 0, length=4)
+    result = CliRunner().invoke(main, ["challenge", "info", str(release)])
+    assert result.exit_code == 0, result.output
+    assert "\ufffd" * 4 + "n/ids" in json.loads(result.stdout)  # "plain" with its first 4 bytes replaced
