@@ -22,7 +22,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from ncbench.errors import NcbenchError
+from ncbench.errors import NcbenchError, one_line
 from ncbench.leaderboard.store import Store, _stamp, challenges, published, utc_now
 
 ATTEMPTS_BEFORE_FAILED = 3  # a job that crashed its worker this often is marked failed
@@ -265,15 +265,15 @@ def claim(store: Store, limit: int, table: sa.Table, *conditions, one_per=None, 
 
 
 def finish(store: Store, table: sa.Table, row_id: int, state: str, *, message: str | None, limit: int, **also) -> None:
-    """Row ``row_id`` of ``table`` ends in ``state`` with ``message`` (cut at ``limit``
-    characters) and ``also``."""
+    """Row ``row_id`` of ``table`` ends in ``state`` with ``message`` (:func:`one_line`, at most
+    ``limit`` characters) and ``also``."""
     with store._write() as conn:
         conn.execute(
             table.update()
             .where(table.c.id == row_id)
             .values(
                 state=state,
-                message=None if message is None else message[:limit],
+                message=None if message is None else one_line(message, limit),
                 updated_utc=_stamp(utc_now()),
                 **also,
             )

@@ -17,3 +17,12 @@ def disk_full(error: BaseException) -> bool:
     if getattr(error, "errno", None) in DISK_FULL_ERRNOS:
         return True
     return isinstance(error, (OSError, RuntimeError)) and DISK_FULL_TEXT.search(str(error)) is not None
+
+
+def one_line(text: str, limit: int) -> str:
+    """``text`` as one printable line of at most ``limit`` characters, as someone reads a message
+    that quotes text from outside (a file, a plugin, a library): every run of white space (line
+    breaks included) becomes one space, any other unprintable character a space, and a longer
+    text is cut and ends in "..."."""
+    text = "".join(c if c.isprintable() else " " for c in " ".join(text.split()))
+    return text if len(text) <= limit else text[: max(limit - 3, 0)] + "..."

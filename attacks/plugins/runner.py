@@ -15,7 +15,7 @@ from ncbench.attacks.base import Attack
 from ncbench.attacks.plugins import CHECK_MARK as CHECK_MARK
 from ncbench.attacks.submission import Submission, write_submission
 from ncbench.challenge.files import open_release
-from ncbench.errors import NcbenchError, disk_full
+from ncbench.errors import NcbenchError, disk_full, one_line
 
 MESSAGE_LIMIT = 300  # characters kept of an attack's own error message: it is someone else's text
 
@@ -96,5 +96,4 @@ def _one_line(error: BaseException) -> str:
         text = str(error)
     except Exception:  # noqa: BLE001 - a plugin's exception may not even print
         text = "(message cannot be printed)"
-    text = "".join(c if c.isprintable() else " " for c in " ".join(text.split()))
-    return text if len(text) <= MESSAGE_LIMIT else text[:MESSAGE_LIMIT] + "..."
+    return one_line(text, MESSAGE_LIMIT)

@@ -3,8 +3,9 @@
 What it guarantees: only files listed when a challenge was published are served, from the
 store's public folder (never the key); every write needs a team token (``Authorization: Bearer
 ...``), checked by one HMAC-SHA256 under the server's secret after a per-client limit on
-refused tokens; an upload is streamed to disk under a size cap and queued only after the rate
-and daily limits; a submission's state is durable in the database.
+refused tokens; an upload is streamed to disk under a size cap, a pace and a per-team number
+of bodies at once (:class:`UploadBounds`), and queued only after the rate and daily limits; a
+submission's state is durable in the database; every refusal is one printable line.
 A plugin for the verified track (a .py file, a wheel or an sdist) is stored and its admission
 check queued, a job of the workers like its runs (:mod:`leaderboard.verified.runs`): no route
 waits on an unpacker or a sandbox. The seeds of evaluation releases are served only once their
@@ -13,8 +14,10 @@ challenge has closed.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
+import dataclasses
 import functools
 import math
 import re
@@ -26,13 +29,15 @@ from pathlib import Path
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import FileResponse
 from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from ncbench import __version__
 from ncbench.attacks.plugins import archive as plugin_archive
-from ncbench.errors import NcbenchError
+from ncbench.errors import NcbenchError, one_line
 from ncbench.leaderboard import workqueue
 from ncbench.leaderboard.server import channel
 from ncbench.leaderboard.store import ORIGIN_SELF, Store
@@ -43,6 +48,10 @@ CHALLENGE_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 DEFAULT_MAX_UPLOAD = 1 << 30  # 1 GiB: a reid score matrix at N = 10,000 is 400 MB
 CHECKS_PER_MINUTE = 10  # per team, whatever their outcome: each check starts a sandboxed interpreter
 AUTH_FAILURES_PER_MINUTE = 20  # refused tokens per client address, then 429 without verifying
+# Client addresses whose refused tokens are counted at once: beyond, the longest quiet is
+# forgotten first. About 1 KiB each at most (20 times in a deque), so the table stays under 10 MB.
+REFUSING_CLIENTS_KEPT = 10_000
+DETAIL_LIMIT = 2000  # characters of a refusal's detail, as of a job's stored message
 PARAMS_QUERY = Query(default=[], description="name=value (repeatable)")
 # What the plugin route's fields look like, said in its OpenAPI description; the route checks
 # them itself (and what no pattern says: a module only with an archive, a wheel's name), with a 400.
@@ -59,9 +68,10 @@ WHY = {
     400: "a malformed request (an empty body, a bad range, a body cut off before its end)",
     401: "a missing, invalid or revoked token",
     404: "no such published challenge, file, or item of your team",
+    408: "an upload body that arrived slower than the server's minimum pace",
     413: "a body over the size cap",
     416: "a range outside the file",
-    429: "over a rate or daily limit, or too many refused tokens from this address",
+    429: "over a rate or daily limit, more uploads of the team at once than allowed, or too many refused tokens from this address",
     503: "the verified track is off on this server: no sandbox here",
 }
 AUTH = (401, 429)  # what the token check may answer on any route that needs one
@@ -70,6 +80,58 @@ AUTH = (401, 429)  # what the token check may answer on any route that needs one
 def documented(*codes: int) -> dict:
     """The OpenAPI ``responses`` of a route's refusals (FastAPI documents its 200 and 422)."""
     return {code: {"model": Problem, "description": WHY[code]} for code in codes}
+
+
+@dataclasses.dataclass(frozen=True)
+class UploadBounds:
+    """What one team's uploads may hold of the server while their bodies arrive. A connection
+    receiving a body is one of the server's ``--max-connections``: bodies at once are capped per
+    team (in this process), and a body must keep a minimum pace, so that no team holds many
+    connections, or one for hours, with a trickle of bytes."""
+
+    per_team: int = 4  # bodies of one team received at once (answer files and plugins), then 429
+    grace_s: float = 30.0  # any body gets this long, whatever its pace (a slow start, a short stall)
+    # then it must hold this much for each second past the grace (256 kbit/s, the slowest
+    # uplinks): a 100 MB file has 30 s + 51 min, a 1 GiB one 9 h; a trickle is cut after 30 s (408)
+    min_bytes_per_s: int = 32 << 10
+
+
+class RefusedTokens:
+    """Refused tokens per client address over the last ``window_s`` (in memory, thread-safe):
+    :meth:`over_limit` once an address reached ``limit`` of them. The table forgets an address
+    ``window_s`` after its last refusal, on the next refusal of any client, and keeps at most
+    ``clients`` addresses (dropping the longest quiet): a flood from many addresses costs
+    bounded memory, not memory for ever."""
+
+    def __init__(
+        self, *, limit: int = AUTH_FAILURES_PER_MINUTE, window_s: float = 60.0, clients: int = REFUSING_CLIENTS_KEPT
+    ):
+        self.limit, self.window_s, self.clients = limit, window_s, clients
+        self._lock = threading.Lock()
+        # In the order of each address's last refusal (moved to the end at each): the first is
+        # the longest quiet.
+        self._recent: collections.OrderedDict[str, collections.deque] = collections.OrderedDict()
+
+    def over_limit(self, client: str, now: float) -> bool:
+        with self._lock:
+            recent = self._recent.get(client)
+            while recent and recent[0] <= now - self.window_s:
+                recent.popleft()
+            if recent is not None and not recent:
+                del self._recent[client]
+            return recent is not None and len(recent) >= self.limit
+
+    def add(self, client: str, now: float) -> None:
+        with self._lock:
+            self._recent.setdefault(client, collections.deque()).append(now)
+            self._recent.move_to_end(client)
+            while self._recent and (
+                len(self._recent) > self.clients or next(iter(self._recent.values()))[-1] <= now - self.window_s
+            ):
+                self._recent.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._recent)
 
 
 def row_id():
@@ -84,10 +146,13 @@ def create_app(
     *,
     max_upload: int = DEFAULT_MAX_UPLOAD,
     verified_settings: verified.Settings | None = None,
+    uploads: UploadBounds | None = None,
 ) -> FastAPI:
     store = Store(db_url)
     settings = verified_settings or verified.Settings()
+    uploads = uploads or UploadBounds()
     recent_checks: dict[str, collections.deque] = collections.defaultdict(collections.deque)
+    receiving: collections.Counter[str] = collections.Counter()  # per team: bodies coming now
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -102,17 +167,24 @@ def create_app(
     )
     layout = workqueue.StoreLayout(Path(store_root))
     token_key = channel.token_key(layout)
-    refused_tokens: dict[str, collections.deque] = collections.defaultdict(collections.deque)
-    refused_lock = threading.Lock()
+    refused_tokens = RefusedTokens()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def one_line_refusal(request: Request, error: StarletteHTTPException):
+        """Every refusal's detail is one printable line, whatever text it quotes (a file name, a
+        parameter, an error of a library)."""
+        if isinstance(error.detail, str):
+            error.detail = one_line(error.detail, DETAIL_LIMIT)
+        return await http_exception_handler(request, error)
 
     def team(request: Request, authorization: str | None = Header(default=None)) -> str:
         client = request.client.host if request.client else "?"
-        refused_of(client)  # before any verification: a client that keeps guessing waits
+        if refused_tokens.over_limit(client, time.monotonic()):  # before any verification: a guesser waits
+            raise HTTPException(429, f"too many refused tokens: at most {AUTH_FAILURES_PER_MINUTE} a minute")
         scheme, _, token = (authorization or "").partition(" ")
         name = channel.authenticate(store, token.strip(), key=token_key) if scheme.lower() == "bearer" else None
         if name is None:
-            with refused_lock:
-                refused_tokens[client].append(time.monotonic())
+            refused_tokens.add(client, time.monotonic())
             raise HTTPException(401, "missing, invalid or revoked token", headers={"WWW-Authenticate": "Bearer"})
         request.state.team = name  # for the request log line
         return name
@@ -134,17 +206,22 @@ def create_app(
 
         return await team_reads(request, authorization, read)
 
-    def refused_of(client: str) -> None:
-        """429 for a client refused AUTH_FAILURES_PER_MINUTE tokens in the last minute (in memory)."""
-        now = time.monotonic()
-        with refused_lock:
-            recent = refused_tokens[client]
-            while recent and recent[0] < now - 60:
-                recent.popleft()
-            if not recent:
-                refused_tokens.pop(client, None)
-            elif len(recent) >= AUTH_FAILURES_PER_MINUTE:
-                raise HTTPException(429, f"too many refused tokens: at most {AUTH_FAILURES_PER_MINUTE} a minute")
+    @contextlib.contextmanager
+    def one_of_few(team: str):
+        """While one of ``team``'s upload bodies is received; 429 at once, before a byte of it is
+        read, when ``uploads.per_team`` of them are coming already. Counted on the event loop
+        (routes that upload are async), so without a lock."""
+        if receiving[team] >= uploads.per_team:
+            raise HTTPException(
+                429, f"at most {uploads.per_team} uploads at once per team; send this one when another has ended"
+            )
+        receiving[team] += 1
+        try:
+            yield
+        finally:
+            receiving[team] -= 1
+            if not receiving[team]:
+                del receiving[team]
 
     def published_files(challenge_id: str) -> list[dict]:
         files = channel.public_files(store, challenge_id) if CHALLENGE_ID.match(challenge_id) else None
@@ -200,7 +277,7 @@ def create_app(
     @app.post(
         "/api/v1/challenges/{challenge_id}/submissions",
         status_code=202,
-        responses=documented(400, 404, 413, *AUTH),
+        responses=documented(400, 404, 408, 413, *AUTH),
         openapi_extra={"requestBody": {"required": True, "content": {"application/octet-stream": {"schema": {}}}}},
     )
     async def submit(challenge_id: str, request: Request, team: str = Depends(team)) -> dict:
@@ -209,7 +286,8 @@ def create_app(
         await run_in_threadpool(published_files, challenge_id)
         with queue_errors():  # refused before a byte of the body is read
             await run_in_threadpool(channel.admit, store, team=team, challenge_id=challenge_id)
-        writer = await receive(request, layout, max_upload, "upload")
+        with one_of_few(team):
+            writer = await receive(request, layout, max_upload, "upload", uploads)
         try:
             with queue_errors():
                 job_id = await run_in_threadpool(
@@ -238,7 +316,7 @@ def create_app(
     @app.post(
         "/api/v1/challenges/{challenge_id}/plugins",
         status_code=202,
-        responses=documented(400, 404, 413, 503, *AUTH),
+        responses=documented(400, 404, 408, 413, 503, *AUTH),
         openapi_extra={
             "requestBody": {
                 "required": True,
@@ -293,8 +371,9 @@ def create_app(
         limit = challenge["plugin_daily_limit"] or verified.DEFAULT_PLUGIN_DAILY_LIMIT
         if await run_in_threadpool(verified.used_today, store, team=team, challenge_id=challenge_id) >= limit:
             raise HTTPException(429, f"team {team!r} has used its {limit} verified runs for {challenge_id} today (UTC)")
-        admit_check(team)
-        writer = await receive(request, layout, verified.upload_cap(filename), "plugin")
+        with one_of_few(team):
+            admit_check(team)
+            writer = await receive(request, layout, verified.upload_cap(filename), "plugin", uploads)
         try:
             # Stored and queued for its admission check, a job of the workers' check pool: no
             # API thread ever waits on an unpacker or a sandbox.
@@ -397,19 +476,34 @@ def queue_errors():
         raise HTTPException(404, str(error)) from None
 
 
-async def receive(request: Request, layout: workqueue.StoreLayout, max_bytes: int, what: str) -> channel.UploadWriter:
+async def receive(
+    request: Request, layout: workqueue.StoreLayout, max_bytes: int, what: str, bounds: UploadBounds
+) -> channel.UploadWriter:
     """Stream a request body to a private file under ``max_bytes`` (by its declared
-    ``Content-Length`` first, then while reading), not yet in the store: the writer, whose
-    ``commit`` stores it by content hash, or 413 / 400 and nothing kept."""
+    ``Content-Length`` first, then while reading) and at ``bounds``' pace, not yet in the store:
+    the writer, whose ``commit`` stores it by content hash, or 413 / 408 / 400 and nothing kept
+    (nor when the server's stop cancels it)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise HTTPException(413, f"{what} larger than the {max_bytes} byte limit")
     writer = channel.UploadWriter(layout, max_bytes=max_bytes)
+    started = asyncio.get_running_loop().time()
     try:
-        async for chunk in request.stream():
-            writer.write(chunk)
+        async with asyncio.timeout_at(started + bounds.grace_s) as pace:
+            async for chunk in request.stream():
+                writer.write(chunk)
+                # Past the grace a body holds min_bytes_per_s for each second since the grace
+                # ended: these bytes last until the deadline set here, then more are due.
+                pace.reschedule(started + bounds.grace_s + writer.size / bounds.min_bytes_per_s)
     except NcbenchError as error:
         raise HTTPException(413, str(error)) from None
+    except TimeoutError:
+        writer.discard()
+        raise HTTPException(
+            408,
+            f"{what} arrived slower than {bounds.min_bytes_per_s >> 10} KiB/s after its first {bounds.grace_s:g} s",
+            headers={"Connection": "close"},  # the rest of the body is not worth waiting for
+        ) from None
     except ClientDisconnect:  # the client left, or was closed for stalling (--body-timeout)
         writer.discard()
         raise HTTPException(400, f"{what} cut off before its end") from None

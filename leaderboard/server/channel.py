@@ -43,6 +43,7 @@ from ncbench.leaderboard.store import (
     team_tokens,
     teams,
     utc_now,
+    verified_runs,
 )
 from ncbench.private import create_private_file, private_dir
 
@@ -459,17 +460,49 @@ def run_job(db_url: str, store_root: str, job_id: int) -> str:
             finish(store, job_id, "failed", message=SCORER_KILLED)  # at once: the next try would die too
             return "failed"
         except NcbenchError as error:
-            finish(store, job_id, "refused", message=redact(str(error), layout, row.sha256))
-            return "refused"
+            return refuse(store, layout, job_id, row.sha256, redact(str(error), layout, row.sha256))
         except Exception as error:  # noqa: BLE001 - a scorer bug: recorded, the server keeps serving
             text = redact(f"scorer error: {type(error).__name__}: {error}", layout, row.sha256)
             finish(store, job_id, "failed", message=text)
             return "failed"
         if recorded.submission_id != job_id:  # the team's file was already scored under another id
-            finish(store, job_id, "refused", message=already_scored(recorded.submission_id))
-            return "refused"
+            return refuse(store, layout, job_id, row.sha256, already_scored(recorded.submission_id))
         finish(store, job_id, "scored", submission_id=recorded.submission_id)
         return "scored"
+
+
+def refuse(store: Store, layout: workqueue.StoreLayout, job_id: int, sha256: str, message: str) -> str:
+    """Job ``job_id`` ends ``refused`` with ``message``, and its file leaves the store unless
+    something else names it (:func:`forget_upload`): a refused file does not count against the
+    daily limit, so keeping it would let a team fill the disk. Returns the state."""
+    finish(store, job_id, "refused", message=message)
+    forget_upload(store, layout, sha256)
+    return "refused"
+
+
+def forget_upload(store: Store, layout: workqueue.StoreLayout, sha256: str) -> bool:
+    """Delete ``uploads/<sha256>`` unless a job that is not refused (queued, running, scored,
+    failed: any team's) or a verified run names it; True when it was deleted.
+
+    Uploads are stored by content hash, so a team may be sending the same bytes right now:
+    :func:`enqueue` (and the verified track's) moves the file into place and inserts its row in
+    one write transaction, and this check and the deletion hold the lock such transactions
+    need. Either that row is committed and seen here, or the file is moved in again after
+    the deletion."""
+    with store._write() as conn:  # SQLite: BEGIN IMMEDIATE, every other writer waits
+        if store.url.get_backend_name() == "postgresql":
+            # Every enqueue inserts into teams (Store._lock_team) before it stages its file: a
+            # SHARE lock on teams waits for those under way and holds off new ones until this ends.
+            conn.execute(sa.text(f"LOCK TABLE {teams.name} IN SHARE MODE"))
+        named = conn.execute(
+            sa.select(
+                sa.exists().where(jobs.c.sha256 == sha256, jobs.c.state != "refused")
+                | sa.exists().where(verified_runs.c.plugin_sha256 == sha256)
+            )
+        ).scalar()
+        if not named:
+            layout.upload(sha256).unlink(missing_ok=True)
+    return not named
 
 
 def already_scored(submission_id: int) -> str:

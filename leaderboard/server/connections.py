@@ -10,11 +10,19 @@ adds what a reverse proxy would (nginx's ``client_header_timeout``, ``client_bod
   previous response ended, however slowly its bytes come;
 - while a body is being sent, ``body_timeout_s`` without a byte closes the connection (unless
   the server itself stopped reading: then the client is not the slow one);
+- a body the server answered before it ended (a refusal) is read and dropped for at most
+  ``drain_timeout_s`` after the answer (nginx's ``lingering_time``), then the connection closes;
 - past ``max_connections`` open connections, a new one is closed as soon as it is accepted.
 
-:class:`RequestGuard` is the ASGI side: one log line per request, and a 400 for a request that
+:class:`RequestGuard` is the ASGI side: one log line per request, a 431 for a request head over
+``max_header_bytes`` (h11 bounds only a head still incomplete), a 400 for a request that
 declares both ``Content-Length`` and ``Transfer-Encoding`` (proxies and servers that disagree on
-which one frames the body let one request hide another: request smuggling).
+which one frames the body let one request hide another: request smuggling), and a 503 for a
+request still running when the grace after SIGINT or SIGTERM ends.
+
+``X-Forwarded-For`` names the client only when the organizer names the proxies that send it
+(``FORWARDED_ALLOW_IPS``): otherwise anyone who reaches the port could pick the address that the
+per-address limits count.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import resource
 import signal
 import sys
@@ -46,17 +55,23 @@ class ConnectionLimits:
     max_connections: int = 1000
     max_header_bytes: int = 16 * 1024  # h11's default, said out loud
     shutdown_timeout_s: int = 5  # requests still running at SIGTERM get this long, then are cancelled
+    drain_timeout_s: float = 10.0  # a refused body is dropped this long after the answer, then closed
+    # The proxies whose X-Forwarded-For names the client (uvicorn's syntax: addresses or networks,
+    # comma-separated; "*" any): none unless the organizer sets FORWARDED_ALLOW_IPS.
+    forwarded_allow_ips: str = dataclasses.field(
+        default_factory=lambda: os.environ.get("FORWARDED_ALLOW_IPS", "").strip()
+    )
 
 
 class GuardedH11(H11Protocol):
-    """uvicorn's h11 protocol with a head timeout, a body timeout and a connection cap
-    (``limits`` is set on the subclass :func:`protocol` makes)."""
+    """uvicorn's h11 protocol with a head timeout, a body timeout, a drain timeout and a
+    connection cap (``limits`` is set on the subclass :func:`protocol` makes)."""
 
     limits = ConnectionLimits()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._deadline: asyncio.TimerHandle | None = None
-        self._waiting_for_head = False
+        self._phase: str | None = None  # "head", "body", "drain" or None: what the timer watches
         super().connection_made(transport)
         if len(self.connections) > self.limits.max_connections:
             transport.abort()
@@ -77,20 +92,24 @@ class GuardedH11(H11Protocol):
 
     def _watch(self) -> None:
         """Arm the timer the connection's state calls for: the head's (once per request, not
-        reset by the bytes of the head), the body's (reset by each chunk), or none."""
+        reset by the bytes of the head), the body's (reset by each chunk), the drain's (once,
+        from the answer to a request whose body still comes), or none."""
         if self.transport.is_closing():
             return
-        state = self.conn.their_state
-        if state is h11.IDLE:
-            if not self._waiting_for_head:
-                self._waiting_for_head = True
-                self._arm(self.limits.header_timeout_s)
-        elif state is h11.SEND_BODY:
-            self._waiting_for_head = False
-            self._arm(self.limits.body_timeout_s)
+        theirs, ours = self.conn.their_state, self.conn.our_state
+        if theirs is h11.IDLE:
+            phase, seconds = "head", self.limits.header_timeout_s
+        elif theirs is h11.SEND_BODY and ours in (h11.DONE, h11.MUST_CLOSE):
+            phase, seconds = "drain", self.limits.drain_timeout_s
+        elif theirs is h11.SEND_BODY:
+            phase, seconds = "body", self.limits.body_timeout_s
         else:
-            self._waiting_for_head = False
+            phase, seconds = None, None
+        if seconds is None:
             self._disarm()
+        elif phase == "body" or phase != self._phase:
+            self._arm(seconds)
+        self._phase = phase
 
     def _arm(self, seconds: float) -> None:
         self._disarm()
@@ -103,7 +122,7 @@ class GuardedH11(H11Protocol):
 
     def _expired(self) -> None:
         self._deadline = None
-        if self.flow.read_paused and self.conn.their_state is h11.SEND_BODY:
+        if self._phase == "body" and self.flow.read_paused and self.conn.their_state is h11.SEND_BODY:
             self._arm(self.limits.body_timeout_s)  # the app is not reading: wait for it, not the client
             return
         if not self.transport.is_closing():
@@ -153,6 +172,14 @@ class Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
+class CancelledRequests(logging.Filter):
+    """Drops uvicorn's line about the requests it cancels when the grace after SIGINT or SIGTERM
+    ends ("Cancel N running task(s), ..."): :class:`RequestGuard` logs each of them, as a 503."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.getMessage().startswith("Cancel ") and "graceful shutdown" in record.getMessage())
+
+
 def log_requests_to_stderr() -> None:
     """Send :class:`RequestGuard`'s lines to stderr, one per request, with a UTC time."""
     handler = logging.StreamHandler(sys.stderr)
@@ -166,25 +193,37 @@ def log_requests_to_stderr() -> None:
 
 def uvicorn_config(app, limits: ConnectionLimits, **options):
     """A uvicorn configuration of ``app`` under ``limits``, without uvicorn's access log (it
-    would log query strings; :class:`RequestGuard` logs instead)."""
-    return uvicorn.Config(
+    would log query strings; :class:`RequestGuard` logs instead). ``X-Forwarded-For`` is read
+    only from ``limits.forwarded_allow_ips``; with none named, the connection's own address is
+    the client's."""
+    config = uvicorn.Config(
         app,
         http=protocol(limits),
         timeout_keep_alive=limits.idle_timeout_s,
         h11_max_incomplete_event_size=limits.max_header_bytes,
         timeout_graceful_shutdown=limits.shutdown_timeout_s,
         access_log=False,
+        proxy_headers=bool(limits.forwarded_allow_ips),
+        forwarded_allow_ips=limits.forwarded_allow_ips or None,
         **options,
     )
+    quiet = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, CancelledRequests) for f in quiet.filters):
+        quiet.addFilter(CancelledRequests())
+    return config
 
 
 class RequestGuard:
-    """ASGI middleware: refuses ambiguous body framing (400), and logs one line per request:
-    method, path (never the query string), status, milliseconds, and the team the token
-    authenticated (``request.state.team``) or ``anonymous``. A token never reaches the log."""
+    """ASGI middleware: refuses a request head over ``limits.max_header_bytes`` (431) and
+    ambiguous body framing (400), answers 503 for a request cancelled by the server's stop, and
+    logs one line per request: method, path (never the query string), status, milliseconds, and
+    the team the token authenticated (``request.state.team``) or ``anonymous``. A token never
+    reaches the log."""
 
-    def __init__(self, app):
+    def __init__(self, app, limits: ConnectionLimits | None = None):
         self.app = app
+        self.limits = limits or ConnectionLimits()
+        self._told_forwarded = False
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -192,25 +231,57 @@ class RequestGuard:
             return
         started = time.perf_counter()
         status = 500  # what the client sees when the app ends without a response
+        responding = False
         headers = {name for name, _ in scope["headers"]}
 
         async def sending(message) -> None:
-            nonlocal status
+            nonlocal status, responding
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, responding = message["status"], True
             await send(message)
 
         try:
-            if b"content-length" in headers and b"transfer-encoding" in headers:
+            if head_bytes(scope) > self.limits.max_header_bytes:
+                await _refuse(sending, 431, b"request head larger than %d bytes" % self.limits.max_header_bytes)
+            elif b"content-length" in headers and b"transfer-encoding" in headers:
                 await _refuse(
                     sending, 400, b"both Content-Length and Transfer-Encoding: the body's length is ambiguous"
                 )
             else:
+                if b"x-forwarded-for" in headers and not self.limits.forwarded_allow_ips:
+                    self._tell_forwarded()
                 await self.app(scope, receive, sending)
+        except asyncio.CancelledError:
+            # uvicorn cancels what still runs when the grace after SIGINT or SIGTERM ends. The
+            # request ends here (an upload removed its partial file on the way up), not as a
+            # traceback and a plain-text 500: a 503 the client can act on, if its answer has not begun.
+            asyncio.current_task().uncancel()
+            if not responding:
+                await _refuse(sending, 503, b"the server is stopping: send the request again once it is back")
         finally:
             team = scope.get("state", {}).get("team") or "anonymous"
             path = scope["path"].encode("unicode_escape").decode("ascii")[:200]
             log.info("%s %s %d %.1fms %s", scope["method"], path, status, (time.perf_counter() - started) * 1000, team)
+
+    def _tell_forwarded(self) -> None:
+        """Once: say that the server ignores X-Forwarded-For, which a proxy in front sends."""
+        if not self._told_forwarded:
+            self._told_forwarded = True
+            log.warning(
+                "warning: requests carry X-Forwarded-For, which this server ignores: every client of a "
+                "proxy counts as the proxy's one address; name the proxy in FORWARDED_ALLOW_IPS (e.g. "
+                "FORWARDED_ALLOW_IPS=127.0.0.1 for a proxy on this machine)"
+            )
+
+
+def head_bytes(scope) -> int:
+    """The size of a request's head as it came (request line and header lines, CRLFs included),
+    from what the server parsed of it: names and values keep their length in ``scope``."""
+    target = len(scope.get("raw_path") or scope["path"].encode()) + (
+        len(scope["query_string"]) + 1 if scope.get("query_string") else 0
+    )
+    line = len(scope["method"]) + 1 + target + len(" HTTP/1.1\r\n")
+    return line + sum(len(name) + len(value) + 4 for name, value in scope["headers"]) + 2
 
 
 async def _refuse(send, status: int, detail: bytes) -> None:

@@ -174,7 +174,8 @@ class EmbeddedServer:
         self.socket = listen("127.0.0.1", 0)
         self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
         app = create_app(self.db_url, self.store_dir, verified_settings=self.settings)
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        # The client's own address counts, never an X-Forwarded-For it sends (no proxy here).
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", proxy_headers=False))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
         self.thread.start()
         self.dispatcher = Dispatcher(self.db_url, str(self.store_dir), **self.pools).start()
@@ -253,7 +254,9 @@ def serve(
             file=sys.stderr,
         )
     connections.log_requests_to_stderr()
-    app = connections.RequestGuard(create_app(url, store_root, max_upload=max_upload, verified_settings=settings))
+    app = connections.RequestGuard(
+        create_app(url, store_root, max_upload=max_upload, verified_settings=settings), limits
+    )
     board = None
     try:
         # The board first, before any thread starts: preexec_fn is only safe in a single-threaded parent.

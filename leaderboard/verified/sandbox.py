@@ -54,7 +54,7 @@ from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
 
-from ncbench.errors import NcbenchError
+from ncbench.errors import NcbenchError, one_line
 from ncbench.leaderboard.verified import cgroup, seccomp
 
 RELEASE_INSIDE = "/challenge/release.h5"
@@ -775,6 +775,7 @@ KILLED = "killed by a signal"
 NO_SUBMISSION = "the run wrote no submission"
 INVALID_SUBMISSION = "invalid submission"
 NO_REPORT = "the check printed no report"
+SANDBOX_DETAIL_LIMIT = 500  # characters kept of a run's own error lines: the plugin's text
 DECLARATIONS_DIFFER = "the imported class does not declare what its source says"
 BUILTIN_EXCEPTIONS = frozenset(
     name for name, value in vars(builtins).items() if isinstance(value, type) and issubclass(value, BaseException)
@@ -825,20 +826,17 @@ def _reason(returncode: int, output: str, limits: Limits) -> tuple[str | None, s
     lines = [line.strip() for line in output.splitlines() if line.strip()]
     errors = [line.removeprefix("error: ") for line in lines if line.startswith("error: ")]
     if errors:
-        return public_reason(errors[-1]), _one_line("; ".join(errors))
+        return public_reason(errors[-1]), one_line("; ".join(errors), SANDBOX_DETAIL_LIMIT)
     number = -returncode if returncode < 0 else returncode - 128 if returncode > 128 else None
     if number is not None:
         return SIGNAL_REASONS.get(number, KILLED), _detail(output)
-    return ERROR_EXIT, _one_line(f"exit status {returncode}: {lines[-1] if lines else 'no output'}")
+    return ERROR_EXIT, one_line(
+        f"exit status {returncode}: {lines[-1] if lines else 'no output'}", SANDBOX_DETAIL_LIMIT
+    )
 
 
 def _detail(output: str) -> str | None:
     """The last ``error:`` line a run printed (e.g. a fork bomb's, held at the process limit until
     the clock ran out), for its team."""
     errors = [line for line in output.splitlines() if line.startswith("error: ")]
-    return _one_line(errors[-1].removeprefix("error: "), 300) if errors else None
-
-
-def _one_line(text: str, limit: int = 500) -> str:
-    text = "".join(c if c.isprintable() else " " for c in " ".join(text.split()))
-    return text if len(text) <= limit else text[:limit] + "..."
+    return one_line(errors[-1].removeprefix("error: "), 300) if errors else None
