@@ -8,6 +8,7 @@ and the same API behind the same HTTP guards in a thread of the test (:class:`Th
 that a test can lower a bound to a second."""
 
 import json
+import shutil
 import signal
 import socket
 import threading
@@ -52,12 +53,20 @@ def token_for(store: Path, team: str) -> str:
     return added.stdout.strip()
 
 
-@pytest.fixture
-def published(release, tmp_path) -> dict:
-    """A fresh store with the challenge published and tokens for alice and bob; no server."""
-    store = tmp_path / "store"
+@pytest.fixture(scope="module")
+def published_once(release, tmp_path_factory) -> dict:
+    """A store with the challenge published and tokens for alice and bob, made once per module."""
+    store = tmp_path_factory.mktemp("published") / "store"
     challenge_id = publish(release, store)
     return {"store": store, "id": challenge_id, "alice": token_for(store, "alice"), "bob": token_for(store, "bob")}
+
+
+@pytest.fixture
+def published(published_once, tmp_path) -> dict:
+    """A fresh copy of :func:`published_once`'s store (modes kept) for one test; no server."""
+    store = tmp_path / "store"
+    shutil.copytree(published_once["store"], store)
+    return {**published_once, "store": store}
 
 
 @pytest.fixture(scope="module")
