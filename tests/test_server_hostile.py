@@ -411,6 +411,21 @@ def test_a_request_head_is_at_most_16_kib_even_in_one_read(published, size, stat
         assert body == {"detail": "request head larger than 16384 bytes"}
 
 
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"POST /api/v1/whoami HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+        b"POST /api/v1/whoami HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\n\r\n",  # no Host
+        b"GET /a\x00b HTTP/1.1\r\nHost: x\r\n\r\n",
+    ],
+)
+def test_a_request_the_http_parser_refuses_gets_a_json_400(published, head):
+    with ThreadServer(published["store"]) as server, connect(server.port, head, timeout=5) as sock:
+        raw = answer_of(sock)
+    assert status_and_json(raw) == (400, {"detail": "Invalid HTTP request received."}), raw[:200]
+
+
 # -- the client's address ----------------------------------------------------------------------------
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import resource
@@ -68,6 +69,19 @@ class GuardedH11(H11Protocol):
     connection cap (``limits`` is set on the subclass :func:`protocol` makes)."""
 
     limits = ConnectionLimits()
+
+    def send_400_response(self, msg: str) -> None:
+        """A request h11 cannot parse (a bad Content-Length, a NUL in the path, no Host) gets the
+        API's JSON 400, not uvicorn's plain text, and the connection closes."""
+        body = json.dumps({"detail": msg}).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+        for event in (
+            h11.Response(status_code=400, headers=[*headers, (b"connection", b"close")], reason=b"Bad Request"),
+            h11.Data(data=body),
+            h11.EndOfMessage(),
+        ):
+            self.transport.write(self.conn.send(event))
+        self.transport.close()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._deadline: asyncio.TimerHandle | None = None
