@@ -20,6 +20,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import tempfile
 import threading
 import zlib
@@ -679,18 +680,49 @@ def atomic_path(
     except OSError as error:
         raise NcbenchError(f"cannot write {final}: {error.strerror}") from None
     target = tmp / final.name
+    _WRITING.append(tmp)
     try:
-        try:
-            yield target
-        except OSError as error:  # the folder refused what was written into it: say where, not the sibling
-            if error.errno not in UNWRITABLE or not str(error.filename or "").startswith(str(tmp)):
-                raise
-            raise NcbenchError(f"cannot write {final}: {error.strerror}") from None
-        if final.exists() or final.is_symlink():
-            _remove(final)
-        os.replace(target, final)
+        with _removed_on_sigterm():
+            try:
+                yield target
+            except OSError as error:  # the folder refused what was written into it: say where, not the sibling
+                if error.errno not in UNWRITABLE or not str(error.filename or "").startswith(str(tmp)):
+                    raise
+                raise NcbenchError(f"cannot write {final}: {error.strerror}") from None
+            if final.exists() or final.is_symlink():
+                _remove(final)
+            os.replace(target, final)
     finally:
+        _WRITING.remove(tmp)
         _remove(tmp)
+
+
+# Temporary siblings being written now, in any thread: what a SIGTERM removes before the process ends.
+_WRITING: list[Path] = []
+
+
+@contextlib.contextmanager
+def _removed_on_sigterm() -> Iterator[None]:
+    """While an artefact is written, SIGTERM (``timeout``, a supervisor) removes every temporary
+    sibling being written, says ``terminated`` and ends the process (status 143), so that none
+    is left half-written. Only from the main thread and only where nobody else handles SIGTERM
+    (the server has its own stop). The process ends from the handler itself: an exception
+    raised there may land in a finaliser, which would swallow it."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def terminate(signum, frame):
+        for path in list(_WRITING):
+            _remove(path)
+        os.write(2, b"terminated\n")
+        os._exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _remove(path: Path) -> None:

@@ -4,6 +4,10 @@ import errno
 import json
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import h5py
@@ -304,6 +308,35 @@ def test_force_never_replaces_what_a_build_did_not_write(tmp_path, monkeypatch, 
     with pytest.raises(NcbenchError, match="not replacing it"):
         _build(out[where], n=4, force=True)
     assert (work / "keep" / "file").read_text() == "mine"
+
+
+def test_sigterm_mid_build_removes_the_temporary_release_and_says_terminated(tmp_path):
+    """A build stopped by SIGTERM (``timeout``, a supervisor) ends in one line, status 143, and
+    leaves neither the release nor its hidden temporary sibling behind."""
+    out = tmp_path / "out"
+    build = subprocess.Popen(
+        [
+            Path(sys.executable).with_name("ncbench"),
+            "challenge",
+            "build",
+            "--preset",
+            "nc7",
+            "--n",
+            "2048",
+            "--out",
+            out,
+        ]
+        + ["--test-release", "--source", "phantom", "--width", "512", "--image-size", "64", "--device", "cpu"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".out.*")) and build.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    build.send_signal(signal.SIGTERM)
+    _, stderr = build.communicate(timeout=60)
+    assert build.returncode == 143 and stderr.strip().splitlines()[-1] == "terminated", stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_failure_mid_build_leaves_nothing(tmp_path, monkeypatch):
