@@ -69,7 +69,7 @@ def group() -> None:
     help="Build a test release whose key is public: accepts a short seed (e.g. --seed 7) and says so in the release.",
 )
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Release directory to create.")
-@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+@click.option("--force", is_flag=True, help="Replace an earlier release at --out (never a folder of other files).")
 @click.option("--width", type=int, help="Override the encoder width D (default 2048).")
 @click.option("--image-size", type=int, help="Override the image size (default 256).")
 @click.option("--patch-size", type=int, help="Override the patch size (default 16).")
