@@ -4,9 +4,9 @@ Every case here fails before the images are loaded (``load_images`` is replaced 
 each runs in a fraction of a second and creates nothing.
 """
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers import png_folder
 
 import ncbench.challenge.release as release_module
 from ncbench.challenge.config import MAX_PATCHES, MAX_SIZE, resolve_config
@@ -170,12 +170,7 @@ def test_memory_estimate_counts_the_least_a_build_holds(monkeypatch):
 
 @pytest.fixture
 def folder(tmp_path):
-    pil = pytest.importorskip("PIL.Image")
-    images = tmp_path / "images"
-    images.mkdir()
-    for k in range(2):
-        pil.fromarray(np.full((16, 16), 60 * k, np.uint8)).save(images / f"{k}.png")
-    return images
+    return png_folder(tmp_path / "images", 2, 16)
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import png_folder
 
 import ncbench.attacks.plugins.runner as runner_module
 import ncbench.challenge.release as release_module
@@ -408,11 +409,7 @@ def _build_tiny(out, *args):
 
 
 def test_cli_build_too_many_images_for_folder(tmp_path):
-    pil = pytest.importorskip("PIL.Image")
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    for i in range(2):
-        pil.fromarray(np.full((32, 32), 40 * i, np.uint8)).save(folder / f"{i}.png")
+    folder = png_folder(tmp_path / "imgs", 2, 32)
     result = _build_tiny(tmp_path / "out", "--source", f"folder:{folder}", "--n", 5)
     _assert_one_line_error(result)
     assert not (tmp_path / "out").exists()
