@@ -653,11 +653,21 @@ def check_output(
         folder = next(parent for parent in final.absolute().parents if parent.exists())
         if len(os.fsencode(final.name)) > os.pathconf(folder, "PC_NAME_MAX"):
             raise NcbenchError(f"cannot write {final}: the name is too long")
-        if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        if not folder.is_dir() or not _can_create_in(folder):
             raise NcbenchError(f"cannot write {final}: its folder is not one this user can write")
     except OSError as error:
         raise NcbenchError(f"cannot write {final}: {error.strerror}") from None
     return final
+
+
+def _can_create_in(folder: Path) -> bool:
+    """Whether an entry can be created in ``folder``, by creating and removing one: permission
+    bits do not tell for root, a read-only mount or a pseudo file system such as /proc."""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".ncbench-probe-", dir=folder))
+    except OSError:
+        return False
+    return True
 
 
 @contextlib.contextmanager

@@ -194,7 +194,11 @@ def test_prefetch_reads_a_file_that_fits_and_skips_one_that_does_not(tmp_path, m
 
 def test_outputs_that_cannot_be_written_are_refused_before_any_work(tmp_path):
     (tmp_path / "plain").write_text("x")
-    for out, reason in [(tmp_path / ("a" * 300), "(?i)too long"), (tmp_path / "plain" / "x.h5", "cannot write")]:
+    for out, reason in [
+        (tmp_path / ("a" * 300), "(?i)too long"),
+        (tmp_path / "plain" / "x.h5", "cannot write"),
+        (Path("/proc/ncbench.h5"), "cannot write"),
+    ]:
         with pytest.raises(NcbenchError, match=reason):
             check_output(out)
     longest = tmp_path / ("b" * 250)  # its temporary sibling's name stays within the limit too
