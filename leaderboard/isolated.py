@@ -25,6 +25,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from ncbench.errors import NcbenchError
 
@@ -77,25 +78,8 @@ def child_command(limits: ChildLimits) -> list[str]:
 def call(task: str, request: dict, limits: ChildLimits, *, died: str) -> object:
     """The JSON answer of :data:`TASKS` ``[task](**request)`` run in a limited child. Raises
     NcbenchError with the child's own refusal, or ChildKilled(``died``) when it gave none."""
-    argv = [*child_command(limits), sys.executable, "-I", "-m", MODULE, task]
-    with tempfile.TemporaryFile() as out:  # a file, bounded by RLIMIT_FSIZE, not a pipe held in memory
-        try:
-            done = subprocess.run(
-                argv,
-                input=json.dumps(request).encode(),
-                stdout=out,
-                stderr=subprocess.DEVNULL,
-                timeout=limits.wall_s,
-                env={**CHILD_ENV, PARENT_ENV: str(os.getpid())},
-            )
-        except subprocess.TimeoutExpired:
-            raise ChildKilled(died) from None
-        out.seek(0)
-        lines = out.read(limits.file_bytes).splitlines()
-    try:
-        answer = json.loads(lines[-1]) if done.returncode == 0 and lines else None
-    except ValueError:
-        answer = None
+    lines = child_lines([sys.executable, "-I", "-m", MODULE, task], json.dumps(request).encode(), limits, died=died)
+    answer = last_json(lines)
     if not isinstance(answer, dict) or not ({"ok", "error", "crash"} & answer.keys()):
         raise ChildKilled(died)
     if "error" in answer:
@@ -103,6 +87,38 @@ def call(task: str, request: dict, limits: ChildLimits, *, died: str) -> object:
     if "crash" in answer:
         raise ChildCrashed(str(answer["crash"]))
     return answer["ok"]
+
+
+def child_lines(command: list[str], stdin: bytes | BinaryIO, limits: ChildLimits, *, died: str) -> list[bytes]:
+    """The lines ``command`` printed, run as a child under ``limits`` (:func:`child_command`)
+    with ``stdin`` (bytes, or a file it reads itself) and without the server's environment. Its
+    output goes to a file bounded by RLIMIT_FSIZE, never to a pipe held in memory, and at most
+    ``limits.file_bytes`` of it is read. Raises ChildKilled(``died``) unless it exits 0."""
+    given = {"input": stdin} if isinstance(stdin, bytes) else {"stdin": stdin}
+    with tempfile.TemporaryFile() as out:
+        try:
+            done = subprocess.run(
+                [*child_command(limits), *command],
+                **given,
+                stdout=out,
+                stderr=subprocess.DEVNULL,
+                timeout=limits.wall_s,
+                env={**CHILD_ENV, PARENT_ENV: str(os.getpid())},
+            )
+        except subprocess.TimeoutExpired:
+            raise ChildKilled(died) from None
+        if done.returncode != 0:
+            raise ChildKilled(died)
+        out.seek(0)
+        return out.read(limits.file_bytes).splitlines()
+
+
+def last_json(lines: list[bytes]) -> object:
+    """The JSON value on the last of ``lines``, or None when there is none (a cut or garbled line)."""
+    try:
+        return json.loads(lines[-1]) if lines else None
+    except ValueError:
+        return None
 
 
 # -- the tasks, run in the child ---------------------------------------------------------------

@@ -40,7 +40,7 @@ from ncbench.attacks.gram_hungarian import GramHungarian
 from ncbench.attacks.plugins import archive as plugin_archive
 from ncbench.cli import main
 from ncbench.errors import NcbenchError
-from ncbench.leaderboard import tables
+from ncbench.leaderboard import isolated, tables
 from ncbench.leaderboard.scoring import score_submission
 from ncbench.leaderboard.store import BUILTIN_TEAM, DB_ENV, Store, verified_releases, verified_runs
 from ncbench.leaderboard.verified import cgroup, sandbox, seccomp
@@ -170,6 +170,16 @@ def hostile_bodies(port: int, store: Path, challenge_id: str) -> dict[str, tuple
         import ncbench_no_such_module  # noqa: F401""",
             "exception ModuleNotFoundError",
             "No module named 'ncbench_no_such_module'",
+        ),
+        "writes-a-garbled-submission": (
+            """
+        import h5py
+        with h5py.File("/tmp/submission.h5", "w") as handle:
+            handle.attrs["format"] = "ncbench-submission"
+            handle.attrs["schema_version"] = "x\\x1b[31m<b>\\nsecond line"
+        os._exit(0)  # before the runner writes the real answer over it""",
+            "invalid submission",
+            "the scorer refused the submission: ncbench-submission schema version x [31m<b> second line",
         ),
         "raises-a-marker": (
             f"""
@@ -410,6 +420,7 @@ def test_hostile_plugin_is_contained_and_recorded_as_failed_with_its_reason(worl
     mine = [e for e in own["evaluations"] if e["state"] == "failed"][0]
     assert detail in (mine["detail"] or ""), mine
     assert "LEAKED" not in (mine["detail"] or "") and "CONNECTED" not in (mine["detail"] or "")
+    assert (mine["detail"] or "").isprintable() and str(world["store"]) not in (mine["detail"] or "")
 
 
 def test_no_plugin_text_reaches_the_public_api_or_the_board(world, batch, monkeypatch):
@@ -902,6 +913,31 @@ def test_a_parser_bomb_is_refused_within_the_parsers_limits(tmp_path):
         read_declarations(path, "Plugin")
 
 
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ("name = '" + "\\x01" * 70_000 + "'", "name is longer than 128 characters"),
+        ("version = '" + "9" * 65 + "'", "version is longer than 64 characters"),
+        ("tasks = (" + "'reid', " * 33 + ")", "tasks holds more than 32 words"),
+        ("knowledge = ('" + "a" * 65 + "',)", "knowledge holds more than 32 words or one longer than 64"),
+    ],
+)
+def test_an_oversized_declaration_is_refused_in_one_line(tmp_path, body, expected):
+    # A huge literal once made the parser's child print megabytes that the server held in memory
+    # and then failed to decode: a traceback, and the check retried.
+    declared = {
+        "name": "name = 'x'",
+        "version": "version = '1'",
+        "tasks": "tasks = ('reid',)",
+        "knowledge": "knowledge = ()",
+    }
+    declared[body.split(" ")[0]] = body
+    path = tmp_path / "plugin.py"
+    path.write_text("class Plugin:\n" + "".join(f"    {line}\n" for line in declared.values()))
+    with pytest.raises(NcbenchError, match=expected):
+        read_declarations(path, "Plugin")
+
+
 @given(st.text(max_size=300))
 def test_a_public_reason_is_always_a_word_of_the_vocabulary(line):
     assert sandbox.public_reason(line) in sandbox.FAILURES
@@ -1016,6 +1052,31 @@ def test_a_blind_challenges_verified_scores_are_hidden_until_the_close(tmp_path)
         assert verified.run_view(store, run_id)["mean"] == 0.75
 
 
+def test_a_checker_that_crashes_on_a_plugin_fails_its_run_at_once_with_a_fixed_message(tmp_path, monkeypatch):
+    # A bug of ours in a limited child gives the same crash each time: once retried until the
+    # worker counted it as crashed repeatedly, each retry holding the one check slot.
+    with Store(tmp_path / "board.db") as store:
+        store.record_score(store_result("a"), team="alice")
+        run_id = insert_scored_run(store, headline=0.5)
+        with store.engine.begin() as conn:
+            conn.execute(
+                verified_runs.update()
+                .where(verified_runs.c.id == run_id)
+                .values(state="running", attack_version=verified.UNCHECKED, class_name="Plugin")
+            )
+        url = store.url.render_as_string(hide_password=False)
+
+    def crash(**_):
+        raise isolated.ChildCrashed("TypeError: \x1b[31m text of the plugin's")
+
+    monkeypatch.setattr(verified, "_stage_run_plugin", lambda root, run, work: work / "plugin.py")
+    monkeypatch.setattr(sandbox, "check_plugin", crash)
+    assert verified.run_check(url, str(tmp_path), run_id) == "failed"
+    with Store(tmp_path / "board.db") as store, store._read() as conn:
+        message = conn.execute(sa.select(verified_runs.c.message).where(verified_runs.c.id == run_id)).scalar_one()
+    assert message == f"{verified.CHECK_FAILED}: {verified.CHECKER_CRASHED}"
+
+
 def test_a_hidden_verified_run_says_hidden_in_the_export_and_on_the_board_not_zero_scored(tmp_path):
     with Store(tmp_path / "board.db") as store:
         store.record_score(store_result("a"), team="alice")
@@ -1100,6 +1161,19 @@ def test_an_sdist_whose_dependencies_only_a_build_could_list_is_refused(tmp_path
     )
     checked = cli("attack", "check", f"{path}:dynamic.attack:Plugin", "--no-run")
     assert checked.exit_code == 2 and "dependencies as dynamic" in checked.stderr, checked.output
+
+
+@pytest.mark.parametrize("field", ["dynamic = 5", "dynamic = [1]", "dependencies = 'numpy'"])
+def test_an_sdist_whose_pyproject_fields_are_not_lists_of_strings_is_refused_in_one_line(tmp_path, field):
+    path = write_sdist(
+        tmp_path / "odd-0.1.tar.gz",
+        "odd",
+        {"odd-0.1/pyproject.toml": f'[project]\nname = "odd"\nversion = "0.1"\n{field}\n'},
+    )
+    checked = cli("attack", "check", f"{path}:odd.attack:Plugin", "--no-run")
+    name = field.split(" ")[0]
+    assert checked.exit_code == 2 and f"[project] {name} is not a list of strings" in checked.stderr, checked.output
+    assert checked.stderr.count("\n") == 1
 
 
 def test_an_archive_entry_must_be_a_module_of_the_archive(tmp_path):

@@ -349,15 +349,21 @@ def _sdist_distribution(top: Path, filename: str) -> Distribution:
             raise NcbenchError(f"{filename}: pyproject.toml does not parse: {_shown(str(error))}") from None
         if not isinstance(project, dict):
             raise NcbenchError(f"{filename}: pyproject.toml's [project] is not a table")
-    declared = project.get("dependencies", [])
-    if not (isinstance(declared, list) and all(isinstance(item, str) for item in declared)):
-        raise NcbenchError(f"{filename}: pyproject.toml's [project] dependencies is not a list of strings")
-    if "requires-dist" in dynamic or "dependencies" in (project.get("dynamic") or []):
+    declared, computed = (_strings(project, field, filename) for field in ("dependencies", "dynamic"))
+    if "requires-dist" in dynamic or "dependencies" in computed:
         raise NcbenchError(
             f"{filename} declares its dependencies as dynamic: only a build could list them, and the server "
             "runs no build; list them in pyproject.toml [project] dependencies, or upload a wheel"
         )
     return _distribution(metadata, filename, extra=tuple(declared))
+
+
+def _strings(project: dict, field: str, filename: str) -> list[str]:
+    """pyproject.toml's ``[project]`` ``field``: a list of strings, empty when absent."""
+    values = project.get(field, [])
+    if not (isinstance(values, list) and all(isinstance(item, str) for item in values)):
+        raise NcbenchError(f"{filename}: pyproject.toml's [project] {field} is not a list of strings")
+    return values
 
 
 # -- one member --------------------------------------------------------------------------------

@@ -5,26 +5,30 @@ process could print any report, so the host reads the four from the class body's
 assignments (``name = "..."``, ``tasks = ("reid",)``) with :mod:`ast`, and the sandboxed import
 only confirms that the class it imports says the same. Parsing hostile source can itself be a
 bomb (deep nesting, huge literals), so :func:`read_declarations` parses in a child interpreter
-under memory, CPU and wall-clock limits: ``python -I -m ncbench.leaderboard.verified.declarations
-CLASS`` with the source on stdin, one JSON line out.
+under memory, CPU, wall-clock and output limits (:func:`leaderboard.isolated.child_lines`):
+``python -I -m ncbench.leaderboard.verified.declarations CLASS`` with the source on stdin, one
+short JSON line out.
 """
 
 from __future__ import annotations
 
 import ast
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 from ncbench.errors import NcbenchError
+from ncbench.leaderboard import isolated
 
 DECLARED = ("name", "version", "tasks", "knowledge")
-# The parser's own limits: a plugin is at most a few hundred kB of source.
-PARSE_MEMORY_BYTES = 1 << 30
-PARSE_CPU_S = 10
-PARSE_WALL_S = 30
-PARSE_OUTPUT_BYTES = 64 << 10
+# The parser's own limits: a plugin is at most a few hundred kB of source, and its answer a short
+# JSON line (each declared string bounded below).
+PARSE_LIMITS = isolated.ChildLimits(memory_bytes=1 << 30, cpu_s=10, wall_s=30, file_bytes=64 << 10)
+PARSE_FAILED = "the plugin's source could not be parsed within the parser's limits"
+# The longest declarations stored: the store's columns for the attack and its version; a task or
+# knowledge word is a short name from a fixed vocabulary.
+MAX_DECLARED = {"name": 128, "version": 64}
+MAX_WORD, MAX_WORDS = 64, 32
 
 
 def literal_declarations(source: str, class_name: str) -> dict:
@@ -70,9 +74,15 @@ def _literal(class_name: str, name: str, node: ast.expr):
         value = ast.literal_eval(node)
     except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError):
         value = None
-    if name in ("name", "version") and isinstance(value, str):
+    if name in MAX_DECLARED and isinstance(value, str):
+        if len(value) > MAX_DECLARED[name]:
+            raise NcbenchError(f"class {class_name}: {name} is longer than {MAX_DECLARED[name]} characters")
         return value
     if name in ("tasks", "knowledge") and isinstance(value, (tuple, list)) and all(isinstance(v, str) for v in value):
+        if len(value) > MAX_WORDS or any(len(v) > MAX_WORD for v in value):
+            raise NcbenchError(
+                f"class {class_name}: {name} holds more than {MAX_WORDS} words or one longer than {MAX_WORD} characters"
+            )
         return list(value)
     kind = "a string" if name in ("name", "version") else "a tuple of strings"
     raise NcbenchError(f"class {class_name}: {name} must be {kind} written as a literal")
@@ -93,27 +103,12 @@ def module_file(plugin: Path, entry: str) -> Path:
 def read_declarations(plugin: Path, entry: str) -> dict:
     """:func:`literal_declarations` of ``entry`` in ``plugin``, parsed in a child interpreter
     under limits (the host's own code on the plugin's bytes; none of the plugin runs)."""
-    source = module_file(plugin, entry).read_bytes()
-    class_name = entry.rpartition(":")[2]
-    argv = [
-        "prlimit",
-        f"--as={PARSE_MEMORY_BYTES}",
-        f"--cpu={PARSE_CPU_S}",
-        "--",
-        sys.executable,
-        "-I",
-        "-m",
-        "ncbench.leaderboard.verified.declarations",
-        class_name,
-    ]
-    try:
-        parsed = subprocess.run(argv, input=source, capture_output=True, timeout=PARSE_WALL_S, env={})
-    except subprocess.TimeoutExpired:
-        raise NcbenchError("the plugin's source took too long to parse") from None
-    lines = parsed.stdout[:PARSE_OUTPUT_BYTES].decode(errors="replace").splitlines()
-    answer = json.loads(lines[-1]) if parsed.returncode == 0 and lines else None
+    command = [sys.executable, "-I", "-m", "ncbench.leaderboard.verified.declarations", entry.rpartition(":")[2]]
+    with module_file(plugin, entry).open("rb") as source:
+        lines = isolated.child_lines(command, source, PARSE_LIMITS, died=PARSE_FAILED)
+    answer = isolated.last_json(lines)
     if not isinstance(answer, dict):
-        raise NcbenchError("the plugin's source could not be parsed within the parser's limits")
+        raise NcbenchError(PARSE_FAILED)
     if "error" in answer:
         raise NcbenchError(str(answer["error"]))
     return answer

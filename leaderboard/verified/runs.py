@@ -26,6 +26,7 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -41,7 +42,7 @@ import pandas as pd
 import sqlalchemy as sa
 
 from ncbench.attacks.plugins import archive as plugin_archive
-from ncbench.errors import NcbenchError
+from ncbench.errors import NcbenchError, one_line
 from ncbench.leaderboard import isolated, workqueue
 from ncbench.leaderboard.metrics import HEADLINE_METRIC
 from ncbench.leaderboard.store import (
@@ -92,7 +93,12 @@ BUILD_FAILED = "the evaluation release could not be built or run"
 # The attack and version of a run whose plugin awaits its admission check: the check fills them.
 UNCHECKED = ""
 CHECK_FAILED = "the plugin failed its check"
+# A bug of ours in a limited child (admission check or scorer) on a plugin's bytes: the same each
+# time, so recorded at once rather than retried; the organizer's log has the error.
+CHECKER_CRASHED = "the organizer's checker failed on it (logged for the organizer)"
+SCORER_CRASHED = "the organizer's scorer failed on the submission (logged for the organizer)"
 UNPACK_KILLED = "the plugin archive could not be unpacked within the unpacker's memory or time limit"
+log = logging.getLogger("ncbench.server")
 _BUILD_LOCK = threading.Lock()  # SOURCE_DATE_EPOCH is process-wide: one evaluation build at a time
 
 
@@ -567,6 +573,11 @@ def run_check(db_url: str, store_root: str, run_id: int) -> str:
             # run that was never admitted.
             finish(store, run_id, "failed", message=f"{CHECK_FAILED}: {error}".replace(str(root), "<store>"))
             return "failed"
+        except isolated.ChildCrashed as error:
+            # A bug of ours in a limited child, on this plugin's bytes: retrying gives the same.
+            log.error("verified run %d: the admission check crashed: %s", run_id, one_line(str(error), 500))
+            finish(store, run_id, "failed", message=f"{CHECK_FAILED}: {CHECKER_CRASHED}")
+            return "failed"
         finally:
             shutil.rmtree(work, ignore_errors=True)
         with store._write() as conn:
@@ -721,19 +732,35 @@ def _evaluate(store: Store, root: Path, run: dict, recipe: Recipe, index: int) -
         )
         values = {"wall_s": outcome.wall_s, "cpu_s": outcome.cpu_s, "peak_rss_bytes": outcome.peak_rss_bytes}
         if not outcome.ok:
-            _record(store, run["id"], index, state="failed", message=outcome.reason, detail=outcome.detail, **values)
+            _record(
+                store, root, run["id"], index, state="failed", message=outcome.reason, detail=outcome.detail, **values
+            )
             return outcome.reason
         try:
             headline, metrics = _score(submission, release_dir, recipe.task)
         except NcbenchError as error:
             # The scorer's words may quote the submission, which the plugin wrote: its team's only.
-            detail = f"the scorer refused the submission: {error}"
+            detail = f"the scorer refused the submission: {error}".replace(f"{submission}: ", "")
             _record(
-                store, run["id"], index, state="failed", message=sandbox.INVALID_SUBMISSION, detail=detail, **values
+                store,
+                root,
+                run["id"],
+                index,
+                state="failed",
+                message=sandbox.INVALID_SUBMISSION,
+                detail=detail,
+                **values,
             )
             return sandbox.INVALID_SUBMISSION
+        except isolated.ChildCrashed as error:
+            log.error(
+                "verified run %d, release %d: the scorer crashed: %s", run["id"], index, one_line(str(error), 500)
+            )
+            _record(store, root, run["id"], index, state="failed", message=SCORER_CRASHED, **values)
+            return SCORER_CRASHED
         _record(
             store,
+            root,
             run["id"],
             index,
             state="scored",
@@ -745,7 +772,7 @@ def _evaluate(store: Store, root: Path, run: dict, recipe: Recipe, index: int) -
         return None
     except NcbenchError as error:
         # An archive's refusal may quote its member names: the words stay with the team.
-        _record(store, run["id"], index, state="failed", message=BUILD_FAILED, detail=str(error))
+        _record(store, root, run["id"], index, state="failed", message=BUILD_FAILED, detail=str(error))
         return BUILD_FAILED
     finally:
         for folder in (release_dir, work):
@@ -776,9 +803,12 @@ def _commit(store: Store, run_id: int, index: int, recipe: Recipe, seed: str, bu
         )
 
 
-def _record(store: Store, run_id: int, index: int, **values) -> None:
+def _record(store: Store, root: Path, run_id: int, index: int, **values) -> None:
+    """Update one evaluation release's row; its message and detail become one printable line
+    without the store's path (a plugin or its submission may have put any text in them)."""
     for column in ("message", "detail"):
-        values[column] = None if values.get(column) is None else values[column][: MAX_LENGTHS["error"]]
+        if values.get(column) is not None:
+            values[column] = one_line(values[column].replace(str(root), "<store>"), MAX_LENGTHS["error"])
     with store._write() as conn:
         conn.execute(
             verified_releases.update()
