@@ -147,14 +147,18 @@ def requeue_stale(store: Store, table: sa.Table, *, lease_s: float = LEASE_S, no
         ).rowcount
 
 
-def places(store: Store, table: sa.Table, row_ids, *conditions) -> dict[int, int]:
+def places(store: Store, table: sa.Table, row_ids, *conditions, fair_by=None) -> dict[int, int]:
     """For each of ``row_ids``: how many queued rows of ``table`` that meet ``conditions`` come
-    before it. Claims take the oldest first, so this is the row's place in its queue (0: next).
-    One query however many rows are asked about."""
+    before it in the order claims take them (:func:`claim`; ``fair_by`` as there), so its place
+    in its queue (0: next). One or two queries however many rows are asked about."""
     row_ids = list(row_ids)
     if not row_ids:
         return {}
     with store._read() as conn:
+        if fair_by is not None:
+            query = sa.select(table.c.id).where(table.c.state == "queued", *conditions)
+            place = {row_id: ahead for ahead, row_id in enumerate(_in_turns(conn, table, query, fair_by))}
+            return {row_id: place[row_id] for row_id in row_ids if row_id in place}
         queued = (
             conn.execute(
                 sa.select(table.c.id)
@@ -165,6 +169,24 @@ def places(store: Store, table: sa.Table, row_ids, *conditions) -> dict[int, int
             .all()
         )
     return {row_id: bisect.bisect_left(queued, row_id) for row_id in row_ids}
+
+
+def _in_turns(conn, table: sa.Table, query, fair_by, *, lock: bool = False) -> list[int]:
+    """The ids ``query`` selects in the order the values of ``fair_by`` take turns: first a row
+    of the value whose rows started longest ago (or never), then of the next such value, each
+    value's oldest row first, and round again."""
+    if lock:
+        query = query.with_for_update(skip_locked=True)
+    rows = [tuple(row) for row in conn.execute(query.add_columns(fair_by).order_by(table.c.id))]
+    started = sa.select(fair_by, sa.func.max(table.c.started_utc)).group_by(fair_by)
+    last = {value: stamp or "" for value, stamp in conn.execute(started).all()}
+    order = []
+    while rows:
+        row_id, value = min(rows, key=lambda row: (last.get(row[1], ""), row[0]))
+        order.append(row_id)
+        rows.remove((row_id, value))
+        last[value] = f"~{len(order):09d}"  # after every stamp (digits) and every earlier turn
+    return order
 
 
 def touch(store: Store, table: sa.Table, row_ids) -> None:
@@ -234,14 +256,18 @@ class Presence:
         self.store.close()
 
 
-def claim(store: Store, limit: int, table: sa.Table, *conditions, one_per=None, **also) -> list[int]:
+def claim(store: Store, limit: int, table: sa.Table, *conditions, one_per=None, fair_by=None, **also) -> list[int]:
     """Move up to ``limit`` queued rows of ``table`` that meet ``conditions`` to ``running``,
     oldest first, counting the attempt and setting ``also`` (e.g. a start time); returns their
     ids. With ``one_per`` (a column, e.g. the team), at most one row per value runs at a time.
-    ``SKIP LOCKED`` lets several servers on one PostgreSQL database claim side by side."""
+    With ``fair_by`` (a column; ``table`` has ``started_utc``), the values take turns: first a
+    row of the value whose rows started longest ago, or never. ``SKIP LOCKED`` lets several
+    servers on one PostgreSQL database claim side by side."""
     with store._write() as conn:
         query = sa.select(table.c.id).where(table.c.state == "queued", *conditions).order_by(table.c.id)
-        if one_per is None:
+        if fair_by is not None:
+            ids = _in_turns(conn, table, query.order_by(None), fair_by, lock=True)[:limit]
+        elif one_per is None:
             ids = conn.execute(query.limit(limit).with_for_update(skip_locked=True)).scalars().all()
         else:
             if store.url.get_backend_name() == "postgresql":

@@ -779,3 +779,20 @@ def test_two_servers_behind_nginx_score_every_job_once_across_a_killed_server_an
         raise
     finally:
         run.kill_all()
+
+
+def test_teams_take_turns_for_the_sandbox_pool_on_postgresql(postgres_url):
+    # The claim's row locks and the teams' last starts, on the database several servers share.
+    with Store(postgres_url) as store:
+        with store._write() as conn:
+            conn.execute(verified_runs.delete())
+        alice, bob = uncheck_plugin_runs(store, "alice", 2), uncheck_plugin_runs(store, "bob", 1)
+        with store._write() as conn:
+            for second, run_id in enumerate([*alice, *bob]):
+                conn.execute(
+                    verified_runs.update()
+                    .where(verified_runs.c.id == run_id)
+                    .values(attack_version="1.0", started_utc=f"2026-12-01T00:00:0{second}.000000Z")
+                )
+        assert verified.claim(store, 1) == [alice[0]]
+        assert verified.claim(store, 2) == [*bob, alice[1]]

@@ -40,7 +40,7 @@ from ncbench.attacks.gram_hungarian import GramHungarian
 from ncbench.attacks.plugins import archive as plugin_archive
 from ncbench.cli import main
 from ncbench.errors import NcbenchError
-from ncbench.leaderboard import isolated, tables
+from ncbench.leaderboard import isolated, tables, workqueue
 from ncbench.leaderboard.scoring import score_submission
 from ncbench.leaderboard.store import BUILTIN_TEAM, DB_ENV, Store, verified_releases, verified_runs
 from ncbench.leaderboard.verified import cgroup, sandbox, seccomp
@@ -1075,6 +1075,29 @@ def test_a_checker_that_crashes_on_a_plugin_fails_its_run_at_once_with_a_fixed_m
     with Store(tmp_path / "board.db") as store, store._read() as conn:
         message = conn.execute(sa.select(verified_runs.c.message).where(verified_runs.c.id == run_id)).scalar_one()
     assert message == f"{verified.CHECK_FAILED}: {verified.CHECKER_CRASHED}"
+
+
+def test_teams_take_turns_for_the_sandbox_pool(tmp_path):
+    # One team's queue of runs that each sleep to the wall limit once held the pool for hours.
+    with Store(tmp_path / "board.db") as store:
+        store.record_score(store_result("a"), team="alice")
+        store.record_score(store_result("b"), team="bob")
+        alice = [insert_scored_run(store, headline=0.5) for _ in range(3)]
+        bob = insert_scored_run(store, headline=0.5)
+        with store.engine.begin() as conn:
+            for run_id, team, checked in zip([*alice, bob], [1, 1, 1, 2], ["01", "02", "03", "04"], strict=True):
+                conn.execute(
+                    verified_runs.update()
+                    .where(verified_runs.c.id == run_id)
+                    .values(state="queued", team_id=team, started_utc=f"2026-12-01T00:00:{checked}.000000Z")
+                )
+        checked = verified_runs.c.attack_version != verified.UNCHECKED
+        ahead = workqueue.places(store, verified_runs, [*alice, bob], checked, fair_by=verified_runs.c.team_id)
+        first = verified.claim(store, 1)
+        second = verified.claim(store, 2)
+    # alice's checks started first, so her oldest run goes first; then bob's, then hers again
+    assert ahead == {alice[0]: 0, bob: 1, alice[1]: 2, alice[2]: 3}
+    assert first == [alice[0]] and second == [bob, alice[1]]
 
 
 def test_a_hidden_verified_run_says_hidden_in_the_export_and_on_the_board_not_zero_scored(tmp_path):

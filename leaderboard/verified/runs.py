@@ -516,10 +516,17 @@ def requeue_interrupted(store: Store) -> int:
 
 
 def claim(store: Store, limit: int) -> list[int]:
-    """Move up to ``limit`` queued runs whose plugin passed its check to ``running``, oldest
-    first; returns their ids."""
+    """Move up to ``limit`` queued runs whose plugin passed its check to ``running``, the teams
+    taking turns (the team whose last run or check started longest ago first), each team's
+    oldest first; returns their ids. Without turns one team's queue of runs that each sleep to
+    the wall limit held the sandbox pool for hours while other teams' runs waited behind it."""
     return workqueue.claim(
-        store, limit, verified_runs, verified_runs.c.attack_version != UNCHECKED, started_utc=_stamp(utc_now())
+        store,
+        limit,
+        verified_runs,
+        verified_runs.c.attack_version != UNCHECKED,
+        fair_by=verified_runs.c.team_id,
+        started_utc=_stamp(utc_now()),
     )
 
 
@@ -1039,7 +1046,13 @@ def run_views(store: Store, condition, *, team: str | None = None) -> list[dict]
     queued = [run for run in runs if run.state == "queued"]
     places = {
         **workqueue.places(store, verified_runs, [r.id for r in queued if r.attack_version == UNCHECKED], checks),
-        **workqueue.places(store, verified_runs, [r.id for r in queued if r.attack_version != UNCHECKED], ~checks),
+        **workqueue.places(
+            store,
+            verified_runs,
+            [r.id for r in queued if r.attack_version != UNCHECKED],
+            ~checks,
+            fair_by=verified_runs.c.team_id,
+        ),
     }
     return [_run_view(run, releases[run.id], places.get(run.id), own=team is not None) for run in runs]
 
