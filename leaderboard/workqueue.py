@@ -14,6 +14,7 @@ that dies is not needed back for its jobs to be scored.
 from __future__ import annotations
 
 import bisect
+import collections
 import contextlib
 import datetime as dt
 import threading
@@ -172,21 +173,21 @@ def places(store: Store, table: sa.Table, row_ids, *conditions, fair_by=None) ->
 
 
 def _in_turns(conn, table: sa.Table, query, fair_by, *, lock: bool = False) -> list[int]:
-    """The ids ``query`` selects in the order the values of ``fair_by`` take turns: first a row
-    of the value whose rows started longest ago (or never), then of the next such value, each
-    value's oldest row first, and round again."""
+    """The ids ``query`` selects in the order the values of ``fair_by`` take turns: in each
+    round one row of each value, its oldest left, the values ordered by when their rows last
+    started (never first, then longest ago). A sort, so that listing a long queue stays cheap."""
     if lock:
         query = query.with_for_update(skip_locked=True)
-    rows = [tuple(row) for row in conn.execute(query.add_columns(fair_by).order_by(table.c.id))]
-    started = sa.select(fair_by, sa.func.max(table.c.started_utc)).group_by(fair_by)
-    last = {value: stamp or "" for value, stamp in conn.execute(started).all()}
-    order = []
-    while rows:
-        row_id, value = min(rows, key=lambda row: (last.get(row[1], ""), row[0]))
-        order.append(row_id)
-        rows.remove((row_id, value))
-        last[value] = f"~{len(order):09d}"  # after every stamp (digits) and every earlier turn
-    return order
+    rows = conn.execute(query.add_columns(fair_by).order_by(table.c.id)).all()
+    values = {value for _, value in rows}
+    started = sa.select(fair_by, sa.func.max(table.c.started_utc)).where(fair_by.in_(values)).group_by(fair_by)
+    last = {value: stamp or "" for value, stamp in conn.execute(started).all()} if values else {}
+    turn, first, keyed = collections.Counter(), {}, []
+    for row_id, value in rows:
+        first.setdefault(value, row_id)
+        keyed.append(((turn[value], last.get(value, ""), first[value]), row_id))
+        turn[value] += 1
+    return [row_id for _, row_id in sorted(keyed)]
 
 
 def touch(store: Store, table: sa.Table, row_ids) -> None:
