@@ -1376,6 +1376,23 @@ def test_per_process_limits_hold_in_the_sandbox(tmp_path):
     assert int(forks.split()[-1]) < 24
 
 
+def test_a_sandboxed_run_is_below_the_servers_cpu_priority(tmp_path):
+    # A plugin that keeps every core busy must not hold the API's threads back, as a scorer child
+    # does not: both run nice steps below the server.
+    if sandbox.sandbox_problem():
+        pytest.skip("no bubblewrap sandbox here")
+    limits = sandbox.parse_limits(["wall_s=60"])
+    argv = sandbox.bwrap_argv(
+        [sys.executable, "-c", "import os; print(os.nice(0))"],
+        mounts=sandbox.environment_mounts(),
+        limits=limits,
+        uid=sandbox._sandbox_uid(),
+    )
+    outcome = sandbox._execute(argv, limits, sandboxed=True, workdir=tmp_path)
+    assert outcome.ok, outcome.output
+    assert int(outcome.output.split()[-1]) == min(19, os.nice(0) + isolated.CHILD_NICENESS)
+
+
 SYSCALL_PROBE = """\
 import ctypes, threading, multiprocessing
 libc = ctypes.CDLL(None, use_errno=True)
