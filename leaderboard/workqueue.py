@@ -59,6 +59,13 @@ class StoreLayout:
     def upload(self, sha256: str) -> Path:
         return self.root / "uploads" / sha256
 
+    def redact(self, message: str, *files: Path) -> str:
+        """``message`` for a team to read: each of ``files`` (the team's own) becomes "your
+        file", anything else in the store "<store>/...", so no server path reaches a team."""
+        for path in files:
+            message = message.replace(str(path), "your file")
+        return message.replace(str(self.root), "<store>")
+
     @property
     def incoming(self) -> Path:
         return self.root / "incoming"

@@ -514,12 +514,9 @@ def already_scored(submission_id: int) -> str:
 
 
 def redact(message: str, layout: workqueue.StoreLayout, sha256: str | None = None, upload: Path | None = None) -> str:
-    """``message`` for a team to read: the upload's path becomes "your file", anything else in
-    the store "<store>/...", so no server path reaches the API or the team's CLI."""
-    for path, shown in ((upload, "your file"), (layout.upload(sha256) if sha256 else None, "your file")):
-        if path is not None:
-            message = message.replace(str(path), shown)
-    return message.replace(str(layout.root), "<store>")
+    """:meth:`workqueue.StoreLayout.redact` of ``message`` with the team's file: the upload
+    being received, or the stored one of ``sha256``."""
+    return layout.redact(message, *(path for path in (upload, layout.upload(sha256) if sha256 else None) if path))
 
 
 def _sha256(path: Path) -> str:

@@ -578,7 +578,7 @@ def run_check(db_url: str, store_root: str, run_id: int) -> str:
         except NcbenchError as error:
             # The team's own reason (its plugin's words may be in it): no public view shows a
             # run that was never admitted.
-            finish(store, run_id, "failed", message=f"{CHECK_FAILED}: {error}".replace(str(root), "<store>"))
+            finish(store, run_id, "failed", message=workqueue.StoreLayout(root).redact(f"{CHECK_FAILED}: {error}"))
             return "failed"
         except isolated.ChildCrashed as error:
             # A bug of ours in a limited child, on this plugin's bytes: retrying gives the same.
@@ -815,7 +815,7 @@ def _record(store: Store, root: Path, run_id: int, index: int, **values) -> None
     without the store's path (a plugin or its submission may have put any text in them)."""
     for column in ("message", "detail"):
         if values.get(column) is not None:
-            values[column] = one_line(values[column].replace(str(root), "<store>"), MAX_LENGTHS["error"])
+            values[column] = one_line(workqueue.StoreLayout(root).redact(values[column]), MAX_LENGTHS["error"])
     with store._write() as conn:
         conn.execute(
             verified_releases.update()

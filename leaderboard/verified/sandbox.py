@@ -843,4 +843,4 @@ def _detail(output: str) -> str | None:
     """The last ``error:`` line a run printed (e.g. a fork bomb's, held at the process limit until
     the clock ran out), for its team."""
     errors = [line for line in output.splitlines() if line.startswith("error: ")]
-    return one_line(errors[-1].removeprefix("error: "), 300) if errors else None
+    return one_line(errors[-1].removeprefix("error: "), SANDBOX_DETAIL_LIMIT) if errors else None
