@@ -21,7 +21,7 @@ from ncbench.challenge.config import SITE_TASKS as SITE_TASKS
 from ncbench.challenge.config import TASKS as TASKS
 from ncbench.challenge.config import EncoderConfig, key_tensor_names
 from ncbench.errors import NcbenchError
-from ncbench.h5io import open_checked, read_rows, read_strings, unreadable_layout
+from ncbench.h5io import check_chunks, open_checked, open_untrusted, read_rows, read_strings, unreadable_layout
 from ncbench.private import create_private_file
 
 RELEASE_FORMAT = "ncbench-release"
@@ -457,6 +457,21 @@ def key_file(path: str | os.PathLike) -> Path:
 def open_release(path: str | os.PathLike) -> Release:
     """Open a release file, or the ``public/release.h5`` inside a release directory."""
     return Release(release_file(path))
+
+
+def check_untrusted_release(path: str | os.PathLike) -> None:
+    """Refuse a release file from outside (one that a server sent) unless it can be read within
+    known bounds: its layout checked before anything is read, as a submission's is
+    (:func:`ncbench.h5io.open_untrusted`: no links to other files, only our filters, bounded
+    metadata), every chunk inflated at most to its declared size
+    (:func:`ncbench.h5io.check_chunks`), then its attributes as :class:`Release` reads them."""
+    handle, datasets = open_untrusted(path, RELEASE_FORMAT, SCHEMA_VERSION)
+    try:
+        for name, info in datasets.items():
+            check_chunks(handle[name], info, path)
+    finally:
+        handle.close()
+    Release(path).close()
 
 
 def open_key(path: str | os.PathLike) -> Key:

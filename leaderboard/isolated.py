@@ -10,6 +10,9 @@ line out. A child that dies (a signal, an allocation past its limit, the wall li
 
 The child runs as the server's user: the limits stop one file from taking the server's memory or
 time, they are no sandbox against a parser exploited into running code (docs/security.md).
+
+The attacker's client checks a release it fetched the same way (``release``): whoever runs the
+server it fetched from may be hostile too.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import dataclasses
 import importlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -48,6 +52,9 @@ class ChildLimits:
 SCORE_LIMITS = ChildLimits(memory_bytes=4 << 30, cpu_s=600, wall_s=900, file_bytes=16 << 20)
 # Unpacking a plugin archive: at most 64 MiB unpacked (attacks.plugins.archive), in seconds.
 UNPACK_LIMITS = ChildLimits(memory_bytes=1 << 30, cpu_s=60, wall_s=60, file_bytes=64 << 20)
+# Checking a fetched release inflates each of its chunks once (about 0.5 GB/s a core): an hour
+# covers releases of a few hundred GB.
+RELEASE_LIMITS = ChildLimits(memory_bytes=2 << 30, cpu_s=3600, wall_s=3600, file_bytes=1 << 20)
 
 
 CHILD_NICENESS = 10  # added to the server's: the API's threads get the CPU first
@@ -159,10 +166,27 @@ def unpack(*, archive: str, filename: str, dest: str, module: str) -> None:
     plugin_archive.prepare(Path(archive), filename=filename, dest=Path(dest), module=module)
 
 
-TASKS = {"score": score, "unpack": unpack}
+def release(*, path: str) -> None:
+    """:func:`challenge.files.check_untrusted_release`: a release that a server sent."""
+    from ncbench.challenge.files import check_untrusted_release
+
+    check_untrusted_release(path)
+
+
+def can_limit() -> bool:
+    """Whether this machine has the tools :func:`child_command` starts a child with (Linux's
+    util-linux ``prlimit``, and ``nice``)."""
+    return shutil.which("prlimit") is not None and shutil.which("nice") is not None
+
+
+TASKS = {"score": score, "unpack": unpack, "release": release}
 # Imported before the file is read: a child that cannot even load its code (its limits too small
 # for the interpreter) dies without an answer, rather than reporting a bug of ours.
-PRELOAD = {"score": "ncbench.leaderboard.scoring", "unpack": "ncbench.attacks.plugins.archive"}
+PRELOAD = {
+    "score": "ncbench.leaderboard.scoring",
+    "unpack": "ncbench.attacks.plugins.archive",
+    "release": "ncbench.challenge.files",
+}
 
 
 def die_with_parent() -> None:

@@ -11,17 +11,23 @@ tables for people; ``--json`` gives the server's records for scripts.
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import json
 import math
 import os
+import re
+import shutil
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import click
 import httpx
 
-from ncbench.errors import NcbenchError
+from ncbench.errors import NcbenchError, one_line
 from ncbench.progress import progress
 
 SERVER_ENV, TOKEN_ENV = "NCBENCH_SERVER", "NCBENCH_TOKEN"
@@ -32,6 +38,52 @@ DEFAULT_SERVER = "http://127.0.0.1:8000"
 COUNTED_STATES = ("queued", "running", "scored")  # the states the server counts towards a daily limit
 LADDER_LABEL = "public half, as the Ladder shows it"
 HIDDEN = "hidden until the close (a blind challenge)"
+
+# Whoever runs the server, or sits between it and the client on plain HTTP, may be hostile. An
+# API answer is read whole only up to ANSWER_MAX_BYTES and within ANSWER_S, whatever pace the
+# server keeps; its text reaches the terminal as one printable line of at most TEXT_MAX
+# characters; an answer without the fields a command reads, of their JSON types, is refused
+# before any of it is shown or written.
+ANSWER_MAX_BYTES = 16 << 20
+ANSWER_S = 120.0
+TEXT_MAX = 500
+LISTED_FILES_MAX = 256  # a challenge publishes a release and a few small files
+FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+SHA256 = re.compile(r"[0-9a-f]{64}")
+NONE, NUMBER = type(None), (int, float)
+# The fields each command reads of an answer, with their JSON types (docs/server.md).
+FILE_FIELDS = {"name": str, "size": int, "sha256": str}
+CHALLENGE_FIELDS = {
+    "challenge_id": str,
+    "task": str,
+    "preset": str,
+    "n_encoded": int,
+    "daily_limit": (int, NONE),
+    "deadline_utc": (str, NONE),
+    "files": list,
+}
+QUEUED_FIELDS = {"id": int}
+COMMON_FIELDS = {
+    "id": int,
+    "challenge_id": str,
+    "state": str,
+    "message": (str, NONE),
+    "created_utc": str,
+    "scores_hidden": bool,
+    "queue_ahead": (int, NONE),
+}
+JOB_FIELDS = {**COMMON_FIELDS, "public": (dict, NONE), "submission_id": (int, NONE)}
+RUN_FIELDS = {
+    **COMMON_FIELDS,
+    "attack": (str, NONE),
+    "attack_version": (str, NONE),
+    "releases": int,
+    "mean": (*NUMBER, NONE),
+    "spread": (*NUMBER, NONE),
+    "evaluations": list,
+}
+EVALUATION_FIELDS = {"headline": (*NUMBER, NONE)}
+TEAM_FIELDS = {"team": str}
 
 server_option = click.option(
     "--server",
@@ -88,31 +140,149 @@ class NotFound(NcbenchError):
 
 
 class Client:
-    """A thin httpx client that turns every HTTP failure into one NcbenchError line."""
+    """A thin httpx client that turns every HTTP failure into one NcbenchError line, and every
+    answer into checked JSON (:data:`ANSWER_MAX_BYTES`, :data:`ANSWER_S`, :func:`answer_fields`)."""
 
     def __init__(self, server: str | None, token: str | None = None, *, need_token: bool = False):
         if need_token and not token:
             raise NcbenchError(f"no team token: run `ncbench login`, set ${TOKEN_ENV} or pass --token-file")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.server = server_url(server).rstrip("/")
+        if token and not _private_link(self.server):
+            click.echo(f"warning: {self.server} is plain HTTP: the team token travels unencrypted", err=True)
         self.http = httpx.Client(base_url=self.server, headers=headers, timeout=httpx.Timeout(60, connect=10))
 
-    def request(self, method: str, path: str, **kwargs) -> httpx.Response:
+    def json(
+        self,
+        method: str,
+        path: str,
+        fields: dict | None = None,
+        *,
+        many: bool = False,
+        seconds: float | None = None,
+        **kwargs,
+    ):
+        """The answer to ``method path`` as JSON: one object with ``fields`` (:func:`answer_fields`),
+        or with ``many`` a list of them; every string of it one printable line. ``seconds`` bounds
+        the whole exchange, whatever pace the server keeps (:data:`ANSWER_S` by default)."""
+        status, body = self._exchange(method, path, ANSWER_S if seconds is None else seconds, kwargs)
+        _check(status, body)
         try:
-            response = self.http.request(method, path, **kwargs)
-        except httpx.HTTPError as error:
-            raise NcbenchError(f"cannot reach {self.server}: {error}") from None
-        _check(response)
-        return response
-
-    def json(self, method: str, path: str, **kwargs):
-        try:
-            data = self.request(method, path, **kwargs).json()
+            data = json.loads(body, parse_constant=_not_json, parse_float=_finite)
         except ValueError:
             data = None
         if not isinstance(data, (dict, list)):  # a web page: the board's address, or another site
             raise NcbenchError(f"{self.server} did not answer as a challenge server's API (is it the board's address?)")
+        data = _printable(data)
+        if fields is not None:
+            if many and not isinstance(data, list):
+                raise NcbenchError(f"the server's answer to {path} is not a challenge server's: a list was expected")
+            for record in data if many else [data]:
+                answer_fields(record, fields, path)
         return data
+
+    def _exchange(self, method: str, path: str, seconds: float, kwargs: dict) -> tuple[int, bytes]:
+        def exchange() -> tuple[int, bytes]:
+            with self.http.stream(method, path, **kwargs) as response:
+                return response.status_code, self.body(response, path)
+
+        try:
+            return within(seconds, exchange, f"{self.server} did not answer {path} within {seconds:.0f} s")
+        except (httpx.HTTPError, httpx.InvalidURL) as error:
+            raise NcbenchError(self.failed(error)) from None
+
+    def body(self, response: httpx.Response, path: str) -> bytes:
+        """The body of an answer to ``path``, refused past :data:`ANSWER_MAX_BYTES`."""
+        body = bytearray()
+        for chunk in response.iter_bytes():
+            body += chunk
+            if len(body) > ANSWER_MAX_BYTES:
+                raise NcbenchError(
+                    f"{self.server} sent an answer to {path} larger than {ANSWER_MAX_BYTES >> 20} MiB; "
+                    "is it a challenge server?"
+                )
+        return bytes(body)
+
+    def failed(self, error: Exception) -> str:
+        """What an httpx failure says, on one line: the server unreachable, or the exchange broken."""
+        reason = one_line(str(error) or type(error).__name__, TEXT_MAX)
+        if isinstance(error, (httpx.ConnectError, httpx.ConnectTimeout, httpx.UnsupportedProtocol)):
+            return f"cannot reach {self.server}: {reason}"
+        return f"the exchange with {self.server} failed: {reason}"
+
+
+def within(seconds: float, work: Callable[[], object], late: str):
+    """``work()``, or NcbenchError(``late``) once ``seconds`` have passed, however it is blocked:
+    it runs on a daemon thread, which a command that gives up leaves behind as it exits."""
+    outcome: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = work()
+        except BaseException as error:  # noqa: BLE001 - re-raised in the caller's thread
+            outcome["error"] = error
+
+    worker = threading.Thread(target=run, name="ncbench-exchange", daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        raise NcbenchError(late)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def answer_fields(record, fields: dict, path: str) -> None:
+    """Refuse ``record`` (an answer to ``path``) unless it is an object holding each of ``fields``
+    with its JSON type (a type or a tuple of them; true and false are not numbers)."""
+    if not isinstance(record, dict):
+        raise NcbenchError(f"the server's answer to {path} is not a challenge server's: an object was expected")
+    for name, kinds in fields.items():
+        value = record.get(name, ...)
+        if value is ... or not isinstance(value, kinds) or (isinstance(value, bool) and bool not in _types(kinds)):
+            raise NcbenchError(f"the server's answer to {path} is not a challenge server's: no valid {name!r}")
+
+
+def _types(kinds) -> tuple:
+    return kinds if isinstance(kinds, tuple) else (kinds,)
+
+
+def _not_json(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite(text: str) -> float:
+    """A JSON number as a float, refusing one past the float range (1e999), which JSON cannot
+    write back: what a command prints with --json stays JSON."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is not a finite number")
+    return value
+
+
+def _printable(value):
+    """``value`` (parsed JSON) with every string, keys included, as one printable line of at most
+    :data:`TEXT_MAX` characters: no escape sequence, carriage return or line of the server's
+    reaches the terminal."""
+    if isinstance(value, str):
+        return one_line(value, TEXT_MAX)
+    if isinstance(value, list):
+        return [_printable(item) for item in value]
+    if isinstance(value, dict):
+        return {_printable(key): _printable(item) for key, item in value.items()}
+    return value
+
+
+def _private_link(server: str) -> bool:
+    """Whether a token sent to ``server`` stays private: HTTPS, or HTTP on this machine."""
+    parts = urlsplit(server)
+    if parts.scheme != "http":
+        return True
+    host = parts.hostname or ""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def read_token(token_file: Path | None) -> str | None:
@@ -160,18 +330,19 @@ def echo_json(value) -> None:
     click.echo(json.dumps(value, indent=2, sort_keys=True))
 
 
-def _check(response: httpx.Response) -> None:
-    if response.is_success or response.status_code == 206:
+def _check(status: int, body: bytes) -> None:
+    if 200 <= status < 300:
         return
     try:
-        detail = response.json().get("detail")
+        detail = json.loads(body).get("detail")
     except (ValueError, AttributeError):
-        detail = response.text[:200]
-    if response.status_code == 401:
+        detail = body[:200].decode(errors="replace")
+    detail = one_line(str(detail), TEXT_MAX)
+    if status == 401:
         raise NcbenchError(f"the server refused the token ({detail})")
-    if response.status_code == 404:
+    if status == 404:
         raise NotFound(f"server answered 404: {detail}")
-    raise NcbenchError(f"server answered {response.status_code}: {detail}")
+    raise NcbenchError(f"server answered {status}: {detail}")
 
 
 @click.command("challenges")
@@ -179,7 +350,7 @@ def _check(response: httpx.Response) -> None:
 @json_option
 def challenges(server: str | None, as_json: bool) -> None:
     """List the open challenges: id, task, preset, N, daily limit, deadline (UTC), size."""
-    rows = Client(server).json("GET", "/api/v1/challenges")
+    rows = open_challenges(Client(server))
     if as_json:
         echo_json(rows)
         return
@@ -203,6 +374,17 @@ def challenges(server: str | None, as_json: bool) -> None:
     )
 
 
+def open_challenges(client: Client) -> list[dict]:
+    """The server's open challenges, each with :data:`CHALLENGE_FIELDS` and its files'
+    :data:`FILE_FIELDS`."""
+    path = "/api/v1/challenges"
+    rows = client.json("GET", path, CHALLENGE_FIELDS, many=True)
+    for row in rows:
+        for entry in row["files"]:
+            answer_fields(entry, FILE_FIELDS, path)
+    return rows
+
+
 def _minutes(stamp: str | None) -> str:
     """An ISO timestamp from the server as 'YYYY-MM-DD HH:MM UTC' (empty for none)."""
     if not stamp:
@@ -219,53 +401,118 @@ def _minutes(stamp: str | None) -> str:
 @click.command("fetch")
 @click.argument("challenge_id")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Folder to write [default: CHALLENGE_ID].")
+@click.option("--force", is_flag=True, help="Replace files in the folder that differ from the server's.")
 @server_option
-def fetch(challenge_id: str, out: Path | None, server: str) -> None:
+def fetch(challenge_id: str, out: Path | None, force: bool, server: str) -> None:
     """Download a challenge's public files, resuming interrupted downloads; every sha256 is
-    checked before it says done."""
+    checked before it says done. A file of the folder that differs from the server's is kept
+    unless --force."""
     from ncbench.h5io import sha256_file  # h5py and numpy: here, not in every command's --help
 
     client = Client(server)
-    listed = client.json("GET", f"/api/v1/challenges/{challenge_id}/files")
+    listed = listed_files(client, challenge_id)
     out = Path(out or challenge_id)
     out.mkdir(parents=True, exist_ok=True)
     for entry in listed:
         name = entry["name"]
-        if Path(name).name != name or name.startswith("."):
-            raise NcbenchError(f"the server listed an unsafe file name {name!r}")
         target, partial = out / name, out / f".{name}.part"
-        if target.is_file() and sha256_file(target) == entry["sha256"]:
-            click.echo(f"{target} already complete", err=True)
-            continue
+        if target.is_symlink() or (target.exists() and not target.is_file()):
+            raise NcbenchError(f"{target} is not a plain file; move it away")
+        if target.exists():
+            if sha256_file(target) == entry["sha256"]:
+                click.echo(f"{target} already complete", err=True)
+                continue
+            if not force:
+                raise NcbenchError(f"{target} differs from the server's {name}; move it away, or give --force")
         _download(client, f"/api/v1/challenges/{challenge_id}/files/{name}", partial, entry["size"])
         digest = sha256_file(partial)
         if digest != entry["sha256"]:
             partial.unlink()
             raise NcbenchError(f"{name}: sha256 {digest} does not match the server's {entry['sha256']}; fetch again")
+        if name.endswith(".h5"):
+            check_release(partial, name)
         os.replace(partial, target)
     click.echo(f"fetched {len(listed)} files into {out}, sha256 checked")
 
 
+def check_release(partial: Path, name: str) -> None:
+    """Refuse (and remove) a fetched release that cannot be read within known bounds, checked in
+    a limited child (:func:`ncbench.challenge.files.check_untrusted_release`): a crafted file
+    kills or fills that child, not the attacker's later runs."""
+    from ncbench.leaderboard import isolated
+
+    if not isolated.can_limit():
+        click.echo(f"warning: {name} was not checked: this machine has no prlimit to limit the check", err=True)
+        return
+    died = f"{name} cannot be read within the limits of a release (corrupt or crafted); it was removed"
+    with progress(f"checking {name}", 1) as advance:
+        try:
+            isolated.call("release", {"path": str(partial)}, isolated.RELEASE_LIMITS, died=died)
+        except isolated.ChildKilled:
+            partial.unlink()
+            raise
+        except (NcbenchError, isolated.ChildCrashed) as error:
+            partial.unlink()
+            reason = f"{name} is not a release that ncbench can read ({error}); it was removed"
+            raise NcbenchError(one_line(reason, TEXT_MAX)) from None
+        advance(1)
+
+
+def listed_files(client: Client, challenge_id: str) -> list[dict]:
+    """A challenge's public files as the server lists them, refused unless each has a plain file
+    name (:data:`FILE_NAME`, no path, no leading dot), a size and a sha256, each name once, and
+    at most :data:`LISTED_FILES_MAX` of them."""
+    path = f"/api/v1/challenges/{challenge_id}/files"
+    listed = client.json("GET", path, FILE_FIELDS, many=True)
+    if len(listed) > LISTED_FILES_MAX:
+        raise NcbenchError(f"the server lists {len(listed)} files; a challenge has at most {LISTED_FILES_MAX}")
+    for entry in listed:
+        name = entry["name"]
+        if not FILE_NAME.fullmatch(name) or name in (".", ".."):
+            raise NcbenchError(f"the server listed an unsafe file name {name!r}")
+        if entry["size"] < 0 or not SHA256.fullmatch(entry["sha256"]):
+            raise NcbenchError(f"the server listed {name} with a size or sha256 that cannot be")
+    if len({entry["name"] for entry in listed}) < len(listed):
+        raise NcbenchError("the server listed one file name twice")
+    return listed
+
+
 def _download(client: Client, path: str, partial: Path, size: int) -> None:
+    """Resume or start the download of ``path`` into ``partial``: at most ``size`` bytes, the size
+    the server listed, and only when the disk has room for them."""
+    from ncbench.h5io import format_bytes
+
     have = partial.stat().st_size if partial.is_file() else 0
     if have > size:
         partial.unlink()
         have = 0
+    free = shutil.disk_usage(partial.parent).free
+    if size - have > free:
+        raise NcbenchError(
+            f"{partial.name[1:].removesuffix('.part')} needs {format_bytes(size - have)} more; "
+            f"{partial.parent} has {format_bytes(free)} free"
+        )
+    partial.touch()
     headers = {"Range": f"bytes={have}-"} if have else {}
-    with progress(f"downloading {partial.name.strip('.').removesuffix('.part')}", size) as advance:
+    with progress(f"downloading {partial.name[1:].removesuffix('.part')}", size) as advance:
         advance(have)
         if have == size:
             return
         try:
             with client.http.stream("GET", path, headers=headers) as response:
-                _check(response)
-                mode = "ab" if response.status_code == 206 else "wb"
-                with open(partial, mode) as handle:
-                    for chunk in response.iter_bytes(CHUNK):
+                _check(response.status_code, b"" if response.is_success else client.body(response, path))
+                if response.status_code != 206:
+                    have = 0
+                with open(partial, "ab" if response.status_code == 206 else "wb") as handle:
+                    for chunk in response.iter_bytes():
+                        have += len(chunk)
+                        if have > size:
+                            partial.unlink()
+                            raise NcbenchError(f"the server sent more than the {size} bytes it listed; fetch again")
                         handle.write(chunk)
                         advance(len(chunk))
-        except httpx.HTTPError as error:
-            raise NcbenchError(f"download interrupted ({error}); run fetch again to resume") from None
+        except (httpx.HTTPError, httpx.InvalidURL) as error:
+            raise NcbenchError(f"download interrupted ({client.failed(error)}); run fetch again to resume") from None
 
 
 @click.command("submit")
@@ -331,14 +578,25 @@ def submit(
 
 
 def wait_until_final(
-    client: Client, path: str, what: str, timeout: float, every: float, *, pending: tuple[str, ...] | None = None
+    client: Client,
+    path: str,
+    what: str,
+    fields: dict,
+    timeout: float,
+    every: float,
+    *,
+    pending: tuple[str, ...] | None = None,
 ) -> dict:
-    """Poll ``path`` (a submission or a verified run) until it reaches a final state (or, with
-    ``pending``, leaves those states); returns it, or raises one line saying that it was refused
-    or failed, and why, or that it is still going."""
+    """Poll ``path`` (a submission or a verified run, each answer with ``fields``) until it
+    reaches a final state (or, with ``pending``, leaves those states) and return it; or raise one
+    line saying that it is still going after ``timeout`` seconds, each poll included."""
     deadline, shown = time.monotonic() + timeout, None
+
+    def current() -> dict:
+        return client.json("GET", path, fields, seconds=min(ANSWER_S, max(1.0, deadline - time.monotonic())))
+
     with progress(f"waiting for {what}", 1) as advance:
-        record = client.json("GET", path)  # not the upload's answer: that has the state, not the scores
+        record = current()  # not the upload's answer: that has the state, not the scores
         while record["state"] in pending if pending else record["state"] not in FINAL_STATES:
             if time.monotonic() > deadline:
                 raise NcbenchError(
@@ -348,11 +606,21 @@ def wait_until_final(
                 shown = wait_line(record)
                 click.echo(f"{what}: {shown}", err=True)  # a sign of life: its place in the queue, then running
             time.sleep(every)
-            record = client.json("GET", path)
+            record = current()
         advance(1)
+    return record
+
+
+def ended_well(record: dict, what: str) -> dict:
+    """``record``, unless it was refused or failed: then one line saying so, and why."""
     if record["state"] in ("refused", "failed"):
         raise NcbenchError(f"{what} {record['state']}: {record['message']}")
     return record
+
+
+def upload_seconds(size: int) -> float:
+    """How long an upload of ``size`` bytes and its answer may take: a link of 100 kB/s at least."""
+    return ANSWER_S + size / 1e5
 
 
 def submit_file(
@@ -371,7 +639,7 @@ def submit_file(
     if not submission.is_file():
         raise NcbenchError(f"{submission}: no such file")
     client = Client(server, token, need_token=True)
-    client.json("GET", "/api/v1/whoami")  # a refused token fails here, before a long upload
+    client.json("GET", "/api/v1/whoami", TEAM_FIELDS)  # a refused token fails here, before a long upload
     size = submission.stat().st_size
 
     def body():
@@ -383,13 +651,16 @@ def submit_file(
     job = client.json(
         "POST",
         f"/api/v1/challenges/{challenge_id}/submissions",
+        QUEUED_FIELDS,
         content=body(),
         headers={"Content-Length": str(size), "Content-Type": "application/octet-stream"},
+        seconds=upload_seconds(size),
     )
     echo(f"submission {job['id']} queued")
     if not wait:
         return job
-    job = wait_until_final(client, f"/api/v1/submissions/{job['id']}", f"submission {job['id']}", timeout, 0.5)
+    what = f"submission {job['id']}"
+    job = ended_well(wait_until_final(client, f"/api/v1/submissions/{job['id']}", what, JOB_FIELDS, timeout, 0.5), what)
     echo(f"submission {job['id']} {job['state']}: {score_or_reason(job)}")
     return job
 
@@ -426,7 +697,7 @@ def submit_plugin(
         if "=" not in item:
             raise NcbenchError(f"--param must look like name=value, got {item!r}")
     client = Client(server, token, need_token=True)
-    client.json("GET", "/api/v1/whoami")
+    client.json("GET", "/api/v1/whoami", TEAM_FIELDS)
 
     def body():
         with open(path, "rb") as handle:
@@ -440,6 +711,7 @@ def submit_plugin(
     run = client.json(
         "POST",
         f"/api/v1/challenges/{challenge_id}/plugins",
+        QUEUED_FIELDS,
         params=query,
         content=body(),
         headers={
@@ -447,23 +719,20 @@ def submit_plugin(
             "Content-Type": "text/x-python" if plugin.kind == "file" else "application/octet-stream",
         },
         timeout=httpx.Timeout(300, connect=10),
+        seconds=upload_seconds(size) + 300,
     )
     # The check is a job of the server's: its outcome, or the failure and why, comes by polling.
-    run = wait_until_final(
-        client,
-        f"/api/v1/plugins/{run['id']}",
-        f"verified run {run['id']}",
-        timeout,
-        1.0,
-        pending=("checking",),
-    )
+    what, path = f"verified run {run['id']}", f"/api/v1/plugins/{run['id']}"
+    run = ended_well(wait_until_final(client, path, what, RUN_FIELDS, timeout, 1.0, pending=("checking",)), what)
     echo(
         f"verified run {run['id']} queued: {run['attack']} {run['attack_version']} on {run['releases']} fresh "
         f"hidden releases (seed commitments: {client.server}/api/v1/challenges/{challenge_id}/commitments)"
     )
     if not wait:
         return run
-    run = wait_until_final(client, f"/api/v1/plugins/{run['id']}", f"verified run {run['id']}", timeout, 1.0)
+    run = ended_well(wait_until_final(client, path, what, RUN_FIELDS, timeout, 1.0), what)
+    for evaluation in run["evaluations"]:
+        answer_fields(evaluation, EVALUATION_FIELDS, path)
     scores = ", ".join(short(e["headline"]) for e in run["evaluations"])
     spread = f" ± {short(run['spread'])} (sd)" if run["spread"] is not None else ""
     echo(
@@ -480,7 +749,8 @@ def submit_plugin(
 def submissions(server: str | None, token_file: Path | None, as_json: bool) -> None:
     """Your team's submissions and verified plugin runs: id, challenge, state, score or reason."""
     client = Client(server, read_token(token_file), need_token=True)
-    rows, runs = client.json("GET", "/api/v1/submissions"), client.json("GET", "/api/v1/plugins")
+    rows = client.json("GET", "/api/v1/submissions", JOB_FIELDS, many=True)
+    runs = client.json("GET", "/api/v1/plugins", RUN_FIELDS, many=True)
     if as_json:
         echo_json({"submissions": rows, "plugin_runs": runs})
         return
@@ -540,17 +810,12 @@ def status(
     client = Client(server, read_token(token_file), need_token=True)
     what = f"verified run {item_id}" if is_run else f"submission {item_id}"
     path = f"/api/v1/plugins/{item_id}" if is_run else f"/api/v1/submissions/{item_id}"
+    fields = RUN_FIELDS if is_run else JOB_FIELDS
     try:
-        record = client.json("GET", path)
-        deadline, shown = time.monotonic() + timeout, None
-        while wait and record["state"] not in FINAL_STATES:
-            if time.monotonic() > deadline:
-                raise NcbenchError(f"{what} is still {record['state']} after {timeout} s")
-            if wait_line(record) != shown:
-                shown = wait_line(record)
-                click.echo(f"{what}: {shown}", err=True)  # a sign of life while it waits
-            time.sleep(1)
-            record = client.json("GET", path)
+        if wait:
+            record = wait_until_final(client, path, what, fields, timeout, 1.0)
+        else:
+            record = client.json("GET", path, fields)
     except NotFound as error:
         other = "a submission: leave out --run" if is_run else "a verified plugin run: add --run"
         raise NcbenchError(f"{error}; if {item_id} is the id of {other}") from None
@@ -605,7 +870,7 @@ def login(server: str | None) -> None:
     token = token.strip()
     if not token:
         raise NcbenchError("no token given")
-    team = Client(server, token, need_token=True).json("GET", "/api/v1/whoami")["team"]
+    team = Client(server, token, need_token=True).json("GET", "/api/v1/whoami", TEAM_FIELDS)["team"]
     path = write_config({"server": server.rstrip("/"), "token": token})
     click.echo(f"logged in to {server.rstrip('/')} as team {team} (saved in {path})")
 
@@ -617,11 +882,11 @@ def login(server: str | None) -> None:
 def whoami(server: str | None, token_file: Path | None, as_json: bool) -> None:
     """Your team, the server, and the scored submissions left today (UTC) on each open challenge."""
     client = Client(server, read_token(token_file), need_token=True)
-    team = client.json("GET", "/api/v1/whoami")["team"]
-    open_challenges = client.json("GET", "/api/v1/challenges")
+    team = client.json("GET", "/api/v1/whoami", TEAM_FIELDS)["team"]
+    challenges_open = open_challenges(client)
     today = dt.datetime.now(dt.UTC).date().isoformat()
     used: dict[str, int] = {}
-    for job in client.json("GET", "/api/v1/submissions"):
+    for job in client.json("GET", "/api/v1/submissions", JOB_FIELDS, many=True):
         if job["state"] in COUNTED_STATES and str(job["created_utc"]).startswith(today):
             used[job["challenge_id"]] = used.get(job["challenge_id"], 0) + 1
     usage = [
@@ -634,7 +899,7 @@ def whoami(server: str | None, token_file: Path | None, as_json: bool) -> None:
             else max(0, row["daily_limit"] - used.get(row["challenge_id"], 0)),
             "deadline_utc": row.get("deadline_utc"),
         }
-        for row in open_challenges
+        for row in challenges_open
     ]
     if as_json:
         echo_json({"team": team, "server": client.server, "challenges": usage})
