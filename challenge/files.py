@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,7 +22,15 @@ from ncbench.challenge.config import SITE_TASKS as SITE_TASKS
 from ncbench.challenge.config import TASKS as TASKS
 from ncbench.challenge.config import EncoderConfig, key_tensor_names
 from ncbench.errors import NcbenchError
-from ncbench.h5io import check_chunks, open_checked, open_untrusted, read_rows, read_strings, unreadable_layout
+from ncbench.h5io import (
+    DatasetInfo,
+    check_chunks,
+    open_checked,
+    open_untrusted,
+    read_rows,
+    read_strings,
+    unreadable_layout,
+)
 from ncbench.private import create_private_file
 
 RELEASE_FORMAT = "ncbench-release"
@@ -459,19 +468,51 @@ def open_release(path: str | os.PathLike) -> Release:
     return Release(release_file(path))
 
 
+# What a release from outside may declare: no preset is deeper than 47 blocks or wider than 2,048
+# channels, and attacks build encoders of a release's depth and width.
+FETCHED_DEPTH_MAX = 1024
+FETCHED_WIDTH_MAX = 16384
+
+
 def check_untrusted_release(path: str | os.PathLike) -> None:
-    """Refuse a release file from outside (one that a server sent) unless it can be read within
-    known bounds: its layout checked before anything is read, as a submission's is
+    """Refuse a release file from outside (one that a server sent) unless reading it costs what
+    its bytes say: its layout checked before anything is read, as a submission's is
     (:func:`ncbench.h5io.open_untrusted`: no links to other files, only our filters, bounded
-    metadata), every chunk inflated at most to its declared size
-    (:func:`ncbench.h5io.check_chunks`), then its attributes as :class:`Release` reads them."""
+    metadata); every dataset stored whole (a declared shape without its chunks would read back
+    as fill values of any size) and every chunk inflated at most to its declared size
+    (:func:`ncbench.h5io.check_chunks`); then its attributes as :class:`Release` reads them, an
+    encoder of at most :data:`FETCHED_DEPTH_MAX` blocks and :data:`FETCHED_WIDTH_MAX` channels,
+    and encodings and images of the shapes that encoder makes."""
+    path = Path(path)
     handle, datasets = open_untrusted(path, RELEASE_FORMAT, SCHEMA_VERSION)
     try:
         for name, info in datasets.items():
+            _stored_whole(handle[name], info, path)
             check_chunks(handle[name], info, path)
     finally:
         handle.close()
-    Release(path).close()
+    with Release(path) as release, release._layout():
+        config = release.config
+        if config.depth > FETCHED_DEPTH_MAX or config.width > FETCHED_WIDTH_MAX:
+            raise NcbenchError(
+                f"{path}: an encoder of {config.depth:,} blocks and {config.width:,} channels; a release from "
+                f"outside may have at most {FETCHED_DEPTH_MAX:,} and {FETCHED_WIDTH_MAX:,}"
+            )
+        shapes = {"encoded/data": (config.n_patches, config.width), "plain/images": (config.image_size,) * 2}
+        for name, rest in shapes.items():
+            if name in release.h5 and release.h5[name].shape[1:] != rest:
+                raise NcbenchError(f"{path}: {name} has shape {release.h5[name].shape}; its encoder makes (N, {rest})")
+
+
+def _stored_whole(dataset: h5py.Dataset, info: DatasetInfo, path: Path) -> None:
+    if info.declared_bytes == 0:
+        return
+    if info.chunks is None:
+        whole = info.stored_bytes == info.declared_bytes
+    else:
+        whole = dataset.id.get_num_chunks() == math.prod(-(-n // c) for n, c in zip(info.shape, info.chunks))
+    if not whole:
+        raise NcbenchError(f"{path}: {info.name} declares {info.shape} but does not store all of it")
 
 
 def open_key(path: str | os.PathLike) -> Key:

@@ -4,6 +4,7 @@ plain HTTP) could send. Whatever it sends, a command ends in one printable line 
 within its time, without writing past the size the server listed, and without replacing a file of
 the user's."""
 
+import gzip
 import hashlib
 import http.server
 import json
@@ -16,7 +17,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from ncbench.challenge.config import resolve_config
+from ncbench.challenge.files import check_untrusted_release
 from ncbench.cli import main
+from ncbench.errors import NcbenchError
 from ncbench.leaderboard.server import client as client_module
 
 ESCAPES = "\x1b[2J\x1b[31mPWNED\x1b]0;title\x07 ok\rFAKE: all good\nerror: second line"
@@ -62,6 +66,32 @@ def trickle(handler) -> None:
         pass
 
 
+def compressed(handler) -> None:
+    """A small answer sent gzip-encoded, though the client asked for none."""
+    body = gzip.compress(json.dumps([]).encode())
+    handler.send_response(200)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Encoding", "gzip")
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
+def slow_download(handler) -> None:
+    """A file sent a byte every 0.1 s: each read is quick, the pace is not."""
+    handler.send_response(200)
+    handler.send_header("Content-Type", "application/octet-stream")
+    handler.send_header("Content-Length", "1000")
+    handler.end_headers()
+    try:
+        for _ in range(1000):
+            handler.wfile.write(b"x")
+            handler.wfile.flush()
+            time.sleep(0.1)
+    except OSError:
+        pass
+
+
 def listing(*entries):
     return lambda handler: send_json(handler, list(entries))
 
@@ -90,6 +120,10 @@ CASES = {
     "nan": {"/challenges": lambda h: send(h, 200, b'[{"n_encoded": NaN}]')},
     "huge-number": {"/challenges": lambda h: send(h, 200, b'[{"n_encoded": 1e999}]')},
     "whoami-list": {"/whoami": lambda h: send_json(h, ["team"])},
+    "compressed": {"/challenges": compressed},
+    "nested": {"/challenges": lambda h: send(h, 200, b"[" * 900 + b"]" * 900)},
+    "nested-error": {"/challenges": lambda h: send(h, 500, b"[" * 100_000)},
+    "huge-integer": {"/challenges": lambda h: send_json(h, [{**CHALLENGE, "files": [file_entry("r.h5", 10**400)]}])},
     "status-no-state": {"/submissions/7": lambda h: send_json(h, {"id": 7, "challenge_id": "c1"})},
     "submissions-types": {
         "/submissions": lambda h: send_json(h, [{"id": "seven", "challenge_id": 1, "state": None}]),
@@ -97,6 +131,11 @@ CASES = {
     },
     "big": {"/challenges": lambda h: send_json(h, [CHALLENGE] * 2000)},
     "trickle": {"/challenges": trickle},
+    "slow-download": {
+        "/challenges/c1/files": listing(file_entry("release.h5", 1000)),
+        "/challenges/c1/files/release.h5": slow_download,
+    },
+    "old-date": {"/challenges": lambda h: send_json(h, [{**CHALLENGE, "deadline_utc": "0001-01-01T00:00:00+01:00"}])},
     "endless": {
         "/challenges/c1/files": listing(file_entry("release.h5", 1000)),
         "/challenges/c1/files/release.h5": endless,
@@ -202,11 +241,24 @@ def test_the_servers_text_reaches_the_terminal_as_one_printable_line(hostile, tm
         ("status-no-state", ["status", "7"]),
         ("submissions-types", ["submissions"]),
         ("nan", ["challenges", "--json"]),
+        ("compressed", ["challenges"]),
+        ("nested", ["challenges"]),
+        ("huge-integer", ["challenges"]),
         ("huge-number", ["challenges", "--json"]),
     ],
 )
 def test_an_answer_of_the_wrong_shape_is_one_line(hostile, tmp_path, case, command):
     assert_one_line(run(hostile, case, *command, tmp_path=tmp_path), "challenge server")
+
+
+def test_an_error_nested_too_deep_to_parse_is_one_line(hostile, tmp_path):
+    assert_one_line(run(hostile, "nested-error", "challenges", tmp_path=tmp_path), "server answered 500")
+
+
+def test_a_date_out_of_range_is_shown_as_the_server_wrote_it(hostile, tmp_path):
+    listed = run(hostile, "old-date", "challenges", tmp_path=tmp_path)
+    assert listed.exit_code == 0, listed.output
+    assert "0001-01-01T00:00:00+01:00" in listed.output
 
 
 def test_an_answer_is_read_only_up_to_its_limits_of_size_and_time(hostile, tmp_path, monkeypatch):
@@ -225,6 +277,15 @@ def test_a_download_stops_at_the_size_the_server_listed(hostile, tmp_path):
     too_big = run(hostile, "past-the-disk", "fetch", "c1", "--out", out, tmp_path=tmp_path)
     assert_one_line(too_big, "release.h5 needs", "free")
     assert list(out.iterdir()) == []
+
+
+def test_a_download_slower_than_the_minimum_pace_stops_and_resumes_later(hostile, tmp_path, monkeypatch):
+    monkeypatch.setattr(client_module, "DOWNLOAD_GRACE_S", 1.0)
+    out = tmp_path / "got"
+    slow = run(hostile, "slow-download", "fetch", "c1", "--out", out, tmp_path=tmp_path)
+    assert_one_line(slow, "slower than 1000 bytes a second", "run fetch again")
+    kept = out / ".release.h5.part"
+    assert 0 < kept.stat().st_size < 1000 and not (out / "release.h5").exists()  # kept to resume
 
 
 def test_an_empty_file_is_fetched(hostile, tmp_path):
@@ -275,3 +336,32 @@ def test_a_fetched_release_that_is_not_one_ncbench_can_read_is_removed(hostile, 
         out = tmp_path / case
         assert_one_line(run(hostile, case, "fetch", "c1", "--out", out, tmp_path=tmp_path), "release.h5", words)
         assert list(out.iterdir()) == []  # neither the release nor its partial file
+
+
+def tiny_release(path, *, depth: int = 0, rows: int = 2, stored: int = 2) -> None:
+    """A minimal file in the release format: ``rows`` encodings declared, ``stored`` of them written."""
+    config = resolve_config("nc3", width=4, image_size=8, patch_size=4, bn_batch=8, depth=depth)
+    with h5py.File(path, "w") as h5:
+        h5.attrs["format"] = "ncbench-release"
+        h5.attrs["schema_version"] = np.int64(1)
+        for name, value in {"challenge_id": "c1", "task": "reid", "key_commitment": "0" * 64}.items():
+            h5.attrs[name] = value
+        h5.attrs["encoder_config"] = config.to_json()
+        h5.attrs["n_encoded"] = np.int64(rows)
+        data = h5.create_dataset("encoded/data", shape=(rows, 4, 4), dtype="f2", chunks=(1, 4, 4), compression="gzip")
+        data[:stored] = 1.0
+
+
+@pytest.mark.parametrize(
+    ("build", "words"),
+    [
+        ({"rows": 10**9, "stored": 2}, "does not store all of it"),
+        ({"depth": 10**8}, "at most 1,024"),
+    ],
+)
+def test_a_release_that_declares_more_than_it_holds_is_refused(tmp_path, build, words):
+    tiny_release(tmp_path / "fine.h5")
+    check_untrusted_release(tmp_path / "fine.h5")
+    tiny_release(tmp_path / "hostile.h5", **build)
+    with pytest.raises(NcbenchError, match=words):
+        check_untrusted_release(tmp_path / "hostile.h5")

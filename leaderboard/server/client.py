@@ -44,9 +44,14 @@ HIDDEN = "hidden until the close (a blind challenge)"
 # server keeps; its text reaches the terminal as one printable line of at most TEXT_MAX
 # characters; an answer without the fields a command reads, of their JSON types, is refused
 # before any of it is shown or written.
-ANSWER_MAX_BYTES = 16 << 20
+ANSWER_MAX_BYTES = 4 << 20  # parsed, a listing of small objects takes up to 50 times its bytes
 ANSWER_S = 120.0
 TEXT_MAX = 500
+NESTING_MAX = 32  # levels of JSON arrays and objects; the API's answers have 4
+INTEGER_MAX = 2**63 - 1  # what the server's database holds
+DOWNLOAD_RATE_MIN = 1000  # bytes a second on average, after DOWNLOAD_GRACE_S: else it stops (and resumes later)
+DOWNLOAD_GRACE_S = 60.0
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 LISTED_FILES_MAX = 256  # a challenge publishes a release and a few small files
 FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -146,7 +151,8 @@ class Client:
     def __init__(self, server: str | None, token: str | None = None, *, need_token: bool = False):
         if need_token and not token:
             raise NcbenchError(f"no team token: run `ncbench login`, set ${TOKEN_ENV} or pass --token-file")
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        # Compressed answers are refused: httpx inflates a whole network read at once, unbounded.
+        headers = {"Accept-Encoding": "identity", **({"Authorization": f"Bearer {token}"} if token else {})}
         self.server = server_url(server).rstrip("/")
         if token and not _private_link(self.server):
             click.echo(f"warning: {self.server} is plain HTTP: the team token travels unencrypted", err=True)
@@ -169,11 +175,14 @@ class Client:
         _check(status, body)
         try:
             data = json.loads(body, parse_constant=_not_json, parse_float=_finite)
-        except ValueError:
+        except (ValueError, RecursionError):
             data = None
         if not isinstance(data, (dict, list)):  # a web page: the board's address, or another site
             raise NcbenchError(f"{self.server} did not answer as a challenge server's API (is it the board's address?)")
-        data = _printable(data)
+        try:
+            data = _printable(data)
+        except ValueError as error:
+            raise NcbenchError(f"the server's answer to {path} is not a challenge server's: {error}") from None
         if fields is not None:
             if many and not isinstance(data, list):
                 raise NcbenchError(f"the server's answer to {path} is not a challenge server's: a list was expected")
@@ -181,20 +190,53 @@ class Client:
                 answer_fields(record, fields, path)
         return data
 
+    def opened(self, method: str, path: str, **kwargs) -> httpx.Response:
+        """The answer to ``method path``, a success, with its head read within :data:`ANSWER_S`
+        and its body still to come (the caller closes it); a failure is one NcbenchError line."""
+
+        def open_answer() -> httpx.Response:
+            response = self._send(method, path, kwargs)
+            try:
+                _check(response.status_code, b"" if response.is_success else self.body(response, path))
+            except BaseException:
+                response.close()
+                raise
+            return response
+
+        return self._within(ANSWER_S, open_answer, path)
+
     def _exchange(self, method: str, path: str, seconds: float, kwargs: dict) -> tuple[int, bytes]:
         def exchange() -> tuple[int, bytes]:
-            with self.http.stream(method, path, **kwargs) as response:
+            response = self._send(method, path, kwargs)
+            try:
                 return response.status_code, self.body(response, path)
+            finally:
+                response.close()
 
+        return self._within(seconds, exchange, path)
+
+    def _within(self, seconds: float, work: Callable, path: str):
         try:
-            return within(seconds, exchange, f"{self.server} did not answer {path} within {seconds:.0f} s")
+            return within(seconds, work, f"{self.server} did not answer {path} within {seconds:.0f} s")
         except (httpx.HTTPError, httpx.InvalidURL) as error:
             raise NcbenchError(self.failed(error)) from None
+
+    def _send(self, method: str, path: str, kwargs: dict) -> httpx.Response:
+        """The answer with its head read, refused when its body is compressed."""
+        response = self.http.send(self.http.build_request(method, path, **kwargs), stream=True)
+        encoding = response.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            response.close()
+            raise NcbenchError(
+                f"{self.server} sent its answer to {path} compressed ({one_line(encoding, 40)}): a challenge server "
+                "sends none to a client that asks for none"
+            )
+        return response
 
     def body(self, response: httpx.Response, path: str) -> bytes:
         """The body of an answer to ``path``, refused past :data:`ANSWER_MAX_BYTES`."""
         body = bytearray()
-        for chunk in response.iter_bytes():
+        for chunk in response.iter_raw():
             body += chunk
             if len(body) > ANSWER_MAX_BYTES:
                 raise NcbenchError(
@@ -260,16 +302,21 @@ def _finite(text: str) -> float:
     return value
 
 
-def _printable(value):
+def _printable(value, depth: int = 0):
     """``value`` (parsed JSON) with every string, keys included, as one printable line of at most
     :data:`TEXT_MAX` characters: no escape sequence, carriage return or line of the server's
-    reaches the terminal."""
+    reaches the terminal. ValueError for an integer past :data:`INTEGER_MAX` or arrays and
+    objects nested deeper than :data:`NESTING_MAX`."""
     if isinstance(value, str):
         return one_line(value, TEXT_MAX)
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > INTEGER_MAX:
+        raise ValueError("an integer past 2**63")
+    if isinstance(value, (list, dict)) and depth >= NESTING_MAX:
+        raise ValueError(f"nested deeper than {NESTING_MAX} levels")
     if isinstance(value, list):
-        return [_printable(item) for item in value]
+        return [_printable(item, depth + 1) for item in value]
     if isinstance(value, dict):
-        return {_printable(key): _printable(item) for key, item in value.items()}
+        return {_printable(key): _printable(item, depth + 1) for key, item in value.items()}
     return value
 
 
@@ -334,10 +381,9 @@ def _check(status: int, body: bytes) -> None:
     if 200 <= status < 300:
         return
     try:
-        detail = json.loads(body).get("detail")
-    except (ValueError, AttributeError):
-        detail = body[:200].decode(errors="replace")
-    detail = one_line(str(detail), TEXT_MAX)
+        detail = one_line(str(json.loads(body).get("detail")), TEXT_MAX)
+    except (ValueError, AttributeError, RecursionError):
+        detail = one_line(body[:200].decode(errors="replace"), TEXT_MAX)
     if status == 401:
         raise NcbenchError(f"the server refused the token ({detail})")
     if status == 404:
@@ -391,10 +437,10 @@ def _minutes(stamp: str | None) -> str:
         return ""
     try:
         when = dt.datetime.fromisoformat(str(stamp).replace("Z", "+00:00"))
-    except ValueError:
+        if when.tzinfo is not None:
+            when = when.astimezone(dt.UTC).replace(tzinfo=None)
+    except (ValueError, OverflowError):
         return str(stamp)
-    if when.tzinfo is not None:
-        when = when.astimezone(dt.UTC).replace(tzinfo=None)
     return when.strftime("%Y-%m-%d %H:%M UTC")
 
 
@@ -429,10 +475,15 @@ def fetch(challenge_id: str, out: Path | None, force: bool, server: str) -> None
         if digest != entry["sha256"]:
             partial.unlink()
             raise NcbenchError(f"{name}: sha256 {digest} does not match the server's {entry['sha256']}; fetch again")
-        if name.endswith(".h5"):
+        if name.endswith((".h5", ".hdf5")) or _hdf5(partial):
             check_release(partial, name)
         os.replace(partial, target)
     click.echo(f"fetched {len(listed)} files into {out}, sha256 checked")
+
+
+def _hdf5(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(len(HDF5_SIGNATURE)) == HDF5_SIGNATURE
 
 
 def check_release(partial: Path, name: str) -> None:
@@ -492,27 +543,34 @@ def _download(client: Client, path: str, partial: Path, size: int) -> None:
             f"{partial.name[1:].removesuffix('.part')} needs {format_bytes(size - have)} more; "
             f"{partial.parent} has {format_bytes(free)} free"
         )
-    partial.touch()
     headers = {"Range": f"bytes={have}-"} if have else {}
     with progress(f"downloading {partial.name[1:].removesuffix('.part')}", size) as advance:
         advance(have)
         if have == size:
+            partial.touch()
             return
+        response = client.opened("GET", path, headers=headers)
         try:
-            with client.http.stream("GET", path, headers=headers) as response:
-                _check(response.status_code, b"" if response.is_success else client.body(response, path))
-                if response.status_code != 206:
-                    have = 0
-                with open(partial, "ab" if response.status_code == 206 else "wb") as handle:
-                    for chunk in response.iter_bytes():
-                        have += len(chunk)
-                        if have > size:
-                            partial.unlink()
-                            raise NcbenchError(f"the server sent more than the {size} bytes it listed; fetch again")
-                        handle.write(chunk)
-                        advance(len(chunk))
+            if response.status_code != 206:
+                have = 0
+            started, received = time.monotonic(), 0
+            with open(partial, "ab" if response.status_code == 206 else "wb") as handle:
+                for chunk in response.iter_raw():
+                    have, received = have + len(chunk), received + len(chunk)
+                    if have > size:
+                        partial.unlink()
+                        raise NcbenchError(f"the server sent more than the {size} bytes it listed; fetch again")
+                    handle.write(chunk)
+                    advance(len(chunk))
+                    elapsed = time.monotonic() - started
+                    if elapsed > DOWNLOAD_GRACE_S and received < DOWNLOAD_RATE_MIN * elapsed:
+                        raise NcbenchError(
+                            f"the download is slower than {DOWNLOAD_RATE_MIN} bytes a second; run fetch again to resume"
+                        )
         except (httpx.HTTPError, httpx.InvalidURL) as error:
             raise NcbenchError(f"download interrupted ({client.failed(error)}); run fetch again to resume") from None
+        finally:
+            response.close()
 
 
 @click.command("submit")
