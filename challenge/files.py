@@ -501,7 +501,8 @@ def check_untrusted_release(path: str | os.PathLike) -> None:
         shapes = {"encoded/data": (config.n_patches, config.width), "plain/images": (config.image_size,) * 2}
         for name, rest in shapes.items():
             if name in release.h5 and release.h5[name].shape[1:] != rest:
-                raise NcbenchError(f"{path}: {name} has shape {release.h5[name].shape}; its encoder makes (N, {rest})")
+                made = ", ".join(map(str, rest))
+                raise NcbenchError(f"{path}: {name} has shape {release.h5[name].shape}; its encoder makes (N, {made})")
 
 
 def _stored_whole(dataset: h5py.Dataset, info: DatasetInfo, path: Path) -> None:
