@@ -295,6 +295,12 @@ def test_an_empty_file_is_fetched(hostile, tmp_path):
     assert (out / "empty.bin").read_bytes() == b"" and sorted(p.name for p in out.iterdir()) == ["empty.bin"]
 
 
+def test_fetch_into_a_folder_it_cannot_create_is_one_line(hostile, tmp_path):
+    (tmp_path / "a-file").write_text("x")
+    for out in (tmp_path / "a-file", tmp_path / "a-file" / "sub"):
+        assert_one_line(run(hostile, "empty-file", "fetch", "c1", "--out", out, tmp_path=tmp_path), "--out", "folder")
+
+
 def test_fetch_keeps_a_file_of_the_users_unless_forced(hostile, tmp_path):
     out = tmp_path / "here"
     out.mkdir()

@@ -458,7 +458,12 @@ def fetch(challenge_id: str, out: Path | None, force: bool, server: str) -> None
     client = Client(server)
     listed = listed_files(client, challenge_id)
     out = Path(out or challenge_id)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise NcbenchError(f"--out {out}: cannot create that folder ({error.strerror})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise NcbenchError(f"--out {out}: this user cannot write in that folder")
     for entry in listed:
         name = entry["name"]
         target, partial = out / name, out / f".{name}.part"
