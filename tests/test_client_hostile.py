@@ -51,19 +51,24 @@ def endless(handler) -> None:
         pass
 
 
-def trickle(handler) -> None:
-    """Headers at once, then a byte every 0.2 s: each read is quick, the answer never ends."""
-    handler.send_response(200)
-    handler.send_header("Content-Type", "application/json")
-    handler.send_header("Content-Length", "1000000")
-    handler.end_headers()
-    try:
-        for _ in range(200):
-            handler.wfile.write(b" ")
-            handler.wfile.flush()
-            time.sleep(0.2)
-    except OSError:
-        pass
+def drip(content_type: str, length: int, sent: int, pause: float):
+    """An answer of ``length`` bytes whose head comes at once, then ``sent`` bytes one every
+    ``pause`` seconds: each read is quick, the pace is not."""
+
+    def answer(handler) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Type", content_type)
+        handler.send_header("Content-Length", str(length))
+        handler.end_headers()
+        try:
+            for _ in range(sent):
+                handler.wfile.write(b" ")
+                handler.wfile.flush()
+                time.sleep(pause)
+        except OSError:
+            pass
+
+    return answer
 
 
 def compressed(handler) -> None:
@@ -75,21 +80,6 @@ def compressed(handler) -> None:
     handler.send_header("Content-Length", str(len(body)))
     handler.end_headers()
     handler.wfile.write(body)
-
-
-def slow_download(handler) -> None:
-    """A file sent a byte every 0.1 s: each read is quick, the pace is not."""
-    handler.send_response(200)
-    handler.send_header("Content-Type", "application/octet-stream")
-    handler.send_header("Content-Length", "1000")
-    handler.end_headers()
-    try:
-        for _ in range(1000):
-            handler.wfile.write(b"x")
-            handler.wfile.flush()
-            time.sleep(0.1)
-    except OSError:
-        pass
 
 
 def listing(*entries):
@@ -130,10 +120,10 @@ CASES = {
         "/plugins": lambda h: send_json(h, []),
     },
     "big": {"/challenges": lambda h: send_json(h, [CHALLENGE] * 2000)},
-    "trickle": {"/challenges": trickle},
+    "trickle": {"/challenges": drip("application/json", 1_000_000, sent=200, pause=0.2)},
     "slow-download": {
         "/challenges/c1/files": listing(file_entry("release.h5", 1000)),
-        "/challenges/c1/files/release.h5": slow_download,
+        "/challenges/c1/files/release.h5": drip("application/octet-stream", 1000, sent=1000, pause=0.1),
     },
     "old-date": {"/challenges": lambda h: send_json(h, [{**CHALLENGE, "deadline_utc": "0001-01-01T00:00:00+01:00"}])},
     "endless": {
