@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from ncbench.errors import NcbenchError
+from ncbench.errors import NcbenchError, one_line
 
 MODULE = "ncbench.leaderboard.isolated"
 
@@ -171,6 +171,25 @@ def release(*, path: str) -> None:
     from ncbench.challenge.files import check_untrusted_release
 
     check_untrusted_release(path)
+
+
+NOT_CHECKED = "was not checked: this machine has no prlimit to limit the check"
+
+
+def check_release(path: Path, name: str) -> bool:
+    """:func:`challenge.files.check_untrusted_release` on ``path`` (``name`` in messages) in a child
+    under :data:`RELEASE_LIMITS`. Every refusal, and a child that dies, is one NcbenchError line;
+    False when this machine cannot limit a child (:func:`can_limit`), and nothing was checked."""
+    if not can_limit():
+        return False
+    died = f"{name} cannot be read within the limits of a release (corrupt or crafted)"
+    try:
+        call("release", {"path": str(path)}, RELEASE_LIMITS, died=died)
+    except ChildKilled:
+        raise
+    except (NcbenchError, ChildCrashed) as error:
+        raise NcbenchError(one_line(f"{name} is not a release that ncbench can read ({error})", 1000)) from None
+    return True
 
 
 def can_limit() -> bool:

@@ -361,3 +361,10 @@ def test_a_release_that_declares_more_than_it_holds_is_refused(tmp_path, build, 
     tiny_release(tmp_path / "hostile.h5", **build)
     with pytest.raises(NcbenchError, match=words):
         check_untrusted_release(tmp_path / "hostile.h5")
+
+
+def test_challenge_verify_checks_a_release_from_elsewhere_as_fetch_does(tmp_path):
+    (tmp_path / "release").mkdir()
+    bomb_release(tmp_path / "release" / "release.h5")
+    verified = CliRunner().invoke(main, ["challenge", "verify", str(tmp_path / "release")])
+    assert_one_line(verified, "is not a release that ncbench can read", "compression bomb")

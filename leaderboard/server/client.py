@@ -493,25 +493,19 @@ def _hdf5(path: Path) -> bool:
 
 def check_release(partial: Path, name: str) -> None:
     """Refuse (and remove) a fetched release that cannot be read within known bounds, checked in
-    a limited child (:func:`ncbench.challenge.files.check_untrusted_release`): a crafted file
-    kills or fills that child, not the attacker's later runs."""
+    a limited child (:func:`ncbench.leaderboard.isolated.check_release`): a crafted file kills or
+    fills that child, not the attacker's later runs."""
     from ncbench.leaderboard import isolated
 
-    if not isolated.can_limit():
-        click.echo(f"warning: {name} was not checked: this machine has no prlimit to limit the check", err=True)
-        return
-    died = f"{name} cannot be read within the limits of a release (corrupt or crafted); it was removed"
     with progress(f"checking {name}", 1) as advance:
         try:
-            isolated.call("release", {"path": str(partial)}, isolated.RELEASE_LIMITS, died=died)
-        except isolated.ChildKilled:
+            checked = isolated.check_release(partial, name)
+        except NcbenchError as error:
             partial.unlink()
-            raise
-        except (NcbenchError, isolated.ChildCrashed) as error:
-            partial.unlink()
-            reason = f"{name} is not a release that ncbench can read ({error}); it was removed"
-            raise NcbenchError(one_line(reason, TEXT_MAX)) from None
+            raise NcbenchError(f"{one_line(str(error), TEXT_MAX)}; it was removed") from None
         advance(1)
+    if not checked:
+        click.echo(f"warning: {name} {isolated.NOT_CHECKED}", err=True)
 
 
 def listed_files(client: Client, challenge_id: str) -> list[dict]:

@@ -182,16 +182,30 @@ def site_key_command(key_path: Path, site: int, out: Path, force: bool) -> None:
     help="Private key (file or release directory): also recompute every encoding.",
 )
 def verify_command(release_dir: Path, key_path: Path | None) -> None:
-    """Check a release's checksums, and with --key its commitment and every encoding."""
-    from ncbench.challenge.files import open_release
+    """Check that a release can be read within the bounds its bytes set (in a limited child, as
+    `ncbench fetch` checks a release it downloads), then its checksums, and with --key its
+    commitment and every encoding."""
+    from ncbench.challenge.files import open_release, release_file
     from ncbench.challenge.verify import verify
+    from ncbench.leaderboard import isolated
+    from ncbench.progress import progress
 
+    path = release_file(release_dir)
+    if release_dir.is_dir() and path.is_file():
+        with progress(f"checking {path.name}", 1) as advance:
+            if not isolated.check_release(path, str(path)):
+                click.echo(f"warning: {path} {isolated.NOT_CHECKED}", err=True)
+            advance(1)
     problems = verify(release_dir, key_path)
     if problems:
         for line in problems:
             click.echo(f"FAIL {line}", err=True)
         raise SystemExit(1)
-    what = "checksums, commitment and encodings" if key_path else "checksums (pass --key to check encodings)"
+    what = (
+        "layout, checksums, commitment and encodings"
+        if key_path
+        else "layout and checksums (pass --key to check encodings)"
+    )
     click.echo(f"OK {release_dir}: {what} verified")
     with open_release(release_dir) as release:
         if release.test_release:
