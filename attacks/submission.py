@@ -40,6 +40,7 @@ from ncbench.h5io import (
     check_chunks,
     decode_strings,
     format_bytes,
+    has_hdf5_signature,
     open_untrusted,
     set_root_attrs,
     write_dataset,
@@ -53,8 +54,6 @@ ID_BYTES = 256  # the longest id a reader budgets for; release ids are about 10 
 CSV_HEADER_BYTES = 4096
 # HDF5's format signature; the library looks for it at byte 0, then at 512, 1024, 2048, ... (after
 # a user block), and nowhere else.
-HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
-HDF5_FIRST_USER_BLOCK = 512
 
 # What an attack may declare it used (the ``knowledge`` attribute of a submission and of an
 # attack class). Here, beside the file format, so that the scorer reads it without torch.
@@ -313,28 +312,13 @@ def _form(path: Path) -> str:
     if not path.is_file():
         raise NcbenchError(f"{path}: no such file")
     try:
-        if _has_hdf5_signature(path):
+        if has_hdf5_signature(path):
             return "hdf5"
         if path.suffix.lower() == ".csv" or _starts_as_text(path):
             return "csv"
     except OSError as error:
         raise NcbenchError(f"{path}: cannot be read ({error.strerror or error})") from None
     raise NcbenchError(f"{path}: not a submission (neither an HDF5 file nor a UTF-8 CSV)")
-
-
-def _has_hdf5_signature(path: Path) -> bool:
-    """Whether ``path`` holds HDF5's signature where the library would look for it. Reads 8 bytes
-    at each of those places (about 30 for a 100 GB file) and parses nothing; ``h5py.is_hdf5``
-    would have libhdf5 open the file before its size is checked."""
-    size = path.stat().st_size
-    offset = 0
-    with open(path, "rb") as handle:
-        while offset + len(HDF5_SIGNATURE) <= size:
-            handle.seek(offset)
-            if handle.read(len(HDF5_SIGNATURE)) == HDF5_SIGNATURE:
-                return True
-            offset = max(HDF5_FIRST_USER_BLOCK, 2 * offset)
-    return False
 
 
 def _starts_as_text(path: Path) -> bool:

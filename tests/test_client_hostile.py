@@ -146,9 +146,10 @@ CASES = {
 }
 
 
-def bomb_release(path) -> bytes:
-    """The bytes of an HDF5 file that says it is a release, whose one 1 MiB chunk inflates to 64 MiB."""
-    with h5py.File(path, "w") as h5:
+def bomb_release(path, *, userblock: int = 0) -> bytes:
+    """The bytes of an HDF5 file that says it is a release, whose one 1 MiB chunk inflates to 64 MiB
+    (after ``userblock`` bytes of anything, where libhdf5 looks for its signature too)."""
+    with h5py.File(path, "w", userblock_size=userblock) as h5:
         h5.attrs["format"] = "ncbench-release"
         h5.attrs["schema_version"] = np.int64(1)
         shape = (1, 1 << 20)
@@ -157,11 +158,11 @@ def bomb_release(path) -> bytes:
     return path.read_bytes()
 
 
-def serve_release(case: str, body: bytes) -> None:
-    """Make ``case`` list one release.h5 holding ``body``, with its right size and sha256."""
+def serve_release(case: str, body: bytes, name: str = "release.h5") -> None:
+    """Make ``case`` list one file ``name`` holding ``body``, with its right size and sha256."""
     CASES[case] = {
-        "/challenges/c1/files": listing(file_entry("release.h5", len(body), hashlib.sha256(body).hexdigest())),
-        "/challenges/c1/files/release.h5": lambda h: send(h, 200, body, "application/octet-stream"),
+        "/challenges/c1/files": listing(file_entry(name, len(body), hashlib.sha256(body).hexdigest())),
+        f"/challenges/c1/files/{name}": lambda h: send(h, 200, body, "application/octet-stream"),
     }
 
 
@@ -368,3 +369,10 @@ def test_challenge_verify_checks_a_release_from_elsewhere_as_fetch_does(tmp_path
     bomb_release(tmp_path / "release" / "release.h5")
     verified = CliRunner().invoke(main, ["challenge", "verify", str(tmp_path / "release")])
     assert_one_line(verified, "is not a release that ncbench can read", "compression bomb")
+
+
+def test_a_fetched_file_that_holds_hdf5_under_another_name_is_checked_too(hostile, tmp_path):
+    serve_release("hidden-bomb", bomb_release(tmp_path / "hidden.bin", userblock=512), name="notes.txt")
+    out = tmp_path / "got"
+    assert_one_line(run(hostile, "hidden-bomb", "fetch", "c1", "--out", out, tmp_path=tmp_path), "compression bomb")
+    assert list(out.iterdir()) == []

@@ -51,7 +51,6 @@ NESTING_MAX = 32  # levels of JSON arrays and objects; the API's answers have 4
 INTEGER_MAX = 2**63 - 1  # what the server's database holds
 DOWNLOAD_RATE_MIN = 1000  # bytes a second on average, after DOWNLOAD_GRACE_S: else it stops (and resumes later)
 DOWNLOAD_GRACE_S = 60.0
-HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 LISTED_FILES_MAX = 256  # a challenge publishes a release and a few small files
 FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -453,7 +452,7 @@ def fetch(challenge_id: str, out: Path | None, force: bool, server: str) -> None
     """Download a challenge's public files, resuming interrupted downloads; every sha256 is
     checked before it says done. A file of the folder that differs from the server's is kept
     unless --force."""
-    from ncbench.h5io import sha256_file  # h5py and numpy: here, not in every command's --help
+    from ncbench.h5io import has_hdf5_signature, sha256_file  # h5py and numpy: not in every --help
 
     client = Client(server)
     listed = listed_files(client, challenge_id)
@@ -480,15 +479,10 @@ def fetch(challenge_id: str, out: Path | None, force: bool, server: str) -> None
         if digest != entry["sha256"]:
             partial.unlink()
             raise NcbenchError(f"{name}: sha256 {digest} does not match the server's {entry['sha256']}; fetch again")
-        if name.endswith((".h5", ".hdf5")) or _hdf5(partial):
+        if name.endswith((".h5", ".hdf5")) or has_hdf5_signature(partial):
             check_release(partial, name)
         os.replace(partial, target)
     click.echo(f"fetched {len(listed)} files into {out}, sha256 checked")
-
-
-def _hdf5(path: Path) -> bool:
-    with open(path, "rb") as handle:
-        return handle.read(len(HDF5_SIGNATURE)) == HDF5_SIGNATURE
 
 
 def check_release(partial: Path, name: str) -> None:
