@@ -72,8 +72,8 @@ def iter_release(
     ``reverse``: last block first (see :meth:`~ncbench.challenge.files.Release.iter_encoded`)."""
     # Read as stored (float16) and widened by torch: numpy's float16 cast is 2x slower. (Reading
     # the next block on a thread while this one is worked on saved nothing on 2 cores.)
-    for start, block in release.iter_encoded(chunk, dtype=None, reverse=reverse):
-        yield start, torch.from_numpy(block[..., :channels]).to(device).float()
+    for start, block in release.iter_encoded(chunk, dtype=None, reverse=reverse, channels=channels):
+        yield start, torch.from_numpy(block).to(device).float()
 
 
 def slot_reference(
@@ -112,7 +112,7 @@ def slot_moments(
     in slot order)."""
     n = release.n_encoded if limit is None else min(limit, release.n_encoded)
     if against is None:
-        against = torch.from_numpy(release.encoded_rows([0])[0, :, :channels]).to(device)
+        against = torch.from_numpy(release.encoded_rows([0], channels=channels)[0]).to(device)
     total = torch.zeros_like(against, dtype=torch.float64)
     squares = torch.zeros_like(total)
     for start, block in iter_release(release, chunk, device, channels=channels):
@@ -142,7 +142,7 @@ def consensus_start(
     A reference is the mean of encodings aligned to one encoding; where that encoding's rows are
     atypical, rows of other positions join their slots. On a fresh nc47 key (N = 1,000) the first
     encoding gave 92.5% of rows in a slot of one position, the candidate chosen this way 99.7%."""
-    rows = torch.from_numpy(release.encoded_rows(np.arange(min(sample, release.n_encoded)))[..., :channels])
+    rows = torch.from_numpy(release.encoded_rows(np.arange(min(sample, release.n_encoded)), channels=channels))
     rows = rows.to(device).float()
     starts = range(min(candidates, len(rows)))
     alignments = [align(rows, rows[start])[0] for start in starts]
@@ -174,7 +174,7 @@ def content_direction(
     same way in every slot; at depth that one direction outweighs what tells two slots apart. With
     it projected out of rows and reference, the alignment put 100% of an nc47 key's rows (N =
     1,000) in their position's slot, against 97.8% in the full space."""
-    rows = torch.from_numpy(release.encoded_rows(np.arange(min(sample, release.n_encoded)))[..., :channels])
+    rows = torch.from_numpy(release.encoded_rows(np.arange(min(sample, release.n_encoded)), channels=channels))
     rows = rows.to(device).float()
     if release.config.shuffle:
         rows = to_slot_order(rows, align(rows, reference)[0])

@@ -33,7 +33,8 @@ DECODE_PAIRS = 1024
 DECODE_FROM = 10_000
 # The alignment's rows (the channels it reads, as stored) are kept for the decoding up
 # to this size (N = 12,288 at 512 channels of 256 patches), so it does not read the release
-# again; beyond, it streams a second pass (a full-width row is inflated whole, 4x the channels kept).
+# again; beyond, it streams a second pass (of those channels only, where the release stores its
+# channels in blocks: a release of one encoding per chunk has each inflated whole, 4x at full width).
 HELD_ROWS_BYTES = 3 << 30
 DECODE_RIDGE = 0.1  # linear-inversion's cross-validation picks 0.1 at nc7
 # Thumbnails: means of sub x sub pixel blocks of each patch. The candidates are sought among the
@@ -184,11 +185,11 @@ class HeldRows:
     def add(self, start: int, block: torch.Tensor) -> None:
         self.rows[start : start + len(block)] = block.cpu().numpy()
 
-    def encoded_rows(self, rows, *, dtype=np.float32) -> np.ndarray:
-        return self.rows[np.asarray(rows, np.int64)].astype(dtype or self.rows.dtype, copy=False)
+    def encoded_rows(self, rows, *, dtype=np.float32, channels: int | None = None) -> np.ndarray:
+        return self.rows[np.asarray(rows, np.int64), :, :channels].astype(dtype or self.rows.dtype, copy=False)
 
-    def iter_encoded(self, chunk: int = 64, *, dtype=np.float32, reverse: bool = False):
-        return iter_blocks(self, chunk, dtype, reverse)
+    def iter_encoded(self, chunk: int = 64, *, dtype=np.float32, reverse: bool = False, channels: int | None = None):
+        return iter_blocks(self, chunk, dtype, reverse, channels)
 
 
 def plain_thumbnails(plain_images: RowReader, config: EncoderConfig, *, block: int = 4096) -> Thumbnails:
@@ -228,9 +229,9 @@ def rematch_by_decoding(
     """
     n_patches = view.config.n_patches
     sample = np.sort(rng.permutation(len(matched))[:pairs])
-    known = torch.cat(  # a block at a time: whole rows of a full-width release are 4x the channels kept
+    known = torch.cat(  # a block at a time: a release of one encoding per chunk is read in whole rows
         [
-            torch.from_numpy(view.encoded_rows(sample[start : start + _PAIR_BLOCK])[..., :channels].copy())
+            torch.from_numpy(view.encoded_rows(sample[start : start + _PAIR_BLOCK], channels=channels))
             for start in range(0, len(sample), _PAIR_BLOCK)
         ]
     )

@@ -324,7 +324,7 @@ def aligned_statistics(
                 channels=min(channels or START_CHANNELS, START_CHANNELS),
                 device=attack.device,
             )
-        against = torch.from_numpy(view.encoded_rows([start])[0, :, :channels]).to(attack.device)
+        against = torch.from_numpy(view.encoded_rows([start], channels=channels)[0]).to(attack.device)
         reference = slot_moments(view, advance=advance, against=against, on_block=on_reference_rows, **moments)[0]
         weight = None
         if weighted:  # the spread around slots assigned by the reference, far less noisy than one encoding

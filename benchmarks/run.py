@@ -7,6 +7,8 @@
     python benchmarks/run.py scale RELEASE_DIR [--sizes=250,500,1000,2000,5000,10000]
     python benchmarks/run.py boost RELEASE_DIR
     python benchmarks/run.py final RELEASE_DIR
+    python benchmarks/run.py relayout RELEASE_DIR OUT [--blocks=512]   (0: one encoding per chunk)
+    python benchmarks/run.py read RELEASE_DIR ... [--channels=512] [--cold=yes]
 
 ``final`` computes gram-hungarian's statistics and boosted slot order of a test release once,
 then times its final matching both ways on them: a dense assignment on the full (N, M) scores
@@ -16,6 +18,11 @@ row's 8 candidates without the (N, M) matrix.
 ``boost`` computes gram-hungarian's statistics of a test release once, then times its boosting
 against a reference-style boosting on them in the same run: every round an exact fp32 comparison
 of all N x M pairs (what gram-hungarian did before sampled rounds), with the same rounds rule.
+
+``relayout`` copies a release with its encodings in another layout (blocks of 512 channels, or
+one whole encoding per chunk); ``read`` then times reading the first channels of every encoding of
+each release given, one after the other in the same run, the page cache dropped first with
+``--cold=yes``.
 
 ``scale`` attacks the first N encodings of one large test release (with the N plaintexts they
 hold), each N in a fresh process, with gram-hungarian's defaults: time, peak RSS, accuracy.
@@ -32,6 +39,7 @@ threads (and the GPU), so a number is never read without the hardware that made 
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
@@ -321,7 +329,8 @@ def subset(release_dir: str, n: int, out: str) -> str:
             # Through the row-parallel reader and writer: h5py's own indexed read of scattered
             # plaintexts takes ten times as long (3.3 s per 1,000 of a 100,000-image release).
             encoded = RowView(release.encoded, np.arange(n))
-            write_selected_rows(h5.require_group("encoded"), "data", encoded, np.arange(n))
+            columns = release.encoded.chunks[-1]  # the source's blocks of channels
+            write_selected_rows(h5.require_group("encoded"), "data", encoded, np.arange(n), columns=columns)
             plain = RowView(release.h5["plain/images"], pool)
             write_selected_rows(h5.require_group("plain"), "images", plain, np.arange(len(pool)))
             plain_ids = release.plain_ids  # read once: the property reads the whole dataset
@@ -331,6 +340,73 @@ def subset(release_dir: str, n: int, out: str) -> str:
             write_dataset(h5, "truth/plain_index", np.searchsorted(pool, plain_index).astype(np.int32))
             write_dataset(h5, "truth/patch_perm", key.read("truth/patch_perm")[:n])
     return str(out_dir)
+
+
+def relayout(release_dir: str, out: str, blocks: str = "512") -> str:
+    """Copy a release directory to ``out`` with its encodings chunked in ``blocks`` channels (0:
+    one whole encoding per chunk, as releases were stored before blocks), every other dataset,
+    attribute and the key as they are: the same values in another layout, for timing readers.
+    The copy's sha256 differs from the one its key records."""
+    import shutil
+    from pathlib import Path
+
+    import h5py
+
+    from ncbench.challenge.files import open_release
+    from ncbench.challenge.release import RowView, write_selected_rows
+
+    source, out_dir = Path(release_dir), Path(out)
+    shutil.copytree(source / "private", out_dir / "private")
+    (out_dir / "public").mkdir()
+    with open_release(source) as release, h5py.File(out_dir / "public/release.h5", "w") as h5:
+        for key, value in release.h5.attrs.items():
+            h5.attrs[key] = value
+        for name in release.h5:
+            if name != "encoded":
+                release.h5.copy(release.h5[name], h5, name)
+        group = h5.create_group("encoded")
+        for name in release.h5["encoded"]:
+            if name != "data":
+                release.h5.copy(release.h5[f"encoded/{name}"], group, name)
+        n = release.n_encoded
+        encoded = RowView(release.encoded, np.arange(n))
+        write_selected_rows(group, "data", encoded, np.arange(n), columns=int(blocks) or None)
+    return str(out_dir)
+
+
+def read(*release_dirs: str, channels: str = "512", cold: str = "no") -> dict:
+    """Time reading the first ``channels`` channels of every encoding of each release, as the
+    attacks' alignment pass reads them (64 encodings at a time, as stored), one release after the
+    other in this process; ``cold=yes`` drops the page cache before each (root only)."""
+    from pathlib import Path
+
+    from ncbench.challenge.files import open_release
+
+    rows = []
+    for release_dir in release_dirs:
+        if cold == "yes":
+            os.sync()
+            Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        with open_release(release_dir) as release:
+            started, n = time.perf_counter(), 0
+            for _, block in release.iter_encoded(64, dtype=None, channels=int(channels)):
+                n += len(block)
+            seconds = time.perf_counter() - started
+            rows.append(
+                {
+                    "release": release_dir,
+                    "chunks": list(release.encoded.chunks),
+                    "encodings": n,
+                    "seconds": round(seconds, 2),
+                    "encodings_per_s": round(n / seconds),
+                }
+            )
+    return {
+        "benchmark": f"read {channels} channels",
+        "cold": cold == "yes",
+        "machine": machine_description(),
+        "rows": rows,
+    }
 
 
 def scale(release_dir: str, sizes: str = "250,500,1000,2000,5000,10000") -> dict:
@@ -498,6 +574,10 @@ def main(argv: list[str]) -> dict:
         result = boost(*positional)
     elif command == "final":
         result = final(*positional)
+    elif command == "relayout":
+        result = {"relayout": relayout(*positional, **options)}
+    elif command == "read":
+        result = read(*positional, **options)
     elif command == "build-memory":
         result = build_memory(options.get("preset", "nc3"), options.get("sizes", "256,1024,2048"))
     else:

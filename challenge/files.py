@@ -90,11 +90,11 @@ class _H5File:
         except OSError as error:
             raise NcbenchError(f"{self.path}: {name} is corrupt ({error})") from None
 
-    def _rows(self, name: str, rows: np.ndarray, *, dtype=None) -> np.ndarray:
-        """Rows ``rows`` (sorted, unique) of a dataset as ``dtype`` (None: as stored), with
-        corrupt chunks reported as one line."""
+    def _rows(self, name: str, rows: np.ndarray, *, dtype=None, columns: int | None = None) -> np.ndarray:
+        """Rows ``rows`` (sorted, unique) of a dataset as ``dtype`` (None: as stored), their first
+        ``columns`` on the last axis (None: all), with corrupt chunks reported as one line."""
         try:
-            return read_rows(self._require(name), rows, dtype=dtype)
+            return read_rows(self._require(name), rows, dtype=dtype, columns=columns)
         except OSError as error:
             raise NcbenchError(f"{self.path}: {name} is corrupt ({error})") from None
 
@@ -221,21 +221,22 @@ class Release(_H5File):
         """``invert`` only: the encoded ids whose plaintexts are ``plain/images`` (same order)."""
         return self.strings("pairs/encoded_ids")
 
-    def encoded_rows(self, rows, *, dtype=np.float32) -> np.ndarray:
+    def encoded_rows(self, rows, *, dtype=np.float32, channels: int | None = None) -> np.ndarray:
         """Encodings (len(rows), P, D) at ``rows``, in the order given (any order, repeats allowed),
-        as ``dtype`` (None: as stored)."""
+        as ``dtype`` (None: as stored); ``channels``: their first that many only, (len(rows), P,
+        channels), of which a full-width release stores blocks apart (docs/format.md)."""
         unique, inverse = np.unique(np.asarray(rows, dtype=np.int64), return_inverse=True)
-        encoded = self._rows("encoded/data", unique, dtype=dtype)
+        encoded = self._rows("encoded/data", unique, dtype=dtype, columns=channels)
         return encoded if np.array_equal(inverse, np.arange(len(unique))) else encoded[inverse]
 
     def iter_encoded(
-        self, chunk: int = 64, *, dtype=np.float32, reverse: bool = False
+        self, chunk: int = 64, *, dtype=np.float32, reverse: bool = False, channels: int | None = None
     ) -> Iterator[tuple[int, np.ndarray]]:
         """Yield (start, encodings (b, P, D)), ``chunk`` items at a time, in row order or, with
         ``reverse``, last block first: a second pass over a release larger than the page cache
         then finds the end of the first pass still cached (in row order it would evict each page
-        just before reading it)."""
-        return iter_blocks(self, chunk, dtype, reverse)
+        just before reading it). ``channels``: as in :meth:`encoded_rows`."""
+        return iter_blocks(self, chunk, dtype, reverse, channels)
 
     def describe(self) -> dict:
         """What ``ncbench challenge info`` prints: attributes and dataset shapes."""
@@ -264,20 +265,23 @@ class SiteView:
     def plain_images(self) -> np.ndarray:
         return self.release.plain_images
 
-    def encoded_rows(self, rows, *, dtype=np.float32) -> np.ndarray:
-        return self.release.encoded_rows(self.rows[np.asarray(rows, np.int64)], dtype=dtype)
+    def encoded_rows(self, rows, *, dtype=np.float32, channels: int | None = None) -> np.ndarray:
+        return self.release.encoded_rows(self.rows[np.asarray(rows, np.int64)], dtype=dtype, channels=channels)
 
     def iter_encoded(
-        self, chunk: int = 64, *, dtype=np.float32, reverse: bool = False
+        self, chunk: int = 64, *, dtype=np.float32, reverse: bool = False, channels: int | None = None
     ) -> Iterator[tuple[int, np.ndarray]]:
-        return iter_blocks(self, chunk, dtype, reverse)
+        return iter_blocks(self, chunk, dtype, reverse, channels)
 
 
-def iter_blocks(view, chunk: int, dtype, reverse: bool) -> Iterator[tuple[int, np.ndarray]]:
-    """``view.iter_encoded`` for anything with ``n_encoded`` and ``encoded_rows(rows, dtype=)``."""
+def iter_blocks(
+    view, chunk: int, dtype, reverse: bool, channels: int | None = None
+) -> Iterator[tuple[int, np.ndarray]]:
+    """``view.iter_encoded`` for anything with ``n_encoded`` and ``encoded_rows(rows, dtype=, channels=)``."""
     starts = range(0, view.n_encoded, chunk)
     for start in reversed(starts) if reverse else starts:
-        yield start, view.encoded_rows(np.arange(start, min(start + chunk, view.n_encoded)), dtype=dtype)
+        rows = np.arange(start, min(start + chunk, view.n_encoded))
+        yield start, view.encoded_rows(rows, dtype=dtype, channels=channels)
 
 
 class Key(_H5File):

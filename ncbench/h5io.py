@@ -1,7 +1,8 @@
 """The one HDF5 reader/writer for every ncbench file (release, key, submission).
 
-Every dataset is chunked one item per chunk with gzip + shuffle + fletcher32 and no timestamps,
-so the same inputs give the same bytes and a flipped byte in the data is caught on read.
+Every dataset is chunked one item per chunk (wide encodings: one block of channels of one item per
+chunk) with gzip + shuffle + fletcher32 and no timestamps, so the same inputs give the same bytes
+and a flipped byte in the data is caught on read.
 
 Files from outside (submissions) are opened with :func:`open_untrusted`, which checks the layout
 from metadata alone (no links out of the file, no virtual or external storage, only our filters,
@@ -52,7 +53,8 @@ UNTRUSTED_FILTERS = {
     h5py.h5z.FILTER_FLETCHER32: "fletcher32",
 }
 MAX_CHUNK_BYTES = 32 << 20  # h5py's own chunks are <= 1 MiB; ours are one item (<= 4 MiB at full size)
-MAX_CHUNKS = 1 << 20  # per dataset, unless the first dimension is longer (one row per chunk)
+MAX_CHUNKS = 1 << 20  # per dataset, unless its rows are longer than that (one row per chunk)
+MAX_CHUNKS_PER_ROW = 16  # a row cut into blocks of columns (a full-width encoding: 4 of 512 channels)
 MAX_OBJECTS = 256  # groups, datasets and named types
 MAX_ATTRIBUTES = 64  # per object
 MAX_ATTRIBUTE_BYTES = 1 << 20  # declared size of one attribute
@@ -63,9 +65,13 @@ METADATA_BYTES_PER_CHUNK = 64  # a chunk index entry (v1 B-tree) takes about 40 
 _CHUNK_SLACK = 1 << 10  # a gzip stream of incompressible data is a few bytes longer than its input
 
 
-def _chunks(shape: tuple[int, ...]) -> tuple[int, ...] | None:
+def _chunks(shape: tuple[int, ...], columns: int | None = None) -> tuple[int, ...] | None:
+    """One item per chunk; with ``columns``, one block of that many on the last axis of one item,
+    where they divide it (a reader of the first ``columns`` then inflates only those)."""
     if not shape or 0 in shape:
         return None
+    if columns and len(shape) > 1 and shape[-1] > columns and shape[-1] % columns == 0:
+        return (1, *shape[1:-1], columns)
     return (1, *shape[1:])
 
 
@@ -87,68 +93,81 @@ def write_dataset(group: h5py.Group, name: str, values) -> h5py.Dataset:
     return dataset
 
 
-def create_streamed(group: h5py.Group, name: str, shape: tuple[int, ...], dtype) -> h5py.Dataset:
-    """An empty dataset to be filled chunk by chunk (large encodings)."""
+def create_streamed(
+    group: h5py.Group, name: str, shape: tuple[int, ...], dtype, *, columns: int | None = None
+) -> h5py.Dataset:
+    """An empty dataset to be filled chunk by chunk (large encodings); ``columns``: see :func:`_chunks`."""
+    chunks = _chunks(shape, columns)
     return group.create_dataset(
-        name,
-        shape=shape,
-        dtype=dtype,
-        chunks=_chunks(shape),
-        track_times=False,
-        **(FILTERS if _chunks(shape) else {}),
+        name, shape=shape, dtype=dtype, chunks=chunks, track_times=False, **(FILTERS if chunks else {})
     )
 
 
-# The pipeline FILTERS writes, in order: a dataset stored this way, one row per chunk, is read by
-# :func:`read_rows` without HDF5's filters.
+# The pipeline FILTERS writes, in order: a dataset stored this way, one row (or one block of a
+# row's last axis) per chunk, is read by :func:`read_rows` without HDF5's filters.
 _ROW_PIPELINE = (h5py.h5z.FILTER_SHUFFLE, h5py.h5z.FILTER_DEFLATE, h5py.h5z.FILTER_FLETCHER32)
 _FLETCHER_BYTES = 4
-_ROW_BYTES_MIN = 4096  # smaller rows (ids, indices) cost more in threads than they inflate
+_ROW_BYTES_MIN = 4096  # smaller chunks (ids, indices) cost more in threads than they inflate
 
 
-def read_rows(dataset: h5py.Dataset, rows: np.ndarray, *, dtype=np.float32) -> np.ndarray:
-    """``dataset[rows]`` as ``dtype`` (None: as stored), for sorted unique ``rows`` (n,) int64.
+def read_rows(dataset: h5py.Dataset, rows: np.ndarray, *, dtype=np.float32, columns: int | None = None) -> np.ndarray:
+    """``dataset[rows][..., :columns]`` as ``dtype`` (None: as stored), for sorted unique ``rows``
+    (n,) int64; ``columns`` None: the whole last axis.
 
-    A dataset written with :data:`FILTERS`, one row per chunk, is read chunk by chunk on a pool
-    of threads: each fetches its chunk's stored bytes, checks the fletcher32 sums, inflates at
-    most the row's size and undoes the byte shuffle. HDF5's own filters run under h5py's global
+    A dataset written with :data:`FILTERS`, one row (or one block of its last axis) per chunk, is
+    read chunk by chunk on a pool of threads: each fetches its chunk's stored bytes, checks the
+    fletcher32 sums, inflates at most the chunk's size and undoes the byte shuffle. Only the
+    blocks that hold the first ``columns`` are read. HDF5's own filters run under h5py's global
     lock, one chunk at a time, and inflating then takes most of an attack's reading time (6.9 s
     for 1,000 full-size nc7 encodings on one core of a Zen 4). Any other layout is read by h5py.
     """
     rows, dtype = np.asarray(rows, np.int64), dataset.dtype if dtype is None else dtype
+    width = dataset.shape[-1] if dataset.ndim > 1 else None
+    columns = width if columns is None or width is None else min(columns, width)
+    shape = (len(rows), *dataset.shape[1:-1], columns) if width else (len(rows), *dataset.shape[1:])
     if len(rows) == 0:
-        return np.empty((0, *dataset.shape[1:]), dtype)
-    if len(rows) == 1 or not _rows_pipeline(dataset):
+        return np.empty(shape, dtype)
+    block = _pipeline_block(dataset)
+    if len(rows) == 1 or block is None:
         contiguous = rows[-1] - rows[0] + 1 == len(rows)
         selection = slice(int(rows[0]), int(rows[-1]) + 1) if contiguous else rows
-        return dataset[selection].astype(dtype, copy=False)
-    out = np.empty((len(rows), *dataset.shape[1:]), dtype)
-    read = functools.partial(_read_row, dataset, out)
+        values = dataset[selection]
+        return np.ascontiguousarray((values[..., :columns] if width else values), dtype)
+    out = np.empty(shape, dtype)
+    starts = range(0, columns, block) if width else [0]
+    jobs = [(k, row, start) for k, row in enumerate(rows.tolist()) for start in starts]
+    read = functools.partial(_read_chunk, dataset, out, block)
     # list() re-raises a worker's error here, in the caller's thread.
-    list(_row_pool().map(read, range(len(rows)), rows.tolist()))
+    list(_row_pool().map(lambda job: read(*job), jobs))
     return out
 
 
 def write_rows(dataset: h5py.Dataset, start: int, values: np.ndarray) -> None:
     """``dataset[start : start + len(values)] = values``, each chunk the bytes HDF5's filters store.
 
-    A dataset written with :data:`FILTERS`, one row per chunk, has its rows shuffled, deflated and
-    checksummed on a pool of threads and stored in row order as raw chunks. HDF5 runs its filters
-    under h5py's global lock, one chunk at a time, and deflating then takes most of a release's
-    writing time (zlib at level 1: about 22 ms for a full-size nc7 row on one core of a Zen 4).
-    Any other layout is written by h5py."""
+    A dataset written with :data:`FILTERS`, one row (or one block of its last axis) per chunk, has
+    its chunks shuffled, deflated and checksummed on a pool of threads and stored in row order as
+    raw chunks. HDF5 runs its filters under h5py's global lock, one chunk at a time, and deflating
+    then takes most of a release's writing time (zlib at level 1: about 22 ms for a full-size nc7
+    row on one core of a Zen 4). Any other layout is written by h5py."""
     values = np.ascontiguousarray(values, dataset.dtype)
-    if len(values) < 2 or not _rows_pipeline(dataset):
+    block = _pipeline_block(dataset)
+    if len(values) < 2 or block is None:
         dataset[start : start + len(values)] = values
         return
-    origin = (0,) * (dataset.ndim - 1)
-    # map() keeps the rows' order; list() re-raises a worker's error here.
-    for k, chunk in enumerate(list(_row_pool("write").map(_filtered_row, values))):
-        dataset.id.write_direct_chunk((start + k, *origin), chunk)
+    width = dataset.shape[-1] if dataset.ndim > 1 else block
+    origin = (0,) * (dataset.ndim - 2)
+    places = [(k, column) for k in range(len(values)) for column in range(0, width, block)]
+    pieces = (values[k, ..., column : column + block] if dataset.ndim > 1 else values[k] for k, column in places)
+    # map() keeps the chunks' order; list() re-raises a worker's error here.
+    for (k, column), chunk in zip(places, list(_row_pool("write").map(_filtered_row, pieces))):
+        offset = (start + k, *origin, column) if dataset.ndim > 1 else (start + k,)
+        dataset.id.write_direct_chunk(offset, chunk)
 
 
 def _filtered_row(row: np.ndarray) -> bytes:
-    """One row through :data:`FILTERS`: byte shuffle, deflate, Fletcher-32 appended little-endian."""
+    """One chunk through :data:`FILTERS`: byte shuffle, deflate, Fletcher-32 appended little-endian."""
+    row = np.ascontiguousarray(row)
     itemsize = row.dtype.itemsize
     element_bytes = row.reshape(-1).view(np.uint8)
     planes = np.empty((itemsize, row.size), np.uint8)
@@ -158,16 +177,23 @@ def _filtered_row(row: np.ndarray) -> bytes:
     return body + fletcher32_checksum(body).to_bytes(_FLETCHER_BYTES, "little")
 
 
-def _rows_pipeline(dataset: h5py.Dataset) -> bool:
+def _pipeline_block(dataset: h5py.Dataset) -> int | None:
+    """The length of a chunk's last axis where ``dataset`` is stored one row, or one whole block
+    of a row's last axis, per chunk through :data:`FILTERS` in large enough chunks; else None."""
     plist = dataset.id.get_create_plist()
-    return (
-        plist.get_layout() == h5py.h5d.CHUNKED
-        and dataset.chunks == (1, *dataset.shape[1:])
-        and math.prod(dataset.shape[1:]) * dataset.dtype.itemsize >= _ROW_BYTES_MIN
-        and tuple(plist.get_filter(i)[0] for i in range(plist.get_nfilters())) == _ROW_PIPELINE
+    if plist.get_layout() != h5py.h5d.CHUNKED or not (
+        tuple(plist.get_filter(i)[0] for i in range(plist.get_nfilters())) == _ROW_PIPELINE
         and dataset.dtype.kind in "fiu"
         and dataset.dtype.byteorder in "<=|"
-    )
+    ):
+        return None
+    shape, chunks = dataset.shape, dataset.chunks
+    block = chunks[-1]
+    whole_rows = chunks == (1, *shape[1:])
+    blocks = dataset.ndim > 1 and chunks == (1, *shape[1:-1], block) and shape[-1] % block == 0
+    if not (whole_rows or blocks) or math.prod(chunks) * dataset.dtype.itemsize < _ROW_BYTES_MIN:
+        return None
+    return block
 
 
 def usable_cores() -> int:
@@ -182,32 +208,39 @@ def _row_pool(purpose: str = "read") -> ThreadPoolExecutor:
     return ThreadPoolExecutor(min(8, usable_cores()), thread_name_prefix=f"ncbench-{purpose}")
 
 
-def _read_row(dataset: h5py.Dataset, out: np.ndarray, k: int, row: int) -> None:
-    """Inflate stored row ``row`` of ``dataset`` into ``out[k]``; OSError on a damaged chunk."""
-    filter_mask, stored = dataset.id.read_direct_chunk((row,) + (0,) * (dataset.ndim - 1))
+def _read_chunk(dataset: h5py.Dataset, out: np.ndarray, block: int, k: int, row: int, column: int) -> None:
+    """Inflate the stored chunk of row ``row`` (from ``column`` on its last axis, ``block`` long)
+    of ``dataset`` into ``out[k]``, up to ``out``'s last axis; OSError on a damaged chunk."""
+    origin = (row,) + (0,) * (dataset.ndim - 2) + ((column,) if dataset.ndim > 1 else ())
+    filter_mask, stored = dataset.id.read_direct_chunk(origin)
+    where = f"chunk {row}" if column == 0 else f"chunk {row}, column {column}"
     if filter_mask:
-        raise OSError(f"chunk {row} was stored with a filter skipped")
+        raise OSError(f"{where} was stored with a filter skipped")
     body, checksum = stored[:-_FLETCHER_BYTES], int.from_bytes(stored[-_FLETCHER_BYTES:], "little")
     if fletcher32(body) != ((checksum & 0xFFFF) % 65535, (checksum >> 16) % 65535):
-        raise OSError(f"chunk {row} fails its fletcher32 checksum")
-    row_out = out[k : k + 1]  # a view even where a row is one element (out[k] would be a copy)
-    itemsize, row_bytes = dataset.dtype.itemsize, row_out.size * dataset.dtype.itemsize
+        raise OSError(f"{where} fails its fletcher32 checksum")
+    itemsize = dataset.dtype.itemsize
+    chunk_shape = (*dataset.shape[1:-1], block) if dataset.ndim > 1 else ()
+    chunk_bytes = math.prod(chunk_shape) * itemsize
     try:
-        shuffled = _inflate_at_most(body, row_bytes)
+        shuffled = _inflate_at_most(body, chunk_bytes)
     except inflate_library.error as error:
-        raise OSError(f"chunk {row} does not inflate ({error})") from None
-    if shuffled is None or len(shuffled) != row_bytes:
-        raise OSError(f"chunk {row} does not inflate to the {row_bytes} bytes of a row")
+        raise OSError(f"{where} does not inflate ({error})") from None
+    if shuffled is None or len(shuffled) != chunk_bytes:
+        raise OSError(f"{where} does not inflate to the {chunk_bytes} bytes of a chunk")
     # The shuffle filter stores byte j of every element together, plane after plane. One strided
     # copy per plane is 6x faster than one transposed copy.
     planes = np.frombuffer(shuffled, np.uint8).reshape(itemsize, -1)
-    as_stored = out.dtype == dataset.dtype
-    values = row_out.reshape(-1) if as_stored else np.empty(row_out.size, dataset.dtype)
+    target = out[k : k + 1]  # a view even where a row is one element (out[k] would be a copy)
+    if dataset.ndim > 1:
+        target = target[..., column : column + block]
+    direct = out.dtype == dataset.dtype and target.flags.c_contiguous and target.size * itemsize == chunk_bytes
+    values = target.reshape(-1) if direct else np.empty(math.prod(chunk_shape), dataset.dtype)
     element_bytes = values.view(np.uint8)
     for j in range(itemsize):
         element_bytes[j::itemsize] = planes[j]
-    if not as_stored:
-        row_out[...] = values.reshape(row_out.shape)
+    if not direct:
+        target[...] = values.reshape(1, *chunk_shape)[..., : target.shape[-1]]
 
 
 PREFETCH_SHARE = 0.5  # of the memory available now, at most, that a prefetched file may take
@@ -543,10 +576,10 @@ def _dataset_info(dataset: h5py.h5d.DatasetID, path: Path, name: str) -> Dataset
                 f"{format_bytes(MAX_CHUNK_BYTES)} per chunk is accepted"
             )
         n_chunks = math.prod(-(-n // c) for n, c in zip(shape, chunks))
-        if n_chunks > max(MAX_CHUNKS, shape[0] if shape else 0):
+        if n_chunks > max(MAX_CHUNKS, MAX_CHUNKS_PER_ROW * shape[0] if shape else 0):
             raise NcbenchError(
                 f"{path}: {name} is cut into {n_chunks} chunks of shape {chunks}; "
-                f"at most {MAX_CHUNKS} (or one per row) are accepted"
+                f"at most {MAX_CHUNKS} (or {MAX_CHUNKS_PER_ROW} per row) are accepted"
             )
     elif filters:
         raise NcbenchError(f"{path}: {name} has filters but is not chunked")

@@ -137,6 +137,53 @@ def test_written_rows_are_the_chunks_hdf5_writes(h5, dtype):
     assert [_stored(through_write_dataset, row) for row in range(7)] == [_stored(by_hdf5, row) for row in range(7)]
 
 
+def test_blocks_of_channels_are_the_chunks_hdf5_writes(h5):
+    """A row cut into blocks of its last axis: each block is the chunk HDF5's filters store, and
+    HDF5 reads the whole dataset back."""
+    values = (np.random.default_rng(5).standard_normal((5, 40, 128)) * 40).astype(np.float32)
+    by_hdf5 = h5.create_dataset("by_hdf5", data=values, chunks=(1, 40, 32), track_times=False, **FILTERS)
+    ours = create_streamed(h5, "ours", values.shape, values.dtype, columns=32)
+    assert ours.chunks == (1, 40, 32)
+    write_rows(ours, 0, values[:2])
+    write_rows(ours, 2, values[2:])
+    for row in range(len(values)):
+        for column in range(0, 128, 32):
+            offset = (row, 0, column)
+            assert ours.id.read_direct_chunk(offset) == by_hdf5.id.read_direct_chunk(offset)
+    np.testing.assert_array_equal(ours[()], values)
+
+
+def test_columns_that_do_not_divide_a_row_keep_one_chunk_per_row(h5):
+    assert create_streamed(h5, "uneven", (3, 4, 100), np.float32, columns=32).chunks == (1, 4, 100)
+    assert create_streamed(h5, "narrow", (3, 4, 32), np.float32, columns=32).chunks == (1, 4, 32)
+
+
+@pytest.mark.parametrize("columns", [None, 32, 20, 50, 128, 500])
+@pytest.mark.parametrize("blocks", [32, None])
+def test_the_first_columns_read_are_hdf5s(h5, columns, blocks):
+    values = (np.random.default_rng(6).standard_normal((6, 40, 128)) * 40).astype(np.float32)
+    dataset = create_streamed(h5, "values", values.shape, values.dtype, columns=blocks)
+    write_rows(dataset, 0, values)
+    rows = np.array([0, 2, 3, 5])
+    for dtype in (None, np.float32):
+        read = read_rows(dataset, rows, dtype=dtype, columns=columns)
+        np.testing.assert_array_equal(read, values[rows][..., :columns].astype(dtype or values.dtype))
+        assert read.flags.c_contiguous
+
+
+def test_only_the_blocks_holding_the_columns_asked_for_are_read(h5):
+    """A damaged block past the columns asked for goes unread; reading the whole row finds it."""
+    values = (np.random.default_rng(7).standard_normal((4, 40, 128)) * 40).astype(np.float32)
+    dataset = create_streamed(h5, "values", values.shape, values.dtype, columns=32)
+    write_rows(dataset, 0, values)
+    stored = bytearray(dataset.id.read_direct_chunk((2, 0, 64))[1])
+    stored[len(stored) // 2] ^= 0xFF
+    dataset.id.write_direct_chunk((2, 0, 64), bytes(stored))
+    np.testing.assert_array_equal(read_rows(dataset, np.arange(4), columns=64), values[..., :64])
+    with pytest.raises(OSError, match="chunk 2, column 64 fails its fletcher32 checksum"):
+        read_rows(dataset, np.arange(4))
+
+
 def test_written_rows_of_other_layouts_go_through_hdf5(h5):
     values = np.arange(40, dtype=np.int32).reshape(10, 4)  # rows too small for the pool
     for dataset in (

@@ -16,9 +16,9 @@ class _Shuffled:
     def __init__(self, rows: np.ndarray):
         self.rows, self.n_encoded = rows.astype(np.float16), len(rows)
 
-    def iter_encoded(self, chunk, *, dtype=None, reverse=False):
+    def iter_encoded(self, chunk, *, dtype=None, reverse=False, channels=None):
         for start in range(0, self.n_encoded, chunk):
-            yield start, self.rows[start : start + chunk]
+            yield start, self.rows[start : start + chunk, :, :channels]
 
 
 def _leading_components(unit: np.ndarray, k: int) -> np.ndarray:

@@ -171,6 +171,32 @@ def test_encodings_read_last_block_first_are_the_same_blocks(built):
     assert [start for start, _ in site_backward] == [start for start, _ in backward]
 
 
+def test_a_full_width_release_keeps_its_channels_in_blocks_that_are_read_apart(tmp_path):
+    """Wider than 512 channels, each encoding is stored in blocks of 512: a reader of the first
+    512 inflates those only (a damaged later block goes unread), and verify reads them all."""
+    plan = BuildPlan.for_task("reid", 16)
+    wide = resolve_config("nc7", width=1024, image_size=32, patch_size=8, bn_batch=8)
+    out = build_release(tmp_path / "wide", config=wide, plan=plan, source="phantom", seed=SEED, device="cpu")
+    assert verify(out, out) == []
+    path = out / "public/release.h5"
+    with h5py.File(path, "r") as h5:
+        assert h5["encoded/data"].chunks == (1, N_PATCHES, release_module.ENCODED_BLOCK_CHANNELS)
+        info = h5["encoded/data"].id.get_chunk_info_by_coord((3, 0, 512))
+    with open_release(out) as release:
+        whole = release.encoded_rows(np.arange(16))
+        np.testing.assert_array_equal(release.encoded_rows([5, 3, 5], channels=512), whole[[5, 3, 5], :, :512])
+        blocks = list(release.site(0).iter_encoded(6, channels=300))
+    np.testing.assert_array_equal(np.concatenate([block for _, block in blocks]), whole[..., :300])
+    raw = bytearray(path.read_bytes())
+    raw[info.byte_offset + info.size // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with open_release(out) as release:
+        np.testing.assert_array_equal(release.encoded_rows(np.arange(16), channels=512), whole[..., :512])
+        with pytest.raises(NcbenchError, match="encoded/data is corrupt"):
+            release.encoded_rows(np.arange(16))
+    assert any("corrupt" in problem or "differ" in problem for problem in verify(out, out))
+
+
 def test_attack_reading_a_damaged_chunk_gets_one_line(built, tmp_path):
     out = _copy(built["reid"], tmp_path)
     with h5py.File(out / "public/release.h5", "r+") as h5:
