@@ -255,6 +255,25 @@ def test_a_chunk_inflating_past_its_declared_size_is_refused_after_one_chunk(tmp
         check_chunks(handle["values"], datasets["values"], path)
 
 
+@pytest.mark.parametrize("columns, accepted", [(16, True), (1, False)])
+def test_chunks_beyond_a_million_are_accepted_only_as_blocks_of_a_row(tmp_path, columns, accepted):
+    """A release's full-width encodings are 4 chunks a row; past 2^20 chunks a dataset may have up
+    to 16 a row, and one of 32 a row is refused before anything is read."""
+    path = small_file(tmp_path / "blocks.h5")
+    rows = 300_000 if accepted else 70_000  # 1.2 million chunks of 16 channels, or 2.24 million of one
+    with h5py.File(path, "a") as handle:  # declared only: no chunk is stored
+        handle.create_dataset(
+            "values", shape=(rows, 1, 64 if accepted else 32), dtype="float16", chunks=(1, 1, columns)
+        )
+    if accepted:
+        handle, datasets = open_untrusted(path, "test", 1)
+        handle.close()
+        assert datasets["values"].chunks == (1, 1, 16)
+    else:
+        with pytest.raises(NcbenchError, match=r"cut into 2240000 chunks .* \(or 16 per row\)"):
+            open_untrusted(path, "test", 1)
+
+
 def test_strings_outside_the_datasets_are_bounded(tmp_path):
     path = small_file(tmp_path / "heap.h5", blob="x" * (MAX_METADATA_BYTES + (1 << 20)))
     with pytest.raises(NcbenchError, match="outside its datasets' data"):
