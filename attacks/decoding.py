@@ -183,7 +183,8 @@ class HeldRows:
         return view.n_encoded * view.config.n_patches * channels * itemsize <= HELD_ROWS_BYTES
 
     def add(self, start: int, block: torch.Tensor) -> None:
-        self.rows[start : start + len(block)] = block.cpu().numpy()
+        # Narrowed by torch: numpy's float32 -> float16 cast took 8 s of 64 at N = 10,000 (34x slower).
+        torch.from_numpy(self.rows[start : start + len(block)]).copy_(block)
 
     def encoded_rows(self, rows, *, dtype=np.float32, channels: int | None = None) -> np.ndarray:
         return self.rows[np.asarray(rows, np.int64), :, :channels].astype(dtype or self.rows.dtype, copy=False)

@@ -811,6 +811,20 @@ def test_decoded_thumbnails_undo_swaps_in_a_mostly_right_matching(releases):
     assert np.array_equal(rematched, truth)
 
 
+def test_held_rows_are_the_stored_values_of_the_channels_read(releases):
+    """The alignment's widened rows, held: narrowed back to the release's dtype, the bits it stores."""
+    with open_release(releases["nc3", "reid"]) as release:
+        channels = release.config.width // 2
+        held = decoding.HeldRows(release, channels)
+        for start, block in release.iter_encoded(7, dtype=None, channels=channels):
+            held.add(start, torch.from_numpy(block).float())
+        rows = np.array([0, 5, 3, release.n_encoded - 1])
+        stored = release.encoded_rows(rows, dtype=None, channels=channels)
+    assert held.rows.dtype == stored.dtype
+    np.testing.assert_array_equal(held.encoded_rows(rows, dtype=None), stored)
+    np.testing.assert_array_equal(held.encoded_rows(rows, channels=3), stored[..., :3].astype(np.float32))
+
+
 def test_gram_hungarian_rematches_by_decoding_from_decode_from_encodings(releases, monkeypatch):
     path = releases["nc3", "reid"]
     passes = []
