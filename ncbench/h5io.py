@@ -146,8 +146,8 @@ def write_rows(dataset: h5py.Dataset, start: int, values: np.ndarray) -> None:
     """``dataset[start : start + len(values)] = values``, each chunk the bytes HDF5's filters store.
 
     A dataset written with :data:`FILTERS`, one row (or one block of its last axis) per chunk, has
-    its chunks shuffled, deflated and checksummed on a pool of threads and stored in row order as
-    raw chunks. HDF5 runs its filters under h5py's global lock, one chunk at a time, and deflating
+    its chunks shuffled, deflated and checksummed on a pool of threads and stored as raw chunks,
+    in row order within each block of the last axis. HDF5 runs its filters under h5py's global lock, one chunk at a time, and deflating
     then takes most of a release's writing time (zlib at level 1: about 22 ms for a full-size nc7
     row on one core of a Zen 4). Any other layout is written by h5py."""
     values = np.ascontiguousarray(values, dataset.dtype)
@@ -157,7 +157,10 @@ def write_rows(dataset: h5py.Dataset, start: int, values: np.ndarray) -> None:
         return
     width = dataset.shape[-1] if dataset.ndim > 1 else block
     origin = (0,) * (dataset.ndim - 2)
-    places = [(k, column) for k in range(len(values)) for column in range(0, width, block)]
+    # Block by block, each for every row: HDF5 stores chunks in the order written, so a reader of
+    # the first block of every row reads these rows' first blocks as one run of the file, which the
+    # kernel's readahead then fetches without the other blocks.
+    places = [(k, column) for column in range(0, width, block) for k in range(len(values))]
     pieces = (values[k, ..., column : column + block] if dataset.ndim > 1 else values[k] for k, column in places)
     # map() keeps the chunks' order; list() re-raises a worker's error here.
     for (k, column), chunk in zip(places, list(_row_pool("write").map(_filtered_row, pieces))):

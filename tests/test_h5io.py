@@ -153,6 +153,17 @@ def test_blocks_of_channels_are_the_chunks_hdf5_writes(h5):
     np.testing.assert_array_equal(ours[()], values)
 
 
+def test_the_first_blocks_of_rows_written_together_lie_in_one_run_of_the_file(h5):
+    """So that reading every row's first block reads the file in runs, not a quarter of each row."""
+    values = np.ones((6, 40, 128), np.float32)
+    dataset = create_streamed(h5, "values", values.shape, values.dtype, columns=32)
+    write_rows(dataset, 0, values)
+    offsets = [
+        [dataset.id.get_chunk_info_by_coord((row, 0, column)).byte_offset for row in range(6)] for column in (0, 32)
+    ]
+    assert offsets[0] == sorted(offsets[0]) and max(offsets[0]) < min(offsets[1])
+
+
 def test_columns_that_do_not_divide_a_row_keep_one_chunk_per_row(h5):
     assert create_streamed(h5, "uneven", (3, 4, 100), np.float32, columns=32).chunks == (1, 4, 100)
     assert create_streamed(h5, "narrow", (3, 4, 32), np.float32, columns=32).chunks == (1, 4, 32)
