@@ -670,7 +670,6 @@ def gram_pairing(
     from the alignment's rows where they fit :data:`~ncbench.attacks.decoding.HELD_ROWS_BYTES`
     (:class:`~ncbench.attacks.decoding.HeldRows`), else from a second pass; 0: never.
     """
-    prefetch(release.path)  # the encodings reach the page cache while the pool is encoded
     # Without the positional embedding (``mix``) a patch encodes alike at every position, so
     # repeated rows would not say where: no exact pairs there.
     look_for_pairs = duplicates and release.config.mix and release.n_sites == 1 and release.n_encoded <= assign_max
@@ -682,6 +681,11 @@ def gram_pairing(
     decoding = decode_pairs > 0 and release.n_sites == 1 and release.n_encoded >= decode_from and shallow
     pool_thumbnails = PoolThumbnails(len(plain_images), release.config) if decoding else None
     self_width, channels = statistics_widths(release.config, self_width=self_width, channels=channels)
+    # The encodings reach the page cache while the pool is encoded, where every stored byte of
+    # them is read: of a release that stores its channels in blocks, a prefetch would read the
+    # blocks not asked for too, and the blocks asked for read as fast cold as warm.
+    if channels >= release.config.width or release.encoded.chunks[-1] >= release.config.width:
+        prefetch(release.path)
     held_rows = HeldRows(release, channels) if decoding and HeldRows.fits(release, channels) else None
     cheap = cheap_statistics(release.config)
     products_dtype = matmul_dtype(attack.device) if cheap else torch.float32

@@ -811,6 +811,17 @@ def test_decoded_thumbnails_undo_swaps_in_a_mostly_right_matching(releases):
     assert np.array_equal(rematched, truth)
 
 
+def test_gram_hungarian_prefetches_only_releases_whose_every_stored_byte_it_reads(releases, tmp_path, monkeypatch):
+    prefetched = []
+    monkeypatch.setattr(pairing, "prefetch", lambda path: prefetched.append(Path(path).parent.parent.name))
+    wide = tmp_path / "wide"  # channels stored in blocks of 512
+    config = resolve_config("nc7", **{**TINY, "width": 1024})
+    build_release(wide, config=config, plan=BuildPlan.for_task("reid", 24), source="sample", seed=3, test_release=True)
+    for path, channels in ((releases["nc3", "reid"], 64), (wide, 512), (wide, 0)):
+        _run("gram-hungarian", path, channels=channels, self_width=64)
+    assert prefetched == [releases["nc3", "reid"].name, "wide"]  # the whole rows of either
+
+
 def test_held_rows_are_the_stored_values_of_the_channels_read(releases):
     """The alignment's widened rows, held: narrowed back to the release's dtype, the bits it stores."""
     with open_release(releases["nc3", "reid"]) as release:
