@@ -356,6 +356,8 @@ def relayout(release_dir: str, out: str, blocks: str = "512") -> str:
     from ncbench.challenge.release import RowView, write_selected_rows
 
     source, out_dir = Path(release_dir), Path(out)
+    if out_dir.exists():
+        raise NcbenchError(f"{out_dir}: already exists; relayout writes a new release directory")
     shutil.copytree(source / "private", out_dir / "private")
     (out_dir / "public").mkdir()
     with open_release(source) as release, h5py.File(out_dir / "public/release.h5", "w") as h5:
@@ -386,7 +388,10 @@ def read(*release_dirs: str, channels: str = "512", cold: str = "no") -> dict:
     for release_dir in release_dirs:
         if cold == "yes":
             os.sync()
-            Path("/proc/sys/vm/drop_caches").write_text("3\n")
+            try:
+                Path("/proc/sys/vm/drop_caches").write_text("3\n")
+            except OSError:
+                raise NcbenchError("--cold=yes drops the page cache, which only root may do") from None
         with open_release(release_dir) as release:
             started, n = time.perf_counter(), 0
             for _, block in release.iter_encoded(64, dtype=None, channels=int(channels)):

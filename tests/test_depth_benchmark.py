@@ -1,5 +1,6 @@
-"""benchmarks/run.py scores a transfer or link attack with the challenge's metric and cuts reid releases
-into smaller ones for its scale runs, and benchmarks/depth.py tabulates and merges transfer runs
+"""benchmarks/run.py scores a transfer or link attack with the challenge's metric, cuts reid releases
+into smaller ones for its scale runs and copies them into another layout for its reading times, and
+benchmarks/depth.py tabulates and merges transfer runs
 (the full-size sweep itself is the lead's, in RESULTS.md)."""
 
 import importlib.util
@@ -13,6 +14,7 @@ import pytest
 from ncbench.challenge.encoders import resolve_config
 from ncbench.challenge.files import open_key, open_release
 from ncbench.challenge.release import BuildPlan, build_release
+from ncbench.errors import NcbenchError
 
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 
@@ -148,3 +150,31 @@ def test_run_scale_bad_sizes_are_one_line_errors(small_reid, sizes):
         timeout=120,
     )
     assert done.returncode == 2 and done.stderr.startswith("error: ") and done.stderr.count("\n") == 1
+
+
+def _layout_and_values(path) -> tuple:
+    with open_release(path) as release, open_key(path) as key:
+        values = (
+            release.encoded_rows(np.arange(release.n_encoded)),
+            release.plain_images,
+            key.read("truth/plain_index"),
+        )
+        return release.encoded.chunks, values
+
+
+def test_relayout_copies_a_release_into_either_layout_and_read_times_both(tmp_path):
+    out = tmp_path / "wide"
+    wide = resolve_config("nc7", width=1024, image_size=32, patch_size=8, bn_batch=8)
+    build_release(out, config=wide, plan=BuildPlan.for_task("reid", 12), source="phantom", seed=6, test_release=True)
+    run = _script("run")
+    rows = run.relayout(str(out), str(tmp_path / "rows"), blocks="0")
+    blocks = run.relayout(rows, str(tmp_path / "blocks"))
+    built, copies = _layout_and_values(out), [_layout_and_values(path) for path in (rows, blocks)]
+    assert [built[0]] + [chunks for chunks, _ in copies] == [(1, 16, 512), (1, 16, 1024), (1, 16, 512)]
+    for _, values in copies:
+        for copied, original in zip(values, built[1]):
+            np.testing.assert_array_equal(copied, original)
+    timed = run.read(rows, blocks, channels="512")
+    assert [row["encodings"] for row in timed["rows"]] == [12, 12]
+    with pytest.raises(NcbenchError, match="already exists"):
+        run.relayout(str(out), rows)
