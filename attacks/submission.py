@@ -52,8 +52,6 @@ ARRAY_PARTS = ("scores", "patch_positions", "reconstructions", "encodings", "lin
 STRING_PARTS = ("encoded_ids", "mapping", "plain_ids", "target_ids", "link_left", "link_right")
 ID_BYTES = 256  # the longest id a reader budgets for; release ids are about 10 bytes
 CSV_HEADER_BYTES = 4096
-# HDF5's format signature; the library looks for it at byte 0, then at 512, 1024, 2048, ... (after
-# a user block), and nowhere else.
 
 # What an attack may declare it used (the ``knowledge`` attribute of a submission and of an
 # attack class). Here, beside the file format, so that the scorer reads it without torch.

@@ -163,12 +163,12 @@ def write_rows(dataset: h5py.Dataset, start: int, values: np.ndarray) -> None:
     places = [(k, column) for column in range(0, width, block) for k in range(len(values))]
     pieces = (values[k, ..., column : column + block] if dataset.ndim > 1 else values[k] for k, column in places)
     # map() keeps the chunks' order; list() re-raises a worker's error here.
-    for (k, column), chunk in zip(places, list(_row_pool("write").map(_filtered_row, pieces))):
+    for (k, column), chunk in zip(places, list(_row_pool("write").map(_filtered_chunk, pieces))):
         offset = (start + k, *origin, column) if dataset.ndim > 1 else (start + k,)
         dataset.id.write_direct_chunk(offset, chunk)
 
 
-def _filtered_row(row: np.ndarray) -> bytes:
+def _filtered_chunk(row: np.ndarray) -> bytes:
     """One chunk through :data:`FILTERS`: byte shuffle, deflate, Fletcher-32 appended little-endian."""
     row = np.ascontiguousarray(row)
     itemsize = row.dtype.itemsize
