@@ -37,7 +37,7 @@ from ncbench.challenge.files import Release
 
 class GramHungarian(Attack):
     name = "gram-hungarian"
-    version = "2.7"
+    version = "2.8"
     tasks = ("reid",)
     knowledge = ("architecture", "self-sampled-keys", "plaintext-pool")
     description = "Exact pairs from repeated patches; undo shuffles, match self-keyed Gram statistics, boost."

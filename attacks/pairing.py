@@ -69,6 +69,13 @@ from ncbench.hardware import matmul_dtype
 # N = 200 where 2 rounds gave 15%, benchmarks/RESULTS.md).
 BOOST_ROUNDS = 8
 CONVERGED = 0.01
+# Beyond ASSIGN_MAX the rounds start from few trusted pairs, and from a weak start they can stall:
+# nc7 at full width, N = 20,000, one seed of three ended at 45% mutual best pairs (1.4%
+# re-identified) where the others reached 95% (benchmarks/RESULTS.md). Rounds that end under
+# STALLED_BELOW start again from the first pairs with another sample of rows, at most
+# BOOST_RESTARTS times, and the attempt that ends with the most mutual best pairs is kept.
+STALLED_BELOW = 0.8
+BOOST_RESTARTS = 2
 REFINE_PAIRS = 256  # matched pairs whose Gram matrices refine the slot permutation
 ASSIGN_MAX = 2048  # rows up to which a boosting round's pairs come from an assignment
 # Beyond ASSIGN_MAX the final matching is a sparse assignment on each encoding's CANDIDATES best
@@ -572,26 +579,40 @@ def boost(
     ``candidates`` best right items, exact in fp32 (:meth:`GramComparison.shortlist`), and a
     sparse assignment on those shortlists gives the matching (:func:`match_shortlists`): no
     N x N assignment, and the (L, R) scores are kept only up to ``scores_max`` left items.
+    Rounds on a sample that end under :data:`STALLED_BELOW` mutual best pairs start again from
+    the first pairs on another sample (:data:`BOOST_RESTARTS`), keeping the best attempt.
     ``right`` may be :class:`SampledStatistics` only beyond ``assign_max`` left items.
     ``exact_final=False``: the final shortlists keep their rough values (:meth:`GramComparison.shortlist`).
     """
-    slot_positions = np.arange(left.norms.shape[1])
     comparison = GramComparison(left, right, device=device)
     n_left = len(left.norms)
     sample = np.sort(rng.permutation(n_left)[:assign_max]) if n_left > assign_max else None
-    scored = np.arange(n_left)  # the left items the rows of ``scores`` are
-    history: list[float] = []
-    for round_ in range(rounds):
-        if shuffle:
-            rows, partners = first_pairs if round_ == 0 and first_pairs is not None else trusted(scores)
-            slot_positions = _slot_positions(left, right, scored[rows], partners, rng, refine_pairs)
-        if sample is not None:
-            scored = sample
-        scores = comparison.scores(slot_positions, subset=sample, rough=sample is not None)
-        history.append(len(mutual_best(scores)[0]) / len(scores))
-        advance(1)
-        if not shuffle or (len(history) >= 2 and history[-1] - history[-2] < CONVERGED):
+    first_scores = scores
+
+    def rounds_from(sample: np.ndarray | None, advance: Callable[[int], None]):
+        scores_, slot_positions = first_scores, np.arange(left.norms.shape[1])
+        scored = np.arange(n_left)  # the left items the rows of ``scores_`` are
+        history: list[float] = []
+        for round_ in range(rounds):
+            if shuffle:
+                rows, partners = first_pairs if round_ == 0 and first_pairs is not None else trusted(scores_)
+                slot_positions = _slot_positions(left, right, scored[rows], partners, rng, refine_pairs)
+            if sample is not None:
+                scored = sample
+            scores_ = comparison.scores(slot_positions, subset=sample, rough=sample is not None)
+            history.append(len(mutual_best(scores_)[0]) / len(scores_))
+            advance(1)
+            if not shuffle or (len(history) >= 2 and history[-1] - history[-2] < CONVERGED):
+                break
+        return scores_, slot_positions, history
+
+    scores, slot_positions, history = rounds_from(sample, advance)
+    for _ in range(BOOST_RESTARTS if sample is not None and shuffle else 0):
+        if history[-1] >= STALLED_BELOW:
             break
+        again = rounds_from(np.sort(rng.permutation(n_left)[:assign_max]), lambda k: None)
+        if again[2][-1] > history[-1]:
+            scores, slot_positions, history = again
     if sample is None:
         return Boosted(match(scores), scores.astype(np.float32, copy=False), slot_positions, history)
     del scores

@@ -325,6 +325,23 @@ def test_boosting_on_a_sample_of_rows_still_reidentifies(releases):
     assert submission.scores.shape == (48, 48)
 
 
+def test_boosting_that_stalls_on_a_sample_starts_again(releases, monkeypatch):
+    # The first attempt's two rounds get random slot orders, as rounds from a weak start can
+    # wander; the attack must notice the few mutual best pairs and start again from the first pairs.
+    recover = pairing._slot_positions
+    wandering = iter(range(2))
+
+    def slot_positions(left, right, rows, partners, rng, refine_pairs):
+        if next(wandering, None) is not None:
+            return np.random.default_rng(0).permutation(left.norms.shape[1])
+        return recover(left, right, rows, partners, rng, refine_pairs)
+
+    monkeypatch.setattr(pairing, "_slot_positions", slot_positions)
+    submission = _run("gram-hungarian", releases["nc3", "reid"], self_width=256, assign_max=24, boost_rounds=2)
+    assert _reid_accuracy(releases["nc3", "reid"], submission) >= 0.9
+    assert submission.diagnostics["mutual_best_fraction_per_round"][-1] >= pairing.STALLED_BELOW
+
+
 def test_sparse_final_assignment_matches_the_dense_one(releases):
     dense = _run("gram-hungarian", releases["nc3", "reid"], self_width=256, assign_max=24, candidates=48)
     sparse = _run("gram-hungarian", releases["nc3", "reid"], self_width=256, assign_max=24, candidates=4)
