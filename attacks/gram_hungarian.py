@@ -113,6 +113,7 @@ class GramHungarian(Attack):
             patch_positions=pairing.patch_positions.astype(np.int16),
             diagnostics={
                 "mutual_best_fraction_per_round": pairing.mutual_fraction,
+                "boost_attempts_set_aside": pairing.set_aside,
                 "unplaced_by_shortlists": pairing.unplaced,
                 "exact_pairs": pairing.exact,
                 "rematched_by_decoding": pairing.rematched,

@@ -24,7 +24,8 @@ where it stalls the comparison starts from its matching.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -253,7 +254,8 @@ class Boosted:
     round, or None beyond ``scores_max`` left items; slot_positions: (P,) right slot (or
     position) of each left slot; mutual_fraction: per round, the fraction of left items whose
     best partner has them as its best too; unplaced: left items the candidate shortlists could
-    not place, assigned by the dense fallback.
+    not place, assigned by the dense fallback; set_aside: the mutual fractions per round of the
+    attempts that stalled and were not kept (:data:`STALLED_BELOW`), in the order they ran.
     """
 
     matched: np.ndarray
@@ -261,6 +263,15 @@ class Boosted:
     slot_positions: np.ndarray
     mutual_fraction: list[float]
     unplaced: int = 0
+    set_aside: list[list[float]] = field(default_factory=list)
+
+
+class _Attempt(NamedTuple):
+    """One run of :func:`boost`'s rounds: the last round's scores, slot order, mutual fractions."""
+
+    scores: np.ndarray
+    slot_positions: np.ndarray
+    history: list[float]
 
 
 @dataclass(frozen=True)
@@ -273,7 +284,8 @@ class Pairing:
     mutual_fraction: per boosting round (and site), the fraction of mutual best pairs;
     exact: pairs found from repeated patches (they start the boosting and are held in the final assignment);
     rematched: encodings whose plaintext the decoded thumbnails changed (then ``matched`` is no
-    longer the assignment of ``scores``).
+    longer the assignment of ``scores``); set_aside: the boosting attempts that stalled and were not
+    kept (:attr:`Boosted.set_aside`), of every site in turn.
     """
 
     matched: np.ndarray
@@ -283,6 +295,7 @@ class Pairing:
     unplaced: int = 0
     exact: int = 0
     rematched: int = 0
+    set_aside: list[list[float]] = field(default_factory=list)
 
 
 def aligned_statistics(
@@ -604,15 +617,19 @@ def boost(
             advance(1)
             if not shuffle or (len(history) >= 2 and history[-1] - history[-2] < CONVERGED):
                 break
-        return scores_, slot_positions, history
+        return _Attempt(scores_, slot_positions, history)
 
-    scores, slot_positions, history = rounds_from(sample, advance)
+    kept, set_aside = rounds_from(sample, advance), []
     for _ in range(BOOST_RESTARTS if sample is not None and shuffle else 0):
-        if history[-1] >= STALLED_BELOW:
+        if kept.history[-1] >= STALLED_BELOW:
             break
         again = rounds_from(np.sort(rng.permutation(n_left)[:assign_max]), lambda k: None)
-        if again[2][-1] > history[-1]:
-            scores, slot_positions, history = again
+        if again.history[-1] > kept.history[-1]:
+            kept, again = again, kept
+        set_aside.append(again.history)
+        del again  # its scores of the sample, (assign_max, R)
+    scores, slot_positions, history = kept
+    del kept
     if sample is None:
         return Boosted(match(scores), scores.astype(np.float32, copy=False), slot_positions, history)
     del scores
@@ -628,7 +645,7 @@ def boost(
         free = np.setdiff1d(np.arange(len(right.norms)), matched[matched >= 0])
         left_over = comparison.scores(slot_positions, subset=unplaced, columns=free, rough=comparison.sampled)
         matched[unplaced] = free[match(left_over)]
-    return Boosted(matched, final.scores, slot_positions, history, unplaced=len(unplaced))
+    return Boosted(matched, final.scores, slot_positions, history, unplaced=len(unplaced), set_aside=set_aside)
 
 
 def cheap_statistics(config: EncoderConfig) -> bool:
@@ -775,6 +792,7 @@ def gram_pairing(
     scores = np.empty((release.n_encoded, len(plain_images)), np.float32) if keep_scores else None
     positions = np.empty((release.n_encoded, release.config.n_patches), np.int16)
     history: list[float] = []
+    set_aside: list[list[float]] = []
     unplaced = 0
     refine_rng = attack.rng("refine")
     exact = (np.empty(0, np.int64),) * 2
@@ -856,6 +874,7 @@ def gram_pairing(
             scores[rows] = boosted.scores
         positions[rows] = boosted.slot_positions[aligned.slots]
         history += boosted.mutual_fraction
+        set_aside += boosted.set_aside
         unplaced += boosted.unplaced
     matched = match(scores) if several else boosted.matched
     rematched = 0
@@ -878,7 +897,9 @@ def gram_pairing(
             )
         rematched = int(np.sum(decoded != matched))
         matched = decoded
-    return Pairing(matched, scores, positions, history, unplaced, exact=len(exact[0]), rematched=rematched)
+    return Pairing(
+        matched, scores, positions, history, unplaced, exact=len(exact[0]), rematched=rematched, set_aside=set_aside
+    )
 
 
 def match_with_pairs(scores: np.ndarray, pairs: tuple[np.ndarray, np.ndarray]) -> np.ndarray:

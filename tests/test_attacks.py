@@ -323,6 +323,8 @@ def test_boosting_on_a_sample_of_rows_still_reidentifies(releases):
     submission = _run("gram-hungarian", releases["nc3", "reid"], self_width=256, assign_max=24)
     assert _reid_accuracy(releases["nc3", "reid"], submission) >= 0.9
     assert submission.scores.shape == (48, 48)
+    assert submission.diagnostics["mutual_best_fraction_per_round"][-1] >= pairing.STALLED_BELOW
+    assert submission.diagnostics["boost_attempts_set_aside"] == []  # not stalled: no attempt again
 
 
 def test_boosting_that_stalls_on_a_sample_starts_again(releases, monkeypatch):
@@ -340,6 +342,8 @@ def test_boosting_that_stalls_on_a_sample_starts_again(releases, monkeypatch):
     submission = _run("gram-hungarian", releases["nc3", "reid"], self_width=256, assign_max=24, boost_rounds=2)
     assert _reid_accuracy(releases["nc3", "reid"], submission) >= 0.9
     assert submission.diagnostics["mutual_best_fraction_per_round"][-1] >= pairing.STALLED_BELOW
+    (stalled,) = submission.diagnostics["boost_attempts_set_aside"]  # the wandering rounds, kept in sight
+    assert len(stalled) == 2 and stalled[-1] < pairing.STALLED_BELOW
 
 
 def test_sparse_final_assignment_matches_the_dense_one(releases):
