@@ -192,6 +192,19 @@ def check_release(path: Path, name: str) -> bool:
     return True
 
 
+def check_release_shown(path: Path, name: str) -> None:
+    """:func:`check_release` behind a progress line, and a warning on standard error where this
+    machine cannot limit the child and nothing was checked: what `fetch` and `challenge verify`
+    show."""
+    from ncbench.progress import progress  # the child never needs it
+
+    with progress(f"checking {name}", 1) as advance:
+        checked = check_release(path, name)
+        advance(1)
+    if not checked:
+        print(f"warning: {name} {NOT_CHECKED}", file=sys.stderr)
+
+
 def can_limit() -> bool:
     """Whether this machine has the tools :func:`child_command` starts a child with (Linux's
     util-linux ``prlimit``, and ``nice``)."""

@@ -21,6 +21,7 @@ from ncbench.challenge.config import resolve_config
 from ncbench.challenge.files import check_untrusted_release
 from ncbench.cli import main
 from ncbench.errors import NcbenchError
+from ncbench.leaderboard import isolated
 from ncbench.leaderboard.server import client as client_module
 
 ESCAPES = "\x1b[2J\x1b[31mPWNED\x1b]0;title\x07 ok\rFAKE: all good\nerror: second line"
@@ -369,6 +370,15 @@ def test_challenge_verify_checks_a_release_from_elsewhere_as_fetch_does(tmp_path
     bomb_release(tmp_path / "release" / "release.h5")
     verified = CliRunner().invoke(main, ["challenge", "verify", str(tmp_path / "release")])
     assert_one_line(verified, "is not a release that ncbench can read", "compression bomb")
+
+
+def test_a_machine_that_cannot_limit_the_check_says_it_did_not_check(tmp_path, monkeypatch, capsys):
+    tiny_release(tmp_path / "release.h5")
+    isolated.check_release_shown(tmp_path / "release.h5", "release.h5")
+    assert "warning" not in capsys.readouterr().err
+    monkeypatch.setattr(isolated, "can_limit", lambda: False)
+    isolated.check_release_shown(tmp_path / "release.h5", "release.h5")
+    assert f"warning: release.h5 {isolated.NOT_CHECKED}" in capsys.readouterr().err
 
 
 def test_a_fetched_file_that_holds_hdf5_under_another_name_is_checked_too(hostile, tmp_path):

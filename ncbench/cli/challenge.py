@@ -188,14 +188,10 @@ def verify_command(release_dir: Path, key_path: Path | None) -> None:
     from ncbench.challenge.files import open_release, release_file
     from ncbench.challenge.verify import verify
     from ncbench.leaderboard import isolated
-    from ncbench.progress import progress
 
     path = release_file(release_dir)
     if release_dir.is_dir() and path.is_file():
-        with progress(f"checking {path.name}", 1) as advance:
-            if not isolated.check_release(path, str(path)):
-                click.echo(f"warning: {path} {isolated.NOT_CHECKED}", err=True)
-            advance(1)
+        isolated.check_release_shown(path, str(path))
     problems = verify(release_dir, key_path)
     if problems:
         for line in problems:
