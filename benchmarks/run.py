@@ -429,6 +429,8 @@ def scale(release_dir: str, sizes: str = "250,500,1000,2000,5000,10000") -> dict
         if not all(0 < n <= n_full for n in sizes_n):
             raise NcbenchError(f"--sizes must lie between 1 and the release's {n_full} encodings, got {sizes}")
         for n in sizes_n:
+            if n < n_full:
+                _check_room(release_dir, n / n_full, folder)
             sub = release_dir if n == n_full else subset(release_dir, n, f"{folder}/n{n}")
             done = subprocess.run([sys.executable, __file__, "attack", sub], capture_output=True, text=True, check=True)
             found = json.loads(done.stdout.strip().splitlines()[-1])
@@ -437,6 +439,21 @@ def scale(release_dir: str, sizes: str = "250,500,1000,2000,5000,10000") -> dict
             if sub != release_dir:
                 shutil.rmtree(sub)  # a subset of 5,000 is 5 GB
     return {"benchmark": "scale gram-hungarian", "release": release_dir, "machine": machine_description(), "runs": rows}
+
+
+def _check_room(release_dir: str, fraction: float, folder: str) -> None:
+    """Refuse, in one line, a subset of ``fraction`` of a release that the disk under ``folder``
+    cannot hold: h5py that meets a full disk midway can end the process in a segmentation fault."""
+    import shutil
+
+    from ncbench.challenge.files import release_file
+
+    need = int(release_file(release_dir).stat().st_size * fraction * 1.1)  # the key too
+    free = shutil.disk_usage(folder).free
+    if need > free:
+        raise NcbenchError(
+            f"a subset of {fraction:.0%} of the release needs about {need:,} bytes here, {free:,} are free"
+        )
 
 
 def _gram_statistics(release_dir: str, **options):
