@@ -192,10 +192,10 @@ def check_release(path: Path, name: str) -> bool:
     return True
 
 
-def check_release_shown(path: Path, name: str) -> None:
+def check_release_shown(path: Path, name: str) -> bool:
     """:func:`check_release` behind a progress line, and a warning on standard error where this
-    machine cannot limit the child and nothing was checked: what `fetch` and `challenge verify`
-    show."""
+    machine cannot limit the child and nothing was checked (then False): what `fetch`, `challenge
+    verify` and `attack run` show."""
     from ncbench.progress import progress  # the child never needs it
 
     with progress(f"checking {name}", 1) as advance:
@@ -203,6 +203,20 @@ def check_release_shown(path: Path, name: str) -> None:
         advance(1)
     if not checked:
         print(f"warning: {name} {NOT_CHECKED}", file=sys.stderr)
+    return checked
+
+
+def check_release_once(path: Path, name: str, *, again: bool = False) -> None:
+    """:func:`check_release_shown`, unless this user had this very file checked already (or
+    ``again``); a file that passes is recorded as it was when its check began
+    (:mod:`ncbench.checked`)."""
+    from ncbench import checked
+
+    if not again and checked.was_checked(path):
+        return
+    seen = checked.identity(path)
+    if check_release_shown(path, name):
+        checked.mark_checked(path, seen)
 
 
 def can_limit() -> bool:

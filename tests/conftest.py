@@ -13,6 +13,12 @@ import torch
 torch.set_num_threads(2)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _own_cache_folder(tmp_path_factory):
+    """The record of checked releases (ncbench.checked) in the test run's own folder, not the user's."""
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
+
+
 @pytest.fixture
 def tiny_images():
     """(12, 32, 32) uint8 random-texture images for tiny encoder configurations."""

@@ -8,6 +8,7 @@ import gzip
 import hashlib
 import http.server
 import json
+import shutil
 import threading
 import time
 import zlib
@@ -379,6 +380,47 @@ def test_a_machine_that_cannot_limit_the_check_says_it_did_not_check(tmp_path, m
     monkeypatch.setattr(isolated, "can_limit", lambda: False)
     isolated.check_release_shown(tmp_path / "release.h5", "release.h5")
     assert f"warning: release.h5 {isolated.NOT_CHECKED}" in capsys.readouterr().err
+
+
+def test_attack_run_checks_a_release_from_elsewhere_as_fetch_does(tmp_path):
+    (tmp_path / "release").mkdir()
+    bomb_release(tmp_path / "release" / "release.h5")
+    ran = CliRunner().invoke(
+        main, ["attack", "run", "chance", "--release", str(tmp_path / "release"), "--out", str(tmp_path / "a.csv")]
+    )
+    assert_one_line(ran, "is not a release that ncbench can read", "compression bomb")
+    assert not (tmp_path / "a.csv").exists()
+
+
+def test_attack_run_checks_each_release_file_once_and_again_once_it_changes(tmp_path, monkeypatch):
+    runner = CliRunner()
+    tiny = ["--width", "32", "--image-size", "32", "--patch-size", "8", "--bn-batch", "8", "--device", "cpu"]
+    built = tmp_path / "built"
+    made = runner.invoke(
+        main, ["challenge", "build", "--preset", "nc3", "--n", "16", "--test-release", *tiny, "--out", built]
+    )
+    assert made.exit_code == 0, made.output
+    given = tmp_path / "given"  # a copy, as from elsewhere: another file than the one built here
+    shutil.copytree(built / "public", given)
+    children = []
+    call = isolated.call
+    monkeypatch.setattr(isolated, "call", lambda task, *args, **kw: children.append(task) or call(task, *args, **kw))
+
+    def attack_run(release, *options):
+        out = ["--out", tmp_path / "answer.csv", "--force", *options]
+        ran = runner.invoke(main, ["attack", "run", "chance", "--release", release, *map(str, out)])
+        assert ran.exit_code == 0, ran.output
+        return len(children)
+
+    assert attack_run(built) == 0  # built here: never checked
+    assert attack_run(given, "--trust-release") == 0
+    assert attack_run(given) == 1
+    assert attack_run(given) == 1  # checked before, and unchanged
+    with open(given / "release.h5", "r+b") as handle:  # the same bytes, written again
+        first = handle.read(8)
+        handle.seek(0)
+        handle.write(first)
+    assert attack_run(given) == 2
 
 
 def test_a_fetched_file_that_holds_hdf5_under_another_name_is_checked_too(hostile, tmp_path):

@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 import click
 import httpx
 
+from ncbench import checked
 from ncbench.errors import NcbenchError, one_line
 from ncbench.progress import progress
 
@@ -479,20 +480,22 @@ def fetch(challenge_id: str, out: Path | None, force: bool, server: str) -> None
         if digest != entry["sha256"]:
             partial.unlink()
             raise NcbenchError(f"{name}: sha256 {digest} does not match the server's {entry['sha256']}; fetch again")
-        if name.endswith((".h5", ".hdf5")) or has_hdf5_signature(partial):
-            check_release(partial, name)
+        is_release = name.endswith((".h5", ".hdf5")) or has_hdf5_signature(partial)
+        release_checked = is_release and check_release(partial, name)
         os.replace(partial, target)
+        if release_checked:
+            checked.mark_checked(target)  # `attack run` need not check it again
     click.echo(f"fetched {len(listed)} files into {out}, sha256 checked")
 
 
-def check_release(partial: Path, name: str) -> None:
+def check_release(partial: Path, name: str) -> bool:
     """Refuse (and remove) a fetched release that cannot be read within known bounds, checked in
     a limited child (:func:`ncbench.leaderboard.isolated.check_release`): a crafted file kills or
-    fills that child, not the attacker's later runs."""
+    fills that child, not the attacker's later runs. False where nothing could be checked."""
     from ncbench.leaderboard import isolated
 
     try:
-        isolated.check_release_shown(partial, name)
+        return isolated.check_release_shown(partial, name)
     except NcbenchError as error:
         partial.unlink()
         raise NcbenchError(f"{one_line(str(error), TEXT_MAX)}; it was removed") from None

@@ -72,17 +72,27 @@ def list_command(verbose: bool, as_json: bool) -> None:
 )
 @click.option("--team", help="Team name recorded in the submission.")
 @click.option("--force", is_flag=True, help="Replace an existing submission file.")
+@click.option(
+    "--trust-release",
+    is_flag=True,
+    help="Read the release without checking it first (a release from elsewhere is checked once, in a limited child).",
+)
 @click.option("--submit", is_flag=True, help="Then submit the file to the challenge server and wait for its score.")
 @server_option
 @token_option
-def run_command(attack, release_path, out, params, device, seed, team, force, submit, server, token_file) -> None:
+def run_command(
+    attack, release_path, out, params, device, seed, team, force, trust_release, submit, server, token_file
+) -> None:
     """Run ATTACK (a name from `attack list`, or a plugin: FILE.py:Class, DIST.whl:module:Class,
     DIST.tar.gz:module:Class) on a release and write a submission; with --submit, also send it to
-    the challenge server ($NCBENCH_SERVER, $NCBENCH_TOKEN)."""
+    the challenge server ($NCBENCH_SERVER, $NCBENCH_TOKEN). A release that neither `fetch` nor
+    `challenge verify` checked, nor `challenge build` wrote, is checked first, once (docs/security.md)."""
     from ncbench.attacks.plugins.registry import resolve
     from ncbench.attacks.plugins.runner import failure_of, parse_param_items, run_attack
+    from ncbench.challenge.files import release_file
     from ncbench.h5io import check_output
     from ncbench.hardware import pick_device
+    from ncbench.leaderboard import isolated
 
     cls = resolve(attack)
     with failure_of(cls.name, "failed"):
@@ -92,6 +102,8 @@ def run_command(attack, release_path, out, params, device, seed, team, force, su
     token = read_token(token_file) if submit else None
     if submit and not token:  # before the attack runs, not after
         raise NcbenchError("--submit needs a team token: set $NCBENCH_TOKEN or pass --token-file")
+    if not trust_release and release_file(release_path).is_file():
+        isolated.check_release_once(release_file(release_path), str(release_path))
     submission = run_attack(cls, params, release_path, out, device=device, seed=seed, team=team)
     click.echo(
         f"wrote {out} ({submission.attack} {submission.attack_version}, {submission.runtime_s:.1f} s; "

@@ -105,6 +105,8 @@ def build(
     **overrides,
 ) -> None:
     """Encode images with a fresh secret key and write OUT/public (give away) and OUT/private (keep)."""
+    from ncbench import checked
+    from ncbench.challenge.files import release_file
     from ncbench.challenge.release import BuildPlan, build_release
 
     if seed is not None and seed_file is not None:
@@ -130,6 +132,7 @@ def build(
     build_release(
         out, config=config, plan=plan, source=source, seed=seed, test_release=test_release, device=device, force=force
     )
+    checked.mark_checked(release_file(out))  # written here: `attack run` need not check it
     click.echo(f"wrote {out}/public/release.h5 (publish) and {out}/private/key.h5 (keep secret)")
     if test_release:
         click.echo(TEST_RELEASE_WARNING, err=True)
@@ -191,7 +194,7 @@ def verify_command(release_dir: Path, key_path: Path | None) -> None:
 
     path = release_file(release_dir)
     if release_dir.is_dir() and path.is_file():
-        isolated.check_release_shown(path, str(path))
+        isolated.check_release_once(path, str(path), again=True)
     problems = verify(release_dir, key_path)
     if problems:
         for line in problems:
