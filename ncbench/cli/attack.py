@@ -102,8 +102,8 @@ def run_command(
     token = read_token(token_file) if submit else None
     if submit and not token:  # before the attack runs, not after
         raise NcbenchError("--submit needs a team token: set $NCBENCH_TOKEN or pass --token-file")
-    if not trust_release and release_file(release_path).is_file():
-        isolated.check_release_once(release_file(release_path), str(release_path))
+    if not trust_release and (release := release_file(release_path)).is_file():
+        isolated.check_release_once(release, str(release_path))
     submission = run_attack(cls, params, release_path, out, device=device, seed=seed, team=team)
     click.echo(
         f"wrote {out} ({submission.attack} {submission.attack_version}, {submission.runtime_s:.1f} s; "
